@@ -1,1 +1,151 @@
-fn main(){}
+//! `meshgate`: the server. Runs every module configured in a config directory.
+//!
+//! ```text
+//! meshgate --config-dir DIR          # or MESHGATE_CONFIG_DIR=DIR meshgate
+//! meshgate --config-dir DIR --check  # validate and exit (non-zero on errors)
+//! ```
+//!
+//! SIGTERM or SIGINT drains: listeners close at once (new connections are
+//! refused), open connections may finish for `drain_timeout`, then the rest
+//! are closed. A second signal exits at once.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use meshgate::core::config::{AdminAddr, LogFormat, NodeConfig};
+use meshgate::core::node;
+use meshgate::modules::admin;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// meshgate: a multi-tenant network gateway.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The config directory: meshgate.yaml and tenants/<tenant>/<instance>.yaml.
+    #[arg(long, env = "MESHGATE_CONFIG_DIR", value_name = "DIR")]
+    config_dir: PathBuf,
+    /// Validate the whole config and exit: 0 if valid, 1 with every error otherwise.
+    #[arg(long)]
+    check: bool,
+}
+
+fn init_logging(node: &NodeConfig) {
+    let filter = EnvFilter::try_from_env("MESHGATE_LOG")
+        .or_else(|_| EnvFilter::try_new(&node.log))
+        .unwrap_or_else(|e| {
+            eprintln!(
+                "warning: invalid log filter `{}` ({e}); using `info`",
+                node.log
+            );
+            EnvFilter::new("info")
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match node.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn fail(lines: &[String]) -> ExitCode {
+    for l in lines {
+        eprintln!("error: {l}");
+    }
+    ExitCode::FAILURE
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.check {
+        return match node::check_dir(&args.config_dir).await {
+            Ok(s) => {
+                println!(
+                    "{}: config OK ({} tenants, {} module instances)",
+                    args.config_dir.display(),
+                    s.tenants,
+                    s.instances
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => fail(&errors),
+        };
+    }
+    let store = match node::open_store(&args.config_dir) {
+        Ok(s) => s,
+        Err(e) => return fail(&[e]),
+    };
+    let node_cfg = match node::node_config(store.as_ref()).await {
+        Ok(n) => n,
+        Err(e) => return fail(&[e]),
+    };
+    init_logging(&node_cfg);
+    tracing::info!(node = %node_cfg.node, store = %store.describe(), version = env!("CARGO_PKG_VERSION"), "meshgate starting");
+
+    let registry = node::registry(store.clone());
+    // Bind the admin API first: a taken admin port is a start-up error, not a
+    // surprise after the data plane is live.
+    let shutdown = CancellationToken::new();
+    let admin_listener = match node_cfg.admin {
+        AdminAddr::On(addr) => match admin::bind(addr.0).await {
+            Ok(l) => Some(l),
+            Err(e) => return fail(&[format!("meshgate.yaml: key `admin`: {e}")]),
+        },
+        AdminAddr::Off => None,
+    };
+    if let Some(l) = admin_listener {
+        let addr = l.local_addr().ok();
+        tracing::info!(?addr, "admin API listening");
+        let a = admin::Admin::new(registry.clone(), node_cfg.node.clone());
+        tokio::spawn(admin::serve(l, a, shutdown.clone()));
+    }
+
+    if let Err(errors) = registry.start().await {
+        let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        for l in &lines {
+            tracing::error!(error = %l, "cannot start");
+        }
+        return fail(&lines);
+    }
+    tracing::info!("all modules started");
+
+    // Config changes become per-instance reloads.
+    match store.watch() {
+        Ok(Some(mut watch)) => {
+            let reg = registry.clone();
+            tokio::spawn(async move {
+                let _guard = watch.guard;
+                while let Some(batch) = watch.events.recv().await {
+                    tracing::debug!(?batch, "config change");
+                    reg.apply(&batch).await;
+                }
+            });
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "config changes will not be picked up until restart"),
+    }
+
+    wait_for_signal().await;
+    tracing::info!(timeout = ?node_cfg.drain_timeout, "draining: new connections are refused, open ones may finish");
+    let reg: Arc<_> = registry.clone();
+    tokio::select! {
+        _ = reg.shutdown(node_cfg.drain_timeout) => tracing::info!("stopped"),
+        _ = wait_for_signal() => tracing::warn!("second signal: exiting now"),
+    }
+    shutdown.cancel();
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -27,7 +27,12 @@ use crate::{check_name, ConfigStore, Document, InstanceKey, StoreError, StoreEve
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
 
 /// Names tried for the node document, in order.
-const NODE_FILES: [&str; 4] = ["meshgate.yaml", "meshgate.yml", "meshgate.json", "meshgate.toml"];
+const NODE_FILES: [&str; 4] = [
+    "meshgate.yaml",
+    "meshgate.yml",
+    "meshgate.json",
+    "meshgate.toml",
+];
 
 /// A config directory.
 #[derive(Debug, Clone)]
@@ -58,7 +63,10 @@ impl DirStore {
     }
 
     fn rel(&self, p: &Path) -> String {
-        p.strip_prefix(&self.root).unwrap_or(p).display().to_string()
+        p.strip_prefix(&self.root)
+            .unwrap_or(p)
+            .display()
+            .to_string()
     }
 
     fn tenants_dir(&self) -> PathBuf {
@@ -323,8 +331,7 @@ mod tests {
         assert!(e.contains("tenants/c/bin.yaml: cannot read"), "{e}");
 
         // A dangling symlink is unreadable even for root.
-        std::os::unix::fs::symlink("/nonexistent/x", d.path().join("tenants/c/gone.yaml"))
-            .unwrap();
+        std::os::unix::fs::symlink("/nonexistent/x", d.path().join("tenants/c/gone.yaml")).unwrap();
         let e = s
             .get(&InstanceKey::new("c", "gone"))
             .await

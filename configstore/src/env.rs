@@ -157,7 +157,10 @@ impl<S: ConfigStore> ConfigStore for EnvOverlay<S> {
         if self.node.is_empty() && self.instances.is_empty() {
             self.inner.describe()
         } else {
-            format!("{} with MESHGATE_ environment overrides", self.inner.describe())
+            format!(
+                "{} with MESHGATE_ environment overrides",
+                self.inner.describe()
+            )
         }
     }
 

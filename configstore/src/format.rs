@@ -82,7 +82,12 @@ mod tests {
 
     #[test]
     fn yaml_json_toml_agree() {
-        let y = parse("kind: pipe\nlisten: 127.0.0.1:80\nn: 3\n", Format::Yaml, "a").unwrap();
+        let y = parse(
+            "kind: pipe\nlisten: 127.0.0.1:80\nn: 3\n",
+            Format::Yaml,
+            "a",
+        )
+        .unwrap();
         let j = parse(
             r#"{"kind":"pipe","listen":"127.0.0.1:80","n":3}"#,
             Format::Json,
@@ -113,9 +118,13 @@ mod tests {
 
     #[test]
     fn errors_name_source_and_position() {
-        let e = parse("kind: pipe\n  listen: [\n", Format::Yaml, "tenants/t/web.yaml")
-            .unwrap_err()
-            .to_string();
+        let e = parse(
+            "kind: pipe\n  listen: [\n",
+            Format::Yaml,
+            "tenants/t/web.yaml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("tenants/t/web.yaml: invalid YAML"), "{e}");
         assert!(e.contains("line"), "{e}");
         let e = parse("- a\n- b\n", Format::Yaml, "x.yaml")

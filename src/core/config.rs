@@ -1,0 +1,295 @@
+//! Typed config: turning store documents into config structs, and the node config.
+//!
+//! Every module config is a serde struct with `deny_unknown_fields`, parsed by
+//! [`parse_document`], which turns serde's complaints into a [`ConfigError`]
+//! that names the document's source, the key, and what was expected.
+
+use std::fmt;
+use std::time::Duration;
+
+use configstore::Document;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::core::addr::ListenAddr;
+
+/// A config problem an operator can act on: where, which key, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The document's origin (a file path relative to the config directory).
+    pub origin: String,
+    /// Dotted path of the offending key (`peers[0].endpoint`), if known.
+    pub key: Option<String>,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(k) => write!(f, "{}: key `{}`: {}", self.origin, k, self.message),
+            None => write!(f, "{}: {}", self.origin, self.message),
+        }
+    }
+}
+
+impl ConfigError {
+    /// An error about one key of a document.
+    pub fn key(source: &str, key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            origin: source.to_string(),
+            key: Some(key.into()),
+            message: message.into(),
+        }
+    }
+
+    /// An error about a whole document.
+    pub fn doc(source: &str, message: impl Into<String>) -> Self {
+        Self {
+            origin: source.to_string(),
+            key: None,
+            message: message.into(),
+        }
+    }
+}
+
+/// Extracts the name inside the first pair of backticks of `msg`.
+fn backticked(msg: &str) -> Option<&str> {
+    let start = msg.find('`')? + 1;
+    let len = msg[start..].find('`')?;
+    Some(&msg[start..start + len])
+}
+
+/// Deserializes `doc` into `T`, ignoring the top-level keys in `skip` (such as
+/// `kind`, which the registry has already read).
+pub fn parse_document<T: DeserializeOwned>(
+    doc: &Document,
+    skip: &[&str],
+) -> Result<T, ConfigError> {
+    let mut value = doc.value.clone();
+    if let Some(map) = value.as_object_mut() {
+        for k in skip {
+            map.remove(*k);
+        }
+    }
+    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
+        let path = e.path().to_string();
+        let parent = if path == "." { String::new() } else { path };
+        let message = e.inner().to_string();
+        let join = |leaf: &str| {
+            // serde_path_to_error already ends the path with an unknown
+            // field's name; a missing field's path is its parent's.
+            if parent == leaf || parent.ends_with(&format!(".{leaf}")) {
+                parent.clone()
+            } else if parent.is_empty() {
+                leaf.to_string()
+            } else {
+                format!("{parent}.{leaf}")
+            }
+        };
+        // serde reports unknown and missing fields at the parent's path; name the field itself.
+        let key = if message.starts_with("unknown field") || message.starts_with("missing field") {
+            backticked(&message).map(join)
+        } else if parent.is_empty() {
+            None
+        } else {
+            Some(parent.clone())
+        };
+        ConfigError {
+            origin: doc.source.clone(),
+            key,
+            message,
+        }
+    })
+}
+
+/// Reads the `kind` key every module document must have.
+pub fn document_kind(doc: &Document) -> Result<String, ConfigError> {
+    match doc.value.get("kind") {
+        Some(serde_json::Value::String(k)) if !k.is_empty() => Ok(k.clone()),
+        Some(other) => Err(ConfigError::key(
+            &doc.source,
+            "kind",
+            format!(
+                "expected the name of a module kind, found {}",
+                configstore::format::kind_of(other)
+            ),
+        )),
+        None => Err(ConfigError::key(
+            &doc.source,
+            "kind",
+            "missing: every module document names its kind (e.g. `kind: pipe`)",
+        )),
+    }
+}
+
+/// Where the admin API listens, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAddr {
+    /// Serve the admin API (metrics, health, JSON) here.
+    On(ListenAddr),
+    /// No admin API.
+    Off,
+}
+
+impl<'de> Deserialize<'de> for AdminAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        match &v {
+            serde_json::Value::String(s) if s == "off" => Ok(AdminAddr::Off),
+            serde_json::Value::Bool(false) => Ok(AdminAddr::Off),
+            _ => ListenAddr::deserialize(v)
+                .map(AdminAddr::On)
+                .map_err(|e| serde::de::Error::custom(format!("{e} (or `off`)"))),
+        }
+    }
+}
+
+/// The node document, `meshgate.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's name, used in logs and metrics. Default: the host name.
+    #[serde(default = "default_node_name")]
+    pub node: String,
+    /// Admin API address (metrics, health, JSON API). Default `127.0.0.1:9000`;
+    /// `off` disables it. Bind it beyond loopback only behind a firewall.
+    #[serde(default = "default_admin")]
+    pub admin: AdminAddr,
+    /// Log filter in `tracing` syntax (`info`, `meshgate=debug,info`). Default `info`;
+    /// the `MESHGATE_LOG` variable wins when set.
+    #[serde(default = "default_log")]
+    pub log: String,
+    /// `text` (default) or `json` log lines.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// How long SIGTERM waits for open connections before closing them. Default 30s.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "meshgate".into())
+}
+fn default_admin() -> AdminAddr {
+    AdminAddr::On(ListenAddr("127.0.0.1:9000".parse().expect("literal")))
+}
+fn default_log() -> String {
+    "info".into()
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl NodeConfig {
+    /// Parses the node document; no document means all defaults.
+    pub fn from_document(doc: Option<&Document>) -> Result<Self, ConfigError> {
+        match doc {
+            Some(d) => parse_document(d, &[]),
+            None => parse_document(
+                &Document {
+                    source: "meshgate.yaml".into(),
+                    value: serde_json::json!({}),
+                },
+                &[],
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sample {
+        listen: ListenAddr,
+        inner: Option<Inner>,
+    }
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        port: u16,
+    }
+
+    fn doc(v: serde_json::Value) -> Document {
+        Document {
+            source: "tenants/t/x.yaml".into(),
+            value: v,
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e =
+            parse_document::<Sample>(&doc(json!({"kind":"x","lisen":"1"})), &["kind"]).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("lisen"));
+        assert!(e
+            .to_string()
+            .starts_with("tenants/t/x.yaml: key `lisen`: unknown field"));
+        assert!(e.message.contains("expected `listen`"), "{e}");
+    }
+
+    #[test]
+    fn missing_and_nested_keys_are_named() {
+        let e = parse_document::<Sample>(&doc(json!({})), &[]).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("listen"));
+        let e = parse_document::<Sample>(
+            &doc(json!({"listen": "127.0.0.1:1", "inner": {"port": 70000}})),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("inner.port"), "{e}");
+        let e = parse_document::<Sample>(
+            &doc(json!({"listen": "127.0.0.1:1", "inner": {"prt": 1}})),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("inner.prt"), "{e}");
+        let e =
+            parse_document::<Sample>(&doc(json!({"listen": "127.0.0.1:99999"})), &[]).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("listen"));
+        assert!(e.message.contains("0-65535"), "{e}");
+    }
+
+    #[test]
+    fn kind_is_required() {
+        assert_eq!(document_kind(&doc(json!({"kind":"pipe"}))).unwrap(), "pipe");
+        let e = document_kind(&doc(json!({}))).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("kind"));
+        assert!(document_kind(&doc(json!({"kind": 3}))).is_err());
+    }
+
+    #[test]
+    fn node_defaults_and_admin_off() {
+        let n = NodeConfig::from_document(None).unwrap();
+        assert_eq!(n.admin, default_admin());
+        assert_eq!(n.drain_timeout, Duration::from_secs(30));
+        let n =
+            NodeConfig::from_document(Some(&doc(json!({"admin": "off", "drain_timeout": "2s"}))))
+                .unwrap();
+        assert_eq!(n.admin, AdminAddr::Off);
+        assert_eq!(n.drain_timeout, Duration::from_secs(2));
+        let e = NodeConfig::from_document(Some(&doc(json!({"admin": "nowhere"})))).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("admin"));
+    }
+}

@@ -1,0 +1,163 @@
+//! Dialing: opening a stream to a target through an off-ramp.
+//!
+//! [`Dialer`] is the capability a module offers when flows can leave through
+//! it (a WireGuard instance, a mesh transport). [`DirectDialer`] is the
+//! `direct` off-ramp: the host's own TCP stack.
+
+use std::io;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::net::TcpStream;
+
+use crate::core::addr::HostPort;
+use crate::core::proxy::Stream;
+
+/// Why a dial failed. [`DialError::reason`] is the metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The host name did not resolve.
+    #[error("cannot resolve {host}: {message}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// The resolver's error.
+        message: String,
+    },
+    /// The remote refused the connection.
+    #[error("connection refused by {0}")]
+    Refused(String),
+    /// No answer within the connect timeout.
+    #[error("no answer from {target} within {timeout:?}")]
+    Timeout {
+        /// The target.
+        target: String,
+        /// The connect timeout.
+        timeout: Duration,
+    },
+    /// The network or host is unreachable.
+    #[error("{target} is unreachable: {source}")]
+    Unreachable {
+        /// The target.
+        target: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The router had no route, or the named off-ramp is missing.
+    #[error("{0}")]
+    NoRoute(String),
+    /// Any other I/O failure.
+    #[error("dial {target}: {source}")]
+    Io {
+        /// The target.
+        target: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl DialError {
+    /// A short fixed label for metrics: `resolve`, `refused`, `timeout`,
+    /// `unreachable`, `no_route` or `io`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DialError::Resolve { .. } => "resolve",
+            DialError::Refused(_) => "refused",
+            DialError::Timeout { .. } => "timeout",
+            DialError::Unreachable { .. } => "unreachable",
+            DialError::NoRoute(_) => "no_route",
+            DialError::Io { .. } => "io",
+        }
+    }
+
+    fn from_io(target: &HostPort, e: io::Error) -> Self {
+        let target = target.to_string();
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => DialError::Refused(target),
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                DialError::Unreachable { target, source: e }
+            }
+            _ => DialError::Io { target, source: e },
+        }
+    }
+}
+
+/// Opens streams to targets. Offered by modules that are off-ramps.
+#[async_trait]
+pub trait Dialer: Send + Sync {
+    /// Opens a TCP stream to `target`, giving up after `timeout`.
+    async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError>;
+}
+
+/// The `direct` off-ramp: the host network, names resolved by the system resolver.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DirectDialer;
+
+#[async_trait]
+impl Dialer for DirectDialer {
+    async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError> {
+        let attempt = async {
+            let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
+                .await
+                .map_err(|e| DialError::Resolve {
+                    host: target.host.clone(),
+                    message: e.to_string(),
+                })?
+                .collect();
+            let mut last = None;
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        return Ok(s);
+                    }
+                    Err(e) => last = Some(DialError::from_io(target, e)),
+                }
+            }
+            Err(last.unwrap_or_else(|| DialError::Resolve {
+                host: target.host.clone(),
+                message: "no addresses".into(),
+            }))
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r.map(Stream::Tcp),
+            Err(_) => Err(DialError::Timeout {
+                target: target.to_string(),
+                timeout,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn direct_dial_and_errors() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t: HostPort = format!("127.0.0.1:{port}").parse().unwrap();
+        let s = DirectDialer
+            .dial_tcp(&t, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert!(matches!(s, Stream::Tcp(_)));
+        drop(l);
+        let e = DirectDialer
+            .dial_tcp(&t, Duration::from_secs(2))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.reason(), "refused", "{e}");
+        let bad: HostPort = "no-such-host.invalid:80".parse().unwrap();
+        let e = DirectDialer
+            .dial_tcp(&bad, Duration::from_secs(5))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e.reason(), "resolve" | "timeout"), "{e}");
+    }
+}

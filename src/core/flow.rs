@@ -1,0 +1,335 @@
+//! Flows: one connection or UDP session, tracked from start to end.
+//!
+//! A module opens a flow with [`FlowTable::open`] when it accepts a
+//! connection and holds the returned [`FlowGuard`] for as long as the flow
+//! lives. Start and end are events that [`FlowObserver`]s see (metrics, the
+//! audit log); dropping the guard ends the flow, so no path can leak one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::core::metrics::InstanceMetrics;
+use crate::core::proxy::Traffic;
+
+/// Transport protocol of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// A TCP stream.
+    Tcp,
+    /// A UDP session (datagrams between one client address and one remote).
+    Udp,
+}
+
+/// Who a flow belongs to and where it came in.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlowContext {
+    /// Tenant name.
+    pub tenant: String,
+    /// The module instance it came in through (the on-ramp).
+    pub instance: String,
+    /// The identity of the peer as the on-ramp knows it (WireGuard key,
+    /// SSH fingerprint, SOCKS user); `None` for plain TCP.
+    pub identity: Option<String>,
+    /// Source address of the client.
+    pub src: SocketAddr,
+    /// Destination as requested (`host:port`).
+    pub dst: String,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+}
+
+/// A live flow.
+#[derive(Debug)]
+pub struct Flow {
+    /// Unique within this process.
+    pub id: u64,
+    /// Who and where.
+    pub ctx: FlowContext,
+    /// Wall-clock start, for display.
+    pub started: SystemTime,
+    started_mono: Instant,
+    up: AtomicU64,
+    down: AtomicU64,
+    metrics: InstanceMetrics,
+}
+
+impl Flow {
+    /// Bytes moved client → remote so far.
+    pub fn bytes_up(&self) -> u64 {
+        self.up.load(Ordering::Relaxed)
+    }
+    /// Bytes moved remote → client so far.
+    pub fn bytes_down(&self) -> u64 {
+        self.down.load(Ordering::Relaxed)
+    }
+    /// Time since the flow started.
+    pub fn age(&self) -> Duration {
+        self.started_mono.elapsed()
+    }
+}
+
+impl Traffic for Flow {
+    fn upstream(&self, n: u64) {
+        self.up.fetch_add(n, Ordering::Relaxed);
+        self.metrics.bytes_up.inc_by(n);
+    }
+    fn downstream(&self, n: u64) {
+        self.down.fetch_add(n, Ordering::Relaxed);
+        self.metrics.bytes_down.inc_by(n);
+    }
+}
+
+/// How a flow ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlowEnd {
+    /// A short reason: `closed`, `idle_timeout`, `dial_refused`, `stopped`, ...
+    pub reason: String,
+    /// Duration of the flow.
+    pub duration: Duration,
+    /// Bytes client → remote.
+    pub bytes_up: u64,
+    /// Bytes remote → client.
+    pub bytes_down: u64,
+}
+
+/// Sees flows start and end. Implementations must be quick: they run inline.
+pub trait FlowObserver: Send + Sync {
+    /// A flow was accepted.
+    fn on_start(&self, _flow: &Flow) {}
+    /// A flow ended.
+    fn on_end(&self, _flow: &Flow, _end: &FlowEnd) {}
+}
+
+/// Logs one line per ended flow (target `meshgate::audit`).
+pub struct AuditLog;
+
+impl FlowObserver for AuditLog {
+    fn on_end(&self, flow: &Flow, end: &FlowEnd) {
+        tracing::info!(
+            target: "meshgate::audit",
+            flow = flow.id,
+            tenant = %flow.ctx.tenant,
+            instance = %flow.ctx.instance,
+            identity = flow.ctx.identity.as_deref().unwrap_or("-"),
+            protocol = ?flow.ctx.protocol,
+            src = %flow.ctx.src,
+            dst = %flow.ctx.dst,
+            reason = %end.reason,
+            duration_ms = end.duration.as_millis() as u64,
+            bytes_up = end.bytes_up,
+            bytes_down = end.bytes_down,
+            "flow ended"
+        );
+    }
+}
+
+/// A flow as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlowInfo {
+    /// Flow id.
+    pub id: u64,
+    /// Context.
+    #[serde(flatten)]
+    pub ctx: FlowContext,
+    /// Start, seconds since the Unix epoch.
+    pub started_unix: u64,
+    /// Age in seconds.
+    pub age_secs: f64,
+    /// Bytes client → remote.
+    pub bytes_up: u64,
+    /// Bytes remote → client.
+    pub bytes_down: u64,
+}
+
+/// All live flows of the node.
+pub struct FlowTable {
+    next_id: AtomicU64,
+    live: Mutex<HashMap<u64, Arc<Flow>>>,
+    observers: Vec<Arc<dyn FlowObserver>>,
+}
+
+impl FlowTable {
+    /// A table that notifies `observers` of every start and end.
+    pub fn new(observers: Vec<Arc<dyn FlowObserver>>) -> Self {
+        Self {
+            next_id: AtomicU64::new(1),
+            live: Mutex::new(HashMap::new()),
+            observers,
+        }
+    }
+
+    /// Starts tracking a flow; it ends when the guard is dropped or ended.
+    pub fn open(self: &Arc<Self>, ctx: FlowContext, metrics: &InstanceMetrics) -> FlowGuard {
+        let flow = Arc::new(Flow {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            ctx,
+            started: SystemTime::now(),
+            started_mono: Instant::now(),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            metrics: metrics.clone(),
+        });
+        metrics.connections.inc();
+        metrics.active.inc();
+        self.live
+            .lock()
+            .expect("flow table poisoned")
+            .insert(flow.id, flow.clone());
+        for o in &self.observers {
+            o.on_start(&flow);
+        }
+        FlowGuard {
+            flow,
+            table: self.clone(),
+            reason: None,
+        }
+    }
+
+    /// Number of live flows, optionally only those of one tenant (and instance).
+    pub fn count(&self, tenant: Option<&str>, instance: Option<&str>) -> usize {
+        let live = self.live.lock().expect("flow table poisoned");
+        live.values()
+            .filter(|f| tenant.is_none_or(|t| f.ctx.tenant == t))
+            .filter(|f| instance.is_none_or(|i| f.ctx.instance == i))
+            .count()
+    }
+
+    /// A snapshot of live flows, oldest first.
+    pub fn snapshot(&self) -> Vec<FlowInfo> {
+        let live = self.live.lock().expect("flow table poisoned");
+        let mut out: Vec<FlowInfo> = live
+            .values()
+            .map(|f| FlowInfo {
+                id: f.id,
+                ctx: f.ctx.clone(),
+                started_unix: f
+                    .started
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                age_secs: f.age().as_secs_f64(),
+                bytes_up: f.bytes_up(),
+                bytes_down: f.bytes_down(),
+            })
+            .collect();
+        out.sort_by_key(|f| f.id);
+        out
+    }
+
+    fn close(&self, flow: &Flow, reason: String) {
+        self.live
+            .lock()
+            .expect("flow table poisoned")
+            .remove(&flow.id);
+        flow.metrics.active.dec();
+        let end = FlowEnd {
+            reason,
+            duration: flow.age(),
+            bytes_up: flow.bytes_up(),
+            bytes_down: flow.bytes_down(),
+        };
+        for o in &self.observers {
+            o.on_end(flow, &end);
+        }
+    }
+}
+
+/// Ownership of a live flow. Dropping it ends the flow (reason `dropped`
+/// unless [`FlowGuard::set_end_reason`] said otherwise).
+pub struct FlowGuard {
+    flow: Arc<Flow>,
+    table: Arc<FlowTable>,
+    reason: Option<String>,
+}
+
+impl FlowGuard {
+    /// The flow, e.g. as the proxy's [`Traffic`] sink.
+    pub fn flow(&self) -> &Arc<Flow> {
+        &self.flow
+    }
+
+    /// Records why the flow is ending; reported when the guard drops.
+    pub fn set_end_reason(&mut self, reason: impl Into<String>) {
+        self.reason = Some(reason.into());
+    }
+}
+
+impl Drop for FlowGuard {
+    fn drop(&mut self) {
+        let reason = self.reason.take().unwrap_or_else(|| "dropped".into());
+        self.table.close(&self.flow, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::metrics::Metrics;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+    impl FlowObserver for Recorder {
+        fn on_start(&self, f: &Flow) {
+            self.0.lock().unwrap().push(format!("start {}", f.ctx.dst));
+        }
+        fn on_end(&self, f: &Flow, e: &FlowEnd) {
+            self.0.lock().unwrap().push(format!(
+                "end {} {} {}/{}",
+                f.ctx.dst, e.reason, e.bytes_up, e.bytes_down
+            ));
+        }
+    }
+
+    fn ctx(tenant: &str, dst: &str) -> FlowContext {
+        FlowContext {
+            tenant: tenant.into(),
+            instance: "web".into(),
+            identity: None,
+            src: "127.0.0.1:5000".parse().unwrap(),
+            dst: dst.into(),
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn lifecycle_and_counts() {
+        let rec = Arc::new(Recorder::default());
+        let table = Arc::new(FlowTable::new(vec![rec.clone()]));
+        let m = Metrics::new();
+        let im = m.instance("a", "web");
+        let mut g1 = table.open(ctx("a", "x:1"), &im);
+        let g2 = table.open(ctx("b", "y:2"), &im);
+        g1.flow().upstream(5);
+        g1.flow().downstream(7);
+        assert_eq!(table.count(None, None), 2);
+        assert_eq!(table.count(Some("a"), None), 1);
+        assert_eq!(table.count(Some("a"), Some("nope")), 0);
+        assert_eq!(im.active.get(), 2);
+        assert_eq!(im.bytes_up.get(), 5);
+        let snap = table.snapshot();
+        assert_eq!(snap.len(), 2);
+        assert_eq!(snap[0].bytes_down, 7);
+        g1.set_end_reason("closed");
+        drop(g1);
+        drop(g2);
+        assert_eq!(table.count(None, None), 0);
+        assert_eq!(im.active.get(), 0);
+        assert_eq!(im.connections.get(), 2);
+        let log = rec.0.lock().unwrap().clone();
+        assert_eq!(
+            log,
+            vec![
+                "start x:1",
+                "start y:2",
+                "end x:1 closed 5/7",
+                "end y:2 dropped 0/0"
+            ]
+        );
+    }
+}

@@ -1,0 +1,319 @@
+//! Prometheus metrics for the whole node.
+//!
+//! One [`Metrics`] per process, shared by every module. Series carry `tenant`
+//! and `instance` labels. Modules resolve their label sets once per instance
+//! ([`Metrics::instance`]) so the data path only touches atomics.
+
+use std::collections::HashMap;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+/// `tenant` and `instance`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// Module instance name.
+    pub instance: String,
+}
+
+/// Which way bytes moved (variant names are the label values).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    /// From the connecting client towards the remote.
+    upstream,
+    /// From the remote back to the client.
+    downstream,
+}
+
+/// `tenant`, `instance`, `direction`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByteLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// Module instance name.
+    pub instance: String,
+    /// `upstream` or `downstream`.
+    pub direction: Direction,
+}
+
+/// `tenant`, `instance`, `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// Module instance name.
+    pub instance: String,
+    /// A short, fixed reason such as `refused` or `timeout`.
+    pub reason: String,
+}
+
+/// `tenant`, `instance`, `result` (`ok` or `failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// Module instance name.
+    pub instance: String,
+    /// `ok` or `failed`.
+    pub result: String,
+}
+
+/// All metric families of the node.
+pub struct Metrics {
+    registry: Registry,
+    /// Connections (and UDP sessions) accepted.
+    pub connections: Family<InstanceLabels, Counter>,
+    /// Connections (and UDP sessions) open now.
+    pub connections_active: Family<InstanceLabels, Gauge>,
+    /// Payload bytes moved.
+    pub bytes: Family<ByteLabels, Counter>,
+    /// Failed dials to a remote, by reason.
+    pub dial_errors: Family<ReasonLabels, Counter>,
+    /// Connections refused before dialing (e.g. `max_connections`), by reason.
+    pub rejected: Family<ReasonLabels, Counter>,
+    /// Config reloads of an instance, by result.
+    pub config_reloads: Family<ReloadLabels, Counter>,
+}
+
+/// One instance's pre-resolved series: cloning them is cheap and updates are atomic adds.
+#[derive(Clone, Debug, Default)]
+pub struct InstanceMetrics {
+    /// `meshgate_connections_total` for this instance.
+    pub connections: Counter,
+    /// `meshgate_connections_active` for this instance.
+    pub active: Gauge,
+    /// `meshgate_bytes_total{direction="upstream"}`.
+    pub bytes_up: Counter,
+    /// `meshgate_bytes_total{direction="downstream"}`.
+    pub bytes_down: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshgate");
+        let m = Metrics {
+            connections: Family::default(),
+            connections_active: Family::default(),
+            bytes: Family::default(),
+            dial_errors: Family::default(),
+            rejected: Family::default(),
+            config_reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "build",
+            "meshgate build information",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register(
+            "connections",
+            "Connections and UDP sessions accepted",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Connections and UDP sessions open now",
+            m.connections_active.clone(),
+        );
+        registry.register("bytes", "Payload bytes moved", m.bytes.clone());
+        registry.register(
+            "dial_errors",
+            "Failed dials to a remote, by reason",
+            m.dial_errors.clone(),
+        );
+        registry.register(
+            "rejected",
+            "Connections refused before dialing, by reason",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads of a module instance, by result",
+            m.config_reloads.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The series of one instance.
+    pub fn instance(&self, tenant: &str, instance: &str) -> InstanceMetrics {
+        let l = InstanceLabels {
+            tenant: tenant.into(),
+            instance: instance.into(),
+        };
+        let bytes = |direction| ByteLabels {
+            tenant: tenant.into(),
+            instance: instance.into(),
+            direction,
+        };
+        InstanceMetrics {
+            connections: self.connections.get_or_create_owned(&l),
+            active: self.connections_active.get_or_create_owned(&l),
+            bytes_up: self.bytes.get_or_create_owned(&bytes(Direction::upstream)),
+            bytes_down: self
+                .bytes
+                .get_or_create_owned(&bytes(Direction::downstream)),
+        }
+    }
+
+    fn reason(tenant: &str, instance: &str, reason: &str) -> ReasonLabels {
+        ReasonLabels {
+            tenant: tenant.into(),
+            instance: instance.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Counts a failed dial.
+    pub fn dial_error(&self, tenant: &str, instance: &str, reason: &str) {
+        self.dial_errors
+            .get_or_create(&Self::reason(tenant, instance, reason))
+            .inc();
+    }
+
+    /// Counts a connection refused before dialing.
+    pub fn reject(&self, tenant: &str, instance: &str, reason: &str) {
+        self.rejected
+            .get_or_create(&Self::reason(tenant, instance, reason))
+            .inc();
+    }
+
+    /// Counts a reload attempt.
+    pub fn reload(&self, tenant: &str, instance: &str, ok: bool) {
+        self.config_reloads
+            .get_or_create(&ReloadLabels {
+                tenant: tenant.into(),
+                instance: instance.into(),
+                result: if ok { "ok" } else { "failed" }.into(),
+            })
+            .inc();
+    }
+
+    /// Renders the OpenMetrics text format (`application/openmetrics-text`).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Renders the classic Prometheus text format (`text/plain; version=0.0.4`),
+    /// which `promtool check metrics` and older scrapers read: counter
+    /// families are named with their `_total` suffix, info metrics become
+    /// gauges, and there is no `# EOF`.
+    pub fn encode_prometheus(&self) -> String {
+        let om = self.encode();
+        let mut renamed: HashMap<&str, (String, &str)> = HashMap::new();
+        for line in om.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                if let Some((name, kind)) = rest.split_once(' ') {
+                    match kind {
+                        "counter" => renamed.insert(name, (format!("{name}_total"), "counter")),
+                        "info" => renamed.insert(name, (format!("{name}_info"), "gauge")),
+                        _ => None,
+                    };
+                }
+            }
+        }
+        let mut out = String::with_capacity(om.len());
+        for line in om.lines() {
+            if line == "# EOF" {
+                continue;
+            }
+            let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+                let rest = line.strip_prefix(prefix)?;
+                let (name, tail) = rest.split_once(' ')?;
+                let (new_name, new_kind) = renamed.get(name)?;
+                Some(if *prefix == "# TYPE " {
+                    format!("{prefix}{new_name} {new_kind}")
+                } else {
+                    format!("{prefix}{new_name} {tail}")
+                })
+            });
+            out.push_str(rewritten.as_deref().unwrap_or(line));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_with_total() {
+        let m = Metrics::new();
+        m.instance("t", "i").connections.inc();
+        let text = m.encode_prometheus();
+        assert!(
+            text.contains("# TYPE meshgate_connections_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP meshgate_connections_total Connections"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE meshgate_build_info gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE meshgate_connections_active gauge\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn renders_labelled_series() {
+        let m = Metrics::new();
+        let i = m.instance("t1", "web");
+        i.connections.inc();
+        i.active.inc();
+        i.bytes_up.inc_by(10);
+        m.dial_error("t1", "web", "refused");
+        m.reload("t1", "web", false);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"meshgate_connections_total{tenant="t1",instance="web"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"meshgate_connections_active{tenant="t1",instance="web"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"meshgate_bytes_total{tenant="t1",instance="web",direction="upstream"} 10"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"meshgate_dial_errors_total{tenant="t1",instance="web",reason="refused"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"meshgate_config_reloads_total{tenant="t1",instance="web",result="failed"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

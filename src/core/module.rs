@@ -1,0 +1,171 @@
+//! The module contract: what every kind implements and what it is given.
+//!
+//! A *kind* (`pipe`, `wireguard`, ...) registers one [`ModuleFactory`]. The
+//! registry hands the factory each document whose `kind:` names it; the
+//! factory checks it ([`ModuleFactory::check`], no side effects, used by
+//! `--check`) and builds a [`Module`] from it. The module then lives through
+//! start → (reload)* → drain → stop.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, Weak};
+
+use async_trait::async_trait;
+use configstore::{Document, InstanceKey};
+
+use crate::core::addr::HostPort;
+use crate::core::config::ConfigError;
+use crate::core::dial::{DialError, Dialer, DirectDialer};
+use crate::core::flow::FlowTable;
+use crate::core::metrics::{InstanceMetrics, Metrics};
+use crate::core::proxy::Stream;
+use crate::core::router::OffRamp;
+use crate::core::tenant::Tenant;
+
+/// What a module can fail with at start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    /// The config is wrong (names file and key).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Something outside the config failed (a port in use, a missing capability).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// What [`ModuleFactory::check`] learns from a document without acting on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModulePlan {
+    /// Instances of the same tenant that must be started first.
+    pub depends_on: Vec<String>,
+}
+
+/// Builds modules of one kind.
+pub trait ModuleFactory: Send + Sync {
+    /// The kind name documents use in `kind:`.
+    fn kind(&self) -> &'static str;
+    /// Validates a document; no sockets, no files beyond the document.
+    fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError>;
+    /// Builds a module (not started yet) from a checked document.
+    fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError>;
+}
+
+/// A running module instance.
+#[async_trait]
+pub trait Module: Send + Sync + 'static {
+    /// Starts serving (binds listeners, spawns tasks).
+    async fn start(&self) -> Result<(), ModuleError>;
+    /// Applies a new document of the same kind without dropping unaffected
+    /// traffic. On error, the module keeps running its old config.
+    async fn reload(&self, doc: &Document) -> Result<(), ModuleError>;
+    /// Stops accepting new work; open flows continue.
+    async fn drain(&self);
+    /// Closes everything, open flows included, and waits until they are gone.
+    async fn stop(&self);
+    /// Details for the admin API (listen address, peers, ...).
+    fn status(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// The dialer capability, if flows can leave through this module.
+    fn dialer(&self) -> Option<Arc<dyn Dialer>> {
+        None
+    }
+}
+
+/// Finds other modules by name. Held by modules; never keeps the registry alive.
+#[derive(Clone, Default)]
+pub struct ModuleDirectory {
+    inner: Arc<RwLock<HashMap<InstanceKey, Arc<dyn Module>>>>,
+}
+
+impl ModuleDirectory {
+    pub(crate) fn insert(&self, key: InstanceKey, m: Arc<dyn Module>) {
+        self.inner
+            .write()
+            .expect("directory poisoned")
+            .insert(key, m);
+    }
+    pub(crate) fn remove(&self, key: &InstanceKey) {
+        self.inner.write().expect("directory poisoned").remove(key);
+    }
+    /// The module `name` of `tenant`, if it exists.
+    pub fn get(&self, tenant: &str, name: &str) -> Option<Arc<dyn Module>> {
+        self.inner
+            .read()
+            .expect("directory poisoned")
+            .get(&InstanceKey::new(tenant, name))
+            .cloned()
+    }
+    fn downgrade(&self) -> Weak<RwLock<HashMap<InstanceKey, Arc<dyn Module>>>> {
+        Arc::downgrade(&self.inner)
+    }
+}
+
+/// Everything a module is given when it is built.
+#[derive(Clone)]
+pub struct ModuleContext {
+    /// Its tenant.
+    pub tenant: Arc<Tenant>,
+    /// Its instance name.
+    pub instance: String,
+    /// The node's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Pre-resolved series for this instance.
+    pub instance_metrics: InstanceMetrics,
+    /// The node's flow table.
+    pub flows: Arc<FlowTable>,
+    directory: Weak<RwLock<HashMap<InstanceKey, Arc<dyn Module>>>>,
+}
+
+impl ModuleContext {
+    /// Builds a context for one instance.
+    pub fn new(
+        tenant: Arc<Tenant>,
+        instance: &str,
+        metrics: Arc<Metrics>,
+        flows: Arc<FlowTable>,
+        directory: &ModuleDirectory,
+    ) -> Self {
+        Self {
+            instance_metrics: metrics.instance(&tenant.name, instance),
+            tenant,
+            instance: instance.to_string(),
+            metrics,
+            flows,
+            directory: directory.downgrade(),
+        }
+    }
+
+    /// Routes `target` with the tenant's router and dials it through the
+    /// chosen off-ramp. Every on-ramp dials through here.
+    pub async fn dial_tcp(
+        &self,
+        target: &HostPort,
+        timeout: std::time::Duration,
+    ) -> Result<Stream, DialError> {
+        let off_ramp = self
+            .tenant
+            .router
+            .route(target)
+            .map_err(|e| DialError::NoRoute(e.to_string()))?;
+        match off_ramp {
+            OffRamp::Direct => DirectDialer.dial_tcp(target, timeout).await,
+            OffRamp::Module(name) => {
+                let dialer = self.find(name).and_then(|m| m.dialer()).ok_or_else(|| {
+                    DialError::NoRoute(format!(
+                        "route to {target} names `{name}`, which is not a running off-ramp in tenant `{}`",
+                        self.tenant.name
+                    ))
+                })?;
+                dialer.dial_tcp(target, timeout).await
+            }
+        }
+    }
+
+    /// Another module of the same tenant, by instance name.
+    pub fn find(&self, name: &str) -> Option<Arc<dyn Module>> {
+        let dir = self.directory.upgrade()?;
+        let map = dir.read().expect("directory poisoned");
+        map.get(&InstanceKey::new(self.tenant.name.clone(), name))
+            .cloned()
+    }
+}

@@ -1,0 +1,639 @@
+//! The registry: builds, starts, reloads and stops every module instance.
+//!
+//! It reads documents from the [`ConfigStore`], hands each to the factory its
+//! `kind:` names, starts instances per tenant in dependency order, and turns
+//! store events into per-instance reloads. A change that fails (bad document,
+//! unknown kind, a port in use) is logged and counted in
+//! `meshgate_config_reloads_total{result="failed"}`, and the running instance
+//! keeps its old config.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use configstore::{ConfigStore, Document, InstanceKey, StoreError, StoreEvent};
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use crate::core::config::{document_kind, ConfigError};
+use crate::core::flow::FlowTable;
+use crate::core::metrics::Metrics;
+use crate::core::module::{Module, ModuleContext, ModuleDirectory, ModuleFactory, ModulePlan};
+use crate::core::tenant::Tenant;
+
+/// A problem found while loading or starting instances.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A document is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// An instance failed to start.
+    #[error("{source_name}: cannot start {key}: {message}")]
+    Start {
+        /// The instance.
+        key: InstanceKey,
+        /// Its document's source.
+        source_name: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModuleState {
+    /// Serving.
+    Running,
+    /// Not accepting new work; open flows finishing.
+    Draining,
+    /// Stopped.
+    Stopped,
+}
+
+/// An instance as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceStatus {
+    /// Tenant name.
+    pub tenant: String,
+    /// Instance name.
+    pub instance: String,
+    /// Module kind.
+    pub kind: String,
+    /// Its document's source.
+    pub source: String,
+    /// Life-cycle state.
+    pub state: ModuleState,
+    /// The last rejected change, if the newest document is not the one running.
+    pub last_error: Option<String>,
+    /// Live flows that came in through it.
+    pub active_flows: usize,
+    /// Module-specific details.
+    pub details: serde_json::Value,
+}
+
+/// A checked document, ready to build.
+struct Planned {
+    key: InstanceKey,
+    kind: String,
+    doc: Document,
+    plan: ModulePlan,
+}
+
+struct InstanceEntry {
+    kind: String,
+    doc: Document,
+    module: Arc<dyn Module>,
+    state: ModuleState,
+    depends_on: Vec<String>,
+    last_error: Option<String>,
+}
+
+struct TenantEntry {
+    tenant: Arc<Tenant>,
+    instances: BTreeMap<String, InstanceEntry>,
+}
+
+/// Holds every module instance of the node.
+pub struct Registry {
+    factories: BTreeMap<&'static str, Arc<dyn ModuleFactory>>,
+    store: Arc<dyn ConfigStore>,
+    metrics: Arc<Metrics>,
+    flows: Arc<FlowTable>,
+    directory: ModuleDirectory,
+    tenants: Mutex<BTreeMap<String, TenantEntry>>,
+    ready: AtomicBool,
+}
+
+impl Registry {
+    /// A registry reading `store`, knowing the given kinds.
+    pub fn new(
+        store: Arc<dyn ConfigStore>,
+        factories: Vec<Arc<dyn ModuleFactory>>,
+        metrics: Arc<Metrics>,
+        flows: Arc<FlowTable>,
+    ) -> Self {
+        Self {
+            factories: factories.into_iter().map(|f| (f.kind(), f)).collect(),
+            store,
+            metrics,
+            flows,
+            directory: ModuleDirectory::default(),
+            tenants: Mutex::new(BTreeMap::new()),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The node's flows.
+    pub fn flows(&self) -> &Arc<FlowTable> {
+        &self.flows
+    }
+
+    /// The store documents come from.
+    pub fn store(&self) -> &Arc<dyn ConfigStore> {
+        &self.store
+    }
+
+    /// True once every instance started, until shutdown begins.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Finds a module by tenant and instance name.
+    pub fn find(&self, tenant: &str, instance: &str) -> Option<Arc<dyn Module>> {
+        self.directory.get(tenant, instance)
+    }
+
+    fn factory_for(
+        &self,
+        doc: &Document,
+    ) -> Result<(String, &Arc<dyn ModuleFactory>), ConfigError> {
+        let kind = document_kind(doc)?;
+        match self.factories.get(kind.as_str()) {
+            Some(f) => Ok((kind, f)),
+            None => {
+                let known: Vec<&str> = self.factories.keys().copied().collect();
+                Err(ConfigError::key(
+                    &doc.source,
+                    "kind",
+                    format!(
+                        "unknown kind `{kind}`: expected one of {}",
+                        known.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Reads and checks one document.
+    fn plan(&self, key: &InstanceKey, doc: Document) -> Result<Planned, ConfigError> {
+        let (kind, factory) = self.factory_for(&doc)?;
+        let plan = factory.check(&doc)?;
+        Ok(Planned {
+            key: key.clone(),
+            kind,
+            doc,
+            plan,
+        })
+    }
+
+    /// Reads and checks every document of the store, collecting all errors.
+    async fn read_all(&self) -> (BTreeMap<String, Vec<Planned>>, Vec<RegistryError>) {
+        let mut out: BTreeMap<String, Vec<Planned>> = BTreeMap::new();
+        let mut errors = Vec::new();
+        let tenants = match self.store.tenants().await {
+            Ok(t) => t,
+            Err(e) => return (out, vec![e.into()]),
+        };
+        for tenant in tenants {
+            let names = match self.store.instances(&tenant).await {
+                Ok(n) => n,
+                Err(e) => {
+                    errors.push(e.into());
+                    continue;
+                }
+            };
+            let mut planned = Vec::new();
+            for name in names {
+                let key = InstanceKey::new(tenant.clone(), name);
+                match self.store.get(&key).await {
+                    Ok(Some(doc)) => match self.plan(&key, doc) {
+                        Ok(p) => planned.push(p),
+                        Err(e) => errors.push(e.into()),
+                    },
+                    Ok(None) => {}
+                    Err(e) => errors.push(e.into()),
+                }
+            }
+            match start_order(&planned) {
+                Ok(order) => {
+                    let mut by_name: BTreeMap<String, Planned> = planned
+                        .into_iter()
+                        .map(|p| (p.key.instance.clone(), p))
+                        .collect();
+                    let ordered = order.iter().filter_map(|n| by_name.remove(n)).collect();
+                    out.insert(tenant, ordered);
+                }
+                Err(e) => errors.push(e.into()),
+            }
+        }
+        (out, errors)
+    }
+
+    /// Validates the whole config without binding anything: every error found.
+    pub async fn check(&self) -> Vec<RegistryError> {
+        self.read_all().await.1
+    }
+
+    /// Builds and starts every instance. Any error stops what was started and
+    /// is returned (all config errors at once; the first start failure).
+    pub async fn start(&self) -> Result<(), Vec<RegistryError>> {
+        let (plans, errors) = self.read_all().await;
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut tenants = self.tenants.lock().await;
+        for (tenant, planned) in plans {
+            for p in planned {
+                if let Err(e) = self.launch(&mut tenants, &tenant, p).await {
+                    drop(tenants);
+                    self.stop_all().await;
+                    return Err(vec![e]);
+                }
+            }
+        }
+        drop(tenants);
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Builds, starts and records one instance.
+    async fn launch(
+        &self,
+        tenants: &mut BTreeMap<String, TenantEntry>,
+        tenant: &str,
+        p: Planned,
+    ) -> Result<(), RegistryError> {
+        let entry = tenants
+            .entry(tenant.to_string())
+            .or_insert_with(|| TenantEntry {
+                tenant: Arc::new(Tenant::new(tenant)),
+                instances: BTreeMap::new(),
+            });
+        for dep in &p.plan.depends_on {
+            if !entry.instances.contains_key(dep) {
+                return Err(ConfigError::doc(
+                    &p.doc.source,
+                    format!("depends on `{dep}`, which is not running in tenant `{tenant}`"),
+                )
+                .into());
+            }
+        }
+        let factory = self
+            .factories
+            .get(p.kind.as_str())
+            .expect("planned kinds have factories");
+        let ctx = ModuleContext::new(
+            entry.tenant.clone(),
+            &p.key.instance,
+            self.metrics.clone(),
+            self.flows.clone(),
+            &self.directory,
+        );
+        let module = factory.build(ctx, &p.doc)?;
+        module.start().await.map_err(|e| RegistryError::Start {
+            key: p.key.clone(),
+            source_name: p.doc.source.clone(),
+            message: e.to_string(),
+        })?;
+        self.directory.insert(p.key.clone(), module.clone());
+        tracing::info!(tenant, instance = %p.key.instance, kind = %p.kind, source = %p.doc.source, "module started");
+        entry.instances.insert(
+            p.key.instance.clone(),
+            InstanceEntry {
+                kind: p.kind,
+                doc: p.doc,
+                module,
+                state: ModuleState::Running,
+                depends_on: p.plan.depends_on,
+                last_error: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Applies a batch of store events: each affected instance is re-read and
+    /// reloaded, started or stopped.
+    pub async fn apply(&self, events: &[StoreEvent]) {
+        let mut tenants = self.tenants.lock().await;
+        let mut scope: BTreeSet<String> = BTreeSet::new();
+        let mut single: BTreeSet<InstanceKey> = BTreeSet::new();
+        for ev in events {
+            match ev {
+                StoreEvent::Node => tracing::warn!(
+                    "the node document changed; node settings (admin address, log) take effect at restart"
+                ),
+                StoreEvent::Instance(k) => {
+                    single.insert(k.clone());
+                }
+                StoreEvent::Tenant(t) => {
+                    scope.insert(t.clone());
+                }
+                StoreEvent::Everything => {
+                    scope.extend(tenants.keys().cloned());
+                    match self.store.tenants().await {
+                        Ok(t) => scope.extend(t),
+                        Err(e) => tracing::error!(error = %e, "cannot list tenants; keeping the running config"),
+                    }
+                }
+            }
+        }
+        for tenant in &scope {
+            self.reconcile_tenant(&mut tenants, tenant).await;
+        }
+        for key in single.iter().filter(|k| !scope.contains(&k.tenant)) {
+            self.reconcile_instance(&mut tenants, key).await;
+        }
+    }
+
+    async fn reconcile_tenant(&self, tenants: &mut BTreeMap<String, TenantEntry>, tenant: &str) {
+        let mut names: BTreeSet<String> = match self.store.instances(tenant).await {
+            Ok(n) => n.into_iter().collect(),
+            Err(e) => {
+                tracing::error!(tenant, error = %e, "cannot list instances; keeping the running config");
+                return;
+            }
+        };
+        if let Some(t) = tenants.get(tenant) {
+            names.extend(t.instances.keys().cloned());
+        }
+        // Removals first (they free ports), then the rest: instances that
+        // others depend on are visited before their dependents.
+        let mut keys: Vec<InstanceKey> = names
+            .into_iter()
+            .map(|n| InstanceKey::new(tenant, n))
+            .collect();
+        let mut present = Vec::new();
+        for key in keys.drain(..) {
+            match self.store.get(&key).await {
+                Ok(None) => self.reconcile_instance(tenants, &key).await,
+                Ok(Some(doc)) => present.push((key, doc)),
+                Err(e) => self.reject(tenants, &key, &e.to_string()),
+            }
+        }
+        let deps: BTreeMap<String, Vec<String>> = present
+            .iter()
+            .map(|(k, doc)| {
+                let d = self
+                    .factory_for(doc)
+                    .and_then(|(_, f)| f.check(doc))
+                    .map(|p| p.depends_on)
+                    .unwrap_or_default();
+                (k.instance.clone(), d)
+            })
+            .collect();
+        let order = topo_order(&deps).unwrap_or_else(|_| deps.keys().cloned().collect());
+        for name in order {
+            self.reconcile_instance(tenants, &InstanceKey::new(tenant, name))
+                .await;
+        }
+    }
+
+    /// Counts and logs a rejected change; the running instance stays as it is.
+    fn reject(&self, tenants: &mut BTreeMap<String, TenantEntry>, key: &InstanceKey, error: &str) {
+        self.metrics.reload(&key.tenant, &key.instance, false);
+        tracing::error!(tenant = %key.tenant, instance = %key.instance, error, "config change rejected; keeping the running config");
+        if let Some(e) = tenants
+            .get_mut(&key.tenant)
+            .and_then(|t| t.instances.get_mut(&key.instance))
+        {
+            e.last_error = Some(error.to_string());
+        }
+    }
+
+    async fn reconcile_instance(
+        &self,
+        tenants: &mut BTreeMap<String, TenantEntry>,
+        key: &InstanceKey,
+    ) {
+        let doc = match self.store.get(key).await {
+            Ok(d) => d,
+            Err(e) => return self.reject(tenants, key, &e.to_string()),
+        };
+        let Some(doc) = doc else {
+            if self.remove_instance(tenants, key).await {
+                self.metrics.reload(&key.tenant, &key.instance, true);
+            }
+            return;
+        };
+        let running = tenants
+            .get(&key.tenant)
+            .and_then(|t| t.instances.get(&key.instance))
+            .map(|r| (r.kind.clone(), r.module.clone(), r.doc == doc));
+        if running.as_ref().is_some_and(|(_, _, same)| *same) {
+            return;
+        }
+        let planned = match self.plan(key, doc) {
+            Ok(p) => p,
+            Err(e) => return self.reject(tenants, key, &e.to_string()),
+        };
+        match running {
+            Some((kind, module, _)) if kind == planned.kind => {
+                match module.reload(&planned.doc).await {
+                    Ok(()) => {
+                        if let Some(entry) = tenants
+                            .get_mut(&key.tenant)
+                            .and_then(|t| t.instances.get_mut(&key.instance))
+                        {
+                            entry.doc = planned.doc;
+                            entry.depends_on = planned.plan.depends_on;
+                            entry.last_error = None;
+                        }
+                        self.metrics.reload(&key.tenant, &key.instance, true);
+                        tracing::info!(tenant = %key.tenant, instance = %key.instance, "module reloaded");
+                    }
+                    Err(e) => self.reject(tenants, key, &e.to_string()),
+                }
+            }
+            other => {
+                if other.is_some() {
+                    // A change of kind replaces the instance.
+                    self.remove_instance(tenants, key).await;
+                }
+                match self.launch(tenants, &key.tenant, planned).await {
+                    Ok(()) => self.metrics.reload(&key.tenant, &key.instance, true),
+                    Err(e) => self.reject(tenants, key, &e.to_string()),
+                }
+            }
+        }
+    }
+
+    /// Drains and stops one instance; true if it was running.
+    async fn remove_instance(
+        &self,
+        tenants: &mut BTreeMap<String, TenantEntry>,
+        key: &InstanceKey,
+    ) -> bool {
+        let Some(t) = tenants.get_mut(&key.tenant) else {
+            return false;
+        };
+        let Some(entry) = t.instances.remove(&key.instance) else {
+            return false;
+        };
+        if t.instances.is_empty() {
+            tenants.remove(&key.tenant);
+        }
+        self.directory.remove(key);
+        entry.module.drain().await;
+        entry.module.stop().await;
+        tracing::info!(tenant = %key.tenant, instance = %key.instance, kind = %entry.kind, "module stopped");
+        true
+    }
+
+    /// Graceful shutdown: stop accepting everywhere, wait up to `timeout` for
+    /// open flows to finish, then stop everything.
+    pub async fn shutdown(&self, timeout: Duration) {
+        self.ready.store(false, Ordering::Release);
+        {
+            let mut tenants = self.tenants.lock().await;
+            for t in tenants.values_mut() {
+                for e in t.instances.values_mut().rev() {
+                    e.module.drain().await;
+                    e.state = ModuleState::Draining;
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let open = self.flows.count(None, None);
+            if open == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(open, "drain timeout: closing open flows");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.stop_all().await;
+    }
+
+    async fn stop_all(&self) {
+        let mut tenants = self.tenants.lock().await;
+        for (name, t) in tenants.iter_mut() {
+            // Reverse start order: dependents before what they depend on.
+            let order = topo_order(
+                &t.instances
+                    .iter()
+                    .map(|(n, e)| (n.clone(), e.depends_on.clone()))
+                    .collect(),
+            )
+            .unwrap_or_else(|_| t.instances.keys().cloned().collect());
+            for inst in order.iter().rev() {
+                if let Some(e) = t.instances.get_mut(inst) {
+                    e.module.stop().await;
+                    e.state = ModuleState::Stopped;
+                    self.directory
+                        .remove(&InstanceKey::new(name.clone(), inst.clone()));
+                }
+            }
+        }
+        tenants.clear();
+    }
+
+    /// Every instance with its state, by tenant and name.
+    pub async fn status(&self) -> Vec<InstanceStatus> {
+        let tenants = self.tenants.lock().await;
+        tenants
+            .iter()
+            .flat_map(|(tname, t)| {
+                t.instances.iter().map(move |(iname, e)| InstanceStatus {
+                    tenant: tname.clone(),
+                    instance: iname.clone(),
+                    kind: e.kind.clone(),
+                    source: e.doc.source.clone(),
+                    state: e.state,
+                    last_error: e.last_error.clone(),
+                    active_flows: self.flows.count(Some(tname), Some(iname)),
+                    details: e.module.status(),
+                })
+            })
+            .collect()
+    }
+
+    /// Tenant names with running instances.
+    pub async fn tenant_names(&self) -> Vec<String> {
+        self.tenants.lock().await.keys().cloned().collect()
+    }
+}
+
+/// Start order of one tenant's checked documents; missing or circular
+/// dependencies are errors naming the document.
+fn start_order(planned: &[Planned]) -> Result<Vec<String>, ConfigError> {
+    let names: BTreeSet<&str> = planned.iter().map(|p| p.key.instance.as_str()).collect();
+    for p in planned {
+        for dep in &p.plan.depends_on {
+            if !names.contains(dep.as_str()) {
+                return Err(ConfigError::doc(
+                    &p.doc.source,
+                    format!(
+                        "depends on `{dep}`, which is not defined in tenant `{}`",
+                        p.key.tenant
+                    ),
+                ));
+            }
+        }
+    }
+    let deps = planned
+        .iter()
+        .map(|p| (p.key.instance.clone(), p.plan.depends_on.clone()))
+        .collect();
+    topo_order(&deps).map_err(|cycle| {
+        let src = planned
+            .iter()
+            .find(|p| p.key.instance == cycle[0])
+            .map(|p| p.doc.source.clone())
+            .unwrap_or_default();
+        ConfigError::doc(
+            &src,
+            format!("circular dependency between {}", cycle.join(", ")),
+        )
+    })
+}
+
+/// Kahn's algorithm, alphabetical among equals. Dependencies outside the map
+/// are ignored. `Err` holds the names left in a cycle.
+fn topo_order(deps: &BTreeMap<String, Vec<String>>) -> Result<Vec<String>, Vec<String>> {
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    let mut order = Vec::new();
+    while order.len() < deps.len() {
+        let next = deps.iter().find(|(name, ds)| {
+            !done.contains(name.as_str())
+                && ds
+                    .iter()
+                    .all(|d| done.contains(d.as_str()) || !deps.contains_key(d))
+        });
+        match next {
+            Some((name, _)) => {
+                done.insert(name);
+                order.push(name.clone());
+            }
+            None => {
+                return Err(deps
+                    .keys()
+                    .filter(|n| !done.contains(n.as_str()))
+                    .cloned()
+                    .collect())
+            }
+        }
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deps(v: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
+        v.iter()
+            .map(|(n, d)| (n.to_string(), d.iter().map(|s| s.to_string()).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn topo_orders_dependencies_first() {
+        let o = topo_order(&deps(&[("a", &["wg"]), ("wg", &[]), ("b", &["a"])])).unwrap();
+        assert_eq!(o, vec!["wg", "a", "b"]);
+        let e = topo_order(&deps(&[("a", &["b"]), ("b", &["a"]), ("c", &[])])).unwrap_err();
+        assert_eq!(e, vec!["a", "b"]);
+    }
+}

@@ -1,0 +1,224 @@
+//! The admin API: one HTTP/1.1 listener for the whole node.
+//!
+//! Owns the admin listener (default `127.0.0.1:9000`, from `meshgate.yaml`).
+//! Serves:
+//!
+//! | path | what |
+//! |---|---|
+//! | `/metrics` | Prometheus metrics (text exposition format) |
+//! | `/healthz` | 200 while the process runs |
+//! | `/readyz` | 200 once every module started; 503 while starting or draining |
+//! | `/api/v1/node` | node name, version, uptime |
+//! | `/api/v1/tenants` | tenants with their instance and flow counts |
+//! | `/api/v1/modules` | every module instance with its state (`?tenant=` filters) |
+//! | `/api/v1/flows` | live flows (`?tenant=` filters) |
+//!
+//! Read-only: nothing here changes the node. It runs on the same runtime as
+//! the data plane for now; requests are cheap snapshots.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::registry::Registry;
+
+/// The admin server's shared state.
+pub struct Admin {
+    registry: Arc<Registry>,
+    node: String,
+    started: Instant,
+}
+
+#[derive(Serialize)]
+struct TenantSummary {
+    name: String,
+    instances: usize,
+    active_flows: usize,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json<T: Serialize>(status: StatusCode, v: &T) -> Resp {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => text(status, "application/json", s + "\n"),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("cannot encode: {e}\n"),
+        ),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Resp {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+/// The value of `name` in a query string, if present.
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+impl Admin {
+    /// Admin state for `registry` on node `node`.
+    pub fn new(registry: Arc<Registry>, node: impl Into<String>) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            node: node.into(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, req: Request<Incoming>) -> Resp {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here");
+        }
+        let tenant = query_param(req.uri().query(), "tenant");
+        match req.uri().path() {
+            "/metrics" => {
+                // Prometheus asks for OpenMetrics; everything else gets the classic format.
+                let wants_openmetrics = req
+                    .headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("application/openmetrics-text"));
+                if wants_openmetrics {
+                    text(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        self.registry.metrics().encode(),
+                    )
+                } else {
+                    text(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        self.registry.metrics().encode_prometheus(),
+                    )
+                }
+            }
+            "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/readyz" => {
+                if self.registry.is_ready() {
+                    text(StatusCode::OK, "text/plain", "ready\n".into())
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into())
+                }
+            }
+            "/api/v1/node" => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "node": self.node,
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "uptime_secs": self.started.elapsed().as_secs(),
+                    "ready": self.registry.is_ready(),
+                    "store": self.registry.store().describe(),
+                }),
+            ),
+            "/api/v1/tenants" => {
+                let status = self.registry.status().await;
+                let mut out: Vec<TenantSummary> = Vec::new();
+                for s in status {
+                    match out.last_mut() {
+                        Some(t) if t.name == s.tenant => t.instances += 1,
+                        _ => out.push(TenantSummary {
+                            active_flows: self.registry.flows().count(Some(&s.tenant), None),
+                            name: s.tenant,
+                            instances: 1,
+                        }),
+                    }
+                }
+                json(StatusCode::OK, &out)
+            }
+            "/api/v1/modules" => {
+                let mut status = self.registry.status().await;
+                if let Some(t) = tenant {
+                    status.retain(|s| s.tenant == t);
+                }
+                json(StatusCode::OK, &status)
+            }
+            "/api/v1/flows" => {
+                let mut flows = self.registry.flows().snapshot();
+                if let Some(t) = tenant {
+                    flows.retain(|f| f.ctx.tenant == t);
+                }
+                json(StatusCode::OK, &flows)
+            }
+            _ => error(StatusCode::NOT_FOUND, "no such path; see /api/v1/node, /api/v1/tenants, /api/v1/modules, /api/v1/flows, /metrics, /healthz, /readyz"),
+        }
+    }
+}
+
+/// Binds the admin listener. Fails with a message naming the address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot bind the admin API to {addr}: {e}"),
+        )
+    })
+}
+
+/// Serves the admin API on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param(Some("tenant=a&x=1"), "tenant"), Some("a"));
+        assert_eq!(query_param(Some("x=1"), "tenant"), None);
+        assert_eq!(query_param(None, "tenant"), None);
+    }
+}

@@ -1,0 +1,17 @@
+//! Module kinds. Each folder owns one kind: its config type, its logic, its tests.
+//!
+//! - [`pipe`]: named TCP/UDP proxies (`listen` → `remote`).
+//! - [`admin`]: the node's HTTP admin API (metrics, health, JSON); not a
+//!   per-tenant kind, it is started by the server binary from `meshgate.yaml`.
+
+use std::sync::Arc;
+
+use crate::core::module::ModuleFactory;
+
+pub mod admin;
+pub mod pipe;
+
+/// The factories of every built-in kind.
+pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
+    vec![Arc::new(pipe::PipeFactory)]
+}

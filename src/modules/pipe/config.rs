@@ -1,0 +1,175 @@
+//! The pipe's config document.
+
+use std::time::Duration;
+
+use configstore::Document;
+use serde::{Deserialize, Serialize};
+
+use crate::core::addr::{HostPort, ListenAddr};
+use crate::core::config::{parse_document, ConfigError};
+
+/// Which transport a pipe carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PipeProtocol {
+    /// TCP streams (default).
+    #[default]
+    Tcp,
+    /// UDP datagrams; one session per client address.
+    Udp,
+}
+
+/// `kind: pipe`
+///
+/// ```yaml
+/// kind: pipe
+/// listen: 127.0.0.1:8080     # where clients connect (a bare port means 127.0.0.1)
+/// remote: 127.0.0.1:80       # where connections go: IP or name, and port
+/// protocol: tcp              # tcp (default) or udp
+/// connect_timeout: 5s        # default 5s
+/// idle_timeout: 10m          # default: none for tcp, 60s for udp
+/// max_connections: 1024      # default 1024; more are refused and counted
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipeConfig {
+    /// Local address to accept on.
+    pub listen: ListenAddr,
+    /// Where to connect for each accepted connection.
+    pub remote: HostPort,
+    /// `tcp` or `udp`.
+    #[serde(default)]
+    pub protocol: PipeProtocol,
+    /// Dial timeout for `remote`.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Close a connection (or UDP session) after this long without traffic.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// Concurrent connections (or UDP sessions) allowed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_connections() -> usize {
+    1024
+}
+
+/// UDP sessions end after this long without a datagram unless configured.
+pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
+
+impl PipeConfig {
+    /// Parses and validates a `kind: pipe` document.
+    pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
+        let c: PipeConfig = parse_document(doc, &["kind"])?;
+        if c.max_connections == 0 {
+            return Err(ConfigError::key(
+                &doc.source,
+                "max_connections",
+                "must be at least 1",
+            ));
+        }
+        if c.connect_timeout.is_zero() {
+            return Err(ConfigError::key(
+                &doc.source,
+                "connect_timeout",
+                "must be longer than 0s",
+            ));
+        }
+        if c.idle_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::key(
+                &doc.source,
+                "idle_timeout",
+                "must be longer than 0s (omit it for none)",
+            ));
+        }
+        Ok(c)
+    }
+
+    /// The idle timeout in force, with the protocol's default.
+    pub fn effective_idle_timeout(&self) -> Option<Duration> {
+        match self.protocol {
+            PipeProtocol::Tcp => self.idle_timeout,
+            PipeProtocol::Udp => Some(self.idle_timeout.unwrap_or(DEFAULT_UDP_IDLE)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn doc(v: serde_json::Value) -> Document {
+        Document {
+            source: "tenants/default/web.yaml".into(),
+            value: v,
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = PipeConfig::from_document(&doc(
+            json!({"kind": "pipe", "listen": "127.0.0.1:8080", "remote": "127.0.0.1:80"}),
+        ))
+        .unwrap();
+        assert_eq!(c.protocol, PipeProtocol::Tcp);
+        assert_eq!(c.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.effective_idle_timeout(), None);
+        let c = PipeConfig::from_document(&doc(
+            json!({"listen": 53, "remote": "10.0.0.1:53", "protocol": "udp", "idle_timeout": "5s"}),
+        ))
+        .unwrap();
+        assert_eq!(c.effective_idle_timeout(), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn errors_name_key() {
+        let cases = [
+            (
+                json!({"listen": "127.0.0.1:8080", "remote": "127.0.0.1:80", "lisen": 1}),
+                "lisen",
+                "unknown field",
+            ),
+            (
+                json!({"listen": "127.0.0.1:99999", "remote": "127.0.0.1:80"}),
+                "listen",
+                "0-65535",
+            ),
+            (
+                json!({"listen": "127.0.0.1:1", "remote": "127.0.0.1:0"}),
+                "remote",
+                "1-65535",
+            ),
+            (json!({"listen": "127.0.0.1:1"}), "remote", "missing field"),
+            (
+                json!({"listen": "127.0.0.1:1", "remote": "a:1", "max_connections": 0}),
+                "max_connections",
+                "at least 1",
+            ),
+            (
+                json!({"listen": "127.0.0.1:1", "remote": "a:1", "connect_timeout": "soon"}),
+                "connect_timeout",
+                "",
+            ),
+            (
+                json!({"listen": "127.0.0.1:1", "remote": "a:1", "protocol": "sctp"}),
+                "protocol",
+                "unknown variant",
+            ),
+        ];
+        for (v, key, msg) in cases {
+            let e = PipeConfig::from_document(&doc(v)).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert!(e.message.contains(msg), "{e}");
+            assert!(
+                e.to_string().starts_with("tenants/default/web.yaml: key"),
+                "{e}"
+            );
+        }
+    }
+}
