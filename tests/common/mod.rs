@@ -1,0 +1,321 @@
+//! Test harness: config directories, the real `meshgate` binary, real peers
+//! (nginx, curl, promtool) and small in-process backends.
+//!
+//! Tools from Debian packages are required where a test uses them. When one
+//! is missing the test is skipped with a message, unless
+//! `MESHGATE_REQUIRE_TOOLS=1` (set by `.ci/run` and `scripts/test.sh`), in
+//! which case it fails.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// True if `tool` is on PATH. If not: panics when tools are required, else
+/// prints why the test is skipped and returns false.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("MESHGATE_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!(
+                "{tool} is required (MESHGATE_REQUIRE_TOOLS=1): run scripts/test.sh to install it"
+            );
+        }
+        eprintln!("SKIPPED: {tool} not installed (scripts/test.sh installs it)");
+    }
+    found
+}
+
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A config directory in a temp dir, with an admin port of its own.
+pub struct ConfigDir {
+    pub dir: tempfile::TempDir,
+    pub admin_port: u16,
+}
+
+impl ConfigDir {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let admin_port = free_port();
+        let c = Self { dir, admin_port };
+        c.write(
+            "meshgate.yaml",
+            &format!("node: test\nadmin: 127.0.0.1:{admin_port}\ndrain_timeout: 20s\nlog: info\n"),
+        );
+        c
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file relative to the config dir, atomically (write + rename),
+    /// as editors and config management do.
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.dir.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let tmp = p.with_file_name(format!(".{}.tmp", p.file_name().unwrap().to_str().unwrap()));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+    }
+
+    /// Writes a TCP pipe document for `tenant/name`.
+    pub fn pipe(&self, tenant: &str, name: &str, listen: u16, remote: SocketAddr) {
+        self.write(
+            &format!("tenants/{tenant}/{name}.yaml"),
+            &format!("kind: pipe\nlisten: 127.0.0.1:{listen}\nremote: {remote}\n"),
+        );
+    }
+}
+
+/// `meshgate --config-dir DIR --check`.
+pub fn check(dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .arg("--config-dir")
+        .arg(dir)
+        .arg("--check")
+        .env_remove("MESHGATE_LOG")
+        .output()
+        .unwrap()
+}
+
+/// A running `meshgate` process; killed on drop.
+pub struct Meshgate {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    _logdir: tempfile::TempDir,
+}
+
+impl Meshgate {
+    /// Starts meshgate on `cfg` and waits for `/readyz`.
+    pub fn start(cfg: &ConfigDir) -> Self {
+        let logdir = tempfile::tempdir().unwrap();
+        let log = logdir.path().join("meshgate.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+            .arg("--config-dir")
+            .arg(cfg.path())
+            .env("MESHGATE_LOG", "info")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut m = Meshgate {
+            child,
+            admin: SocketAddr::from(([127, 0, 0, 1], cfg.admin_port)),
+            log,
+            _logdir: logdir,
+        };
+        let ready = wait_until(Duration::from_secs(10), || {
+            if let Ok(Some(_)) = m.child.try_wait() {
+                return true;
+            }
+            m.http_get("/readyz").is_some_and(|(s, _)| s == 200)
+        });
+        if let Ok(Some(status)) = m.child.try_wait() {
+            panic!("meshgate exited early ({status}):\n{}", m.log_text());
+        }
+        assert!(ready, "meshgate not ready in 10 s:\n{}", m.log_text());
+        m
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Open file descriptors of the process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// A minimal HTTP/1.0 GET against the admin API: (status, body).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let (head, body) = buf.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, body.to_string()))
+    }
+
+    pub fn metrics(&self) -> String {
+        self.http_get("/metrics").expect("metrics").1
+    }
+
+    /// The value of one sample line, e.g.
+    /// `meshgate_connections_active{tenant="t",instance="web"}`; 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.http_get(path).expect("admin API answers");
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+}
+
+impl Drop for Meshgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- meshgate log ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// nginx serving a directory on 127.0.0.1, as a real upstream. Runs without
+/// a master process so it needs no other user and reads the temp dir as is.
+pub struct Nginx {
+    child: Child,
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    pub fn start() -> Option<Self> {
+        if !have("nginx") {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("www");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(
+            root.join("index.html"),
+            "<h1>hello from nginx behind meshgate</h1>\n",
+        )
+        .unwrap();
+        let port = free_port();
+        let d = dir.path().display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/tmp;\n proxy_temp_path {d}/tmp;\n fastcgi_temp_path {d}/tmp;\n uwsgi_temp_path {d}/tmp;\n scgi_temp_path {d}/tmp;\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+            root = root.display()
+        );
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        assert!(
+            wait_until(Duration::from_secs(5), || TcpStream::connect(addr).is_ok()),
+            "nginx did not start: {}",
+            std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+        );
+        Some(Nginx {
+            child,
+            addr,
+            root,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl -s URL` → (HTTP status, body) with a 10 s limit.
+pub fn curl(url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10", "-w", "\n%{http_code}", url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// A TCP echo server on 127.0.0.1 (threads; for tests only).
+pub fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `msg` on `s` and reads back as many bytes.
+pub fn echo_roundtrip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    Ok(back)
+}
