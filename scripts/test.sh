@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Installs everything the tests need, then runs every check and test:
+# formatting, clippy (all targets, all features) and the whole test suite with
+# the real peers (nginx, curl, promtool, iperf3, wireguard-go, wg) required.
+#
+#   scripts/test.sh          # as root, or with sudo available for apt-get
+#
+# This is the command README.md gives and the one .ci/run calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# command -> Debian package
+declare -A PACKAGES=(
+  [nginx]=nginx
+  [curl]=curl
+  [promtool]=prometheus
+  [iperf3]=iperf3
+  [haproxy]=haproxy
+  [wireguard-go]=wireguard-go
+  [wg]=wireguard-tools
+  [ip]=iproute2
+  [python3]=python3
+  [pkill]=procps
+)
+
+missing=()
+for cmd in "${!PACKAGES[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${PACKAGES[$cmd]}")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || { echo "need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
+    SUDO=sudo
+  fi
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if command -v rustup >/dev/null 2>&1; then
+  rustup component add rustfmt clippy >/dev/null 2>&1 || true
+fi
+
+export MESHGATE_REQUIRE_TOOLS=1
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== cargo test"
+cargo test --workspace --all-features
