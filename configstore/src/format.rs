@@ -133,3 +133,30 @@ mod tests {
         assert!(e.contains("expected a map"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any text in any format gives a value or an error naming the source; never a panic.
+        #[test]
+        fn parse_never_panics(text in any::<String>()) {
+            for f in [Format::Yaml, Format::Json, Format::Toml] {
+                match parse(&text, f, "f.yaml") {
+                    Ok(v) => prop_assert!(v.is_object()),
+                    Err(e) => prop_assert!(e.to_string().starts_with("f.yaml: ")),
+                }
+            }
+        }
+
+        /// YAML-looking input (keys, colons, brackets, indentation) too.
+        #[test]
+        fn yaml_like_never_panics(text in "([a-z_]{1,8}: ?[\\[\\]{}a-z0-9:,'\" -]{0,12}\n {0,4}){0,8}") {
+            let _ = parse(&text, Format::Yaml, "f.yaml");
+        }
+    }
+}

@@ -217,3 +217,32 @@ mod tests {
         assert_eq!(l.0.port(), 8080);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+
+        #[test]
+        fn parsers_never_panic(s in any::<String>()) {
+            let _ = s.parse::<HostPort>();
+            let _ = s.parse::<ListenAddr>();
+        }
+
+        #[test]
+        fn host_port_roundtrips(ip in any::<IpAddr>(), port in 1u16..) {
+            let hp = HostPort { host: ip.to_string(), port };
+            prop_assert_eq!(hp.to_string().parse::<HostPort>().unwrap(), hp);
+        }
+
+        #[test]
+        fn listen_addr_roundtrips(addr in any::<SocketAddr>()) {
+            // Scope ids and flow info are not part of the text form.
+            let addr = SocketAddr::new(addr.ip(), addr.port());
+            prop_assert_eq!(addr.to_string().parse::<ListenAddr>().unwrap().0, addr);
+        }
+    }
+}

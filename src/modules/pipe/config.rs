@@ -173,3 +173,49 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "[a-z0-9.:\\[\\]]{0,24}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("listen".to_string()),
+                        Just("remote".to_string()),
+                        Just("protocol".to_string()),
+                        Just("idle_timeout".to_string()),
+                        Just("max_connections".to_string()),
+                        "[a-z]{1,6}",
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Any document tree is a config or an error naming the file; never a panic.
+        #[test]
+        fn documents_never_panic(v in value()) {
+            let doc = Document { source: "tenants/t/p.yaml".into(), value: v };
+            if let Err(e) = PipeConfig::from_document(&doc) {
+                prop_assert!(e.to_string().starts_with("tenants/t/p.yaml: "));
+            }
+        }
+    }
+}
