@@ -69,6 +69,7 @@ if [[ -z ${MESHGATE_BIN:-} ]]; then
     [[ $MESHGATE_BIN == /* ]] || MESHGATE_BIN=$ROOT/$MESHGATE_BIN
 fi
 [[ -x $MESHGATE_BIN ]] || die "meshgate binary not found or not executable: $MESHGATE_BIN"
+MESHGATE_BIN=$(cd "$(dirname "$MESHGATE_BIN")" && pwd)/$(basename "$MESHGATE_BIN")
 say "meshgate binary: $MESHGATE_BIN"
 
 # ---------------------------------------------------- temp dir, cleanup ----
@@ -162,6 +163,11 @@ def active(port):
 def flows(port):
     print(len(json.loads(http_get(port, '/api/v1/flows'))))
 
+def cputime(pid):
+    """utime + stime of a process, in seconds."""
+    f = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
+    print((int(f[11]) + int(f[12])) / os.sysconf('SC_CLK_TCK'))
+
 def vmrss(pid):
     for line in open(f'/proc/{pid}/status'):
         if line.startswith('VmRSS:'):
@@ -239,6 +245,7 @@ elif cmd == 'iperf-bps': iperf_bps(args[0])
 elif cmd == 'active': active(int(args[0]))
 elif cmd == 'flows': flows(int(args[0]))
 elif cmd == 'vmrss': vmrss(int(args[0]))
+elif cmd == 'cputime': cputime(int(args[0]))
 elif cmd == 'echo': asyncio.run(echo_server([int(a) for a in args]))
 elif cmd == 'rate': asyncio.run(rate(int(args[0]), int(args[1]), int(args[2])))
 elif cmd == 'hold-server': asyncio.run(hold_server(int(args[0])))
@@ -453,19 +460,25 @@ spawn meshgate1 "$MESHGATE_BIN" --config-dir "$TMP/mg1"
 MG1_PID=$LAST_PID
 wait_meshgate "$P_ADMIN1" meshgate1 "$MG1_PID" "$P_PIPE_IPERF" "$P_PIPE_ECHO"
 
-run_iperf() { # run_iperf NAME PORT -> prints bits/s
-    local name=$1 port=$2
+# run_iperf NAME PORT [PROXY_PID] -> prints bits/s; with PROXY_PID, also
+# writes the proxy's CPU use (percent of one core) to $TMP/cpu-NAME.
+run_iperf() {
+    local name=$1 port=$2 proxy=${3:-} cpu0="" t0
+    if [[ -n $proxy ]]; then cpu0=$(helper cputime "$proxy"); t0=$(date +%s.%N); fi
     say "iperf3 $name: ${DURATION}s single stream via 127.0.0.1:$port"
     if ! timeout $((DURATION + 30)) iperf3 -c 127.0.0.1 -p "$port" -t "$DURATION" -J \
         >"$TMP/iperf-$name.json" 2>"$TMP/iperf-$name.err"; then
         cat "$TMP/iperf-$name.err" "$TMP/iperf-$name.json" >&2 || true
         die "iperf3 through $name failed"
     fi
+    if [[ -n $proxy ]]; then
+        calc "100 * ($(helper cputime "$proxy") - $cpu0) / ($(date +%s.%N) - $t0)" >"$TMP/cpu-$name"
+    fi
     helper iperf-bps "$TMP/iperf-$name.json"
 }
 
 BPS_DIRECT=$(run_iperf direct "$P_IPERF")
-BPS_MESHGATE=$(run_iperf meshgate "$P_PIPE_IPERF")
+BPS_MESHGATE=$(run_iperf meshgate "$P_PIPE_IPERF" "$MG1_PID")
 kill -0 "$MG1_PID" 2>/dev/null || { cat "$TMP/meshgate1.log" >&2; die "meshgate exited during the throughput run"; }
 
 BPS_HAPROXY=""
@@ -488,7 +501,7 @@ EOF
     spawn haproxy haproxy -db -f "$TMP/haproxy.cfg"
     HAPROXY_PID=$LAST_PID
     wait_listen "$P_HAPROXY" haproxy "$HAPROXY_PID"
-    BPS_HAPROXY=$(run_iperf haproxy "$P_HAPROXY")
+    BPS_HAPROXY=$(run_iperf haproxy "$P_HAPROXY" "$HAPROXY_PID")
     stop "$HAPROXY_PID"
 fi
 stop "$IPERF_PID"
@@ -587,6 +600,8 @@ if [[ -n $BPS_HAPROXY ]]; then
 else
     tput_line+=" | haproxy skipped (not installed: apt-get install -y haproxy)"
 fi
+cpu_line="            proxy CPU during its iperf3 run: meshgate $(fmt "$(cat "$TMP/cpu-meshgate")" .0f)% of one core"
+[[ -z $BPS_HAPROXY ]] || cpu_line+=" | haproxy $(fmt "$(cat "$TMP/cpu-haproxy")" .0f)%"
 rate_line="conn rate   direct $(fmt "$RATE_DIRECT" .0f)/s | meshgate $(fmt "$RATE_MESHGATE" .0f)/s ($(fmt "$RATE_RATIO" .2f)x)"
 if ((R_ERR[direct] + R_ERR[meshgate])); then
     rate_line+=" [failed: direct ${R_ERR[direct]}, meshgate ${R_ERR[meshgate]}]"
@@ -603,6 +618,7 @@ MISSED=()
 echo
 echo "== meshgate pipe benchmark (loopback, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores) =="
 echo "$tput_line"
+echo "$cpu_line"
 echo "$rate_line"
 echo "$rss_line"
 echo "$rss_detail"
