@@ -6,6 +6,8 @@
 //! meshgatectl check DIR              # validate a config directory
 //! meshgatectl status                 # node and module table from the admin API
 //! meshgatectl flows [--tenant T]     # live flows from the admin API
+//! meshgatectl wg show [TENANT]       # WireGuard interfaces, in the layout of `wg show`
+//! meshgatectl import wg-quick FILE   # a wg-quick config as a module document
 //! ```
 
 use std::io::Read;
@@ -54,6 +56,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// WireGuard interfaces.
+    Wg {
+        #[command(subcommand)]
+        cmd: WgCmd,
+    },
+    /// Convert other tools' configs into module documents (printed as YAML).
+    Import {
+        #[command(subcommand)]
+        what: ImportCmd,
+    },
     /// Show live flows.
     Flows {
         /// Only this tenant's flows.
@@ -63,6 +75,119 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum WgCmd {
+    /// Interfaces and peers in the layout of `wg show`.
+    Show {
+        /// Only this tenant's interfaces.
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImportCmd {
+    /// A wg-quick config (`/etc/wireguard/wg0.conf`) → a `kind: wireguard` document.
+    WgQuick {
+        /// The wg-quick file.
+        file: PathBuf,
+    },
+}
+
+/// `wg`'s duration style: "1 minute, 5 seconds".
+fn wg_duration(mut secs: u64) -> String {
+    if secs == 0 {
+        return "Now".into();
+    }
+    let mut parts = Vec::new();
+    for (unit, size) in [
+        ("day", 86_400),
+        ("hour", 3_600),
+        ("minute", 60),
+        ("second", 1),
+    ] {
+        let n = secs / size;
+        secs %= size;
+        if n > 0 {
+            parts.push(format!("{n} {unit}{}", if n == 1 { "" } else { "s" }));
+        }
+    }
+    parts.join(", ")
+}
+
+/// `wg`'s byte style: "948 B", "1.07 KiB".
+fn wg_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.2} {}", UNITS[u])
+}
+
+fn print_wg_show(modules: &Value, tenant: Option<&str>) {
+    let mut first = true;
+    for m in modules.as_array().map(|a| a.as_slice()).unwrap_or_default() {
+        if m["kind"] != "wireguard" || tenant.is_some_and(|t| m["tenant"] != t) {
+            continue;
+        }
+        if !first {
+            println!();
+        }
+        first = false;
+        let d = &m["details"];
+        println!("interface: {}/{}", s(&m["tenant"]), s(&m["instance"]));
+        println!("  public key: {}", s(&d["public_key"]));
+        println!("  private key: (hidden)");
+        println!("  listening port: {}", s(&d["listen_port"]));
+        for p in d["peers"]
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+        {
+            println!();
+            println!("peer: {}", s(&p["public_key"]));
+            println!("  name: {}", s(&p["name"]));
+            if let Some(ep) = p["endpoint"].as_str() {
+                println!("  endpoint: {ep}");
+            }
+            let ips: Vec<String> = p["allowed_ips"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect())
+                .unwrap_or_default();
+            println!(
+                "  allowed ips: {}",
+                if ips.is_empty() {
+                    "(none)".into()
+                } else {
+                    ips.join(", ")
+                }
+            );
+            if let Some(h) = p["latest_handshake_secs"].as_u64() {
+                println!("  latest handshake: {} ago", wg_duration(h));
+            }
+            let (rx, tx) = (
+                p["rx_bytes"].as_u64().unwrap_or(0),
+                p["tx_bytes"].as_u64().unwrap_or(0),
+            );
+            if rx > 0 || tx > 0 {
+                println!(
+                    "  transfer: {} received, {} sent",
+                    wg_bytes(rx),
+                    wg_bytes(tx)
+                );
+            }
+            if let Some(k) = p["persistent_keepalive"].as_u64() {
+                println!("  persistent keepalive: every {}", wg_duration(k));
+            }
+        }
+    }
 }
 
 /// GETs a JSON document from the admin API.
@@ -209,6 +334,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 rows,
             );
         }
+        Cmd::Wg {
+            cmd: WgCmd::Show { tenant },
+        } => {
+            let modules = get_json(&cli.admin, "/api/v1/modules").await?;
+            print_wg_show(&modules, tenant.as_deref());
+        }
+        Cmd::Import {
+            what: ImportCmd::WgQuick { file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let imported = meshgate::modules::wireguard::wgquick::import(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            for w in &imported.warnings {
+                eprintln!("warning: {}: {w}", file.display());
+            }
+            print!("{}", serde_norway::to_string(&imported.document)?);
+        }
         Cmd::Flows { tenant, json } => {
             let path = match &tenant {
                 Some(t) => format!("/api/v1/flows?tenant={t}"),
@@ -255,6 +398,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wg_style_formatting() {
+        assert_eq!(wg_duration(154), "2 minutes, 34 seconds");
+        assert_eq!(wg_duration(3601), "1 hour, 1 second");
+        assert_eq!(wg_bytes(948), "948 B");
+        assert_eq!(wg_bytes(1096), "1.07 KiB");
+        assert_eq!(wg_bytes(5 * 1024 * 1024), "5.00 MiB");
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -12,6 +12,7 @@
 //!   watcher.
 //! - [`env`]: environment overrides (`MESHGATE_NODE__<KEY>`,
 //!   `MESHGATE_TENANT__<TENANT>__<INSTANCE>__<KEY>`) layered over any store.
+//! - [`cloudgateway`]: Cloud-Gateway's `conf.yaml`, read as it is.
 //! - [`format`]: parsing YAML, JSON and TOML text into one value tree.
 //!
 //! An etcd store (feature `etcd`, later) implements the same trait: the
@@ -19,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cloudgateway;
 pub mod dir;
 pub mod env;
 pub mod format;
@@ -30,6 +32,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+pub use cloudgateway::CloudGatewayStore;
 pub use dir::DirStore;
 pub use env::EnvOverlay;
 

@@ -65,6 +65,43 @@ pub struct ReloadLabels {
     pub result: String,
 }
 
+/// `tenant`, `instance`, `peer`: a WireGuard peer's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// WireGuard instance name.
+    pub instance: String,
+    /// Peer name (`-` when a packet matched no peer).
+    pub peer: String,
+}
+
+/// `tenant`, `instance`, `peer`, `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerReasonLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// WireGuard instance name.
+    pub instance: String,
+    /// Peer name (`-` when a packet matched no peer).
+    pub peer: String,
+    /// Why the packet was dropped.
+    pub reason: String,
+}
+
+/// One WireGuard peer's pre-resolved series.
+#[derive(Clone, Debug, Default)]
+pub struct PeerMetrics {
+    /// Completed handshakes.
+    pub handshakes: Counter,
+    /// Unix time of the latest handshake (0: none yet).
+    pub last_handshake: Gauge,
+    /// UDP bytes received from the peer.
+    pub rx_bytes: Counter,
+    /// UDP bytes sent to the peer.
+    pub tx_bytes: Counter,
+}
+
 /// All metric families of the node.
 pub struct Metrics {
     registry: Registry,
@@ -80,6 +117,16 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabels, Counter>,
     /// Config reloads of an instance, by result.
     pub config_reloads: Family<ReloadLabels, Counter>,
+    /// WireGuard handshakes completed, per peer.
+    pub wg_handshakes: Family<PeerLabels, Counter>,
+    /// Unix time of each peer's latest handshake.
+    pub wg_last_handshake: Family<PeerLabels, Gauge>,
+    /// WireGuard UDP bytes received, per peer.
+    pub wg_rx_bytes: Family<PeerLabels, Counter>,
+    /// WireGuard UDP bytes sent, per peer.
+    pub wg_tx_bytes: Family<PeerLabels, Counter>,
+    /// WireGuard packets dropped, per peer and reason.
+    pub wg_dropped: Family<PeerReasonLabels, Counter>,
 }
 
 /// One instance's pre-resolved series: cloning them is cheap and updates are atomic adds.
@@ -112,6 +159,11 @@ impl Metrics {
             dial_errors: Family::default(),
             rejected: Family::default(),
             config_reloads: Family::default(),
+            wg_handshakes: Family::default(),
+            wg_last_handshake: Family::default(),
+            wg_rx_bytes: Family::default(),
+            wg_tx_bytes: Family::default(),
+            wg_dropped: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -145,6 +197,31 @@ impl Metrics {
             "Config reloads of a module instance, by result",
             m.config_reloads.clone(),
         );
+        registry.register(
+            "wg_handshakes",
+            "WireGuard handshakes completed, per peer",
+            m.wg_handshakes.clone(),
+        );
+        registry.register(
+            "wg_last_handshake_timestamp_seconds",
+            "Unix time of the peer's latest WireGuard handshake (0: none yet)",
+            m.wg_last_handshake.clone(),
+        );
+        registry.register(
+            "wg_rx_bytes",
+            "WireGuard UDP bytes received from the peer",
+            m.wg_rx_bytes.clone(),
+        );
+        registry.register(
+            "wg_tx_bytes",
+            "WireGuard UDP bytes sent to the peer",
+            m.wg_tx_bytes.clone(),
+        );
+        registry.register(
+            "wg_dropped_packets",
+            "WireGuard packets dropped, by peer and reason",
+            m.wg_dropped.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -167,6 +244,33 @@ impl Metrics {
                 .bytes
                 .get_or_create_owned(&bytes(Direction::downstream)),
         }
+    }
+
+    /// One WireGuard peer's series.
+    pub fn peer(&self, tenant: &str, instance: &str, peer: &str) -> PeerMetrics {
+        let l = PeerLabels {
+            tenant: tenant.into(),
+            instance: instance.into(),
+            peer: peer.into(),
+        };
+        PeerMetrics {
+            handshakes: self.wg_handshakes.get_or_create_owned(&l),
+            last_handshake: self.wg_last_handshake.get_or_create_owned(&l),
+            rx_bytes: self.wg_rx_bytes.get_or_create_owned(&l),
+            tx_bytes: self.wg_tx_bytes.get_or_create_owned(&l),
+        }
+    }
+
+    /// Counts a dropped WireGuard packet.
+    pub fn wg_drop(&self, tenant: &str, instance: &str, peer: &str, reason: &str) {
+        self.wg_dropped
+            .get_or_create(&PeerReasonLabels {
+                tenant: tenant.into(),
+                instance: instance.into(),
+                peer: peer.into(),
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     fn reason(tenant: &str, instance: &str, reason: &str) -> ReasonLabels {

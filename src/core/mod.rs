@@ -11,6 +11,7 @@
 //! - [`proxy`]: joining two streams (half-close, idle timeout, splice).
 //! - [`keys`]: WireGuard-style X25519 keys (base64).
 //! - [`node`]: opening a config directory and checking it whole.
+//! - [`vnet`]: the capability of modules hosting an IP stack (listen in it).
 //! - [`metrics`]: the node's Prometheus metrics.
 
 pub mod addr;
@@ -27,3 +28,4 @@ pub mod router;
 #[allow(unsafe_code)]
 mod sys;
 pub mod tenant;
+pub mod vnet;

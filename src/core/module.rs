@@ -69,6 +69,10 @@ pub trait Module: Send + Sync + 'static {
     fn dialer(&self) -> Option<Arc<dyn Dialer>> {
         None
     }
+    /// The virtual network this module hosts, if any (listen in it).
+    fn vnet(&self) -> Option<Arc<dyn crate::core::vnet::VirtualNetwork>> {
+        None
+    }
 }
 
 /// Finds other modules by name. Held by modules; never keeps the registry alive.
@@ -135,18 +139,26 @@ impl ModuleContext {
         }
     }
 
-    /// Routes `target` with the tenant's router and dials it through the
-    /// chosen off-ramp. Every on-ramp dials through here.
+    /// Dials `target` through the module `via` names, or else through the
+    /// off-ramp the tenant's router chooses. Every on-ramp dials through here.
     pub async fn dial_tcp(
         &self,
+        via: Option<&str>,
         target: &HostPort,
         timeout: std::time::Duration,
     ) -> Result<Stream, DialError> {
-        let off_ramp = self
-            .tenant
-            .router
-            .route(target)
-            .map_err(|e| DialError::NoRoute(e.to_string()))?;
+        let chosen;
+        let off_ramp = match via {
+            Some(name) => {
+                chosen = OffRamp::Module(name.to_string());
+                &chosen
+            }
+            None => self
+                .tenant
+                .router
+                .route(target)
+                .map_err(|e| DialError::NoRoute(e.to_string()))?,
+        };
         match off_ramp {
             OffRamp::Direct => DirectDialer.dial_tcp(target, timeout).await,
             OffRamp::Module(name) => {

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use configstore::{ConfigStore, DirStore, EnvOverlay};
+use configstore::{CloudGatewayStore, ConfigStore, DirStore, EnvOverlay};
 
 use crate::core::config::NodeConfig;
 use crate::core::flow::{AuditLog, FlowTable};
@@ -14,9 +14,16 @@ use crate::core::metrics::Metrics;
 use crate::core::registry::Registry;
 use crate::modules::builtin_factories;
 
-/// A config directory with `MESHGATE_` environment overrides applied.
+/// A config directory with `MESHGATE_` environment overrides applied. A
+/// directory with Cloud-Gateway's `conf.yaml` (and no `tenants/`) is read
+/// as a Cloud-Gateway node.
 pub fn open_store(dir: &Path) -> Result<Arc<dyn ConfigStore>, String> {
     let dir_store = DirStore::open(dir).map_err(|e| format!("config directory: {e}"))?;
+    if CloudGatewayStore::detect(dir) {
+        let store =
+            EnvOverlay::from_env(CloudGatewayStore::open(dir)).map_err(|e| e.to_string())?;
+        return Ok(Arc::new(store));
+    }
     let store = EnvOverlay::from_env(dir_store).map_err(|e| e.to_string())?;
     Ok(Arc::new(store))
 }

@@ -154,6 +154,13 @@ impl Meshgate {
         self.child.id()
     }
 
+    /// True while the process runs (not exited, not a zombie).
+    pub fn child_alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

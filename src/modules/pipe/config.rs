@@ -29,14 +29,18 @@ pub enum PipeProtocol {
 /// connect_timeout: 5s        # default 5s
 /// idle_timeout: 10m          # default: none for tcp, 60s for udp
 /// max_connections: 1024      # default 1024; more are refused and counted
+/// via: wg0                   # optional: dial through this module's network (a WireGuard instance)
+/// peer: server               # optional, with via: remote defaults to <peer's VPN address>:<listen port>
+/// listen_via: wg0            # optional: accept on a VPN address inside this module's network
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipeConfig {
     /// Local address to accept on.
     pub listen: ListenAddr,
-    /// Where to connect for each accepted connection.
-    pub remote: HostPort,
+    /// Where to connect for each accepted connection (optional with `peer`).
+    #[serde(default)]
+    pub remote: Option<HostPort>,
     /// `tcp` or `udp`.
     #[serde(default)]
     pub protocol: PipeProtocol,
@@ -49,6 +53,15 @@ pub struct PipeConfig {
     /// Concurrent connections (or UDP sessions) allowed.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Dial through this module of the tenant (its dialer) instead of the router.
+    #[serde(default)]
+    pub via: Option<String>,
+    /// With `via`: the peer whose VPN address `remote` defaults to.
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// Accept inside this module's virtual network instead of the host's.
+    #[serde(default)]
+    pub listen_via: Option<String>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -65,6 +78,34 @@ impl PipeConfig {
     /// Parses and validates a `kind: pipe` document.
     pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
         let c: PipeConfig = parse_document(doc, &["kind"])?;
+        if c.remote.is_none() && c.peer.is_none() {
+            return Err(ConfigError::key(
+                &doc.source,
+                "remote",
+                "missing field `remote` (HOST:PORT; or name a `peer` with `via`)",
+            ));
+        }
+        if c.peer.is_some() && c.via.is_none() {
+            return Err(ConfigError::key(
+                &doc.source,
+                "peer",
+                "needs `via`: the WireGuard instance the peer belongs to",
+            ));
+        }
+        if c.listen_via.is_some() && c.protocol == PipeProtocol::Udp {
+            return Err(ConfigError::key(
+                &doc.source,
+                "listen_via",
+                "UDP pipes cannot listen inside a virtual network yet",
+            ));
+        }
+        if c.via.is_some() && c.protocol == PipeProtocol::Udp {
+            return Err(ConfigError::key(
+                &doc.source,
+                "via",
+                "UDP pipes cannot dial through a virtual network yet",
+            ));
+        }
         if c.max_connections == 0 {
             return Err(ConfigError::key(
                 &doc.source,
@@ -87,6 +128,18 @@ impl PipeConfig {
             ));
         }
         Ok(c)
+    }
+
+    /// The instances this pipe needs started first.
+    pub fn depends_on(&self) -> Vec<String> {
+        let mut d: Vec<String> = self
+            .via
+            .iter()
+            .chain(self.listen_via.iter())
+            .cloned()
+            .collect();
+        d.dedup();
+        d
     }
 
     /// The idle timeout in force, with the protocol's default.
@@ -146,6 +199,11 @@ mod tests {
                 "1-65535",
             ),
             (json!({"listen": "127.0.0.1:1"}), "remote", "missing field"),
+            (
+                json!({"listen": "127.0.0.1:1", "peer": "server"}),
+                "peer",
+                "needs `via`",
+            ),
             (
                 json!({"listen": "127.0.0.1:1", "remote": "a:1", "max_connections": 0}),
                 "max_connections",

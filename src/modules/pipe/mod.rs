@@ -18,16 +18,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use configstore::Document;
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
+use crate::core::dial::DialError;
 use crate::core::flow::{FlowContext, Protocol};
 use crate::core::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::proxy::{self, ProxyOptions, Stream};
+use crate::core::vnet::StreamListener;
 
 pub use config::{PipeConfig, PipeProtocol};
 
@@ -40,8 +43,10 @@ impl ModuleFactory for PipeFactory {
     }
 
     fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
-        PipeConfig::from_document(doc)?;
-        Ok(ModulePlan::default())
+        let cfg = PipeConfig::from_document(doc)?;
+        Ok(ModulePlan {
+            depends_on: cfg.depends_on(),
+        })
     }
 
     fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
@@ -89,6 +94,7 @@ struct RunningListener {
 /// A bound but not yet serving socket.
 enum Bound {
     Tcp(TcpListener),
+    Vnet(Box<dyn StreamListener>),
     Udp(UdpSocket),
 }
 
@@ -115,29 +121,61 @@ impl Shared {
         Some(ActiveSlot(self.clone()))
     }
 
-    fn flow_context(&self, src: SocketAddr, cfg: &PipeConfig, protocol: Protocol) -> FlowContext {
+    fn flow_context(&self, src: SocketAddr, dst: String, protocol: Protocol) -> FlowContext {
         FlowContext {
             tenant: self.tenant().to_string(),
             instance: self.ctx.instance.clone(),
             identity: None,
             src,
-            dst: cfg.remote.to_string(),
+            dst,
             protocol,
         }
     }
 
-    async fn serve_tcp(self: Arc<Self>, client: TcpStream, src: SocketAddr) {
+    /// Where connections go: `remote`, or the named peer's VPN address with
+    /// the remote's (else the listen) port.
+    fn target(&self, cfg: &PipeConfig) -> Result<HostPort, DialError> {
+        let Some(peer) = &cfg.peer else {
+            return Ok(cfg.remote.clone().expect("validated: remote or peer"));
+        };
+        let via = cfg.via.as_deref().expect("validated: peer needs via");
+        let ip = self
+            .ctx
+            .find(via)
+            .and_then(|m| m.vnet())
+            .and_then(|v| v.peer_address(peer))
+            .ok_or_else(|| DialError::NoRoute(format!("`{via}` has no peer named `{peer}`")))?;
+        let port = cfg.remote.as_ref().map_or(cfg.listen.0.port(), |r| r.port);
+        Ok(HostPort {
+            host: ip.to_string(),
+            port,
+        })
+    }
+
+    async fn serve_tcp(self: Arc<Self>, client: Stream, src: SocketAddr) {
         let cfg = self.config();
         let Some(_slot) = self.try_admit(cfg.max_connections) else {
             return;
         };
-        let _ = client.set_nodelay(true);
+        let target = self.target(&cfg);
+        let dst = match &target {
+            Ok(t) => t.to_string(),
+            Err(_) => format!("peer {}", cfg.peer.as_deref().unwrap_or("-")),
+        };
         let mut flow = self.ctx.flows.open(
-            self.flow_context(src, &cfg, Protocol::Tcp),
+            self.flow_context(src, dst, Protocol::Tcp),
             &self.ctx.instance_metrics,
         );
         let work = async {
-            let upstream = match self.ctx.dial_tcp(&cfg.remote, cfg.connect_timeout).await {
+            let dialed = match target {
+                Ok(t) => {
+                    self.ctx
+                        .dial_tcp(cfg.via.as_deref(), &t, cfg.connect_timeout)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            let upstream = match dialed {
                 Ok(s) => s,
                 Err(e) => {
                     self.ctx
@@ -151,7 +189,7 @@ impl Shared {
                 idle_timeout: cfg.effective_idle_timeout(),
                 ..ProxyOptions::default()
             };
-            let out = proxy::join(Stream::Tcp(client), upstream, flow.flow().as_ref(), &opts).await;
+            let out = proxy::join(client, upstream, flow.flow().as_ref(), &opts).await;
             out.end.as_str().to_string()
         };
         let reason = tokio::select! {
@@ -183,6 +221,27 @@ impl Pipe {
 
     async fn bind(&self, cfg: &PipeConfig) -> Result<Bound, ModuleError> {
         let addr = cfg.listen.0;
+        if let Some(via) = &cfg.listen_via {
+            let vnet = self
+                .shared
+                .ctx
+                .find(via)
+                .and_then(|m| m.vnet())
+                .ok_or_else(|| {
+                    ModuleError::Config(ConfigError::key(
+                        &self.shared.source.read().expect("poisoned"),
+                        "listen_via",
+                        format!(
+                            "`{via}` is not a running module with a virtual network in this tenant"
+                        ),
+                    ))
+                })?;
+            return vnet
+                .listen_tcp(addr)
+                .await
+                .map(Bound::Vnet)
+                .map_err(|e| self.listen_error(cfg, e));
+        }
         match cfg.protocol {
             PipeProtocol::Tcp => {
                 let sock = if addr.is_ipv4() {
@@ -210,6 +269,14 @@ impl Pipe {
         let (addr, task) = match bound {
             Bound::Tcp(l) => {
                 let addr = l.local_addr().expect("bound socket has an address");
+                let c = cancel.clone();
+                (
+                    addr,
+                    tokio::spawn(accept_loop(shared, Box::new(HostListener(l)), c)),
+                )
+            }
+            Bound::Vnet(l) => {
+                let addr = l.local_addr();
                 let c = cancel.clone();
                 (addr, tokio::spawn(accept_loop(shared, l, c)))
             }
@@ -239,7 +306,26 @@ async fn close_listener(l: RunningListener) {
     let _ = l.task.await;
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken) {
+/// The host network's TCP listener as a [`StreamListener`].
+struct HostListener(TcpListener);
+
+#[async_trait]
+impl StreamListener for HostListener {
+    async fn accept(&mut self) -> std::io::Result<(Stream, SocketAddr)> {
+        let (s, src) = self.0.accept().await?;
+        let _ = s.set_nodelay(true);
+        Ok((Stream::Tcp(s), src))
+    }
+    fn local_addr(&self) -> SocketAddr {
+        self.0.local_addr().expect("bound socket has an address")
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    mut listener: Box<dyn StreamListener>,
+    cancel: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -310,7 +396,13 @@ impl Module for Pipe {
         let cfg = self.shared.config();
         serde_json::json!({
             "listen": cfg.listen.to_string(),
-            "remote": cfg.remote.to_string(),
+            "remote": match (&cfg.remote, &cfg.peer) {
+                (Some(r), _) => r.to_string(),
+                (None, Some(p)) => format!("peer {p}"),
+                (None, None) => String::new(),
+            },
+            "via": cfg.via,
+            "listen_via": cfg.listen_via,
             "protocol": cfg.protocol,
             "active": self.shared.active.load(Ordering::Relaxed),
             "max_connections": cfg.max_connections,

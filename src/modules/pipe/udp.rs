@@ -71,6 +71,8 @@ async fn open_session(
     src: SocketAddr,
 ) -> Option<mpsc::Sender<Vec<u8>>> {
     let cfg = shared.config();
+    // UDP pipes always have a remote: `peer` needs `via`, which UDP refuses.
+    let remote_hp = cfg.remote.clone()?;
     let slot = shared.try_admit(cfg.max_connections)?;
     let tenant = shared.tenant().to_string();
     let instance = shared.ctx.instance.clone();
@@ -78,7 +80,7 @@ async fn open_session(
         shared.ctx.metrics.dial_error(&tenant, &instance, reason);
         tracing::warn!(%tenant, %instance, %src, error = %msg, "udp session not opened");
     };
-    match shared.ctx.tenant.router.route(&cfg.remote) {
+    match shared.ctx.tenant.router.route(&remote_hp) {
         Ok(OffRamp::Direct) => {}
         Ok(other) => {
             fail(
@@ -92,7 +94,7 @@ async fn open_session(
             return None;
         }
     }
-    let remote = match tokio::net::lookup_host((cfg.remote.host.as_str(), cfg.remote.port)).await {
+    let remote = match tokio::net::lookup_host((remote_hp.host.as_str(), remote_hp.port)).await {
         Ok(mut addrs) => addrs.next()?,
         Err(e) => {
             fail("resolve", e.to_string());
@@ -143,7 +145,14 @@ async fn run_session(
 ) {
     let cfg = shared.config();
     let mut flow = shared.ctx.flows.open(
-        shared.flow_context(src, &cfg, Protocol::Udp),
+        shared.flow_context(
+            src,
+            cfg.remote
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            Protocol::Udp,
+        ),
         &shared.ctx.instance_metrics,
     );
     let idle = cfg

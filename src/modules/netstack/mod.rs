@@ -1,0 +1,288 @@
+//! A userspace TCP/IP stack for one virtual network: the `userspace` engine.
+//!
+//! A [`NetStack`] owns one smoltcp [`Interface`](smoltcp::iface::Interface)
+//! (medium IP, no link layer), the node's VPN addresses with a default route
+//! per family, and one socket set. Packets come in through
+//! [`NetStack::inject`] (the WireGuard module hands over what it decrypted)
+//! and every packet the stack emits goes to a [`PacketSink`] (which encrypts
+//! it for the right peer). On top of it, pipes listen with
+//! [`NetStack::listen_tcp`] and dial with [`NetStack::connect_tcp`]; the
+//! streams are tokio `AsyncRead`/`AsyncWrite`, so the core proxy joins them
+//! like any other [`Stream::Io`](crate::core::proxy::Stream::Io). No root and
+//! no TUN device are needed. ICMP echo to the node's addresses is answered.
+//!
+//! # Threading
+//!
+//! One tokio task per stack owns the interface. The socket set and the
+//! interface sit behind one `std::sync::Mutex` that streams lock for a
+//! moment to copy bytes straight between their caller's buffer and the
+//! socket's buffer; it is never held across an `.await`, and the task takes
+//! it in short slices (a few dozen packets each). Inbound packets wait in a
+//! separate bounded queue so [`NetStack::inject`] never waits on the stack.
+//! The task sleeps until a packet arrives, a stream has read or written, or
+//! a TCP timer is due; then it drains the whole inbound queue, runs smoltcp
+//! until it has nothing more to send, and hands the packets to the sink
+//! after releasing the lock. Streams are woken by smoltcp exactly when data
+//! or buffer space is there. Packet buffers are recycled: the steady state
+//! allocates nothing per packet.
+//!
+//! # TCP
+//!
+//! Every connection gets `tcp_buffer` bytes of receive and of send buffer
+//! (window scaling follows from the size), Cubic congestion control, no
+//! Nagle, no keep-alive unless configured. smoltcp has no accept queue, so
+//! the stack looks at each inbound SYN before smoltcp does and creates a
+//! listening socket for it on the spot: every SYN to a listened address
+//! finds a socket, up to [`NetStackConfig::listen_backlog`] half-open
+//! connections per listener (further SYNs are dropped and counted; the peer
+//! retries). SYNs to a port nobody listens on are answered with a reset.
+//! Dropped streams close gracefully (FIN, or RST if unread data was left)
+//! and their sockets are removed once closed; the socket set empties again
+//! when connections end ([`NetStack::socket_count`]).
+//!
+//! # Limits
+//!
+//! - smoltcp walks its socket set for every packet it receives and on every
+//!   transmit pass: fine for thousands of connections per virtual network,
+//!   not for hundreds of thousands.
+//! - At most [`MAX_ADDRESSES`] addresses per stack (smoltcp's compile-time
+//!   limit; one IPv4 and one IPv6 address is the usual case).
+//! - No IP fragment reassembly: packets larger than the MTU are dropped
+//!   (WireGuard peers use the tunnel MTU, so TCP never sends them).
+//! - An out-of-order segment burst with more than four holes is partly
+//!   dropped and retransmitted (smoltcp's assembler); the tunnel rarely
+//!   reorders.
+//! - TCP only: pipes cannot use UDP sockets on the stack yet; UDP packets to
+//!   the node are answered with ICMP port unreachable.
+//!
+//! # Layout
+//!
+//! - `packet`: header checks and the SYN peek on raw packets (sans-IO).
+//! - `device`: the smoltcp phy device, queues of recycled packet buffers.
+//! - `stack`: the shared state, the per-round logic and the task.
+//! - `tcp`: [`NetTcpListener`] and [`NetTcpStream`].
+
+mod device;
+mod packet;
+mod stack;
+mod tcp;
+#[cfg(test)]
+mod tests;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use stack::Shared;
+pub use tcp::{NetTcpListener, NetTcpStream};
+
+/// The most addresses one stack can hold (smoltcp's `iface-max-addr-count`).
+pub const MAX_ADDRESSES: usize = 2;
+
+/// Receives every IP packet the stack emits.
+///
+/// Called from the stack's task, one packet at a time, never while the
+/// stack's lock is held. It must not block: encrypt and `try_send`, or queue.
+pub trait PacketSink: Send + Sync + 'static {
+    /// Takes one IP packet (IPv4 or IPv6, no link header). The slice is only
+    /// valid for the call.
+    fn send(&self, packet: &[u8]);
+}
+
+/// How a [`NetStack`] is built. [`NetStackConfig::new`] gives the defaults.
+#[derive(Clone, Debug)]
+pub struct NetStackConfig {
+    /// The node's addresses with their prefix, e.g. `10.192.0.1/24` (IPv4
+    /// and/or IPv6). The prefix picks the source address for a dial: the one
+    /// whose network contains the destination, else the first of the family.
+    /// Non-unicast addresses and those beyond [`MAX_ADDRESSES`] are ignored
+    /// (with a warning); [`NetStack::addresses`] says which are in use.
+    pub addresses: Vec<IpNet>,
+    /// IP MTU of the virtual link. Default 1420 (WireGuard's); clamped to
+    /// 576..=65535.
+    pub mtu: usize,
+    /// Receive buffer and send buffer of each TCP connection, in bytes; the
+    /// advertised window scales with it. Default 1 MiB; clamped to
+    /// 4 KiB..=256 MiB.
+    pub tcp_buffer: usize,
+    /// Packets queued into the stack before [`NetStack::inject`] drops.
+    /// Default 4096.
+    pub inbound_queue: usize,
+    /// Per listener: the most half-open connections, and the most
+    /// established connections waiting for [`NetTcpListener::accept`].
+    /// Default 1024.
+    pub listen_backlog: usize,
+    /// TCP keep-alive interval. Default `None` (off).
+    pub keep_alive: Option<Duration>,
+    /// A connection is aborted when its peer has been silent this long while
+    /// we wait for it: during the handshake, while sent data is
+    /// unacknowledged, after the stream was dropped (closing), and, with
+    /// keep-alive on, at any time. Idle connections without keep-alive stay
+    /// open. Default 60 s.
+    pub tcp_timeout: Duration,
+}
+
+impl NetStackConfig {
+    /// The defaults for these addresses.
+    pub fn new(addresses: Vec<IpNet>) -> Self {
+        NetStackConfig {
+            addresses,
+            mtu: 1420,
+            tcp_buffer: 1 << 20,
+            inbound_queue: 4096,
+            listen_backlog: 1024,
+            keep_alive: None,
+            tcp_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a stack operation failed. Messages name the address involved.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The peer answered the SYN with a reset: nothing listens there.
+    #[error("connection refused by {0}")]
+    Refused(SocketAddr),
+    /// No answer to the SYN within the connect timeout.
+    #[error("no answer from {0} within the connect timeout")]
+    Timeout(SocketAddr),
+    /// Another listener or connection already uses this address and port.
+    #[error("{0} is already in use on this virtual network")]
+    AddrInUse(SocketAddr),
+    /// The stack has no address of the destination's family to send from.
+    #[error("cannot reach {0}: this virtual network has no address of that IP family")]
+    NoSourceAddress(SocketAddr),
+    /// Listening on an address that is not one of the stack's.
+    #[error("{0} is not an address of this virtual network")]
+    NotLocal(SocketAddr),
+    /// A destination that cannot be dialed (unspecified, multicast, port 0).
+    #[error("{0} is not a valid destination")]
+    InvalidAddress(SocketAddr),
+    /// Every ephemeral port of this source address is taken.
+    #[error("no free local port on {0} (all of 49152-65535 in use)")]
+    NoFreePort(IpAddr),
+    /// The stack was shut down.
+    #[error("the virtual network's IP stack is shut down")]
+    Closed,
+}
+
+/// Counters of one stack, read with [`NetStack::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStackStats {
+    /// Packets accepted by [`NetStack::inject`].
+    pub packets_in: u64,
+    /// Packets handed to the [`PacketSink`].
+    pub packets_out: u64,
+    /// Packets [`NetStack::inject`] dropped because the queue was full.
+    pub dropped_queue_full: u64,
+    /// Packets [`NetStack::inject`] dropped as not IP, truncated, or from a
+    /// source address no peer can have (unspecified, multicast, broadcast).
+    pub dropped_malformed: u64,
+    /// SYNs to a port nobody listens on (answered with a reset).
+    pub dropped_no_listener: u64,
+    /// SYNs dropped because the listener had `listen_backlog` half-open
+    /// connections, plus connections reset because its accept queue was full.
+    pub dropped_backlog: u64,
+    /// TCP connections open now (handshaking, established or closing).
+    pub tcp_connections: u64,
+}
+
+/// A cheap handle to one running stack; clones share it.
+///
+/// The stack's task stops on [`NetStack::shutdown`] or when the last handle
+/// is dropped; listeners and streams alone do not keep it running.
+#[derive(Clone)]
+pub struct NetStack {
+    owner: Arc<Owner>,
+}
+
+/// Stops the task when the last [`NetStack`] clone goes.
+struct Owner {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.shared.stop.cancel();
+    }
+}
+
+impl NetStack {
+    /// Builds the stack and starts its task on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn spawn(cfg: NetStackConfig, sink: Arc<dyn PacketSink>) -> NetStack {
+        let shared = Shared::new(cfg);
+        tokio::spawn(stack::run(shared.clone(), sink));
+        NetStack {
+            owner: Arc::new(Owner { shared }),
+        }
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.owner.shared
+    }
+
+    /// Queues one IP packet into the stack. Never blocks. Returns `false`
+    /// (and counts it) if the queue is full, the packet is not a well-formed
+    /// IP packet, or the stack is shut down.
+    pub fn inject(&self, packet: &[u8]) -> bool {
+        self.shared().inject(packet)
+    }
+
+    /// Listens for TCP connections on `addr`: one of the stack's addresses,
+    /// or the unspecified address of a family for all of that family's
+    /// addresses. Port 0 picks a free port ([`NetTcpListener::local_addr`]).
+    /// Dropping the listener stops listening.
+    pub async fn listen_tcp(&self, addr: SocketAddr) -> Result<NetTcpListener, NetError> {
+        tcp::listen(self.shared(), addr)
+    }
+
+    /// Opens a TCP connection to `dst` from the stack's address of the same
+    /// family (preferring one whose prefix contains `dst`) and an ephemeral
+    /// port. Fails with [`NetError::Refused`] on a reset,
+    /// [`NetError::Timeout`] after `timeout`, [`NetError::NoSourceAddress`]
+    /// without an address of that family.
+    pub async fn connect_tcp(
+        &self,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<NetTcpStream, NetError> {
+        tcp::connect(self.shared(), dst, timeout).await
+    }
+
+    /// The addresses in use (see [`NetStackConfig::addresses`]).
+    pub fn addresses(&self) -> &[IpNet] {
+        &self.shared().addresses
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> NetStackStats {
+        self.shared().stats()
+    }
+
+    /// Sockets in the stack's socket set: connections (any state) plus
+    /// momentary listening sockets. Zero when no connection is open.
+    pub fn socket_count(&self) -> usize {
+        self.shared().socket_count()
+    }
+
+    /// Stops the task. Open streams then fail with `ConnectionAborted`,
+    /// pending accepts and connects with [`NetError::Closed`], and peers get
+    /// a reset. Idempotent.
+    pub fn shutdown(&self) {
+        self.shared().stop.cancel();
+    }
+}
+
+impl std::fmt::Debug for NetStack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetStack")
+            .field("addresses", &self.addresses())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,381 @@
+//! The WireGuard module's config document.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use configstore::Document;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::core::addr::HostPort;
+use crate::core::config::{parse_document, ConfigError};
+use crate::core::keys::{PrivateKey, PublicKey};
+
+/// `kind: wireguard`
+///
+/// ```yaml
+/// kind: wireguard
+/// private_key: <base64>          # or private_key_file: /etc/meshgate/wg0.key
+/// listen_port: 8765              # omitted: an ephemeral port (clients)
+/// address: 10.192.0.1/24         # this node's address(es) in the tenant's network
+/// peers:
+///   - name: client-a
+///     public_key: <base64>
+///     endpoint: host:port        # optional; names are resolved and re-resolved
+///     allowed_ips: [10.192.0.2/32]
+///     persistent_keepalive: 25   # optional, seconds
+///     preshared_key: <base64>    # optional (or preshared_key_file)
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    private_key: Option<String>,
+    private_key_file: Option<PathBuf>,
+    listen_port: Option<u16>,
+    #[serde(default)]
+    address: serde_json::Value,
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+    #[serde(default)]
+    mtu: Option<usize>,
+}
+
+/// `address`: one address or a list; `10.0.0.1/24`, or a bare IP meaning a
+/// single host (`/32`, `/128`).
+fn parse_addresses(source: &str, v: &serde_json::Value) -> Result<Vec<IpNet>, ConfigError> {
+    let err = |m: String| ConfigError::key(source, "address", m);
+    if v.is_null() {
+        return Err(err(
+            "missing: this node's address(es) in the virtual network, e.g. 10.192.0.1/24".into(),
+        ));
+    }
+    let items: Vec<&serde_json::Value> = match v {
+        serde_json::Value::Array(a) => a.iter().collect(),
+        other => vec![other],
+    };
+    if items.is_empty() {
+        return Err(err(
+            "at least one address is needed, e.g. 10.192.0.1/24".into()
+        ));
+    }
+    items
+        .into_iter()
+        .map(|i| {
+            let s = i.as_str().ok_or_else(|| {
+                err(format!(
+                    "expected an address such as 10.192.0.1/24, found {i}"
+                ))
+            })?;
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    err(format!(
+                        "`{s}` is not an address such as 10.192.0.1/24 or fd00::1/64"
+                    ))
+                })
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    public_key: String,
+    endpoint: Option<HostPort>,
+    #[serde(default)]
+    allowed_ips: Vec<IpNet>,
+    persistent_keepalive: Option<u16>,
+    preshared_key: Option<String>,
+    preshared_key_file: Option<PathBuf>,
+}
+
+/// A checked WireGuard config.
+#[derive(Clone)]
+pub struct WireGuardConfig {
+    /// This node's private key (never logged).
+    pub private_key: PrivateKey,
+    /// UDP port to listen on; `None` for an ephemeral port.
+    pub listen_port: Option<u16>,
+    /// This node's addresses in the virtual network, with prefix length.
+    pub addresses: Vec<IpNet>,
+    /// The peers, in document order.
+    pub peers: Vec<PeerConfig>,
+    /// Inner MTU (default 1420).
+    pub mtu: usize,
+}
+
+/// One peer.
+#[derive(Clone)]
+pub struct PeerConfig {
+    /// Operator's name for the peer (metrics label, logs).
+    pub name: String,
+    /// Its public key.
+    pub public_key: PublicKey,
+    /// Where to send to until the peer is heard from.
+    pub endpoint: Option<HostPort>,
+    /// Inner source addresses it may use, and destinations routed to it.
+    pub allowed_ips: Vec<IpNet>,
+    /// Keepalive interval.
+    pub persistent_keepalive: Option<Duration>,
+    /// Optional preshared key.
+    pub preshared_key: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for WireGuardConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WireGuardConfig")
+            .field("public_key", &self.private_key.public_key())
+            .field("listen_port", &self.listen_port)
+            .field("addresses", &self.addresses)
+            .field(
+                "peers",
+                &self.peers.iter().map(|p| &p.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// Reads a key given inline or in a file (exactly one of the two).
+fn key_text(
+    source: &str,
+    key: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    required: bool,
+) -> Result<Option<String>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(ConfigError::key(
+            source,
+            key,
+            format!("give either `{key}` or `{key}_file`, not both"),
+        )),
+        (Some(k), None) => Ok(Some(k)),
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map(|s| Some(s.trim().to_string()))
+            .map_err(|e| {
+                ConfigError::key(
+                    source,
+                    format!("{key}_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            }),
+        (None, None) if required => Err(ConfigError::key(
+            source,
+            key,
+            format!("missing: give `{key}` (base64, as `wg genkey` prints) or `{key}_file`"),
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+impl WireGuardConfig {
+    /// Parses and validates a `kind: wireguard` document.
+    pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
+        let raw: RawConfig = parse_document(doc, &["kind"])?;
+        let src = doc.source.as_str();
+        let pk = key_text(
+            src,
+            "private_key",
+            raw.private_key,
+            raw.private_key_file,
+            true,
+        )?
+        .expect("required");
+        let private_key = PrivateKey::from_base64(&pk)
+            .map_err(|e| ConfigError::key(src, "private_key", e.to_string()))?;
+        let addresses = parse_addresses(src, &raw.address)?;
+        let mtu = raw.mtu.unwrap_or(1420);
+        if !(576..=9000).contains(&mtu) {
+            return Err(ConfigError::key(src, "mtu", "expected 576-9000"));
+        }
+        let own_public = private_key.public_key();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut keys: HashMap<PublicKey, usize> = HashMap::new();
+        let mut nets: HashMap<IpNet, usize> = HashMap::new();
+        let mut peers = Vec::new();
+        for (i, p) in raw.peers.into_iter().enumerate() {
+            let at = |k: &str| format!("peers[{i}].{k}");
+            configstore::check_name(&p.name).map_err(|m| ConfigError::key(src, at("name"), m))?;
+            if let Some(prev) = names.insert(p.name.clone(), i) {
+                return Err(ConfigError::key(
+                    src,
+                    at("name"),
+                    format!("`{}` is also the name of peers[{prev}]", p.name),
+                ));
+            }
+            let public_key = PublicKey::from_base64(&p.public_key)
+                .map_err(|e| ConfigError::key(src, at("public_key"), e.to_string()))?;
+            if public_key == own_public {
+                return Err(ConfigError::key(
+                    src,
+                    at("public_key"),
+                    "is this node's own public key",
+                ));
+            }
+            if let Some(prev) = keys.insert(public_key, i) {
+                return Err(ConfigError::key(
+                    src,
+                    at("public_key"),
+                    format!("same key as peers[{prev}]"),
+                ));
+            }
+            for net in &p.allowed_ips {
+                if let Some(prev) = nets.insert(net.trunc(), i) {
+                    return Err(ConfigError::key(
+                        src,
+                        at("allowed_ips"),
+                        format!("{net} is also allowed for peers[{prev}]: each network routes to one peer"),
+                    ));
+                }
+            }
+            let psk = key_text(
+                src,
+                &at("preshared_key"),
+                p.preshared_key,
+                p.preshared_key_file,
+                false,
+            )?
+            .map(|t| {
+                PrivateKey::from_base64(&t)
+                    .map(|k| *k.as_bytes())
+                    .map_err(|e| ConfigError::key(src, at("preshared_key"), e.to_string()))
+            })
+            .transpose()?;
+            peers.push(PeerConfig {
+                name: p.name,
+                public_key,
+                endpoint: p.endpoint,
+                allowed_ips: p.allowed_ips.iter().map(|n| n.trunc()).collect(),
+                persistent_keepalive: p
+                    .persistent_keepalive
+                    .filter(|s| *s > 0)
+                    .map(|s| Duration::from_secs(s.into())),
+                preshared_key: psk,
+            });
+        }
+        Ok(WireGuardConfig {
+            private_key,
+            listen_port: raw.listen_port,
+            addresses,
+            peers,
+            mtu,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const K1: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    const P2: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+    const P3: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
+
+    fn doc(v: serde_json::Value) -> Document {
+        Document {
+            source: "tenants/t/wg0.yaml".into(),
+            value: v,
+        }
+    }
+
+    #[test]
+    fn parses_a_server() {
+        let c = WireGuardConfig::from_document(&doc(json!({
+            "kind": "wireguard", "private_key": K1, "listen_port": 8765, "address": "10.192.0.1/24",
+            "peers": [{"name": "a", "public_key": P2, "allowed_ips": ["10.192.0.2/32"], "persistent_keepalive": 25},
+                      {"name": "b", "public_key": P3, "endpoint": "example.com:51820", "allowed_ips": ["10.192.0.3/32", "10.5.0.0/16"]}]
+        })))
+        .unwrap();
+        assert_eq!(c.listen_port, Some(8765));
+        assert_eq!(c.addresses, vec!["10.192.0.1/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(
+            c.peers[0].persistent_keepalive,
+            Some(Duration::from_secs(25))
+        );
+        assert_eq!(c.peers[1].endpoint.as_ref().unwrap().port, 51820);
+        assert!(!format!("{c:?}").contains(K1), "private key in Debug");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (json!({"address": "10.0.0.1/24"}), "private_key", "missing"),
+            (
+                json!({"private_key": "nope", "address": "10.0.0.1/24"}),
+                "private_key",
+                "invalid key",
+            ),
+            (
+                json!({"private_key": K1, "address": "10.0.0.300/24"}),
+                "address",
+                "not an address",
+            ),
+            (
+                json!({"private_key": K1, "address": []}),
+                "address",
+                "at least one",
+            ),
+            (
+                json!({"private_key": K1, "address": "10.0.0.1/24", "peers": [{"name": "a", "public_key": "x", "allowed_ips": []}]}),
+                "peers[0].public_key",
+                "invalid key",
+            ),
+            (
+                json!({"private_key": K1, "address": "10.0.0.1/24", "peers": [
+                {"name": "a", "public_key": P2, "allowed_ips": ["10.0.0.2/32"]},
+                {"name": "b", "public_key": P3, "allowed_ips": ["10.0.0.2/32"]}]}),
+                "peers[1].allowed_ips",
+                "also allowed",
+            ),
+            (
+                json!({"private_key": K1, "address": "10.0.0.1/24", "peers": [
+                {"name": "a", "public_key": P2}, {"name": "a", "public_key": P3}]}),
+                "peers[1].name",
+                "also the name",
+            ),
+            (
+                json!({"private_key": K1, "address": "10.0.0.1/24", "peers": [{"name": "a", "public_key": P2, "endpoint": "host"}]}),
+                "peers[0].endpoint",
+                "missing port",
+            ),
+            (
+                json!({"private_key": K1, "address": "10.0.0.1/24", "peers": [{"name": "a", "public_key": P2, "alowed_ips": []}]}),
+                "peers[0].alowed_ips",
+                "unknown field",
+            ),
+            (
+                json!({"private_key": K1, "private_key_file": "/x", "address": "10.0.0.1/24"}),
+                "private_key",
+                "not both",
+            ),
+            (
+                json!({"private_key_file": "/nonexistent/key", "address": "10.0.0.1/24"}),
+                "private_key_file",
+                "cannot read",
+            ),
+        ];
+        for (v, key, msg) in cases {
+            let e = WireGuardConfig::from_document(&doc(v)).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert!(e.message.contains(msg), "{e}");
+        }
+    }
+
+    #[test]
+    fn key_from_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        std::fs::write(&p, format!("{K1}\n")).unwrap();
+        let c = WireGuardConfig::from_document(&doc(
+            json!({"private_key_file": p, "address": ["10.0.0.1/24", "fd00::1/64"]}),
+        ))
+        .unwrap();
+        assert_eq!(c.private_key.to_base64(), K1);
+        assert_eq!(c.addresses.len(), 2);
+        assert_eq!(c.listen_port, None);
+    }
+}

@@ -1,0 +1,642 @@
+//! The WireGuard data plane of one instance: a UDP socket, one
+//! `boringtun::noise::Tunn` per peer, cryptokey routing and the rules
+//! boringtun leaves to us.
+//!
+//! - Incoming datagrams are matched to a peer without trying every key:
+//!   handshake initiations by the anonymous handshake parse (the sender's
+//!   static key), everything else by the receiver index (`index >> 8` is the
+//!   peer's slot). A shared rate limiter answers with cookies under load.
+//! - After decryption the inner source address must lie in the sending
+//!   peer's allowed IPs; otherwise the packet is dropped and counted.
+//! - Packets to the node's own addresses go to the userspace IP stack;
+//!   packets to another peer's allowed IPs are forwarded (hub routing) when
+//!   the node has a subnet address (e.g. a `/24`); the rest are dropped.
+//! - Outgoing packets (from the stack, or forwarded) go to the peer whose
+//!   allowed IPs contain the destination (longest prefix).
+//! - Timers run every 250 ms; endpoints roam to the source of every
+//!   authenticated packet; configured endpoint names are re-resolved while a
+//!   peer is silent.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{PeerConfig, WireGuardConfig};
+use crate::core::addr::HostPort;
+use crate::core::metrics::{Metrics, PeerMetrics};
+use crate::modules::netstack::{NetStack, PacketSink};
+
+/// Handshake initiations per second before cookies are required.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// How often boringtun's timers run.
+const TIMER_TICK: Duration = Duration::from_millis(250);
+/// How often a silent peer's endpoint name is resolved again.
+const RERESOLVE_EVERY: Duration = Duration::from_secs(30);
+/// Largest UDP datagram we read, and the scratch buffer size.
+const MAX_DATAGRAM: usize = 65_535;
+/// Room boringtun needs beyond the payload.
+const BUF_LEN: usize = MAX_DATAGRAM + 256;
+
+thread_local! {
+    /// Scratch buffer for encapsulation on whatever thread sends.
+    static ENCAP_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; BUF_LEN]);
+}
+
+/// One peer of the instance.
+pub struct Peer {
+    /// Slot in the peer table; also the upper 24 bits of its session indices.
+    pub index: u32,
+    /// Its config (name, key, allowed IPs, ...).
+    pub cfg: PeerConfig,
+    tunn: Arc<Mutex<Tunn>>,
+    endpoint: Arc<Mutex<Option<SocketAddr>>>,
+    last_handshake_seen: Mutex<Option<Duration>>,
+    last_resolve: Mutex<Option<Instant>>,
+    metrics: PeerMetrics,
+}
+
+impl Peer {
+    fn allows(&self, ip: IpAddr) -> bool {
+        self.cfg.allowed_ips.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// What the admin API and `meshgatectl wg show` show of a peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// Peer name.
+    pub name: String,
+    /// Base64 public key.
+    pub public_key: String,
+    /// Current endpoint, if known.
+    pub endpoint: Option<String>,
+    /// Allowed IPs.
+    pub allowed_ips: Vec<String>,
+    /// Seconds since the latest handshake.
+    pub latest_handshake_secs: Option<u64>,
+    /// Payload bytes received.
+    pub rx_bytes: u64,
+    /// Payload bytes sent.
+    pub tx_bytes: u64,
+    /// Keepalive interval in seconds.
+    pub persistent_keepalive: Option<u64>,
+}
+
+/// The peers and the cryptokey routing table; replaced whole on reload.
+struct PeerTable {
+    slots: Vec<Option<Arc<Peer>>>,
+    by_key: HashMap<[u8; 32], u32>,
+    /// (network, slot), longest prefix first.
+    routes: Vec<(IpNet, u32)>,
+}
+
+impl PeerTable {
+    fn get(&self, index: u32) -> Option<&Arc<Peer>> {
+        self.slots.get(index as usize)?.as_ref()
+    }
+
+    fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
+        self.routes
+            .iter()
+            .find(|(net, _)| net.contains(&dst))
+            .and_then(|(_, i)| self.get(*i))
+    }
+
+    fn peers(&self) -> impl Iterator<Item = &Arc<Peer>> {
+        self.slots.iter().flatten()
+    }
+}
+
+/// A running WireGuard interface.
+pub struct Device {
+    tenant: String,
+    instance: String,
+    private: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    addresses: Vec<IpNet>,
+    /// Forward between peers (the node has a subnet address).
+    forward: bool,
+    socket: Arc<UdpSocket>,
+    dual_stack: bool,
+    rate_limiter: Arc<RateLimiter>,
+    table: RwLock<Arc<PeerTable>>,
+    stack: NetStack,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+}
+
+/// Hands packets from the IP stack to the device (cryptokey routing).
+struct StackSink(Mutex<Weak<Device>>);
+
+impl PacketSink for StackSink {
+    fn send(&self, packet: &[u8]) {
+        let dev = self.0.lock().expect("sink poisoned").upgrade();
+        if let Some(dev) = dev {
+            dev.send_ip(packet, None);
+        }
+    }
+}
+
+/// Binds the UDP socket: dual-stack `[::]:port` where the host has IPv6,
+/// else `0.0.0.0:port`.
+fn bind_udp(port: u16) -> std::io::Result<(UdpSocket, bool)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let v6 = (|| {
+        let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_only_v6(false)?;
+        s.set_nonblocking(true)?;
+        let _ = s.set_recv_buffer_size(4 << 20);
+        let _ = s.set_send_buffer_size(4 << 20);
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok::<_, std::io::Error>(s)
+    })();
+    let (s, dual) = match v6 {
+        Ok(s) => (s, true),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(e),
+        Err(_) => {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            s.set_nonblocking(true)?;
+            let _ = s.set_recv_buffer_size(4 << 20);
+            let _ = s.set_send_buffer_size(4 << 20);
+            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+            (s, false)
+        }
+    };
+    Ok((UdpSocket::from_std(s.into())?, dual))
+}
+
+/// `::ffff:a.b.c.d` → `a.b.c.d`.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Which drop counter an error from boringtun belongs to.
+fn drop_reason(e: &WireGuardError) -> &'static str {
+    match e {
+        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => "replay",
+        WireGuardError::InvalidAeadTag | WireGuardError::InvalidMac | WireGuardError::WrongKey => {
+            "decrypt_failed"
+        }
+        WireGuardError::UnderLoad => "under_load",
+        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => "no_session",
+        _ => "invalid",
+    }
+}
+
+impl Device {
+    /// Binds, builds the IP stack and starts the data plane tasks.
+    pub fn start(
+        tenant: &str,
+        instance: &str,
+        cfg: &WireGuardConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Arc<Device>> {
+        let (socket, dual_stack) = bind_udp(cfg.listen_port.unwrap_or(0))?;
+        let private = x25519::StaticSecret::from(*cfg.private_key.as_bytes());
+        let public = x25519::PublicKey::from(&private);
+        let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let sink = Arc::new(StackSink(Mutex::new(Weak::new())));
+        let mut stack_cfg = crate::modules::netstack::NetStackConfig::new(cfg.addresses.clone());
+        stack_cfg.mtu = cfg.mtu;
+        let stack = NetStack::spawn(stack_cfg, sink.clone());
+        let forward = cfg
+            .addresses
+            .iter()
+            .any(|n| n.prefix_len() < n.max_prefix_len());
+        let dev = Arc::new(Device {
+            tenant: tenant.into(),
+            instance: instance.into(),
+            private,
+            public,
+            addresses: cfg.addresses.clone(),
+            forward,
+            socket: Arc::new(socket),
+            dual_stack,
+            rate_limiter,
+            table: RwLock::new(Arc::new(PeerTable {
+                slots: Vec::new(),
+                by_key: HashMap::new(),
+                routes: Vec::new(),
+            })),
+            stack,
+            metrics,
+            cancel: CancellationToken::new(),
+        });
+        *sink.0.lock().expect("sink poisoned") = Arc::downgrade(&dev);
+        dev.set_peers(&cfg.peers);
+        tokio::spawn(dev.clone().recv_loop());
+        tokio::spawn(dev.clone().timer_loop());
+        Ok(dev)
+    }
+
+    /// The UDP port the interface listens on.
+    pub fn listen_port(&self) -> u16 {
+        self.socket.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The base64 public key.
+    pub fn public_key(&self) -> String {
+        crate::core::keys::PublicKey(self.public.to_bytes()).to_string()
+    }
+
+    /// The interface's IP stack.
+    pub fn stack(&self) -> &NetStack {
+        &self.stack
+    }
+
+    /// Stops the tasks and the IP stack.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+        self.stack.shutdown();
+    }
+
+    /// Installs a new peer list. Peers whose key, preshared key and keepalive
+    /// are unchanged keep their sessions and endpoint.
+    pub fn set_peers(&self, peers: &[PeerConfig]) {
+        let old = self.table();
+        // Kept peers keep their slot (their session indices carry it); new
+        // peers take free slots, so adding a peer disturbs no one.
+        let mut slots: Vec<Option<Arc<Peer>>> = vec![None; old.slots.len()];
+        let mut new = Vec::new();
+        for cfg in peers {
+            let kept = old
+                .by_key
+                .get(&cfg.public_key.0)
+                .and_then(|i| old.get(*i))
+                .filter(|p| {
+                    p.cfg.preshared_key == cfg.preshared_key
+                        && p.cfg.persistent_keepalive == cfg.persistent_keepalive
+                });
+            match kept {
+                Some(p) => {
+                    slots[p.index as usize] = Some(Arc::new(Peer {
+                        index: p.index,
+                        cfg: cfg.clone(),
+                        tunn: p.tunn.clone(),
+                        endpoint: p.endpoint.clone(),
+                        last_handshake_seen: Mutex::new(
+                            *p.last_handshake_seen.lock().expect("poisoned"),
+                        ),
+                        last_resolve: Mutex::new(None),
+                        metrics: p.metrics.clone(),
+                    }))
+                }
+                None => new.push(cfg),
+            }
+        }
+        for cfg in new {
+            let index = match slots.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    slots.push(None);
+                    slots.len() - 1
+                }
+            };
+            slots[index] = Some(Arc::new(self.new_peer(index as u32, cfg)));
+        }
+        while slots.last().is_some_and(Option::is_none) {
+            slots.pop();
+        }
+        let mut by_key = HashMap::new();
+        let mut routes = Vec::new();
+        for p in slots.iter().flatten() {
+            by_key.insert(p.cfg.public_key.0, p.index);
+            routes.extend(p.cfg.allowed_ips.iter().map(|n| (*n, p.index)));
+        }
+        routes.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+        *self.table.write().expect("table poisoned") = Arc::new(PeerTable {
+            slots,
+            by_key,
+            routes,
+        });
+    }
+
+    fn new_peer(&self, index: u32, cfg: &PeerConfig) -> Peer {
+        let tunn = Tunn::new(
+            self.private.clone(),
+            x25519::PublicKey::from(cfg.public_key.0),
+            cfg.preshared_key,
+            cfg.persistent_keepalive.map(|d| d.as_secs() as u16),
+            index,
+            Some(self.rate_limiter.clone()),
+        );
+        let endpoint = cfg
+            .endpoint
+            .as_ref()
+            .and_then(HostPort::ip)
+            .map(|ip| SocketAddr::new(ip, cfg.endpoint.as_ref().expect("checked").port));
+        Peer {
+            index,
+            cfg: cfg.clone(),
+            tunn: Arc::new(Mutex::new(tunn)),
+            endpoint: Arc::new(Mutex::new(endpoint)),
+            last_handshake_seen: Mutex::new(None),
+            last_resolve: Mutex::new(None),
+            metrics: self.metrics.peer(&self.tenant, &self.instance, &cfg.name),
+        }
+    }
+
+    fn table(&self) -> Arc<PeerTable> {
+        self.table.read().expect("table poisoned").clone()
+    }
+
+    fn drop_packet(&self, peer: Option<&Peer>, reason: &str) {
+        let name = peer.map(|p| p.cfg.name.as_str()).unwrap_or("-");
+        self.metrics
+            .wg_drop(&self.tenant, &self.instance, name, reason);
+        tracing::debug!(tenant = %self.tenant, instance = %self.instance, peer = name, reason, "packet dropped");
+    }
+
+    /// Sends a datagram to `to` (mapping IPv4 onto the dual-stack socket).
+    fn send_to(&self, data: &[u8], to: SocketAddr) -> bool {
+        let to = match (self.dual_stack, to) {
+            (true, SocketAddr::V4(v4)) => {
+                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
+            _ => to,
+        };
+        match self.socket.try_send_to(data, to) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, %to, "udp send failed");
+                false
+            }
+        }
+    }
+
+    fn send_to_peer(&self, peer: &Peer, data: &[u8]) {
+        let endpoint = *peer.endpoint.lock().expect("poisoned");
+        match endpoint {
+            Some(ep) => {
+                if self.send_to(data, ep) {
+                    peer.metrics.tx_bytes.inc_by(data.len() as u64);
+                } else {
+                    self.drop_packet(Some(peer), "send_failed");
+                }
+            }
+            None => self.drop_packet(Some(peer), "no_endpoint"),
+        }
+    }
+
+    /// Routes an IP packet to the peer whose allowed IPs hold its destination
+    /// and sends it encrypted. `from` is the peer it came from when forwarding.
+    pub fn send_ip(&self, packet: &[u8], from: Option<u32>) {
+        let Some(dst) = Tunn::dst_address(packet) else {
+            return self.drop_packet(None, "malformed");
+        };
+        let table = self.table();
+        let Some(peer) = table.route(dst) else {
+            return self.drop_packet(None, "no_route");
+        };
+        if Some(peer.index) == from {
+            return self.drop_packet(Some(peer), "no_route");
+        }
+        ENCAP_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let mut tunn = peer.tunn.lock().expect("tunn poisoned");
+            match tunn.encapsulate(packet, &mut buf) {
+                TunnResult::WriteToNetwork(p) => self.send_to_peer(peer, p),
+                TunnResult::Err(e) => self.drop_packet(Some(peer), drop_reason(&e)),
+                _ => {}
+            }
+        });
+    }
+
+    async fn recv_loop(self: Arc<Self>) {
+        let mut rx = vec![0u8; MAX_DATAGRAM];
+        let mut out = vec![0u8; BUF_LEN];
+        loop {
+            let (n, src) = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = self.socket.recv_from(&mut rx) => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "udp recv failed");
+                        continue;
+                    }
+                },
+            };
+            self.handle_datagram(&rx[..n], canonical(src), &mut out);
+        }
+    }
+
+    /// Handles one datagram from the network. Never panics on bad input.
+    fn handle_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+        let table = self.table();
+        let packet = match self
+            .rate_limiter
+            .verify_packet(Some(src.ip()), datagram, out)
+        {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                self.send_to(cookie, src);
+                return;
+            }
+            Err(TunnResult::Err(e)) => return self.drop_packet(None, drop_reason(&e)),
+            Err(_) => return self.drop_packet(None, "invalid"),
+        };
+        let peer = match &packet {
+            Packet::HandshakeInit(init) => parse_handshake_anon(&self.private, &self.public, init)
+                .ok()
+                .and_then(|hh| table.by_key.get(&hh.peer_static_public))
+                .and_then(|i| table.get(*i)),
+            Packet::HandshakeResponse(r) => table.get(r.receiver_idx >> 8),
+            Packet::PacketCookieReply(c) => table.get(c.receiver_idx >> 8),
+            Packet::PacketData(d) => table.get(d.receiver_idx >> 8),
+        };
+        let Some(peer) = peer else {
+            return self.drop_packet(None, "unknown_peer");
+        };
+        let mut tunn = peer.tunn.lock().expect("tunn poisoned");
+        match tunn.decapsulate(Some(src.ip()), datagram, out) {
+            TunnResult::Done => self.roam(peer, src, datagram.len()),
+            TunnResult::Err(e) => self.drop_packet(Some(peer), drop_reason(&e)),
+            TunnResult::WriteToNetwork(p) => {
+                self.roam(peer, src, datagram.len());
+                self.send_to_peer(peer, p);
+                // Flush packets boringtun queued while the handshake ran.
+                while let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &[], out) {
+                    self.send_to_peer(peer, p);
+                }
+            }
+            TunnResult::WriteToTunnelV4(p, inner_src) => {
+                self.roam(peer, src, datagram.len());
+                let p: &[u8] = p;
+                drop(tunn);
+                self.route_inbound(peer, p, IpAddr::V4(inner_src));
+            }
+            TunnResult::WriteToTunnelV6(p, inner_src) => {
+                self.roam(peer, src, datagram.len());
+                let p: &[u8] = p;
+                drop(tunn);
+                self.route_inbound(peer, p, IpAddr::V6(inner_src));
+            }
+        }
+    }
+
+    /// Records an authenticated packet from `src`: the endpoint roams there.
+    fn roam(&self, peer: &Peer, src: SocketAddr, len: usize) {
+        peer.metrics.rx_bytes.inc_by(len as u64);
+        let mut ep = peer.endpoint.lock().expect("poisoned");
+        if *ep != Some(src) {
+            if ep.is_some() {
+                tracing::info!(tenant = %self.tenant, instance = %self.instance, peer = %peer.cfg.name, endpoint = %src, "peer endpoint changed");
+            }
+            *ep = Some(src);
+        }
+    }
+
+    /// A decrypted packet from `peer`: check its source, then deliver or forward.
+    fn route_inbound(&self, peer: &Peer, packet: &[u8], inner_src: IpAddr) {
+        if packet.is_empty() {
+            return; // keepalive
+        }
+        if !peer.allows(inner_src) {
+            return self.drop_packet(Some(peer), "source_not_allowed");
+        }
+        let Some(dst) = Tunn::dst_address(packet) else {
+            return self.drop_packet(Some(peer), "malformed");
+        };
+        if self.addresses.iter().any(|n| n.addr() == dst) {
+            if !self.stack.inject(packet) {
+                self.drop_packet(Some(peer), "stack_queue_full");
+            }
+        } else if self.forward {
+            self.send_ip(packet, Some(peer.index));
+        } else {
+            self.drop_packet(Some(peer), "no_route");
+        }
+    }
+
+    async fn timer_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; BUF_LEN];
+        let mut tick = tokio::time::interval(TIMER_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let table = self.table();
+            for peer in table.peers() {
+                {
+                    let mut tunn = peer.tunn.lock().expect("tunn poisoned");
+                    match tunn.update_timers(&mut buf) {
+                        TunnResult::WriteToNetwork(p) => self.send_to_peer(peer, p),
+                        TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                        TunnResult::Err(e) => {
+                            tracing::debug!(peer = %peer.cfg.name, error = ?e, "timer error")
+                        }
+                        _ => {}
+                    }
+                    let since = tunn.stats().0;
+                    let mut seen = peer.last_handshake_seen.lock().expect("poisoned");
+                    if let Some(d) = since {
+                        if seen.is_none_or(|prev| d < prev) {
+                            peer.metrics.handshakes.inc();
+                            let at = SystemTime::now()
+                                .duration_since(SystemTime::UNIX_EPOCH)
+                                .unwrap_or_default()
+                                .saturating_sub(d);
+                            peer.metrics.last_handshake.set(at.as_secs() as i64);
+                            tracing::debug!(tenant = %self.tenant, instance = %self.instance, peer = %peer.cfg.name, "handshake completed");
+                        }
+                    }
+                    *seen = since;
+                }
+                self.maybe_resolve(peer);
+            }
+        }
+    }
+
+    /// Resolves a peer's endpoint name while it is silent (no handshake in
+    /// the last 3 minutes), at most every [`RERESOLVE_EVERY`].
+    fn maybe_resolve(&self, peer: &Arc<Peer>) {
+        let Some(hp) = peer.cfg.endpoint.clone() else {
+            return;
+        };
+        if hp.ip().is_some() {
+            return;
+        }
+        let fresh = peer
+            .last_handshake_seen
+            .lock()
+            .expect("poisoned")
+            .is_some_and(|d| d < Duration::from_secs(180));
+        let mut last = peer.last_resolve.lock().expect("poisoned");
+        if fresh || last.is_some_and(|t| t.elapsed() < RERESOLVE_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let endpoint = peer.endpoint.clone();
+        let (tenant, instance, name) = (
+            self.tenant.clone(),
+            self.instance.clone(),
+            peer.cfg.name.clone(),
+        );
+        tokio::spawn(async move {
+            match tokio::net::lookup_host((hp.host.as_str(), hp.port)).await {
+                Ok(mut addrs) => {
+                    if let Some(a) = addrs.next() {
+                        let mut ep = endpoint.lock().expect("poisoned");
+                        if *ep != Some(a) {
+                            tracing::info!(%tenant, %instance, peer = %name, endpoint = %a, host = %hp.host, "endpoint resolved");
+                            *ep = Some(a);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%tenant, %instance, peer = %name, host = %hp.host, error = %e, "cannot resolve endpoint")
+                }
+            }
+        });
+    }
+
+    /// Peer states for the admin API.
+    pub fn peer_status(&self) -> Vec<PeerStatus> {
+        self.table()
+            .peers()
+            .map(|p| {
+                let tunn = p.tunn.lock().expect("tunn poisoned");
+                let (since, tx, rx, _, _) = tunn.stats();
+                PeerStatus {
+                    name: p.cfg.name.clone(),
+                    public_key: p.cfg.public_key.to_string(),
+                    endpoint: p.endpoint.lock().expect("poisoned").map(|e| e.to_string()),
+                    allowed_ips: p.cfg.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                    latest_handshake_secs: since.map(|d| d.as_secs()),
+                    rx_bytes: rx as u64,
+                    tx_bytes: tx as u64,
+                    persistent_keepalive: p.cfg.persistent_keepalive.map(|d| d.as_secs()),
+                }
+            })
+            .collect()
+    }
+
+    /// The VPN address of a peer: the first address of its first allowed network.
+    pub fn peer_address(&self, name: &str) -> Option<IpAddr> {
+        self.table()
+            .peers()
+            .find(|p| p.cfg.name == name)
+            .and_then(|p| p.cfg.allowed_ips.first())
+            .map(|n| n.addr())
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
