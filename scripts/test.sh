@@ -21,6 +21,7 @@ declare -A PACKAGES=(
   [ip]=iproute2
   [python3]=python3
   [pkill]=procps
+  [ping]=iputils-ping
 )
 
 missing=()

@@ -1,8 +1,8 @@
 //! A userspace TCP/IP stack for one virtual network: the `userspace` engine.
 //!
 //! A [`NetStack`] owns one smoltcp [`Interface`](smoltcp::iface::Interface)
-//! (medium IP, no link layer), the node's VPN addresses with a default route
-//! per family, and one socket set. Packets come in through
+//! (medium IP, no link layer) with the node's VPN addresses and a default
+//! route per family, and the TCP connections on it. Packets come in through
 //! [`NetStack::inject`] (the WireGuard module hands over what it decrypted)
 //! and every packet the stack emits goes to a [`PacketSink`] (which encrypts
 //! it for the right peer). On top of it, pipes listen with
@@ -13,51 +13,67 @@
 //!
 //! # Threading
 //!
-//! One tokio task per stack owns the interface. The socket set and the
+//! One tokio task per stack owns the interface. The connections and the
 //! interface sit behind one `std::sync::Mutex` that streams lock for a
 //! moment to copy bytes straight between their caller's buffer and the
 //! socket's buffer; it is never held across an `.await`, and the task takes
-//! it in short slices (a few dozen packets each). Inbound packets wait in a
-//! separate bounded queue so [`NetStack::inject`] never waits on the stack.
-//! The task sleeps until a packet arrives, a stream has read or written, or
-//! a TCP timer is due; then it drains the whole inbound queue, runs smoltcp
-//! until it has nothing more to send, and hands the packets to the sink
-//! after releasing the lock. Streams are woken by smoltcp exactly when data
-//! or buffer space is there. Packet buffers are recycled: the steady state
-//! allocates nothing per packet.
+//! it in short slices (at most 64 packets in and 64 out per hold), handing
+//! packets to the sink only after releasing it. Inbound packets wait in a
+//! separate bounded queue, so [`NetStack::inject`] never waits for the
+//! stack. The task sleeps until a packet arrives, a stream has read, written
+//! or closed, or a TCP timer is due; then it takes the whole inbound queue
+//! at once and runs until smoltcp has nothing more to send. Streams are woken
+//! by smoltcp exactly when data or buffer space is there. Packet buffers are
+//! recycled: the steady state allocates nothing per packet.
+//!
+//! Each connection has its own one-socket smoltcp `SocketSet`, because
+//! smoltcp walks the whole set it is given for every packet: with a single
+//! set, a thousand idle connections cut a bulk transfer twentyfold. Inbound
+//! segments are routed to their connection by a 4-tuple lookup, and only
+//! connections with work (a packet, a stream call, a due timer from a
+//! deadline heap) are polled, so the cost per packet stays flat as
+//! connections grow. Measured (release, 2 cores, two stacks back to back,
+//! no WireGuard): 12-16 Gbit/s one way, with or without 1000 idle
+//! connections open.
 //!
 //! # TCP
 //!
 //! Every connection gets `tcp_buffer` bytes of receive and of send buffer
 //! (window scaling follows from the size), Cubic congestion control, no
-//! Nagle, no keep-alive unless configured. smoltcp has no accept queue, so
-//! the stack looks at each inbound SYN before smoltcp does and creates a
-//! listening socket for it on the spot: every SYN to a listened address
-//! finds a socket, up to [`NetStackConfig::listen_backlog`] half-open
-//! connections per listener (further SYNs are dropped and counted; the peer
-//! retries). SYNs to a port nobody listens on are answered with a reset.
-//! Dropped streams close gracefully (FIN, or RST if unread data was left)
-//! and their sockets are removed once closed; the socket set empties again
-//! when connections end ([`NetStack::socket_count`]).
+//! Nagle, no keep-alive unless configured, and a dead-peer timeout
+//! ([`NetStackConfig::tcp_timeout`]). smoltcp has no accept queue, so the
+//! stack looks at each inbound SYN before smoltcp does and gives it a fresh
+//! listening socket: every SYN to a listened address finds one, up to
+//! [`NetStackConfig::listen_backlog`] half-open connections per listener
+//! (further SYNs are dropped and counted; the peer retries). Established
+//! connections queue for [`NetTcpListener::accept`]. SYNs to a port nobody
+//! listens on are answered with a reset. A dropped stream closes gracefully
+//! (FIN), or with a reset if received data was left unread, and the stack
+//! reaps the connection once closed (TIME-WAIT is skipped: nobody owns the
+//! connection any more) or timed out; [`NetStack::socket_count`] is zero
+//! again once all connections have ended.
 //!
 //! # Limits
 //!
-//! - smoltcp walks its socket set for every packet it receives and on every
-//!   transmit pass: fine for thousands of connections per virtual network,
-//!   not for hundreds of thousands.
+//! - Memory: each connection holds up to `2 × tcp_buffer` (2 MiB by
+//!   default) once it has carried that much data; size `tcp_buffer` for the
+//!   expected number of concurrent connections.
 //! - At most [`MAX_ADDRESSES`] addresses per stack (smoltcp's compile-time
 //!   limit; one IPv4 and one IPv6 address is the usual case).
-//! - No IP fragment reassembly: packets larger than the MTU are dropped
-//!   (WireGuard peers use the tunnel MTU, so TCP never sends them).
-//! - An out-of-order segment burst with more than four holes is partly
-//!   dropped and retransmitted (smoltcp's assembler); the tunnel rarely
-//!   reorders.
-//! - TCP only: pipes cannot use UDP sockets on the stack yet; UDP packets to
-//!   the node are answered with ICMP port unreachable.
+//! - No IP fragment reassembly: fragmented packets are dropped (WireGuard
+//!   peers use the tunnel MTU, and TCP does not fragment).
+//! - Out-of-order data with more than four holes is partly dropped and
+//!   retransmitted (smoltcp's assembler); the tunnel rarely reorders.
+//! - Receiving in batches, the stack acknowledges a busy connection once per
+//!   batch of up to 64 segments (as GRO does), not every second segment.
+//! - A connection to one of the stack's own addresses is not looped back;
+//!   it leaves through the sink like any other.
+//! - TCP only: pipes cannot use UDP sockets on the stack yet; UDP to the
+//!   node's addresses is answered with ICMP port unreachable.
 //!
 //! # Layout
 //!
-//! - `packet`: header checks and the SYN peek on raw packets (sans-IO).
+//! - `packet`: header checks and the TCP peek on raw packets (sans-IO).
 //! - `device`: the smoltcp phy device, queues of recycled packet buffers.
 //! - `stack`: the shared state, the per-round logic and the task.
 //! - `tcp`: [`NetTcpListener`] and [`NetTcpStream`].
@@ -182,6 +198,9 @@ pub struct NetStackStats {
     pub dropped_malformed: u64,
     /// SYNs to a port nobody listens on (answered with a reset).
     pub dropped_no_listener: u64,
+    /// Other TCP segments that match no connection (answered with a reset,
+    /// unless they are resets): late packets of closed connections, scans.
+    pub dropped_no_connection: u64,
     /// SYNs dropped because the listener had `listen_backlog` half-open
     /// connections, plus connections reset because its accept queue was full.
     pub dropped_backlog: u64,
@@ -265,8 +284,9 @@ impl NetStack {
         self.shared().stats()
     }
 
-    /// Sockets in the stack's socket set: connections (any state) plus
-    /// momentary listening sockets. Zero when no connection is open.
+    /// TCP connections the stack holds in any state (handshaking, open,
+    /// closing): each is one smoltcp socket. Zero again once all have
+    /// closed; equal to [`NetStackStats::tcp_connections`].
     pub fn socket_count(&self) -> usize {
         self.shared().socket_count()
     }

@@ -103,6 +103,7 @@ pub(super) struct Counters {
     dropped_queue_full: AtomicU64,
     dropped_malformed: AtomicU64,
     dropped_no_listener: AtomicU64,
+    dropped_no_connection: AtomicU64,
     dropped_backlog: AtomicU64,
 }
 
@@ -382,6 +383,7 @@ impl Shared {
             dropped_queue_full: get(&c.dropped_queue_full),
             dropped_malformed: get(&c.dropped_malformed),
             dropped_no_listener: get(&c.dropped_no_listener),
+            dropped_no_connection: get(&c.dropped_no_connection),
             dropped_backlog: get(&c.dropped_backlog),
             tcp_connections: self.lock().live as u64,
         }
@@ -601,7 +603,7 @@ impl State {
         }
         if let Role::Pending { port, listener } = conn.role {
             if let Some(l) = self.listener_mut(port, listener) {
-                l.half_open -= 1;
+                l.half_open = l.half_open.saturating_sub(1);
             }
         }
         Some(conn)
@@ -715,7 +717,18 @@ impl State {
         if self.closed {
             return Err(NetError::Closed);
         }
-        let port = self.free_port(src)?;
+        let mut port = self.free_port(src)?;
+        // A passive connection may still hold this exact 4-tuple (its
+        // listener's port was freed since); take the next port then.
+        for _ in 0..EPHEMERAL_COUNT {
+            if !self
+                .by_tuple
+                .contains_key(&(SocketAddr::new(src, port), dst))
+            {
+                break;
+            }
+            port = self.free_port(src)?;
+        }
         socket
             .connect(self.iface.context(), dst, (src, port))
             .map_err(|_| NetError::InvalidAddress(dst))?;
@@ -793,6 +806,7 @@ impl State {
         }
         if !seg.is_syn() {
             // No connection: smoltcp answers with a reset.
+            bump(&shared.counters.dropped_no_connection);
             return Target::Stray;
         }
         let backlog = shared.limits.backlog;
@@ -871,7 +885,7 @@ impl State {
                 tcp::State::SynReceived => {}
                 tcp::State::Established | tcp::State::CloseWait => {
                     if let Some(l) = self.listener_mut(port, listener) {
-                        l.half_open -= 1;
+                        l.half_open = l.half_open.saturating_sub(1);
                     }
                     self.deliver(shared, slot, port, listener);
                 }

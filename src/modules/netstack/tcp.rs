@@ -94,7 +94,8 @@ pub(super) async fn connect(
 ///
 /// Connections are queued once their handshake completes (up to
 /// [`NetStackConfig::listen_backlog`](super::NetStackConfig::listen_backlog)).
-/// Dropping the listener stops listening and resets queued connections.
+/// Dropping the listener stops listening: half-open connections are reset,
+/// queued ones closed like dropped streams.
 pub struct NetTcpListener {
     shared: Arc<Shared>,
     id: u64,

@@ -589,7 +589,7 @@ fn crafted() -> impl Strategy<Value = Vec<u8>> {
             let dport = if kind % 2 == 0 { 80 } else { sport };
             let mut out = Vec::new();
             let _ = match kind {
-                0 | 1 | 2 => {
+                0..=2 => {
                     let mut b = builder.tcp(sport, dport, seq, win);
                     if flags[0] {
                         b = b.syn();

@@ -42,6 +42,8 @@ use crate::modules::netstack::{NetStack, PacketSink};
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// How often boringtun's timers run.
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// WireGuard's REKEY_TIMEOUT: the shortest gap between handshake attempts.
+const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a silent peer's endpoint name is resolved again.
 const RERESOLVE_EVERY: Duration = Duration::from_secs(30);
 /// Largest UDP datagram we read, and the scratch buffer size.
@@ -64,6 +66,8 @@ pub struct Peer {
     endpoint: Arc<Mutex<Option<SocketAddr>>>,
     last_handshake_seen: Mutex<Option<Duration>>,
     last_resolve: Mutex<Option<Instant>>,
+    /// When we last answered session-less data with a handshake.
+    last_unsolicited_init: Mutex<Option<Instant>>,
     metrics: PeerMetrics,
 }
 
@@ -290,6 +294,7 @@ impl Device {
                             *p.last_handshake_seen.lock().expect("poisoned"),
                         ),
                         last_resolve: Mutex::new(None),
+                        last_unsolicited_init: Mutex::new(None),
                         metrics: p.metrics.clone(),
                     }))
                 }
@@ -344,6 +349,7 @@ impl Device {
             endpoint: Arc::new(Mutex::new(endpoint)),
             last_handshake_seen: Mutex::new(None),
             last_resolve: Mutex::new(None),
+            last_unsolicited_init: Mutex::new(None),
             metrics: self.metrics.peer(&self.tenant, &self.instance, &cfg.name),
         }
     }
@@ -459,9 +465,27 @@ impl Device {
         let Some(peer) = peer else {
             return self.drop_packet(None, "unknown_peer");
         };
+        let is_data = matches!(packet, Packet::PacketData(_));
         let mut tunn = peer.tunn.lock().expect("tunn poisoned");
         match tunn.decapsulate(Some(src.ip()), datagram, out) {
             TunnResult::Done => self.roam(peer, src, datagram.len()),
+            TunnResult::Err(WireGuardError::NoCurrentSession) if is_data => {
+                // Data for a session we do not have: we restarted, the peer did
+                // not notice. Offer a fresh handshake to where it came from
+                // (at most every REKEY_TIMEOUT per peer, so a spoofed source
+                // gets no amplification worth having); the endpoint moves only
+                // once the peer answers.
+                self.drop_packet(Some(peer), "no_session");
+                let mut last = peer.last_unsolicited_init.lock().expect("poisoned");
+                if last.is_none_or(|t| t.elapsed() >= REKEY_TIMEOUT) {
+                    *last = Some(Instant::now());
+                    if let TunnResult::WriteToNetwork(init) =
+                        tunn.format_handshake_initiation(out, false)
+                    {
+                        self.send_to(init, src);
+                    }
+                }
+            }
             TunnResult::Err(e) => self.drop_packet(Some(peer), drop_reason(&e)),
             TunnResult::WriteToNetwork(p) => {
                 self.roam(peer, src, datagram.len());
