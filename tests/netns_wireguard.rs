@@ -165,3 +165,126 @@ fn meshgate_client_reaches_nginx_behind_a_wireguard_go_server() {
     let show = server.sh(&format!("wg show {}", wg.iface));
     assert!(show.contains("latest handshake"), "{show}");
 }
+
+/// Two tenants on one server, both 10.1.0.0/16 with the same client and
+/// backend addresses. Each tenant's traffic reaches only its own side, in
+/// both directions; a spoofed source and a client aimed at the other
+/// tenant's port are dropped and counted.
+#[test]
+fn tenants_with_overlapping_networks_never_meet() {
+    if !can_netns() || !have("wireguard-go") || !have("wg") || !have("nginx") || !have("curl") {
+        return;
+    }
+    let mut server = Netns::new("s");
+    let mut c1 = Netns::new("a");
+    let mut c2 = Netns::new("b");
+    link(&server, "10.231.2.1/24", &c1, "10.231.2.2/24");
+    link(&server, "10.231.3.1/24", &c2, "10.231.3.2/24");
+    let _b1 = nginx_in(&mut server, "127.0.0.1:9091", "backend of tenant one\n");
+    let _b2 = nginx_in(&mut server, "127.0.0.1:9092", "backend of tenant two\n");
+
+    let cfg = tempfile::tempdir().unwrap();
+    std::fs::write(
+        cfg.path().join("meshgate.yaml"),
+        "node: server\nadmin: 127.0.0.1:9000\n",
+    )
+    .unwrap();
+    let mut clients = Vec::new();
+    let mut _nginxes = Vec::new();
+    for (i, ns) in [&mut c1, &mut c2].into_iter().enumerate() {
+        let n = i + 1;
+        let wg = WgGo::new(ns, "10.1.0.2/16", None);
+        _nginxes.push(nginx_in(
+            ns,
+            "10.1.0.2:80",
+            &format!("client of tenant {n}\n"),
+        ));
+        let key = meshgate::core::keys::PrivateKey::generate();
+        let t = cfg.path().join(format!("tenants/t{n}"));
+        std::fs::create_dir_all(&t).unwrap();
+        std::fs::write(
+            t.join("wg0.yaml"),
+            format!(
+                "kind: wireguard\nprivate_key: {}\nlisten_port: 5182{n}\naddress: 10.1.0.1/16\npeers:\n  - name: client\n    public_key: {}\n    allowed_ips: [10.1.0.2/32]\n",
+                key.to_base64(),
+                wg.public_key()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            t.join("in.yaml"),
+            format!(
+                "kind: pipe\nlisten: 10.1.0.1:8080\nlisten_via: wg0\nremote: 127.0.0.1:909{n}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            t.join("out.yaml"),
+            format!("kind: pipe\nlisten: 127.0.0.1:808{n}\nvia: wg0\nremote: 10.1.0.2:80\n"),
+        )
+        .unwrap();
+        wg.add_peer(
+            ns,
+            &key.public_key().to_string(),
+            &format!(
+                "endpoint 10.231.{}.1:5182{n} allowed-ips 10.1.0.0/16",
+                n + 1
+            ),
+        );
+        clients.push((wg, key));
+    }
+    let mg = NsMeshgate::start(&server, cfg.path(), "127.0.0.1:9000");
+
+    // Client → server: each client reaches its own tenant's backend.
+    assert_eq!(
+        c1.curl("http://10.1.0.1:8080/", 10),
+        (200, "backend of tenant one\n".into())
+    );
+    assert_eq!(
+        c2.curl("http://10.1.0.1:8080/", 10),
+        (200, "backend of tenant two\n".into())
+    );
+    // Server → client: each tenant's pipe reaches its own client's 10.1.0.2.
+    assert_eq!(
+        server.curl("http://127.0.0.1:8081/", 10),
+        (200, "client of tenant 1\n".into())
+    );
+    assert_eq!(
+        server.curl("http://127.0.0.1:8082/", 10),
+        (200, "client of tenant 2\n".into())
+    );
+
+    // A spoofed inner source (10.1.0.3 is not client 1's allowed IP).
+    c1.sh(&format!(
+        "ip addr add 10.1.0.3/32 dev {}",
+        clients[0].0.iface
+    ));
+    let spoof = c1.try_sh("curl -s --max-time 2 --interface 10.1.0.3 http://10.1.0.1:8080/");
+    assert!(!spoof.status.success(), "spoofed source was served");
+    let spoofed = r#"meshgate_wg_dropped_packets_total{tenant="t1",instance="wg0",peer="client",reason="source_not_allowed"}"#;
+    assert!(mg.metric(&server, spoofed) >= 1.0);
+
+    // Client 1 aimed at tenant two's port: its packets are not for t2's key.
+    let t2_drops = r#"meshgate_wg_dropped_packets_total{tenant="t2""#;
+    let before = mg.metric_sum(&server, t2_drops);
+    let (wg1, key1) = &clients[0];
+    wg1.add_peer(
+        &c1,
+        &key1.public_key().to_string(),
+        "endpoint 10.231.2.1:51822",
+    );
+    let (status, _) = c1.curl("http://10.1.0.1:8080/", 3);
+    assert_eq!(status, 0, "client 1 got an answer from tenant two's port");
+    assert!(
+        mg.metric_sum(&server, t2_drops) > before,
+        "tenant two did not count client 1's packets"
+    );
+    // Nothing of client 1 ever reached tenant two's backend or client.
+    assert_eq!(
+        mg.metric(
+            &server,
+            r#"meshgate_connections_total{tenant="t2",instance="in"}"#
+        ),
+        1.0
+    );
+}

@@ -255,6 +255,15 @@ impl NsMeshgate {
             .unwrap_or(0.0)
     }
 
+    /// The sum of every sample whose line starts with `prefix`.
+    pub fn metric_sum(&self, ns: &Netns, prefix: &str) -> f64 {
+        let (_, body) = ns.curl(&format!("http://{}/metrics", self.admin), 3);
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

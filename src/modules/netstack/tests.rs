@@ -1,6 +1,7 @@
 //! Stacks joined back to back in memory, hand-built packets, and fuzzing.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -16,12 +17,16 @@ use super::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// A sink that injects into another stack: one direction of a wire.
+/// A sink that injects into another stack: one direction of a wire, which
+/// a test can cut.
 #[derive(Default)]
-struct Wire(OnceLock<Arc<Shared>>);
+struct Wire(OnceLock<Arc<Shared>>, AtomicBool);
 
 impl PacketSink for Wire {
     fn send(&self, packet: &[u8]) {
+        if self.1.load(Ordering::Relaxed) {
+            return;
+        }
         if let Some(peer) = self.0.get() {
             peer.inject(packet);
         }
@@ -61,13 +66,22 @@ fn sa(s: &str) -> SocketAddr {
 
 /// Two stacks on one wire.
 fn pair(a: &str, b: &str) -> (NetStack, NetStack) {
+    let (sa, sb, _) = wired(
+        NetStackConfig::new(vec![net(a)]),
+        NetStackConfig::new(vec![net(b)]),
+    );
+    (sa, sb)
+}
+
+/// Two stacks on one wire, and the wire (both directions) to cut.
+fn wired(a: NetStackConfig, b: NetStackConfig) -> (NetStack, NetStack, [Arc<Wire>; 2]) {
     let to_b = Arc::new(Wire::default());
     let to_a = Arc::new(Wire::default());
-    let sa = NetStack::spawn(NetStackConfig::new(vec![net(a)]), to_b.clone());
-    let sb = NetStack::spawn(NetStackConfig::new(vec![net(b)]), to_a.clone());
+    let sa = NetStack::spawn(a, to_b.clone());
+    let sb = NetStack::spawn(b, to_a.clone());
     let _ = to_b.0.set(sb.shared().clone());
     let _ = to_a.0.set(sa.shared().clone());
-    (sa, sb)
+    (sa, sb, [to_a, to_b])
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*).
@@ -287,6 +301,84 @@ async fn listen_errors_and_any_address() {
     );
     assert!(!b.inject(&[0x45; 20]));
     a.shutdown();
+}
+
+#[tokio::test]
+async fn tcp_over_ipv6_from_a_dual_stack_node() {
+    let (a, b, _) = wired(
+        NetStackConfig::new(vec![net("10.9.0.1/24"), net("fd00::1/64")]),
+        NetStackConfig::new(vec![net("fd00::2/64")]),
+    );
+    let mut l = b.listen_tcp(sa("[::]:443")).await.unwrap();
+    let (mut c, mut s) = connected(&a, &mut l, sa("[fd00::2]:443")).await;
+    assert_eq!(
+        c.local_addr().ip(),
+        "fd00::1".parse::<std::net::IpAddr>().unwrap()
+    );
+    assert_eq!(s.peer_addr(), c.local_addr());
+    let data = pattern(7, 200_000);
+    let (_, got) = tokio::join!(
+        async {
+            c.write_all(&data).await.unwrap();
+            c.shutdown().await.unwrap();
+        },
+        async {
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            got
+        }
+    );
+    assert!(got == data, "IPv6 transfer corrupted");
+    a.shutdown();
+    b.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_peers_time_out_idle_connections_do_not() {
+    let mut cfg = NetStackConfig::new(vec![net("10.9.0.1/24")]);
+    cfg.tcp_timeout = Duration::from_secs(1);
+    let mut cfg_b = cfg.clone();
+    cfg_b.addresses = vec![net("10.9.0.2/24")];
+    let (a, b, wire) = wired(cfg, cfg_b);
+    let mut l = b.listen_tcp(sa("10.9.0.2:22")).await.unwrap();
+    let (mut c, mut s) = connected(&a, &mut l, sa("10.9.0.2:22")).await;
+
+    // Idle well past the timeout: still alive (no keep-alive, no data).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    c.write_all(b"still there?").await.unwrap();
+    let mut buf = [0u8; 12];
+    within("idle connection", s.read_exact(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(&buf, b"still there?");
+
+    // The peer vanishes while data waits for its acknowledgement.
+    for w in &wire {
+        w.1.store(true, Ordering::Relaxed);
+    }
+    c.write_all(b"hello?").await.unwrap();
+    let start = Instant::now();
+    let r = within("dead peer", c.read(&mut buf)).await;
+    assert!(
+        matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{r:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // A dropped stream to a dead peer is reaped too (its FIN is never
+    // acknowledged).
+    drop(s);
+    drop(c);
+    eventually("orphans reaped", Duration::from_secs(5), || {
+        a.socket_count() == 0 && b.socket_count() == 0
+    })
+    .await;
+    a.shutdown();
+    b.shutdown();
 }
 
 fn echo_reply_v4(packets: &[Vec<u8>]) -> Option<(u16, u16, Vec<u8>)> {
