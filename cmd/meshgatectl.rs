@@ -97,9 +97,6 @@ enum ImportCmd {
 
 /// `wg`'s duration style: "1 minute, 5 seconds".
 fn wg_duration(mut secs: u64) -> String {
-    if secs == 0 {
-        return "Now".into();
-    }
     let mut parts = Vec::new();
     for (unit, size) in [
         ("day", 86_400),
@@ -170,7 +167,11 @@ fn print_wg_show(modules: &Value, tenant: Option<&str>) {
                 }
             );
             if let Some(h) = p["latest_handshake_secs"].as_u64() {
-                println!("  latest handshake: {} ago", wg_duration(h));
+                if h == 0 {
+                    println!("  latest handshake: Now");
+                } else {
+                    println!("  latest handshake: {} ago", wg_duration(h));
+                }
             }
             let (rx, tx) = (
                 p["rx_bytes"].as_u64().unwrap_or(0),

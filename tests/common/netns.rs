@@ -37,6 +37,11 @@ pub fn can_netns() -> bool {
     root && tools
 }
 
+/// True if we run as root (no message, no panic).
+pub fn can_netns_quiet() -> bool {
+    unsafe_free_euid() == 0
+}
+
 fn unsafe_free_euid() -> u32 {
     // The effective uid from /proc, without libc.
     std::fs::read_to_string("/proc/self/status")

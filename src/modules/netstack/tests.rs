@@ -719,8 +719,6 @@ fn crafted() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
-
     #[test]
     fn arbitrary_bytes_never_panic(
         packets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..1600), 1..20)
