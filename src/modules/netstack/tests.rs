@@ -122,6 +122,17 @@ async fn connected(
     (c.unwrap(), s.unwrap().0)
 }
 
+/// What `core::proxy::Stream::io` and spawning need.
+#[test]
+fn handles_and_streams_are_sendable() {
+    fn stream<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static>() {}
+    fn sendable<T: Send + Sync + 'static>() {}
+    stream::<NetTcpStream>();
+    sendable::<NetStack>();
+    sendable::<NetTcpListener>();
+    sendable::<NetError>();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_both_ways_then_half_close() {
     const LEN: usize = 16 << 20;
