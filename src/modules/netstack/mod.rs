@@ -133,10 +133,11 @@ pub struct NetStackConfig {
     /// TCP keep-alive interval. Default `None` (off).
     pub keep_alive: Option<Duration>,
     /// A connection is aborted when its peer has been silent this long while
-    /// we wait for it: during the handshake, while sent data is
+    /// we wait for it: during an incoming handshake, while sent data is
     /// unacknowledged, after the stream was dropped (closing), and, with
     /// keep-alive on, at any time. Idle connections without keep-alive stay
-    /// open. Default 60 s.
+    /// open; outgoing handshakes use the connect timeout. Default 60 s; at
+    /// least 1 s, and at least twice `keep_alive`.
     pub tcp_timeout: Duration,
 }
 

@@ -38,8 +38,10 @@ use crate::core::addr::HostPort;
 use crate::core::metrics::{Metrics, PeerMetrics};
 use crate::modules::netstack::{NetStack, PacketSink};
 
-/// Handshake initiations per second before cookies are required.
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake messages per second (all peers) before cookies are required.
+/// Each one passes the limiter twice (our peer lookup, then boringtun's own
+/// check), so this admits about half as many handshakes.
+const HANDSHAKE_RATE_LIMIT: u64 = 200;
 /// How often boringtun's timers run.
 const TIMER_TICK: Duration = Duration::from_millis(250);
 /// WireGuard's REKEY_TIMEOUT: the shortest gap between handshake attempts.
@@ -553,6 +555,9 @@ impl Device {
                 _ = self.cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            // The limiter is shared by all peers, so boringtun leaves its
+            // once-a-second reset to us.
+            self.rate_limiter.reset_count();
             let table = self.table();
             for peer in table.peers() {
                 {
