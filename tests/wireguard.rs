@@ -217,3 +217,60 @@ fn ping_and_bad_input() {
     ) == 1.0));
     assert!(mg.child_alive());
 }
+
+#[test]
+fn handshake_floods_get_cookies_and_service_continues() {
+    let server_key = PrivateKey::generate();
+    let client_key = PrivateKey::generate();
+    let port = {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "tenants/default/wg0.yaml",
+        &format!(
+            "kind: wireguard\nprivate_key: {}\nlisten_port: {port}\naddress: 10.192.0.1/24\npeers:\n  - name: client\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n",
+            server_key.to_base64(),
+            client_key.public_key()
+        ),
+    );
+    let _mg = Meshgate::start(&cfg);
+    let mut peer = Peer::new(&client_key, &server_key.public_key().to_string(), port);
+    peer.sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    // Well-formed initiations (valid MAC1), far above the limit.
+    for _ in 0..1000 {
+        if let TunnResult::WriteToNetwork(d) =
+            peer.tunn.format_handshake_initiation(&mut peer.buf, true)
+        {
+            let d = d.to_vec();
+            peer.send_raw(&d);
+        }
+    }
+    let mut cookies = 0;
+    let mut responses = 0;
+    let mut rx = [0u8; 256];
+    while let Ok(n) = peer.sock.recv(&mut rx) {
+        match (n, rx[0]) {
+            (64, 3) => cookies += 1,
+            (92, 2) => responses += 1,
+            _ => {}
+        }
+    }
+    assert!(
+        cookies > 0,
+        "no cookie replies under load ({responses} responses)"
+    );
+    assert!(
+        responses < 1000,
+        "every initiation was answered with a handshake"
+    );
+    // Once the load is gone, a normal handshake and ping work.
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut peer = Peer::new(&client_key, &server_key.public_key().to_string(), port);
+    peer.handshake();
+    peer.send_ip(&echo_request([10, 192, 0, 2], [10, 192, 0, 1], 9));
+    assert_echo_reply(&peer.recv_ip().expect("echo reply after the flood"), 9);
+}
