@@ -33,7 +33,7 @@ fn check_run(script: &str, mut cmd: Command) {
 
 fn run_example(script: &str) {
     let mut cmd = Command::new("bash");
-    cmd.arg(example(script)).env("MESHGATE_BIN", bin_dir());
+    cmd.arg(example(script)).env("MESHGATE_BIN_DIR", bin_dir());
     check_run(script, cmd);
 }
 
@@ -89,7 +89,7 @@ fn loopback_wireguard_demo_runs_without_privileges() {
     .unwrap();
     let mut cmd = Command::new("runuser");
     cmd.args(["-u", "nobody", "--", "env", "HOME=/tmp"])
-        .arg(format!("MESHGATE_BIN={}", bin.display()))
+        .arg(format!("MESHGATE_BIN_DIR={}", bin.display()))
         .arg("bash")
         .arg(ex.join("run.sh"));
     let out = cmd.output().unwrap();

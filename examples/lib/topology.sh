@@ -107,7 +107,7 @@ wait_for() {
 
 # meshgate_bin: the directory holding meshgate and meshgatectl.
 meshgate_bin() {
-  if [[ -n "${MESHGATE_BIN:-}" ]]; then echo "$MESHGATE_BIN"; return; fi
+  if [[ -n "${MESHGATE_BIN_DIR:-}" ]]; then echo "$MESHGATE_BIN_DIR"; return; fi
   local root; root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
   (cd "$root" && cargo build --release --bins -q >&2)
   echo "$root/target/release"

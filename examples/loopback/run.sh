@@ -10,9 +10,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-if [[ -z "${MESHGATE_BIN:-}" ]]; then
+if [[ -z "${MESHGATE_BIN_DIR:-}" ]]; then
   (cd "$root" && cargo build --release --bins -q)
-  MESHGATE_BIN="$root/target/release"
+  MESHGATE_BIN_DIR="$root/target/release"
 fi
 for port in 18280 18181 19001 19002; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -32,10 +32,10 @@ trap cleanup EXIT
 
 # Keys: private keys in files only this user can read.
 umask 077
-"$MESHGATE_BIN/meshgatectl" genkey > "$WORK/server.key"
-"$MESHGATE_BIN/meshgatectl" genkey > "$WORK/client.key"
-SERVER_PUBLIC="$("$MESHGATE_BIN/meshgatectl" pubkey < "$WORK/server.key")"
-CLIENT_PUBLIC="$("$MESHGATE_BIN/meshgatectl" pubkey < "$WORK/client.key")"
+"$MESHGATE_BIN_DIR/meshgatectl" genkey > "$WORK/server.key"
+"$MESHGATE_BIN_DIR/meshgatectl" genkey > "$WORK/client.key"
+SERVER_PUBLIC="$("$MESHGATE_BIN_DIR/meshgatectl" pubkey < "$WORK/server.key")"
+CLIENT_PUBLIC="$("$MESHGATE_BIN_DIR/meshgatectl" pubkey < "$WORK/client.key")"
 umask 022
 
 # The config directories, with the keys' paths and public keys filled in.
@@ -55,9 +55,9 @@ echo "hello from the backend, through a userspace WireGuard tunnel" > "$WORK/www
 python3 -m http.server 18181 --bind 127.0.0.1 --directory "$WORK/www" >"$WORK/backend.log" 2>&1 &
 pids+=($!)
 
-"$MESHGATE_BIN/meshgate" --config-dir "$WORK/server" 2>"$WORK/server.log" &
+"$MESHGATE_BIN_DIR/meshgate" --config-dir "$WORK/server" 2>"$WORK/server.log" &
 pids+=($!)
-"$MESHGATE_BIN/meshgate" --config-dir "$WORK/client" 2>"$WORK/client.log" &
+"$MESHGATE_BIN_DIR/meshgate" --config-dir "$WORK/client" 2>"$WORK/client.log" &
 pids+=($!)
 
 wait_for() { # URL: up to 10 s
@@ -74,6 +74,6 @@ echo "$body"
 [[ "$body" == "hello from the backend, through a userspace WireGuard tunnel" ]]
 
 echo "== meshgatectl wg show (client)"
-"$MESHGATE_BIN/meshgatectl" --admin 127.0.0.1:19002 wg show
+"$MESHGATE_BIN_DIR/meshgatectl" --admin 127.0.0.1:19002 wg show
 echo "== running as uid $(id -u)"
 echo "demo OK"

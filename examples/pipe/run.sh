@@ -8,9 +8,9 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 
-if [[ -z "${MESHGATE_BIN:-}" ]]; then
+if [[ -z "${MESHGATE_BIN_DIR:-}" ]]; then
   (cd "$root" && cargo build --release --bins -q)
-  MESHGATE_BIN="$root/target/release"
+  MESHGATE_BIN_DIR="$root/target/release"
 fi
 for port in 18080 18081 19000; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -39,8 +39,8 @@ wait_for() { # URL: up to 5 s
 }
 wait_for http://127.0.0.1:18081/
 
-"$MESHGATE_BIN/meshgate" --config-dir "$here/config" --check
-"$MESHGATE_BIN/meshgate" --config-dir "$here/config" 2>"$work/meshgate.log" &
+"$MESHGATE_BIN_DIR/meshgate" --config-dir "$here/config" --check
+"$MESHGATE_BIN_DIR/meshgate" --config-dir "$here/config" 2>"$work/meshgate.log" &
 pids+=($!)
 
 wait_for http://127.0.0.1:19000/readyz || { cat "$work/meshgate.log" >&2; exit 1; }
@@ -51,7 +51,7 @@ echo "$body"
 [[ "$body" == "hello from the backend, through meshgate" ]]
 
 echo "== meshgatectl status"
-"$MESHGATE_BIN/meshgatectl" --admin 127.0.0.1:19000 status
+"$MESHGATE_BIN_DIR/meshgatectl" --admin 127.0.0.1:19000 status
 
 echo "== metrics"
 curl -sf http://127.0.0.1:19000/metrics | grep -E '^meshgate_(connections_total|bytes_total)'
