@@ -196,7 +196,7 @@ fn ping_and_bad_input() {
             .collect();
         peer.send_raw(&junk);
     }
-    let mut init = vec![0u8; 148];
+    let mut init = [0u8; 148];
     init[0] = 1;
     peer.send_raw(&init[..60]);
     assert!(wait_until(Duration::from_secs(3), || drops("-", "invalid") >= 5.0));

@@ -10,6 +10,7 @@
 use serde_json::{json, Map, Value};
 
 /// The document, plus warnings about what was left out.
+#[derive(Debug)]
 pub struct Imported {
     /// A `kind: wireguard` document.
     pub document: Value,
