@@ -130,7 +130,7 @@ EOF
 # wireguard-go in A also talks to meshgate's server (for the ping row).
 inA wg set "$WGA" peer "$(pub ms)" endpoint 10.233.0.2:51830 allowed-ips 10.192.0.1/32
 inA ip addr add 10.192.0.3/32 dev "$WGA"
-inA ip route add 10.192.0.1/32 dev "$WGA"
+inA ip route add 10.192.0.1/32 dev "$WGA" src 10.192.0.3
 
 bgB "$TMP/ms.log" "$MESHGATE_BIN_DIR/meshgate" --config-dir "$TMP/ms"
 bgA "$TMP/mc.log" "$MESHGATE_BIN_DIR/meshgate" --config-dir "$TMP/mc"
