@@ -142,8 +142,16 @@ fn assert_echo_reply(packet: &[u8], seq: u16) {
     assert_eq!(v4.header().destination_addr(), Ipv4Addr::new(10, 192, 0, 2));
 }
 
-#[test]
-fn ping_and_bad_input() {
+/// A meshgate WireGuard server (10.192.0.1/24) with one peer, `client`
+/// (10.192.0.2/32), on a free UDP port.
+struct Server {
+    server_key: PrivateKey,
+    client_key: PrivateKey,
+    port: u16,
+    cfg: ConfigDir,
+}
+
+fn server() -> Server {
     let server_key = PrivateKey::generate();
     let client_key = PrivateKey::generate();
     let port = {
@@ -159,6 +167,22 @@ fn ping_and_bad_input() {
             client_key.public_key()
         ),
     );
+    Server {
+        server_key,
+        client_key,
+        port,
+        cfg,
+    }
+}
+
+#[test]
+fn ping_and_bad_input() {
+    let Server {
+        server_key,
+        client_key,
+        port,
+        cfg,
+    } = server();
     let mg = Meshgate::start(&cfg);
     assert!(
         !mg.log_text().contains(&server_key.to_base64()),
@@ -220,21 +244,12 @@ fn ping_and_bad_input() {
 
 #[test]
 fn handshake_floods_get_cookies_and_service_continues() {
-    let server_key = PrivateKey::generate();
-    let client_key = PrivateKey::generate();
-    let port = {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.local_addr().unwrap().port()
-    };
-    let cfg = ConfigDir::new();
-    cfg.write(
-        "tenants/default/wg0.yaml",
-        &format!(
-            "kind: wireguard\nprivate_key: {}\nlisten_port: {port}\naddress: 10.192.0.1/24\npeers:\n  - name: client\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n",
-            server_key.to_base64(),
-            client_key.public_key()
-        ),
-    );
+    let Server {
+        server_key,
+        client_key,
+        port,
+        cfg,
+    } = server();
     let _mg = Meshgate::start(&cfg);
     let mut peer = Peer::new(&client_key, &server_key.public_key().to_string(), port);
     peer.sock

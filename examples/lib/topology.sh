@@ -7,6 +7,7 @@
 #   inside HOST CMD...             run CMD inside HOST
 #   bg HOST LOG CMD...             start CMD inside HOST in the background
 #   nginx_in HOST ADDR:PORT TEXT   nginx serving TEXT
+#   cloudgateway_pair SRV CLI      fresh keys into two conf.yaml templates, start both nodes
 #   topology_cleanup               remove everything (installed as an EXIT trap)
 #
 # Names carry a per-run prefix, so runs never collide (wireguard-go's
@@ -126,4 +127,28 @@ render() {
   eval "cat <<__END__
 $text
 __END__" > "$2"
+}
+
+# cloudgateway_pair SERVER_TEMPLATE CLIENT_TEMPLATE: fills Cloud-Gateway
+# conf.yaml templates with fresh keys (drawing again on the rare VPN-address
+# collision), checks both, and runs meshgate on them in the hosts `server`
+# and `client` until their admin APIs are ready.
+cloudgateway_pair() {
+  for _ in 1 2 3 4 5; do
+    keypair SERVER; keypair CLIENT
+    export SERVER_PUBLIC SERVER_PRIVATE CLIENT_PUBLIC CLIENT_PRIVATE
+    mkdir -p "$WORK/server" "$WORK/client"
+    render "$1" "$WORK/server/conf.yaml"
+    render "$2" "$WORK/client/conf.yaml"
+    "$BIN/meshgate" --config-dir "$WORK/server" --check >/dev/null 2>&1 && break
+  done
+  "$BIN/meshgate" --config-dir "$WORK/server" --check
+  "$BIN/meshgate" --config-dir "$WORK/client" --check
+  local node
+  for node in server client; do
+    bg "$node" "$WORK/$node.log" env CLOUD_GATEWAY_LOG_LEVEL=info "$BIN/meshgate" --config-dir "$WORK/$node"
+  done
+  for node in server client; do
+    wait_for "$node" http://127.0.0.1:9000/readyz || { cat "$WORK/$node.log" >&2; exit 1; }
+  done
 }

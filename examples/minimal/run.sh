@@ -24,23 +24,7 @@ host_names server "172.28.1.10 nginx"
 host_names client "172.28.2.2 server"
 nginx_in nginx 0.0.0.0:80 "Welcome to nginx in the legacy network"
 
-# Fresh keys; Cloud-Gateway derives VPN addresses from them, so draw again
-# on the rare collision.
-for _ in 1 2 3 4 5; do
-  keypair SERVER; keypair CLIENT
-  export SERVER_PUBLIC SERVER_PRIVATE CLIENT_PUBLIC CLIENT_PRIVATE
-  mkdir -p "$WORK/server" "$WORK/client"
-  render "$here/server/conf.yaml" "$WORK/server/conf.yaml"
-  render "$here/client/conf.yaml" "$WORK/client/conf.yaml"
-  "$BIN/meshgate" --config-dir "$WORK/server" --check >/dev/null 2>&1 && break
-done
-"$BIN/meshgate" --config-dir "$WORK/server" --check
-"$BIN/meshgate" --config-dir "$WORK/client" --check
-
-bg server "$WORK/server.log" env CLOUD_GATEWAY_LOG_LEVEL=info "$BIN/meshgate" --config-dir "$WORK/server"
-bg client "$WORK/client.log" env CLOUD_GATEWAY_LOG_LEVEL=info "$BIN/meshgate" --config-dir "$WORK/client"
-wait_for server http://127.0.0.1:9000/readyz || { cat "$WORK/server.log" >&2; exit 1; }
-wait_for client http://127.0.0.1:9000/readyz || { cat "$WORK/client.log" >&2; exit 1; }
+cloudgateway_pair "$here/server/conf.yaml" "$here/client/conf.yaml"
 
 echo "== client: curl http://127.0.0.1:8080/"
 body="$(inside client curl -sf --max-time 10 --retry 5 --retry-all-errors --retry-delay 1 http://127.0.0.1:8080/)" \
