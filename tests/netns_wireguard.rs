@@ -288,3 +288,51 @@ fn tenants_with_overlapping_networks_never_meet() {
         1.0
     );
 }
+
+/// A server holding a /24 forwards between its peers: two wireguard-go
+/// clients ping each other through meshgate (hub routing).
+#[test]
+fn clients_reach_each_other_through_the_hub() {
+    if !can_netns() || !have("wireguard-go") || !have("wg") || !have("ping") {
+        return;
+    }
+    let server = Netns::new("s");
+    let c1 = Netns::new("a");
+    let c2 = Netns::new("b");
+    link(&server, "10.231.4.1/24", &c1, "10.231.4.2/24");
+    link(&server, "10.231.5.1/24", &c2, "10.231.5.2/24");
+    let w1 = WgGo::new(&c1, "10.192.0.2/24", None);
+    let w2 = WgGo::new(&c2, "10.192.0.3/24", None);
+    let key = meshgate::core::keys::PrivateKey::generate();
+    let cfg = server_config(
+        &key.to_base64(),
+        51820,
+        &format!(
+            "  - name: one\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n  - name: two\n    public_key: {}\n    allowed_ips: [10.192.0.3/32]\n",
+            w1.public_key(),
+            w2.public_key()
+        ),
+        "127.0.0.1:9000",
+        "127.0.0.1:1",
+    );
+    let mg = NsMeshgate::start(&server, cfg.path(), "127.0.0.1:9000");
+    for (ns, w, n) in [(&c1, &w1, 4), (&c2, &w2, 5)] {
+        w.add_peer(
+            ns,
+            &key.public_key().to_string(),
+            &format!(
+                "endpoint 10.231.{n}.1:51820 allowed-ips 10.192.0.0/24 persistent-keepalive 1"
+            ),
+        );
+    }
+    // Both clients have a session once their keepalives got through.
+    assert!(wait_until(Duration::from_secs(5), || {
+        mg.metric_sum(&server, "meshgate_wg_handshakes_total{") >= 2.0
+    }));
+    let ping = c1.try_sh("ping -c 3 -i 0.2 -W 2 10.192.0.3");
+    assert!(
+        ping.status.success(),
+        "client one cannot reach client two through the hub: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+}
