@@ -2,9 +2,8 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
@@ -21,18 +20,7 @@ fn ctl(args: &[&str]) -> (bool, String, String) {
 }
 
 fn pipe_stdin(cmd: &mut Command, input: &str) -> String {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_stdin(cmd, input.as_bytes());
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
@@ -61,14 +49,10 @@ fn keys_match_wg() {
         );
         assert_eq!(ours, theirs);
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meshgatectl"))
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"not a key").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_meshgatectl")).arg("pubkey"),
+        b"not a key",
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid key"));
 }

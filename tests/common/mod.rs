@@ -101,6 +101,18 @@ impl ConfigDir {
     }
 }
 
+/// Runs `cmd` with `input` on its stdin; returns its whole output.
+pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// `meshgate --config-dir DIR --check`.
 pub fn check(dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_meshgate"))
