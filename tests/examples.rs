@@ -82,6 +82,7 @@ fn loopback_wireguard_demo_runs_without_privileges() {
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let ex = tmp.path().join("examples/loopback");
     copy_tree(&example("examples/loopback"), &ex);
+    copy_tree(&example("examples/lib"), &tmp.path().join("examples/lib"));
     std::fs::set_permissions(
         tmp.path().join("examples"),
         std::fs::Permissions::from_mode(0o755),

@@ -14,6 +14,7 @@
 # /var/run/wireguard is shared by all namespaces; our namespaces use none).
 
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 [[ $(id -u) -eq 0 ]] || { echo "this example builds network namespaces: run it as root" >&2; exit 1; }
 for tool in ip nginx curl; do
   command -v "$tool" >/dev/null || { echo "needs $tool (scripts/test.sh installs it)" >&2; exit 1; }
@@ -104,14 +105,6 @@ wait_for() {
     ((SECONDS < end)) || { echo "no answer from $2 in $1" >&2; return 1; }
     sleep 0.2
   done
-}
-
-# meshgate_bin: the directory holding meshgate and meshgatectl.
-meshgate_bin() {
-  if [[ -n "${MESHGATE_BIN_DIR:-}" ]]; then echo "$MESHGATE_BIN_DIR"; return; fi
-  local root; root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-  (cd "$root" && cargo build --release --bins -q >&2)
-  echo "$root/target/release"
 }
 
 # keypair NAME: sets NAME_PRIVATE and NAME_PUBLIC from meshgatectl genkey/pubkey.
