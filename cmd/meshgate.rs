@@ -3,13 +3,14 @@
 //! ```text
 //! meshgate --config-dir DIR          # or MESHGATE_CONFIG_DIR=DIR meshgate
 //! meshgate --config-dir DIR --check  # validate and exit (non-zero on errors)
+//! meshgate                           # /etc/meshgate, else /etc/cloudgateway
 //! ```
 //!
 //! SIGTERM or SIGINT drains: listeners close at once (new connections are
 //! refused), open connections may finish for `drain_timeout`, then the rest
 //! are closed. A second signal exits at once.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -25,9 +26,10 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// The config directory: meshgate.yaml and tenants/<tenant>/<instance>.yaml.
+    /// The config directory: meshgate.yaml and tenants/<tenant>/<instance>.yaml,
+    /// or Cloud-Gateway's conf.yaml. Default: /etc/meshgate, else /etc/cloudgateway.
     #[arg(long, env = "MESHGATE_CONFIG_DIR", value_name = "DIR")]
-    config_dir: PathBuf,
+    config_dir: Option<PathBuf>,
     /// Validate the whole config and exit: 0 if valid, 1 with every error otherwise.
     #[arg(long)]
     check: bool,
@@ -62,12 +64,22 @@ fn fail(lines: &[String]) -> ExitCode {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    let (config_dir, defaulted) = match args.config_dir {
+        Some(d) => (d, false),
+        None => match node::default_config_dir(Path::is_dir) {
+            Ok(d) => (d, true),
+            Err(e) => return fail(&[e]),
+        },
+    };
     if args.check {
-        return match node::check_dir(&args.config_dir).await {
+        if defaulted {
+            eprintln!("config directory: {} (the default)", config_dir.display());
+        }
+        return match node::check_dir(&config_dir).await {
             Ok(s) => {
                 println!(
                     "{}: config OK ({} tenants, {} module instances)",
-                    args.config_dir.display(),
+                    config_dir.display(),
                     s.tenants,
                     s.instances
                 );
@@ -76,7 +88,7 @@ async fn main() -> ExitCode {
             Err(errors) => fail(&errors),
         };
     }
-    let store = match node::open_store(&args.config_dir) {
+    let store = match node::open_store(&config_dir) {
         Ok(s) => s,
         Err(e) => return fail(&[e]),
     };
@@ -86,6 +98,9 @@ async fn main() -> ExitCode {
     };
     init_logging(&node_cfg);
     tracing::info!(node = %node_cfg.node, store = %store.describe(), version = env!("CARGO_PKG_VERSION"), "meshgate starting");
+    if defaulted {
+        tracing::info!(dir = %config_dir.display(), "config directory chosen by default: no --config-dir or MESHGATE_CONFIG_DIR given");
+    }
 
     let registry = node::registry(store.clone());
     // Bind the admin API first: a taken admin port is a start-up error, not a

@@ -7,7 +7,7 @@
 #   inside HOST CMD...             run CMD inside HOST
 #   bg HOST LOG CMD...             start CMD inside HOST in the background
 #   nginx_in HOST ADDR:PORT TEXT   nginx serving TEXT
-#   cloudgateway_pair SRV CLI      fresh keys into two conf.yaml templates, start both nodes
+#   cloudgateway_nodes HOST=CONF.. fresh keys into conf.yaml templates, one node per HOST
 #   topology_cleanup               remove everything (installed as an EXIT trap)
 #
 # Names carry a per-run prefix, so runs never collide (wireguard-go's
@@ -114,34 +114,52 @@ keypair() {
   printf -v "${1}_PUBLIC" '%s' "$(echo "$priv" | "$BIN/meshgatectl" pubkey)"
 }
 
-# render TEMPLATE OUT: substitutes ${VAR} from the environment of this shell.
+# render TEMPLATE OUT: substitutes ${VAR} from the environment (exported
+# variables only; an unset one is an error). Nothing else in the template is
+# interpreted.
 render() {
-  local text; text="$(<"$1")"
-  eval "cat <<__END__
-$text
-__END__" > "$2"
+  perl -pe 's/\$\{(\w+)\}/defined $ENV{$1} ? $ENV{$1} : die "$ARGV: \${$1} is not set\n"/ge' "$1" > "$2"
 }
 
-# cloudgateway_pair SERVER_TEMPLATE CLIENT_TEMPLATE: fills Cloud-Gateway
-# conf.yaml templates with fresh keys (drawing again on the rare VPN-address
-# collision), checks both, and runs meshgate on them in the hosts `server`
-# and `client` until their admin APIs are ready.
-cloudgateway_pair() {
+# cloudgateway_nodes HOST=TEMPLATE...: one Cloud-Gateway node per HOST, its
+# conf.yaml rendered from TEMPLATE with fresh keys: ${<HOST>_PUBLIC} and
+# ${<HOST>_PRIVATE} for every HOST (upper case, `-` as `_`; e.g.
+# ${CLIENT_CLOUDNATIVE_PUBLIC}). Keys are drawn again on the rare VPN-address
+# collision. Each config is checked, then meshgate runs on it inside HOST
+# until its admin API is ready. Logs: $WORK/HOST.log.
+cloudgateway_nodes() {
+  local spec host var ok
   for _ in 1 2 3 4 5; do
-    keypair SERVER; keypair CLIENT
-    export SERVER_PUBLIC SERVER_PRIVATE CLIENT_PUBLIC CLIENT_PRIVATE
-    mkdir -p "$WORK/server" "$WORK/client"
-    render "$1" "$WORK/server/conf.yaml"
-    render "$2" "$WORK/client/conf.yaml"
-    "$BIN/meshgate" --config-dir "$WORK/server" --check >/dev/null 2>&1 && break
+    for spec in "$@"; do
+      var="$(echo "${spec%%=*}" | tr 'a-z-' 'A-Z_')"
+      keypair "$var"
+      export "${var}_PUBLIC" "${var}_PRIVATE"
+    done
+    ok=1
+    for spec in "$@"; do
+      host="${spec%%=*}"
+      mkdir -p "$WORK/$host"
+      render "${spec#*=}" "$WORK/$host/conf.yaml"
+      "$BIN/meshgate" --config-dir "$WORK/$host" --check >/dev/null 2>&1 || ok=0
+    done
+    ((ok)) && break
   done
-  "$BIN/meshgate" --config-dir "$WORK/server" --check
-  "$BIN/meshgate" --config-dir "$WORK/client" --check
-  local node
-  for node in server client; do
-    bg "$node" "$WORK/$node.log" env CLOUD_GATEWAY_LOG_LEVEL=info "$BIN/meshgate" --config-dir "$WORK/$node"
+  for spec in "$@"; do
+    "$BIN/meshgate" --config-dir "$WORK/${spec%%=*}" --check
   done
-  for node in server client; do
-    wait_for "$node" http://127.0.0.1:9000/readyz || { cat "$WORK/$node.log" >&2; exit 1; }
+  for spec in "$@"; do
+    host="${spec%%=*}"
+    bg "$host" "$WORK/$host.log" env CLOUD_GATEWAY_ENGINE=boringtun CLOUD_GATEWAY_LOG_LEVEL=info \
+      "$BIN/meshgate" --config-dir "$WORK/$host"
   done
+  for spec in "$@"; do
+    host="${spec%%=*}"
+    wait_for "$host" http://127.0.0.1:9000/readyz || { cat "$WORK/$host.log" >&2; exit 1; }
+  done
+}
+
+# show_logs HOST...: every node's log, for a failed demo.
+show_logs() {
+  local host
+  for host in "$@"; do echo "--- $host ---"; cat "$WORK/$host.log"; done >&2
 }

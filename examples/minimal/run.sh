@@ -5,7 +5,8 @@
 #   cloudnative network:  server, client
 #
 # The client's pipe (port 8080) reaches nginx through the WireGuard tunnel to
-# the server. Both nodes run meshgate on Cloud-Gateway's own conf.yaml.
+# the server. Both nodes run meshgate on the seed's conf.yaml files (keys
+# filled in): the same pipe, `remote: nginx:80` included, on both.
 # Needs root (namespaces); everything is removed when it exits.
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/../lib/topology.sh"
@@ -24,11 +25,11 @@ host_names server "172.28.1.10 nginx"
 host_names client "172.28.2.2 server"
 nginx_in nginx 0.0.0.0:80 "Welcome to nginx in the legacy network"
 
-cloudgateway_pair "$here/server/conf.yaml" "$here/client/conf.yaml"
+cloudgateway_nodes server="$here/server/conf.yaml" client="$here/client/conf.yaml"
 
-echo "== client: curl http://127.0.0.1:8080/"
-body="$(inside client curl -sf --max-time 10 --retry 5 --retry-all-errors --retry-delay 1 http://127.0.0.1:8080/)" \
-  || { cat "$WORK/server.log" "$WORK/client.log" >&2; exit 1; }
+echo "== client: curl http://localhost:8080/"
+body="$(inside client curl -sf --max-time 10 --retry 5 --retry-all-errors --retry-delay 1 http://localhost:8080/)" \
+  || { show_logs server client; exit 1; }
 echo "$body"
 [[ "$body" == "Welcome to nginx in the legacy network" ]]
 

@@ -3,7 +3,7 @@
 //! Both binaries use this: `meshgate --check DIR` and `meshgatectl check DIR`
 //! give the same answer, and `meshgate` refuses to start on the same errors.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use configstore::{CloudGatewayStore, ConfigStore, DirStore, EnvOverlay};
@@ -26,6 +26,28 @@ pub fn open_store(dir: &Path) -> Result<Arc<dyn ConfigStore>, String> {
     }
     let store = EnvOverlay::from_env(dir_store).map_err(|e| e.to_string())?;
     Ok(Arc::new(store))
+}
+
+/// Where `meshgate` looks for its config when neither `--config-dir` nor
+/// `MESHGATE_CONFIG_DIR` names one, in order: meshgate's own directory, then
+/// Cloud-Gateway's mount point (so a Cloud-Gateway container's volume works
+/// unchanged).
+pub const DEFAULT_CONFIG_DIRS: [&str; 2] = ["/etc/meshgate", "/etc/cloudgateway"];
+
+/// The first of [`DEFAULT_CONFIG_DIRS`] that `is_dir` says exists, or an
+/// error saying what was looked for and how to name a directory.
+pub fn default_config_dir(is_dir: impl Fn(&Path) -> bool) -> Result<PathBuf, String> {
+    DEFAULT_CONFIG_DIRS
+        .iter()
+        .map(Path::new)
+        .find(|p| is_dir(p))
+        .map(Path::to_path_buf)
+        .ok_or_else(|| {
+            format!(
+                "no config directory: pass --config-dir DIR or set MESHGATE_CONFIG_DIR (without either, meshgate reads {})",
+                DEFAULT_CONFIG_DIRS.join(" or ")
+            )
+        })
 }
 
 /// Reads the node document.
@@ -79,4 +101,20 @@ pub async fn check_dir(dir: &Path) -> Result<CheckSummary, Vec<String>> {
         }
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_dir_prefers_meshgate_then_cloud_gateway() {
+        let d = default_config_dir(|p| p == Path::new("/etc/cloudgateway")).unwrap();
+        assert_eq!(d, Path::new("/etc/cloudgateway"));
+        let d = default_config_dir(|_| true).unwrap();
+        assert_eq!(d, Path::new("/etc/meshgate"));
+        let e = default_config_dir(|_| false).unwrap_err();
+        assert!(e.contains("--config-dir"), "{e}");
+        assert!(e.contains("/etc/meshgate or /etc/cloudgateway"), "{e}");
+    }
 }

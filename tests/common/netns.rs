@@ -153,18 +153,22 @@ impl Drop for Netns {
     }
 }
 
-/// Joins two namespaces with a veth pair and gives each end an address (`a.b.c.d/nn`).
+/// Joins two namespaces with a veth pair and gives each end its addresses
+/// (`a.b.c.d/nn`, or several separated by commas, IPv6 ones included:
+/// `10.0.0.1/24,fd00::1/64`; IPv6 addresses skip duplicate detection so they
+/// are usable at once).
 pub fn link(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) {
     let (ea, eb) = (unique("va"), unique("vb"));
     run(Command::new("ip").args([
         "link", "add", &ea, "netns", &a.name, "type", "veth", "peer", "name", &eb, "netns", &b.name,
     ]));
-    a.sh(&format!(
-        "ip addr add {a_addr} dev {ea} && ip link set {ea} up"
-    ));
-    b.sh(&format!(
-        "ip addr add {b_addr} dev {eb} && ip link set {eb} up"
-    ));
+    for (ns, dev, addrs) in [(a, &ea, a_addr), (b, &eb, b_addr)] {
+        for addr in addrs.split(',') {
+            let nodad = if addr.contains(':') { " nodad" } else { "" };
+            ns.sh(&format!("ip addr add {addr} dev {dev}{nodad}"));
+        }
+        ns.sh(&format!("ip link set {dev} up"));
+    }
 }
 
 /// A wireguard-go interface inside `ns`, configured with `wg`.
@@ -177,6 +181,17 @@ impl WgGo {
     /// Creates the interface with `address` (e.g. `10.192.0.2/24`) and an
     /// optional listen port.
     pub fn new(ns: &Netns, address: &str, listen_port: Option<u16>) -> WgGo {
+        let key = meshgate::core::keys::PrivateKey::generate();
+        Self::with_key(ns, key, address, listen_port)
+    }
+
+    /// As [`WgGo::new`], with a given private key.
+    pub fn with_key(
+        ns: &Netns,
+        private_key: meshgate::core::keys::PrivateKey,
+        address: &str,
+        listen_port: Option<u16>,
+    ) -> WgGo {
         let iface = unique("wgt");
         let out = ns
             .cmd("wireguard-go")
@@ -189,7 +204,6 @@ impl WgGo {
             "wireguard-go: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let private_key = meshgate::core::keys::PrivateKey::generate();
         let dir = tempfile::tempdir().unwrap();
         let keyfile = dir.path().join("key");
         std::fs::write(&keyfile, private_key.to_base64()).unwrap();

@@ -30,7 +30,7 @@ use crate::core::dial::DialError;
 use crate::core::flow::{FlowContext, Protocol};
 use crate::core::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::proxy::{self, ProxyOptions, Stream};
-use crate::core::vnet::StreamListener;
+use crate::core::vnet::{bind_host_tcp, StreamListener};
 
 pub use config::{PipeConfig, PipeProtocol};
 
@@ -243,19 +243,9 @@ impl Pipe {
                 .map_err(|e| self.listen_error(cfg, e));
         }
         match cfg.protocol {
-            PipeProtocol::Tcp => {
-                let sock = if addr.is_ipv4() {
-                    tokio::net::TcpSocket::new_v4()
-                } else {
-                    tokio::net::TcpSocket::new_v6()
-                }
-                .map_err(|e| self.listen_error(cfg, e))?;
-                sock.set_reuseaddr(true)
-                    .map_err(|e| self.listen_error(cfg, e))?;
-                sock.bind(addr).map_err(|e| self.listen_error(cfg, e))?;
-                let l = sock.listen(1024).map_err(|e| self.listen_error(cfg, e))?;
-                Ok(Bound::Tcp(l))
-            }
+            PipeProtocol::Tcp => bind_host_tcp(addr)
+                .map(Bound::Tcp)
+                .map_err(|e| self.listen_error(cfg, e)),
             PipeProtocol::Udp => UdpSocket::bind(addr)
                 .await
                 .map(Bound::Udp)
