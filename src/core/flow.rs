@@ -1,11 +1,15 @@
 //! Flows: one connection or UDP session, tracked from start to end.
 //!
-//! A module opens a flow with [`FlowTable::open`] when it accepts a
-//! connection and holds the returned [`FlowGuard`] for as long as the flow
-//! lives. Start and end are events that [`FlowObserver`]s see (metrics, the
-//! audit log); dropping the guard ends the flow, so no path can leak one.
+//! An on-ramp opens a flow with [`FlowTable::open`] when it accepts a
+//! connection (normally through [`crate::core::onramp`], which does the
+//! rest of the path) and holds the returned [`FlowGuard`] for as long as the
+//! flow lives. Start and end are events that [`FlowObserver`]s see: at start
+//! each may deny the flow with a reason ([`Verdict`], the policy hook); at
+//! end they get a typed [`EndReason`] (the audit log, metrics). Dropping the
+//! guard ends the flow, so no path can leak one.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::core::metrics::InstanceMetrics;
-use crate::core::proxy::Traffic;
+use crate::core::proxy::{JoinEnd, Traffic};
 
 /// Transport protocol of a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -57,9 +61,50 @@ pub struct Flow {
     up: AtomicU64,
     down: AtomicU64,
     metrics: InstanceMetrics,
+    decision: Mutex<Decision>,
+}
+
+/// What the path decided for a flow: the policy verdict and the route.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Decision {
+    /// Allowed, or denied with a reason (`verdict`, `reason` when flat).
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    /// The vnet and rule that chose the connector (`frankfurt: 10.1.0.0/16 -> wg0`).
+    pub route: Option<String>,
+}
+
+/// A flow-start hook's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "verdict", content = "reason")]
+pub enum Verdict {
+    /// Let it through.
+    #[default]
+    Allow,
+    /// Refuse it; the reason is logged, audited and shown.
+    Deny(String),
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Allow => f.write_str("allow"),
+            Verdict::Deny(r) => write!(f, "deny ({r})"),
+        }
+    }
 }
 
 impl Flow {
+    /// The verdict and route so far.
+    pub fn decision(&self) -> Decision {
+        self.decision.lock().expect("flow poisoned").clone()
+    }
+
+    /// Records the route the flow was given.
+    pub fn set_route(&self, route: String) {
+        self.decision.lock().expect("flow poisoned").route = Some(route);
+    }
+
     /// Bytes moved client → remote so far.
     pub fn bytes_up(&self) -> u64 {
         self.up.load(Ordering::Relaxed)
@@ -85,11 +130,85 @@ impl Traffic for Flow {
     }
 }
 
+/// Why a flow ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(into = "&'static str")]
+pub enum EndReason {
+    /// Both sides finished cleanly.
+    Closed,
+    /// Nothing moved for the idle timeout.
+    IdleTimeout,
+    /// The client's side failed.
+    DownstreamError,
+    /// The remote's side failed.
+    UpstreamError,
+    /// A flow-start hook denied it.
+    Denied,
+    /// No route matched, or the vnet does not exist.
+    NoRoute,
+    /// The route is `reject`.
+    Rejected,
+    /// Dialing the remote failed; the label is [`crate::core::dial::DialError::reason`].
+    DialFailed(&'static str),
+    /// The module stopped (config removed, shutdown).
+    Stopped,
+    /// The on-ramp dropped the flow without saying why.
+    Dropped,
+}
+
+impl EndReason {
+    /// Stable snake_case label for logs and metrics (`dial_refused`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Closed => "closed",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::DownstreamError => "downstream_error",
+            EndReason::UpstreamError => "upstream_error",
+            EndReason::Denied => "denied",
+            EndReason::NoRoute => "no_route",
+            EndReason::Rejected => "rejected",
+            EndReason::DialFailed(r) => match r {
+                "resolve" => "dial_resolve",
+                "refused" => "dial_refused",
+                "timeout" => "dial_timeout",
+                "unreachable" => "dial_unreachable",
+                "no_route" => "dial_no_route",
+                _ => "dial_io",
+            },
+            EndReason::Stopped => "stopped",
+            EndReason::Dropped => "dropped",
+        }
+    }
+}
+
+impl From<EndReason> for &'static str {
+    fn from(r: EndReason) -> Self {
+        r.as_str()
+    }
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<JoinEnd> for EndReason {
+    fn from(e: JoinEnd) -> Self {
+        match e {
+            JoinEnd::Closed => EndReason::Closed,
+            JoinEnd::IdleTimeout => EndReason::IdleTimeout,
+            JoinEnd::DownstreamError => EndReason::DownstreamError,
+            JoinEnd::UpstreamError => EndReason::UpstreamError,
+        }
+    }
+}
+
 /// How a flow ended.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlowEnd {
-    /// A short reason: `closed`, `idle_timeout`, `dial_refused`, `stopped`, ...
-    pub reason: String,
+    /// Why.
+    pub reason: EndReason,
     /// Duration of the flow.
     pub duration: Duration,
     /// Bytes client → remote.
@@ -100,8 +219,11 @@ pub struct FlowEnd {
 
 /// Sees flows start and end. Implementations must be quick: they run inline.
 pub trait FlowObserver: Send + Sync {
-    /// A flow was accepted.
-    fn on_start(&self, _flow: &Flow) {}
+    /// A flow was accepted. Return [`Verdict::Deny`] to refuse it (the
+    /// policy hook); the first denial wins and later hooks still see the flow.
+    fn on_start(&self, _flow: &Flow) -> Verdict {
+        Verdict::Allow
+    }
     /// A flow ended.
     fn on_end(&self, _flow: &Flow, _end: &FlowEnd) {}
 }
@@ -111,6 +233,7 @@ pub struct AuditLog;
 
 impl FlowObserver for AuditLog {
     fn on_end(&self, flow: &Flow, end: &FlowEnd) {
+        let decision = flow.decision();
         tracing::info!(
             target: "meshgate::audit",
             flow = flow.id,
@@ -120,6 +243,8 @@ impl FlowObserver for AuditLog {
             protocol = ?flow.ctx.protocol,
             src = %flow.ctx.src,
             dst = %flow.ctx.dst,
+            verdict = %decision.verdict,
+            route = decision.route.as_deref().unwrap_or("-"),
             reason = %end.reason,
             duration_ms = end.duration.as_millis() as u64,
             bytes_up = end.bytes_up,
@@ -145,6 +270,9 @@ pub struct FlowInfo {
     pub bytes_up: u64,
     /// Bytes remote → client.
     pub bytes_down: u64,
+    /// Policy verdict and route.
+    #[serde(flatten)]
+    pub decision: Decision,
 }
 
 /// All live flows of the node.
@@ -174,6 +302,7 @@ impl FlowTable {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             metrics: metrics.clone(),
+            decision: Mutex::new(Decision::default()),
         });
         metrics.connections.inc();
         metrics.active.inc();
@@ -182,7 +311,12 @@ impl FlowTable {
             .expect("flow table poisoned")
             .insert(flow.id, flow.clone());
         for o in &self.observers {
-            o.on_start(&flow);
+            if let Verdict::Deny(reason) = o.on_start(&flow) {
+                let mut d = flow.decision.lock().expect("flow poisoned");
+                if d.verdict == Verdict::Allow {
+                    d.verdict = Verdict::Deny(reason);
+                }
+            }
         }
         FlowGuard {
             flow,
@@ -216,13 +350,14 @@ impl FlowTable {
                 age_secs: f.age().as_secs_f64(),
                 bytes_up: f.bytes_up(),
                 bytes_down: f.bytes_down(),
+                decision: f.decision(),
             })
             .collect();
         out.sort_by_key(|f| f.id);
         out
     }
 
-    fn close(&self, flow: &Flow, reason: String) {
+    fn close(&self, flow: &Flow, reason: EndReason) {
         self.live
             .lock()
             .expect("flow table poisoned")
@@ -245,7 +380,7 @@ impl FlowTable {
 pub struct FlowGuard {
     flow: Arc<Flow>,
     table: Arc<FlowTable>,
-    reason: Option<String>,
+    reason: Option<EndReason>,
 }
 
 impl FlowGuard {
@@ -255,14 +390,19 @@ impl FlowGuard {
     }
 
     /// Records why the flow is ending; reported when the guard drops.
-    pub fn set_end_reason(&mut self, reason: impl Into<String>) {
-        self.reason = Some(reason.into());
+    pub fn set_end_reason(&mut self, reason: EndReason) {
+        self.reason = Some(reason);
+    }
+
+    /// The policy verdict the flow-start hooks gave.
+    pub fn verdict(&self) -> Verdict {
+        self.flow.decision().verdict
     }
 }
 
 impl Drop for FlowGuard {
     fn drop(&mut self) {
-        let reason = self.reason.take().unwrap_or_else(|| "dropped".into());
+        let reason = self.reason.take().unwrap_or(EndReason::Dropped);
         self.table.close(&self.flow, reason);
     }
 }
@@ -275,8 +415,12 @@ mod tests {
     #[derive(Default)]
     struct Recorder(Mutex<Vec<String>>);
     impl FlowObserver for Recorder {
-        fn on_start(&self, f: &Flow) {
+        fn on_start(&self, f: &Flow) -> Verdict {
             self.0.lock().unwrap().push(format!("start {}", f.ctx.dst));
+            if f.ctx.identity.as_deref() == Some("mallory") {
+                return Verdict::Deny("mallory is banned".into());
+            }
+            Verdict::Allow
         }
         fn on_end(&self, f: &Flow, e: &FlowEnd) {
             self.0.lock().unwrap().push(format!(
@@ -315,7 +459,7 @@ mod tests {
         let snap = table.snapshot();
         assert_eq!(snap.len(), 2);
         assert_eq!(snap[0].bytes_down, 7);
-        g1.set_end_reason("closed");
+        g1.set_end_reason(EndReason::Closed);
         drop(g1);
         drop(g2);
         assert_eq!(table.count(None, None), 0);
@@ -330,6 +474,44 @@ mod tests {
                 "end x:1 closed 5/7",
                 "end y:2 dropped 0/0"
             ]
+        );
+    }
+
+    #[test]
+    fn hooks_deny_by_identity_and_the_first_denial_wins() {
+        struct DenyAll;
+        impl FlowObserver for DenyAll {
+            fn on_start(&self, _f: &Flow) -> Verdict {
+                Verdict::Deny("second hook".into())
+            }
+        }
+        let rec = Arc::new(Recorder::default());
+        let table = Arc::new(FlowTable::new(vec![rec.clone(), Arc::new(DenyAll)]));
+        let m = Metrics::new();
+        let im = m.instance("a", "web");
+        let mut c = ctx("a", "x:1");
+        c.identity = Some("mallory".into());
+        let g = table.open(c, &im);
+        assert_eq!(g.verdict(), Verdict::Deny("mallory is banned".into()));
+        g.flow().set_route("default: * -> direct".into());
+        let snap = serde_json::to_value(table.snapshot()).unwrap();
+        assert_eq!(snap[0]["verdict"], "deny");
+        assert_eq!(snap[0]["reason"], "mallory is banned");
+        assert_eq!(snap[0]["route"], "default: * -> direct");
+        let g2 = table.open(ctx("a", "y:1"), &im);
+        assert_eq!(g2.verdict(), Verdict::Deny("second hook".into()));
+    }
+
+    #[test]
+    fn end_reasons_have_stable_labels() {
+        assert_eq!(EndReason::DialFailed("refused").as_str(), "dial_refused");
+        assert_eq!(
+            EndReason::from(JoinEnd::IdleTimeout).as_str(),
+            "idle_timeout"
+        );
+        assert_eq!(
+            serde_json::to_value(EndReason::Rejected).unwrap(),
+            "rejected"
         );
     }
 }

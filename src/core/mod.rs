@@ -6,12 +6,14 @@
 //! - [`module`]: the [`module::Module`] and [`module::ModuleFactory`] traits.
 //! - [`registry`]: builds, starts, reloads and stops module instances.
 //! - [`flow`]: flows (connections, UDP sessions), their table and observers.
-//! - [`router`]: per-tenant longest-match routing to off-ramps.
+//! - [`router`]: route tables: longest match of a target to a connector.
+//! - [`onramp`]: the one path every connection takes (flow, policy, route,
+//!   dial, join, typed end) and the accept loop stream on-ramps share.
 //! - [`dial`]: the [`dial::Dialer`] capability and the direct off-ramp.
 //! - [`proxy`]: joining two streams (half-close, idle timeout, splice).
 //! - [`keys`]: WireGuard-style X25519 keys (base64).
 //! - [`node`]: opening a config directory and checking it whole.
-//! - [`vnet`]: the capability of modules hosting an IP stack (listen in it).
+//! - [`vnet`]: a tenant's virtual networks: routes, hosts, attachments.
 //! - [`metrics`]: the node's Prometheus metrics.
 
 pub mod addr;
@@ -22,6 +24,7 @@ pub mod keys;
 pub mod metrics;
 pub mod module;
 pub mod node;
+pub mod onramp;
 pub mod proxy;
 pub mod registry;
 pub mod router;

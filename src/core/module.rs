@@ -18,7 +18,7 @@ use crate::core::dial::{DialError, Dialer, DirectDialer};
 use crate::core::flow::FlowTable;
 use crate::core::metrics::{InstanceMetrics, Metrics};
 use crate::core::proxy::Stream;
-use crate::core::router::OffRamp;
+use crate::core::router::Connector;
 use crate::core::tenant::Tenant;
 
 /// What a module can fail with at start or reload.
@@ -139,37 +139,29 @@ impl ModuleContext {
         }
     }
 
-    /// Dials `target` through the module `via` names, or else through the
-    /// off-ramp the tenant's router chooses. Every on-ramp dials through here.
-    pub async fn dial_tcp(
+    /// Dials `target` through `connector`: the host network, or the dialer
+    /// of the module it names. Routing happens before, in
+    /// [`crate::core::onramp::OnRamp::connect`].
+    pub async fn dial(
         &self,
-        via: Option<&str>,
+        connector: &Connector,
         target: &HostPort,
         timeout: std::time::Duration,
     ) -> Result<Stream, DialError> {
-        let chosen;
-        let off_ramp = match via {
-            Some(name) => {
-                chosen = OffRamp::Module(name.to_string());
-                &chosen
-            }
-            None => self
-                .tenant
-                .router
-                .route(target)
-                .map_err(|e| DialError::NoRoute(e.to_string()))?,
-        };
-        match off_ramp {
-            OffRamp::Direct => DirectDialer.dial_tcp(target, timeout).await,
-            OffRamp::Module(name) => {
+        match connector {
+            Connector::Direct => DirectDialer.dial_tcp(target, timeout).await,
+            Connector::Module(name) => {
                 let dialer = self.find(name).and_then(|m| m.dialer()).ok_or_else(|| {
                     DialError::NoRoute(format!(
-                        "route to {target} names `{name}`, which is not a running off-ramp in tenant `{}`",
+                        "the route to {target} names `{name}`, which is not a running module with a dialer in tenant `{}`",
                         self.tenant.name
                     ))
                 })?;
                 dialer.dial_tcp(target, timeout).await
             }
+            Connector::Reject => Err(DialError::NoRoute(format!(
+                "{target}: the route is `reject`"
+            ))),
         }
     }
 

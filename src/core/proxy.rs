@@ -138,7 +138,7 @@ impl Default for ProxyOptions {
 
 /// Why a join ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
+pub enum JoinEnd {
     /// Both directions reached EOF and were shut down cleanly.
     Closed,
     /// No bytes moved for [`ProxyOptions::idle_timeout`].
@@ -149,19 +149,19 @@ pub enum EndReason {
     UpstreamError,
 }
 
-impl EndReason {
+impl JoinEnd {
     /// Stable snake_case name, for metric labels and logs.
     pub fn as_str(self) -> &'static str {
         match self {
-            EndReason::Closed => "closed",
-            EndReason::IdleTimeout => "idle_timeout",
-            EndReason::DownstreamError => "downstream_error",
-            EndReason::UpstreamError => "upstream_error",
+            JoinEnd::Closed => "closed",
+            JoinEnd::IdleTimeout => "idle_timeout",
+            JoinEnd::DownstreamError => "downstream_error",
+            JoinEnd::UpstreamError => "upstream_error",
         }
     }
 }
 
-impl fmt::Display for EndReason {
+impl fmt::Display for JoinEnd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -175,7 +175,7 @@ pub struct JoinOutcome {
     /// Bytes written to downstream (server to client).
     pub downstream_bytes: u64,
     /// Why it ended.
-    pub end: EndReason,
+    pub end: JoinEnd,
 }
 
 /// Copies between `downstream` (the client) and `upstream` (the server)
@@ -184,7 +184,7 @@ pub struct JoinOutcome {
 /// error that may reset the other side, which is intended.
 ///
 /// Never panics on I/O errors: they end the join with
-/// [`EndReason::DownstreamError`] or [`EndReason::UpstreamError`] and are
+/// [`JoinEnd::DownstreamError`] or [`JoinEnd::UpstreamError`] and are
 /// logged at debug level.
 pub async fn join(
     downstream: Stream,
@@ -245,7 +245,7 @@ pub async fn join(
 
 /// Runs both copy directions against the idle timer. Dropping `copy` drops
 /// whatever the directions still hold (pipes, buffers, stream halves).
-async fn supervise<F>(copy: F, meter: &Meter<'_>, idle_timeout: Option<Duration>) -> EndReason
+async fn supervise<F>(copy: F, meter: &Meter<'_>, idle_timeout: Option<Duration>) -> JoinEnd
 where
     F: Future<Output = Result<((), ()), CopyError>>,
 {
@@ -257,13 +257,13 @@ where
     };
     tokio::select! {
         done = copy => match done {
-            Ok(((), ())) => EndReason::Closed,
+            Ok(((), ())) => JoinEnd::Closed,
             Err(err) => {
                 debug!(error = %err, "proxy direction failed");
                 err.reason()
             }
         },
-        () = idle => EndReason::IdleTimeout,
+        () = idle => JoinEnd::IdleTimeout,
     }
 }
 
@@ -337,10 +337,10 @@ struct CopyError {
 }
 
 impl CopyError {
-    fn reason(&self) -> EndReason {
+    fn reason(&self) -> JoinEnd {
         match self.side {
-            Side::Downstream => EndReason::DownstreamError,
-            Side::Upstream => EndReason::UpstreamError,
+            Side::Downstream => JoinEnd::DownstreamError,
+            Side::Upstream => JoinEnd::UpstreamError,
         }
     }
 }
@@ -748,7 +748,7 @@ mod tests {
         let outcome = joined.join.await.unwrap();
 
         assert!(back == *data, "{rig:?}: echoed bytes differ");
-        assert_eq!(outcome.end, EndReason::Closed, "{rig:?}");
+        assert_eq!(outcome.end, JoinEnd::Closed, "{rig:?}");
         assert_eq!(outcome.upstream_bytes, 8 * MIB as u64, "{rig:?}");
         assert_eq!(outcome.downstream_bytes, 8 * MIB as u64, "{rig:?}");
         let rec = &joined.recorder;
@@ -812,7 +812,7 @@ mod tests {
         assert!(back == reply, "{rig:?}: reply truncated or corrupted");
 
         let outcome = joined.join.await.unwrap();
-        assert_eq!(outcome.end, EndReason::Closed, "{rig:?}");
+        assert_eq!(outcome.end, JoinEnd::Closed, "{rig:?}");
         assert_eq!(outcome.upstream_bytes, request.len() as u64, "{rig:?}");
         assert_eq!(outcome.downstream_bytes, reply.len() as u64, "{rig:?}");
     }
@@ -840,7 +840,7 @@ mod tests {
                 .expect("idle join did not end")
                 .unwrap();
             let idle = quiet_since.elapsed();
-            assert_eq!(outcome.end, EndReason::IdleTimeout, "{rig:?}");
+            assert_eq!(outcome.end, JoinEnd::IdleTimeout, "{rig:?}");
             assert!(
                 idle >= Duration::from_millis(190),
                 "{rig:?}: ended after {idle:?}"
@@ -876,7 +876,7 @@ mod tests {
         joined.client.shutdown().await.unwrap();
         joined.server.shutdown().await.unwrap();
         let outcome = joined.join.await.unwrap();
-        assert_eq!(outcome.end, EndReason::Closed, "{rig:?}");
+        assert_eq!(outcome.end, JoinEnd::Closed, "{rig:?}");
         assert_eq!(outcome.upstream_bytes, 8, "{rig:?}");
     }
 
@@ -904,7 +904,7 @@ mod tests {
                 )
             })
             .await;
-            assert_eq!(outcome.end, EndReason::UpstreamError, "splice={splice}");
+            assert_eq!(outcome.end, JoinEnd::UpstreamError, "splice={splice}");
             let mut client: Box<dyn AsyncStream> = Box::new(client);
             assert!(sees_close(&mut client).await, "splice={splice}");
         }
@@ -957,10 +957,10 @@ mod tests {
     #[test]
     fn end_reason_names() {
         let names: Vec<_> = [
-            EndReason::Closed,
-            EndReason::IdleTimeout,
-            EndReason::DownstreamError,
-            EndReason::UpstreamError,
+            JoinEnd::Closed,
+            JoinEnd::IdleTimeout,
+            JoinEnd::DownstreamError,
+            JoinEnd::UpstreamError,
         ]
         .iter()
         .map(|r| r.to_string())
@@ -1036,7 +1036,7 @@ mod tests {
             let back = round_trip(joined.client, Arc::new(noise(100_000, i + 1))).await;
             assert_eq!(back.len(), 100_000);
             server.await.unwrap();
-            assert_eq!(joined.join.await.unwrap().end, EndReason::Closed);
+            assert_eq!(joined.join.await.unwrap().end, JoinEnd::Closed);
         }
         // Everything above was awaited; allow the runtime a moment anyway.
         let mut after = open_fds().len();

@@ -9,29 +9,31 @@
 //! Sans-IO: routing is a pure function of the table and the target.
 
 use std::fmt;
-use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::core::addr::HostPort;
 
-/// Where a flow leaves the node.
+/// Where a route sends flows: the connector that carries them out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "name")]
-pub enum OffRamp {
-    /// The host's own network stack.
+pub enum Connector {
+    /// The host's own network stack (names resolved by the host).
     Direct,
     /// A module of the same tenant that offers a dialer (a WireGuard
-    /// instance, a mesh transport), by instance name.
+    /// instance, a gateway link), by instance name.
     Module(String),
+    /// Refused: the route exists to say no.
+    Reject,
 }
 
-impl fmt::Display for OffRamp {
+impl fmt::Display for Connector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            OffRamp::Direct => f.write_str("direct"),
-            OffRamp::Module(m) => write!(f, "module {m}"),
+            Connector::Direct => f.write_str("direct"),
+            Connector::Module(m) => f.write_str(m),
+            Connector::Reject => f.write_str("reject"),
         }
     }
 }
@@ -48,24 +50,70 @@ pub enum Match {
     Suffix(String),
 }
 
+impl fmt::Display for Match {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Match::Cidr(n) => n.fmt(f),
+            Match::Host(h) => f.write_str(h),
+            Match::Suffix(s) if s.is_empty() => f.write_str("*"),
+            Match::Suffix(s) => write!(f, "*.{}", s.trim_start_matches('.')),
+        }
+    }
+}
+
 /// One routing rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Route {
     /// What it matches.
     pub matches: Match,
     /// Where matching flows go.
-    pub off_ramp: OffRamp,
+    pub connector: Connector,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.matches, self.connector)
+    }
 }
 
 /// Why a destination could not be routed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
     /// No route matches.
-    #[error("no route to {0} in this tenant")]
-    NoRoute(String),
+    #[error("no route to {target} in vnet `{vnet}`")]
+    NoRoute {
+        /// The destination.
+        target: String,
+        /// The vnet that was asked.
+        vnet: String,
+    },
+    /// The best route is `reject`.
+    #[error("{target} is refused by route `{route}` in vnet `{vnet}`")]
+    Rejected {
+        /// The destination.
+        target: String,
+        /// The vnet that was asked.
+        vnet: String,
+        /// The rule that refused it.
+        route: String,
+    },
+    /// The vnet asked for does not exist.
+    #[error("no vnet `{0}` in this tenant")]
+    NoVnet(String),
 }
 
-/// A tenant's route table.
+impl RouteError {
+    /// A short fixed label for metrics: `no_route`, `rejected` or `no_vnet`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RouteError::NoRoute { .. } => "no_route",
+            RouteError::Rejected { .. } => "rejected",
+            RouteError::NoVnet(_) => "no_vnet",
+        }
+    }
+}
+
+/// A route table: a pure function of its routes and the target.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Router {
     routes: Vec<Route>,
@@ -77,20 +125,20 @@ impl Router {
         Self { routes }
     }
 
-    /// Everything leaves directly: the default for a tenant with no routes configured.
+    /// Everything leaves directly.
     pub fn direct() -> Self {
         Self::new(vec![
             Route {
                 matches: Match::Cidr("0.0.0.0/0".parse().expect("literal")),
-                off_ramp: OffRamp::Direct,
+                connector: Connector::Direct,
             },
             Route {
                 matches: Match::Cidr("::/0".parse().expect("literal")),
-                off_ramp: OffRamp::Direct,
+                connector: Connector::Direct,
             },
             Route {
                 matches: Match::Suffix(String::new()),
-                off_ramp: OffRamp::Direct,
+                connector: Connector::Direct,
             },
         ])
     }
@@ -100,37 +148,41 @@ impl Router {
         &self.routes
     }
 
-    /// The off-ramp for `target`, by longest match.
-    pub fn route(&self, target: &HostPort) -> Result<&OffRamp, RouteError> {
-        let best = match target.ip() {
-            Some(ip) => self.best_for_ip(ip),
-            None => self.best_for_name(&target.host.to_ascii_lowercase()),
-        };
-        best.ok_or_else(|| RouteError::NoRoute(target.to_string()))
+    /// The best route for `target` in this table alone (longest match), or
+    /// `None`.
+    pub fn route(&self, target: &HostPort) -> Option<&Route> {
+        Self::route_layered(&[self], target)
     }
 
-    fn best_for_ip(&self, ip: IpAddr) -> Option<&OffRamp> {
-        self.routes
-            .iter()
-            .filter_map(|r| match &r.matches {
-                Match::Cidr(net) if net.contains(&ip) => Some((net.prefix_len(), &r.off_ramp)),
-                _ => None,
-            })
-            .max_by_key(|(len, _)| *len)
-            .map(|(_, o)| o)
-    }
-
-    fn best_for_name(&self, host: &str) -> Option<&OffRamp> {
-        // Score: exact names beat every suffix; longer suffixes beat shorter.
-        self.routes
-            .iter()
-            .filter_map(|r| match &r.matches {
-                Match::Host(h) if h.eq_ignore_ascii_case(host) => Some((usize::MAX, &r.off_ramp)),
-                Match::Suffix(s) if suffix_matches(host, s) => Some((s.len(), &r.off_ramp)),
-                _ => None,
-            })
-            .max_by_key(|(score, _)| *score)
-            .map(|(_, o)| o)
+    /// The best route for `target` over several tables: the longest match
+    /// wins; at equal length the earlier table wins (configured routes before
+    /// routes learnt from peers, before built-in defaults).
+    pub fn route_layered<'a>(layers: &[&'a Router], target: &HostPort) -> Option<&'a Route> {
+        let ip = target.ip();
+        let host = target.host.to_ascii_lowercase();
+        let mut best: Option<(usize, std::cmp::Reverse<usize>, &'a Route)> = None;
+        for (layer, table) in layers.iter().enumerate() {
+            for r in &table.routes {
+                let score = match (&r.matches, ip) {
+                    (Match::Cidr(net), Some(ip)) if net.contains(&ip) => net.prefix_len() as usize,
+                    (Match::Host(h), None) if h.eq_ignore_ascii_case(&host) => usize::MAX,
+                    (Match::Suffix(s), None) if suffix_matches(&host, s) => {
+                        let s = s.trim_start_matches('.');
+                        if s.is_empty() {
+                            0
+                        } else {
+                            s.len() + 1
+                        }
+                    }
+                    _ => continue,
+                };
+                let key = (score, std::cmp::Reverse(layer));
+                if best.as_ref().is_none_or(|(s, l, _)| key > (*s, *l)) {
+                    best = Some((key.0, key.1, r));
+                }
+            }
+        }
+        best.map(|(_, _, r)| r)
     }
 }
 
@@ -152,76 +204,108 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn r(m: Match, o: OffRamp) -> Route {
+    fn r(m: Match, o: Connector) -> Route {
         Route {
             matches: m,
-            off_ramp: o,
+            connector: o,
         }
+    }
+
+    fn to(t: &Router, target: &str) -> Option<Connector> {
+        t.route(&hp(target)).map(|r| r.connector.clone())
     }
 
     #[test]
     fn longest_prefix_wins() {
         let t = Router::new(vec![
-            r(Match::Cidr("10.0.0.0/8".parse().unwrap()), OffRamp::Direct),
+            r(
+                Match::Cidr("10.0.0.0/8".parse().unwrap()),
+                Connector::Direct,
+            ),
             r(
                 Match::Cidr("10.1.0.0/16".parse().unwrap()),
-                OffRamp::Module("wg0".into()),
+                Connector::Module("wg0".into()),
             ),
         ]);
-        assert_eq!(
-            t.route(&hp("10.1.2.3:80")).unwrap(),
-            &OffRamp::Module("wg0".into())
-        );
-        assert_eq!(t.route(&hp("10.2.2.3:80")).unwrap(), &OffRamp::Direct);
-        assert_eq!(
-            t.route(&hp("192.168.1.1:80")),
-            Err(RouteError::NoRoute("192.168.1.1:80".into()))
-        );
-        assert!(t.route(&hp("[::1]:80")).is_err());
+        assert_eq!(to(&t, "10.1.2.3:80"), Some(Connector::Module("wg0".into())));
+        assert_eq!(to(&t, "10.2.2.3:80"), Some(Connector::Direct));
+        assert_eq!(to(&t, "192.168.1.1:80"), None);
+        assert_eq!(to(&t, "[::1]:80"), None);
         // A name never matches a CIDR route.
-        assert!(t.route(&hp("example.com:80")).is_err());
+        assert_eq!(to(&t, "example.com:80"), None);
     }
 
     #[test]
     fn names_exact_then_longest_suffix() {
         let t = Router::new(vec![
-            r(Match::Suffix(String::new()), OffRamp::Direct),
+            r(Match::Suffix(String::new()), Connector::Direct),
             r(
                 Match::Suffix(".corp.example".into()),
-                OffRamp::Module("ssh".into()),
+                Connector::Module("ssh".into()),
             ),
             r(
                 Match::Suffix("db.corp.example".into()),
-                OffRamp::Module("wg0".into()),
+                Connector::Module("wg0".into()),
             ),
-            r(Match::Host("special.corp.example".into()), OffRamp::Direct),
+            r(
+                Match::Host("special.corp.example".into()),
+                Connector::Reject,
+            ),
         ]);
+        let ssh = Some(Connector::Module("ssh".into()));
+        assert_eq!(to(&t, "a.corp.example:1"), ssh);
+        assert_eq!(to(&t, "corp.example:1"), ssh);
         assert_eq!(
-            t.route(&hp("a.corp.example:1")).unwrap(),
-            &OffRamp::Module("ssh".into())
+            to(&t, "x.db.corp.example:1"),
+            Some(Connector::Module("wg0".into()))
         );
-        assert_eq!(
-            t.route(&hp("corp.example:1")).unwrap(),
-            &OffRamp::Module("ssh".into())
-        );
-        assert_eq!(
-            t.route(&hp("x.db.corp.example:1")).unwrap(),
-            &OffRamp::Module("wg0".into())
-        );
-        assert_eq!(
-            t.route(&hp("SPECIAL.corp.example:1")).unwrap(),
-            &OffRamp::Direct
-        );
-        assert_eq!(t.route(&hp("notcorp.example:1")).unwrap(), &OffRamp::Direct);
+        assert_eq!(to(&t, "SPECIAL.corp.example:1"), Some(Connector::Reject));
+        assert_eq!(to(&t, "notcorp.example:1"), Some(Connector::Direct));
         // Suffix matching is per label.
         assert!(!suffix_matches("xcorp.example", "corp.example"));
+    }
+
+    #[test]
+    fn earlier_layers_win_ties_and_longer_prefixes_win_across_layers() {
+        let configured = Router::new(vec![r(
+            Match::Cidr("10.1.0.0/16".parse().unwrap()),
+            Connector::Module("sydney".into()),
+        )]);
+        let learnt = Router::new(vec![
+            r(
+                Match::Cidr("10.1.0.0/16".parse().unwrap()),
+                Connector::Module("wg0".into()),
+            ),
+            r(
+                Match::Cidr("10.1.2.0/24".parse().unwrap()),
+                Connector::Module("wg1".into()),
+            ),
+        ]);
+        let defaults = Router::direct();
+        let layers = [&configured, &learnt, &defaults];
+        let at = |t: &str| Router::route_layered(&layers, &hp(t)).map(|r| r.connector.clone());
+        assert_eq!(at("10.1.9.9:1"), Some(Connector::Module("sydney".into())));
+        assert_eq!(at("10.1.2.9:1"), Some(Connector::Module("wg1".into())));
+        assert_eq!(at("8.8.8.8:53"), Some(Connector::Direct));
+        assert_eq!(at("example.com:443"), Some(Connector::Direct));
+    }
+
+    #[test]
+    fn routes_display_as_configured() {
+        let route = r(Match::Suffix(".corp".into()), Connector::Reject);
+        assert_eq!(route.to_string(), "*.corp -> reject");
+        let route = r(
+            Match::Cidr("10.0.0.0/8".parse().unwrap()),
+            Connector::Module("wg0".into()),
+        );
+        assert_eq!(route.to_string(), "10.0.0.0/8 -> wg0");
     }
 
     #[test]
     fn default_table_is_direct() {
         let t = Router::direct();
         for target in ["127.0.0.1:80", "[::1]:80", "example.com:443"] {
-            assert_eq!(t.route(&hp(target)).unwrap(), &OffRamp::Direct, "{target}");
+            assert_eq!(to(&t, target), Some(Connector::Direct), "{target}");
         }
     }
 }

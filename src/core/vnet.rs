@@ -1,18 +1,300 @@
-//! Virtual networks: the capability of modules that host an IP stack.
+//! Virtual networks (vnets): a tenant's address spaces and their routes.
 //!
-//! A WireGuard instance owns a userspace IP stack with the node's VPN
-//! addresses. Through [`VirtualNetwork`] other modules of the same tenant can
-//! listen on those addresses (a pipe accepting on `10.192.0.1:8080`) and
-//! learn where named peers are; dialing goes through the module's
-//! [`crate::core::dial::Dialer`].
+//! A tenant has one or more vnets, one of them the default (an implicit one
+//! named `default` when none is configured). A [`Vnet`] holds its **routes**
+//! (`CIDR | host | *.suffix → connector`) and a static `hosts` map; modules
+//! that carry a network (WireGuard instances) *attach* to a vnet, and their
+//! peers' allowed IPs become routes of that vnet. [`Vnets::route`] answers
+//! where a flow to a target goes: every on-ramp asks it, through
+//! [`crate::core::onramp`]. Two vnets (of one tenant or of two) may use the
+//! same addresses: each has its own table, so their traffic never meets.
+//!
+//! Lookup order, longest match first; at equal length configured routes win
+//! over learnt ones, which win over the implicit vnet's built-in `direct`
+//! defaults. No match is [`RouteError::NoRoute`], never a silent direct dial.
+//!
+//! Also here: the [`VirtualNetwork`] capability of modules that host an IP
+//! stack (listen on a VPN address), [`StreamListener`], and
+//! [`bind_host_tcp`] for the host network.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use ipnet::IpNet;
+use serde::Serialize;
 
+use crate::core::addr::HostPort;
 use crate::core::proxy::Stream;
+use crate::core::router::{Connector, Match, Route, RouteError, Router};
+
+/// The name of the implicit vnet of a tenant that configures none.
+pub const IMPLICIT_VNET: &str = "default";
+
+/// How a vnet carries IP packets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// A userspace TCP/IP stack: no root, no TUN.
+    #[default]
+    Userspace,
+}
+
+/// One configured vnet.
+#[derive(Debug, Clone, Serialize)]
+pub struct Vnet {
+    /// Its name (the instance name of its `kind: vnet` document).
+    pub name: String,
+    /// Whether on-ramps that name no vnet use this one.
+    pub default: bool,
+    /// Its data plane.
+    pub engine: Engine,
+    /// Configured routes.
+    pub routes: Router,
+    /// Static names: `name → address`, looked up before routing.
+    pub hosts: BTreeMap<String, IpAddr>,
+}
+
+/// Where a flow goes, as [`Vnets::route`] decided it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteDecision {
+    /// The vnet that was asked.
+    pub vnet: String,
+    /// The target to dial: the requested one, or its `hosts` address.
+    pub target: HostPort,
+    /// The route that matched.
+    pub route: Route,
+}
+
+impl RouteDecision {
+    /// `vnet: rule` for logs and the flow table.
+    pub fn describe(&self) -> String {
+        format!("{}: {}", self.vnet, self.route)
+    }
+}
+
+/// What a module attached to a vnet contributes: routes to itself.
+#[derive(Debug, Clone)]
+struct Attachment {
+    /// The vnet (`None`: the tenant's default).
+    vnet: Option<String>,
+    routes: Router,
+}
+
+#[derive(Debug, Default)]
+struct VnetsState {
+    configured: BTreeMap<String, Arc<Vnet>>,
+    /// When each vnet that says `default: true` claimed it: the latest
+    /// claim wins, so moving the default is one change to the new vnet.
+    claims: BTreeMap<String, u64>,
+    next_claim: u64,
+    attached: BTreeMap<String, Attachment>,
+}
+
+/// A tenant's vnets and what is attached to them. Changes apply to flows
+/// that start afterwards; open flows keep the route they were given.
+#[derive(Debug, Default)]
+pub struct Vnets {
+    state: RwLock<VnetsState>,
+}
+
+/// The implicit vnet's built-in routes: loopback and then everything direct.
+fn implicit_defaults() -> &'static Router {
+    static DEFAULTS: std::sync::OnceLock<Router> = std::sync::OnceLock::new();
+    DEFAULTS.get_or_init(|| {
+        let mut routes = vec![
+            Route {
+                matches: Match::Cidr("127.0.0.0/8".parse().expect("literal")),
+                connector: Connector::Direct,
+            },
+            Route {
+                matches: Match::Cidr("::1/128".parse().expect("literal")),
+                connector: Connector::Direct,
+            },
+        ];
+        routes.extend(Router::direct().routes().iter().cloned());
+        Router::new(routes)
+    })
+}
+
+impl Vnets {
+    /// Adds or replaces a configured vnet. A vnet that newly says
+    /// `default: true` becomes the default, even if another still says so
+    /// (the latest claim wins; the other is warned about).
+    pub fn set(&self, vnet: Vnet) {
+        let mut st = self.state.write().expect("vnets poisoned");
+        if vnet.default {
+            if !st.claims.contains_key(&vnet.name) {
+                st.next_claim += 1;
+                let n = st.next_claim;
+                st.claims.insert(vnet.name.clone(), n);
+            }
+        } else {
+            st.claims.remove(&vnet.name);
+        }
+        let name = vnet.name.clone();
+        st.configured.insert(name.clone(), Arc::new(vnet));
+        if st.claims.len() > 1 {
+            let current = Self::default_of(&st).unwrap_or_default();
+            let others: Vec<&String> = st.claims.keys().filter(|n| **n != current).collect();
+            tracing::warn!(default = %current, also_claiming = ?others, "several vnets say `default: true`; the latest to claim it is the default");
+        }
+    }
+
+    /// Removes a configured vnet.
+    pub fn remove(&self, name: &str) {
+        let mut st = self.state.write().expect("vnets poisoned");
+        st.configured.remove(name);
+        st.claims.remove(name);
+    }
+
+    /// Attaches module `instance` to `vnet` (`None`: the default), routing
+    /// `nets` to it. Replaces what the instance attached before.
+    pub fn attach(&self, instance: &str, vnet: Option<&str>, nets: &[IpNet]) {
+        let routes = Router::new(
+            nets.iter()
+                .map(|n| Route {
+                    matches: Match::Cidr(n.trunc()),
+                    connector: Connector::Module(instance.to_string()),
+                })
+                .collect(),
+        );
+        self.state.write().expect("vnets poisoned").attached.insert(
+            instance.to_string(),
+            Attachment {
+                vnet: vnet.map(str::to_string),
+                routes,
+            },
+        );
+    }
+
+    /// Removes what `instance` attached.
+    pub fn detach(&self, instance: &str) {
+        self.state
+            .write()
+            .expect("vnets poisoned")
+            .attached
+            .remove(instance);
+    }
+
+    /// The default vnet's name.
+    pub fn default_name(&self) -> Result<String, RouteError> {
+        let st = self.state.read().expect("vnets poisoned");
+        Self::default_of(&st)
+    }
+
+    fn default_of(st: &VnetsState) -> Result<String, RouteError> {
+        if st.configured.is_empty() {
+            return Ok(IMPLICIT_VNET.to_string());
+        }
+        if let Some((name, _)) = st.claims.iter().max_by_key(|(_, n)| **n) {
+            return Ok(name.clone());
+        }
+        if st.configured.len() == 1 {
+            return Ok(st.configured.keys().next().expect("one").clone());
+        }
+        Err(RouteError::NoVnet(format!(
+            "(none is the default: mark one of {} with `default: true`)",
+            st.configured.keys().cloned().collect::<Vec<_>>().join(", ")
+        )))
+    }
+
+    /// Where a flow to `target` in `vnet` (`None`: the default) goes.
+    pub fn route(
+        &self,
+        vnet: Option<&str>,
+        target: &HostPort,
+    ) -> Result<RouteDecision, RouteError> {
+        let st = self.state.read().expect("vnets poisoned");
+        let default = Self::default_of(&st);
+        let name = match vnet {
+            Some(v) => v.to_string(),
+            None => default.clone()?,
+        };
+        let configured = st.configured.get(&name);
+        if configured.is_none() && !(st.configured.is_empty() && name == IMPLICIT_VNET) {
+            return Err(RouteError::NoVnet(name));
+        }
+        let is_default = default.as_deref() == Ok(name.as_str());
+        // A static name maps to its address first.
+        let mut target = target.clone();
+        if let Some(ip) = configured.and_then(|v| v.hosts.get(&target.host.to_ascii_lowercase())) {
+            target.host = ip.to_string();
+        }
+        let mut layers: Vec<&Router> = Vec::new();
+        if let Some(v) = configured {
+            layers.push(&v.routes);
+        }
+        layers.extend(
+            st.attached
+                .values()
+                .filter(|a| match &a.vnet {
+                    Some(v) => *v == name,
+                    None => is_default,
+                })
+                .map(|a| &a.routes),
+        );
+        if configured.is_none() {
+            layers.push(implicit_defaults());
+        }
+        let route = Router::route_layered(&layers, &target)
+            .cloned()
+            .ok_or_else(|| RouteError::NoRoute {
+                target: target.to_string(),
+                vnet: name.clone(),
+            })?;
+        if route.connector == Connector::Reject {
+            return Err(RouteError::Rejected {
+                target: target.to_string(),
+                vnet: name,
+                route: route.to_string(),
+            });
+        }
+        Ok(RouteDecision {
+            vnet: name,
+            target,
+            route,
+        })
+    }
+
+    /// The vnets for the admin API: name, default, routes (configured and
+    /// learnt), hosts.
+    pub fn describe(&self) -> serde_json::Value {
+        let st = self.state.read().expect("vnets poisoned");
+        let default = Self::default_of(&st).ok();
+        let mut names: Vec<String> = st.configured.keys().cloned().collect();
+        if names.is_empty() {
+            names.push(IMPLICIT_VNET.to_string());
+        }
+        let vnets: Vec<serde_json::Value> = names
+            .iter()
+            .map(|n| {
+                let v = st.configured.get(n);
+                let learnt: Vec<String> = st
+                    .attached
+                    .values()
+                    .filter(|a| match &a.vnet {
+                        Some(x) => x == n,
+                        None => default.as_deref() == Some(n.as_str()),
+                    })
+                    .flat_map(|a| a.routes.routes().iter().map(ToString::to_string))
+                    .collect();
+                serde_json::json!({
+                    "name": n,
+                    "default": default.as_deref() == Some(n.as_str()),
+                    "implicit": v.is_none(),
+                    "engine": v.map(|v| v.engine).unwrap_or_default(),
+                    "routes": v.map(|v| v.routes.routes().iter().map(ToString::to_string).collect::<Vec<_>>()).unwrap_or_else(|| vec!["127.0.0.0/8 -> direct".into(), "* -> direct".into()]),
+                    "learnt_routes": learnt,
+                    "hosts": v.map(|v| v.hosts.clone()).unwrap_or_default(),
+                })
+            })
+            .collect();
+        serde_json::Value::Array(vnets)
+    }
+}
 
 /// Accepts streams (from the host network or a virtual one).
 #[async_trait]
@@ -61,6 +343,143 @@ pub fn bind_host_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hp(s: &str) -> HostPort {
+        s.parse().unwrap()
+    }
+
+    fn vnet(name: &str, default: bool, routes: &[(&str, Connector)]) -> Vnet {
+        Vnet {
+            name: name.into(),
+            default,
+            engine: Engine::Userspace,
+            routes: Router::new(
+                routes
+                    .iter()
+                    .map(|(m, c)| Route {
+                        matches: Match::Cidr(m.parse().unwrap()),
+                        connector: c.clone(),
+                    })
+                    .collect(),
+            ),
+            hosts: BTreeMap::new(),
+        }
+    }
+
+    fn via(d: Result<RouteDecision, RouteError>) -> String {
+        match d {
+            Ok(d) => format!("{} {} {}", d.vnet, d.target, d.route.connector),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn implicit_vnet_is_direct_and_learns_peer_routes() {
+        let v = Vnets::default();
+        assert_eq!(
+            via(v.route(None, &hp("10.1.0.10:80"))),
+            "default 10.1.0.10:80 direct"
+        );
+        v.attach(
+            "wg0",
+            None,
+            &["10.1.0.0/16".parse().unwrap(), "0.0.0.0/0".parse().unwrap()],
+        );
+        assert_eq!(
+            via(v.route(None, &hp("10.1.0.10:80"))),
+            "default 10.1.0.10:80 wg0"
+        );
+        // A peer's 0.0.0.0/0 wins over the built-in direct default, loopback stays local.
+        assert_eq!(
+            via(v.route(None, &hp("8.8.8.8:53"))),
+            "default 8.8.8.8:53 wg0"
+        );
+        assert_eq!(
+            via(v.route(None, &hp("127.0.0.1:80"))),
+            "default 127.0.0.1:80 direct"
+        );
+        v.detach("wg0");
+        assert_eq!(
+            via(v.route(None, &hp("10.1.0.10:80"))),
+            "default 10.1.0.10:80 direct"
+        );
+        assert_eq!(
+            via(v.route(Some("sydney"), &hp("10.1.0.10:80"))),
+            "no vnet `sydney` in this tenant"
+        );
+    }
+
+    #[test]
+    fn two_vnets_route_the_same_range_apart() {
+        let v = Vnets::default();
+        v.set(vnet("frankfurt", true, &[]));
+        v.set(vnet("sydney", false, &[]));
+        v.attach(
+            "wg-fra",
+            Some("frankfurt"),
+            &["10.1.0.0/16".parse().unwrap()],
+        );
+        v.attach("wg-syd", Some("sydney"), &["10.1.0.0/16".parse().unwrap()]);
+        assert_eq!(
+            via(v.route(None, &hp("10.1.0.10:80"))),
+            "frankfurt 10.1.0.10:80 wg-fra"
+        );
+        assert_eq!(
+            via(v.route(Some("sydney"), &hp("10.1.0.10:80"))),
+            "sydney 10.1.0.10:80 wg-syd"
+        );
+        // Configured vnets have no implicit direct route.
+        assert_eq!(
+            via(v.route(None, &hp("8.8.8.8:53"))),
+            "no route to 8.8.8.8:53 in vnet `frankfurt`"
+        );
+        // Moving the default is one change: the latest claim wins, and a
+        // later reload of the old default (still saying so) does not take it back.
+        v.set(vnet("sydney", true, &[]));
+        assert_eq!(v.default_name().unwrap(), "sydney");
+        v.set(vnet("frankfurt", true, &[]));
+        assert_eq!(v.default_name().unwrap(), "sydney");
+        v.set(vnet("frankfurt", false, &[]));
+        assert_eq!(v.default_name().unwrap(), "sydney");
+        // Without any claim, two vnets have no default.
+        v.set(vnet("sydney", false, &[]));
+        let e = via(v.route(None, &hp("10.1.0.10:80")));
+        assert!(e.contains("none is the default"), "{e}");
+        v.remove("frankfurt");
+        assert_eq!(v.default_name().unwrap(), "sydney");
+        assert_eq!(
+            via(v.route(None, &hp("10.1.0.10:80"))),
+            "sydney 10.1.0.10:80 wg-syd"
+        );
+    }
+
+    #[test]
+    fn configured_routes_reject_and_hosts() {
+        let v = Vnets::default();
+        let mut n = vnet(
+            "corp",
+            false,
+            &[
+                ("10.0.0.0/8", Connector::Module("wg0".into())),
+                ("10.9.0.0/16", Connector::Reject),
+            ],
+        );
+        n.hosts.insert("nginx".into(), "10.1.0.10".parse().unwrap());
+        v.set(n);
+        // The only vnet is the default.
+        assert_eq!(via(v.route(None, &hp("nginx:80"))), "corp 10.1.0.10:80 wg0");
+        assert_eq!(
+            via(v.route(None, &hp("10.9.1.1:80"))),
+            "10.9.1.1:80 is refused by route `10.9.0.0/16 -> reject` in vnet `corp`"
+        );
+        assert_eq!(
+            via(v.route(None, &hp("other.example:80"))),
+            "no route to other.example:80 in vnet `corp`"
+        );
+        v.set(vnet("second", false, &[]));
+        let e = via(v.route(None, &hp("10.1.1.1:80")));
+        assert!(e.contains("none is the default"), "{e}");
+    }
 
     #[tokio::test]
     async fn unspecified_v6_accepts_ipv4_and_ipv6() {

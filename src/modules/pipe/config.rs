@@ -29,6 +29,7 @@ pub enum PipeProtocol {
 /// connect_timeout: 5s        # default 5s
 /// idle_timeout: 10m          # default: none for tcp, 60s for udp
 /// max_connections: 1024      # default 1024; more are refused and counted
+/// vnet: sydney               # optional: route in this vnet of the tenant (default: the default vnet)
 /// via: wg0                   # optional: dial through this module's network (a WireGuard instance)
 /// peer: server               # optional, with via: remote defaults to <peer's VPN address>:<listen port>
 /// listen_via: wg0            # optional: accept on a VPN address inside this module's network
@@ -53,7 +54,11 @@ pub struct PipeConfig {
     /// Concurrent connections (or UDP sessions) allowed.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Dial through this module of the tenant (its dialer) instead of the router.
+    /// Route in this vnet of the tenant instead of the default one.
+    #[serde(default)]
+    pub vnet: Option<String>,
+    /// Dial through this module of the tenant (its dialer): a route pinned
+    /// by the pipe instead of the vnet's table.
     #[serde(default)]
     pub via: Option<String>,
     /// With `via`: the peer whose VPN address `remote` defaults to.
@@ -90,6 +95,13 @@ impl PipeConfig {
                 &doc.source,
                 "peer",
                 "needs `via`: the WireGuard instance the peer belongs to",
+            ));
+        }
+        if c.via.is_some() && c.vnet.is_some() {
+            return Err(ConfigError::key(
+                &doc.source,
+                "via",
+                "`via` pins the way out and `vnet` routes in a vnet's table: give one of them",
             ));
         }
         if c.listen_via.is_some() && c.protocol == PipeProtocol::Udp {
@@ -136,6 +148,7 @@ impl PipeConfig {
             .via
             .iter()
             .chain(self.listen_via.iter())
+            .chain(self.vnet.iter())
             .cloned()
             .collect();
         d.dedup();

@@ -14,10 +14,11 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
-use crate::core::flow::Protocol;
+use super::State;
+use crate::core::flow::{EndReason, FlowContext, Protocol};
+use crate::core::onramp::OnRamp;
 use crate::core::proxy::Traffic;
-use crate::core::router::OffRamp;
+use crate::core::router::Connector;
 
 /// Datagrams queued per session before new ones are dropped (and counted).
 const SESSION_QUEUE: usize = 256;
@@ -26,7 +27,28 @@ const MAX_DATAGRAM: usize = 65_535;
 
 type Sessions = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;
 
-pub(super) async fn serve(shared: Arc<Shared>, socket: UdpSocket, cancel: CancellationToken) {
+/// What the session tasks share.
+struct Shared {
+    onramp: Arc<OnRamp>,
+    state: Arc<State>,
+}
+
+impl Shared {
+    fn tenant(&self) -> &str {
+        &self.onramp.ctx().tenant.name
+    }
+    fn instance(&self) -> &str {
+        &self.onramp.ctx().instance
+    }
+}
+
+pub(super) async fn serve(
+    onramp: Arc<OnRamp>,
+    state: Arc<State>,
+    socket: UdpSocket,
+    cancel: CancellationToken,
+) {
+    let shared = Arc::new(Shared { onramp, state });
     let socket = Arc::new(socket);
     let sessions: Sessions = Arc::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -36,7 +58,7 @@ pub(super) async fn serve(shared: Arc<Shared>, socket: UdpSocket, cancel: Cancel
             r = socket.recv_from(&mut buf) => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::debug!(tenant = %shared.tenant(), instance = %shared.ctx.instance, error = %e, "udp recv failed");
+                    tracing::debug!(tenant = %shared.tenant(), instance = %shared.instance(), error = %e, "udp recv failed");
                     continue;
                 }
             },
@@ -55,10 +77,11 @@ pub(super) async fn serve(shared: Arc<Shared>, socket: UdpSocket, cancel: Cancel
             },
         };
         if tx.try_send(datagram).is_err() {
-            shared
-                .ctx
-                .metrics
-                .reject(shared.tenant(), &shared.ctx.instance, "udp_queue_full");
+            shared.onramp.ctx().metrics.reject(
+                shared.tenant(),
+                shared.instance(),
+                "udp_queue_full",
+            );
         }
     }
 }
@@ -70,27 +93,41 @@ async fn open_session(
     sessions: &Sessions,
     src: SocketAddr,
 ) -> Option<mpsc::Sender<Vec<u8>>> {
-    let cfg = shared.config();
+    let cfg = shared.state.config();
     // UDP pipes always have a remote: `peer` needs `via`, which UDP refuses.
     let remote_hp = cfg.remote.clone()?;
-    let slot = shared.try_admit(cfg.max_connections)?;
+    let slot = shared.onramp.try_admit(cfg.max_connections)?;
     let tenant = shared.tenant().to_string();
-    let instance = shared.ctx.instance.clone();
+    let instance = shared.instance().to_string();
     let fail = |reason: &str, msg: String| {
-        shared.ctx.metrics.dial_error(&tenant, &instance, reason);
+        shared
+            .onramp
+            .ctx()
+            .metrics
+            .dial_error(&tenant, &instance, reason);
         tracing::warn!(%tenant, %instance, %src, error = %msg, "udp session not opened");
     };
-    match shared.ctx.tenant.router.route(&remote_hp) {
-        Ok(OffRamp::Direct) => {}
-        Ok(other) => {
+    match shared
+        .onramp
+        .ctx()
+        .tenant
+        .vnets
+        .route(cfg.vnet.as_deref(), &remote_hp)
+    {
+        Ok(d) if d.route.connector == Connector::Direct => {}
+        Ok(d) => {
             fail(
                 "no_route",
-                format!("UDP through {other} is not supported yet"),
+                format!(
+                    "UDP through {} is not supported yet (route {})",
+                    d.route.connector,
+                    d.describe()
+                ),
             );
             return None;
         }
         Err(e) => {
-            fail("no_route", e.to_string());
+            fail(e.reason(), e.to_string());
             return None;
         }
     }
@@ -125,7 +162,7 @@ async fn open_session(
         .insert(src, tx.clone());
     let listen = listen.clone();
     let sessions = sessions.clone();
-    shared.tracker.spawn(async move {
+    shared.onramp.spawn(async move {
         run_session(shared_task, listen, upstream, rx, src).await;
         drop(slot);
         let mut map = sessions.lock().expect("sessions poisoned");
@@ -143,17 +180,22 @@ async fn run_session(
     mut rx: mpsc::Receiver<Vec<u8>>,
     src: SocketAddr,
 ) {
-    let cfg = shared.config();
-    let mut flow = shared.ctx.flows.open(
-        shared.flow_context(
+    let cfg = shared.state.config();
+    let ctx = shared.onramp.ctx();
+    let mut flow = ctx.flows.open(
+        FlowContext {
+            tenant: shared.tenant().to_string(),
+            instance: shared.instance().to_string(),
+            identity: None,
             src,
-            cfg.remote
+            dst: cfg
+                .remote
                 .as_ref()
                 .map(ToString::to_string)
                 .unwrap_or_default(),
-            Protocol::Udp,
-        ),
-        &shared.ctx.instance_metrics,
+            protocol: Protocol::Udp,
+        },
+        &ctx.instance_metrics,
     );
     let idle = cfg
         .effective_idle_timeout()
@@ -161,17 +203,17 @@ async fn run_session(
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let reason = loop {
         tokio::select! {
-            _ = shared.conns_cancel.cancelled() => break "stopped",
-            _ = tokio::time::sleep(idle) => break "idle_timeout",
+            _ = shared.onramp.stopping().cancelled() => break EndReason::Stopped,
+            _ = tokio::time::sleep(idle) => break EndReason::IdleTimeout,
             d = rx.recv() => match d {
                 Some(d) => match upstream.send(&d).await {
                     Ok(n) => flow.flow().upstream(n as u64),
                     Err(e) => {
                         tracing::debug!(%src, error = %e, "udp send to remote failed");
-                        break "upstream_error";
+                        break EndReason::UpstreamError;
                     }
                 },
-                None => break "closed",
+                None => break EndReason::Closed,
             },
             r = upstream.recv(&mut buf) => match r {
                 Ok(n) => match listen.send_to(&buf[..n], src).await {
@@ -180,7 +222,7 @@ async fn run_session(
                 },
                 Err(e) => {
                     tracing::debug!(%src, error = %e, "udp recv from remote failed");
-                    break "upstream_error";
+                    break EndReason::UpstreamError;
                 }
             },
         }

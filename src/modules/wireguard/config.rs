@@ -19,6 +19,7 @@ use crate::core::keys::{PrivateKey, PublicKey};
 /// private_key: <base64>          # or private_key_file: /etc/meshgate/wg0.key
 /// listen_port: 8765              # omitted: an ephemeral port (clients)
 /// address: 10.192.0.1/24         # this node's address(es) in the tenant's network
+/// vnet: sydney                   # optional: the vnet it attaches to (default: the tenant's default)
 /// peers:
 ///   - name: client-a
 ///     public_key: <base64>
@@ -39,6 +40,8 @@ struct RawConfig {
     peers: Vec<RawPeer>,
     #[serde(default)]
     mtu: Option<usize>,
+    #[serde(default)]
+    vnet: Option<String>,
 }
 
 /// `address`: one address or a list; `10.0.0.1/24`, or a bare IP meaning a
@@ -104,6 +107,8 @@ pub struct WireGuardConfig {
     pub peers: Vec<PeerConfig>,
     /// Inner MTU (default 1420).
     pub mtu: usize,
+    /// The vnet it attaches to; `None`: the tenant's default vnet.
+    pub vnet: Option<String>,
 }
 
 /// One peer.
@@ -171,6 +176,14 @@ fn key_text(
 }
 
 impl WireGuardConfig {
+    /// The networks routed to this instance in its vnet: every peer's allowed IPs.
+    pub fn routed_nets(&self) -> Vec<IpNet> {
+        self.peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect()
+    }
+
     /// Parses and validates a `kind: wireguard` document.
     pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
         let raw: RawConfig = parse_document(doc, &["kind"])?;
@@ -186,6 +199,9 @@ impl WireGuardConfig {
         let private_key = PrivateKey::from_base64(&pk)
             .map_err(|e| ConfigError::key(src, "private_key", e.to_string()))?;
         let addresses = parse_addresses(src, &raw.address)?;
+        if let Some(v) = &raw.vnet {
+            configstore::check_name(v).map_err(|m| ConfigError::key(src, "vnet", m))?;
+        }
         let mtu = raw.mtu.unwrap_or(1420);
         if !(576..=9000).contains(&mtu) {
             return Err(ConfigError::key(src, "mtu", "expected 576-9000"));
@@ -261,6 +277,7 @@ impl WireGuardConfig {
             addresses,
             peers,
             mtu,
+            vnet: raw.vnet,
         })
     }
 }

@@ -49,8 +49,10 @@ impl ModuleFactory for WireGuardFactory {
     }
 
     fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
-        WireGuardConfig::from_document(doc)?;
-        Ok(ModulePlan::default())
+        let cfg = WireGuardConfig::from_document(doc)?;
+        Ok(ModulePlan {
+            depends_on: cfg.vnet.into_iter().collect(),
+        })
     }
 
     fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
@@ -73,6 +75,14 @@ pub struct WireGuard {
 }
 
 impl WireGuard {
+    /// Publishes the peers' allowed IPs as routes to this instance in its vnet.
+    fn attach(&self, cfg: &WireGuardConfig) {
+        self.ctx
+            .tenant
+            .vnets
+            .attach(&self.ctx.instance, cfg.vnet.as_deref(), &cfg.routed_nets());
+    }
+
     fn device(&self) -> Option<Arc<Device>> {
         self.device.lock().expect("poisoned").clone()
     }
@@ -115,6 +125,7 @@ impl Module for WireGuard {
         let source = self.source.lock().expect("poisoned").clone();
         let dev = self.start_device(&cfg, &source)?;
         *self.device.lock().expect("poisoned") = Some(dev);
+        self.attach(&cfg);
         Ok(())
     }
 
@@ -147,6 +158,7 @@ impl Module for WireGuard {
                 }
             }
         }
+        self.attach(&new);
         *self.config.lock().expect("poisoned") = new;
         *self.source.lock().expect("poisoned") = doc.source.clone();
         Ok(())
@@ -158,6 +170,7 @@ impl Module for WireGuard {
     }
 
     async fn stop(&self) {
+        self.ctx.tenant.vnets.detach(&self.ctx.instance);
         if let Some(d) = self.device.lock().expect("poisoned").take() {
             d.shutdown();
         }

@@ -1,0 +1,392 @@
+//! The one path every connection takes, and the listener stream on-ramps share.
+//!
+//! An on-ramp kind (pipe, SOCKS, HTTP CONNECT, SSH channel) is its config,
+//! its handshake, and one call to [`OnRamp::connect`] with the client stream,
+//! its source, the target and the identity. That call:
+//!
+//! 1. opens the [`crate::core::flow::Flow`] (tracked, counted);
+//! 2. asks the flow-start hooks for a [`Verdict`] (policy); a denial is
+//!    counted (`meshgate_rejected_total{reason="denied"}`) and ends the flow;
+//! 3. routes the target in the chosen vnet ([`crate::core::vnet::Vnets::route`]),
+//!    or through the connector the on-ramp pins (a pipe's `via:`); no route
+//!    or a `reject` route is a counted refusal with its reason;
+//! 4. dials through the connector ([`ModuleContext::dial`]);
+//! 5. joins the two streams ([`crate::core::proxy::join`]);
+//! 6. records a typed [`EndReason`] (audit line, metrics).
+//!
+//! [`OnRamp::serve`] is the accept loop every stream on-ramp shares: it
+//! binds on the host or on a VPN address inside a module's network, admits
+//! up to a connection limit, tracks every connection for drain and stop, and
+//! binds again when the network under a VPN listener restarts.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::core::addr::HostPort;
+use crate::core::flow::{EndReason, FlowContext, Protocol, Verdict};
+use crate::core::module::ModuleContext;
+use crate::core::proxy::{self, ProxyOptions, Stream};
+use crate::core::router::{Connector, Route, RouteError};
+use crate::core::vnet::{bind_host_tcp, StreamListener};
+
+/// How long a VPN listener waits between attempts to bind again after its
+/// network went away (an interface restart).
+const REBIND_EVERY: Duration = Duration::from_millis(100);
+
+/// Where an on-ramp accepts connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenOn {
+    /// The host network (`[::]` is dual-stack).
+    Host(SocketAddr),
+    /// A VPN address inside the network of a module of the tenant (a
+    /// WireGuard instance), by instance name.
+    Module {
+        /// The module hosting the network.
+        module: String,
+        /// The address in that network.
+        addr: SocketAddr,
+    },
+}
+
+/// Where the target is, as the on-ramp knows it.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// `host:port`, routed in the vnet.
+    Addr(HostPort),
+    /// The on-ramp could not work out a target (e.g. an unknown peer name):
+    /// the flow is refused as `no_route` with this explanation.
+    Unknown {
+        /// What the client asked for, for logs and the flow table.
+        label: String,
+        /// Why it cannot be reached.
+        error: String,
+    },
+}
+
+/// How the flow's way out is chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteVia {
+    /// The route table of this vnet (`None`: the tenant's default vnet).
+    Vnet(Option<String>),
+    /// A connector the on-ramp's config pins (a pipe's `via: wg0`).
+    Pinned(Connector),
+}
+
+/// One connection for [`OnRamp::connect`].
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// The client's address.
+    pub src: SocketAddr,
+    /// Where it wants to go.
+    pub target: Target,
+    /// Who it is, as the on-ramp authenticated it (SOCKS user, SSH key).
+    pub identity: Option<String>,
+    /// How the way out is chosen.
+    pub via: RouteVia,
+    /// Dial timeout.
+    pub connect_timeout: Duration,
+    /// End the flow after this long without traffic.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Handles accepted streams for [`OnRamp::serve`].
+#[async_trait]
+pub trait StreamHandler: Send + Sync + 'static {
+    /// Connections allowed at once; more are closed at accept and counted.
+    fn max_connections(&self) -> usize;
+    /// Serves one accepted connection (usually a handshake, then
+    /// [`OnRamp::connect`]).
+    async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, src: SocketAddr);
+}
+
+/// One unit of an on-ramp's connection limit; released on drop.
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A bound listener and its accept loop.
+pub struct RunningListener {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl RunningListener {
+    /// The address it accepts on (the port chosen, with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting and waits until the socket is closed. Open
+    /// connections are not touched.
+    pub async fn close(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// What a stream on-ramp instance shares between its listener and its
+/// connections: its module context, connection count, tracker and stop.
+pub struct OnRamp {
+    ctx: ModuleContext,
+    active: Arc<AtomicUsize>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl OnRamp {
+    /// An on-ramp for the module `ctx` belongs to.
+    pub fn new(ctx: ModuleContext) -> Arc<Self> {
+        Arc::new(Self {
+            ctx,
+            active: Arc::new(AtomicUsize::new(0)),
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// The module's context.
+    pub fn ctx(&self) -> &ModuleContext {
+        &self.ctx
+    }
+
+    fn tenant(&self) -> &str {
+        &self.ctx.tenant.name
+    }
+
+    /// Connections (or sessions) open now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Cancelled when the on-ramp stops: every connection ends.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Takes a connection slot, or counts a `max_connections` rejection.
+    pub fn try_admit(&self, max: usize) -> Option<Slot> {
+        let prev = self.active.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            self.ctx
+                .metrics
+                .reject(self.tenant(), &self.ctx.instance, "max_connections");
+            tracing::warn!(tenant = %self.tenant(), instance = %self.ctx.instance, max, "max_connections reached; connection refused");
+            return None;
+        }
+        Some(Slot(self.active.clone()))
+    }
+
+    /// Runs `work` as one of this on-ramp's connections: [`OnRamp::stop`]
+    /// waits for it.
+    pub fn spawn<F>(&self, work: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(work);
+    }
+
+    /// Binds a stream listener.
+    pub async fn bind(&self, on: &ListenOn) -> io::Result<Box<dyn StreamListener>> {
+        match on {
+            ListenOn::Host(addr) => Ok(Box::new(HostListener(bind_host_tcp(*addr)?))),
+            ListenOn::Module { module, addr } => {
+                let net = self
+                    .ctx
+                    .find(module)
+                    .and_then(|m| m.vnet())
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!(
+                                "`{module}` is not a running module with a network in tenant `{}`",
+                                self.tenant()
+                            ),
+                        )
+                    })?;
+                net.listen_tcp(*addr).await
+            }
+        }
+    }
+
+    /// Serves `listener` (bound for `on`) with `handler` until closed.
+    pub fn serve(
+        self: &Arc<Self>,
+        on: ListenOn,
+        listener: Box<dyn StreamListener>,
+        handler: Arc<dyn StreamHandler>,
+    ) -> RunningListener {
+        let cancel = CancellationToken::new();
+        let addr = listener.local_addr();
+        tracing::info!(tenant = %self.tenant(), instance = %self.ctx.instance, %addr, on = ?on, "listening");
+        let task = tokio::spawn(
+            self.clone()
+                .accept_loop(on, listener, handler, cancel.clone()),
+        );
+        RunningListener { addr, cancel, task }
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        on: ListenOn,
+        mut listener: Box<dyn StreamListener>,
+        handler: Arc<dyn StreamHandler>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((client, src)) => {
+                    let Some(slot) = self.try_admit(handler.max_connections()) else {
+                        continue;
+                    };
+                    let (me, h) = (self.clone(), handler.clone());
+                    self.tracker.spawn(async move {
+                        h.handle(&me, client, src).await;
+                        drop(slot);
+                    });
+                }
+                Err(e) if matches!(on, ListenOn::Module { .. }) => {
+                    // The network under the listener went away (the
+                    // interface restarted): bind again once it is back.
+                    tracing::info!(tenant = %self.tenant(), instance = %self.ctx.instance, error = %e, on = ?on, "listener's network went away; binding again");
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(REBIND_EVERY) => {}
+                        }
+                        if let Ok(l) = self.bind(&on).await {
+                            listener = l;
+                            tracing::info!(tenant = %self.tenant(), instance = %self.ctx.instance, addr = %listener.local_addr(), "listening again");
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Out of file descriptors or a transient error: back off
+                    // briefly instead of spinning.
+                    tracing::warn!(tenant = %self.tenant(), instance = %self.ctx.instance, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Closes every connection and waits until they are gone.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// The one path: flow, policy, route, dial, join, typed end. Returns why
+    /// the flow ended.
+    pub async fn connect(&self, client: Stream, req: ConnectRequest) -> EndReason {
+        let ctx = &self.ctx;
+        let (tenant, instance) = (self.tenant(), ctx.instance.as_str());
+        let dst = match &req.target {
+            Target::Addr(t) => t.to_string(),
+            Target::Unknown { label, .. } => label.clone(),
+        };
+        let mut flow = ctx.flows.open(
+            FlowContext {
+                tenant: tenant.to_string(),
+                instance: instance.to_string(),
+                identity: req.identity.clone(),
+                src: req.src,
+                dst: dst.clone(),
+                protocol: Protocol::Tcp,
+            },
+            &ctx.instance_metrics,
+        );
+        let work = async {
+            if let Verdict::Deny(why) = flow.verdict() {
+                ctx.metrics.reject(tenant, instance, "denied");
+                tracing::info!(%tenant, %instance, src = %req.src, %dst, identity = req.identity.as_deref().unwrap_or("-"), reason = %why, "flow denied");
+                return EndReason::Denied;
+            }
+            let target = match &req.target {
+                Target::Addr(t) => t,
+                Target::Unknown { error, .. } => {
+                    ctx.metrics.dial_error(tenant, instance, "no_route");
+                    tracing::warn!(%tenant, %instance, src = %req.src, %dst, %error, "no route");
+                    return EndReason::NoRoute;
+                }
+            };
+            let (connector, target) = match &req.via {
+                RouteVia::Pinned(c) => {
+                    flow.flow().set_route(format!("pinned: {} -> {c}", target));
+                    (c.clone(), target.clone())
+                }
+                RouteVia::Vnet(vnet) => match ctx.tenant.vnets.route(vnet.as_deref(), target) {
+                    Ok(d) => {
+                        flow.flow().set_route(d.describe());
+                        let Route { connector, .. } = d.route;
+                        (connector, d.target)
+                    }
+                    Err(e) => {
+                        ctx.metrics.dial_error(tenant, instance, e.reason());
+                        tracing::warn!(%tenant, %instance, src = %req.src, %dst, error = %e, "refused");
+                        return match e {
+                            RouteError::Rejected { .. } => EndReason::Rejected,
+                            _ => EndReason::NoRoute,
+                        };
+                    }
+                },
+            };
+            let upstream = match ctx.dial(&connector, &target, req.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    ctx.metrics.dial_error(tenant, instance, e.reason());
+                    tracing::warn!(%tenant, %instance, src = %req.src, %dst, via = %connector, error = %e, "dial failed");
+                    return EndReason::DialFailed(e.reason());
+                }
+            };
+            let opts = ProxyOptions {
+                idle_timeout: req.idle_timeout,
+                ..ProxyOptions::default()
+            };
+            proxy::join(client, upstream, flow.flow().as_ref(), &opts)
+                .await
+                .end
+                .into()
+        };
+        let reason = tokio::select! {
+            r = work => r,
+            _ = self.stop.cancelled() => EndReason::Stopped,
+        };
+        flow.set_end_reason(reason);
+        reason
+    }
+}
+
+/// A host TCP listener as a [`StreamListener`].
+struct HostListener(tokio::net::TcpListener);
+
+#[async_trait]
+impl StreamListener for HostListener {
+    async fn accept(&mut self) -> io::Result<(Stream, SocketAddr)> {
+        let (s, src) = self.0.accept().await?;
+        let _ = s.set_nodelay(true);
+        Ok((Stream::Tcp(s), src))
+    }
+    fn local_addr(&self) -> SocketAddr {
+        self.0.local_addr().expect("bound socket has an address")
+    }
+}

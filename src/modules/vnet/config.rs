@@ -1,0 +1,240 @@
+//! The vnet's config document.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use configstore::Document;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::core::config::{parse_document, ConfigError};
+use crate::core::router::{Connector, Match, Route, Router};
+use crate::core::vnet::{Engine, Vnet};
+
+/// `kind: vnet` (the instance name is the vnet's name)
+///
+/// ```yaml
+/// kind: vnet
+/// default: true              # on-ramps that name no vnet use this one; the
+///                            # latest vnet to claim it is the default
+///                            # (a tenant's only vnet is its default anyway)
+/// engine: userspace          # userspace (default)
+/// routes:
+///   - to: 10.1.0.0/16        # CIDR, IP, host name, *.suffix, or * (everything)
+///     via: wg-frankfurt      # direct | reject | a module of the tenant (a WireGuard instance)
+///   - to: "*.corp.example"
+///     via: direct
+///   - to: 10.1.99.0/24
+///     via: reject
+/// hosts:                     # static names, looked up before routing
+///   nginx: 10.1.0.10
+/// ```
+///
+/// WireGuard instances that attach (`vnet: <name>`) add their peers'
+/// allowed IPs as routes; configured routes win at equal prefix length.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    default: bool,
+    #[serde(default)]
+    engine: Engine,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    #[serde(default)]
+    hosts: BTreeMap<String, IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    to: String,
+    via: String,
+}
+
+/// A checked vnet config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VnetConfig {
+    /// Whether this is the tenant's default vnet.
+    pub default: bool,
+    /// Its engine.
+    pub engine: Engine,
+    /// Its routes, in document order.
+    pub routes: Vec<Route>,
+    /// Static names.
+    pub hosts: BTreeMap<String, IpAddr>,
+}
+
+/// `to:`: what a route matches. `*` is everything (IPv4, IPv6 and names).
+fn parse_to(to: &str) -> Result<Vec<Match>, String> {
+    let to = to.trim();
+    if to == "*" {
+        return Ok(vec![
+            Match::Cidr("0.0.0.0/0".parse().expect("literal")),
+            Match::Cidr("::/0".parse().expect("literal")),
+            Match::Suffix(String::new()),
+        ]);
+    }
+    if let Ok(net) = to.parse::<IpNet>() {
+        return Ok(vec![Match::Cidr(net.trunc())]);
+    }
+    if let Ok(ip) = to.parse::<IpAddr>() {
+        return Ok(vec![Match::Cidr(IpNet::from(ip))]);
+    }
+    let (suffix, name) = match to.strip_prefix("*.").or_else(|| to.strip_prefix('.')) {
+        Some(rest) => (true, rest),
+        None => (false, to),
+    };
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if !valid {
+        return Err(format!(
+            "`{to}` is not a route destination: expected a CIDR (10.1.0.0/16), an IP, a host name, `*.suffix` or `*`"
+        ));
+    }
+    let name = name.to_ascii_lowercase();
+    Ok(vec![if suffix {
+        Match::Suffix(name)
+    } else {
+        Match::Host(name)
+    }])
+}
+
+fn parse_via(via: &str) -> Result<Connector, String> {
+    match via.trim() {
+        "direct" => Ok(Connector::Direct),
+        "reject" => Ok(Connector::Reject),
+        m if !m.is_empty()
+            && m.len() <= 63
+            && m.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+        {
+            Ok(Connector::Module(m.to_string()))
+        }
+        other => Err(format!(
+            "`{other}` is not a connector: expected `direct`, `reject` or the name of a module of this tenant (a WireGuard instance)"
+        )),
+    }
+}
+
+impl VnetConfig {
+    /// Parses and validates a `kind: vnet` document.
+    pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
+        let raw: RawConfig = parse_document(doc, &["kind"])?;
+        let mut routes = Vec::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            let matches = parse_to(&r.to)
+                .map_err(|m| ConfigError::key(&doc.source, format!("routes[{i}].to"), m))?;
+            let connector = parse_via(&r.via)
+                .map_err(|m| ConfigError::key(&doc.source, format!("routes[{i}].via"), m))?;
+            routes.extend(matches.into_iter().map(|matches| Route {
+                matches,
+                connector: connector.clone(),
+            }));
+        }
+        let hosts = raw
+            .hosts
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        Ok(VnetConfig {
+            default: raw.default,
+            engine: raw.engine,
+            routes,
+            hosts,
+        })
+    }
+
+    /// The vnet named `name` this config describes.
+    pub fn to_vnet(&self, name: &str) -> Vnet {
+        Vnet {
+            name: name.to_string(),
+            default: self.default,
+            engine: self.engine,
+            routes: Router::new(self.routes.clone()),
+            hosts: self.hosts.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn doc(v: serde_json::Value) -> Document {
+        Document {
+            source: "tenants/acme/sydney.yaml".into(),
+            value: v,
+        }
+    }
+
+    #[test]
+    fn routes_hosts_and_default() {
+        let c = VnetConfig::from_document(&doc(json!({
+            "kind": "vnet",
+            "default": true,
+            "routes": [
+                {"to": "10.1.0.0/16", "via": "wg-syd"},
+                {"to": "10.1.2.3", "via": "reject"},
+                {"to": "*.Corp.example", "via": "direct"},
+                {"to": "db.internal", "via": "wg-syd"},
+                {"to": "*", "via": "reject"},
+            ],
+            "hosts": {"NGINX": "10.1.0.10"},
+        })))
+        .unwrap();
+        assert!(c.default);
+        let shown: Vec<String> = c.routes.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "10.1.0.0/16 -> wg-syd",
+                "10.1.2.3/32 -> reject",
+                "*.corp.example -> direct",
+                "db.internal -> wg-syd",
+                "0.0.0.0/0 -> reject",
+                "::/0 -> reject",
+                "* -> reject"
+            ]
+        );
+        assert_eq!(c.hosts["nginx"], "10.1.0.10".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn errors_name_the_route() {
+        let cases = [
+            (
+                json!({"routes": [{"to": "10.1.0.0/33", "via": "direct"}]}),
+                "routes[0].to",
+                "not a route destination",
+            ),
+            (
+                json!({"routes": [{"to": "a..b", "via": "direct"}]}),
+                "routes[0].to",
+                "not a route destination",
+            ),
+            (
+                json!({"routes": [{"to": "x", "via": "wg 0"}]}),
+                "routes[0].via",
+                "not a connector",
+            ),
+            (json!({"routes": [{"to": "x"}]}), "routes[0]", "via"),
+            (json!({"engine": "tun"}), "engine", "userspace"),
+            (json!({"hosts": {"a": "not-an-ip"}}), "hosts", ""),
+            (json!({"rotes": []}), "rotes", "unknown field"),
+        ];
+        for (v, key, msg) in cases {
+            let e = VnetConfig::from_document(&doc(v.clone())).unwrap_err();
+            let k = e.key.clone().unwrap_or_default();
+            assert!(k.starts_with(key), "{v}: key {k:?} in {e}");
+            assert!(e.to_string().contains(msg), "{v}: {e}");
+            assert!(e.to_string().starts_with("tenants/acme/sydney.yaml"), "{e}");
+        }
+    }
+}
