@@ -294,6 +294,17 @@ impl FlowTable {
 
     /// Starts tracking a flow; it ends when the guard is dropped or ended.
     pub fn open(self: &Arc<Self>, ctx: FlowContext, metrics: &InstanceMetrics) -> FlowGuard {
+        self.open_routed(ctx, None, metrics)
+    }
+
+    /// As [`FlowTable::open`], for a flow whose route is already decided:
+    /// the flow-start hooks see it (a policy may judge by destination).
+    pub fn open_routed(
+        self: &Arc<Self>,
+        ctx: FlowContext,
+        route: Option<String>,
+        metrics: &InstanceMetrics,
+    ) -> FlowGuard {
         let flow = Arc::new(Flow {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             ctx,
@@ -302,7 +313,10 @@ impl FlowTable {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             metrics: metrics.clone(),
-            decision: Mutex::new(Decision::default()),
+            decision: Mutex::new(Decision {
+                verdict: Verdict::Allow,
+                route,
+            }),
         });
         metrics.connections.inc();
         metrics.active.inc();

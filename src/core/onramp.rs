@@ -4,12 +4,14 @@
 //! its handshake, and one call to [`OnRamp::connect`] with the client stream,
 //! its source, the target and the identity. That call:
 //!
-//! 1. opens the [`crate::core::flow::Flow`] (tracked, counted);
-//! 2. asks the flow-start hooks for a [`Verdict`] (policy); a denial is
-//!    counted (`meshgate_rejected_total{reason="denied"}`) and ends the flow;
-//! 3. routes the target in the chosen vnet ([`crate::core::vnet::Vnets::route`]),
-//!    or through the connector the on-ramp pins (a pipe's `via:`); no route
-//!    or a `reject` route is a counted refusal with its reason;
+//! 1. routes the target in the chosen vnet ([`crate::core::vnet::Vnets::route`]),
+//!    or through the connector the on-ramp pins (a pipe's `via:`);
+//! 2. opens the [`crate::core::flow::Flow`] (tracked, counted) with that
+//!    route, and asks the flow-start hooks for a [`Verdict`] (policy); a
+//!    denial is counted (`meshgate_rejected_total{reason="denied"}`) and ends
+//!    the flow;
+//! 3. no route or a `reject` route is a counted refusal with its reason
+//!    (`meshgate_dial_errors_total{reason="no_route|rejected|no_vnet"}`);
 //! 4. dials through the connector ([`ModuleContext::dial`]);
 //! 5. joins the two streams ([`crate::core::proxy::join`]);
 //! 6. records a typed [`EndReason`] (audit line, metrics).
@@ -34,7 +36,7 @@ use crate::core::addr::HostPort;
 use crate::core::flow::{EndReason, FlowContext, Protocol, Verdict};
 use crate::core::module::ModuleContext;
 use crate::core::proxy::{self, ProxyOptions, Stream};
-use crate::core::router::{Connector, Route, RouteError};
+use crate::core::router::{Connector, RouteError};
 use crate::core::vnet::{bind_host_tcp, StreamListener};
 
 /// How long a VPN listener waits between attempts to bind again after its
@@ -295,8 +297,8 @@ impl OnRamp {
         self.tracker.wait().await;
     }
 
-    /// The one path: flow, policy, route, dial, join, typed end. Returns why
-    /// the flow ended.
+    /// The one path: route, flow (with the policy verdict), dial, join,
+    /// typed end. Returns why the flow ended.
     pub async fn connect(&self, client: Stream, req: ConnectRequest) -> EndReason {
         let ctx = &self.ctx;
         let (tenant, instance) = (self.tenant(), ctx.instance.as_str());
@@ -304,7 +306,26 @@ impl OnRamp {
             Target::Addr(t) => t.to_string(),
             Target::Unknown { label, .. } => label.clone(),
         };
-        let mut flow = ctx.flows.open(
+        // Routing is a pure lookup: decide it first, so the flow-start hooks
+        // (policy) see where the flow would go and the audit line says it.
+        let routed: Result<(Connector, HostPort, String), Refusal> = match &req.target {
+            Target::Unknown { error, .. } => Err(Refusal::Unknown(error.clone())),
+            Target::Addr(t) => match &req.via {
+                RouteVia::Pinned(c) => Ok((c.clone(), t.clone(), format!("pinned: {t} -> {c}"))),
+                RouteVia::Vnet(vnet) => match ctx.tenant.vnets.route(vnet.as_deref(), t) {
+                    Ok(d) => {
+                        let shown = d.describe();
+                        Ok((d.route.connector, d.target, shown))
+                    }
+                    Err(e) => Err(Refusal::Route(e)),
+                },
+            },
+        };
+        let shown_route = match &routed {
+            Ok((_, _, shown)) => shown.clone(),
+            Err(r) => r.to_string(),
+        };
+        let mut flow = ctx.flows.open_routed(
             FlowContext {
                 tenant: tenant.to_string(),
                 instance: instance.to_string(),
@@ -313,6 +334,7 @@ impl OnRamp {
                 dst: dst.clone(),
                 protocol: Protocol::Tcp,
             },
+            Some(shown_route),
             &ctx.instance_metrics,
         );
         let work = async {
@@ -321,34 +343,13 @@ impl OnRamp {
                 tracing::info!(%tenant, %instance, src = %req.src, %dst, identity = req.identity.as_deref().unwrap_or("-"), reason = %why, "flow denied");
                 return EndReason::Denied;
             }
-            let target = match &req.target {
-                Target::Addr(t) => t,
-                Target::Unknown { error, .. } => {
-                    ctx.metrics.dial_error(tenant, instance, "no_route");
-                    tracing::warn!(%tenant, %instance, src = %req.src, %dst, %error, "no route");
-                    return EndReason::NoRoute;
+            let (connector, target) = match routed {
+                Ok((c, t, _)) => (c, t),
+                Err(refusal) => {
+                    ctx.metrics.dial_error(tenant, instance, refusal.reason());
+                    tracing::warn!(%tenant, %instance, src = %req.src, %dst, error = %refusal, "refused");
+                    return refusal.end_reason();
                 }
-            };
-            let (connector, target) = match &req.via {
-                RouteVia::Pinned(c) => {
-                    flow.flow().set_route(format!("pinned: {} -> {c}", target));
-                    (c.clone(), target.clone())
-                }
-                RouteVia::Vnet(vnet) => match ctx.tenant.vnets.route(vnet.as_deref(), target) {
-                    Ok(d) => {
-                        flow.flow().set_route(d.describe());
-                        let Route { connector, .. } = d.route;
-                        (connector, d.target)
-                    }
-                    Err(e) => {
-                        ctx.metrics.dial_error(tenant, instance, e.reason());
-                        tracing::warn!(%tenant, %instance, src = %req.src, %dst, error = %e, "refused");
-                        return match e {
-                            RouteError::Rejected { .. } => EndReason::Rejected,
-                            _ => EndReason::NoRoute,
-                        };
-                    }
-                },
             };
             let upstream = match ctx.dial(&connector, &target, req.connect_timeout).await {
                 Ok(s) => s,
@@ -376,6 +377,33 @@ impl OnRamp {
     }
 }
 
+/// Why a flow has nowhere to go.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    /// The vnet's table said no.
+    #[error(transparent)]
+    Route(RouteError),
+    /// The on-ramp could not name a target.
+    #[error("{0}")]
+    Unknown(String),
+}
+
+impl Refusal {
+    fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Route(e) => e.reason(),
+            Refusal::Unknown(_) => "no_route",
+        }
+    }
+
+    fn end_reason(&self) -> EndReason {
+        match self {
+            Refusal::Route(RouteError::Rejected { .. }) => EndReason::Rejected,
+            _ => EndReason::NoRoute,
+        }
+    }
+}
+
 /// A host TCP listener as a [`StreamListener`].
 struct HostListener(tokio::net::TcpListener);
 
@@ -388,5 +416,216 @@ impl StreamListener for HostListener {
     }
     fn local_addr(&self) -> SocketAddr {
         self.0.local_addr().expect("bound socket has an address")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::flow::{AuditLog, Flow, FlowEnd, FlowObserver, FlowTable};
+    use crate::core::metrics::Metrics;
+    use crate::core::module::ModuleDirectory;
+    use crate::core::tenant::Tenant;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Denies one identity, and records every flow's end.
+    #[derive(Default)]
+    struct Policy(Mutex<Vec<String>>);
+
+    impl FlowObserver for Policy {
+        fn on_start(&self, flow: &Flow) -> Verdict {
+            match flow.ctx.identity.as_deref() {
+                Some("mallory") => Verdict::Deny("mallory may not leave".into()),
+                _ => Verdict::Allow,
+            }
+        }
+        fn on_end(&self, flow: &Flow, end: &FlowEnd) {
+            let d = flow.decision();
+            self.0.lock().unwrap().push(format!(
+                "{} {} {} {}",
+                flow.ctx.identity.as_deref().unwrap_or("-"),
+                d.verdict,
+                d.route.unwrap_or_default(),
+                end.reason
+            ));
+        }
+    }
+
+    /// A `Write` that appends to a shared buffer (the captured log).
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A client stream accepted from a local socket pair.
+    async fn client_pair() -> (tokio::net::TcpStream, Stream, SocketAddr) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, src) = l.accept().await.unwrap();
+        (c, Stream::Tcp(s), src)
+    }
+
+    #[tokio::test]
+    async fn a_hook_denies_by_identity_counted_and_audited_with_the_route() {
+        let log = Captured::default();
+        let w = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let policy = Arc::new(Policy::default());
+        let flows = Arc::new(FlowTable::new(vec![policy.clone(), Arc::new(AuditLog)]));
+        let metrics = Arc::new(Metrics::new());
+        let dir = ModuleDirectory::default();
+        let ctx = ModuleContext::new(
+            Arc::new(Tenant::new("acme")),
+            "door",
+            metrics.clone(),
+            flows,
+            &dir,
+        );
+        let onramp = OnRamp::new(ctx);
+        // An echo backend.
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target: HostPort = backend.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = backend.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let req = |identity: &str| ConnectRequest {
+            src: "127.0.0.1:1".parse().unwrap(),
+            target: Target::Addr(target.clone()),
+            identity: Some(identity.into()),
+            via: RouteVia::Vnet(None),
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: None,
+        };
+
+        let (_c, client, _) = client_pair().await;
+        assert_eq!(
+            onramp.connect(client, req("mallory")).await,
+            EndReason::Denied
+        );
+
+        let (mut c, client, _) = client_pair().await;
+        let allowed = tokio::spawn({
+            let onramp = onramp.clone();
+            let r = req("alice");
+            async move { onramp.connect(client, r).await }
+        });
+        c.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        c.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+        c.shutdown().await.unwrap();
+        drop(c);
+        assert_eq!(allowed.await.unwrap(), EndReason::Closed);
+
+        let route = "default: 127.0.0.0/8 -> direct";
+        assert_eq!(
+            *policy.0.lock().unwrap(),
+            vec![
+                format!("mallory deny (mallory may not leave) {route} denied"),
+                format!("alice allow {route} closed"),
+            ]
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"meshgate_rejected_total{tenant="acme",instance="door",reason="denied"} 1"#
+            ),
+            "{text}"
+        );
+        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let audit: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("meshgate::audit"))
+            .collect();
+        assert_eq!(audit.len(), 2, "{log}");
+        assert!(audit[0].contains("identity=\"mallory\""), "{}", audit[0]);
+        assert!(
+            audit[0].contains("verdict=deny (mallory may not leave)"),
+            "{}",
+            audit[0]
+        );
+        assert!(
+            audit[0].contains(&format!("route=\"{route}\"")),
+            "{}",
+            audit[0]
+        );
+        assert!(audit[0].contains("reason=denied"), "{}", audit[0]);
+    }
+
+    #[tokio::test]
+    async fn refusals_end_typed_and_are_counted() {
+        let metrics = Arc::new(Metrics::new());
+        let tenant = Arc::new(Tenant::new("acme"));
+        tenant.vnets.set(crate::core::vnet::Vnet {
+            name: "corp".into(),
+            default: true,
+            engine: Default::default(),
+            routes: crate::core::router::Router::new(vec![crate::core::router::Route {
+                matches: crate::core::router::Match::Cidr("10.9.0.0/16".parse().unwrap()),
+                connector: Connector::Reject,
+            }]),
+            hosts: Default::default(),
+        });
+        let ctx = ModuleContext::new(
+            tenant,
+            "door",
+            metrics.clone(),
+            Arc::new(FlowTable::new(vec![])),
+            &ModuleDirectory::default(),
+        );
+        let onramp = OnRamp::new(ctx);
+        for (target, end) in [
+            ("10.9.1.1:80", EndReason::Rejected),
+            ("192.0.2.1:80", EndReason::NoRoute),
+        ] {
+            let (_c, client, src) = client_pair().await;
+            let req = ConnectRequest {
+                src,
+                target: Target::Addr(target.parse().unwrap()),
+                identity: None,
+                via: RouteVia::Vnet(None),
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: None,
+            };
+            assert_eq!(onramp.connect(client, req).await, end, "{target}");
+        }
+        let (_c, client, src) = client_pair().await;
+        let req = ConnectRequest {
+            src,
+            target: Target::Addr("10.1.1.1:80".parse().unwrap()),
+            identity: None,
+            via: RouteVia::Vnet(Some("nope".into())),
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: None,
+        };
+        assert_eq!(onramp.connect(client, req).await, EndReason::NoRoute);
+        let text = metrics.encode();
+        for reason in ["rejected", "no_route", "no_vnet"] {
+            let series = format!(
+                r#"meshgate_dial_errors_total{{tenant="acme",instance="door",reason="{reason}"}} 1"#
+            );
+            assert!(text.contains(&series), "{series}\n{text}");
+        }
     }
 }

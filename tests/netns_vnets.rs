@@ -1,0 +1,271 @@
+//! Tenant vnets end to end, in network namespaces with wireguard-go peers.
+//!
+//! Seed 004's scenario: one tenant, two vnets (`frankfurt` the default and
+//! `sydney`), both routing 10.1.0.0/16, each to its own WireGuard peer with
+//! a backend at 10.1.0.10. Pipes choose a vnet; moving the default applies
+//! to new connections only. Also: names from a vnet's `hosts`, refusals by
+//! a `reject` route and by a missing route (counted), and a `listen_via`
+//! pipe that accepts again after its interface restarts.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::netns::{can_netns, link, nginx_in, Netns, NsMeshgate, WgGo};
+use common::{have, wait_until};
+use meshgate::core::keys::PrivateKey;
+
+/// A wireguard-go site: its namespace, interface and nginx at 10.1.0.10:80.
+struct Site {
+    ns: Netns,
+    wg: WgGo,
+    _nginx: tempfile::TempDir,
+}
+
+/// A site joined to `gw` by a veth (`10.231.{n}.1` on gw, `.2` at the site).
+/// wireguard-go listens on 51820 and owns 10.1.0.10/16; meshgate's VPN
+/// address in every site is 10.200.0.2.
+fn site(gw: &Netns, n: u8, tag: &str, body: &str, mg_public: &str) -> Site {
+    let mut ns = Netns::new(tag);
+    link(
+        gw,
+        &format!("10.231.{n}.1/24"),
+        &ns,
+        &format!("10.231.{n}.2/24"),
+    );
+    let wg = WgGo::new(&ns, "10.1.0.10/16", Some(51820));
+    wg.add_peer(&ns, mg_public, "allowed-ips 10.200.0.2/32");
+    ns.sh(&format!("ip route add 10.200.0.2/32 dev {}", wg.iface));
+    let nginx = nginx_in(&mut ns, "10.1.0.10:80", body);
+    Site {
+        ns,
+        wg,
+        _nginx: nginx,
+    }
+}
+
+fn wg_doc(key: &PrivateKey, vnet: &str, peer_public: &str, n: u8) -> String {
+    format!(
+        "kind: wireguard\nprivate_key: {}\naddress: 10.200.0.2/32\nvnet: {vnet}\npeers:\n  - name: {vnet}-site\n    public_key: {peer_public}\n    endpoint: 10.231.{n}.2:51820\n    allowed_ips: [10.1.0.0/16]\n    persistent_keepalive: 5\n",
+        key.to_base64()
+    )
+}
+
+/// An HTTP GET started on a pipe whose request is finished later: the
+/// connection is open (and routed) before the caller changes the config.
+fn start_request(gw: &Netns, port: u16) -> std::process::Child {
+    gw.cmd("bash")
+        .arg("-c")
+        .arg(format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{port}; printf 'GET / HTTP/1.0\\r\\n' >&3; read -r go; printf '\\r\\n' >&3; cat <&3"
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish_request(mut child: std::process::Child) -> String {
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let _ = child.wait();
+    out
+}
+
+#[test]
+fn two_vnets_route_the_same_range_to_different_sites() {
+    if !can_netns() || !have("wireguard-go") || !have("wg") || !have("nginx") || !have("curl") {
+        return;
+    }
+    let gw = Netns::new("gw");
+    let (fra_key, syd_key) = (PrivateKey::generate(), PrivateKey::generate());
+    let fra = site(
+        &gw,
+        41,
+        "fra",
+        "frankfurt\n",
+        &fra_key.public_key().to_string(),
+    );
+    let syd = site(
+        &gw,
+        42,
+        "syd",
+        "sydney\n",
+        &syd_key.public_key().to_string(),
+    );
+
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path().join("tenants/acme");
+    std::fs::create_dir_all(&t).unwrap();
+    let w = |name: &str, text: &str| std::fs::write(t.join(name), text).unwrap();
+    std::fs::write(
+        d.path().join("meshgate.yaml"),
+        "node: gw\nadmin: 127.0.0.1:9000\n",
+    )
+    .unwrap();
+    w(
+        "frankfurt.yaml",
+        "kind: vnet\ndefault: true\nroutes:\n  - to: 10.1.99.0/24\n    via: reject\nhosts:\n  nginx: 10.1.0.10\n",
+    );
+    w("sydney.yaml", "kind: vnet\n");
+    w(
+        "wg-fra.yaml",
+        &wg_doc(&fra_key, "frankfurt", &fra.wg.public_key(), 41),
+    );
+    w(
+        "wg-syd.yaml",
+        &wg_doc(&syd_key, "sydney", &syd.wg.public_key(), 42),
+    );
+    w(
+        "web.yaml",
+        "kind: pipe\nlisten: 127.0.0.1:8081\nremote: 10.1.0.10:80\n",
+    );
+    w(
+        "web-sydney.yaml",
+        "kind: pipe\nlisten: 127.0.0.1:8082\nremote: 10.1.0.10:80\nvnet: sydney\n",
+    );
+    w(
+        "by-name.yaml",
+        "kind: pipe\nlisten: 127.0.0.1:8083\nremote: nginx:80\n",
+    );
+    w(
+        "rejected.yaml",
+        "kind: pipe\nlisten: 127.0.0.1:8084\nremote: 10.1.99.1:80\n",
+    );
+    w(
+        "nowhere.yaml",
+        "kind: pipe\nlisten: 127.0.0.1:8085\nremote: 192.0.2.1:80\n",
+    );
+    let mg = NsMeshgate::start(&gw, d.path(), "127.0.0.1:9000");
+
+    // The default vnet is frankfurt; a pipe that names sydney goes there.
+    assert_eq!(
+        gw.curl("http://127.0.0.1:8081/", 10),
+        (200, "frankfurt\n".into())
+    );
+    assert_eq!(
+        gw.curl("http://127.0.0.1:8082/", 10),
+        (200, "sydney\n".into())
+    );
+    // A name from frankfurt's `hosts`.
+    assert_eq!(
+        gw.curl("http://127.0.0.1:8083/", 10),
+        (200, "frankfurt\n".into())
+    );
+
+    // A reject route and a missing route: refused, counted by reason.
+    assert_eq!(gw.curl("http://127.0.0.1:8084/", 5).0, 0);
+    assert_eq!(gw.curl("http://127.0.0.1:8085/", 5).0, 0);
+    let rejected =
+        "meshgate_dial_errors_total{tenant=\"acme\",instance=\"rejected\",reason=\"rejected\"}";
+    let no_route =
+        "meshgate_dial_errors_total{tenant=\"acme\",instance=\"nowhere\",reason=\"no_route\"}";
+    assert!(wait_until(Duration::from_secs(3), || mg
+        .metric(&gw, rejected)
+        == 1.0));
+    assert_eq!(mg.metric(&gw, no_route), 1.0);
+    let log = mg.log_text();
+    assert!(
+        log.contains(
+            "10.1.99.1:80 is refused by route `10.1.99.0/24 -> reject` in vnet `frankfurt`"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains("no route to 192.0.2.1:80 in vnet `frankfurt`"),
+        "{log}"
+    );
+
+    // Routes and verdicts are visible on live flows.
+    let open = start_request(&gw, 8081);
+    let flows = wait_until(Duration::from_secs(5), || {
+        gw.curl("http://127.0.0.1:9000/api/v1/flows?tenant=acme", 3)
+            .1
+            .contains("frankfurt: 10.1.0.0/16 -> wg-fra")
+    });
+    assert!(flows, "the open flow shows its route");
+
+    // Move the default to sydney: new connections go there, the open one
+    // keeps its route.
+    w("sydney.yaml", "kind: vnet\ndefault: true\n");
+    let moved = wait_until(Duration::from_secs(5), || {
+        gw.curl("http://127.0.0.1:8081/", 5).1 == "sydney\n"
+    });
+    assert!(
+        moved,
+        "new connections use the new default:\n{}",
+        mg.log_text()
+    );
+    let answer = finish_request(open);
+    assert!(answer.ends_with("frankfurt\n"), "{answer}");
+    drop((fra, syd));
+}
+
+#[test]
+fn listen_via_pipe_accepts_again_after_its_interface_restarts() {
+    if !can_netns() || !have("wireguard-go") || !have("wg") || !have("nginx") || !have("curl") {
+        return;
+    }
+    let gw = Netns::new("gw");
+    let key = PrivateKey::generate();
+    let remote = site(&gw, 43, "rb", "unused\n", &key.public_key().to_string());
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path().join("tenants/default");
+    std::fs::create_dir_all(&t).unwrap();
+    std::fs::write(
+        d.path().join("meshgate.yaml"),
+        "node: gw\nadmin: 127.0.0.1:9000\n",
+    )
+    .unwrap();
+    let wg = |port: u16| {
+        format!(
+            "kind: wireguard\nprivate_key: {}\nlisten_port: {port}\naddress: 10.200.0.2/32\npeers:\n  - name: site\n    public_key: {}\n    endpoint: 10.231.43.2:51820\n    allowed_ips: [10.1.0.0/16]\n    persistent_keepalive: 5\n",
+            key.to_base64(),
+            remote.wg.public_key()
+        )
+    };
+    std::fs::write(t.join("wg0.yaml"), wg(40001)).unwrap();
+    // The gateway's admin API, published on its VPN address.
+    std::fs::write(
+        t.join("inbound.yaml"),
+        "kind: pipe\nlisten: 10.200.0.2:8080\nlisten_via: wg0\nremote: 127.0.0.1:9000\n",
+    )
+    .unwrap();
+    let mg = NsMeshgate::start(&gw, d.path(), "127.0.0.1:9000");
+    let url = "http://10.200.0.2:8080/healthz";
+    let reach = || remote.ns.curl(url, 2).0 == 200;
+    assert!(
+        wait_until(Duration::from_secs(10), reach),
+        "{}",
+        mg.log_text()
+    );
+
+    // Change the port: the interface restarts, its stack with it.
+    std::fs::write(t.join("wg0.yaml"), wg(40002)).unwrap();
+    let restarted = wait_until(Duration::from_secs(5), || {
+        mg.log_text().matches("wireguard interface up").count() >= 2
+    });
+    assert!(restarted, "{}", mg.log_text());
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(2), || mg
+            .log_text()
+            .contains("listening again")),
+        "the listener was not bound again within 2 s:\n{}",
+        mg.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), reach),
+        "listen_via pipe did not come back:\n{}",
+        mg.log_text()
+    );
+    // The peer learns the new port from meshgate's next handshake.
+    eprintln!("reachable again after {:?}", t0.elapsed());
+}
