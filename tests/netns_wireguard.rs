@@ -335,4 +335,24 @@ fn clients_reach_each_other_through_the_hub() {
         "client one cannot reach client two through the hub: {}",
         String::from_utf8_lossy(&ping.stdout)
     );
+    // The forwarded pings are one IP flow: 5-tuple, the sending peer, bytes
+    // both ways, the route it took.
+    let (_, body) = server.curl("http://127.0.0.1:9000/api/v1/flows", 3);
+    let flows: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let icmp: Vec<&serde_json::Value> = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["protocol"] == "icmp")
+        .collect();
+    assert_eq!(icmp.len(), 1, "{body}");
+    let f = icmp[0];
+    assert!(f["src"].as_str().unwrap().starts_with("10.192.0.2:"), "{f}");
+    assert!(f["dst"].as_str().unwrap().starts_with("10.192.0.3:"), "{f}");
+    assert_eq!(f["identity"], "one", "{f}");
+    assert_eq!(f["instance"], "wg0", "{f}");
+    assert_eq!(f["verdict"], "allow", "{f}");
+    assert_eq!(f["route"], "forwarded by wg0", "{f}");
+    assert!(f["bytes_up"].as_u64().unwrap() >= 3 * 84, "{f}");
+    assert!(f["bytes_down"].as_u64().unwrap() >= 3 * 84, "{f}");
 }

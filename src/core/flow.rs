@@ -28,6 +28,10 @@ pub enum Protocol {
     Tcp,
     /// A UDP session (datagrams between one client address and one remote).
     Udp,
+    /// ICMP echo (forwarded IP flows).
+    Icmp,
+    /// Another IP protocol, by number (forwarded IP flows).
+    Other(u8),
 }
 
 /// Who a flow belongs to and where it came in.

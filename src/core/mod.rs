@@ -6,6 +6,7 @@
 //! - [`module`]: the [`module::Module`] and [`module::ModuleFactory`] traits.
 //! - [`registry`]: builds, starts, reloads and stops module instances.
 //! - [`flow`]: flows (connections, UDP sessions), their table and observers.
+//! - [`ipflow`]: forwarded IP packets tracked as flows by 5-tuple.
 //! - [`router`]: route tables: longest match of a target to a connector.
 //! - [`onramp`]: the one path every connection takes (flow, policy, route,
 //!   dial, join, typed end) and the accept loop stream on-ramps share.
@@ -20,6 +21,7 @@ pub mod addr;
 pub mod config;
 pub mod dial;
 pub mod flow;
+pub mod ipflow;
 pub mod keys;
 pub mod metrics;
 pub mod module;

@@ -10,7 +10,9 @@
 //!   peer's allowed IPs; otherwise the packet is dropped and counted.
 //! - Packets to the node's own addresses go to the userspace IP stack;
 //!   packets to another peer's allowed IPs are forwarded (hub routing) when
-//!   the node has a subnet address (e.g. a `/24`); the rest are dropped.
+//!   the node has a subnet address (e.g. a `/24`), each one tracked as an IP
+//!   flow (5-tuple, the sending peer as identity, flow-start hooks, bytes,
+//!   idle expiry: [`crate::core::ipflow`]); the rest are dropped.
 //! - Outgoing packets (from the stack, or forwarded) go to the peer whose
 //!   allowed IPs contain the destination (longest prefix).
 //! - Timers run every 250 ms; endpoints roam to the source of every
@@ -35,7 +37,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{PeerConfig, WireGuardConfig};
 use crate::core::addr::HostPort;
-use crate::core::metrics::{Metrics, PeerMetrics};
+use crate::core::flow::FlowTable;
+use crate::core::ipflow::{Admit, IpFlows};
+use crate::core::metrics::{InstanceMetrics, Metrics, PeerMetrics};
 use crate::modules::netstack::{NetStack, PacketSink};
 
 /// Handshake messages per second (all peers) before cookies are required.
@@ -140,6 +144,8 @@ pub struct Device {
     table: RwLock<Arc<PeerTable>>,
     stack: NetStack,
     metrics: Arc<Metrics>,
+    /// Packets forwarded between peers, tracked as flows.
+    ip_flows: IpFlows,
     cancel: CancellationToken,
 }
 
@@ -208,6 +214,8 @@ impl Device {
         instance: &str,
         cfg: &WireGuardConfig,
         metrics: Arc<Metrics>,
+        flows: Arc<FlowTable>,
+        instance_metrics: InstanceMetrics,
     ) -> std::io::Result<Arc<Device>> {
         let (socket, dual_stack) = bind_udp(cfg.listen_port.unwrap_or(0))?;
         let private = x25519::StaticSecret::from(*cfg.private_key.as_bytes());
@@ -238,6 +246,7 @@ impl Device {
             })),
             stack,
             metrics,
+            ip_flows: IpFlows::new(tenant, instance, flows, instance_metrics),
             cancel: CancellationToken::new(),
         });
         *sink.0.lock().expect("sink poisoned") = Arc::downgrade(&dev);
@@ -266,6 +275,7 @@ impl Device {
     pub fn shutdown(&self) {
         self.cancel.cancel();
         self.stack.shutdown();
+        self.ip_flows.clear();
     }
 
     /// Installs a new peer list. Peers whose key, preshared key and keepalive
@@ -540,7 +550,10 @@ impl Device {
                 self.drop_packet(Some(peer), "stack_queue_full");
             }
         } else if self.forward {
-            self.send_ip(packet, Some(peer.index));
+            match self.ip_flows.packet(packet, &peer.cfg.name, Instant::now()) {
+                Admit::Forward => self.send_ip(packet, Some(peer.index)),
+                Admit::Drop(reason) => self.drop_packet(Some(peer), reason),
+            }
         } else {
             self.drop_packet(Some(peer), "no_route");
         }
@@ -550,10 +563,15 @@ impl Device {
         let mut buf = vec![0u8; BUF_LEN];
         let mut tick = tokio::time::interval(TIMER_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u32 = 0;
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            ticks = ticks.wrapping_add(1);
+            if ticks % 4 == 0 {
+                self.ip_flows.expire(Instant::now());
             }
             // The limiter is shared by all peers, so boringtun leaves its
             // once-a-second reset to us.

@@ -97,6 +97,8 @@ impl WireGuard {
             &self.ctx.instance,
             cfg,
             self.ctx.metrics.clone(),
+            self.ctx.flows.clone(),
+            self.ctx.instance_metrics.clone(),
         )
         .map_err(|e| {
             ConfigError::key(
