@@ -18,8 +18,8 @@
 //! ```
 //!
 //! Translation (one tenant, `default`):
-//! - `wg0` (`kind: wireguard`): the server listens on UDP 8765 (IPv4 and
-//!   IPv6), clients on an ephemeral port. Every node's VPN address is derived
+//! - `wg0` (`kind: wireguard`, interface name `wg0` for `wg show wg0`): the
+//!   server listens on UDP 8765 (IPv4 and IPv6), clients on an ephemeral port. Every node's VPN address is derived
 //!   from its public key ([`vpn_address`]) in 10.192.0.0/24; the server holds
 //!   a `/24` (and so forwards between clients), clients a `/32`. Each peer is
 //!   allowed its own derived `/32`; clients keep the server alive every 25 s.
@@ -342,6 +342,7 @@ fn translate(c: &Conf) -> Result<BTreeMap<String, Value>, StoreError> {
     let server = c.kind == NodeType::Server;
     let mut wg = json!({
         "kind": "wireguard",
+        "interface": WG_INSTANCE,
         "private_key": c.private_key,
         "address": format!("{own}/{}", if server { 24 } else { 32 }),
         "peers": peers,
@@ -506,6 +507,7 @@ mod tests {
         let server =
             translate(&node("server", "server", S, &[("client", C)], &[SEED_PIPE])).unwrap();
         assert_eq!(server["wg0"]["listen_port"], 8765);
+        assert_eq!(server["wg0"]["interface"], "wg0");
         assert_eq!(server["wg0"]["address"], "10.192.0.121/24");
         assert_eq!(
             server["wg0"]["peers"][0]["allowed_ips"][0],

@@ -20,6 +20,8 @@ use crate::core::keys::{PrivateKey, PublicKey};
 /// listen_port: 8765              # omitted: an ephemeral port (clients)
 /// address: 10.192.0.1/24         # this node's address(es) in the tenant's network
 /// vnet: sydney                   # optional: the vnet it attaches to (default: the tenant's default)
+/// interface: wg0                 # the name `wg` knows it by (default <tenant>-<instance>, 15 chars at most)
+/// uapi: auto                     # auto (/var/run/wireguard when usable) | off | a directory
 /// peers:
 ///   - name: client-a
 ///     public_key: <base64>
@@ -42,6 +44,10 @@ struct RawConfig {
     mtu: Option<usize>,
     #[serde(default)]
     vnet: Option<String>,
+    #[serde(default)]
+    interface: Option<String>,
+    #[serde(default)]
+    uapi: Option<String>,
 }
 
 /// `address`: one address or a list; `10.0.0.1/24`, or a bare IP meaning a
@@ -109,6 +115,11 @@ pub struct WireGuardConfig {
     pub mtu: usize,
     /// The vnet it attaches to; `None`: the tenant's default vnet.
     pub vnet: Option<String>,
+    /// The interface name `wg` shows (and the UAPI socket's name), if set;
+    /// [`WireGuardConfig::interface_name`] gives the default.
+    pub interface: Option<String>,
+    /// Where the UAPI socket goes.
+    pub uapi: super::uapi::UapiDir,
 }
 
 /// One peer.
@@ -175,7 +186,32 @@ fn key_text(
     }
 }
 
+/// A Linux interface name: 1-15 characters, no `/`, whitespace or `:`.
+fn check_interface_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '=' | '+'));
+    if ok && name != "." && name != ".." {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not an interface name: 1-15 letters, digits, `_`, `-`, `.`, `=` or `+`"
+        ))
+    }
+}
+
 impl WireGuardConfig {
+    /// The interface name: `interface`, else `<tenant>-<instance>` cut to
+    /// the 15 characters Linux allows.
+    pub fn interface_name(&self, tenant: &str, instance: &str) -> String {
+        match &self.interface {
+            Some(n) => n.clone(),
+            None => format!("{tenant}-{instance}").chars().take(15).collect(),
+        }
+    }
+
     /// The networks routed to this instance in its vnet: every peer's allowed IPs.
     pub fn routed_nets(&self) -> Vec<IpNet> {
         self.peers
@@ -199,6 +235,21 @@ impl WireGuardConfig {
         let private_key = PrivateKey::from_base64(&pk)
             .map_err(|e| ConfigError::key(src, "private_key", e.to_string()))?;
         let addresses = parse_addresses(src, &raw.address)?;
+        if let Some(name) = &raw.interface {
+            check_interface_name(name).map_err(|m| ConfigError::key(src, "interface", m))?;
+        }
+        let uapi = match raw.uapi.as_deref().map(str::trim) {
+            None | Some("auto") => super::uapi::UapiDir::Auto,
+            Some("off") => super::uapi::UapiDir::Off,
+            Some(d) if d.starts_with('/') => super::uapi::UapiDir::Dir(PathBuf::from(d)),
+            Some(d) => {
+                return Err(ConfigError::key(
+                    src,
+                    "uapi",
+                    format!("`{d}`: expected `auto`, `off` or an absolute directory such as /var/run/wireguard"),
+                ))
+            }
+        };
         if let Some(v) = &raw.vnet {
             configstore::check_name(v).map_err(|m| ConfigError::key(src, "vnet", m))?;
         }
@@ -278,6 +329,8 @@ impl WireGuardConfig {
             peers,
             mtu,
             vnet: raw.vnet,
+            interface: raw.interface,
+            uapi,
         })
     }
 }

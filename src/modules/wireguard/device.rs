@@ -672,6 +672,30 @@ impl Device {
             .collect()
     }
 
+    /// Peer states for `wg` (the UAPI `get`).
+    pub fn uapi_peers(&self) -> Vec<super::uapi::PeerState> {
+        self.table()
+            .peers()
+            .map(|p| {
+                let tunn = p.tunn.lock().expect("tunn poisoned");
+                let (since, tx, rx, _, _) = tunn.stats();
+                super::uapi::PeerState {
+                    public_key: p.cfg.public_key.0,
+                    preshared_key: p.cfg.preshared_key,
+                    endpoint: *p.endpoint.lock().expect("poisoned"),
+                    last_handshake: since.and_then(|d| SystemTime::now().checked_sub(d)),
+                    tx_bytes: tx as u64,
+                    rx_bytes: rx as u64,
+                    persistent_keepalive: p
+                        .cfg
+                        .persistent_keepalive
+                        .map_or(0, |d| d.as_secs() as u16),
+                    allowed_ips: p.cfg.allowed_ips.clone(),
+                }
+            })
+            .collect()
+    }
+
     /// The VPN address of a peer: the first address of its first allowed network.
     pub fn peer_address(&self, name: &str) -> Option<IpAddr> {
         self.table()

@@ -15,14 +15,22 @@
 //! Reload: a change of peers is applied in place (unchanged peers keep their
 //! sessions); a change of key, port, address or MTU restarts the interface,
 //! which closes connections carried inside it.
+//!
+//! Stock `wg` sees the instance as interface `interface:` (default
+//! `<tenant>-<instance>`) through WireGuard's UAPI socket ([`uapi`]): `wg
+//! show`, `wg showconf`, and `wg set`/`wg syncconf`, which change the running
+//! document and apply it exactly as a reload would.
 
 pub mod config;
 pub mod device;
+pub mod uapi;
 pub mod wgquick;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -39,6 +47,7 @@ use crate::modules::netstack::{NetError, NetStack, NetTcpListener};
 
 pub use config::WireGuardConfig;
 use device::Device;
+use uapi::{InterfaceState, SetRequest, UapiDir, UapiError, UapiServer, UapiTarget};
 
 /// Builds WireGuard interfaces.
 pub struct WireGuardFactory;
@@ -57,24 +66,40 @@ impl ModuleFactory for WireGuardFactory {
 
     fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
         let cfg = WireGuardConfig::from_document(doc)?;
-        Ok(Arc::new(WireGuard {
+        Ok(Arc::new(WireGuard(Arc::new(Inner {
             ctx,
-            source: Mutex::new(doc.source.clone()),
+            doc: Mutex::new(doc.clone()),
             config: Mutex::new(cfg),
             device: Arc::new(Mutex::new(None)),
-        }))
+            uapi: Mutex::new(None),
+            changing: tokio::sync::Mutex::new(()),
+        }))))
     }
 }
 
+/// Interface names in use in this process: `wg` shows one interface per name.
+static INTERFACE_NAMES: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
 /// A running WireGuard instance.
-pub struct WireGuard {
+pub struct WireGuard(Arc<Inner>);
+
+struct Inner {
     ctx: ModuleContext,
-    source: Mutex<String>,
+    /// The document running now (the store's, or as `wg set` changed it).
+    doc: Mutex<Document>,
     config: Mutex<WireGuardConfig>,
     device: Arc<Mutex<Option<Arc<Device>>>>,
+    /// The interface name this instance holds, and its UAPI socket if served.
+    uapi: Mutex<Option<(String, Option<UapiServer>)>>,
+    /// Reloads from the store and `wg set` apply one at a time.
+    changing: tokio::sync::Mutex<()>,
 }
 
-impl WireGuard {
+impl Inner {
+    fn owner(&self) -> String {
+        format!("{}/{}", self.ctx.tenant.name, self.ctx.instance)
+    }
+
     /// Publishes the peers' allowed IPs as routes to this instance in its vnet.
     fn attach(&self, cfg: &WireGuardConfig) {
         self.ctx
@@ -118,22 +143,103 @@ impl WireGuard {
         );
         Ok(dev)
     }
-}
 
-#[async_trait]
-impl Module for WireGuard {
-    async fn start(&self) -> Result<(), ModuleError> {
+    /// Takes the interface name and serves the UAPI socket for it, as `cfg`
+    /// says. Keeps what it holds when name and directory are unchanged.
+    fn claim_interface(
+        self: &Arc<Self>,
+        cfg: &WireGuardConfig,
+        old: Option<&WireGuardConfig>,
+        source: &str,
+    ) -> Result<(), ModuleError> {
+        let name = cfg.interface_name(&self.ctx.tenant.name, &self.ctx.instance);
+        let mut held = self.uapi.lock().expect("poisoned");
+        let unchanged = held.as_ref().is_some_and(|(n, _)| *n == name)
+            && old.is_some_and(|o| o.uapi == cfg.uapi);
+        if unchanged {
+            return Ok(());
+        }
+        {
+            let mut names = INTERFACE_NAMES.lock().expect("poisoned");
+            if let Some(other) = names.get(&name).filter(|o| **o != self.owner()) {
+                return Err(ConfigError::key(
+                    source,
+                    "interface",
+                    format!("interface name `{name}` is already used by {other}; give this instance another `interface:`"),
+                )
+                .into());
+            }
+            if let Some((prev, _)) = held.as_ref() {
+                if *prev != name {
+                    names.remove(prev);
+                }
+            }
+            names.insert(name.clone(), self.owner());
+        }
+        // Drop the old socket before binding the new one (same path when
+        // only the directory setting changed).
+        *held = Some((name.clone(), None));
+        let target: Arc<dyn UapiTarget> = Arc::new(UapiHandle(Arc::downgrade(self)));
+        let (dir, explicit) = match &cfg.uapi {
+            UapiDir::Off => return Ok(()),
+            UapiDir::Auto => (PathBuf::from(uapi::DEFAULT_DIR), false),
+            UapiDir::Dir(d) => (d.clone(), true),
+        };
+        match uapi::serve(&dir, &name, target) {
+            Ok(server) => {
+                tracing::info!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, interface = %name, socket = %server.path().display(), "wg can inspect and change this interface");
+                *held = Some((name, Some(server)));
+                Ok(())
+            }
+            Err(e) if explicit => Err(ConfigError::key(
+                source,
+                "uapi",
+                format!("cannot serve {}/{name}.sock: {e}", dir.display()),
+            )
+            .into()),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::info!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, interface = %name, dir = %dir.display(), "no UAPI socket (directory not writable): `wg` will not see this interface; set `uapi: <dir>` to choose one");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, interface = %name, error = %e, "no UAPI socket: `wg` will not see this interface; set `interface:` to another name or `uapi: off`");
+                Ok(())
+            }
+        }
+    }
+
+    fn release_interface(&self) {
+        if let Some((name, server)) = self.uapi.lock().expect("poisoned").take() {
+            drop(server);
+            let mut names = INTERFACE_NAMES.lock().expect("poisoned");
+            if names.get(&name).is_some_and(|o| *o == self.owner()) {
+                names.remove(&name);
+            }
+        }
+    }
+
+    async fn start(self: &Arc<Self>) -> Result<(), ModuleError> {
         let cfg = self.config.lock().expect("poisoned").clone();
-        let source = self.source.lock().expect("poisoned").clone();
-        let dev = self.start_device(&cfg, &source)?;
-        *self.device.lock().expect("poisoned") = Some(dev);
+        let source = self.doc.lock().expect("poisoned").source.clone();
+        self.claim_interface(&cfg, None, &source)?;
+        match self.start_device(&cfg, &source) {
+            Ok(dev) => *self.device.lock().expect("poisoned") = Some(dev),
+            Err(e) => {
+                self.release_interface();
+                return Err(e);
+            }
+        }
         self.attach(&cfg);
         Ok(())
     }
 
-    async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
+    /// Applies a new document: peers in place, or a restart of the
+    /// interface; on error the old config keeps running.
+    async fn apply(self: &Arc<Self>, doc: &Document) -> Result<(), ModuleError> {
+        let _one_at_a_time = self.changing.lock().await;
         let new = WireGuardConfig::from_document(doc)?;
         let old = self.config.lock().expect("poisoned").clone();
+        self.claim_interface(&new, Some(&old), &doc.source)?;
         let same_interface = new.private_key.as_bytes() == old.private_key.as_bytes()
             && new.listen_port == old.listen_port
             && new.addresses == old.addresses
@@ -152,9 +258,10 @@ impl Module for WireGuard {
                 match self.start_device(&new, &doc.source) {
                     Ok(dev) => *self.device.lock().expect("poisoned") = Some(dev),
                     Err(e) => {
-                        let back =
-                            self.start_device(&old, &self.source.lock().expect("poisoned").clone());
+                        let source = self.doc.lock().expect("poisoned").source.clone();
+                        let back = self.start_device(&old, &source);
                         *self.device.lock().expect("poisoned") = back.ok();
+                        let _ = self.claim_interface(&old, Some(&new), &source);
                         return Err(e);
                     }
                 }
@@ -162,8 +269,88 @@ impl Module for WireGuard {
         }
         self.attach(&new);
         *self.config.lock().expect("poisoned") = new;
-        *self.source.lock().expect("poisoned") = doc.source.clone();
+        *self.doc.lock().expect("poisoned") = doc.clone();
         Ok(())
+    }
+
+    /// The live state for `wg show`.
+    fn uapi_state(&self) -> Option<InterfaceState> {
+        let dev = self.device()?;
+        let cfg = self.config.lock().expect("poisoned").clone();
+        Some(InterfaceState {
+            private_key: *cfg.private_key.as_bytes(),
+            listen_port: dev.listen_port(),
+            peers: dev.uapi_peers(),
+        })
+    }
+
+    /// `wg set`: the running document with the change, applied as a reload.
+    async fn uapi_set(self: &Arc<Self>, req: SetRequest) -> Result<(), UapiError> {
+        if req.fwmark.is_some_and(|m| m != 0) {
+            tracing::warn!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, "fwmark ignored: meshgate's userspace WireGuard sets no routing marks");
+        }
+        let current = self.doc.lock().expect("poisoned").clone();
+        let value = uapi::apply_set(&current.value, &req)?;
+        let base = current
+            .source
+            .split(" + wg set")
+            .next()
+            .unwrap_or(&current.source)
+            .to_string();
+        let doc = Document {
+            source: format!("{base} + wg set"),
+            value,
+        };
+        match self.apply(&doc).await {
+            Ok(()) => {
+                tracing::info!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, peers = req.peers.len(), "configuration changed with `wg` over the UAPI socket, applied as a reload; the config store's document replaces it when that document changes");
+                self.ctx
+                    .metrics
+                    .reload(&self.ctx.tenant.name, &self.ctx.instance, true);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, error = %e, "`wg set` refused; the old config keeps running");
+                self.ctx
+                    .metrics
+                    .reload(&self.ctx.tenant.name, &self.ctx.instance, false);
+                Err(UapiError {
+                    errno: 22,
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+/// The UAPI server's view of the instance (weak: the instance owns the server).
+struct UapiHandle(Weak<Inner>);
+
+#[async_trait]
+impl UapiTarget for UapiHandle {
+    fn state(&self) -> Option<InterfaceState> {
+        self.0.upgrade()?.uapi_state()
+    }
+
+    async fn set(&self, req: SetRequest) -> Result<(), UapiError> {
+        match self.0.upgrade() {
+            Some(inner) => inner.uapi_set(req).await,
+            None => Err(UapiError {
+                errno: 19,
+                message: "the interface is gone".into(),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Module for WireGuard {
+    async fn start(&self) -> Result<(), ModuleError> {
+        self.0.start().await
+    }
+
+    async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
+        self.0.apply(doc).await
     }
 
     async fn drain(&self) {
@@ -172,19 +359,29 @@ impl Module for WireGuard {
     }
 
     async fn stop(&self) {
-        self.ctx.tenant.vnets.detach(&self.ctx.instance);
-        if let Some(d) = self.device.lock().expect("poisoned").take() {
+        let inner = &self.0;
+        inner.ctx.tenant.vnets.detach(&inner.ctx.instance);
+        inner.release_interface();
+        if let Some(d) = inner.device.lock().expect("poisoned").take() {
             d.shutdown();
         }
     }
 
     fn status(&self) -> serde_json::Value {
-        let cfg = self.config.lock().expect("poisoned");
-        match self.device() {
+        let inner = &self.0;
+        let cfg = inner.config.lock().expect("poisoned").clone();
+        let interface = inner.uapi.lock().expect("poisoned").as_ref().map(|(n, s)| {
+            serde_json::json!({
+                "name": n,
+                "uapi_socket": s.as_ref().map(|s| s.path().display().to_string()),
+            })
+        });
+        match inner.device() {
             Some(d) => serde_json::json!({
                 "public_key": d.public_key(),
                 "listen_port": d.listen_port(),
                 "addresses": cfg.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "interface": interface,
                 "peers": d.peer_status(),
             }),
             None => serde_json::json!({ "state": "down" }),
@@ -192,11 +389,11 @@ impl Module for WireGuard {
     }
 
     fn dialer(&self) -> Option<Arc<dyn Dialer>> {
-        Some(Arc::new(VnetHandle(self.device.clone())))
+        Some(Arc::new(VnetHandle(self.0.device.clone())))
     }
 
     fn vnet(&self) -> Option<Arc<dyn VirtualNetwork>> {
-        Some(Arc::new(VnetHandle(self.device.clone())))
+        Some(Arc::new(VnetHandle(self.0.device.clone())))
     }
 }
 
