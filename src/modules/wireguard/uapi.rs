@@ -754,3 +754,34 @@ mod tests {
         assert_eq!(b, "key-AwMDAwMD-2");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Arbitrary lines: a request or an errno, never a panic; a parsed
+        /// `set` applies to a document or is refused with an errno.
+        #[test]
+        fn requests_never_panic(
+            op in prop_oneof![Just("set=1".to_string()), Just("get=1".to_string()), ".{0,8}"],
+            lines in proptest::collection::vec(
+                "(public_key|private_key|preshared_key|endpoint|allowed_ip|listen_port|remove|update_only|replace_peers|replace_allowed_ips|persistent_keepalive_interval|protocol_version|x)=[0-9a-f:.\\[\\]/]{0,70}",
+                0..12,
+            ),
+        ) {
+            let mut all = vec![op.as_str()];
+            all.extend(lines.iter().map(String::as_str));
+            if let Ok(Request::Set(req)) = parse_request(&all) {
+                let doc = json!({"kind": "wireguard", "peers": [{"name": "a", "public_key": b64(&[2; 32])}]});
+                match apply_set(&doc, &req) {
+                    Ok(v) => prop_assert!(v["peers"].is_array()),
+                    Err(e) => prop_assert_eq!(e.errno, EINVAL),
+                }
+            }
+        }
+    }
+}
