@@ -17,7 +17,8 @@ use std::sync::Arc;
 use clap::Parser;
 use meshgate::core::config::{AdminAddr, LogFormat, NodeConfig};
 use meshgate::core::node;
-use meshgate::modules::admin;
+use meshgate::core::node::admin;
+use meshgate::modules::builtin_factories;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -75,7 +76,7 @@ async fn main() -> ExitCode {
         if defaulted {
             eprintln!("config directory: {} (the default)", config_dir.display());
         }
-        return match node::check_dir(&config_dir).await {
+        return match node::check_dir(&config_dir, builtin_factories()).await {
             Ok(s) => {
                 println!(
                     "{}: config OK ({} tenants, {} module instances)",
@@ -102,7 +103,7 @@ async fn main() -> ExitCode {
         tracing::info!(dir = %config_dir.display(), "config directory chosen by default: no --config-dir or MESHGATE_CONFIG_DIR given");
     }
 
-    let registry = node::registry(store.clone());
+    let registry = node::registry(store.clone(), builtin_factories());
     // Bind the admin API first: a taken admin port is a start-up error, not a
     // surprise after the data plane is live.
     let shutdown = CancellationToken::new();

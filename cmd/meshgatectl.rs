@@ -266,20 +266,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let key = PrivateKey::from_base64(&input).context("stdin")?;
             println!("{}", key.public_key());
         }
-        Cmd::Check { dir } => match node::check_dir(&dir).await {
-            Ok(s) => println!(
-                "{}: config OK ({} tenants, {} module instances)",
-                dir.display(),
-                s.tenants,
-                s.instances
-            ),
-            Err(errors) => {
-                for e in errors {
-                    eprintln!("error: {e}");
+        Cmd::Check { dir } => {
+            match node::check_dir(&dir, meshgate::modules::builtin_factories()).await {
+                Ok(s) => println!(
+                    "{}: config OK ({} tenants, {} module instances)",
+                    dir.display(),
+                    s.tenants,
+                    s.instances
+                ),
+                Err(errors) => {
+                    for e in errors {
+                        eprintln!("error: {e}");
+                    }
+                    return Ok(ExitCode::FAILURE);
                 }
-                return Ok(ExitCode::FAILURE);
             }
-        },
+        }
         Cmd::Status { json } => {
             let node = get_json(&cli.admin, "/api/v1/node").await?;
             let modules = get_json(&cli.admin, "/api/v1/modules").await?;

@@ -52,9 +52,10 @@ async fn seed_files_pass_the_module_checks() {
     for text in [server_conf(&s, &c), client_conf(&c, &s, "server:8765")] {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("conf.yaml"), &text).unwrap();
-        let summary = meshgate::core::node::check_dir(d.path())
-            .await
-            .unwrap_or_else(|e| panic!("{text}\n{e:?}"));
+        let summary =
+            meshgate::core::node::check_dir(d.path(), meshgate::modules::builtin_factories())
+                .await
+                .unwrap_or_else(|e| panic!("{text}\n{e:?}"));
         assert_eq!(summary.tenants, 1);
     }
 }

@@ -1,36 +1,25 @@
-//! The spine every module plugs into.
+//! The core every module plugs into, in four layers plus shared basics.
 //!
-//! - [`addr`]: `HOST:PORT` targets and listen addresses, with helpful errors.
-//! - [`config`]: typed config documents, [`config::ConfigError`], the node config.
-//! - [`tenant`]: tenants, the unit of isolation.
-//! - [`module`]: the [`module::Module`] and [`module::ModuleFactory`] traits.
-//! - [`registry`]: builds, starts, reloads and stops module instances.
-//! - [`flow`]: flows (connections, UDP sessions), their table and observers.
-//! - [`ipflow`]: forwarded IP packets tracked as flows by 5-tuple.
-//! - [`router`]: route tables: longest match of a target to a connector.
-//! - [`onramp`]: the one path every connection takes (flow, policy, route,
-//!   dial, join, typed end) and the accept loop stream on-ramps share.
-//! - [`dial`]: the [`dial::Dialer`] capability and the direct off-ramp.
-//! - [`proxy`]: joining two streams (half-close, idle timeout, splice).
-//! - [`keys`]: WireGuard-style X25519 keys (base64).
-//! - [`node`]: opening a config directory and checking it whole.
-//! - [`vnet`]: a tenant's virtual networks: routes, hosts, attachments.
-//! - [`metrics`]: the node's Prometheus metrics.
+//! - [`spine`]: tenants and their vnets, routes, flows and their hooks, the
+//!   one path every connection takes ([`spine::onramp`]), the module
+//!   contract and the registry.
+//! - [`net`]: the byte movers: streams, listeners (host or in a module's
+//!   IP stack), dialers, the proxy join with `splice(2)`.
+//! - [`engine`]: the data planes of vnets (the userspace TCP/IP stack).
+//! - [`node`]: wiring a node: its config store, the registry over given
+//!   module kinds, `--check`, and the admin API.
+//!
+//! Shared basics: [`addr`] (`HOST:PORT`, listen addresses), [`config`]
+//! (typed documents, [`config::ConfigError`], the node config), [`keys`]
+//! (X25519 keys in `wg`'s base64), [`metrics`] (the node's Prometheus
+//! registry). No file in `core` names a module kind: kinds are given to the
+//! registry by the binary ([`crate::modules::builtin_factories`]).
 
 pub mod addr;
 pub mod config;
-pub mod dial;
-pub mod flow;
-pub mod ipflow;
+pub mod engine;
 pub mod keys;
 pub mod metrics;
-pub mod module;
+pub mod net;
 pub mod node;
-pub mod onramp;
-pub mod proxy;
-pub mod registry;
-pub mod router;
-#[allow(unsafe_code)]
-mod sys;
-pub mod tenant;
-pub mod vnet;
+pub mod spine;

@@ -27,12 +27,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
-use crate::core::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
-use crate::core::onramp::{
+use crate::core::net::proxy::Stream;
+use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::onramp::{
     ConnectRequest, ListenOn, OnRamp, RouteVia, RunningListener, StreamHandler, Target,
 };
-use crate::core::proxy::Stream;
-use crate::core::router::Connector;
+use crate::core::spine::router::Connector;
 
 pub use config::{PipeConfig, PipeProtocol};
 
@@ -169,7 +169,7 @@ impl Running {
 
 /// Bound but not yet serving.
 enum Bound {
-    Stream(ListenOn, Box<dyn crate::core::vnet::StreamListener>),
+    Stream(ListenOn, Box<dyn crate::core::net::listen::StreamListener>),
     Udp(UdpSocket),
 }
 

@@ -15,10 +15,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::State;
-use crate::core::flow::{EndReason, FlowContext, Protocol};
-use crate::core::onramp::OnRamp;
-use crate::core::proxy::Traffic;
-use crate::core::router::Connector;
+use crate::core::net::proxy::Traffic;
+use crate::core::spine::flow::{EndReason, FlowContext, Protocol};
+use crate::core::spine::onramp::OnRamp;
+use crate::core::spine::router::Connector;
 
 /// Datagrams queued per session before new ones are dropped (and counted).
 const SESSION_QUEUE: usize = 256;

@@ -8,8 +8,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::core::config::{parse_document, ConfigError};
-use crate::core::router::{Connector, Match, Route, Router};
-use crate::core::vnet::{Engine, Vnet};
+use crate::core::spine::router::{Connector, Match, Route, Router};
+use crate::core::spine::vnet::{Engine, Vnet};
 
 /// `kind: vnet` (the instance name is the vnet's name)
 ///

@@ -3,7 +3,7 @@
 //! The instance name is the vnet's name. The document sets whether it is the
 //! tenant's default, its engine, its routes (`CIDR | host | *.suffix | *` →
 //! `direct | reject | <module>`) and a static `hosts` map. The state lives
-//! in the tenant ([`crate::core::vnet::Vnets`]), where every on-ramp's
+//! in the tenant ([`crate::core::spine::vnet::Vnets`]), where every on-ramp's
 //! routing reads it; start publishes it, reload replaces it (new flows see
 //! the change, open ones keep their route), stop withdraws it. WireGuard
 //! instances attach with `vnet: <name>` and add their peers' allowed IPs.
@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use configstore::Document;
 
 use crate::core::config::ConfigError;
-use crate::core::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 
 pub use config::VnetConfig;
 

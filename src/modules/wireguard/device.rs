@@ -12,7 +12,7 @@
 //!   packets to another peer's allowed IPs are forwarded (hub routing) when
 //!   the node has a subnet address (e.g. a `/24`), each one tracked as an IP
 //!   flow (5-tuple, the sending peer as identity, flow-start hooks, bytes,
-//!   idle expiry: [`crate::core::ipflow`]); the rest are dropped.
+//!   idle expiry: [`crate::core::spine::ipflow`]); the rest are dropped.
 //! - Outgoing packets (from the stack, or forwarded) go to the peer whose
 //!   allowed IPs contain the destination (longest prefix).
 //! - Timers run every 250 ms; endpoints roam to the source of every
@@ -37,10 +37,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{PeerConfig, WireGuardConfig};
 use crate::core::addr::HostPort;
-use crate::core::flow::FlowTable;
-use crate::core::ipflow::{Admit, IpFlows};
+use crate::core::engine::userspace::{NetStack, PacketSink};
 use crate::core::metrics::{InstanceMetrics, Metrics, PeerMetrics};
-use crate::modules::netstack::{NetStack, PacketSink};
+use crate::core::spine::flow::FlowTable;
+use crate::core::spine::ipflow::{Admit, IpFlows};
 
 /// Handshake messages per second (all peers) before cookies are required.
 /// Each one passes the limiter twice (our peer lookup, then boringtun's own
@@ -222,7 +222,8 @@ impl Device {
         let public = x25519::PublicKey::from(&private);
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
         let sink = Arc::new(StackSink(Mutex::new(Weak::new())));
-        let mut stack_cfg = crate::modules::netstack::NetStackConfig::new(cfg.addresses.clone());
+        let mut stack_cfg =
+            crate::core::engine::userspace::NetStackConfig::new(cfg.addresses.clone());
         stack_cfg.mtu = cfg.mtu;
         let stack = NetStack::spawn(stack_cfg, sink.clone());
         let forward = cfg

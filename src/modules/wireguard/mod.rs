@@ -39,11 +39,11 @@ use ipnet::IpNet;
 
 use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
-use crate::core::dial::{DialError, Dialer};
-use crate::core::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
-use crate::core::proxy::Stream;
-use crate::core::vnet::{StreamListener, VirtualNetwork};
-use crate::modules::netstack::{NetError, NetStack, NetTcpListener};
+use crate::core::engine::userspace::{NetError, NetStack, NetTcpListener};
+use crate::core::net::dial::{DialError, Dialer};
+use crate::core::net::listen::{StreamListener, VirtualNetwork};
+use crate::core::net::proxy::Stream;
+use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 
 pub use config::WireGuardConfig;
 use device::Device;

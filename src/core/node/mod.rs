@@ -1,7 +1,12 @@
-//! A node's config directory: opening its store and checking it whole.
+//! A node: its config directory, the registry over the module kinds it is
+//! given, checking a config whole, and the admin API ([`admin`]).
 //!
 //! Both binaries use this: `meshgate --check DIR` and `meshgatectl check DIR`
 //! give the same answer, and `meshgate` refuses to start on the same errors.
+//! The module kinds come from the caller (the binaries pass
+//! [`crate::modules::builtin_factories`]), so `core` names no kind.
+
+pub mod admin;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,10 +14,10 @@ use std::sync::Arc;
 use configstore::{CloudGatewayStore, ConfigStore, DirStore, EnvOverlay};
 
 use crate::core::config::NodeConfig;
-use crate::core::flow::{AuditLog, FlowTable};
 use crate::core::metrics::Metrics;
-use crate::core::registry::Registry;
-use crate::modules::builtin_factories;
+use crate::core::spine::flow::{AuditLog, FlowTable};
+use crate::core::spine::module::ModuleFactory;
+use crate::core::spine::registry::Registry;
 
 /// A config directory with `MESHGATE_` environment overrides applied. A
 /// directory with Cloud-Gateway's `conf.yaml` (and no `tenants/`) is read
@@ -56,11 +61,14 @@ pub async fn node_config(store: &dyn ConfigStore) -> Result<NodeConfig, String> 
     NodeConfig::from_document(doc.as_ref()).map_err(|e| e.to_string())
 }
 
-/// A registry over `store` with every built-in kind and the audit log.
-pub fn registry(store: Arc<dyn ConfigStore>) -> Arc<Registry> {
+/// A registry over `store` with the module kinds `factories` and the audit log.
+pub fn registry(
+    store: Arc<dyn ConfigStore>,
+    factories: Vec<Arc<dyn ModuleFactory>>,
+) -> Arc<Registry> {
     let metrics = Arc::new(Metrics::new());
     let flows = Arc::new(FlowTable::new(vec![Arc::new(AuditLog)]));
-    Arc::new(Registry::new(store, builtin_factories(), metrics, flows))
+    Arc::new(Registry::new(store, factories, metrics, flows))
 }
 
 /// What a successful check found.
@@ -74,13 +82,16 @@ pub struct CheckSummary {
 
 /// Validates a config directory without binding anything. `Err` holds every
 /// problem found, one line each, naming file and key.
-pub async fn check_dir(dir: &Path) -> Result<CheckSummary, Vec<String>> {
+pub async fn check_dir(
+    dir: &Path,
+    factories: Vec<Arc<dyn ModuleFactory>>,
+) -> Result<CheckSummary, Vec<String>> {
     let store = open_store(dir).map_err(|e| vec![e])?;
     let mut errors = Vec::new();
     if let Err(e) = node_config(store.as_ref()).await {
         errors.push(e);
     }
-    let reg = registry(store.clone());
+    let reg = registry(store.clone(), factories);
     errors.extend(reg.check().await.into_iter().map(|e| e.to_string()));
     if !errors.is_empty() {
         return Err(errors);

@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use crate::core::vnet::Vnets;
+use crate::core::spine::vnet::Vnets;
 
 /// One tenant.
 #[derive(Debug, Serialize)]

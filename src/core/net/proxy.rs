@@ -466,7 +466,7 @@ mod splice {
     use tracing::debug;
 
     use super::{CopyError, Direction, Meter, PIPE_SIZE};
-    use crate::core::sys::{self, Pipe};
+    use crate::core::net::sys::{self, Pipe};
 
     /// Where read-but-unwritten bytes wait: a pipe, or a user-space buffer
     /// if the pipe could not be created (for example out of descriptors).

@@ -31,7 +31,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::registry::Registry;
+use crate::core::spine::registry::Registry;
 
 /// The admin server's shared state.
 pub struct Admin {

@@ -17,10 +17,12 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 
 use crate::core::config::{document_kind, ConfigError};
-use crate::core::flow::FlowTable;
 use crate::core::metrics::Metrics;
-use crate::core::module::{Module, ModuleContext, ModuleDirectory, ModuleFactory, ModulePlan};
-use crate::core::tenant::Tenant;
+use crate::core::spine::flow::FlowTable;
+use crate::core::spine::module::{
+    Module, ModuleContext, ModuleDirectory, ModuleFactory, ModulePlan,
+};
+use crate::core::spine::tenant::Tenant;
 
 /// A problem found while loading or starting instances.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use tokio::net::TcpStream;
 
 use crate::core::addr::HostPort;
-use crate::core::proxy::Stream;
+use crate::core::net::proxy::Stream;
 
 /// Why a dial failed. [`DialError::reason`] is the metric label.
 #[derive(Debug, thiserror::Error)]

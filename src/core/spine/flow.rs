@@ -1,7 +1,7 @@
 //! Flows: one connection or UDP session, tracked from start to end.
 //!
 //! An on-ramp opens a flow with [`FlowTable::open`] when it accepts a
-//! connection (normally through [`crate::core::onramp`], which does the
+//! connection (normally through [`crate::core::spine::onramp`], which does the
 //! rest of the path) and holds the returned [`FlowGuard`] for as long as the
 //! flow lives. Start and end are events that [`FlowObserver`]s see: at start
 //! each may deny the flow with a reason ([`Verdict`], the policy hook); at
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::core::metrics::InstanceMetrics;
-use crate::core::proxy::{JoinEnd, Traffic};
+use crate::core::net::proxy::{JoinEnd, Traffic};
 
 /// Transport protocol of a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -152,7 +152,7 @@ pub enum EndReason {
     NoRoute,
     /// The route is `reject`.
     Rejected,
-    /// Dialing the remote failed; the label is [`crate::core::dial::DialError::reason`].
+    /// Dialing the remote failed; the label is [`crate::core::net::dial::DialError::reason`].
     DialFailed(&'static str),
     /// The module stopped (config removed, shutdown).
     Stopped,

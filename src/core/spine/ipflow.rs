@@ -2,7 +2,7 @@
 //! tracked as flows like any connection.
 //!
 //! Each packet is parsed (`etherparse`) into its 5-tuple; the first packet
-//! of a 5-tuple (either direction) opens a [`crate::core::flow::Flow`] with
+//! of a 5-tuple (either direction) opens a [`crate::core::spine::flow::Flow`] with
 //! the sender's identity, which passes the flow-start hooks: a denied flow's
 //! packets are dropped until it expires. Bytes are counted upstream (from
 //! the initiator) and downstream. A flow ends when idle (TCP 5 min, others
@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use etherparse::{Icmpv4Type, Icmpv6Type, NetSlice, SlicedPacket, TransportSlice};
 
-use crate::core::flow::{EndReason, FlowContext, FlowGuard, FlowTable, Protocol, Verdict};
 use crate::core::metrics::InstanceMetrics;
-use crate::core::proxy::Traffic;
+use crate::core::net::proxy::Traffic;
+use crate::core::spine::flow::{EndReason, FlowContext, FlowGuard, FlowTable, Protocol, Verdict};
 
 /// Idle time after which a TCP flow ends.
 pub const TCP_IDLE: Duration = Duration::from_secs(300);
@@ -279,8 +279,8 @@ impl IpFlows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::flow::{Flow, FlowEnd, FlowObserver};
     use crate::core::metrics::Metrics;
+    use crate::core::spine::flow::{Flow, FlowEnd, FlowObserver};
     use etherparse::PacketBuilder;
 
     #[derive(Default)]

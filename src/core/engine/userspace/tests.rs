@@ -122,7 +122,7 @@ async fn connected(
     (c.unwrap(), s.unwrap().0)
 }
 
-/// What `core::proxy::Stream::io` and spawning need.
+/// What `core::net::proxy::Stream::io` and spawning need.
 #[test]
 fn handles_and_streams_are_sendable() {
     fn stream<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static>() {}
@@ -530,7 +530,7 @@ async fn hundred_connections_then_empty() {
     b.shutdown();
 }
 
-/// `cargo test --release --lib netstack -- --ignored --nocapture`
+/// `cargo test --release --lib engine::userspace -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "throughput figure; run in release"]
 async fn throughput_two_stacks() {

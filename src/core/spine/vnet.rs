@@ -6,29 +6,25 @@
 //! that carry a network (WireGuard instances) *attach* to a vnet, and their
 //! peers' allowed IPs become routes of that vnet. [`Vnets::route`] answers
 //! where a flow to a target goes: every on-ramp asks it, through
-//! [`crate::core::onramp`]. Two vnets (of one tenant or of two) may use the
+//! [`crate::core::spine::onramp`]. Two vnets (of one tenant or of two) may use the
 //! same addresses: each has its own table, so their traffic never meets.
 //!
 //! Lookup order, longest match first; at equal length configured routes win
 //! over learnt ones, which win over the implicit vnet's built-in `direct`
 //! defaults. No match is [`RouteError::NoRoute`], never a silent direct dial.
 //!
-//! Also here: the [`VirtualNetwork`] capability of modules that host an IP
-//! stack (listen on a VPN address), [`StreamListener`], and
-//! [`bind_host_tcp`] for the host network.
+//! Listening (on the host or in a module's IP stack) is in
+//! [`crate::core::net::listen`].
 
 use std::collections::BTreeMap;
-use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
-use async_trait::async_trait;
 use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::core::addr::HostPort;
-use crate::core::proxy::Stream;
-use crate::core::router::{Connector, Match, Route, RouteError, Router};
+use crate::core::spine::router::{Connector, Match, Route, RouteError, Router};
 
 /// The name of the implicit vnet of a tenant that configures none.
 pub const IMPLICIT_VNET: &str = "default";
@@ -296,50 +292,6 @@ impl Vnets {
     }
 }
 
-/// Accepts streams (from the host network or a virtual one).
-#[async_trait]
-pub trait StreamListener: Send {
-    /// The next connection and its source address.
-    async fn accept(&mut self) -> io::Result<(Stream, SocketAddr)>;
-    /// The address it accepts on.
-    fn local_addr(&self) -> SocketAddr;
-}
-
-/// An IP network hosted by a module.
-#[async_trait]
-pub trait VirtualNetwork: Send + Sync {
-    /// Listens for TCP on one of the network's addresses.
-    async fn listen_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn StreamListener>>;
-    /// The node's addresses in this network.
-    fn addresses(&self) -> Vec<IpNet>;
-    /// The address of a named peer, if the network has such a peer.
-    fn peer_address(&self, peer: &str) -> Option<IpAddr>;
-}
-
-/// Binds a TCP listener on the host network. `[::]` means every address,
-/// IPv4 and IPv6 (dual-stack, whatever `net.ipv6.bindv6only` says), and
-/// falls back to `0.0.0.0` on hosts without IPv6.
-pub fn bind_host_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let any_v6 = matches!(addr, SocketAddr::V6(a) if a.ip().is_unspecified());
-    let socket = match Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)) {
-        Ok(s) => s,
-        Err(e) if any_v6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
-            tracing::debug!(%addr, "no IPv6 on this host: listening on IPv4 only");
-            return bind_host_tcp(SocketAddr::from(([0, 0, 0, 0], addr.port())));
-        }
-        Err(e) => return Err(e),
-    };
-    if any_v6 {
-        socket.set_only_v6(false)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    tokio::net::TcpListener::from_std(socket.into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,21 +431,5 @@ mod tests {
         v.set(vnet("second", false, &[]));
         let e = via(v.route(None, &hp("10.1.1.1:80")));
         assert!(e.contains("none is the default"), "{e}");
-    }
-
-    #[tokio::test]
-    async fn unspecified_v6_accepts_ipv4_and_ipv6() {
-        let l = bind_host_tcp("[::]:0".parse().unwrap()).unwrap();
-        let port = l.local_addr().unwrap().port();
-        let v4 = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
-        assert!(v4.is_ok(), "IPv4 client refused: {v4:?}");
-        let (_, from) = l.accept().await.unwrap();
-        assert!(from.ip().to_canonical().is_ipv4(), "{from}");
-        if l.local_addr().unwrap().is_ipv6() {
-            if let Ok(v6) = tokio::net::TcpStream::connect(("::1", port)).await {
-                let (_, from) = l.accept().await.unwrap();
-                assert_eq!(from.ip(), v6.local_addr().unwrap().ip());
-            }
-        }
     }
 }

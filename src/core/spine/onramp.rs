@@ -4,16 +4,16 @@
 //! its handshake, and one call to [`OnRamp::connect`] with the client stream,
 //! its source, the target and the identity. That call:
 //!
-//! 1. routes the target in the chosen vnet ([`crate::core::vnet::Vnets::route`]),
+//! 1. routes the target in the chosen vnet ([`crate::core::spine::vnet::Vnets::route`]),
 //!    or through the connector the on-ramp pins (a pipe's `via:`);
-//! 2. opens the [`crate::core::flow::Flow`] (tracked, counted) with that
+//! 2. opens the [`crate::core::spine::flow::Flow`] (tracked, counted) with that
 //!    route, and asks the flow-start hooks for a [`Verdict`] (policy); a
 //!    denial is counted (`meshgate_rejected_total{reason="denied"}`) and ends
 //!    the flow;
 //! 3. no route or a `reject` route is a counted refusal with its reason
 //!    (`meshgate_dial_errors_total{reason="no_route|rejected|no_vnet"}`);
 //! 4. dials through the connector ([`ModuleContext::dial`]);
-//! 5. joins the two streams ([`crate::core::proxy::join`]);
+//! 5. joins the two streams ([`crate::core::net::proxy::join`]);
 //! 6. records a typed [`EndReason`] (audit line, metrics).
 //!
 //! [`OnRamp::serve`] is the accept loop every stream on-ramp shares: it
@@ -33,11 +33,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::core::addr::HostPort;
-use crate::core::flow::{EndReason, FlowContext, Protocol, Verdict};
-use crate::core::module::ModuleContext;
-use crate::core::proxy::{self, ProxyOptions, Stream};
-use crate::core::router::{Connector, RouteError};
-use crate::core::vnet::{bind_host_tcp, StreamListener};
+use crate::core::net::listen::{bind_host_tcp, StreamListener};
+use crate::core::net::proxy::{self, ProxyOptions, Stream};
+use crate::core::spine::flow::{EndReason, FlowContext, Protocol, Verdict};
+use crate::core::spine::module::ModuleContext;
+use crate::core::spine::router::{Connector, RouteError};
 
 /// How long a VPN listener waits between attempts to bind again after its
 /// network went away (an interface restart).
@@ -422,10 +422,10 @@ impl StreamListener for HostListener {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::flow::{AuditLog, Flow, FlowEnd, FlowObserver, FlowTable};
     use crate::core::metrics::Metrics;
-    use crate::core::module::ModuleDirectory;
-    use crate::core::tenant::Tenant;
+    use crate::core::spine::flow::{AuditLog, Flow, FlowEnd, FlowObserver, FlowTable};
+    use crate::core::spine::module::ModuleDirectory;
+    use crate::core::spine::tenant::Tenant;
     use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -577,14 +577,18 @@ mod tests {
     async fn refusals_end_typed_and_are_counted() {
         let metrics = Arc::new(Metrics::new());
         let tenant = Arc::new(Tenant::new("acme"));
-        tenant.vnets.set(crate::core::vnet::Vnet {
+        tenant.vnets.set(crate::core::spine::vnet::Vnet {
             name: "corp".into(),
             default: true,
             engine: Default::default(),
-            routes: crate::core::router::Router::new(vec![crate::core::router::Route {
-                matches: crate::core::router::Match::Cidr("10.9.0.0/16".parse().unwrap()),
-                connector: Connector::Reject,
-            }]),
+            routes: crate::core::spine::router::Router::new(vec![
+                crate::core::spine::router::Route {
+                    matches: crate::core::spine::router::Match::Cidr(
+                        "10.9.0.0/16".parse().unwrap(),
+                    ),
+                    connector: Connector::Reject,
+                },
+            ]),
             hosts: Default::default(),
         });
         let ctx = ModuleContext::new(

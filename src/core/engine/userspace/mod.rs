@@ -8,7 +8,7 @@
 //! it for the right peer). On top of it, pipes listen with
 //! [`NetStack::listen_tcp`] and dial with [`NetStack::connect_tcp`]; the
 //! streams are tokio `AsyncRead`/`AsyncWrite`, so the core proxy joins them
-//! like any other [`Stream::Io`](crate::core::proxy::Stream::Io). No root and
+//! like any other [`Stream::Io`](crate::core::net::proxy::Stream::Io). No root and
 //! no TUN device are needed. ICMP echo to the node's addresses is answered.
 //!
 //! # Threading

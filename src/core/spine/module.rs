@@ -14,12 +14,12 @@ use configstore::{Document, InstanceKey};
 
 use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
-use crate::core::dial::{DialError, Dialer, DirectDialer};
-use crate::core::flow::FlowTable;
 use crate::core::metrics::{InstanceMetrics, Metrics};
-use crate::core::proxy::Stream;
-use crate::core::router::Connector;
-use crate::core::tenant::Tenant;
+use crate::core::net::dial::{DialError, Dialer, DirectDialer};
+use crate::core::net::proxy::Stream;
+use crate::core::spine::flow::FlowTable;
+use crate::core::spine::router::Connector;
+use crate::core::spine::tenant::Tenant;
 
 /// What a module can fail with at start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +70,7 @@ pub trait Module: Send + Sync + 'static {
         None
     }
     /// The virtual network this module hosts, if any (listen in it).
-    fn vnet(&self) -> Option<Arc<dyn crate::core::vnet::VirtualNetwork>> {
+    fn vnet(&self) -> Option<Arc<dyn crate::core::net::listen::VirtualNetwork>> {
         None
     }
 }
@@ -141,7 +141,7 @@ impl ModuleContext {
 
     /// Dials `target` through `connector`: the host network, or the dialer
     /// of the module it names. Routing happens before, in
-    /// [`crate::core::onramp::OnRamp::connect`].
+    /// [`crate::core::spine::onramp::OnRamp::connect`].
     pub async fn dial(
         &self,
         connector: &Connector,

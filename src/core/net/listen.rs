@@ -1,0 +1,77 @@
+//! Listening: on the host network, or on a VPN address inside the IP stack
+//! a module hosts (a WireGuard instance's [`VirtualNetwork`]). Both give a
+//! [`StreamListener`], which the shared accept loop
+//! ([`crate::core::spine::onramp::OnRamp::serve`]) serves.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+
+use crate::core::net::proxy::Stream;
+
+/// Accepts streams (from the host network or a virtual one).
+#[async_trait]
+pub trait StreamListener: Send {
+    /// The next connection and its source address.
+    async fn accept(&mut self) -> io::Result<(Stream, SocketAddr)>;
+    /// The address it accepts on.
+    fn local_addr(&self) -> SocketAddr;
+}
+
+/// An IP network hosted by a module.
+#[async_trait]
+pub trait VirtualNetwork: Send + Sync {
+    /// Listens for TCP on one of the network's addresses.
+    async fn listen_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn StreamListener>>;
+    /// The node's addresses in this network.
+    fn addresses(&self) -> Vec<IpNet>;
+    /// The address of a named peer, if the network has such a peer.
+    fn peer_address(&self, peer: &str) -> Option<IpAddr>;
+}
+
+/// Binds a TCP listener on the host network. `[::]` means every address,
+/// IPv4 and IPv6 (dual-stack, whatever `net.ipv6.bindv6only` says), and
+/// falls back to `0.0.0.0` on hosts without IPv6.
+pub fn bind_host_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let any_v6 = matches!(addr, SocketAddr::V6(a) if a.ip().is_unspecified());
+    let socket = match Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)) {
+        Ok(s) => s,
+        Err(e) if any_v6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            tracing::debug!(%addr, "no IPv6 on this host: listening on IPv4 only");
+            return bind_host_tcp(SocketAddr::from(([0, 0, 0, 0], addr.port())));
+        }
+        Err(e) => return Err(e),
+    };
+    if any_v6 {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unspecified_v6_accepts_ipv4_and_ipv6() {
+        let l = bind_host_tcp("[::]:0".parse().unwrap()).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let v4 = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+        assert!(v4.is_ok(), "IPv4 client refused: {v4:?}");
+        let (_, from) = l.accept().await.unwrap();
+        assert!(from.ip().to_canonical().is_ipv4(), "{from}");
+        if l.local_addr().unwrap().is_ipv6() {
+            if let Ok(v6) = tokio::net::TcpStream::connect(("::1", port)).await {
+                let (_, from) = l.accept().await.unwrap();
+                assert_eq!(from.ip(), v6.local_addr().unwrap().ip());
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! The byte movers: streams, listening, dialing, joining.
+//!
+//! - [`proxy`]: [`proxy::Stream`] and [`proxy::join`] (half-close, idle
+//!   timeout, byte accounting, `splice(2)` between kernel sockets).
+//! - [`listen`]: listeners on the host or inside a module's IP stack.
+//! - [`dial`]: the [`dial::Dialer`] capability and the direct connector.
+//! - `sys`: the raw system calls behind splice (the one `unsafe` module).
+
+pub mod dial;
+pub mod listen;
+pub mod proxy;
+#[allow(unsafe_code)]
+mod sys;

@@ -1,0 +1,20 @@
+//! The spine: what every connection and every module goes through.
+//!
+//! - [`tenant`]: tenants, the unit of isolation, and their vnets.
+//! - [`vnet`]: a tenant's virtual networks: routes, hosts, attachments, the default.
+//! - [`router`]: route tables: longest match of a target to a connector.
+//! - [`flow`]: flows (connections, UDP sessions), their table, hooks (verdicts), typed ends.
+//! - [`ipflow`]: forwarded IP packets tracked as flows by 5-tuple.
+//! - [`onramp`]: the one path every connection takes (route, flow, policy,
+//!   dial, join, end) and the accept loop stream on-ramps share.
+//! - [`module`]: the [`module::Module`] and [`module::ModuleFactory`] traits.
+//! - [`registry`]: builds, starts, reloads and stops module instances.
+
+pub mod flow;
+pub mod ipflow;
+pub mod module;
+pub mod onramp;
+pub mod registry;
+pub mod router;
+pub mod tenant;
+pub mod vnet;
