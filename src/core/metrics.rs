@@ -1,10 +1,15 @@
 //! Prometheus metrics for the whole node.
 //!
-//! One [`Metrics`] per process, shared by every module. Series carry `tenant`
-//! and `instance` labels. Modules resolve their label sets once per instance
+//! One [`Metrics`] per process, shared by every module. It holds the core's
+//! families (connections, bytes, dial errors, refusals, reloads); each
+//! subsystem (a module kind, an engine) owns its own families and registers
+//! them under its prefix through [`Metrics::subsystem`]. Series carry
+//! `tenant` and `instance` labels; label sets are resolved once per instance
 //! ([`Metrics::instance`]) so the data path only touches atomics.
 
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -65,46 +70,10 @@ pub struct ReloadLabels {
     pub result: String,
 }
 
-/// `tenant`, `instance`, `peer`: a WireGuard peer's series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PeerLabels {
-    /// Tenant name.
-    pub tenant: String,
-    /// WireGuard instance name.
-    pub instance: String,
-    /// Peer name (`-` when a packet matched no peer).
-    pub peer: String,
-}
-
-/// `tenant`, `instance`, `peer`, `reason`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PeerReasonLabels {
-    /// Tenant name.
-    pub tenant: String,
-    /// WireGuard instance name.
-    pub instance: String,
-    /// Peer name (`-` when a packet matched no peer).
-    pub peer: String,
-    /// Why the packet was dropped.
-    pub reason: String,
-}
-
-/// One WireGuard peer's pre-resolved series.
-#[derive(Clone, Debug, Default)]
-pub struct PeerMetrics {
-    /// Completed handshakes.
-    pub handshakes: Counter,
-    /// Unix time of the latest handshake (0: none yet).
-    pub last_handshake: Gauge,
-    /// UDP bytes received from the peer.
-    pub rx_bytes: Counter,
-    /// UDP bytes sent to the peer.
-    pub tx_bytes: Counter,
-}
-
-/// All metric families of the node.
+/// The node's metric families, and those its subsystems registered.
 pub struct Metrics {
-    registry: Registry,
+    registry: Mutex<Registry>,
+    subsystems: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
     /// Connections (and UDP sessions) accepted.
     pub connections: Family<InstanceLabels, Counter>,
     /// Connections (and UDP sessions) open now.
@@ -117,16 +86,16 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabels, Counter>,
     /// Config reloads of an instance, by result.
     pub config_reloads: Family<ReloadLabels, Counter>,
-    /// WireGuard handshakes completed, per peer.
-    pub wg_handshakes: Family<PeerLabels, Counter>,
-    /// Unix time of each peer's latest handshake.
-    pub wg_last_handshake: Family<PeerLabels, Gauge>,
-    /// WireGuard UDP bytes received, per peer.
-    pub wg_rx_bytes: Family<PeerLabels, Counter>,
-    /// WireGuard UDP bytes sent, per peer.
-    pub wg_tx_bytes: Family<PeerLabels, Counter>,
-    /// WireGuard packets dropped, per peer and reason.
-    pub wg_dropped: Family<PeerReasonLabels, Counter>,
+}
+
+/// A subsystem's own metric families (a module kind's, an engine's),
+/// registered once per node under the subsystem's prefix
+/// (`meshgate_<prefix>_...`) by [`Metrics::subsystem`].
+pub trait Subsystem: Send + Sync + 'static {
+    /// The name prefix under `meshgate_`, e.g. `wg`.
+    const PREFIX: &'static str;
+    /// Creates the families and registers them in `registry`.
+    fn register(registry: &mut Registry) -> Self;
 }
 
 /// One instance's pre-resolved series: cloning them is cheap and updates are atomic adds.
@@ -159,12 +128,8 @@ impl Metrics {
             dial_errors: Family::default(),
             rejected: Family::default(),
             config_reloads: Family::default(),
-            wg_handshakes: Family::default(),
-            wg_last_handshake: Family::default(),
-            wg_rx_bytes: Family::default(),
-            wg_tx_bytes: Family::default(),
-            wg_dropped: Family::default(),
-            registry: Registry::default(),
+            registry: Mutex::new(Registry::default()),
+            subsystems: Mutex::new(HashMap::new()),
         };
         registry.register(
             "build",
@@ -197,32 +162,10 @@ impl Metrics {
             "Config reloads of a module instance, by result",
             m.config_reloads.clone(),
         );
-        registry.register(
-            "wg_handshakes",
-            "WireGuard handshakes completed, per peer",
-            m.wg_handshakes.clone(),
-        );
-        registry.register(
-            "wg_last_handshake_timestamp_seconds",
-            "Unix time of the peer's latest WireGuard handshake (0: none yet)",
-            m.wg_last_handshake.clone(),
-        );
-        registry.register(
-            "wg_rx_bytes",
-            "WireGuard UDP bytes received from the peer",
-            m.wg_rx_bytes.clone(),
-        );
-        registry.register(
-            "wg_tx_bytes",
-            "WireGuard UDP bytes sent to the peer",
-            m.wg_tx_bytes.clone(),
-        );
-        registry.register(
-            "wg_dropped_packets",
-            "WireGuard packets dropped, by peer and reason",
-            m.wg_dropped.clone(),
-        );
-        Metrics { registry, ..m }
+        Metrics {
+            registry: Mutex::new(registry),
+            ..m
+        }
     }
 
     /// The series of one instance.
@@ -246,31 +189,15 @@ impl Metrics {
         }
     }
 
-    /// One WireGuard peer's series.
-    pub fn peer(&self, tenant: &str, instance: &str, peer: &str) -> PeerMetrics {
-        let l = PeerLabels {
-            tenant: tenant.into(),
-            instance: instance.into(),
-            peer: peer.into(),
-        };
-        PeerMetrics {
-            handshakes: self.wg_handshakes.get_or_create_owned(&l),
-            last_handshake: self.wg_last_handshake.get_or_create_owned(&l),
-            rx_bytes: self.wg_rx_bytes.get_or_create_owned(&l),
-            tx_bytes: self.wg_tx_bytes.get_or_create_owned(&l),
-        }
-    }
-
-    /// Counts a dropped WireGuard packet.
-    pub fn wg_drop(&self, tenant: &str, instance: &str, peer: &str, reason: &str) {
-        self.wg_dropped
-            .get_or_create(&PeerReasonLabels {
-                tenant: tenant.into(),
-                instance: instance.into(),
-                peer: peer.into(),
-                reason: reason.into(),
-            })
-            .inc();
+    /// The families of subsystem `T`, registered on first use.
+    pub fn subsystem<T: Subsystem>(&self) -> Arc<T> {
+        let mut subs = self.subsystems.lock().expect("metrics poisoned");
+        let entry = subs.entry(TypeId::of::<T>()).or_insert_with(|| {
+            let mut registry = self.registry.lock().expect("metrics poisoned");
+            let sub = registry.sub_registry_with_prefix(T::PREFIX);
+            Arc::new(T::register(sub)) as Arc<dyn Any + Send + Sync>
+        });
+        entry.clone().downcast::<T>().expect("one type per TypeId")
     }
 
     fn reason(tenant: &str, instance: &str, reason: &str) -> ReasonLabels {
@@ -309,7 +236,8 @@ impl Metrics {
     /// Renders the OpenMetrics text format (`application/openmetrics-text`).
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        let registry = self.registry.lock().expect("metrics poisoned");
+        prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
         out
     }
@@ -380,6 +308,33 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("# EOF"));
+    }
+
+    struct Demo {
+        hits: Counter,
+    }
+
+    impl Subsystem for Demo {
+        const PREFIX: &'static str = "demo";
+        fn register(registry: &mut Registry) -> Self {
+            let hits = Counter::default();
+            registry.register("hits", "Demo hits", hits.clone());
+            Demo { hits }
+        }
+    }
+
+    #[test]
+    fn subsystems_register_once_under_their_prefix() {
+        let m = Metrics::new();
+        m.subsystem::<Demo>().hits.inc();
+        m.subsystem::<Demo>().hits.inc();
+        let text = m.encode();
+        assert!(text.contains("meshgate_demo_hits_total 2"), "{text}");
+        assert_eq!(
+            text.matches("# TYPE meshgate_demo_hits counter").count(),
+            1,
+            "{text}"
+        );
     }
 
     #[test]

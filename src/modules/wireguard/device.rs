@@ -36,9 +36,12 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{PeerConfig, WireGuardConfig};
+use super::metrics::{PeerMetrics, WgMetrics};
 use crate::core::addr::HostPort;
+use crate::core::engine::userspace::metrics::NetStackMetrics;
+use crate::core::engine::userspace::NetStackStats;
 use crate::core::engine::userspace::{NetStack, PacketSink};
-use crate::core::metrics::{InstanceMetrics, Metrics, PeerMetrics};
+use crate::core::metrics::{InstanceMetrics, Metrics};
 use crate::core::spine::flow::FlowTable;
 use crate::core::spine::ipflow::{Admit, IpFlows};
 
@@ -143,7 +146,10 @@ pub struct Device {
     rate_limiter: Arc<RateLimiter>,
     table: RwLock<Arc<PeerTable>>,
     stack: NetStack,
-    metrics: Arc<Metrics>,
+    wg_metrics: Arc<WgMetrics>,
+    stack_metrics: Arc<NetStackMetrics>,
+    /// The stack's counters as last reported to `stack_metrics`.
+    stack_reported: Mutex<NetStackStats>,
     /// Packets forwarded between peers, tracked as flows.
     ip_flows: IpFlows,
     cancel: CancellationToken,
@@ -246,7 +252,9 @@ impl Device {
                 routes: Vec::new(),
             })),
             stack,
-            metrics,
+            wg_metrics: metrics.subsystem::<WgMetrics>(),
+            stack_metrics: metrics.subsystem::<NetStackMetrics>(),
+            stack_reported: Mutex::new(NetStackStats::default()),
             ip_flows: IpFlows::new(tenant, instance, flows, instance_metrics),
             cancel: CancellationToken::new(),
         });
@@ -363,7 +371,9 @@ impl Device {
             last_handshake_seen: Mutex::new(None),
             last_resolve: Mutex::new(None),
             last_unsolicited_init: Mutex::new(None),
-            metrics: self.metrics.peer(&self.tenant, &self.instance, &cfg.name),
+            metrics: self
+                .wg_metrics
+                .peer(&self.tenant, &self.instance, &cfg.name),
         }
     }
 
@@ -373,8 +383,8 @@ impl Device {
 
     fn drop_packet(&self, peer: Option<&Peer>, reason: &str) {
         let name = peer.map(|p| p.cfg.name.as_str()).unwrap_or("-");
-        self.metrics
-            .wg_drop(&self.tenant, &self.instance, name, reason);
+        self.wg_metrics
+            .drop_packet(&self.tenant, &self.instance, name, reason);
         tracing::debug!(tenant = %self.tenant, instance = %self.instance, peer = name, reason, "packet dropped");
     }
 
@@ -573,6 +583,10 @@ impl Device {
             ticks = ticks.wrapping_add(1);
             if ticks % 4 == 0 {
                 self.ip_flows.expire(Instant::now());
+                let now = self.stack.stats();
+                let mut last = self.stack_reported.lock().expect("poisoned");
+                self.stack_metrics
+                    .observe(&self.tenant, &self.instance, &now, &mut last);
             }
             // The limiter is shared by all peers, so boringtun leaves its
             // once-a-second reset to us.

@@ -23,6 +23,7 @@
 
 pub mod config;
 pub mod device;
+pub mod metrics;
 pub mod uapi;
 pub mod wgquick;
 

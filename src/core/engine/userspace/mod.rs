@@ -77,8 +77,10 @@
 //! - `device`: the smoltcp phy device, queues of recycled packet buffers.
 //! - `stack`: the shared state, the per-round logic and the task.
 //! - `tcp`: [`NetTcpListener`] and [`NetTcpStream`].
+//! - [`metrics`]: the engine's counters under `meshgate_netstack_`.
 
 mod device;
+pub mod metrics;
 mod packet;
 mod stack;
 mod tcp;

@@ -1,0 +1,156 @@
+//! The userspace engine's metrics, under `meshgate_netstack_`: what each
+//! stack took in and sent out, what it dropped and why, its open TCP
+//! connections. The owner of a stack (a WireGuard instance) reports its
+//! [`NetStackStats`] periodically with [`NetStackMetrics::observe`].
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::NetStackStats;
+use crate::core::metrics::{InstanceLabels, Subsystem};
+
+/// `tenant`, `instance`, `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// The instance owning the stack.
+    pub instance: String,
+    /// `queue_full`, `malformed`, `no_listener`, `no_connection`, `backlog`.
+    pub reason: String,
+}
+
+/// The families of every userspace stack of the node.
+pub struct NetStackMetrics {
+    packets_in: Family<InstanceLabels, Counter>,
+    packets_out: Family<InstanceLabels, Counter>,
+    dropped: Family<DropLabels, Counter>,
+    tcp_connections: Family<InstanceLabels, Gauge>,
+}
+
+impl Subsystem for NetStackMetrics {
+    const PREFIX: &'static str = "netstack";
+
+    fn register(registry: &mut Registry) -> Self {
+        let m = NetStackMetrics {
+            packets_in: Family::default(),
+            packets_out: Family::default(),
+            dropped: Family::default(),
+            tcp_connections: Family::default(),
+        };
+        registry.register(
+            "packets_in",
+            "IP packets the userspace stack accepted",
+            m.packets_in.clone(),
+        );
+        registry.register(
+            "packets_out",
+            "IP packets the userspace stack sent",
+            m.packets_out.clone(),
+        );
+        registry.register(
+            "dropped_packets",
+            "IP packets the userspace stack dropped, by reason",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "tcp_connections",
+            "TCP connections open in the userspace stack",
+            m.tcp_connections.clone(),
+        );
+        m
+    }
+}
+
+impl NetStackMetrics {
+    /// Adds what changed since `last` (the previous report of the same
+    /// stack) and remembers `now` as the new `last`.
+    pub fn observe(
+        &self,
+        tenant: &str,
+        instance: &str,
+        now: &NetStackStats,
+        last: &mut NetStackStats,
+    ) {
+        let l = InstanceLabels {
+            tenant: tenant.into(),
+            instance: instance.into(),
+        };
+        let delta = |a: u64, b: u64| a.saturating_sub(b);
+        self.packets_in
+            .get_or_create(&l)
+            .inc_by(delta(now.packets_in, last.packets_in));
+        self.packets_out
+            .get_or_create(&l)
+            .inc_by(delta(now.packets_out, last.packets_out));
+        for (reason, n, p) in [
+            (
+                "queue_full",
+                now.dropped_queue_full,
+                last.dropped_queue_full,
+            ),
+            ("malformed", now.dropped_malformed, last.dropped_malformed),
+            (
+                "no_listener",
+                now.dropped_no_listener,
+                last.dropped_no_listener,
+            ),
+            (
+                "no_connection",
+                now.dropped_no_connection,
+                last.dropped_no_connection,
+            ),
+            ("backlog", now.dropped_backlog, last.dropped_backlog),
+        ] {
+            let d = delta(n, p);
+            if d > 0 {
+                self.dropped
+                    .get_or_create(&DropLabels {
+                        tenant: tenant.into(),
+                        instance: instance.into(),
+                        reason: reason.into(),
+                    })
+                    .inc_by(d);
+            }
+        }
+        self.tcp_connections
+            .get_or_create(&l)
+            .set(now.tcp_connections as i64);
+        *last = *now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::metrics::Metrics;
+
+    #[test]
+    fn reports_add_deltas() {
+        let m = Metrics::new();
+        let s = m.subsystem::<NetStackMetrics>();
+        let mut last = NetStackStats::default();
+        let mut now = NetStackStats {
+            packets_in: 10,
+            dropped_no_listener: 2,
+            tcp_connections: 3,
+            ..Default::default()
+        };
+        s.observe("t", "wg0", &now, &mut last);
+        now.packets_in = 15;
+        s.observe("t", "wg0", &now, &mut last);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"meshgate_netstack_packets_in_total{tenant="t",instance="wg0"} 15"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"meshgate_netstack_dropped_packets_total{tenant="t",instance="wg0",reason="no_listener"} 2"#), "{text}");
+        assert!(
+            text.contains(r#"meshgate_netstack_tcp_connections{tenant="t",instance="wg0"} 3"#),
+            "{text}"
+        );
+    }
+}

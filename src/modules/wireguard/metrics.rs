@@ -1,0 +1,131 @@
+//! The WireGuard module's metrics, registered under `meshgate_wg_` once per
+//! node ([`Metrics::subsystem`]): per peer handshakes, last handshake time,
+//! UDP bytes and drops by reason, and the instance's IP stack counters.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::core::metrics::Subsystem;
+
+/// `tenant`, `instance`, `peer`: a WireGuard peer's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// WireGuard instance name.
+    pub instance: String,
+    /// Peer name (`-` when a packet matched no peer).
+    pub peer: String,
+}
+
+/// `tenant`, `instance`, `peer`, `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerReasonLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// WireGuard instance name.
+    pub instance: String,
+    /// Peer name (`-` when a packet matched no peer).
+    pub peer: String,
+    /// Why the packet was dropped.
+    pub reason: String,
+}
+
+/// One WireGuard peer's pre-resolved series.
+#[derive(Clone, Debug, Default)]
+pub struct PeerMetrics {
+    /// Completed handshakes.
+    pub handshakes: Counter,
+    /// Unix time of the latest handshake (0: none yet).
+    pub last_handshake: Gauge,
+    /// UDP bytes received from the peer.
+    pub rx_bytes: Counter,
+    /// UDP bytes sent to the peer.
+    pub tx_bytes: Counter,
+}
+
+/// The families of every WireGuard instance of the node.
+pub struct WgMetrics {
+    /// Handshakes completed, per peer.
+    pub handshakes: Family<PeerLabels, Counter>,
+    /// Unix time of each peer's latest handshake.
+    pub last_handshake: Family<PeerLabels, Gauge>,
+    /// UDP bytes received, per peer.
+    pub rx_bytes: Family<PeerLabels, Counter>,
+    /// UDP bytes sent, per peer.
+    pub tx_bytes: Family<PeerLabels, Counter>,
+    /// Packets dropped, per peer and reason.
+    pub dropped: Family<PeerReasonLabels, Counter>,
+}
+
+impl Subsystem for WgMetrics {
+    const PREFIX: &'static str = "wg";
+
+    fn register(registry: &mut Registry) -> Self {
+        let m = WgMetrics {
+            handshakes: Family::default(),
+            last_handshake: Family::default(),
+            rx_bytes: Family::default(),
+            tx_bytes: Family::default(),
+            dropped: Family::default(),
+        };
+        registry.register(
+            "handshakes",
+            "WireGuard handshakes completed, per peer",
+            m.handshakes.clone(),
+        );
+        registry.register(
+            "last_handshake_timestamp_seconds",
+            "Unix time of the peer's latest WireGuard handshake (0: none yet)",
+            m.last_handshake.clone(),
+        );
+        registry.register(
+            "rx_bytes",
+            "WireGuard UDP bytes received from the peer",
+            m.rx_bytes.clone(),
+        );
+        registry.register(
+            "tx_bytes",
+            "WireGuard UDP bytes sent to the peer",
+            m.tx_bytes.clone(),
+        );
+        registry.register(
+            "dropped_packets",
+            "WireGuard packets dropped, by peer and reason",
+            m.dropped.clone(),
+        );
+        m
+    }
+}
+
+impl WgMetrics {
+    /// One peer's series.
+    pub fn peer(&self, tenant: &str, instance: &str, peer: &str) -> PeerMetrics {
+        let l = PeerLabels {
+            tenant: tenant.into(),
+            instance: instance.into(),
+            peer: peer.into(),
+        };
+        PeerMetrics {
+            handshakes: self.handshakes.get_or_create_owned(&l),
+            last_handshake: self.last_handshake.get_or_create_owned(&l),
+            rx_bytes: self.rx_bytes.get_or_create_owned(&l),
+            tx_bytes: self.tx_bytes.get_or_create_owned(&l),
+        }
+    }
+
+    /// Counts a dropped packet.
+    pub fn drop_packet(&self, tenant: &str, instance: &str, peer: &str, reason: &str) {
+        self.dropped
+            .get_or_create(&PeerReasonLabels {
+                tenant: tenant.into(),
+                instance: instance.into(),
+                peer: peer.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+}
