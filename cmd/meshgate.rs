@@ -12,7 +12,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use meshgate::core::config::{AdminAddr, LogFormat, NodeConfig};
@@ -103,7 +102,8 @@ async fn main() -> ExitCode {
         tracing::info!(dir = %config_dir.display(), "config directory chosen by default: no --config-dir or MESHGATE_CONFIG_DIR given");
     }
 
-    let registry = node::registry(store.clone(), builtin_factories());
+    let mut node = node::Node::new(store.clone(), builtin_factories(), Vec::new());
+    let registry = node.registry().clone();
     // Bind the admin API first: a taken admin port is a start-up error, not a
     // surprise after the data plane is live.
     let shutdown = CancellationToken::new();
@@ -121,8 +121,7 @@ async fn main() -> ExitCode {
         tokio::spawn(admin::serve(l, a, shutdown.clone()));
     }
 
-    if let Err(errors) = registry.start().await {
-        let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    if let Err(lines) = node.start().await {
         for l in &lines {
             tracing::error!(error = %l, "cannot start");
         }
@@ -130,27 +129,10 @@ async fn main() -> ExitCode {
     }
     tracing::info!("all modules started");
 
-    // Config changes become per-instance reloads.
-    match store.watch() {
-        Ok(Some(mut watch)) => {
-            let reg = registry.clone();
-            tokio::spawn(async move {
-                let _guard = watch.guard;
-                while let Some(batch) = watch.events.recv().await {
-                    tracing::debug!(?batch, "config change");
-                    reg.apply(&batch).await;
-                }
-            });
-        }
-        Ok(None) => {}
-        Err(e) => tracing::warn!(error = %e, "config changes will not be picked up until restart"),
-    }
-
     wait_for_signal().await;
     tracing::info!(timeout = ?node_cfg.drain_timeout, "draining: new connections are refused, open ones may finish");
-    let reg: Arc<_> = registry.clone();
     tokio::select! {
-        _ = reg.shutdown(node_cfg.drain_timeout) => tracing::info!("stopped"),
+        _ = node.shutdown(node_cfg.drain_timeout) => tracing::info!("stopped"),
         _ = wait_for_signal() => tracing::warn!("second signal: exiting now"),
     }
     shutdown.cancel();

@@ -14,6 +14,7 @@
 //!   `MESHGATE_TENANT__<TENANT>__<INSTANCE>__<KEY>`) layered over any store.
 //! - [`cloudgateway`]: Cloud-Gateway's `conf.yaml`, read as it is.
 //! - [`format`]: parsing YAML, JSON and TOML text into one value tree.
+//! - [`mem`]: an in-memory store (tests, embedding).
 //!
 //! An etcd store (feature `etcd`, later) implements the same trait: the
 //! registry only ever calls the trait.
@@ -24,6 +25,7 @@ pub mod cloudgateway;
 pub mod dir;
 pub mod env;
 pub mod format;
+pub mod mem;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -35,6 +37,7 @@ use tokio::sync::mpsc;
 pub use cloudgateway::CloudGatewayStore;
 pub use dir::DirStore;
 pub use env::EnvOverlay;
+pub use mem::MemStore;
 
 /// Which module instance a document configures.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,0 +1,218 @@
+//! The node in process: the registry's start, reconcile, reload, rejection
+//! and removal paths against an in-memory store, with real sockets on
+//! loopback but no binary and no files. Flow hooks (policy) are plugged in
+//! as a library user would.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use configstore::MemStore;
+use meshgate::core::node::Node;
+use meshgate::core::spine::flow::{Flow, FlowEnd, FlowObserver, Verdict};
+use meshgate::modules::builtin_factories;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A backend that answers every connection with `tag` and then echoes.
+async fn backend(tag: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(tag.as_bytes()).await;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Connects to the pipe on `port` and reads the backend's tag ("" when the
+/// connection is refused or closed without data).
+async fn tag_at(port: u16) -> String {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
+        return String::new();
+    };
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+        Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        _ => String::new(),
+    }
+}
+
+async fn eventually(mut f: impl AsyncFnMut() -> bool) -> bool {
+    for _ in 0..60 {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn pipe(port: u16, remote: SocketAddr) -> serde_json::Value {
+    json!({"kind": "pipe", "listen": format!("127.0.0.1:{port}"), "remote": remote.to_string()})
+}
+
+#[tokio::test]
+async fn reconcile_reload_reject_and_remove_in_process() {
+    let (a, b) = (backend("A").await, backend("B").await);
+    let store = Arc::new(MemStore::new());
+    let port = free_port();
+    store.set("acme", "web", pipe(port, a));
+    let mut node = Node::new(store.clone(), builtin_factories(), Vec::new());
+    node.start().await.unwrap();
+    assert!(node.registry().is_ready());
+    assert_eq!(tag_at(port).await, "A");
+
+    // A changed remote reloads: new connections go to B.
+    store.set("acme", "web", pipe(port, b));
+    assert!(eventually(async || tag_at(port).await == "B").await);
+
+    // A bad change is rejected, named, and the old config keeps serving.
+    store.set(
+        "acme",
+        "web",
+        json!({"kind": "pipe", "listen": format!("127.0.0.1:{port}"), "remote": "127.0.0.1:0"}),
+    );
+    let reg = node.registry().clone();
+    assert!(
+        eventually(async || {
+            reg.status().await.iter().any(|s| {
+                s.instance == "web"
+                    && s.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("key `remote`"))
+            })
+        })
+        .await
+    );
+    assert_eq!(tag_at(port).await, "B");
+
+    // A new tenant appears, then the first goes away.
+    let port2 = free_port();
+    store.set("other", "web", pipe(port2, a));
+    assert!(eventually(async || tag_at(port2).await == "A").await);
+    store.remove("acme", "web");
+    assert!(eventually(async || TcpStream::connect(("127.0.0.1", port)).await.is_err()).await);
+    assert_eq!(tag_at(port2).await, "A");
+
+    node.shutdown(Duration::from_secs(1)).await;
+    assert!(TcpStream::connect(("127.0.0.1", port2)).await.is_err());
+}
+
+/// Denies flows to one destination; records every end.
+#[derive(Default)]
+struct Policy {
+    deny: Mutex<Option<String>>,
+    ends: Mutex<Vec<String>>,
+}
+
+impl FlowObserver for Policy {
+    fn on_start(&self, flow: &Flow) -> Verdict {
+        match self.deny.lock().unwrap().as_deref() {
+            Some(d) if flow.ctx.dst == d => Verdict::Deny(format!("{d} is off limits")),
+            _ => Verdict::Allow,
+        }
+    }
+    fn on_end(&self, flow: &Flow, end: &FlowEnd) {
+        let d = flow.decision();
+        self.ends.lock().unwrap().push(format!(
+            "{} {} {}",
+            d.verdict,
+            d.route.unwrap_or_default(),
+            end.reason
+        ));
+    }
+}
+
+#[tokio::test]
+async fn policy_hooks_and_live_route_changes_keep_open_flows() {
+    let a = backend("A").await;
+    let store = Arc::new(MemStore::new());
+    let port = free_port();
+    store.set(
+        "acme",
+        "corp",
+        json!({"kind": "vnet", "routes": [{"to": "127.0.0.0/8", "via": "direct"}]}),
+    );
+    store.set("acme", "web", pipe(port, a));
+    let policy = Arc::new(Policy::default());
+    let mut node = Node::new(store.clone(), builtin_factories(), vec![policy.clone()]);
+    node.start().await.unwrap();
+
+    // An open flow with the route in force.
+    let mut open = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = open.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"A");
+
+    // The vnet now rejects loopback: new flows are refused, the open one lives.
+    store.set(
+        "acme",
+        "corp",
+        json!({"kind": "vnet", "routes": [{"to": "127.0.0.0/8", "via": "reject"}]}),
+    );
+    assert!(eventually(async || tag_at(port).await.is_empty()).await);
+    open.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    open.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+
+    // Back to direct, and the policy hook denies this destination.
+    store.set(
+        "acme",
+        "corp",
+        json!({"kind": "vnet", "routes": [{"to": "127.0.0.0/8", "via": "direct"}]}),
+    );
+    assert!(eventually(async || tag_at(port).await == "A").await);
+    *policy.deny.lock().unwrap() = Some(a.to_string());
+    assert_eq!(tag_at(port).await, "");
+    drop(open);
+    let route = "corp: 127.0.0.0/8 -> direct";
+    let closed = format!("allow {route} closed");
+    assert!(
+        eventually(async || policy.ends.lock().unwrap().contains(&closed)).await,
+        "the open flow ends normally: {:?}",
+        policy.ends.lock().unwrap()
+    );
+    let text = node.registry().metrics().encode();
+    assert!(
+        text.contains(r#"meshgate_rejected_total{tenant="acme",instance="web",reason="denied"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"meshgate_dial_errors_total{tenant="acme",instance="web",reason="rejected"}"#
+        ),
+        "{text}"
+    );
+    node.shutdown(Duration::from_secs(1)).await;
+
+    let ends = policy.ends.lock().unwrap().clone();
+    assert!(
+        ends.contains(&format!("deny ({a} is off limits) {route} denied")),
+        "{ends:?}"
+    );
+    assert!(
+        ends.iter()
+            .any(|e| e.contains("127.0.0.0/8 -> reject") && e.ends_with("rejected")),
+        "{ends:?}"
+    );
+}
