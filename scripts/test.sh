@@ -22,6 +22,8 @@ declare -A PACKAGES=(
   [python3]=python3
   [pkill]=procps
   [ping]=iputils-ping
+  [dnsmasq]=dnsmasq-base
+  [unshare]=util-linux
 )
 
 missing=()

@@ -81,7 +81,13 @@ fn finish_request(mut child: std::process::Child) -> String {
 
 #[test]
 fn two_vnets_route_the_same_range_to_different_sites() {
-    if !can_netns() || !have("wireguard-go") || !have("wg") || !have("nginx") || !have("curl") {
+    if !can_netns()
+        || !have("wireguard-go")
+        || !have("wg")
+        || !have("nginx")
+        || !have("curl")
+        || !have("dnsmasq")
+    {
         return;
     }
     let gw = Netns::new("gw");
@@ -114,7 +120,8 @@ fn two_vnets_route_the_same_range_to_different_sites() {
         "frankfurt.yaml",
         "kind: vnet\ndefault: true\nroutes:\n  - to: 10.1.99.0/24\n    via: reject\nhosts:\n  nginx: 10.1.0.10\n",
     );
-    w("sydney.yaml", "kind: vnet\n");
+    // Sydney's names are resolved by a DNS server at the sydney site.
+    w("sydney.yaml", "kind: vnet\ndns: 10.1.0.10\n");
     w(
         "wg-fra.yaml",
         &wg_doc(&fra_key, "frankfurt", &fra.wg.public_key(), 41),
@@ -134,6 +141,10 @@ fn two_vnets_route_the_same_range_to_different_sites() {
     w(
         "by-name.yaml",
         "kind: pipe\nlisten: 127.0.0.1:8083\nremote: nginx:80\n",
+    );
+    w(
+        "by-dns.yaml",
+        "kind: pipe\nlisten: 127.0.0.1:8086\nremote: nginx.sydney.internal:80\nvnet: sydney\n",
     );
     w(
         "rejected.yaml",

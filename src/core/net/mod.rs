@@ -4,9 +4,11 @@
 //!   timeout, byte accounting, `splice(2)` between kernel sockets).
 //! - [`listen`]: listeners on the host or inside a module's IP stack.
 //! - [`dial`]: the [`dial::Dialer`] capability and the direct connector.
+//! - [`dns`]: resolving names over TCP through any connector (a vnet's `dns:`).
 //! - `sys`: the raw system calls behind splice (the one `unsafe` module).
 
 pub mod dial;
+pub mod dns;
 pub mod listen;
 pub mod proxy;
 #[allow(unsafe_code)]

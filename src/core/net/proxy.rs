@@ -70,7 +70,8 @@ impl Stream {
         Stream::Io(Box::new(stream))
     }
 
-    fn into_io(self) -> Box<dyn AsyncStream> {
+    /// The stream as a boxed [`AsyncStream`] (for protocols spoken on it).
+    pub fn into_io(self) -> Box<dyn AsyncStream> {
         match self {
             Stream::Tcp(tcp) => Box::new(tcp),
             Stream::Io(io) => io,

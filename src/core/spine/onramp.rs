@@ -5,7 +5,9 @@
 //! its source, the target and the identity. That call:
 //!
 //! 1. routes the target in the chosen vnet ([`crate::core::spine::vnet::Vnets::route`]),
-//!    or through the connector the on-ramp pins (a pipe's `via:`);
+//!    or through the connector the on-ramp pins (a pipe's `via:`); a host
+//!    name in a vnet with `dns:` is first resolved by that DNS server, over
+//!    TCP through the route to it ([`crate::core::net::dns`]);
 //! 2. opens the [`crate::core::spine::flow::Flow`] (tracked, counted) with that
 //!    route, and asks the flow-start hooks for a [`Verdict`] (policy); a
 //!    denial is counted (`meshgate_rejected_total{reason="denied"}`) and ends
@@ -33,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::core::addr::HostPort;
+use crate::core::net::dns;
 use crate::core::net::listen::{bind_host_tcp, StreamListener};
 use crate::core::net::proxy::{self, ProxyOptions, Stream};
 use crate::core::spine::flow::{EndReason, FlowContext, Protocol, Verdict};
@@ -306,19 +309,18 @@ impl OnRamp {
             Target::Addr(t) => t.to_string(),
             Target::Unknown { label, .. } => label.clone(),
         };
-        // Routing is a pure lookup: decide it first, so the flow-start hooks
-        // (policy) see where the flow would go and the audit line says it.
+        // Decide the route first, so the flow-start hooks (policy) see where
+        // the flow would go and the audit line says it. A name in a vnet
+        // with `dns:` is resolved there first (through the route to the
+        // DNS server); everything else is a pure lookup.
         let routed: Result<(Connector, HostPort, String), Refusal> = match &req.target {
             Target::Unknown { error, .. } => Err(Refusal::Unknown(error.clone())),
             Target::Addr(t) => match &req.via {
                 RouteVia::Pinned(c) => Ok((c.clone(), t.clone(), format!("pinned: {t} -> {c}"))),
-                RouteVia::Vnet(vnet) => match ctx.tenant.vnets.route(vnet.as_deref(), t) {
-                    Ok(d) => {
-                        let shown = d.describe();
-                        Ok((d.route.connector, d.target, shown))
-                    }
-                    Err(e) => Err(Refusal::Route(e)),
-                },
+                RouteVia::Vnet(vnet) => {
+                    self.route_in_vnet(vnet.as_deref(), t, req.connect_timeout)
+                        .await
+                }
             },
         };
         let shown_route = match &routed {
@@ -377,12 +379,75 @@ impl OnRamp {
     }
 }
 
+impl OnRamp {
+    /// Routes `target` in `vnet`: connector, the address to dial, and the
+    /// route as logs show it. A host name the vnet's DNS server must answer
+    /// is resolved first, over TCP through the route to that server.
+    async fn route_in_vnet(
+        &self,
+        vnet: Option<&str>,
+        target: &HostPort,
+        timeout: Duration,
+    ) -> Result<(Connector, HostPort, String), Refusal> {
+        let vnets = &self.ctx.tenant.vnets;
+        let mut resolved = None;
+        let mut target = target.clone();
+        if let Some((name, server)) = vnets.dns_for(vnet, &target) {
+            let ip = self
+                .resolve(&name, server, &target.host, timeout)
+                .await
+                .map_err(|e| {
+                    Refusal::Resolve(format!(
+                        "cannot resolve {} by the DNS server {server} of vnet `{name}`: {e}",
+                        target.host
+                    ))
+                })?;
+            resolved = Some(format!(" ({} = {ip} by dns {server})", target.host));
+            target.host = ip.to_string();
+        }
+        let d = vnets.route(vnet, &target).map_err(Refusal::Route)?;
+        let shown = format!("{}{}", d.describe(), resolved.unwrap_or_default());
+        Ok((d.route.connector, d.target, shown))
+    }
+
+    async fn resolve(
+        &self,
+        vnet: &str,
+        server: SocketAddr,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<std::net::IpAddr, String> {
+        let at = HostPort {
+            host: server.ip().to_string(),
+            port: server.port(),
+        };
+        let d = self
+            .ctx
+            .tenant
+            .vnets
+            .route(Some(vnet), &at)
+            .map_err(|e| format!("no way to the DNS server: {e}"))?;
+        let stream = self
+            .ctx
+            .dial(&d.route.connector, &d.target, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let addrs = dns::resolve_over(stream, host, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        addrs.first().copied().ok_or_else(|| "no address".into())
+    }
+}
+
 /// Why a flow has nowhere to go.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
     /// The vnet's table said no.
     #[error(transparent)]
     Route(RouteError),
+    /// The vnet's DNS server did not give an address.
+    #[error("{0}")]
+    Resolve(String),
     /// The on-ramp could not name a target.
     #[error("{0}")]
     Unknown(String),
@@ -392,6 +457,7 @@ impl Refusal {
     fn reason(&self) -> &'static str {
         match self {
             Refusal::Route(e) => e.reason(),
+            Refusal::Resolve(_) => "resolve",
             Refusal::Unknown(_) => "no_route",
         }
     }
@@ -399,6 +465,7 @@ impl Refusal {
     fn end_reason(&self) -> EndReason {
         match self {
             Refusal::Route(RouteError::Rejected { .. }) => EndReason::Rejected,
+            Refusal::Resolve(_) => EndReason::DialFailed("resolve"),
             _ => EndReason::NoRoute,
         }
     }
@@ -590,6 +657,7 @@ mod tests {
                 },
             ]),
             hosts: Default::default(),
+            dns: None,
         });
         let ctx = ModuleContext::new(
             tenant,
@@ -631,5 +699,124 @@ mod tests {
             );
             assert!(text.contains(&series), "{series}\n{text}");
         }
+    }
+
+    /// A DNS server on loopback (TCP) that answers every A query with 127.0.0.1.
+    async fn dns_server() -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    loop {
+                        let mut len = [0u8; 2];
+                        if s.read_exact(&mut len).await.is_err() {
+                            return;
+                        }
+                        let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+                        if s.read_exact(&mut q).await.is_err() {
+                            return;
+                        }
+                        let name_known = q.windows(7).any(|w| w == b"backend");
+                        let mut r = q.clone();
+                        r[2] = 0x81;
+                        r[3] = if name_known { 0x80 } else { 0x83 };
+                        let is_a = q[q.len() - 3] == 1;
+                        if name_known && is_a {
+                            r[7] = 1;
+                            r.extend_from_slice(&[
+                                0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 127, 0, 0, 1,
+                            ]);
+                        }
+                        let mut out = (r.len() as u16).to_be_bytes().to_vec();
+                        out.extend_from_slice(&r);
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn names_resolve_by_the_vnets_dns_server_never_the_host() {
+        let dns = dns_server().await;
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = backend.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = backend.accept().await {
+                let _ = s.write_all(b"hi").await;
+            }
+        });
+        let tenant = Arc::new(Tenant::new("acme"));
+        tenant.vnets.set(crate::core::spine::vnet::Vnet {
+            name: "lab".into(),
+            default: true,
+            engine: Default::default(),
+            routes: crate::core::spine::router::Router::new(vec![
+                crate::core::spine::router::Route {
+                    matches: crate::core::spine::router::Match::Cidr(
+                        "127.0.0.0/8".parse().unwrap(),
+                    ),
+                    connector: Connector::Direct,
+                },
+            ]),
+            hosts: Default::default(),
+            dns: Some(dns),
+        });
+        let policy = Arc::new(Policy::default());
+        let metrics = Arc::new(Metrics::new());
+        let ctx = ModuleContext::new(
+            tenant,
+            "door",
+            metrics.clone(),
+            Arc::new(FlowTable::new(vec![policy.clone()])),
+            &ModuleDirectory::default(),
+        );
+        let onramp = OnRamp::new(ctx);
+        let req = |host: &str| ConnectRequest {
+            src: "127.0.0.1:1".parse().unwrap(),
+            target: Target::Addr(HostPort {
+                host: host.into(),
+                port,
+            }),
+            identity: Some("alice".into()),
+            via: RouteVia::Vnet(None),
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: None,
+        };
+        let (mut c, client, _) = client_pair().await;
+        let run = tokio::spawn({
+            let o = onramp.clone();
+            let r = req("backend.lab");
+            async move { o.connect(client, r).await }
+        });
+        let mut buf = [0u8; 2];
+        c.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hi");
+        drop(c);
+        run.await.unwrap();
+        // A name the server does not know: refused as a resolve failure,
+        // even though the host's resolver knows `localhost`.
+        let (_c, client, _) = client_pair().await;
+        assert_eq!(
+            onramp.connect(client, req("localhost")).await,
+            EndReason::DialFailed("resolve")
+        );
+        let ends = policy.0.lock().unwrap().clone();
+        assert!(
+            ends[0].contains("lab: 127.0.0.0/8 -> direct (backend.lab = 127.0.0.1 by dns"),
+            "{ends:?}"
+        );
+        assert!(
+            ends[1].contains("cannot resolve localhost by the DNS server"),
+            "{ends:?}"
+        );
+        assert!(ends[1].contains("no such name"), "{ends:?}");
+        assert!(metrics.encode().contains(
+            r#"meshgate_dial_errors_total{tenant="acme",instance="door",reason="resolve"} 1"#
+        ));
     }
 }

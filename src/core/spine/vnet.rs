@@ -51,6 +51,9 @@ pub struct Vnet {
     pub routes: Router,
     /// Static names: `name → address`, looked up before routing.
     pub hosts: BTreeMap<String, IpAddr>,
+    /// A DNS server inside the vnet: names not in `hosts` are resolved
+    /// there (over TCP, through the route to it), never on the host.
+    pub dns: Option<std::net::SocketAddr>,
 }
 
 /// Where a flow goes, as [`Vnets::route`] decided it.
@@ -197,6 +200,29 @@ impl Vnets {
         )))
     }
 
+    /// The DNS server that resolves `target` in `vnet` (`None`: the
+    /// default), with the vnet's name: only for a host name that the vnet's
+    /// `hosts` does not know, in a vnet that has `dns:`.
+    pub fn dns_for(
+        &self,
+        vnet: Option<&str>,
+        target: &HostPort,
+    ) -> Option<(String, std::net::SocketAddr)> {
+        if target.ip().is_some() {
+            return None;
+        }
+        let st = self.state.read().expect("vnets poisoned");
+        let name = match vnet {
+            Some(v) => v.to_string(),
+            None => Self::default_of(&st).ok()?,
+        };
+        let v = st.configured.get(&name)?;
+        if v.hosts.contains_key(&target.host.to_ascii_lowercase()) {
+            return None;
+        }
+        v.dns.map(|d| (name, d))
+    }
+
     /// Where a flow to `target` in `vnet` (`None`: the default) goes.
     pub fn route(
         &self,
@@ -315,6 +341,7 @@ mod tests {
                     .collect(),
             ),
             hosts: BTreeMap::new(),
+            dns: None,
         }
     }
 

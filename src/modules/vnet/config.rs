@@ -28,6 +28,9 @@ use crate::core::spine::vnet::{Engine, Vnet};
 ///     via: reject
 /// hosts:                     # static names, looked up before routing
 ///   nginx: 10.1.0.10
+/// dns: 10.1.0.53             # optional: a DNS server inside the vnet (port 53/TCP,
+///                            # or IP:PORT); other names resolve there, over TCP,
+///                            # through the route to it, never on the host
 /// ```
 ///
 /// WireGuard instances that attach (`vnet: <name>`) add their peers'
@@ -43,6 +46,8 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     #[serde(default)]
     hosts: BTreeMap<String, IpAddr>,
+    #[serde(default)]
+    dns: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -63,6 +68,8 @@ pub struct VnetConfig {
     pub routes: Vec<Route>,
     /// Static names.
     pub hosts: BTreeMap<String, IpAddr>,
+    /// The vnet's DNS server.
+    pub dns: Option<std::net::SocketAddr>,
 }
 
 /// `to:`: what a route matches. `*` is everything (IPv4, IPv6 and names).
@@ -142,11 +149,26 @@ impl VnetConfig {
             .into_iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect();
+        let dns = match raw.dns.as_deref().map(str::trim) {
+            None => None,
+            Some(d) => Some(
+                d.parse::<std::net::SocketAddr>()
+                    .or_else(|_| d.parse::<IpAddr>().map(|ip| std::net::SocketAddr::new(ip, 53)))
+                    .map_err(|_| {
+                        ConfigError::key(
+                            &doc.source,
+                            "dns",
+                            format!("`{d}`: expected the DNS server's IP (port 53) or IP:PORT, e.g. 10.1.0.53"),
+                        )
+                    })?,
+            ),
+        };
         Ok(VnetConfig {
             default: raw.default,
             engine: raw.engine,
             routes,
             hosts,
+            dns,
         })
     }
 
@@ -158,6 +180,7 @@ impl VnetConfig {
             engine: self.engine,
             routes: Router::new(self.routes.clone()),
             hosts: self.hosts.clone(),
+            dns: self.dns,
         }
     }
 }
@@ -187,8 +210,10 @@ mod tests {
                 {"to": "*", "via": "reject"},
             ],
             "hosts": {"NGINX": "10.1.0.10"},
+            "dns": "10.1.0.53",
         })))
         .unwrap();
+        assert_eq!(c.dns, Some("10.1.0.53:53".parse().unwrap()));
         assert!(c.default);
         let shown: Vec<String> = c.routes.iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -228,6 +253,11 @@ mod tests {
             (json!({"engine": "tun"}), "engine", "userspace"),
             (json!({"hosts": {"a": "not-an-ip"}}), "hosts", ""),
             (json!({"rotes": []}), "rotes", "unknown field"),
+            (
+                json!({"dns": "resolver.local"}),
+                "dns",
+                "expected the DNS server's IP",
+            ),
         ];
         for (v, key, msg) in cases {
             let e = VnetConfig::from_document(&doc(v.clone())).unwrap_err();
