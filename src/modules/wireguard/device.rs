@@ -141,11 +141,13 @@ pub struct Device {
     addresses: Vec<IpNet>,
     /// Forward between peers (the node has a subnet address).
     forward: bool,
-    socket: Arc<UdpSocket>,
-    dual_stack: bool,
+    /// Where datagrams and decrypted packets go: the UDP socket and the IP
+    /// stack ([`UdpWire`]), or a simulated network in tests.
+    wire: Arc<dyn Wire>,
+    /// The socket and stack when running for real; `None` in simulations.
+    io: Option<DeviceIo>,
     rate_limiter: Arc<RateLimiter>,
     table: RwLock<Arc<PeerTable>>,
-    stack: NetStack,
     wg_metrics: Arc<WgMetrics>,
     stack_metrics: Arc<NetStackMetrics>,
     /// The stack's counters as last reported to `stack_metrics`.
@@ -153,6 +155,52 @@ pub struct Device {
     /// Packets forwarded between peers, tracked as flows.
     ip_flows: IpFlows,
     cancel: CancellationToken,
+}
+
+/// What the protocol logic sends out through: socket-free, so the logic
+/// runs against a simulated network in tests.
+pub trait Wire: Send + Sync + 'static {
+    /// Sends one datagram to `to`; false if it could not be sent.
+    fn send_to(&self, data: &[u8], to: SocketAddr) -> bool;
+    /// Hands a decrypted packet for one of the node's addresses to its IP
+    /// stack; false if the stack refused it (queue full).
+    fn deliver(&self, packet: &[u8]) -> bool;
+}
+
+/// The real wire: the UDP socket (IPv4 mapped onto a dual-stack socket) and
+/// the userspace IP stack.
+struct UdpWire {
+    socket: Arc<UdpSocket>,
+    dual_stack: bool,
+    stack: std::sync::OnceLock<NetStack>,
+}
+
+impl Wire for UdpWire {
+    fn send_to(&self, data: &[u8], to: SocketAddr) -> bool {
+        let to = match (self.dual_stack, to) {
+            (true, SocketAddr::V4(v4)) => {
+                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
+            _ => to,
+        };
+        match self.socket.try_send_to(data, to) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, %to, "udp send failed");
+                false
+            }
+        }
+    }
+
+    fn deliver(&self, packet: &[u8]) -> bool {
+        self.stack.get().is_some_and(|s| s.inject(packet))
+    }
+}
+
+/// The socket and the stack of a running device.
+struct DeviceIo {
+    socket: Arc<UdpSocket>,
+    stack: NetStack,
 }
 
 /// Hands packets from the IP stack to the device (cryptokey routing).
@@ -224,40 +272,28 @@ impl Device {
         instance_metrics: InstanceMetrics,
     ) -> std::io::Result<Arc<Device>> {
         let (socket, dual_stack) = bind_udp(cfg.listen_port.unwrap_or(0))?;
-        let private = x25519::StaticSecret::from(*cfg.private_key.as_bytes());
-        let public = x25519::PublicKey::from(&private);
-        let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let socket = Arc::new(socket);
+        let wire = Arc::new(UdpWire {
+            socket: socket.clone(),
+            dual_stack,
+            stack: std::sync::OnceLock::new(),
+        });
         let sink = Arc::new(StackSink(Mutex::new(Weak::new())));
         let mut stack_cfg =
             crate::core::engine::userspace::NetStackConfig::new(cfg.addresses.clone());
         stack_cfg.mtu = cfg.mtu;
         let stack = NetStack::spawn(stack_cfg, sink.clone());
-        let forward = cfg
-            .addresses
-            .iter()
-            .any(|n| n.prefix_len() < n.max_prefix_len());
-        let dev = Arc::new(Device {
-            tenant: tenant.into(),
-            instance: instance.into(),
-            private,
-            public,
-            addresses: cfg.addresses.clone(),
-            forward,
-            socket: Arc::new(socket),
-            dual_stack,
-            rate_limiter,
-            table: RwLock::new(Arc::new(PeerTable {
-                slots: Vec::new(),
-                by_key: HashMap::new(),
-                routes: Vec::new(),
-            })),
-            stack,
-            wg_metrics: metrics.subsystem::<WgMetrics>(),
-            stack_metrics: metrics.subsystem::<NetStackMetrics>(),
-            stack_reported: Mutex::new(NetStackStats::default()),
-            ip_flows: IpFlows::new(tenant, instance, flows, instance_metrics),
-            cancel: CancellationToken::new(),
-        });
+        let _ = wire.stack.set(stack.clone());
+        let dev = Arc::new(Self::build(
+            tenant,
+            instance,
+            cfg,
+            metrics,
+            flows,
+            instance_metrics,
+            wire,
+            Some(DeviceIo { socket, stack }),
+        ));
         *sink.0.lock().expect("sink poisoned") = Arc::downgrade(&dev);
         dev.set_peers(&cfg.peers);
         tokio::spawn(dev.clone().recv_loop());
@@ -265,9 +301,75 @@ impl Device {
         Ok(dev)
     }
 
-    /// The UDP port the interface listens on.
+    /// The protocol logic alone, over `wire`: no socket, no stack, no tasks.
+    /// The caller feeds datagrams ([`Device::handle_datagram`]), packets
+    /// ([`Device::send_ip`]) and clock ticks ([`Device::tick`]).
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        tenant: &str,
+        instance: &str,
+        cfg: &WireGuardConfig,
+        metrics: Arc<Metrics>,
+        flows: Arc<FlowTable>,
+        instance_metrics: InstanceMetrics,
+        wire: Arc<dyn Wire>,
+        io: Option<DeviceIo>,
+    ) -> Device {
+        let private = x25519::StaticSecret::from(*cfg.private_key.as_bytes());
+        let public = x25519::PublicKey::from(&private);
+        let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let forward = cfg
+            .addresses
+            .iter()
+            .any(|n| n.prefix_len() < n.max_prefix_len());
+        Device {
+            tenant: tenant.into(),
+            instance: instance.into(),
+            private,
+            public,
+            addresses: cfg.addresses.clone(),
+            forward,
+            wire,
+            io,
+            rate_limiter,
+            table: RwLock::new(Arc::new(PeerTable {
+                slots: Vec::new(),
+                by_key: HashMap::new(),
+                routes: Vec::new(),
+            })),
+            wg_metrics: metrics.subsystem::<WgMetrics>(),
+            stack_metrics: metrics.subsystem::<NetStackMetrics>(),
+            stack_reported: Mutex::new(NetStackStats::default()),
+            ip_flows: IpFlows::new(tenant, instance, flows, instance_metrics),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// A device without socket or stack, sending through `wire` (tests and
+    /// simulations).
+    pub fn simulated(
+        tenant: &str,
+        instance: &str,
+        cfg: &WireGuardConfig,
+        metrics: Arc<Metrics>,
+        flows: Arc<FlowTable>,
+        wire: Arc<dyn Wire>,
+    ) -> Arc<Device> {
+        let im = metrics.instance(tenant, instance);
+        let dev = Arc::new(Self::build(
+            tenant, instance, cfg, metrics, flows, im, wire, None,
+        ));
+        dev.set_peers(&cfg.peers);
+        dev
+    }
+
+    /// The UDP port the interface listens on (0 in a simulation).
     pub fn listen_port(&self) -> u16 {
-        self.socket.local_addr().map(|a| a.port()).unwrap_or(0)
+        self.io
+            .as_ref()
+            .and_then(|io| io.socket.local_addr().ok())
+            .map(|a| a.port())
+            .unwrap_or(0)
     }
 
     /// The base64 public key.
@@ -275,15 +377,17 @@ impl Device {
         crate::core::keys::PublicKey(self.public.to_bytes()).to_string()
     }
 
-    /// The interface's IP stack.
-    pub fn stack(&self) -> &NetStack {
-        &self.stack
+    /// The interface's IP stack (`None` in a simulation).
+    pub fn stack(&self) -> Option<&NetStack> {
+        self.io.as_ref().map(|io| &io.stack)
     }
 
     /// Stops the tasks and the IP stack.
     pub fn shutdown(&self) {
         self.cancel.cancel();
-        self.stack.shutdown();
+        if let Some(io) = &self.io {
+            io.stack.shutdown();
+        }
         self.ip_flows.clear();
     }
 
@@ -388,21 +492,8 @@ impl Device {
         tracing::debug!(tenant = %self.tenant, instance = %self.instance, peer = name, reason, "packet dropped");
     }
 
-    /// Sends a datagram to `to` (mapping IPv4 onto the dual-stack socket).
     fn send_to(&self, data: &[u8], to: SocketAddr) -> bool {
-        let to = match (self.dual_stack, to) {
-            (true, SocketAddr::V4(v4)) => {
-                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-            }
-            _ => to,
-        };
-        match self.socket.try_send_to(data, to) {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::debug!(error = %e, %to, "udp send failed");
-                false
-            }
-        }
+        self.wire.send_to(data, to)
     }
 
     fn send_to_peer(&self, peer: &Peer, data: &[u8]) {
@@ -444,12 +535,15 @@ impl Device {
     }
 
     async fn recv_loop(self: Arc<Self>) {
+        let Some(socket) = self.io.as_ref().map(|io| io.socket.clone()) else {
+            return;
+        };
         let mut rx = vec![0u8; MAX_DATAGRAM];
         let mut out = vec![0u8; BUF_LEN];
         loop {
             let (n, src) = tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                r = self.socket.recv_from(&mut rx) => match r {
+                r = socket.recv_from(&mut rx) => match r {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::debug!(error = %e, "udp recv failed");
@@ -462,7 +556,7 @@ impl Device {
     }
 
     /// Handles one datagram from the network. Never panics on bad input.
-    fn handle_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+    pub fn handle_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
         let table = self.table();
         let packet = match self
             .rate_limiter
@@ -557,7 +651,7 @@ impl Device {
             return self.drop_packet(Some(peer), "malformed");
         };
         if self.addresses.iter().any(|n| n.addr() == dst) {
-            if !self.stack.inject(packet) {
+            if !self.wire.deliver(packet) {
                 self.drop_packet(Some(peer), "stack_queue_full");
             }
         } else if self.forward {
@@ -583,43 +677,52 @@ impl Device {
             ticks = ticks.wrapping_add(1);
             if ticks % 4 == 0 {
                 self.ip_flows.expire(Instant::now());
-                let now = self.stack.stats();
-                let mut last = self.stack_reported.lock().expect("poisoned");
-                self.stack_metrics
-                    .observe(&self.tenant, &self.instance, &now, &mut last);
-            }
-            // The limiter is shared by all peers, so boringtun leaves its
-            // once-a-second reset to us.
-            self.rate_limiter.reset_count();
-            let table = self.table();
-            for peer in table.peers() {
-                {
-                    let mut tunn = peer.tunn.lock().expect("tunn poisoned");
-                    match tunn.update_timers(&mut buf) {
-                        TunnResult::WriteToNetwork(p) => self.send_to_peer(peer, p),
-                        TunnResult::Err(WireGuardError::ConnectionExpired) => {}
-                        TunnResult::Err(e) => {
-                            tracing::debug!(peer = %peer.cfg.name, error = ?e, "timer error")
-                        }
-                        _ => {}
-                    }
-                    let since = tunn.stats().0;
-                    let mut seen = peer.last_handshake_seen.lock().expect("poisoned");
-                    if let Some(d) = since {
-                        if seen.is_none_or(|prev| d < prev) {
-                            peer.metrics.handshakes.inc();
-                            let at = SystemTime::now()
-                                .duration_since(SystemTime::UNIX_EPOCH)
-                                .unwrap_or_default()
-                                .saturating_sub(d);
-                            peer.metrics.last_handshake.set(at.as_secs() as i64);
-                            tracing::debug!(tenant = %self.tenant, instance = %self.instance, peer = %peer.cfg.name, "handshake completed");
-                        }
-                    }
-                    *seen = since;
+                if let Some(stack) = self.stack() {
+                    let now = stack.stats();
+                    let mut last = self.stack_reported.lock().expect("poisoned");
+                    self.stack_metrics
+                        .observe(&self.tenant, &self.instance, &now, &mut last);
                 }
-                self.maybe_resolve(peer);
             }
+            self.tick(&mut buf);
+        }
+    }
+
+    /// One timer round (every [`TIMER_TICK`]): boringtun's timers for every
+    /// peer (keepalives, rekeys, retransmitted handshakes), handshake
+    /// bookkeeping, endpoint re-resolution, and the limiter's reset.
+    pub fn tick(&self, buf: &mut [u8]) {
+        // The limiter is shared by all peers, so boringtun leaves its
+        // reset to us.
+        self.rate_limiter.reset_count();
+        let table = self.table();
+        for peer in table.peers() {
+            {
+                let mut tunn = peer.tunn.lock().expect("tunn poisoned");
+                match tunn.update_timers(buf) {
+                    TunnResult::WriteToNetwork(p) => self.send_to_peer(peer, p),
+                    TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                    TunnResult::Err(e) => {
+                        tracing::debug!(peer = %peer.cfg.name, error = ?e, "timer error")
+                    }
+                    _ => {}
+                }
+                let since = tunn.stats().0;
+                let mut seen = peer.last_handshake_seen.lock().expect("poisoned");
+                if let Some(d) = since {
+                    if seen.is_none_or(|prev| d < prev) {
+                        peer.metrics.handshakes.inc();
+                        let at = SystemTime::now()
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .saturating_sub(d);
+                        peer.metrics.last_handshake.set(at.as_secs() as i64);
+                        tracing::debug!(tenant = %self.tenant, instance = %self.instance, peer = %peer.cfg.name, "handshake completed");
+                    }
+                }
+                *seen = since;
+            }
+            self.maybe_resolve(peer);
         }
     }
 

@@ -24,6 +24,8 @@
 pub mod config;
 pub mod device;
 pub mod metrics;
+#[cfg(test)]
+mod sim;
 pub mod uapi;
 pub mod wgquick;
 
@@ -407,7 +409,7 @@ impl VnetHandle {
             .lock()
             .expect("poisoned")
             .as_ref()
-            .map(|d| d.stack().clone())
+            .and_then(|d| d.stack().cloned())
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::NotConnected,
