@@ -118,7 +118,9 @@ async fn main() -> ExitCode {
         let addr = l.local_addr().ok();
         tracing::info!(?addr, "admin API listening");
         let a = admin::Admin::new(registry.clone(), node_cfg.node.clone());
-        tokio::spawn(admin::serve(l, a, shutdown.clone()));
+        if let Err(e) = admin::spawn_on_own_runtime(l, a, shutdown.clone()) {
+            return fail(&[format!("admin API: {e}")]);
+        }
     }
 
     if let Err(lines) = node.start().await {

@@ -1,6 +1,7 @@
 //! The admin API: one HTTP/1.1 listener for the whole node.
 //!
-//! Owns the admin listener (default `127.0.0.1:9000`, from `meshgate.yaml`).
+//! Owns the admin listener (default `127.0.0.1:9000`, from `meshgate.yaml`),
+//! served on a runtime and thread of its own, apart from the data plane.
 //! Serves:
 //!
 //! | path | what |
@@ -182,6 +183,31 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves the admin API on `listener` until `shutdown` is cancelled.
+/// Serves the admin API on a runtime of its own (one thread), so a busy
+/// data plane never delays `/metrics`, `/readyz` or the API, and a slow
+/// scrape never takes a data-plane worker. The listener is moved over.
+pub fn spawn_on_own_runtime(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    shutdown: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let std_listener = listener.into_std()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("meshgate-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match TcpListener::from_std(std_listener) {
+                    Ok(l) => serve(l, admin, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "admin API cannot serve"),
+                }
+            })
+        })
+}
+
+/// Serves the admin API on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {

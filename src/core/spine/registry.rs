@@ -624,6 +624,7 @@ fn topo_order(deps: &BTreeMap<String, Vec<String>>) -> Result<Vec<String>, Vec<S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::spine::module::ModuleError;
 
     fn deps(v: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
         v.iter()
@@ -637,5 +638,178 @@ mod tests {
         assert_eq!(o, vec!["wg", "a", "b"]);
         let e = topo_order(&deps(&[("a", &["b"]), ("b", &["a"]), ("c", &[])])).unwrap_err();
         assert_eq!(e, vec!["a", "b"]);
+    }
+
+    /// A kind that touches nothing: it records its life in a shared log.
+    /// `{"kind": "noop", "value": N, "needs": [..], "fail_reload": bool}`.
+    struct Noop(Arc<std::sync::Mutex<Vec<String>>>);
+
+    struct NoopModule {
+        name: String,
+        log: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    fn value(doc: &Document) -> Result<i64, ConfigError> {
+        doc.value["value"]
+            .as_i64()
+            .filter(|v| *v >= 0)
+            .ok_or_else(|| ConfigError::key(&doc.source, "value", "expected a number >= 0"))
+    }
+
+    impl ModuleFactory for Noop {
+        fn kind(&self) -> &'static str {
+            "noop"
+        }
+        fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
+            value(doc)?;
+            let needs = doc.value["needs"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(ModulePlan { depends_on: needs })
+        }
+        fn build(
+            &self,
+            ctx: ModuleContext,
+            doc: &Document,
+        ) -> Result<Arc<dyn Module>, ConfigError> {
+            self.0.lock().unwrap().push(format!(
+                "build {}/{} {}",
+                ctx.tenant.name,
+                ctx.instance,
+                value(doc)?
+            ));
+            Ok(Arc::new(NoopModule {
+                name: format!("{}/{}", ctx.tenant.name, ctx.instance),
+                log: self.0.clone(),
+            }))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Module for NoopModule {
+        async fn start(&self) -> Result<(), ModuleError> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("start {}", self.name));
+            Ok(())
+        }
+        async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
+            if doc.value["fail_reload"] == true {
+                return Err(ModuleError::Runtime("refused on purpose".into()));
+            }
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("reload {} {}", self.name, value(doc)?));
+            Ok(())
+        }
+        async fn drain(&self) {}
+        async fn stop(&self) {
+            self.log.lock().unwrap().push(format!("stop {}", self.name));
+        }
+    }
+
+    fn noop(v: i64, needs: &[&str]) -> serde_json::Value {
+        serde_json::json!({"kind": "noop", "value": v, "needs": needs})
+    }
+
+    async fn registry() -> (
+        Arc<configstore::MemStore>,
+        Registry,
+        Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        let store = Arc::new(configstore::MemStore::new());
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reg = Registry::new(
+            store.clone(),
+            vec![Arc::new(Noop(log.clone()))],
+            Arc::new(Metrics::new()),
+            Arc::new(FlowTable::new(vec![])),
+        );
+        (store, reg, log)
+    }
+
+    fn take(log: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
+        std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    #[tokio::test]
+    async fn starts_in_dependency_order_and_reconciles_without_sockets() {
+        let (store, reg, log) = registry().await;
+        store.set("t", "b", noop(1, &["a"]));
+        store.set("t", "a", noop(1, &[]));
+        store.set("u", "a", noop(1, &[]));
+        reg.start().await.unwrap();
+        assert!(reg.is_ready());
+        let l = take(&log);
+        let pos = |s: &str| l.iter().position(|x| x == s).unwrap();
+        assert!(pos("start t/a") < pos("build t/b 1"), "{l:?}");
+        assert!(l.contains(&"start u/a".to_string()));
+
+        // A changed document reloads in place; an unchanged one does nothing.
+        store.set("t", "a", noop(2, &[]));
+        store.set("u", "a", noop(1, &[]));
+        reg.apply(&[
+            StoreEvent::Instance(InstanceKey::new("t", "a")),
+            StoreEvent::Instance(InstanceKey::new("u", "a")),
+        ])
+        .await;
+        assert_eq!(take(&log), ["reload t/a 2"]);
+
+        // A bad document is rejected by check, named, and the old one runs on.
+        store.set("t", "a", serde_json::json!({"kind": "noop", "value": -1}));
+        reg.apply(&[StoreEvent::Instance(InstanceKey::new("t", "a"))])
+            .await;
+        assert!(take(&log).is_empty());
+        let st = reg.status().await;
+        let a = st
+            .iter()
+            .find(|s| s.tenant == "t" && s.instance == "a")
+            .unwrap();
+        assert!(
+            a.last_error.as_deref().unwrap().contains("key `value`"),
+            "{a:?}"
+        );
+        // A failing reload is rejected too.
+        store.set(
+            "t",
+            "a",
+            serde_json::json!({"kind": "noop", "value": 3, "fail_reload": true}),
+        );
+        reg.apply(&[StoreEvent::Instance(InstanceKey::new("t", "a"))])
+            .await;
+        let st = reg.status().await;
+        let a = st
+            .iter()
+            .find(|s| s.tenant == "t" && s.instance == "a")
+            .unwrap();
+        assert!(
+            a.last_error
+                .as_deref()
+                .unwrap()
+                .contains("refused on purpose"),
+            "{a:?}"
+        );
+
+        // A removed document stops its instance; an unknown kind is refused.
+        store.remove("u", "a");
+        store.set("u", "z", serde_json::json!({"kind": "nope"}));
+        reg.apply(&[StoreEvent::Tenant("u".into())]).await;
+        assert_eq!(take(&log), ["stop u/a"]);
+        let st = reg.status().await;
+        assert!(!st.iter().any(|s| s.tenant == "u" && s.instance == "a"));
+
+        reg.shutdown(Duration::from_millis(100)).await;
+        let l = take(&log);
+        assert!(
+            l.contains(&"stop t/a".to_string()) && l.contains(&"stop t/b".to_string()),
+            "{l:?}"
+        );
     }
 }

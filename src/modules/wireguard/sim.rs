@@ -240,7 +240,8 @@ fn corrupted_replayed_and_spoofed_packets_are_dropped_and_counted() {
     hub.dev.handle_datagram(&d, two.addr, &mut buf); // replay
     assert!(hub.delivered().is_empty());
     assert_eq!(hub.drops("replay"), 1.0);
-    two.dev.send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 4), None);
+    two.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 4), None);
     let (_, mut bad) = two.wire.sent.lock().unwrap().pop_front().unwrap();
     let n = bad.len();
     bad[n - 1] ^= 1; // corrupt the tag of a fresh packet
