@@ -6,8 +6,9 @@
 //!   handshake initiations by the anonymous handshake parse (the sender's
 //!   static key), everything else by the receiver index (`index >> 8` is the
 //!   peer's slot). A shared rate limiter answers with cookies under load.
-//! - After decryption the inner source address must lie in the sending
-//!   peer's allowed IPs; otherwise the packet is dropped and counted.
+//! - After decryption the inner source address must route back to the
+//!   sending peer (longest prefix over all peers' allowed IPs, as the
+//!   kernel's cryptokey routing); otherwise the packet is dropped and counted.
 //! - Packets to the node's own addresses go to the userspace IP stack;
 //!   packets to another peer's allowed IPs are forwarded (hub routing) when
 //!   the node has a subnet address (e.g. a `/24`), each one tracked as an IP
@@ -15,9 +16,12 @@
 //!   idle expiry: [`crate::core::spine::ipflow`]); the rest are dropped.
 //! - Outgoing packets (from the stack, or forwarded) go to the peer whose
 //!   allowed IPs contain the destination (longest prefix).
-//! - Timers run every 250 ms; endpoints roam to the source of every
-//!   authenticated packet; configured endpoint names are re-resolved while a
-//!   peer is silent.
+//! - Timers run every 250 ms; endpoints roam only to the source of what
+//!   decrypted under the peer's keys (data, a handshake response, an
+//!   initiation we answer), never on cookie replies or cookie-answered
+//!   initiations; configured endpoint names are re-resolved while a peer is
+//!   silent. Nothing is ever sent to an unauthenticated source except a
+//!   cookie reply.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -55,6 +59,18 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a silent peer's endpoint name is resolved again.
 const RERESOLVE_EVERY: Duration = Duration::from_secs(30);
+/// The first byte of a handshake response message.
+const HANDSHAKE_RESPONSE: u8 = 2;
+
+/// What kind of message arrived (decides whether the endpoint may move).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Received {
+    Initiation,
+    Response,
+    CookieReply,
+    Data,
+}
+
 /// Largest UDP datagram we read, and the scratch buffer size.
 const MAX_DATAGRAM: usize = 65_535;
 /// Room boringtun needs beyond the payload.
@@ -80,11 +96,7 @@ pub struct Peer {
     metrics: PeerMetrics,
 }
 
-impl Peer {
-    fn allows(&self, ip: IpAddr) -> bool {
-        self.cfg.allowed_ips.iter().any(|n| n.contains(&ip))
-    }
-}
+impl Peer {}
 
 /// What the admin API and `meshgatectl wg show` show of a peer.
 #[derive(Debug, Clone, Serialize)]
@@ -582,34 +594,65 @@ impl Device {
         let Some(peer) = peer else {
             return self.drop_packet(None, "unknown_peer");
         };
-        let is_data = matches!(packet, Packet::PacketData(_));
+        // Endpoints move only on what decrypted under the peer's keys: data
+        // (keepalives included), a handshake response, and an initiation we
+        // answer with a response. Never on a cookie reply (anyone who knows
+        // our public key can forge one) nor on an initiation answered with a
+        // cookie because we are under load: those would let a spoofed
+        // source steal the peer's traffic.
+        let kind = match &packet {
+            Packet::HandshakeInit(_) => Received::Initiation,
+            Packet::HandshakeResponse(_) => Received::Response,
+            Packet::PacketCookieReply(_) => Received::CookieReply,
+            Packet::PacketData(_) => Received::Data,
+        };
         let mut tunn = peer.tunn.lock().expect("tunn poisoned");
         match tunn.decapsulate(Some(src.ip()), datagram, out) {
-            TunnResult::Done => self.roam(peer, src, datagram.len()),
-            TunnResult::Err(WireGuardError::NoCurrentSession) if is_data => {
-                // Data for a session we do not have: we restarted, the peer did
-                // not notice. Offer a fresh handshake to where it came from
-                // (at most every REKEY_TIMEOUT per peer, so a spoofed source
-                // gets no amplification worth having); the endpoint moves only
-                // once the peer answers.
+            TunnResult::Done => {
+                if matches!(kind, Received::Data | Received::Response) {
+                    self.roam(peer, src, datagram.len());
+                }
+            }
+            TunnResult::Err(WireGuardError::NoCurrentSession) if kind == Received::Data => {
+                // Data for a session we do not have (we restarted). Nothing
+                // goes to `src`: it is not authenticated. If we know where
+                // the peer is, offer a fresh handshake there (at most every
+                // REKEY_TIMEOUT); otherwise the peer re-handshakes on its own
+                // when its data goes unanswered, as with the kernel.
                 self.drop_packet(Some(peer), "no_session");
-                let mut last = peer.last_unsolicited_init.lock().expect("poisoned");
-                if last.is_none_or(|t| t.elapsed() >= REKEY_TIMEOUT) {
-                    *last = Some(Instant::now());
-                    if let TunnResult::WriteToNetwork(init) =
-                        tunn.format_handshake_initiation(out, false)
-                    {
-                        self.send_to(init, src);
+                if peer.endpoint.lock().expect("poisoned").is_some() {
+                    let mut last = peer.last_unsolicited_init.lock().expect("poisoned");
+                    if last.is_none_or(|t| t.elapsed() >= REKEY_TIMEOUT) {
+                        *last = Some(Instant::now());
+                        if let TunnResult::WriteToNetwork(init) =
+                            tunn.format_handshake_initiation(out, false)
+                        {
+                            self.send_to_peer(peer, init);
+                        }
                     }
                 }
             }
             TunnResult::Err(e) => self.drop_packet(Some(peer), drop_reason(&e)),
             TunnResult::WriteToNetwork(p) => {
-                self.roam(peer, src, datagram.len());
-                self.send_to_peer(peer, p);
-                // Flush packets boringtun queued while the handshake ran.
-                while let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &[], out) {
+                let authenticated = match kind {
+                    // Our answer is a handshake response (type 2) only if
+                    // the initiation verified; a cookie reply (type 3) means
+                    // "under load, prove your address".
+                    Received::Initiation => p.first() == Some(&HANDSHAKE_RESPONSE),
+                    Received::Response | Received::Data => true,
+                    Received::CookieReply => false,
+                };
+                if authenticated {
+                    self.roam(peer, src, datagram.len());
                     self.send_to_peer(peer, p);
+                    // Flush packets boringtun queued while the handshake ran.
+                    while let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &[], out) {
+                        self.send_to_peer(peer, p);
+                    }
+                } else {
+                    // A cookie goes back where the initiation came from;
+                    // the endpoint stays.
+                    self.send_to(p, src);
                 }
             }
             TunnResult::WriteToTunnelV4(p, inner_src) => {
@@ -644,7 +687,10 @@ impl Device {
         if packet.is_empty() {
             return; // keepalive
         }
-        if !peer.allows(inner_src) {
+        // Cryptokey routing: the source must route back to the sender
+        // (longest prefix), not merely lie in one of its allowed IPs: with
+        // A = 10.192.0.2/32 and B = 10.192.0.0/25, B cannot speak as .2.
+        if self.table().route(inner_src).map(|p| p.index) != Some(peer.index) {
             return self.drop_packet(Some(peer), "source_not_allowed");
         }
         let Some(dst) = Tunn::dst_address(packet) else {
