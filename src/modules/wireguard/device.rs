@@ -4,8 +4,9 @@
 //!
 //! - Incoming datagrams are matched to a peer without trying every key:
 //!   handshake initiations by the anonymous handshake parse (the sender's
-//!   static key), everything else by the receiver index (`index >> 8` is the
-//!   peer's slot). A shared rate limiter answers with cookies under load.
+//!   static key), everything else by the receiver index, whose upper 24
+//!   bits are random per peer and map to its slot. A shared rate limiter
+//!   answers with cookies under load.
 //! - After decryption the inner source address must route back to the
 //!   sending peer (longest prefix over all peers' allowed IPs, as the
 //!   kernel's cryptokey routing); otherwise the packet is dropped and counted.
@@ -83,8 +84,11 @@ thread_local! {
 
 /// One peer of the instance.
 pub struct Peer {
-    /// Slot in the peer table; also the upper 24 bits of its session indices.
+    /// Slot in the peer table.
     pub index: u32,
+    /// The upper 24 bits of its session indices: random (as the kernel's),
+    /// so an off-path attacker cannot aim at a peer's sessions.
+    session: u32,
     /// Its config (name, key, allowed IPs, ...).
     pub cfg: PeerConfig,
     tunn: Arc<Mutex<Tunn>>,
@@ -93,6 +97,8 @@ pub struct Peer {
     last_resolve: Mutex<Option<Instant>>,
     /// When we last answered session-less data with a handshake.
     last_unsolicited_init: Mutex<Option<Instant>>,
+    /// A reload changed the endpoint to a name: resolve it at the next tick.
+    resolve_now: std::sync::atomic::AtomicBool,
     metrics: PeerMetrics,
 }
 
@@ -123,6 +129,8 @@ pub struct PeerStatus {
 struct PeerTable {
     slots: Vec<Option<Arc<Peer>>>,
     by_key: HashMap<[u8; 32], u32>,
+    /// Session index (upper 24 bits) → slot.
+    by_session: HashMap<u32, u32>,
     /// (network, slot), longest prefix first.
     routes: Vec<(IpNet, u32)>,
 }
@@ -130,6 +138,13 @@ struct PeerTable {
 impl PeerTable {
     fn get(&self, index: u32) -> Option<&Arc<Peer>> {
         self.slots.get(index as usize)?.as_ref()
+    }
+
+    /// The peer a receiver index (from a response, cookie or data) names.
+    fn by_receiver(&self, receiver_idx: u32) -> Option<&Arc<Peer>> {
+        self.by_session
+            .get(&(receiver_idx >> 8))
+            .and_then(|i| self.get(*i))
     }
 
     fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
@@ -347,6 +362,7 @@ impl Device {
             table: RwLock::new(Arc::new(PeerTable {
                 slots: Vec::new(),
                 by_key: HashMap::new(),
+                by_session: HashMap::new(),
                 routes: Vec::new(),
             })),
             wg_metrics: metrics.subsystem::<WgMetrics>(),
@@ -411,6 +427,7 @@ impl Device {
         // peers take free slots, so adding a peer disturbs no one.
         let mut slots: Vec<Option<Arc<Peer>>> = vec![None; old.slots.len()];
         let mut new = Vec::new();
+        let mut changed_names: Vec<[u8; 32]> = Vec::new();
         for cfg in peers {
             let kept = old
                 .by_key
@@ -422,8 +439,22 @@ impl Device {
                 });
             match kept {
                 Some(p) => {
+                    if p.cfg.endpoint != cfg.endpoint {
+                        // The config moved the peer: go there now, not where
+                        // it was last heard from.
+                        let literal = cfg
+                            .endpoint
+                            .as_ref()
+                            .and_then(|hp| hp.ip().map(|ip| SocketAddr::new(ip, hp.port)));
+                        if let Some(ep) = literal {
+                            *p.endpoint.lock().expect("poisoned") = Some(ep);
+                        }
+                        changed_names.push(cfg.public_key.0);
+                        tracing::info!(tenant = %self.tenant, instance = %self.instance, peer = %cfg.name, endpoint = ?cfg.endpoint, "peer endpoint changed by reload");
+                    }
                     slots[p.index as usize] = Some(Arc::new(Peer {
                         index: p.index,
+                        session: p.session,
                         cfg: cfg.clone(),
                         tunn: p.tunn.clone(),
                         endpoint: p.endpoint.clone(),
@@ -432,12 +463,18 @@ impl Device {
                         ),
                         last_resolve: Mutex::new(None),
                         last_unsolicited_init: Mutex::new(None),
+                        resolve_now: std::sync::atomic::AtomicBool::new(
+                            changed_names.contains(&cfg.public_key.0)
+                                && cfg.endpoint.as_ref().is_some_and(|e| e.ip().is_none()),
+                        ),
                         metrics: p.metrics.clone(),
                     }))
                 }
                 None => new.push(cfg),
             }
         }
+        let mut sessions: std::collections::HashSet<u32> =
+            slots.iter().flatten().map(|p| p.session).collect();
         for cfg in new {
             let index = match slots.iter().position(Option::is_none) {
                 Some(i) => i,
@@ -446,32 +483,41 @@ impl Device {
                     slots.len() - 1
                 }
             };
-            slots[index] = Some(Arc::new(self.new_peer(index as u32, cfg)));
+            let session = loop {
+                let candidate = rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> 8;
+                if sessions.insert(candidate) {
+                    break candidate;
+                }
+            };
+            slots[index] = Some(Arc::new(self.new_peer(index as u32, session, cfg)));
         }
         while slots.last().is_some_and(Option::is_none) {
             slots.pop();
         }
         let mut by_key = HashMap::new();
+        let mut by_session = HashMap::new();
         let mut routes = Vec::new();
         for p in slots.iter().flatten() {
             by_key.insert(p.cfg.public_key.0, p.index);
+            by_session.insert(p.session, p.index);
             routes.extend(p.cfg.allowed_ips.iter().map(|n| (*n, p.index)));
         }
         routes.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
         *self.table.write().expect("table poisoned") = Arc::new(PeerTable {
             slots,
             by_key,
+            by_session,
             routes,
         });
     }
 
-    fn new_peer(&self, index: u32, cfg: &PeerConfig) -> Peer {
+    fn new_peer(&self, index: u32, session: u32, cfg: &PeerConfig) -> Peer {
         let tunn = Tunn::new(
             self.private.clone(),
             x25519::PublicKey::from(cfg.public_key.0),
             cfg.preshared_key,
             cfg.persistent_keepalive.map(|d| d.as_secs() as u16),
-            index,
+            session,
             Some(self.rate_limiter.clone()),
         );
         let endpoint = cfg
@@ -481,12 +527,14 @@ impl Device {
             .map(|ip| SocketAddr::new(ip, cfg.endpoint.as_ref().expect("checked").port));
         Peer {
             index,
+            session,
             cfg: cfg.clone(),
             tunn: Arc::new(Mutex::new(tunn)),
             endpoint: Arc::new(Mutex::new(endpoint)),
             last_handshake_seen: Mutex::new(None),
             last_resolve: Mutex::new(None),
             last_unsolicited_init: Mutex::new(None),
+            resolve_now: std::sync::atomic::AtomicBool::new(false),
             metrics: self
                 .wg_metrics
                 .peer(&self.tenant, &self.instance, &cfg.name),
@@ -587,9 +635,9 @@ impl Device {
                 .ok()
                 .and_then(|hh| table.by_key.get(&hh.peer_static_public))
                 .and_then(|i| table.get(*i)),
-            Packet::HandshakeResponse(r) => table.get(r.receiver_idx >> 8),
-            Packet::PacketCookieReply(c) => table.get(c.receiver_idx >> 8),
-            Packet::PacketData(d) => table.get(d.receiver_idx >> 8),
+            Packet::HandshakeResponse(r) => table.by_receiver(r.receiver_idx),
+            Packet::PacketCookieReply(c) => table.by_receiver(c.receiver_idx),
+            Packet::PacketData(d) => table.by_receiver(d.receiver_idx),
         };
         let Some(peer) = peer else {
             return self.drop_packet(None, "unknown_peer");
@@ -781,13 +829,16 @@ impl Device {
         if hp.ip().is_some() {
             return;
         }
+        let forced = peer
+            .resolve_now
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
         let fresh = peer
             .last_handshake_seen
             .lock()
             .expect("poisoned")
             .is_some_and(|d| d < Duration::from_secs(180));
         let mut last = peer.last_resolve.lock().expect("poisoned");
-        if fresh || last.is_some_and(|t| t.elapsed() < RERESOLVE_EVERY) {
+        if !forced && (fresh || last.is_some_and(|t| t.elapsed() < RERESOLVE_EVERY)) {
             return;
         }
         *last = Some(Instant::now());

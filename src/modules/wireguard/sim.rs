@@ -455,7 +455,12 @@ fn data_without_a_session_gets_no_answer_to_its_source() {
     let (_, data) = two.wire.sent.lock().unwrap().pop_front().unwrap();
     assert_eq!(data[0], 4, "a data packet of the old session");
     restarted.dev.handle_datagram(&data, two.addr, &mut buf);
-    assert_eq!(restarted.drops("no_session"), 1.0);
+    // Its receiver index names no session of the restarted hub (indices
+    // are drawn anew): dropped and counted either way.
+    assert_eq!(
+        restarted.drops("no_session") + restarted.drops("unknown_peer"),
+        1.0
+    );
     assert!(
         restarted.wire.sent.lock().unwrap().is_empty(),
         "nothing goes to an unauthenticated source"
@@ -467,4 +472,54 @@ fn data_without_a_session_gets_no_answer_to_its_source() {
     fresh_two.dev.send_ip(&p, None);
     pump(&[&restarted, &fresh_two], &mut f, 10);
     assert_eq!(restarted.delivered(), vec![p]);
+}
+
+#[test]
+fn session_indices_are_random_not_slot_numbers() {
+    let keys = [
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    ];
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (h, two) = (hub(&keys), client(&keys, 2));
+        two.dev
+            .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+        let mut f = Faults::none();
+        // Deliver the initiation; the hub's response carries its sender index.
+        let (_, init) = two.wire.sent.lock().unwrap().pop_front().unwrap();
+        let mut buf = vec![0u8; 70_000];
+        h.dev.handle_datagram(&init, two.addr, &mut buf);
+        let (_, resp) = h.wire.sent.lock().unwrap().front().cloned().unwrap();
+        assert_eq!(resp[0], 2);
+        let sender = u32::from_le_bytes([resp[4], resp[5], resp[6], resp[7]]);
+        assert!(sender >> 8 > 1, "the index is not the slot: {sender:#x}");
+        seen.push(sender >> 8);
+        pump(&[&h, &two], &mut f, 10);
+    }
+    assert_ne!(seen[0], seen[1], "each start draws anew");
+}
+
+#[test]
+fn a_reload_that_moves_an_endpoint_is_applied_to_a_kept_peer() {
+    let (hub, two, _three) = hub_and_clients();
+    let mut f = Faults::none();
+    two.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+    pump(&[&hub, &two], &mut f, 10);
+    // The hub moved: the config says so.
+    let value = json!({"kind": "wireguard", "address": "10.192.0.2/32", "private_key": PrivateKey::generate().to_base64(), "peers": [
+        {"name": "hub", "public_key": hub_public(&hub), "endpoint": "192.0.2.99:51820", "allowed_ips": ["10.192.0.0/24"]},
+    ]});
+    let cfg = WireGuardConfig::from_document(&Document {
+        source: "sim reload".into(),
+        value,
+    })
+    .unwrap();
+    two.dev.set_peers(&cfg.peers);
+    two.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 2), None);
+    let (to, _) = two.wire.sent.lock().unwrap().pop_front().unwrap();
+    assert_eq!(to, "192.0.2.99:51820".parse::<SocketAddr>().unwrap());
 }
