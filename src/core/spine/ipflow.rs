@@ -1,5 +1,6 @@
 //! IP flows: packets a node forwards (between WireGuard peers of a hub),
-//! tracked as flows like any connection.
+//! tracked as flows like any connection; and the router's duties on them
+//! ([`hop`]: TTL / hop limit, ICMP time exceeded).
 //!
 //! Each packet is parsed (`etherparse`) into its 5-tuple; the first packet
 //! of a 5-tuple (either direction) opens a [`crate::core::spine::flow::Flow`] with
@@ -276,6 +277,87 @@ impl IpFlows {
     }
 }
 
+/// What forwarding does to a packet's TTL (IPv4) or hop limit (IPv6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// Decremented (the IPv4 header checksum updated): forward it.
+    Forward,
+    /// It would reach 0 here: drop it and answer with ICMP time exceeded.
+    Expired,
+    /// Not an IP packet this can read: drop it.
+    Malformed,
+}
+
+/// Decrements the TTL or hop limit of `packet` in place, as a router does.
+pub fn hop(packet: &mut [u8]) -> Hop {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) if packet.len() >= 20 => {
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            if ihl < 20 || packet.len() < ihl {
+                return Hop::Malformed;
+            }
+            if packet[8] <= 1 {
+                return Hop::Expired;
+            }
+            packet[8] -= 1;
+            packet[10] = 0;
+            packet[11] = 0;
+            let mut sum: u32 = packet[..ihl]
+                .chunks(2)
+                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum();
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            let csum = !(sum as u16);
+            packet[10..12].copy_from_slice(&csum.to_be_bytes());
+            Hop::Forward
+        }
+        Some(6) if packet.len() >= 40 => {
+            if packet[7] <= 1 {
+                return Hop::Expired;
+            }
+            packet[7] -= 1;
+            Hop::Forward
+        }
+        _ => Hop::Malformed,
+    }
+}
+
+/// The ICMP "time exceeded in transit" a router at `from` sends back to the
+/// source of `packet` (which carries as much of the original as RFC 792 /
+/// RFC 4443 ask: the IPv4 header and 8 bytes; for IPv6 up to 1232 bytes).
+/// `None` when `from` and the packet are not of one family.
+pub fn time_exceeded(packet: &[u8], from: IpAddr) -> Option<Vec<u8>> {
+    use etherparse::{icmpv4, icmpv6, Icmpv4Type, Icmpv6Type, PacketBuilder};
+    let mut out = Vec::new();
+    match (packet.first().map(|b| b >> 4), from) {
+        (Some(4), IpAddr::V4(me)) if packet.len() >= 20 => {
+            let src: [u8; 4] = packet[12..16].try_into().ok()?;
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            let quote = &packet[..packet.len().min(ihl + 8)];
+            PacketBuilder::ipv4(me.octets(), src, 64)
+                .icmpv4(Icmpv4Type::TimeExceeded(
+                    icmpv4::TimeExceededCode::TtlExceededInTransit,
+                ))
+                .write(&mut out, quote)
+                .ok()?;
+        }
+        (Some(6), IpAddr::V6(me)) if packet.len() >= 40 => {
+            let src: [u8; 16] = packet[8..24].try_into().ok()?;
+            let quote = &packet[..packet.len().min(1232)];
+            PacketBuilder::ipv6(me.octets(), src, 64)
+                .icmpv6(Icmpv6Type::TimeExceeded(
+                    icmpv6::TimeExceededCode::HopLimitExceeded,
+                ))
+                .write(&mut out, quote)
+                .ok()?;
+        }
+        _ => return None,
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,5 +494,44 @@ mod tests {
         f.clear();
         assert!(f.is_empty());
         assert!(rec.0.lock().unwrap()[0].contains("stopped"));
+    }
+
+    #[test]
+    fn hops_decrement_and_expire_with_valid_checksums() {
+        let mut p = ping([10, 0, 0, 2], [10, 0, 0, 3], false);
+        let ttl = p[8];
+        assert_eq!(hop(&mut p), Hop::Forward);
+        assert_eq!(p[8], ttl - 1);
+        // etherparse re-reads it with a valid header checksum.
+        let h = etherparse::Ipv4HeaderSlice::from_slice(&p)
+            .unwrap()
+            .to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum());
+        p[8] = 1;
+        assert_eq!(hop(&mut p), Hop::Expired);
+        let icmp = time_exceeded(&p, "10.0.0.1".parse().unwrap()).unwrap();
+        let s = SlicedPacket::from_ip(&icmp).unwrap();
+        match s.transport {
+            Some(TransportSlice::Icmpv4(i)) => {
+                assert!(matches!(i.icmp_type(), Icmpv4Type::TimeExceeded(_)));
+            }
+            other => panic!("{other:?}"),
+        }
+        let Some(NetSlice::Ipv4(v4)) = s.net else {
+            panic!()
+        };
+        assert_eq!(
+            v4.header().destination_addr(),
+            std::net::Ipv4Addr::new(10, 0, 0, 2)
+        );
+        assert!(time_exceeded(&p, "fd00::1".parse().unwrap()).is_none());
+        assert_eq!(hop(&mut [0x45, 0, 0]), Hop::Malformed);
+        let mut v6 = Vec::new();
+        etherparse::PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 1)
+            .udp(1, 2)
+            .write(&mut v6, b"x")
+            .unwrap();
+        assert_eq!(hop(&mut v6), Hop::Expired);
+        assert!(time_exceeded(&v6, "fd00::1".parse().unwrap()).is_some());
     }
 }

@@ -20,6 +20,7 @@ use crate::core::keys::{PrivateKey, PublicKey};
 /// listen_port: 8765              # omitted: an ephemeral port (clients)
 /// address: 10.192.0.1/24         # this node's address(es) in the tenant's network
 /// vnet: sydney                   # optional: the vnet it attaches to (default: the tenant's default)
+/// forward: true                  # forward between peers (default: when `address` is a subnet)
 /// interface: wg0                 # the name `wg` knows it by (default <tenant>-<instance>, 15 chars at most)
 /// uapi: auto                     # auto (/var/run/wireguard when usable) | off | a directory
 /// peers:
@@ -46,6 +47,8 @@ struct RawConfig {
     vnet: Option<String>,
     #[serde(default)]
     interface: Option<String>,
+    #[serde(default)]
+    forward: Option<bool>,
     #[serde(default)]
     uapi: Option<String>,
 }
@@ -120,6 +123,8 @@ pub struct WireGuardConfig {
     pub interface: Option<String>,
     /// Where the UAPI socket goes.
     pub uapi: super::uapi::UapiDir,
+    /// Forward between peers; `None`: when an address is a subnet.
+    pub forward: Option<bool>,
 }
 
 /// One peer.
@@ -331,6 +336,7 @@ impl WireGuardConfig {
             vnet: raw.vnet,
             interface: raw.interface,
             uapi,
+            forward: raw.forward,
         })
     }
 }

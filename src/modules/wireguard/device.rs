@@ -12,7 +12,9 @@
 //!   kernel's cryptokey routing); otherwise the packet is dropped and counted.
 //! - Packets to the node's own addresses go to the userspace IP stack;
 //!   packets to another peer's allowed IPs are forwarded (hub routing) when
-//!   the node has a subnet address (e.g. a `/24`), each one tracked as an IP
+//!   `forward` allows it (default: when the node has a subnet address, e.g.
+//!   a `/24`), with the TTL decremented (ICMP time exceeded back at 0), each
+//!   one tracked as an IP
 //!   flow (5-tuple, the sending peer as identity, flow-start hooks, bytes,
 //!   idle expiry: [`crate::core::spine::ipflow`]); the rest are dropped.
 //! - Outgoing packets (from the stack, or forwarded) go to the peer whose
@@ -48,7 +50,7 @@ use crate::core::engine::userspace::NetStackStats;
 use crate::core::engine::userspace::{NetStack, PacketSink};
 use crate::core::metrics::{InstanceMetrics, Metrics};
 use crate::core::spine::flow::FlowTable;
-use crate::core::spine::ipflow::{Admit, IpFlows};
+use crate::core::spine::ipflow::{hop, time_exceeded, Admit, Hop, IpFlows};
 
 /// Handshake messages per second (all peers) before cookies are required.
 /// Each one passes the limiter twice (our peer lookup, then boringtun's own
@@ -345,10 +347,11 @@ impl Device {
         let private = x25519::StaticSecret::from(*cfg.private_key.as_bytes());
         let public = x25519::PublicKey::from(&private);
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
-        let forward = cfg
-            .addresses
-            .iter()
-            .any(|n| n.prefix_len() < n.max_prefix_len());
+        let forward = cfg.forward.unwrap_or_else(|| {
+            cfg.addresses
+                .iter()
+                .any(|n| n.prefix_len() < n.max_prefix_len())
+        });
         Device {
             tenant: tenant.into(),
             instance: instance.into(),
@@ -705,13 +708,11 @@ impl Device {
             }
             TunnResult::WriteToTunnelV4(p, inner_src) => {
                 self.roam(peer, src, datagram.len());
-                let p: &[u8] = p;
                 drop(tunn);
                 self.route_inbound(peer, p, IpAddr::V4(inner_src));
             }
             TunnResult::WriteToTunnelV6(p, inner_src) => {
                 self.roam(peer, src, datagram.len());
-                let p: &[u8] = p;
                 drop(tunn);
                 self.route_inbound(peer, p, IpAddr::V6(inner_src));
             }
@@ -731,7 +732,7 @@ impl Device {
     }
 
     /// A decrypted packet from `peer`: check its source, then deliver or forward.
-    fn route_inbound(&self, peer: &Peer, packet: &[u8], inner_src: IpAddr) {
+    fn route_inbound(&self, peer: &Peer, packet: &mut [u8], inner_src: IpAddr) {
         if packet.is_empty() {
             return; // keepalive
         }
@@ -750,8 +751,24 @@ impl Device {
             }
         } else if self.forward {
             match self.ip_flows.packet(packet, &peer.cfg.name, Instant::now()) {
-                Admit::Forward => self.send_ip(packet, Some(peer.index)),
-                Admit::Drop(reason) => self.drop_packet(Some(peer), reason),
+                Admit::Forward => {}
+                Admit::Drop(reason) => return self.drop_packet(Some(peer), reason),
+            }
+            match hop(packet) {
+                Hop::Forward => self.send_ip(packet, Some(peer.index)),
+                Hop::Malformed => self.drop_packet(Some(peer), "malformed"),
+                Hop::Expired => {
+                    self.drop_packet(Some(peer), "ttl_exceeded");
+                    // Tell the sender, from our address of its family.
+                    let me = self
+                        .addresses
+                        .iter()
+                        .map(|n| n.addr())
+                        .find(|a| a.is_ipv4() == inner_src.is_ipv4());
+                    if let Some(icmp) = me.and_then(|me| time_exceeded(packet, me)) {
+                        self.send_ip(&icmp, None);
+                    }
+                }
             }
         } else {
             self.drop_packet(Some(peer), "no_route");

@@ -246,7 +246,8 @@ impl Inner {
         let same_interface = new.private_key.as_bytes() == old.private_key.as_bytes()
             && new.listen_port == old.listen_port
             && new.addresses == old.addresses
-            && new.mtu == old.mtu;
+            && new.mtu == old.mtu
+            && new.forward == old.forward;
         match (same_interface, self.device()) {
             (true, Some(dev)) => dev.set_peers(&new.peers),
             (_, old_dev) => {

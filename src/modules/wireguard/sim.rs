@@ -285,7 +285,10 @@ fn the_hub_forwards_between_clients_as_tracked_flows() {
     let p = ping([10, 192, 0, 2], [10, 192, 0, 3], 9);
     two.dev.send_ip(&p, None);
     pump(&nodes, &mut f, 20);
-    assert_eq!(three.delivered(), vec![p]);
+    let got = three.delivered();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0][12..], p[12..], "the same packet, one hop older");
+    assert_eq!(got[0][8], p[8] - 1);
     let flows = hub.flows.snapshot();
     assert_eq!(flows.len(), 1);
     assert_eq!(flows[0].ctx.identity.as_deref(), Some("two"));
@@ -522,4 +525,77 @@ fn a_reload_that_moves_an_endpoint_is_applied_to_a_kept_peer() {
         .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 2), None);
     let (to, _) = two.wire.sent.lock().unwrap().pop_front().unwrap();
     assert_eq!(to, "192.0.2.99:51820".parse::<SocketAddr>().unwrap());
+}
+
+#[test]
+fn forwarding_decrements_ttl_answers_expiry_and_can_be_off() {
+    let (hub, two, three) = hub_and_clients();
+    let mut f = Faults::none();
+    let nodes = [&hub, &two, &three];
+    two.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+    three
+        .dev
+        .send_ip(&ping([10, 192, 0, 3], [10, 192, 0, 1], 1), None);
+    pump(&nodes, &mut f, 20);
+    hub.delivered();
+    // TTL 64 arrives as 63.
+    two.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 3], 2), None);
+    pump(&nodes, &mut f, 20);
+    let got = three.delivered();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0][8], 63);
+    // TTL 1 dies at the hub, and the sender hears why from 10.192.0.1.
+    let mut short = ping([10, 192, 0, 2], [10, 192, 0, 3], 3);
+    short[8] = 1;
+    let h = etherparse::Ipv4HeaderSlice::from_slice(&short)
+        .unwrap()
+        .to_header();
+    let csum = h.calc_header_checksum();
+    short[10..12].copy_from_slice(&csum.to_be_bytes());
+    two.dev.send_ip(&short, None);
+    pump(&nodes, &mut f, 20);
+    assert!(three.delivered().is_empty());
+    assert_eq!(hub.drops("ttl_exceeded"), 1.0);
+    let back = two.delivered();
+    assert_eq!(back.len(), 1);
+    let s = etherparse::SlicedPacket::from_ip(&back[0]).unwrap();
+    assert!(matches!(
+        s.transport,
+        Some(etherparse::TransportSlice::Icmpv4(ref i)) if matches!(i.icmp_type(), etherparse::Icmpv4Type::TimeExceeded(_))
+    ));
+
+    // `forward: false`: a hub that does not relay between its peers.
+    let keys = [
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    ];
+    let closed = Node::new(
+        "hub",
+        &keys[0],
+        "192.0.2.1:51820",
+        json!({"kind": "wireguard", "address": "10.192.0.1/24", "forward": false, "peers": [
+            {"name": "two", "public_key": keys[1].public_key().to_string(), "allowed_ips": ["10.192.0.2/32"]},
+            {"name": "three", "public_key": keys[2].public_key().to_string(), "allowed_ips": ["10.192.0.3/32"]},
+        ]}),
+    );
+    let (c2, c3) = (client(&keys, 2), client(&keys, 3));
+    let nodes = [&closed, &c2, &c3];
+    c2.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+    c3.dev
+        .send_ip(&ping([10, 192, 0, 3], [10, 192, 0, 1], 1), None);
+    pump(&nodes, &mut f, 20);
+    assert_eq!(
+        closed.delivered().len(),
+        2,
+        "it still serves its own address"
+    );
+    c2.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 3], 2), None);
+    pump(&nodes, &mut f, 20);
+    assert!(c3.delivered().is_empty());
+    assert_eq!(closed.drops("no_route"), 1.0);
 }
