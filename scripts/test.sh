@@ -61,4 +61,26 @@ set -e
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+
+# Fuzz the parsers for a bounded time (issue: a few million executions, not
+# a 24-hour run): the WireGuard datagram path on its socket-free core, the
+# `wg` socket's protocol, config documents, IP packets and DNS answers.
+# Needs a nightly toolchain (cargo fuzz uses sanitizers); skipped without one.
+FUZZ_SECONDS=${FUZZ_SECONDS:-20}
+if ((status == 0)) && ((FUZZ_SECONDS > 0)) && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked >/dev/null 2>&1
+  flog="$(mktemp)"
+  for target in wg_datagram uapi_request config_documents ip_packets; do
+    echo "== cargo fuzz run $target (${FUZZ_SECONDS}s)"
+    set +e
+    cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS" >"$flog" 2>&1
+    rc=$?
+    set -e
+    tail -n 3 "$flog"
+    ((rc == 0)) || { echo "fuzz target $target failed (fuzz/artifacts/$target holds the input)"; status=1; }
+  done
+  rm -f "$flog"
+else
+  echo "== fuzzing skipped (needs a nightly toolchain and passing tests)"
+fi
 exit "$status"

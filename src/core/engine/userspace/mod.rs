@@ -94,6 +94,15 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use stack::Shared;
+
+/// What the stack's door makes of a raw packet before smoltcp sees it:
+/// whether it is accepted, and whether it is a TCP SYN. For fuzzing the
+/// packet parser; never panics.
+pub fn inspect_packet(packet: &[u8]) -> (bool, bool) {
+    let ok = packet::check(packet).is_ok();
+    let syn = packet::peek_tcp(packet).is_some_and(|t| t.is_syn());
+    (ok, syn)
+}
 pub use tcp::{NetTcpListener, NetTcpStream};
 
 /// The most addresses one stack can hold (smoltcp's `iface-max-addr-count`).
