@@ -467,3 +467,42 @@ fn udp_pipe_carries_datagrams_both_ways() {
         &mg, "default", "dns"
     ) == 0.0));
 }
+
+/// Hundreds of half-open connections to the admin API (connect, send
+/// nothing) cost a bounded amount: pipes keep accepting meanwhile, and the
+/// API answers again once the header timeout has closed them. A request
+/// with a body is refused.
+#[test]
+fn half_open_admin_connections_do_not_stop_pipes() {
+    let echo = echo_server();
+    let cfg = ConfigDir::new();
+    let port = free_port();
+    cfg.pipe("default", "web", port, echo);
+    let m = Meshgate::start(&cfg);
+    let idle: Vec<TcpStream> = (0..400)
+        .filter_map(|_| TcpStream::connect(m.admin).ok())
+        .collect();
+    assert!(idle.len() >= 300, "only {} connections opened", idle.len());
+    // The data plane does not notice.
+    for i in 0..20 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let msg = format!("ping {i}");
+        assert_eq!(
+            echo_roundtrip(&mut s, msg.as_bytes()).unwrap(),
+            msg.as_bytes()
+        );
+    }
+    // The API is back once the idle connections timed out (5 s headers).
+    let back = wait_until(Duration::from_secs(12), || {
+        m.http_get("/healthz").is_some_and(|(s, _)| s == 200)
+    });
+    assert!(back, "{}", m.log_text());
+    drop(idle);
+    // No request bodies.
+    let mut s = TcpStream::connect(m.admin).unwrap();
+    s.write_all(b"POST /api/v1/node HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
+}

@@ -68,7 +68,8 @@ pub const WG_INSTANCE: &str = "wg0";
 /// The server's UDP port.
 pub const SERVER_PORT: u16 = 8765;
 
-#[derive(Debug, Clone, Deserialize)]
+/// Holds the private key: deliberately not `Debug`.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Conf {
     #[serde(rename = "type")]

@@ -101,6 +101,37 @@ impl<S: ConfigStore> EnvOverlay<S> {
         self.instances.keys().map(|(t, _)| t.to_ascii_lowercase())
     }
 
+    /// Variable names cannot tell `team-a` from `team_a`: an override that
+    /// matches two tenants (or two instances) of the store is an error
+    /// naming both, never a silent patch of either.
+    async fn check_unambiguous(&self, key: &InstanceKey, o: &[Override]) -> Result<(), StoreError> {
+        let var = o.first().map(|o| o.var.clone()).unwrap_or_default();
+        let twin = |names: Vec<String>, mine: &str| {
+            names
+                .into_iter()
+                .find(|n| n != mine && normalize(n) == normalize(mine))
+        };
+        let what = if let Some(t) = twin(self.inner.tenants().await?, &key.tenant) {
+            Some(format!("tenants `{}` and `{t}`", key.tenant))
+        } else {
+            twin(self.inner.instances(&key.tenant).await?, &key.instance).map(|i| {
+                format!(
+                    "instances `{}` and `{i}` of tenant `{}`",
+                    key.instance, key.tenant
+                )
+            })
+        };
+        match what {
+            None => Ok(()),
+            Some(both) => Err(StoreError::Name {
+                source_name: format!("env {var}"),
+                message: format!(
+                    "matches both {both} (variable names do not tell `-` from `_`); rename one of them"
+                ),
+            }),
+        }
+    }
+
     fn overrides_for(&self, key: &InstanceKey) -> Option<&Vec<Override>> {
         self.instances
             .get(&(normalize(&key.tenant), normalize(&key.instance)))
@@ -203,7 +234,10 @@ impl<S: ConfigStore> ConfigStore for EnvOverlay<S> {
         let doc = self.inner.get(key).await?;
         match self.overrides_for(key) {
             None => Ok(doc),
-            Some(o) => Ok(Some(apply(doc, o, "environment".into()))),
+            Some(o) => {
+                self.check_unambiguous(key, o).await?;
+                Ok(Some(apply(doc, o, "environment".into())))
+            }
         }
     }
 
@@ -221,6 +255,30 @@ mod tests {
         v.iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn an_override_matching_two_tenants_is_an_error_naming_both() {
+        let d = tempfile::tempdir().unwrap();
+        for t in ["team-a", "team_a"] {
+            std::fs::create_dir_all(d.path().join(format!("tenants/{t}"))).unwrap();
+            std::fs::write(
+                d.path().join(format!("tenants/{t}/web.yaml")),
+                "kind: pipe\nlisten: 127.0.0.1:1\n",
+            )
+            .unwrap();
+        }
+        let s = EnvOverlay::from_vars(
+            DirStore::open(d.path()).unwrap(),
+            vars(&[("MESHGATE_TENANT__TEAM_A__WEB__LISTEN", "127.0.0.1:2")]),
+        )
+        .unwrap();
+        let e = s
+            .get(&InstanceKey::new("team-a", "web"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("env MESHGATE_TENANT__TEAM_A__WEB__LISTEN: matches both tenants `team-a` and `team_a`"), "{e}");
     }
 
     #[tokio::test]

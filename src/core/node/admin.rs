@@ -207,10 +207,21 @@ pub fn spawn_on_own_runtime(
         })
 }
 
-/// Serves the admin API on `listener` until `shutdown`.
+/// Connections the admin API serves at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a client may take to send a request's headers (also how long an
+/// idle keep-alive connection is kept).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves the admin API on `listener` until `shutdown`. Bounded: at most
+/// [`MAX_CONNECTIONS`] at once, headers within [`HEADER_READ_TIMEOUT`], no
+/// request bodies (the API only reads), so slow or hostile clients cost a
+/// bounded amount and never the data plane (which runs elsewhere).
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refused: u64 = 0;
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -221,13 +232,40 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
                 }
             },
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%peer, refused, max = MAX_CONNECTIONS, "admin API busy: connection closed");
+            }
+            drop(stream);
+            continue;
+        };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req).await) }
-            });
+            let _permit = permit;
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let admin = admin.clone();
+                    async move {
+                        let has_body = req
+                            .headers()
+                            .get(hyper::header::CONTENT_LENGTH)
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.trim() != "0")
+                            || req.headers().contains_key(hyper::header::TRANSFER_ENCODING);
+                        if has_body {
+                            let mut r = hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"the admin API takes no request body\n"),
+                            ));
+                            *r.status_mut() = hyper::StatusCode::PAYLOAD_TOO_LARGE;
+                            return Ok::<_, Infallible>(r);
+                        }
+                        Ok::<_, Infallible>(admin.handle(req).await)
+                    }
+                });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {

@@ -31,7 +31,8 @@ use crate::core::keys::{PrivateKey, PublicKey};
 ///     persistent_keepalive: 25   # optional, seconds
 ///     preshared_key: <base64>    # optional (or preshared_key_file)
 /// ```
-#[derive(Debug, Clone, Deserialize)]
+/// Holds key text: deliberately not `Debug`.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     private_key: Option<String>,
@@ -90,7 +91,8 @@ fn parse_addresses(source: &str, v: &serde_json::Value) -> Result<Vec<IpNet>, Co
         .collect()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Holds key text: deliberately not `Debug`.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPeer {
     name: String,
@@ -158,6 +160,35 @@ impl std::fmt::Debug for WireGuardConfig {
     }
 }
 
+/// Largest key file read: a key is 44 characters; this leaves room for a
+/// comment line but refuses to slurp a wrong path.
+const MAX_KEY_FILE: u64 = 4096;
+
+/// Reads a key file: capped in size, and with a warning (as `wg` gives) when
+/// other users may read it. The contents are never logged.
+fn read_key_file(source: &str, key: &str, path: &std::path::Path) -> Result<String, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |m: String| ConfigError::key(source, format!("{key}_file"), m);
+    let meta =
+        std::fs::metadata(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(err(format!("{} is not a file", path.display())));
+    }
+    if meta.len() > MAX_KEY_FILE {
+        return Err(err(format!(
+            "{} is {} bytes: a key file holds one base64 key (44 characters)",
+            path.display(),
+            meta.len()
+        )));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(file = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "key file is readable by other users; chmod 600 it");
+    }
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))
+}
+
 /// Reads a key given inline or in a file (exactly one of the two).
 fn key_text(
     source: &str,
@@ -173,15 +204,7 @@ fn key_text(
             format!("give either `{key}` or `{key}_file`, not both"),
         )),
         (Some(k), None) => Ok(Some(k)),
-        (None, Some(path)) => std::fs::read_to_string(&path)
-            .map(|s| Some(s.trim().to_string()))
-            .map_err(|e| {
-                ConfigError::key(
-                    source,
-                    format!("{key}_file"),
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            }),
+        (None, Some(path)) => read_key_file(source, key, &path).map(Some),
         (None, None) if required => Err(ConfigError::key(
             source,
             key,
