@@ -156,6 +156,26 @@ impl Inner {
         Ok(dev)
     }
 
+    /// Starts the device right after one that held port `released` was shut
+    /// down: its socket closes once its tasks notice, so binding that port
+    /// again is retried for up to a second.
+    async fn start_device_after(
+        &self,
+        cfg: &WireGuardConfig,
+        source: &str,
+        released: Option<u16>,
+    ) -> Result<Arc<Device>, ModuleError> {
+        let same_port = cfg.listen_port.is_some() && cfg.listen_port == released;
+        let mut tries = if same_port { 50 } else { 1 };
+        loop {
+            tries -= 1;
+            match self.start_device(cfg, source) {
+                Err(_) if tries > 0 => tokio::time::sleep(Duration::from_millis(20)).await,
+                r => return r,
+            }
+        }
+    }
+
     /// Takes the interface name and serves the UAPI socket for it, as `cfg`
     /// says. Keeps what it holds when name and setting are unchanged, and
     /// the socket itself when only the setting changed. On error nothing
@@ -292,16 +312,21 @@ impl Inner {
             (_, old_dev) => {
                 // The new interface may need the old one's port: release it first,
                 // and bring the old one back if the new one cannot start.
-                if let Some(d) = &old_dev {
+                let released = old_dev.as_ref().map(|d| d.listen_port());
+                if let Some(d) = old_dev {
                     d.shutdown();
+                    // Its socket closes with the last reference: this one,
+                    // the slot's, and its tasks' once they see the shutdown.
+                    drop(d);
                 }
                 *self.device.lock().expect("poisoned") = None;
-                // Give the runtime a moment to drop the old socket.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                match self.start_device(&new, &doc.source) {
+                match self.start_device_after(&new, &doc.source, released).await {
                     Ok(dev) => *self.device.lock().expect("poisoned") = Some(dev),
                     Err(e) => {
-                        let back = self.start_device(&old, &old_source);
+                        let back = self.start_device_after(&old, &old_source, released).await;
+                        if let Err(b) = &back {
+                            tracing::error!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, error = %b, "the old interface cannot come back either: down until the next change");
+                        }
                         *self.device.lock().expect("poisoned") = back.ok();
                         let _ = self.claim_interface(&old, &old_source);
                         return Err(e);
