@@ -17,9 +17,13 @@
 //! which closes connections carried inside it.
 //!
 //! Stock `wg` sees the instance as interface `interface:` (default
-//! `<tenant>-<instance>`) through WireGuard's UAPI socket ([`uapi`]): `wg
-//! show`, `wg showconf`, and `wg set`/`wg syncconf`, which change the running
-//! document and apply it exactly as a reload would.
+//! `<tenant>-<instance>`, cut to 15 characters) through WireGuard's UAPI
+//! socket `<uapi dir>/<interface>.sock` ([`uapi`]): `wg show`, `wg
+//! showconf`, and `wg set`/`wg syncconf`, which change the running document
+//! and apply it exactly as a reload would (one path, `apply_locked`, under
+//! one lock). Interface names are unique in the process (a registry of
+//! taken names); a socket is claimed before the old one is let go, so a
+//! refused change keeps both.
 
 pub mod config;
 pub mod device;
