@@ -28,7 +28,8 @@
 //! turn a `set` into the instance's next config document so it is applied
 //! exactly as a reload of that document would be); [`server`] is the socket
 //! (mode 0600: `get` carries the private key, which `wg show` hides and `wg
-//! showconf` prints).
+//! showconf` prints). [`parse`] takes raw bytes and is what `fuzz/`'s
+//! cargo-fuzz target drives.
 
 pub mod server;
 
