@@ -4,20 +4,28 @@
 //! The server is a Cloud-Gateway node from a `conf.yaml`; its clients are
 //! wireguard-go, one over IPv6, one over IPv4.
 //!
+//! A second test does the same on loopback with meshgate nodes only
+//! (`uapi: <dir>` in the document): `wg show`, `wg show all dump`, `wg
+//! showconf`, and `wg set` adding a node that then carries traffic. A third
+//! checks the name rules: one interface name per process, one live socket
+//! per path.
+//!
 //! `wg` finds interfaces in `/var/run/wireguard`, which every namespace
 //! shares; the node's socket goes to a directory of the test's own
-//! (`MESHGATE_TENANT__DEFAULT__WG0__UAPI`), and `wg` runs in a private mount
-//! namespace where that directory is `/var/run/wireguard`.
+//! (`uapi:`, or `MESHGATE_TENANT__DEFAULT__WG0__UAPI` over a Cloud-Gateway
+//! document), and `wg` runs in a private mount namespace (root) where that
+//! directory is `/var/run/wireguard`.
 
 mod common;
 
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::netns::{can_netns, link, Netns, NsMeshgate, WgGo};
-use common::{have, wait_until};
+use common::netns::{can_netns, can_netns_quiet, link, Netns, NsMeshgate, WgGo};
+use common::{echo_roundtrip, echo_server, have, wait_until, ConfigDir, Meshgate};
 use configstore::cloudgateway::vpn_address;
 use meshgate::core::keys::PrivateKey;
 
@@ -219,4 +227,313 @@ fn stock_wg_shows_and_changes_a_meshgate_interface() {
     let ping = c1.try_sh(&format!("ping -c 1 -W 3 {s_vpn}"));
     assert!(ping.status.success());
     drop(w1);
+}
+
+/// A UDP port free on loopback right now.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A WireGuard client node: `address`, one peer `hub` at `hub_port`, and a
+/// pipe from 127.0.0.1:`pipe_port` through the tunnel to the hub's echo.
+fn client_node(
+    key: &PrivateKey,
+    port: u16,
+    address: &str,
+    hub_pub: &str,
+    hub_port: u16,
+) -> (ConfigDir, u16) {
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "tenants/default/wg0.yaml",
+        &format!(
+            "kind: wireguard\nprivate_key: {}\nlisten_port: {port}\naddress: {address}/32\nuapi: off\npeers:\n  - name: hub\n    public_key: {hub_pub}\n    endpoint: 127.0.0.1:{hub_port}\n    allowed_ips: [10.192.0.0/24]\n",
+            key.to_base64()
+        ),
+    );
+    let pipe_port = common::free_port();
+    cfg.write(
+        "tenants/default/echo.yaml",
+        &format!("kind: pipe\nlisten: 127.0.0.1:{pipe_port}\nvia: wg0\nremote: 10.192.0.1:7000\nconnect_timeout: 2s\n"),
+    );
+    (cfg, pipe_port)
+}
+
+/// An echo round trip through a client's pipe (and so the tunnel), retried
+/// while the handshake runs.
+fn echo_through(pipe_port: u16, within: Duration) -> bool {
+    wait_until(within, || {
+        TcpStream::connect(("127.0.0.1", pipe_port))
+            .and_then(|mut s| echo_roundtrip(&mut s, b"through the tunnel"))
+            .is_ok_and(|back| back == b"through the tunnel")
+    })
+}
+
+#[test]
+fn stock_wg_drives_meshgate_nodes_on_loopback() {
+    if !have("wg") || !have("unshare") {
+        return;
+    }
+    if !can_netns_quiet() {
+        eprintln!("SKIPPED: `wg` runs in a private mount namespace here (unshare -m + mount --bind), which needs root");
+        return;
+    }
+    let (ka, kb, kc) = (
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    );
+    let (a_pub, b_pub, c_pub) = (
+        ka.public_key().to_string(),
+        kb.public_key().to_string(),
+        kc.public_key().to_string(),
+    );
+    let (pa, pb, pc) = (free_udp_port(), free_udp_port(), free_udp_port());
+    let sock_dir = tempfile::tempdir().unwrap();
+    let echo = echo_server();
+
+    // The hub: interface `mgt0`, its socket in our directory, one peer (b)
+    // and an echo service on its VPN address.
+    let a = ConfigDir::new();
+    a.write(
+        "tenants/default/wg0.yaml",
+        &format!(
+            "kind: wireguard\nprivate_key: {}\nlisten_port: {pa}\naddress: 10.192.0.1/24\ninterface: mgt0\nuapi: {}\npeers:\n  - name: b\n    public_key: {b_pub}\n    endpoint: 127.0.0.1:{pb}\n    allowed_ips: [10.192.0.2/32]\n",
+            ka.to_base64(),
+            sock_dir.path().display()
+        ),
+    );
+    a.write(
+        "tenants/default/echo.yaml",
+        &format!("kind: pipe\nlisten: 10.192.0.1:7000\nlisten_via: wg0\nremote: {echo}\n"),
+    );
+    let mg_a = Meshgate::start(&a);
+    let (b, b_pipe) = client_node(&kb, pb, "10.192.0.2", &a_pub, pa);
+    let _mg_b = Meshgate::start(&b);
+    // c knows the hub; the hub does not know c yet.
+    let (c, c_pipe) = client_node(&kc, pc, "10.192.0.9", &a_pub, pa);
+    let mg_c = Meshgate::start(&c);
+
+    let sock = sock_dir.path().join("mgt0.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket carries the private key");
+
+    assert!(
+        echo_through(b_pipe, Duration::from_secs(10)),
+        "b cannot reach the hub"
+    );
+    let (ok, show) = wg(sock_dir.path(), "show mgt0");
+    assert!(ok, "{show}");
+    for want in [
+        "interface: mgt0".to_string(),
+        format!("public key: {a_pub}"),
+        "private key: (hidden)".into(),
+        format!("listening port: {pa}"),
+        format!("peer: {b_pub}"),
+        format!("endpoint: 127.0.0.1:{pb}"),
+        "allowed ips: 10.192.0.2/32".into(),
+        "latest handshake:".into(),
+        "transfer:".into(),
+    ] {
+        assert!(show.contains(&want), "`{want}` missing from:\n{show}");
+    }
+    assert!(
+        !show.contains(&ka.to_base64()),
+        "wg show printed the private key"
+    );
+
+    let (ok, conf) = wg(sock_dir.path(), "showconf mgt0");
+    assert!(ok, "{conf}");
+    assert!(
+        conf.contains(&format!("PrivateKey = {}", ka.to_base64())),
+        "{conf}"
+    );
+    assert!(conf.contains(&format!("ListenPort = {pa}")), "{conf}");
+
+    // c cannot get through before the hub knows it.
+    assert!(!echo_through(c_pipe, Duration::from_millis(500)));
+    let (ok, out) = wg(
+        sock_dir.path(),
+        &format!("set mgt0 peer {c_pub} allowed-ips 10.192.0.9/32 endpoint 127.0.0.1:{pc}"),
+    );
+    assert!(ok, "wg set: {out}");
+    assert!(
+        echo_through(c_pipe, Duration::from_secs(20)),
+        "c cannot reach the hub after `wg set`:\n{}",
+        mg_a.log_text()
+    );
+    let c_status = mg_c.json("/api/v1/modules");
+    let c_wg = c_status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["kind"] == "wireguard")
+        .unwrap();
+    assert!(
+        c_wg["details"]["peers"][0]["latest_handshake_secs"].is_u64(),
+        "{c_status}"
+    );
+    let (_, show) = wg(sock_dir.path(), "show mgt0");
+    assert!(show.contains(&format!("peer: {c_pub}")), "{show}");
+    assert!(show.contains("allowed ips: 10.192.0.9/32"), "{show}");
+    assert_eq!(show.matches("latest handshake").count(), 2, "{show}");
+    // The peer the API added has a name derived from its key.
+    let a_status = mg_a.json("/api/v1/modules");
+    let short: String = c_pub
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
+    assert!(
+        a_status.to_string().contains(&format!("key-{short}")),
+        "{a_status}"
+    );
+
+    // `wg show all dump`: tab-separated, an interface line of 5 fields and
+    // a line of 9 per peer, each starting with the interface's name.
+    let (ok, dump) = wg(sock_dir.path(), "show all dump");
+    assert!(ok, "{dump}");
+    let lines: Vec<Vec<&str>> = dump
+        .lines()
+        .filter(|l| l.starts_with("mgt0\t"))
+        .map(|l| l.split('\t').collect())
+        .collect();
+    assert_eq!(lines.len(), 3, "{dump}");
+    let pa_text = pa.to_string();
+    assert_eq!(
+        lines[0],
+        vec![
+            "mgt0",
+            ka.to_base64().as_str(),
+            a_pub.as_str(),
+            pa_text.as_str(),
+            "off"
+        ]
+    );
+    for peer in &lines[1..] {
+        assert_eq!(peer.len(), 9, "{dump}");
+        assert!(peer[1] == b_pub || peer[1] == c_pub, "{dump}");
+        assert_eq!(peer[2], "(none)");
+        assert!(peer[3].starts_with("127.0.0.1:"), "{dump}");
+        for n in &peer[5..8] {
+            assert!(n.parse::<u64>().unwrap() > 0, "{dump}");
+        }
+        assert_eq!(peer[8], "off");
+    }
+
+    let log = mg_a.log_text();
+    assert!(
+        log.contains("configuration changed with `wg` over the UAPI socket"),
+        "{log}"
+    );
+    assert!(!log.contains(&ka.to_base64()), "private key logged");
+
+    // A new private key restarts the interface on the same port.
+    let new_key = PrivateKey::generate();
+    let key_file = sock_dir.path().join("new.key");
+    std::fs::write(&key_file, new_key.to_base64()).unwrap();
+    let (ok, out) = wg(
+        sock_dir.path(),
+        &format!("set mgt0 private-key {}", key_file.display()),
+    );
+    assert!(ok, "wg set private-key: {out}");
+    let (ok, show) = wg(sock_dir.path(), "show mgt0");
+    assert!(ok, "{show}");
+    assert!(
+        show.contains(&format!("public key: {}", new_key.public_key())),
+        "{show}"
+    );
+    assert!(show.contains(&format!("listening port: {pa}")), "{show}");
+    // A port in use is refused with EADDRINUSE; the interface stays as it was.
+    let taken = std::net::UdpSocket::bind("[::]:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let (ok, out) = wg(
+        sock_dir.path(),
+        &format!("set mgt0 listen-port {taken_port}"),
+    );
+    assert!(!ok && out.contains("Address already in use"), "{out}");
+    let (ok, show) = wg(sock_dir.path(), "show mgt0");
+    assert!(
+        ok && show.contains(&format!("listening port: {pa}")),
+        "{show}"
+    );
+    assert_eq!(show.matches("peer: ").count(), 2, "{show}");
+
+    // Stop: the socket goes with the process.
+    mg_a.signal("TERM");
+    assert!(
+        wait_until(Duration::from_secs(5), || !sock.exists()),
+        "socket left behind"
+    );
+}
+
+/// Runs meshgate on `cfg` expecting it to refuse to start; its stderr.
+fn refused_start(cfg: &ConfigDir) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .arg("--config-dir")
+        .arg(cfg.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_until(Duration::from_secs(10), || {
+        child.try_wait().unwrap().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(exited && !out.status.success(), "meshgate started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn interface_names_are_unique_per_process_and_sockets_per_path() {
+    let wg_doc = |name: &str, uapi: &str| {
+        format!(
+            "kind: wireguard\nprivate_key: {}\naddress: 10.192.0.1/24\ninterface: {name}\nuapi: {uapi}\n",
+            PrivateKey::generate().to_base64()
+        )
+    };
+    // Two instances of one process, one name: an error naming both.
+    let cfg = ConfigDir::new();
+    cfg.write("tenants/t1/wg1.yaml", &wg_doc("mgdup", "off"));
+    cfg.write("tenants/t2/wg2.yaml", &wg_doc("mgdup", "off"));
+    let err = refused_start(&cfg);
+    assert!(
+        err.contains("interface name `mgdup` is already used by"),
+        "{err}"
+    );
+    assert!(err.contains("t1/wg1") && err.contains("t2/wg2"), "{err}");
+
+    // A live socket of another process at an explicit `uapi:` path: refused.
+    let sock_dir = tempfile::tempdir().unwrap();
+    let dir = sock_dir.path().display().to_string();
+    let first = ConfigDir::new();
+    first.write("tenants/default/wg0.yaml", &wg_doc("mglive", &dir));
+    let _mg = Meshgate::start(&first);
+    let second = ConfigDir::new();
+    second.write("tenants/default/wg0.yaml", &wg_doc("mglive", &dir));
+    let err = refused_start(&second);
+    assert!(
+        err.contains("key `uapi`") && err.contains("another live process"),
+        "{err}"
+    );
+    assert!(
+        sock_dir.path().join("mglive.sock").exists(),
+        "the live socket was removed"
+    );
+
+    // A stale socket (its process killed): replaced.
+    drop(_mg);
+    assert!(
+        sock_dir.path().join("mglive.sock").exists(),
+        "SIGKILL leaves it"
+    );
+    let _mg = Meshgate::start(&second);
+    assert!(std::os::unix::net::UnixStream::connect(sock_dir.path().join("mglive.sock")).is_ok());
 }

@@ -465,6 +465,55 @@ mod tests {
     }
 
     #[test]
+    fn interface_names_and_uapi_settings() {
+        use crate::modules::wireguard::uapi::UapiDir;
+        let with = |extra: serde_json::Value| {
+            let mut v = json!({"private_key": K1, "address": "10.0.0.1/24"});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            WireGuardConfig::from_document(&doc(v))
+        };
+        let c = with(json!({})).unwrap();
+        assert_eq!(c.uapi, UapiDir::Auto);
+        assert_eq!(c.interface_name("acme", "wg0"), "acme-wg0");
+        assert_eq!(
+            c.interface_name("a-very-long-tenant", "wg0"),
+            "a-very-long-ten",
+            "cut to Linux's 15 characters"
+        );
+        for good in ["wg0", "a.b-c_d=e+f", "x", "123456789012345"] {
+            let c = with(json!({"interface": good})).unwrap();
+            assert_eq!(c.interface_name("t", "i"), good);
+        }
+        for bad in [
+            "",
+            "1234567890123456",
+            "a/b",
+            "wg 0",
+            "wg:0",
+            ".",
+            "..",
+            "wg0\n",
+            "wgé",
+        ] {
+            let e = with(json!({"interface": bad})).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("interface"), "{bad:?}: {e}");
+        }
+        assert_eq!(with(json!({"uapi": "off"})).unwrap().uapi, UapiDir::Off);
+        assert_eq!(with(json!({"uapi": "auto"})).unwrap().uapi, UapiDir::Auto);
+        assert_eq!(
+            with(json!({"uapi": "/run/meshgate"})).unwrap().uapi,
+            UapiDir::Dir("/run/meshgate".into())
+        );
+        let e = with(json!({"uapi": "run/meshgate"})).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("uapi"), "{e}");
+        assert!(e.message.contains("absolute"), "{e}");
+        let e = with(json!({"uapi_dir": "/x"})).unwrap_err();
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
     fn key_from_file() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("k");

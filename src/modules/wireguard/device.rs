@@ -29,6 +29,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,7 +45,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{PeerConfig, WireGuardConfig};
 use super::metrics::{PeerMetrics, WgMetrics};
-use crate::core::addr::HostPort;
 use crate::core::engine::userspace::metrics::NetStackMetrics;
 use crate::core::engine::userspace::NetStackStats;
 use crate::core::engine::userspace::{NetStack, PacketSink};
@@ -96,15 +96,40 @@ pub struct Peer {
     tunn: Arc<Mutex<Tunn>>,
     endpoint: Arc<Mutex<Option<SocketAddr>>>,
     last_handshake_seen: Mutex<Option<Duration>>,
+    /// Wall time of the latest handshake, as the timer saw it complete;
+    /// kept after the session expires (`wg show` still says when).
+    last_handshake_at: Mutex<Option<SystemTime>>,
     last_resolve: Mutex<Option<Instant>>,
+    /// The configured endpoint name changed: resolve it at the next tick
+    /// even while the peer is talking.
+    resolve_now: AtomicBool,
     /// When we last answered session-less data with a handshake.
     last_unsolicited_init: Mutex<Option<Instant>>,
-    /// A reload changed the endpoint to a name: resolve it at the next tick.
-    resolve_now: std::sync::atomic::AtomicBool,
     metrics: PeerMetrics,
 }
 
-impl Peer {}
+impl Peer {
+    /// When the latest handshake completed, given boringtun's time since
+    /// the current session's (`None` once the session expired).
+    fn last_handshake(&self, since: Option<Duration>) -> Option<SystemTime> {
+        let live = since.and_then(|d| SystemTime::now().checked_sub(d));
+        let recorded = *self.last_handshake_at.lock().expect("poisoned");
+        match (live, recorded) {
+            // The timer saw this handshake: its time, the same on every
+            // call (`live` moves by microseconds).
+            (Some(l), Some(r))
+                if l.duration_since(r).unwrap_or_else(|e| e.duration())
+                    < Duration::from_secs(1) =>
+            {
+                Some(r)
+            }
+            // Newer than the last timer round.
+            (Some(l), _) => Some(l),
+            // The session expired: still say when it was.
+            (None, r) => r,
+        }
+    }
+}
 
 /// What the admin API and `meshgatectl wg show` show of a peer.
 #[derive(Debug, Clone, Serialize)]
@@ -272,6 +297,12 @@ fn bind_udp(port: u16) -> std::io::Result<(UdpSocket, bool)> {
     Ok((UdpSocket::from_std(s.into())?, dual))
 }
 
+/// A configured endpoint given as an IP address (a name waits for resolution).
+fn configured_endpoint(cfg: &PeerConfig) -> Option<SocketAddr> {
+    let hp = cfg.endpoint.as_ref()?;
+    hp.ip().map(|ip| SocketAddr::new(ip, hp.port))
+}
+
 /// `::ffff:a.b.c.d` → `a.b.c.d`.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
@@ -430,7 +461,6 @@ impl Device {
         // peers take free slots, so adding a peer disturbs no one.
         let mut slots: Vec<Option<Arc<Peer>>> = vec![None; old.slots.len()];
         let mut new = Vec::new();
-        let mut changed_names: Vec<[u8; 32]> = Vec::new();
         for cfg in peers {
             let kept = old
                 .by_key
@@ -442,18 +472,14 @@ impl Device {
                 });
             match kept {
                 Some(p) => {
-                    if p.cfg.endpoint != cfg.endpoint {
-                        // The config moved the peer: go there now, not where
-                        // it was last heard from.
-                        let literal = cfg
-                            .endpoint
-                            .as_ref()
-                            .and_then(|hp| hp.ip().map(|ip| SocketAddr::new(ip, hp.port)));
-                        if let Some(ep) = literal {
-                            *p.endpoint.lock().expect("poisoned") = Some(ep);
+                    // A changed endpoint (a reload, `wg set ... endpoint`)
+                    // applies now; an unchanged one keeps where the peer
+                    // roamed to.
+                    let endpoint_changed = p.cfg.endpoint != cfg.endpoint;
+                    if endpoint_changed {
+                        if let Some(addr) = configured_endpoint(cfg) {
+                            *p.endpoint.lock().expect("poisoned") = Some(addr);
                         }
-                        changed_names.push(cfg.public_key.0);
-                        tracing::info!(tenant = %self.tenant, instance = %self.instance, peer = %cfg.name, endpoint = ?cfg.endpoint, "peer endpoint changed by reload");
                     }
                     slots[p.index as usize] = Some(Arc::new(Peer {
                         index: p.index,
@@ -464,12 +490,15 @@ impl Device {
                         last_handshake_seen: Mutex::new(
                             *p.last_handshake_seen.lock().expect("poisoned"),
                         ),
+                        last_handshake_at: Mutex::new(
+                            *p.last_handshake_at.lock().expect("poisoned"),
+                        ),
                         last_resolve: Mutex::new(None),
-                        last_unsolicited_init: Mutex::new(None),
-                        resolve_now: std::sync::atomic::AtomicBool::new(
-                            changed_names.contains(&cfg.public_key.0)
+                        resolve_now: AtomicBool::new(
+                            endpoint_changed
                                 && cfg.endpoint.as_ref().is_some_and(|e| e.ip().is_none()),
                         ),
+                        last_unsolicited_init: Mutex::new(None),
                         metrics: p.metrics.clone(),
                     }))
                 }
@@ -523,21 +552,17 @@ impl Device {
             session,
             Some(self.rate_limiter.clone()),
         );
-        let endpoint = cfg
-            .endpoint
-            .as_ref()
-            .and_then(HostPort::ip)
-            .map(|ip| SocketAddr::new(ip, cfg.endpoint.as_ref().expect("checked").port));
         Peer {
             index,
             session,
             cfg: cfg.clone(),
             tunn: Arc::new(Mutex::new(tunn)),
-            endpoint: Arc::new(Mutex::new(endpoint)),
+            endpoint: Arc::new(Mutex::new(configured_endpoint(cfg))),
             last_handshake_seen: Mutex::new(None),
+            last_handshake_at: Mutex::new(None),
             last_resolve: Mutex::new(None),
+            resolve_now: AtomicBool::new(false),
             last_unsolicited_init: Mutex::new(None),
-            resolve_now: std::sync::atomic::AtomicBool::new(false),
             metrics: self
                 .wg_metrics
                 .peer(&self.tenant, &self.instance, &cfg.name),
@@ -823,10 +848,11 @@ impl Device {
                 if let Some(d) = since {
                     if seen.is_none_or(|prev| d < prev) {
                         peer.metrics.handshakes.inc();
-                        let at = SystemTime::now()
-                            .duration_since(SystemTime::UNIX_EPOCH)
-                            .unwrap_or_default()
-                            .saturating_sub(d);
+                        let wall = SystemTime::now().checked_sub(d);
+                        *peer.last_handshake_at.lock().expect("poisoned") = wall;
+                        let at = wall
+                            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                            .unwrap_or_default();
                         peer.metrics.last_handshake.set(at.as_secs() as i64);
                         tracing::debug!(tenant = %self.tenant, instance = %self.instance, peer = %peer.cfg.name, "handshake completed");
                     }
@@ -846,15 +872,13 @@ impl Device {
         if hp.ip().is_some() {
             return;
         }
-        let forced = peer
-            .resolve_now
-            .swap(false, std::sync::atomic::Ordering::AcqRel);
         let fresh = peer
             .last_handshake_seen
             .lock()
             .expect("poisoned")
             .is_some_and(|d| d < Duration::from_secs(180));
         let mut last = peer.last_resolve.lock().expect("poisoned");
+        let forced = peer.resolve_now.swap(false, Ordering::Relaxed);
         if !forced && (fresh || last.is_some_and(|t| t.elapsed() < RERESOLVE_EVERY)) {
             return;
         }
@@ -895,7 +919,9 @@ impl Device {
                     public_key: p.cfg.public_key.to_string(),
                     endpoint: p.endpoint.lock().expect("poisoned").map(|e| e.to_string()),
                     allowed_ips: p.cfg.allowed_ips.iter().map(|n| n.to_string()).collect(),
-                    latest_handshake_secs: since.map(|d| d.as_secs()),
+                    latest_handshake_secs: p
+                        .last_handshake(since)
+                        .map(|t| t.elapsed().unwrap_or_default().as_secs()),
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
                     persistent_keepalive: p.cfg.persistent_keepalive.map(|d| d.as_secs()),
@@ -915,7 +941,7 @@ impl Device {
                     public_key: p.cfg.public_key.0,
                     preshared_key: p.cfg.preshared_key,
                     endpoint: *p.endpoint.lock().expect("poisoned"),
-                    last_handshake: since.and_then(|d| SystemTime::now().checked_sub(d)),
+                    last_handshake: p.last_handshake(since),
                     tx_bytes: tx as u64,
                     rx_bytes: rx as u64,
                     persistent_keepalive: p

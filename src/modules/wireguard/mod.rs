@@ -17,9 +17,13 @@
 //! which closes connections carried inside it.
 //!
 //! Stock `wg` sees the instance as interface `interface:` (default
-//! `<tenant>-<instance>`) through WireGuard's UAPI socket ([`uapi`]): `wg
-//! show`, `wg showconf`, and `wg set`/`wg syncconf`, which change the running
-//! document and apply it exactly as a reload would.
+//! `<tenant>-<instance>`, cut to 15 characters) through WireGuard's UAPI
+//! socket `<uapi dir>/<interface>.sock` ([`uapi`]): `wg show`, `wg
+//! showconf`, and `wg set`/`wg syncconf`, which change the running document
+//! and apply it exactly as a reload would (one path, `apply_locked`, under
+//! one lock). Interface names are unique in the process (a registry of
+//! taken names); a socket is claimed before the old one is let go, so a
+//! refused change keeps both.
 
 pub mod config;
 pub mod device;
@@ -80,8 +84,17 @@ impl ModuleFactory for WireGuardFactory {
     }
 }
 
-/// Interface names in use in this process: `wg` shows one interface per name.
+/// Interface names in use in this process (name → `tenant/instance`): `wg`
+/// shows one interface per name.
 static INTERFACE_NAMES: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
+/// The interface name an instance holds, and its UAPI socket if served.
+struct Claimed {
+    name: String,
+    /// The `uapi:` setting the socket was served for.
+    setting: UapiDir,
+    server: Option<UapiServer>,
+}
 
 /// A running WireGuard instance.
 pub struct WireGuard(Arc<Inner>);
@@ -92,8 +105,8 @@ struct Inner {
     doc: Mutex<Document>,
     config: Mutex<WireGuardConfig>,
     device: Arc<Mutex<Option<Arc<Device>>>>,
-    /// The interface name this instance holds, and its UAPI socket if served.
-    uapi: Mutex<Option<(String, Option<UapiServer>)>>,
+    /// The interface name this instance holds, and its UAPI socket.
+    uapi: Mutex<Option<Claimed>>,
     /// Reloads from the store and `wg set` apply one at a time.
     changing: tokio::sync::Mutex<()>,
 }
@@ -147,76 +160,122 @@ impl Inner {
         Ok(dev)
     }
 
-    /// Takes the interface name and serves the UAPI socket for it, as `cfg`
-    /// says. Keeps what it holds when name and directory are unchanged.
-    fn claim_interface(
-        self: &Arc<Self>,
+    /// Starts the device right after one that held port `released` was shut
+    /// down: its socket closes once its tasks notice, so binding that port
+    /// again is retried for up to a second.
+    async fn start_device_after(
+        &self,
         cfg: &WireGuardConfig,
-        old: Option<&WireGuardConfig>,
         source: &str,
-    ) -> Result<(), ModuleError> {
-        let name = cfg.interface_name(&self.ctx.tenant.name, &self.ctx.instance);
-        let mut held = self.uapi.lock().expect("poisoned");
-        let unchanged = held.as_ref().is_some_and(|(n, _)| *n == name)
-            && old.is_some_and(|o| o.uapi == cfg.uapi);
-        if unchanged {
-            return Ok(());
-        }
-        {
-            let mut names = INTERFACE_NAMES.lock().expect("poisoned");
-            if let Some(other) = names.get(&name).filter(|o| **o != self.owner()) {
-                return Err(ConfigError::key(
-                    source,
-                    "interface",
-                    format!("interface name `{name}` is already used by {other}; give this instance another `interface:`"),
-                )
-                .into());
-            }
-            if let Some((prev, _)) = held.as_ref() {
-                if *prev != name {
-                    names.remove(prev);
-                }
-            }
-            names.insert(name.clone(), self.owner());
-        }
-        // Drop the old socket before binding the new one (same path when
-        // only the directory setting changed).
-        *held = Some((name.clone(), None));
-        let target: Arc<dyn UapiTarget> = Arc::new(UapiHandle(Arc::downgrade(self)));
-        let (dir, explicit) = match &cfg.uapi {
-            UapiDir::Off => return Ok(()),
-            UapiDir::Auto => (PathBuf::from(uapi::DEFAULT_DIR), false),
-            UapiDir::Dir(d) => (d.clone(), true),
-        };
-        match uapi::serve(&dir, &name, target) {
-            Ok(server) => {
-                tracing::info!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, interface = %name, socket = %server.path().display(), "wg can inspect and change this interface");
-                *held = Some((name, Some(server)));
-                Ok(())
-            }
-            Err(e) if explicit => Err(ConfigError::key(
-                source,
-                "uapi",
-                format!("cannot serve {}/{name}.sock: {e}", dir.display()),
-            )
-            .into()),
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                tracing::info!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, interface = %name, dir = %dir.display(), "no UAPI socket (directory not writable): `wg` will not see this interface; set `uapi: <dir>` to choose one");
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, interface = %name, error = %e, "no UAPI socket: `wg` will not see this interface; set `interface:` to another name or `uapi: off`");
-                Ok(())
+        released: Option<u16>,
+    ) -> Result<Arc<Device>, ModuleError> {
+        let same_port = cfg.listen_port.is_some() && cfg.listen_port == released;
+        let mut tries = if same_port { 50 } else { 1 };
+        loop {
+            tries -= 1;
+            match self.start_device(cfg, source) {
+                Err(_) if tries > 0 => tokio::time::sleep(Duration::from_millis(20)).await,
+                r => return r,
             }
         }
     }
 
-    fn release_interface(&self) {
-        if let Some((name, server)) = self.uapi.lock().expect("poisoned").take() {
-            drop(server);
+    /// Takes the interface name and serves the UAPI socket for it, as `cfg`
+    /// says. Keeps what it holds when name and setting are unchanged, and
+    /// the socket itself when only the setting changed. On error nothing
+    /// changes: the old name and socket stay.
+    fn claim_interface(
+        self: &Arc<Self>,
+        cfg: &WireGuardConfig,
+        source: &str,
+    ) -> Result<(), ModuleError> {
+        let name = cfg.interface_name(&self.ctx.tenant.name, &self.ctx.instance);
+        let mut held = self.uapi.lock().expect("poisoned");
+        if held
+            .as_ref()
+            .is_some_and(|c| c.name == name && c.setting == cfg.uapi)
+        {
+            return Ok(());
+        }
+        let owner = self.owner();
+        let renamed = held.as_ref().is_none_or(|c| c.name != name);
+        if renamed {
             let mut names = INTERFACE_NAMES.lock().expect("poisoned");
-            if names.get(&name).is_some_and(|o| *o == self.owner()) {
-                names.remove(&name);
+            if let Some(other) = names.get(&name).filter(|o| **o != owner) {
+                return Err(ConfigError::key(
+                    source,
+                    "interface",
+                    format!("interface name `{name}` is already used by {other} (tenant/instance); give one of them another `interface:`"),
+                )
+                .into());
+            }
+            names.insert(name.clone(), owner.clone());
+        }
+        let unreserve = || {
+            if renamed {
+                INTERFACE_NAMES.lock().expect("poisoned").remove(&name);
+            }
+        };
+        let (tenant, instance) = (&self.ctx.tenant.name, &self.ctx.instance);
+        let server = match uapi_dir(&cfg.uapi) {
+            None => None,
+            Some((dir, explicit)) => {
+                let path = dir.join(format!("{name}.sock"));
+                let same_socket = held
+                    .as_ref()
+                    .and_then(|c| c.server.as_ref())
+                    .is_some_and(|s| s.path() == path);
+                if same_socket {
+                    held.as_mut().and_then(|c| c.server.take())
+                } else {
+                    let target: Arc<dyn UapiTarget> = Arc::new(UapiHandle(Arc::downgrade(self)));
+                    match uapi::serve(&dir, &name, target) {
+                        Ok(server) => {
+                            tracing::info!(%tenant, %instance, interface = %name, socket = %server.path().display(), "`wg` can inspect and change this interface");
+                            Some(server)
+                        }
+                        Err(e) if explicit => {
+                            unreserve();
+                            return Err(ConfigError::key(
+                                source,
+                                "uapi",
+                                format!("cannot serve the UAPI socket: {e}"),
+                            )
+                            .into());
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                            tracing::warn!(%tenant, %instance, interface = %name, error = %e, "no UAPI socket: `wg` will not see this interface; give it another `interface:`, or set `uapi: off`");
+                            None
+                        }
+                        Err(e) => {
+                            tracing::info!(%tenant, %instance, interface = %name, error = %e, "no UAPI socket (`uapi: auto` and the directory is not usable): `wg` will not see this interface; set `uapi:` to a writable directory to serve one");
+                            None
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(old) = held.take() {
+            if old.name != name {
+                let mut names = INTERFACE_NAMES.lock().expect("poisoned");
+                if names.get(&old.name) == Some(&owner) {
+                    names.remove(&old.name);
+                }
+            }
+        }
+        *held = Some(Claimed {
+            name,
+            setting: cfg.uapi.clone(),
+            server,
+        });
+        Ok(())
+    }
+
+    fn release_interface(&self) {
+        if let Some(old) = self.uapi.lock().expect("poisoned").take() {
+            let mut names = INTERFACE_NAMES.lock().expect("poisoned");
+            if names.get(&old.name).is_some_and(|o| *o == self.owner()) {
+                names.remove(&old.name);
             }
         }
     }
@@ -224,7 +283,7 @@ impl Inner {
     async fn start(self: &Arc<Self>) -> Result<(), ModuleError> {
         let cfg = self.config.lock().expect("poisoned").clone();
         let source = self.doc.lock().expect("poisoned").source.clone();
-        self.claim_interface(&cfg, None, &source)?;
+        self.claim_interface(&cfg, &source)?;
         match self.start_device(&cfg, &source) {
             Ok(dev) => *self.device.lock().expect("poisoned") = Some(dev),
             Err(e) => {
@@ -237,12 +296,17 @@ impl Inner {
     }
 
     /// Applies a new document: peers in place, or a restart of the
-    /// interface; on error the old config keeps running.
-    async fn apply(self: &Arc<Self>, doc: &Document) -> Result<(), ModuleError> {
-        let _one_at_a_time = self.changing.lock().await;
+    /// interface; on error the old config keeps running. The one path for
+    /// a reload from the store and a `wg set`; the caller holds `changing`.
+    async fn apply_locked(
+        self: &Arc<Self>,
+        _one_at_a_time: &tokio::sync::MutexGuard<'_, ()>,
+        doc: &Document,
+    ) -> Result<(), ModuleError> {
         let new = WireGuardConfig::from_document(doc)?;
         let old = self.config.lock().expect("poisoned").clone();
-        self.claim_interface(&new, Some(&old), &doc.source)?;
+        let old_source = self.doc.lock().expect("poisoned").source.clone();
+        self.claim_interface(&new, &doc.source)?;
         let same_interface = new.private_key.as_bytes() == old.private_key.as_bytes()
             && new.listen_port == old.listen_port
             && new.addresses == old.addresses
@@ -253,19 +317,23 @@ impl Inner {
             (_, old_dev) => {
                 // The new interface may need the old one's port: release it first,
                 // and bring the old one back if the new one cannot start.
-                if let Some(d) = &old_dev {
+                let released = old_dev.as_ref().map(|d| d.listen_port());
+                if let Some(d) = old_dev {
                     d.shutdown();
+                    // Its socket closes with the last reference: this one,
+                    // the slot's, and its tasks' once they see the shutdown.
+                    drop(d);
                 }
                 *self.device.lock().expect("poisoned") = None;
-                // Give the runtime a moment to drop the old socket.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                match self.start_device(&new, &doc.source) {
+                match self.start_device_after(&new, &doc.source, released).await {
                     Ok(dev) => *self.device.lock().expect("poisoned") = Some(dev),
                     Err(e) => {
-                        let source = self.doc.lock().expect("poisoned").source.clone();
-                        let back = self.start_device(&old, &source);
+                        let back = self.start_device_after(&old, &old_source, released).await;
+                        if let Err(b) = &back {
+                            tracing::error!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, error = %b, "the old interface cannot come back either: down until the next change");
+                        }
                         *self.device.lock().expect("poisoned") = back.ok();
-                        let _ = self.claim_interface(&old, Some(&new), &source);
+                        let _ = self.claim_interface(&old, &old_source);
                         return Err(e);
                     }
                 }
@@ -277,24 +345,51 @@ impl Inner {
         Ok(())
     }
 
+    /// A reload from the config store.
+    async fn reload(self: &Arc<Self>, doc: &Document) -> Result<(), ModuleError> {
+        let guard = self.changing.lock().await;
+        self.apply_locked(&guard, doc).await
+    }
+
     /// The live state for `wg show`.
-    fn uapi_state(&self) -> Option<InterfaceState> {
-        let dev = self.device()?;
-        let cfg = self.config.lock().expect("poisoned").clone();
-        Some(InterfaceState {
-            private_key: *cfg.private_key.as_bytes(),
+    fn uapi_state(&self) -> Result<InterfaceState, UapiError> {
+        let dev = self.device().ok_or_else(|| UapiError {
+            errno: uapi::errno::ENODEV,
+            message: "the interface is down".into(),
+        })?;
+        let private_key = *self.config.lock().expect("poisoned").private_key.as_bytes();
+        Ok(InterfaceState {
+            private_key,
             listen_port: dev.listen_port(),
             peers: dev.uapi_peers(),
         })
     }
 
     /// `wg set`: the running document with the change, applied as a reload.
-    async fn uapi_set(self: &Arc<Self>, req: SetRequest) -> Result<(), UapiError> {
-        if req.fwmark.is_some_and(|m| m != 0) {
-            tracing::warn!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, "fwmark ignored: meshgate's userspace WireGuard sets no routing marks");
-        }
+    async fn uapi_set(self: &Arc<Self>, mut req: SetRequest) -> Result<(), UapiError> {
+        let (tenant, instance) = (&self.ctx.tenant.name, &self.ctx.instance);
+        // From reading the running document to applying the next one, no
+        // other change (a reload, another `wg set`) may come between.
+        let guard = self.changing.lock().await;
         let current = self.doc.lock().expect("poisoned").clone();
-        let value = uapi::apply_set(&current.value, &req)?;
+        let cfg = self.config.lock().expect("poisoned").clone();
+        if req.fwmark.is_some_and(|m| m != 0) {
+            tracing::warn!(%tenant, %instance, "fwmark ignored: meshgate's userspace WireGuard sets no routing marks");
+        }
+        // What `wg showconf` printed, given back (`wg syncconf`), is no
+        // change: the same key, the port the interface has now (even when
+        // the document leaves it ephemeral).
+        if req.private_key.as_ref() == Some(cfg.private_key.as_bytes()) {
+            req.private_key = None;
+        }
+        if req.listen_port.is_some() && req.listen_port == self.device().map(|d| d.listen_port()) {
+            req.listen_port = None;
+        }
+        let value = uapi::apply_set(&current.value, &req, &cfg.private_key.public_key().0)?;
+        if value == current.value {
+            tracing::debug!(%tenant, %instance, "`wg set` changes nothing");
+            return Ok(());
+        }
         let base = current
             .source
             .split(" + wg set")
@@ -305,25 +400,38 @@ impl Inner {
             source: format!("{base} + wg set"),
             value,
         };
-        match self.apply(&doc).await {
+        let restart = req.private_key.is_some() || req.listen_port.is_some();
+        match self.apply_locked(&guard, &doc).await {
             Ok(()) => {
-                tracing::info!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, peers = req.peers.len(), "configuration changed with `wg` over the UAPI socket, applied as a reload; the config store's document replaces it when that document changes");
-                self.ctx
-                    .metrics
-                    .reload(&self.ctx.tenant.name, &self.ctx.instance, true);
+                tracing::info!(%tenant, %instance, peer_sections = req.peers.len(), replace_peers = req.replace_peers, restart, "configuration changed with `wg` over the UAPI socket, applied as a reload; the config store's document replaces it when that document changes");
+                self.ctx.metrics.reload(tenant, instance, true);
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, error = %e, "`wg set` refused; the old config keeps running");
-                self.ctx
-                    .metrics
-                    .reload(&self.ctx.tenant.name, &self.ctx.instance, false);
+                tracing::warn!(%tenant, %instance, error = %e, "`wg set` refused; the old config keeps running");
+                self.ctx.metrics.reload(tenant, instance, false);
+                let errno = match &e {
+                    ModuleError::Config(c) if c.key.as_deref() == Some("listen_port") => {
+                        uapi::errno::EADDRINUSE
+                    }
+                    _ => uapi::errno::EINVAL,
+                };
                 Err(UapiError {
-                    errno: 22,
+                    errno,
                     message: e.to_string(),
                 })
             }
         }
+    }
+}
+
+/// The directory a setting serves its socket in, and whether it was given
+/// explicitly (then failing to serve is an error, not a log line).
+fn uapi_dir(setting: &UapiDir) -> Option<(PathBuf, bool)> {
+    match setting {
+        UapiDir::Off => None,
+        UapiDir::Auto => Some((PathBuf::from(uapi::DEFAULT_DIR), false)),
+        UapiDir::Dir(d) => Some((d.clone(), true)),
     }
 }
 
@@ -332,15 +440,21 @@ struct UapiHandle(Weak<Inner>);
 
 #[async_trait]
 impl UapiTarget for UapiHandle {
-    fn state(&self) -> Option<InterfaceState> {
-        self.0.upgrade()?.uapi_state()
+    fn state(&self) -> Result<InterfaceState, UapiError> {
+        match self.0.upgrade() {
+            Some(inner) => inner.uapi_state(),
+            None => Err(UapiError {
+                errno: uapi::errno::ENODEV,
+                message: "the interface is gone".into(),
+            }),
+        }
     }
 
     async fn set(&self, req: SetRequest) -> Result<(), UapiError> {
         match self.0.upgrade() {
             Some(inner) => inner.uapi_set(req).await,
             None => Err(UapiError {
-                errno: 19,
+                errno: uapi::errno::ENODEV,
                 message: "the interface is gone".into(),
             }),
         }
@@ -354,7 +468,7 @@ impl Module for WireGuard {
     }
 
     async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
-        self.0.apply(doc).await
+        self.0.reload(doc).await
     }
 
     async fn drain(&self) {
@@ -374,10 +488,10 @@ impl Module for WireGuard {
     fn status(&self) -> serde_json::Value {
         let inner = &self.0;
         let cfg = inner.config.lock().expect("poisoned").clone();
-        let interface = inner.uapi.lock().expect("poisoned").as_ref().map(|(n, s)| {
+        let interface = inner.uapi.lock().expect("poisoned").as_ref().map(|c| {
             serde_json::json!({
-                "name": n,
-                "uapi_socket": s.as_ref().map(|s| s.path().display().to_string()),
+                "name": c.name,
+                "uapi_socket": c.server.as_ref().map(|s| s.path().display().to_string()),
             })
         });
         match inner.device() {

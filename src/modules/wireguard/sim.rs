@@ -38,6 +38,7 @@ impl Wire for MemWire {
 /// A node of the simulation: its device, wire, address and metrics.
 struct Node {
     dev: Arc<Device>,
+    dev_config: WireGuardConfig,
     wire: Arc<MemWire>,
     addr: SocketAddr,
     metrics: Arc<Metrics>,
@@ -66,6 +67,7 @@ impl Node {
         );
         Node {
             dev,
+            dev_config: cfg,
             wire,
             addr: addr.parse().unwrap(),
             metrics,
@@ -224,6 +226,35 @@ fn a_handshake_then_packets_reach_the_stack() {
     hub.dev.send_ip(&back, None);
     pump(&[&hub, &two], &mut f, 10);
     assert_eq!(two.delivered(), vec![back]);
+}
+
+#[test]
+fn wg_sees_the_handshake_time_and_a_moved_endpoint() {
+    let (hub, two, _three) = hub_and_clients();
+    let mut f = Faults::none();
+    two.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+    pump(&[&hub, &two], &mut f, 10);
+    let mut buf = vec![0u8; 70_000];
+    two.dev.tick(&mut buf); // the timer records the handshake
+    let first = two.dev.uapi_peers()[0].last_handshake.expect("a handshake");
+    assert!(first.elapsed().unwrap() < std::time::Duration::from_secs(5));
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let again = two.dev.uapi_peers()[0].last_handshake;
+    assert_eq!(again, Some(first), "the same time on every `get`");
+
+    // The hub moved: a reload (or `wg set ... endpoint`) says so, the
+    // session stays, and the endpoint applies at once.
+    let mut cfg = two.dev_config.clone();
+    cfg.peers[0].endpoint = Some("192.0.2.99:51820".parse().unwrap());
+    cfg.peers[0]
+        .allowed_ips
+        .push("10.9.0.0/16".parse().unwrap());
+    two.dev.set_peers(&cfg.peers);
+    let peer = &two.dev.uapi_peers()[0];
+    assert_eq!(peer.endpoint, Some("192.0.2.99:51820".parse().unwrap()));
+    assert_eq!(peer.last_handshake, Some(first), "session kept");
+    assert_eq!(peer.allowed_ips.len(), 2);
 }
 
 #[test]
