@@ -529,7 +529,9 @@ fn interface_names_are_unique_per_process_and_sockets_per_path() {
     );
 
     // A stale socket (its process killed): replaced.
-    drop(_mg);
+    let mut killed = _mg;
+    killed.signal("KILL");
+    let _ = killed.child.wait();
     assert!(
         sock_dir.path().join("mglive.sock").exists(),
         "SIGKILL leaves it"

@@ -31,6 +31,13 @@ ns() { echo "$P-$1"; }
 
 topology_cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Give meshgate a moment to stop cleanly (it removes its wg sockets).
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    local alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.2
+  done
   for n in "${NAMESPACES[@]}"; do
     for pid in $(ip netns pids "$n" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
     ip netns del "$n" 2>/dev/null || true

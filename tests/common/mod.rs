@@ -228,10 +228,29 @@ impl Meshgate {
     }
 }
 
+/// Stops a meshgate child as an operator would (SIGTERM: listeners close,
+/// sockets such as the `wg` UAPI ones are removed), and SIGKILLs it if it
+/// has not exited within two seconds.
+pub fn stop_gracefully(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let gone = wait_until(Duration::from_secs(2), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !gone {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
 impl Drop for Meshgate {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_gracefully(&mut self.child);
         if std::thread::panicking() {
             eprintln!("--- meshgate log ---\n{}", self.log_text());
         }

@@ -291,7 +291,7 @@ impl NsMeshgate {
 
 impl Drop for NsMeshgate {
     fn drop(&mut self) {
-        self.kill();
+        stop_gracefully(&mut self.child);
         if std::thread::panicking() {
             eprintln!("--- meshgate log ---\n{}", self.log_text());
         }
