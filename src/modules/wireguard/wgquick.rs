@@ -27,9 +27,9 @@ fn list(v: &str) -> Vec<Value> {
 }
 
 fn number(line: usize, key: &str, v: &str) -> Result<Value, String> {
-    v.parse::<u64>()
-        .map(Value::from)
-        .map_err(|_| format!("line {line}: {key} = {v}: expected a number"))
+    v.parse::<u64>().map(Value::from).map_err(|_| {
+        format!("line {line}: {key}: expected a number (the value is not shown: it may be a key)")
+    })
 }
 
 /// Parses wg-quick text.
@@ -74,7 +74,9 @@ pub fn import(text: &str) -> Result<Imported, String> {
         let (k, v) = line
             .split_once('=')
             .map(|(k, v)| (k.trim(), v.trim()))
-            .ok_or_else(|| format!("line {line_no}: expected `Key = Value`, found `{line}`"))?;
+            .ok_or_else(|| {
+                format!("line {line_no}: expected `Key = Value` (the line is not shown: it may hold a key)")
+            })?;
         let key = k.to_ascii_lowercase();
         match (&section, key.as_str()) {
             (Section::None, _) => {
@@ -193,6 +195,12 @@ AllowedIPs = 10.0.0.3/32, 10.5.0.0/16
     #[test]
     fn errors_point_at_lines() {
         assert!(import("PrivateKey = x").unwrap_err().contains("line 1"));
+        // A malformed line holding a key is never echoed.
+        let secret = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+        let e = import(&format!("[Interface]\nPrivateKey {secret}\n")).unwrap_err();
+        assert!(!e.contains(secret), "{e}");
+        let e = import(&format!("[Interface]\nListenPort = {secret}\n")).unwrap_err();
+        assert!(!e.contains(secret), "{e}");
         assert!(import("[Interface]\nListenPort = abc\n")
             .unwrap_err()
             .contains("line 2"));
