@@ -174,6 +174,19 @@ fn ping(src: [u8; 4], dst: [u8; 4], seq: u16) -> Vec<u8> {
     out
 }
 
+/// Every client greets the hub (`10.192.0.n` → `.1`), so all sessions are
+/// up; the hub's inbox is emptied.
+fn greet(hub: &Node, clients: &[(&Node, u8)], f: &mut Faults) {
+    let mut all: Vec<&Node> = vec![hub];
+    for (c, n) in clients {
+        c.dev
+            .send_ip(&ping([10, 192, 0, *n], [10, 192, 0, 1], 1), None);
+        all.push(c);
+    }
+    pump(&all, f, 20);
+    hub.delivered();
+}
+
 /// A hub (10.192.0.1/24) and two clients (.2, .3), keyed and introduced.
 fn hub_and_clients() -> (Node, Node, Node) {
     let keys = [
@@ -261,10 +274,7 @@ fn wg_sees_the_handshake_time_and_a_moved_endpoint() {
 fn corrupted_replayed_and_spoofed_packets_are_dropped_and_counted() {
     let (hub, two, _three) = hub_and_clients();
     let mut f = Faults::none();
-    two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
-    pump(&[&hub, &two], &mut f, 10);
-    hub.delivered();
+    greet(&hub, &[(&two, 2)], &mut f);
     let mut buf = vec![0u8; 70_000];
 
     // Capture one data datagram and play with it.
@@ -305,14 +315,7 @@ fn the_hub_forwards_between_clients_as_tracked_flows() {
     let (hub, two, three) = hub_and_clients();
     let mut f = Faults::none();
     let nodes = [&hub, &two, &three];
-    // Both clients handshake with the hub.
-    two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
-    three
-        .dev
-        .send_ip(&ping([10, 192, 0, 3], [10, 192, 0, 1], 1), None);
-    pump(&nodes, &mut f, 20);
-    hub.delivered();
+    greet(&hub, &[(&two, 2), (&three, 3)], &mut f);
     let p = ping([10, 192, 0, 2], [10, 192, 0, 3], 9);
     two.dev.send_ip(&p, None);
     pump(&nodes, &mut f, 20);
@@ -563,13 +566,7 @@ fn forwarding_decrements_ttl_answers_expiry_and_can_be_off() {
     let (hub, two, three) = hub_and_clients();
     let mut f = Faults::none();
     let nodes = [&hub, &two, &three];
-    two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
-    three
-        .dev
-        .send_ip(&ping([10, 192, 0, 3], [10, 192, 0, 1], 1), None);
-    pump(&nodes, &mut f, 20);
-    hub.delivered();
+    greet(&hub, &[(&two, 2), (&three, 3)], &mut f);
     // TTL 64 arrives as 63.
     two.dev
         .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 3], 2), None);
