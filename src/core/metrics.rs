@@ -88,6 +88,17 @@ pub struct Metrics {
     pub config_reloads: Family<ReloadLabels, Counter>,
 }
 
+/// Creates a metric (or family), registers it under `name` and returns a
+/// handle to it: one line per family in a [`Subsystem::register`].
+pub fn registered<M>(registry: &mut Registry, name: &str, help: &str) -> M
+where
+    M: prometheus_client::registry::Metric + Clone + Default,
+{
+    let m = M::default();
+    registry.register(name, help, m.clone());
+    m
+}
+
 /// A subsystem's own metric families (a module kind's, an engine's),
 /// registered once per node under the subsystem's prefix
 /// (`meshgate_<prefix>_...`) by [`Metrics::subsystem`].

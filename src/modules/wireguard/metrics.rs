@@ -8,7 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::core::metrics::Subsystem;
+use crate::core::metrics::{registered, Subsystem};
 
 /// `tenant`, `instance`, `peer`: a WireGuard peer's series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,39 +65,29 @@ impl Subsystem for WgMetrics {
     const PREFIX: &'static str = "wg";
 
     fn register(registry: &mut Registry) -> Self {
-        let m = WgMetrics {
-            handshakes: Family::default(),
-            last_handshake: Family::default(),
-            rx_bytes: Family::default(),
-            tx_bytes: Family::default(),
-            dropped: Family::default(),
-        };
-        registry.register(
-            "handshakes",
-            "WireGuard handshakes completed, per peer",
-            m.handshakes.clone(),
-        );
-        registry.register(
-            "last_handshake_timestamp_seconds",
-            "Unix time of the peer's latest WireGuard handshake (0: none yet)",
-            m.last_handshake.clone(),
-        );
-        registry.register(
-            "rx_bytes",
-            "WireGuard UDP bytes received from the peer",
-            m.rx_bytes.clone(),
-        );
-        registry.register(
-            "tx_bytes",
-            "WireGuard UDP bytes sent to the peer",
-            m.tx_bytes.clone(),
-        );
-        registry.register(
-            "dropped_packets",
-            "WireGuard packets dropped, by peer and reason",
-            m.dropped.clone(),
-        );
-        m
+        WgMetrics {
+            handshakes: registered(
+                registry,
+                "handshakes",
+                "WireGuard handshakes completed, per peer",
+            ),
+            last_handshake: registered(
+                registry,
+                "last_handshake_timestamp_seconds",
+                "Unix time of the peer's latest WireGuard handshake (0: none yet)",
+            ),
+            rx_bytes: registered(
+                registry,
+                "rx_bytes",
+                "WireGuard UDP bytes received from the peer",
+            ),
+            tx_bytes: registered(registry, "tx_bytes", "WireGuard UDP bytes sent to the peer"),
+            dropped: registered(
+                registry,
+                "dropped_packets",
+                "WireGuard packets dropped, by peer and reason",
+            ),
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::NetStackStats;
-use crate::core::metrics::{InstanceLabels, Subsystem};
+use crate::core::metrics::{registered, InstanceLabels, Subsystem};
 
 /// `tenant`, `instance`, `reason`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,33 +35,28 @@ impl Subsystem for NetStackMetrics {
     const PREFIX: &'static str = "netstack";
 
     fn register(registry: &mut Registry) -> Self {
-        let m = NetStackMetrics {
-            packets_in: Family::default(),
-            packets_out: Family::default(),
-            dropped: Family::default(),
-            tcp_connections: Family::default(),
-        };
-        registry.register(
-            "packets_in",
-            "IP packets the userspace stack accepted",
-            m.packets_in.clone(),
-        );
-        registry.register(
-            "packets_out",
-            "IP packets the userspace stack sent",
-            m.packets_out.clone(),
-        );
-        registry.register(
-            "dropped_packets",
-            "IP packets the userspace stack dropped, by reason",
-            m.dropped.clone(),
-        );
-        registry.register(
-            "tcp_connections",
-            "TCP connections open in the userspace stack",
-            m.tcp_connections.clone(),
-        );
-        m
+        NetStackMetrics {
+            packets_in: registered(
+                registry,
+                "packets_in",
+                "IP packets the userspace stack accepted",
+            ),
+            packets_out: registered(
+                registry,
+                "packets_out",
+                "IP packets the userspace stack sent",
+            ),
+            dropped: registered(
+                registry,
+                "dropped_packets",
+                "IP packets the userspace stack dropped, by reason",
+            ),
+            tcp_connections: registered(
+                registry,
+                "tcp_connections",
+                "TCP connections open in the userspace stack",
+            ),
+        }
     }
 }
 
