@@ -1,7 +1,8 @@
 //! UDP pipes: one session per client address.
 //!
 //! The listening socket receives datagrams; the first one from a new client
-//! address opens a session (a flow) with its own connected upstream socket.
+//! address opens a session (a flow) with its own connected upstream socket,
+//! in its own task (the receive loop never waits for a resolver).
 //! Replies from the remote go back to that client from the listening socket.
 //! A session ends after the idle timeout, on `stop`, or when the remote's
 //! socket fails.
@@ -14,7 +15,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::config::{PipeConfig, PipeProtocol, DEFAULT_UDP_IDLE};
 use super::State;
+use crate::core::addr::HostPort;
 use crate::core::net::proxy::Traffic;
 use crate::core::spine::flow::{EndReason, FlowContext, Protocol};
 use crate::core::spine::onramp::OnRamp;
@@ -71,7 +74,7 @@ pub(super) async fn serve(
             .cloned();
         let tx = match existing {
             Some(tx) if !tx.is_closed() => tx,
-            _ => match open_session(&shared, &socket, &sessions, src).await {
+            _ => match open_session(&shared, &socket, &sessions, src) {
                 Some(tx) => tx,
                 None => continue,
             },
@@ -86,17 +89,50 @@ pub(super) async fn serve(
     }
 }
 
-/// Opens a session for `src`: admission, routing, the upstream socket, the flow.
-async fn open_session(
+/// Opens a session for `src` without waiting: admission here (cheap), then
+/// routing, name resolution, the upstream socket and the flow in the
+/// session's own task, so a slow resolver never stalls the receive loop.
+/// Datagrams that arrive meanwhile wait in the session's queue.
+fn open_session(
     shared: &Arc<Shared>,
     listen: &Arc<UdpSocket>,
     sessions: &Sessions,
     src: SocketAddr,
 ) -> Option<mpsc::Sender<Vec<u8>>> {
     let cfg = shared.state.config();
+    if cfg.protocol != PipeProtocol::Udp {
+        return None; // reloaded to TCP: this listener is closing
+    }
     // UDP pipes always have a remote: `peer` needs `via`, which UDP refuses.
     let remote_hp = cfg.remote.clone()?;
     let slot = shared.onramp.try_admit(cfg.max_connections)?;
+    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+    sessions
+        .lock()
+        .expect("sessions poisoned")
+        .insert(src, tx.clone());
+    let (shared_task, listen, sessions) = (shared.clone(), listen.clone(), sessions.clone());
+    shared.onramp.spawn(async move {
+        if let Some(upstream) = connect_upstream(&shared_task, &cfg, &remote_hp, src).await {
+            run_session(shared_task, &cfg, listen, upstream, rx, src).await;
+        }
+        drop(slot);
+        let mut map = sessions.lock().expect("sessions poisoned");
+        if map.get(&src).is_some_and(|t| t.is_closed()) {
+            map.remove(&src);
+        }
+    });
+    Some(tx)
+}
+
+/// Routes `remote` (direct only for UDP today), resolves it and connects a
+/// socket to it; failures are counted and logged.
+async fn connect_upstream(
+    shared: &Arc<Shared>,
+    cfg: &PipeConfig,
+    remote_hp: &HostPort,
+    src: SocketAddr,
+) -> Option<UdpSocket> {
     let tenant = shared.tenant().to_string();
     let instance = shared.instance().to_string();
     let fail = |reason: &str, msg: String| {
@@ -112,7 +148,7 @@ async fn open_session(
         .ctx()
         .tenant
         .vnets
-        .route(cfg.vnet.as_deref(), &remote_hp)
+        .route(cfg.vnet.as_deref(), remote_hp)
     {
         Ok(d) if d.route.connector == Connector::Direct => {}
         Ok(d) => {
@@ -131,10 +167,21 @@ async fn open_session(
             return None;
         }
     }
-    let remote = match tokio::net::lookup_host((remote_hp.host.as_str(), remote_hp.port)).await {
-        Ok(mut addrs) => addrs.next()?,
-        Err(e) => {
+    let lookup = tokio::net::lookup_host((remote_hp.host.as_str(), remote_hp.port));
+    let remote = match tokio::time::timeout(cfg.connect_timeout, lookup).await {
+        Ok(Ok(mut addrs)) => match addrs.next() {
+            Some(a) => a,
+            None => {
+                fail("resolve", format!("{}: no addresses", remote_hp.host));
+                return None;
+            }
+        },
+        Ok(Err(e)) => {
             fail("resolve", e.to_string());
+            return None;
+        }
+        Err(_) => {
+            fail("resolve", format!("{}: no answer within {:?}", remote_hp.host, cfg.connect_timeout));
             return None;
         }
     };
@@ -154,33 +201,17 @@ async fn open_session(
         fail("unreachable", e.to_string());
         return None;
     }
-    let shared_task = shared.clone();
-    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-    sessions
-        .lock()
-        .expect("sessions poisoned")
-        .insert(src, tx.clone());
-    let listen = listen.clone();
-    let sessions = sessions.clone();
-    shared.onramp.spawn(async move {
-        run_session(shared_task, listen, upstream, rx, src).await;
-        drop(slot);
-        let mut map = sessions.lock().expect("sessions poisoned");
-        if map.get(&src).is_some_and(|t| t.is_closed()) {
-            map.remove(&src);
-        }
-    });
-    Some(tx)
+    Some(upstream)
 }
 
 async fn run_session(
     shared: Arc<Shared>,
+    cfg: &PipeConfig,
     listen: Arc<UdpSocket>,
     upstream: UdpSocket,
     mut rx: mpsc::Receiver<Vec<u8>>,
     src: SocketAddr,
 ) {
-    let cfg = shared.state.config();
     let ctx = shared.onramp.ctx();
     let mut flow = ctx.flows.open(
         FlowContext {
@@ -197,9 +228,9 @@ async fn run_session(
         },
         &ctx.instance_metrics,
     );
-    let idle = cfg
-        .effective_idle_timeout()
-        .expect("udp always has an idle timeout");
+    // The config the session opened with: a reload to TCP cannot take its
+    // idle timeout away.
+    let idle = cfg.idle_timeout.unwrap_or(DEFAULT_UDP_IDLE);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let reason = loop {
         tokio::select! {
