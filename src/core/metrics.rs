@@ -86,6 +86,9 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabels, Counter>,
     /// Config reloads of an instance, by result.
     pub config_reloads: Family<ReloadLabels, Counter>,
+    /// Reason label sets created so far, so an instance's series can be
+    /// deleted with it.
+    reasons_seen: Mutex<std::collections::HashSet<ReasonLabels>>,
 }
 
 /// Creates a metric (or family), registers it under `name` and returns a
@@ -139,6 +142,7 @@ impl Metrics {
             dial_errors: Family::default(),
             rejected: Family::default(),
             config_reloads: Family::default(),
+            reasons_seen: Mutex::new(std::collections::HashSet::new()),
             registry: Mutex::new(Registry::default()),
             subsystems: Mutex::new(HashMap::new()),
         };
@@ -221,16 +225,58 @@ impl Metrics {
 
     /// Counts a failed dial.
     pub fn dial_error(&self, tenant: &str, instance: &str, reason: &str) {
-        self.dial_errors
-            .get_or_create(&Self::reason(tenant, instance, reason))
-            .inc();
+        let l = self.seen(tenant, instance, reason);
+        self.dial_errors.get_or_create(&l).inc();
     }
 
     /// Counts a connection refused before dialing.
     pub fn reject(&self, tenant: &str, instance: &str, reason: &str) {
-        self.rejected
-            .get_or_create(&Self::reason(tenant, instance, reason))
-            .inc();
+        let l = self.seen(tenant, instance, reason);
+        self.rejected.get_or_create(&l).inc();
+    }
+
+    fn seen(&self, tenant: &str, instance: &str, reason: &str) -> ReasonLabels {
+        let l = Self::reason(tenant, instance, reason);
+        self.reasons_seen
+            .lock()
+            .expect("metrics poisoned")
+            .insert(l.clone());
+        l
+    }
+
+    /// Deletes every core series of an instance that is gone (its
+    /// subsystems delete their own), so removed tenants and instances do not
+    /// linger in `/metrics`.
+    pub fn forget_instance(&self, tenant: &str, instance: &str) {
+        let l = InstanceLabels {
+            tenant: tenant.into(),
+            instance: instance.into(),
+        };
+        self.connections.remove(&l);
+        self.connections_active.remove(&l);
+        for direction in [Direction::upstream, Direction::downstream] {
+            self.bytes.remove(&ByteLabels {
+                tenant: tenant.into(),
+                instance: instance.into(),
+                direction,
+            });
+        }
+        for result in ["ok", "failed"] {
+            self.config_reloads.remove(&ReloadLabels {
+                tenant: tenant.into(),
+                instance: instance.into(),
+                result: result.into(),
+            });
+        }
+        let mut seen = self.reasons_seen.lock().expect("metrics poisoned");
+        seen.retain(|r| {
+            let mine = r.tenant == tenant && r.instance == instance;
+            if mine {
+                self.dial_errors.remove(r);
+                self.rejected.remove(r);
+            }
+            !mine
+        });
     }
 
     /// Counts a reload attempt.
@@ -346,6 +392,20 @@ mod tests {
             1,
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_forgotten_instance_leaves_no_series() {
+        let m = Metrics::new();
+        m.instance("t", "gone").connections.inc();
+        m.instance("t", "kept").connections.inc();
+        m.dial_error("t", "gone", "refused");
+        m.reject("t", "gone", "denied");
+        m.reload("t", "gone", true);
+        m.forget_instance("t", "gone");
+        let text = m.encode();
+        assert!(!text.contains("instance=\"gone\""), "{text}");
+        assert!(text.contains("instance=\"kept\""), "{text}");
     }
 
     #[test]

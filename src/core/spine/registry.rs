@@ -477,6 +477,7 @@ impl Registry {
         self.directory.remove(key);
         entry.module.drain().await;
         entry.module.stop().await;
+        self.metrics.forget_instance(&key.tenant, &key.instance);
         tracing::info!(tenant = %key.tenant, instance = %key.instance, kind = %entry.kind, "module stopped");
         true
     }

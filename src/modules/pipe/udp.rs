@@ -181,7 +181,13 @@ async fn connect_upstream(
             return None;
         }
         Err(_) => {
-            fail("resolve", format!("{}: no answer within {:?}", remote_hp.host, cfg.connect_timeout));
+            fail(
+                "resolve",
+                format!(
+                    "{}: no answer within {:?}",
+                    remote_hp.host, cfg.connect_timeout
+                ),
+            );
             return None;
         }
     };

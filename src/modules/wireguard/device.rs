@@ -453,10 +453,28 @@ impl Device {
         self.ip_flows.clear();
     }
 
+    /// Deletes this instance's metric series (its peers' and its stack's):
+    /// the instance is gone.
+    pub fn forget_metrics(&self) {
+        for p in self.table().peers() {
+            self.wg_metrics
+                .forget(&self.tenant, &self.instance, Some(&p.cfg.name));
+        }
+        self.wg_metrics.forget(&self.tenant, &self.instance, None);
+        self.stack_metrics.forget(&self.tenant, &self.instance);
+    }
+
     /// Installs a new peer list. Peers whose key, preshared key and keepalive
     /// are unchanged keep their sessions and endpoint.
     pub fn set_peers(&self, peers: &[PeerConfig]) {
         let old = self.table();
+        for gone in old
+            .peers()
+            .filter(|p| !peers.iter().any(|n| n.name == p.cfg.name))
+        {
+            self.wg_metrics
+                .forget(&self.tenant, &self.instance, Some(&gone.cfg.name));
+        }
         // Kept peers keep their slot (their session indices carry it); new
         // peers take free slots, so adding a peer disturbs no one.
         let mut slots: Vec<Option<Arc<Peer>>> = vec![None; old.slots.len()];

@@ -59,6 +59,8 @@ pub struct WgMetrics {
     pub tx_bytes: Family<PeerLabels, Counter>,
     /// Packets dropped, per peer and reason.
     pub dropped: Family<PeerReasonLabels, Counter>,
+    /// Drop label sets created so far, to delete them with their peer.
+    drops_seen: std::sync::Mutex<std::collections::HashSet<PeerReasonLabels>>,
 }
 
 impl Subsystem for WgMetrics {
@@ -87,6 +89,7 @@ impl Subsystem for WgMetrics {
                 "dropped_packets",
                 "WireGuard packets dropped, by peer and reason",
             ),
+            drops_seen: Default::default(),
         }
     }
 }
@@ -109,13 +112,39 @@ impl WgMetrics {
 
     /// Counts a dropped packet.
     pub fn drop_packet(&self, tenant: &str, instance: &str, peer: &str, reason: &str) {
-        self.dropped
-            .get_or_create(&PeerReasonLabels {
+        let l = PeerReasonLabels {
+            tenant: tenant.into(),
+            instance: instance.into(),
+            peer: peer.into(),
+            reason: reason.into(),
+        };
+        self.dropped.get_or_create(&l).inc();
+        self.drops_seen.lock().expect("poisoned").insert(l);
+    }
+
+    /// Deletes the series of one peer (`None`: every peer of the instance),
+    /// so removed peers and instances do not linger in `/metrics`.
+    pub fn forget(&self, tenant: &str, instance: &str, peer: Option<&str>) {
+        let matches =
+            |t: &str, i: &str, p: &str| t == tenant && i == instance && peer.is_none_or(|x| x == p);
+        if let Some(p) = peer {
+            let l = PeerLabels {
                 tenant: tenant.into(),
                 instance: instance.into(),
-                peer: peer.into(),
-                reason: reason.into(),
-            })
-            .inc();
+                peer: p.into(),
+            };
+            self.handshakes.remove(&l);
+            self.last_handshake.remove(&l);
+            self.rx_bytes.remove(&l);
+            self.tx_bytes.remove(&l);
+        }
+        let mut seen = self.drops_seen.lock().expect("poisoned");
+        seen.retain(|l| {
+            let mine = matches(&l.tenant, &l.instance, &l.peer);
+            if mine {
+                self.dropped.remove(l);
+            }
+            !mine
+        });
     }
 }

@@ -482,6 +482,7 @@ impl Module for WireGuard {
         inner.release_interface();
         if let Some(d) = inner.device.lock().expect("poisoned").take() {
             d.shutdown();
+            d.forget_metrics();
         }
     }
 

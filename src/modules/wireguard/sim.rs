@@ -627,3 +627,34 @@ fn forwarding_decrements_ttl_answers_expiry_and_can_be_off() {
     assert!(c3.delivered().is_empty());
     assert_eq!(closed.drops("no_route"), 1.0);
 }
+
+#[test]
+fn a_removed_peer_leaves_no_series() {
+    let keys = [
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    ];
+    let (h, two) = (hub(&keys), client(&keys, 2));
+    let mut f = Faults::none();
+    greet(&h, &[(&two, 2)], &mut f);
+    // Something to count for `two`: a spoofed source.
+    two.dev
+        .send_ip(&ping([10, 192, 0, 99], [10, 192, 0, 1], 3), None);
+    pump(&[&h, &two], &mut f, 10);
+    let text = h.metrics.encode();
+    assert!(text.contains("peer=\"two\""), "{text}");
+    let only_three = json!({"kind": "wireguard", "address": "10.192.0.1/24", "private_key": keys[0].to_base64(), "peers": [
+        {"name": "three", "public_key": keys[2].public_key().to_string(), "allowed_ips": ["10.192.0.3/32"]},
+    ]});
+    let cfg = WireGuardConfig::from_document(&Document {
+        source: "sim".into(),
+        value: only_three,
+    })
+    .unwrap();
+    h.dev.set_peers(&cfg.peers);
+    let text = h.metrics.encode();
+    assert!(!text.contains("peer=\"two\""), "{text}");
+    h.dev.forget_metrics();
+    assert!(!h.metrics.encode().contains("peer=\"three\""));
+}

@@ -31,6 +31,15 @@ pub struct NetStackMetrics {
     tcp_connections: Family<InstanceLabels, Gauge>,
 }
 
+/// The drop reasons [`NetStackMetrics::observe`] reports.
+const DROP_REASONS: [&str; 5] = [
+    "queue_full",
+    "malformed",
+    "no_listener",
+    "no_connection",
+    "backlog",
+];
+
 impl Subsystem for NetStackMetrics {
     const PREFIX: &'static str = "netstack";
 
@@ -61,6 +70,24 @@ impl Subsystem for NetStackMetrics {
 }
 
 impl NetStackMetrics {
+    /// Deletes the series of a stack that is gone.
+    pub fn forget(&self, tenant: &str, instance: &str) {
+        let l = InstanceLabels {
+            tenant: tenant.into(),
+            instance: instance.into(),
+        };
+        self.packets_in.remove(&l);
+        self.packets_out.remove(&l);
+        self.tcp_connections.remove(&l);
+        for reason in DROP_REASONS {
+            self.dropped.remove(&DropLabels {
+                tenant: tenant.into(),
+                instance: instance.into(),
+                reason: reason.into(),
+            });
+        }
+    }
+
     /// Adds what changed since `last` (the previous report of the same
     /// stack) and remembers `now` as the new `last`.
     pub fn observe(
