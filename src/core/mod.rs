@@ -9,7 +9,8 @@
 //! - [`node`]: wiring a node: its config store, the registry over given
 //!   module kinds, `--check`, and the admin API.
 //!
-//! Shared basics: [`addr`] (`HOST:PORT`, listen addresses), [`config`]
+//! Shared basics: [`addr`] (`HOST:PORT`, listen addresses), [`logs`]
+//! (rate-limited warnings), [`config`]
 //! (typed documents, [`config::ConfigError`], the node config), [`keys`]
 //! (X25519 keys in `wg`'s base64), [`metrics`] (the node's Prometheus
 //! registry). No file in `core` names a module kind: kinds are given to the
@@ -19,6 +20,7 @@ pub mod addr;
 pub mod config;
 pub mod engine;
 pub mod keys;
+pub mod logs;
 pub mod metrics;
 pub mod net;
 pub mod node;

@@ -190,8 +190,10 @@ impl IpFlows {
                 .set_route(format!("forwarded by {}", self.instance));
             let denied = matches!(guard.verdict(), Verdict::Deny(_));
             let guard = if denied {
-                if let Verdict::Deny(why) = guard.verdict() {
-                    tracing::info!(tenant = %self.tenant, instance = %self.instance, %identity, src = %SocketAddr::new(p.src.0, p.src.1), dst = %SocketAddr::new(p.dst.0, p.dst.1), reason = %why, "forwarded flow denied");
+                if let (Verdict::Deny(why), Some(suppressed)) =
+                    (guard.verdict(), crate::core::logs::allow("ipflow.denied"))
+                {
+                    tracing::info!(suppressed,tenant = %self.tenant, instance = %self.instance, %identity, src = %SocketAddr::new(p.src.0, p.src.1), dst = %SocketAddr::new(p.dst.0, p.dst.1), reason = %why, "forwarded flow denied");
                 }
                 let mut g = guard;
                 g.set_end_reason(EndReason::Denied);

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::core::addr::HostPort;
+use crate::core::logs;
 use crate::core::net::dns;
 use crate::core::net::listen::{bind_host_tcp, StreamListener};
 use crate::core::net::proxy::{self, ProxyOptions, Stream};
@@ -189,7 +190,9 @@ impl OnRamp {
             self.ctx
                 .metrics
                 .reject(self.tenant(), &self.ctx.instance, "max_connections");
-            tracing::warn!(tenant = %self.tenant(), instance = %self.ctx.instance, max, "max_connections reached; connection refused");
+            if let Some(suppressed) = logs::allow("onramp.max_connections") {
+                tracing::warn!(tenant = %self.tenant(), instance = %self.ctx.instance, max, suppressed, "max_connections reached; connection refused");
+            }
             return None;
         }
         Some(Slot(self.active.clone()))
@@ -342,14 +345,18 @@ impl OnRamp {
         let work = async {
             if let Verdict::Deny(why) = flow.verdict() {
                 ctx.metrics.reject(tenant, instance, "denied");
-                tracing::info!(%tenant, %instance, src = %req.src, %dst, identity = req.identity.as_deref().unwrap_or("-"), reason = %why, "flow denied");
+                if let Some(suppressed) = logs::allow("onramp.denied") {
+                    tracing::info!(%tenant, %instance, src = %req.src, %dst, identity = req.identity.as_deref().unwrap_or("-"), reason = %why, suppressed, "flow denied");
+                }
                 return EndReason::Denied;
             }
             let (connector, target) = match routed {
                 Ok((c, t, _)) => (c, t),
                 Err(refusal) => {
                     ctx.metrics.dial_error(tenant, instance, refusal.reason());
-                    tracing::warn!(%tenant, %instance, src = %req.src, %dst, error = %refusal, "refused");
+                    if let Some(suppressed) = logs::allow("onramp.refused") {
+                        tracing::warn!(%tenant, %instance, src = %req.src, %dst, error = %refusal, suppressed, "refused");
+                    }
                     return refusal.end_reason();
                 }
             };
@@ -357,7 +364,9 @@ impl OnRamp {
                 Ok(s) => s,
                 Err(e) => {
                     ctx.metrics.dial_error(tenant, instance, e.reason());
-                    tracing::warn!(%tenant, %instance, src = %req.src, %dst, via = %connector, error = %e, "dial failed");
+                    if let Some(suppressed) = logs::allow("onramp.dial_failed") {
+                        tracing::warn!(%tenant, %instance, src = %req.src, %dst, via = %connector, error = %e, suppressed, "dial failed");
+                    }
                     return EndReason::DialFailed(e.reason());
                 }
             };

@@ -141,7 +141,9 @@ async fn connect_upstream(
             .ctx()
             .metrics
             .dial_error(&tenant, &instance, reason);
-        tracing::warn!(%tenant, %instance, %src, error = %msg, "udp session not opened");
+        if let Some(suppressed) = crate::core::logs::allow("udp.session_not_opened") {
+            tracing::warn!(%tenant, %instance, %src, error = %msg, suppressed, "udp session not opened");
+        }
     };
     match shared
         .onramp
