@@ -366,3 +366,66 @@ fn clients_reach_each_other_through_the_hub() {
     assert!(f["bytes_up"].as_u64().unwrap() >= 3 * 84, "{f}");
     assert!(f["bytes_down"].as_u64().unwrap() >= 3 * 84, "{f}");
 }
+
+/// 50 idle connections from a wireguard-go peer through a `listen_via` pipe;
+/// then the peer's interface is deleted. Tunnelled TCP keep-alives find it
+/// gone: every connection ends within twice `tcp_timeout`.
+#[test]
+fn connections_of_a_vanished_peer_end_within_the_timeout() {
+    if !can_netns() || !have("wireguard-go") || !have("wg") || !have("nginx") || !have("python3") {
+        return;
+    }
+    let mut server = Netns::new("s");
+    let client = Netns::new("c");
+    link(&server, "10.231.6.1/24", &client, "10.231.6.2/24");
+    let _nginx = nginx_in(&mut server, "127.0.0.1:8081", "held\n");
+    let wg = WgGo::new(&client, "10.192.0.2/24", None);
+    let key = meshgate::core::keys::PrivateKey::generate();
+    let cfg = server_config(
+        &key.to_base64(),
+        51820,
+        &format!(
+            "  - name: wgo\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n",
+            wg.public_key()
+        ),
+        "127.0.0.1:9000",
+        "127.0.0.1:8081",
+    );
+    // Short timeouts for the test: keep-alive every second, 3 s to give up.
+    let wg0 = cfg.path().join("tenants/default/wg0.yaml");
+    let mut text = std::fs::read_to_string(&wg0).unwrap();
+    text.push_str("tcp_keepalive: 1s\ntcp_timeout: 3s\n");
+    std::fs::write(&wg0, text).unwrap();
+    let mg = NsMeshgate::start(&server, cfg.path(), "127.0.0.1:9000");
+    wg.add_peer(
+        &client,
+        &key.public_key().to_string(),
+        "endpoint 10.231.6.1:51820 allowed-ips 10.192.0.0/24 persistent-keepalive 1",
+    );
+    let mut holder = client.cmd("python3");
+    holder.args([
+        "-c",
+        "import socket, time\n\
+         s = [socket.create_connection(('10.192.0.1', 8080), timeout=5) for _ in range(50)]\n\
+         print('open', flush=True)\n\
+         time.sleep(120)",
+    ]);
+    let mut client = client;
+    client.spawn(holder);
+    let active = "meshgate_connections_active{tenant=\"default\",instance=\"web\"} ";
+    assert!(
+        wait_until(Duration::from_secs(15), || mg.metric(&server, active) == 50.0),
+        "50 connections did not open: {}\n{}",
+        mg.metric(&server, active),
+        mg.log_text()
+    );
+    // The peer vanishes.
+    client.sh(&format!("ip link del {}", wg.iface));
+    let t0 = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(6), || mg.metric(&server, active) == 0.0),
+        "still {} active after 6 s",
+        mg.metric(&server, active)
+    );
+    eprintln!("all 50 ended {:?} after the peer vanished", t0.elapsed());
+}

@@ -27,7 +27,7 @@ pub enum PipeProtocol {
 /// remote: 127.0.0.1:80       # where connections go: IP or name, and port
 /// protocol: tcp              # tcp (default) or udp
 /// connect_timeout: 5s        # default 5s
-/// idle_timeout: 10m          # default: none for tcp, 60s for udp
+/// idle_timeout: 10m          # default: 1h for tcp, 60s for udp; `none` lifts it (tcp only)
 /// max_connections: 1024      # default 1024; more are refused and counted
 /// vnet: sydney               # optional: route in this vnet of the tenant (default: the default vnet)
 /// via: wg0                   # optional: dial through this module's network (a WireGuard instance)
@@ -49,8 +49,8 @@ pub struct PipeConfig {
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Close a connection (or UDP session) after this long without traffic.
-    #[serde(default, with = "humantime_serde")]
-    pub idle_timeout: Option<Duration>,
+    #[serde(default)]
+    pub idle_timeout: Option<IdleTimeout>,
     /// Concurrent connections (or UDP sessions) allowed.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -78,6 +78,40 @@ fn default_max_connections() -> usize {
 
 /// UDP sessions end after this long without a datagram unless configured.
 pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
+/// TCP connections end after this long without a byte either way unless
+/// configured: a client that vanished without a FIN does not hold a
+/// connection forever. `idle_timeout: none` lifts it.
+pub const DEFAULT_TCP_IDLE: Duration = Duration::from_secs(3600);
+
+/// `idle_timeout`: a duration, or `none` (also `off`) for no idle timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleTimeout {
+    /// No idle timeout (TCP only).
+    Off,
+    /// End after this long without traffic.
+    After(Duration),
+}
+
+impl<'de> Deserialize<'de> for IdleTimeout {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.trim() {
+            "none" | "off" => Ok(IdleTimeout::Off),
+            t => humantime::parse_duration(t)
+                .map(IdleTimeout::After)
+                .map_err(|e| serde::de::Error::custom(format!("`{t}`: {e}; expected a duration such as 10m, or `none`"))),
+        }
+    }
+}
+
+impl Serialize for IdleTimeout {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            IdleTimeout::Off => s.serialize_str("none"),
+            IdleTimeout::After(d) => s.collect_str(&humantime::format_duration(*d)),
+        }
+    }
+}
 
 impl PipeConfig {
     /// Parses and validates a `kind: pipe` document.
@@ -132,12 +166,22 @@ impl PipeConfig {
                 "must be longer than 0s",
             ));
         }
-        if c.idle_timeout.is_some_and(|d| d.is_zero()) {
-            return Err(ConfigError::key(
-                &doc.source,
-                "idle_timeout",
-                "must be longer than 0s (omit it for none)",
-            ));
+        match c.idle_timeout {
+            Some(IdleTimeout::After(d)) if d.is_zero() => {
+                return Err(ConfigError::key(
+                    &doc.source,
+                    "idle_timeout",
+                    "must be longer than 0s (`none` for no idle timeout)",
+                ))
+            }
+            Some(IdleTimeout::Off) if c.protocol == PipeProtocol::Udp => {
+                return Err(ConfigError::key(
+                    &doc.source,
+                    "idle_timeout",
+                    "UDP sessions need an idle timeout: they end only by it",
+                ))
+            }
+            _ => {}
         }
         Ok(c)
     }
@@ -157,9 +201,11 @@ impl PipeConfig {
 
     /// The idle timeout in force, with the protocol's default.
     pub fn effective_idle_timeout(&self) -> Option<Duration> {
-        match self.protocol {
-            PipeProtocol::Tcp => self.idle_timeout,
-            PipeProtocol::Udp => Some(self.idle_timeout.unwrap_or(DEFAULT_UDP_IDLE)),
+        match (self.idle_timeout, self.protocol) {
+            (Some(IdleTimeout::After(d)), _) => Some(d),
+            (Some(IdleTimeout::Off), PipeProtocol::Tcp) => None,
+            (None, PipeProtocol::Tcp) => Some(DEFAULT_TCP_IDLE),
+            (_, PipeProtocol::Udp) => Some(DEFAULT_UDP_IDLE),
         }
     }
 }
@@ -185,12 +231,22 @@ mod tests {
         assert_eq!(c.protocol, PipeProtocol::Tcp);
         assert_eq!(c.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.max_connections, 1024);
-        assert_eq!(c.effective_idle_timeout(), None);
+        assert_eq!(c.effective_idle_timeout(), Some(DEFAULT_TCP_IDLE));
         let c = PipeConfig::from_document(&doc(
             json!({"listen": 53, "remote": "10.0.0.1:53", "protocol": "udp", "idle_timeout": "5s"}),
         ))
         .unwrap();
         assert_eq!(c.effective_idle_timeout(), Some(Duration::from_secs(5)));
+        let c = PipeConfig::from_document(&doc(
+            json!({"listen": 80, "remote": "10.0.0.1:80", "idle_timeout": "none"}),
+        ))
+        .unwrap();
+        assert_eq!(c.effective_idle_timeout(), None);
+        let e = PipeConfig::from_document(&doc(
+            json!({"listen": 53, "remote": "10.0.0.1:53", "protocol": "udp", "idle_timeout": "off"}),
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("UDP sessions need an idle timeout"), "{e}");
     }
 
     #[test]

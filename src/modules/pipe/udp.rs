@@ -15,7 +15,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{PipeConfig, PipeProtocol, DEFAULT_UDP_IDLE};
+use super::config::{IdleTimeout, PipeConfig, PipeProtocol, DEFAULT_UDP_IDLE};
 use super::State;
 use crate::core::addr::HostPort;
 use crate::core::net::proxy::Traffic;
@@ -238,7 +238,10 @@ async fn run_session(
     );
     // The config the session opened with: a reload to TCP cannot take its
     // idle timeout away.
-    let idle = cfg.idle_timeout.unwrap_or(DEFAULT_UDP_IDLE);
+    let idle = match cfg.idle_timeout {
+        Some(IdleTimeout::After(d)) => d,
+        _ => DEFAULT_UDP_IDLE,
+    };
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let reason = loop {
         tokio::select! {

@@ -21,6 +21,8 @@ use crate::core::keys::{PrivateKey, PublicKey};
 /// address: 10.192.0.1/24         # this node's address(es) in the tenant's network
 /// vnet: sydney                   # optional: the vnet it attaches to (default: the tenant's default)
 /// forward: true                  # forward between peers (default: when `address` is a subnet)
+/// tcp_keepalive: 30s             # keep-alives on tunnelled TCP connections (0s: off)
+/// tcp_timeout: 90s               # a silent peer's TCP connections end after this
 /// interface: wg0                 # the name `wg` knows it by (default <tenant>-<instance>, 15 chars at most)
 /// uapi: auto                     # auto (/var/run/wireguard when usable) | off | a directory
 /// peers:
@@ -44,6 +46,10 @@ struct RawConfig {
     peers: Vec<RawPeer>,
     #[serde(default)]
     mtu: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    tcp_keepalive: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    tcp_timeout: Option<Duration>,
     #[serde(default)]
     vnet: Option<String>,
     #[serde(default)]
@@ -118,6 +124,13 @@ pub struct WireGuardConfig {
     pub peers: Vec<PeerConfig>,
     /// Inner MTU (default 1420).
     pub mtu: usize,
+    /// Keep-alive interval of TCP connections carried in the tunnel
+    /// (default 30 s; `0s` turns it off).
+    pub tcp_keepalive: Option<Duration>,
+    /// How long a tunnelled TCP connection may wait for a silent peer before
+    /// it is aborted (default 90 s); with keep-alive on, an idle connection
+    /// to a vanished peer ends within this time.
+    pub tcp_timeout: Duration,
     /// The vnet it attaches to; `None`: the tenant's default vnet.
     pub vnet: Option<String>,
     /// The interface name `wg` shows (and the UAPI socket's name), if set;
@@ -159,6 +172,11 @@ impl std::fmt::Debug for WireGuardConfig {
             .finish()
     }
 }
+
+/// Keep-alive of tunnelled TCP connections unless configured.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+/// Dead-peer timeout of tunnelled TCP connections unless configured.
+pub const DEFAULT_TCP_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Largest key file read: a key is 44 characters; this leaves room for a
 /// comment line but refuses to slurp a wrong path.
@@ -282,6 +300,21 @@ impl WireGuardConfig {
             configstore::check_name(v).map_err(|m| ConfigError::key(src, "vnet", m))?;
         }
         let mtu = raw.mtu.unwrap_or(1420);
+        let tcp_keepalive = match raw.tcp_keepalive {
+            None => Some(DEFAULT_TCP_KEEPALIVE),
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+        };
+        let tcp_timeout = raw.tcp_timeout.unwrap_or(DEFAULT_TCP_TIMEOUT);
+        if tcp_timeout < Duration::from_secs(1)
+            || tcp_keepalive.is_some_and(|k| tcp_timeout < 2 * k)
+        {
+            return Err(ConfigError::key(
+                src,
+                "tcp_timeout",
+                "must be at least 1s and at least twice tcp_keepalive",
+            ));
+        }
         if !(576..=9000).contains(&mtu) {
             return Err(ConfigError::key(src, "mtu", "expected 576-9000"));
         }
@@ -356,6 +389,8 @@ impl WireGuardConfig {
             addresses,
             peers,
             mtu,
+            tcp_keepalive,
+            tcp_timeout,
             vnet: raw.vnet,
             interface: raw.interface,
             uapi,

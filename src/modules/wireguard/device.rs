@@ -342,6 +342,8 @@ impl Device {
         let mut stack_cfg =
             crate::core::engine::userspace::NetStackConfig::new(cfg.addresses.clone());
         stack_cfg.mtu = cfg.mtu;
+        stack_cfg.keep_alive = cfg.tcp_keepalive;
+        stack_cfg.tcp_timeout = cfg.tcp_timeout;
         let stack = NetStack::spawn(stack_cfg, sink.clone());
         let _ = wire.stack.set(stack.clone());
         let dev = Arc::new(Self::build(

@@ -311,7 +311,9 @@ impl Inner {
             && new.listen_port == old.listen_port
             && new.addresses == old.addresses
             && new.mtu == old.mtu
-            && new.forward == old.forward;
+            && new.forward == old.forward
+            && new.tcp_keepalive == old.tcp_keepalive
+            && new.tcp_timeout == old.tcp_timeout;
         match (same_interface, self.device()) {
             (true, Some(dev)) => dev.set_peers(&new.peers),
             (_, old_dev) => {
