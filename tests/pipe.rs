@@ -69,7 +69,9 @@ fn curl_through_pipe_to_nginx_and_200_concurrent() {
         "active connections stay above 0"
     );
     assert!(
-        wait_until(Duration::from_secs(5), || mg.fd_count() == baseline_fds),
+        // A leak stays; closing 200 sockets under a loaded test run may take
+        // a few seconds.
+        wait_until(Duration::from_secs(15), || mg.fd_count() == baseline_fds),
         "fd count {} != baseline {baseline_fds}",
         mg.fd_count()
     );
