@@ -414,7 +414,8 @@ fn connections_of_a_vanished_peer_end_within_the_timeout() {
     client.spawn(holder);
     let active = "meshgate_connections_active{tenant=\"default\",instance=\"web\"} ";
     assert!(
-        wait_until(Duration::from_secs(15), || mg.metric(&server, active) == 50.0),
+        wait_until(Duration::from_secs(15), || mg.metric(&server, active)
+            == 50.0),
         "50 connections did not open: {}\n{}",
         mg.metric(&server, active),
         mg.log_text()

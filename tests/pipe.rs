@@ -70,9 +70,10 @@ fn curl_through_pipe_to_nginx_and_200_concurrent() {
     );
     assert!(
         // A leak stays; closing 200 sockets under a loaded test run may take
-        // a few seconds.
-        wait_until(Duration::from_secs(15), || mg.fd_count() == baseline_fds),
-        "fd count {} != baseline {baseline_fds}",
+        // a few seconds. (At or below: the baseline may include the admin
+        // connection of the readiness probe, closed since.)
+        wait_until(Duration::from_secs(15), || mg.fd_count() <= baseline_fds),
+        "fd count {} > baseline {baseline_fds}",
         mg.fd_count()
     );
     assert_eq!(mg.json("/api/v1/flows").as_array().unwrap().len(), 0);

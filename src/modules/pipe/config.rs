@@ -99,7 +99,11 @@ impl<'de> Deserialize<'de> for IdleTimeout {
             "none" | "off" => Ok(IdleTimeout::Off),
             t => humantime::parse_duration(t)
                 .map(IdleTimeout::After)
-                .map_err(|e| serde::de::Error::custom(format!("`{t}`: {e}; expected a duration such as 10m, or `none`"))),
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "`{t}`: {e}; expected a duration such as 10m, or `none`"
+                    ))
+                }),
         }
     }
 }
@@ -246,7 +250,10 @@ mod tests {
             json!({"listen": 53, "remote": "10.0.0.1:53", "protocol": "udp", "idle_timeout": "off"}),
         ))
         .unwrap_err();
-        assert!(e.to_string().contains("UDP sessions need an idle timeout"), "{e}");
+        assert!(
+            e.to_string().contains("UDP sessions need an idle timeout"),
+            "{e}"
+        );
     }
 
     #[test]

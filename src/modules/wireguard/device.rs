@@ -5,8 +5,9 @@
 //! - Incoming datagrams are matched to a peer without trying every key:
 //!   handshake initiations by the anonymous handshake parse (the sender's
 //!   static key), everything else by the receiver index, whose upper 24
-//!   bits are random per peer and map to its slot. A shared rate limiter
-//!   answers with cookies under load.
+//!   bits are random per peer and map to its slot. Each source address has
+//!   a token bucket for handshake messages (20/s, burst 10) spent before any
+//!   crypto; a shared rate limiter answers with cookies under load.
 //! - After decryption the inner source address must route back to the
 //!   sending peer (longest prefix over all peers' allowed IPs, as the
 //!   kernel's cryptokey routing); otherwise the packet is dropped and counted.
@@ -62,6 +63,20 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a silent peer's endpoint name is resolved again.
 const RERESOLVE_EVERY: Duration = Duration::from_secs(30);
+/// Handshake messages one source address may send per second, and its burst
+/// (the kernel's WireGuard allows 20/s with a burst of 5 initiations).
+const PER_SOURCE_RATE: f64 = 20.0;
+const PER_SOURCE_BURST: f64 = 10.0;
+/// Most source addresses tracked; the oldest idle ones are forgotten.
+const PER_SOURCE_MAX: usize = 16_384;
+
+/// One source's handshake tokens.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
 /// The first byte of a handshake response message.
 const HANDSHAKE_RESPONSE: u8 = 2;
 
@@ -201,6 +216,9 @@ pub struct Device {
     /// The socket and stack when running for real; `None` in simulations.
     io: Option<DeviceIo>,
     rate_limiter: Arc<RateLimiter>,
+    /// Handshake messages per source address (a token bucket each, as the
+    /// kernel keeps): one source cannot take the whole handshake budget.
+    per_source: Mutex<HashMap<IpAddr, Bucket>>,
     table: RwLock<Arc<PeerTable>>,
     wg_metrics: Arc<WgMetrics>,
     stack_metrics: Arc<NetStackMetrics>,
@@ -395,6 +413,7 @@ impl Device {
             wire,
             io,
             rate_limiter,
+            per_source: Mutex::new(HashMap::new()),
             table: RwLock::new(Arc::new(PeerTable {
                 slots: Vec::new(),
                 by_key: HashMap::new(),
@@ -665,6 +684,13 @@ impl Device {
 
     /// Handles one datagram from the network. Never panics on bad input.
     pub fn handle_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+        // Handshake messages (types 1 and 2) spend a token of their source
+        // before any crypto; a flood from one address is dropped here.
+        if matches!(datagram.first(), Some(1 | 2))
+            && !self.handshake_token(src.ip(), Instant::now())
+        {
+            return self.drop_packet(None, "handshake_rate");
+        }
         let table = self.table();
         let packet = match self
             .rate_limiter
@@ -761,6 +787,32 @@ impl Device {
                 drop(tunn);
                 self.route_inbound(peer, p, IpAddr::V6(inner_src));
             }
+        }
+    }
+
+    /// Takes one handshake token of `ip`; false when its bucket is empty.
+    fn handshake_token(&self, ip: IpAddr, now: Instant) -> bool {
+        let mut map = self.per_source.lock().expect("poisoned");
+        if map.len() >= PER_SOURCE_MAX && !map.contains_key(&ip) {
+            // Forget sources whose bucket has refilled: they lose nothing.
+            let full = PER_SOURCE_BURST / PER_SOURCE_RATE;
+            map.retain(|_, b| now.saturating_duration_since(b.last).as_secs_f64() < full);
+            if map.len() >= PER_SOURCE_MAX {
+                return false;
+            }
+        }
+        let b = map.entry(ip).or_insert(Bucket {
+            tokens: PER_SOURCE_BURST,
+            last: now,
+        });
+        let refill = now.saturating_duration_since(b.last).as_secs_f64() * PER_SOURCE_RATE;
+        b.tokens = (b.tokens + refill).min(PER_SOURCE_BURST);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 

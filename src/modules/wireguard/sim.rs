@@ -75,6 +75,17 @@ impl Node {
         }
     }
 
+    /// Cookie replies this node sent.
+    fn dev_cookies_sent(&self) -> f64 {
+        self.wire
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, d)| d[0] == 3)
+            .count() as f64
+    }
+
     fn delivered(&self) -> Vec<Vec<u8>> {
         std::mem::take(&mut *self.wire.delivered.lock().unwrap())
     }
@@ -426,7 +437,6 @@ fn replayed_initiations_from_a_spoofed_source_never_move_the_endpoint() {
     pump(&[&hub, &two], &mut f, 10);
     hub.delivered();
     let mut buf = vec![0u8; 70_000];
-    let spoofed: SocketAddr = "203.0.113.66:6666".parse().unwrap();
     // A stranger's initiation (valid MAC, unknown key) passes the hub's own
     // limiter check once and is dropped: interleaved with the replay it
     // shifts which of the two limiter checks a replay meets under load,
@@ -443,14 +453,25 @@ fn replayed_initiations_from_a_spoofed_source_never_move_the_endpoint() {
         .dev
         .send_ip(&ping([10, 9, 9, 9], [10, 192, 0, 1], 1), None);
     let (_, stranger_init) = stranger.wire.sent.lock().unwrap().pop_front().unwrap();
-    for i in 0..600 {
+    // Spoofed addresses are cheap: every message from another one, so the
+    // per-source limiter lets them through and the shared one fills up.
+    let spoof =
+        |i: u32| SocketAddr::from(([203, 0, 113, (i % 250) as u8], 6000 + (i / 250) as u16));
+    for i in 0..600u32 {
         if i % 3 == 0 {
-            hub.dev
-                .handle_datagram(&stranger_init, stranger.addr, &mut buf);
+            hub.dev.handle_datagram(
+                &stranger_init,
+                SocketAddr::from(([198, 18, (i % 250) as u8, 1], 5555)),
+                &mut buf,
+            );
         }
-        hub.dev.handle_datagram(&init, spoofed, &mut buf);
+        hub.dev.handle_datagram(&init, spoof(i), &mut buf);
     }
     assert!(hub.drops("unknown_peer") >= 1.0);
+    assert!(
+        hub.drops("under_load") + hub.dev_cookies_sent() >= 1.0,
+        "the hub went under load"
+    );
     let status = hub.dev.peer_status();
     assert_eq!(status[0].endpoint.as_deref(), Some("198.51.100.2:40000"));
     // Whatever went to the spoofed source is cookies, never a handshake
@@ -458,7 +479,7 @@ fn replayed_initiations_from_a_spoofed_source_never_move_the_endpoint() {
     let sent = hub.wire.sent.lock().unwrap();
     assert!(
         sent.iter()
-            .filter(|(to, _)| *to == spoofed)
+            .filter(|(to, _)| matches!(to.ip(), std::net::IpAddr::V4(v4) if v4.octets()[..3] == [203, 0, 113]))
             .all(|(_, d)| d[0] == 3),
         "only cookie replies go to an unverified source"
     );
@@ -657,4 +678,30 @@ fn a_removed_peer_leaves_no_series() {
     assert!(!text.contains("peer=\"two\""), "{text}");
     h.dev.forget_metrics();
     assert!(!h.metrics.encode().contains("peer=\"three\""));
+}
+
+#[test]
+fn one_source_cannot_take_the_handshake_budget() {
+    let (hub, two, three) = hub_and_clients();
+    let mut f = Faults::none();
+    two.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+    let (_, init) = two.wire.sent.lock().unwrap().front().cloned().unwrap();
+    pump(&[&hub, &two], &mut f, 10);
+    let mut buf = vec![0u8; 70_000];
+    let flooder: SocketAddr = "203.0.113.7:7777".parse().unwrap();
+    for _ in 0..1000 {
+        hub.dev.handle_datagram(&init, flooder, &mut buf);
+    }
+    assert!(
+        hub.drops("handshake_rate") >= 980.0,
+        "{}",
+        hub.drops("handshake_rate")
+    );
+    // Another peer, from its own address, still gets its handshake.
+    greet(&hub, &[(&three, 3)], &mut f);
+    let p = ping([10, 192, 0, 1], [10, 192, 0, 3], 2);
+    hub.dev.send_ip(&p, None);
+    pump(&[&hub, &three], &mut f, 10);
+    assert_eq!(three.delivered(), vec![p]);
 }
