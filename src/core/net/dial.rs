@@ -1,8 +1,8 @@
-//! Dialing: opening a stream to a target through an off-ramp.
+//! Dialing: opening a stream to a target through a connector.
 //!
 //! [`Dialer`] is the capability a module offers when flows can leave through
 //! it (a WireGuard instance, a mesh transport). [`DirectDialer`] is the
-//! `direct` off-ramp: the host's own TCP stack.
+//! `direct` connector: the host's own TCP stack.
 
 use std::io;
 use std::time::Duration;
@@ -44,7 +44,7 @@ pub enum DialError {
         #[source]
         source: io::Error,
     },
-    /// The router had no route, or the named off-ramp is missing.
+    /// No route, or the connector the route names is not running.
     #[error("{0}")]
     NoRoute(String),
     /// Any other I/O failure.
@@ -84,14 +84,14 @@ impl DialError {
     }
 }
 
-/// Opens streams to targets. Offered by modules that are off-ramps.
+/// Opens streams to targets. Offered by modules that are connectors.
 #[async_trait]
 pub trait Dialer: Send + Sync {
     /// Opens a TCP stream to `target`, giving up after `timeout`.
     async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError>;
 }
 
-/// The `direct` off-ramp: the host network, names resolved by the system resolver.
+/// The `direct` connector: the host network, names resolved by the system resolver.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DirectDialer;
 

@@ -1,12 +1,15 @@
-//! Per-tenant routing: which off-ramp a destination leaves through.
+//! Route tables: which connector a destination leaves through.
 //!
 //! A route matches a destination by CIDR (for IP literals), exact host name,
-//! or host suffix (`.corp.example`), and names an [`OffRamp`]. The longest
-//! match wins: the longest prefix for addresses; an exact name before any
-//! suffix, and a longer suffix before a shorter one. No match is a
-//! [`RouteError::NoRoute`], never a silent direct dial.
+//! or host suffix (`.corp.example`), and names a [`Connector`] (`direct`, a
+//! module such as a WireGuard instance, or `reject`). The longest match
+//! wins: the longest prefix for addresses; an exact name before any suffix,
+//! and a longer suffix before a shorter one; across layered tables
+//! ([`Router::route_layered`]) the earlier table wins a tie. A vnet
+//! ([`crate::core::spine::vnet::Vnets`]) layers its tables and turns no
+//! match into [`RouteError::NoRoute`], never a silent direct dial.
 //!
-//! Sans-IO: routing is a pure function of the table and the target.
+//! Sans-IO: routing is a pure function of the tables and the target.
 
 use std::fmt;
 
