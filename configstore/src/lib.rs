@@ -10,10 +10,10 @@
 //! - [`dir`]: the directory store (`DIR/meshgate.yaml`,
 //!   `DIR/tenants/<tenant>/<instance>.yaml|.yml|.json|.toml`) and its inotify
 //!   watcher.
-//! - [`env`]: environment overrides (`MESHGATE_NODE__<KEY>`,
+//! - [`mod@env`]: environment overrides (`MESHGATE_NODE__<KEY>`,
 //!   `MESHGATE_TENANT__<TENANT>__<INSTANCE>__<KEY>`) layered over any store.
 //! - [`cloudgateway`]: Cloud-Gateway's `conf.yaml`, read as it is.
-//! - [`format`]: parsing YAML, JSON and TOML text into one value tree.
+//! - [`mod@format`]: parsing YAML, JSON and TOML text into one value tree.
 //! - [`mem`]: an in-memory store (tests, embedding).
 //!
 //! An etcd store (feature `etcd`, later) implements the same trait: the

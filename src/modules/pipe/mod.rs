@@ -6,7 +6,7 @@
 //! to [`OnRamp::connect`] (flow, policy, route in the pipe's `vnet`, dial,
 //! join, typed end). `via:` pins the connector (a WireGuard instance) and
 //! `peer:` names the target by the peer's VPN address: both are sugar for a
-//! route. A UDP pipe has one session per client address ([`udp`]).
+//! route. A UDP pipe has one session per client address (`udp`).
 //!
 //! Reload swaps the config for new connections; a changed `listen` binds the
 //! new address before the old listener closes, and open connections are

@@ -896,7 +896,7 @@ impl Device {
         }
     }
 
-    /// One timer round (every [`TIMER_TICK`]): boringtun's timers for every
+    /// One timer round (every 250 ms): boringtun's timers for every
     /// peer (keepalives, rekeys, retransmitted handshakes), handshake
     /// bookkeeping, endpoint re-resolution, and the limiter's reset.
     pub fn tick(&self, buf: &mut [u8]) {

@@ -1,5 +1,5 @@
 //! The WireGuard module's metrics, registered under `meshgate_wg_` once per
-//! node ([`Metrics::subsystem`]): per peer handshakes, last handshake time,
+//! node ([`crate::core::metrics::Metrics::subsystem`]): per peer handshakes, last handshake time,
 //! UDP bytes and drops by reason, and the instance's IP stack counters.
 
 use prometheus_client::encoding::EncodeLabelSet;
