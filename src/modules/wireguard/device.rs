@@ -208,6 +208,8 @@ pub struct Device {
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
     addresses: Vec<IpNet>,
+    /// The inner MTU: a decrypted packet larger than this is dropped.
+    mtu: usize,
     /// Forward between peers (the node has a subnet address).
     forward: bool,
     /// Where datagrams and decrypted packets go: the UDP socket and the IP
@@ -409,6 +411,7 @@ impl Device {
             private,
             public,
             addresses: cfg.addresses.clone(),
+            mtu: cfg.mtu,
             forward,
             wire,
             io,
@@ -832,6 +835,11 @@ impl Device {
     fn route_inbound(&self, peer: &Peer, packet: &mut [u8], inner_src: IpAddr) {
         if packet.is_empty() {
             return; // keepalive
+        }
+        if packet.len() > self.mtu {
+            // Larger than the tunnel's MTU: a well-behaved peer never sends
+            // it, and it would cost the stack or the next peer a buffer.
+            return self.drop_packet(Some(peer), "over_mtu");
         }
         // Cryptokey routing: the source must route back to the sender
         // (longest prefix), not merely lie in one of its allowed IPs: with

@@ -705,3 +705,19 @@ fn one_source_cannot_take_the_handshake_budget() {
     pump(&[&hub, &three], &mut f, 10);
     assert_eq!(three.delivered(), vec![p]);
 }
+
+#[test]
+fn inner_packets_over_the_mtu_are_dropped_and_counted() {
+    let (hub, two, _three) = hub_and_clients();
+    let mut f = Faults::none();
+    greet(&hub, &[(&two, 2)], &mut f);
+    let mut big = Vec::new();
+    PacketBuilder::ipv4([10, 192, 0, 2], [10, 192, 0, 1], 64)
+        .udp(1, 2)
+        .write(&mut big, &vec![0u8; 1500])
+        .unwrap();
+    two.dev.send_ip(&big, None);
+    pump(&[&hub, &two], &mut f, 10);
+    assert!(hub.delivered().is_empty());
+    assert_eq!(hub.drops("over_mtu"), 1.0);
+}
