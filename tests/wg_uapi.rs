@@ -505,8 +505,22 @@ fn interface_names_are_unique_per_process_and_sockets_per_path() {
     cfg.write("tenants/t2/wg2.yaml", &wg_doc("mgdup", "off"));
     let err = refused_start(&cfg);
     assert!(
-        err.contains("interface name `mgdup` is already used by"),
+        err.contains("WireGuard interface name `mgdup` is already claimed by"),
         "{err}"
+    );
+    // `--check` finds it too, without starting anything.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .arg("--config-dir")
+        .arg(cfg.path())
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("`mgdup` is already claimed by tenants/t1/wg1.yaml"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     assert!(err.contains("t1/wg1") && err.contains("t2/wg2"), "{err}");
 

@@ -37,6 +37,10 @@ pub enum ModuleError {
 pub struct ModulePlan {
     /// Instances of the same tenant that must be started first.
     pub depends_on: Vec<String>,
+    /// Names this instance needs for itself across the whole node (e.g.
+    /// `wireguard interface wg0`); two documents claiming one are a config
+    /// error naming both, found by `--check` as well as at start.
+    pub claims: Vec<String>,
 }
 
 /// Builds modules of one kind.

@@ -192,6 +192,7 @@ impl Registry {
     async fn read_all(&self) -> (BTreeMap<String, Vec<Planned>>, Vec<RegistryError>) {
         let mut out: BTreeMap<String, Vec<Planned>> = BTreeMap::new();
         let mut errors = Vec::new();
+        let mut claimed: BTreeMap<String, String> = BTreeMap::new();
         let tenants = match self.store.tenants().await {
             Ok(t) => t,
             Err(e) => return (out, vec![e.into()]),
@@ -214,6 +215,22 @@ impl Registry {
                     },
                     Ok(None) => {}
                     Err(e) => errors.push(e.into()),
+                }
+            }
+            for p in &planned {
+                for c in &p.plan.claims {
+                    match claimed.get(c) {
+                        Some(first) => errors.push(
+                            ConfigError::doc(
+                                &p.doc.source,
+                                format!("{c} is already claimed by {first}; each must be unique in the node"),
+                            )
+                            .into(),
+                        ),
+                        None => {
+                            claimed.insert(c.clone(), p.doc.source.clone());
+                        }
+                    }
                 }
             }
             match start_order(&planned) {
@@ -675,7 +692,14 @@ mod tests {
                         .collect()
                 })
                 .unwrap_or_default();
-            Ok(ModulePlan { depends_on: needs })
+            let claims = doc.value["claim"]
+                .as_str()
+                .map(|c| vec![c.to_string()])
+                .unwrap_or_default();
+            Ok(ModulePlan {
+                depends_on: needs,
+                claims,
+            })
         }
         fn build(
             &self,
@@ -742,6 +766,27 @@ mod tests {
 
     fn take(log: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
         std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    #[tokio::test]
+    async fn two_documents_claiming_one_name_are_an_error_naming_both() {
+        let (store, reg, _log) = registry().await;
+        store.set(
+            "t",
+            "a",
+            serde_json::json!({"kind": "noop", "value": 1, "claim": "interface wg0"}),
+        );
+        store.set(
+            "u",
+            "b",
+            serde_json::json!({"kind": "noop", "value": 1, "claim": "interface wg0"}),
+        );
+        let errors: Vec<String> = reg.check().await.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("memory u/b: interface wg0 is already claimed by memory t/a"),
+            "{errors:?}"
+        );
     }
 
     #[tokio::test]

@@ -48,6 +48,7 @@ impl ModuleFactory for PipeFactory {
         let cfg = PipeConfig::from_document(doc)?;
         Ok(ModulePlan {
             depends_on: cfg.depends_on(),
+            ..ModulePlan::default()
         })
     }
 

@@ -68,6 +68,13 @@ impl ModuleFactory for WireGuardFactory {
         let cfg = WireGuardConfig::from_document(doc)?;
         Ok(ModulePlan {
             depends_on: cfg.vnet.into_iter().collect(),
+            // An explicit interface name is the node's; the default one
+            // (`<tenant>-<instance>`) is checked when the instance starts.
+            claims: cfg
+                .interface
+                .map(|n| format!("WireGuard interface name `{n}`"))
+                .into_iter()
+                .collect(),
         })
     }
 
