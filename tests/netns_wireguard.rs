@@ -36,6 +36,50 @@ fn server_config(
     d
 }
 
+/// A meshgate server (its pipe to nginx on 127.0.0.1:8081) and a
+/// wireguard-go client `wgo` at 10.192.0.2, joined by a veth on
+/// 10.231.{net}.0/24 (server .1, client .2). meshgate is not started yet.
+struct WgoClient {
+    server: Netns,
+    client: Netns,
+    wg: WgGo,
+    key: meshgate::core::keys::PrivateKey,
+    cfg: tempfile::TempDir,
+    _nginx: tempfile::TempDir,
+}
+
+fn wgo_client_of_meshgate(net: u8, body: &str) -> WgoClient {
+    let mut server = Netns::new("s");
+    let client = Netns::new("c");
+    link(
+        &server,
+        &format!("10.231.{net}.1/24"),
+        &client,
+        &format!("10.231.{net}.2/24"),
+    );
+    let nginx = nginx_in(&mut server, "127.0.0.1:8081", body);
+    let wg = WgGo::new(&client, "10.192.0.2/24", None);
+    let key = meshgate::core::keys::PrivateKey::generate();
+    let cfg = server_config(
+        &key.to_base64(),
+        51820,
+        &format!(
+            "  - name: wgo\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n",
+            wg.public_key()
+        ),
+        "127.0.0.1:9000",
+        "127.0.0.1:8081",
+    );
+    WgoClient {
+        server,
+        client,
+        wg,
+        key,
+        cfg,
+        _nginx: nginx,
+    }
+}
+
 #[test]
 fn wireguard_go_client_pings_and_curls_meshgate_then_survives_a_restart() {
     if !can_netns()
@@ -47,23 +91,14 @@ fn wireguard_go_client_pings_and_curls_meshgate_then_survives_a_restart() {
     {
         return;
     }
-    let mut server = Netns::new("s");
-    let client = Netns::new("c");
-    link(&server, "10.231.0.1/24", &client, "10.231.0.2/24");
-    let _nginx = nginx_in(&mut server, "127.0.0.1:8081", "legacy nginx says hi\n");
-
-    let wg = WgGo::new(&client, "10.192.0.2/24", None);
-    let mg_key = meshgate::core::keys::PrivateKey::generate();
-    let cfg = server_config(
-        &mg_key.to_base64(),
-        51820,
-        &format!(
-            "  - name: wgo\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n",
-            wg.public_key()
-        ),
-        "127.0.0.1:9000",
-        "127.0.0.1:8081",
-    );
+    let WgoClient {
+        server,
+        client,
+        wg,
+        key: mg_key,
+        cfg,
+        _nginx,
+    } = wgo_client_of_meshgate(0, "legacy nginx says hi\n");
     let mut mg = NsMeshgate::start(&server, cfg.path(), "127.0.0.1:9000");
     wg.add_peer(
         &client,
@@ -375,22 +410,14 @@ fn connections_of_a_vanished_peer_end_within_the_timeout() {
     if !can_netns() || !have("wireguard-go") || !have("wg") || !have("nginx") || !have("python3") {
         return;
     }
-    let mut server = Netns::new("s");
-    let client = Netns::new("c");
-    link(&server, "10.231.6.1/24", &client, "10.231.6.2/24");
-    let _nginx = nginx_in(&mut server, "127.0.0.1:8081", "held\n");
-    let wg = WgGo::new(&client, "10.192.0.2/24", None);
-    let key = meshgate::core::keys::PrivateKey::generate();
-    let cfg = server_config(
-        &key.to_base64(),
-        51820,
-        &format!(
-            "  - name: wgo\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n",
-            wg.public_key()
-        ),
-        "127.0.0.1:9000",
-        "127.0.0.1:8081",
-    );
+    let WgoClient {
+        server,
+        client,
+        wg,
+        key,
+        cfg,
+        _nginx,
+    } = wgo_client_of_meshgate(6, "held\n");
     // Short timeouts for the test: keep-alive every second, 3 s to give up.
     let wg0 = cfg.path().join("tenants/default/wg0.yaml");
     let mut text = std::fs::read_to_string(&wg0).unwrap();

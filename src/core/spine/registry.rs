@@ -764,6 +764,16 @@ mod tests {
         (store, reg, log)
     }
 
+    /// The last rejected change of `tenant/instance` ("" if none).
+    async fn last_error(reg: &Registry, tenant: &str, instance: &str) -> String {
+        reg.status()
+            .await
+            .into_iter()
+            .find(|s| s.tenant == tenant && s.instance == instance)
+            .and_then(|s| s.last_error)
+            .unwrap_or_default()
+    }
+
     fn take(log: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
         std::mem::take(&mut *log.lock().unwrap())
     }
@@ -817,15 +827,8 @@ mod tests {
         reg.apply(&[StoreEvent::Instance(InstanceKey::new("t", "a"))])
             .await;
         assert!(take(&log).is_empty());
-        let st = reg.status().await;
-        let a = st
-            .iter()
-            .find(|s| s.tenant == "t" && s.instance == "a")
-            .unwrap();
-        assert!(
-            a.last_error.as_deref().unwrap().contains("key `value`"),
-            "{a:?}"
-        );
+        let err = last_error(&reg, "t", "a").await;
+        assert!(err.contains("key `value`"), "{err}");
         // A failing reload is rejected too.
         store.set(
             "t",
@@ -834,18 +837,8 @@ mod tests {
         );
         reg.apply(&[StoreEvent::Instance(InstanceKey::new("t", "a"))])
             .await;
-        let st = reg.status().await;
-        let a = st
-            .iter()
-            .find(|s| s.tenant == "t" && s.instance == "a")
-            .unwrap();
-        assert!(
-            a.last_error
-                .as_deref()
-                .unwrap()
-                .contains("refused on purpose"),
-            "{a:?}"
-        );
+        let err = last_error(&reg, "t", "a").await;
+        assert!(err.contains("refused on purpose"), "{err}");
 
         // A removed document stops its instance; an unknown kind is refused.
         store.remove("u", "a");

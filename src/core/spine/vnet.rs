@@ -280,42 +280,6 @@ impl Vnets {
             route,
         })
     }
-
-    /// The vnets for the admin API: name, default, routes (configured and
-    /// learnt), hosts.
-    pub fn describe(&self) -> serde_json::Value {
-        let st = self.state.read().expect("vnets poisoned");
-        let default = Self::default_of(&st).ok();
-        let mut names: Vec<String> = st.configured.keys().cloned().collect();
-        if names.is_empty() {
-            names.push(IMPLICIT_VNET.to_string());
-        }
-        let vnets: Vec<serde_json::Value> = names
-            .iter()
-            .map(|n| {
-                let v = st.configured.get(n);
-                let learnt: Vec<String> = st
-                    .attached
-                    .values()
-                    .filter(|a| match &a.vnet {
-                        Some(x) => x == n,
-                        None => default.as_deref() == Some(n.as_str()),
-                    })
-                    .flat_map(|a| a.routes.routes().iter().map(ToString::to_string))
-                    .collect();
-                serde_json::json!({
-                    "name": n,
-                    "default": default.as_deref() == Some(n.as_str()),
-                    "implicit": v.is_none(),
-                    "engine": v.map(|v| v.engine).unwrap_or_default(),
-                    "routes": v.map(|v| v.routes.routes().iter().map(ToString::to_string).collect::<Vec<_>>()).unwrap_or_else(|| vec!["127.0.0.0/8 -> direct".into(), "* -> direct".into()]),
-                    "learnt_routes": learnt,
-                    "hosts": v.map(|v| v.hosts.clone()).unwrap_or_default(),
-                })
-            })
-            .collect();
-        serde_json::Value::Array(vnets)
-    }
 }
 
 #[cfg(test)]
