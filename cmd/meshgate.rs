@@ -61,8 +61,21 @@ fn fail(lines: &[String]) -> ExitCode {
     ExitCode::FAILURE
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // The kernel engine runs this executable again as its namespace
+    // helper; that must happen before any thread exists.
+    meshgate::core::engine::kernel::run_if_helper();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&[format!("cannot start the runtime: {e}")]),
+    };
+    runtime.block_on(serve())
+}
+
+async fn serve() -> ExitCode {
     let args = Args::parse();
     let (config_dir, defaulted) = match args.config_dir {
         Some(d) => (d, false),
@@ -104,6 +117,7 @@ async fn main() -> ExitCode {
 
     let mut node = node::Node::new(store.clone(), builtin_factories(), Vec::new());
     let registry = node.registry().clone();
+    registry.set_default_engine(node_cfg.engine);
     // Bind the admin API first: a taken admin port is a start-up error, not a
     // surprise after the data plane is live.
     let shutdown = CancellationToken::new();

@@ -57,6 +57,14 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --all-features 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# The end-to-end suites again with the kernel engine as the node's default
+# (a TUN in an unnamed user+net namespace), where this machine allows it.
+if ((status == 0)) && [[ $(id -u) -eq 0 ]] && [[ -c /dev/net/tun ]]; then
+  echo "== cargo test (end-to-end suites, MESHGATE_NODE__ENGINE=kernel)"
+  MESHGATE_NODE__ENGINE=kernel cargo test --all-features \
+    --test netns_wireguard --test netns_vnets --test cloudgateway --test wireguard --test wg_uapi --test pipe 2>&1 | tee -a "$log"
+  status=${PIPESTATUS[0]}
+fi
 set -e
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -166,6 +166,11 @@ pub struct NodeConfig {
     /// How long SIGTERM waits for open connections before closing them. Default 30s.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// The engine of vnets that name none (and of Cloud-Gateway's
+    /// network): `userspace` (default: no privileges) or `kernel` (a TUN
+    /// in an unnamed user + network namespace; the kernel's TCP).
+    #[serde(default)]
+    pub engine: crate::core::engine::EngineKind,
 }
 
 /// Log line format.
@@ -291,5 +296,11 @@ mod tests {
         assert_eq!(n.drain_timeout, Duration::from_secs(2));
         let e = NodeConfig::from_document(Some(&doc(json!({"admin": "nowhere"})))).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("admin"));
+        assert_eq!(n.engine, crate::core::engine::EngineKind::Userspace);
+        let n = NodeConfig::from_document(Some(&doc(json!({"engine": "kernel"})))).unwrap();
+        assert_eq!(n.engine, crate::core::engine::EngineKind::Kernel);
+        let e = NodeConfig::from_document(Some(&doc(json!({"engine": "tun"})))).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("engine"));
+        assert!(e.message.contains("userspace"), "{e}");
     }
 }

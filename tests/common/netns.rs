@@ -239,10 +239,23 @@ impl NsMeshgate {
     /// Starts meshgate on `cfg_dir` inside `ns` and waits for `/readyz`
     /// (the admin API listens on `admin` inside the namespace).
     pub fn start(ns: &Netns, cfg_dir: &Path, admin: &str) -> NsMeshgate {
+        Self::start_wrapped(ns, &[], cfg_dir, admin)
+    }
+
+    /// As [`NsMeshgate::start`], with meshgate's command line appended to
+    /// `wrapper` (e.g. `setpriv ...` to run it as another user).
+    pub fn start_wrapped(ns: &Netns, wrapper: &[&str], cfg_dir: &Path, admin: &str) -> NsMeshgate {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("meshgate.log");
-        let child = ns
-            .cmd(env!("CARGO_BIN_EXE_meshgate"))
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = ns.cmd(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_meshgate"));
+                c
+            }
+            None => ns.cmd(env!("CARGO_BIN_EXE_meshgate")),
+        };
+        let child = cmd
             .arg("--config-dir")
             .arg(cfg_dir)
             .env("MESHGATE_LOG", "info")

@@ -1,9 +1,133 @@
 //! Engines: the data planes that carry a vnet's IP packets.
 //!
-//! - [`userspace`]: a userspace TCP/IP stack (smoltcp) per network: no root,
-//!   no TUN. WireGuard instances feed it decrypted packets.
+//! A module that terminates a network (a WireGuard instance) starts one
+//! engine with [`start`] and a [`PacketSink`] for what the engine sends; it
+//! hands the engine every decrypted packet for the node's own addresses
+//! ([`IpEngine::inject`]). Pipes and every other on-ramp listen and dial
+//! through the [`IpEngine`] trait, whatever the engine:
 //!
-//! The `kernel` engine (a TUN in an unnamed user+net namespace) comes with
-//! its issue, behind the same interface.
+//! - [`userspace`] (default): a userspace TCP/IP stack (smoltcp) per
+//!   network. No root, no TUN, no capability.
+//! - [`kernel`]: a TUN device in an unnamed user + network namespace of its
+//!   own, so the kernel's TCP (CUBIC/BBR, SACK, RACK, pacing) terminates the
+//!   tunnelled connections. Needs user namespaces and access to
+//!   `/dev/net/tun`; nothing on the host's network changes.
+//!
+//! A vnet says which engine carries it (`engine:`), else the node's
+//! default (`engine:` in `meshgate.yaml`, `MESHGATE_NODE__ENGINE`).
 
+pub mod kernel;
 pub mod userspace;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::core::net::dial::DialError;
+use crate::core::net::listen::StreamListener;
+use crate::core::net::proxy::Stream;
+
+pub use userspace::NetStackStats;
+
+/// Which data plane carries a vnet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// A userspace TCP/IP stack: no root, no TUN.
+    #[default]
+    Userspace,
+    /// A TUN in an unnamed user + network namespace: the kernel's TCP.
+    Kernel,
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineKind::Userspace => "userspace",
+            EngineKind::Kernel => "kernel",
+        })
+    }
+}
+
+/// Receives every IP packet an engine emits.
+///
+/// Called from the engine's task, one packet at a time. It must not block:
+/// encrypt and `try_send`, or queue.
+pub trait PacketSink: Send + Sync + 'static {
+    /// Takes one IP packet (IPv4 or IPv6, no link header). The slice is only
+    /// valid for the call.
+    fn send(&self, packet: &[u8]);
+}
+
+/// How an engine is built, whatever its kind.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The node's addresses in the network, with their prefix
+    /// (`10.192.0.1/24`).
+    pub addresses: Vec<IpNet>,
+    /// IP MTU of the virtual link (1420 for WireGuard).
+    pub mtu: usize,
+    /// TCP keep-alive interval for tunnelled connections (`None`: off).
+    pub keep_alive: Option<Duration>,
+    /// A tunnelled connection whose peer is silent this long while data
+    /// waits is aborted.
+    pub tcp_timeout: Duration,
+    /// The kernel engine's TCP congestion control (`bbr`, `cubic`, ...);
+    /// `None` keeps the kernel's default. Ignored by `userspace`.
+    pub congestion_control: Option<String>,
+    /// `tenant/instance`, for logs and the helper's process title.
+    pub label: String,
+}
+
+/// Why an engine could not start. Each message says what is missing and
+/// what to do instead.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The kernel engine cannot run on this machine or as this user.
+    #[error("engine `kernel`: {0}")]
+    Kernel(String),
+}
+
+/// A running engine: one network's IP stack, as every on-ramp uses it.
+#[async_trait]
+pub trait IpEngine: Send + Sync + 'static {
+    /// Which engine this is.
+    fn kind(&self) -> EngineKind;
+    /// Hands one IP packet for the node's addresses to the stack. Never
+    /// blocks; `false` if it was dropped (queue full, malformed, stopped).
+    fn inject(&self, packet: &[u8]) -> bool;
+    /// The node's addresses in this network.
+    fn addresses(&self) -> Vec<IpNet>;
+    /// Listens for TCP on one of the addresses (or the unspecified address
+    /// of a family). `AddrInUse` and `AddrNotAvailable` say why not.
+    async fn listen_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn StreamListener>>;
+    /// Opens a TCP connection to `dst` from the node's address.
+    async fn connect_tcp(&self, dst: SocketAddr, timeout: Duration) -> Result<Stream, DialError>;
+    /// The userspace stack's counters (`None` for engines that keep none).
+    fn stats(&self) -> Option<NetStackStats>;
+    /// Stops the engine: open connections end, the stack goes away.
+    fn shutdown(&self);
+}
+
+/// Starts an engine of `kind` for `cfg`; every packet it sends goes to `sink`.
+pub async fn start(
+    kind: EngineKind,
+    cfg: &EngineConfig,
+    sink: Arc<dyn PacketSink>,
+) -> Result<Arc<dyn IpEngine>, EngineError> {
+    match kind {
+        EngineKind::Userspace => {
+            let mut c = userspace::NetStackConfig::new(cfg.addresses.clone());
+            c.mtu = cfg.mtu;
+            c.keep_alive = cfg.keep_alive;
+            c.tcp_timeout = cfg.tcp_timeout;
+            Ok(Arc::new(userspace::NetStack::spawn(c, sink)))
+        }
+        EngineKind::Kernel => Ok(kernel::KernelEngine::start(cfg, sink).await?),
+    }
+}

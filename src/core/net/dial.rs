@@ -72,7 +72,8 @@ impl DialError {
         }
     }
 
-    fn from_io(target: &HostPort, e: io::Error) -> Self {
+    /// Classifies an OS error from connecting to `target`.
+    pub(crate) fn from_io(target: &impl std::fmt::Display, e: io::Error) -> Self {
         let target = target.to_string();
         match e.kind() {
             io::ErrorKind::ConnectionRefused => DialError::Refused(target),

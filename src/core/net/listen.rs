@@ -31,6 +31,30 @@ pub trait VirtualNetwork: Send + Sync {
     fn peer_address(&self, peer: &str) -> Option<IpAddr>;
 }
 
+/// A kernel TCP listener (on the host, or in the kernel engine's
+/// namespace) as a [`StreamListener`]: accepted streams are
+/// [`Stream::Tcp`], so joins use the `splice(2)` fast path.
+pub struct HostListener(tokio::net::TcpListener);
+
+impl HostListener {
+    /// Wraps a bound, listening socket.
+    pub fn new(l: tokio::net::TcpListener) -> Self {
+        HostListener(l)
+    }
+}
+
+#[async_trait]
+impl StreamListener for HostListener {
+    async fn accept(&mut self) -> io::Result<(Stream, SocketAddr)> {
+        let (s, src) = self.0.accept().await?;
+        let _ = s.set_nodelay(true);
+        Ok((Stream::Tcp(s), src))
+    }
+    fn local_addr(&self) -> SocketAddr {
+        self.0.local_addr().expect("bound socket has an address")
+    }
+}
+
 /// Binds a TCP listener on the host network. `[::]` means every address,
 /// IPv4 and IPv6 (dual-stack, whatever `net.ipv6.bindv6only` says), and
 /// falls back to `0.0.0.0` on hosts without IPv6.

@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use crate::core::addr::HostPort;
 use crate::core::logs;
 use crate::core::net::dns;
-use crate::core::net::listen::{bind_host_tcp, StreamListener};
+use crate::core::net::listen::{bind_host_tcp, HostListener, StreamListener};
 use crate::core::net::proxy::{self, ProxyOptions, Stream};
 use crate::core::spine::flow::{EndReason, FlowContext, Protocol, Verdict};
 use crate::core::spine::module::ModuleContext;
@@ -210,7 +210,7 @@ impl OnRamp {
     /// Binds a stream listener.
     pub async fn bind(&self, on: &ListenOn) -> io::Result<Box<dyn StreamListener>> {
         match on {
-            ListenOn::Host(addr) => Ok(Box::new(HostListener(bind_host_tcp(*addr)?))),
+            ListenOn::Host(addr) => Ok(Box::new(HostListener::new(bind_host_tcp(*addr)?))),
             ListenOn::Module { module, addr } => {
                 let net = self
                     .ctx
@@ -477,21 +477,6 @@ impl Refusal {
             Refusal::Resolve(_) => EndReason::DialFailed("resolve"),
             _ => EndReason::NoRoute,
         }
-    }
-}
-
-/// A host TCP listener as a [`StreamListener`].
-struct HostListener(tokio::net::TcpListener);
-
-#[async_trait]
-impl StreamListener for HostListener {
-    async fn accept(&mut self) -> io::Result<(Stream, SocketAddr)> {
-        let (s, src) = self.0.accept().await?;
-        let _ = s.set_nodelay(true);
-        Ok((Stream::Tcp(s), src))
-    }
-    fn local_addr(&self) -> SocketAddr {
-        self.0.local_addr().expect("bound socket has an address")
     }
 }
 

@@ -109,6 +109,8 @@ pub struct Registry {
     directory: ModuleDirectory,
     tenants: Mutex<BTreeMap<String, TenantEntry>>,
     ready: AtomicBool,
+    /// The engine of vnets that name none.
+    default_engine: std::sync::Mutex<crate::core::engine::EngineKind>,
 }
 
 impl Registry {
@@ -127,7 +129,14 @@ impl Registry {
             directory: ModuleDirectory::default(),
             tenants: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
+            default_engine: std::sync::Mutex::new(Default::default()),
         }
+    }
+
+    /// Sets the engine of vnets that name none (the node's `engine:`), for
+    /// instances started from now on.
+    pub fn set_default_engine(&self, engine: crate::core::engine::EngineKind) {
+        *self.default_engine.lock().expect("poisoned") = engine;
     }
 
     /// The node's metrics.
@@ -282,12 +291,15 @@ impl Registry {
         tenant: &str,
         p: Planned,
     ) -> Result<(), RegistryError> {
-        let entry = tenants
-            .entry(tenant.to_string())
-            .or_insert_with(|| TenantEntry {
-                tenant: Arc::new(Tenant::new(tenant)),
+        let entry = tenants.entry(tenant.to_string()).or_insert_with(|| {
+            let t = Tenant::new(tenant);
+            t.vnets
+                .set_default_engine(*self.default_engine.lock().expect("poisoned"));
+            TenantEntry {
+                tenant: Arc::new(t),
                 instances: BTreeMap::new(),
-            });
+            }
+        });
         for dep in &p.plan.depends_on {
             if !entry.instances.contains_key(dep) {
                 return Err(ConfigError::doc(

@@ -24,19 +24,11 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::core::addr::HostPort;
+use crate::core::engine::EngineKind;
 use crate::core::spine::router::{Connector, Match, Route, RouteError, Router};
 
 /// The name of the implicit vnet of a tenant that configures none.
 pub const IMPLICIT_VNET: &str = "default";
-
-/// How a vnet carries IP packets.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Engine {
-    /// A userspace TCP/IP stack: no root, no TUN.
-    #[default]
-    Userspace,
-}
 
 /// One configured vnet.
 #[derive(Debug, Clone, Serialize)]
@@ -45,8 +37,8 @@ pub struct Vnet {
     pub name: String,
     /// Whether on-ramps that name no vnet use this one.
     pub default: bool,
-    /// Its data plane.
-    pub engine: Engine,
+    /// Its data plane (`None`: the node's default engine).
+    pub engine: Option<EngineKind>,
     /// Configured routes.
     pub routes: Router,
     /// Static names: `name → address`, looked up before routing.
@@ -90,6 +82,8 @@ struct VnetsState {
     claims: BTreeMap<String, u64>,
     next_claim: u64,
     attached: BTreeMap<String, Attachment>,
+    /// The engine of vnets that name none (the node's `engine:`).
+    default_engine: EngineKind,
 }
 
 /// A tenant's vnets and what is attached to them. Changes apply to flows
@@ -140,6 +134,23 @@ impl Vnets {
             let others: Vec<&String> = st.claims.keys().filter(|n| **n != current).collect();
             tracing::warn!(default = %current, also_claiming = ?others, "several vnets say `default: true`; the latest to claim it is the default");
         }
+    }
+
+    /// The engine that carries `vnet` (`None`: the default vnet): its own
+    /// `engine:`, else the node's default.
+    pub fn engine_for(&self, vnet: Option<&str>) -> EngineKind {
+        let st = self.state.read().expect("vnets poisoned");
+        let name = match vnet {
+            Some(v) => Some(v.to_string()),
+            None => Self::default_of(&st).ok(),
+        };
+        name.and_then(|n| st.configured.get(&n).and_then(|v| v.engine))
+            .unwrap_or(st.default_engine)
+    }
+
+    /// Sets the engine of vnets that name none.
+    pub fn set_default_engine(&self, engine: EngineKind) {
+        self.state.write().expect("vnets poisoned").default_engine = engine;
     }
 
     /// Removes a configured vnet.
@@ -294,7 +305,7 @@ mod tests {
         Vnet {
             name: name.into(),
             default,
-            engine: Engine::Userspace,
+            engine: None,
             routes: Router::new(
                 routes
                     .iter()

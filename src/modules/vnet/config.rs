@@ -8,8 +8,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::core::config::{parse_document, ConfigError};
+use crate::core::engine::EngineKind;
 use crate::core::spine::router::{Connector, Match, Route, Router};
-use crate::core::spine::vnet::{Engine, Vnet};
+use crate::core::spine::vnet::Vnet;
 
 /// `kind: vnet` (the instance name is the vnet's name)
 ///
@@ -18,7 +19,8 @@ use crate::core::spine::vnet::{Engine, Vnet};
 /// default: true              # on-ramps that name no vnet use this one; the
 ///                            # latest vnet to claim it is the default
 ///                            # (a tenant's only vnet is its default anyway)
-/// engine: userspace          # userspace (default)
+/// engine: userspace          # userspace | kernel; default: the node's `engine:`
+///                            # (userspace unless meshgate.yaml says otherwise)
 /// routes:
 ///   - to: 10.1.0.0/16        # CIDR, IP, host name, *.suffix, or * (everything)
 ///     via: wg-frankfurt      # direct | reject | a module of the tenant (a WireGuard instance)
@@ -41,7 +43,7 @@ struct RawConfig {
     #[serde(default)]
     default: bool,
     #[serde(default)]
-    engine: Engine,
+    engine: Option<EngineKind>,
     #[serde(default)]
     routes: Vec<RawRoute>,
     #[serde(default)]
@@ -62,8 +64,8 @@ struct RawRoute {
 pub struct VnetConfig {
     /// Whether this is the tenant's default vnet.
     pub default: bool,
-    /// Its engine.
-    pub engine: Engine,
+    /// Its engine (`None`: the node's default).
+    pub engine: Option<EngineKind>,
     /// Its routes, in document order.
     pub routes: Vec<Route>,
     /// Static names.

@@ -23,6 +23,8 @@ use crate::core::keys::{PrivateKey, PublicKey};
 /// forward: true                  # forward between peers (default: when `address` is a subnet)
 /// tcp_keepalive: 30s             # keep-alives on tunnelled TCP connections (0s: off)
 /// tcp_timeout: 90s               # a silent peer's TCP connections end after this
+/// congestion_control: bbr        # engine `kernel` only: the tunnelled sockets' TCP
+///                                # congestion control (default: bbr where the kernel has it)
 /// interface: wg0                 # the name `wg` knows it by (default <tenant>-<instance>, 15 chars at most)
 /// uapi: auto                     # auto (/var/run/wireguard when usable) | off | a directory
 /// peers:
@@ -58,6 +60,8 @@ struct RawConfig {
     forward: Option<bool>,
     #[serde(default)]
     uapi: Option<String>,
+    #[serde(default)]
+    congestion_control: Option<String>,
 }
 
 /// `address`: one address or a list; `10.0.0.1/24`, or a bare IP meaning a
@@ -133,6 +137,9 @@ pub struct WireGuardConfig {
     pub tcp_timeout: Duration,
     /// The vnet it attaches to; `None`: the tenant's default vnet.
     pub vnet: Option<String>,
+    /// The kernel engine's congestion control for tunnelled sockets
+    /// (`None`: BBR where the kernel has it, else its default).
+    pub congestion_control: Option<String>,
     /// The interface name `wg` shows (and the UAPI socket's name), if set;
     /// [`WireGuardConfig::interface_name`] gives the default.
     pub interface: Option<String>,
@@ -315,6 +322,20 @@ impl WireGuardConfig {
                 "must be at least 1s and at least twice tcp_keepalive",
             ));
         }
+        if let Some(cc) = &raw.congestion_control {
+            let valid = !cc.is_empty()
+                && cc.len() < 16
+                && cc
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid {
+                return Err(ConfigError::key(
+                    src,
+                    "congestion_control",
+                    format!("`{cc}` is not a congestion control name: expected e.g. `bbr`, `cubic` or `reno` (see /proc/sys/net/ipv4/tcp_available_congestion_control)"),
+                ));
+            }
+        }
         if !(576..=9000).contains(&mtu) {
             return Err(ConfigError::key(src, "mtu", "expected 576-9000"));
         }
@@ -392,6 +413,7 @@ impl WireGuardConfig {
             tcp_keepalive,
             tcp_timeout,
             vnet: raw.vnet,
+            congestion_control: raw.congestion_control,
             interface: raw.interface,
             uapi,
             forward: raw.forward,

@@ -11,7 +11,8 @@
 //! - After decryption the inner source address must route back to the
 //!   sending peer (longest prefix over all peers' allowed IPs, as the
 //!   kernel's cryptokey routing); otherwise the packet is dropped and counted.
-//! - Packets to the node's own addresses go to the userspace IP stack;
+//! - Packets to the node's own addresses go to the engine (the userspace
+//!   IP stack, or the kernel engine's TUN);
 //!   packets to another peer's allowed IPs are forwarded (hub routing) when
 //!   `forward` allows it (default: when the node has a subnet address, e.g.
 //!   a `/24`), with the TTL decremented (ICMP time exceeded back at 0), each
@@ -47,8 +48,8 @@ use tokio_util::sync::CancellationToken;
 use super::config::{PeerConfig, WireGuardConfig};
 use super::metrics::{PeerMetrics, WgMetrics};
 use crate::core::engine::userspace::metrics::NetStackMetrics;
-use crate::core::engine::userspace::NetStackStats;
-use crate::core::engine::userspace::{NetStack, PacketSink};
+use crate::core::engine::{self, EngineConfig, EngineError, EngineKind, IpEngine};
+use crate::core::engine::{NetStackStats, PacketSink};
 use crate::core::metrics::{InstanceMetrics, Metrics};
 use crate::core::spine::flow::FlowTable;
 use crate::core::spine::ipflow::{hop, time_exceeded, Admit, Hop, IpFlows};
@@ -212,10 +213,10 @@ pub struct Device {
     mtu: usize,
     /// Forward between peers (the node has a subnet address).
     forward: bool,
-    /// Where datagrams and decrypted packets go: the UDP socket and the IP
-    /// stack ([`UdpWire`]), or a simulated network in tests.
+    /// Where datagrams and decrypted packets go: the UDP socket and the
+    /// engine ([`UdpWire`]), or a simulated network in tests.
     wire: Arc<dyn Wire>,
-    /// The socket and stack when running for real; `None` in simulations.
+    /// The socket and engine when running for real; `None` in simulations.
     io: Option<DeviceIo>,
     rate_limiter: Arc<RateLimiter>,
     /// Handshake messages per source address (a token bucket each, as the
@@ -242,11 +243,11 @@ pub trait Wire: Send + Sync + 'static {
 }
 
 /// The real wire: the UDP socket (IPv4 mapped onto a dual-stack socket) and
-/// the userspace IP stack.
+/// the engine that holds the node's addresses.
 struct UdpWire {
     socket: Arc<UdpSocket>,
     dual_stack: bool,
-    stack: std::sync::OnceLock<NetStack>,
+    engine: std::sync::OnceLock<Arc<dyn IpEngine>>,
 }
 
 impl Wire for UdpWire {
@@ -267,17 +268,34 @@ impl Wire for UdpWire {
     }
 
     fn deliver(&self, packet: &[u8]) -> bool {
-        self.stack.get().is_some_and(|s| s.inject(packet))
+        self.engine.get().is_some_and(|s| s.inject(packet))
     }
 }
 
-/// The socket and the stack of a running device.
+/// The socket and the engine of a running device.
 struct DeviceIo {
     socket: Arc<UdpSocket>,
-    stack: NetStack,
+    engine: Arc<dyn IpEngine>,
 }
 
-/// Hands packets from the IP stack to the device (cryptokey routing).
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The UDP port cannot be bound.
+    #[error("cannot bind UDP port {port}: {source}")]
+    Bind {
+        /// The port asked for (0: any).
+        port: u16,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The engine cannot start.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Hands packets from the engine to the device (cryptokey routing).
 struct StackSink(Mutex<Weak<Device>>);
 
 impl PacketSink for StackSink {
@@ -342,30 +360,37 @@ fn drop_reason(e: &WireGuardError) -> &'static str {
 }
 
 impl Device {
-    /// Binds, builds the IP stack and starts the data plane tasks.
-    pub fn start(
+    /// Binds, starts the engine of kind `engine` and the data plane tasks.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
         tenant: &str,
         instance: &str,
         cfg: &WireGuardConfig,
+        engine: EngineKind,
         metrics: Arc<Metrics>,
         flows: Arc<FlowTable>,
         instance_metrics: InstanceMetrics,
-    ) -> std::io::Result<Arc<Device>> {
-        let (socket, dual_stack) = bind_udp(cfg.listen_port.unwrap_or(0))?;
+    ) -> Result<Arc<Device>, StartError> {
+        let port = cfg.listen_port.unwrap_or(0);
+        let (socket, dual_stack) =
+            bind_udp(port).map_err(|source| StartError::Bind { port, source })?;
         let socket = Arc::new(socket);
         let wire = Arc::new(UdpWire {
             socket: socket.clone(),
             dual_stack,
-            stack: std::sync::OnceLock::new(),
+            engine: std::sync::OnceLock::new(),
         });
         let sink = Arc::new(StackSink(Mutex::new(Weak::new())));
-        let mut stack_cfg =
-            crate::core::engine::userspace::NetStackConfig::new(cfg.addresses.clone());
-        stack_cfg.mtu = cfg.mtu;
-        stack_cfg.keep_alive = cfg.tcp_keepalive;
-        stack_cfg.tcp_timeout = cfg.tcp_timeout;
-        let stack = NetStack::spawn(stack_cfg, sink.clone());
-        let _ = wire.stack.set(stack.clone());
+        let engine_cfg = EngineConfig {
+            addresses: cfg.addresses.clone(),
+            mtu: cfg.mtu,
+            keep_alive: cfg.tcp_keepalive,
+            tcp_timeout: cfg.tcp_timeout,
+            congestion_control: cfg.congestion_control.clone(),
+            label: format!("{tenant}/{instance}"),
+        };
+        let stack = engine::start(engine, &engine_cfg, sink.clone()).await?;
+        let _ = wire.engine.set(stack.clone());
         let dev = Arc::new(Self::build(
             tenant,
             instance,
@@ -374,7 +399,10 @@ impl Device {
             flows,
             instance_metrics,
             wire,
-            Some(DeviceIo { socket, stack }),
+            Some(DeviceIo {
+                socket,
+                engine: stack,
+            }),
         ));
         *sink.0.lock().expect("sink poisoned") = Arc::downgrade(&dev);
         dev.set_peers(&cfg.peers);
@@ -463,16 +491,16 @@ impl Device {
         crate::core::keys::PublicKey(self.public.to_bytes()).to_string()
     }
 
-    /// The interface's IP stack (`None` in a simulation).
-    pub fn stack(&self) -> Option<&NetStack> {
-        self.io.as_ref().map(|io| &io.stack)
+    /// The engine holding the node's addresses (`None` in a simulation).
+    pub fn engine(&self) -> Option<&Arc<dyn IpEngine>> {
+        self.io.as_ref().map(|io| &io.engine)
     }
 
-    /// Stops the tasks and the IP stack.
+    /// Stops the tasks and the engine.
     pub fn shutdown(&self) {
         self.cancel.cancel();
         if let Some(io) = &self.io {
-            io.stack.shutdown();
+            io.engine.shutdown();
         }
         self.ip_flows.clear();
     }
@@ -893,8 +921,7 @@ impl Device {
             ticks = ticks.wrapping_add(1);
             if ticks % 4 == 0 {
                 self.ip_flows.expire(Instant::now());
-                if let Some(stack) = self.stack() {
-                    let now = stack.stats();
+                if let Some(now) = self.engine().and_then(|e| e.stats()) {
                     let mut last = self.stack_reported.lock().expect("poisoned");
                     self.stack_metrics
                         .observe(&self.tenant, &self.instance, &now, &mut last);

@@ -1,10 +1,12 @@
 //! `kind: wireguard`: a userspace WireGuard interface with its own IP stack.
 //!
 //! Owns one UDP socket, one boringtun tunnel per peer ([`device`]) and the
-//! userspace IP stack that holds this node's VPN addresses (the `userspace`
-//! engine: no root, no TUN, no NET_ADMIN). The stack is this instance's
-//! virtual network: two tenants (or two instances) with the same addresses
-//! never share a stack, a socket or a route.
+//! engine that holds this node's VPN addresses: the vnet's (`engine:` of
+//! the vnet it attaches to, else the node's), `userspace` by default (no
+//! root, no TUN, no NET_ADMIN) or `kernel` (a TUN in an unnamed namespace,
+//! [`crate::core::engine::kernel`]). The engine is this instance's network:
+//! two tenants (or two instances) with the same addresses never share a
+//! stack, a socket or a route.
 //!
 //! Capabilities offered to other modules of the tenant:
 //! - [`Dialer`]: TCP connections from the node's VPN address to targets in
@@ -46,7 +48,7 @@ use ipnet::IpNet;
 
 use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
-use crate::core::engine::userspace::{NetError, NetStack, NetTcpListener};
+use crate::core::engine::{EngineKind, IpEngine};
 use crate::core::net::dial::{DialError, Dialer};
 use crate::core::net::listen::{StreamListener, VirtualNetwork};
 use crate::core::net::proxy::Stream;
@@ -135,31 +137,41 @@ impl Inner {
         self.device.lock().expect("poisoned").clone()
     }
 
-    fn start_device(
+    /// The engine this instance's vnet asks for.
+    fn engine_kind(&self, cfg: &WireGuardConfig) -> EngineKind {
+        self.ctx.tenant.vnets.engine_for(cfg.vnet.as_deref())
+    }
+
+    async fn start_device(
         &self,
         cfg: &WireGuardConfig,
         source: &str,
     ) -> Result<Arc<Device>, ModuleError> {
+        let engine = self.engine_kind(cfg);
         let dev = Device::start(
             &self.ctx.tenant.name,
             &self.ctx.instance,
             cfg,
+            engine,
             self.ctx.metrics.clone(),
             self.ctx.flows.clone(),
             self.ctx.instance_metrics.clone(),
         )
-        .map_err(|e| {
-            ConfigError::key(
-                source,
-                "listen_port",
-                format!("cannot bind UDP port {}: {e}", cfg.listen_port.unwrap_or(0)),
-            )
+        .await
+        .map_err(|e| -> ModuleError {
+            match e {
+                device::StartError::Bind { .. } => {
+                    ConfigError::key(source, "listen_port", e.to_string()).into()
+                }
+                device::StartError::Engine(e) => ModuleError::Runtime(e.to_string()),
+            }
         })?;
         tracing::info!(
             tenant = %self.ctx.tenant.name,
             instance = %self.ctx.instance,
             public_key = %dev.public_key(),
             port = dev.listen_port(),
+            %engine,
             addresses = ?cfg.addresses,
             peers = cfg.peers.len(),
             "wireguard interface up"
@@ -180,8 +192,10 @@ impl Inner {
         let mut tries = if same_port { 50 } else { 1 };
         loop {
             tries -= 1;
-            match self.start_device(cfg, source) {
-                Err(_) if tries > 0 => tokio::time::sleep(Duration::from_millis(20)).await,
+            match self.start_device(cfg, source).await {
+                Err(ModuleError::Config(_)) if tries > 0 => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
                 r => return r,
             }
         }
@@ -291,7 +305,7 @@ impl Inner {
         let cfg = self.config.lock().expect("poisoned").clone();
         let source = self.doc.lock().expect("poisoned").source.clone();
         self.claim_interface(&cfg, &source)?;
-        match self.start_device(&cfg, &source) {
+        match self.start_device(&cfg, &source).await {
             Ok(dev) => *self.device.lock().expect("poisoned") = Some(dev),
             Err(e) => {
                 self.release_interface();
@@ -320,7 +334,10 @@ impl Inner {
             && new.mtu == old.mtu
             && new.forward == old.forward
             && new.tcp_keepalive == old.tcp_keepalive
-            && new.tcp_timeout == old.tcp_timeout;
+            && new.tcp_timeout == old.tcp_timeout
+            && new.congestion_control == old.congestion_control
+            && self.device().and_then(|d| d.engine().map(|e| e.kind()))
+                == Some(self.engine_kind(&new));
         match (same_interface, self.device()) {
             (true, Some(dev)) => dev.set_peers(&new.peers),
             (_, old_dev) => {
@@ -506,6 +523,7 @@ impl Module for WireGuard {
         });
         match inner.device() {
             Some(d) => serde_json::json!({
+                "engine": d.engine().map(|e| e.kind()),
                 "public_key": d.public_key(),
                 "listen_port": d.listen_port(),
                 "addresses": cfg.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
@@ -529,12 +547,12 @@ impl Module for WireGuard {
 struct VnetHandle(Arc<Mutex<Option<Arc<Device>>>>);
 
 impl VnetHandle {
-    fn stack(&self) -> io::Result<NetStack> {
+    fn engine(&self) -> io::Result<Arc<dyn IpEngine>> {
         self.0
             .lock()
             .expect("poisoned")
             .as_ref()
-            .and_then(|d| d.stack().cloned())
+            .and_then(|d| d.engine().cloned())
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::NotConnected,
@@ -544,33 +562,14 @@ impl VnetHandle {
     }
 }
 
-struct VnetListener(NetTcpListener);
-
-#[async_trait]
-impl StreamListener for VnetListener {
-    async fn accept(&mut self) -> io::Result<(Stream, SocketAddr)> {
-        let (s, peer) = self.0.accept().await.map_err(io::Error::other)?;
-        Ok((Stream::io(s), peer))
-    }
-    fn local_addr(&self) -> SocketAddr {
-        self.0.local_addr()
-    }
-}
-
 #[async_trait]
 impl VirtualNetwork for VnetHandle {
     async fn listen_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn StreamListener>> {
-        let l = self.stack()?.listen_tcp(addr).await.map_err(|e| match e {
-            NetError::AddrInUse(_) => io::Error::new(io::ErrorKind::AddrInUse, e.to_string()),
-            other => io::Error::new(io::ErrorKind::AddrNotAvailable, other.to_string()),
-        })?;
-        Ok(Box::new(VnetListener(l)))
+        self.engine()?.listen_tcp(addr).await
     }
 
     fn addresses(&self) -> Vec<IpNet> {
-        self.stack()
-            .map(|s| s.addresses().to_vec())
-            .unwrap_or_default()
+        self.engine().map(|e| e.addresses()).unwrap_or_default()
     }
 
     fn peer_address(&self, peer: &str) -> Option<IpAddr> {
@@ -590,21 +589,11 @@ impl Dialer for VnetHandle {
                 "{target}: names are not resolved inside a WireGuard network; use the peer's VPN address"
             ))
         })?;
-        let stack = self
-            .stack()
+        let engine = self
+            .engine()
             .map_err(|e| DialError::NoRoute(e.to_string()))?;
-        let dst = SocketAddr::new(ip, target.port);
-        match stack.connect_tcp(dst, timeout).await {
-            Ok(s) => Ok(Stream::io(s)),
-            Err(NetError::Refused(_)) => Err(DialError::Refused(target.to_string())),
-            Err(NetError::Timeout(_)) => Err(DialError::Timeout {
-                target: target.to_string(),
-                timeout,
-            }),
-            Err(e) => Err(DialError::Io {
-                target: target.to_string(),
-                source: io::Error::other(e.to_string()),
-            }),
-        }
+        engine
+            .connect_tcp(SocketAddr::new(ip, target.port), timeout)
+            .await
     }
 }

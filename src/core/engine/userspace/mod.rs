@@ -108,15 +108,7 @@ pub use tcp::{NetTcpListener, NetTcpStream};
 /// The most addresses one stack can hold (smoltcp's `iface-max-addr-count`).
 pub const MAX_ADDRESSES: usize = 2;
 
-/// Receives every IP packet the stack emits.
-///
-/// Called from the stack's task, one packet at a time, never while the
-/// stack's lock is held. It must not block: encrypt and `try_send`, or queue.
-pub trait PacketSink: Send + Sync + 'static {
-    /// Takes one IP packet (IPv4 or IPv6, no link header). The slice is only
-    /// valid for the call.
-    fn send(&self, packet: &[u8]);
-}
+pub use super::PacketSink;
 
 /// How a [`NetStack`] is built. [`NetStackConfig::new`] gives the defaults.
 #[derive(Clone, Debug)]
@@ -316,5 +308,63 @@ impl std::fmt::Debug for NetStack {
         f.debug_struct("NetStack")
             .field("addresses", &self.addresses())
             .finish_non_exhaustive()
+    }
+}
+
+/// The userspace engine behind the one interface every on-ramp uses.
+#[async_trait::async_trait]
+impl super::IpEngine for NetStack {
+    fn kind(&self) -> super::EngineKind {
+        super::EngineKind::Userspace
+    }
+
+    fn inject(&self, packet: &[u8]) -> bool {
+        NetStack::inject(self, packet)
+    }
+
+    fn addresses(&self) -> Vec<IpNet> {
+        NetStack::addresses(self).to_vec()
+    }
+
+    async fn listen_tcp(
+        &self,
+        addr: SocketAddr,
+    ) -> std::io::Result<Box<dyn crate::core::net::listen::StreamListener>> {
+        use std::io::{Error, ErrorKind};
+        let l = NetStack::listen_tcp(self, addr)
+            .await
+            .map_err(|e| match e {
+                NetError::AddrInUse(_) => Error::new(ErrorKind::AddrInUse, e.to_string()),
+                other => Error::new(ErrorKind::AddrNotAvailable, other.to_string()),
+            })?;
+        Ok(Box::new(l))
+    }
+
+    async fn connect_tcp(
+        &self,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<crate::core::net::proxy::Stream, crate::core::net::dial::DialError> {
+        use crate::core::net::dial::DialError;
+        match NetStack::connect_tcp(self, dst, timeout).await {
+            Ok(s) => Ok(crate::core::net::proxy::Stream::io(s)),
+            Err(NetError::Refused(_)) => Err(DialError::Refused(dst.to_string())),
+            Err(NetError::Timeout(_)) => Err(DialError::Timeout {
+                target: dst.to_string(),
+                timeout,
+            }),
+            Err(e) => Err(DialError::Io {
+                target: dst.to_string(),
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
+    }
+
+    fn stats(&self) -> Option<NetStackStats> {
+        Some(NetStack::stats(self))
+    }
+
+    fn shutdown(&self) {
+        NetStack::shutdown(self)
     }
 }

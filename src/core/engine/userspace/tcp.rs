@@ -123,6 +123,19 @@ impl NetTcpListener {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::core::net::listen::StreamListener for NetTcpListener {
+    async fn accept(&mut self) -> io::Result<(crate::core::net::proxy::Stream, SocketAddr)> {
+        let (s, peer) = NetTcpListener::accept(self)
+            .await
+            .map_err(io::Error::other)?;
+        Ok((crate::core::net::proxy::Stream::io(s), peer))
+    }
+    fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
 impl Drop for NetTcpListener {
     fn drop(&mut self) {
         self.shared.lock().remove_listener(self.local, self.id);
