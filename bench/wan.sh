@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# WAN benchmark (root): WireGuard tunnels across a path that delays and
+# loses datagrams, as the internet does. This kernel has no netem, so the
+# path is bench/wanrelay (a UDP relay with delay, random loss and a
+# rate-limited bottleneck queue) in a namespace R between A and B:
+#
+#   A 10.234.1.1 --veth-- R (wanrelay) --veth-- B 10.234.2.1
+#   A 10.233.0.1 --------- veth ---------------- B 10.233.0.2   (loss-free row)
+#
+# For each path row, single-stream iperf3 A -> B through:
+#   wireguard-go + kernel TCP, BBR      (iperf3 -C bbr, over wireguard-go interfaces)
+#   wireguard-go + kernel TCP, Cubic    (iperf3 -C cubic)
+#   meshgate userspace                  (client pipe -> meshgate WireGuard -> server pipe)
+#   meshgate kernel                     (the same with engine: kernel on both nodes)
+# with the CPU both meshgate processes used, per Gbit/s carried.
+#
+#   bench/wan.sh                                   # builds release binaries
+#   MESHGATE_BIN_DIR=target/release bench/wan.sh
+#
+# Knobs: BENCH_DURATION (seconds per iperf3 run, default 10), WAN_RATE
+# (bottleneck, default 1gbit), WAN_QUEUE (bottleneck queue, default 1m),
+# WAN_ROWS (default "10ms:0 10ms:0.5% 2ms:0.1% veth"), BENCH_KEEP=1.
+set -euo pipefail
+
+DURATION=${BENCH_DURATION:-10}
+RATE=${WAN_RATE:-1gbit}
+QUEUE=${WAN_QUEUE:-1m}
+ROWS=${WAN_ROWS:-"10ms:0 10ms:0.5% 2ms:0.1% veth"}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+say() { printf '[wan] %s\n' "$*" >&2; }
+die() { printf 'bench/wan.sh: error: %s\n' "$*" >&2; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || die "needs root (network namespaces)"
+for t in ip iperf3 wireguard-go wg python3 cargo; do
+  command -v "$t" >/dev/null || die "'$t' not found: scripts/test.sh installs everything"
+done
+
+if [[ -z ${MESHGATE_BIN_DIR:-} ]]; then
+  say "building release binaries"
+  (cd "$ROOT" && cargo build --release --bins -q) >&2 || die "cargo build failed"
+  MESHGATE_BIN_DIR=$ROOT/target/release
+fi
+MESHGATE_BIN_DIR=$(cd "$MESHGATE_BIN_DIR" && pwd)
+say "building wanrelay"
+cargo build --release -q --manifest-path "$HERE/wanrelay/Cargo.toml" >&2 || die "wanrelay build failed"
+RELAY=$HERE/wanrelay/target/release/wanrelay
+
+P="mgw$$"
+A="$P-a"; B="$P-b"; R="$P-r"
+TMP=$(mktemp -d); chmod 755 "$TMP"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for n in "$A" "$B" "$R"; do
+    for p in $(ip netns pids "$n" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+    ip netns del "$n" 2>/dev/null || true
+  done
+  if [[ ${BENCH_KEEP:-0} == 1 ]]; then say "kept $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+bg() { local ns=$1 log=$2; shift 2; ip netns exec "$ns" "$@" >"$log" 2>&1 & LAST=$!; PIDS+=("$LAST"); }
+
+# ---------------------------------------------------------------- topology --
+for n in "$A" "$B" "$R"; do ip netns add "$n"; nsx "$n" ip link set lo up; done
+ip link add "${P}ar" netns "$A" type veth peer name "${P}ra" netns "$R"
+ip link add "${P}rb" netns "$R" type veth peer name "${P}br" netns "$B"
+ip link add "${P}ab" netns "$A" type veth peer name "${P}ba" netns "$B"
+nsx "$A" ip addr add 10.234.1.1/24 dev "${P}ar"; nsx "$A" ip link set "${P}ar" up
+nsx "$R" ip addr add 10.234.1.2/24 dev "${P}ra"; nsx "$R" ip link set "${P}ra" up
+nsx "$R" ip addr add 10.234.2.2/24 dev "${P}rb"; nsx "$R" ip link set "${P}rb" up
+nsx "$B" ip addr add 10.234.2.1/24 dev "${P}br"; nsx "$B" ip link set "${P}br" up
+nsx "$A" ip addr add 10.233.0.1/24 dev "${P}ab"; nsx "$A" ip link set "${P}ab" up
+nsx "$B" ip addr add 10.233.0.2/24 dev "${P}ba"; nsx "$B" ip link set "${P}ba" up
+
+umask 077
+for k in ga gb ms mc; do "$MESHGATE_BIN_DIR/meshgatectl" genkey > "$TMP/$k.key"; done
+umask 022
+pub() { "$MESHGATE_BIN_DIR/meshgatectl" pubkey < "$TMP/$1.key"; }
+
+# wireguard-go on both sides (unique names: /var/run/wireguard is shared).
+WGA="${P}ga"; WGB="${P}gb"
+export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
+nsx "$A" wireguard-go "$WGA" >/dev/null 2>&1; nsx "$B" wireguard-go "$WGB" >/dev/null 2>&1
+nsx "$A" wg set "$WGA" private-key "$TMP/ga.key" listen-port 51001 peer "$(pub gb)" allowed-ips 10.200.0.2/32
+nsx "$B" wg set "$WGB" private-key "$TMP/gb.key" listen-port 51002 peer "$(pub ga)" allowed-ips 10.200.0.1/32
+nsx "$A" ip addr add 10.200.0.1/24 dev "$WGA"; nsx "$A" ip link set "$WGA" up
+nsx "$B" ip addr add 10.200.0.2/24 dev "$WGB"; nsx "$B" ip link set "$WGB" up
+
+# meshgate: a server in B (10.192.0.1, pipe to iperf3 on its loopback) and a
+# client in A (pipe 127.0.0.1:5201 through the tunnel).
+mkdir -p "$TMP/ms/tenants/default" "$TMP/mc/tenants/default"
+printf 'node: server\nadmin: 127.0.0.1:9000\ndrain_timeout: 1s\n' > "$TMP/ms/meshgate.yaml"
+printf 'node: client\nadmin: 127.0.0.1:9000\ndrain_timeout: 1s\n' > "$TMP/mc/meshgate.yaml"
+cat > "$TMP/ms/tenants/default/wg0.yaml" <<EOF
+kind: wireguard
+private_key_file: $TMP/ms.key
+listen_port: 51830
+address: 10.192.0.1/24
+uapi: off
+peers:
+  - name: client
+    public_key: $(pub mc)
+    allowed_ips: [10.192.0.2/32]
+EOF
+cat > "$TMP/ms/tenants/default/iperf.yaml" <<EOF
+kind: pipe
+listen: 10.192.0.1:5201
+listen_via: wg0
+remote: 127.0.0.1:5202
+EOF
+cat > "$TMP/mc/tenants/default/iperf.yaml" <<EOF
+kind: pipe
+listen: 127.0.0.1:5201
+via: wg0
+remote: 10.192.0.1:5201
+EOF
+client_wg() { # client_wg ENDPOINT
+  cat > "$TMP/mc/tenants/default/wg0.yaml" <<EOF
+kind: wireguard
+private_key_file: $TMP/mc.key
+address: 10.192.0.2/32
+uapi: off
+peers:
+  - name: server
+    public_key: $(pub ms)
+    endpoint: $1
+    persistent_keepalive: 5
+    allowed_ips: [10.192.0.0/24]
+EOF
+}
+
+bg "$B" "$TMP/iperf-b.log" iperf3 -s -p 5201
+bg "$B" "$TMP/iperf-b2.log" iperf3 -s -p 5202 -B 127.0.0.1
+
+wait_ok() { for _ in $(seq 150); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
+
+MS_PID=""; MC_PID=""
+start_meshgate() { # start_meshgate ENGINE ENDPOINT
+  stop_meshgate
+  client_wg "$2"
+  bg "$B" "$TMP/ms-$1.log" env MESHGATE_NODE__ENGINE="$1" "$MESHGATE_BIN_DIR/meshgate" --config-dir "$TMP/ms"; MS_PID=$LAST
+  bg "$A" "$TMP/mc-$1.log" env MESHGATE_NODE__ENGINE="$1" "$MESHGATE_BIN_DIR/meshgate" --config-dir "$TMP/mc"; MC_PID=$LAST
+  wait_ok nsx "$B" python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:9000/readyz")' || { cat "$TMP/ms-$1.log"; die "meshgate server not ready"; }
+  wait_ok nsx "$A" python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:9000/readyz")' || { cat "$TMP/mc-$1.log"; die "meshgate client not ready"; }
+  wait_ok nsx "$A" iperf3 -c 127.0.0.1 -p 5201 -t 1 || { cat "$TMP/mc-$1.log" "$TMP/ms-$1.log"; die "no path through meshgate ($1)"; }
+}
+stop_meshgate() {
+  for p in $MS_PID $MC_PID; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  MS_PID=""; MC_PID=""
+}
+
+# The main pid of meshgate inside `ip netns exec ... env ...` (exec chain: same pid).
+cpu_ticks() { # cpu_ticks PID... -> utime+stime of them and their helpers, in ticks
+  local sum=0 p
+  for p in "$@"; do
+    for q in "$p" $(pgrep -P "$p" || true); do
+      [[ -r /proc/$q/stat ]] || continue
+      sum=$((sum + $(awk '{print $14 + $15}' "/proc/$q/stat")))
+    done
+  done
+  echo "$sum"
+}
+HZ=$(getconf CLK_TCK)
+
+iperf() { # iperf CC HOST PORT -> Mbps
+  local cc=$1 host=$2 port=$3
+  nsx "$A" timeout $((DURATION + 30)) iperf3 -c "$host" -p "$port" -t "$DURATION" ${cc:+-C "$cc"} -J 2>/dev/null |
+    python3 -c 'import json,sys; print("%.0f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))' ||
+    echo 0
+}
+
+RELAY_PIDS=()
+start_relays() { # start_relays DELAY LOSS
+  stop_relays
+  local args=(--delay "$1" --loss "$2" --rate "$RATE" --queue "$QUEUE")
+  bg "$R" "$TMP/relay-wg.log" "$RELAY" --listen 10.234.1.2:40001 --to 10.234.2.1:51002 "${args[@]}"; RELAY_PIDS+=("$LAST")
+  bg "$R" "$TMP/relay-mg.log" "$RELAY" --listen 10.234.1.2:40002 --to 10.234.2.1:51830 "${args[@]}"; RELAY_PIDS+=("$LAST")
+  sleep 0.3
+}
+stop_relays() { for p in "${RELAY_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; RELAY_PIDS=(); }
+
+results=()
+for row in $ROWS; do
+  if [[ $row == veth ]]; then
+    label="loss-free veth"; stop_relays
+    wg_ep=10.233.0.2:51002; mg_ep=10.233.0.2:51830
+  else
+    delay=${row%%:*}; loss=${row#*:}
+    label="$delay each way, $loss loss, $RATE bottleneck"
+    start_relays "$delay" "$loss"
+    wg_ep=10.234.1.2:40001; mg_ep=10.234.1.2:40002
+  fi
+  say "row: $label"
+  nsx "$A" wg set "$WGA" peer "$(pub gb)" endpoint "$wg_ep" persistent-keepalive 5
+  wait_ok nsx "$A" ping -c 1 -W 1 10.200.0.2 || die "no path through wireguard-go"
+  W_BBR=$(iperf bbr 10.200.0.2 5201)
+  W_CUBIC=$(iperf cubic 10.200.0.2 5201)
+  line="$(printf '%-44s wg-go+BBR %6s | wg-go+Cubic %6s' "$label" "$W_BBR" "$W_CUBIC")"
+  for engine in userspace kernel; do
+    start_meshgate "$engine" "$mg_ep"
+    c0=$(cpu_ticks "$MS_PID" "$MC_PID")
+    M=$(iperf "" 127.0.0.1 5201)
+    c1=$(cpu_ticks "$MS_PID" "$MC_PID")
+    cpu=$(python3 -c "print('%.2f' % (($c1 - $c0) / $HZ / $DURATION))")
+    per=$(python3 -c "m=$M; print('%.2f' % (($c1 - $c0) / $HZ / $DURATION / (m / 1000)) if m > 0 else '-')")
+    rb=$(python3 -c "print('%.2f' % ($M / $W_BBR) if $W_BBR > 0 else '-')")
+    rc=$(python3 -c "print('%.2f' % ($M / $W_CUBIC) if $W_CUBIC > 0 else '-')")
+    line+="$(printf ' | meshgate %s %6s (%sx BBR, %sx Cubic; %s cores, %s cores/Gbps)' "$engine" "$M" "$rb" "$rc" "$cpu" "$per")"
+  done
+  stop_meshgate
+  results+=("$line")
+done
+stop_relays
+
+cat <<EOF
+
+== meshgate WAN benchmark ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, iperf3 ${DURATION}s single stream, Mbps) ==
+path: wanrelay (delay each way, random loss, bottleneck $RATE with a $QUEUE queue); cores = CPU of both meshgate processes and their helpers
+EOF
+printf '%s\n' "${results[@]}"
