@@ -123,6 +123,101 @@ pub fn document_kind(doc: &Document) -> Result<String, ConfigError> {
     }
 }
 
+/// Largest secret file read (a key, a password): enough for one line and
+/// a comment, but a wrong path is refused rather than slurped.
+const MAX_SECRET_FILE: u64 = 4096;
+
+/// Reads a secret file: capped in size, and with a warning (as `wg` gives)
+/// when other users may read it. The contents are never logged.
+fn read_secret_file(
+    source: &str,
+    key: &str,
+    path: &std::path::Path,
+) -> Result<String, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |m: String| ConfigError::key(source, format!("{key}_file"), m);
+    let meta =
+        std::fs::metadata(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(err(format!("{} is not a file", path.display())));
+    }
+    if meta.len() > MAX_SECRET_FILE {
+        return Err(err(format!(
+            "{} is {} bytes: a `{key}_file` holds one line (the {key})",
+            path.display(),
+            meta.len()
+        )));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(file = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "secret file is readable by other users; chmod 600 it");
+    }
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))
+}
+
+/// A secret given inline (`key`) or in a file (`key_file`), exactly one of
+/// the two; `hint` says what it looks like, for the message when a
+/// required one is missing.
+pub fn secret_text(
+    source: &str,
+    key: &str,
+    inline: Option<String>,
+    file: Option<std::path::PathBuf>,
+    required: bool,
+    hint: &str,
+) -> Result<Option<String>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(ConfigError::key(
+            source,
+            key,
+            format!("give either `{key}` or `{key}_file`, not both"),
+        )),
+        (Some(k), None) => Ok(Some(k)),
+        (None, Some(path)) => read_secret_file(source, key, &path).map(Some),
+        (None, None) if required => Err(ConfigError::key(
+            source,
+            key,
+            format!("missing: give `{key}` ({hint}) or `{key}_file`"),
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `idle_timeout`: a duration, or `none` (also `off`) for no idle timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleTimeout {
+    /// No idle timeout.
+    Off,
+    /// End after this long without traffic.
+    After(Duration),
+}
+
+impl<'de> Deserialize<'de> for IdleTimeout {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.trim() {
+            "none" | "off" => Ok(IdleTimeout::Off),
+            t => humantime::parse_duration(t)
+                .map(IdleTimeout::After)
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "`{t}`: {e}; expected a duration such as 10m, or `none`"
+                    ))
+                }),
+        }
+    }
+}
+
+impl serde::Serialize for IdleTimeout {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            IdleTimeout::Off => s.serialize_str("none"),
+            IdleTimeout::After(d) => s.collect_str(&humantime::format_duration(*d)),
+        }
+    }
+}
+
 /// Where the admin API listens, or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminAddr {

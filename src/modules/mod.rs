@@ -5,12 +5,14 @@
 //! - [`pipe`]: named TCP/UDP proxies (`listen` → `remote`).
 //! - [`wireguard`]: userspace WireGuard interfaces, each with its own IP stack.
 //! - [`vnet`]: a tenant's virtual networks: routes, hosts, the default.
+//! - [`socks`]: a SOCKS5 (and SOCKS4/4a) front door with UDP ASSOCIATE.
 
 use std::sync::Arc;
 
 use crate::core::spine::module::ModuleFactory;
 
 pub mod pipe;
+pub mod socks;
 pub mod vnet;
 pub mod wireguard;
 
@@ -18,6 +20,7 @@ pub mod wireguard;
 pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
     vec![
         Arc::new(pipe::PipeFactory),
+        Arc::new(socks::SocksFactory),
         Arc::new(wireguard::WireGuardFactory),
         Arc::new(vnet::VnetFactory),
     ]

@@ -70,11 +70,126 @@ impl Stream {
         Stream::Io(Box::new(stream))
     }
 
+    /// The local address of a kernel socket (`None` for other streams).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Stream::Tcp(tcp) => tcp.local_addr().ok(),
+            Stream::Io(_) => None,
+        }
+    }
+
     /// The stream as a boxed [`AsyncStream`] (for protocols spoken on it).
     pub fn into_io(self) -> Box<dyn AsyncStream> {
         match self {
             Stream::Tcp(tcp) => Box::new(tcp),
             Stream::Io(io) => io,
+        }
+    }
+}
+
+impl Stream {
+    /// The stream with `bytes` read from it already put back in front
+    /// (what a handshake parser read past its message). No bytes: the
+    /// stream itself, fast path intact.
+    pub fn prepend(self, bytes: Vec<u8>) -> Stream {
+        if bytes.is_empty() {
+            return self;
+        }
+        Stream::io(Prefixed {
+            prefix: bytes,
+            at: 0,
+            inner: self,
+        })
+    }
+}
+
+/// A stream whose first bytes come from a buffer ([`Stream::prepend`]).
+struct Prefixed {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: Stream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Reading and writing a [`Stream`] directly (handshakes before the join).
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+            Stream::Io(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(t) => std::pin::Pin::new(t).poll_write(cx, data),
+            Stream::Io(io) => std::pin::Pin::new(io).poll_write(cx, data),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(t) => std::pin::Pin::new(t).poll_flush(cx),
+            Stream::Io(io) => std::pin::Pin::new(io).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+            Stream::Io(io) => std::pin::Pin::new(io).poll_shutdown(cx),
         }
     }
 }

@@ -103,6 +103,21 @@ pub struct ConnectRequest {
     pub idle_timeout: Option<Duration>,
 }
 
+/// What an on-ramp with a handshake tells its client once the flow's fate
+/// is known: a SOCKS reply, an HTTP status line. [`OnRamp::connect_answering`]
+/// calls it exactly once, before any byte is relayed.
+#[async_trait]
+pub trait Answer: Send {
+    /// `Ok(bound)`: the upstream is connected (`bound`: its local address,
+    /// where known). `Err(reason)`: the flow ends here (denied, no route,
+    /// dial failed). An error writing the answer ends the flow.
+    async fn answer(
+        &mut self,
+        client: &mut Stream,
+        outcome: Result<Option<SocketAddr>, EndReason>,
+    ) -> io::Result<()>;
+}
+
 /// Handles accepted streams for [`OnRamp::serve`].
 #[async_trait]
 pub trait StreamHandler: Send + Sync + 'static {
@@ -306,6 +321,18 @@ impl OnRamp {
     /// The one path: route, flow (with the policy verdict), dial, join,
     /// typed end. Returns why the flow ended.
     pub async fn connect(&self, client: Stream, req: ConnectRequest) -> EndReason {
+        self.connect_answering(client, req, None).await
+    }
+
+    /// [`OnRamp::connect`] for an on-ramp that owes its client an answer
+    /// (a SOCKS reply, an HTTP status): `answer` learns the outcome after
+    /// the dial and before the join, or the reason the flow ends.
+    pub async fn connect_answering(
+        &self,
+        mut client: Stream,
+        req: ConnectRequest,
+        mut answer: Option<&mut (dyn Answer + '_)>,
+    ) -> EndReason {
         let ctx = &self.ctx;
         let (tenant, instance) = (self.tenant(), ctx.instance.as_str());
         let dst = match &req.target {
@@ -343,33 +370,55 @@ impl OnRamp {
             &ctx.instance_metrics,
         );
         let work = async {
-            if let Verdict::Deny(why) = flow.verdict() {
-                ctx.metrics.reject(tenant, instance, "denied");
-                if let Some(suppressed) = logs::allow("onramp.denied") {
-                    tracing::info!(%tenant, %instance, src = %req.src, %dst, identity = req.identity.as_deref().unwrap_or("-"), reason = %why, suppressed, "flow denied");
+            // Phase one: the verdict, the route and the dial.
+            let dialed: Result<Stream, EndReason> = async {
+                if let Verdict::Deny(why) = flow.verdict() {
+                    ctx.metrics.reject(tenant, instance, "denied");
+                    if let Some(suppressed) = logs::allow("onramp.denied") {
+                        tracing::info!(%tenant, %instance, src = %req.src, %dst, identity = req.identity.as_deref().unwrap_or("-"), reason = %why, suppressed, "flow denied");
+                    }
+                    return Err(EndReason::Denied);
                 }
-                return EndReason::Denied;
+                let (connector, target) = match routed {
+                    Ok((c, t, _)) => (c, t),
+                    Err(refusal) => {
+                        ctx.metrics.dial_error(tenant, instance, refusal.reason());
+                        if let Some(suppressed) = logs::allow("onramp.refused") {
+                            tracing::warn!(%tenant, %instance, src = %req.src, %dst, error = %refusal, suppressed, "refused");
+                        }
+                        return Err(refusal.end_reason());
+                    }
+                };
+                ctx.dial(&connector, &target, req.connect_timeout)
+                    .await
+                    .map_err(|e| {
+                        ctx.metrics.dial_error(tenant, instance, e.reason());
+                        if let Some(suppressed) = logs::allow("onramp.dial_failed") {
+                            tracing::warn!(%tenant, %instance, src = %req.src, %dst, via = %connector, error = %e, suppressed, "dial failed");
+                        }
+                        EndReason::DialFailed(e.reason())
+                    })
             }
-            let (connector, target) = match routed {
-                Ok((c, t, _)) => (c, t),
-                Err(refusal) => {
-                    ctx.metrics.dial_error(tenant, instance, refusal.reason());
-                    if let Some(suppressed) = logs::allow("onramp.refused") {
-                        tracing::warn!(%tenant, %instance, src = %req.src, %dst, error = %refusal, suppressed, "refused");
+            .await;
+            // Phase two: tell the client (where the on-ramp owes it an
+            // answer), then relay.
+            let upstream = match dialed {
+                Ok(up) => up,
+                Err(reason) => {
+                    if let Some(a) = answer.as_mut() {
+                        let _ = a.answer(&mut client, Err(reason)).await;
                     }
-                    return refusal.end_reason();
+                    return reason;
                 }
             };
-            let upstream = match ctx.dial(&connector, &target, req.connect_timeout).await {
-                Ok(s) => s,
-                Err(e) => {
-                    ctx.metrics.dial_error(tenant, instance, e.reason());
-                    if let Some(suppressed) = logs::allow("onramp.dial_failed") {
-                        tracing::warn!(%tenant, %instance, src = %req.src, %dst, via = %connector, error = %e, suppressed, "dial failed");
-                    }
-                    return EndReason::DialFailed(e.reason());
+            if let Some(a) = answer.as_mut() {
+                if a.answer(&mut client, Ok(upstream.local_addr()))
+                    .await
+                    .is_err()
+                {
+                    return EndReason::DownstreamError;
                 }
-            };
+            }
             let opts = ProxyOptions {
                 idle_timeout: req.idle_timeout,
                 ..ProxyOptions::default()

@@ -83,39 +83,7 @@ pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
 /// connection forever. `idle_timeout: none` lifts it.
 pub const DEFAULT_TCP_IDLE: Duration = Duration::from_secs(3600);
 
-/// `idle_timeout`: a duration, or `none` (also `off`) for no idle timeout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdleTimeout {
-    /// No idle timeout (TCP only).
-    Off,
-    /// End after this long without traffic.
-    After(Duration),
-}
-
-impl<'de> Deserialize<'de> for IdleTimeout {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        match s.trim() {
-            "none" | "off" => Ok(IdleTimeout::Off),
-            t => humantime::parse_duration(t)
-                .map(IdleTimeout::After)
-                .map_err(|e| {
-                    serde::de::Error::custom(format!(
-                        "`{t}`: {e}; expected a duration such as 10m, or `none`"
-                    ))
-                }),
-        }
-    }
-}
-
-impl Serialize for IdleTimeout {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            IdleTimeout::Off => s.serialize_str("none"),
-            IdleTimeout::After(d) => s.collect_str(&humantime::format_duration(*d)),
-        }
-    }
-}
+pub use crate::core::config::IdleTimeout;
 
 impl PipeConfig {
     /// Parses and validates a `kind: pipe` document.

@@ -185,35 +185,6 @@ pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 /// Dead-peer timeout of tunnelled TCP connections unless configured.
 pub const DEFAULT_TCP_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Largest key file read: a key is 44 characters; this leaves room for a
-/// comment line but refuses to slurp a wrong path.
-const MAX_KEY_FILE: u64 = 4096;
-
-/// Reads a key file: capped in size, and with a warning (as `wg` gives) when
-/// other users may read it. The contents are never logged.
-fn read_key_file(source: &str, key: &str, path: &std::path::Path) -> Result<String, ConfigError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |m: String| ConfigError::key(source, format!("{key}_file"), m);
-    let meta =
-        std::fs::metadata(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
-    if !meta.is_file() {
-        return Err(err(format!("{} is not a file", path.display())));
-    }
-    if meta.len() > MAX_KEY_FILE {
-        return Err(err(format!(
-            "{} is {} bytes: a key file holds one base64 key (44 characters)",
-            path.display(),
-            meta.len()
-        )));
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        tracing::warn!(file = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "key file is readable by other users; chmod 600 it");
-    }
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))
-}
-
 /// Reads a key given inline or in a file (exactly one of the two).
 fn key_text(
     source: &str,
@@ -222,21 +193,14 @@ fn key_text(
     file: Option<PathBuf>,
     required: bool,
 ) -> Result<Option<String>, ConfigError> {
-    match (inline, file) {
-        (Some(_), Some(_)) => Err(ConfigError::key(
-            source,
-            key,
-            format!("give either `{key}` or `{key}_file`, not both"),
-        )),
-        (Some(k), None) => Ok(Some(k)),
-        (None, Some(path)) => read_key_file(source, key, &path).map(Some),
-        (None, None) if required => Err(ConfigError::key(
-            source,
-            key,
-            format!("missing: give `{key}` (base64, as `wg genkey` prints) or `{key}_file`"),
-        )),
-        (None, None) => Ok(None),
-    }
+    crate::core::config::secret_text(
+        source,
+        key,
+        inline,
+        file,
+        required,
+        "base64, as `wg genkey` prints",
+    )
 }
 
 /// A Linux interface name: 1-15 characters, no `/`, whitespace or `:`.

@@ -1,0 +1,483 @@
+//! `kind: socks`: a SOCKS5 front door (RFC 1928, RFC 1929), with SOCKS4/4a.
+//!
+//! A client that speaks SOCKS reaches whatever its tenant routes to, with
+//! the proxy settings it already knows: `curl --socks5-hostname`, a
+//! browser, `ssh -o ProxyCommand`. The door is its config, its handshake
+//! ([`proto`], sans I/O) and one call into the core path per connection
+//! ([`OnRamp::connect_answering`]: flow, policy, route in the user's vnet,
+//! dial, join, typed end); the SOCKS reply is the [`Answer`] the core gives
+//! once the dial's fate is known:
+//!
+//! | flow outcome | reply |
+//! |---|---|
+//! | connected | `0x00` succeeded, with the upstream's local address |
+//! | denied by a flow hook, `reject` route | `0x02` not allowed by ruleset |
+//! | no route, no such vnet | `0x03` network unreachable |
+//! | name did not resolve, host unreachable | `0x04` host unreachable |
+//! | connection refused | `0x05` connection refused |
+//! | no answer within `connect_timeout` | `0x06` TTL expired |
+//! | BIND, unknown command | `0x07` command not supported |
+//! | unknown address type | `0x08` address type not supported |
+//! | anything else | `0x01` general failure |
+//!
+//! Names (`ATYP` domain, SOCKS4a) are never resolved on the host unless the
+//! route says `direct`: the core resolves them where the route goes (the
+//! vnet's `hosts:`/`dns:`). With `auth: password`, the user name is the
+//! flow's identity and may pick a vnet (`alice@sydney`) that the user is
+//! allowed. Failed authentication, bad requests and handshake timeouts are
+//! counted in `meshgate_rejected_total{reason}` and logged (rate-limited),
+//! never with the password. UDP ASSOCIATE is in [`udp`].
+
+pub mod config;
+pub mod proto;
+mod udp;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use configstore::Document;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Mutex;
+
+use crate::core::config::ConfigError;
+use crate::core::logs;
+use crate::core::net::proxy::Stream;
+use crate::core::spine::flow::EndReason;
+use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::onramp::{
+    Answer, ConnectRequest, ListenOn, OnRamp, RouteVia, RunningListener, StreamHandler, Target,
+};
+
+use config::Auth;
+pub use config::SocksConfig;
+use proto::ProtoError;
+
+/// Builds SOCKS doors.
+pub struct SocksFactory;
+
+impl ModuleFactory for SocksFactory {
+    fn kind(&self) -> &'static str {
+        "socks"
+    }
+
+    fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
+        let cfg = SocksConfig::from_document(doc)?;
+        Ok(ModulePlan {
+            depends_on: cfg.depends_on(),
+            ..ModulePlan::default()
+        })
+    }
+
+    fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
+        let cfg = SocksConfig::from_document(doc)?;
+        Ok(Arc::new(Socks {
+            onramp: OnRamp::new(ctx),
+            door: Arc::new(Door {
+                source: RwLock::new(doc.source.clone()),
+                config: RwLock::new(Arc::new(cfg)),
+            }),
+            listener: Mutex::new(None),
+        }))
+    }
+}
+
+/// A running SOCKS door.
+pub struct Socks {
+    onramp: Arc<OnRamp>,
+    door: Arc<Door>,
+    listener: Mutex<Option<RunningListener>>,
+}
+
+/// The config, shared with the connections.
+struct Door {
+    source: RwLock<String>,
+    config: RwLock<Arc<SocksConfig>>,
+}
+
+impl Door {
+    fn config(&self) -> Arc<SocksConfig> {
+        self.config.read().expect("poisoned").clone()
+    }
+}
+
+/// What the handshake asked for.
+enum Ask {
+    /// CONNECT (SOCKS5 or 4).
+    Connect {
+        dst: proto::Addr,
+        identity: Option<String>,
+        vnet: Option<String>,
+        socks4: bool,
+    },
+    /// UDP ASSOCIATE.
+    Udp {
+        identity: Option<String>,
+        vnet: Option<String>,
+        client_hint: proto::Addr,
+    },
+}
+
+/// Why a handshake ended without a request: the metric reason, and what
+/// to tell the client (already sent when `None`).
+struct Refused {
+    reason: &'static str,
+    detail: String,
+}
+
+impl Refused {
+    fn new(reason: &'static str, detail: impl Into<String>) -> Refused {
+        Refused {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Reads until `parse` has a whole message; what it read past the message
+/// stays in `buf`.
+async fn read_msg<T>(
+    client: &mut Stream,
+    buf: &mut Vec<u8>,
+    parse: impl Fn(&[u8]) -> proto::Parsed<T>,
+) -> Result<T, Refused> {
+    loop {
+        match parse(buf) {
+            Ok(Some((msg, n))) => {
+                buf.drain(..n);
+                return Ok(msg);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Refused::new(proto_reason(&e), e.to_string())),
+        }
+        if buf.len() > 4096 {
+            return Err(Refused::new("bad_request", "handshake message too long"));
+        }
+        let mut chunk = [0u8; 512];
+        match client.read(&mut chunk).await {
+            Ok(0) => {
+                return Err(Refused::new(
+                    "client_gone",
+                    "client closed during the handshake",
+                ))
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(Refused::new("client_gone", e.to_string())),
+        }
+    }
+}
+
+fn proto_reason(e: &ProtoError) -> &'static str {
+    match e {
+        ProtoError::AddressType(_) => "address_type_not_supported",
+        _ => "bad_request",
+    }
+}
+
+/// The SOCKS5 reply code for how a flow ended before relaying.
+fn reply_code(reason: EndReason) -> u8 {
+    match reason {
+        EndReason::Denied | EndReason::Rejected => proto::REP_NOT_ALLOWED,
+        EndReason::NoRoute | EndReason::DialFailed("no_route") => proto::REP_NETWORK_UNREACHABLE,
+        EndReason::DialFailed("resolve" | "unreachable") => proto::REP_HOST_UNREACHABLE,
+        EndReason::DialFailed("refused") => proto::REP_CONNECTION_REFUSED,
+        EndReason::DialFailed("timeout") => proto::REP_TTL_EXPIRED,
+        _ => proto::REP_GENERAL_FAILURE,
+    }
+}
+
+/// Runs the handshake: greeting, authentication, request. Replies to
+/// errors it finds itself (no method, bad password, bad command).
+async fn handshake(
+    cfg: &SocksConfig,
+    client: &mut Stream,
+    buf: &mut Vec<u8>,
+) -> Result<Ask, Refused> {
+    let mut first = [0u8; 1];
+    if buf.is_empty() {
+        match client.read(&mut first).await {
+            Ok(1) => buf.push(first[0]),
+            _ => {
+                return Err(Refused::new(
+                    "client_gone",
+                    "client closed before the greeting",
+                ))
+            }
+        }
+    }
+    if buf[0] == 4 {
+        if !cfg.socks4 {
+            let _ = client.write_all(&proto::socks4_reply(false)).await;
+            return Err(Refused::new(
+                "socks4_refused",
+                "SOCKS4 is off here (it carries no password; `auth: password` needs SOCKS5)",
+            ));
+        }
+        let req = read_msg(client, buf, proto::parse_socks4).await?;
+        if req.cmd != proto::CMD_CONNECT {
+            let _ = client.write_all(&proto::socks4_reply(false)).await;
+            return Err(Refused::new("command_not_supported", "SOCKS4 BIND"));
+        }
+        return Ok(Ask::Connect {
+            dst: req.dst,
+            identity: None,
+            vnet: cfg.vnet.clone(),
+            socks4: true,
+        });
+    }
+    let methods = read_msg(client, buf, proto::parse_greeting).await?;
+    let want = match cfg.auth {
+        Auth::None => proto::METHOD_NONE,
+        Auth::Password => proto::METHOD_PASSWORD,
+    };
+    if !methods.contains(&want) {
+        let _ = client.write_all(&[5, proto::METHOD_UNACCEPTABLE]).await;
+        return Err(Refused::new(
+            "no_acceptable_method",
+            format!("client offers methods {methods:?}; this door needs {want:#04x}"),
+        ));
+    }
+    client
+        .write_all(&[5, want])
+        .await
+        .map_err(|e| Refused::new("client_gone", e.to_string()))?;
+    let (identity, vnet) = match cfg.auth {
+        Auth::None => (None, cfg.vnet.clone()),
+        Auth::Password => {
+            let cred = read_msg(client, buf, proto::parse_credentials).await?;
+            match cfg.authenticate(&cred.user, &cred.password) {
+                Ok((who, vnet)) => {
+                    client
+                        .write_all(&[1, 0])
+                        .await
+                        .map_err(|e| Refused::new("client_gone", e.to_string()))?;
+                    (Some(who), vnet)
+                }
+                Err(why) => {
+                    let _ = client.write_all(&[1, 1]).await;
+                    return Err(Refused::new(
+                        "auth_failed",
+                        format!("user `{}`: {why}", cred.user),
+                    ));
+                }
+            }
+        }
+    };
+    let req = match read_msg(client, buf, proto::parse_request).await {
+        Ok(r) => r,
+        Err(r) => {
+            let code = if r.reason == "address_type_not_supported" {
+                proto::REP_ADDRESS_TYPE_NOT_SUPPORTED
+            } else {
+                proto::REP_GENERAL_FAILURE
+            };
+            let _ = client.write_all(&proto::reply(code, None)).await;
+            return Err(r);
+        }
+    };
+    match req.cmd {
+        proto::CMD_CONNECT => Ok(Ask::Connect {
+            dst: req.dst,
+            identity,
+            vnet,
+            socks4: false,
+        }),
+        proto::CMD_UDP_ASSOCIATE if cfg.udp => Ok(Ask::Udp {
+            identity,
+            vnet,
+            client_hint: req.dst,
+        }),
+        other => {
+            let _ = client
+                .write_all(&proto::reply(proto::REP_COMMAND_NOT_SUPPORTED, None))
+                .await;
+            Err(Refused::new(
+                "command_not_supported",
+                match other {
+                    proto::CMD_BIND => "BIND".to_string(),
+                    proto::CMD_UDP_ASSOCIATE => "UDP ASSOCIATE (`udp: false`)".to_string(),
+                    c => format!("command {c:#04x}"),
+                },
+            ))
+        }
+    }
+}
+
+/// The SOCKS reply, sent when the core knows the flow's fate.
+struct SocksAnswer {
+    socks4: bool,
+}
+
+#[async_trait]
+impl Answer for SocksAnswer {
+    async fn answer(
+        &mut self,
+        client: &mut Stream,
+        outcome: Result<Option<SocketAddr>, EndReason>,
+    ) -> std::io::Result<()> {
+        let bytes = match (self.socks4, &outcome) {
+            (true, o) => proto::socks4_reply(o.is_ok()).to_vec(),
+            (false, Ok(bound)) => proto::reply(proto::REP_SUCCEEDED, *bound),
+            (false, Err(reason)) => proto::reply(reply_code(*reason), None),
+        };
+        client.write_all(&bytes).await?;
+        client.flush().await
+    }
+}
+
+#[async_trait]
+impl StreamHandler for Door {
+    fn max_connections(&self) -> usize {
+        self.config().max_connections
+    }
+
+    async fn handle(&self, onramp: &Arc<OnRamp>, mut client: Stream, src: SocketAddr) {
+        let cfg = self.config();
+        let ctx = onramp.ctx();
+        let mut buf = Vec::new();
+        let ask = match tokio::time::timeout(
+            cfg.handshake_timeout,
+            handshake(&cfg, &mut client, &mut buf),
+        )
+        .await
+        {
+            Ok(Ok(a)) => a,
+            Ok(Err(r)) => {
+                if r.reason != "client_gone" {
+                    ctx.metrics
+                        .reject(&ctx.tenant.name, &ctx.instance, r.reason);
+                    if let Some(suppressed) = logs::allow("socks.refused") {
+                        tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, reason = r.reason, detail = %r.detail, suppressed, "SOCKS handshake refused");
+                    }
+                }
+                return;
+            }
+            Err(_) => {
+                ctx.metrics
+                    .reject(&ctx.tenant.name, &ctx.instance, "handshake_timeout");
+                if let Some(suppressed) = logs::allow("socks.timeout") {
+                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, timeout = ?cfg.handshake_timeout, suppressed, "SOCKS handshake timed out");
+                }
+                return;
+            }
+        };
+        match ask {
+            Ask::Connect {
+                dst,
+                identity,
+                vnet,
+                socks4,
+            } => {
+                let req = ConnectRequest {
+                    src,
+                    target: Target::Addr(dst.host_port()),
+                    identity,
+                    via: RouteVia::Vnet(vnet),
+                    connect_timeout: cfg.connect_timeout,
+                    idle_timeout: cfg.idle_timeout,
+                };
+                // Bytes the client sent right after its request (optimistic
+                // data) go upstream first.
+                let client = client.prepend(std::mem::take(&mut buf));
+                let mut answer = SocksAnswer { socks4 };
+                onramp
+                    .connect_answering(client, req, Some(&mut answer))
+                    .await;
+            }
+            Ask::Udp {
+                identity,
+                vnet,
+                client_hint,
+            } => {
+                udp::associate(onramp, &cfg, client, src, identity, vnet, client_hint).await;
+            }
+        }
+    }
+}
+
+impl Socks {
+    fn listen_on(cfg: &SocksConfig) -> ListenOn {
+        match &cfg.listen_via {
+            Some(m) => ListenOn::Module {
+                module: m.clone(),
+                addr: cfg.listen.0,
+            },
+            None => ListenOn::Host(cfg.listen.0),
+        }
+    }
+
+    async fn bind_and_serve(&self, cfg: &SocksConfig) -> Result<RunningListener, ModuleError> {
+        let on = Self::listen_on(cfg);
+        let l = self.onramp.bind(&on).await.map_err(|e| {
+            let source = self.door.source.read().expect("poisoned").clone();
+            let key = if cfg.listen_via.is_some() && e.kind() == std::io::ErrorKind::NotFound {
+                "listen_via"
+            } else {
+                "listen"
+            };
+            ModuleError::Config(ConfigError::key(
+                &source,
+                key,
+                format!("cannot listen on {}: {e}", cfg.listen),
+            ))
+        })?;
+        Ok(self.onramp.serve(on, l, self.door.clone()))
+    }
+
+    /// The address the door accepts on (useful with port 0).
+    pub async fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.lock().await.as_ref().map(|l| l.local_addr())
+    }
+}
+
+#[async_trait]
+impl Module for Socks {
+    async fn start(&self) -> Result<(), ModuleError> {
+        let cfg = self.door.config();
+        let l = self.bind_and_serve(&cfg).await?;
+        *self.listener.lock().await = Some(l);
+        Ok(())
+    }
+
+    async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
+        let new = SocksConfig::from_document(doc)?;
+        let old = self.door.config();
+        *self.door.source.write().expect("poisoned") = doc.source.clone();
+        let mut listener = self.listener.lock().await;
+        if new.listen != old.listen || new.listen_via != old.listen_via {
+            // Bind the new address first: if it is taken, the old one serves on.
+            let l = self.bind_and_serve(&new).await?;
+            if let Some(old_l) = listener.replace(l) {
+                old_l.close().await;
+            }
+        }
+        *self.door.config.write().expect("poisoned") = Arc::new(new);
+        Ok(())
+    }
+
+    async fn drain(&self) {
+        if let Some(l) = self.listener.lock().await.take() {
+            l.close().await;
+        }
+    }
+
+    async fn stop(&self) {
+        self.drain().await;
+        self.onramp.stop().await;
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let cfg = self.door.config();
+        serde_json::json!({
+            "listen": cfg.listen.to_string(),
+            "listen_via": cfg.listen_via,
+            "auth": match cfg.auth { Auth::None => "none", Auth::Password => "password" },
+            "users": cfg.users.keys().collect::<Vec<_>>(),
+            "vnet": cfg.vnet,
+            "udp": cfg.udp,
+            "socks4": cfg.socks4,
+            "active": self.onramp.active(),
+            "max_connections": cfg.max_connections,
+        })
+    }
+}
