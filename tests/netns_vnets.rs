@@ -107,6 +107,22 @@ fn two_vnets_route_the_same_range_to_different_sites() {
         &syd_key.public_key().to_string(),
     );
 
+    // Sydney's DNS server, at the site: it knows nginx.sydney.internal.
+    let mut syd = syd;
+    let mut dns = syd.ns.cmd("dnsmasq");
+    dns.args([
+        "--no-daemon",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=10.1.0.10",
+        "--address=/nginx.sydney.internal/10.1.0.10",
+        "--user=root",
+        "--pid-file=",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    syd.ns.spawn(dns);
     let d = tempfile::tempdir().unwrap();
     let t = d.path().join("tenants/acme");
     std::fs::create_dir_all(&t).unwrap();
@@ -154,7 +170,35 @@ fn two_vnets_route_the_same_range_to_different_sites() {
         "nowhere.yaml",
         "kind: pipe\nlisten: 127.0.0.1:8085\nremote: 192.0.2.1:80\n",
     );
+    // A SOCKS door: alice routes in the default vnet, or in sydney as alice@sydney.
+    w(
+        "socks.yaml",
+        "kind: socks\nlisten: 127.0.0.1:1080\nusers:\n  - name: alice\n    password: pw\n    vnets: [sydney]\n",
+    );
     let mg = NsMeshgate::start(&gw, d.path(), "127.0.0.1:9000");
+
+    // curl through the SOCKS door: names resolved in the vnet (frankfurt's
+    // `hosts`; sydney's DNS server at the site), never by curl or the host.
+    let socks = |user: &str, url: &str| {
+        let out = gw.try_sh(&format!(
+            "curl -sS --max-time 10 --socks5-hostname 127.0.0.1:1080 --proxy-user '{user}' {url}"
+        ));
+        (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    assert_eq!(socks("alice:pw", "http://nginx/").0, "frankfurt\n");
+    assert_eq!(
+        socks("alice@sydney:pw", "http://nginx.sydney.internal/").0,
+        "sydney\n"
+    );
+    assert_eq!(socks("alice@sydney:pw", "http://10.1.0.10/").0, "sydney\n");
+    // A reject route: SOCKS reply 2 (not allowed by ruleset), as curl reports it.
+    let (body, err) = socks("alice:pw", "http://10.1.99.1/");
+    assert!(body.is_empty() && err.contains("(2)"), "{err}");
+    let (_, err) = socks("alice:wrong", "http://nginx/");
+    assert!(!err.is_empty(), "a wrong password must fail");
 
     // The default vnet is frankfurt; a pipe that names sydney goes there.
     assert_eq!(
@@ -169,6 +213,11 @@ fn two_vnets_route_the_same_range_to_different_sites() {
     assert_eq!(
         gw.curl("http://127.0.0.1:8083/", 10),
         (200, "frankfurt\n".into())
+    );
+    // A name resolved by sydney's DNS server on the site's side.
+    assert_eq!(
+        gw.curl("http://127.0.0.1:8086/", 10),
+        (200, "sydney\n".into())
     );
 
     // A reject route and a missing route: refused, counted by reason.
