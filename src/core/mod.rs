@@ -25,3 +25,4 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod spine;
+pub mod users;

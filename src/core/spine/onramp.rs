@@ -103,19 +103,33 @@ pub struct ConnectRequest {
     pub idle_timeout: Option<Duration>,
 }
 
-/// What an on-ramp with a handshake tells its client once the flow's fate
-/// is known: a SOCKS reply, an HTTP status line. [`OnRamp::connect_answering`]
-/// calls it exactly once, before any byte is relayed.
+/// The client side of a connection for [`OnRamp::connect_answering`]: it
+/// learns the flow's fate once (after the dial, before any byte is
+/// relayed) and hands over the stream to relay. An on-ramp with a handshake
+/// answers here: a SOCKS reply, an HTTP status before the upgrade.
 #[async_trait]
 pub trait Answer: Send {
     /// `Ok(bound)`: the upstream is connected (`bound`: its local address,
-    /// where known). `Err(reason)`: the flow ends here (denied, no route,
-    /// dial failed). An error writing the answer ends the flow.
+    /// where known); return the client stream to relay, or `None` if the
+    /// client is gone. `Err(reason)`: the flow ends here (denied, no route,
+    /// dial failed); tell the client and return `None`.
     async fn answer(
-        &mut self,
-        client: &mut Stream,
+        self: Box<Self>,
         outcome: Result<Option<SocketAddr>, EndReason>,
-    ) -> io::Result<()>;
+    ) -> Option<Stream>;
+}
+
+/// A client that needs no answer: relayed as it is, dropped on failure.
+struct Silent(Stream);
+
+#[async_trait]
+impl Answer for Silent {
+    async fn answer(
+        self: Box<Self>,
+        outcome: Result<Option<SocketAddr>, EndReason>,
+    ) -> Option<Stream> {
+        outcome.ok().map(|_| self.0)
+    }
 }
 
 /// Handles accepted streams for [`OnRamp::serve`].
@@ -321,17 +335,17 @@ impl OnRamp {
     /// The one path: route, flow (with the policy verdict), dial, join,
     /// typed end. Returns why the flow ended.
     pub async fn connect(&self, client: Stream, req: ConnectRequest) -> EndReason {
-        self.connect_answering(client, req, None).await
+        self.connect_answering(req, Box::new(Silent(client))).await
     }
 
     /// [`OnRamp::connect`] for an on-ramp that owes its client an answer
-    /// (a SOCKS reply, an HTTP status): `answer` learns the outcome after
-    /// the dial and before the join, or the reason the flow ends.
+    /// (a SOCKS reply, an HTTP status): `client` learns the outcome after
+    /// the dial and before the join, or the reason the flow ends, and hands
+    /// over the stream to relay.
     pub async fn connect_answering(
         &self,
-        mut client: Stream,
         req: ConnectRequest,
-        mut answer: Option<&mut (dyn Answer + '_)>,
+        client: Box<dyn Answer + '_>,
     ) -> EndReason {
         let ctx = &self.ctx;
         let (tenant, instance) = (self.tenant(), ctx.instance.as_str());
@@ -405,20 +419,13 @@ impl OnRamp {
             let upstream = match dialed {
                 Ok(up) => up,
                 Err(reason) => {
-                    if let Some(a) = answer.as_mut() {
-                        let _ = a.answer(&mut client, Err(reason)).await;
-                    }
+                    client.answer(Err(reason)).await;
                     return reason;
                 }
             };
-            if let Some(a) = answer.as_mut() {
-                if a.answer(&mut client, Ok(upstream.local_addr()))
-                    .await
-                    .is_err()
-                {
-                    return EndReason::DownstreamError;
-                }
-            }
+            let Some(client) = client.answer(Ok(upstream.local_addr())).await else {
+                return EndReason::DownstreamError;
+            };
             let opts = ProxyOptions {
                 idle_timeout: req.idle_timeout,
                 ..ProxyOptions::default()

@@ -1,14 +1,13 @@
 //! The SOCKS front door's config document.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use configstore::Document;
 use serde::Deserialize;
 
 use crate::core::addr::ListenAddr;
-use crate::core::config::{parse_document, secret_text, ConfigError, IdleTimeout};
+use crate::core::config::{parse_document, ConfigError, IdleTimeout};
+use crate::core::users::{RawUser, Users};
 
 /// `kind: socks`
 ///
@@ -56,20 +55,6 @@ struct RawConfig {
     max_connections: usize,
 }
 
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUser {
-    name: String,
-    #[serde(default)]
-    password: Option<String>,
-    #[serde(default)]
-    password_file: Option<PathBuf>,
-    #[serde(default)]
-    vnet: Option<String>,
-    #[serde(default)]
-    vnets: Vec<String>,
-}
-
 fn yes() -> bool {
     true
 }
@@ -93,17 +78,6 @@ pub enum Auth {
     Password,
 }
 
-/// One user.
-#[derive(Clone)]
-pub struct User {
-    /// The password (never logged; compared in constant time).
-    pub password: Vec<u8>,
-    /// The user's vnet (`None`: the door's).
-    pub vnet: Option<String>,
-    /// Further vnets the user may pick with `name@vnet`.
-    pub vnets: Vec<String>,
-}
-
 /// A checked SOCKS config. Holds passwords: its `Debug` leaves them out.
 #[derive(Clone)]
 pub struct SocksConfig {
@@ -113,8 +87,8 @@ pub struct SocksConfig {
     pub listen_via: Option<String>,
     /// How clients authenticate.
     pub auth: Auth,
-    /// Users by name.
-    pub users: BTreeMap<String, User>,
+    /// Users and what they may reach.
+    pub users: Users,
     /// The vnet of clients whose user names none.
     pub vnet: Option<String>,
     /// Whether UDP ASSOCIATE is served.
@@ -137,7 +111,7 @@ impl std::fmt::Debug for SocksConfig {
             .field("listen", &self.listen)
             .field("listen_via", &self.listen_via)
             .field("auth", &self.auth)
-            .field("users", &self.users.keys().collect::<Vec<_>>())
+            .field("users", &self.users.names())
             .field("vnet", &self.vnet)
             .finish_non_exhaustive()
     }
@@ -176,54 +150,7 @@ impl SocksConfig {
         if let Some(v) = &raw.vnet {
             check_vnet("vnet".into(), v)?;
         }
-        let mut users = BTreeMap::new();
-        for (i, u) in raw.users.into_iter().enumerate() {
-            let key = |k: &str| format!("users[{i}].{k}");
-            if u.name.is_empty() || u.name.len() > 255 || u.name.contains(char::is_control) {
-                return Err(ConfigError::key(
-                    src,
-                    key("name"),
-                    "expected 1-255 printable characters (SOCKS sends at most 255 bytes)",
-                ));
-            }
-            let password = secret_text(
-                src,
-                &key("password"),
-                u.password,
-                u.password_file,
-                true,
-                "the user's password",
-            )?
-            .expect("required");
-            if password.is_empty() || password.len() > 255 {
-                return Err(ConfigError::key(
-                    src,
-                    key("password"),
-                    "expected 1-255 bytes (SOCKS sends at most 255)",
-                ));
-            }
-            if let Some(v) = &u.vnet {
-                check_vnet(key("vnet"), v)?;
-            }
-            for (j, v) in u.vnets.iter().enumerate() {
-                check_vnet(format!("users[{i}].vnets[{j}]"), v)?;
-            }
-            if users.contains_key(&u.name) {
-                return Err(ConfigError::key(
-                    src,
-                    key("name"),
-                    format!("user `{}` is listed twice", u.name),
-                ));
-            }
-            users.insert(
-                u.name,
-                User {
-                    password: password.into_bytes(),
-                    vnet: u.vnet,
-                    vnets: u.vnets,
-                },
-            );
-        }
+        let users = Users::from_raw(src, raw.users)?;
         let positive = |key: &str, d: Duration| {
             if d.is_zero() {
                 Err(ConfigError::key(src, key, "must be longer than 0s"))
@@ -279,11 +206,7 @@ impl SocksConfig {
             .listen_via
             .iter()
             .chain(self.vnet.iter())
-            .chain(
-                self.users
-                    .values()
-                    .flat_map(|u| u.vnet.iter().chain(u.vnets.iter())),
-            )
+            .chain(self.users.vnets())
             .cloned()
             .collect();
         d.sort();
@@ -291,45 +214,15 @@ impl SocksConfig {
         d
     }
 
-    /// Checks a user's credentials. `user` may carry `@vnet`; an exact
-    /// user name wins over that reading. Returns the identity and the vnet
-    /// to route in, or why not (for the log: never the password).
+    /// Checks credentials in this door's users; see [`Users::authenticate`].
     pub fn authenticate(
         &self,
         user: &str,
         password: &[u8],
     ) -> Result<(String, Option<String>), &'static str> {
-        let (name, picked) = match self.users.get(user) {
-            Some(_) => (user, None),
-            None => match user.rsplit_once('@') {
-                Some((n, v)) if self.users.contains_key(n) => (n, Some(v)),
-                _ => return Err("unknown_user"),
-            },
-        };
-        let u = &self.users[name];
-        if !constant_time_eq(&u.password, password) {
-            return Err("bad_password");
-        }
-        let vnet = match picked {
-            None => u.vnet.clone().or_else(|| self.vnet.clone()),
-            Some(v) if u.vnet.as_deref() == Some(v) || u.vnets.iter().any(|x| x == v) => {
-                Some(v.to_string())
-            }
-            Some(_) => return Err("vnet_not_allowed"),
-        };
-        Ok((name.to_string(), vnet))
+        self.users
+            .authenticate(user, password, self.vnet.as_deref())
     }
-}
-
-/// Compares two secrets without an early exit on the first difference.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
 }
 
 #[cfg(test)]

@@ -305,23 +305,23 @@ async fn handshake(
 
 /// The SOCKS reply, sent when the core knows the flow's fate.
 struct SocksAnswer {
+    client: Stream,
     socks4: bool,
 }
 
 #[async_trait]
 impl Answer for SocksAnswer {
     async fn answer(
-        &mut self,
-        client: &mut Stream,
+        mut self: Box<Self>,
         outcome: Result<Option<SocketAddr>, EndReason>,
-    ) -> std::io::Result<()> {
+    ) -> Option<Stream> {
         let bytes = match (self.socks4, &outcome) {
             (true, o) => proto::socks4_reply(o.is_ok()).to_vec(),
             (false, Ok(bound)) => proto::reply(proto::REP_SUCCEEDED, *bound),
             (false, Err(reason)) => proto::reply(reply_code(*reason), None),
         };
-        client.write_all(&bytes).await?;
-        client.flush().await
+        let sent = self.client.write_all(&bytes).await.is_ok() && self.client.flush().await.is_ok();
+        (sent && outcome.is_ok()).then_some(self.client)
     }
 }
 
@@ -379,9 +379,8 @@ impl StreamHandler for Door {
                 // Bytes the client sent right after its request (optimistic
                 // data) go upstream first.
                 let client = client.prepend(std::mem::take(&mut buf));
-                let mut answer = SocksAnswer { socks4 };
                 onramp
-                    .connect_answering(client, req, Some(&mut answer))
+                    .connect_answering(req, Box::new(SocksAnswer { client, socks4 }))
                     .await;
             }
             Ask::Udp {
@@ -472,7 +471,7 @@ impl Module for Socks {
             "listen": cfg.listen.to_string(),
             "listen_via": cfg.listen_via,
             "auth": match cfg.auth { Auth::None => "none", Auth::Password => "password" },
-            "users": cfg.users.keys().collect::<Vec<_>>(),
+            "users": cfg.users.names(),
             "vnet": cfg.vnet,
             "udp": cfg.udp,
             "socks4": cfg.socks4,
