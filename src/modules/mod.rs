@@ -6,11 +6,13 @@
 //! - [`wireguard`]: userspace WireGuard interfaces, each with its own IP stack.
 //! - [`vnet`]: a tenant's virtual networks: routes, hosts, the default.
 //! - [`socks`]: a SOCKS5 (and SOCKS4/4a) front door with UDP ASSOCIATE.
+//! - [`http_proxy`]: an HTTP/1.1 CONNECT and forward proxy front door.
 
 use std::sync::Arc;
 
 use crate::core::spine::module::ModuleFactory;
 
+pub mod http_proxy;
 pub mod pipe;
 pub mod socks;
 pub mod vnet;
@@ -21,6 +23,7 @@ pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
     vec![
         Arc::new(pipe::PipeFactory),
         Arc::new(socks::SocksFactory),
+        Arc::new(http_proxy::HttpProxyFactory),
         Arc::new(wireguard::WireGuardFactory),
         Arc::new(vnet::VnetFactory),
     ]

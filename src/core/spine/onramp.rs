@@ -172,6 +172,71 @@ impl RunningListener {
     }
 }
 
+impl ListenOn {
+    /// `listen` on the host, or inside module `listen_via`'s network.
+    pub fn new(listen: SocketAddr, listen_via: Option<&String>) -> ListenOn {
+        match listen_via {
+            Some(m) => ListenOn::Module {
+                module: m.clone(),
+                addr: listen,
+            },
+            None => ListenOn::Host(listen),
+        }
+    }
+}
+
+/// The listener of a door (SOCKS, HTTP proxy): served at start, bound anew
+/// first when a reload moves it (if that fails, the old one serves on),
+/// closed at drain.
+#[derive(Default)]
+pub struct DoorListener {
+    slot: tokio::sync::Mutex<Option<RunningListener>>,
+}
+
+impl DoorListener {
+    /// Binds `on` and serves it with `handler`, replacing what served
+    /// before once the new bind succeeded. `source` names the document in
+    /// the error (key `listen`, or `listen_via` when the module is missing).
+    pub async fn serve(
+        &self,
+        onramp: &Arc<OnRamp>,
+        on: ListenOn,
+        handler: Arc<dyn StreamHandler>,
+        source: &str,
+    ) -> Result<(), crate::core::config::ConfigError> {
+        let l = onramp.bind(&on).await.map_err(|e| {
+            let (key, addr) = match &on {
+                ListenOn::Module { addr, .. } if e.kind() == io::ErrorKind::NotFound => {
+                    ("listen_via", *addr)
+                }
+                ListenOn::Module { addr, .. } | ListenOn::Host(addr) => ("listen", *addr),
+            };
+            crate::core::config::ConfigError::key(
+                source,
+                key,
+                format!("cannot listen on {addr}: {e}"),
+            )
+        })?;
+        let running = onramp.serve(on, l, handler);
+        if let Some(old) = self.slot.lock().await.replace(running) {
+            old.close().await;
+        }
+        Ok(())
+    }
+
+    /// Stops accepting (open connections go on).
+    pub async fn close(&self) {
+        if let Some(l) = self.slot.lock().await.take() {
+            l.close().await;
+        }
+    }
+
+    /// The address accepted on (the port chosen, with port 0).
+    pub async fn local_addr(&self) -> Option<SocketAddr> {
+        self.slot.lock().await.as_ref().map(|l| l.local_addr())
+    }
+}
+
 /// What a stream on-ramp instance shares between its listener and its
 /// connections: its module context, connection count, tracker and stop.
 pub struct OnRamp {

@@ -38,7 +38,6 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 use configstore::Document;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Mutex;
 
 use crate::core::config::ConfigError;
 use crate::core::logs;
@@ -46,7 +45,7 @@ use crate::core::net::proxy::Stream;
 use crate::core::spine::flow::EndReason;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
-    Answer, ConnectRequest, ListenOn, OnRamp, RouteVia, RunningListener, StreamHandler, Target,
+    Answer, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, StreamHandler, Target,
 };
 
 use config::Auth;
@@ -77,7 +76,7 @@ impl ModuleFactory for SocksFactory {
                 source: RwLock::new(doc.source.clone()),
                 config: RwLock::new(Arc::new(cfg)),
             }),
-            listener: Mutex::new(None),
+            listener: DoorListener::default(),
         }))
     }
 }
@@ -86,7 +85,7 @@ impl ModuleFactory for SocksFactory {
 pub struct Socks {
     onramp: Arc<OnRamp>,
     door: Arc<Door>,
-    listener: Mutex<Option<RunningListener>>,
+    listener: DoorListener,
 }
 
 /// The config, shared with the connections.
@@ -395,69 +394,40 @@ impl StreamHandler for Door {
 }
 
 impl Socks {
-    fn listen_on(cfg: &SocksConfig) -> ListenOn {
-        match &cfg.listen_via {
-            Some(m) => ListenOn::Module {
-                module: m.clone(),
-                addr: cfg.listen.0,
-            },
-            None => ListenOn::Host(cfg.listen.0),
-        }
-    }
-
-    async fn bind_and_serve(&self, cfg: &SocksConfig) -> Result<RunningListener, ModuleError> {
-        let on = Self::listen_on(cfg);
-        let l = self.onramp.bind(&on).await.map_err(|e| {
-            let source = self.door.source.read().expect("poisoned").clone();
-            let key = if cfg.listen_via.is_some() && e.kind() == std::io::ErrorKind::NotFound {
-                "listen_via"
-            } else {
-                "listen"
-            };
-            ModuleError::Config(ConfigError::key(
-                &source,
-                key,
-                format!("cannot listen on {}: {e}", cfg.listen),
-            ))
-        })?;
-        Ok(self.onramp.serve(on, l, self.door.clone()))
-    }
-
     /// The address the door accepts on (useful with port 0).
     pub async fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.lock().await.as_ref().map(|l| l.local_addr())
+        self.listener.local_addr().await
+    }
+
+    async fn listen(&self, cfg: &SocksConfig, source: &str) -> Result<(), ModuleError> {
+        let on = ListenOn::new(cfg.listen.0, cfg.listen_via.as_ref());
+        Ok(self
+            .listener
+            .serve(&self.onramp, on, self.door.clone(), source)
+            .await?)
     }
 }
 
 #[async_trait]
 impl Module for Socks {
     async fn start(&self) -> Result<(), ModuleError> {
-        let cfg = self.door.config();
-        let l = self.bind_and_serve(&cfg).await?;
-        *self.listener.lock().await = Some(l);
-        Ok(())
+        let source = self.door.source.read().expect("poisoned").clone();
+        self.listen(&self.door.config(), &source).await
     }
 
     async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
         let new = SocksConfig::from_document(doc)?;
         let old = self.door.config();
-        *self.door.source.write().expect("poisoned") = doc.source.clone();
-        let mut listener = self.listener.lock().await;
         if new.listen != old.listen || new.listen_via != old.listen_via {
-            // Bind the new address first: if it is taken, the old one serves on.
-            let l = self.bind_and_serve(&new).await?;
-            if let Some(old_l) = listener.replace(l) {
-                old_l.close().await;
-            }
+            self.listen(&new, &doc.source).await?;
         }
+        *self.door.source.write().expect("poisoned") = doc.source.clone();
         *self.door.config.write().expect("poisoned") = Arc::new(new);
         Ok(())
     }
 
     async fn drain(&self) {
-        if let Some(l) = self.listener.lock().await.take() {
-            l.close().await;
-        }
+        self.listener.close().await;
     }
 
     async fn stop(&self) {

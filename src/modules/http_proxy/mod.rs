@@ -1,0 +1,446 @@
+//! `kind: http_proxy`: an HTTP/1.1 front door (hyper): `CONNECT host:port`
+//! tunnels and absolute-URI forward proxying (`GET http://host/...`).
+//!
+//! Every request takes the one path ([`OnRamp::connect_answering`]: flow
+//! with the user as identity, policy, route in the user's vnet, dial, join,
+//! typed end). For `CONNECT`, the client's side is the upgraded connection;
+//! for a forwarded request it is one end of an in-memory pipe whose other
+//! end carries the rewritten request (origin-form URI, hop-by-hop and proxy
+//! headers removed) to the upstream, so both are relayed, counted and
+//! audited like any flow. The status tells the client what happened:
+//!
+//! | flow outcome | status |
+//! |---|---|
+//! | tunnel open | `200` (then the tunnel) |
+//! | no `Proxy-Authorization`, or a wrong one (with users) | `407` with `Proxy-Authenticate: Basic` |
+//! | denied by a flow hook, `reject` route, no route | `403` |
+//! | dial failed (refused, unreachable, name unknown) | `502` |
+//! | no answer within `connect_timeout` | `504` |
+//!
+//! Refusals carry `X-Meshgate-Reason: <flow end>` and a one-line body.
+
+pub mod config;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use bytes::Bytes;
+use configstore::Document;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, HOST};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
+
+use crate::core::addr::HostPort;
+use crate::core::config::ConfigError;
+use crate::core::logs;
+use crate::core::net::proxy::Stream;
+use crate::core::spine::flow::EndReason;
+use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::onramp::{
+    Answer, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, StreamHandler, Target,
+};
+
+pub use config::HttpProxyConfig;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Bytes buffered between a forwarded exchange and its flow, each way.
+const FORWARD_BUFFER: usize = 64 * 1024;
+
+/// Builds HTTP proxies.
+pub struct HttpProxyFactory;
+
+impl ModuleFactory for HttpProxyFactory {
+    fn kind(&self) -> &'static str {
+        "http_proxy"
+    }
+
+    fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
+        let cfg = HttpProxyConfig::from_document(doc)?;
+        Ok(ModulePlan {
+            depends_on: cfg.depends_on(),
+            ..ModulePlan::default()
+        })
+    }
+
+    fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
+        let cfg = HttpProxyConfig::from_document(doc)?;
+        Ok(Arc::new(HttpProxy {
+            onramp: OnRamp::new(ctx),
+            door: Arc::new(Door {
+                source: RwLock::new(doc.source.clone()),
+                config: RwLock::new(Arc::new(cfg)),
+            }),
+            listener: DoorListener::default(),
+        }))
+    }
+}
+
+/// A running HTTP proxy.
+pub struct HttpProxy {
+    onramp: Arc<OnRamp>,
+    door: Arc<Door>,
+    listener: DoorListener,
+}
+
+struct Door {
+    source: RwLock<String>,
+    config: RwLock<Arc<HttpProxyConfig>>,
+}
+
+impl Door {
+    fn config(&self) -> Arc<HttpProxyConfig> {
+        self.config.read().expect("poisoned").clone()
+    }
+}
+
+fn text(status: StatusCode, reason: Option<&str>, body: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body + "\n"))
+            .map_err(|n| match n {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/plain"));
+    if let Some(reason) = reason.and_then(|r| HeaderValue::from_str(r).ok()) {
+        r.headers_mut().insert("x-meshgate-reason", reason);
+    }
+    r
+}
+
+/// The status for a flow that ended before relaying.
+fn status_for(reason: EndReason) -> StatusCode {
+    match reason {
+        EndReason::Denied | EndReason::Rejected | EndReason::NoRoute => StatusCode::FORBIDDEN,
+        EndReason::DialFailed("timeout") => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// The client side of a proxied flow: reports the outcome to the request
+/// handler, then hands over the stream to relay (the upgraded connection
+/// of a CONNECT, or the near end of a forwarded exchange's pipe).
+struct Handover {
+    outcome: oneshot::Sender<Result<(), EndReason>>,
+    client: Client,
+}
+
+enum Client {
+    Upgrade(hyper::upgrade::OnUpgrade),
+    Pipe(tokio::io::DuplexStream),
+}
+
+#[async_trait]
+impl Answer for Handover {
+    async fn answer(
+        self: Box<Self>,
+        outcome: Result<Option<SocketAddr>, EndReason>,
+    ) -> Option<Stream> {
+        let ok = outcome.is_ok();
+        let _ = self.outcome.send(outcome.map(|_| ()));
+        if !ok {
+            return None;
+        }
+        match self.client {
+            Client::Upgrade(up) => up.await.ok().map(|u| Stream::io(TokioIo::new(u))),
+            Client::Pipe(p) => Some(Stream::io(p)),
+        }
+    }
+}
+
+/// Who is asking: `Proxy-Authorization: Basic` checked against the users.
+fn authenticate(
+    cfg: &HttpProxyConfig,
+    req: &Request<Incoming>,
+) -> Result<(Option<String>, Option<String>), &'static str> {
+    if cfg.users.is_empty() {
+        return Ok((None, cfg.vnet.clone()));
+    }
+    let header = req
+        .headers()
+        .get("proxy-authorization")
+        .ok_or("auth_required")?;
+    let value = header.to_str().map_err(|_| "auth_failed")?;
+    let (scheme, b64) = value.trim().split_once(' ').ok_or("auth_failed")?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err("auth_failed");
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|_| "auth_failed")?;
+    let colon = decoded
+        .iter()
+        .position(|&c| c == b':')
+        .ok_or("auth_failed")?;
+    let user = std::str::from_utf8(&decoded[..colon]).map_err(|_| "auth_failed")?;
+    cfg.users
+        .authenticate(user, &decoded[colon + 1..], cfg.vnet.as_deref())
+        .map(|(who, vnet)| (Some(who), vnet))
+        .map_err(|_| "auth_failed")
+}
+
+/// Headers that concern one hop, not the end to end exchange.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+struct Exchange {
+    onramp: Arc<OnRamp>,
+    cfg: Arc<HttpProxyConfig>,
+    src: SocketAddr,
+}
+
+impl Exchange {
+    fn refuse(&self, reason: &'static str, status: StatusCode, detail: String) -> Response<Body> {
+        let ctx = self.onramp.ctx();
+        ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
+        if let Some(suppressed) = logs::allow("http_proxy.refused") {
+            tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, src = %self.src, reason, %detail, suppressed, "HTTP proxy request refused");
+        }
+        text(status, Some(reason), detail)
+    }
+
+    /// Runs the flow for `target` with `client` as its client side; the
+    /// outcome before relaying.
+    async fn open(
+        &self,
+        target: HostPort,
+        identity: Option<String>,
+        vnet: Option<String>,
+        client: Client,
+    ) -> Result<(), EndReason> {
+        let (tx, rx) = oneshot::channel();
+        let req = ConnectRequest {
+            src: self.src,
+            target: Target::Addr(target),
+            identity,
+            via: RouteVia::Vnet(vnet),
+            connect_timeout: self.cfg.connect_timeout,
+            idle_timeout: self.cfg.idle_timeout,
+        };
+        let onramp = self.onramp.clone();
+        self.onramp.spawn(async move {
+            onramp
+                .connect_answering(
+                    req,
+                    Box::new(Handover {
+                        outcome: tx,
+                        client,
+                    }),
+                )
+                .await;
+        });
+        rx.await.unwrap_or(Err(EndReason::Stopped))
+    }
+
+    async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let (identity, vnet) = match authenticate(&self.cfg, &req) {
+            Ok(who) => who,
+            Err(reason) => {
+                let mut r = self.refuse(
+                    reason,
+                    StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                    "proxy authentication required".into(),
+                );
+                r.headers_mut().insert(
+                    "proxy-authenticate",
+                    HeaderValue::from_static("Basic realm=\"meshgate\""),
+                );
+                return Ok(r);
+            }
+        };
+        if req.method() == Method::CONNECT {
+            let Some(target) = req.uri().authority().and_then(|a| {
+                Some(HostPort {
+                    host: a.host().trim_matches(['[', ']']).to_string(),
+                    port: a.port_u16()?,
+                })
+            }) else {
+                return Ok(self.refuse(
+                    "bad_request",
+                    StatusCode::BAD_REQUEST,
+                    format!("CONNECT needs host:port, not `{}`", req.uri()),
+                ));
+            };
+            let upgrade = hyper::upgrade::on(&mut req);
+            return Ok(
+                match self
+                    .open(target.clone(), identity, vnet, Client::Upgrade(upgrade))
+                    .await
+                {
+                    Ok(()) => {
+                        Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed())
+                    }
+                    Err(reason) => text(
+                        status_for(reason),
+                        Some(reason.as_str()),
+                        format!("{target}: {}", reason.as_str()),
+                    ),
+                },
+            );
+        }
+        // Forward proxying: an absolute http:// URI.
+        let uri = req.uri().clone();
+        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return Ok(self.refuse(
+                "bad_request",
+                StatusCode::BAD_REQUEST,
+                "this is a proxy: send CONNECT host:port, or a request with an absolute http:// URI".into(),
+            ));
+        };
+        if scheme != "http" {
+            return Ok(self.refuse(
+                "bad_request",
+                StatusCode::BAD_REQUEST,
+                format!("`{scheme}://` is not forwarded: use CONNECT for TLS"),
+            ));
+        }
+        let target = HostPort {
+            host: authority.host().trim_matches(['[', ']']).to_string(),
+            port: authority.port_u16().unwrap_or(80),
+        };
+        let (near, far) = tokio::io::duplex(FORWARD_BUFFER);
+        if let Err(reason) = self
+            .open(target.clone(), identity, vnet, Client::Pipe(near))
+            .await
+        {
+            return Ok(text(
+                status_for(reason),
+                Some(reason.as_str()),
+                format!("{target}: {}", reason.as_str()),
+            ));
+        }
+        let (mut sender, conn) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(far)).await {
+                Ok(x) => x,
+                Err(e) => {
+                    return Ok(text(
+                        StatusCode::BAD_GATEWAY,
+                        Some("upstream_error"),
+                        e.to_string(),
+                    ))
+                }
+            };
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        // Origin-form, the end-to-end headers, a Host header.
+        let origin = uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        *req.uri_mut() = origin.parse().unwrap_or_default();
+        for h in HOP_BY_HOP {
+            req.headers_mut().remove(h);
+        }
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(HOST, host);
+        }
+        match sender.send_request(req).await {
+            Ok(resp) => Ok(resp.map(|b| b.boxed())),
+            Err(e) => Ok(text(
+                StatusCode::BAD_GATEWAY,
+                Some("upstream_error"),
+                e.to_string(),
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl StreamHandler for Door {
+    fn max_connections(&self) -> usize {
+        self.config().max_connections
+    }
+
+    async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, src: SocketAddr) {
+        let cfg = self.config();
+        let onramp = onramp.clone();
+        let timeout = cfg.handshake_timeout;
+        let svc = hyper::service::service_fn(move |req| {
+            Exchange {
+                onramp: onramp.clone(),
+                cfg: cfg.clone(),
+                src,
+            }
+            .handle(req)
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(timeout)
+            .serve_connection(TokioIo::new(client), svc)
+            .with_upgrades();
+        if let Err(e) = conn.await {
+            tracing::debug!(%src, error = %e, "HTTP proxy connection ended with an error");
+        }
+    }
+}
+
+impl HttpProxy {
+    /// The address the proxy accepts on (useful with port 0).
+    pub async fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().await
+    }
+
+    async fn listen(&self, cfg: &HttpProxyConfig, source: &str) -> Result<(), ModuleError> {
+        let on = ListenOn::new(cfg.listen.0, cfg.listen_via.as_ref());
+        Ok(self
+            .listener
+            .serve(&self.onramp, on, self.door.clone(), source)
+            .await?)
+    }
+}
+
+#[async_trait]
+impl Module for HttpProxy {
+    async fn start(&self) -> Result<(), ModuleError> {
+        let source = self.door.source.read().expect("poisoned").clone();
+        self.listen(&self.door.config(), &source).await
+    }
+
+    async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
+        let new = HttpProxyConfig::from_document(doc)?;
+        let old = self.door.config();
+        if new.listen != old.listen || new.listen_via != old.listen_via {
+            self.listen(&new, &doc.source).await?;
+        }
+        *self.door.source.write().expect("poisoned") = doc.source.clone();
+        *self.door.config.write().expect("poisoned") = Arc::new(new);
+        Ok(())
+    }
+
+    async fn drain(&self) {
+        self.listener.close().await;
+    }
+
+    async fn stop(&self) {
+        self.drain().await;
+        self.onramp.stop().await;
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let cfg = self.door.config();
+        serde_json::json!({
+            "listen": cfg.listen.to_string(),
+            "listen_via": cfg.listen_via,
+            "users": cfg.users.names(),
+            "vnet": cfg.vnet,
+            "active": self.onramp.active(),
+            "max_connections": cfg.max_connections,
+        })
+    }
+}
