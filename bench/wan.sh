@@ -43,7 +43,7 @@ if [[ -z ${MESHGATE_BIN_DIR:-} ]]; then
 fi
 MESHGATE_BIN_DIR=$(cd "$MESHGATE_BIN_DIR" && pwd)
 say "building wanrelay"
-cargo build --release -q --manifest-path "$HERE/wanrelay/Cargo.toml" >&2 || die "wanrelay build failed"
+cargo build --release -q --manifest-path "$HERE/wanrelay/Cargo.toml" --target-dir "$HERE/wanrelay/target" >&2 || die "wanrelay build failed"
 RELAY=$HERE/wanrelay/target/release/wanrelay
 
 P="mgw$$"

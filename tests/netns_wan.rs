@@ -18,14 +18,20 @@ use common::*;
 fn relay_binary() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let manifest = root.join("bench/wanrelay/Cargo.toml");
+    let target = root.join("bench/wanrelay/target");
+    // Its own target directory, whatever CARGO_TARGET_DIR says.
     let ok = Command::new(env!("CARGO"))
         .args(["build", "--release", "-q", "--manifest-path"])
         .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target)
         .status()
         .unwrap()
         .success();
     assert!(ok, "building bench/wanrelay failed");
-    root.join("bench/wanrelay/target/release/wanrelay")
+    let bin = target.join("release/wanrelay");
+    assert!(bin.exists(), "no relay at {}", bin.display());
+    bin
 }
 
 /// A meshgate node's config: WireGuard plus one pipe.
@@ -97,8 +103,13 @@ fn transfer(engine: &str, bytes: u64) -> (String, String, f64) {
         .args([
             "--delay", "10ms", "--loss", "0.5%", "--rate", "1gbit", "--queue", "1m",
         ])
-        .stdout(Stdio::null());
-    r.spawn(relay_cmd);
+        .stdout(Stdio::piped());
+    let relay_proc = r.spawn(relay_cmd);
+    let mut ready = String::new();
+    BufReader::new(relay_proc.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready", "the relay did not start");
 
     let ks = meshgate::core::keys::PrivateKey::generate();
     let kc = meshgate::core::keys::PrivateKey::generate();
