@@ -72,13 +72,14 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += 
 
 # Fuzz the parsers for a bounded time (issue: a few million executions, not
 # a 24-hour run): the WireGuard datagram path on its socket-free core, the
-# `wg` socket's protocol, config documents, IP packets, DNS answers and SOCKS.
+# `wg` socket's protocol, config documents, IP packets, DNS answers, SOCKS and
+# PROXY protocol headers.
 # Needs a nightly toolchain (cargo fuzz uses sanitizers); skipped without one.
 FUZZ_SECONDS=${FUZZ_SECONDS:-20}
 if ((status == 0)) && ((FUZZ_SECONDS > 0)) && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked >/dev/null 2>&1
   flog="$(mktemp)"
-  for target in wg_datagram uapi_parse config_documents ip_packets socks; do
+  for target in wg_datagram uapi_parse config_documents ip_packets socks proxy_protocol; do
     echo "== cargo fuzz run $target (${FUZZ_SECONDS}s)"
     set +e
     cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS" >"$flog" 2>&1

@@ -5,11 +5,13 @@
 //! - [`listen`]: listeners on the host or inside a module's IP stack.
 //! - [`dial`]: the [`dial::Dialer`] capability and the direct connector.
 //! - [`dns`]: resolving names over TCP through any connector (a vnet's `dns:`).
+//! - [`proxy_protocol`]: PROXY protocol v1/v2 headers (sans I/O).
 //! - `sys`: the raw system calls behind splice (the one `unsafe` module).
 
 pub mod dial;
 pub mod dns;
 pub mod listen;
 pub mod proxy;
+pub mod proxy_protocol;
 #[allow(unsafe_code)]
 mod sys;

@@ -39,6 +39,7 @@ use crate::core::logs;
 use crate::core::net::dns;
 use crate::core::net::listen::{bind_host_tcp, HostListener, StreamListener};
 use crate::core::net::proxy::{self, ProxyOptions, Stream};
+use crate::core::net::proxy_protocol;
 use crate::core::spine::flow::{EndReason, FlowContext, Protocol, Verdict};
 use crate::core::spine::module::ModuleContext;
 use crate::core::spine::router::{Connector, RouteError};
@@ -101,6 +102,13 @@ pub struct ConnectRequest {
     pub connect_timeout: Duration,
     /// End the flow after this long without traffic.
     pub idle_timeout: Option<Duration>,
+    /// The address the client connected to, as it saw it (the listener's,
+    /// a load balancer's from its PROXY header; the original destination
+    /// of a captured connection).
+    pub client_dst: Option<SocketAddr>,
+    /// Send a PROXY protocol header of this version to the upstream first,
+    /// so the backend sees `src` as the client.
+    pub proxy_protocol: Option<proxy_protocol::Version>,
 }
 
 /// The client side of a connection for [`OnRamp::connect_answering`]: it
@@ -132,14 +140,60 @@ impl Answer for Silent {
     }
 }
 
+/// Who an accepted connection is from and what it connected to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// The client (from a trusted load balancer's PROXY header, if any).
+    pub src: SocketAddr,
+    /// The address the client connected to, where known.
+    pub dst: Option<SocketAddr>,
+}
+
 /// Handles accepted streams for [`OnRamp::serve`].
 #[async_trait]
 pub trait StreamHandler: Send + Sync + 'static {
     /// Connections allowed at once; more are closed at accept and counted.
     fn max_connections(&self) -> usize;
+    /// Load balancers whose connections start with a PROXY protocol header
+    /// (v1 or v2) naming the real client: connections from these sources
+    /// must send one; others are clients themselves. Default: none.
+    fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        Vec::new()
+    }
     /// Serves one accepted connection (usually a handshake, then
     /// [`OnRamp::connect`]).
-    async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, src: SocketAddr);
+    async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted);
+}
+
+/// How long a trusted load balancer has to send its PROXY header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads a PROXY protocol header from `client`: the client it names (or
+/// `None` for a LOCAL/UNKNOWN header) and the stream with what was read
+/// past the header put back.
+async fn read_proxy_header(
+    mut client: Stream,
+) -> Result<(Option<(SocketAddr, SocketAddr)>, Stream), String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 256];
+    loop {
+        match proxy_protocol::parse(&buf) {
+            Ok(Some((h, n))) => {
+                let rest = buf.split_off(n);
+                return Ok((h.addrs, client.prepend(rest)));
+            }
+            Ok(None) if buf.len() < proxy_protocol::MAX_HEADER => {}
+            Ok(None) => return Err(proxy_protocol::Error::TooLong.to_string()),
+            Err(e) => return Err(e.to_string()),
+        }
+        let want = (proxy_protocol::MAX_HEADER - buf.len()).min(chunk.len());
+        match client.read(&mut chunk[..want]).await {
+            Ok(0) => return Err("closed before the PROXY header".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// One unit of an on-ramp's connection limit; released on drop.
@@ -359,8 +413,13 @@ impl OnRamp {
                         continue;
                     };
                     let (me, h) = (self.clone(), handler.clone());
+                    let dst = client.local_addr();
                     self.tracker.spawn(async move {
-                        h.handle(&me, client, src).await;
+                        if let Some((client, conn)) =
+                            me.unwrap_proxy_header(&*h, client, src, dst).await
+                        {
+                            h.handle(&me, client, conn).await;
+                        }
                         drop(slot);
                     });
                 }
@@ -388,6 +447,45 @@ impl OnRamp {
                 }
             }
         }
+    }
+
+    /// The connection's real client: from its PROXY header when `src` is a
+    /// trusted load balancer (a missing or bad header drops it, counted as
+    /// `proxy_protocol`), else `src` itself.
+    async fn unwrap_proxy_header(
+        &self,
+        handler: &dyn StreamHandler,
+        client: Stream,
+        src: SocketAddr,
+        dst: Option<SocketAddr>,
+    ) -> Option<(Stream, Accepted)> {
+        let trusted = handler.trusted_proxies();
+        let ip = src.ip().to_canonical();
+        if !trusted.iter().any(|n| n.contains(&ip)) {
+            return Some((client, Accepted { src, dst }));
+        }
+        let error =
+            match tokio::time::timeout(PROXY_HEADER_TIMEOUT, read_proxy_header(client)).await {
+                Ok(Ok((Some((real, to)), client))) => {
+                    return Some((
+                        client,
+                        Accepted {
+                            src: real,
+                            dst: Some(to),
+                        },
+                    ))
+                }
+                Ok(Ok((None, client))) => return Some((client, Accepted { src, dst })),
+                Ok(Err(e)) => e,
+                Err(_) => format!("no PROXY header within {PROXY_HEADER_TIMEOUT:?}"),
+            };
+        self.ctx
+            .metrics
+            .reject(self.tenant(), &self.ctx.instance, "proxy_protocol");
+        if let Some(suppressed) = logs::allow("onramp.proxy_protocol") {
+            tracing::warn!(tenant = %self.tenant(), instance = %self.ctx.instance, %src, error = %error, suppressed, "connection from a trusted proxy without a valid PROXY header: closed");
+        }
+        None
     }
 
     /// Closes every connection and waits until they are gone.
@@ -488,9 +586,20 @@ impl OnRamp {
                     return reason;
                 }
             };
+            let mut upstream = upstream;
             let Some(client) = client.answer(Ok(upstream.local_addr())).await else {
                 return EndReason::DownstreamError;
             };
+            if let Some(v) = req.proxy_protocol {
+                use tokio::io::AsyncWriteExt;
+                let to = req
+                    .client_dst
+                    .unwrap_or_else(|| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0));
+                let header = proxy_protocol::encode(v, req.src, to);
+                if upstream.write_all(&header).await.is_err() {
+                    return EndReason::UpstreamError;
+                }
+            }
             let opts = ProxyOptions {
                 idle_timeout: req.idle_timeout,
                 ..ProxyOptions::default()
@@ -698,6 +807,8 @@ mod tests {
             via: RouteVia::Vnet(None),
             connect_timeout: Duration::from_secs(2),
             idle_timeout: None,
+            client_dst: None,
+            proxy_protocol: None,
         };
 
         let (_c, client, _) = client_pair().await;
@@ -794,6 +905,8 @@ mod tests {
                 via: RouteVia::Vnet(None),
                 connect_timeout: Duration::from_secs(1),
                 idle_timeout: None,
+                client_dst: None,
+                proxy_protocol: None,
             };
             assert_eq!(onramp.connect(client, req).await, end, "{target}");
         }
@@ -805,6 +918,8 @@ mod tests {
             via: RouteVia::Vnet(Some("nope".into())),
             connect_timeout: Duration::from_secs(1),
             idle_timeout: None,
+            client_dst: None,
+            proxy_protocol: None,
         };
         assert_eq!(onramp.connect(client, req).await, EndReason::NoRoute);
         let text = metrics.encode();
@@ -901,6 +1016,8 @@ mod tests {
             via: RouteVia::Vnet(None),
             connect_timeout: Duration::from_secs(2),
             idle_timeout: None,
+            client_dst: None,
+            proxy_protocol: None,
         };
         let (mut c, client, _) = client_pair().await;
         let run = tokio::spawn({

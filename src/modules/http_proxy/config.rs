@@ -24,6 +24,7 @@ use crate::core::users::{RawUser, Users};
 /// handshake_timeout: 10s        # a request's header must arrive within this
 /// idle_timeout: 1h              # or `none`
 /// max_connections: 1024
+/// accept_proxy_protocol: [10.0.0.0/8]   # load balancers that send a PROXY header (v1/v2)
 /// ```
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +44,8 @@ struct RawConfig {
     idle_timeout: Option<IdleTimeout>,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
+    #[serde(default)]
+    accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -74,6 +77,8 @@ pub struct HttpProxyConfig {
     pub idle_timeout: Option<Duration>,
     /// Concurrent connections.
     pub max_connections: usize,
+    /// Load balancers whose connections start with a PROXY header.
+    pub accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
 
 impl HttpProxyConfig {
@@ -127,6 +132,7 @@ impl HttpProxyConfig {
             handshake_timeout: raw.handshake_timeout,
             idle_timeout,
             max_connections: raw.max_connections,
+            accept_proxy_protocol: raw.accept_proxy_protocol,
         })
     }
 

@@ -43,7 +43,8 @@ use crate::core::net::proxy::Stream;
 use crate::core::spine::flow::EndReason;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
-    Answer, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, StreamHandler, Target,
+    Accepted, Answer, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, StreamHandler,
+    Target,
 };
 
 pub use config::HttpProxyConfig;
@@ -202,6 +203,7 @@ struct Exchange {
     onramp: Arc<OnRamp>,
     cfg: Arc<HttpProxyConfig>,
     src: SocketAddr,
+    dst: Option<SocketAddr>,
 }
 
 impl Exchange {
@@ -231,6 +233,8 @@ impl Exchange {
             via: RouteVia::Vnet(vnet),
             connect_timeout: self.cfg.connect_timeout,
             idle_timeout: self.cfg.idle_timeout,
+            client_dst: self.dst,
+            proxy_protocol: None,
         };
         let onramp = self.onramp.clone();
         self.onramp.spawn(async move {
@@ -367,7 +371,12 @@ impl StreamHandler for Door {
         self.config().max_connections
     }
 
-    async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, src: SocketAddr) {
+    fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        self.config().accept_proxy_protocol.clone()
+    }
+
+    async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
+        let src = conn.src;
         let cfg = self.config();
         let onramp = onramp.clone();
         let timeout = cfg.handshake_timeout;
@@ -376,6 +385,7 @@ impl StreamHandler for Door {
                 onramp: onramp.clone(),
                 cfg: cfg.clone(),
                 src,
+                dst: conn.dst,
             }
             .handle(req)
         });

@@ -33,6 +33,9 @@ pub enum PipeProtocol {
 /// via: wg0                   # optional: dial through this module's network (a WireGuard instance)
 /// peer: server               # optional, with via: remote defaults to <peer's VPN address>:<listen port>
 /// listen_via: wg0            # optional: accept on a VPN address inside this module's network
+/// proxy_protocol: v2         # optional (tcp): send a PROXY protocol header (v1 or v2) to the remote
+/// accept_proxy_protocol: [10.0.0.0/8]  # optional (tcp): load balancers whose connections start
+///                            # with a PROXY header naming the real client
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +70,12 @@ pub struct PipeConfig {
     /// Accept inside this module's virtual network instead of the host's.
     #[serde(default)]
     pub listen_via: Option<String>,
+    /// Send a PROXY protocol header to the remote first.
+    #[serde(default)]
+    pub proxy_protocol: Option<crate::core::net::proxy_protocol::Version>,
+    /// Sources (load balancers) that must start with a PROXY header.
+    #[serde(default)]
+    pub accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -122,6 +131,19 @@ impl PipeConfig {
                 &doc.source,
                 "via",
                 "UDP pipes cannot dial through a virtual network yet",
+            ));
+        }
+        if c.protocol == PipeProtocol::Udp
+            && (c.proxy_protocol.is_some() || !c.accept_proxy_protocol.is_empty())
+        {
+            return Err(ConfigError::key(
+                &doc.source,
+                if c.proxy_protocol.is_some() {
+                    "proxy_protocol"
+                } else {
+                    "accept_proxy_protocol"
+                },
+                "the PROXY protocol is for TCP pipes",
             ));
         }
         if c.max_connections == 0 {

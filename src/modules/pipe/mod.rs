@@ -30,7 +30,7 @@ use crate::core::config::ConfigError;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
-    ConnectRequest, ListenOn, OnRamp, RouteVia, RunningListener, StreamHandler, Target,
+    Accepted, ConnectRequest, ListenOn, OnRamp, RouteVia, RunningListener, StreamHandler, Target,
 };
 use crate::core::spine::router::Connector;
 
@@ -114,19 +114,25 @@ impl StreamHandler for State {
         self.config().max_connections
     }
 
-    async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, src: SocketAddr) {
+    fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        self.config().accept_proxy_protocol.clone()
+    }
+
+    async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
         let cfg = self.config();
         let via = match &cfg.via {
             Some(m) => RouteVia::Pinned(Connector::Module(m.clone())),
             None => RouteVia::Vnet(cfg.vnet.clone()),
         };
         let req = ConnectRequest {
-            src,
+            src: conn.src,
             target: self.target(onramp.ctx(), &cfg),
             identity: None,
             via,
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.effective_idle_timeout(),
+            client_dst: conn.dst,
+            proxy_protocol: cfg.proxy_protocol,
         };
         onramp.connect(client, req).await;
     }

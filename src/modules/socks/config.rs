@@ -28,6 +28,7 @@ use crate::core::users::{RawUser, Users};
 /// handshake_timeout: 10s        # the greeting, authentication and request must arrive within this
 /// idle_timeout: 1h              # or `none`
 /// max_connections: 1024
+/// accept_proxy_protocol: [10.0.0.0/8]   # load balancers that send a PROXY header (v1/v2)
 /// ```
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +54,8 @@ struct RawConfig {
     idle_timeout: Option<IdleTimeout>,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
+    #[serde(default)]
+    accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
 
 fn yes() -> bool {
@@ -103,6 +106,8 @@ pub struct SocksConfig {
     pub idle_timeout: Option<Duration>,
     /// Concurrent connections.
     pub max_connections: usize,
+    /// Load balancers whose connections start with a PROXY header.
+    pub accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
 
 impl std::fmt::Debug for SocksConfig {
@@ -197,6 +202,7 @@ impl SocksConfig {
             handshake_timeout: raw.handshake_timeout,
             idle_timeout,
             max_connections: raw.max_connections,
+            accept_proxy_protocol: raw.accept_proxy_protocol,
         })
     }
 

@@ -45,7 +45,8 @@ use crate::core::net::proxy::Stream;
 use crate::core::spine::flow::EndReason;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
-    Answer, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, StreamHandler, Target,
+    Accepted, Answer, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, StreamHandler,
+    Target,
 };
 
 use config::Auth;
@@ -330,7 +331,12 @@ impl StreamHandler for Door {
         self.config().max_connections
     }
 
-    async fn handle(&self, onramp: &Arc<OnRamp>, mut client: Stream, src: SocketAddr) {
+    fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        self.config().accept_proxy_protocol.clone()
+    }
+
+    async fn handle(&self, onramp: &Arc<OnRamp>, mut client: Stream, conn: Accepted) {
+        let src = conn.src;
         let cfg = self.config();
         let ctx = onramp.ctx();
         let mut buf = Vec::new();
@@ -374,6 +380,8 @@ impl StreamHandler for Door {
                     via: RouteVia::Vnet(vnet),
                     connect_timeout: cfg.connect_timeout,
                     idle_timeout: cfg.idle_timeout,
+                    client_dst: conn.dst,
+                    proxy_protocol: None,
                 };
                 // Bytes the client sent right after its request (optimistic
                 // data) go upstream first.
