@@ -8,6 +8,7 @@
 //! meshgatectl flows [--tenant T]     # live flows from the admin API
 //! meshgatectl wg show [TENANT]       # WireGuard interfaces, in the layout of `wg show`
 //! meshgatectl import wg-quick FILE   # a wg-quick config as a module document
+//! meshgatectl capture rules --iface veth-app --port 15001 [--mode tproxy] [--apply]
 //! ```
 
 use std::io::Read;
@@ -66,6 +67,11 @@ enum Cmd {
         #[command(subcommand)]
         what: ImportCmd,
     },
+    /// Transparent capture (`kind: capture`).
+    Capture {
+        #[command(subcommand)]
+        cmd: CaptureCmd,
+    },
     /// Show live flows.
     Flows {
         /// Only this tenant's flows.
@@ -83,6 +89,41 @@ enum WgCmd {
     Show {
         /// Only this tenant's interfaces.
         tenant: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaptureCmd {
+    /// Print the iptables/ip6tables rules that steer traffic into a capture
+    /// listener (and run them with --apply; needs CAP_NET_ADMIN).
+    Rules {
+        /// Connections arriving on this interface (PREROUTING).
+        #[arg(long, group = "scope")]
+        iface: Option<String>,
+        /// Connections made by this user's processes (OUTPUT).
+        #[arg(long, group = "scope")]
+        uid: Option<u32>,
+        /// Connections made by this cgroup's processes (v2 path; OUTPUT).
+        #[arg(long, group = "scope")]
+        cgroup: Option<String>,
+        /// Every connection made inside this network namespace (where meshgate runs too).
+        #[arg(long, group = "scope")]
+        netns: Option<String>,
+        /// The capture listener's port (its `listen:`).
+        #[arg(long)]
+        port: u16,
+        /// `redirect` (NAT, SO_ORIGINAL_DST) or `tproxy` (IP_TRANSPARENT listener).
+        #[arg(long, default_value = "redirect")]
+        mode: String,
+        /// The user meshgate runs as: its own connections are not captured.
+        #[arg(long)]
+        exclude_uid: Option<u32>,
+        /// The lines that remove the rules instead.
+        #[arg(long)]
+        remove: bool,
+        /// Run the lines (with `sh -e`) instead of only printing them.
+        #[arg(long)]
+        apply: bool,
     },
 }
 
@@ -354,6 +395,56 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 eprintln!("warning: {}: {w}", file.display());
             }
             print!("{}", serde_norway::to_string(&imported.document)?);
+        }
+        Cmd::Capture {
+            cmd:
+                CaptureCmd::Rules {
+                    iface,
+                    uid,
+                    cgroup,
+                    netns,
+                    port,
+                    mode,
+                    exclude_uid,
+                    remove,
+                    apply,
+                },
+        } => {
+            use meshgate::modules::capture::{rules, Mode};
+            let scope = match (iface, uid, cgroup, netns) {
+                (Some(i), None, None, None) => rules::Scope::Iface(i),
+                (None, Some(u), None, None) => rules::Scope::Uid(u),
+                (None, None, Some(c), None) => rules::Scope::Cgroup(c),
+                (None, None, None, Some(n)) => rules::Scope::Netns(n),
+                _ => {
+                    bail!("say whose traffic to capture: one of --iface, --uid, --cgroup, --netns")
+                }
+            };
+            let mode = match mode.as_str() {
+                "redirect" => Mode::Redirect,
+                "tproxy" => Mode::Tproxy,
+                other => bail!("--mode `{other}`: expected redirect or tproxy"),
+            };
+            let lines = rules::commands(&rules::RuleSpec {
+                scope,
+                port,
+                mode,
+                exclude_uid,
+                remove,
+            })
+            .map_err(|e| anyhow::anyhow!(e))?;
+            let script = lines.join("\n") + "\n";
+            print!("{script}");
+            if apply {
+                let status = std::process::Command::new("sh")
+                    .arg("-ec")
+                    .arg(&script)
+                    .status()
+                    .context("cannot run sh")?;
+                if !status.success() {
+                    bail!("applying the rules failed ({status}); they need CAP_NET_ADMIN and iptables");
+                }
+            }
         }
         Cmd::Flows { tenant, json } => {
             let path = match &tenant {

@@ -24,6 +24,8 @@ declare -A PACKAGES=(
   [ping]=iputils-ping
   [dnsmasq]=dnsmasq-base
   [unshare]=util-linux
+  [iptables]=iptables
+  [nft]=nftables
 )
 
 missing=()

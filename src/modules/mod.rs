@@ -7,11 +7,13 @@
 //! - [`vnet`]: a tenant's virtual networks: routes, hosts, the default.
 //! - [`socks`]: a SOCKS5 (and SOCKS4/4a) front door with UDP ASSOCIATE.
 //! - [`http_proxy`]: an HTTP/1.1 CONNECT and forward proxy front door.
+//! - [`capture`]: transparent capture (REDIRECT, TPROXY) of unconfigured clients.
 
 use std::sync::Arc;
 
 use crate::core::spine::module::ModuleFactory;
 
+pub mod capture;
 pub mod http_proxy;
 pub mod pipe;
 pub mod socks;
@@ -24,6 +26,7 @@ pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
         Arc::new(pipe::PipeFactory),
         Arc::new(socks::SocksFactory),
         Arc::new(http_proxy::HttpProxyFactory),
+        Arc::new(capture::CaptureFactory),
         Arc::new(wireguard::WireGuardFactory),
         Arc::new(vnet::VnetFactory),
     ]

@@ -156,8 +156,8 @@ impl Drop for Netns {
 /// Joins two namespaces with a veth pair and gives each end its addresses
 /// (`a.b.c.d/nn`, or several separated by commas, IPv6 ones included:
 /// `10.0.0.1/24,fd00::1/64`; IPv6 addresses skip duplicate detection so they
-/// are usable at once).
-pub fn link(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) {
+/// are usable at once). Returns the device names (in `a`, in `b`).
+pub fn link(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> (String, String) {
     let (ea, eb) = (unique("va"), unique("vb"));
     run(Command::new("ip").args([
         "link", "add", &ea, "netns", &a.name, "type", "veth", "peer", "name", &eb, "netns", &b.name,
@@ -169,6 +169,7 @@ pub fn link(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) {
         }
         ns.sh(&format!("ip link set {dev} up"));
     }
+    (ea, eb)
 }
 
 /// A wireguard-go interface inside `ns`, configured with `wg`.

@@ -271,11 +271,23 @@ impl DoorListener {
                 format!("cannot listen on {addr}: {e}"),
             )
         })?;
-        let running = onramp.serve(on, l, handler);
+        self.serve_bound(onramp, on, l, handler).await;
+        Ok(())
+    }
+
+    /// As [`DoorListener::serve`], with a listener the module bound itself
+    /// (e.g. a transparent socket).
+    pub async fn serve_bound(
+        &self,
+        onramp: &Arc<OnRamp>,
+        on: ListenOn,
+        listener: Box<dyn StreamListener>,
+        handler: Arc<dyn StreamHandler>,
+    ) {
+        let running = onramp.serve(on, listener, handler);
         if let Some(old) = self.slot.lock().await.replace(running) {
             old.close().await;
         }
-        Ok(())
     }
 
     /// Stops accepting (open connections go on).
