@@ -355,6 +355,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     let d = &m["details"];
                     let detail = match (d.get("listen"), d.get("remote")) {
                         (Some(l), Some(r)) => format!("{} -> {}", s(l), s(r)),
+                        (Some(l), None) => match d.get("mode") {
+                            Some(mode) => format!("{} ({})", s(l), s(mode)),
+                            None => s(l),
+                        },
                         _ => String::new(),
                     };
                     vec![
@@ -462,13 +466,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .unwrap_or_default()
                 .iter()
                 .map(|f| {
+                    let verdict = match (s(&f["verdict"]).as_str(), &f["reason"]) {
+                        (v, Value::String(r)) => format!("{v}: {r}"),
+                        (v, _) => v.to_string(),
+                    };
                     vec![
                         s(&f["id"]),
                         s(&f["tenant"]),
                         s(&f["instance"]),
+                        s(&f["identity"]),
                         s(&f["protocol"]),
                         s(&f["src"]),
                         s(&f["dst"]),
+                        s(&f["route"]),
+                        verdict,
                         format!("{:.0}s", f["age_secs"].as_f64().unwrap_or(0.0)),
                         human_bytes(f["bytes_up"].as_u64().unwrap_or(0)),
                         human_bytes(f["bytes_down"].as_u64().unwrap_or(0)),
@@ -479,10 +490,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 &[
                     "ID",
                     "TENANT",
-                    "INSTANCE",
+                    "DOOR",
+                    "IDENTITY",
                     "PROTO",
                     "SOURCE",
                     "DESTINATION",
+                    "ROUTE",
+                    "VERDICT",
                     "AGE",
                     "UP",
                     "DOWN",

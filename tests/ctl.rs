@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 
@@ -63,6 +64,11 @@ fn status_and_flows_show_the_node() {
     let cfg = ConfigDir::new();
     let port = free_port();
     cfg.pipe("acme", "web", port, echo);
+    let socks_port = free_port();
+    cfg.write(
+        "tenants/acme/socks.yaml",
+        &format!("kind: socks\nlisten: 127.0.0.1:{socks_port}\nusers:\n  - name: alice\n    password: pw\n"),
+    );
     let _mg = Meshgate::start(&cfg);
     let admin = format!("127.0.0.1:{}", cfg.admin_port);
 
@@ -72,7 +78,7 @@ fn status_and_flows_show_the_node() {
     let (ok, out, err) = ctl(&["--admin", &admin, "status"]);
     assert!(ok, "{err}");
     assert!(out.contains("node test"), "{out}");
-    let row = out.lines().find(|l| l.starts_with("acme")).expect(&out);
+    let row = out.lines().find(|l| l.contains(" web ")).expect(&out);
     for want in [
         "web",
         "pipe",
@@ -82,13 +88,42 @@ fn status_and_flows_show_the_node() {
         assert!(row.contains(want), "{row}");
     }
 
+    // A flow through a SOCKS door carries its user.
+    let mut socks = TcpStream::connect(("127.0.0.1", socks_port)).unwrap();
+    socks.write_all(&[5, 1, 2]).unwrap();
+    let mut m = [0u8; 2];
+    socks.read_exact(&mut m).unwrap();
+    socks.write_all(b"\x01\x05alice\x02pw").unwrap();
+    socks.read_exact(&mut m).unwrap();
+    let port_be = echo.port().to_be_bytes();
+    socks
+        .write_all(&[5, 1, 0, 1, 127, 0, 0, 1, port_be[0], port_be[1]])
+        .unwrap();
+    let mut rep = [0u8; 10];
+    socks.read_exact(&mut rep).unwrap();
+    assert_eq!(rep[1], 0);
+    assert_eq!(echo_roundtrip(&mut socks, b"1234567").unwrap(), b"1234567");
+
+    let socks_row = out.lines().find(|l| l.contains(" socks ")).expect(&out);
+    assert!(
+        socks_row.contains(&format!("127.0.0.1:{socks_port}")),
+        "{out}"
+    );
     let (ok, out, err) = ctl(&["--admin", &admin, "flows", "--tenant", "acme"]);
     assert!(ok, "{err}");
-    let row = out.lines().nth(1).expect(&out);
+    let header = out.lines().next().expect(&out);
+    for col in ["DOOR", "IDENTITY", "DESTINATION", "ROUTE", "VERDICT"] {
+        assert!(header.contains(col), "{header}");
+    }
+    let row = out.lines().find(|l| l.contains(" web ")).expect(&out);
     assert!(
         row.contains("acme") && row.contains(&echo.to_string()) && row.contains("5 B"),
         "{out}"
     );
+    let row = out.lines().find(|l| l.contains(" socks ")).expect(&out);
+    for want in ["alice", "default: ", "-> direct", "allow", "7 B"] {
+        assert!(row.contains(want), "{want} in {out}");
+    }
     let (_, out, _) = ctl(&["--admin", &admin, "flows", "--tenant", "other"]);
     assert_eq!(out.lines().count(), 1, "only the header: {out}");
 
