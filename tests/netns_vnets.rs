@@ -137,7 +137,10 @@ fn two_vnets_route_the_same_range_to_different_sites() {
         "kind: vnet\ndefault: true\nroutes:\n  - to: 10.1.99.0/24\n    via: reject\nhosts:\n  nginx: 10.1.0.10\n",
     );
     // Sydney's names are resolved by a DNS server at the sydney site.
-    w("sydney.yaml", "kind: vnet\ndns: 10.1.0.10\n");
+    w(
+        "sydney.yaml",
+        "kind: vnet\ndns: 10.1.0.10\nroutes:\n  - to: 127.0.0.0/8\n    via: direct\n",
+    );
     w(
         "wg-fra.yaml",
         &wg_doc(&fra_key, "frankfurt", &fra.wg.public_key(), 41),
@@ -169,6 +172,16 @@ fn two_vnets_route_the_same_range_to_different_sites() {
     w(
         "nowhere.yaml",
         "kind: pipe\nlisten: 127.0.0.1:8085\nremote: 192.0.2.1:80\n",
+    );
+    // UDP pipes into sydney: DNS to the site's server, and a pipe on
+    // meshgate's VPN address in sydney's network to an echo on gw.
+    w(
+        "dns-sydney.yaml",
+        "kind: pipe\nprotocol: udp\nlisten: 127.0.0.1:5353\nremote: 10.1.0.10:53\nvnet: sydney\n",
+    );
+    w(
+        "echo-in.yaml",
+        "kind: pipe\nprotocol: udp\nlisten: 10.200.0.2:5300\nlisten_via: wg-syd\nremote: 127.0.0.1:5301\nvnet: sydney\n",
     );
     // A SOCKS door: alice routes in the default vnet, or in sydney as alice@sydney.
     w(
@@ -254,7 +267,10 @@ fn two_vnets_route_the_same_range_to_different_sites() {
 
     // Move the default to sydney: new connections go there, the open one
     // keeps its route.
-    w("sydney.yaml", "kind: vnet\ndefault: true\n");
+    w(
+        "sydney.yaml",
+        "kind: vnet\ndefault: true\ndns: 10.1.0.10\nroutes:\n  - to: 127.0.0.0/8\n    via: direct\n",
+    );
     let moved = wait_until(Duration::from_secs(5), || {
         gw.curl("http://127.0.0.1:8081/", 5).1 == "sydney\n"
     });
@@ -265,6 +281,37 @@ fn two_vnets_route_the_same_range_to_different_sites() {
     );
     let answer = finish_request(open);
     assert!(answer.ends_with("frankfurt\n"), "{answer}");
+
+    // Datagrams through the tunnels. A DNS query through a UDP pipe into
+    // sydney; the same through the SOCKS door's UDP ASSOCIATE as alice@sydney.
+    let py = |ns: &Netns, script: &str, args: &str| {
+        let out = ns.try_sh(&format!("python3 -c '{script}' {args}"));
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        py(&gw, DNS_QUERY, "127.0.0.1 5353 nginx.sydney.internal"),
+        "10.1.0.10"
+    );
+    assert_eq!(
+        py(&gw, SOCKS_UDP_DNS, "alice@sydney pw nginx.sydney.internal"),
+        "10.1.0.10"
+    );
+    // Into meshgate's VPN address from the site: a UDP pipe with listen_via.
+    let mut gw = gw;
+    let mut echo = gw.cmd("python3");
+    echo.args(["-c", UDP_ECHO, "127.0.0.1", "5301"]);
+    gw.spawn(echo);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        py(&syd.ns, UDP_ASK, "10.200.0.2 5300 hello-through-wireguard"),
+        "hello-through-wireguard"
+    );
     drop((fra, syd));
 }
 
@@ -329,3 +376,62 @@ fn listen_via_pipe_accepts_again_after_its_interface_restarts() {
     // The peer learns the new port from meshgate's next handshake.
     eprintln!("reachable again after {:?}", t0.elapsed());
 }
+
+/// `python3 -c DNS_QUERY SERVER PORT NAME`: the first A record, over UDP.
+const DNS_QUERY: &str = r#"
+import socket, struct, sys
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+for part in sys.argv[3].split("."):
+    q += bytes([len(part)]) + part.encode()
+q += b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(q, (sys.argv[1], int(sys.argv[2])))
+d = s.recv(4096)
+print(socket.inet_ntoa(d[-4:]))
+"#;
+
+/// `python3 -c SOCKS_UDP_DNS USER PASSWORD NAME`: the same query through
+/// the SOCKS door on 127.0.0.1:1080 (UDP ASSOCIATE) to 10.1.0.10:53.
+const SOCKS_UDP_DNS: &str = r#"
+import socket, struct, sys
+t = socket.create_connection(("127.0.0.1", 1080), timeout=5)
+t.sendall(b"\x05\x01\x02")
+assert t.recv(2) == b"\x05\x02"
+u, p = sys.argv[1].encode(), sys.argv[2].encode()
+t.sendall(bytes([1, len(u)]) + u + bytes([len(p)]) + p)
+assert t.recv(2) == b"\x01\x00"
+t.sendall(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+r = t.recv(10)
+assert r[1] == 0, r
+relay = (socket.inet_ntoa(r[4:8]), struct.unpack(">H", r[8:10])[0])
+q = struct.pack(">HHHHHH", 0x4321, 0x0100, 1, 0, 0, 0)
+for part in sys.argv[3].split("."):
+    q += bytes([len(part)]) + part.encode()
+q += b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(b"\x00\x00\x00\x01" + socket.inet_aton("10.1.0.10") + struct.pack(">H", 53) + q, relay)
+d = s.recv(4096)
+assert d[3] == 1 and d[4:8] == socket.inet_aton("10.1.0.10"), d[:10]
+print(socket.inet_ntoa(d[-4:]))
+"#;
+
+/// `python3 -c UDP_ECHO ADDR PORT`: echoes datagrams.
+const UDP_ECHO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    d, a = s.recvfrom(65535)
+    s.sendto(d, a)
+"#;
+
+/// `python3 -c UDP_ASK ADDR PORT TEXT`: sends TEXT, prints the answer.
+const UDP_ASK: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
+print(s.recv(4096).decode())
+"#;

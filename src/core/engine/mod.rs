@@ -108,6 +108,12 @@ pub trait IpEngine: Send + Sync + 'static {
     async fn listen_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn StreamListener>>;
     /// Opens a TCP connection to `dst` from the node's address.
     async fn connect_tcp(&self, dst: SocketAddr, timeout: Duration) -> Result<Stream, DialError>;
+    /// Binds a UDP socket on `local`: one of the addresses, or the
+    /// unspecified address of a family (port 0: any free port).
+    async fn bind_udp(
+        &self,
+        local: SocketAddr,
+    ) -> io::Result<Arc<dyn crate::core::net::datagram::DatagramSocket>>;
     /// The userspace stack's counters (`None` for engines that keep none).
     fn stats(&self) -> Option<NetStackStats>;
     /// Stops the engine: open connections end, the stack goes away.

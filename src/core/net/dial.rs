@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use tokio::net::TcpStream;
 
 use crate::core::addr::HostPort;
+use crate::core::net::datagram::DatagramSocket;
 use crate::core::net::proxy::Stream;
 
 /// Why a dial failed. [`DialError::reason`] is the metric label.
@@ -90,6 +91,16 @@ impl DialError {
 pub trait Dialer: Send + Sync {
     /// Opens a TCP stream to `target`, giving up after `timeout`.
     async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError>;
+    /// A UDP socket to talk to `remote` through this connector (bound on
+    /// the connector's side, any port). Default: datagrams not carried.
+    async fn bind_udp(
+        &self,
+        remote: std::net::SocketAddr,
+    ) -> Result<std::sync::Arc<dyn DatagramSocket>, DialError> {
+        Err(DialError::NoRoute(format!(
+            "{remote}: this connector carries no datagrams"
+        )))
+    }
 }
 
 /// The `direct` connector: the host network, names resolved by the system resolver.
@@ -129,6 +140,15 @@ impl Dialer for DirectDialer {
                 timeout,
             }),
         }
+    }
+
+    async fn bind_udp(
+        &self,
+        remote: std::net::SocketAddr,
+    ) -> Result<std::sync::Arc<dyn DatagramSocket>, DialError> {
+        crate::core::net::datagram::bind_host_udp(crate::core::net::datagram::any_for(remote))
+            .await
+            .map_err(|e| DialError::from_io(&remote, e))
     }
 }
 

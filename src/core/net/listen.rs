@@ -25,6 +25,16 @@ pub trait StreamListener: Send {
 pub trait VirtualNetwork: Send + Sync {
     /// Listens for TCP on one of the network's addresses.
     async fn listen_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn StreamListener>>;
+    /// Binds a UDP socket on one of the network's addresses.
+    async fn bind_udp(
+        &self,
+        addr: SocketAddr,
+    ) -> io::Result<std::sync::Arc<dyn crate::core::net::datagram::DatagramSocket>> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("{addr}: this network carries no datagrams"),
+        ))
+    }
     /// The node's addresses in this network.
     fn addresses(&self) -> Vec<IpNet>;
     /// The address of a named peer, if the network has such a peer.

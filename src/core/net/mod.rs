@@ -3,11 +3,13 @@
 //! - [`proxy`]: [`proxy::Stream`] and [`proxy::join`] (half-close, idle
 //!   timeout, byte accounting, `splice(2)` between kernel sockets).
 //! - [`listen`]: listeners on the host or inside a module's IP stack.
+//! - [`datagram`]: UDP sockets on the host or in a vnet, behind one trait.
 //! - [`dial`]: the [`dial::Dialer`] capability and the direct connector.
 //! - [`dns`]: resolving names over TCP through any connector (a vnet's `dns:`).
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers (sans I/O).
 //! - `sys`: the raw system calls behind splice (the one `unsafe` module).
 
+pub mod datagram;
 pub mod dial;
 pub mod dns;
 pub mod listen;

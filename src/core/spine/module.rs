@@ -169,6 +169,30 @@ impl ModuleContext {
         }
     }
 
+    /// A UDP socket for datagrams to `remote` through `connector` (bound
+    /// on the connector's side). Routing happens before.
+    pub async fn bind_udp(
+        &self,
+        connector: &Connector,
+        remote: std::net::SocketAddr,
+    ) -> Result<Arc<dyn crate::core::net::datagram::DatagramSocket>, DialError> {
+        match connector {
+            Connector::Direct => DirectDialer.bind_udp(remote).await,
+            Connector::Module(name) => {
+                let dialer = self.find(name).and_then(|m| m.dialer()).ok_or_else(|| {
+                    DialError::NoRoute(format!(
+                        "the route to {remote} names `{name}`, which is not a running module with a dialer in tenant `{}`",
+                        self.tenant.name
+                    ))
+                })?;
+                dialer.bind_udp(remote).await
+            }
+            Connector::Reject => Err(DialError::NoRoute(format!(
+                "{remote}: the route is `reject`"
+            ))),
+        }
+    }
+
     /// Another module of the same tenant, by instance name.
     pub fn find(&self, name: &str) -> Option<Arc<dyn Module>> {
         let dir = self.directory.upgrade()?;

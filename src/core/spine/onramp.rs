@@ -390,6 +390,86 @@ impl OnRamp {
         }
     }
 
+    /// Binds a UDP socket on the host or on a VPN address in a module's
+    /// network (`listen_via`).
+    pub async fn bind_udp(
+        &self,
+        on: &ListenOn,
+    ) -> io::Result<Arc<dyn crate::core::net::datagram::DatagramSocket>> {
+        match on {
+            ListenOn::Host(addr) => crate::core::net::datagram::bind_host_udp(*addr).await,
+            ListenOn::Module { module, addr } => {
+                let net = self
+                    .ctx
+                    .find(module)
+                    .and_then(|m| m.vnet())
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!(
+                                "`{module}` is not a running module with a network in tenant `{}`",
+                                self.tenant()
+                            ),
+                        )
+                    })?;
+                net.bind_udp(*addr).await
+            }
+        }
+    }
+
+    /// Datagrams to `target`: routed as a stream would be (`via`: the
+    /// vnet's table with its `hosts:`/`dns:`, or a pinned connector), the
+    /// name resolved (by the host only on a `direct` route), and a socket
+    /// bound through the route's connector. Returns the socket, the remote
+    /// to send to and the route as flows show it; or the counted reason
+    /// and a message.
+    pub async fn open_datagrams(
+        &self,
+        via: &RouteVia,
+        target: &HostPort,
+        timeout: Duration,
+    ) -> Result<Datagrams, (&'static str, String)> {
+        let (connector, target, shown) = match via {
+            RouteVia::Pinned(c) => (
+                c.clone(),
+                target.clone(),
+                format!("pinned: {target} -> {c}"),
+            ),
+            RouteVia::Vnet(vnet) => self
+                .route_in_vnet(vnet.as_deref(), target, timeout)
+                .await
+                .map_err(|r| (r.reason(), r.to_string()))?,
+        };
+        let remote = match target.ip() {
+            Some(ip) => SocketAddr::new(ip, target.port),
+            None if connector == Connector::Direct => {
+                let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
+                match tokio::time::timeout(timeout, lookup).await {
+                    Ok(Ok(mut a)) => a.next().ok_or(("resolve", format!("{}: no addresses", target.host)))?,
+                    Ok(Err(e)) => return Err(("resolve", format!("{}: {e}", target.host))),
+                    Err(_) => return Err(("resolve", format!("{}: no answer within {timeout:?}", target.host))),
+                }
+            }
+            None => {
+                return Err((
+                    "resolve",
+                    format!("{target}: names are not resolved inside `{connector}`; give the vnet `hosts:` or `dns:`"),
+                ))
+            }
+        };
+        let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
+        let socket = self
+            .ctx
+            .bind_udp(&connector, remote)
+            .await
+            .map_err(|e| (e.reason(), e.to_string()))?;
+        Ok(Datagrams {
+            socket,
+            remote,
+            route: shown,
+        })
+    }
+
     /// Serves `listener` (bound for `on`) with `handler` until closed.
     pub fn serve(
         self: &Arc<Self>,
@@ -688,6 +768,16 @@ impl OnRamp {
             .map_err(|e| e.to_string())?;
         addrs.first().copied().ok_or_else(|| "no address".into())
     }
+}
+
+/// Where datagrams to one target go ([`OnRamp::open_datagrams`]).
+pub struct Datagrams {
+    /// The socket to send from and receive answers on.
+    pub socket: Arc<dyn crate::core::net::datagram::DatagramSocket>,
+    /// The target's address.
+    pub remote: SocketAddr,
+    /// The route, as flows show it.
+    pub route: String,
 }
 
 /// Why a flow has nowhere to go.

@@ -119,20 +119,6 @@ impl PipeConfig {
                 "`via` pins the way out and `vnet` routes in a vnet's table: give one of them",
             ));
         }
-        if c.listen_via.is_some() && c.protocol == PipeProtocol::Udp {
-            return Err(ConfigError::key(
-                &doc.source,
-                "listen_via",
-                "UDP pipes cannot listen inside a virtual network yet",
-            ));
-        }
-        if c.via.is_some() && c.protocol == PipeProtocol::Udp {
-            return Err(ConfigError::key(
-                &doc.source,
-                "via",
-                "UDP pipes cannot dial through a virtual network yet",
-            ));
-        }
         if c.protocol == PipeProtocol::Udp
             && (c.proxy_protocol.is_some() || !c.accept_proxy_protocol.is_empty())
         {

@@ -6,7 +6,8 @@
 //! to [`OnRamp::connect`] (flow, policy, route in the pipe's `vnet`, dial,
 //! join, typed end). `via:` pins the connector (a WireGuard instance) and
 //! `peer:` names the target by the peer's VPN address: both are sugar for a
-//! route. A UDP pipe has one session per client address (`udp`).
+//! route. A UDP pipe has one session per client address (`udp`), routed
+//! and carried the same way (datagrams through a WireGuard network too).
 //!
 //! Reload swaps the config for new connections; a changed `listen` binds the
 //! new address before the old listener closes, and open connections are
@@ -20,13 +21,13 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use configstore::Document;
-use tokio::net::UdpSocket;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
+use crate::core::net::datagram::DatagramSocket;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
@@ -177,7 +178,7 @@ impl Running {
 /// Bound but not yet serving.
 enum Bound {
     Stream(ListenOn, Box<dyn crate::core::net::listen::StreamListener>),
-    Udp(UdpSocket),
+    Udp(ListenOn, Arc<dyn DatagramSocket>),
 }
 
 impl Pipe {
@@ -196,20 +197,15 @@ impl Pipe {
     }
 
     async fn bind(&self, cfg: &PipeConfig) -> Result<Bound, ModuleError> {
-        let addr = cfg.listen.0;
+        let on = ListenOn::new(cfg.listen.0, cfg.listen_via.as_ref());
         if cfg.protocol == PipeProtocol::Udp {
-            return UdpSocket::bind(addr)
+            return self
+                .onramp
+                .bind_udp(&on)
                 .await
-                .map(Bound::Udp)
+                .map(|s| Bound::Udp(on, s))
                 .map_err(|e| self.listen_error(cfg, e));
         }
-        let on = match &cfg.listen_via {
-            Some(m) => ListenOn::Module {
-                module: m.clone(),
-                addr,
-            },
-            None => ListenOn::Host(addr),
-        };
         self.onramp
             .bind(&on)
             .await
@@ -220,7 +216,7 @@ impl Pipe {
     fn serve(&self, bound: Bound) -> Running {
         match bound {
             Bound::Stream(on, l) => Running::Tcp(self.onramp.serve(on, l, self.state.clone())),
-            Bound::Udp(s) => {
+            Bound::Udp(on, s) => {
                 let addr = s.local_addr().expect("bound socket has an address");
                 let cancel = CancellationToken::new();
                 let ctx = self.onramp.ctx();
@@ -229,6 +225,7 @@ impl Pipe {
                     self.onramp.clone(),
                     self.state.clone(),
                     s,
+                    on,
                     cancel.clone(),
                 ));
                 Running::Udp { addr, cancel, task }

@@ -1,32 +1,38 @@
 //! UDP pipes: one session per client address.
 //!
-//! The listening socket receives datagrams; the first one from a new client
-//! address opens a session (a flow) with its own connected upstream socket,
-//! in its own task (the receive loop never waits for a resolver).
-//! Replies from the remote go back to that client from the listening socket.
-//! A session ends after the idle timeout, on `stop`, or when the remote's
-//! socket fails.
+//! The listening socket (on the host, or on a VPN address with
+//! `listen_via`) receives datagrams; the first one from a new client
+//! address opens a session (a flow) in its own task: the remote is routed
+//! like a TCP pipe's (`via:` pinned, or the vnet's table with its `hosts:`
+//! and `dns:`) and a socket is bound through the route's connector (the
+//! host, or a WireGuard network's engine), so the receive loop never waits
+//! for a resolver. Replies from the remote go back to that client from the
+//! listening socket. A session ends after the idle timeout, on `stop`, or
+//! when the remote's socket fails. A listener inside a network whose
+//! interface restarts binds again.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{IdleTimeout, PipeConfig, PipeProtocol, DEFAULT_UDP_IDLE};
 use super::State;
-use crate::core::addr::HostPort;
+use crate::core::net::datagram::DatagramSocket;
 use crate::core::net::proxy::Traffic;
 use crate::core::spine::flow::{EndReason, FlowContext, Protocol};
-use crate::core::spine::onramp::OnRamp;
+use crate::core::spine::onramp::{Datagrams, ListenOn, OnRamp, RouteVia, Target};
 use crate::core::spine::router::Connector;
 
 /// Datagrams queued per session before new ones are dropped (and counted).
 const SESSION_QUEUE: usize = 256;
 /// Largest datagram handled.
 const MAX_DATAGRAM: usize = 65_535;
+/// How often a listener whose network went away tries to bind again.
+const REBIND_EVERY: Duration = Duration::from_millis(100);
 
 type Sessions = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;
 
@@ -48,11 +54,11 @@ impl Shared {
 pub(super) async fn serve(
     onramp: Arc<OnRamp>,
     state: Arc<State>,
-    socket: UdpSocket,
+    mut socket: Arc<dyn DatagramSocket>,
+    on: ListenOn,
     cancel: CancellationToken,
 ) {
     let shared = Arc::new(Shared { onramp, state });
-    let socket = Arc::new(socket);
     let sessions: Sessions = Arc::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
@@ -60,6 +66,22 @@ pub(super) async fn serve(
             _ = cancel.cancelled() => return,
             r = socket.recv_from(&mut buf) => match r {
                 Ok(x) => x,
+                Err(e) if matches!(on, ListenOn::Module { .. }) => {
+                    // The network under the listener went away (its
+                    // interface restarted): bind again once it is back.
+                    tracing::info!(tenant = %shared.tenant(), instance = %shared.instance(), error = %e, "udp listener's network went away; binding again");
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(REBIND_EVERY) => {}
+                        }
+                        if let Ok(s) = shared.onramp.bind_udp(&on).await {
+                            socket = s;
+                            break;
+                        }
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::debug!(tenant = %shared.tenant(), instance = %shared.instance(), error = %e, "udp recv failed");
                     continue;
@@ -95,7 +117,7 @@ pub(super) async fn serve(
 /// Datagrams that arrive meanwhile wait in the session's queue.
 fn open_session(
     shared: &Arc<Shared>,
-    listen: &Arc<UdpSocket>,
+    listen: &Arc<dyn DatagramSocket>,
     sessions: &Sessions,
     src: SocketAddr,
 ) -> Option<mpsc::Sender<Vec<u8>>> {
@@ -103,8 +125,6 @@ fn open_session(
     if cfg.protocol != PipeProtocol::Udp {
         return None; // reloaded to TCP: this listener is closing
     }
-    // UDP pipes always have a remote: `peer` needs `via`, which UDP refuses.
-    let remote_hp = cfg.remote.clone()?;
     let slot = shared.onramp.try_admit(cfg.max_connections)?;
     let (tx, rx) = mpsc::channel(SESSION_QUEUE);
     sessions
@@ -113,7 +133,7 @@ fn open_session(
         .insert(src, tx.clone());
     let (shared_task, listen, sessions) = (shared.clone(), listen.clone(), sessions.clone());
     shared.onramp.spawn(async move {
-        if let Some(upstream) = connect_upstream(&shared_task, &cfg, &remote_hp, src).await {
+        if let Some(upstream) = connect_upstream(&shared_task, &cfg, src).await {
             run_session(shared_task, &cfg, listen, upstream, rx, src).await;
         }
         drop(slot);
@@ -125,103 +145,58 @@ fn open_session(
     Some(tx)
 }
 
-/// Routes `remote` (direct only for UDP today), resolves it and connects a
-/// socket to it; failures are counted and logged.
+/// Routes the pipe's remote and binds a socket through the route's
+/// connector; failures are counted and logged.
 async fn connect_upstream(
     shared: &Arc<Shared>,
     cfg: &PipeConfig,
-    remote_hp: &HostPort,
     src: SocketAddr,
-) -> Option<UdpSocket> {
-    let tenant = shared.tenant().to_string();
-    let instance = shared.instance().to_string();
+) -> Option<Datagrams> {
+    let (tenant, instance) = (shared.tenant(), shared.instance());
     let fail = |reason: &str, msg: String| {
         shared
             .onramp
             .ctx()
             .metrics
-            .dial_error(&tenant, &instance, reason);
+            .dial_error(tenant, instance, reason);
         if let Some(suppressed) = crate::core::logs::allow("udp.session_not_opened") {
             tracing::warn!(%tenant, %instance, %src, error = %msg, suppressed, "udp session not opened");
         }
     };
+    let target = match shared.state.target(shared.onramp.ctx(), cfg) {
+        Target::Addr(t) => t,
+        Target::Unknown { error, .. } => {
+            fail("no_route", error);
+            return None;
+        }
+    };
+    let via = match &cfg.via {
+        Some(m) => RouteVia::Pinned(Connector::Module(m.clone())),
+        None => RouteVia::Vnet(cfg.vnet.clone()),
+    };
     match shared
         .onramp
-        .ctx()
-        .tenant
-        .vnets
-        .route(cfg.vnet.as_deref(), remote_hp)
+        .open_datagrams(&via, &target, cfg.connect_timeout)
+        .await
     {
-        Ok(d) if d.route.connector == Connector::Direct => {}
-        Ok(d) => {
-            fail(
-                "no_route",
-                format!(
-                    "UDP through {} is not supported yet (route {})",
-                    d.route.connector,
-                    d.describe()
-                ),
-            );
-            return None;
-        }
-        Err(e) => {
-            fail(e.reason(), e.to_string());
-            return None;
+        Ok(d) => Some(d),
+        Err((reason, msg)) => {
+            fail(reason, msg);
+            None
         }
     }
-    let lookup = tokio::net::lookup_host((remote_hp.host.as_str(), remote_hp.port));
-    let remote = match tokio::time::timeout(cfg.connect_timeout, lookup).await {
-        Ok(Ok(mut addrs)) => match addrs.next() {
-            Some(a) => a,
-            None => {
-                fail("resolve", format!("{}: no addresses", remote_hp.host));
-                return None;
-            }
-        },
-        Ok(Err(e)) => {
-            fail("resolve", e.to_string());
-            return None;
-        }
-        Err(_) => {
-            fail(
-                "resolve",
-                format!(
-                    "{}: no answer within {:?}",
-                    remote_hp.host, cfg.connect_timeout
-                ),
-            );
-            return None;
-        }
-    };
-    let bind: SocketAddr = if remote.is_ipv4() {
-        "0.0.0.0:0".parse().expect("literal")
-    } else {
-        "[::]:0".parse().expect("literal")
-    };
-    let upstream = match UdpSocket::bind(bind).await {
-        Ok(s) => s,
-        Err(e) => {
-            fail("io", e.to_string());
-            return None;
-        }
-    };
-    if let Err(e) = upstream.connect(remote).await {
-        fail("unreachable", e.to_string());
-        return None;
-    }
-    Some(upstream)
 }
 
 async fn run_session(
     shared: Arc<Shared>,
     cfg: &PipeConfig,
-    listen: Arc<UdpSocket>,
-    upstream: UdpSocket,
+    listen: Arc<dyn DatagramSocket>,
+    upstream: Datagrams,
     mut rx: mpsc::Receiver<Vec<u8>>,
     src: SocketAddr,
 ) {
     let ctx = shared.onramp.ctx();
-    let mut flow = ctx.flows.open(
+    let mut flow = ctx.flows.open_routed(
         FlowContext {
             tenant: shared.tenant().to_string(),
             instance: shared.instance().to_string(),
@@ -231,9 +206,10 @@ async fn run_session(
                 .remote
                 .as_ref()
                 .map(ToString::to_string)
-                .unwrap_or_default(),
+                .unwrap_or_else(|| upstream.remote.to_string()),
             protocol: Protocol::Udp,
         },
+        Some(upstream.route.clone()),
         &ctx.instance_metrics,
     );
     // The config the session opened with: a reload to TCP cannot take its
@@ -242,13 +218,14 @@ async fn run_session(
         Some(IdleTimeout::After(d)) => d,
         _ => DEFAULT_UDP_IDLE,
     };
+    let (socket, remote) = (upstream.socket, upstream.remote);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let reason = loop {
         tokio::select! {
             _ = shared.onramp.stopping().cancelled() => break EndReason::Stopped,
             _ = tokio::time::sleep(idle) => break EndReason::IdleTimeout,
             d = rx.recv() => match d {
-                Some(d) => match upstream.send(&d).await {
+                Some(d) => match socket.send_to(&d, remote).await {
                     Ok(n) => flow.flow().upstream(n as u64),
                     Err(e) => {
                         tracing::debug!(%src, error = %e, "udp send to remote failed");
@@ -257,11 +234,15 @@ async fn run_session(
                 },
                 None => break EndReason::Closed,
             },
-            r = upstream.recv(&mut buf) => match r {
-                Ok(n) => match listen.send_to(&buf[..n], src).await {
-                    Ok(n) => flow.flow().downstream(n as u64),
-                    Err(e) => tracing::debug!(%src, error = %e, "udp send to client failed"),
-                },
+            r = socket.recv_from(&mut buf) => match r {
+                // Only the remote's answers: the socket is the session's own.
+                Ok((n, from)) if from.ip().to_canonical() == remote.ip() && from.port() == remote.port() => {
+                    match listen.send_to(&buf[..n], src).await {
+                        Ok(n) => flow.flow().downstream(n as u64),
+                        Err(e) => tracing::debug!(%src, error = %e, "udp send to client failed"),
+                    }
+                }
+                Ok(_) => {}
                 Err(e) => {
                     tracing::debug!(%src, error = %e, "udp recv from remote failed");
                     break EndReason::UpstreamError;

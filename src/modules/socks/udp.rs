@@ -11,10 +11,10 @@
 //! reassembly. The association ends with its TCP control connection, after
 //! `idle_timeout` without a datagram, or when the door stops.
 //!
-//! Destinations route like any flow; for now datagrams leave only through
-//! `direct` routes (a host socket; names resolved by the host, as the route
-//! says). A route through a module (a WireGuard network) drops them with
-//! the counted reason `udp_route_unsupported`.
+//! Destinations route like any flow (the vnet's routes, `hosts:` and
+//! `dns:`): through `direct` routes on a host socket, into a WireGuard
+//! network through its engine. Each destination has its own socket, so
+//! answers are told apart by socket and source.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,14 +23,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::config::SocksConfig;
 use super::proto;
 use crate::core::logs;
 use crate::core::net::proxy::{Stream, Traffic};
 use crate::core::spine::flow::{EndReason, FlowContext, FlowGuard, Protocol, Verdict};
-use crate::core::spine::onramp::OnRamp;
-use crate::core::spine::router::Connector;
+use crate::core::spine::onramp::{OnRamp, RouteVia};
 
 /// Destinations one association may open flows to.
 const MAX_DESTINATIONS: usize = 1024;
@@ -40,12 +41,15 @@ const MAX_DATAGRAM: usize = 65_535;
 /// (unless `idle_timeout` is shorter).
 const UDP_IDLE: Duration = Duration::from_secs(300);
 
-/// Receives on `s` if it exists; pends forever otherwise.
-async fn recv_opt(s: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-    match s {
-        Some(s) => s.recv_from(buf).await,
-        None => std::future::pending().await,
-    }
+/// One destination of an association: its flow and socket.
+struct Dest {
+    flow: FlowGuard,
+    /// The socket and the destination's address (`None`: denied or
+    /// unroutable, its datagrams dropped).
+    socket: Option<(
+        Arc<dyn crate::core::net::datagram::DatagramSocket>,
+        SocketAddr,
+    )>,
 }
 
 /// The per-association state.
@@ -54,10 +58,12 @@ struct Assoc<'a> {
     src: SocketAddr,
     identity: Option<String>,
     vnet: Option<String>,
-    flows: HashMap<SocketAddr, FlowGuard>,
-    names: HashMap<(String, u16), Option<SocketAddr>>,
-    out4: Option<UdpSocket>,
-    out6: Option<UdpSocket>,
+    timeout: Duration,
+    /// By the destination as the client names it.
+    dests: HashMap<String, Dest>,
+    /// Answers from every destination's socket: (from, payload).
+    answers: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    stop: CancellationToken,
 }
 
 impl Assoc<'_> {
@@ -69,93 +75,87 @@ impl Assoc<'_> {
         }
     }
 
-    /// Routes, resolves and admits one destination; the address to send to.
-    async fn destination(&mut self, dst: &proto::Addr) -> Option<SocketAddr> {
+    /// Sends `payload` to `dst`, opening its flow and socket on first use.
+    async fn send(&mut self, dst: &proto::Addr, payload: &[u8]) {
+        let key = dst.to_string();
+        if !self.dests.contains_key(&key) {
+            if self.dests.len() >= MAX_DESTINATIONS {
+                return self.drop_counted("udp_too_many_destinations", &key);
+            }
+            let dest = self.open(dst).await;
+            self.dests.insert(key.clone(), dest);
+        }
+        let d = &self.dests[&key];
+        let Some((socket, to)) = &d.socket else {
+            return; // denied or unroutable: counted when it was opened
+        };
+        if socket.send_to(payload, *to).await.is_ok() {
+            d.flow.flow().upstream(payload.len() as u64);
+        }
+    }
+
+    /// Routes `dst`, opens its flow (policy) and binds its socket through
+    /// the route's connector; answers go to the association's channel.
+    async fn open(&mut self, dst: &proto::Addr) -> Dest {
         let ctx = self.onramp.ctx();
         let hp = dst.host_port();
-        let decision = match ctx.tenant.vnets.route(self.vnet.as_deref(), &hp) {
-            Ok(d) => d,
-            Err(e) => {
-                self.drop_counted(e.reason(), &e.to_string());
-                return None;
-            }
+        let via = RouteVia::Vnet(self.vnet.clone());
+        let opened = self.onramp.open_datagrams(&via, &hp, self.timeout).await;
+        let (route, remote) = match &opened {
+            Ok(d) => (Some(d.route.clone()), d.remote.to_string()),
+            Err((_, m)) => (Some(m.clone()), hp.to_string()),
         };
-        if decision.route.connector != Connector::Direct {
-            self.drop_counted(
-                "udp_route_unsupported",
-                &format!(
-                    "{hp} routes through `{}`: SOCKS UDP leaves only through direct routes for now",
-                    decision.route.connector
-                ),
-            );
-            return None;
-        }
-        let addr = match decision.target.ip() {
-            Some(ip) => SocketAddr::new(ip, decision.target.port),
-            None => {
-                let key = (decision.target.host.clone(), decision.target.port);
-                if !self.names.contains_key(&key) {
-                    let found = tokio::net::lookup_host((key.0.as_str(), key.1))
-                        .await
-                        .ok()
-                        .and_then(|mut a| a.next());
-                    self.names.insert(key.clone(), found);
-                }
-                match self.names[&key] {
-                    Some(a) => a,
-                    None => {
-                        self.drop_counted("resolve", &format!("cannot resolve {hp}"));
-                        return None;
-                    }
-                }
-            }
-        };
-        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-        if let Some(f) = self.flows.get(&addr) {
-            return (f.verdict() == Verdict::Allow).then_some(addr);
-        }
-        if self.flows.len() >= MAX_DESTINATIONS {
-            self.drop_counted("udp_too_many_destinations", &addr.to_string());
-            return None;
-        }
-        let flow = ctx.flows.open_routed(
+        let mut flow = ctx.flows.open_routed(
             FlowContext {
                 tenant: ctx.tenant.name.clone(),
                 instance: ctx.instance.clone(),
                 identity: self.identity.clone(),
                 src: self.src,
-                dst: hp.to_string(),
+                dst: remote,
                 protocol: Protocol::Udp,
             },
-            Some(decision.describe()),
+            route,
             &ctx.instance_metrics,
         );
-        let allowed = flow.verdict() == Verdict::Allow;
-        let mut flow = flow;
-        if !allowed {
+        let d = match opened {
+            Ok(d) => d,
+            Err((reason, m)) => {
+                flow.set_end_reason(EndReason::NoRoute);
+                self.drop_counted(reason, &m);
+                return Dest { flow, socket: None };
+            }
+        };
+        if flow.verdict() != Verdict::Allow {
             flow.set_end_reason(EndReason::Denied);
             self.drop_counted("denied", &hp.to_string());
+            return Dest { flow, socket: None };
         }
-        self.flows.insert(addr, flow);
-        allowed.then_some(addr)
-    }
-
-    /// The host socket for `dst`'s family, bound on first use.
-    async fn socket_for(&mut self, dst: SocketAddr) -> std::io::Result<&UdpSocket> {
-        let slot = if dst.is_ipv4() {
-            &mut self.out4
-        } else {
-            &mut self.out6
-        };
-        if slot.is_none() {
-            let any: SocketAddr = if dst.is_ipv4() {
-                "0.0.0.0:0".parse().expect("literal")
-            } else {
-                "[::]:0".parse().expect("literal")
-            };
-            *slot = Some(UdpSocket::bind(any).await?);
+        // This destination's answers, tagged with their source.
+        let (socket, remote) = (d.socket.clone(), d.remote);
+        let (answers, stop) = (self.answers.clone(), self.stop.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            loop {
+                let r = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = socket.recv_from(&mut buf) => r,
+                };
+                match r {
+                    Ok((n, from)) => {
+                        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                        if from == remote && answers.send((from, buf[..n].to_vec())).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        Dest {
+            flow,
+            socket: Some((d.socket, d.remote)),
         }
-        Ok(slot.as_ref().expect("just set"))
     }
 }
 
@@ -202,28 +202,27 @@ pub(super) async fn associate(
         proto::Addr::Ip(a) if a.port() != 0 => Some(a.port()),
         _ => None,
     };
+    let (answers_tx, mut answers) = mpsc::channel(1024);
+    let stop = CancellationToken::new();
+    let _stop_on_exit = stop.clone().drop_guard();
     let mut assoc = Assoc {
         onramp,
         src,
         identity,
         vnet,
-        flows: HashMap::new(),
-        names: HashMap::new(),
-        out4: None,
-        out6: None,
+        timeout: cfg.connect_timeout,
+        dests: HashMap::new(),
+        answers: answers_tx,
+        stop,
     };
     let idle = cfg.idle_timeout.unwrap_or(UDP_IDLE).min(UDP_IDLE);
     let mut client_addr: Option<SocketAddr> = None;
-    let (mut b_in, mut b4, mut b6) = (
-        vec![0u8; MAX_DATAGRAM],
-        vec![0u8; MAX_DATAGRAM],
-        vec![0u8; MAX_DATAGRAM],
-    );
+    let mut b_in = vec![0u8; MAX_DATAGRAM];
     let mut ctl = [0u8; 64];
     let mut last = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(idle / 4);
     let end = loop {
-        let (answer, from) = tokio::select! {
+        tokio::select! {
             _ = onramp.stopping().cancelled() => break EndReason::Stopped,
             r = control.read(&mut ctl) => match r {
                 // The client sends nothing more on the control connection;
@@ -235,83 +234,51 @@ pub(super) async fn associate(
                 if last.elapsed() >= idle {
                     break EndReason::IdleTimeout;
                 }
-                continue;
             }
-            r = relay.recv_from(&mut b_in) => match r {
-                Ok((n, from)) => (false, (n, from)),
-                Err(_) => continue,
-            },
-            r = recv_opt(&assoc.out4, &mut b4) => match r {
-                Ok((n, from)) => (true, (n, from)),
-                Err(_) => continue,
-            },
-            r = recv_opt(&assoc.out6, &mut b6) => match r {
-                Ok((n, from)) => (true, (n, from)),
-                Err(_) => continue,
-            },
-        };
-        let (n, from) = from;
-        if !answer {
-            // From the client: check the sender, parse, route, send on.
-            if from.ip().to_canonical() != client_ip || hint_port.is_some_and(|p| p != from.port())
-            {
-                assoc.drop_counted("udp_foreign_source", &from.to_string());
-                continue;
-            }
-            client_addr = Some(from);
-            last = tokio::time::Instant::now();
-            let (header, at) = match proto::parse_udp(&b_in[..n]) {
-                Ok(Some(h)) => h,
-                Ok(None) => {
-                    assoc.drop_counted("bad_request", "datagram shorter than its header");
+            r = relay.recv_from(&mut b_in) => {
+                let Ok((n, from)) = r else { continue };
+                // From the client: check the sender, parse, route, send on.
+                if from.ip().to_canonical() != client_ip || hint_port.is_some_and(|p| p != from.port()) {
+                    assoc.drop_counted("udp_foreign_source", &from.to_string());
                     continue;
                 }
-                Err(e) => {
-                    assoc.drop_counted("bad_request", &e.to_string());
+                client_addr = Some(from);
+                last = tokio::time::Instant::now();
+                let (header, at) = match proto::parse_udp(&b_in[..n]) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => {
+                        assoc.drop_counted("bad_request", "datagram shorter than its header");
+                        continue;
+                    }
+                    Err(e) => {
+                        assoc.drop_counted("bad_request", &e.to_string());
+                        continue;
+                    }
+                };
+                if header.frag != 0 {
+                    assoc.drop_counted("udp_fragment", "fragmented SOCKS datagram");
                     continue;
                 }
-            };
-            if header.frag != 0 {
-                assoc.drop_counted("udp_fragment", "fragmented SOCKS datagram");
-                continue;
+                let payload = b_in[at..n].to_vec();
+                assoc.send(&header.dst, &payload).await;
             }
-            let Some(dst) = assoc.destination(&header.dst).await else {
-                continue;
-            };
-            let payload = b_in[at..n].to_vec();
-            match assoc.socket_for(dst).await {
-                Ok(s) => {
-                    if s.send_to(&payload, dst).await.is_ok() {
-                        if let Some(f) = assoc.flows.get(&dst) {
-                            f.flow().upstream(payload.len() as u64);
-                        }
+            Some((from, payload)) = answers.recv() => {
+                // An answer from a destination the client wrote to.
+                let Some(to) = client_addr else { continue };
+                last = tokio::time::Instant::now();
+                let mut d = proto::udp_header(from);
+                d.extend_from_slice(&payload);
+                if relay.send_to(&d, to).await.is_ok() {
+                    if let Some(dest) = assoc.dests.values().find(|d| d.socket.as_ref().is_some_and(|(_, r)| *r == from)) {
+                        dest.flow.flow().downstream(payload.len() as u64);
                     }
                 }
-                Err(e) => assoc.drop_counted("udp_socket", &e.to_string()),
-            }
-        } else {
-            // An answer: only from a destination the client wrote to.
-            let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-            let Some(to) = client_addr else { continue };
-            let Some(flow) = assoc
-                .flows
-                .get(&from)
-                .filter(|f| f.verdict() == Verdict::Allow)
-            else {
-                continue;
-            };
-            last = tokio::time::Instant::now();
-            let payload = if from.is_ipv4() { &b4[..n] } else { &b6[..n] };
-            let mut d = proto::udp_header(from);
-            d.extend_from_slice(payload);
-            if relay.send_to(&d, to).await.is_ok() {
-                flow.flow().downstream(n as u64);
             }
         }
     };
-    for f in assoc.flows.values_mut() {
-        if f.verdict() == Verdict::Allow {
-            f.set_end_reason(end);
+    for d in assoc.dests.values_mut() {
+        if d.socket.is_some() {
+            d.flow.set_end_reason(end);
         }
     }
 }

@@ -568,6 +568,13 @@ impl VirtualNetwork for VnetHandle {
         self.engine()?.listen_tcp(addr).await
     }
 
+    async fn bind_udp(
+        &self,
+        addr: SocketAddr,
+    ) -> io::Result<Arc<dyn crate::core::net::datagram::DatagramSocket>> {
+        self.engine()?.bind_udp(addr).await
+    }
+
     fn addresses(&self) -> Vec<IpNet> {
         self.engine().map(|e| e.addresses()).unwrap_or_default()
     }
@@ -595,5 +602,18 @@ impl Dialer for VnetHandle {
         engine
             .connect_tcp(SocketAddr::new(ip, target.port), timeout)
             .await
+    }
+
+    async fn bind_udp(
+        &self,
+        remote: SocketAddr,
+    ) -> Result<Arc<dyn crate::core::net::datagram::DatagramSocket>, DialError> {
+        let engine = self
+            .engine()
+            .map_err(|e| DialError::NoRoute(e.to_string()))?;
+        engine
+            .bind_udp(crate::core::net::datagram::any_for(remote))
+            .await
+            .map_err(|e| DialError::from_io(&remote, e))
     }
 }

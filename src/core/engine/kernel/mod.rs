@@ -425,6 +425,19 @@ impl IpEngine for KernelEngine {
         }
     }
 
+    async fn bind_udp(
+        &self,
+        local: SocketAddr,
+    ) -> io::Result<Arc<dyn crate::core::net::datagram::DatagramSocket>> {
+        let s = self.socket(local.is_ipv6(), true).await?;
+        if local.is_ipv6() && local.ip().is_unspecified() {
+            s.set_only_v6(false)?;
+        }
+        s.bind(&local.into())?;
+        let std: std::net::UdpSocket = s.into();
+        Ok(Arc::new(tokio::net::UdpSocket::from_std(std)?))
+    }
+
     fn stats(&self) -> Option<NetStackStats> {
         None
     }

@@ -68,8 +68,10 @@
 //!   batch of up to 64 segments (as GRO does), not every second segment.
 //! - A connection to one of the stack's own addresses is not looped back;
 //!   it leaves through the sink like any other.
-//! - TCP only: pipes cannot use UDP sockets on the stack yet; UDP to the
-//!   node's addresses is answered with ICMP port unreachable.
+//! - UDP ([`NetStack::bind_udp`]) bypasses smoltcp: datagrams for a bound
+//!   port are queued for their socket; UDP to other ports is answered with
+//!   ICMP port unreachable. Datagrams larger than the MTU are refused, not
+//!   fragmented.
 //!
 //! # Layout
 //!
@@ -77,6 +79,7 @@
 //! - `device`: the smoltcp phy device, queues of recycled packet buffers.
 //! - `stack`: the shared state, the per-round logic and the task.
 //! - `tcp`: [`NetTcpListener`] and [`NetTcpStream`].
+//! - `udp`: [`NetUdpSocket`] and the table of bound ports.
 //! - [`metrics`]: the engine's counters under `meshgate_netstack_`.
 
 mod device;
@@ -86,6 +89,7 @@ mod stack;
 mod tcp;
 #[cfg(test)]
 mod tests;
+mod udp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -104,6 +108,7 @@ pub fn inspect_packet(packet: &[u8]) -> (bool, bool) {
     (ok, syn)
 }
 pub use tcp::{NetTcpListener, NetTcpStream};
+pub use udp::NetUdpSocket;
 
 /// The most addresses one stack can hold (smoltcp's `iface-max-addr-count`).
 pub const MAX_ADDRESSES: usize = 2;
@@ -224,6 +229,8 @@ pub struct NetStack {
 /// Stops the task when the last [`NetStack`] clone goes.
 struct Owner {
     shared: Arc<Shared>,
+    /// Where UDP sockets send (the stack's own output).
+    sink: Arc<dyn PacketSink>,
 }
 
 impl Drop for Owner {
@@ -240,9 +247,9 @@ impl NetStack {
     /// Outside a tokio runtime.
     pub fn spawn(cfg: NetStackConfig, sink: Arc<dyn PacketSink>) -> NetStack {
         let shared = Shared::new(cfg);
-        tokio::spawn(stack::run(shared.clone(), sink));
+        tokio::spawn(stack::run(shared.clone(), sink.clone()));
         NetStack {
-            owner: Arc::new(Owner { shared }),
+            owner: Arc::new(Owner { shared, sink }),
         }
     }
 
@@ -276,6 +283,12 @@ impl NetStack {
         timeout: Duration,
     ) -> Result<NetTcpStream, NetError> {
         tcp::connect(self.shared(), dst, timeout).await
+    }
+
+    /// Binds a UDP socket on `local` (one of the stack's addresses or the
+    /// unspecified address of a family; port 0 picks one).
+    pub fn bind_udp(&self, local: SocketAddr) -> std::io::Result<NetUdpSocket> {
+        udp::bind(self.shared(), self.owner.sink.clone(), local)
     }
 
     /// The addresses in use (see [`NetStackConfig::addresses`]).
@@ -358,6 +371,13 @@ impl super::IpEngine for NetStack {
                 source: std::io::Error::other(e.to_string()),
             }),
         }
+    }
+
+    async fn bind_udp(
+        &self,
+        local: SocketAddr,
+    ) -> std::io::Result<Arc<dyn crate::core::net::datagram::DatagramSocket>> {
+        Ok(Arc::new(NetStack::bind_udp(self, local)?))
     }
 
     fn stats(&self) -> Option<NetStackStats> {

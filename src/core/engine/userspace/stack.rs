@@ -99,7 +99,7 @@ impl Limits {
 #[derive(Default)]
 pub(super) struct Counters {
     packets_in: AtomicU64,
-    packets_out: AtomicU64,
+    pub packets_out: AtomicU64,
     dropped_queue_full: AtomicU64,
     dropped_malformed: AtomicU64,
     dropped_no_listener: AtomicU64,
@@ -107,7 +107,7 @@ pub(super) struct Counters {
     dropped_backlog: AtomicU64,
 }
 
-fn bump(c: &AtomicU64) {
+pub(super) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -131,6 +131,8 @@ pub(super) struct Shared {
     /// The addresses in use.
     pub addresses: Vec<IpNet>,
     pub limits: Limits,
+    /// Bound UDP sockets (datagrams bypass smoltcp).
+    pub udp: super::udp::UdpTable,
     epoch: std::time::Instant,
 }
 
@@ -326,6 +328,7 @@ impl Shared {
             counters: Counters::default(),
             addresses,
             limits,
+            udp: Default::default(),
             epoch: std::time::Instant::now(),
         })
     }
@@ -349,6 +352,10 @@ impl Shared {
         if packet::check(packet).is_err() {
             bump(&self.counters.dropped_malformed);
             return false;
+        }
+        if self.udp.deliver(packet) {
+            bump(&self.counters.packets_in);
+            return true;
         }
         let was_empty = {
             let mut inbound = self.lock_inbound();

@@ -46,7 +46,7 @@ pub(super) fn listen(shared: &Arc<Shared>, addr: SocketAddr) -> Result<NetTcpLis
 
 /// The stack's address to dial `dst` from: same family, preferring one
 /// whose prefix contains `dst`.
-fn source_for(addresses: &[IpNet], dst: IpAddr) -> Option<IpAddr> {
+pub(super) fn source_for(addresses: &[IpNet], dst: IpAddr) -> Option<IpAddr> {
     let family = || {
         addresses
             .iter()

@@ -753,3 +753,48 @@ proptest! {
         prop_assert!(t.shared.socket_count() <= 16);
     }
 }
+
+#[tokio::test]
+async fn udp_datagrams_cross_two_stacks_and_unbound_ports_are_refused() {
+    use crate::core::net::datagram::DatagramSocket;
+    let (a, b) = pair("10.0.0.1/24", "10.0.0.2/24");
+    let server = b.bind_udp(sa("0.0.0.0:5353")).unwrap();
+    let client = a.bind_udp(sa("10.0.0.1:0")).unwrap();
+    let local = DatagramSocket::local_addr(&client).unwrap();
+    assert!(local.port() >= 49152, "{local}");
+    assert_eq!(
+        b.bind_udp(sa("10.0.0.2:5353")).map(|_| ()).ok(),
+        Some(()),
+        "a specific address beside the wildcard"
+    );
+    assert_eq!(
+        b.bind_udp(sa("0.0.0.0:5353")).err().map(|e| e.kind()),
+        Some(std::io::ErrorKind::AddrInUse)
+    );
+    assert_eq!(
+        a.bind_udp(sa("10.9.9.9:1")).err().map(|e| e.kind()),
+        Some(std::io::ErrorKind::AddrNotAvailable)
+    );
+    client
+        .send_to(b"question", sa("10.0.0.2:5353"))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = tokio::time::timeout(LIMIT, server.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((&buf[..n], from), (&b"question"[..], local));
+    server.send_to(b"answer", from).await.unwrap();
+    let (n, from) = tokio::time::timeout(LIMIT, client.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((&buf[..n], from), (&b"answer"[..], sa("10.0.0.2:5353")));
+    // Too big for the MTU: refused, not fragmented.
+    let big = vec![0u8; 2000];
+    assert!(client.send_to(&big, sa("10.0.0.2:5353")).await.is_err());
+    // A dropped socket frees its port.
+    drop(server);
+    assert!(b.bind_udp(sa("0.0.0.0:5353")).is_ok());
+}
