@@ -150,7 +150,16 @@ impl Answer for Handover {
             return None;
         }
         match self.client {
-            Client::Upgrade(up) => up.await.ok().map(|u| Stream::io(TokioIo::new(u))),
+            Client::Upgrade(up) => {
+                let up = up.await.ok()?;
+                // The connection hyper served is our own stream: take it
+                // back (with anything hyper read past the request), so a
+                // kernel socket keeps the splice fast path.
+                Some(match up.downcast::<TokioIo<Stream>>() {
+                    Ok(parts) => parts.io.into_inner().prepend(parts.read_buf.to_vec()),
+                    Err(up) => Stream::io(TokioIo::new(up)),
+                })
+            }
             Client::Pipe(p) => Some(Stream::io(p)),
         }
     }
