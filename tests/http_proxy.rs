@@ -108,6 +108,26 @@ fn curl_forwards_and_tunnels_through_the_http_proxy() {
         "{head}"
     );
 
+    // Bad input: an oversized head is refused (431), garbage gets 400, a
+    // CONNECT without a port 400; nothing is buffered without bound.
+    let raw = |req: &[u8]| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let _ = s.write_all(req);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).to_string()
+    };
+    let mut big = b"GET http://web/ HTTP/1.1\r\nHost: web\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 100_000));
+    big.extend_from_slice(b"\r\n\r\n");
+    assert!(raw(&big).starts_with("HTTP/1.1 431"), "{}", raw(&big));
+    assert!(raw(b"\x16\x03\x01\x02\x00garbage\r\n\r\n").starts_with("HTTP/1.1 400"));
+    let r = raw(b"CONNECT web HTTP/1.1\r\nHost: web\r\nConnection: close\r\nProxy-Authorization: Basic YWxpY2U6d29uZGVybGFuZA==\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+
     // The audit lines name the user.
     let log = mg.log_text();
     assert!(

@@ -51,6 +51,9 @@ pub use config::HttpProxyConfig;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// The largest request head (request line and headers) read.
+const MAX_HEAD: usize = 64 * 1024;
+
 /// Bytes buffered between a forwarded exchange and its flow, each way.
 const FORWARD_BUFFER: usize = 64 * 1024;
 
@@ -165,6 +168,23 @@ impl Answer for Handover {
     }
 }
 
+/// A `Proxy-Authorization: Basic` value: the user name and password, or
+/// `None` if it is not well-formed Basic credentials. Never panics
+/// (`fuzz/fuzz_targets/http_proxy.rs`).
+pub fn parse_basic(value: &[u8]) -> Option<(String, Vec<u8>)> {
+    let value = std::str::from_utf8(value).ok()?;
+    let (scheme, b64) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let colon = decoded.iter().position(|&c| c == b':')?;
+    let user = std::str::from_utf8(&decoded[..colon]).ok()?.to_string();
+    Some((user, decoded[colon + 1..].to_vec()))
+}
+
 /// Who is asking: `Proxy-Authorization: Basic` checked against the users.
 fn authenticate(
     cfg: &HttpProxyConfig,
@@ -177,21 +197,9 @@ fn authenticate(
         .headers()
         .get("proxy-authorization")
         .ok_or("auth_required")?;
-    let value = header.to_str().map_err(|_| "auth_failed")?;
-    let (scheme, b64) = value.trim().split_once(' ').ok_or("auth_failed")?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return Err("auth_failed");
-    }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .map_err(|_| "auth_failed")?;
-    let colon = decoded
-        .iter()
-        .position(|&c| c == b':')
-        .ok_or("auth_failed")?;
-    let user = std::str::from_utf8(&decoded[..colon]).map_err(|_| "auth_failed")?;
+    let (user, password) = parse_basic(header.as_bytes()).ok_or("auth_failed")?;
     cfg.users
-        .authenticate(user, &decoded[colon + 1..], cfg.vnet.as_deref())
+        .authenticate(&user, &password, cfg.vnet.as_deref())
         .map(|(who, vnet)| (Some(who), vnet))
         .map_err(|_| "auth_failed")
 }
@@ -401,6 +409,10 @@ impl StreamHandler for Door {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(timeout)
+            // A request head larger than this is refused (431), not buffered.
+            .max_buf_size(MAX_HEAD)
+            .max_header_size(MAX_HEAD)
+            .max_headers(100)
             .serve_connection(TokioIo::new(client), svc)
             .with_upgrades();
         if let Err(e) = conn.await {
@@ -461,5 +473,43 @@ impl Module for HttpProxy {
             "active": self.onramp.active(),
             "max_connections": cfg.max_connections,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode("alice@sydney:pa:ss");
+        assert_eq!(
+            parse_basic(format!("Basic {b64}").as_bytes()),
+            Some(("alice@sydney".into(), b"pa:ss".to_vec()))
+        );
+        assert_eq!(
+            parse_basic(format!("basic  {b64} ").as_bytes()).map(|c| c.0),
+            Some("alice@sydney".into())
+        );
+        assert_eq!(parse_basic(b"Bearer abc"), None);
+        assert_eq!(parse_basic(b"Basic !!!"), None);
+        assert_eq!(parse_basic(b"Basic"), None);
+        assert_eq!(parse_basic(&[0xff, 0xfe]), None);
+        let no_colon = base64::engine::general_purpose::STANDARD.encode("alice");
+        assert_eq!(parse_basic(format!("Basic {no_colon}").as_bytes()), None);
+    }
+
+    #[test]
+    fn statuses_for_flow_ends() {
+        assert_eq!(status_for(EndReason::Denied), StatusCode::FORBIDDEN);
+        assert_eq!(status_for(EndReason::NoRoute), StatusCode::FORBIDDEN);
+        assert_eq!(
+            status_for(EndReason::DialFailed("timeout")),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            status_for(EndReason::DialFailed("refused")),
+            StatusCode::BAD_GATEWAY
+        );
     }
 }
