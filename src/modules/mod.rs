@@ -8,6 +8,7 @@
 //! - [`socks`]: a SOCKS5 (and SOCKS4/4a) front door with UDP ASSOCIATE.
 //! - [`http_proxy`]: an HTTP/1.1 CONNECT and forward proxy front door.
 //! - [`capture`]: transparent capture (REDIRECT, TPROXY) of unconfigured clients.
+//! - [`ssh`]: an SSH door for stock OpenSSH clients (`-L`, `-W`, `-J`, `-D`).
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ pub mod capture;
 pub mod http_proxy;
 pub mod pipe;
 pub mod socks;
+pub mod ssh;
 pub mod vnet;
 pub mod wireguard;
 
@@ -27,6 +29,7 @@ pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
         Arc::new(socks::SocksFactory),
         Arc::new(http_proxy::HttpProxyFactory),
         Arc::new(capture::CaptureFactory),
+        Arc::new(ssh::SshFactory),
         Arc::new(wireguard::WireGuardFactory),
         Arc::new(vnet::VnetFactory),
     ]

@@ -1,0 +1,457 @@
+//! `kind: ssh`: an SSH door for stock OpenSSH clients (russh server).
+//!
+//! A user with a key in the door's `authorized_keys` joins the tenant's
+//! network with the forwards OpenSSH already has: `ssh -L`, `ssh -W` (and
+//! so `-J`/ProxyJump), and `ssh -D` (OpenSSH's own SOCKS, which it turns
+//! into the same direct-tcpip channels). Each channel takes the one path
+//! ([`OnRamp::connect_answering`]: flow with the key's identity, policy,
+//! route in `vnet:`, dial, join, audit); the channel is confirmed only once
+//! the dial succeeded, and refused (`connect failed`, or `administratively
+//! prohibited` for a denial) otherwise, so `ssh -W` reports what happened.
+//!
+//! Public keys only: passwords are refused (and counted). The options of
+//! an `authorized_keys` line that meshgate honours are in [`keys`]; any
+//! other is a config error. There is no shell: a session channel prints
+//! the tenant, the identity and what the key may reach, then closes. The
+//! host key is made on first start (Ed25519, mode 0600) and its fingerprint
+//! shown in the status. Ed25519 and ECDSA user keys (RSA needs russh's
+//! `rsa` feature, left out for RUSTSEC-2023-0071).
+
+pub mod config;
+pub mod keys;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use configstore::Document;
+use russh::keys::HashAlg;
+use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
+
+use crate::core::addr::HostPort;
+use crate::core::config::ConfigError;
+use crate::core::logs;
+use crate::core::net::proxy::Stream;
+use crate::core::spine::flow::EndReason;
+use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::onramp::{
+    Accepted, Answer, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, StreamHandler,
+    Target,
+};
+
+pub use config::SshConfig;
+use keys::AuthorizedKey;
+
+/// Builds SSH doors.
+pub struct SshFactory;
+
+impl ModuleFactory for SshFactory {
+    fn kind(&self) -> &'static str {
+        "ssh"
+    }
+
+    fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
+        let cfg = SshConfig::from_document(doc)?;
+        Ok(ModulePlan {
+            depends_on: cfg.vnet.into_iter().collect(),
+            ..ModulePlan::default()
+        })
+    }
+
+    fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
+        let cfg = SshConfig::from_document(doc)?;
+        Ok(Arc::new(Ssh {
+            onramp: OnRamp::new(ctx),
+            door: Arc::new(Door {
+                config: RwLock::new(Arc::new(cfg)),
+                server: RwLock::new(None),
+            }),
+            source: RwLock::new(doc.source.clone()),
+            listener: DoorListener::default(),
+        }))
+    }
+}
+
+/// A running SSH door.
+pub struct Ssh {
+    onramp: Arc<OnRamp>,
+    door: Arc<Door>,
+    source: RwLock<String>,
+    listener: DoorListener,
+}
+
+struct Door {
+    config: RwLock<Arc<SshConfig>>,
+    /// russh's server config (with the host key), made at start.
+    server: RwLock<Option<Arc<russh::server::Config>>>,
+}
+
+impl Door {
+    fn config(&self) -> Arc<SshConfig> {
+        self.config.read().expect("poisoned").clone()
+    }
+}
+
+/// russh's server settings around the host key.
+fn server_config(host_key: russh::keys::PrivateKey) -> russh::server::Config {
+    russh::server::Config {
+        keys: vec![host_key],
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: std::time::Duration::from_millis(300),
+        auth_rejection_time_initial: Some(std::time::Duration::ZERO),
+        inactivity_timeout: None,
+        keepalive_interval: Some(std::time::Duration::from_secs(30)),
+        keepalive_max: 3,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// One SSH connection's handler.
+struct Conn {
+    onramp: Arc<OnRamp>,
+    cfg: Arc<SshConfig>,
+    peer: SocketAddr,
+    /// The key the client proved, once authenticated.
+    key: Option<AuthorizedKey>,
+}
+
+impl Conn {
+    fn count(&self, reason: &'static str, detail: &str) {
+        let ctx = self.onramp.ctx();
+        ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
+        if let Some(suppressed) = logs::allow("ssh.refused") {
+            tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %self.peer, reason, detail, suppressed, "SSH refused");
+        }
+    }
+
+    fn find(&self, key: &russh::keys::PublicKey) -> Option<&AuthorizedKey> {
+        self.cfg
+            .keys
+            .iter()
+            .find(|k| k.key.key_data() == key.key_data())
+    }
+
+    fn check_key(&mut self, key: &russh::keys::PublicKey) -> Result<AuthorizedKey, &'static str> {
+        let found = self.find(key).ok_or("unknown_key")?;
+        if !found.allowed_from(self.peer.ip()) {
+            return Err("from_not_allowed");
+        }
+        Ok(found.clone())
+    }
+
+    /// What a session channel prints.
+    fn banner(&self) -> String {
+        let ctx = self.onramp.ctx();
+        let key = self.key.as_ref();
+        let reach = match key {
+            Some(k) if !k.port_forwarding => "nothing: forwarding is off for this key".to_string(),
+            Some(k) if !k.permit_open.is_empty() => k
+                .permit_open
+                .iter()
+                .map(|p| match p.port {
+                    Some(port) => format!("{}:{port}", p.host),
+                    None => format!("{}:*", p.host),
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            _ => format!(
+                "what vnet `{}` routes to",
+                self.cfg.vnet.as_deref().unwrap_or("(the default)")
+            ),
+        };
+        format!(
+            "meshgate: tenant {}, identity {}\nno shell here; use ssh -L, -W, -J or -D. This key may reach: {reach}\n",
+            ctx.tenant.name,
+            key.map(|k| k.identity.as_str()).unwrap_or("-"),
+        )
+    }
+
+    fn end_session_channel(
+        &self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        session.channel_success(channel)?;
+        session.data(channel, self.banner())?;
+        session.exit_status_request(channel, 0)?;
+        session.eof(channel)?;
+        session.close(channel)
+    }
+}
+
+/// The channel's answer: confirmed once the dial succeeded, refused else.
+struct ChannelAnswer {
+    channel: Channel<Msg>,
+    reply: ChannelOpenHandle,
+}
+
+#[async_trait]
+impl Answer for ChannelAnswer {
+    async fn answer(
+        self: Box<Self>,
+        outcome: Result<Option<SocketAddr>, EndReason>,
+    ) -> Option<Stream> {
+        match outcome {
+            Ok(_) => {
+                self.reply.accept().await;
+                Some(Stream::io(self.channel.into_stream()))
+            }
+            Err(EndReason::Denied | EndReason::Rejected) => {
+                self.reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await;
+                None
+            }
+            Err(_) => {
+                self.reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                None
+            }
+        }
+    }
+}
+
+impl russh::server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        self.count(
+            "password",
+            &format!("user `{user}`: passwords are not accepted"),
+        );
+        Ok(Auth::reject())
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        match self.check_key(offer.public_key) {
+            Ok(_) => Ok(Auth::Accept),
+            Err(reason) => {
+                let fp = offer.public_key.fingerprint(HashAlg::Sha256);
+                self.count(reason, &format!("user `{user}`, key {fp}"));
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        match self.check_key(key.public_key) {
+            Ok(k) => {
+                let ctx = self.onramp.ctx();
+                tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %self.peer, %user, identity = %k.identity, "SSH login");
+                self.key = Some(k);
+                Ok(Auth::Accept)
+            }
+            Err(reason) => {
+                self.count(reason, &format!("user `{user}`"));
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.end_session_channel(channel, session)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.end_session_channel(channel, session)
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(key) = self.key.clone() else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let Ok(port) = u16::try_from(port_to_connect) else {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        let host = host_to_connect.trim_matches(['[', ']']).to_string();
+        if !key.may_open(&host, port) {
+            let reason = if key.port_forwarding {
+                "permitopen"
+            } else {
+                "forwarding_disabled"
+            };
+            self.count(
+                reason,
+                &format!("{} may not open {host}:{port}", key.identity),
+            );
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        let req = ConnectRequest {
+            src: self.peer,
+            target: Target::Addr(HostPort { host, port }),
+            identity: Some(key.identity.clone()),
+            via: RouteVia::Vnet(self.cfg.vnet.clone()),
+            connect_timeout: self.cfg.connect_timeout,
+            idle_timeout: self.cfg.idle_timeout,
+            client_dst: None,
+            proxy_protocol: None,
+        };
+        // The dial must not hold up the session's other channels.
+        let onramp = self.onramp.clone();
+        self.onramp.spawn(async move {
+            onramp
+                .connect_answering(req, Box::new(ChannelAnswer { channel, reply }))
+                .await;
+        });
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StreamHandler for Door {
+    fn max_connections(&self) -> usize {
+        self.config().max_connections
+    }
+
+    async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
+        let Some(server) = self.server.read().expect("poisoned").clone() else {
+            return;
+        };
+        let handler = Conn {
+            onramp: onramp.clone(),
+            cfg: self.config(),
+            peer: conn.src,
+            key: None,
+        };
+        let stop = onramp.stopping().clone();
+        match russh::server::run_stream(server, client, handler).await {
+            Ok(running) => {
+                tokio::select! {
+                    r = running => if let Err(e) = r {
+                        tracing::debug!(peer = %conn.src, error = %e, "SSH session ended with an error");
+                    },
+                    _ = stop.cancelled() => {}
+                }
+            }
+            Err(e) => tracing::debug!(peer = %conn.src, error = %e, "SSH handshake failed"),
+        }
+    }
+}
+
+impl Ssh {
+    async fn listen(&self, cfg: &SshConfig, source: &str) -> Result<(), ModuleError> {
+        let key = keys::load_or_create_host_key(&cfg.host_key_file)
+            .map_err(|m| ConfigError::key(source, "host_key_file", m))?;
+        *self.door.server.write().expect("poisoned") = Some(Arc::new(server_config(key)));
+        let on = ListenOn::new(cfg.listen.0, None);
+        Ok(self
+            .listener
+            .serve(&self.onramp, on, self.door.clone(), source)
+            .await?)
+    }
+
+    /// The address the door accepts on (useful with port 0).
+    pub async fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().await
+    }
+}
+
+#[async_trait]
+impl Module for Ssh {
+    async fn start(&self) -> Result<(), ModuleError> {
+        let source = self.source.read().expect("poisoned").clone();
+        self.listen(&self.door.config(), &source).await
+    }
+
+    async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
+        let new = SshConfig::from_document(doc)?;
+        let old = self.door.config();
+        if new.listen != old.listen || new.host_key_file != old.host_key_file {
+            self.listen(&new, &doc.source).await?;
+        }
+        *self.source.write().expect("poisoned") = doc.source.clone();
+        // New logins see the new keys; open sessions keep theirs.
+        *self.door.config.write().expect("poisoned") = Arc::new(new);
+        Ok(())
+    }
+
+    async fn drain(&self) {
+        self.listener.close().await;
+    }
+
+    async fn stop(&self) {
+        self.drain().await;
+        self.onramp.stop().await;
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let cfg = self.door.config();
+        let fingerprint = self
+            .door
+            .server
+            .read()
+            .expect("poisoned")
+            .as_ref()
+            .and_then(|s| {
+                s.keys
+                    .first()
+                    .map(|k| k.fingerprint(HashAlg::Sha256).to_string())
+            });
+        serde_json::json!({
+            "listen": cfg.listen.to_string(),
+            "host_key_fingerprint": fingerprint,
+            "keys": cfg.keys.iter().map(|k| k.identity.clone()).collect::<Vec<_>>(),
+            "vnet": cfg.vnet,
+            "active": self.onramp.active(),
+            "max_connections": cfg.max_connections,
+        })
+    }
+}

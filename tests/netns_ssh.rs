@@ -1,0 +1,165 @@
+//! The SSH door in network namespaces (root): a client in the cloud-native
+//! namespace jumps through meshgate (`ssh -J`) into a real `sshd` in the
+//! legacy namespace and runs a command; 100 MB through `ssh -L` arrive
+//! intact.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::netns::*;
+use common::*;
+
+fn keygen(dir: &Path, name: &str) -> String {
+    let key = dir.join(name);
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    std::fs::read_to_string(key.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn ssh_jump_through_meshgate_into_a_real_sshd_and_100mb_through_a_forward() {
+    let sshd = Path::new("/usr/sbin/sshd");
+    if !can_netns() || !sshd.exists() || !have("ssh") || !have("python3") {
+        eprintln!("skipped: needs root, sshd, ssh, python3");
+        return;
+    }
+    let cloud = Netns::new("sc");
+    let gw = Netns::new("sg");
+    let mut legacy = Netns::new("sl");
+    link(&cloud, "10.241.1.2/24", &gw, "10.241.1.1/24");
+    link(&gw, "10.241.2.1/24", &legacy, "10.241.2.2/24");
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let alice = keygen(d, "alice");
+    // A real sshd in the legacy namespace, alice's key for root.
+    let _ = keygen(d, "sshd_host");
+    std::fs::write(d.join("root_keys"), format!("{alice}\n")).unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    std::fs::write(
+        d.join("sshd_config"),
+        format!(
+            "Port 22\nListenAddress 10.241.2.2\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile none\n",
+            d.join("sshd_host").display(),
+            d.join("root_keys").display()
+        ),
+    )
+    .unwrap();
+    let mut sshd_cmd = legacy.cmd(sshd);
+    sshd_cmd
+        .arg("-D")
+        .arg("-e")
+        .arg("-f")
+        .arg(d.join("sshd_config"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    legacy.spawn(sshd_cmd);
+
+    // meshgate in gw: the SSH door on the cloud side.
+    let cfg = tempfile::tempdir().unwrap();
+    std::fs::write(
+        cfg.path().join("meshgate.yaml"),
+        "admin: 127.0.0.1:9000\ndrain_timeout: 1s\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(cfg.path().join("tenants/acme")).unwrap();
+    std::fs::write(
+        cfg.path().join("tenants/acme/ssh.yaml"),
+        format!(
+            "kind: ssh\nlisten: 10.241.1.1:2222\nhost_key_file: {}\nauthorized_keys:\n  - {alice}\n",
+            d.join("mg_host").display()
+        ),
+    )
+    .unwrap();
+    let mg = NsMeshgate::start(&gw, cfg.path(), "127.0.0.1:9000");
+
+    // One ssh_config for the client and the jump (ssh -J passes -F on).
+    std::fs::write(
+        d.join("ssh_config"),
+        format!(
+            "Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  BatchMode yes\n  IdentitiesOnly yes\n  IdentityFile {}\n  LogLevel ERROR\n  ConnectTimeout 10\n",
+            d.join("alice").display()
+        ),
+    )
+    .unwrap();
+    let cfg_file = d.join("ssh_config").display().to_string();
+    let ok = wait_until(Duration::from_secs(10), || {
+        legacy
+            .try_sh("ss -ltn | grep -q 10.241.2.2:22")
+            .status
+            .success()
+    });
+    assert!(ok, "sshd did not start");
+    let out = cloud.try_sh(&format!(
+        "ssh -F {cfg_file} -J alice@10.241.1.1:2222 root@10.241.2.2 'echo legacy says hi from $(hostname -I)'"
+    ));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("legacy says hi from 10.241.2.2"),
+        "{text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        mg.log_text()
+    );
+
+    // 100 MB through ssh -L to a receiver in the legacy namespace: sha256 both ends.
+    let mut recv = legacy.cmd("python3");
+    recv.args([
+        "-c",
+        "import hashlib,socket\nl=socket.socket();l.bind(('10.241.2.2',9000));l.listen(1)\nprint('ready',flush=True)\nc,_=l.accept();h=hashlib.sha256();n=0\nwhile True:\n d=c.recv(1<<20)\n if not d: break\n h.update(d);n+=len(d)\nprint(n,h.hexdigest(),flush=True)",
+    ])
+    .stdout(Stdio::piped());
+    let receiver = legacy.spawn(recv);
+    let mut lines = BufReader::new(receiver.stdout.take().unwrap());
+    let mut line = String::new();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let mut fwd = cloud.cmd("ssh");
+    fwd.args([
+        "-F",
+        &cfg_file,
+        "-N",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-L",
+        "127.0.0.1:7000:10.241.2.2:9000",
+        "-p",
+        "2222",
+        "alice@10.241.1.1",
+    ]);
+    let mut cloud = cloud;
+    cloud.spawn(fwd);
+    let ok = wait_until(Duration::from_secs(10), || {
+        cloud
+            .try_sh("ss -ltn | grep -q 127.0.0.1:7000")
+            .status
+            .success()
+    });
+    assert!(ok, "the -L forward did not come up");
+    let sent = cloud.try_sh(
+        "python3 -c \"import hashlib,os,socket\ns=socket.create_connection(('127.0.0.1',7000));h=hashlib.sha256();b=bytearray(os.urandom(1<<20))\nfor i in range(100):\n b[:8]=i.to_bytes(8,'little');s.sendall(b);h.update(b)\ns.shutdown(socket.SHUT_WR);s.recv(1)\nprint(100<<20,h.hexdigest())\"",
+    );
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    line.clear();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        String::from_utf8_lossy(&sent.stdout).trim(),
+        "the bytes changed on the way"
+    );
+}

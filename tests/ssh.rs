@@ -1,0 +1,236 @@
+//! The SSH door with the stock OpenSSH client on loopback: `-L`, `-W`,
+//! `-D` with curl, the session banner, refused keys and `permitopen`.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    (key, public.trim().to_string())
+}
+
+fn ssh(key: &Path, port: u16) -> Command {
+    let mut c = Command::new("ssh");
+    c.args([
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-p",
+        &port.to_string(),
+        "-i",
+    ])
+    .arg(key);
+    c
+}
+
+struct Bg(Child);
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn openssh_forwards_through_the_ssh_door() {
+    if !have("ssh") || !have("ssh-keygen") || !have("curl") {
+        return;
+    }
+    let Some(nginx) = Nginx::start() else { return };
+    let echo = echo_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, alice_pub) = keygen(dir.path(), "alice");
+    let (bob, bob_pub) = keygen(dir.path(), "bob");
+    let (carol, _) = keygen(dir.path(), "carol");
+    let keys = dir.path().join("authorized_keys");
+    std::fs::write(
+        &keys,
+        format!(
+            "{alice_pub}\npermitopen=\"127.0.0.1:{}\" {bob_pub}\n",
+            nginx.addr.port()
+        ),
+    )
+    .unwrap();
+    let cfg = ConfigDir::new();
+    let port = free_port();
+    cfg.write(
+        "tenants/acme/ssh.yaml",
+        &format!(
+            "kind: ssh\nlisten: 127.0.0.1:{port}\nhost_key_file: {}\nauthorized_keys_file: {}\n",
+            dir.path().join("host_key").display(),
+            keys.display()
+        ),
+    );
+    let mg = Meshgate::start(&cfg);
+
+    // A session channel: the banner, no shell.
+    let out = ssh(&alice, port)
+        .arg("alice@127.0.0.1")
+        .arg("uptime")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("tenant acme, identity alice"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // ssh -W: stdin/stdout to the echo server through the spine.
+    let mut w = ssh(&alice, port)
+        .arg("-W")
+        .arg(echo.to_string())
+        .arg("alice@127.0.0.1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    w.stdin
+        .take()
+        .unwrap()
+        .write_all(b"through ssh -W\n")
+        .unwrap();
+    let out = w.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through ssh -W\n");
+
+    // ssh -L, then curl the local end.
+    let lport = free_port();
+    let _l = Bg(ssh(&alice, port)
+        .args([
+            "-N",
+            "-L",
+            &format!("{lport}:127.0.0.1:{}", nginx.addr.port()),
+        ])
+        .arg("alice@127.0.0.1")
+        .spawn()
+        .unwrap());
+    assert!(wait_until(Duration::from_secs(10), || curl(&format!(
+        "http://127.0.0.1:{lport}/"
+    ))
+    .0 == 200));
+    assert!(curl(&format!("http://127.0.0.1:{lport}/"))
+        .1
+        .contains("hello from nginx"));
+
+    // ssh -D: OpenSSH's SOCKS, with names resolved by meshgate.
+    let dport = free_port();
+    let _d = Bg(ssh(&alice, port)
+        .args(["-N", "-D", &format!("127.0.0.1:{dport}")])
+        .arg("alice@127.0.0.1")
+        .spawn()
+        .unwrap());
+    let socks_ok = wait_until(Duration::from_secs(10), || {
+        Command::new("curl")
+            .args([
+                "-sf",
+                "--max-time",
+                "5",
+                "--socks5-hostname",
+                &format!("127.0.0.1:{dport}"),
+            ])
+            .arg(format!("http://localhost:{}/", nginx.addr.port()))
+            .output()
+            .is_ok_and(|o| {
+                o.status.success()
+                    && String::from_utf8_lossy(&o.stdout).contains("hello from nginx")
+            })
+    });
+    assert!(socks_ok, "{}", mg.log_text());
+
+    // bob may open nginx only; carol's key is unknown.
+    let out = ssh(&bob, port)
+        .arg("-W")
+        .arg(echo.to_string())
+        .arg("bob@127.0.0.1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("administratively prohibited") || err.contains("stdio forwarding failed"),
+        "{err}"
+    );
+    let out = ssh(&carol, port)
+        .arg("carol@127.0.0.1")
+        .arg("true")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = Command::new("ssh")
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-p",
+            &port.to_string(),
+            "x@127.0.0.1",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "no key, no entry");
+    let m = |reason: &str| {
+        mg.metric(&format!(
+            "meshgate_rejected_total{{tenant=\"acme\",instance=\"ssh\",reason=\"{reason}\"}}"
+        ))
+    };
+    assert!(
+        wait_until(Duration::from_secs(2), || m("permitopen") >= 1.0
+            && m("unknown_key") >= 1.0),
+        "{}",
+        mg.metrics()
+    );
+
+    // The flows carry the key's identity.
+    let log = mg.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("meshgate::audit")
+            && l.contains("alice")
+            && l.contains(&echo.to_string())),
+        "{log}"
+    );
+    // The status shows the host key's fingerprint, as ssh-keygen computes it.
+    let fp = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(dir.path().join("host_key"))
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&fp.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        !fp.is_empty() && mg.http_get("/api/v1/modules").unwrap().1.contains(&fp),
+        "{fp}"
+    );
+}
