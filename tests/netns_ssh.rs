@@ -78,7 +78,7 @@ fn ssh_jump_through_meshgate_into_a_real_sshd_and_100mb_through_a_forward() {
     std::fs::write(
         cfg.path().join("tenants/acme/ssh.yaml"),
         format!(
-            "kind: ssh\nlisten: 10.241.1.1:2222\nhost_key_file: {}\nauthorized_keys:\n  - {alice}\n",
+            "kind: ssh\nlisten: 10.241.1.1:2222\nhost_key_file: {}\nremote_forward_ip: 10.241.2.1\nauthorized_keys:\n  - {alice}\n",
             d.join("mg_host").display()
         ),
     )
@@ -113,6 +113,55 @@ fn ssh_jump_through_meshgate_into_a_real_sshd_and_100mb_through_a_forward() {
         mg.log_text()
     );
 
+    // ssh -R from the cloud side publishes a service there to the legacy side.
+    let mut cloud = cloud;
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(
+        www.path().join("index.html"),
+        "served from the cloud side\n",
+    )
+    .unwrap();
+    let mut web = cloud.cmd("python3");
+    web.args([
+        "-m",
+        "http.server",
+        "8000",
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+    ])
+    .arg(www.path())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    cloud.spawn(web);
+    let mut r = cloud.cmd("ssh");
+    r.args([
+        "-F",
+        &cfg_file,
+        "-N",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-R",
+        "8081:localhost:8000",
+        "-p",
+        "2222",
+        "alice@10.241.1.1",
+    ]);
+    let publisher = cloud.spawn(r);
+    let reached = wait_until(Duration::from_secs(10), || {
+        legacy.curl("http://10.241.2.1:8081/", 3) == (200, "served from the cloud side\n".into())
+    });
+    assert!(reached, "{}", mg.log_text());
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+    assert!(
+        wait_until(Duration::from_secs(5), || legacy
+            .curl("http://10.241.2.1:8081/", 2)
+            .0
+            == 0),
+        "the published port outlived the ssh client"
+    );
+
     // 100 MB through ssh -L to a receiver in the legacy namespace: sha256 both ends.
     let mut recv = legacy.cmd("python3");
     recv.args([
@@ -138,7 +187,6 @@ fn ssh_jump_through_meshgate_into_a_real_sshd_and_100mb_through_a_forward() {
         "2222",
         "alice@10.241.1.1",
     ]);
-    let mut cloud = cloud;
     cloud.spawn(fwd);
     let ok = wait_until(Duration::from_secs(10), || {
         cloud

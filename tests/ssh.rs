@@ -66,10 +66,11 @@ fn openssh_forwards_through_the_ssh_door() {
     let (bob, bob_pub) = keygen(dir.path(), "bob");
     let (carol, _) = keygen(dir.path(), "carol");
     let keys = dir.path().join("authorized_keys");
+    let bob_listen = free_port();
     std::fs::write(
         &keys,
         format!(
-            "{alice_pub}\npermitopen=\"127.0.0.1:{}\" {bob_pub}\n",
+            "{alice_pub}\npermitopen=\"127.0.0.1:{}\",permitlisten=\"{bob_listen}\" {bob_pub}\n",
             nginx.addr.port()
         ),
     )
@@ -209,6 +210,73 @@ fn openssh_forwards_through_the_ssh_door() {
         "{}",
         mg.metrics()
     );
+
+    // ssh -R 0: the gateway allocates a port, says which, and connections
+    // to it come back through the session; it goes when ssh exits.
+    let mut r = Command::new("ssh")
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "LogLevel=INFO",
+        ])
+        .arg("-i")
+        .arg(&alice)
+        .args([
+            "-p",
+            &port.to_string(),
+            "-N",
+            "-R",
+            &format!("0:{echo}"),
+            "alice@127.0.0.1",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(r.stderr.take().unwrap());
+    let mut line = String::new();
+    let allocated: u16 = loop {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
+            "ssh -R exited"
+        );
+        if let Some(rest) = line.strip_prefix("Allocated port ") {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", allocated)).unwrap();
+    assert_eq!(
+        echo_roundtrip(&mut s, b"published with -R").unwrap(),
+        b"published with -R"
+    );
+    drop(s);
+    let _ = r.kill();
+    let _ = r.wait();
+    assert!(
+        wait_until(Duration::from_secs(5), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            allocated
+        ))
+        .is_err()),
+        "the -R port outlived the session"
+    );
+    // bob may publish only his port.
+    let out = ssh(&bob, port)
+        .args(["-N", "-R", &format!("{}:{echo}", free_port())])
+        .arg("bob@127.0.0.1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "bob published another port");
+    assert!(wait_until(Duration::from_secs(2), || m("permitlisten") >= 1.0));
 
     // The flows carry the key's identity.
     let log = mg.log_text();

@@ -212,6 +212,14 @@ pub struct RunningListener {
     task: JoinHandle<()>,
 }
 
+impl Drop for RunningListener {
+    /// A listener nobody holds stops accepting (its socket closes when the
+    /// accept loop sees the cancellation).
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 impl RunningListener {
     /// The address it accepts on (the port chosen, with port 0).
     pub fn local_addr(&self) -> SocketAddr {
@@ -220,9 +228,10 @@ impl RunningListener {
 
     /// Stops accepting and waits until the socket is closed. Open
     /// connections are not touched.
-    pub async fn close(self) {
+    pub async fn close(mut self) {
         self.cancel.cancel();
-        let _ = self.task.await;
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        let _ = task.await;
     }
 }
 

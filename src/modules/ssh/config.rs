@@ -20,6 +20,8 @@ use crate::core::config::{parse_document, ConfigError, IdleTimeout};
 /// authorized_keys:               # and/or lines inline
 ///   - ssh-ed25519 AAAA... alice@laptop
 /// vnet: corp                     # optional: where forwarded connections route
+/// remote_forward_ip: 127.0.0.1   # where `ssh -R` listeners bind (default 127.0.0.1)
+/// remote_forward_via: wg0        # optional: bind them on a VPN address in this module's network
 /// connect_timeout: 5s
 /// idle_timeout: 1h               # or `none`
 /// max_connections: 1024          # SSH connections
@@ -35,6 +37,10 @@ struct RawConfig {
     authorized_keys: Vec<String>,
     #[serde(default)]
     vnet: Option<String>,
+    #[serde(default = "default_forward_ip")]
+    remote_forward_ip: std::net::IpAddr,
+    #[serde(default)]
+    remote_forward_via: Option<String>,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     connect_timeout: Duration,
     #[serde(default)]
@@ -43,6 +49,9 @@ struct RawConfig {
     max_connections: usize,
 }
 
+fn default_forward_ip() -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, 0, 1])
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
@@ -64,6 +73,10 @@ pub struct SshConfig {
     pub keys: Vec<AuthorizedKey>,
     /// The vnet forwarded connections route in.
     pub vnet: Option<String>,
+    /// Where `ssh -R` listeners bind.
+    pub remote_forward_ip: std::net::IpAddr,
+    /// The module whose network they bind in (`None`: the host).
+    pub remote_forward_via: Option<String>,
     /// Dial timeout.
     pub connect_timeout: Duration,
     /// Idle timeout of forwarded channels.
@@ -162,6 +175,8 @@ impl SshConfig {
             host_key_file: raw.host_key_file,
             keys,
             vnet: raw.vnet,
+            remote_forward_ip: raw.remote_forward_ip,
+            remote_forward_via: raw.remote_forward_via,
             connect_timeout: raw.connect_timeout,
             idle_timeout,
             max_connections: raw.max_connections,

@@ -29,6 +29,8 @@ pub struct AuthorizedKey {
     pub port_forwarding: bool,
     /// `permitopen=` entries (empty: any target the routes allow).
     pub permit_open: Vec<PermitOpen>,
+    /// `permitlisten=` ports for `ssh -R` (empty: any; `None` in the list: `*`).
+    pub permit_listen: Vec<Option<u16>>,
 }
 
 impl AuthorizedKey {
@@ -36,6 +38,17 @@ impl AuthorizedKey {
     pub fn allowed_from(&self, addr: IpAddr) -> bool {
         let addr = addr.to_canonical();
         self.from.is_empty() || self.from.iter().any(|n| n.contains(&addr))
+    }
+
+    /// Whether this key may publish a remote forward on `port` (0: any
+    /// port the gateway picks).
+    pub fn may_listen(&self, port: u16) -> bool {
+        self.port_forwarding
+            && (self.permit_listen.is_empty()
+                || self
+                    .permit_listen
+                    .iter()
+                    .any(|p| p.is_none_or(|x| x == port)))
     }
 
     /// Whether this key may open `host:port`.
@@ -123,6 +136,7 @@ pub fn parse_authorized_keys(text: &str) -> Result<Vec<AuthorizedKey>, String> {
             from: Vec::new(),
             port_forwarding: true,
             permit_open: Vec::new(),
+            permit_listen: Vec::new(),
         };
         let mut restrict = false;
         let mut reenable_forwarding = false;
@@ -160,14 +174,19 @@ pub fn parse_authorized_keys(text: &str) -> Result<Vec<AuthorizedKey>, String> {
                         port,
                     });
                 }
-                ("permitlisten", Some(_)) => {
-                    return Err(format!(
-                        "line {n}: permitlisten: remote forwarding (ssh -R) is not served yet; remove the option"
-                    ))
+                ("permitlisten", Some(v)) => {
+                    // `port` or `host:port`; the gateway decides the host.
+                    let port = v.rsplit_once(':').map_or(v.as_str(), |(_, p)| p);
+                    ak.permit_listen.push(match port {
+                        "*" => None,
+                        p => Some(p.parse::<u16>().map_err(|_| {
+                            format!("line {n}: permitlisten=\"{v}\": bad port `{p}`")
+                        })?),
+                    });
                 }
                 (other, _) => {
                     return Err(format!(
-                        "line {n}: option `{other}` is not supported by meshgate (supported: restrict, from=, permitopen=, no-port-forwarding, port-forwarding, no-pty, no-agent-forwarding, no-X11-forwarding, no-user-rc)"
+                        "line {n}: option `{other}` is not supported by meshgate (supported: restrict, from=, permitopen=, permitlisten=, no-port-forwarding, port-forwarding, no-pty, no-agent-forwarding, no-X11-forwarding, no-user-rc)"
                     ))
                 }
             }
@@ -237,6 +256,13 @@ mod tests {
         assert!(!bob.allowed_from("192.0.2.8".parse().unwrap()));
         assert!(keys[2].identity.starts_with("SHA256:"));
         assert!(!keys[2].may_open("nginx", 80));
+        let l = parse_authorized_keys(&format!(
+            "permitlisten=\"8081\",permitlisten=\"localhost:9000\" {KEY} x\n"
+        ))
+        .unwrap();
+        assert!(l[0].may_listen(8081) && l[0].may_listen(9000) && !l[0].may_listen(0));
+        assert!(keys[0].may_listen(0), "no permitlisten: any port");
+        assert!(!keys[2].may_listen(8081), "no-port-forwarding covers -R");
         let restricted = parse_authorized_keys(&format!("restrict {KEY} x\n")).unwrap();
         assert!(!restricted[0].may_open("nginx", 80));
         for (line, want) in [

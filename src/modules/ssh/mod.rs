@@ -36,8 +36,8 @@ use crate::core::net::proxy::Stream;
 use crate::core::spine::flow::EndReason;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
-    Accepted, Answer, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, StreamHandler,
-    Target,
+    Accepted, Answer, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, RunningListener,
+    StreamHandler, Target,
 };
 
 pub use config::SshConfig;
@@ -54,7 +54,7 @@ impl ModuleFactory for SshFactory {
     fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
         let cfg = SshConfig::from_document(doc)?;
         Ok(ModulePlan {
-            depends_on: cfg.vnet.into_iter().collect(),
+            depends_on: cfg.vnet.into_iter().chain(cfg.remote_forward_via).collect(),
             ..ModulePlan::default()
         })
     }
@@ -115,6 +115,8 @@ struct Conn {
     peer: SocketAddr,
     /// The key the client proved, once authenticated.
     key: Option<AuthorizedKey>,
+    /// Its `ssh -R` listeners by port; they stop with the session.
+    forwards: std::collections::HashMap<u32, RunningListener>,
 }
 
 impl Conn {
@@ -298,6 +300,66 @@ impl russh::server::Handler for Conn {
         self.end_session_channel(channel, session)
     }
 
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(key) = self.key.clone() else {
+            return Ok(false);
+        };
+        let Ok(requested) = u16::try_from(*port) else {
+            return Ok(false);
+        };
+        if !key.may_listen(requested) {
+            let reason = if key.port_forwarding {
+                "permitlisten"
+            } else {
+                "forwarding_disabled"
+            };
+            self.count(
+                reason,
+                &format!("{} may not listen on port {requested}", key.identity),
+            );
+            return Ok(false);
+        }
+        let on = ListenOn::new(
+            SocketAddr::new(self.cfg.remote_forward_ip, requested),
+            self.cfg.remote_forward_via.as_ref(),
+        );
+        let listener = match self.onramp.bind(&on).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.count("remote_forward_bind", &format!("{on:?}: {e}"));
+                return Ok(false);
+            }
+        };
+        let bound = listener.local_addr();
+        *port = u32::from(bound.port());
+        let handler = Arc::new(Reverse {
+            session: session.handle(),
+            address: address.to_string(),
+            port: *port,
+            identity: key.identity.clone(),
+            idle_timeout: self.cfg.idle_timeout,
+        });
+        let running = self.onramp.serve(on, listener, handler);
+        let ctx = self.onramp.ctx();
+        tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, identity = %key.identity, %bound, "ssh -R: published");
+        self.forwards.insert(*port, running);
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        _address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.forwards.remove(&port).is_some())
+    }
+
     async fn channel_open_direct_tcpip(
         &mut self,
         channel: Channel<Msg>,
@@ -355,6 +417,70 @@ impl russh::server::Handler for Conn {
     }
 }
 
+/// The connections to one `ssh -R` listener: each becomes a
+/// forwarded-tcpip channel back to the session that published it.
+struct Reverse {
+    session: russh::server::Handle,
+    address: String,
+    port: u32,
+    identity: String,
+    idle_timeout: Option<std::time::Duration>,
+}
+
+#[async_trait]
+impl StreamHandler for Reverse {
+    fn max_connections(&self) -> usize {
+        1024
+    }
+
+    async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
+        use crate::core::spine::flow::{FlowContext, Protocol, Verdict};
+        let ctx = onramp.ctx();
+        let mut flow = ctx.flows.open_routed(
+            FlowContext {
+                tenant: ctx.tenant.name.clone(),
+                instance: ctx.instance.clone(),
+                identity: Some(self.identity.clone()),
+                src: conn.src,
+                dst: format!("ssh -R {}:{}", self.address, self.port),
+                protocol: Protocol::Tcp,
+            },
+            Some(format!("the SSH session of {}", self.identity)),
+            &ctx.instance_metrics,
+        );
+        if let Verdict::Deny(_) = flow.verdict() {
+            ctx.metrics
+                .reject(&ctx.tenant.name, &ctx.instance, "denied");
+            flow.set_end_reason(EndReason::Denied);
+            return;
+        }
+        let channel = self
+            .session
+            .channel_open_forwarded_tcpip(
+                self.address.clone(),
+                self.port,
+                conn.src.ip().to_string(),
+                u32::from(conn.src.port()),
+            )
+            .await;
+        let reason = match channel {
+            Ok(ch) => {
+                let opts = crate::core::net::proxy::ProxyOptions {
+                    idle_timeout: self.idle_timeout,
+                    ..Default::default()
+                };
+                let upstream = Stream::io(ch.into_stream());
+                crate::core::net::proxy::join(client, upstream, flow.flow().as_ref(), &opts)
+                    .await
+                    .end
+                    .into()
+            }
+            Err(_) => EndReason::DialFailed("refused"),
+        };
+        flow.set_end_reason(reason);
+    }
+}
+
 #[async_trait]
 impl StreamHandler for Door {
     fn max_connections(&self) -> usize {
@@ -370,6 +496,7 @@ impl StreamHandler for Door {
             cfg: self.config(),
             peer: conn.src,
             key: None,
+            forwards: Default::default(),
         };
         let stop = onramp.stopping().clone();
         match russh::server::run_stream(server, client, handler).await {
