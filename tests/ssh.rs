@@ -302,3 +302,81 @@ fn openssh_forwards_through_the_ssh_door() {
         "{fp}"
     );
 }
+
+/// Signs `key`'s public half with `ca`: principals, validity (`-V`).
+fn sign(ca: &Path, key: &Path, id: &str, principals: &str, validity: &str) {
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(ca)
+        .args(["-I", id, "-n", principals, "-V", validity])
+        .arg(key.with_extension("pub"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ssh-keygen -s failed");
+}
+
+#[test]
+fn certificates_from_the_tenant_ca_log_in_with_their_principal() {
+    if !have("ssh") || !have("ssh-keygen") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca, ca_pub) = keygen(d, "ca");
+    let (other_ca, _) = keygen(d, "other-ca");
+    let cfg = ConfigDir::new();
+    let port = free_port();
+    cfg.write(
+        "tenants/acme/ssh.yaml",
+        &format!(
+            "kind: ssh\nlisten: 127.0.0.1:{port}\nhost_key_file: {}\nauthorized_keys:\n  - 'cert-authority,principals=\"ops,dev\" {ca_pub}'\n",
+            d.join("host_key").display()
+        ),
+    );
+    let mg = Meshgate::start(&cfg);
+    let login = |key: &Path| {
+        let out = ssh(key, port)
+            .arg("someone@127.0.0.1")
+            .arg("x")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    // A valid certificate: its principal is the identity.
+    let (good, _) = keygen(d, "good");
+    sign(&ca, &good, "good-cert", "ops", "-5m:+1h");
+    let (ok, text) = login(&good);
+    assert!(
+        ok && text.contains("identity ops"),
+        "{text}\n{}",
+        mg.log_text()
+    );
+    // Expired, another CA's, a principal the CA line does not accept, and
+    // the CA key itself used as a plain key: refused.
+    let (old, _) = keygen(d, "old");
+    sign(&ca, &old, "old-cert", "ops", "-2h:-1h");
+    assert!(!login(&old).0, "an expired certificate got in");
+    let (stranger, _) = keygen(d, "stranger");
+    sign(&other_ca, &stranger, "stranger-cert", "ops", "-5m:+1h");
+    assert!(!login(&stranger).0, "another CA's certificate got in");
+    let (wrong, _) = keygen(d, "wrong");
+    sign(&ca, &wrong, "wrong-cert", "root", "-5m:+1h");
+    assert!(!login(&wrong).0, "a principal outside principals= got in");
+    assert!(!login(&ca).0, "the CA key logged in as a plain key");
+    let m = |reason: &str| {
+        mg.metric(&format!(
+            "meshgate_rejected_total{{tenant=\"acme\",instance=\"ssh\",reason=\"{reason}\"}}"
+        ))
+    };
+    assert!(
+        wait_until(Duration::from_secs(2), || m("cert_unknown_ca") >= 1.0
+            && m("cert_principal") >= 1.0
+            && m("unknown_key") >= 1.0),
+        "{}",
+        mg.metrics()
+    );
+}

@@ -31,6 +31,12 @@ pub struct AuthorizedKey {
     pub permit_open: Vec<PermitOpen>,
     /// `permitlisten=` ports for `ssh -R` (empty: any; `None` in the list: `*`).
     pub permit_listen: Vec<Option<u16>>,
+    /// `cert-authority`: the key signs user certificates; it never logs
+    /// in itself.
+    pub cert_authority: bool,
+    /// `principals=` (with `cert-authority`): the principals accepted
+    /// (empty: the login user name must be one of the certificate's).
+    pub principals: Vec<String>,
 }
 
 impl AuthorizedKey {
@@ -137,6 +143,8 @@ pub fn parse_authorized_keys(text: &str) -> Result<Vec<AuthorizedKey>, String> {
             port_forwarding: true,
             permit_open: Vec::new(),
             permit_listen: Vec::new(),
+            cert_authority: false,
+            principals: Vec::new(),
         };
         let mut restrict = false;
         let mut reenable_forwarding = false;
@@ -144,6 +152,10 @@ pub fn parse_authorized_keys(text: &str) -> Result<Vec<AuthorizedKey>, String> {
             let (name, value) = option(opt);
             match (name.as_str(), value) {
                 ("restrict", None) => restrict = true,
+                ("cert-authority", None) => ak.cert_authority = true,
+                ("principals", Some(v)) => {
+                    ak.principals = v.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
+                }
                 ("no-port-forwarding", None) => ak.port_forwarding = false,
                 ("port-forwarding", None) => reenable_forwarding = true,
                 ("no-pty" | "no-agent-forwarding" | "no-x11-forwarding" | "no-user-rc", None) => {}
@@ -186,7 +198,7 @@ pub fn parse_authorized_keys(text: &str) -> Result<Vec<AuthorizedKey>, String> {
                 }
                 (other, _) => {
                     return Err(format!(
-                        "line {n}: option `{other}` is not supported by meshgate (supported: restrict, from=, permitopen=, permitlisten=, no-port-forwarding, port-forwarding, no-pty, no-agent-forwarding, no-X11-forwarding, no-user-rc)"
+                        "line {n}: option `{other}` is not supported by meshgate (supported: cert-authority, principals=, restrict, from=, permitopen=, permitlisten=, no-port-forwarding, port-forwarding, no-pty, no-agent-forwarding, no-X11-forwarding, no-user-rc)"
                     ))
                 }
             }
@@ -194,8 +206,75 @@ pub fn parse_authorized_keys(text: &str) -> Result<Vec<AuthorizedKey>, String> {
         if restrict && !reenable_forwarding {
             ak.port_forwarding = false;
         }
+        if !ak.principals.is_empty() && !ak.cert_authority {
+            return Err(format!(
+                "line {n}: principals= applies to cert-authority lines only"
+            ));
+        }
         out.push(ak);
     }
+    Ok(out)
+}
+
+/// Checks a user certificate against the `cert-authority` lines of
+/// `keys`, at `now` (Unix seconds), for login name `user` from `peer`.
+/// Returns the line's settings with the identity set to the principal, or
+/// the reason for the refusal (a metric label).
+pub fn check_certificate(
+    keys: &[AuthorizedKey],
+    cert: &russh::keys::Certificate,
+    user: &str,
+    peer: IpAddr,
+    now: u64,
+) -> Result<AuthorizedKey, &'static str> {
+    use russh::keys::ssh_key::certificate::CertType;
+    let ca = keys
+        .iter()
+        .find(|k| k.cert_authority && k.key.key_data() == cert.signature_key())
+        .ok_or("cert_unknown_ca")?;
+    if cert.cert_type() != CertType::User {
+        return Err("cert_invalid");
+    }
+    let fp = ca.key.fingerprint(HashAlg::Sha256);
+    if cert.validate_at(now, [&fp]).is_err() {
+        // Signature and CA were checked first; what is left is the time.
+        return Err(if cert.valid_before() <= now || cert.valid_after() > now {
+            "cert_expired"
+        } else {
+            "cert_invalid"
+        });
+    }
+    if !ca.allowed_from(peer) {
+        return Err("from_not_allowed");
+    }
+    for (name, value) in cert.critical_options().iter() {
+        match name.as_str() {
+            // meshgate runs no commands: nothing to force.
+            "force-command" => {}
+            "source-address" => {
+                let ok = value.split(',').any(|p| {
+                    let p = p.trim();
+                    p.parse::<IpNet>()
+                        .map(|n| n.contains(&peer.to_canonical()))
+                        .or_else(|_| p.parse::<IpAddr>().map(|a| a == peer.to_canonical()))
+                        .unwrap_or(false)
+                });
+                if !ok {
+                    return Err("from_not_allowed");
+                }
+            }
+            _ => return Err("cert_invalid"),
+        }
+    }
+    let principals = cert.valid_principals();
+    let principal = if ca.principals.is_empty() {
+        principals.iter().find(|p| *p == user)
+    } else {
+        principals.iter().find(|p| ca.principals.contains(p))
+    }
+    .ok_or("cert_principal")?;
+    let mut out = ca.clone();
+    out.identity = principal.clone();
     Ok(out)
 }
 

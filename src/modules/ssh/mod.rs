@@ -132,7 +132,7 @@ impl Conn {
         self.cfg
             .keys
             .iter()
-            .find(|k| k.key.key_data() == key.key_data())
+            .find(|k| !k.cert_authority && k.key.key_data() == key.key_data())
     }
 
     fn check_key(&mut self, key: &russh::keys::PublicKey) -> Result<AuthorizedKey, &'static str> {
@@ -230,6 +230,12 @@ impl russh::server::Handler for Conn {
         user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        // A certificate is offered as its embedded key, indistinguishable
+        // here: with cert-authority lines, let the client sign, and decide
+        // in auth_publickey / auth_openssh_certificate.
+        if self.cfg.keys.iter().any(|k| k.cert_authority) {
+            return Ok(Auth::Accept);
+        }
         match self.check_key(offer.public_key) {
             Ok(_) => Ok(Auth::Accept),
             Err(reason) => {
@@ -254,6 +260,32 @@ impl russh::server::Handler for Conn {
             }
             Err(reason) => {
                 self.count(reason, &format!("user `{user}`"));
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &russh::keys::Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        match keys::check_certificate(&self.cfg.keys, certificate, user, self.peer.ip(), now) {
+            Ok(k) => {
+                let ctx = self.onramp.ctx();
+                tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %self.peer, %user, identity = %k.identity, key_id = %certificate.key_id(), "SSH login with a certificate");
+                self.key = Some(k);
+                Ok(Auth::Accept)
+            }
+            Err(reason) => {
+                self.count(
+                    reason,
+                    &format!("user `{user}`, certificate `{}`", certificate.key_id()),
+                );
                 Ok(Auth::reject())
             }
         }
