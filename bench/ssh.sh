@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# SSH door on loopback: one iperf3 stream through an `ssh -L` forward into
+# meshgate's SSH door, against the same forward through OpenSSH's own sshd
+# on the same machine, with the same cipher, from one run; and `ssh -W`
+# one-shot sessions per second through each.
+#
+#   bench/ssh.sh                                    # builds release binaries
+#   MESHGATE_BIN=target/release/meshgate bench/ssh.sh
+#
+# Needs root (sshd runs as root with its own config; nothing of the host's
+# sshd is touched), iperf3, ssh, sshd. Knobs: BENCH_DURATION (default 10),
+# BENCH_SESSIONS (default 50), BENCH_KEEP=1. Target (issue): >= 1.0x sshd.
+set -euo pipefail
+
+DURATION=${BENCH_DURATION:-10}
+SESSIONS=${BENCH_SESSIONS:-50}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+say() { printf '[ssh] %s\n' "$*" >&2; }
+die() { printf 'bench/ssh.sh: error: %s\n' "$*" >&2; exit 1; }
+[[ $(id -u) -eq 0 ]] || die "needs root (to run a private sshd)"
+SSHD=/usr/sbin/sshd
+for t in iperf3 ssh ssh-keygen python3 "$SSHD"; do
+  command -v "$t" >/dev/null || die "'$t' not found: apt-get install -y iperf3 openssh-client openssh-server"
+done
+if [[ -z ${MESHGATE_BIN:-} ]]; then
+  say "building release binaries"
+  (cd "$ROOT" && cargo build --release --bins -q) >&2 || die "cargo build failed"
+  MESHGATE_BIN=$ROOT/target/release/meshgate
+fi
+
+TMP=$(mktemp -d); chmod 755 "$TMP"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}" $(cat "$TMP/pids" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [[ ${BENCH_KEEP:-0} == 1 ]]; then say "kept $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+IPERF=$(free_port); MG=$(free_port); SD=$(free_port); ADMIN=$(free_port)
+
+ssh-keygen -q -t ed25519 -N '' -C bench -f "$TMP/user"
+ssh-keygen -q -t ed25519 -N '' -f "$TMP/sshd_host"
+cp "$TMP/user.pub" "$TMP/authorized_keys"
+mkdir -p /run/sshd "$TMP/cfg/tenants/bench"
+cat > "$TMP/sshd_config" <<EOF
+Port $SD
+ListenAddress 127.0.0.1
+HostKey $TMP/sshd_host
+AuthorizedKeysFile $TMP/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+StrictModes no
+UsePAM no
+PidFile none
+AllowTcpForwarding yes
+EOF
+"$SSHD" -D -e -f "$TMP/sshd_config" > "$TMP/sshd.log" 2>&1 & PIDS+=($!)
+printf 'admin: 127.0.0.1:%s\nlog: warn\n' "$ADMIN" > "$TMP/cfg/meshgate.yaml"
+cat > "$TMP/cfg/tenants/bench/ssh.yaml" <<EOF
+kind: ssh
+listen: 127.0.0.1:$MG
+host_key_file: $TMP/mg_host
+authorized_keys_file: $TMP/authorized_keys
+EOF
+"$MESHGATE_BIN" --config-dir "$TMP/cfg" > "$TMP/meshgate.log" 2>&1 & PIDS+=($!)
+iperf3 -s -B 127.0.0.1 -p "$IPERF" > "$TMP/iperf.log" 2>&1 & PIDS+=($!)
+sleep 1
+
+SSH_OPTS=(-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o LogLevel=ERROR -i "$TMP/user")
+forward() { # forward PORT CIPHER -> local port (an ssh -L in the background)
+  local lport; lport=$(free_port)
+  # Not a child of this $(...): its pid goes to a file for the cleanup,
+  # and its output elsewhere so the substitution returns.
+  ssh "${SSH_OPTS[@]}" -c "$2" -p "$1" -N -o ExitOnForwardFailure=yes -L "127.0.0.1:$lport:127.0.0.1:$IPERF" root@127.0.0.1 \
+    >"$TMP/fwd-$lport.log" 2>&1 </dev/null &
+  echo $! >> "$TMP/pids"
+  for _ in $(seq 50); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$lport),1)" 2>/dev/null && break; sleep 0.1; done
+  echo "$lport"
+}
+iperf() { # iperf PORT -> Gbps
+  timeout $((DURATION + 30)) iperf3 -c 127.0.0.1 -p "$1" -t "$DURATION" -J 2>/dev/null |
+    python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))' || echo 0
+}
+ratio() { python3 -c "a,b=$1,$2; print('%.2f' % (a/b) if b else '-')"; }
+sessions() { # sessions PORT -> ssh -W one-shots per second
+  local t0 t1
+  t0=$(date +%s.%N)
+  for _ in $(seq "$SESSIONS"); do
+    echo | ssh "${SSH_OPTS[@]}" -p "$1" -W "127.0.0.1:$IPERF" root@127.0.0.1 >/dev/null 2>&1 || true
+  done
+  t1=$(date +%s.%N)
+  python3 -c "print('%.1f' % ($SESSIONS / ($t1 - $t0)))"
+}
+
+rows=()
+for cipher in chacha20-poly1305@openssh.com aes128-gcm@openssh.com; do
+  say "iperf3 ${DURATION}s through ssh -L ($cipher): sshd, meshgate"
+  T_SD=$(iperf "$(forward "$SD" "$cipher")")
+  T_MG=$(iperf "$(forward "$MG" "$cipher")")
+  rows+=("$(printf '%-32s sshd %6s Gbps | meshgate %6s Gbps (%sx sshd; target >= 1.0x)' "$cipher" "$T_SD" "$T_MG" "$(ratio "$T_MG" "$T_SD")")")
+done
+say "ssh -W one-shot sessions ($SESSIONS each)"
+S_SD=$(sessions "$SD")
+S_MG=$(sessions "$MG")
+
+cat <<EOF
+
+== meshgate SSH door benchmark (loopback, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores) ==
+EOF
+printf '%s\n' "${rows[@]}"
+echo "ssh -W sessions/s                sshd $S_SD | meshgate $S_MG ($(ratio "$S_MG" "$S_SD")x)"
