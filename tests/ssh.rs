@@ -380,3 +380,103 @@ fn certificates_from_the_tenant_ca_log_in_with_their_principal() {
         mg.metrics()
     );
 }
+
+/// A server on 127.0.0.1 that writes `n` bytes to every connection.
+fn source(n: usize) -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let chunk = vec![7u8; 64 * 1024];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(chunk.len());
+                    if s.write_all(&chunk[..k]).is_err() {
+                        return;
+                    }
+                    left -= k;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_stalled_channel_does_not_stall_the_session_and_tenants_keep_their_keys() {
+    if !have("ssh") || !have("ssh-keygen") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (alice, alice_pub) = keygen(d, "alice");
+    let (bob, bob_pub) = keygen(d, "bob");
+    let cfg = ConfigDir::new();
+    let (pa, pb) = (free_port(), free_port());
+    for (tenant, port, key) in [("a", pa, &alice_pub), ("b", pb, &bob_pub)] {
+        cfg.write(
+            &format!("tenants/{tenant}/ssh.yaml"),
+            &format!(
+                "kind: ssh\nlisten: 127.0.0.1:{port}\nhost_key_file: {}\nauthorized_keys:\n  - {key}\n",
+                d.join(format!("host_{tenant}")).display()
+            ),
+        );
+    }
+    let mg = Meshgate::start(&cfg);
+    // Tenant isolation: each key opens its own tenant's door only.
+    let try_login = |key: &Path, port: u16| {
+        ssh(key, port)
+            .arg("u@127.0.0.1")
+            .arg("x")
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(try_login(&alice, pa) && try_login(&bob, pb));
+    assert!(
+        !try_login(&alice, pb) && !try_login(&bob, pa),
+        "a key crossed tenants"
+    );
+
+    // Two forwards on one session: one channel's reader stops, the other
+    // channel still moves 32 MB.
+    let big = source(256 << 20);
+    let (l1, l2) = (free_port(), free_port());
+    let _fwd = Bg(ssh(&alice, pa)
+        .args([
+            "-N",
+            "-L",
+            &format!("{l1}:{big}"),
+            "-L",
+            &format!("{l2}:{big}"),
+        ])
+        .arg("u@127.0.0.1")
+        .spawn()
+        .unwrap());
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", l2)).is_ok()
+    }));
+    let stalled = std::net::TcpStream::connect(("127.0.0.1", l1)).unwrap();
+    std::thread::sleep(Duration::from_millis(500)); // let its windows fill
+    let t = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", l2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    while got < (32 << 20) {
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(
+        got >= 32 << 20,
+        "only {got} bytes while another channel was stalled ({:?})\n{}",
+        t.elapsed(),
+        mg.log_text()
+    );
+    drop(stalled);
+}
