@@ -249,6 +249,10 @@ impl ConfigStore for DirStore {
                         Ok(ev) if ev.need_rescan() => {
                             vec![me.root.clone()]
                         }
+                        // Reading a file is no change: without this, the
+                        // store's own reads (a reload reads every file)
+                        // would feed the watcher forever.
+                        Ok(ev) if is_read_only(&ev.kind) => continue,
                         Ok(ev) => ev.paths,
                         Err(e) => {
                             tracing::warn!(error = %e, root = %me.root.display(), "config watcher error; rescanning");
@@ -272,6 +276,16 @@ impl ConfigStore for DirStore {
             events: rx,
             guard: Box::new(watcher),
         }))
+    }
+}
+
+/// Events that say a file was opened or read, not changed.
+fn is_read_only(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => false,
+        EventKind::Access(_) => true,
+        _ => false,
     }
 }
 
@@ -368,6 +382,25 @@ mod tests {
         assert_eq!(s.event_for(Path::new("/c/tenants/a/.web.yaml.swp")), None);
         assert_eq!(s.event_for(Path::new("/c/other.txt")), None);
         assert_eq!(s.event_for(Path::new("/elsewhere")), None);
+    }
+
+    #[tokio::test]
+    async fn reading_the_config_is_not_a_change() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "tenants/a/web.yaml", "kind: pipe\n");
+        let s = DirStore::open(d.path()).unwrap();
+        let mut w = s.watch().unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..20 {
+            let _ = std::fs::read(d.path().join("tenants/a/web.yaml")).unwrap();
+            let _ = s.get(&InstanceKey::new("a", "web")).await.unwrap();
+        }
+        let quiet = tokio::time::timeout(Duration::from_millis(800), w.events.recv()).await;
+        assert!(quiet.is_err(), "reads were reported as changes: {quiet:?}");
+        // A write still is.
+        write(d.path(), "tenants/a/web.yaml", "kind: pipe\nlisten: 1\n");
+        let ev = tokio::time::timeout(Duration::from_secs(5), w.events.recv()).await;
+        assert!(matches!(ev, Ok(Some(_))), "{ev:?}");
     }
 
     #[tokio::test]
