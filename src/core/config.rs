@@ -218,6 +218,41 @@ impl serde::Serialize for IdleTimeout {
     }
 }
 
+/// `idle_timeout` as a door reads it: absent means `default`, `none` no
+/// timeout, and `0s` is an error.
+pub fn idle_timeout(
+    src: &str,
+    raw: Option<IdleTimeout>,
+    default: Duration,
+) -> Result<Option<Duration>, ConfigError> {
+    match raw {
+        None => Ok(Some(default)),
+        Some(IdleTimeout::Off) => Ok(None),
+        Some(IdleTimeout::After(d)) if d.is_zero() => Err(ConfigError::key(
+            src,
+            "idle_timeout",
+            "must be longer than 0s (`none` for no idle timeout)",
+        )),
+        Some(IdleTimeout::After(d)) => Ok(Some(d)),
+    }
+}
+
+/// A duration key that must be longer than zero.
+pub fn positive(src: &str, key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::key(src, key, "must be longer than 0s"));
+    }
+    Ok(())
+}
+
+/// A count key that must be at least one.
+pub fn at_least_one(src: &str, key: &str, n: usize) -> Result<(), ConfigError> {
+    if n == 0 {
+        return Err(ConfigError::key(src, key, "must be at least 1"));
+    }
+    Ok(())
+}
+
 /// Where the admin API listens, or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminAddr {

@@ -7,9 +7,11 @@
 //! - [`ipflow`]: forwarded IP packets tracked as flows by 5-tuple.
 //! - [`onramp`]: the one path every connection takes (route, flow, policy,
 //!   dial, join, end) and the accept loop stream on-ramps share.
+//! - [`door`]: door kinds (SOCKS, HTTP proxy, SSH) as modules: one listener, a handshake.
 //! - [`module`]: the [`module::Module`] and [`module::ModuleFactory`] traits.
 //! - [`registry`]: builds, starts, reloads and stops module instances.
 
+pub mod door;
 pub mod flow;
 pub mod ipflow;
 pub mod module;

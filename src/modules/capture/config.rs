@@ -6,7 +6,9 @@ use configstore::Document;
 use serde::Deserialize;
 
 use crate::core::addr::ListenAddr;
-use crate::core::config::{parse_document, ConfigError, IdleTimeout};
+use crate::core::config::{
+    at_least_one, idle_timeout, parse_document, positive, ConfigError, IdleTimeout,
+};
 
 /// How captured connections reach the listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -85,20 +87,8 @@ impl CaptureConfig {
         if let Some(v) = &raw.vnet {
             configstore::check_name(v).map_err(|m| ConfigError::key(src, "vnet", m))?;
         }
-        if raw.connect_timeout.is_zero() {
-            return Err(ConfigError::key(
-                src,
-                "connect_timeout",
-                "must be longer than 0s",
-            ));
-        }
-        if raw.max_connections == 0 {
-            return Err(ConfigError::key(
-                src,
-                "max_connections",
-                "must be at least 1",
-            ));
-        }
+        positive(src, "connect_timeout", raw.connect_timeout)?;
+        at_least_one(src, "max_connections", raw.max_connections)?;
         if raw.listen.0.port() == 0 {
             return Err(ConfigError::key(
                 src,
@@ -106,18 +96,7 @@ impl CaptureConfig {
                 "needs a fixed port: the capture rules name it",
             ));
         }
-        let idle_timeout = match raw.idle_timeout {
-            None => Some(Duration::from_secs(3600)),
-            Some(IdleTimeout::Off) => None,
-            Some(IdleTimeout::After(d)) if d.is_zero() => {
-                return Err(ConfigError::key(
-                    src,
-                    "idle_timeout",
-                    "must be longer than 0s (`none` for no idle timeout)",
-                ))
-            }
-            Some(IdleTimeout::After(d)) => Some(d),
-        };
+        let idle_timeout = idle_timeout(src, raw.idle_timeout, Duration::from_secs(3600))?;
         Ok(CaptureConfig {
             listen: raw.listen,
             mode: raw.mode,

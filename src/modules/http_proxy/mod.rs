@@ -23,7 +23,7 @@ pub mod config;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -40,11 +40,11 @@ use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
 use crate::core::logs;
 use crate::core::net::proxy::Stream;
+use crate::core::spine::door::{Door, DoorModule, Live};
 use crate::core::spine::flow::EndReason;
-use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::module::{Module, ModuleContext, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
-    Accepted, Answer, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, StreamHandler,
-    Target,
+    Accepted, Answer, ConnectRequest, ListenOn, OnRamp, RouteVia, StreamHandler, Target,
 };
 
 pub use config::HttpProxyConfig;
@@ -74,34 +74,15 @@ impl ModuleFactory for HttpProxyFactory {
     }
 
     fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
-        let cfg = HttpProxyConfig::from_document(doc)?;
-        Ok(Arc::new(HttpProxy {
-            onramp: OnRamp::new(ctx),
-            door: Arc::new(Door {
-                source: RwLock::new(doc.source.clone()),
-                config: RwLock::new(Arc::new(cfg)),
-            }),
-            listener: DoorListener::default(),
-        }))
+        Ok(Arc::new(DoorModule::new(ctx, doc, |live| HttpDoor {
+            live,
+        })?))
     }
 }
 
-/// A running HTTP proxy.
-pub struct HttpProxy {
-    onramp: Arc<OnRamp>,
-    door: Arc<Door>,
-    listener: DoorListener,
-}
-
-struct Door {
-    source: RwLock<String>,
-    config: RwLock<Arc<HttpProxyConfig>>,
-}
-
-impl Door {
-    fn config(&self) -> Arc<HttpProxyConfig> {
-        self.config.read().expect("poisoned").clone()
-    }
+/// The proxy's connections, reading the live config.
+struct HttpDoor {
+    live: Arc<Live<HttpProxyConfig>>,
 }
 
 fn text(status: StatusCode, reason: Option<&str>, body: String) -> Response<Body> {
@@ -383,18 +364,18 @@ impl Exchange {
 }
 
 #[async_trait]
-impl StreamHandler for Door {
+impl StreamHandler for HttpDoor {
     fn max_connections(&self) -> usize {
-        self.config().max_connections
+        self.live.get().max_connections
     }
 
     fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
-        self.config().accept_proxy_protocol.clone()
+        self.live.get().accept_proxy_protocol.clone()
     }
 
     async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
         let src = conn.src;
-        let cfg = self.config();
+        let cfg = self.live.get();
         let onramp = onramp.clone();
         let timeout = cfg.handshake_timeout;
         let svc = hyper::service::service_fn(move |req| {
@@ -421,56 +402,24 @@ impl StreamHandler for Door {
     }
 }
 
-impl HttpProxy {
-    /// The address the proxy accepts on (useful with port 0).
-    pub async fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().await
+impl Door for HttpDoor {
+    type Config = HttpProxyConfig;
+
+    fn parse(doc: &Document) -> Result<HttpProxyConfig, ConfigError> {
+        HttpProxyConfig::from_document(doc)
     }
 
-    async fn listen(&self, cfg: &HttpProxyConfig, source: &str) -> Result<(), ModuleError> {
-        let on = ListenOn::new(cfg.listen.0, cfg.listen_via.as_ref());
-        Ok(self
-            .listener
-            .serve(&self.onramp, on, self.door.clone(), source)
-            .await?)
-    }
-}
-
-#[async_trait]
-impl Module for HttpProxy {
-    async fn start(&self) -> Result<(), ModuleError> {
-        let source = self.door.source.read().expect("poisoned").clone();
-        self.listen(&self.door.config(), &source).await
+    fn listen_on(cfg: &HttpProxyConfig) -> ListenOn {
+        ListenOn::new(cfg.listen.0, cfg.listen_via.as_ref())
     }
 
-    async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
-        let new = HttpProxyConfig::from_document(doc)?;
-        let old = self.door.config();
-        if new.listen != old.listen || new.listen_via != old.listen_via {
-            self.listen(&new, &doc.source).await?;
-        }
-        *self.door.source.write().expect("poisoned") = doc.source.clone();
-        *self.door.config.write().expect("poisoned") = Arc::new(new);
-        Ok(())
-    }
-
-    async fn drain(&self) {
-        self.listener.close().await;
-    }
-
-    async fn stop(&self) {
-        self.drain().await;
-        self.onramp.stop().await;
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let cfg = self.door.config();
+    fn status(&self, cfg: &HttpProxyConfig, onramp: &OnRamp) -> serde_json::Value {
         serde_json::json!({
             "listen": cfg.listen.to_string(),
             "listen_via": cfg.listen_via,
             "users": cfg.users.names(),
             "vnet": cfg.vnet,
-            "active": self.onramp.active(),
+            "active": onramp.active(),
             "max_connections": cfg.max_connections,
         })
     }

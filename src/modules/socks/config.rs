@@ -6,7 +6,9 @@ use configstore::Document;
 use serde::Deserialize;
 
 use crate::core::addr::ListenAddr;
-use crate::core::config::{parse_document, ConfigError, IdleTimeout};
+use crate::core::config::{
+    at_least_one, idle_timeout, parse_document, positive, ConfigError, IdleTimeout,
+};
 use crate::core::users::{RawUser, Users};
 
 /// `kind: socks`
@@ -156,34 +158,10 @@ impl SocksConfig {
             check_vnet("vnet".into(), v)?;
         }
         let users = Users::from_raw(src, raw.users)?;
-        let positive = |key: &str, d: Duration| {
-            if d.is_zero() {
-                Err(ConfigError::key(src, key, "must be longer than 0s"))
-            } else {
-                Ok(())
-            }
-        };
-        positive("connect_timeout", raw.connect_timeout)?;
-        positive("handshake_timeout", raw.handshake_timeout)?;
-        let idle_timeout = match raw.idle_timeout {
-            None => Some(DEFAULT_IDLE),
-            Some(IdleTimeout::Off) => None,
-            Some(IdleTimeout::After(d)) if d.is_zero() => {
-                return Err(ConfigError::key(
-                    src,
-                    "idle_timeout",
-                    "must be longer than 0s (`none` for no idle timeout)",
-                ))
-            }
-            Some(IdleTimeout::After(d)) => Some(d),
-        };
-        if raw.max_connections == 0 {
-            return Err(ConfigError::key(
-                src,
-                "max_connections",
-                "must be at least 1",
-            ));
-        }
+        positive(src, "connect_timeout", raw.connect_timeout)?;
+        positive(src, "handshake_timeout", raw.handshake_timeout)?;
+        let idle_timeout = idle_timeout(src, raw.idle_timeout, DEFAULT_IDLE)?;
+        at_least_one(src, "max_connections", raw.max_connections)?;
         if let Some(m) = &raw.listen_via {
             configstore::check_name(m).map_err(|e| ConfigError::key(src, "listen_via", e))?;
         }

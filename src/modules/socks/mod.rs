@@ -33,7 +33,7 @@ pub mod proto;
 mod udp;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use configstore::Document;
@@ -42,11 +42,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::core::config::ConfigError;
 use crate::core::logs;
 use crate::core::net::proxy::Stream;
+use crate::core::spine::door::{Door, DoorModule, Live};
 use crate::core::spine::flow::EndReason;
-use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::module::{Module, ModuleContext, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
-    Accepted, Answer, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, StreamHandler,
-    Target,
+    Accepted, Answer, ConnectRequest, ListenOn, OnRamp, RouteVia, StreamHandler, Target,
 };
 
 use config::Auth;
@@ -70,35 +70,15 @@ impl ModuleFactory for SocksFactory {
     }
 
     fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
-        let cfg = SocksConfig::from_document(doc)?;
-        Ok(Arc::new(Socks {
-            onramp: OnRamp::new(ctx),
-            door: Arc::new(Door {
-                source: RwLock::new(doc.source.clone()),
-                config: RwLock::new(Arc::new(cfg)),
-            }),
-            listener: DoorListener::default(),
-        }))
+        Ok(Arc::new(DoorModule::new(ctx, doc, |live| SocksDoor {
+            live,
+        })?))
     }
 }
 
-/// A running SOCKS door.
-pub struct Socks {
-    onramp: Arc<OnRamp>,
-    door: Arc<Door>,
-    listener: DoorListener,
-}
-
-/// The config, shared with the connections.
-struct Door {
-    source: RwLock<String>,
-    config: RwLock<Arc<SocksConfig>>,
-}
-
-impl Door {
-    fn config(&self) -> Arc<SocksConfig> {
-        self.config.read().expect("poisoned").clone()
-    }
+/// The SOCKS door's connections, reading the live config.
+struct SocksDoor {
+    live: Arc<Live<SocksConfig>>,
 }
 
 /// What the handshake asked for.
@@ -326,18 +306,18 @@ impl Answer for SocksAnswer {
 }
 
 #[async_trait]
-impl StreamHandler for Door {
+impl StreamHandler for SocksDoor {
     fn max_connections(&self) -> usize {
-        self.config().max_connections
+        self.live.get().max_connections
     }
 
     fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
-        self.config().accept_proxy_protocol.clone()
+        self.live.get().accept_proxy_protocol.clone()
     }
 
     async fn handle(&self, onramp: &Arc<OnRamp>, mut client: Stream, conn: Accepted) {
         let src = conn.src;
-        let cfg = self.config();
+        let cfg = self.live.get();
         let ctx = onramp.ctx();
         let mut buf = Vec::new();
         let ask = match tokio::time::timeout(
@@ -401,50 +381,18 @@ impl StreamHandler for Door {
     }
 }
 
-impl Socks {
-    /// The address the door accepts on (useful with port 0).
-    pub async fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().await
+impl Door for SocksDoor {
+    type Config = SocksConfig;
+
+    fn parse(doc: &Document) -> Result<SocksConfig, ConfigError> {
+        SocksConfig::from_document(doc)
     }
 
-    async fn listen(&self, cfg: &SocksConfig, source: &str) -> Result<(), ModuleError> {
-        let on = ListenOn::new(cfg.listen.0, cfg.listen_via.as_ref());
-        Ok(self
-            .listener
-            .serve(&self.onramp, on, self.door.clone(), source)
-            .await?)
-    }
-}
-
-#[async_trait]
-impl Module for Socks {
-    async fn start(&self) -> Result<(), ModuleError> {
-        let source = self.door.source.read().expect("poisoned").clone();
-        self.listen(&self.door.config(), &source).await
+    fn listen_on(cfg: &SocksConfig) -> ListenOn {
+        ListenOn::new(cfg.listen.0, cfg.listen_via.as_ref())
     }
 
-    async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
-        let new = SocksConfig::from_document(doc)?;
-        let old = self.door.config();
-        if new.listen != old.listen || new.listen_via != old.listen_via {
-            self.listen(&new, &doc.source).await?;
-        }
-        *self.door.source.write().expect("poisoned") = doc.source.clone();
-        *self.door.config.write().expect("poisoned") = Arc::new(new);
-        Ok(())
-    }
-
-    async fn drain(&self) {
-        self.listener.close().await;
-    }
-
-    async fn stop(&self) {
-        self.drain().await;
-        self.onramp.stop().await;
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let cfg = self.door.config();
+    fn status(&self, cfg: &SocksConfig, onramp: &OnRamp) -> serde_json::Value {
         serde_json::json!({
             "listen": cfg.listen.to_string(),
             "listen_via": cfg.listen_via,
@@ -453,7 +401,7 @@ impl Module for Socks {
             "vnet": cfg.vnet,
             "udp": cfg.udp,
             "socks4": cfg.socks4,
-            "active": self.onramp.active(),
+            "active": onramp.active(),
             "max_connections": cfg.max_connections,
         })
     }

@@ -8,7 +8,9 @@ use serde::Deserialize;
 
 use super::keys::{parse_authorized_keys, AuthorizedKey};
 use crate::core::addr::ListenAddr;
-use crate::core::config::{parse_document, ConfigError, IdleTimeout};
+use crate::core::config::{
+    at_least_one, idle_timeout, parse_document, positive, ConfigError, IdleTimeout,
+};
 
 /// `kind: ssh`
 ///
@@ -144,32 +146,9 @@ impl SshConfig {
         if let Some(v) = &raw.vnet {
             configstore::check_name(v).map_err(|m| ConfigError::key(src, "vnet", m))?;
         }
-        if raw.connect_timeout.is_zero() {
-            return Err(ConfigError::key(
-                src,
-                "connect_timeout",
-                "must be longer than 0s",
-            ));
-        }
-        if raw.max_connections == 0 {
-            return Err(ConfigError::key(
-                src,
-                "max_connections",
-                "must be at least 1",
-            ));
-        }
-        let idle_timeout = match raw.idle_timeout {
-            None => Some(Duration::from_secs(3600)),
-            Some(IdleTimeout::Off) => None,
-            Some(IdleTimeout::After(d)) if d.is_zero() => {
-                return Err(ConfigError::key(
-                    src,
-                    "idle_timeout",
-                    "must be longer than 0s (`none` for no idle timeout)",
-                ))
-            }
-            Some(IdleTimeout::After(d)) => Some(d),
-        };
+        positive(src, "connect_timeout", raw.connect_timeout)?;
+        at_least_one(src, "max_connections", raw.max_connections)?;
+        let idle_timeout = idle_timeout(src, raw.idle_timeout, Duration::from_secs(3600))?;
         Ok(SshConfig {
             listen: raw.listen,
             host_key_file: raw.host_key_file,

@@ -32,12 +32,14 @@ use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
 use crate::core::logs;
+use crate::core::net::listen::StreamListener;
 use crate::core::net::proxy::Stream;
+use crate::core::spine::door::{Door, DoorModule, Live};
 use crate::core::spine::flow::EndReason;
-use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::module::{Module, ModuleContext, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
-    Accepted, Answer, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, RunningListener,
-    StreamHandler, Target,
+    Accepted, Answer, ConnectRequest, ListenOn, OnRamp, RouteVia, RunningListener, StreamHandler,
+    Target,
 };
 
 pub use config::SshConfig;
@@ -60,37 +62,18 @@ impl ModuleFactory for SshFactory {
     }
 
     fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
-        let cfg = SshConfig::from_document(doc)?;
-        Ok(Arc::new(Ssh {
-            onramp: OnRamp::new(ctx),
-            door: Arc::new(Door {
-                config: RwLock::new(Arc::new(cfg)),
-                server: RwLock::new(None),
-            }),
-            source: RwLock::new(doc.source.clone()),
-            listener: DoorListener::default(),
-        }))
+        Ok(Arc::new(DoorModule::new(ctx, doc, |live| SshDoor {
+            live,
+            server: RwLock::new(None),
+        })?))
     }
 }
 
-/// A running SSH door.
-pub struct Ssh {
-    onramp: Arc<OnRamp>,
-    door: Arc<Door>,
-    source: RwLock<String>,
-    listener: DoorListener,
-}
-
-struct Door {
-    config: RwLock<Arc<SshConfig>>,
-    /// russh's server config (with the host key), made at start.
+/// The SSH door's connections: the live config and russh's server config
+/// (with the host key, made when the listener is bound).
+struct SshDoor {
+    live: Arc<Live<SshConfig>>,
     server: RwLock<Option<Arc<russh::server::Config>>>,
-}
-
-impl Door {
-    fn config(&self) -> Arc<SshConfig> {
-        self.config.read().expect("poisoned").clone()
-    }
 }
 
 /// russh's server settings around the host key.
@@ -527,9 +510,9 @@ impl StreamHandler for Reverse {
 }
 
 #[async_trait]
-impl StreamHandler for Door {
+impl StreamHandler for SshDoor {
     fn max_connections(&self) -> usize {
-        self.config().max_connections
+        self.live.get().max_connections
     }
 
     async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
@@ -538,7 +521,7 @@ impl StreamHandler for Door {
         };
         let handler = Conn {
             onramp: onramp.clone(),
-            cfg: self.config(),
+            cfg: self.live.get(),
             peer: conn.src,
             key: None,
             forwards: Default::default(),
@@ -558,56 +541,44 @@ impl StreamHandler for Door {
     }
 }
 
-impl Ssh {
-    async fn listen(&self, cfg: &SshConfig, source: &str) -> Result<(), ModuleError> {
+#[async_trait]
+impl Door for SshDoor {
+    type Config = SshConfig;
+
+    fn parse(doc: &Document) -> Result<SshConfig, ConfigError> {
+        SshConfig::from_document(doc)
+    }
+
+    fn listen_on(cfg: &SshConfig) -> ListenOn {
+        ListenOn::new(cfg.listen.0, None)
+    }
+
+    /// The host key (made on first start), then the listener.
+    async fn bind(
+        &self,
+        onramp: &Arc<OnRamp>,
+        cfg: &SshConfig,
+        source: &str,
+    ) -> Result<Box<dyn StreamListener>, ConfigError> {
         let key = keys::load_or_create_host_key(&cfg.host_key_file)
             .map_err(|m| ConfigError::key(source, "host_key_file", m))?;
-        *self.door.server.write().expect("poisoned") = Some(Arc::new(server_config(key)));
-        let on = ListenOn::new(cfg.listen.0, None);
-        Ok(self
-            .listener
-            .serve(&self.onramp, on, self.door.clone(), source)
-            .await?)
+        let l = onramp.bind(&Self::listen_on(cfg)).await.map_err(|e| {
+            ConfigError::key(
+                source,
+                "listen",
+                format!("cannot listen on {}: {e}", cfg.listen),
+            )
+        })?;
+        *self.server.write().expect("poisoned") = Some(Arc::new(server_config(key)));
+        Ok(l)
     }
 
-    /// The address the door accepts on (useful with port 0).
-    pub async fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().await
-    }
-}
-
-#[async_trait]
-impl Module for Ssh {
-    async fn start(&self) -> Result<(), ModuleError> {
-        let source = self.source.read().expect("poisoned").clone();
-        self.listen(&self.door.config(), &source).await
+    fn must_rebind(old: &SshConfig, new: &SshConfig) -> bool {
+        old.listen != new.listen || old.host_key_file != new.host_key_file
     }
 
-    async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
-        let new = SshConfig::from_document(doc)?;
-        let old = self.door.config();
-        if new.listen != old.listen || new.host_key_file != old.host_key_file {
-            self.listen(&new, &doc.source).await?;
-        }
-        *self.source.write().expect("poisoned") = doc.source.clone();
-        // New logins see the new keys; open sessions keep theirs.
-        *self.door.config.write().expect("poisoned") = Arc::new(new);
-        Ok(())
-    }
-
-    async fn drain(&self) {
-        self.listener.close().await;
-    }
-
-    async fn stop(&self) {
-        self.drain().await;
-        self.onramp.stop().await;
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let cfg = self.door.config();
+    fn status(&self, cfg: &SshConfig, onramp: &OnRamp) -> serde_json::Value {
         let fingerprint = self
-            .door
             .server
             .read()
             .expect("poisoned")
@@ -622,7 +593,7 @@ impl Module for Ssh {
             "host_key_fingerprint": fingerprint,
             "keys": cfg.keys.iter().map(|k| k.identity.clone()).collect::<Vec<_>>(),
             "vnet": cfg.vnet,
-            "active": self.onramp.active(),
+            "active": onramp.active(),
             "max_connections": cfg.max_connections,
         })
     }
