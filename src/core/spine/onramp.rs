@@ -376,26 +376,27 @@ impl OnRamp {
         self.tracker.spawn(work);
     }
 
+    /// The network module `module` of the tenant hosts.
+    fn network(
+        &self,
+        module: &str,
+    ) -> io::Result<Arc<dyn crate::core::net::listen::VirtualNetwork>> {
+        self.ctx.find(module).and_then(|m| m.vnet()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "`{module}` is not a running module with a network in tenant `{}`",
+                    self.tenant()
+                ),
+            )
+        })
+    }
+
     /// Binds a stream listener.
     pub async fn bind(&self, on: &ListenOn) -> io::Result<Box<dyn StreamListener>> {
         match on {
             ListenOn::Host(addr) => Ok(Box::new(HostListener::new(bind_host_tcp(*addr)?))),
-            ListenOn::Module { module, addr } => {
-                let net = self
-                    .ctx
-                    .find(module)
-                    .and_then(|m| m.vnet())
-                    .ok_or_else(|| {
-                        io::Error::new(
-                            io::ErrorKind::NotFound,
-                            format!(
-                                "`{module}` is not a running module with a network in tenant `{}`",
-                                self.tenant()
-                            ),
-                        )
-                    })?;
-                net.listen_tcp(*addr).await
-            }
+            ListenOn::Module { module, addr } => self.network(module)?.listen_tcp(*addr).await,
         }
     }
 
@@ -407,22 +408,7 @@ impl OnRamp {
     ) -> io::Result<Arc<dyn crate::core::net::datagram::DatagramSocket>> {
         match on {
             ListenOn::Host(addr) => crate::core::net::datagram::bind_host_udp(*addr).await,
-            ListenOn::Module { module, addr } => {
-                let net = self
-                    .ctx
-                    .find(module)
-                    .and_then(|m| m.vnet())
-                    .ok_or_else(|| {
-                        io::Error::new(
-                            io::ErrorKind::NotFound,
-                            format!(
-                                "`{module}` is not a running module with a network in tenant `{}`",
-                                self.tenant()
-                            ),
-                        )
-                    })?;
-                net.bind_udp(*addr).await
-            }
+            ListenOn::Module { module, addr } => self.network(module)?.bind_udp(*addr).await,
         }
     }
 
