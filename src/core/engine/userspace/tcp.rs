@@ -23,16 +23,7 @@ use super::NetError;
 
 /// See [`NetStack::listen_tcp`](super::NetStack::listen_tcp).
 pub(super) fn listen(shared: &Arc<Shared>, addr: SocketAddr) -> Result<NetTcpListener, NetError> {
-    let ip = addr.ip();
-    let local = if ip.is_unspecified() {
-        shared
-            .addresses
-            .iter()
-            .any(|n| n.addr().is_ipv4() == ip.is_ipv4())
-    } else {
-        shared.addresses.iter().any(|n| n.addr() == ip)
-    };
-    if !local {
+    if !is_local(&shared.addresses, addr.ip()) {
         return Err(NetError::NotLocal(addr));
     }
     let (id, local, accept) = shared.lock().add_listener(addr, shared.limits.backlog)?;
@@ -42,6 +33,16 @@ pub(super) fn listen(shared: &Arc<Shared>, addr: SocketAddr) -> Result<NetTcpLis
         local,
         accept,
     })
+}
+
+/// Whether a socket may be bound on `ip`: one of the stack's addresses,
+/// or the unspecified address of a family the stack has.
+pub(super) fn is_local(addresses: &[IpNet], ip: IpAddr) -> bool {
+    if ip.is_unspecified() {
+        addresses.iter().any(|n| n.addr().is_ipv4() == ip.is_ipv4())
+    } else {
+        addresses.iter().any(|n| n.addr() == ip)
+    }
 }
 
 /// The stack's address to dial `dst` from: same family, preferring one

@@ -16,7 +16,7 @@ use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use tokio::sync::mpsc;
 
 use super::stack::{bump, Shared};
-use super::tcp::source_for;
+use super::tcp::{is_local, source_for};
 use super::PacketSink;
 use crate::core::net::datagram::DatagramSocket;
 
@@ -35,6 +35,16 @@ impl UdpTable {
     /// Queues a UDP packet for the socket bound to its destination; false
     /// when it is not UDP or nobody bound that port.
     pub fn deliver(&self, packet: &[u8]) -> bool {
+        // Every inbound packet passes here: TCP, the bulk, goes on to
+        // smoltcp without being parsed twice.
+        let tcp = match packet.first().map(|b| b >> 4) {
+            Some(4) => packet.get(9) == Some(&6),
+            Some(6) => packet.get(6) == Some(&6),
+            _ => false,
+        };
+        if tcp {
+            return false;
+        }
         let Ok(p) = SlicedPacket::from_ip(packet) else {
             return false;
         };
@@ -97,15 +107,7 @@ pub(super) fn bind(
     local: SocketAddr,
 ) -> io::Result<NetUdpSocket> {
     let ip = local.ip();
-    let ours = if ip.is_unspecified() {
-        shared
-            .addresses
-            .iter()
-            .any(|n| n.addr().is_ipv4() == ip.is_ipv4())
-    } else {
-        shared.addresses.iter().any(|n| n.addr() == ip)
-    };
-    if !ours {
+    if !is_local(&shared.addresses, ip) {
         return Err(io::Error::new(
             io::ErrorKind::AddrNotAvailable,
             format!("{local} is not an address of this virtual network"),
