@@ -4,35 +4,13 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 /// curl through the proxy: (exit code, status, headers+body, stderr).
 fn curl_x(args: &[&str], url: &str) -> (i32, u16, String, String) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-S",
-            "--max-time",
-            "10",
-            "-D",
-            "-",
-            "-w",
-            "\n%{http_code}",
-        ])
-        .args(args)
-        .arg(url)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (
-        out.status.code().unwrap_or(-1),
-        code.trim().parse().unwrap_or(0),
-        body.to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let mut all = vec!["-D", "-"];
+    all.extend_from_slice(args);
+    curl_with(&all, url)
 }
 
 #[test]

@@ -6,28 +6,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-/// `curl -x PROXY URL` with extra args → (exit code, HTTP status, body, stderr).
-fn curl_via(args: &[&str], url: &str) -> (i32, u16, String, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-S", "--max-time", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .arg(url)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (
-        out.status.code().unwrap_or(-1),
-        code.trim().parse().unwrap_or(0),
-        body.to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
 
 /// A raw SOCKS5 CONNECT with username/password; returns the reply code.
 fn raw_connect(door: SocketAddr, user: &str, pw: &str, host: &str, port: u16) -> u8 {
@@ -90,18 +71,18 @@ fn curl_reaches_nginx_through_socks5_with_a_password() {
     let url = format!("http://web:{}/", nginx.addr.port());
 
     // The name `web` is resolved by meshgate in the user's vnet (hosts), never by curl.
-    let (rc, status, body, err) = curl_via(&["-x", &proxy], &url);
+    let (rc, status, body, err) = curl_with(&["-x", &proxy], &url);
     assert_eq!((rc, status), (0, 200), "{err}\n{}", mg.log_text());
     assert!(body.contains("hello from nginx"), "{body}");
     // By IP, SOCKS5 with local resolution.
-    let (rc, status, _, err) = curl_via(
+    let (rc, status, _, err) = curl_with(
         &["-x", &format!("socks5://bob:builder@127.0.0.1:{port}")],
         &format!("http://{}/", nginx.addr),
     );
     assert_eq!((rc, status), (0, 200), "{err}");
 
     // A wrong password: the handshake fails and is counted.
-    let (rc, _, _, err) = curl_via(
+    let (rc, _, _, err) = curl_with(
         &["-x", &format!("socks5h://alice:rabbit@127.0.0.1:{port}")],
         &url,
     );
@@ -178,12 +159,12 @@ fn socks4a_and_no_auth_and_bad_requests() {
         &format!("kind: socks\nlisten: 127.0.0.1:{port}\nhandshake_timeout: 1s\n"),
     );
     let mg = Meshgate::start(&cfg);
-    let (rc, status, _, err) = curl_via(
+    let (rc, status, _, err) = curl_with(
         &["-x", &format!("socks4a://127.0.0.1:{port}")],
         &format!("http://localhost:{}/", nginx.addr.port()),
     );
     assert_eq!((rc, status), (0, 200), "{err}");
-    let (rc, status, _, err) = curl_via(
+    let (rc, status, _, err) = curl_with(
         &["-x", &format!("socks5h://127.0.0.1:{port}")],
         &format!("http://{}/", nginx.addr),
     );
@@ -216,7 +197,7 @@ fn socks4a_and_no_auth_and_bad_requests() {
         "{}",
         mg.metrics()
     );
-    let (rc, _, _, err) = curl_via(
+    let (rc, _, _, err) = curl_with(
         &["-x", &format!("socks5h://127.0.0.1:{port}")],
         &format!("http://{}/", nginx.addr),
     );
