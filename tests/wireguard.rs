@@ -327,3 +327,73 @@ fn handshake_floods_get_cookies_and_service_continues() {
     peer.send_ip(&echo_request([10, 192, 0, 2], [10, 192, 0, 1], 9));
     assert_echo_reply(&peer.recv_ip().expect("echo reply after the flood"), 9);
 }
+
+#[test]
+fn an_initiation_flood_from_one_address_costs_another_peer_no_pings() {
+    let Server {
+        server_key,
+        client_key,
+        port,
+        cfg,
+    } = server();
+    let mg = Meshgate::start(&cfg);
+    let mut peer = Peer::new(&client_key, &server_key.public_key().to_string(), port);
+    peer.handshake();
+
+    // 20,000 initiations a second from one address, each with a valid MAC1
+    // (the attacker knows the server's public key, not a peer's private
+    // key). The per-source bucket is spent before MAC2 is even looked at,
+    // so a cookie would buy the attacker nothing more.
+    let attacker = PrivateKey::generate();
+    let mut flooder = Peer::new(&attacker, &server_key.public_key().to_string(), port);
+    let mut inits = Vec::new();
+    for _ in 0..200 {
+        if let TunnResult::WriteToNetwork(d) = flooder
+            .tunn
+            .format_handshake_initiation(&mut flooder.buf, true)
+        {
+            inits.push(d.to_vec());
+        }
+    }
+    let sock = UdpSocket::bind("127.0.0.3:0").unwrap();
+    let server_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            let start = std::time::Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // 200 every 10 ms.
+                for d in &inits {
+                    let _ = sock.send_to(d, server_addr);
+                }
+                sent += inits.len() as u64;
+                let due = Duration::from_micros(sent * 50);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            sent as f64 / start.elapsed().as_secs_f64()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut lost = 0;
+    for seq in 0..300u16 {
+        peer.send_ip(&echo_request([10, 192, 0, 2], [10, 192, 0, 1], seq));
+        match peer.recv_ip() {
+            Some(reply) => assert_echo_reply(&reply, seq),
+            None => lost += 1,
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rate = flood.join().unwrap();
+    assert!(rate > 15_000.0, "the flood ran at only {rate:.0}/s");
+    assert!(lost <= 2, "{lost} of 300 pings lost during the flood");
+    let limited = mg.metric(
+        r#"meshgate_wg_dropped_packets_total{tenant="default",instance="wg0",peer="-",reason="handshake_rate"}"#,
+    );
+    assert!(limited > 10_000.0, "only {limited} initiations limited");
+    assert!(mg.child_alive());
+}

@@ -8,6 +8,8 @@
 //!   bits are random per peer and map to its slot. Each source address has
 //!   a token bucket for handshake messages (20/s, burst 10) spent before any
 //!   crypto; a shared rate limiter answers with cookies under load.
+//!   Handshakes then run on their own task behind a bounded queue, so their
+//!   Diffie-Hellman work never delays the data the receive task decrypts.
 //! - After decryption the inner source address must route back to the
 //!   sending peer (longest prefix over all peers' allowed IPs, as the
 //!   kernel's cryptokey routing); otherwise the packet is dropped and counted.
@@ -43,10 +45,12 @@ use boringtun::x25519;
 use ipnet::IpNet;
 use serde::Serialize;
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{PeerConfig, WireGuardConfig};
 use super::metrics::{PeerMetrics, WgMetrics};
+use super::replay::{self, Tai64n};
 use crate::core::engine::userspace::metrics::NetStackMetrics;
 use crate::core::engine::{self, EngineConfig, EngineError, EngineKind, IpEngine};
 use crate::core::engine::{NetStackStats, PacketSink};
@@ -76,6 +80,15 @@ const PER_SOURCE_MAX: usize = 16_384;
 struct Bucket {
     tokens: f64,
     last: Instant,
+}
+
+/// Handshake messages waiting for the handshake task; more are dropped
+/// (counted `handshake_queue_full`) and their senders retry.
+const HANDSHAKE_QUEUE: usize = 256;
+
+/// Whether a datagram is a handshake initiation or response (types 1, 2).
+fn is_handshake(datagram: &[u8]) -> bool {
+    matches!(datagram.first(), Some(1 | 2))
 }
 
 /// The first byte of a handshake response message.
@@ -121,10 +134,30 @@ pub struct Peer {
     resolve_now: AtomicBool,
     /// When we last answered session-less data with a handshake.
     last_unsolicited_init: Mutex<Option<Instant>>,
+    /// The last initiation its `Tunn` accepted (raw), whose timestamp a
+    /// successor must exceed.
+    last_initiation: Mutex<Option<Vec<u8>>>,
+    /// Set on a peer rebuilt with a fresh `Tunn` (which would take any
+    /// timestamp): initiations must be newer than this one until the new
+    /// `Tunn` has accepted one of its own.
+    replay_floor: Mutex<Option<Tai64n>>,
     metrics: PeerMetrics,
 }
 
 impl Peer {
+    /// The newest initiation timestamp this peer accepted (or inherited).
+    fn newest_timestamp(&self, ours: &x25519::StaticSecret) -> Option<Tai64n> {
+        let accepted = self
+            .last_initiation
+            .lock()
+            .expect("poisoned")
+            .as_deref()
+            .and_then(|d| replay::initiation_timestamp(ours, d))
+            .map(|(_, t)| t);
+        let floor = *self.replay_floor.lock().expect("poisoned");
+        accepted.max(floor)
+    }
+
     /// When the latest handshake completed, given boringtun's time since
     /// the current session's (`None` once the session expired).
     fn last_handshake(&self, since: Option<Duration>) -> Option<SystemTime> {
@@ -223,6 +256,9 @@ pub struct Device {
     /// kernel keeps): one source cannot take the whole handshake budget.
     per_source: Mutex<HashMap<IpAddr, Bucket>>,
     table: RwLock<Arc<PeerTable>>,
+    /// Timestamps handed down to peers not built yet (from the device this
+    /// one replaced, or a peer rebuilt by `set_peers`), by public key.
+    replay_floors: Mutex<HashMap<[u8; 32], Tai64n>>,
     wg_metrics: Arc<WgMetrics>,
     stack_metrics: Arc<NetStackMetrics>,
     /// The stack's counters as last reported to `stack_metrics`.
@@ -361,6 +397,8 @@ fn drop_reason(e: &WireGuardError) -> &'static str {
 
 impl Device {
     /// Binds, starts the engine of kind `engine` and the data plane tasks.
+    /// `replay_floors` are the initiation timestamps of the device this
+    /// one replaces ([`Device::replay_floors`]), empty for a first start.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         tenant: &str,
@@ -370,6 +408,7 @@ impl Device {
         metrics: Arc<Metrics>,
         flows: Arc<FlowTable>,
         instance_metrics: InstanceMetrics,
+        replay_floors: HashMap<[u8; 32], Tai64n>,
     ) -> Result<Arc<Device>, StartError> {
         let port = cfg.listen_port.unwrap_or(0);
         let (socket, dual_stack) =
@@ -405,8 +444,11 @@ impl Device {
             }),
         ));
         *sink.0.lock().expect("sink poisoned") = Arc::downgrade(&dev);
+        dev.inherit(replay_floors);
         dev.set_peers(&cfg.peers);
-        tokio::spawn(dev.clone().recv_loop());
+        let (handshakes, queue) = mpsc::channel(HANDSHAKE_QUEUE);
+        tokio::spawn(dev.clone().recv_loop(handshakes));
+        tokio::spawn(dev.clone().handshake_loop(queue));
         tokio::spawn(dev.clone().timer_loop());
         Ok(dev)
     }
@@ -445,6 +487,7 @@ impl Device {
             io,
             rate_limiter,
             per_source: Mutex::new(HashMap::new()),
+            replay_floors: Mutex::new(HashMap::new()),
             table: RwLock::new(Arc::new(PeerTable {
                 slots: Vec::new(),
                 by_key: HashMap::new(),
@@ -569,10 +612,25 @@ impl Device {
                                 && cfg.endpoint.as_ref().is_some_and(|e| e.ip().is_none()),
                         ),
                         last_unsolicited_init: Mutex::new(None),
+                        last_initiation: Mutex::new(
+                            p.last_initiation.lock().expect("poisoned").clone(),
+                        ),
+                        replay_floor: Mutex::new(*p.replay_floor.lock().expect("poisoned")),
                         metrics: p.metrics.clone(),
                     }))
                 }
-                None => new.push(cfg),
+                None => {
+                    // Same key, new `Tunn` (preshared key or keepalive
+                    // changed): the successor inherits the newest timestamp.
+                    let rebuilt = old.by_key.get(&cfg.public_key.0).and_then(|i| old.get(*i));
+                    if let Some(t) = rebuilt.and_then(|p| p.newest_timestamp(&self.private)) {
+                        self.replay_floors
+                            .lock()
+                            .expect("poisoned")
+                            .insert(cfg.public_key.0, t);
+                    }
+                    new.push(cfg)
+                }
             }
         }
         let mut sessions: std::collections::HashSet<u32> =
@@ -633,6 +691,13 @@ impl Device {
             last_resolve: Mutex::new(None),
             resolve_now: AtomicBool::new(false),
             last_unsolicited_init: Mutex::new(None),
+            last_initiation: Mutex::new(None),
+            replay_floor: Mutex::new(
+                self.replay_floors
+                    .lock()
+                    .expect("poisoned")
+                    .remove(&cfg.public_key.0),
+            ),
             metrics: self
                 .wg_metrics
                 .peer(&self.tenant, &self.instance, &cfg.name),
@@ -692,7 +757,10 @@ impl Device {
         });
     }
 
-    async fn recv_loop(self: Arc<Self>) {
+    /// Reads datagrams: data and cookie replies are handled here, handshake
+    /// messages (two Diffie-Hellman each) go to [`Device::handshake_loop`]
+    /// through a bounded queue, so a burst of them never delays data.
+    async fn recv_loop(self: Arc<Self>, handshakes: mpsc::Sender<(Vec<u8>, SocketAddr)>) {
         let Some(socket) = self.io.as_ref().map(|io| io.socket.clone()) else {
             return;
         };
@@ -709,19 +777,56 @@ impl Device {
                     }
                 },
             };
-            self.handle_datagram(&rx[..n], canonical(src), &mut out);
+            let (datagram, src) = (&rx[..n], canonical(src));
+            if !is_handshake(datagram) {
+                self.process(datagram, src, &mut out);
+            } else if self.admit_handshake(src) {
+                match handshakes.try_send((datagram.to_vec(), src)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        self.drop_packet(None, "handshake_queue_full")
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
         }
     }
 
-    /// Handles one datagram from the network. Never panics on bad input.
-    pub fn handle_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
-        // Handshake messages (types 1 and 2) spend a token of their source
-        // before any crypto; a flood from one address is dropped here.
-        if matches!(datagram.first(), Some(1 | 2))
-            && !self.handshake_token(src.ip(), Instant::now())
-        {
-            return self.drop_packet(None, "handshake_rate");
+    /// Runs the handshakes [`Device::recv_loop`] queued, one at a time.
+    async fn handshake_loop(self: Arc<Self>, mut queue: mpsc::Receiver<(Vec<u8>, SocketAddr)>) {
+        let mut out = vec![0u8; BUF_LEN];
+        loop {
+            let (datagram, src) = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                m = queue.recv() => match m {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            self.process(&datagram, src, &mut out);
         }
+    }
+
+    /// Handles one datagram from the network, handshakes inline (the
+    /// socket-free path of tests and fuzzing). Never panics on bad input.
+    pub fn handle_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+        if !is_handshake(datagram) || self.admit_handshake(src) {
+            self.process(datagram, src, out);
+        }
+    }
+
+    /// Handshake messages (types 1 and 2) spend a token of their source
+    /// before any crypto; a flood from one address is dropped here.
+    fn admit_handshake(&self, src: SocketAddr) -> bool {
+        let ok = self.handshake_token(src.ip(), Instant::now());
+        if !ok {
+            self.drop_packet(None, "handshake_rate");
+        }
+        ok
+    }
+
+    /// One datagram, past the per-source limit.
+    fn process(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
         let table = self.table();
         let packet = match self
             .rate_limiter
@@ -759,6 +864,9 @@ impl Device {
             Packet::PacketCookieReply(_) => Received::CookieReply,
             Packet::PacketData(_) => Received::Data,
         };
+        if kind == Received::Initiation && !self.newer_than_floor(peer, datagram) {
+            return self.drop_packet(Some(peer), "replay");
+        }
         let mut tunn = peer.tunn.lock().expect("tunn poisoned");
         match tunn.decapsulate(Some(src.ip()), datagram, out) {
             TunnResult::Done => {
@@ -796,6 +904,11 @@ impl Device {
                     Received::CookieReply => false,
                 };
                 if authenticated {
+                    if kind == Received::Initiation {
+                        *peer.last_initiation.lock().expect("poisoned") = Some(datagram.to_vec());
+                        // The `Tunn` now holds a newer timestamp itself.
+                        *peer.replay_floor.lock().expect("poisoned") = None;
+                    }
                     self.roam(peer, src, datagram.len());
                     self.send_to_peer(peer, p);
                     // Flush packets boringtun queued while the handshake ran.
@@ -819,6 +932,30 @@ impl Device {
                 self.route_inbound(peer, p, IpAddr::V6(inner_src));
             }
         }
+    }
+
+    /// For a rebuilt peer, whether an initiation is newer than the last one
+    /// its predecessor accepted (boringtun checks later ones itself).
+    fn newer_than_floor(&self, peer: &Peer, datagram: &[u8]) -> bool {
+        let Some(floor) = *peer.replay_floor.lock().expect("poisoned") else {
+            return true;
+        };
+        replay::initiation_timestamp(&self.private, datagram).is_some_and(|(_, t)| t > floor)
+    }
+
+    /// The newest initiation timestamp of every peer, for the device that
+    /// replaces this one (an interface restart keeping the key).
+    pub fn replay_floors(&self) -> HashMap<[u8; 32], Tai64n> {
+        self.table()
+            .peers()
+            .filter_map(|p| Some((p.cfg.public_key.0, p.newest_timestamp(&self.private)?)))
+            .collect()
+    }
+
+    /// Takes the timestamps of the device this one replaces, before any
+    /// peer is built.
+    pub(super) fn inherit(&self, floors: HashMap<[u8; 32], Tai64n>) {
+        *self.replay_floors.lock().expect("poisoned") = floors;
     }
 
     /// Takes one handshake token of `ip`; false when its bucket is empty.

@@ -30,6 +30,7 @@
 pub mod config;
 pub mod device;
 pub mod metrics;
+mod replay;
 #[cfg(test)]
 mod sim;
 pub mod uapi;
@@ -56,6 +57,9 @@ use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFacto
 
 pub use config::WireGuardConfig;
 use device::Device;
+
+/// Initiation timestamps handed from a device to its successor.
+type ReplayFloors = std::collections::HashMap<[u8; 32], replay::Tai64n>;
 use uapi::{InterfaceState, SetRequest, UapiDir, UapiError, UapiServer, UapiTarget};
 
 /// Builds WireGuard interfaces.
@@ -146,6 +150,7 @@ impl Inner {
         &self,
         cfg: &WireGuardConfig,
         source: &str,
+        replay_floors: ReplayFloors,
     ) -> Result<Arc<Device>, ModuleError> {
         let engine = self.engine_kind(cfg);
         let dev = Device::start(
@@ -156,6 +161,7 @@ impl Inner {
             self.ctx.metrics.clone(),
             self.ctx.flows.clone(),
             self.ctx.instance_metrics.clone(),
+            replay_floors,
         )
         .await
         .map_err(|e| -> ModuleError {
@@ -187,12 +193,13 @@ impl Inner {
         cfg: &WireGuardConfig,
         source: &str,
         released: Option<u16>,
+        replay_floors: &ReplayFloors,
     ) -> Result<Arc<Device>, ModuleError> {
         let same_port = cfg.listen_port.is_some() && cfg.listen_port == released;
         let mut tries = if same_port { 50 } else { 1 };
         loop {
             tries -= 1;
-            match self.start_device(cfg, source).await {
+            match self.start_device(cfg, source, replay_floors.clone()).await {
                 Err(ModuleError::Config(_)) if tries > 0 => {
                     tokio::time::sleep(Duration::from_millis(20)).await
                 }
@@ -305,7 +312,7 @@ impl Inner {
         let cfg = self.config.lock().expect("poisoned").clone();
         let source = self.doc.lock().expect("poisoned").source.clone();
         self.claim_interface(&cfg, &source)?;
-        match self.start_device(&cfg, &source).await {
+        match self.start_device(&cfg, &source, ReplayFloors::new()).await {
             Ok(dev) => *self.device.lock().expect("poisoned") = Some(dev),
             Err(e) => {
                 self.release_interface();
@@ -344,6 +351,11 @@ impl Inner {
                 // The new interface may need the old one's port: release it first,
                 // and bring the old one back if the new one cannot start.
                 let released = old_dev.as_ref().map(|d| d.listen_port());
+                // Old initiations stay refused by the new peers.
+                let floors = old_dev
+                    .as_ref()
+                    .map(|d| d.replay_floors())
+                    .unwrap_or_default();
                 if let Some(d) = old_dev {
                     d.shutdown();
                     // Its socket closes with the last reference: this one,
@@ -351,10 +363,15 @@ impl Inner {
                     drop(d);
                 }
                 *self.device.lock().expect("poisoned") = None;
-                match self.start_device_after(&new, &doc.source, released).await {
+                match self
+                    .start_device_after(&new, &doc.source, released, &floors)
+                    .await
+                {
                     Ok(dev) => *self.device.lock().expect("poisoned") = Some(dev),
                     Err(e) => {
-                        let back = self.start_device_after(&old, &old_source, released).await;
+                        let back = self
+                            .start_device_after(&old, &old_source, released, &floors)
+                            .await;
                         if let Err(b) = &back {
                             tracing::error!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, error = %b, "the old interface cannot come back either: down until the next change");
                         }

@@ -711,3 +711,57 @@ fn inner_packets_over_the_mtu_are_dropped_and_counted() {
     assert!(hub.delivered().is_empty());
     assert_eq!(hub.drops("over_mtu"), 1.0);
 }
+
+#[test]
+fn a_rebuilt_peer_refuses_initiations_its_predecessor_saw() {
+    let keys = [
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    ];
+    let (hub, two) = (hub(&keys), client(&keys, 2));
+    let mut f = Faults::none();
+    two.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+    let (_, init) = two.wire.sent.lock().unwrap().front().cloned().unwrap();
+    assert_eq!(init[0], 1);
+    pump(&[&hub, &two], &mut f, 10);
+    assert_eq!(hub.delivered().len(), 1);
+    let mut buf = vec![0u8; 70_000];
+    let replay_answered = |node: &Node, buf: &mut Vec<u8>| {
+        node.wire.sent.lock().unwrap().clear();
+        node.dev.handle_datagram(&init, two.addr, buf);
+        !node.wire.sent.lock().unwrap().is_empty()
+    };
+
+    // A reload changes the peer's keepalive: boringtun has no setter, so
+    // the peer gets a fresh `Tunn`, which alone would take the old
+    // initiation as new.
+    let mut cfg = hub.dev_config.clone();
+    cfg.peers[0].persistent_keepalive = Some(std::time::Duration::from_secs(25));
+    hub.dev.set_peers(&cfg.peers);
+    assert!(!replay_answered(&hub, &mut buf), "a replay was answered");
+    assert_eq!(hub.drops("replay"), 1.0);
+
+    // An interface restart (a new device with the same key) inherits the
+    // timestamps too.
+    let floors = hub.dev.replay_floors();
+    assert_eq!(floors.len(), 1);
+    let restarted = self::hub(&keys);
+    restarted.dev.inherit(floors);
+    restarted.dev.set_peers(&[]);
+    restarted.dev.set_peers(&cfg.peers);
+    assert!(
+        !replay_answered(&restarted, &mut buf),
+        "a replay was answered after a restart"
+    );
+    assert_eq!(restarted.drops("replay"), 1.0);
+
+    // The real client's next handshake is newer and works.
+    let mut fresh = client(&keys, 2);
+    fresh.addr = two.addr;
+    let p = ping([10, 192, 0, 2], [10, 192, 0, 1], 2);
+    fresh.dev.send_ip(&p, None);
+    pump(&[&restarted, &fresh], &mut f, 10);
+    assert_eq!(restarted.delivered(), vec![p]);
+}
