@@ -524,6 +524,34 @@ fn interface_names_are_unique_per_process_and_sockets_per_path() {
     );
     assert!(err.contains("t1/wg1") && err.contains("t2/wg2"), "{err}");
 
+    // Default names longer than Linux's 15 characters that share their
+    // first 15: both start, each with its own socket.
+    let sock_dir = tempfile::tempdir().unwrap();
+    let dir = sock_dir.path().display().to_string();
+    let long = ConfigDir::new();
+    for i in ["wg1", "wg2"] {
+        long.write(
+            &format!("tenants/a-very-long-tenant-name/{i}.yaml"),
+            &format!(
+                "kind: wireguard\nprivate_key: {}\naddress: 10.192.0.1/24\nuapi: {dir}\n",
+                PrivateKey::generate().to_base64()
+            ),
+        );
+    }
+    let mg = Meshgate::start(&long);
+    let socks: Vec<String> = std::fs::read_dir(sock_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(socks.len(), 2, "{socks:?}");
+    for s in &socks {
+        let name = s.strip_suffix(".sock").unwrap();
+        assert!(name.len() <= 15 && name.starts_with("a-very-lon-"), "{s}");
+        let (ok, out) = wg(sock_dir.path(), &format!("show {name}"));
+        assert!(ok && out.contains("public key"), "{out}");
+    }
+    drop(mg);
+
     // A live socket of another process at an explicit `uapi:` path: refused.
     let sock_dir = tempfile::tempdir().unwrap();
     let dir = sock_dir.path().display().to_string();

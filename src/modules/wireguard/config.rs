@@ -141,7 +141,7 @@ pub struct WireGuardConfig {
     /// (`None`: BBR where the kernel has it, else its default).
     pub congestion_control: Option<String>,
     /// The interface name `wg` shows (and the UAPI socket's name), if set;
-    /// [`WireGuardConfig::interface_name`] gives the default.
+    /// [`WireGuardConfig::interface_names`] gives the default.
     pub interface: Option<String>,
     /// Where the UAPI socket goes.
     pub uapi: super::uapi::UapiDir,
@@ -220,13 +220,32 @@ fn check_interface_name(name: &str) -> Result<(), String> {
 }
 
 impl WireGuardConfig {
-    /// The interface name: `interface`, else `<tenant>-<instance>` cut to
-    /// the 15 characters Linux allows.
-    pub fn interface_name(&self, tenant: &str, instance: &str) -> String {
-        match &self.interface {
-            Some(n) => n.clone(),
-            None => format!("{tenant}-{instance}").chars().take(15).collect(),
+    /// The interface names this instance may take, best first: the
+    /// configured `interface`, else `<tenant>-<instance>` when it fits in
+    /// the 15 characters Linux allows, then names of its first 10
+    /// characters and a 4-digit hash of the whole (`a-very-lon-3f2a`), so
+    /// two long names sharing a prefix do not collide.
+    pub fn interface_names(&self, tenant: &str, instance: &str) -> Vec<String> {
+        if let Some(n) = &self.interface {
+            return vec![n.clone()];
         }
+        let full = format!("{tenant}-{instance}");
+        let mut names = Vec::new();
+        if full.chars().count() <= 15 {
+            names.push(full.clone());
+        }
+        let prefix: String = full.chars().take(10).collect();
+        for salt in 0u64..8 {
+            // FNV-1a: stable across runs and builds.
+            let h = full
+                .bytes()
+                .chain(salt.to_le_bytes())
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                });
+            names.push(format!("{prefix}-{:04x}", h & 0xffff));
+        }
+        names
     }
 
     /// The networks routed to this instance in its vnet: every peer's allowed IPs.
@@ -497,15 +516,23 @@ mod tests {
         };
         let c = with(json!({})).unwrap();
         assert_eq!(c.uapi, UapiDir::Auto);
-        assert_eq!(c.interface_name("acme", "wg0"), "acme-wg0");
+        assert_eq!(c.interface_names("acme", "wg0")[0], "acme-wg0");
+        // Long names sharing 15 characters: their first choices differ,
+        // each fits Linux's 15 characters, and is stable.
+        let a = c.interface_names("a-very-long-tenant", "wg0");
+        let b = c.interface_names("a-very-long-tenant", "wg1");
+        assert_ne!(a[0], b[0]);
+        assert!(a[0].starts_with("a-very-lon-"), "{}", a[0]);
+        assert_eq!(a, c.interface_names("a-very-long-tenant", "wg0"));
+        assert!(a.iter().chain(&b).all(|n| check_interface_name(n).is_ok()));
         assert_eq!(
-            c.interface_name("a-very-long-tenant", "wg0"),
-            "a-very-long-ten",
-            "cut to Linux's 15 characters"
+            a.iter().collect::<std::collections::HashSet<_>>().len(),
+            a.len(),
+            "the fallbacks are distinct"
         );
         for good in ["wg0", "a.b-c_d=e+f", "x", "123456789012345"] {
             let c = with(json!({"interface": good})).unwrap();
-            assert_eq!(c.interface_name("t", "i"), good);
+            assert_eq!(c.interface_names("t", "i"), vec![good.to_string()]);
         }
         for bad in [
             "",

@@ -19,7 +19,8 @@
 //! which closes connections carried inside it.
 //!
 //! Stock `wg` sees the instance as interface `interface:` (default
-//! `<tenant>-<instance>`, cut to 15 characters) through WireGuard's UAPI
+//! `<tenant>-<instance>`, or when longer than Linux's 15 characters its
+//! first 10 and a hash of the whole) through WireGuard's UAPI
 //! socket `<uapi dir>/<interface>.sock` ([`uapi`]): `wg show`, `wg
 //! showconf`, and `wg set`/`wg syncconf`, which change the running document
 //! and apply it exactly as a reload would (one path, `apply_locked`, under
@@ -217,15 +218,27 @@ impl Inner {
         cfg: &WireGuardConfig,
         source: &str,
     ) -> Result<(), ModuleError> {
-        let name = cfg.interface_name(&self.ctx.tenant.name, &self.ctx.instance);
+        let owner = self.owner();
         let mut held = self.uapi.lock().expect("poisoned");
+        let candidates = cfg.interface_names(&self.ctx.tenant.name, &self.ctx.instance);
+        // The first candidate free or ours (the one held stays while it is
+        // still a candidate); if all are taken, the first, which fails below.
+        let name = {
+            let names = INTERFACE_NAMES.lock().expect("poisoned");
+            let free = |n: &&String| names.get(*n).is_none_or(|o| *o == owner);
+            held.as_ref()
+                .map(|c| &c.name)
+                .filter(|n| candidates.contains(n))
+                .or_else(|| candidates.iter().find(free))
+                .unwrap_or(&candidates[0])
+                .clone()
+        };
         if held
             .as_ref()
             .is_some_and(|c| c.name == name && c.setting == cfg.uapi)
         {
             return Ok(());
         }
-        let owner = self.owner();
         let renamed = held.as_ref().is_none_or(|c| c.name != name);
         if renamed {
             let mut names = INTERFACE_NAMES.lock().expect("poisoned");
