@@ -86,6 +86,8 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabels, Counter>,
     /// Config reloads of an instance, by result.
     pub config_reloads: Family<ReloadLabels, Counter>,
+    /// Restarts of an instance after one of its tasks failed (a panic).
+    pub restarts: Family<InstanceLabels, Counter>,
     /// Reason label sets created so far, so an instance's series can be
     /// deleted with it.
     reasons_seen: Mutex<std::collections::HashSet<ReasonLabels>>,
@@ -142,6 +144,7 @@ impl Metrics {
             dial_errors: Family::default(),
             rejected: Family::default(),
             config_reloads: Family::default(),
+            restarts: Family::default(),
             reasons_seen: Mutex::new(std::collections::HashSet::new()),
             registry: Mutex::new(Registry::default()),
             subsystems: Mutex::new(HashMap::new()),
@@ -176,6 +179,11 @@ impl Metrics {
             "config_reloads",
             "Config reloads of a module instance, by result",
             m.config_reloads.clone(),
+        );
+        registry.register(
+            "module_restarts",
+            "Restarts of a module instance after one of its tasks failed",
+            m.restarts.clone(),
         );
         Metrics {
             registry: Mutex::new(registry),
@@ -254,6 +262,7 @@ impl Metrics {
         };
         self.connections.remove(&l);
         self.connections_active.remove(&l);
+        self.restarts.remove(&l);
         for direction in [Direction::upstream, Direction::downstream] {
             self.bytes.remove(&ByteLabels {
                 tenant: tenant.into(),
@@ -277,6 +286,16 @@ impl Metrics {
             }
             !mine
         });
+    }
+
+    /// Counts a restart after a failure.
+    pub fn restart(&self, tenant: &str, instance: &str) {
+        self.restarts
+            .get_or_create(&InstanceLabels {
+                tenant: tenant.into(),
+                instance: instance.into(),
+            })
+            .inc();
     }
 
     /// Counts a reload attempt.

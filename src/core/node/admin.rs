@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `/metrics` | Prometheus metrics (text exposition format) |
 //! | `/healthz` | 200 while the process runs |
-//! | `/readyz` | 200 once every module started; 503 while starting or draining |
+//! | `/readyz` | 200 once every module started; 503 while starting, draining, or restarting an instance that failed (`faults` in `/api/v1/node`) |
 //! | `/api/v1/node` | node name, version, uptime |
 //! | `/api/v1/tenants` | tenants with their instance and flow counts |
 //! | `/api/v1/modules` | every module instance with its state (`?tenant=` filters) |
@@ -135,6 +135,7 @@ impl Admin {
                     "version": env!("CARGO_PKG_VERSION"),
                     "uptime_secs": self.started.elapsed().as_secs(),
                     "ready": self.registry.is_ready(),
+                    "faults": self.registry.faults().into_iter().map(|(who, why)| serde_json::json!({"instance": who, "reason": why})).collect::<Vec<_>>(),
                     "store": self.registry.store().describe(),
                 }),
             ),

@@ -83,6 +83,37 @@ pub trait Module: Send + Sync + 'static {
 #[derive(Clone, Default)]
 pub struct ModuleDirectory {
     inner: Arc<RwLock<HashMap<InstanceKey, Arc<dyn Module>>>>,
+    faults: Faults,
+}
+
+/// Instances that failed while running (one of their tasks panicked) and
+/// are recovering, with why: the node is not ready while any is listed.
+#[derive(Clone, Default)]
+pub struct Faults(Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>);
+
+impl Faults {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, String>> {
+        // A panic elsewhere must not take the list with it.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks `tenant/instance` failed.
+    pub fn set(&self, who: &str, why: &str) {
+        self.lock().insert(who.to_string(), why.to_string());
+    }
+
+    /// `tenant/instance` works again (or is gone).
+    pub fn clear(&self, who: &str) {
+        self.lock().remove(who);
+    }
+
+    /// `(tenant/instance, why)` of every failed instance.
+    pub fn list(&self) -> Vec<(String, String)> {
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
 }
 
 impl ModuleDirectory {
@@ -106,6 +137,10 @@ impl ModuleDirectory {
     fn downgrade(&self) -> Weak<RwLock<HashMap<InstanceKey, Arc<dyn Module>>>> {
         Arc::downgrade(&self.inner)
     }
+    /// The instances failed and recovering.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
 }
 
 /// Everything a module is given when it is built.
@@ -122,6 +157,7 @@ pub struct ModuleContext {
     /// The node's flow table.
     pub flows: Arc<FlowTable>,
     directory: Weak<RwLock<HashMap<InstanceKey, Arc<dyn Module>>>>,
+    faults: Faults,
 }
 
 impl ModuleContext {
@@ -140,7 +176,28 @@ impl ModuleContext {
             metrics,
             flows,
             directory: directory.downgrade(),
+            faults: directory.faults.clone(),
         }
+    }
+
+    /// Reports that this instance failed while running (one of its tasks
+    /// panicked) and is being restarted: the node is not ready until
+    /// [`ModuleContext::recovered`].
+    pub fn failed(&self, why: &str) {
+        tracing::error!(tenant = %self.tenant.name, instance = %self.instance, reason = why, "module instance failed; restarting it");
+        self.faults
+            .set(&format!("{}/{}", self.tenant.name, self.instance), why);
+    }
+
+    /// This instance runs again after [`ModuleContext::failed`] (counted as
+    /// a restart), or was stopped.
+    pub fn recovered(&self, restarted: bool) {
+        if restarted {
+            self.metrics.restart(&self.tenant.name, &self.instance);
+            tracing::info!(tenant = %self.tenant.name, instance = %self.instance, "module instance restarted");
+        }
+        self.faults
+            .clear(&format!("{}/{}", self.tenant.name, self.instance));
     }
 
     /// Dials `target` through `connector`: the host network, or the dialer

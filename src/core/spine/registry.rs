@@ -154,9 +154,15 @@ impl Registry {
         &self.store
     }
 
-    /// True once every instance started, until shutdown begins.
+    /// True once every instance started, until shutdown begins, and while
+    /// no instance is failed and restarting ([`Registry::faults`]).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.directory.faults().list().is_empty()
+    }
+
+    /// Instances failed while running and restarting: `(tenant/instance, why)`.
+    pub fn faults(&self) -> Vec<(String, String)> {
+        self.directory.faults().list()
     }
 
     /// Finds a module by tenant and instance name.
@@ -507,6 +513,9 @@ impl Registry {
         entry.module.drain().await;
         entry.module.stop().await;
         self.metrics.forget_instance(&key.tenant, &key.instance);
+        self.directory
+            .faults()
+            .clear(&format!("{}/{}", key.tenant, key.instance));
         tracing::info!(tenant = %key.tenant, instance = %key.instance, kind = %entry.kind, "module stopped");
         true
     }

@@ -266,6 +266,8 @@ pub struct Device {
     /// Packets forwarded between peers, tracked as flows.
     ip_flows: IpFlows,
     cancel: CancellationToken,
+    /// Why a task of the running device panicked, once one did.
+    failure: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// What the protocol logic sends out through: socket-free, so the logic
@@ -377,6 +379,15 @@ fn configured_endpoint(cfg: &PeerConfig) -> Option<SocketAddr> {
     hp.ip().map(|ip| SocketAddr::new(ip, hp.port))
 }
 
+/// The text a panic carried.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// `::ffff:a.b.c.d` → `a.b.c.d`.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
@@ -447,9 +458,27 @@ impl Device {
         dev.inherit(replay_floors);
         dev.set_peers(&cfg.peers);
         let (handshakes, queue) = mpsc::channel(HANDSHAKE_QUEUE);
-        tokio::spawn(dev.clone().recv_loop(handshakes));
-        tokio::spawn(dev.clone().handshake_loop(queue));
-        tokio::spawn(dev.clone().timer_loop());
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(dev.clone().recv_loop(handshakes));
+        tasks.spawn(dev.clone().handshake_loop(queue));
+        tasks.spawn(dev.clone().timer_loop());
+        // A task that panics (a bug; its locks may be poisoned) is reported
+        // through `failure`, and the module restarts the whole device.
+        let weak = Arc::downgrade(&dev);
+        tokio::spawn(async move {
+            while let Some(ended) = tasks.join_next().await {
+                let Err(e) = ended else { continue };
+                if !e.is_panic() {
+                    continue;
+                }
+                let why = panic_message(e.into_panic());
+                if let Some(dev) = weak.upgrade() {
+                    dev.cancel.cancel();
+                    dev.failure.send_replace(Some(why));
+                }
+                return;
+            }
+        });
         Ok(dev)
     }
 
@@ -499,6 +528,7 @@ impl Device {
             stack_reported: Mutex::new(NetStackStats::default()),
             ip_flows: IpFlows::new(tenant, instance, flows, instance_metrics),
             cancel: CancellationToken::new(),
+            failure: tokio::sync::watch::Sender::new(None),
         }
     }
 
@@ -537,6 +567,29 @@ impl Device {
     /// The engine holding the node's addresses (`None` in a simulation).
     pub fn engine(&self) -> Option<&Arc<dyn IpEngine>> {
         self.io.as_ref().map(|io| &io.engine)
+    }
+
+    /// Resolves with the panic message when a task of the device panicked;
+    /// `None` when the device is gone without one.
+    pub fn failed(&self) -> impl std::future::Future<Output = Option<String>> + Send + 'static {
+        let mut rx = self.failure.subscribe();
+        async move {
+            let failed = rx.wait_for(Option::is_some).await.ok()?;
+            failed.clone()
+        }
+    }
+
+    /// Poisons a peer's lock the way a bug would: a thread panics while
+    /// holding it.
+    #[cfg(test)]
+    pub(crate) fn poison_a_peer(&self) {
+        let table = self.table();
+        let peer = table.peers().next().expect("a peer").clone();
+        let _ = std::thread::spawn(move || {
+            let _held = peer.tunn.lock();
+            panic!("injected: a panic while a peer's lock is held");
+        })
+        .join();
     }
 
     /// Stops the tasks and the engine.

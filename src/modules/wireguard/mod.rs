@@ -59,6 +59,9 @@ use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFacto
 pub use config::WireGuardConfig;
 use device::Device;
 
+/// The wait before a device whose task panicked is started again.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
 /// Initiation timestamps handed from a device to its successor.
 type ReplayFloors = std::collections::HashMap<[u8; 32], replay::Tai64n>;
 use uapi::{InterfaceState, SetRequest, UapiDir, UapiError, UapiServer, UapiTarget};
@@ -94,6 +97,7 @@ impl ModuleFactory for WireGuardFactory {
             device: Arc::new(Mutex::new(None)),
             uapi: Mutex::new(None),
             changing: tokio::sync::Mutex::new(()),
+            stopped: tokio_util::sync::CancellationToken::new(),
         }))))
     }
 }
@@ -123,6 +127,8 @@ struct Inner {
     uapi: Mutex<Option<Claimed>>,
     /// Reloads from the store and `wg set` apply one at a time.
     changing: tokio::sync::Mutex<()>,
+    /// The instance is stopping: a recovery in progress gives up.
+    stopped: tokio_util::sync::CancellationToken,
 }
 
 impl Inner {
@@ -326,7 +332,7 @@ impl Inner {
         let source = self.doc.lock().expect("poisoned").source.clone();
         self.claim_interface(&cfg, &source)?;
         match self.start_device(&cfg, &source, ReplayFloors::new()).await {
-            Ok(dev) => *self.device.lock().expect("poisoned") = Some(dev),
+            Ok(dev) => self.install(Some(dev)),
             Err(e) => {
                 self.release_interface();
                 return Err(e);
@@ -380,7 +386,7 @@ impl Inner {
                     .start_device_after(&new, &doc.source, released, &floors)
                     .await
                 {
-                    Ok(dev) => *self.device.lock().expect("poisoned") = Some(dev),
+                    Ok(dev) => self.install(Some(dev)),
                     Err(e) => {
                         let back = self
                             .start_device_after(&old, &old_source, released, &floors)
@@ -388,7 +394,7 @@ impl Inner {
                         if let Err(b) = &back {
                             tracing::error!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, error = %b, "the old interface cannot come back either: down until the next change");
                         }
-                        *self.device.lock().expect("poisoned") = back.ok();
+                        self.install(back.ok());
                         let _ = self.claim_interface(&old, &old_source);
                         return Err(e);
                     }
@@ -399,6 +405,86 @@ impl Inner {
         *self.config.lock().expect("poisoned") = new;
         *self.doc.lock().expect("poisoned") = doc.clone();
         Ok(())
+    }
+
+    /// Makes `dev` the running device, and watches it: if one of its tasks
+    /// panics, [`Inner::recover`] replaces it.
+    fn install(self: &Arc<Self>, dev: Option<Arc<Device>>) {
+        if let Some(d) = &dev {
+            #[cfg(test)]
+            tests::INSTALLED.lock().unwrap().push(Arc::downgrade(d));
+            let failed = d.failed();
+            let (inner, dead) = (Arc::downgrade(self), Arc::downgrade(d));
+            tokio::spawn(async move {
+                let Some(why) = failed.await else { return };
+                if let Some(inner) = inner.upgrade() {
+                    inner.recover(dead, why).await;
+                }
+            });
+        }
+        *self.device.lock().expect("poisoned") = dev;
+    }
+
+    /// A task of the running device panicked: its locks may be poisoned and
+    /// its state half-changed, so the node reports the fault (`/readyz` says
+    /// 503) and a new device starts from the running config, after 1 s,
+    /// then again with a doubling delay (at most a minute) while it fails.
+    async fn recover(self: Arc<Self>, dead: Weak<Device>, why: String) {
+        self.ctx
+            .failed(&format!("a WireGuard data plane task panicked: {why}"));
+        let guard = self.changing.lock().await;
+        let current = self.device();
+        if !current
+            .as_ref()
+            .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), dead.as_ptr()))
+        {
+            // Replaced by a reload meanwhile, or stopped.
+            self.ctx.recovered(false);
+            return;
+        }
+        let old = current.expect("checked above");
+        let released = Some(old.listen_port());
+        // What it still holds may sit behind a poisoned lock.
+        let floors = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let floors = old.replay_floors();
+            old.shutdown();
+            floors
+        }))
+        .unwrap_or_default();
+        *self.device.lock().expect("poisoned") = None;
+        drop(old);
+        let cfg = self.config.lock().expect("poisoned").clone();
+        let source = self.doc.lock().expect("poisoned").source.clone();
+        let mut delay = RESTART_DELAY;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.stopped.cancelled() => {
+                    self.ctx.recovered(false);
+                    return;
+                }
+            }
+            match self
+                .start_device_after(&cfg, &source, released, &floors)
+                .await
+            {
+                Ok(dev) if self.stopped.is_cancelled() => {
+                    dev.shutdown();
+                    self.ctx.recovered(false);
+                    return;
+                }
+                Ok(dev) => {
+                    self.install(Some(dev));
+                    self.ctx.recovered(true);
+                    drop(guard);
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, error = %e, retry_in = ?delay * 2, "the WireGuard interface cannot restart");
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
     }
 
     /// A reload from the config store.
@@ -534,6 +620,7 @@ impl Module for WireGuard {
 
     async fn stop(&self) {
         let inner = &self.0;
+        inner.stopped.cancel();
         inner.ctx.tenant.vnets.detach(&inner.ctx.instance);
         inner.release_interface();
         if let Some(d) = inner.device.lock().expect("poisoned").take() {
@@ -645,5 +732,100 @@ impl Dialer for VnetHandle {
             .bind_udp(crate::core::net::datagram::any_for(remote))
             .await
             .map_err(|e| DialError::from_io(&remote, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use crate::core::keys::PrivateKey;
+    use crate::core::metrics::Metrics;
+    use crate::core::spine::flow::FlowTable;
+    use crate::core::spine::registry::Registry;
+
+    async fn until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        f()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicked_data_plane_restarts_and_readiness_says_so_meanwhile() {
+        let store = Arc::new(configstore::MemStore::new());
+        let peer = PrivateKey::generate().public_key().to_string();
+        let key = PrivateKey::generate();
+        let public = key.public_key().to_string();
+        store.set(
+            "t",
+            "wg0",
+            serde_json::json!({
+                "kind": "wireguard",
+                "private_key": key.to_base64(),
+                "address": "10.192.0.1/24",
+                "uapi": "off",
+                "peers": [{"name": "p", "public_key": peer, "allowed_ips": ["10.192.0.2/32"]}],
+            }),
+        );
+        let metrics = Arc::new(Metrics::new());
+        let reg = Registry::new(
+            store,
+            vec![Arc::new(super::WireGuardFactory)],
+            metrics.clone(),
+            Arc::new(FlowTable::new(vec![])),
+        );
+        reg.start().await.unwrap();
+        assert!(reg.is_ready());
+        let module = reg.find("t", "wg0").unwrap();
+        let device = || {
+            let status = module.status();
+            (
+                status["listen_port"].as_u64(),
+                status["peers"].as_array().map(Vec::len),
+            )
+        };
+        let before = device();
+        assert_eq!(before.1, Some(1));
+        let wg = installed(&public);
+        wg.poison_a_peer();
+        // The timer task meets the poisoned lock within a tick: the node
+        // says it is not ready, and why.
+        assert!(until(Duration::from_secs(2), || !reg.is_ready()).await);
+        let faults = reg.faults();
+        assert_eq!(faults.len(), 1);
+        assert_eq!(faults[0].0, "t/wg0");
+        assert!(faults[0].1.contains("panicked"), "{faults:?}");
+        // A fresh device from the running config, a second later.
+        assert!(until(Duration::from_secs(5), || reg.is_ready()).await);
+        let after = installed(&public);
+        assert!(!Arc::ptr_eq(&wg, &after), "the same device");
+        assert_eq!(device().1, Some(1), "the peers came back");
+        assert!(metrics
+            .encode()
+            .contains(r#"meshgate_module_restarts_total{tenant="t",instance="wg0"} 1"#));
+        reg.shutdown(Duration::from_secs(1)).await;
+    }
+
+    /// Devices as they were installed (tests run side by side: each finds
+    /// its own by public key).
+    pub(super) static INSTALLED: std::sync::Mutex<Vec<std::sync::Weak<super::Device>>> =
+        std::sync::Mutex::new(Vec::new());
+
+    /// The latest device installed with this public key, if alive.
+    fn installed(public: &str) -> Arc<super::Device> {
+        INSTALLED
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|d| d.public_key() == public)
+            .expect("a running device")
     }
 }
