@@ -471,6 +471,78 @@ fn udp_pipe_carries_datagrams_both_ways() {
     ) == 0.0));
 }
 
+/// 2,000 UDP sources against `max_connections: 100`: 100 sessions, the
+/// rest refused and counted, and the pipe keeps serving its sessions and,
+/// once they idle out, new clients.
+#[test]
+fn udp_sources_beyond_max_connections_are_refused_without_stalling() {
+    let backend = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = backend.recv_from(&mut buf) {
+            let _ = backend.send_to(&buf[..n], from);
+        }
+    });
+    let cfg = ConfigDir::new();
+    let port = free_port();
+    cfg.write(
+        "tenants/default/dns.yaml",
+        &format!("kind: pipe\nprotocol: udp\nlisten: 127.0.0.1:{port}\nremote: {backend_addr}\nidle_timeout: 2s\nmax_connections: 100\n"),
+    );
+    let mg = Meshgate::start(&cfg);
+    let first = UdpSocket::bind("127.0.0.1:0").unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    first.send_to(b"first", ("127.0.0.1", port)).unwrap();
+    assert_eq!(first.recv(&mut buf).unwrap(), 5);
+    // 2,000 more sources (ports of 127.0.0.0/8 addresses), one datagram each.
+    let flood: Vec<UdpSocket> = (0..2000u32)
+        .map(|i| {
+            UdpSocket::bind((
+                std::net::Ipv4Addr::new(127, 3, (i / 200) as u8, (i % 200 + 1) as u8),
+                0,
+            ))
+            .unwrap()
+        })
+        .collect();
+    // At 20,000 a second: faster, the kernel's socket buffer drops them
+    // before meshgate could count them.
+    for batch in flood.chunks(100) {
+        for s in batch {
+            s.send_to(b"x", ("127.0.0.1", port)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rejected =
+        r#"meshgate_rejected_total{tenant="default",instance="dns",reason="max_connections"}"#;
+    assert!(
+        wait_until(Duration::from_secs(5), || mg.metric(rejected) >= 1900.0),
+        "{} refused",
+        mg.metric(rejected)
+    );
+    assert!(active(&mg, "default", "dns") <= 100.0);
+    // The first session is served meanwhile.
+    let t = std::time::Instant::now();
+    first.send_to(b"again", ("127.0.0.1", port)).unwrap();
+    assert_eq!(first.recv(&mut buf).unwrap(), 5);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "answered after {:?}",
+        t.elapsed()
+    );
+    // Once the flood's sessions idle out, a new source is admitted.
+    assert!(wait_until(Duration::from_secs(8), || active(
+        &mg, "default", "dns"
+    ) <= 1.0));
+    let late = UdpSocket::bind("127.0.0.1:0").unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    late.send_to(b"late", ("127.0.0.1", port)).unwrap();
+    assert_eq!(late.recv(&mut buf).unwrap(), 4);
+}
+
 /// Hundreds of half-open connections to the admin API (connect, send
 /// nothing) cost a bounded amount: pipes keep accepting meanwhile, and the
 /// API answers again once the header timeout has closed them. A request

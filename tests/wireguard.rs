@@ -397,3 +397,70 @@ fn an_initiation_flood_from_one_address_costs_another_peer_no_pings() {
     assert!(limited > 10_000.0, "only {limited} initiations limited");
     assert!(mg.child_alive());
 }
+
+/// The resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn inner_packets_far_over_the_mtu_cost_no_memory() {
+    let Server {
+        server_key,
+        client_key,
+        port,
+        cfg,
+    } = server();
+    let mg = Meshgate::start(&cfg);
+    let mut peer = Peer::new(&client_key, &server_key.public_key().to_string(), port);
+    peer.handshake();
+    peer.send_ip(&echo_request([10, 192, 0, 2], [10, 192, 0, 1], 1));
+    assert_echo_reply(&peer.recv_ip().expect("echo reply"), 1);
+    let before = rss(mg.pid());
+
+    // 60 KB echo requests (valid IPv4, authenticated) for 10 s.
+    let mut big = Vec::new();
+    PacketBuilder::ipv4([10, 192, 0, 2], [10, 192, 0, 1], 64)
+        .icmpv4_echo_request(1, 2)
+        .write(&mut big, &vec![0x5a; 60_000])
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    let mut peak = before;
+    while start.elapsed() < Duration::from_secs(10) {
+        for _ in 0..64 {
+            peer.send_ip(&big);
+            sent += 1;
+        }
+        if sent % 4096 == 0 {
+            peak = peak.max(rss(mg.pid()));
+        }
+    }
+    peak = peak.max(rss(mg.pid()));
+    let over = r#"meshgate_wg_dropped_packets_total{tenant="default",instance="wg0",peer="client",reason="over_mtu"}"#;
+    assert!(
+        wait_until(Duration::from_secs(3), || mg.metric(over) >= 1000.0),
+        "{} of {sent} counted over the MTU",
+        mg.metric(over)
+    );
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "{sent} packets of 60 KB in 10 s; RSS {} → peak {} MiB",
+        before >> 20,
+        peak >> 20
+    );
+    assert!(
+        grown < 64 << 20,
+        "RSS grew by {} MiB for {sent} packets of 60 KB",
+        grown >> 20
+    );
+    // Still serving.
+    peer.send_ip(&echo_request([10, 192, 0, 2], [10, 192, 0, 1], 3));
+    assert_echo_reply(&peer.recv_ip().expect("echo reply afterwards"), 3);
+}

@@ -132,7 +132,8 @@ pub struct NetStackConfig {
     /// 4 KiB..=256 MiB.
     pub tcp_buffer: usize,
     /// Packets queued into the stack before [`NetStack::inject`] drops.
-    /// Default 4096.
+    /// Default 4096. Packets over `mtu` are refused, so the queue holds at
+    /// most `inbound_queue × mtu` bytes (about 6 MiB by default).
     pub inbound_queue: usize,
     /// Per listener: the most half-open connections, and the most
     /// established connections waiting for [`NetTcpListener::accept`].
@@ -202,8 +203,9 @@ pub struct NetStackStats {
     pub packets_out: u64,
     /// Packets [`NetStack::inject`] dropped because the queue was full.
     pub dropped_queue_full: u64,
-    /// Packets [`NetStack::inject`] dropped as not IP, truncated, or from a
-    /// source address no peer can have (unspecified, multicast, broadcast).
+    /// Packets [`NetStack::inject`] dropped as not IP, truncated, over the
+    /// MTU, or from a source address no peer can have (unspecified,
+    /// multicast, broadcast).
     pub dropped_malformed: u64,
     /// SYNs to a port nobody listens on (answered with a reset).
     pub dropped_no_listener: u64,

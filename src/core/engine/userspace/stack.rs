@@ -349,7 +349,10 @@ impl Shared {
 
     /// See [`NetStack::inject`](super::NetStack::inject).
     pub fn inject(&self, packet: &[u8]) -> bool {
-        if packet::check(packet).is_err() {
+        // Over the MTU is malformed here (the tunnel drops it before, and
+        // counts it): so the inbound queue holds at most
+        // `inbound_queue × mtu` bytes, and a recycled buffer at most `mtu`.
+        if packet.len() > self.limits.mtu || packet::check(packet).is_err() {
             bump(&self.counters.dropped_malformed);
             return false;
         }
