@@ -435,3 +435,123 @@ s.settimeout(5)
 s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
 print(s.recv(4096).decode())
 "#;
+
+/// A vnet with its own address has one IP stack, shared by two WireGuard
+/// instances (one port per site): a listener in it serves both sites, a
+/// dial reaches either, and the sites reach each other through it.
+#[test]
+fn one_vnet_stack_serves_two_sites_and_joins_them() {
+    if !can_netns() || !have("wireguard-go") || !have("wg") || !have("nginx") || !have("curl") {
+        return;
+    }
+    let gw = Netns::new("gw");
+    let (key_a, key_b) = (PrivateKey::generate(), PrivateKey::generate());
+    // Site n: a veth to gw, wireguard-go at 10.60.n.2/16 whose only peer
+    // (meshgate) carries the whole vnet, nginx on its address.
+    let site = |n: u8, tag: &str, mg: &PrivateKey| {
+        let mut ns = Netns::new(tag);
+        link(
+            &gw,
+            &format!("10.231.{}.1/24", 43 + n),
+            &ns,
+            &format!("10.231.{}.2/24", 43 + n),
+        );
+        let wg = WgGo::new(&ns, &format!("10.60.{n}.2/16"), Some(51820));
+        wg.add_peer(
+            &ns,
+            &mg.public_key().to_string(),
+            "allowed-ips 10.60.0.0/16",
+        );
+        let nginx = nginx_in(&mut ns, &format!("10.60.{n}.2:80"), &format!("site {n}\n"));
+        Site {
+            ns,
+            wg,
+            _nginx: nginx,
+        }
+    };
+    let a = site(1, "sa", &key_a);
+    let b = site(2, "sb", &key_b);
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path().join("tenants/acme");
+    std::fs::create_dir_all(&t).unwrap();
+    let w = |name: &str, text: &str| std::fs::write(t.join(name), text).unwrap();
+    std::fs::write(
+        d.path().join("meshgate.yaml"),
+        "node: gw\nadmin: 127.0.0.1:9000\n",
+    )
+    .unwrap();
+    w(
+        "sites.yaml",
+        "kind: vnet\naddress: 10.60.0.1/16\nroutes:\n  - to: 127.0.0.0/8\n    via: direct\n",
+    );
+    let wg_doc = |key: &PrivateKey, port: u16, site: &Site, n: u8| {
+        format!(
+            "kind: wireguard\nprivate_key: {}\nlisten_port: {port}\nvnet: sites\npeers:\n  - name: site-{n}\n    public_key: {}\n    endpoint: 10.231.{}.2:51820\n    allowed_ips: [10.60.{n}.0/24]\n    persistent_keepalive: 5\n",
+            key.to_base64(),
+            site.wg.public_key(),
+            43 + n
+        )
+    };
+    w("wg-a.yaml", &wg_doc(&key_a, 51821, &a, 1));
+    w("wg-b.yaml", &wg_doc(&key_b, 51822, &b, 2));
+    // One listener in the vnet (on its address, not an interface's).
+    w(
+        "health.yaml",
+        "kind: pipe\nlisten: 10.60.0.1:8080\nlisten_via: sites\nremote: 127.0.0.1:9000\n",
+    );
+    w(
+        "to-a.yaml",
+        "kind: pipe\nlisten: 127.0.0.1:8081\nremote: 10.60.1.2:80\n",
+    );
+    w(
+        "to-b.yaml",
+        "kind: pipe\nlisten: 127.0.0.1:8082\nremote: 10.60.2.2:80\n",
+    );
+    let mg = NsMeshgate::start(&gw, d.path(), "127.0.0.1:9000");
+
+    // Both sites reach the one listener at the vnet's address.
+    for s in [&a, &b] {
+        assert!(
+            wait_until(Duration::from_secs(15), || s
+                .ns
+                .curl("http://10.60.0.1:8080/healthz", 2)
+                .0
+                == 200),
+            "a site cannot reach the vnet's listener:\n{}",
+            mg.log_text()
+        );
+    }
+    // Dials from the stack reach each site through its own instance.
+    assert_eq!(
+        gw.curl("http://127.0.0.1:8081/", 5),
+        (200, "site 1\n".into())
+    );
+    assert_eq!(
+        gw.curl("http://127.0.0.1:8082/", 5),
+        (200, "site 2\n".into())
+    );
+    // Site 1 reaches site 2 through the vnet (wg-a → the stack's links → wg-b).
+    assert_eq!(a.ns.curl("http://10.60.2.2/", 5), (200, "site 2\n".into()));
+    assert_eq!(b.ns.curl("http://10.60.1.2/", 5), (200, "site 1\n".into()));
+    let ping = a.ns.try_sh("ping -c 2 -W 2 10.60.2.2");
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    // The forwarded flow is tracked by the instance that received it.
+    let flows = gw.sh("curl -s http://127.0.0.1:9000/api/v1/flows");
+    assert!(flows.contains("10.60.2.2"), "{flows}");
+    let modules: serde_json::Value =
+        serde_json::from_str(&gw.sh("curl -s http://127.0.0.1:9000/api/v1/modules")).unwrap();
+    let sites = modules
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["instance"] == "sites")
+        .unwrap();
+    assert_eq!(
+        sites["details"]["stack"]["links"],
+        serde_json::json!(["wg-a", "wg-b"])
+    );
+}

@@ -237,6 +237,47 @@ pub fn idle_timeout(
     }
 }
 
+/// `address`: one address or a list; `10.0.0.1/24`, or a bare IP meaning a
+/// single host (`/32`, `/128`).
+pub fn parse_addresses(
+    source: &str,
+    key: &str,
+    v: &serde_json::Value,
+) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    let err = |m: String| ConfigError::key(source, key, m);
+    if v.is_null() {
+        return Err(err(
+            "missing: this node's address(es) in the virtual network, e.g. 10.192.0.1/24".into(),
+        ));
+    }
+    let items: Vec<&serde_json::Value> = match v {
+        serde_json::Value::Array(a) => a.iter().collect(),
+        other => vec![other],
+    };
+    if items.is_empty() {
+        return Err(err(
+            "at least one address is needed, e.g. 10.192.0.1/24".into()
+        ));
+    }
+    items
+        .into_iter()
+        .map(|i| {
+            let s = i.as_str().ok_or_else(|| {
+                err(format!(
+                    "expected an address such as 10.192.0.1/24, found {i}"
+                ))
+            })?;
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    err(format!(
+                        "`{s}` is not an address such as 10.192.0.1/24 or fd00::1/64"
+                    ))
+                })
+        })
+        .collect()
+}
+
 /// A duration key that must be longer than zero.
 pub fn positive(src: &str, key: &str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {

@@ -64,6 +64,11 @@ pub trait PacketSink: Send + Sync + 'static {
     fn send(&self, packet: &[u8]);
 }
 
+/// Keep-alive of tunnelled TCP connections unless configured.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+/// Dead-peer timeout of tunnelled TCP connections unless configured.
+pub const DEFAULT_TCP_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// How an engine is built, whatever its kind.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -135,5 +140,86 @@ pub async fn start(
             Ok(Arc::new(userspace::NetStack::spawn(c, sink)))
         }
         EngineKind::Kernel => Ok(kernel::KernelEngine::start(cfg, sink).await?),
+    }
+}
+
+/// Finds the engine a handle stands for, at each use (it may be restarted).
+pub type EngineSource = Arc<dyn Fn() -> io::Result<Arc<dyn IpEngine>> + Send + Sync>;
+/// The VPN address of a named peer of the network, if it has such a peer.
+pub type PeerAddresses = Arc<dyn Fn(&str) -> Option<std::net::IpAddr> + Send + Sync>;
+
+/// A module's network as a capability for other modules: listening
+/// (`listen_via:`) and dialing (routes, `via:`) in whatever engine runs it
+/// now, so a restarted engine is followed without rebinding the handle.
+#[derive(Clone)]
+pub struct EngineNetwork {
+    engine: EngineSource,
+    peers: Option<PeerAddresses>,
+}
+
+impl EngineNetwork {
+    /// A handle over `engine`; `peers` answers `peer: <name>` lookups.
+    pub fn new(engine: EngineSource, peers: Option<PeerAddresses>) -> Self {
+        EngineNetwork { engine, peers }
+    }
+
+    fn engine(&self) -> io::Result<Arc<dyn IpEngine>> {
+        (self.engine)()
+    }
+}
+
+#[async_trait]
+impl crate::core::net::listen::VirtualNetwork for EngineNetwork {
+    async fn listen_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn StreamListener>> {
+        self.engine()?.listen_tcp(addr).await
+    }
+
+    async fn bind_udp(
+        &self,
+        addr: SocketAddr,
+    ) -> io::Result<Arc<dyn crate::core::net::datagram::DatagramSocket>> {
+        self.engine()?.bind_udp(addr).await
+    }
+
+    fn addresses(&self) -> Vec<IpNet> {
+        self.engine().map(|e| e.addresses()).unwrap_or_default()
+    }
+
+    fn peer_address(&self, peer: &str) -> Option<std::net::IpAddr> {
+        self.peers.as_ref().and_then(|p| p(peer))
+    }
+}
+
+#[async_trait]
+impl crate::core::net::dial::Dialer for EngineNetwork {
+    async fn dial_tcp(
+        &self,
+        target: &crate::core::addr::HostPort,
+        timeout: Duration,
+    ) -> Result<Stream, DialError> {
+        let ip = target.ip().ok_or_else(|| {
+            DialError::NoRoute(format!(
+                "{target}: names are not resolved inside a virtual network; use an address, or the vnet's `hosts:`/`dns:`"
+            ))
+        })?;
+        let engine = self
+            .engine()
+            .map_err(|e| DialError::NoRoute(e.to_string()))?;
+        engine
+            .connect_tcp(SocketAddr::new(ip, target.port), timeout)
+            .await
+    }
+
+    async fn bind_udp(
+        &self,
+        remote: SocketAddr,
+    ) -> Result<Arc<dyn crate::core::net::datagram::DatagramSocket>, DialError> {
+        let engine = self
+            .engine()
+            .map_err(|e| DialError::NoRoute(e.to_string()))?;
+        engine
+            .bind_udp(crate::core::net::datagram::any_for(remote))
+            .await
+            .map_err(|e| DialError::from_io(&remote, e))
     }
 }

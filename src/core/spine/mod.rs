@@ -2,6 +2,7 @@
 //!
 //! - [`tenant`]: tenants, the unit of isolation, and their vnets.
 //! - [`vnet`]: a tenant's virtual networks: routes, hosts, attachments, the default.
+//! - [`vnetstack`]: a vnet's own IP stack, shared by the links (WireGuard instances) attached to it.
 //! - [`router`]: route tables: longest match of a target to a connector.
 //! - [`flow`]: flows (connections, UDP sessions), their table, hooks (verdicts), typed ends.
 //! - [`ipflow`]: forwarded IP packets tracked as flows by 5-tuple.
@@ -20,3 +21,4 @@ pub mod registry;
 pub mod router;
 pub mod tenant;
 pub mod vnet;
+pub mod vnetstack;

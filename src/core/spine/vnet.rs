@@ -26,6 +26,7 @@ use serde::Serialize;
 use crate::core::addr::HostPort;
 use crate::core::engine::EngineKind;
 use crate::core::spine::router::{Connector, Match, Route, RouteError, Router};
+use crate::core::spine::vnetstack::VnetStack;
 
 /// The name of the implicit vnet of a tenant that configures none.
 pub const IMPLICIT_VNET: &str = "default";
@@ -84,6 +85,8 @@ struct VnetsState {
     attached: BTreeMap<String, Attachment>,
     /// The engine of vnets that name none (the node's `engine:`).
     default_engine: EngineKind,
+    /// The IP stacks of vnets that have `address:`.
+    stacks: BTreeMap<String, Arc<VnetStack>>,
 }
 
 /// A tenant's vnets and what is attached to them. Changes apply to flows
@@ -148,9 +151,33 @@ impl Vnets {
             .unwrap_or(st.default_engine)
     }
 
+    /// The engine of vnets that name none (the node's `engine:`).
+    pub fn default_engine(&self) -> EngineKind {
+        self.state.read().expect("vnets poisoned").default_engine
+    }
+
     /// Sets the engine of vnets that name none.
     pub fn set_default_engine(&self, engine: EngineKind) {
         self.state.write().expect("vnets poisoned").default_engine = engine;
+    }
+
+    /// Sets (or with `None` removes) the IP stack of vnet `name`.
+    pub fn set_stack(&self, name: &str, stack: Option<Arc<VnetStack>>) {
+        let mut st = self.state.write().expect("vnets poisoned");
+        match stack {
+            Some(s) => st.stacks.insert(name.to_string(), s),
+            None => st.stacks.remove(name),
+        };
+    }
+
+    /// The IP stack of `vnet` (`None`: the default vnet), if it has one.
+    pub fn stack_for(&self, vnet: Option<&str>) -> Option<Arc<VnetStack>> {
+        let st = self.state.read().expect("vnets poisoned");
+        let name = match vnet {
+            Some(v) => v.to_string(),
+            None => Self::default_of(&st).ok()?,
+        };
+        st.stacks.get(&name).cloned()
     }
 
     /// Removes a configured vnet.

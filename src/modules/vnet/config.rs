@@ -7,8 +7,9 @@ use configstore::Document;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::core::config::{parse_document, ConfigError};
+use crate::core::config::{parse_addresses, parse_document, positive, ConfigError};
 use crate::core::engine::EngineKind;
+use crate::core::engine::{DEFAULT_TCP_KEEPALIVE, DEFAULT_TCP_TIMEOUT};
 use crate::core::spine::router::{Connector, Match, Route, Router};
 use crate::core::spine::vnet::Vnet;
 
@@ -21,6 +22,14 @@ use crate::core::spine::vnet::Vnet;
 ///                            # (a tenant's only vnet is its default anyway)
 /// engine: userspace          # userspace | kernel; default: the node's `engine:`
 ///                            # (userspace unless meshgate.yaml says otherwise)
+/// address: 10.60.0.1/16      # optional: the vnet's own address(es). The vnet then has
+///                            # one IP stack, shared by every WireGuard instance that
+///                            # attaches (`vnet: <name>`, no `address:` of its own): a
+///                            # listener here (`listen_via: <name>`) serves the peers of
+///                            # all of them, and their sites reach each other
+/// mtu: 1420                  # with `address`: the stack's MTU
+/// tcp_keepalive: 30s         # with `address`: as a WireGuard instance's
+/// tcp_timeout: 90s
 /// routes:
 ///   - to: 10.1.0.0/16        # CIDR, IP, host name, *.suffix, or * (everything)
 ///     via: wg-frankfurt      # direct | reject | a module of the tenant (a WireGuard instance)
@@ -50,6 +59,16 @@ struct RawConfig {
     hosts: BTreeMap<String, IpAddr>,
     #[serde(default)]
     dns: Option<String>,
+    #[serde(default)]
+    address: serde_json::Value,
+    #[serde(default)]
+    mtu: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    tcp_keepalive: Option<std::time::Duration>,
+    #[serde(default, with = "humantime_serde")]
+    tcp_timeout: Option<std::time::Duration>,
+    #[serde(default)]
+    congestion_control: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -72,6 +91,23 @@ pub struct VnetConfig {
     pub hosts: BTreeMap<String, IpAddr>,
     /// The vnet's DNS server.
     pub dns: Option<std::net::SocketAddr>,
+    /// The vnet's own IP stack, when it has `address:`.
+    pub stack: Option<StackConfig>,
+}
+
+/// The vnet's own IP stack.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StackConfig {
+    /// Its addresses.
+    pub addresses: Vec<IpNet>,
+    /// Its MTU.
+    pub mtu: usize,
+    /// TCP keep-alive of its connections (`None`: off).
+    pub tcp_keepalive: Option<std::time::Duration>,
+    /// A silent peer's connections end after this.
+    pub tcp_timeout: std::time::Duration,
+    /// The kernel engine's congestion control.
+    pub congestion_control: Option<String>,
 }
 
 /// `to:`: what a route matches. `*` is everything (IPv4, IPv6 and names).
@@ -165,12 +201,54 @@ impl VnetConfig {
                     })?,
             ),
         };
+        let stack = if raw.address.is_null() {
+            for (set, key) in [
+                (raw.mtu.is_some(), "mtu"),
+                (raw.tcp_keepalive.is_some(), "tcp_keepalive"),
+                (raw.tcp_timeout.is_some(), "tcp_timeout"),
+                (raw.congestion_control.is_some(), "congestion_control"),
+            ] {
+                if set {
+                    return Err(ConfigError::key(
+                        &doc.source,
+                        key,
+                        "applies to the vnet's own IP stack: set `address:` too",
+                    ));
+                }
+            }
+            None
+        } else {
+            let addresses = parse_addresses(&doc.source, "address", &raw.address)?;
+            let mtu = raw.mtu.unwrap_or(1420);
+            if !(576..=65535).contains(&mtu) {
+                return Err(ConfigError::key(
+                    &doc.source,
+                    "mtu",
+                    format!("{mtu}: expected 576..=65535"),
+                ));
+            }
+            let tcp_keepalive = match raw.tcp_keepalive {
+                None => Some(DEFAULT_TCP_KEEPALIVE),
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d),
+            };
+            let tcp_timeout = raw.tcp_timeout.unwrap_or(DEFAULT_TCP_TIMEOUT);
+            positive(&doc.source, "tcp_timeout", tcp_timeout)?;
+            Some(StackConfig {
+                addresses,
+                mtu,
+                tcp_keepalive,
+                tcp_timeout,
+                congestion_control: raw.congestion_control,
+            })
+        };
         Ok(VnetConfig {
             default: raw.default,
             engine: raw.engine,
             routes,
             hosts,
             dns,
+            stack,
         })
     }
 
@@ -267,6 +345,38 @@ mod tests {
             assert!(k.starts_with(key), "{v}: key {k:?} in {e}");
             assert!(e.to_string().contains(msg), "{v}: {e}");
             assert!(e.to_string().starts_with("tenants/acme/sydney.yaml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_address_gives_the_vnet_a_stack() {
+        let c = VnetConfig::from_document(&doc(
+            json!({"address": ["10.60.0.1/16", "fd60::1/64"], "mtu": 1380, "tcp_keepalive": "0s"}),
+        ))
+        .unwrap();
+        let s = c.stack.unwrap();
+        assert_eq!(s.addresses.len(), 2);
+        assert_eq!((s.mtu, s.tcp_keepalive), (1380, None));
+        assert_eq!(s.tcp_timeout, DEFAULT_TCP_TIMEOUT);
+        let none = VnetConfig::from_document(&doc(json!({}))).unwrap();
+        assert!(none.stack.is_none());
+        for (v, key, what) in [
+            (json!({"mtu": 1400}), "mtu", "set `address:` too"),
+            (
+                json!({"address": "10.60.0.1/16", "mtu": 100}),
+                "mtu",
+                "576..=65535",
+            ),
+            (json!({"address": "nope"}), "address", "not an address"),
+            (
+                json!({"address": "10.60.0.1/16", "tcp_timeout": "0s"}),
+                "tcp_timeout",
+                "",
+            ),
+        ] {
+            let e = VnetConfig::from_document(&doc(v)).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert!(e.to_string().contains(what), "{e}");
         }
     }
 }

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::core::addr::HostPort;
-use crate::core::config::{parse_document, ConfigError};
+use crate::core::config::{parse_addresses, parse_document, ConfigError};
 use crate::core::keys::{PrivateKey, PublicKey};
 
 /// `kind: wireguard`
@@ -18,7 +18,8 @@ use crate::core::keys::{PrivateKey, PublicKey};
 /// kind: wireguard
 /// private_key: <base64>          # or private_key_file: /etc/meshgate/wg0.key
 /// listen_port: 8765              # omitted: an ephemeral port (clients)
-/// address: 10.192.0.1/24         # this node's address(es) in the tenant's network
+/// address: 10.192.0.1/24         # this node's address(es) in the tenant's network; may be left
+///                                # out when `vnet:` names a vnet with `address:` (its stack is used)
 /// vnet: sydney                   # optional: the vnet it attaches to (default: the tenant's default)
 /// forward: true                  # forward between peers (default: when `address` is a subnet)
 /// tcp_keepalive: 30s             # keep-alives on tunnelled TCP connections (0s: off)
@@ -62,43 +63,6 @@ struct RawConfig {
     uapi: Option<String>,
     #[serde(default)]
     congestion_control: Option<String>,
-}
-
-/// `address`: one address or a list; `10.0.0.1/24`, or a bare IP meaning a
-/// single host (`/32`, `/128`).
-fn parse_addresses(source: &str, v: &serde_json::Value) -> Result<Vec<IpNet>, ConfigError> {
-    let err = |m: String| ConfigError::key(source, "address", m);
-    if v.is_null() {
-        return Err(err(
-            "missing: this node's address(es) in the virtual network, e.g. 10.192.0.1/24".into(),
-        ));
-    }
-    let items: Vec<&serde_json::Value> = match v {
-        serde_json::Value::Array(a) => a.iter().collect(),
-        other => vec![other],
-    };
-    if items.is_empty() {
-        return Err(err(
-            "at least one address is needed, e.g. 10.192.0.1/24".into()
-        ));
-    }
-    items
-        .into_iter()
-        .map(|i| {
-            let s = i.as_str().ok_or_else(|| {
-                err(format!(
-                    "expected an address such as 10.192.0.1/24, found {i}"
-                ))
-            })?;
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    err(format!(
-                        "`{s}` is not an address such as 10.192.0.1/24 or fd00::1/64"
-                    ))
-                })
-        })
-        .collect()
 }
 
 /// Holds key text: deliberately not `Debug`.
@@ -180,10 +144,7 @@ impl std::fmt::Debug for WireGuardConfig {
     }
 }
 
-/// Keep-alive of tunnelled TCP connections unless configured.
-pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
-/// Dead-peer timeout of tunnelled TCP connections unless configured.
-pub const DEFAULT_TCP_TIMEOUT: Duration = Duration::from_secs(90);
+pub use crate::core::engine::{DEFAULT_TCP_KEEPALIVE, DEFAULT_TCP_TIMEOUT};
 
 /// Reads a key given inline or in a file (exactly one of the two).
 fn key_text(
@@ -219,6 +180,14 @@ fn check_interface_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// The networks routed to the peers: every peer's allowed IPs.
+pub fn routed_nets(peers: &[PeerConfig]) -> Vec<IpNet> {
+    peers
+        .iter()
+        .flat_map(|p| p.allowed_ips.iter().copied())
+        .collect()
+}
+
 impl WireGuardConfig {
     /// The interface names this instance may take, best first: the
     /// configured `interface`, else `<tenant>-<instance>` when it fits in
@@ -250,10 +219,7 @@ impl WireGuardConfig {
 
     /// The networks routed to this instance in its vnet: every peer's allowed IPs.
     pub fn routed_nets(&self) -> Vec<IpNet> {
-        self.peers
-            .iter()
-            .flat_map(|p| p.allowed_ips.iter().copied())
-            .collect()
+        routed_nets(&self.peers)
     }
 
     /// Parses and validates a `kind: wireguard` document.
@@ -270,7 +236,11 @@ impl WireGuardConfig {
         .expect("required");
         let private_key = PrivateKey::from_base64(&pk)
             .map_err(|e| ConfigError::key(src, "private_key", e.to_string()))?;
-        let addresses = parse_addresses(src, &raw.address)?;
+        // Attached to a vnet, the interface may use the vnet's addresses.
+        let addresses = match (&raw.address, &raw.vnet) {
+            (serde_json::Value::Null, Some(_)) => Vec::new(),
+            (v, _) => parse_addresses(src, "address", v)?,
+        };
         if let Some(name) = &raw.interface {
             check_interface_name(name).map_err(|m| ConfigError::key(src, "interface", m))?;
         }

@@ -48,7 +48,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{PeerConfig, WireGuardConfig};
+use super::config::{routed_nets, PeerConfig, WireGuardConfig};
 use super::metrics::{PeerMetrics, WgMetrics};
 use super::replay::{self, Tai64n};
 use crate::core::engine::userspace::metrics::NetStackMetrics;
@@ -57,6 +57,7 @@ use crate::core::engine::{NetStackStats, PacketSink};
 use crate::core::metrics::{InstanceMetrics, Metrics};
 use crate::core::spine::flow::FlowTable;
 use crate::core::spine::ipflow::{hop, time_exceeded, Admit, Hop, IpFlows};
+use crate::core::spine::vnetstack::{Link, VnetStack};
 
 /// Handshake messages per second (all peers) before cookies are required.
 /// Each one passes the limiter twice (our peer lookup, then boringtun's own
@@ -285,7 +286,7 @@ pub trait Wire: Send + Sync + 'static {
 struct UdpWire {
     socket: Arc<UdpSocket>,
     dual_stack: bool,
-    engine: std::sync::OnceLock<Arc<dyn IpEngine>>,
+    net: std::sync::OnceLock<Net>,
 }
 
 impl Wire for UdpWire {
@@ -306,14 +307,49 @@ impl Wire for UdpWire {
     }
 
     fn deliver(&self, packet: &[u8]) -> bool {
-        self.engine.get().is_some_and(|s| s.inject(packet))
+        self.net.get().is_some_and(|n| n.inject(packet))
     }
 }
 
-/// The socket and the engine of a running device.
+/// Where a device's packets for the node's addresses go.
+#[derive(Clone)]
+pub enum Net {
+    /// Its own engine, holding the interface's addresses.
+    Own(Arc<dyn IpEngine>),
+    /// The IP stack of the vnet it attaches to, shared with the vnet's
+    /// other links.
+    Vnet(Arc<VnetStack>),
+}
+
+impl Net {
+    fn inject(&self, packet: &[u8]) -> bool {
+        match self {
+            Net::Own(e) => e.inject(packet),
+            Net::Vnet(s) => s.inject(packet),
+        }
+    }
+
+    /// The engine running now.
+    pub fn engine(&self) -> Option<Arc<dyn IpEngine>> {
+        match self {
+            Net::Own(e) => Some(e.clone()),
+            Net::Vnet(s) => s.engine(),
+        }
+    }
+}
+
+/// What a device is started on: an engine of its own, or its vnet's stack.
+pub enum NetChoice {
+    /// Start an engine of this kind for the interface's addresses.
+    Own(EngineKind),
+    /// Link to the vnet's stack.
+    Vnet(Arc<VnetStack>),
+}
+
+/// The socket and the network of a running device.
 struct DeviceIo {
     socket: Arc<UdpSocket>,
-    engine: Arc<dyn IpEngine>,
+    net: Net,
 }
 
 /// Why a device could not start.
@@ -407,7 +443,8 @@ fn drop_reason(e: &WireGuardError) -> &'static str {
 }
 
 impl Device {
-    /// Binds, starts the engine of kind `engine` and the data plane tasks.
+    /// Binds, starts the engine (or links to the vnet's stack) and the
+    /// data plane tasks.
     /// `replay_floors` are the initiation timestamps of the device this
     /// one replaces ([`Device::replay_floors`]), empty for a first start.
     #[allow(clippy::too_many_arguments)]
@@ -415,7 +452,7 @@ impl Device {
         tenant: &str,
         instance: &str,
         cfg: &WireGuardConfig,
-        engine: EngineKind,
+        net: NetChoice,
         metrics: Arc<Metrics>,
         flows: Arc<FlowTable>,
         instance_metrics: InstanceMetrics,
@@ -428,35 +465,50 @@ impl Device {
         let wire = Arc::new(UdpWire {
             socket: socket.clone(),
             dual_stack,
-            engine: std::sync::OnceLock::new(),
+            net: std::sync::OnceLock::new(),
         });
         let sink = Arc::new(StackSink(Mutex::new(Weak::new())));
-        let engine_cfg = EngineConfig {
-            addresses: cfg.addresses.clone(),
-            mtu: cfg.mtu,
-            keep_alive: cfg.tcp_keepalive,
-            tcp_timeout: cfg.tcp_timeout,
-            congestion_control: cfg.congestion_control.clone(),
-            label: format!("{tenant}/{instance}"),
+        let mut cfg = cfg.clone();
+        let net = match net {
+            NetChoice::Own(kind) => {
+                let engine_cfg = EngineConfig {
+                    addresses: cfg.addresses.clone(),
+                    mtu: cfg.mtu,
+                    keep_alive: cfg.tcp_keepalive,
+                    tcp_timeout: cfg.tcp_timeout,
+                    congestion_control: cfg.congestion_control.clone(),
+                    label: format!("{tenant}/{instance}"),
+                };
+                Net::Own(engine::start(kind, &engine_cfg, sink.clone()).await?)
+            }
+            NetChoice::Vnet(stack) => {
+                if cfg.addresses.is_empty() {
+                    cfg.addresses = stack.addresses();
+                }
+                Net::Vnet(stack)
+            }
         };
-        let stack = engine::start(engine, &engine_cfg, sink.clone()).await?;
-        let _ = wire.engine.set(stack.clone());
+        let _ = wire.net.set(net.clone());
         let dev = Arc::new(Self::build(
             tenant,
             instance,
-            cfg,
+            &cfg,
             metrics,
             flows,
             instance_metrics,
             wire,
             Some(DeviceIo {
                 socket,
-                engine: stack,
+                net: net.clone(),
             }),
         ));
         *sink.0.lock().expect("sink poisoned") = Arc::downgrade(&dev);
         dev.inherit(replay_floors);
         dev.set_peers(&cfg.peers);
+        if let Net::Vnet(stack) = &net {
+            let link: Weak<dyn Link> = Arc::downgrade(&dev) as Weak<dyn Link>;
+            stack.link(instance, routed_nets(&cfg.peers), link);
+        }
         let (handshakes, queue) = mpsc::channel(HANDSHAKE_QUEUE);
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(dev.clone().recv_loop(handshakes));
@@ -565,8 +617,24 @@ impl Device {
     }
 
     /// The engine holding the node's addresses (`None` in a simulation).
-    pub fn engine(&self) -> Option<&Arc<dyn IpEngine>> {
-        self.io.as_ref().map(|io| &io.engine)
+    pub fn engine(&self) -> Option<Arc<dyn IpEngine>> {
+        self.io.as_ref().and_then(|io| io.net.engine())
+    }
+
+    /// The vnet stack this device is a link of, if any.
+    pub fn vnet_stack(&self) -> Option<&Arc<VnetStack>> {
+        match self.io.as_ref().map(|io| &io.net) {
+            Some(Net::Vnet(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether `ip` is one of the node's addresses (the vnet's, for a link).
+    fn is_local(&self, ip: IpAddr) -> bool {
+        match self.vnet_stack() {
+            Some(s) => s.is_local(ip),
+            None => self.addresses.iter().any(|n| n.addr() == ip),
+        }
     }
 
     /// Resolves with the panic message when a task of the device panicked;
@@ -593,10 +661,15 @@ impl Device {
     }
 
     /// Stops the tasks and the engine.
-    pub fn shutdown(&self) {
+    pub fn shutdown(self: &Arc<Self>) {
         self.cancel.cancel();
-        if let Some(io) = &self.io {
-            io.engine.shutdown();
+        match self.io.as_ref().map(|io| &io.net) {
+            Some(Net::Own(e)) => e.shutdown(),
+            Some(Net::Vnet(s)) => {
+                let me: Weak<dyn Link> = Arc::downgrade(self) as Weak<dyn Link>;
+                s.unlink(&self.instance, &me);
+            }
+            None => {}
         }
         self.ip_flows.clear();
     }
@@ -716,6 +789,9 @@ impl Device {
             routes.extend(p.cfg.allowed_ips.iter().map(|n| (*n, p.index)));
         }
         routes.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+        if let Some(stack) = self.vnet_stack() {
+            stack.set_nets(&self.instance, routed_nets(peers));
+        }
         *self.table.write().expect("table poisoned") = Arc::new(PeerTable {
             slots,
             by_key,
@@ -1068,7 +1144,7 @@ impl Device {
         let Some(dst) = Tunn::dst_address(packet) else {
             return self.drop_packet(Some(peer), "malformed");
         };
-        if self.addresses.iter().any(|n| n.addr() == dst) {
+        if self.is_local(dst) {
             if !self.wire.deliver(packet) {
                 self.drop_packet(Some(peer), "stack_queue_full");
             }
@@ -1078,6 +1154,12 @@ impl Device {
                 Admit::Drop(reason) => return self.drop_packet(Some(peer), reason),
             }
             match hop(packet) {
+                // To another link of the vnet when none of our peers has it.
+                Hop::Forward
+                    if self.table().route(dst).is_none()
+                        && self
+                            .vnet_stack()
+                            .is_some_and(|s| s.forward(&self.instance, packet)) => {}
                 Hop::Forward => self.send_ip(packet, Some(peer.index)),
                 Hop::Malformed => self.drop_packet(Some(peer), "malformed"),
                 Hop::Expired => {
@@ -1111,7 +1193,9 @@ impl Device {
             ticks = ticks.wrapping_add(1);
             if ticks % 4 == 0 {
                 self.ip_flows.expire(Instant::now());
-                if let Some(now) = self.engine().and_then(|e| e.stats()) {
+                // A vnet's shared stack is not this instance's to report.
+                let own = self.vnet_stack().is_none();
+                if let Some(now) = self.engine().filter(|_| own).and_then(|e| e.stats()) {
                     let mut last = self.stack_reported.lock().expect("poisoned");
                     self.stack_metrics
                         .observe(&self.tenant, &self.instance, &now, &mut last);
@@ -1258,6 +1342,13 @@ impl Device {
             .find(|p| p.cfg.name == name)
             .and_then(|p| p.cfg.allowed_ips.first())
             .map(|n| n.addr())
+    }
+}
+
+/// A link of its vnet's stack: what the stack sends to our peers.
+impl Link for Device {
+    fn send_ip(&self, packet: &[u8]) {
+        Device::send_ip(self, packet, None)
     }
 }
 

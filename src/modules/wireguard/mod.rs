@@ -39,25 +39,22 @@ pub mod wgquick;
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use configstore::Document;
-use ipnet::IpNet;
 
-use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
-use crate::core::engine::{EngineKind, IpEngine};
-use crate::core::net::dial::{DialError, Dialer};
-use crate::core::net::listen::{StreamListener, VirtualNetwork};
-use crate::core::net::proxy::Stream;
+use crate::core::engine::{EngineKind, EngineNetwork};
+use crate::core::net::dial::Dialer;
+use crate::core::net::listen::VirtualNetwork;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 
+use crate::core::spine::vnet::IMPLICIT_VNET;
 pub use config::WireGuardConfig;
-use device::Device;
+use device::{Device, NetChoice};
 
 /// The wait before a device whose task panicked is started again.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -148,6 +145,24 @@ impl Inner {
         self.device.lock().expect("poisoned").clone()
     }
 
+    /// An interface without `address:` is a link of its vnet's stack;
+    /// one with addresses runs its own engine.
+    fn net_choice(&self, cfg: &WireGuardConfig, source: &str) -> Result<NetChoice, ModuleError> {
+        if !cfg.addresses.is_empty() {
+            return Ok(NetChoice::Own(self.engine_kind(cfg)));
+        }
+        let vnet = cfg.vnet.as_deref().unwrap_or(IMPLICIT_VNET);
+        match self.ctx.tenant.vnets.stack_for(cfg.vnet.as_deref()) {
+            Some(stack) => Ok(NetChoice::Vnet(stack)),
+            None => Err(ConfigError::key(
+                source,
+                "address",
+                format!("missing, and vnet `{vnet}` has no `address:` of its own: give this interface an address, or the vnet one (its stack is then shared by the interfaces attached to it)"),
+            )
+            .into()),
+        }
+    }
+
     /// The engine this instance's vnet asks for.
     fn engine_kind(&self, cfg: &WireGuardConfig) -> EngineKind {
         self.ctx.tenant.vnets.engine_for(cfg.vnet.as_deref())
@@ -160,11 +175,12 @@ impl Inner {
         replay_floors: ReplayFloors,
     ) -> Result<Arc<Device>, ModuleError> {
         let engine = self.engine_kind(cfg);
+        let net = self.net_choice(cfg, source)?;
         let dev = Device::start(
             &self.ctx.tenant.name,
             &self.ctx.instance,
             cfg,
-            engine,
+            net,
             self.ctx.metrics.clone(),
             self.ctx.flows.clone(),
             self.ctx.instance_metrics.clone(),
@@ -362,6 +378,7 @@ impl Inner {
             && new.tcp_keepalive == old.tcp_keepalive
             && new.tcp_timeout == old.tcp_timeout
             && new.congestion_control == old.congestion_control
+            && new.vnet == old.vnet
             && self.device().and_then(|d| d.engine().map(|e| e.kind()))
                 == Some(self.engine_kind(&new));
         match (same_interface, self.device()) {
@@ -652,87 +669,36 @@ impl Module for WireGuard {
     }
 
     fn dialer(&self) -> Option<Arc<dyn Dialer>> {
-        Some(Arc::new(VnetHandle(self.0.device.clone())))
+        Some(Arc::new(network(&self.0.device)))
     }
 
     fn vnet(&self) -> Option<Arc<dyn VirtualNetwork>> {
-        Some(Arc::new(VnetHandle(self.0.device.clone())))
+        Some(Arc::new(network(&self.0.device)))
     }
 }
 
-/// The instance's network as a capability; follows interface restarts.
-struct VnetHandle(Arc<Mutex<Option<Arc<Device>>>>);
-
-impl VnetHandle {
-    fn engine(&self) -> io::Result<Arc<dyn IpEngine>> {
-        self.0
-            .lock()
-            .expect("poisoned")
-            .as_ref()
-            .and_then(|d| d.engine().cloned())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    "the WireGuard interface is down",
-                )
-            })
-    }
-}
-
-#[async_trait]
-impl VirtualNetwork for VnetHandle {
-    async fn listen_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn StreamListener>> {
-        self.engine()?.listen_tcp(addr).await
-    }
-
-    async fn bind_udp(
-        &self,
-        addr: SocketAddr,
-    ) -> io::Result<Arc<dyn crate::core::net::datagram::DatagramSocket>> {
-        self.engine()?.bind_udp(addr).await
-    }
-
-    fn addresses(&self) -> Vec<IpNet> {
-        self.engine().map(|e| e.addresses()).unwrap_or_default()
-    }
-
-    fn peer_address(&self, peer: &str) -> Option<IpAddr> {
-        self.0
-            .lock()
-            .expect("poisoned")
-            .as_ref()?
-            .peer_address(peer)
-    }
-}
-
-#[async_trait]
-impl Dialer for VnetHandle {
-    async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError> {
-        let ip = target.ip().ok_or_else(|| {
-            DialError::NoRoute(format!(
-                "{target}: names are not resolved inside a WireGuard network; use the peer's VPN address"
-            ))
-        })?;
-        let engine = self
-            .engine()
-            .map_err(|e| DialError::NoRoute(e.to_string()))?;
-        engine
-            .connect_tcp(SocketAddr::new(ip, target.port), timeout)
-            .await
-    }
-
-    async fn bind_udp(
-        &self,
-        remote: SocketAddr,
-    ) -> Result<Arc<dyn crate::core::net::datagram::DatagramSocket>, DialError> {
-        let engine = self
-            .engine()
-            .map_err(|e| DialError::NoRoute(e.to_string()))?;
-        engine
-            .bind_udp(crate::core::net::datagram::any_for(remote))
-            .await
-            .map_err(|e| DialError::from_io(&remote, e))
-    }
+/// The instance's network as a capability: its engine (or its vnet's
+/// stack) as running now, so interface restarts are followed.
+fn network(slot: &Arc<Mutex<Option<Arc<Device>>>>) -> EngineNetwork {
+    let (engines, peers) = (slot.clone(), slot.clone());
+    EngineNetwork::new(
+        Arc::new(move || {
+            engines
+                .lock()
+                .expect("poisoned")
+                .as_ref()
+                .and_then(|d| d.engine())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "the WireGuard interface is down",
+                    )
+                })
+        }),
+        Some(Arc::new(move |name: &str| {
+            peers.lock().expect("poisoned").as_ref()?.peer_address(name)
+        })),
+    )
 }
 
 #[cfg(test)]
@@ -809,6 +775,63 @@ mod tests {
         assert!(metrics
             .encode()
             .contains(r#"meshgate_module_restarts_total{tenant="t",instance="wg0"} 1"#));
+        reg.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn an_interface_without_address_needs_a_vnet_with_one() {
+        let store = Arc::new(configstore::MemStore::new());
+        store.set("t", "plain", serde_json::json!({"kind": "vnet"}));
+        store.set(
+            "t",
+            "wg0",
+            serde_json::json!({
+                "kind": "wireguard",
+                "private_key": PrivateKey::generate().to_base64(),
+                "vnet": "plain",
+                "uapi": "off",
+            }),
+        );
+        let reg = Registry::new(
+            store.clone(),
+            vec![
+                Arc::new(super::WireGuardFactory),
+                Arc::new(crate::modules::vnet::VnetFactory),
+            ],
+            Arc::new(Metrics::new()),
+            Arc::new(FlowTable::new(vec![])),
+        );
+        let errors: Vec<String> = reg
+            .start()
+            .await
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            errors.iter().any(
+                |e| e.contains("key `address`") && e.contains("vnet `plain` has no `address:`")
+            ),
+            "{errors:?}"
+        );
+        // Given one, the interface links to the vnet's stack.
+        store.set(
+            "t",
+            "plain",
+            serde_json::json!({"kind": "vnet", "address": "10.70.0.1/24"}),
+        );
+        let reg = Registry::new(
+            store,
+            vec![
+                Arc::new(super::WireGuardFactory),
+                Arc::new(crate::modules::vnet::VnetFactory),
+            ],
+            Arc::new(Metrics::new()),
+            Arc::new(FlowTable::new(vec![])),
+        );
+        reg.start().await.unwrap();
+        let status = reg.find("t", "plain").unwrap().status();
+        assert_eq!(status["stack"]["links"], serde_json::json!(["wg0"]));
         reg.shutdown(Duration::from_secs(1)).await;
     }
 
