@@ -211,3 +211,141 @@ fn ssh_jump_through_meshgate_into_a_real_sshd_and_100mb_through_a_forward() {
         "the bytes changed on the way"
     );
 }
+
+/// Removes a namespace's own hosts file (`ip netns exec` bind-mounts
+/// `/etc/netns/NAME/hosts` over `/etc/hosts`).
+struct NsHosts(std::path::PathBuf);
+impl NsHosts {
+    fn new(ns: &Netns, text: &str) -> NsHosts {
+        let dir = Path::new("/etc/netns").join(&ns.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("hosts"), text).unwrap();
+        NsHosts(dir)
+    }
+}
+impl Drop for NsHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Cloud-Gateway's topology without a single pipe: the cloud-native
+/// client's meshgate has a WireGuard tunnel to the server, an SSH link to
+/// the server's SSH door *through that tunnel*, and a SOCKS door whose vnet
+/// routes everything over the link. `curl --socks5-hostname ... http://nginx/`
+/// reaches nginx in the legacy network, `nginx` resolved on the server's
+/// side (its hosts file), never on the client's.
+#[test]
+fn socks_on_the_client_reaches_legacy_nginx_by_name_over_ssh_in_wireguard() {
+    if !can_netns() || !have("ssh-keygen") || !have("nginx") || !have("curl") {
+        eprintln!("skipped: needs root, ssh-keygen, nginx, curl");
+        return;
+    }
+    let cloud = Netns::new("cc");
+    let server = Netns::new("cs");
+    let mut legacy = Netns::new("cl");
+    link(&cloud, "10.242.1.2/24", &server, "10.242.1.1/24");
+    link(&server, "10.242.2.1/24", &legacy, "10.242.2.10/24");
+    let _nginx = nginx_in(&mut legacy, "10.242.2.10:80", "legacy nginx\n");
+    let _hosts = NsHosts::new(&server, "127.0.0.1 localhost\n10.242.2.10 nginx\n");
+    assert!(
+        !cloud.try_sh("getent hosts nginx").status.success(),
+        "the client must not know the name"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let door_host = keygen(d, "door_host");
+    let link_pub = keygen(d, "link_key");
+    let (server_key, client_key) = (
+        meshgate::core::keys::PrivateKey::generate(),
+        meshgate::core::keys::PrivateKey::generate(),
+    );
+    let srv = tempfile::tempdir().unwrap();
+    let sd = srv.path().join("tenants/default");
+    std::fs::create_dir_all(&sd).unwrap();
+    std::fs::write(
+        srv.path().join("meshgate.yaml"),
+        "node: server\nadmin: 127.0.0.1:9000\n",
+    )
+    .unwrap();
+    std::fs::write(
+        sd.join("wg0.yaml"),
+        format!(
+            "kind: wireguard\nprivate_key: {}\nlisten_port: 51820\naddress: 10.192.0.1/24\npeers:\n  - name: client\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n",
+            server_key.to_base64(),
+            client_key.public_key()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        sd.join("door.yaml"),
+        format!(
+            "kind: ssh\nlisten: 10.192.0.1:2222\nlisten_via: wg0\nhost_key_file: {}\nauthorized_keys:\n  - {link_pub}\n",
+            d.join("door_host").display()
+        ),
+    )
+    .unwrap();
+    let cli = tempfile::tempdir().unwrap();
+    let cd = cli.path().join("tenants/default");
+    std::fs::create_dir_all(&cd).unwrap();
+    std::fs::write(
+        cli.path().join("meshgate.yaml"),
+        "node: client\nadmin: 127.0.0.1:9000\n",
+    )
+    .unwrap();
+    std::fs::write(
+        cd.join("wg0.yaml"),
+        format!(
+            "kind: wireguard\nprivate_key: {}\naddress: 10.192.0.2/32\npeers:\n  - name: server\n    public_key: {}\n    endpoint: 10.242.1.1:51820\n    allowed_ips: [10.192.0.1/32]\n    persistent_keepalive: 5\n",
+            client_key.to_base64(),
+            server_key.public_key()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        cd.join("legacy.yaml"),
+        format!(
+            "kind: ssh_link\nserver: 10.192.0.1:2222\nserver_via: wg0\nhost_key: {door_host}\nkey_file: {}\n",
+            d.join("link_key").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        cd.join("net.yaml"),
+        "kind: vnet\nroutes:\n  - to: \"*\"\n    via: legacy\n",
+    )
+    .unwrap();
+    std::fs::write(
+        cd.join("socks.yaml"),
+        "kind: socks\nlisten: 127.0.0.1:1080\n",
+    )
+    .unwrap();
+    let mg_server = NsMeshgate::start(&server, srv.path(), "127.0.0.1:9000");
+    let mg_client = NsMeshgate::start(&cloud, cli.path(), "127.0.0.1:9000");
+    let get = || {
+        let out =
+            cloud.try_sh("curl -sS --max-time 5 --socks5-hostname 127.0.0.1:1080 http://nginx/");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || get() == "legacy nginx\n"),
+        "curl through SOCKS → SSH → WireGuard:\nclient:\n{}\nserver:\n{}",
+        mg_client.log_text(),
+        mg_server.log_text()
+    );
+    // The client's audit line names the route over the link; the server's
+    // door logged the link in and dialed the name.
+    assert!(
+        wait_until(Duration::from_secs(3), || mg_client
+            .log_text()
+            .contains("-> legacy")),
+        "{}",
+        mg_client.log_text()
+    );
+    assert!(
+        mg_server.log_text().contains("SSH login"),
+        "{}",
+        mg_server.log_text()
+    );
+}

@@ -480,3 +480,119 @@ fn a_stalled_channel_does_not_stall_the_session_and_tenants_keep_their_keys() {
     );
     drop(stalled);
 }
+
+/// Two gateways on loopback joined by `kind: ssh_link`: the link is a route
+/// connector (a pipe `via:` it reaches nginx by a name resolved on the far
+/// side) and publishes a reverse forward there. Killed and restarted, the
+/// far gateway gets the link back within the backoff, and the forward with it.
+#[test]
+fn a_gateway_link_reconnects_and_publishes_its_forwards_again() {
+    if !have("ssh-keygen") || !have("curl") {
+        return;
+    }
+    let Some(nginx) = Nginx::start() else { return };
+    let echo = echo_server();
+    let dir = tempfile::tempdir().unwrap();
+    let (east_host, east_host_pub) = keygen(dir.path(), "east_host");
+    let (west_key, west_pub) = keygen(dir.path(), "west_link");
+    let door = free_port();
+    let published = free_port();
+    let east = ConfigDir::new();
+    east.write(
+        "tenants/acme/door.yaml",
+        &format!(
+            "kind: ssh\nlisten: 127.0.0.1:{door}\nhost_key_file: {}\nauthorized_keys:\n  - {west_pub}\n",
+            east_host.display()
+        ),
+    );
+    let west = ConfigDir::new();
+    west.write(
+        "tenants/acme/east.yaml",
+        &format!(
+            "kind: ssh_link\nserver: 127.0.0.1:{door}\nhost_key: {east_host_pub}\nkey_file: {}\nbackoff_max: 4s\nkeepalive: 1s\nforwards:\n  - remote_port: {published}\n    to: {echo}\n",
+            west_key.display()
+        ),
+    );
+    let web = free_port();
+    west.write(
+        "tenants/acme/web.yaml",
+        &format!(
+            "kind: pipe\nlisten: 127.0.0.1:{web}\nremote: localhost:{}\nvia: east\n",
+            nginx.addr.port()
+        ),
+    );
+    let mut mg_east = Meshgate::start(&east);
+    let mg_west = Meshgate::start(&west);
+    let link = |mg: &Meshgate| {
+        mg.json("/api/v1/modules")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["instance"] == "east")
+            .unwrap()["details"]
+            .clone()
+    };
+    let through_pipe = || curl(&format!("http://127.0.0.1:{web}/")).0 == 200;
+    let through_forward = || {
+        std::net::TcpStream::connect(("127.0.0.1", published))
+            .ok()
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                echo_roundtrip(&mut s, b"ping").ok()
+            })
+            .is_some_and(|r| r == b"ping")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), through_pipe),
+        "the pipe through the link:\n{}\n{}",
+        mg_west.log_text(),
+        mg_east.log_text()
+    );
+    assert!(wait_until(Duration::from_secs(5), through_forward));
+    let status = link(&mg_west);
+    assert_eq!(status["connected"], true);
+    assert_eq!(status["reconnects"], 0);
+    assert_eq!(
+        status["public_key"].as_str().unwrap().split(' ').nth(1),
+        west_pub.split(' ').nth(1)
+    );
+    // The east gateway dies: the link goes down, and with it both ways.
+    mg_east.signal("KILL");
+    let _ = mg_east.child.wait();
+    assert!(wait_until(Duration::from_secs(6), || link(&mg_west)
+        ["connected"]
+        == false));
+    assert!(!through_pipe());
+    assert!(!through_forward());
+    // Back after a while: the link returns within the backoff (4 s at
+    // most here, jittered), its reverse forward registered again.
+    std::thread::sleep(Duration::from_secs(3));
+    let t = std::time::Instant::now();
+    mg_east = Meshgate::start(&east);
+    assert!(
+        wait_until(Duration::from_secs(8), through_forward),
+        "the reverse forward did not come back:\n{}",
+        mg_west.log_text()
+    );
+    assert!(wait_until(Duration::from_secs(2), through_pipe));
+    eprintln!("link back {:?} after the restart", t.elapsed());
+    let status = link(&mg_west);
+    assert_eq!(status["connected"], true);
+    assert!(status["reconnects"].as_u64().unwrap() >= 1);
+    // A wrong host key: never connects, says why.
+    let (_, other_pub) = keygen(dir.path(), "other");
+    let wrong = ConfigDir::new();
+    wrong.write(
+        "tenants/acme/east.yaml",
+        &format!(
+            "kind: ssh_link\nserver: 127.0.0.1:{door}\nhost_key: {other_pub}\nkey_file: {}\n",
+            west_key.display()
+        ),
+    );
+    let mg_wrong = Meshgate::start(&wrong);
+    assert!(wait_until(Duration::from_secs(5), || mg_wrong
+        .log_text()
+        .contains("host key is not the one configured")));
+    assert_eq!(link(&mg_wrong)["connected"], false);
+    drop(mg_east);
+}

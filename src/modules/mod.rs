@@ -30,6 +30,7 @@ pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
         Arc::new(http_proxy::HttpProxyFactory),
         Arc::new(capture::CaptureFactory),
         Arc::new(ssh::SshFactory),
+        Arc::new(ssh::link::SshLinkFactory),
         Arc::new(wireguard::WireGuardFactory),
         Arc::new(vnet::VnetFactory),
     ]

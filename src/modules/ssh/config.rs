@@ -17,6 +17,7 @@ use crate::core::config::{
 /// ```yaml
 /// kind: ssh
 /// listen: 0.0.0.0:2222
+/// listen_via: wg0                # optional: accept on a VPN address in this module's network
 /// host_key_file: /var/lib/meshgate/acme-ssh-host-key   # made on first start (Ed25519, 0600)
 /// authorized_keys_file: /etc/meshgate/acme.authorized_keys   # OpenSSH format
 /// authorized_keys:               # and/or lines inline
@@ -32,6 +33,8 @@ use crate::core::config::{
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: ListenAddr,
+    #[serde(default)]
+    listen_via: Option<String>,
     host_key_file: PathBuf,
     #[serde(default)]
     authorized_keys_file: Option<PathBuf>,
@@ -69,6 +72,8 @@ const MAX_KEYS_FILE: u64 = 1 << 20;
 pub struct SshConfig {
     /// Where SSH clients connect.
     pub listen: ListenAddr,
+    /// The module whose network it listens in (`None`: the host).
+    pub listen_via: Option<String>,
     /// The host key's file.
     pub host_key_file: PathBuf,
     /// Who may log in.
@@ -149,8 +154,12 @@ impl SshConfig {
         positive(src, "connect_timeout", raw.connect_timeout)?;
         at_least_one(src, "max_connections", raw.max_connections)?;
         let idle_timeout = idle_timeout(src, raw.idle_timeout, Duration::from_secs(3600))?;
+        if let Some(m) = &raw.listen_via {
+            configstore::check_name(m).map_err(|e| ConfigError::key(src, "listen_via", e))?;
+        }
         Ok(SshConfig {
             listen: raw.listen,
+            listen_via: raw.listen_via,
             host_key_file: raw.host_key_file,
             keys,
             vnet: raw.vnet,

@@ -278,8 +278,9 @@ pub fn check_certificate(
     Ok(out)
 }
 
-/// The host key at `path`, made (Ed25519, mode 0600) if there is none yet.
-pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, String> {
+/// The key at `path` (a host key, a link's own key: `what`), made
+/// (Ed25519, mode 0600) if there is none yet.
+pub fn load_or_create_key(path: &Path, what: &str) -> Result<PrivateKey, String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if path.exists() {
@@ -307,7 +308,7 @@ pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, String> {
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
     f.write_all(text.as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    tracing::info!(path = %path.display(), fingerprint = %key.fingerprint(HashAlg::Sha256), "SSH host key created");
+    tracing::info!(path = %path.display(), fingerprint = %key.fingerprint(HashAlg::Sha256), "{what} created");
     Ok(key)
 }
 
@@ -366,10 +367,10 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("keys/host");
-        let a = load_or_create_host_key(&p).unwrap();
+        let a = load_or_create_key(&p, "SSH host key").unwrap();
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let b = load_or_create_host_key(&p).unwrap();
+        let b = load_or_create_key(&p, "SSH host key").unwrap();
         assert_eq!(a.public_key(), b.public_key());
     }
 }

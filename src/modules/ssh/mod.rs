@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod keys;
+pub mod link;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -56,7 +57,12 @@ impl ModuleFactory for SshFactory {
     fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
         let cfg = SshConfig::from_document(doc)?;
         Ok(ModulePlan {
-            depends_on: cfg.vnet.into_iter().chain(cfg.remote_forward_via).collect(),
+            depends_on: cfg
+                .vnet
+                .into_iter()
+                .chain(cfg.remote_forward_via)
+                .chain(cfg.listen_via)
+                .collect(),
             ..ModulePlan::default()
         })
     }
@@ -76,6 +82,17 @@ struct SshDoor {
     server: RwLock<Option<Arc<russh::server::Config>>>,
 }
 
+/// russh's default ciphers, with aes128-gcm (which OpenSSH clients offer
+/// and AES-NI makes the fastest) beside aes256-gcm.
+const CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
 /// russh's server settings around the host key.
 fn server_config(host_key: russh::keys::PrivateKey) -> russh::server::Config {
     russh::server::Config {
@@ -87,17 +104,8 @@ fn server_config(host_key: russh::keys::PrivateKey) -> russh::server::Config {
         keepalive_interval: Some(std::time::Duration::from_secs(30)),
         keepalive_max: 3,
         nodelay: true,
-        // russh's defaults, with aes128-gcm (which OpenSSH clients offer
-        // and AES-NI makes the fastest) beside aes256-gcm.
         preferred: russh::Preferred {
-            cipher: std::borrow::Cow::Borrowed(&[
-                russh::cipher::CHACHA20_POLY1305,
-                russh::cipher::AES_256_GCM,
-                russh::cipher::AES_128_GCM,
-                russh::cipher::AES_256_CTR,
-                russh::cipher::AES_192_CTR,
-                russh::cipher::AES_128_CTR,
-            ]),
+            cipher: std::borrow::Cow::Borrowed(CIPHERS),
             ..russh::Preferred::DEFAULT
         },
         ..Default::default()
@@ -180,13 +188,17 @@ impl Conn {
 }
 
 /// The channel's answer: confirmed once the dial succeeded, refused else.
-struct ChannelAnswer {
-    channel: Channel<Msg>,
-    reply: ChannelOpenHandle,
+/// For the door's channels and a link's forwarded ones alike.
+struct ChannelAnswer<M: From<(ChannelId, russh::ChannelMsg)> + Send> {
+    channel: Channel<M>,
+    reply: russh::ChannelOpenHandleInner<M>,
 }
 
 #[async_trait]
-impl Answer for ChannelAnswer {
+impl<M> Answer for ChannelAnswer<M>
+where
+    M: From<(ChannelId, russh::ChannelMsg)> + Send + Sync + 'static,
+{
     async fn answer(
         self: Box<Self>,
         outcome: Result<Option<SocketAddr>, EndReason>,
@@ -550,7 +562,7 @@ impl Door for SshDoor {
     }
 
     fn listen_on(cfg: &SshConfig) -> ListenOn {
-        ListenOn::new(cfg.listen.0, None)
+        ListenOn::new(cfg.listen.0, cfg.listen_via.as_ref())
     }
 
     /// The host key (made on first start), then the listener.
@@ -560,7 +572,7 @@ impl Door for SshDoor {
         cfg: &SshConfig,
         source: &str,
     ) -> Result<Box<dyn StreamListener>, ConfigError> {
-        let key = keys::load_or_create_host_key(&cfg.host_key_file)
+        let key = keys::load_or_create_key(&cfg.host_key_file, "SSH host key")
             .map_err(|m| ConfigError::key(source, "host_key_file", m))?;
         let l = onramp.bind(&Self::listen_on(cfg)).await.map_err(|e| {
             ConfigError::key(
@@ -574,7 +586,9 @@ impl Door for SshDoor {
     }
 
     fn must_rebind(old: &SshConfig, new: &SshConfig) -> bool {
-        old.listen != new.listen || old.host_key_file != new.host_key_file
+        old.listen != new.listen
+            || old.listen_via != new.listen_via
+            || old.host_key_file != new.host_key_file
     }
 
     fn status(&self, cfg: &SshConfig, onramp: &OnRamp) -> serde_json::Value {
