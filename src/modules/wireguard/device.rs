@@ -23,7 +23,12 @@
 //!   idle expiry: [`crate::core::spine::ipflow`]); the rest are dropped.
 //! - Outgoing packets (from the stack, or forwarded) go to the peer whose
 //!   allowed IPs contain the destination (longest prefix).
-//! - Timers run every 250 ms; endpoints roam only to the source of what
+//! - Timers run every 250 ms while the interface is active; one whose
+//!   peers have no session, no handshake under way and no persistent
+//!   keepalive (nothing for 10 minutes) looks every 5 s instead, and any
+//!   datagram or packet wakes it. A peer's boringtun `Tunn` (11 KB) is made
+//!   on its first datagram or packet, so idle peers cost little.
+//! - Endpoints roam only to the source of what
 //!   decrypted under the peer's keys (data, a handshake response, an
 //!   initiation we answer), never on cookie replies or cookie-answered
 //!   initiations; configured endpoint names are re-resolved while a peer is
@@ -63,8 +68,17 @@ use crate::core::spine::vnetstack::{Link, VnetStack};
 /// Each one passes the limiter twice (our peer lookup, then boringtun's own
 /// check), so this admits about half as many handshakes.
 const HANDSHAKE_RATE_LIMIT: u64 = 200;
-/// How often boringtun's timers run.
+/// How often boringtun's timers run while the interface is active.
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// How often the timer task looks at an idle interface (one whose peers
+/// have no session, no handshake under way and no persistent keepalive).
+const IDLE_TICK: Duration = Duration::from_secs(5);
+/// An interface is active this long after its last datagram or packet:
+/// longer than boringtun keeps a session's keys (3 × REJECT_AFTER_TIME,
+/// 540 s), so every session expires on time.
+const ACTIVE_FOR: Duration = Duration::from_secs(600);
+/// `last_activity` of an interface nothing has happened to yet.
+const NEVER: u64 = u64::MAX;
 /// WireGuard's REKEY_TIMEOUT: the shortest gap between handshake attempts.
 const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a silent peer's endpoint name is resolved again.
@@ -109,9 +123,24 @@ const MAX_DATAGRAM: usize = 65_535;
 /// Room boringtun needs beyond the payload.
 const BUF_LEN: usize = MAX_DATAGRAM + 256;
 
+/// Datagrams the receive task handles before it yields.
+const RECV_BATCH: usize = 64;
+
+/// A thread's buffers for received datagrams and what decrypting them writes.
+struct Scratch {
+    rx: Vec<u8>,
+    out: Vec<u8>,
+}
+
 thread_local! {
     /// Scratch buffer for encapsulation on whatever thread sends.
     static ENCAP_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; BUF_LEN]);
+    /// Scratch buffers of the receive, handshake and timer tasks, per
+    /// thread: never held across an `.await`.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        rx: vec![0u8; MAX_DATAGRAM],
+        out: vec![0u8; BUF_LEN],
+    });
 }
 
 /// One peer of the instance.
@@ -123,7 +152,9 @@ pub struct Peer {
     session: u32,
     /// Its config (name, key, allowed IPs, ...).
     pub cfg: PeerConfig,
-    tunn: Arc<Mutex<Tunn>>,
+    /// Its tunnel state, made on first use: a `Tunn` is 11 KB (eight
+    /// session slots inline), and most peers of a large node are idle.
+    tunn: Arc<Mutex<Option<Box<Tunn>>>>,
     endpoint: Arc<Mutex<Option<SocketAddr>>>,
     last_handshake_seen: Mutex<Option<Duration>>,
     /// Wall time of the latest handshake, as the timer saw it complete;
@@ -269,6 +300,14 @@ pub struct Device {
     cancel: CancellationToken,
     /// Why a task of the running device panicked, once one did.
     failure: tokio::sync::watch::Sender<Option<String>>,
+    /// When the device was built: the clock of `last_activity`.
+    born: Instant,
+    /// Milliseconds after `born` of the last datagram or packet (`NEVER`).
+    last_activity: std::sync::atomic::AtomicU64,
+    /// The timer task sleeps long (an idle interface costs no wakeups);
+    /// activity wakes it.
+    idle: AtomicBool,
+    wake: tokio::sync::Notify,
 }
 
 /// What the protocol logic sends out through: socket-free, so the logic
@@ -413,6 +452,18 @@ fn bind_udp(port: u16) -> std::io::Result<(UdpSocket, bool)> {
 fn configured_endpoint(cfg: &PeerConfig) -> Option<SocketAddr> {
     let hp = cfg.endpoint.as_ref()?;
     hp.ip().map(|ip| SocketAddr::new(ip, hp.port))
+}
+
+/// A peer's time since its latest handshake and bytes sent and received
+/// (nothing yet for a peer without a tunnel).
+fn peer_stats(p: &Peer) -> (Option<Duration>, usize, usize) {
+    match p.tunn.lock().expect("tunn poisoned").as_deref() {
+        Some(t) => {
+            let (since, tx, rx, _, _) = t.stats();
+            (since, tx, rx)
+        }
+        None => (None, 0, 0),
+    }
 }
 
 /// The text a panic carried.
@@ -581,6 +632,10 @@ impl Device {
             ip_flows: IpFlows::new(tenant, instance, flows, instance_metrics),
             cancel: CancellationToken::new(),
             failure: tokio::sync::watch::Sender::new(None),
+            born: Instant::now(),
+            last_activity: std::sync::atomic::AtomicU64::new(NEVER),
+            idle: AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -658,6 +713,8 @@ impl Device {
             panic!("injected: a panic while a peer's lock is held");
         })
         .join();
+        // As if traffic followed: the timers run at full rate and meet it.
+        self.touch();
     }
 
     /// Stops the tasks and the engine.
@@ -688,6 +745,8 @@ impl Device {
     /// Installs a new peer list. Peers whose key, preshared key and keepalive
     /// are unchanged keep their sessions and endpoint.
     pub fn set_peers(&self, peers: &[PeerConfig]) {
+        // New peers may need keepalives: let the timer task look again.
+        self.wake_timers();
         let old = self.table();
         for gone in old
             .peers()
@@ -800,20 +859,30 @@ impl Device {
         });
     }
 
+    /// The peer's tunnel, made now if it has none yet.
+    fn tunn<'a>(
+        &self,
+        peer: &Peer,
+        guard: &'a mut std::sync::MutexGuard<'_, Option<Box<Tunn>>>,
+    ) -> &'a mut Tunn {
+        guard.get_or_insert_with(|| {
+            Box::new(Tunn::new(
+                self.private.clone(),
+                x25519::PublicKey::from(peer.cfg.public_key.0),
+                peer.cfg.preshared_key,
+                peer.cfg.persistent_keepalive.map(|d| d.as_secs() as u16),
+                peer.session,
+                Some(self.rate_limiter.clone()),
+            ))
+        })
+    }
+
     fn new_peer(&self, index: u32, session: u32, cfg: &PeerConfig) -> Peer {
-        let tunn = Tunn::new(
-            self.private.clone(),
-            x25519::PublicKey::from(cfg.public_key.0),
-            cfg.preshared_key,
-            cfg.persistent_keepalive.map(|d| d.as_secs() as u16),
-            session,
-            Some(self.rate_limiter.clone()),
-        );
         Peer {
             index,
             session,
             cfg: cfg.clone(),
-            tunn: Arc::new(Mutex::new(tunn)),
+            tunn: Arc::new(Mutex::new(None)),
             endpoint: Arc::new(Mutex::new(configured_endpoint(cfg))),
             last_handshake_seen: Mutex::new(None),
             last_handshake_at: Mutex::new(None),
@@ -872,12 +941,14 @@ impl Device {
         let Some(peer) = table.route(dst) else {
             return self.drop_packet(None, "no_route");
         };
+        self.touch();
         if Some(peer.index) == from {
             return self.drop_packet(Some(peer), "no_route");
         }
         ENCAP_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
-            let mut tunn = peer.tunn.lock().expect("tunn poisoned");
+            let mut guard = peer.tunn.lock().expect("tunn poisoned");
+            let tunn = self.tunn(peer, &mut guard);
             match tunn.encapsulate(packet, &mut buf) {
                 TunnResult::WriteToNetwork(p) => self.send_to_peer(peer, p),
                 TunnResult::Err(e) => self.drop_packet(Some(peer), drop_reason(&e)),
@@ -893,29 +964,43 @@ impl Device {
         let Some(socket) = self.io.as_ref().map(|io| io.socket.clone()) else {
             return;
         };
-        let mut rx = vec![0u8; MAX_DATAGRAM];
-        let mut out = vec![0u8; BUF_LEN];
         loop {
-            let (n, src) = tokio::select! {
+            tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                r = socket.recv_from(&mut rx) => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "udp recv failed");
-                        continue;
-                    }
+                r = socket.readable() => if let Err(e) = r {
+                    tracing::debug!(error = %e, "udp socket failed");
+                    return;
                 },
-            };
-            let (datagram, src) = (&rx[..n], canonical(src));
-            if !is_handshake(datagram) {
-                self.process(datagram, src, &mut out);
-            } else if self.admit_handshake(src) {
-                match handshakes.try_send((datagram.to_vec(), src)) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        self.drop_packet(None, "handshake_queue_full")
+            }
+            // Drain what is there into the thread's scratch buffers (no
+            // buffer per interface: an idle one holds none), a batch at a
+            // time so other tasks get their turn.
+            for _ in 0..RECV_BATCH {
+                let more = SCRATCH.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    let Scratch { rx, out } = &mut *scratch;
+                    let (n, src) = match socket.try_recv_from(rx) {
+                        Ok(x) => x,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "udp recv failed");
+                            return true;
+                        }
+                    };
+                    let (datagram, src) = (&rx[..n], canonical(src));
+                    if !is_handshake(datagram) {
+                        self.process(datagram, src, out);
+                    } else if self.admit_handshake(src) {
+                        if let Err(mpsc::error::TrySendError::Full(_)) =
+                            handshakes.try_send((datagram.to_vec(), src))
+                        {
+                            self.drop_packet(None, "handshake_queue_full");
+                        }
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    true
+                });
+                if !more {
+                    break;
                 }
             }
         }
@@ -923,7 +1008,6 @@ impl Device {
 
     /// Runs the handshakes [`Device::recv_loop`] queued, one at a time.
     async fn handshake_loop(self: Arc<Self>, mut queue: mpsc::Receiver<(Vec<u8>, SocketAddr)>) {
-        let mut out = vec![0u8; BUF_LEN];
         loop {
             let (datagram, src) = tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -932,7 +1016,7 @@ impl Device {
                     None => return,
                 },
             };
-            self.process(&datagram, src, &mut out);
+            SCRATCH.with(|s| self.process(&datagram, src, &mut s.borrow_mut().out));
         }
     }
 
@@ -947,6 +1031,8 @@ impl Device {
     /// Handshake messages (types 1 and 2) spend a token of their source
     /// before any crypto; a flood from one address is dropped here.
     fn admit_handshake(&self, src: SocketAddr) -> bool {
+        // The shared limiter is reset by the timer: keep it running.
+        self.touch();
         let ok = self.handshake_token(src.ip(), Instant::now());
         if !ok {
             self.drop_packet(None, "handshake_rate");
@@ -981,6 +1067,7 @@ impl Device {
         let Some(peer) = peer else {
             return self.drop_packet(None, "unknown_peer");
         };
+        self.touch();
         // Endpoints move only on what decrypted under the peer's keys: data
         // (keepalives included), a handshake response, and an initiation we
         // answer with a response. Never on a cookie reply (anyone who knows
@@ -996,7 +1083,8 @@ impl Device {
         if kind == Received::Initiation && !self.newer_than_floor(peer, datagram) {
             return self.drop_packet(Some(peer), "replay");
         }
-        let mut tunn = peer.tunn.lock().expect("tunn poisoned");
+        let mut guard = peer.tunn.lock().expect("tunn poisoned");
+        let tunn = self.tunn(peer, &mut guard);
         match tunn.decapsulate(Some(src.ip()), datagram, out) {
             TunnResult::Done => {
                 if matches!(kind, Received::Data | Received::Response) {
@@ -1052,12 +1140,12 @@ impl Device {
             }
             TunnResult::WriteToTunnelV4(p, inner_src) => {
                 self.roam(peer, src, datagram.len());
-                drop(tunn);
+                drop(guard);
                 self.route_inbound(peer, p, IpAddr::V4(inner_src));
             }
             TunnResult::WriteToTunnelV6(p, inner_src) => {
                 self.roam(peer, src, datagram.len());
-                drop(tunn);
+                drop(guard);
                 self.route_inbound(peer, p, IpAddr::V6(inner_src));
             }
         }
@@ -1180,18 +1268,59 @@ impl Device {
         }
     }
 
+    /// Something happened (a datagram from a peer, a packet to send, new
+    /// peers): timers run at full rate again.
+    fn touch(&self) {
+        let now = self.born.elapsed().as_millis() as u64;
+        self.last_activity.store(now, Ordering::Relaxed);
+        self.wake_timers();
+    }
+
+    /// Ends an idle wait of the timer task, if it is in one.
+    fn wake_timers(&self) {
+        if self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether the timers may rest: nothing for `ACTIVE_FOR`, and no peer
+    /// that must send keepalives.
+    pub(super) fn may_idle(&self) -> bool {
+        let last = self.last_activity.load(Ordering::Relaxed);
+        (last == NEVER
+            || self
+                .born
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last))
+                > ACTIVE_FOR)
+            && !self.table().peers().any(|p| {
+                p.cfg.persistent_keepalive.is_some()
+                    && p.endpoint.lock().expect("poisoned").is_some()
+            })
+    }
+
     async fn timer_loop(self: Arc<Self>) {
-        let mut buf = vec![0u8; BUF_LEN];
-        let mut tick = tokio::time::interval(TIMER_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticks: u32 = 0;
+        let mut last_second = Instant::now();
         loop {
-            tokio::select! {
+            let rest = self.may_idle();
+            // Set before waiting: a touch from now on wakes the wait.
+            self.idle.store(rest, Ordering::Release);
+            let wait = if rest { IDLE_TICK } else { TIMER_TICK };
+            let woken = tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(wait) => false,
+                _ = self.wake.notified(), if rest => true,
+            };
+            if rest && !woken {
+                // Still idle: no session, no handshake, nothing for
+                // boringtun's timers; only names may want resolving.
+                for peer in self.table().peers() {
+                    self.maybe_resolve(peer);
+                }
+                continue;
             }
-            ticks = ticks.wrapping_add(1);
-            if ticks % 4 == 0 {
+            if last_second.elapsed() >= Duration::from_secs(1) {
+                last_second = Instant::now();
                 self.ip_flows.expire(Instant::now());
                 // A vnet's shared stack is not this instance's to report.
                 let own = self.vnet_stack().is_none();
@@ -1201,11 +1330,11 @@ impl Device {
                         .observe(&self.tenant, &self.instance, &now, &mut last);
                 }
             }
-            self.tick(&mut buf);
+            SCRATCH.with(|s| self.tick(&mut s.borrow_mut().out));
         }
     }
 
-    /// One timer round (every 250 ms): boringtun's timers for every
+    /// One timer round (every 250 ms, or 5 s while idle): boringtun's timers for every
     /// peer (keepalives, rekeys, retransmitted handshakes), handshake
     /// bookkeeping, endpoint re-resolution, and the limiter's reset.
     pub fn tick(&self, buf: &mut [u8]) {
@@ -1215,7 +1344,13 @@ impl Device {
         let table = self.table();
         for peer in table.peers() {
             {
-                let mut tunn = peer.tunn.lock().expect("tunn poisoned");
+                let mut guard = peer.tunn.lock().expect("tunn poisoned");
+                // A peer that never had traffic has no timers to run.
+                let Some(tunn) = guard.as_deref_mut() else {
+                    drop(guard);
+                    self.maybe_resolve(peer);
+                    continue;
+                };
                 match tunn.update_timers(buf) {
                     TunnResult::WriteToNetwork(p) => self.send_to_peer(peer, p),
                     TunnResult::Err(WireGuardError::ConnectionExpired) => {}
@@ -1293,8 +1428,7 @@ impl Device {
         self.table()
             .peers()
             .map(|p| {
-                let tunn = p.tunn.lock().expect("tunn poisoned");
-                let (since, tx, rx, _, _) = tunn.stats();
+                let (since, tx, rx) = peer_stats(p);
                 PeerStatus {
                     name: p.cfg.name.clone(),
                     public_key: p.cfg.public_key.to_string(),
@@ -1316,8 +1450,7 @@ impl Device {
         self.table()
             .peers()
             .map(|p| {
-                let tunn = p.tunn.lock().expect("tunn poisoned");
-                let (since, tx, rx, _, _) = tunn.stats();
+                let (since, tx, rx) = peer_stats(p);
                 super::uapi::PeerState {
                     public_key: p.cfg.public_key.0,
                     preshared_key: p.cfg.preshared_key,

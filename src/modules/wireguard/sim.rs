@@ -765,3 +765,28 @@ fn a_rebuilt_peer_refuses_initiations_its_predecessor_saw() {
     pump(&[&restarted, &fresh], &mut f, 10);
     assert_eq!(restarted.delivered(), vec![p]);
 }
+
+#[test]
+fn idle_interfaces_rest_their_timers_until_something_happens() {
+    let keys = [
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    ];
+    let (hub, two) = (hub(&keys), client(&keys, 2));
+    // Nothing happened yet, and no peer needs keepalives: the timers rest.
+    assert!(hub.dev.may_idle() && two.dev.may_idle());
+    let mut f = Faults::none();
+    two.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+    pump(&[&hub, &two], &mut f, 10);
+    assert!(!hub.dev.may_idle(), "a handshake and data: active");
+    assert!(!two.dev.may_idle());
+    // A peer with a keepalive and an endpoint keeps them running.
+    let mut cfg = two.dev_config.clone();
+    cfg.peers[0].persistent_keepalive = Some(std::time::Duration::from_secs(25));
+    let fresh = client(&keys, 2);
+    assert!(fresh.dev.may_idle());
+    fresh.dev.set_peers(&cfg.peers);
+    assert!(!fresh.dev.may_idle());
+}

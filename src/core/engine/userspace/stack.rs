@@ -319,7 +319,8 @@ impl Shared {
                 closed: false,
             }),
             inbound: Mutex::new(Inbound {
-                queue: VecDeque::with_capacity(limits.inbound_queue.min(SPARE_RX_BUFFERS)),
+                // Grows with use: an idle stack holds no queue.
+                queue: VecDeque::new(),
                 free: Vec::new(),
                 closed: false,
             }),
