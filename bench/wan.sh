@@ -116,6 +116,21 @@ listen: 127.0.0.1:5201
 via: wg0
 remote: 10.192.0.1:5201
 EOF
+# For RSS per 1,000 tunnelled connections: a pipe pair to a holder in B.
+cat > "$TMP/ms/tenants/default/hold.yaml" <<EOF
+kind: pipe
+listen: 10.192.0.1:5300
+listen_via: wg0
+remote: 127.0.0.1:5301
+max_connections: 5000
+EOF
+cat > "$TMP/mc/tenants/default/hold.yaml" <<EOF
+kind: pipe
+listen: 127.0.0.1:5300
+via: wg0
+remote: 10.192.0.1:5300
+max_connections: 5000
+EOF
 client_wg() { # client_wg ENDPOINT
   cat > "$TMP/mc/tenants/default/wg0.yaml" <<EOF
 kind: wireguard
@@ -133,6 +148,7 @@ EOF
 
 bg "$B" "$TMP/iperf-b.log" iperf3 -s -p 5201
 bg "$B" "$TMP/iperf-b2.log" iperf3 -s -p 5202 -B 127.0.0.1
+bg "$B" "$TMP/hold.log" python3 "$HERE/hold.py" serve 5301
 
 wait_ok() { for _ in $(seq 150); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
 
@@ -163,6 +179,37 @@ cpu_ticks() { # cpu_ticks PID... -> utime+stime of them and their helpers, in ti
   echo "$sum"
 }
 HZ=$(getconf CLK_TCK)
+
+rss_kib() { # rss_kib PID... -> VmRSS of them and their helpers, KiB
+  local sum=0 p
+  for p in "$@"; do
+    for q in "$p" $(pgrep -P "$p" || true); do
+      [[ -r /proc/$q/status ]] || continue
+      sum=$((sum + $(awk '/^VmRSS:/ {print $2}' "/proc/$q/status")))
+    done
+  done
+  echo "$sum"
+}
+
+declare -A RSS_PER_1000=()
+rss_per_1000() { # rss_per_1000 ENGINE: MiB both meshgates add for 1,000 held tunnelled connections
+  local before after fifo="$TMP/hold-$1.fifo"
+  before=$(rss_kib "$MS_PID" "$MC_PID")
+  mkfifo "$fifo"
+  nsx "$A" python3 "$HERE/hold.py" open 127.0.0.1 5300 1000 < "$fifo" > "$TMP/hold-$1.out" 2>&1 &
+  local opener=$!
+  exec 7>"$fifo"
+  for _ in $(seq 300); do grep -q '^ok' "$TMP/hold-$1.out" 2>/dev/null && break; sleep 0.1; done
+  after=$(rss_kib "$MS_PID" "$MC_PID")
+  exec 7>&-
+  wait "$opener" 2>/dev/null || true
+  rm -f "$fifo"
+  if grep -q '^ok' "$TMP/hold-$1.out"; then
+    RSS_PER_1000[$1]=$(python3 -c "print('%.1f' % (($after - $before) / 1024))")
+  else
+    RSS_PER_1000[$1]="-"; say "holding 1,000 connections failed ($1): $(cat "$TMP/hold-$1.out")"
+  fi
+}
 
 iperf() { # iperf CC HOST PORT -> Mbps
   local cc=$1 host=$2 port=$3
@@ -207,7 +254,8 @@ for row in $ROWS; do
     per=$(python3 -c "m=$M; print('%.2f' % (($c1 - $c0) / $HZ / $DURATION / (m / 1000)) if m > 0 else '-')")
     rb=$(python3 -c "print('%.2f' % ($M / $W_BBR) if $W_BBR > 0 else '-')")
     rc=$(python3 -c "print('%.2f' % ($M / $W_CUBIC) if $W_CUBIC > 0 else '-')")
-    line+="$(printf ' | meshgate %s %6s (%sx BBR, %sx Cubic; %s cores, %s cores/Gbps)' "$engine" "$M" "$rb" "$rc" "$cpu" "$per")"
+    [[ -n ${RSS_PER_1000[$engine]:-} ]] || rss_per_1000 "$engine"
+    line+="$(printf ' | meshgate %s %6s (%sx BBR, %sx Cubic; %s cores, %s cores/Gbps; %s MiB per 1,000 conns)' "$engine" "$M" "$rb" "$rc" "$cpu" "$per" "${RSS_PER_1000[$engine]}")"
   done
   stop_meshgate
   results+=("$line")
@@ -217,6 +265,7 @@ stop_relays
 cat <<EOF
 
 == meshgate WAN benchmark ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, iperf3 ${DURATION}s single stream, Mbps) ==
-path: wanrelay (delay each way, random loss, bottleneck $RATE with a $QUEUE queue); cores = CPU of both meshgate processes and their helpers
+path: wanrelay (delay each way, random loss, bottleneck $RATE with a $QUEUE queue); cores = CPU of both meshgate processes and their helpers;
+MiB per 1,000 conns = RSS both meshgate processes (and helpers) add while 1,000 tunnelled connections are held open (measured once per engine, first row)
 EOF
 printf '%s\n' "${results[@]}"
