@@ -596,3 +596,102 @@ fn a_gateway_link_reconnects_and_publishes_its_forwards_again() {
     assert_eq!(link(&mg_wrong)["connected"], false);
     drop(mg_east);
 }
+
+/// Runs `ssh -N -R SPEC` in the background; the port the gateway allocated
+/// (for `-R name:0:...`), read from ssh's "Allocated port" line.
+fn remote_forward(key: &Path, port: u16, spec: &str) -> (Bg, u16) {
+    let mut r = Command::new("ssh")
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "LogLevel=INFO",
+        ])
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &port.to_string(), "-N", "-R", spec, "alice@127.0.0.1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(r.stderr.take().unwrap());
+    let mut line = String::new();
+    let allocated = loop {
+        line.clear();
+        if std::io::BufRead::read_line(&mut err, &mut line).unwrap() == 0 {
+            break 0;
+        }
+        if let Some(rest) = line.strip_prefix("Allocated port ") {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    (Bg(r), allocated)
+}
+
+/// `ssh -R web:0:...` publishes `web.ssh.<tenant>`: a SOCKS user of the
+/// tenant reaches the service by that name; the name goes with the session,
+/// and a second session cannot take it meanwhile.
+#[test]
+fn ssh_r_with_a_name_publishes_it_in_the_tenant() {
+    if !have("ssh") || !have("ssh-keygen") || !have("curl") {
+        return;
+    }
+    let Some(nginx) = Nginx::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, alice_pub) = keygen(dir.path(), "alice");
+    let cfg = ConfigDir::new();
+    let (port, socks) = (free_port(), free_port());
+    cfg.write(
+        "tenants/default/door.yaml",
+        &format!(
+            "kind: ssh\nlisten: 127.0.0.1:{port}\nhost_key_file: {}\nauthorized_keys:\n  - {alice_pub}\n",
+            dir.path().join("host_key").display()
+        ),
+    );
+    cfg.write(
+        "tenants/default/socks.yaml",
+        &format!("kind: socks\nlisten: 127.0.0.1:{socks}\n"),
+    );
+    let mg = Meshgate::start(&cfg);
+    let (session, allocated) = remote_forward(&alice, port, &format!("web:0:{}", nginx.addr));
+    assert_ne!(allocated, 0, "{}", mg.log_text());
+    let by_name = || {
+        curl_with(
+            &["--socks5-hostname", &format!("127.0.0.1:{socks}")],
+            &format!("http://web.ssh.default:{allocated}/"),
+        )
+    };
+    let (_, status, _, _) = by_name();
+    assert_eq!(status, 200, "{}", mg.log_text());
+    // Logins and channels are counted per identity and type.
+    let ssh_metric = |family: &str, extra: &str| {
+        mg.metric(&format!(
+            r#"meshgate_ssh_{family}_total{{tenant="default",instance="door",identity="alice"{extra}}}"#
+        ))
+    };
+    assert!(ssh_metric("sessions", "") >= 1.0, "{}", mg.metrics());
+    assert_eq!(ssh_metric("channels", r#",type="tcpip-forward""#), 1.0);
+    assert!(wait_until(Duration::from_secs(2), || ssh_metric(
+        "channels",
+        r#",type="forwarded-tcpip""#
+    ) >= 1.0));
+    // A second session cannot take the name while the first holds it.
+    let (_other, none) = remote_forward(&alice, port, &format!("web:0:{}", nginx.addr));
+    assert_eq!(none, 0, "a second session published the same name");
+    assert!(wait_until(Duration::from_secs(2), || mg.metric(
+        r#"meshgate_rejected_total{tenant="default",instance="door",reason="name_taken"}"#
+    ) >= 1.0));
+    // The name goes with the session.
+    drop(session);
+    assert!(
+        wait_until(Duration::from_secs(5), || by_name().1 != 200),
+        "the name outlived its session"
+    );
+}

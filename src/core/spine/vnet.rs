@@ -87,6 +87,9 @@ struct VnetsState {
     default_engine: EngineKind,
     /// The IP stacks of vnets that have `address:`.
     stacks: BTreeMap<String, Arc<VnetStack>>,
+    /// Names published while a service is up (an `ssh -R` forward):
+    /// `name → address`, in every vnet of the tenant, after `hosts`.
+    published: BTreeMap<String, IpAddr>,
 }
 
 /// A tenant's vnets and what is attached to them. Changes apply to flows
@@ -180,6 +183,30 @@ impl Vnets {
         st.stacks.get(&name).cloned()
     }
 
+    /// Publishes `name` (lower-cased) as `ip` in every vnet of the tenant.
+    /// Fails if another service holds the name, or a vnet's `hosts` has it.
+    pub fn publish(&self, name: &str, ip: IpAddr) -> Result<(), String> {
+        let name = name.to_ascii_lowercase();
+        let mut st = self.state.write().expect("vnets poisoned");
+        if st.published.contains_key(&name) {
+            return Err(format!("`{name}` is already published"));
+        }
+        if let Some(v) = st.configured.values().find(|v| v.hosts.contains_key(&name)) {
+            return Err(format!("`{name}` is in vnet `{}`'s hosts", v.name));
+        }
+        st.published.insert(name, ip);
+        Ok(())
+    }
+
+    /// Withdraws a published name.
+    pub fn unpublish(&self, name: &str) {
+        self.state
+            .write()
+            .expect("vnets poisoned")
+            .published
+            .remove(&name.to_ascii_lowercase());
+    }
+
     /// Removes a configured vnet.
     pub fn remove(&self, name: &str) {
         let mut st = self.state.write().expect("vnets poisoned");
@@ -255,7 +282,8 @@ impl Vnets {
             None => Self::default_of(&st).ok()?,
         };
         let v = st.configured.get(&name)?;
-        if v.hosts.contains_key(&target.host.to_ascii_lowercase()) {
+        let host = target.host.to_ascii_lowercase();
+        if v.hosts.contains_key(&host) || st.published.contains_key(&host) {
             return None;
         }
         v.dns.map(|d| (name, d))
@@ -278,9 +306,13 @@ impl Vnets {
             return Err(RouteError::NoVnet(name));
         }
         let is_default = default.as_deref() == Ok(name.as_str());
-        // A static name maps to its address first.
+        // A static name maps to its address first, then a published one.
         let mut target = target.clone();
-        if let Some(ip) = configured.and_then(|v| v.hosts.get(&target.host.to_ascii_lowercase())) {
+        let host = target.host.to_ascii_lowercase();
+        if let Some(ip) = configured
+            .and_then(|v| v.hosts.get(&host))
+            .or_else(|| st.published.get(&host))
+        {
             target.host = ip.to_string();
         }
         let mut layers: Vec<&Router> = Vec::new();
@@ -460,5 +492,29 @@ mod tests {
         v.set(vnet("second", false, &[]));
         let e = via(v.route(None, &hp("10.1.1.1:80")));
         assert!(e.contains("none is the default"), "{e}");
+    }
+
+    #[test]
+    fn published_names_resolve_in_every_vnet_until_withdrawn() {
+        let v = Vnets::default();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        v.publish("Web.ssh.acme", ip).unwrap();
+        assert_eq!(
+            via(v.route(None, &hp("web.ssh.acme:8081"))),
+            "default 127.0.0.1:8081 direct"
+        );
+        assert!(v
+            .publish("web.ssh.acme", ip)
+            .unwrap_err()
+            .contains("already published"));
+        v.unpublish("web.ssh.acme");
+        assert_eq!(
+            via(v.route(None, &hp("web.ssh.acme:8081"))),
+            "default web.ssh.acme:8081 direct"
+        );
+        let mut n = vnet("corp", true, &[("127.0.0.0/8", Connector::Direct)]);
+        n.hosts.insert("db".into(), ip);
+        v.set(n);
+        assert!(v.publish("db", ip).unwrap_err().contains("hosts"));
     }
 }

@@ -20,6 +20,7 @@
 pub mod config;
 pub mod keys;
 pub mod link;
+pub mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -120,10 +121,49 @@ struct Conn {
     /// The key the client proved, once authenticated.
     key: Option<AuthorizedKey>,
     /// Its `ssh -R` listeners by port; they stop with the session.
-    forwards: std::collections::HashMap<u32, RunningListener>,
+    forwards: std::collections::HashMap<u32, Forward>,
+}
+
+/// One `ssh -R` forward: its listener, and the name it published (both
+/// withdrawn when it is dropped: cancelled, or the session ended).
+struct Forward {
+    _listener: RunningListener,
+    published: Option<(Arc<crate::core::spine::tenant::Tenant>, String)>,
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        if let Some((tenant, name)) = &self.published {
+            tenant.vnets.unpublish(name);
+        }
+    }
+}
+
+/// The name `ssh -R NAME:port:...` publishes: `NAME.ssh.<tenant>`, when the
+/// bind address is a DNS label (not an IP, `localhost`, `*` or empty).
+fn published_name(address: &str, tenant: &str) -> Option<String> {
+    let label = address.trim();
+    let is_label = !label.is_empty()
+        && label.len() <= 63
+        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !label.starts_with('-')
+        && !label.chars().all(|c| c.is_ascii_digit());
+    (is_label && !label.eq_ignore_ascii_case("localhost"))
+        .then(|| format!("{}.ssh.{tenant}", label.to_ascii_lowercase()))
 }
 
 impl Conn {
+    /// Counts a login, or a channel of `kind` of the logged-in key.
+    fn tally(&self, kind: Option<&str>) {
+        let ctx = self.onramp.ctx();
+        let m = ctx.metrics.subsystem::<metrics::SshMetrics>();
+        let identity = self.key.as_ref().map_or("-", |k| k.identity.as_str());
+        match kind {
+            None => m.session(&ctx.tenant.name, &ctx.instance, identity),
+            Some(k) => m.channel(&ctx.tenant.name, &ctx.instance, identity, k),
+        }
+    }
+
     fn count(&self, reason: &'static str, detail: &str) {
         let ctx = self.onramp.ctx();
         ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
@@ -264,6 +304,7 @@ impl russh::server::Handler for Conn {
                 let ctx = self.onramp.ctx();
                 tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %self.peer, %user, identity = %k.identity, "SSH login");
                 self.key = Some(k);
+                self.tally(None);
                 Ok(Auth::Accept)
             }
             Err(reason) => {
@@ -287,6 +328,7 @@ impl russh::server::Handler for Conn {
                 let ctx = self.onramp.ctx();
                 tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %self.peer, %user, identity = %k.identity, key_id = %certificate.key_id(), "SSH login with a certificate");
                 self.key = Some(k);
+                self.tally(None);
                 Ok(Auth::Accept)
             }
             Err(reason) => {
@@ -305,6 +347,7 @@ impl russh::server::Handler for Conn {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.tally(Some("session"));
         reply.accept().await;
         Ok(())
     }
@@ -376,6 +419,27 @@ impl russh::server::Handler for Conn {
             }
         };
         let bound = listener.local_addr();
+        // `ssh -R web:0:...` publishes `web.ssh.<tenant>` for pipes and
+        // SOCKS users of the tenant.
+        let ctx = self.onramp.ctx().clone();
+        let published = match published_name(address, &ctx.tenant.name) {
+            None => None,
+            Some(name) => {
+                let ip = match bound.ip() {
+                    ip if ip.is_unspecified() && ip.is_ipv4() => {
+                        std::net::Ipv4Addr::LOCALHOST.into()
+                    }
+                    ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+                    ip => ip,
+                };
+                if let Err(e) = ctx.tenant.vnets.publish(&name, ip) {
+                    self.count("name_taken", &format!("{}: {e}", key.identity));
+                    return Ok(false);
+                }
+                tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, identity = %key.identity, %name, %bound, "ssh -R: name published");
+                Some((ctx.tenant.clone(), name))
+            }
+        };
         *port = u32::from(bound.port());
         let handler = Arc::new(Reverse {
             session: session.handle(),
@@ -385,9 +449,15 @@ impl russh::server::Handler for Conn {
             idle_timeout: self.cfg.idle_timeout,
         });
         let running = self.onramp.serve(on, listener, handler);
-        let ctx = self.onramp.ctx();
+        self.tally(Some("tcpip-forward"));
         tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, identity = %key.identity, %bound, "ssh -R: published");
-        self.forwards.insert(*port, running);
+        self.forwards.insert(
+            *port,
+            Forward {
+                _listener: running,
+                published,
+            },
+        );
         Ok(true)
     }
 
@@ -436,6 +506,7 @@ impl russh::server::Handler for Conn {
                 .await;
             return Ok(());
         }
+        self.tally(Some("direct-tcpip"));
         let req = ConnectRequest {
             src: self.peer,
             target: Target::Addr(HostPort { host, port }),
@@ -494,6 +565,12 @@ impl StreamHandler for Reverse {
             flow.set_end_reason(EndReason::Denied);
             return;
         }
+        ctx.metrics.subsystem::<metrics::SshMetrics>().channel(
+            &ctx.tenant.name,
+            &ctx.instance,
+            &self.identity,
+            "forwarded-tcpip",
+        );
         let channel = self
             .session
             .channel_open_forwarded_tcpip(
@@ -610,5 +687,35 @@ impl Door for SshDoor {
             "active": onramp.active(),
             "max_connections": cfg.max_connections,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::published_name;
+
+    #[test]
+    fn bind_labels_become_tenant_names() {
+        assert_eq!(
+            published_name("web", "acme").as_deref(),
+            Some("web.ssh.acme")
+        );
+        assert_eq!(
+            published_name("Web-2", "acme").as_deref(),
+            Some("web-2.ssh.acme")
+        );
+        for no in [
+            "",
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            "*",
+            "0.0.0.0",
+            "a.b",
+            "-x",
+            "8080",
+        ] {
+            assert_eq!(published_name(no, "acme"), None, "{no}");
+        }
     }
 }
