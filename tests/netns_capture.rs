@@ -110,6 +110,35 @@ fn redirect_and_tproxy_steer_unconfigured_clients_through_meshgate() {
         mg.log_text()
     );
 
+    // TPROXY takes UDP too: app2 talks to a UDP echo in the legacy network
+    // with a connected socket (it accepts answers only from 10.240.9.2:7007),
+    // 100 datagrams each way, none lost; the flow shows the destination.
+    let mut legacy = legacy;
+    let mut echo = legacy.cmd("python3");
+    echo.args([
+        "-c",
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('10.240.9.2',7007))\nwhile True:\n d,a=s.recvfrom(2048)\n s.sendto(b'echo:'+d,a)",
+    ]);
+    legacy.spawn(echo);
+    std::thread::sleep(Duration::from_millis(300));
+    let udp = app2.try_sh(
+        "python3 -c \"import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.connect(('10.240.9.2',7007))\nok=0\nfor i in range(100):\n s.send(b'%d'%i)\n ok+=s.recv(100)==b'echo:%d'%i\nprint(ok)\"",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&udp.stdout).trim(),
+        "100",
+        "{}{}",
+        String::from_utf8_lossy(&udp.stderr),
+        mg.log_text()
+    );
+    // The session is a live flow (until its idle timeout) to the original
+    // destination.
+    let flows = gw.sh("curl -s http://127.0.0.1:9000/api/v1/flows");
+    assert!(
+        flows.contains("10.240.9.2:7007") && flows.contains("\"udp\""),
+        "{flows}"
+    );
+
     // Connecting to the capture port itself is not a capture: refused, counted.
     let (code, _) = gw.curl("http://127.0.0.1:15001/", 3);
     assert_eq!(code, 0);

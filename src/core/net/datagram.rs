@@ -46,3 +46,69 @@ pub fn any_for(remote: SocketAddr) -> SocketAddr {
         SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
     }
 }
+
+/// A transparent UDP listener for TPROXY rules: it receives datagrams
+/// addressed to anyone, each with its original destination. Needs
+/// CAP_NET_ADMIN (`IP_TRANSPARENT`).
+pub struct TproxyUdp(tokio::net::UdpSocket);
+
+impl TproxyUdp {
+    /// Binds `addr` transparently (`PermissionDenied` without the capability).
+    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        use std::os::fd::AsFd;
+        let s = transparent_udp(addr)?;
+        let v6 = addr.is_ipv6();
+        super::sys::set_recv_orig_dst(s.as_fd(), v6)?;
+        if v6 && addr.ip().is_unspecified() {
+            // Dual-stack: IPv4 datagrams report their IPv4 original destination.
+            let _ = super::sys::set_recv_orig_dst(s.as_fd(), false);
+        }
+        Ok(TproxyUdp(tokio::net::UdpSocket::from_std(s.into())?))
+    }
+
+    /// One datagram: its length, source and original destination (`None`
+    /// when it was sent to this socket's own address, not steered here).
+    pub async fn recv(
+        &self,
+        buf: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
+        use std::os::fd::AsFd;
+        self.0
+            .async_io(tokio::io::Interest::READABLE, || {
+                super::sys::recv_orig_dst(self.0.as_fd(), buf)
+            })
+            .await
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// A UDP socket bound transparently on `addr` (which need not be local),
+/// address reuse on: TPROXY answers leave from the address the client
+/// sent to.
+fn transparent_udp(addr: SocketAddr) -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv4() {
+        s.set_ip_transparent_v4(true)?;
+    } else {
+        s.set_ip_transparent_v6(true)?;
+        if addr.ip().is_unspecified() {
+            s.set_only_v6(false)?;
+        }
+    }
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+/// A socket that sends from `from` (a TPROXY'd datagram's original
+/// destination) back to its client.
+pub fn bind_reply_udp(from: SocketAddr) -> io::Result<Arc<dyn DatagramSocket>> {
+    let s = transparent_udp(from)?;
+    Ok(Arc::new(tokio::net::UdpSocket::from_std(s.into())?))
+}

@@ -119,3 +119,115 @@ pub(crate) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io
         }
     }
 }
+
+/// Asks the kernel to report each datagram's original destination
+/// (`IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR`), as TPROXY keeps it.
+pub(crate) fn set_recv_orig_dst(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    let (level, name) = if v6 {
+        (libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR)
+    } else {
+        (libc::SOL_IP, libc::IP_RECVORIGDSTADDR)
+    };
+    // SAFETY: the descriptor is live (borrowed); the option value is a
+    // c_int on the stack whose size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Receives one datagram (non-blocking): its length, source, and original
+/// destination when the kernel reported one ([`set_recv_orig_dst`]).
+pub(crate) fn recv_orig_dst(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, std::net::SocketAddr, Option<std::net::SocketAddr>)> {
+    // SAFETY: zeroed sockaddr_storage and cmsg space are valid initial
+    // values; `msg` points at them and at `buf` for the duration of the
+    // call only; the kernel writes at most the lengths given.
+    unsafe {
+        let mut src: libc::sockaddr_storage = std::mem::zeroed();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut control = [0u64; 16]; // 128 bytes, aligned for cmsghdr
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = (&mut src as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        let n = loop {
+            let rc = libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT);
+            if rc >= 0 {
+                break rc as usize;
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        };
+        let from = sockaddr_to_std(&src)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown source family"))?;
+        let mut orig = None;
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            let is_orig = (c.cmsg_level == libc::SOL_IP && c.cmsg_type == libc::IP_ORIGDSTADDR)
+                || (c.cmsg_level == libc::SOL_IPV6 && c.cmsg_type == libc::IPV6_ORIGDSTADDR);
+            if is_orig {
+                let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+                let len = (c.cmsg_len as usize)
+                    .saturating_sub(libc::CMSG_LEN(0) as usize)
+                    .min(std::mem::size_of::<libc::sockaddr_storage>());
+                std::ptr::copy_nonoverlapping(
+                    libc::CMSG_DATA(cmsg),
+                    (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
+                    len,
+                );
+                orig = sockaddr_to_std(&ss);
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        Ok((n, from, orig))
+    }
+}
+
+/// A `sockaddr_storage` holding IPv4 or IPv6, as a `SocketAddr`.
+fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
+    match ss.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in,
+            // which is smaller than sockaddr_storage and suitably aligned.
+            let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(std::net::SocketAddr::from((
+                u32::from_be(a.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+                a.sin6_addr.s6_addr.into(),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}

@@ -38,7 +38,7 @@ use crate::core::addr::HostPort;
 use crate::core::logs;
 use crate::core::net::dns;
 use crate::core::net::listen::{bind_host_tcp, HostListener, StreamListener};
-use crate::core::net::proxy::{self, ProxyOptions, Stream};
+use crate::core::net::proxy::{self, ProxyOptions, Stream, Traffic};
 use crate::core::net::proxy_protocol;
 use crate::core::spine::flow::{EndReason, FlowContext, Protocol, Verdict};
 use crate::core::spine::module::ModuleContext;
@@ -418,6 +418,61 @@ impl OnRamp {
     /// bound through the route's connector. Returns the socket, the remote
     /// to send to and the route as flows show it; or the counted reason
     /// and a message.
+    /// Relays one UDP session as a flow until `idle` passes without a
+    /// datagram either way, the on-ramp stops, or a socket fails: what
+    /// arrives on `rx` (the client's datagrams) goes to the remote of
+    /// `upstream`; the remote's answers go to `client` from `reply` (the
+    /// listening socket, or a TPROXY reply socket). `flow` names the
+    /// session; bytes are counted both ways.
+    pub async fn relay_datagrams(
+        &self,
+        flow: FlowContext,
+        upstream: Datagrams,
+        reply: Arc<dyn crate::core::net::datagram::DatagramSocket>,
+        client: SocketAddr,
+        mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        idle: Duration,
+    ) {
+        let ctx = &self.ctx;
+        let mut flow =
+            ctx.flows
+                .open_routed(flow, Some(upstream.route.clone()), &ctx.instance_metrics);
+        let (socket, remote) = (upstream.socket, upstream.remote);
+        let mut buf = vec![0u8; 65_535];
+        let reason = loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break EndReason::Stopped,
+                _ = tokio::time::sleep(idle) => break EndReason::IdleTimeout,
+                d = rx.recv() => match d {
+                    Some(d) => match socket.send_to(&d, remote).await {
+                        Ok(n) => flow.flow().upstream(n as u64),
+                        Err(e) => {
+                            tracing::debug!(%client, error = %e, "udp send to remote failed");
+                            break EndReason::UpstreamError;
+                        }
+                    },
+                    None => break EndReason::Closed,
+                },
+                r = socket.recv_from(&mut buf) => match r {
+                    // Only the remote's answers: the socket is the session's own.
+                    Ok((n, from)) if from.ip().to_canonical() == remote.ip() && from.port() == remote.port() => {
+                        match reply.send_to(&buf[..n], client).await {
+                            Ok(n) => flow.flow().downstream(n as u64),
+                            Err(e) => tracing::debug!(%client, error = %e, "udp send to client failed"),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(%client, error = %e, "udp recv from remote failed");
+                        break EndReason::UpstreamError;
+                    }
+                },
+            }
+        };
+        rx.close();
+        flow.set_end_reason(reason);
+    }
+
     pub async fn open_datagrams(
         &self,
         via: &RouteVia,

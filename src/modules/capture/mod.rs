@@ -10,6 +10,8 @@
 //!   destination intact to a transparent listener (`IP_TRANSPARENT`), which
 //!   needs CAP_NET_ADMIN. Without it the module reports the missing
 //!   capability (log, status) and the rest of meshgate keeps running.
+//!   UDP too ([`udp`]): a transparent UDP socket on the same port takes
+//!   what the rules steer, and answers leave from the original destination.
 //!
 //! Each captured connection takes the one path with its original
 //! destination as the target (routed in `vnet:`), so the flow table and
@@ -19,6 +21,7 @@
 
 pub mod config;
 pub mod rules;
+mod udp;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
@@ -62,6 +65,7 @@ impl ModuleFactory for CaptureFactory {
             }),
             source: RwLock::new(doc.source.clone()),
             listener: DoorListener::default(),
+            udp: Mutex::new(None),
             problem: Mutex::new(None),
         }))
     }
@@ -73,6 +77,8 @@ pub struct Capture {
     state: Arc<State>,
     source: RwLock<String>,
     listener: DoorListener,
+    /// Stops the TPROXY UDP receive loop.
+    udp: Mutex<Option<tokio_util::sync::CancellationToken>>,
     /// Why it is not capturing (a missing capability), for the status.
     problem: Mutex<Option<String>>,
 }
@@ -193,6 +199,29 @@ impl Capture {
             Mode::Tproxy => bind_transparent(addr),
         };
         let ctx = self.onramp.ctx();
+        // TPROXY takes UDP too, on the same port.
+        let udp = match (&bound, cfg.mode) {
+            (Ok(_), Mode::Tproxy) => match crate::core::net::datagram::TproxyUdp::bind(addr) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    return Err(ConfigError::key(
+                        source,
+                        "listen",
+                        format!("cannot take UDP on {addr} (TPROXY): {e}"),
+                    )
+                    .into())
+                }
+            },
+            _ => None,
+        };
+        if let Some(old) = self.udp.lock().expect("poisoned").take() {
+            old.cancel();
+        }
+        if let Some(u) = udp {
+            let stop = tokio_util::sync::CancellationToken::new();
+            *self.udp.lock().expect("poisoned") = Some(stop.clone());
+            tokio::spawn(udp::serve(self.onramp.clone(), self.state.clone(), u, stop));
+        }
         match bound {
             Ok(l) => {
                 *self.problem.lock().expect("poisoned") = None;
@@ -237,6 +266,9 @@ impl Module for Capture {
 
     async fn drain(&self) {
         self.listener.close().await;
+        if let Some(stop) = self.udp.lock().expect("poisoned").take() {
+            stop.cancel();
+        }
     }
 
     async fn stop(&self) {

@@ -111,6 +111,8 @@ pub fn commands(spec: &RuleSpec) -> Result<Vec<String>, String> {
             Mode::Tproxy => ("mangle", "MESHGATE_TPROXY", "PREROUTING"),
         };
         let selector = match &spec.scope {
+            // TPROXY takes UDP too: the chain picks the protocols.
+            Scope::Iface(i) if spec.mode == Mode::Tproxy => format!("-i {i}"),
             Scope::Iface(i) => format!("-i {i} -p tcp"),
             Scope::Uid(u) => format!("-p tcp -m owner --uid-owner {u}"),
             Scope::Cgroup(p) => format!("-p tcp -m cgroup --path '{p}'"),
@@ -146,10 +148,14 @@ pub fn commands(spec: &RuleSpec) -> Result<Vec<String>, String> {
                 "{t} -t {table} -A {chain} -p tcp -j REDIRECT --to-ports {}",
                 spec.port
             )),
-            Mode::Tproxy => out.push(format!(
-                "{t} -t {table} -A {chain} -p tcp -j TPROXY --on-port {} --tproxy-mark {TPROXY_MARK}/0xffffffff",
-                spec.port
-            )),
+            Mode::Tproxy => {
+                for proto in ["tcp", "udp"] {
+                    out.push(format!(
+                        "{t} -t {table} -A {chain} -p {proto} -j TPROXY --on-port {} --tproxy-mark {TPROXY_MARK}/0xffffffff",
+                        spec.port
+                    ));
+                }
+            }
         }
         out.push(format!(
             "{t} {} 2>/dev/null || {t} {}",
@@ -215,9 +221,11 @@ mod tests {
     #[test]
     fn tproxy_and_refusals() {
         let l = commands(&spec(Scope::Iface("eth1".into()), Mode::Tproxy)).unwrap();
-        assert!(l
-            .iter()
-            .any(|x| x.contains("-j TPROXY --on-port 15001 --tproxy-mark 0x4d47/0xffffffff")));
+        for proto in ["tcp", "udp"] {
+            assert!(l.iter().any(|x| x.contains(&format!(
+                "-p {proto} -j TPROXY --on-port 15001 --tproxy-mark 0x4d47/0xffffffff"
+            ))));
+        }
         assert!(l
             .iter()
             .any(|x| x == "ip route replace local 0.0.0.0/0 dev lo table 4747"));
@@ -237,7 +245,7 @@ mod tests {
         let l = commands(&r).unwrap();
         assert!(l
             .iter()
-            .any(|x| x.contains("-D PREROUTING -i eth1 -p tcp -j MESHGATE_TPROXY")));
+            .any(|x| x.contains("-D PREROUTING -i eth1 -j MESHGATE_TPROXY")));
         assert!(l.iter().any(|x| x.contains("-X MESHGATE_TPROXY")));
     }
 }

@@ -22,8 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{IdleTimeout, PipeConfig, PipeProtocol, DEFAULT_UDP_IDLE};
 use super::State;
 use crate::core::net::datagram::DatagramSocket;
-use crate::core::net::proxy::Traffic;
-use crate::core::spine::flow::{EndReason, FlowContext, Protocol};
+use crate::core::spine::flow::{FlowContext, Protocol};
 use crate::core::spine::onramp::{Datagrams, ListenOn, OnRamp, RouteVia, Target};
 use crate::core::spine::router::Connector;
 
@@ -192,64 +191,29 @@ async fn run_session(
     cfg: &PipeConfig,
     listen: Arc<dyn DatagramSocket>,
     upstream: Datagrams,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    rx: mpsc::Receiver<Vec<u8>>,
     src: SocketAddr,
 ) {
-    let ctx = shared.onramp.ctx();
-    let mut flow = ctx.flows.open_routed(
-        FlowContext {
-            tenant: shared.tenant().to_string(),
-            instance: shared.instance().to_string(),
-            identity: None,
-            src,
-            dst: cfg
-                .remote
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_else(|| upstream.remote.to_string()),
-            protocol: Protocol::Udp,
-        },
-        Some(upstream.route.clone()),
-        &ctx.instance_metrics,
-    );
+    let flow = FlowContext {
+        tenant: shared.tenant().to_string(),
+        instance: shared.instance().to_string(),
+        identity: None,
+        src,
+        dst: cfg
+            .remote
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| upstream.remote.to_string()),
+        protocol: Protocol::Udp,
+    };
     // The config the session opened with: a reload to TCP cannot take its
     // idle timeout away.
     let idle = match cfg.idle_timeout {
         Some(IdleTimeout::After(d)) => d,
         _ => DEFAULT_UDP_IDLE,
     };
-    let (socket, remote) = (upstream.socket, upstream.remote);
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let reason = loop {
-        tokio::select! {
-            _ = shared.onramp.stopping().cancelled() => break EndReason::Stopped,
-            _ = tokio::time::sleep(idle) => break EndReason::IdleTimeout,
-            d = rx.recv() => match d {
-                Some(d) => match socket.send_to(&d, remote).await {
-                    Ok(n) => flow.flow().upstream(n as u64),
-                    Err(e) => {
-                        tracing::debug!(%src, error = %e, "udp send to remote failed");
-                        break EndReason::UpstreamError;
-                    }
-                },
-                None => break EndReason::Closed,
-            },
-            r = socket.recv_from(&mut buf) => match r {
-                // Only the remote's answers: the socket is the session's own.
-                Ok((n, from)) if from.ip().to_canonical() == remote.ip() && from.port() == remote.port() => {
-                    match listen.send_to(&buf[..n], src).await {
-                        Ok(n) => flow.flow().downstream(n as u64),
-                        Err(e) => tracing::debug!(%src, error = %e, "udp send to client failed"),
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(%src, error = %e, "udp recv from remote failed");
-                    break EndReason::UpstreamError;
-                }
-            },
-        }
-    };
-    rx.close();
-    flow.set_end_reason(reason);
+    shared
+        .onramp
+        .relay_datagrams(flow, upstream, listen, src, rx, idle)
+        .await;
 }
