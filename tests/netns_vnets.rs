@@ -507,6 +507,19 @@ fn one_vnet_stack_serves_two_sites_and_joins_them() {
         "to-b.yaml",
         "kind: pipe\nlisten: 127.0.0.1:8082\nremote: 10.60.2.2:80\n",
     );
+    // A SOCKS door in the vnet, with UDP ASSOCIATE: its relay socket is
+    // on the vnet's address too.
+    w(
+        "socks.yaml",
+        "kind: socks\nlisten: 10.60.0.1:1080\nlisten_via: sites\n",
+    );
+    let mut gw = gw;
+    let mut echo = gw.cmd("python3");
+    echo.args([
+        "-c",
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('127.0.0.1',5301))\nwhile True:\n d,a=s.recvfrom(2048)\n s.sendto(b'echo:'+d,a)",
+    ]);
+    gw.spawn(echo);
     let mg = NsMeshgate::start(&gw, d.path(), "127.0.0.1:9000");
 
     // Both sites reach the one listener at the vnet's address.
@@ -533,6 +546,34 @@ fn one_vnet_stack_serves_two_sites_and_joins_them() {
     // Site 1 reaches site 2 through the vnet (wg-a → the stack's links → wg-b).
     assert_eq!(a.ns.curl("http://10.60.2.2/", 5), (200, "site 2\n".into()));
     assert_eq!(b.ns.curl("http://10.60.1.2/", 5), (200, "site 1\n".into()));
+    // SOCKS5 UDP from site 2 through the door inside the vnet: 50
+    // datagrams to the echo on gw's loopback, each answered.
+    let socks_udp = r#"
+import socket, struct
+c = socket.create_connection(('10.60.0.1', 1080), timeout=5)
+c.sendall(b'\x05\x01\x00'); assert c.recv(2) == b'\x05\x00'
+c.sendall(b'\x05\x03\x00\x01' + bytes(4) + bytes(2))
+r = c.recv(10); assert r[1] == 0, r
+relay = (socket.inet_ntoa(r[4:8]), struct.unpack('>H', r[8:10])[0])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+head = b'\x00\x00\x00\x01' + socket.inet_aton('127.0.0.1') + struct.pack('>H', 5301)
+ok = 0
+for i in range(50):
+    u.sendto(head + b'%d' % i, relay)
+    d, _ = u.recvfrom(2048)
+    ok += d[10:] == b'echo:%d' % i
+print(relay[0], ok)
+"#;
+    let script = d.path().join("socks_udp.py");
+    std::fs::write(&script, socks_udp).unwrap();
+    let out = b.ns.try_sh(&format!("python3 {}", script.display()));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "10.60.0.1 50",
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        mg.log_text()
+    );
     let ping = a.ns.try_sh("ping -c 2 -W 2 10.60.2.2");
     assert!(
         ping.status.success(),

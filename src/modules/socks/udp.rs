@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -31,7 +30,7 @@ use super::proto;
 use crate::core::logs;
 use crate::core::net::proxy::{Stream, Traffic};
 use crate::core::spine::flow::{EndReason, FlowContext, FlowGuard, Protocol, Verdict};
-use crate::core::spine::onramp::{OnRamp, RouteVia};
+use crate::core::spine::onramp::{ListenOn, OnRamp, RouteVia};
 
 /// Destinations one association may open flows to.
 const MAX_DESTINATIONS: usize = 1024;
@@ -170,16 +169,22 @@ pub(super) async fn associate(
     client_hint: proto::Addr,
 ) {
     let ctx = onramp.ctx();
-    let Some(local) = control.local_addr() else {
+    // The relay goes where the client reached the door: its address on the
+    // host, or in the network of `listen_via` (a VPN address).
+    let local = control
+        .local_addr()
+        .or_else(|| Some(cfg.listen.0).filter(|a| !a.ip().is_unspecified()));
+    let Some(local) = local else {
         let _ = control
-            .write_all(&proto::reply(proto::REP_COMMAND_NOT_SUPPORTED, None))
+            .write_all(&proto::reply(proto::REP_GENERAL_FAILURE, None))
             .await;
         ctx.metrics
-            .reject(&ctx.tenant.name, &ctx.instance, "command_not_supported");
-        tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, "UDP ASSOCIATE refused: a door inside a virtual network relays TCP only for now");
+            .reject(&ctx.tenant.name, &ctx.instance, "udp_no_relay_address");
+        tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, "UDP ASSOCIATE refused: the door listens on an unspecified address inside a virtual network; give `listen` its VPN address");
         return;
     };
-    let relay = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+    let on = ListenOn::new(SocketAddr::new(local.ip(), 0), cfg.listen_via.as_ref());
+    let relay = match onramp.bind_udp(&on).await {
         Ok(s) => s,
         Err(e) => {
             let _ = control

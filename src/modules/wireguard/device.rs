@@ -1295,7 +1295,7 @@ impl Device {
                 > ACTIVE_FOR)
             && !self.table().peers().any(|p| {
                 p.cfg.persistent_keepalive.is_some()
-                    && p.endpoint.lock().expect("poisoned").is_some()
+                    && (p.cfg.endpoint.is_some() || p.endpoint.lock().expect("poisoned").is_some())
             })
     }
 
@@ -1345,12 +1345,30 @@ impl Device {
         for peer in table.peers() {
             {
                 let mut guard = peer.tunn.lock().expect("tunn poisoned");
-                // A peer that never had traffic has no timers to run.
-                let Some(tunn) = guard.as_deref_mut() else {
+                // A peer that never had traffic has no timers to run,
+                // unless it keeps the tunnel up itself: a persistent
+                // keepalive with an endpoint handshakes at once.
+                let keeps_alive = peer.cfg.persistent_keepalive.is_some()
+                    && peer.endpoint.lock().expect("poisoned").is_some();
+                let fresh = keeps_alive && guard.is_none();
+                let tunn = if keeps_alive {
+                    Some(self.tunn(peer, &mut guard))
+                } else {
+                    guard.as_deref_mut()
+                };
+                let Some(tunn) = tunn else {
                     drop(guard);
                     self.maybe_resolve(peer);
                     continue;
                 };
+                if fresh {
+                    // As the kernel does when a keepalive is set on an
+                    // interface that is up: one at once (it starts the
+                    // handshake), so the other side learns where we are.
+                    if let TunnResult::WriteToNetwork(p) = tunn.encapsulate(&[], buf) {
+                        self.send_to_peer(peer, p);
+                    }
+                }
                 match tunn.update_timers(buf) {
                     TunnResult::WriteToNetwork(p) => self.send_to_peer(peer, p),
                     TunnResult::Err(WireGuardError::ConnectionExpired) => {}

@@ -790,3 +790,32 @@ fn idle_interfaces_rest_their_timers_until_something_happens() {
     fresh.dev.set_peers(&cfg.peers);
     assert!(!fresh.dev.may_idle());
 }
+
+#[test]
+fn a_persistent_keepalive_peer_handshakes_without_traffic() {
+    let keys = [
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    ];
+    let (hub, two) = (hub(&keys), client(&keys, 2));
+    let mut cfg = two.dev_config.clone();
+    cfg.peers[0].persistent_keepalive = Some(std::time::Duration::from_secs(25));
+    two.dev.set_peers(&cfg.peers);
+    // No packet was sent: the first timer round starts the tunnel (a
+    // keepalive at once, as the kernel sends one), so the hub learns where
+    // the client is and can reach it first.
+    let mut buf = vec![0u8; 70_000];
+    two.dev.tick(&mut buf);
+    let sent = two.wire.sent.lock().unwrap().clone();
+    assert!(
+        sent.iter().any(|(_, d)| d[0] == 1),
+        "no handshake initiation from a keepalive peer"
+    );
+    let mut f = Faults::none();
+    pump(&[&hub, &two], &mut f, 10);
+    let back = ping([10, 192, 0, 1], [10, 192, 0, 2], 3);
+    hub.dev.send_ip(&back, None);
+    pump(&[&hub, &two], &mut f, 10);
+    assert_eq!(two.delivered(), vec![back]);
+}
