@@ -45,6 +45,20 @@ fn site(gw: &Netns, n: u8, tag: &str, body: &str, mg_public: &str) -> Site {
     }
 }
 
+/// The gateway's config directory (node `gw`, admin on 127.0.0.1:9000)
+/// and the directory of `tenant`'s documents in it.
+fn gw_config(tenant: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path().join("tenants").join(tenant);
+    std::fs::create_dir_all(&t).unwrap();
+    std::fs::write(
+        d.path().join("meshgate.yaml"),
+        "node: gw\nadmin: 127.0.0.1:9000\n",
+    )
+    .unwrap();
+    (d, t)
+}
+
 fn wg_doc(key: &PrivateKey, vnet: &str, peer_public: &str, n: u8) -> String {
     format!(
         "kind: wireguard\nprivate_key: {}\naddress: 10.200.0.2/32\nvnet: {vnet}\npeers:\n  - name: {vnet}-site\n    public_key: {peer_public}\n    endpoint: 10.231.{n}.2:51820\n    allowed_ips: [10.1.0.0/16]\n    persistent_keepalive: 5\n",
@@ -123,15 +137,8 @@ fn two_vnets_route_the_same_range_to_different_sites() {
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());
     syd.ns.spawn(dns);
-    let d = tempfile::tempdir().unwrap();
-    let t = d.path().join("tenants/acme");
-    std::fs::create_dir_all(&t).unwrap();
+    let (d, t) = gw_config("acme");
     let w = |name: &str, text: &str| std::fs::write(t.join(name), text).unwrap();
-    std::fs::write(
-        d.path().join("meshgate.yaml"),
-        "node: gw\nadmin: 127.0.0.1:9000\n",
-    )
-    .unwrap();
     w(
         "frankfurt.yaml",
         "kind: vnet\ndefault: true\nroutes:\n  - to: 10.1.99.0/24\n    via: reject\nhosts:\n  nginx: 10.1.0.10\n",
@@ -323,14 +330,7 @@ fn listen_via_pipe_accepts_again_after_its_interface_restarts() {
     let gw = Netns::new("gw");
     let key = PrivateKey::generate();
     let remote = site(&gw, 43, "rb", "unused\n", &key.public_key().to_string());
-    let d = tempfile::tempdir().unwrap();
-    let t = d.path().join("tenants/default");
-    std::fs::create_dir_all(&t).unwrap();
-    std::fs::write(
-        d.path().join("meshgate.yaml"),
-        "node: gw\nadmin: 127.0.0.1:9000\n",
-    )
-    .unwrap();
+    let (d, t) = gw_config("default");
     let wg = |port: u16| {
         format!(
             "kind: wireguard\nprivate_key: {}\nlisten_port: {port}\naddress: 10.200.0.2/32\npeers:\n  - name: site\n    public_key: {}\n    endpoint: 10.231.43.2:51820\n    allowed_ips: [10.1.0.0/16]\n    persistent_keepalive: 5\n",
@@ -471,15 +471,8 @@ fn one_vnet_stack_serves_two_sites_and_joins_them() {
     };
     let a = site(1, "sa", &key_a);
     let b = site(2, "sb", &key_b);
-    let d = tempfile::tempdir().unwrap();
-    let t = d.path().join("tenants/acme");
-    std::fs::create_dir_all(&t).unwrap();
+    let (d, t) = gw_config("acme");
     let w = |name: &str, text: &str| std::fs::write(t.join(name), text).unwrap();
-    std::fs::write(
-        d.path().join("meshgate.yaml"),
-        "node: gw\nadmin: 127.0.0.1:9000\n",
-    )
-    .unwrap();
     w(
         "sites.yaml",
         "kind: vnet\naddress: 10.60.0.1/16\nroutes:\n  - to: 127.0.0.0/8\n    via: direct\n",

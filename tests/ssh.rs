@@ -213,54 +213,15 @@ fn openssh_forwards_through_the_ssh_door() {
 
     // ssh -R 0: the gateway allocates a port, says which, and connections
     // to it come back through the session; it goes when ssh exits.
-    let mut r = Command::new("ssh")
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-o",
-            "LogLevel=INFO",
-        ])
-        .arg("-i")
-        .arg(&alice)
-        .args([
-            "-p",
-            &port.to_string(),
-            "-N",
-            "-R",
-            &format!("0:{echo}"),
-            "alice@127.0.0.1",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = std::io::BufReader::new(r.stderr.take().unwrap());
-    let mut line = String::new();
-    let allocated: u16 = loop {
-        line.clear();
-        assert!(
-            std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
-            "ssh -R exited"
-        );
-        if let Some(rest) = line.strip_prefix("Allocated port ") {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
+    let (r, allocated) = remote_forward(&alice, port, &format!("0:{echo}"));
+    assert_ne!(allocated, 0, "ssh -R exited");
     let mut s = std::net::TcpStream::connect(("127.0.0.1", allocated)).unwrap();
     assert_eq!(
         echo_roundtrip(&mut s, b"published with -R").unwrap(),
         b"published with -R"
     );
     drop(s);
-    let _ = r.kill();
-    let _ = r.wait();
+    drop(r);
     assert!(
         wait_until(Duration::from_secs(5), || std::net::TcpStream::connect((
             "127.0.0.1",
@@ -694,4 +655,71 @@ fn ssh_r_with_a_name_publishes_it_in_the_tenant() {
         wait_until(Duration::from_secs(5), || by_name().1 != 200),
         "the name outlived its session"
     );
+}
+
+/// `ssh -R /dir/web.sock:host:port` publishes a Unix socket, only inside
+/// the door's `streamlocal_dir`, mode 0600; it goes with the session.
+#[test]
+fn ssh_r_publishes_a_unix_socket_inside_its_directory_only() {
+    if !have("ssh") || !have("ssh-keygen") || !have("curl") {
+        return;
+    }
+    let Some(nginx) = Nginx::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, alice_pub) = keygen(dir.path(), "alice");
+    let sockets = dir.path().join("sockets");
+    let cfg = ConfigDir::new();
+    let port = free_port();
+    cfg.write(
+        "tenants/default/door.yaml",
+        &format!(
+            "kind: ssh\nlisten: 127.0.0.1:{port}\nhost_key_file: {}\nstreamlocal_dir: {}\nauthorized_keys:\n  - {alice_pub}\n",
+            dir.path().join("host_key").display(),
+            sockets.display()
+        ),
+    );
+    let mg = Meshgate::start(&cfg);
+    let sock = sockets.join("web.sock");
+    let session = Bg(ssh(&alice, port)
+        .args(["-N", "-R", &format!("{}:{}", sock.display(), nginx.addr)])
+        .arg("alice@127.0.0.1")
+        .spawn()
+        .unwrap());
+    assert!(
+        wait_until(Duration::from_secs(5), || sock.exists()),
+        "{}",
+        mg.log_text()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (_, status, _, _) = curl_with(
+        &["--unix-socket", &sock.display().to_string()],
+        "http://web/",
+    );
+    assert_eq!(status, 200, "{}", mg.log_text());
+    assert!(wait_until(Duration::from_secs(2), || {
+        mg.metric(
+        r#"meshgate_ssh_channels_total{tenant="default",instance="door",identity="alice",type="forwarded-streamlocal"}"#
+    ) >= 1.0
+    }));
+    drop(session);
+    assert!(
+        wait_until(Duration::from_secs(5), || !sock.exists()),
+        "the socket outlived its session"
+    );
+    // Anywhere else: refused and counted.
+    let outside = dir.path().join("elsewhere.sock");
+    let out = ssh(&alice, port)
+        .args(["-N", "-R", &format!("{}:{}", outside.display(), nginx.addr)])
+        .arg("alice@127.0.0.1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!outside.exists());
+    assert!(wait_until(Duration::from_secs(2), || mg.metric(
+        r#"meshgate_rejected_total{tenant="default",instance="door",reason="streamlocal_path"}"#
+    ) >= 1.0));
 }

@@ -175,6 +175,21 @@ fn server() -> Server {
     }
 }
 
+/// A running server (and its config) and its client, handshaken; the
+/// server's key and port.
+fn connected() -> (ConfigDir, Meshgate, Peer, PrivateKey, u16) {
+    let Server {
+        server_key,
+        client_key,
+        port,
+        cfg,
+    } = server();
+    let mg = Meshgate::start(&cfg);
+    let mut peer = Peer::new(&client_key, &server_key.public_key().to_string(), port);
+    peer.handshake();
+    (cfg, mg, peer, server_key, port)
+}
+
 #[test]
 fn ping_and_bad_input() {
     let Server {
@@ -330,15 +345,7 @@ fn handshake_floods_get_cookies_and_service_continues() {
 
 #[test]
 fn an_initiation_flood_from_one_address_costs_another_peer_no_pings() {
-    let Server {
-        server_key,
-        client_key,
-        port,
-        cfg,
-    } = server();
-    let mg = Meshgate::start(&cfg);
-    let mut peer = Peer::new(&client_key, &server_key.public_key().to_string(), port);
-    peer.handshake();
+    let (_cfg, mg, mut peer, server_key, port) = connected();
 
     // 20,000 initiations a second from one address, each with a valid MAC1
     // (the attacker knows the server's public key, not a peer's private
@@ -411,15 +418,7 @@ fn rss(pid: u32) -> u64 {
 
 #[test]
 fn inner_packets_far_over_the_mtu_cost_no_memory() {
-    let Server {
-        server_key,
-        client_key,
-        port,
-        cfg,
-    } = server();
-    let mg = Meshgate::start(&cfg);
-    let mut peer = Peer::new(&client_key, &server_key.public_key().to_string(), port);
-    peer.handshake();
+    let (_cfg, mg, mut peer, _, _) = connected();
     peer.send_ip(&echo_request([10, 192, 0, 2], [10, 192, 0, 1], 1));
     assert_echo_reply(&peer.recv_ip().expect("echo reply"), 1);
     let before = rss(mg.pid());

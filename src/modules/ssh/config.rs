@@ -25,6 +25,8 @@ use crate::core::config::{
 /// vnet: corp                     # optional: where forwarded connections route
 /// remote_forward_ip: 127.0.0.1   # where `ssh -R` listeners bind (default 127.0.0.1)
 /// remote_forward_via: wg0        # optional: bind them on a VPN address in this module's network
+/// streamlocal_dir: /run/meshgate/acme   # optional: `ssh -R /path/x.sock:...` may publish Unix
+///                                # sockets here (mode 0600), and nowhere else
 /// connect_timeout: 5s
 /// idle_timeout: 1h               # or `none`
 /// max_connections: 1024          # SSH connections
@@ -46,6 +48,8 @@ struct RawConfig {
     remote_forward_ip: std::net::IpAddr,
     #[serde(default)]
     remote_forward_via: Option<String>,
+    #[serde(default)]
+    streamlocal_dir: Option<PathBuf>,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     connect_timeout: Duration,
     #[serde(default)]
@@ -84,6 +88,8 @@ pub struct SshConfig {
     pub remote_forward_ip: std::net::IpAddr,
     /// The module whose network they bind in (`None`: the host).
     pub remote_forward_via: Option<String>,
+    /// Where `ssh -R` may publish Unix sockets (`None`: nowhere).
+    pub streamlocal_dir: Option<PathBuf>,
     /// Dial timeout.
     pub connect_timeout: Duration,
     /// Idle timeout of forwarded channels.
@@ -157,6 +163,17 @@ impl SshConfig {
         if let Some(m) = &raw.listen_via {
             configstore::check_name(m).map_err(|e| ConfigError::key(src, "listen_via", e))?;
         }
+        if raw
+            .streamlocal_dir
+            .as_ref()
+            .is_some_and(|d| !d.is_absolute())
+        {
+            return Err(ConfigError::key(
+                src,
+                "streamlocal_dir",
+                "expected an absolute directory (made on first use, mode 0700)",
+            ));
+        }
         Ok(SshConfig {
             listen: raw.listen,
             listen_via: raw.listen_via,
@@ -165,6 +182,7 @@ impl SshConfig {
             vnet: raw.vnet,
             remote_forward_ip: raw.remote_forward_ip,
             remote_forward_via: raw.remote_forward_via,
+            streamlocal_dir: raw.streamlocal_dir,
             connect_timeout: raw.connect_timeout,
             idle_timeout,
             max_connections: raw.max_connections,

@@ -33,7 +33,7 @@ use russh::Channel;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{ChannelAnswer, CIPHERS};
+use super::CIPHERS;
 use crate::core::addr::HostPort;
 use crate::core::config::{idle_timeout, parse_document, positive, ConfigError, IdleTimeout};
 use crate::core::net::dial::{DialError, Dialer};
@@ -478,12 +478,7 @@ impl Link {
             client_dst: None,
             proxy_protocol: None,
         };
-        let onramp = self.onramp.clone();
-        self.onramp.spawn(async move {
-            onramp
-                .connect_answering(req, Box::new(ChannelAnswer { channel, reply }))
-                .await;
-        });
+        super::connect_channel(&self.onramp, req, channel, reply);
     }
 }
 

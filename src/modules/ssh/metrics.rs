@@ -30,7 +30,8 @@ pub struct ChannelLabels {
     pub instance: String,
     /// The key's identity.
     pub identity: String,
-    /// `session`, `direct-tcpip`, `forwarded-tcpip` or `tcpip-forward`.
+    /// `session`, `direct-tcpip`, `forwarded-tcpip`, `tcpip-forward`,
+    /// `streamlocal-forward` or `forwarded-streamlocal`.
     pub r#type: String,
 }
 

@@ -9,6 +9,12 @@
 //! the dial succeeded, and refused (`connect failed`, or `administratively
 //! prohibited` for a denial) otherwise, so `ssh -W` reports what happened.
 //!
+//! `ssh -R` publishes a service: a TCP port on `remote_forward_ip` (also as
+//! `NAME.ssh.<tenant>` when the bind address is a name), or a Unix socket
+//! in `streamlocal_dir`; connections to it come back as forwarded channels
+//! of the session, and everything it published goes with the session.
+//! Gateways link to each other with [`link`] (`kind: ssh_link`).
+//!
 //! Public keys only: passwords are refused (and counted). The options of
 //! an `authorized_keys` line that meshgate honours are in [`keys`]; any
 //! other is a config error. There is no shell: a session channel prints
@@ -122,6 +128,8 @@ struct Conn {
     key: Option<AuthorizedKey>,
     /// Its `ssh -R` listeners by port; they stop with the session.
     forwards: std::collections::HashMap<u32, Forward>,
+    /// Its `ssh -R /path` sockets by the path asked for.
+    unix_forwards: std::collections::HashMap<String, UnixForward>,
 }
 
 /// One `ssh -R` forward: its listener, and the name it published (both
@@ -137,6 +145,34 @@ impl Drop for Forward {
             tenant.vnets.unpublish(name);
         }
     }
+}
+
+/// One `ssh -R /path:...` forward: its accept loop and socket file, both
+/// gone when it is dropped.
+struct UnixForward {
+    stop: tokio_util::sync::CancellationToken,
+    path: std::path::PathBuf,
+}
+
+impl Drop for UnixForward {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The socket a client asks for, if it lies directly in `dir`: a plain
+/// file name, or an absolute path whose parent is `dir`.
+fn socket_in(dir: &std::path::Path, requested: &str) -> Option<std::path::PathBuf> {
+    let p = std::path::Path::new(requested);
+    let name = p.file_name()?.to_str()?;
+    let plain = !name.is_empty() && name != "." && name != ".." && !name.starts_with('.');
+    let placed = match p.parent() {
+        Some(parent) if parent.as_os_str().is_empty() => true,
+        Some(parent) => parent == dir,
+        None => false,
+    };
+    (plain && placed).then(|| dir.join(name))
 }
 
 /// The name `ssh -R NAME:port:...` publishes: `NAME.ssh.<tenant>`, when the
@@ -443,8 +479,10 @@ impl russh::server::Handler for Conn {
         *port = u32::from(bound.port());
         let handler = Arc::new(Reverse {
             session: session.handle(),
-            address: address.to_string(),
-            port: *port,
+            published: Published::Tcp {
+                address: address.to_string(),
+                port: *port,
+            },
             identity: key.identity.clone(),
             idle_timeout: self.cfg.idle_timeout,
         });
@@ -459,6 +497,105 @@ impl russh::server::Handler for Conn {
             },
         );
         Ok(true)
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(key) = self.key.clone() else {
+            return Ok(false);
+        };
+        if !key.port_forwarding {
+            self.count(
+                "forwarding_disabled",
+                &format!("{} may not publish {socket_path}", key.identity),
+            );
+            return Ok(false);
+        }
+        let Some(dir) = self.cfg.streamlocal_dir.clone() else {
+            self.count(
+                "streamlocal_disabled",
+                &format!("{}: no `streamlocal_dir` for {socket_path}", key.identity),
+            );
+            return Ok(false);
+        };
+        let Some(path) = socket_in(&dir, socket_path) else {
+            self.count(
+                "streamlocal_path",
+                &format!(
+                    "{}: {socket_path} is not a socket name in {}",
+                    key.identity,
+                    dir.display()
+                ),
+            );
+            return Ok(false);
+        };
+        let listener = (|| {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+            let l = tokio::net::UnixListener::bind(&path)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            Ok::<_, std::io::Error>(l)
+        })();
+        let listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                self.count("remote_forward_bind", &format!("{}: {e}", path.display()));
+                return Ok(false);
+            }
+        };
+        let handler = Arc::new(Reverse {
+            session: session.handle(),
+            published: Published::Unix {
+                path: socket_path.to_string(),
+            },
+            identity: key.identity.clone(),
+            idle_timeout: self.cfg.idle_timeout,
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (onramp, until) = (self.onramp.clone(), stop.clone());
+        let max = self.cfg.max_connections;
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = until.cancelled() => return,
+                    _ = onramp.stopping().cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((unix, _)) = accepted else { continue };
+                let Some(slot) = onramp.try_admit(max) else {
+                    continue;
+                };
+                let (on, h) = (onramp.clone(), handler.clone());
+                onramp.spawn(async move {
+                    let conn = Accepted {
+                        src: SocketAddr::from(([0, 0, 0, 0], 0)),
+                        dst: None,
+                    };
+                    h.handle(&on, Stream::io(unix), conn).await;
+                    drop(slot);
+                });
+            }
+        });
+        self.tally(Some("streamlocal-forward"));
+        let ctx = self.onramp.ctx();
+        tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, identity = %key.identity, path = %path.display(), "ssh -R: Unix socket published");
+        self.unix_forwards
+            .insert(socket_path.to_string(), UnixForward { stop, path });
+        Ok(true)
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.unix_forwards.remove(socket_path).is_some())
     }
 
     async fn cancel_tcpip_forward(
@@ -517,25 +654,54 @@ impl russh::server::Handler for Conn {
             client_dst: None,
             proxy_protocol: None,
         };
-        // The dial must not hold up the session's other channels.
-        let onramp = self.onramp.clone();
-        self.onramp.spawn(async move {
-            onramp
-                .connect_answering(req, Box::new(ChannelAnswer { channel, reply }))
-                .await;
-        });
+        connect_channel(&self.onramp, req, channel, reply);
         Ok(())
     }
 }
 
+/// Takes a channel that asks for a connection through the one path, on its
+/// own task (a dial must not hold up the session's other channels); the
+/// channel is confirmed once the dial succeeded, refused else.
+fn connect_channel<M>(
+    onramp: &Arc<OnRamp>,
+    req: ConnectRequest,
+    channel: Channel<M>,
+    reply: russh::ChannelOpenHandleInner<M>,
+) where
+    M: From<(ChannelId, russh::ChannelMsg)> + Send + Sync + 'static,
+{
+    let on = onramp.clone();
+    onramp.spawn(async move {
+        on.connect_answering(req, Box::new(ChannelAnswer { channel, reply }))
+            .await;
+    });
+}
+
 /// The connections to one `ssh -R` listener: each becomes a
-/// forwarded-tcpip channel back to the session that published it.
+/// forwarded-tcpip (or forwarded-streamlocal) channel back to the session
+/// that published it.
 struct Reverse {
     session: russh::server::Handle,
-    address: String,
-    port: u32,
+    published: Published,
     identity: String,
     idle_timeout: Option<std::time::Duration>,
+}
+
+/// What an `ssh -R` published.
+enum Published {
+    /// A TCP port (the address the client asked for, the port bound).
+    Tcp { address: String, port: u32 },
+    /// A Unix socket (the path the client asked for).
+    Unix { path: String },
+}
+
+impl std::fmt::Display for Published {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Published::Tcp { address, port } => write!(f, "ssh -R {address}:{port}"),
+            Published::Unix { path } => write!(f, "ssh -R {path}"),
+        }
+    }
 }
 
 #[async_trait]
@@ -553,7 +719,7 @@ impl StreamHandler for Reverse {
                 instance: ctx.instance.clone(),
                 identity: Some(self.identity.clone()),
                 src: conn.src,
-                dst: format!("ssh -R {}:{}", self.address, self.port),
+                dst: self.published.to_string(),
                 protocol: Protocol::Tcp,
             },
             Some(format!("the SSH session of {}", self.identity)),
@@ -565,21 +731,33 @@ impl StreamHandler for Reverse {
             flow.set_end_reason(EndReason::Denied);
             return;
         }
+        let kind = match self.published {
+            Published::Tcp { .. } => "forwarded-tcpip",
+            Published::Unix { .. } => "forwarded-streamlocal",
+        };
         ctx.metrics.subsystem::<metrics::SshMetrics>().channel(
             &ctx.tenant.name,
             &ctx.instance,
             &self.identity,
-            "forwarded-tcpip",
+            kind,
         );
-        let channel = self
-            .session
-            .channel_open_forwarded_tcpip(
-                self.address.clone(),
-                self.port,
-                conn.src.ip().to_string(),
-                u32::from(conn.src.port()),
-            )
-            .await;
+        let channel = match &self.published {
+            Published::Tcp { address, port } => {
+                self.session
+                    .channel_open_forwarded_tcpip(
+                        address.clone(),
+                        *port,
+                        conn.src.ip().to_string(),
+                        u32::from(conn.src.port()),
+                    )
+                    .await
+            }
+            Published::Unix { path } => {
+                self.session
+                    .channel_open_forwarded_streamlocal(path.clone())
+                    .await
+            }
+        };
         let reason = match channel {
             Ok(ch) => {
                 let opts = crate::core::net::proxy::ProxyOptions {
@@ -614,6 +792,7 @@ impl StreamHandler for SshDoor {
             peer: conn.src,
             key: None,
             forwards: Default::default(),
+            unix_forwards: Default::default(),
         };
         let stop = onramp.stopping().clone();
         match russh::server::run_stream(server, client, handler).await {
@@ -693,6 +872,28 @@ impl Door for SshDoor {
 #[cfg(test)]
 mod tests {
     use super::published_name;
+
+    #[test]
+    fn unix_sockets_stay_in_their_directory() {
+        use super::socket_in;
+        let dir = std::path::Path::new("/run/mg/acme");
+        assert_eq!(socket_in(dir, "web.sock").unwrap(), dir.join("web.sock"));
+        assert_eq!(
+            socket_in(dir, "/run/mg/acme/web.sock").unwrap(),
+            dir.join("web.sock")
+        );
+        for bad in [
+            "/tmp/x.sock",
+            "../x.sock",
+            "/run/mg/acme/../x",
+            "a/b.sock",
+            ".hidden",
+            "",
+            "/run/mg/acme/sub/x.sock",
+        ] {
+            assert_eq!(socket_in(dir, bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn bind_labels_become_tenant_names() {
