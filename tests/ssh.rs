@@ -23,6 +23,19 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     (key, public.trim().to_string())
 }
 
+/// A `kind: ssh` door on 127.0.0.1:`port`, its host key in `dir`, letting
+/// `keys` in, with `extra` lines.
+fn door_doc(dir: &Path, port: u16, keys: &[&str], extra: &str) -> String {
+    let mut doc = format!(
+        "kind: ssh\nlisten: 127.0.0.1:{port}\nhost_key_file: {}\n{extra}authorized_keys:\n",
+        dir.join("host_key").display()
+    );
+    for k in keys {
+        doc.push_str(&format!("  - {k}\n"));
+    }
+    doc
+}
+
 fn ssh(key: &Path, port: u16) -> Command {
     let mut c = Command::new("ssh");
     c.args([
@@ -290,9 +303,11 @@ fn certificates_from_the_tenant_ca_log_in_with_their_principal() {
     let port = free_port();
     cfg.write(
         "tenants/acme/ssh.yaml",
-        &format!(
-            "kind: ssh\nlisten: 127.0.0.1:{port}\nhost_key_file: {}\nauthorized_keys:\n  - 'cert-authority,principals=\"ops,dev\" {ca_pub}'\n",
-            d.join("host_key").display()
+        &door_doc(
+            d,
+            port,
+            &[&format!("'cert-authority,principals=\"ops,dev\" {ca_pub}'")],
+            "",
         ),
     );
     let mg = Meshgate::start(&cfg);
@@ -611,10 +626,7 @@ fn ssh_r_with_a_name_publishes_it_in_the_tenant() {
     let (port, socks) = (free_port(), free_port());
     cfg.write(
         "tenants/default/door.yaml",
-        &format!(
-            "kind: ssh\nlisten: 127.0.0.1:{port}\nhost_key_file: {}\nauthorized_keys:\n  - {alice_pub}\n",
-            dir.path().join("host_key").display()
-        ),
+        &door_doc(dir.path(), port, &[&alice_pub], ""),
     );
     cfg.write(
         "tenants/default/socks.yaml",
@@ -672,10 +684,11 @@ fn ssh_r_publishes_a_unix_socket_inside_its_directory_only() {
     let port = free_port();
     cfg.write(
         "tenants/default/door.yaml",
-        &format!(
-            "kind: ssh\nlisten: 127.0.0.1:{port}\nhost_key_file: {}\nstreamlocal_dir: {}\nauthorized_keys:\n  - {alice_pub}\n",
-            dir.path().join("host_key").display(),
-            sockets.display()
+        &door_doc(
+            dir.path(),
+            port,
+            &[&alice_pub],
+            &format!("streamlocal_dir: {}\n", sockets.display()),
         ),
     );
     let mg = Meshgate::start(&cfg);

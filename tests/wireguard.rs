@@ -192,20 +192,11 @@ fn connected() -> (ConfigDir, Meshgate, Peer, PrivateKey, u16) {
 
 #[test]
 fn ping_and_bad_input() {
-    let Server {
-        server_key,
-        client_key,
-        port,
-        cfg,
-    } = server();
-    let mg = Meshgate::start(&cfg);
+    let (_cfg, mg, mut peer, server_key, _) = connected();
     assert!(
         !mg.log_text().contains(&server_key.to_base64()),
         "private key logged"
     );
-
-    let mut peer = Peer::new(&client_key, &server_key.public_key().to_string(), port);
-    peer.handshake();
     peer.send_ip(&echo_request([10, 192, 0, 2], [10, 192, 0, 1], 1));
     let reply = peer.recv_ip().expect("echo reply");
     assert_echo_reply(&reply, 1);

@@ -33,7 +33,6 @@ use russh::Channel;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::CIPHERS;
 use crate::core::addr::HostPort;
 use crate::core::config::{idle_timeout, parse_document, positive, ConfigError, IdleTimeout};
 use crate::core::net::dial::{DialError, Dialer};
@@ -321,10 +320,7 @@ impl Link {
             keepalive_interval: Some(cfg.keepalive),
             keepalive_max: 3,
             nodelay: true,
-            preferred: russh::Preferred {
-                cipher: std::borrow::Cow::Borrowed(CIPHERS),
-                ..russh::Preferred::DEFAULT
-            },
+            preferred: super::preferred(),
             ..Default::default()
         });
         let client = Client {

@@ -111,11 +111,16 @@ fn server_config(host_key: russh::keys::PrivateKey) -> russh::server::Config {
         keepalive_interval: Some(std::time::Duration::from_secs(30)),
         keepalive_max: 3,
         nodelay: true,
-        preferred: russh::Preferred {
-            cipher: std::borrow::Cow::Borrowed(CIPHERS),
-            ..russh::Preferred::DEFAULT
-        },
+        preferred: preferred(),
         ..Default::default()
+    }
+}
+
+/// The algorithms offered, server and link alike: russh's, with [`CIPHERS`].
+fn preferred() -> russh::Preferred {
+    russh::Preferred {
+        cipher: std::borrow::Cow::Borrowed(CIPHERS),
+        ..russh::Preferred::DEFAULT
     }
 }
 
