@@ -37,6 +37,12 @@ fn door_doc(dir: &Path, port: u16, keys: &[&str], extra: &str) -> String {
 }
 
 fn ssh(key: &Path, port: u16) -> Command {
+    ssh_logging(key, port, "ERROR")
+}
+
+/// `ssh` with `key` to 127.0.0.1's `port`, logging at `level` (INFO shows
+/// "Allocated port" lines).
+fn ssh_logging(key: &Path, port: u16, level: &str) -> Command {
     let mut c = Command::new("ssh");
     c.args([
         "-o",
@@ -48,7 +54,7 @@ fn ssh(key: &Path, port: u16) -> Command {
         "-o",
         "IdentitiesOnly=yes",
         "-o",
-        "LogLevel=ERROR",
+        &format!("LogLevel={level}"),
         "-o",
         "ExitOnForwardFailure=yes",
         "-p",
@@ -576,24 +582,8 @@ fn a_gateway_link_reconnects_and_publishes_its_forwards_again() {
 /// Runs `ssh -N -R SPEC` in the background; the port the gateway allocated
 /// (for `-R name:0:...`), read from ssh's "Allocated port" line.
 fn remote_forward(key: &Path, port: u16, spec: &str) -> (Bg, u16) {
-    let mut r = Command::new("ssh")
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-o",
-            "LogLevel=INFO",
-        ])
-        .arg("-i")
-        .arg(key)
-        .args(["-p", &port.to_string(), "-N", "-R", spec, "alice@127.0.0.1"])
+    let mut r = ssh_logging(key, port, "INFO")
+        .args(["-N", "-R", spec, "alice@127.0.0.1"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
