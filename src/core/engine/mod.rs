@@ -60,8 +60,12 @@ impl std::fmt::Display for EngineKind {
 /// encrypt and `try_send`, or queue.
 pub trait PacketSink: Send + Sync + 'static {
     /// Takes one IP packet (IPv4 or IPv6, no link header). The slice is only
-    /// valid for the call.
+    /// valid for the call. The sink may hold it back to send it with the
+    /// rest of the batch.
     fn send(&self, packet: &[u8]);
+    /// The end of a batch of [`PacketSink::send`] calls: send what is held
+    /// back (several datagrams in one system call, where the sink can).
+    fn flush(&self) {}
 }
 
 /// Keep-alive of tunnelled TCP connections unless configured.

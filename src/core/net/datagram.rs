@@ -73,11 +73,13 @@ impl TproxyUdp {
         buf: &mut [u8],
     ) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
         use std::os::fd::AsFd;
-        self.0
+        let r = self
+            .0
             .async_io(tokio::io::Interest::READABLE, || {
-                super::sys::recv_orig_dst(self.0.as_fd(), buf)
+                super::sys::recv_msg(self.0.as_fd(), buf)
             })
-            .await
+            .await?;
+        Ok((r.len, r.from, r.orig_dst))
     }
 
     /// The bound address.
@@ -111,4 +113,41 @@ fn transparent_udp(addr: SocketAddr) -> io::Result<socket2::Socket> {
 pub fn bind_reply_udp(from: SocketAddr) -> io::Result<Arc<dyn DatagramSocket>> {
     let s = transparent_udp(from)?;
     Ok(Arc::new(tokio::net::UdpSocket::from_std(s.into())?))
+}
+
+/// Turns UDP GRO on for `socket`; false where the kernel has none.
+pub fn enable_gro(socket: &tokio::net::UdpSocket) -> bool {
+    use std::os::fd::AsFd;
+    super::sys::set_udp_gro(socket.as_fd()).is_ok()
+}
+
+/// Receives what is waiting on `socket` without blocking (`WouldBlock`
+/// when nothing is): the bytes, the source, and with GRO the size of each
+/// datagram in them (the last may be shorter).
+pub fn try_recv_batch(
+    socket: &tokio::net::UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<usize>)> {
+    use std::os::fd::AsFd;
+    socket.try_io(tokio::io::Interest::READABLE, || {
+        let r = super::sys::recv_msg(socket.as_fd(), buf)?;
+        Ok((r.len, r.from, r.segment))
+    })
+}
+
+/// Sends `buf` to `to` as datagrams of `segment` bytes (the last may be
+/// shorter) in one call, with UDP GSO, without blocking.
+pub fn try_send_segments(
+    socket: &tokio::net::UdpSocket,
+    buf: &[u8],
+    segment: usize,
+    to: SocketAddr,
+) -> io::Result<usize> {
+    use std::os::fd::AsFd;
+    let segment = u16::try_from(segment)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment over 64 KiB"))?;
+    let to = socket2::SockAddr::from(to);
+    socket.try_io(tokio::io::Interest::WRITABLE, || {
+        super::sys::send_gso(socket.as_fd(), buf, segment, &to)
+    })
 }

@@ -147,15 +147,27 @@ pub(crate) fn set_recv_orig_dst(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> 
     }
 }
 
-/// Receives one datagram (non-blocking): its length, source, and original
-/// destination when the kernel reported one ([`set_recv_orig_dst`]).
-pub(crate) fn recv_orig_dst(
-    fd: BorrowedFd<'_>,
-    buf: &mut [u8],
-) -> io::Result<(usize, std::net::SocketAddr, Option<std::net::SocketAddr>)> {
+/// One datagram as [`recv_msg`] received it.
+pub(crate) struct Received {
+    /// Bytes in the buffer.
+    pub len: usize,
+    /// Its source.
+    pub from: std::net::SocketAddr,
+    /// Its original destination, when asked for ([`set_recv_orig_dst`])
+    /// and a TPROXY rule kept one.
+    pub orig_dst: Option<std::net::SocketAddr>,
+    /// With UDP GRO on ([`set_udp_gro`]): the buffer holds several
+    /// datagrams of this size (the last may be shorter).
+    pub segment: Option<usize>,
+}
+
+/// Receives one datagram, or a GRO batch of them (non-blocking), with what
+/// the kernel says about it in control messages.
+pub(crate) fn recv_msg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     // SAFETY: zeroed sockaddr_storage and cmsg space are valid initial
     // values; `msg` points at them and at `buf` for the duration of the
-    // call only; the kernel writes at most the lengths given.
+    // call only; the kernel writes at most the lengths given, and the
+    // control messages are read within `msg_controllen`.
     unsafe {
         let mut src: libc::sockaddr_storage = std::mem::zeroed();
         let mut iov = libc::iovec {
@@ -182,27 +194,105 @@ pub(crate) fn recv_orig_dst(
         };
         let from = sockaddr_to_std(&src)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown source family"))?;
-        let mut orig = None;
+        let mut out = Received {
+            len: n,
+            from,
+            orig_dst: None,
+            segment: None,
+        };
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
             let c = &*cmsg;
+            let data_len = (c.cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
             let is_orig = (c.cmsg_level == libc::SOL_IP && c.cmsg_type == libc::IP_ORIGDSTADDR)
                 || (c.cmsg_level == libc::SOL_IPV6 && c.cmsg_type == libc::IPV6_ORIGDSTADDR);
             if is_orig {
                 let mut ss: libc::sockaddr_storage = std::mem::zeroed();
-                let len = (c.cmsg_len as usize)
-                    .saturating_sub(libc::CMSG_LEN(0) as usize)
-                    .min(std::mem::size_of::<libc::sockaddr_storage>());
                 std::ptr::copy_nonoverlapping(
                     libc::CMSG_DATA(cmsg),
                     (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
-                    len,
+                    data_len.min(std::mem::size_of::<libc::sockaddr_storage>()),
                 );
-                orig = sockaddr_to_std(&ss);
+                out.orig_dst = sockaddr_to_std(&ss);
+            } else if c.cmsg_level == libc::SOL_UDP && c.cmsg_type == libc::UDP_GRO {
+                let mut seg: libc::c_int = 0;
+                std::ptr::copy_nonoverlapping(
+                    libc::CMSG_DATA(cmsg),
+                    (&mut seg as *mut libc::c_int).cast::<u8>(),
+                    data_len.min(std::mem::size_of::<libc::c_int>()),
+                );
+                out.segment = usize::try_from(seg).ok().filter(|s| *s > 0);
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
-        Ok((n, from, orig))
+        Ok(out)
+    }
+}
+
+/// Turns UDP GRO on: the kernel may hand several datagrams of one flow
+/// over in one receive ([`Received::segment`]).
+pub(crate) fn set_udp_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: as in `set_recv_orig_dst`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sends `buf` to `to` as datagrams of `segment` bytes each (the last may
+/// be shorter) in one call, with UDP GSO (non-blocking).
+pub(crate) fn send_gso(
+    fd: BorrowedFd<'_>,
+    buf: &[u8],
+    segment: u16,
+    to: &socket2::SockAddr,
+) -> io::Result<usize> {
+    // SAFETY: `msg` points at `buf`, `to` and a control buffer sized and
+    // aligned for one cmsghdr with a u16, all live for the call; the kernel
+    // only reads them.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        let mut control = [0u64; 4]; // 32 bytes, aligned for cmsghdr
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = to.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = to.len();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+        std::ptr::copy_nonoverlapping(
+            (&segment as *const u16).cast::<u8>(),
+            libc::CMSG_DATA(cmsg),
+            std::mem::size_of::<u16>(),
+        );
+        loop {
+            let rc = libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT);
+            if rc >= 0 {
+                return Ok(rc as usize);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
     }
 }
 

@@ -26,8 +26,11 @@ use crate::core::engine::{self, EngineConfig, EngineError, EngineKind, IpEngine,
 /// A module that carries a vnet's packets to and from its peers.
 pub trait Link: Send + Sync + 'static {
     /// Encrypts and sends one IP packet to the peer whose allowed IPs hold
-    /// its destination; drops (and counts) it if none does.
+    /// its destination; drops (and counts) it if none does. It may be held
+    /// back until [`Link::flush`].
     fn send_ip(&self, packet: &[u8]);
+    /// Sends what [`Link::send_ip`] held back.
+    fn flush(&self) {}
 }
 
 struct Attached {
@@ -93,6 +96,22 @@ impl PacketSink for Sink {
     fn send(&self, packet: &[u8]) {
         if let Some(stack) = self.0.upgrade() {
             stack.dispatch(packet);
+        }
+    }
+
+    fn flush(&self) {
+        if let Some(stack) = self.0.upgrade() {
+            let links: Vec<Arc<dyn Link>> = {
+                let links = stack.links.read().expect("vnet stack poisoned");
+                links
+                    .attached
+                    .iter()
+                    .filter_map(|a| a.link.upgrade())
+                    .collect()
+            };
+            for l in links {
+                l.flush();
+            }
         }
     }
 }
@@ -242,6 +261,7 @@ impl VnetStack {
         match link {
             Some(l) => {
                 l.send_ip(packet);
+                l.flush();
                 true
             }
             None => false,

@@ -300,6 +300,8 @@ pub struct Device {
     cancel: CancellationToken,
     /// Why a task of the running device panicked, once one did.
     failure: tokio::sync::watch::Sender<Option<String>>,
+    /// Encrypted datagrams of the engine's current batch.
+    tx: Mutex<TxBatch>,
     /// When the device was built: the clock of `last_activity`.
     born: Instant,
     /// Milliseconds after `born` of the last datagram or packet (`NEVER`).
@@ -318,6 +320,29 @@ pub trait Wire: Send + Sync + 'static {
     /// Hands a decrypted packet for one of the node's addresses to its IP
     /// stack; false if the stack refused it (queue full).
     fn deliver(&self, packet: &[u8]) -> bool;
+    /// Sends `data` to `to` as datagrams of `segment` bytes each (the last
+    /// may be shorter); false if they could not all be sent.
+    fn send_batch(&self, data: &[u8], segment: usize, to: SocketAddr) -> bool {
+        data.chunks(segment).all(|d| self.send_to(d, to))
+    }
+}
+
+/// Datagrams held back for one system call (UDP GSO), at most.
+const MAX_SEGMENTS: usize = 64;
+/// And at most this many bytes.
+const MAX_BATCH_BYTES: usize = 60_000;
+
+/// Encrypted datagrams for one endpoint, held until the engine's batch ends.
+#[derive(Default)]
+struct TxBatch {
+    buf: Vec<u8>,
+    to: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    /// A shorter datagram came: nothing may follow it in this batch.
+    closed: bool,
+    /// The peer's byte counter.
+    tx_bytes: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 /// The real wire: the UDP socket (IPv4 mapped onto a dual-stack socket) and
@@ -326,16 +351,40 @@ struct UdpWire {
     socket: Arc<UdpSocket>,
     dual_stack: bool,
     net: std::sync::OnceLock<Net>,
+    /// UDP GSO works here (off after the first refusal).
+    gso: AtomicBool,
 }
 
-impl Wire for UdpWire {
-    fn send_to(&self, data: &[u8], to: SocketAddr) -> bool {
-        let to = match (self.dual_stack, to) {
+impl UdpWire {
+    /// IPv4 destinations as IPv4-mapped on a dual-stack socket.
+    fn socket_addr(&self, to: SocketAddr) -> SocketAddr {
+        match (self.dual_stack, to) {
             (true, SocketAddr::V4(v4)) => {
                 SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
             }
             _ => to,
-        };
+        }
+    }
+}
+
+impl Wire for UdpWire {
+    fn send_batch(&self, data: &[u8], segment: usize, to: SocketAddr) -> bool {
+        if self.gso.load(Ordering::Relaxed) && data.len() > segment {
+            let addr = self.socket_addr(to);
+            match crate::core::net::datagram::try_send_segments(&self.socket, data, segment, addr) {
+                Ok(_) => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    tracing::info!(error = %e, "UDP GSO refused; sending datagrams one by one");
+                    self.gso.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        data.chunks(segment).all(|d| self.send_to(d, to))
+    }
+
+    fn send_to(&self, data: &[u8], to: SocketAddr) -> bool {
+        let to = self.socket_addr(to);
         match self.socket.try_send_to(data, to) {
             Ok(_) => true,
             Err(e) => {
@@ -415,7 +464,14 @@ impl PacketSink for StackSink {
     fn send(&self, packet: &[u8]) {
         let dev = self.0.lock().expect("sink poisoned").upgrade();
         if let Some(dev) = dev {
-            dev.send_ip(packet, None);
+            dev.encrypt(packet, None, true);
+        }
+    }
+
+    fn flush(&self) {
+        let dev = self.0.lock().expect("sink poisoned").upgrade();
+        if let Some(dev) = dev {
+            dev.flush_held();
         }
     }
 }
@@ -445,7 +501,10 @@ fn bind_udp(port: u16) -> std::io::Result<(UdpSocket, bool)> {
             (s, false)
         }
     };
-    Ok((UdpSocket::from_std(s.into())?, dual))
+    let socket = UdpSocket::from_std(s.into())?;
+    // Several datagrams per receive where the kernel can.
+    crate::core::net::datagram::enable_gro(&socket);
+    Ok((socket, dual))
 }
 
 /// A configured endpoint given as an IP address (a name waits for resolution).
@@ -517,6 +576,7 @@ impl Device {
             socket: socket.clone(),
             dual_stack,
             net: std::sync::OnceLock::new(),
+            gso: AtomicBool::new(true),
         });
         let sink = Arc::new(StackSink(Mutex::new(Weak::new())));
         let mut cfg = cfg.clone();
@@ -632,6 +692,7 @@ impl Device {
             ip_flows: IpFlows::new(tenant, instance, flows, instance_metrics),
             cancel: CancellationToken::new(),
             failure: tokio::sync::watch::Sender::new(None),
+            tx: Mutex::new(TxBatch::default()),
             born: Instant::now(),
             last_activity: std::sync::atomic::AtomicU64::new(NEVER),
             idle: AtomicBool::new(false),
@@ -934,6 +995,12 @@ impl Device {
     /// Routes an IP packet to the peer whose allowed IPs hold its destination
     /// and sends it encrypted. `from` is the peer it came from when forwarding.
     pub fn send_ip(&self, packet: &[u8], from: Option<u32>) {
+        self.encrypt(packet, from, false)
+    }
+
+    /// [`Device::send_ip`], the datagram held back for the engine's batch
+    /// when `hold` ([`Device::flush_held`] sends it).
+    fn encrypt(&self, packet: &[u8], from: Option<u32>, hold: bool) {
         let Some(dst) = Tunn::dst_address(packet) else {
             return self.drop_packet(None, "malformed");
         };
@@ -950,6 +1017,7 @@ impl Device {
             let mut guard = peer.tunn.lock().expect("tunn poisoned");
             let tunn = self.tunn(peer, &mut guard);
             match tunn.encapsulate(packet, &mut buf) {
+                TunnResult::WriteToNetwork(p) if hold => self.hold(peer, p),
                 TunnResult::WriteToNetwork(p) => self.send_to_peer(peer, p),
                 TunnResult::Err(e) => self.drop_packet(Some(peer), drop_reason(&e)),
                 _ => {}
@@ -960,6 +1028,61 @@ impl Device {
     /// Reads datagrams: data and cookie replies are handled here, handshake
     /// messages (two Diffie-Hellman each) go to [`Device::handshake_loop`]
     /// through a bounded queue, so a burst of them never delays data.
+    /// Adds an encrypted datagram to the batch (sending the batch first if
+    /// it cannot follow).
+    fn hold(&self, peer: &Peer, datagram: &[u8]) {
+        let Some(to) = *peer.endpoint.lock().expect("poisoned") else {
+            return self.drop_packet(Some(peer), "no_endpoint");
+        };
+        let mut tx = self.tx.lock().expect("poisoned");
+        let follows = tx.to == Some(to)
+            && !tx.closed
+            && datagram.len() <= tx.segment
+            && tx.count < MAX_SEGMENTS
+            && tx.buf.len() + datagram.len() <= MAX_BATCH_BYTES;
+        if tx.count > 0 && !follows {
+            self.send_held(&mut tx);
+        }
+        if tx.count == 0 {
+            tx.to = Some(to);
+            tx.segment = datagram.len();
+            tx.tx_bytes = Some(peer.metrics.tx_bytes.clone());
+        }
+        tx.buf.extend_from_slice(datagram);
+        tx.count += 1;
+        tx.closed = datagram.len() < tx.segment;
+    }
+
+    /// Sends the datagrams held back, in one system call where it can.
+    pub fn flush_held(&self) {
+        let mut tx = self.tx.lock().expect("poisoned");
+        self.send_held(&mut tx);
+    }
+
+    fn send_held(&self, tx: &mut TxBatch) {
+        if tx.count == 0 {
+            return;
+        }
+        let Some(to) = tx.to else { return };
+        let sent = if tx.count == 1 {
+            self.wire.send_to(&tx.buf, to)
+        } else {
+            self.wire.send_batch(&tx.buf, tx.segment, to)
+        };
+        if sent {
+            if let Some(c) = &tx.tx_bytes {
+                c.inc_by(tx.buf.len() as u64);
+            }
+        } else {
+            self.drop_packet(None, "send_failed");
+        }
+        tx.buf.clear();
+        tx.count = 0;
+        tx.closed = false;
+        tx.to = None;
+        tx.tx_bytes = None;
+    }
+
     async fn recv_loop(self: Arc<Self>, handshakes: mpsc::Sender<(Vec<u8>, SocketAddr)>) {
         let Some(socket) = self.io.as_ref().map(|io| io.socket.clone()) else {
             return;
@@ -979,22 +1102,26 @@ impl Device {
                 let more = SCRATCH.with(|scratch| {
                     let mut scratch = scratch.borrow_mut();
                     let Scratch { rx, out } = &mut *scratch;
-                    let (n, src) = match socket.try_recv_from(rx) {
-                        Ok(x) => x,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "udp recv failed");
-                            return true;
-                        }
-                    };
-                    let (datagram, src) = (&rx[..n], canonical(src));
-                    if !is_handshake(datagram) {
-                        self.process(datagram, src, out);
-                    } else if self.admit_handshake(src) {
-                        if let Err(mpsc::error::TrySendError::Full(_)) =
-                            handshakes.try_send((datagram.to_vec(), src))
-                        {
-                            self.drop_packet(None, "handshake_queue_full");
+                    let (n, src, segment) =
+                        match crate::core::net::datagram::try_recv_batch(&socket, rx) {
+                            Ok(x) => x,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "udp recv failed");
+                                return true;
+                            }
+                        };
+                    let src = canonical(src);
+                    // With GRO, several datagrams of one source in a row.
+                    for datagram in rx[..n].chunks(segment.unwrap_or(n).max(1)) {
+                        if !is_handshake(datagram) {
+                            self.process(datagram, src, out);
+                        } else if self.admit_handshake(src) {
+                            if let Err(mpsc::error::TrySendError::Full(_)) =
+                                handshakes.try_send((datagram.to_vec(), src))
+                            {
+                                self.drop_packet(None, "handshake_queue_full");
+                            }
                         }
                     }
                     true
@@ -1499,7 +1626,11 @@ impl Device {
 /// A link of its vnet's stack: what the stack sends to our peers.
 impl Link for Device {
     fn send_ip(&self, packet: &[u8]) {
-        Device::send_ip(self, packet, None)
+        self.encrypt(packet, None, true)
+    }
+
+    fn flush(&self) {
+        self.flush_held()
     }
 }
 

@@ -357,6 +357,7 @@ async fn read_loop(
                 Err(_would_block) => break,
             }
         }
+        sink.flush();
         tokio::task::yield_now().await;
     }
 }

@@ -432,6 +432,7 @@ impl Shared {
                 dev.tx_free.push(buf);
             }
         }
+        sink.flush();
         self.counters
             .packets_out
             .fetch_add(n as u64, Ordering::Relaxed);

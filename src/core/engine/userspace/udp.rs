@@ -187,6 +187,7 @@ impl DatagramSocket for NetUdpSocket {
             .map_err(|e| io::Error::other(e.to_string()))?;
         bump(&self.shared.counters.packets_out);
         self.sink.send(&packet);
+        self.sink.flush();
         Ok(data.len())
     }
 
