@@ -22,7 +22,12 @@
 //!   flow (5-tuple, the sending peer as identity, flow-start hooks, bytes,
 //!   idle expiry: [`crate::core::spine::ipflow`]); the rest are dropped.
 //! - Outgoing packets (from the stack, or forwarded) go to the peer whose
-//!   allowed IPs contain the destination (longest prefix).
+//!   allowed IPs contain the destination (longest prefix). What the engine
+//!   emits in one batch is held per endpoint and sent with UDP GSO (one
+//!   `sendmsg` for up to 64 datagrams, [`PacketSink::flush`] ends the
+//!   batch), one by one where the kernel refuses GSO; receives take UDP GRO
+//!   batches and split them. Batching is where the throughput is: one
+//!   system call per datagram each way cost most of a core.
 //! - Timers run every 250 ms while the interface is active; one whose
 //!   peers have no session, no handshake under way and no persistent
 //!   keepalive (nothing for 10 minutes) looks every 5 s instead, and any
