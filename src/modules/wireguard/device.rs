@@ -1058,6 +1058,12 @@ impl Device {
         tx.closed = datagram.len() < tx.segment;
     }
 
+    /// Encrypts `packet` into the held batch, as the engine's sink does.
+    #[cfg(test)]
+    pub(crate) fn hold_for_test(&self, packet: &[u8]) {
+        self.encrypt(packet, None, true)
+    }
+
     /// Sends the datagrams held back, in one system call where it can.
     pub fn flush_held(&self) {
         let mut tx = self.tx.lock().expect("poisoned");

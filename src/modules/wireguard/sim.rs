@@ -819,3 +819,34 @@ fn a_persistent_keepalive_peer_handshakes_without_traffic() {
     pump(&[&hub, &two], &mut f, 10);
     assert_eq!(two.delivered(), vec![back]);
 }
+
+#[test]
+fn held_batches_leave_in_order_and_split_at_size_changes() {
+    let (hub, two, _three) = hub_and_clients();
+    let mut f = Faults::none();
+    greet(&hub, &[(&two, 2)], &mut f);
+    // What an engine batch emits: same-size packets, a shorter one, more.
+    let sizes = [100usize, 100, 100, 40, 100, 100];
+    let packets: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let mut out = Vec::new();
+            PacketBuilder::ipv4([10, 192, 0, 2], [10, 192, 0, 1], 64)
+                .udp(1000, 2000)
+                .write(&mut out, &vec![i as u8; *n])
+                .unwrap();
+            out
+        })
+        .collect();
+    for p in &packets {
+        two.dev.hold_for_test(p);
+    }
+    // The shorter datagram ended the first batch: its four left when the
+    // next one could not follow; the last two wait for the flush.
+    assert_eq!(two.wire.sent.lock().unwrap().len(), 4);
+    two.dev.flush_held();
+    assert_eq!(two.wire.sent.lock().unwrap().len(), 6);
+    pump(&[&hub, &two], &mut f, 10);
+    assert_eq!(hub.delivered(), packets, "all of them, in order");
+}
