@@ -39,6 +39,7 @@ pub(super) async fn serve(
     let mut buf = vec![0u8; 65_535];
     let ctx = onramp.ctx().clone();
     let (tenant, instance) = (ctx.tenant.name.clone(), ctx.instance.clone());
+    let own = socket.local_addr().ok();
     loop {
         let (n, src, orig) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -50,7 +51,7 @@ pub(super) async fn serve(
                 }
             },
         };
-        let Some(orig) = orig.filter(|o| Some(*o) != socket.local_addr().ok()) else {
+        let Some(orig) = orig.filter(|o| Some(*o) != own) else {
             ctx.metrics.reject(&tenant, &instance, "not_captured");
             continue;
         };

@@ -344,7 +344,9 @@ impl Link {
             .await
             .map_err(|_| LinkError::Timeout(cfg.connect_timeout))??;
         let (tenant, instance) = self.labels();
-        let mut bound = Vec::new();
+        // Each forward is known as soon as it is bound: its first
+        // connection may come before the next is registered.
+        self.state.status().forwards.clear();
         for f in &cfg.forwards {
             match handle
                 .tcpip_forward("0.0.0.0", u32::from(f.remote_port))
@@ -357,14 +359,13 @@ impl Link {
                         port
                     };
                     tracing::info!(%tenant, %instance, remote_port = port, to = %f.to, "ssh link: reverse forward registered");
-                    bound.push((f.remote_port, port));
+                    self.state.status().forwards.push((f.remote_port, port));
                 }
                 Err(e) => {
                     tracing::warn!(%tenant, %instance, remote_port = f.remote_port, error = %e, "ssh link: the server refused a reverse forward");
                 }
             }
         }
-        self.state.status().forwards = bound;
         Ok(handle)
     }
 

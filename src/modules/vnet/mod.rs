@@ -23,36 +23,13 @@ use async_trait::async_trait;
 use configstore::Document;
 
 use crate::core::config::ConfigError;
-use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
-
-pub use config::{StackConfig, VnetConfig};
-
 use crate::core::engine::{EngineConfig, EngineError, EngineKind, EngineNetwork};
 use crate::core::net::dial::Dialer;
 use crate::core::net::listen::VirtualNetwork;
+use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::spine::vnetstack::VnetStack;
 
-impl VnetModule {
-    /// The vnet's stack as a capability (follows restarts).
-    fn network(&self) -> EngineNetwork {
-        let slot = self.stack.clone();
-        EngineNetwork::new(
-            Arc::new(move || {
-                slot.lock()
-                    .expect("poisoned")
-                    .as_ref()
-                    .and_then(|s| s.engine())
-                    .ok_or_else(|| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::NotConnected,
-                            "the vnet's stack is down",
-                        )
-                    })
-            }),
-            None,
-        )
-    }
-}
+pub use config::{StackConfig, VnetConfig};
 
 /// Builds vnets.
 pub struct VnetFactory;
@@ -100,9 +77,27 @@ impl VnetModule {
             "vnet configured"
         );
     }
-}
 
-impl VnetModule {
+    /// The vnet's stack as a capability (follows restarts).
+    fn network(&self) -> EngineNetwork {
+        let slot = self.stack.clone();
+        EngineNetwork::new(
+            Arc::new(move || {
+                slot.lock()
+                    .expect("poisoned")
+                    .as_ref()
+                    .and_then(|s| s.engine())
+                    .ok_or_else(|| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotConnected,
+                            "the vnet's stack is down",
+                        )
+                    })
+            }),
+            None,
+        )
+    }
+
     fn stack(&self) -> Option<Arc<VnetStack>> {
         self.stack.lock().expect("poisoned").clone()
     }
