@@ -130,6 +130,13 @@ fn bind_transparent(addr: SocketAddr) -> Result<tokio::net::TcpListener, BindErr
     bound.map_err(BindError::Other)
 }
 
+/// Whether `dst` is the capture listener itself (`listen`): traffic sent
+/// there was not steered by a rule, and dialing it would loop.
+fn to_capture_port(listen: SocketAddr, dst: SocketAddr) -> bool {
+    dst.port() == listen.port()
+        && (listen.ip().is_unspecified() || dst.ip().to_canonical() == listen.ip().to_canonical())
+}
+
 /// Where a redirected connection was going (`SO_ORIGINAL_DST`).
 fn original_dst(tcp: &tokio::net::TcpStream) -> Option<SocketAddr> {
     let s = socket2::SockRef::from(tcp);
@@ -156,13 +163,7 @@ impl StreamHandler for State {
             (Mode::Tproxy, _) => conn.dst,
             _ => None,
         };
-        let listen = cfg.listen.0;
-        let captured = orig.filter(|o| {
-            let to_us = o.port() == listen.port()
-                && (listen.ip().is_unspecified()
-                    || o.ip().to_canonical() == listen.ip().to_canonical());
-            !to_us
-        });
+        let captured = orig.filter(|o| !to_capture_port(cfg.listen.0, *o));
         let Some(orig) = captured else {
             ctx.metrics
                 .reject(&ctx.tenant.name, &ctx.instance, "not_captured");

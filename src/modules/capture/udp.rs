@@ -39,7 +39,6 @@ pub(super) async fn serve(
     let mut buf = vec![0u8; 65_535];
     let ctx = onramp.ctx().clone();
     let (tenant, instance) = (ctx.tenant.name.clone(), ctx.instance.clone());
-    let own = socket.local_addr().ok();
     loop {
         let (n, src, orig) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -51,7 +50,8 @@ pub(super) async fn serve(
                 }
             },
         };
-        let Some(orig) = orig.filter(|o| Some(*o) != own) else {
+        let listen = state.config().listen.0;
+        let Some(orig) = orig.filter(|o| !super::to_capture_port(listen, *o)) else {
             ctx.metrics.reject(&tenant, &instance, "not_captured");
             continue;
         };
