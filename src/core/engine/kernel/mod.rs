@@ -26,7 +26,10 @@
 //! Decrypted packets for the node's addresses are written to the TUN
 //! ([`IpEngine::inject`]); a task reads what the kernel sends out of the
 //! TUN and hands it to the [`PacketSink`] (the WireGuard device encrypts
-//! it for the peer whose allowed IPs hold the destination). The tunnelled
+//! it for the peer whose allowed IPs hold the destination). The TUN takes
+//! checksum and TCP segmentation offloads ([`offload`]): the kernel hands
+//! over up to 64 KB of a TCP stream per read, cut here into packets of the
+//! size it asked for; a batch of reads ends with [`PacketSink::flush`]. The tunnelled
 //! sockets are plain kernel TCP sockets, so pipes join them with the
 //! `splice(2)` fast path; they use the configured congestion control (BBR
 //! by default where the kernel has it), keep-alive and `TCP_USER_TIMEOUT`.
@@ -38,6 +41,7 @@
 //! missing and points at `engine: userspace`.
 
 pub mod helper;
+pub mod offload;
 #[allow(unsafe_code)]
 mod sys;
 
@@ -327,7 +331,9 @@ async fn read_loop(
     packets_out: Arc<AtomicU64>,
     label: String,
 ) {
-    let mut buf = vec![0u8; 65536];
+    // A frame: the virtio_net_hdr and up to a 64 KB super-packet.
+    let mut buf = vec![0u8; offload::VNET_HDR_LEN + 65_536];
+    let mut scratch = Vec::new();
     loop {
         let mut guard = tokio::select! {
             _ = stop.cancelled() => return,
@@ -344,10 +350,14 @@ async fn read_loop(
             match guard.try_io(|fd| sys::read(fd.as_raw_fd(), &mut buf)) {
                 Ok(Ok(0)) => return,
                 Ok(Ok(n)) => {
-                    let packet = &buf[..n];
-                    if !local_only(packet) {
-                        packets_out.fetch_add(1, Ordering::Relaxed);
-                        sink.send(packet);
+                    let split = offload::split(&buf[..n], &mut scratch, |packet| {
+                        if !local_only(packet) {
+                            packets_out.fetch_add(1, Ordering::Relaxed);
+                            sink.send(packet);
+                        }
+                    });
+                    if let Err(e) = split {
+                        tracing::debug!(engine = %label, error = ?e, "TUN frame dropped");
                     }
                 }
                 Ok(Err(e)) => {

@@ -183,6 +183,10 @@ fn socket(family: libc::c_int) -> io::Result<OwnedFd> {
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUN_F_CSUM: libc::c_ulong = 0x01;
+const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_TSO6: libc::c_ulong = 0x04;
 const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
 const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
 const SIOCSIFADDR: libc::c_ulong = 0x8916;
@@ -192,7 +196,9 @@ const SIOCGIFINDEX: libc::c_ulong = 0x8933;
 const SIOCADDRT: libc::c_ulong = 0x890b;
 
 /// Opens `/dev/net/tun` as a layer-3 TUN named `name` without packet
-/// information headers.
+/// information headers, each frame led by a `virtio_net_hdr`
+/// ([`super::offload`]), with checksum and TCP segmentation offloads where
+/// the kernel takes them.
 pub fn open_tun(name: &str) -> io::Result<OwnedFd> {
     // SAFETY: a constant, NUL-terminated path.
     let fd = cvt(unsafe {
@@ -204,9 +210,21 @@ pub fn open_tun(name: &str) -> io::Result<OwnedFd> {
     // SAFETY: just opened, owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut req = IfReq::new(name)?;
-    req.set_i16((libc::IFF_TUN | libc::IFF_NO_PI) as i16);
+    req.set_i16((libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16);
     // SAFETY: TUNSETIFF takes a struct ifreq.
     unsafe { ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) }?;
+    // SAFETY: TUNSETOFFLOAD takes the flags as its argument.
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            TUNSETOFFLOAD,
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+        )
+    };
+    if rc < 0 {
+        // Frames still carry the header; the kernel just segments itself.
+        tracing::debug!(error = %io::Error::last_os_error(), "TUN offloads refused");
+    }
     Ok(fd)
 }
 
@@ -477,10 +495,21 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Writes one packet to a TUN descriptor.
+/// Writes one packet to a TUN descriptor, after an empty `virtio_net_hdr`.
 pub fn write(fd: RawFd, packet: &[u8]) -> io::Result<usize> {
-    // SAFETY: `packet` is valid for its length.
-    let n = unsafe { libc::write(fd, packet.as_ptr() as *const libc::c_void, packet.len()) };
+    let iov = [
+        libc::iovec {
+            iov_base: super::offload::EMPTY_VNET_HDR.as_ptr() as *mut libc::c_void,
+            iov_len: super::offload::VNET_HDR_LEN,
+        },
+        libc::iovec {
+            iov_base: packet.as_ptr() as *mut libc::c_void,
+            iov_len: packet.len(),
+        },
+    ];
+    // SAFETY: both buffers are valid for their lengths for the call; the
+    // kernel only reads them.
+    let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
