@@ -1,5 +1,6 @@
 //! Any bytes as an IP packet: the userspace stack's door, the forwarded-flow
-//! tracker, the router's TTL handling and the DNS answer parser never panic.
+//! tracker, the router's TTL handling, the DNS answer parser and the kernel
+//! engine's TUN frame splitter (offloads) never panic.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -31,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
     if flows().len() > 10_000 {
         flows().clear();
     }
+    let _ = meshgate::core::engine::kernel::offload::split(data, &mut Vec::new(), |_| {});
     let mut copy = data.to_vec();
     let _ = hop(&mut copy);
     let _ = time_exceeded(data, "10.0.0.1".parse().unwrap());
