@@ -109,7 +109,11 @@ pub trait IpEngine: Send + Sync + 'static {
     fn kind(&self) -> EngineKind;
     /// Hands one IP packet for the node's addresses to the stack. Never
     /// blocks; `false` if it was dropped (queue full, malformed, stopped).
+    /// The engine may hold it back to pass it on with the rest of the batch.
     fn inject(&self, packet: &[u8]) -> bool;
+    /// The end of a batch of [`IpEngine::inject`] calls: pass on what is
+    /// held back.
+    fn flush(&self) {}
     /// The node's addresses in this network.
     fn addresses(&self) -> Vec<IpNet>;
     /// Listens for TCP on one of the addresses (or the unspecified address

@@ -178,6 +178,14 @@ impl VnetStack {
         running.as_ref().is_some_and(|r| r.engine.inject(packet))
     }
 
+    /// Passes on what the engine holds back (the end of a link's batch).
+    pub fn flush(&self) {
+        let running = self.running.read().expect("vnet stack poisoned");
+        if let Some(r) = running.as_ref() {
+            r.engine.flush();
+        }
+    }
+
     /// Makes `link` (module `instance`) a link of the vnet, carrying `nets`;
     /// replaces what `instance` attached before.
     pub fn link(&self, instance: &str, nets: Vec<IpNet>, link: Weak<dyn Link>) {

@@ -330,6 +330,8 @@ pub trait Wire: Send + Sync + 'static {
     fn send_batch(&self, data: &[u8], segment: usize, to: SocketAddr) -> bool {
         data.chunks(segment).all(|d| self.send_to(d, to))
     }
+    /// The end of a batch of [`Wire::deliver`] calls.
+    fn flush_delivered(&self) {}
 }
 
 /// Datagrams held back for one system call (UDP GSO), at most.
@@ -401,6 +403,14 @@ impl Wire for UdpWire {
 
     fn deliver(&self, packet: &[u8]) -> bool {
         self.net.get().is_some_and(|n| n.inject(packet))
+    }
+
+    fn flush_delivered(&self) {
+        match self.net.get() {
+            Some(Net::Own(e)) => e.flush(),
+            Some(Net::Vnet(s)) => s.flush(),
+            None => {}
+        }
     }
 }
 
@@ -1141,6 +1151,8 @@ impl Device {
                     break;
                 }
             }
+            // What the engine held back of this batch (coalesced segments).
+            self.wire.flush_delivered();
         }
     }
 

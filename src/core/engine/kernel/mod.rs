@@ -29,7 +29,9 @@
 //! it for the peer whose allowed IPs hold the destination). The TUN takes
 //! checksum and TCP segmentation offloads ([`offload`]): the kernel hands
 //! over up to 64 KB of a TCP stream per read, cut here into packets of the
-//! size it asked for; a batch of reads ends with [`PacketSink::flush`]. The tunnelled
+//! size it asked for; a batch of reads ends with [`PacketSink::flush`]. The
+//! other way, consecutive decrypted segments of a flow are coalesced into
+//! one super-packet per TUN write (GRO), written at [`IpEngine::flush`]. The tunnelled
 //! sockets are plain kernel TCP sockets, so pipes join them with the
 //! `splice(2)` fast path; they use the configured congestion control (BBR
 //! by default where the kernel has it), keep-alive and `TCP_USER_TIMEOUT`.
@@ -112,6 +114,9 @@ pub struct KernelEngine {
     packets_in: AtomicU64,
     packets_out: Arc<AtomicU64>,
     dropped_in: AtomicU64,
+    /// Decrypted TCP segments coalesced into super-packets for the TUN
+    /// ([`offload::Coalescer`]), written at [`IpEngine::flush`].
+    gro: Mutex<offload::Coalescer>,
 }
 
 /// Checks that this process can open `/dev/net/tun`.
@@ -248,6 +253,7 @@ impl KernelEngine {
             packets_in: AtomicU64::new(0),
             packets_out: Arc::new(AtomicU64::new(0)),
             dropped_in: AtomicU64::new(0),
+            gro: Mutex::new(offload::Coalescer::default()),
         });
         tokio::spawn(read_loop(
             tun,
@@ -372,6 +378,15 @@ async fn read_loop(
     }
 }
 
+impl KernelEngine {
+    /// Writes a frame to the TUN; a refusal is counted.
+    fn write_frame(&self, frame: &[u8]) {
+        if sys::write(self.tun.get_ref().as_raw_fd(), frame).is_err() {
+            self.dropped_in.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 #[async_trait]
 impl IpEngine for KernelEngine {
     fn kind(&self) -> EngineKind {
@@ -382,16 +397,15 @@ impl IpEngine for KernelEngine {
         if self.stop.is_cancelled() {
             return false;
         }
-        match sys::write(self.tun.get_ref().as_raw_fd(), packet) {
-            Ok(_) => {
-                self.packets_in.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(_) => {
-                self.dropped_in.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-        }
+        self.packets_in.fetch_add(1, Ordering::Relaxed);
+        let mut gro = self.gro.lock().expect("poisoned");
+        gro.push(packet, &mut |frame| self.write_frame(frame));
+        true
+    }
+
+    fn flush(&self) {
+        let mut gro = self.gro.lock().expect("poisoned");
+        gro.flush(&mut |frame| self.write_frame(frame));
     }
 
     fn addresses(&self) -> Vec<IpNet> {

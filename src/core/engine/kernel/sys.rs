@@ -495,21 +495,10 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Writes one packet to a TUN descriptor, after an empty `virtio_net_hdr`.
-pub fn write(fd: RawFd, packet: &[u8]) -> io::Result<usize> {
-    let iov = [
-        libc::iovec {
-            iov_base: super::offload::EMPTY_VNET_HDR.as_ptr() as *mut libc::c_void,
-            iov_len: super::offload::VNET_HDR_LEN,
-        },
-        libc::iovec {
-            iov_base: packet.as_ptr() as *mut libc::c_void,
-            iov_len: packet.len(),
-        },
-    ];
-    // SAFETY: both buffers are valid for their lengths for the call; the
-    // kernel only reads them.
-    let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
+/// Writes one frame (a `virtio_net_hdr` and its packet) to a TUN descriptor.
+pub fn write(fd: RawFd, frame: &[u8]) -> io::Result<usize> {
+    // SAFETY: `frame` is valid for its length.
+    let n = unsafe { libc::write(fd, frame.as_ptr() as *const libc::c_void, frame.len()) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
