@@ -123,12 +123,21 @@ pub(crate) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io
 /// Asks the kernel to report each datagram's original destination
 /// (`IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR`), as TPROXY keeps it.
 pub(crate) fn set_recv_orig_dst(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
-    let on: libc::c_int = 1;
     let (level, name) = if v6 {
         (libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR)
     } else {
         (libc::SOL_IP, libc::IP_RECVORIGDSTADDR)
     };
+    set_int_option(fd, level, name, 1)
+}
+
+/// `setsockopt` of an `int` option.
+fn set_int_option(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: the descriptor is live (borrowed); the option value is a
     // c_int on the stack whose size is passed.
     let rc = unsafe {
@@ -136,7 +145,7 @@ pub(crate) fn set_recv_orig_dst(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> 
             fd.as_raw_fd(),
             level,
             name,
-            (&on as *const libc::c_int).cast(),
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -232,22 +241,7 @@ pub(crate) fn recv_msg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Receive
 /// Turns UDP GRO on: the kernel may hand several datagrams of one flow
 /// over in one receive ([`Received::segment`]).
 pub(crate) fn set_udp_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: as in `set_recv_orig_dst`.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_GRO,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_int_option(fd, libc::SOL_UDP, libc::UDP_GRO, 1)
 }
 
 /// Sends `buf` to `to` as datagrams of `segment` bytes each (the last may
