@@ -5,59 +5,19 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 
-/// nginx on 127.0.0.1:`port` that requires the PROXY protocol and answers
-/// with the client address it learnt from it.
-struct PpNginx {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for PpNginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn nginx_pp(port: u16) -> PpNginx {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display();
-    std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
-    std::fs::write(
-        dir.path().join("nginx.conf"),
-        format!(
-            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n access_log off;\n client_body_temp_path {d}/tmp;\n proxy_temp_path {d}/tmp;\n fastcgi_temp_path {d}/tmp;\n uwsgi_temp_path {d}/tmp;\n scgi_temp_path {d}/tmp;\n\
-             server {{ listen 127.0.0.1:{port} proxy_protocol; set_real_ip_from 127.0.0.1; real_ip_header proxy_protocol;\n\
-             location / {{ return 200 \"client $remote_addr\\n\"; }} }}\n}}\n"
-        ),
-    )
-    .unwrap();
-    let child = Command::new("nginx")
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-e")
-        .arg(dir.path().join("error.log"))
-        .arg("-c")
-        .arg(dir.path().join("nginx.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    assert!(
-        wait_until(Duration::from_secs(5), || TcpStream::connect(addr).is_ok()),
-        "nginx did not start: {}",
-        std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
-    );
-    PpNginx { child, _dir: dir }
+/// nginx that requires the PROXY protocol and answers with the client
+/// address it learnt from it.
+fn nginx_pp() -> Nginx {
+    Nginx::start_with(" proxy_protocol", |_| {
+        "set_real_ip_from 127.0.0.1; real_ip_header proxy_protocol; location / { return 200 \"client $remote_addr\\n\"; }".into()
+    })
+    .expect("nginx")
 }
 
 /// curl from source address `from` → (status, body).
@@ -85,8 +45,8 @@ fn nginx_sees_the_real_client_through_pipes_speaking_proxy_protocol() {
     if !have("nginx") || !have("curl") {
         return;
     }
-    let backend = free_port();
-    let _nginx = nginx_pp(backend);
+    let nginx = nginx_pp();
+    let backend = nginx.addr.port();
     let cfg = ConfigDir::new();
     let (v1, v2, front, inner) = (free_port(), free_port(), free_port(), free_port());
     // Direct: a pipe sending v1, one sending v2.

@@ -268,6 +268,16 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start() -> Option<Self> {
+        Self::start_with("", |root| format!("root {};", root.display()))
+    }
+
+    /// nginx whose server listens on 127.0.0.1 with `listen_options` (e.g.
+    /// ` proxy_protocol`) and has the directives `server` gives for its
+    /// document root.
+    pub fn start_with(
+        listen_options: &str,
+        server: impl FnOnce(&std::path::Path) -> String,
+    ) -> Option<Self> {
         if !have("nginx") {
             return None;
         }
@@ -280,13 +290,13 @@ impl Nginx {
         )
         .unwrap();
         let port = free_port();
+        let directives = server(&root);
         let d = dir.path().display();
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n access_log off;\n client_body_temp_path {d}/tmp;\n proxy_temp_path {d}/tmp;\n fastcgi_temp_path {d}/tmp;\n uwsgi_temp_path {d}/tmp;\n scgi_temp_path {d}/tmp;\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
-            root = root.display()
+             server {{ listen 127.0.0.1:{port}{listen_options}; {directives} }}\n}}\n"
         );
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
