@@ -101,15 +101,10 @@ impl PacketSink for Sink {
 
     fn flush(&self) {
         if let Some(stack) = self.0.upgrade() {
-            let links: Vec<Arc<dyn Link>> = {
-                let links = stack.links.read().expect("vnet stack poisoned");
-                links
-                    .attached
-                    .iter()
-                    .filter_map(|a| a.link.upgrade())
-                    .collect()
-            };
-            for l in links {
+            // Under the read lock (a flush never changes the links): no
+            // list built per batch.
+            let links = stack.links.read().expect("vnet stack poisoned");
+            for l in links.attached.iter().filter_map(|a| a.link.upgrade()) {
                 l.flush();
             }
         }
