@@ -248,6 +248,9 @@ fn socks_on_the_client_reaches_legacy_nginx_by_name_over_ssh_in_wireguard() {
     link(&server, "10.242.2.1/24", &legacy, "10.242.2.10/24");
     let _nginx = nginx_in(&mut legacy, "10.242.2.10:80", "legacy nginx\n");
     let _hosts = NsHosts::new(&server, "127.0.0.1 localhost\n10.242.2.10 nginx\n");
+    // The name resolves on the server's side (so the lookup below could
+    // succeed), and not on the client's.
+    assert!(server.try_sh("getent hosts nginx").status.success());
     assert!(
         !cloud.try_sh("getent hosts nginx").status.success(),
         "the client must not know the name"
