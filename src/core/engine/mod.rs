@@ -6,8 +6,8 @@
 //! ([`IpEngine::inject`]). Pipes and every other on-ramp listen and dial
 //! through the [`IpEngine`] trait, whatever the engine:
 //!
-//! - [`userspace`] (default): a userspace TCP/IP stack (smoltcp) per
-//!   network. No root, no TUN, no capability.
+//! - [`userspace`] (default): a userspace TCP/IP stack per network, on
+//!   meshgate's own TCP ([`tcp`]). No root, no TUN, no capability.
 //! - [`kernel`]: a TUN device in an unnamed user + network namespace of its
 //!   own, so the kernel's TCP (CUBIC/BBR, SACK, RACK, pacing) terminates the
 //!   tunnelled connections. Needs user namespaces and access to
@@ -17,6 +17,7 @@
 //! default (`engine:` in `meshgate.yaml`, `MESHGATE_NODE__ENGINE`).
 
 pub mod kernel;
+pub mod tcp;
 pub mod userspace;
 
 use std::io;

@@ -126,6 +126,11 @@ impl NetStackMetrics {
                 last.dropped_no_connection,
             ),
             ("backlog", now.dropped_backlog, last.dropped_backlog),
+            (
+                "bad_segment",
+                now.dropped_bad_segment,
+                last.dropped_bad_segment,
+            ),
         ] {
             let d = delta(n, p);
             if d > 0 {

@@ -75,6 +75,9 @@ pub(super) struct TcpPeek {
     pub src: SocketAddr,
     /// Receiver's (our) address and port.
     pub dst: SocketAddr,
+    /// Where the TCP header starts and the segment ends in the packet.
+    pub offset: usize,
+    pub end: usize,
     flags: u8,
 }
 
@@ -88,9 +91,9 @@ impl TcpPeek {
 /// Reads addresses, ports and flags if `packet` is an unfragmented TCP
 /// segment with a complete fixed header (after at most a few IPv6
 /// hop-by-hop, routing or destination options headers). Checksums are left
-/// to smoltcp.
+/// to the TCP parser.
 pub(super) fn peek_tcp(packet: &[u8]) -> Option<TcpPeek> {
-    let (src, dst, tcp) = match packet.first()? >> 4 {
+    let (src, dst, offset, end) = match packet.first()? >> 4 {
         4 => {
             if packet.len() < 20 || packet[9] != PROTO_TCP {
                 return None;
@@ -100,9 +103,10 @@ pub(super) fn peek_tcp(packet: &[u8]) -> Option<TcpPeek> {
                 return None;
             }
             let header = usize::from(packet[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
             let src = IpAddr::from([packet[12], packet[13], packet[14], packet[15]]);
             let dst = IpAddr::from([packet[16], packet[17], packet[18], packet[19]]);
-            (src, dst, packet.get(header..)?)
+            (src, dst, header, total.min(packet.len()))
         }
         6 => {
             if packet.len() < 40 {
@@ -124,16 +128,20 @@ pub(super) fn peek_tcp(packet: &[u8]) -> Option<TcpPeek> {
             }
             let src = IpAddr::from(octets16(&packet[8..24]));
             let dst = IpAddr::from(octets16(&packet[24..40]));
-            (src, dst, packet.get(at..)?)
+            let payload = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+            (src, dst, at, (40 + payload).min(packet.len()))
         }
         _ => return None,
     };
+    let tcp = packet.get(offset..end)?;
     if tcp.len() < 20 {
         return None;
     }
     Some(TcpPeek {
         src: SocketAddr::new(src, u16::from_be_bytes([tcp[0], tcp[1]])),
         dst: SocketAddr::new(dst, u16::from_be_bytes([tcp[2], tcp[3]])),
+        offset,
+        end,
         flags: tcp[13],
     })
 }

@@ -27,14 +27,18 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
-use smoltcp::socket::tcp;
-use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
-use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
+use std::time::Instant;
+
+use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{HardwareAddress, IpCidr};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::super::tcp::seq::Seq;
+use super::super::tcp::socket::{self as tcp, Socket};
+use super::super::tcp::wire;
 use super::device::Device;
 use super::packet::{self, TcpPeek};
 use super::tcp::NetTcpStream;
@@ -46,9 +50,9 @@ const INGRESS_BUDGET: usize = 64;
 const EGRESS_BUDGET: usize = 64;
 /// Rounds before the task yields to the runtime while still busy.
 const ROUNDS_PER_PUMP: usize = 64;
-/// The soonest a connection is polled again when smoltcp asks for "now"
-/// right after a full poll (it would otherwise spin).
-const MIN_TIMER: SmolDuration = SmolDuration::from_millis(1);
+/// The soonest a connection is polled again when it asks for "now" right
+/// after a full poll (it would otherwise spin).
+const MIN_TIMER: Duration = Duration::from_millis(1);
 /// Ephemeral ports, as IANA suggests.
 const EPHEMERAL_FIRST: u16 = 49152;
 const EPHEMERAL_COUNT: u32 = 65536 - EPHEMERAL_FIRST as u32;
@@ -86,12 +90,22 @@ impl Limits {
         }
     }
 
-    /// The smoltcp timeout of a socket a stream owns. smoltcp aborts when
-    /// the peer has been silent that long, idle or not, so it is armed only
+    /// The timeout of a socket a stream owns. A socket aborts when the
+    /// peer has been silent that long, idle or not, so it is armed only
     /// while sent data waits for an acknowledgement, or always with
     /// keep-alive (whose probes the peer answers).
-    fn stream_timeout(&self, unacked: bool) -> Option<SmolDuration> {
-        (unacked || self.keep_alive.is_some()).then(|| self.tcp_timeout.into())
+    fn stream_timeout(&self, unacked: bool) -> Option<Duration> {
+        (unacked || self.keep_alive.is_some()).then_some(self.tcp_timeout)
+    }
+
+    /// How sockets of this stack are built.
+    pub fn socket_config(&self) -> tcp::Config {
+        tcp::Config {
+            mtu: self.mtu,
+            recv_buffer: self.tcp_buffer,
+            send_buffer: self.tcp_buffer,
+            keep_alive: self.keep_alive,
+        }
     }
 }
 
@@ -104,6 +118,7 @@ pub(super) struct Counters {
     dropped_malformed: AtomicU64,
     dropped_no_listener: AtomicU64,
     dropped_no_connection: AtomicU64,
+    dropped_bad_segment: AtomicU64,
     dropped_backlog: AtomicU64,
 }
 
@@ -147,13 +162,12 @@ enum Role {
     Orphan,
 }
 
-/// One TCP connection: its own socket set with exactly one socket.
+/// One TCP connection.
 struct Conn {
     /// Unique for the stack's lifetime: streams, timers and the dirty queue
     /// carry it, so a reused slot is never mistaken for its old occupant.
     id: u64,
-    set: SocketSet<'static>,
-    handle: SocketHandle,
+    socket: Socket,
     role: Role,
     /// (local, remote), the key in `State::by_tuple`.
     tuple: (SocketAddr, SocketAddr),
@@ -162,12 +176,12 @@ struct Conn {
     /// Queued in `State::dirty`.
     dirty: bool,
     /// The earliest timer queued in `State::timers` for it.
-    timer: Option<SmolInstant>,
+    timer: Option<Instant>,
 }
 
 impl Conn {
-    fn socket(&mut self) -> &mut tcp::Socket<'static> {
-        self.set.get_mut::<tcp::Socket>(self.handle)
+    fn socket(&mut self) -> &mut Socket {
+        &mut self.socket
     }
 }
 
@@ -189,9 +203,9 @@ impl Listener {
 
 /// Where an inbound packet goes.
 enum Target {
-    /// A connection's socket set.
+    /// A connection.
     Conn(usize),
-    /// The empty set: smoltcp answers (RST, ICMP) or drops.
+    /// smoltcp's empty socket set: it answers (RST, ICMP) or drops.
     Stray,
     /// Dropped unseen.
     Drop,
@@ -211,7 +225,11 @@ pub(super) struct State {
     /// Connections to poll: (slot, id).
     dirty: VecDeque<(usize, u64)>,
     /// Connection timers: (when, slot, id), earliest first.
-    timers: BinaryHeap<Reverse<(SmolInstant, usize, u64)>>,
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Initial sequence numbers: a keyed hash of the 4-tuple and the clock
+    /// (RFC 6528).
+    iss_key: std::collections::hash_map::RandomState,
+    clock_base: Instant,
     /// Listeners by port.
     listeners: HashMap<u16, Vec<Listener>>,
     /// Local (address, port) pairs taken by listeners and active opens.
@@ -262,17 +280,6 @@ fn usable_addresses(configured: &[IpNet]) -> Vec<IpNet> {
     out
 }
 
-/// A TCP socket with the stack's buffers and options.
-pub(super) fn new_socket(limits: &Limits) -> tcp::Socket<'static> {
-    let rx = tcp::SocketBuffer::new(vec![0u8; limits.tcp_buffer]);
-    let tx = tcp::SocketBuffer::new(vec![0u8; limits.tcp_buffer]);
-    let mut s = tcp::Socket::new(rx, tx);
-    s.set_congestion_control(tcp::CongestionControl::Cubic);
-    s.set_nagle_enabled(false);
-    s.set_keep_alive(limits.keep_alive.map(Into::into));
-    s
-}
-
 impl Shared {
     /// Builds the interface; nothing runs until [`run`] is spawned.
     pub fn new(cfg: NetStackConfig) -> Arc<Shared> {
@@ -312,6 +319,8 @@ impl Shared {
                 stray: SocketSet::new(Vec::new()),
                 dirty: VecDeque::new(),
                 timers: BinaryHeap::new(),
+                iss_key: Default::default(),
+                clock_base: Instant::now(),
                 listeners: HashMap::new(),
                 ports: HashSet::new(),
                 next_port: HashMap::new(),
@@ -344,8 +353,13 @@ impl Shared {
         self.inbound.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn now(&self) -> SmolInstant {
-        SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    /// The same moment on smoltcp's clock (for the ICMP and reset path).
+    fn smol(&self, now: Instant) -> SmolInstant {
+        SmolInstant::from_micros(now.saturating_duration_since(self.epoch).as_micros() as i64)
     }
 
     /// See [`NetStack::inject`](super::NetStack::inject).
@@ -395,6 +409,7 @@ impl Shared {
             dropped_malformed: get(&c.dropped_malformed),
             dropped_no_listener: get(&c.dropped_no_listener),
             dropped_no_connection: get(&c.dropped_no_connection),
+            dropped_bad_segment: get(&c.dropped_bad_segment),
             dropped_backlog: get(&c.dropped_backlog),
             tcp_connections: self.lock().live as u64,
         }
@@ -544,7 +559,7 @@ impl State {
     }
 
     /// The socket of the connection (slot, id), if it still exists.
-    pub fn socket(&mut self, slot: usize, id: u64) -> Option<&mut tcp::Socket<'static>> {
+    pub fn socket(&mut self, slot: usize, id: u64) -> Option<&mut Socket> {
         self.conn(slot, id).map(Conn::socket)
     }
 
@@ -566,18 +581,15 @@ impl State {
 
     fn insert(
         &mut self,
-        socket: tcp::Socket<'static>,
+        socket: Socket,
         role: Role,
         tuple: (SocketAddr, SocketAddr),
         port: Option<(IpAddr, u16)>,
     ) -> (usize, u64) {
         let id = self.take_id();
-        let mut set = SocketSet::new(Vec::with_capacity(1));
-        let handle = set.add(socket);
         let conn = Conn {
             id,
-            set,
-            handle,
+            socket,
             role,
             tuple,
             port,
@@ -722,7 +734,6 @@ impl State {
     pub fn start_connect(
         &mut self,
         shared: &Shared,
-        mut socket: tcp::Socket<'static>,
         src: IpAddr,
         dst: SocketAddr,
     ) -> Result<(usize, u64, SocketAddr), NetError> {
@@ -741,11 +752,11 @@ impl State {
             }
             port = self.free_port(src)?;
         }
-        socket
-            .connect(self.iface.context(), dst, (src, port))
-            .map_err(|_| NetError::InvalidAddress(dst))?;
-        socket.set_timeout(shared.limits.stream_timeout(false));
         let local = SocketAddr::new(src, port);
+        let now = shared.now();
+        let iss = self.iss(local, dst, now);
+        let mut socket = Socket::connect(shared.limits.socket_config(), local, dst, iss, now);
+        socket.set_timeout(shared.limits.stream_timeout(false));
         let (slot, id) = self.insert(socket, Role::Stream, (local, dst), Some((src, port)));
         self.mark(slot, id);
         Ok((slot, id, local))
@@ -759,7 +770,7 @@ impl State {
             return;
         };
         let socket = conn.socket();
-        if closed || is_done(socket) {
+        if closed || socket.is_done() {
             self.remove(slot);
             return;
         }
@@ -768,51 +779,60 @@ impl State {
         } else {
             socket.close();
         }
-        socket.set_timeout(Some(timeout.into()));
+        socket.set_timeout(Some(timeout));
         conn.role = Role::Orphan;
         self.mark(slot, id);
     }
 
-    /// Feeds up to [`INGRESS_BUDGET`] queued packets to smoltcp.
-    fn ingress(&mut self, shared: &Shared, dev: &mut Device, now: SmolInstant) {
+    /// A fresh initial sequence number for a connection (RFC 6528: a
+    /// keyed hash of the 4-tuple plus a 4 µs clock).
+    fn iss(&self, local: SocketAddr, remote: SocketAddr, now: Instant) -> Seq {
+        let mut h = self.iss_key.build_hasher();
+        std::hash::Hash::hash(&(local, remote), &mut h);
+        let clock = (now.duration_since(self.clock_base).as_micros() / 4) as u32;
+        Seq((h.finish() as u32).wrapping_add(clock))
+    }
+
+    /// Feeds up to [`INGRESS_BUDGET`] queued packets to their connections
+    /// (or to smoltcp, for ICMP and resets).
+    fn ingress(&mut self, shared: &Shared, dev: &mut Device, now: Instant) {
         for _ in 0..INGRESS_BUDGET {
             let Some(pkt) = dev.rx.front() else {
                 return;
             };
             let seg = packet::peek_tcp(pkt);
             let target = match &seg {
-                Some(seg) => self.route(shared, seg),
+                Some(seg) => self.route(shared, seg, pkt, now),
                 None => Target::Stray,
             };
             match target {
                 Target::Drop => dev.skip_rx(),
                 Target::Stray => {
+                    let now = shared.smol(now);
                     self.iface.poll_ingress_single(now, dev, &mut self.stray);
                 }
                 Target::Conn(slot) => {
-                    let Some(conn) = self.conns[slot].as_mut() else {
-                        dev.skip_rx();
-                        continue;
-                    };
-                    self.iface.poll_ingress_single(now, dev, &mut conn.set);
-                    let state = conn.socket().state();
-                    let id = conn.id;
-                    // A SYN not taken (bad checksum, ...) leaves a listening
-                    // socket; a reset in SYN-RECEIVED makes one again.
-                    // Neither is a connection.
-                    if state == tcp::State::Listen {
-                        self.remove(slot);
-                    } else {
-                        self.mark(slot, id);
+                    let peek = seg.unwrap_or_else(|| unreachable!("only TCP goes to a connection"));
+                    let parsed =
+                        wire::parse(peek.src.ip(), peek.dst.ip(), &pkt[peek.offset..peek.end]);
+                    match (parsed, self.conns[slot].as_mut()) {
+                        (Ok(segment), Some(conn)) => {
+                            conn.socket.handle(now, &segment);
+                            let id = conn.id;
+                            self.mark(slot, id);
+                        }
+                        (Err(_), _) => bump(&shared.counters.dropped_bad_segment),
+                        (_, None) => {}
                     }
+                    dev.skip_rx();
                 }
             }
         }
     }
 
-    /// Picks the socket set for a TCP segment; a SYN to a listener gets a
-    /// new connection in LISTEN state first.
-    fn route(&mut self, shared: &Shared, seg: &TcpPeek) -> Target {
+    /// Picks the connection for a TCP segment; a SYN to a listener gets a
+    /// new connection first.
+    fn route(&mut self, shared: &Shared, seg: &TcpPeek, pkt: &[u8], now: Instant) -> Target {
         if let Some(&slot) = self.by_tuple.get(&(seg.dst, seg.src)) {
             return Target::Conn(slot);
         }
@@ -838,26 +858,28 @@ impl State {
         if !self.iface.has_ip_addr(seg.dst.ip()) {
             return Target::Stray;
         }
+        let Ok(syn) = wire::parse(seg.src.ip(), seg.dst.ip(), &pkt[seg.offset..seg.end]) else {
+            bump(&shared.counters.dropped_bad_segment);
+            return Target::Drop;
+        };
         listener.half_open += 1;
         let role = Role::Pending {
             port: seg.dst.port(),
             listener: listener.id,
         };
-        let mut socket = new_socket(&shared.limits);
-        // Cannot fail: the port is not 0 and the socket is new.
-        let _ = socket.listen(IpListenEndpoint {
-            addr: Some(seg.dst.ip().into()),
-            port: seg.dst.port(),
-        });
+        let iss = self.iss(seg.dst, seg.src, now);
+        let mut socket = Socket::accept(shared.limits.socket_config(), &syn, iss, now);
         // Bounds the handshake; replaced once accepted.
-        socket.set_timeout(Some(shared.limits.tcp_timeout.into()));
-        let (slot, _) = self.insert(socket, role, (seg.dst, seg.src), None);
-        Target::Conn(slot)
+        socket.set_timeout(Some(shared.limits.tcp_timeout));
+        let (slot, id) = self.insert(socket, role, (seg.dst, seg.src), None);
+        self.mark(slot, id);
+        // The SYN is consumed by the new socket.
+        Target::Drop
     }
 
     /// Lets the dirty connections transmit, until all are done or `budget`
     /// packets wait in the outbox.
-    fn egress(&mut self, shared: &Arc<Shared>, dev: &mut Device, now: SmolInstant, budget: usize) {
+    fn egress(&mut self, shared: &Arc<Shared>, dev: &mut Device, now: Instant, budget: usize) {
         while let Some((slot, id)) = self.dirty.pop_front() {
             let Some(conn) = self
                 .conns
@@ -869,17 +891,20 @@ impl State {
             };
             conn.dirty = false;
             loop {
-                match self.iface.poll_egress(now, dev, &mut conn.set) {
-                    PollResult::None => break,
-                    PollResult::SocketStateChanged => {
-                        if dev.outbox.len() >= budget {
-                            // Its turn again after the others.
-                            conn.dirty = true;
-                            self.dirty.push_back((slot, id));
-                            return;
-                        }
-                    }
+                if dev.outbox.len() >= budget {
+                    // Its turn again after the others.
+                    conn.dirty = true;
+                    self.dirty.push_back((slot, id));
+                    return;
                 }
+                let mut buf = dev.tx_free.pop().unwrap_or_default();
+                buf.clear();
+                if !conn.socket.poll_transmit(now, &mut buf) {
+                    dev.tx_free.push(buf);
+                    break;
+                }
+                let len = buf.len();
+                dev.outbox.push((buf, len));
             }
             self.settle(shared, slot, now);
         }
@@ -887,7 +912,7 @@ impl State {
 
     /// After a poll: hand over finished handshakes, reap closed orphans,
     /// keep the timeout policy, and schedule the connection's next timer.
-    fn settle(&mut self, shared: &Arc<Shared>, slot: usize, now: SmolInstant) {
+    fn settle(&mut self, shared: &Arc<Shared>, slot: usize, now: Instant) {
         let Some(conn) = self.conns[slot].as_mut() else {
             return;
         };
@@ -908,7 +933,7 @@ impl State {
             },
             Role::Orphan => {
                 let socket = conn.socket();
-                if is_done(socket) {
+                if socket.is_done() {
                     self.remove(slot);
                     return;
                 }
@@ -961,13 +986,13 @@ impl State {
         }
     }
 
-    /// Queues the connection's next smoltcp timer, if earlier than the one
-    /// already queued.
-    fn schedule(&mut self, slot: usize, now: SmolInstant) {
+    /// Queues the connection's next timer, if earlier than the one already
+    /// queued.
+    fn schedule(&mut self, slot: usize, now: Instant) {
         let Some(conn) = self.conns[slot].as_mut() else {
             return;
         };
-        let Some(at) = self.iface.poll_at(now, &conn.set) else {
+        let Some(at) = conn.socket.poll_at() else {
             return;
         };
         let at = at.max(now + MIN_TIMER);
@@ -978,7 +1003,7 @@ impl State {
     }
 
     /// Marks connections whose timer is due.
-    fn fire_timers(&mut self, now: SmolInstant) {
+    fn fire_timers(&mut self, now: Instant) {
         while let Some(Reverse((at, slot, id))) = self.timers.peek().copied() {
             if at > now {
                 break;
@@ -994,11 +1019,11 @@ impl State {
     }
 
     /// How long until the earliest live timer.
-    fn next_timer(&mut self, now: SmolInstant) -> Option<Duration> {
+    fn next_timer(&mut self, now: Instant) -> Option<Duration> {
         while let Some(Reverse((at, slot, id))) = self.timers.peek().copied() {
             match self.conn(slot, id) {
                 Some(conn) if conn.timer == Some(at) => {
-                    return Some(Duration::from(at - now.min(at)).max(MIN_TIMER.into()));
+                    return Some(at.saturating_duration_since(now).max(MIN_TIMER));
                 }
                 _ => {
                     self.timers.pop();
@@ -1006,16 +1031,6 @@ impl State {
             }
         }
         None
-    }
-}
-
-/// Nothing left to send or wait for: TIME-WAIT (reaped at once, as the
-/// connection's owner is gone), or closed with the reset already sent.
-fn is_done(socket: &tcp::Socket) -> bool {
-    match socket.state() {
-        tcp::State::TimeWait => true,
-        tcp::State::Closed => socket.remote_endpoint().is_none(),
-        _ => false,
     }
 }
 

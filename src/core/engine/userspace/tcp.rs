@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::super::tcp::socket::{self as tcp};
 use ipnet::IpNet;
-use smoltcp::socket::tcp;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
-use super::stack::{new_socket, Shared};
+use super::stack::Shared;
 use super::NetError;
 
 /// See [`NetStack::listen_tcp`](super::NetStack::listen_tcp).
@@ -75,11 +75,9 @@ pub(super) async fn connect(
         return Err(NetError::InvalidAddress(dst));
     }
     let src = source_for(&shared.addresses, dst.ip()).ok_or(NetError::NoSourceAddress(dst))?;
-    // Buffers are allocated before taking the lock.
-    let socket = new_socket(&shared.limits);
     let stream = {
         let mut st = shared.lock();
-        let (slot, id, local) = st.start_connect(shared, socket, src, dst)?;
+        let (slot, id, local) = st.start_connect(shared, src, dst)?;
         NetTcpStream::attach(shared.clone(), slot, id, local, dst)
     };
     shared.wake.notify_one();
@@ -271,7 +269,7 @@ impl AsyncRead for NetTcpStream {
             let got = s.recv(|data| {
                 let n = data.len().min(buf.remaining());
                 buf.put_slice(&data[..n]);
-                (n, n)
+                n
             });
             match got {
                 Ok(0) => break Ok(()),
@@ -329,7 +327,7 @@ impl AsyncWrite for NetTcpStream {
             Ok(n) => {
                 // Unacknowledged data: a silent peer is now a dead one.
                 if s.timeout().is_none() {
-                    s.set_timeout(Some(timeout.into()));
+                    s.set_timeout(Some(timeout));
                 }
                 st.mark(this.slot, this.id);
                 drop(st);

@@ -1,0 +1,453 @@
+//! The send side: bytes the application wrote and the scoreboard of sent
+//! segments (RFC 6675's, as RACK-TLP uses it, RFC 8985).
+//!
+//! Every byte from `una` on is kept until acknowledged. Sent bytes are
+//! split into the segments they went out as, each with its send time and
+//! whether it was SACKed, is deemed lost, or was retransmitted. Loss is
+//! decided by time (RACK): a segment sent before one that has been
+//! delivered, and not delivered itself within the RTT plus a reordering
+//! window, is lost. Bytes in flight ("pipe") are those sent and neither
+//! SACKed nor deemed lost.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::seq::Seq;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    pub start: Seq,
+    /// One past the last sequence number (FIN included).
+    pub end: Seq,
+    pub sent_at: Instant,
+    pub retransmitted: bool,
+    pub sacked: bool,
+    pub lost: bool,
+    pub fin: bool,
+}
+
+impl Sent {
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+    fn counted(&self) -> bool {
+        !self.sacked && !self.lost
+    }
+}
+
+/// What one acknowledgement did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Acked {
+    /// Bytes newly acknowledged cumulatively (a FIN counts one).
+    pub cumulative: usize,
+    /// Bytes newly SACKed.
+    pub sacked: usize,
+    /// An RTT sample from a segment sent once (Karn's rule).
+    pub rtt: Option<Duration>,
+    /// Our FIN is acknowledged.
+    pub fin_acked: bool,
+}
+
+pub struct SendQueue {
+    data: VecDeque<u8>,
+    capacity: usize,
+    /// First unacknowledged sequence number: `data[0]`.
+    pub una: Seq,
+    /// Next new sequence number to send.
+    pub nxt: Seq,
+    /// The application closed: a FIN follows the data.
+    pub fin_queued: bool,
+    segs: VecDeque<Sent>,
+    /// Bytes sent, not SACKed, not deemed lost.
+    pub in_flight: usize,
+    /// Segments deemed lost and not yet retransmitted.
+    pub lost: usize,
+    sacked: usize,
+    /// RACK: send time and end of the most recently sent segment delivered.
+    rack_xmit: Option<Instant>,
+    rack_end: Seq,
+    /// RACK: the RTT of that segment.
+    pub rack_rtt: Duration,
+}
+
+impl SendQueue {
+    pub fn new(capacity: usize, iss_plus_one: Seq) -> Self {
+        SendQueue {
+            data: VecDeque::new(),
+            capacity: capacity.max(1),
+            una: iss_plus_one,
+            nxt: iss_plus_one,
+            fin_queued: false,
+            segs: VecDeque::new(),
+            in_flight: 0,
+            lost: 0,
+            sacked: 0,
+            rack_xmit: None,
+            rack_end: iss_plus_one,
+            rack_rtt: Duration::ZERO,
+        }
+    }
+
+    /// Room for more application bytes.
+    pub fn room(&self) -> usize {
+        self.capacity - self.data.len()
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.room());
+        if self.data.capacity() < self.data.len() + n {
+            // Grow towards the configured size in steps, not all at once.
+            let want = (self.data.len() + n)
+                .max(self.data.capacity() * 2)
+                .min(self.capacity);
+            self.data.reserve_exact(want - self.data.len());
+        }
+        self.data.extend(&bytes[..n]);
+        n
+    }
+
+    /// Bytes written and not acknowledged.
+    pub fn queued(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Sequence number just past the last data byte (where a FIN goes).
+    pub fn data_end(&self) -> Seq {
+        self.una + self.data.len()
+    }
+
+    /// Bytes written and never sent.
+    pub fn unsent(&self) -> usize {
+        self.data_end() - self.nxt.min(self.data_end())
+    }
+
+    /// Nothing is sent and unacknowledged.
+    pub fn idle(&self) -> bool {
+        self.segs.is_empty()
+    }
+
+    /// A FIN is queued and not sent yet.
+    pub fn fin_unsent(&self) -> bool {
+        self.fin_queued && self.nxt == self.data_end()
+    }
+
+    /// The bytes `[start, start + len)` as up to two slices.
+    pub fn bytes(&self, start: Seq, len: usize) -> [&[u8]; 2] {
+        let off = start - self.una;
+        let (a, b) = self.data.as_slices();
+        if off >= a.len() {
+            [&b[off - a.len()..off - a.len() + len], &[]]
+        } else if off + len <= a.len() {
+            [&a[off..off + len], &[]]
+        } else {
+            [&a[off..], &b[..off + len - a.len()]]
+        }
+    }
+
+    /// Records a new segment `[nxt, nxt + len)` (plus a FIN) as sent.
+    pub fn sent_new(&mut self, len: usize, fin: bool, now: Instant) {
+        let start = self.nxt;
+        let end = start + len + usize::from(fin);
+        self.segs.push_back(Sent {
+            start,
+            end,
+            sent_at: now,
+            retransmitted: false,
+            sacked: false,
+            lost: false,
+            fin,
+        });
+        self.in_flight += end - start;
+        self.nxt = end;
+    }
+
+    /// The first segment deemed lost, if any: (index, start, payload
+    /// length, fin).
+    pub fn first_lost(&self) -> Option<(usize, Seq, usize, bool)> {
+        if self.lost == 0 {
+            return None;
+        }
+        self.segs
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.lost)
+            .map(|(i, s)| (i, s.start, s.len() - usize::from(s.fin), s.fin))
+    }
+
+    /// The last segment not SACKed (a tail loss probe resends it).
+    pub fn last_unsacked(&self) -> Option<(usize, Seq, usize, bool)> {
+        self.segs
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, s)| !s.sacked)
+            .map(|(i, s)| (i, s.start, s.len() - usize::from(s.fin), s.fin))
+    }
+
+    /// Segment `i` went out again.
+    pub fn retransmitted(&mut self, i: usize, now: Instant) {
+        let s = &mut self.segs[i];
+        if s.lost {
+            s.lost = false;
+            self.lost -= 1;
+            self.in_flight += s.len();
+        }
+        s.retransmitted = true;
+        s.sent_at = now;
+    }
+
+    /// Processes a cumulative ACK and SACK blocks.
+    pub fn ack(&mut self, ack: Seq, sack: &[(Seq, Seq)], now: Instant) -> Acked {
+        let mut out = Acked::default();
+        if ack > self.una && ack <= self.nxt {
+            while let Some(s) = self.segs.front_mut() {
+                if s.end <= ack {
+                    let s = self.segs.pop_front().unwrap_or_else(|| unreachable!());
+                    self.forget(&s);
+                    out.fin_acked |= s.fin;
+                    if s.sacked {
+                        // Delivered (and sampled) when it was SACKed.
+                        continue;
+                    }
+                    out.cumulative += s.len();
+                    Self::rack_update(
+                        &mut self.rack_xmit,
+                        &mut self.rack_end,
+                        &mut self.rack_rtt,
+                        &s,
+                        now,
+                        &mut out.rtt,
+                    );
+                } else {
+                    if s.start < ack {
+                        // Partly acknowledged (a peer cut our segment).
+                        let cut = ack - s.start;
+                        if s.counted() {
+                            self.in_flight -= cut;
+                        }
+                        if !s.sacked {
+                            out.cumulative += cut;
+                        }
+                        s.start = ack;
+                    }
+                    break;
+                }
+            }
+            let data_acked = (ack - self.una).min(self.data.len());
+            self.data.drain(..data_acked);
+            self.una = ack;
+        }
+        for &(l, r) in sack {
+            // Only blocks inside what is outstanding count.
+            if l >= r || l < self.una || r > self.nxt {
+                continue;
+            }
+            let from = self.segs.partition_point(|s| s.end <= l);
+            for i in from..self.segs.len() {
+                let s = self.segs[i];
+                if s.start >= r {
+                    break;
+                }
+                if s.sacked || s.start < l || s.end > r {
+                    continue;
+                }
+                if s.lost {
+                    self.lost -= 1;
+                } else {
+                    self.in_flight -= s.len();
+                }
+                self.segs[i].lost = false;
+                self.segs[i].sacked = true;
+                self.sacked += 1;
+                out.sacked += s.len();
+                Self::rack_update(
+                    &mut self.rack_xmit,
+                    &mut self.rack_end,
+                    &mut self.rack_rtt,
+                    &s,
+                    now,
+                    &mut out.rtt,
+                );
+            }
+        }
+        out
+    }
+
+    fn forget(&mut self, s: &Sent) {
+        if s.sacked {
+            self.sacked -= 1;
+        } else if s.lost {
+            self.lost -= 1;
+        } else {
+            self.in_flight -= s.len();
+        }
+    }
+
+    /// RACK's per-delivered-segment update (RFC 8985 §6.2 step 2).
+    fn rack_update(
+        xmit: &mut Option<Instant>,
+        end: &mut Seq,
+        rack_rtt: &mut Duration,
+        s: &Sent,
+        now: Instant,
+        sample: &mut Option<Duration>,
+    ) {
+        let rtt = now.saturating_duration_since(s.sent_at);
+        if !s.retransmitted {
+            *sample = Some(sample.map_or(rtt, |r: Duration| r.min(rtt)));
+        }
+        let newer = match *xmit {
+            None => true,
+            Some(x) => s.sent_at > x || (s.sent_at == x && s.end > *end),
+        };
+        if newer {
+            *xmit = Some(s.sent_at);
+            *end = s.end;
+            *rack_rtt = rtt;
+        }
+    }
+
+    /// Marks as lost the segments sent before the latest delivered one and
+    /// overdue by `reo_wnd` (RACK). Returns the bytes newly deemed lost and
+    /// when the next segment would become overdue.
+    pub fn detect_loss(&mut self, now: Instant, reo_wnd: Duration) -> (usize, Option<Instant>) {
+        let Some(xmit) = self.rack_xmit else {
+            return (0, None);
+        };
+        let (mut lost, mut timer) = (0, None::<Instant>);
+        for s in self.segs.iter_mut() {
+            if s.start >= self.rack_end {
+                break;
+            }
+            if !s.counted() {
+                continue;
+            }
+            let before = s.sent_at < xmit || (s.sent_at == xmit && s.end < self.rack_end);
+            if !before {
+                continue;
+            }
+            let due = s.sent_at + self.rack_rtt + reo_wnd;
+            if due <= now {
+                s.lost = true;
+                self.lost += 1;
+                self.in_flight -= s.len();
+                lost += s.len();
+            } else {
+                timer = Some(timer.map_or(due, |t| t.min(due)));
+            }
+        }
+        (lost, timer)
+    }
+
+    /// The retransmission timer fired: every segment not SACKed is lost.
+    pub fn all_lost(&mut self) {
+        for s in self.segs.iter_mut() {
+            if s.counted() {
+                s.lost = true;
+                self.lost += 1;
+            }
+        }
+        self.in_flight = 0;
+    }
+
+    /// Are any segments SACKed (is there a hole)?
+    pub fn has_sacked(&self) -> bool {
+        self.sacked > 0
+    }
+
+    pub fn segments(&self) -> usize {
+        self.segs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue_with(n: usize, seg: usize, now: Instant) -> SendQueue {
+        let mut q = SendQueue::new(1 << 20, Seq(1000));
+        let data: Vec<u8> = (0..n * seg).map(|i| i as u8).collect();
+        assert_eq!(q.write(&data), data.len());
+        for _ in 0..n {
+            q.sent_new(seg, false, now);
+        }
+        q
+    }
+
+    #[test]
+    fn cumulative_ack_frees_bytes_and_samples_rtt() {
+        let t0 = Instant::now();
+        let mut q = queue_with(4, 100, t0);
+        assert_eq!(q.in_flight, 400);
+        let a = q.ack(Seq(1250), &[], t0 + Duration::from_millis(30));
+        assert_eq!(a.cumulative, 250);
+        assert_eq!(a.rtt, Some(Duration::from_millis(30)));
+        assert_eq!(q.in_flight, 150);
+        assert_eq!(q.queued(), 150);
+        assert_eq!(
+            q.bytes(Seq(1250), 10)[0],
+            &[250_u8, 251, 252, 253, 254, 255, 0, 1, 2, 3][..]
+        );
+        // An ACK beyond what was sent is ignored.
+        assert_eq!(q.ack(Seq(9999), &[], t0).cumulative, 0);
+    }
+
+    #[test]
+    fn rack_marks_holes_lost_after_the_reordering_window() {
+        let t0 = Instant::now();
+        let mut q = queue_with(10, 100, t0);
+        // Segment 2 (1200..1300) is missing; 3..9 arrive.
+        let t1 = t0 + Duration::from_millis(20);
+        let a = q.ack(Seq(1200), &[(Seq(1300), Seq(2000))], t1);
+        assert_eq!((a.cumulative, a.sacked), (200, 700));
+        assert_eq!(q.in_flight, 100);
+        // Sent at the same time as delivered ones: overdue after reo_wnd.
+        let reo = Duration::from_millis(5);
+        let (lost, timer) = q.detect_loss(t1, reo);
+        assert_eq!(lost, 0);
+        assert_eq!(timer, Some(t0 + Duration::from_millis(20) + reo));
+        let (lost, _) = q.detect_loss(t1 + reo, reo);
+        assert_eq!(lost, 100);
+        assert_eq!(q.in_flight, 0);
+        let (i, start, len, fin) = q.first_lost().unwrap();
+        assert_eq!((start, len, fin), (Seq(1200), 100, false));
+        q.retransmitted(i, t1 + reo);
+        assert_eq!(q.in_flight, 100);
+        assert!(q.first_lost().is_none());
+        let a = q.ack(Seq(2000), &[], t1 + Duration::from_millis(50));
+        assert_eq!(a.cumulative, 100, "SACKed bytes are not counted twice");
+        assert_eq!(a.rtt, None, "no sample from a retransmission");
+        assert!(q.idle());
+        assert_eq!((q.in_flight, q.lost), (0, 0));
+    }
+
+    #[test]
+    fn timeout_marks_everything_unsacked_lost() {
+        let t0 = Instant::now();
+        let mut q = queue_with(5, 100, t0);
+        q.ack(Seq(1000), &[(Seq(1200), Seq(1300))], t0);
+        q.all_lost();
+        assert_eq!((q.in_flight, q.lost), (0, 4));
+        let mut order = Vec::new();
+        while let Some((i, start, _, _)) = q.first_lost() {
+            order.push(start.0);
+            q.retransmitted(i, t0);
+        }
+        assert_eq!(order, [1000, 1100, 1300, 1400]);
+        assert_eq!(q.in_flight, 400);
+    }
+
+    #[test]
+    fn fin_takes_one_sequence_number() {
+        let t0 = Instant::now();
+        let mut q = SendQueue::new(100, Seq(0));
+        q.write(b"abc");
+        q.fin_queued = true;
+        q.sent_new(3, true, t0);
+        assert_eq!(q.nxt, Seq(4));
+        let a = q.ack(Seq(4), &[], t0);
+        assert!(a.fin_acked);
+        assert_eq!(a.cumulative, 4);
+        assert_eq!(q.queued(), 0);
+    }
+}

@@ -1,0 +1,265 @@
+//! A simulated path for the TCP tests: two sockets joined by links with a
+//! delay, a bottleneck rate with a drop-tail queue, random loss and
+//! optional reordering, driven by simulated time (deterministic: a seeded
+//! generator, no clock, no sockets).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::seq::Seq;
+use super::socket::{Config, Socket, State};
+use super::wire;
+
+/// xorshift64*: deterministic, good enough for loss decisions.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.max(1))
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PathSpec {
+    pub delay: Duration,
+    /// Bits per second at the bottleneck.
+    pub rate: f64,
+    /// Bytes the bottleneck queue holds.
+    pub queue: usize,
+    pub loss: f64,
+    /// Extra random delay up to this much (reorders packets).
+    pub jitter: Duration,
+}
+
+impl PathSpec {
+    pub fn new(delay_ms: u64, mbps: f64, loss: f64) -> Self {
+        PathSpec {
+            delay: Duration::from_millis(delay_ms),
+            rate: mbps * 1e6,
+            queue: 256 * 1024,
+            loss,
+            jitter: Duration::ZERO,
+        }
+    }
+}
+
+pub struct Link {
+    spec: PathSpec,
+    busy_until: Instant,
+    queue: VecDeque<(Instant, Vec<u8>)>,
+    pub sent: u64,
+    pub dropped: u64,
+}
+
+impl Link {
+    pub fn new(spec: PathSpec, now: Instant) -> Self {
+        Link {
+            spec,
+            busy_until: now,
+            queue: VecDeque::new(),
+            sent: 0,
+            dropped: 0,
+        }
+    }
+
+    pub fn send(&mut self, now: Instant, packet: Vec<u8>, rng: &mut Rng) {
+        self.sent += 1;
+        let start = self.busy_until.max(now);
+        let backlog = start.duration_since(now).as_secs_f64() * self.spec.rate / 8.0;
+        if backlog > self.spec.queue as f64 || rng.unit() < self.spec.loss {
+            self.dropped += 1;
+            return;
+        }
+        let tx = Duration::from_secs_f64(packet.len() as f64 * 8.0 / self.spec.rate);
+        self.busy_until = start + tx;
+        let mut at = self.busy_until + self.spec.delay;
+        if !self.spec.jitter.is_zero() {
+            at += self.spec.jitter.mul_f64(rng.unit());
+        }
+        // Keep the queue sorted by delivery time (jitter reorders).
+        let i = self.queue.partition_point(|(t, _)| *t <= at);
+        self.queue.insert(i, (at, packet));
+    }
+
+    pub fn next_at(&self) -> Option<Instant> {
+        self.queue.front().map(|(t, _)| *t)
+    }
+
+    pub fn take_due(&mut self, now: Instant) -> Option<Vec<u8>> {
+        match self.queue.front() {
+            Some((t, _)) if *t <= now => self.queue.pop_front().map(|(_, p)| p),
+            _ => None,
+        }
+    }
+}
+
+/// Feeds one raw IP packet to a socket (parsing it as the stack would).
+pub fn deliver(socket: &mut Socket, now: Instant, packet: &[u8]) {
+    let (src, dst, tcp) = split(packet);
+    let seg = wire::parse(src, dst, tcp).expect("the simulated path does not corrupt");
+    socket.handle(now, &seg);
+}
+
+pub fn split(packet: &[u8]) -> (std::net::IpAddr, std::net::IpAddr, &[u8]) {
+    match packet[0] >> 4 {
+        4 => (
+            std::net::IpAddr::from([packet[12], packet[13], packet[14], packet[15]]),
+            std::net::IpAddr::from([packet[16], packet[17], packet[18], packet[19]]),
+            &packet[20..],
+        ),
+        _ => {
+            let mut s = [0u8; 16];
+            let mut d = [0u8; 16];
+            s.copy_from_slice(&packet[8..24]);
+            d.copy_from_slice(&packet[24..40]);
+            (s.into(), d.into(), &packet[40..])
+        }
+    }
+}
+
+pub fn config(buffer: usize) -> Config {
+    Config {
+        mtu: 1420,
+        recv_buffer: buffer,
+        send_buffer: buffer,
+        keep_alive: None,
+    }
+}
+
+/// A client and a server socket across two links (one per direction).
+pub struct Pair {
+    pub now: Instant,
+    pub client: Socket,
+    pub server: Socket,
+    pub up: Link,
+    pub down: Link,
+    pub rng: Rng,
+}
+
+impl Pair {
+    /// Connects a client to a server (the SYN is accepted as a stack would).
+    pub fn connect(spec: PathSpec, cfg: Config, seed: u64) -> Pair {
+        let start = Instant::now();
+        let a: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let mut rng = Rng::new(seed);
+        let mut client = Socket::connect(cfg, a, b, Seq(rng.next() as u32), start);
+        let mut syn = Vec::new();
+        assert!(client.poll_transmit(start, &mut syn));
+        let (s, d, tcp) = split(&syn);
+        let seg = wire::parse(s, d, tcp).unwrap();
+        let server = Socket::accept(cfg, &seg, Seq(rng.next() as u32), start);
+        Pair {
+            now: start,
+            client,
+            server,
+            up: Link::new(spec, start),
+            down: Link::new(spec, start),
+            rng,
+        }
+    }
+
+    /// Runs until `done` holds or `limit` of simulated time passes; `app`
+    /// runs at every step (it reads and writes through the sockets).
+    pub fn run(&mut self, limit: Duration, mut app: impl FnMut(&mut Pair) -> bool) -> bool {
+        let end = self.now + limit;
+        let mut buf = Vec::with_capacity(2048);
+        while self.now < end {
+            if app(self) {
+                return true;
+            }
+            loop {
+                buf.clear();
+                if !self.client.poll_transmit(self.now, &mut buf) {
+                    break;
+                }
+                self.up.send(self.now, buf.clone(), &mut self.rng);
+            }
+            loop {
+                buf.clear();
+                if !self.server.poll_transmit(self.now, &mut buf) {
+                    break;
+                }
+                self.down.send(self.now, buf.clone(), &mut self.rng);
+            }
+            while let Some(p) = self.up.take_due(self.now) {
+                deliver(&mut self.server, self.now, &p);
+            }
+            while let Some(p) = self.down.take_due(self.now) {
+                deliver(&mut self.client, self.now, &p);
+            }
+            let next = [
+                self.up.next_at(),
+                self.down.next_at(),
+                self.client.poll_at(),
+                self.server.poll_at(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let step = Duration::from_micros(50);
+            self.now = match next {
+                Some(t) if t > self.now => t.min(self.now + Duration::from_millis(10)),
+                _ => self.now + step,
+            };
+        }
+        false
+    }
+
+    pub fn established(&mut self) -> bool {
+        self.run(Duration::from_secs(30), |p| {
+            p.client.state() == State::Established && p.server.state() == State::Established
+        })
+    }
+}
+
+/// Bytes of a deterministic pattern.
+pub fn pattern(offset: usize, len: usize) -> Vec<u8> {
+    (offset..offset + len)
+        .map(|i| (i * 7 + i / 251) as u8)
+        .collect()
+}
+
+/// Sends `total` bytes client → server, checks every byte, returns the
+/// goodput in Mbit/s of simulated time.
+pub fn transfer(p: &mut Pair, total: usize, limit: Duration) -> f64 {
+    assert!(p.established(), "handshake");
+    let t0 = p.now;
+    let (mut written, mut read) = (0usize, 0usize);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let ok = p.run(limit, |p| {
+        while written < total {
+            let data = pattern(written, (total - written).min(16 * 1024));
+            let n = p.client.send_slice(&data).unwrap();
+            written += n;
+            if n < data.len() {
+                break;
+            }
+        }
+        loop {
+            let n = p.server.recv_slice(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            assert_eq!(chunk[..n], pattern(read, n)[..], "data corrupted at {read}");
+            read += n;
+        }
+        read == total
+    });
+    assert!(
+        ok,
+        "transfer incomplete: {read} of {total} bytes in {limit:?}"
+    );
+    total as f64 * 8.0 / p.now.duration_since(t0).as_secs_f64() / 1e6
+}

@@ -1,0 +1,1136 @@
+//! One TCP connection as a sans-IO state machine: segments in
+//! ([`Socket::handle`]), packets out ([`Socket::poll_transmit`]), the next
+//! timer ([`Socket::poll_at`]), and the application's side (`recv`,
+//! `send_slice`, `close`, `abort`, wakers). Time is always passed in, so a
+//! simulated path drives it deterministically.
+//!
+//! Sending: new data and retransmissions are limited by the peer's window,
+//! the congestion window (CUBIC) and the pacer; during loss recovery by
+//! Proportional Rate Reduction (RFC 6937). Losses are found by RACK (time
+//! based, SACK driven), tail losses by a probe after about two RTTs (TLP),
+//! and anything else by the retransmission timeout (200 ms floor, doubling).
+//! Receiving: any number of holes up to the buffer (SACK blocks report
+//! them), an immediate ACK for out-of-order data, otherwise one ACK per
+//! round of input (the stack polls after each batch).
+
+use std::net::SocketAddr;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use super::cc::{Cubic, Pacer, Rtt, MAX_RTO};
+use super::recv::RecvBuffer;
+use super::send::SendQueue;
+use super::seq::Seq;
+use super::wire::{self, Header, Options, Segment, ACK, FIN, PSH, RST, SYN, TCP_HEADER};
+
+/// RFC 793's states (LISTEN is the stack's business, not a socket's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Closed,
+    SynSent,
+    SynReceived,
+    Established,
+    FinWait1,
+    FinWait2,
+    CloseWait,
+    Closing,
+    LastAck,
+    TimeWait,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecvError {
+    /// The peer closed and every byte before its FIN was read.
+    Finished,
+    /// Reset, timed out or aborted.
+    InvalidState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// Closed for sending (shut down, reset, not connected).
+    InvalidState,
+}
+
+/// How a socket is built.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// IP MTU of the link: the MSS follows from it.
+    pub mtu: usize,
+    pub recv_buffer: usize,
+    pub send_buffer: usize,
+    pub keep_alive: Option<Duration>,
+}
+
+/// How long TIME-WAIT lasts (short: the stack's connections are owned and
+/// ports are not reused at once).
+const TIME_WAIT: Duration = Duration::from_secs(2);
+/// SYN retransmissions before giving up (the connect timeout usually ends
+/// it first).
+const MAX_SYN_RETRIES: u32 = 6;
+/// Retransmission timeouts in a row before the connection is dropped.
+const MAX_RTO_RETRIES: u32 = 15;
+/// Added to the probe timeout when one segment is in flight (the peer may
+/// delay its ACK).
+const DELAYED_ACK_ALLOWANCE: Duration = Duration::from_millis(40);
+/// The MSS assumed when the peer sends none (RFC 9293).
+const DEFAULT_MSS: usize = 536;
+const TIMESTAMP_LEN: usize = 12;
+
+#[derive(Debug, Clone, Copy)]
+struct Recovery {
+    /// Recovery ends when this is acknowledged.
+    point: Seq,
+    prr_delivered: usize,
+    prr_out: usize,
+    recover_fs: usize,
+    /// Bytes delivered by the latest ACK.
+    last_delivered: usize,
+}
+
+pub struct Socket {
+    state: State,
+    local: SocketAddr,
+    remote: SocketAddr,
+    cfg: Config,
+    epoch: Instant,
+    iss: Seq,
+    snd: SendQueue,
+    /// The peer's window, in bytes, from `snd.una`.
+    snd_wnd: usize,
+    snd_wl1: Seq,
+    snd_wl2: Seq,
+    snd_shift: u8,
+    rcv_shift: u8,
+    /// Created when the peer's initial sequence number is known.
+    rcv: Option<RecvBuffer>,
+    /// The peer's FIN is in and consumed (it follows all its data).
+    rcv_fin: bool,
+    /// Where the peer's FIN sits, once seen (maybe ahead of a hole).
+    rcv_fin_at: Option<Seq>,
+    sack_ok: bool,
+    ts_ok: bool,
+    ts_recent: u32,
+    /// Largest payload per segment (options subtracted).
+    mss: usize,
+    rtt: Rtt,
+    cc: Cubic,
+    pacer: Pacer,
+    recovery: Option<Recovery>,
+    /// After a timeout, until this is acknowledged, losses do not shrink
+    /// the window again.
+    rto_point: Option<Seq>,
+    backoff: u32,
+    rto_at: Option<Instant>,
+    tlp_at: Option<Instant>,
+    tlp_done: bool,
+    probe_due: bool,
+    persist_due: bool,
+    keepalive_due: bool,
+    /// The peer offered window scaling (so our SYN-ACK may too).
+    ws_ok: bool,
+    rack_at: Option<Instant>,
+    pace_at: Option<Instant>,
+    persist_at: Option<Instant>,
+    time_wait_until: Option<Instant>,
+    /// The SYN (or SYN-ACK) must go out (again).
+    syn_due: bool,
+    syn_retries: u32,
+    /// An ACK must go out now (out-of-order data, a hole filled, a FIN, a
+    /// window update, a probe).
+    ack_now: bool,
+    /// Data arrived this round: acknowledge at the end of it.
+    ack_pending: bool,
+    rst_due: bool,
+    /// The window last advertised, bytes.
+    adv_wnd: usize,
+    last_heard: Instant,
+    last_sent: Instant,
+    timeout: Option<Duration>,
+    timeout_fresh: bool,
+    keepalive_sent: Option<Instant>,
+    ip_id: u16,
+    recv_waker: Option<Waker>,
+    send_waker: Option<Waker>,
+    stats: Stats,
+}
+
+/// Counters of one connection.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub retransmits: u64,
+    pub timeouts: u64,
+    pub probes: u64,
+    pub recoveries: u64,
+}
+
+fn wscale_for(buffer: usize) -> u8 {
+    let mut shift = 0;
+    while shift < 14 && (buffer >> shift) > 65535 {
+        shift += 1;
+    }
+    shift
+}
+
+impl Socket {
+    fn new(cfg: Config, local: SocketAddr, remote: SocketAddr, iss: Seq, now: Instant) -> Socket {
+        let mss = Self::own_mss(&cfg, local) as usize;
+        Socket {
+            state: State::Closed,
+            local,
+            remote,
+            cfg,
+            epoch: now,
+            iss,
+            snd: SendQueue::new(cfg.send_buffer, iss + 1),
+            snd_wnd: 0,
+            snd_wl1: Seq(0),
+            snd_wl2: Seq(0),
+            snd_shift: 0,
+            rcv_shift: 0,
+            rcv: None,
+            rcv_fin: false,
+            rcv_fin_at: None,
+            sack_ok: false,
+            ts_ok: false,
+            ts_recent: 0,
+            mss,
+            rtt: Rtt::default(),
+            cc: Cubic::new(mss),
+            pacer: Pacer::default(),
+            recovery: None,
+            rto_point: None,
+            backoff: 0,
+            rto_at: None,
+            tlp_at: None,
+            tlp_done: false,
+            probe_due: false,
+            persist_due: false,
+            keepalive_due: false,
+            ws_ok: false,
+            rack_at: None,
+            pace_at: None,
+            persist_at: None,
+            time_wait_until: None,
+            syn_due: true,
+            syn_retries: 0,
+            ack_now: false,
+            ack_pending: false,
+            rst_due: false,
+            adv_wnd: 0,
+            last_heard: now,
+            last_sent: now,
+            timeout: None,
+            timeout_fresh: false,
+            keepalive_sent: None,
+            ip_id: iss.0 as u16,
+            recv_waker: None,
+            send_waker: None,
+            stats: Stats::default(),
+        }
+    }
+
+    fn own_mss(cfg: &Config, local: SocketAddr) -> u16 {
+        let ip = wire::ip_header_len(local.ip());
+        cfg.mtu.saturating_sub(ip + TCP_HEADER).clamp(64, 65535) as u16
+    }
+
+    /// An active open: the SYN goes out at the next poll.
+    pub fn connect(
+        cfg: Config,
+        local: SocketAddr,
+        remote: SocketAddr,
+        iss: Seq,
+        now: Instant,
+    ) -> Socket {
+        let mut s = Socket::new(cfg, local, remote, iss, now);
+        s.state = State::SynSent;
+        s.rto_at = Some(now + s.rtt.rto(0));
+        s
+    }
+
+    /// A passive open from a SYN: the SYN-ACK goes out at the next poll.
+    pub fn accept(cfg: Config, syn: &Segment<'_>, iss: Seq, now: Instant) -> Socket {
+        let mut s = Socket::new(cfg, syn.dst, syn.src, iss, now);
+        s.state = State::SynReceived;
+        s.take_syn_options(syn);
+        s.rcv = Some(RecvBuffer::new(cfg.recv_buffer, syn.seq + 1));
+        s.snd_wnd = usize::from(syn.window);
+        s.snd_wl1 = syn.seq;
+        s.snd_wl2 = iss;
+        s.rto_at = Some(now + s.rtt.rto(0));
+        s
+    }
+
+    /// Reads the options of the peer's SYN: MSS, scaling, SACK, timestamps.
+    fn take_syn_options(&mut self, syn: &Segment<'_>) {
+        let o = &syn.options;
+        let peer_mss = o.mss.map_or(DEFAULT_MSS, usize::from);
+        self.mss = self.mss.min(peer_mss).max(64);
+        self.ws_ok = o.window_scale.is_some();
+        match o.window_scale {
+            Some(shift) => {
+                self.snd_shift = shift;
+                self.rcv_shift = wscale_for(self.cfg.recv_buffer);
+            }
+            None => {
+                self.snd_shift = 0;
+                self.rcv_shift = 0;
+            }
+        }
+        self.sack_ok = o.sack_permitted;
+        if let Some((val, _)) = o.timestamp {
+            self.ts_ok = true;
+            self.ts_recent = val;
+            self.mss -= TIMESTAMP_LEN;
+        }
+        self.cc = Cubic::new(self.mss);
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Payload bytes per segment.
+    pub fn mss(&self) -> usize {
+        self.mss
+    }
+
+    pub fn cwnd(&self) -> usize {
+        self.cc.cwnd
+    }
+
+    /// Nothing left to do: closed with any reset sent, or in TIME-WAIT.
+    pub fn is_done(&self) -> bool {
+        match self.state {
+            State::Closed => !self.rst_due,
+            State::TimeWait => true,
+            _ => false,
+        }
+    }
+
+    /// Is the connection open (not closed, not in TIME-WAIT)?
+    pub fn is_active(&self) -> bool {
+        !matches!(self.state, State::Closed | State::TimeWait)
+    }
+
+    /// Unread received bytes are waiting.
+    pub fn can_recv(&self) -> bool {
+        self.rcv.as_ref().is_some_and(|r| r.readable() > 0)
+    }
+
+    /// Bytes written and not yet acknowledged.
+    pub fn send_queue(&self) -> usize {
+        self.snd.queued()
+    }
+
+    /// The abort-after-silence timeout (see the engine's `tcp_timeout`).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        if timeout.is_some() && self.timeout.is_none() {
+            self.timeout_fresh = true;
+        }
+        self.timeout = timeout;
+    }
+
+    pub fn register_recv_waker(&mut self, waker: &Waker) {
+        if !self.recv_waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            self.recv_waker = Some(waker.clone());
+        }
+    }
+
+    pub fn register_send_waker(&mut self, waker: &Waker) {
+        if !self.send_waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            self.send_waker = Some(waker.clone());
+        }
+    }
+
+    fn wake_recv(&mut self) {
+        if let Some(w) = self.recv_waker.take() {
+            w.wake();
+        }
+    }
+
+    fn wake_send(&mut self) {
+        if let Some(w) = self.send_waker.take() {
+            w.wake();
+        }
+    }
+
+    fn wake_all(&mut self) {
+        self.wake_recv();
+        self.wake_send();
+    }
+
+    /// Hands readable bytes to `f`, which returns how many it took; call
+    /// again for bytes past the ring's end.
+    pub fn recv(&mut self, f: impl FnOnce(&[u8]) -> usize) -> Result<usize, RecvError> {
+        let Some(rcv) = self.rcv.as_mut() else {
+            return match self.state {
+                State::SynSent | State::SynReceived => Ok(0),
+                _ => Err(RecvError::InvalidState),
+            };
+        };
+        if rcv.readable() > 0 {
+            let chunk = rcv.peek();
+            let n = f(chunk).min(chunk.len());
+            rcv.consume(n);
+            // Tell the peer about the room if it grew a lot (RFC 9293's
+            // receiver-side silly window avoidance).
+            let wnd = rcv.window();
+            let step = (2 * self.mss).min(rcv.capacity() / 2);
+            if wnd >= self.adv_wnd + step.max(1) {
+                self.ack_pending = true;
+            }
+            return Ok(n);
+        }
+        if self.rcv_fin {
+            return Err(RecvError::Finished);
+        }
+        match self.state {
+            State::Closed => Err(RecvError::InvalidState),
+            _ => Ok(0),
+        }
+    }
+
+    /// Copies into `buf`; see [`recv`](Self::recv).
+    pub fn recv_slice(&mut self, buf: &mut [u8]) -> Result<usize, RecvError> {
+        let mut done = 0;
+        loop {
+            let n = self.recv(|chunk| {
+                let n = chunk.len().min(buf.len() - done);
+                buf[done..done + n].copy_from_slice(&chunk[..n]);
+                n
+            })?;
+            done += n;
+            if n == 0 || done == buf.len() {
+                return Ok(done);
+            }
+        }
+    }
+
+    /// Queues bytes to send; `Ok(0)` means the buffer is full.
+    pub fn send_slice(&mut self, data: &[u8]) -> Result<usize, SendError> {
+        match self.state {
+            State::SynSent | State::SynReceived | State::Established | State::CloseWait
+                if !self.snd.fin_queued =>
+            {
+                Ok(self.snd.write(data))
+            }
+            _ => Err(SendError::InvalidState),
+        }
+    }
+
+    /// Room left in the send buffer.
+    pub fn send_room(&self) -> usize {
+        self.snd.room()
+    }
+
+    /// Shuts down the sending side: a FIN follows the queued data.
+    pub fn close(&mut self) {
+        match self.state {
+            State::SynSent => self.state = State::Closed,
+            State::SynReceived | State::Established => {
+                self.snd.fin_queued = true;
+                self.state = State::FinWait1;
+            }
+            State::CloseWait => {
+                self.snd.fin_queued = true;
+                self.state = State::LastAck;
+            }
+            _ => {}
+        }
+    }
+
+    /// Resets the connection.
+    pub fn abort(&mut self) {
+        if !matches!(self.state, State::Closed | State::SynSent | State::TimeWait) {
+            self.rst_due = true;
+        }
+        self.state = State::Closed;
+        self.wake_all();
+    }
+
+    fn rcv_nxt(&self) -> Seq {
+        self.rcv
+            .as_ref()
+            .map_or(Seq(0), |r| r.nxt + usize::from(self.rcv_fin))
+    }
+
+    fn rcv_wnd(&self) -> usize {
+        self.rcv.as_ref().map_or(0, |r| r.window())
+    }
+
+    fn ts_now(&self, now: Instant) -> u32 {
+        (now.saturating_duration_since(self.epoch).as_millis() as u32).wrapping_add(self.iss.0)
+    }
+
+    // ------------------------------------------------------------ input --
+
+    /// Processes one segment addressed to this connection.
+    pub fn handle(&mut self, now: Instant, seg: &Segment<'_>) {
+        match self.state {
+            State::Closed => {}
+            State::SynSent => self.handle_syn_sent(now, seg),
+            _ => self.handle_synchronized(now, seg),
+        }
+    }
+
+    fn handle_syn_sent(&mut self, now: Instant, seg: &Segment<'_>) {
+        let ack_ok = seg.has(ACK) && seg.ack == self.iss + 1;
+        if seg.has(RST) {
+            if ack_ok {
+                self.state = State::Closed;
+                self.wake_all();
+            }
+            return;
+        }
+        if !seg.has(SYN) || !ack_ok {
+            return;
+        }
+        self.take_syn_options(seg);
+        self.rcv = Some(RecvBuffer::new(self.cfg.recv_buffer, seg.seq + 1));
+        self.snd.una = seg.ack;
+        self.snd_wnd = usize::from(seg.window) << self.snd_shift;
+        self.snd_wl1 = seg.seq;
+        self.snd_wl2 = seg.ack;
+        self.established(now);
+        self.ack_now = true;
+    }
+
+    fn established(&mut self, now: Instant) {
+        self.state = State::Established;
+        self.syn_due = false;
+        self.rto_at = None;
+        self.backoff = 0;
+        if self.syn_retries == 0 {
+            // The handshake's RTT (Karn: only without retransmissions).
+            self.rtt
+                .sample(now.saturating_duration_since(self.last_sent), now);
+        }
+        self.last_heard = now;
+        self.wake_all();
+    }
+
+    fn handle_synchronized(&mut self, now: Instant, seg: &Segment<'_>) {
+        let rcv_nxt = self.rcv_nxt();
+        let wnd = self.rcv_wnd().max(1);
+        // Acceptability (RFC 9293 §3.10.7.4), leniently: any overlap with
+        // the window, or a zero-length segment at its edge.
+        let end = seg.seq + seg.seq_len().max(1);
+        let acceptable =
+            seg.seq < rcv_nxt + wnd && end > rcv_nxt || (seg.seq_len() == 0 && seg.seq == rcv_nxt);
+        if seg.has(RST) {
+            if acceptable || seg.seq == rcv_nxt {
+                self.state = State::Closed;
+                self.rst_due = false;
+                self.wake_all();
+            }
+            return;
+        }
+        if seg.has(SYN) {
+            if self.state == State::SynReceived && seg.seq + 1 == rcv_nxt {
+                // The peer did not see our SYN-ACK.
+                self.syn_due = true;
+            } else {
+                // RFC 5961: a challenge ACK, never a reset.
+                self.ack_now = true;
+            }
+            return;
+        }
+        if !acceptable {
+            // Old duplicate or beyond the window: say where we are.
+            self.ack_now = true;
+            return;
+        }
+        self.last_heard = now;
+        self.keepalive_sent = None;
+        if !seg.has(ACK) {
+            return;
+        }
+        if let (true, Some((val, _))) = (self.ts_ok, seg.options.timestamp) {
+            if seg.seq <= rcv_nxt {
+                self.ts_recent = val;
+            }
+        }
+        if self.state == State::SynReceived {
+            if seg.ack == self.iss + 1 {
+                self.snd_wnd = usize::from(seg.window) << self.snd_shift;
+                self.snd_wl1 = seg.seq;
+                self.snd_wl2 = seg.ack;
+                self.established(now);
+            } else {
+                self.rst_due = false;
+                self.ack_now = true;
+                return;
+            }
+        }
+        if seg.ack > self.snd.nxt {
+            // Acknowledges what we never sent.
+            self.ack_now = true;
+            return;
+        }
+        self.process_ack(now, seg);
+        self.process_data(now, seg);
+    }
+
+    fn process_ack(&mut self, now: Instant, seg: &Segment<'_>) {
+        // Window update (RFC 9293's WL1/WL2 rule).
+        if self.snd_wl1 < seg.seq || (self.snd_wl1 == seg.seq && self.snd_wl2 <= seg.ack) {
+            self.snd_wnd = usize::from(seg.window) << self.snd_shift;
+            self.snd_wl1 = seg.seq;
+            self.snd_wl2 = seg.ack;
+            if self.snd_wnd > 0 {
+                self.persist_at = None;
+            }
+        }
+        let in_flight_before = self.snd.in_flight;
+        let sack = if self.sack_ok {
+            seg.options.sack_blocks()
+        } else {
+            &[]
+        };
+        let acked = self.snd.ack(seg.ack, sack, now);
+        let delivered = acked.cumulative + acked.sacked;
+        if let Some(rtt) = acked.rtt {
+            self.rtt.sample(rtt, now);
+        }
+        if acked.cumulative > 0 {
+            self.backoff = 0;
+            self.tlp_done = false;
+            self.wake_send();
+        }
+        if delivered > 0 {
+            self.tlp_at = None;
+        }
+        // Loss detection (RACK), then the window.
+        let reo_wnd = if self.recovery.is_some() || self.snd.has_sacked() {
+            self.rtt.min() / 4
+        } else {
+            Duration::ZERO
+        };
+        let (lost, rack_timer) = self.snd.detect_loss(now, reo_wnd);
+        self.rack_at = rack_timer;
+        if lost > 0 {
+            self.on_loss(in_flight_before);
+        }
+        if let Some(r) = self.recovery.as_mut() {
+            r.prr_delivered += delivered;
+            r.last_delivered = delivered;
+            if self.snd.una >= r.point {
+                self.recovery = None;
+                self.cc.on_recovery_end();
+            }
+        } else if delivered > 0 && self.rto_point.is_none() {
+            let app_limited =
+                in_flight_before + self.mss < self.cc.cwnd / 2 && self.snd.unsent() == 0;
+            self.cc.on_ack(delivered, now, &self.rtt, app_limited);
+        } else if delivered > 0 {
+            // After a timeout: slow start back up to ssthresh.
+            if self.cc.in_slow_start() {
+                self.cc.on_ack(delivered, now, &self.rtt, false);
+            }
+        }
+        if self.rto_point.is_some_and(|p| self.snd.una >= p) {
+            self.rto_point = None;
+        }
+        if acked.fin_acked {
+            match self.state {
+                State::FinWait1 => self.state = State::FinWait2,
+                State::Closing => self.enter_time_wait(now),
+                State::LastAck => {
+                    self.state = State::Closed;
+                    self.wake_all();
+                }
+                _ => {}
+            }
+        }
+        self.arm_retransmit(now);
+    }
+
+    /// New losses were found.
+    fn on_loss(&mut self, in_flight_before: usize) {
+        if self.recovery.is_some() || self.rto_point.is_some() {
+            return;
+        }
+        self.stats.recoveries += 1;
+        self.cc.on_congestion();
+        self.recovery = Some(Recovery {
+            point: self.snd.nxt,
+            prr_delivered: 0,
+            prr_out: 0,
+            recover_fs: in_flight_before.max(1),
+            last_delivered: 0,
+        });
+    }
+
+    fn process_data(&mut self, now: Instant, seg: &Segment<'_>) {
+        let receiving = matches!(
+            self.state,
+            State::Established | State::FinWait1 | State::FinWait2
+        );
+        if seg.has(FIN) {
+            self.rcv_fin_at = Some(seg.seq + seg.payload.len());
+        }
+        let Some(rcv) = self.rcv.as_mut() else {
+            return;
+        };
+        if receiving && !seg.payload.is_empty() && !self.rcv_fin {
+            let r = rcv.insert(seg.seq, seg.payload);
+            if r.out_of_order || r.dropped {
+                self.ack_now = true;
+            }
+            if r.advanced > 0 {
+                self.ack_pending = true;
+                self.wake_recv();
+            }
+        } else if !seg.payload.is_empty() {
+            self.ack_now = true;
+        }
+        let rcv = self.rcv.as_ref().map_or(Seq(0), |r| r.nxt);
+        if !self.rcv_fin && self.rcv_fin_at == Some(rcv) {
+            self.rcv_fin = true;
+            self.ack_now = true;
+            self.wake_recv();
+            match self.state {
+                State::Established => self.state = State::CloseWait,
+                State::FinWait1 => self.state = State::Closing,
+                State::FinWait2 => self.enter_time_wait(now),
+                _ => {}
+            }
+        }
+    }
+
+    fn enter_time_wait(&mut self, now: Instant) {
+        self.state = State::TimeWait;
+        self.time_wait_until = Some(now + TIME_WAIT);
+        self.rto_at = None;
+        self.tlp_at = None;
+        self.wake_all();
+    }
+
+    /// (Re)arms the probe timeout or the retransmission timeout.
+    fn arm_retransmit(&mut self, now: Instant) {
+        if self.snd.idle() {
+            self.rto_at = None;
+            self.tlp_at = None;
+            return;
+        }
+        if self.rto_at.is_none() || self.snd.in_flight == 0 || !self.tlp_done {
+            self.rto_at = Some(now + self.rtt.rto(self.backoff));
+        }
+        let probe = self.sack_ok
+            && self.recovery.is_none()
+            && self.rto_point.is_none()
+            && !self.tlp_done
+            && self.tlp_at.is_none();
+        if let (true, Some(srtt)) = (probe, self.rtt.srtt()) {
+            let mut pto = (srtt * 2).max(Duration::from_millis(10));
+            if self.snd.segments() == 1 {
+                pto += DELAYED_ACK_ALLOWANCE;
+            }
+            let at = now + pto;
+            if self.rto_at.is_none_or(|r| at < r) {
+                self.tlp_at = Some(at);
+            }
+        }
+    }
+
+    // ----------------------------------------------------------- timers --
+
+    /// The earliest time something is due, if any.
+    pub fn poll_at(&self) -> Option<Instant> {
+        if self.rst_due {
+            return Some(self.last_sent);
+        }
+        let mut at: Option<Instant> = None;
+        let mut take = |t: Option<Instant>| {
+            if let Some(t) = t {
+                at = Some(at.map_or(t, |a| a.min(t)));
+            }
+        };
+        take(self.rto_at);
+        take(self.tlp_at);
+        take(self.rack_at);
+        take(self.pace_at);
+        take(self.persist_at);
+        take(self.time_wait_until);
+        if let Some(t) = self.timeout {
+            if !self.timeout_fresh {
+                take(Some(self.last_heard + t));
+            }
+        }
+        if let (Some(k), State::Established | State::CloseWait) = (self.cfg.keep_alive, self.state)
+        {
+            let from = self
+                .keepalive_sent
+                .unwrap_or(self.last_heard)
+                .max(self.last_heard);
+            take(Some(from + k));
+        }
+        at
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        if self.timeout_fresh {
+            self.timeout_fresh = false;
+            self.last_heard = self.last_heard.max(now);
+        }
+        if let Some(t) = self.timeout {
+            if self.is_active() && now >= self.last_heard + t {
+                self.abort();
+                return;
+            }
+        }
+        if self.time_wait_until.is_some_and(|t| now >= t) {
+            self.time_wait_until = None;
+            self.state = State::Closed;
+            return;
+        }
+        if self.rack_at.is_some_and(|t| now >= t) {
+            self.rack_at = None;
+            let reo_wnd = self.rtt.min() / 4;
+            let before = self.snd.in_flight;
+            let (lost, timer) = self.snd.detect_loss(now, reo_wnd);
+            self.rack_at = timer;
+            if lost > 0 {
+                self.on_loss(before);
+            }
+        }
+        if self.tlp_at.is_some_and(|t| now >= t) {
+            self.tlp_at = None;
+            self.tlp_done = true;
+            self.probe_due = true;
+            self.stats.probes += 1;
+        }
+        if self.rto_at.is_some_and(|t| now >= t) {
+            self.rto_at = None;
+            self.on_rto(now);
+        }
+        if self.persist_at.is_some_and(|t| now >= t) {
+            self.persist_at = None;
+            self.persist_due = true;
+        }
+        if self.pace_at.is_some_and(|t| now >= t) {
+            self.pace_at = None;
+        }
+        if let (Some(k), State::Established | State::CloseWait) = (self.cfg.keep_alive, self.state)
+        {
+            let from = self
+                .keepalive_sent
+                .unwrap_or(self.last_heard)
+                .max(self.last_heard);
+            if now >= from + k {
+                self.keepalive_sent = Some(now);
+                self.keepalive_due = true;
+            }
+        }
+    }
+
+    fn on_rto(&mut self, now: Instant) {
+        match self.state {
+            State::SynSent | State::SynReceived => {
+                self.syn_retries += 1;
+                if self.syn_retries > MAX_SYN_RETRIES {
+                    self.abort();
+                    return;
+                }
+                self.syn_due = true;
+                self.rto_at = Some(now + self.rtt.rto(self.syn_retries));
+            }
+            _ if !self.snd.idle() => {
+                self.stats.timeouts += 1;
+                self.backoff += 1;
+                if self.backoff > MAX_RTO_RETRIES {
+                    self.abort();
+                    return;
+                }
+                if self.rto_point.is_none() {
+                    self.cc.on_timeout();
+                } else {
+                    self.cc.cwnd = self.mss;
+                }
+                self.recovery = None;
+                self.rto_point = Some(self.snd.nxt);
+                self.snd.all_lost();
+                self.rto_at = Some(now + self.rtt.rto(self.backoff).min(MAX_RTO));
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Socket {
+    // ----------------------------------------------------------- output --
+
+    /// Writes the next packet due (a whole IP packet) to `out`; false when
+    /// nothing is due now. Call until false, and again at [`poll_at`](Self::poll_at).
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
+        self.on_timers(now);
+        if self.rst_due {
+            self.rst_due = false;
+            let seq = self.snd.nxt;
+            self.emit(out, now, seq, RST | ACK, false);
+            return true;
+        }
+        match self.state {
+            State::Closed => false,
+            State::SynSent | State::SynReceived => {
+                if !self.syn_due {
+                    return false;
+                }
+                self.syn_due = false;
+                let flags = if self.state == State::SynSent {
+                    SYN
+                } else {
+                    SYN | ACK
+                };
+                self.emit(out, now, self.iss, flags, true);
+                true
+            }
+            State::TimeWait => self.maybe_ack(out, now),
+            _ => {
+                if self.keepalive_due {
+                    self.keepalive_due = false;
+                    let seq = self.snd.una - 1;
+                    self.emit(out, now, seq, ACK, false);
+                    return true;
+                }
+                self.send_segment(out, now) || self.maybe_ack(out, now)
+            }
+        }
+    }
+
+    fn maybe_ack(&mut self, out: &mut Vec<u8>, now: Instant) -> bool {
+        if !(self.ack_now || self.ack_pending) {
+            return false;
+        }
+        let seq = self.snd.nxt;
+        self.emit(out, now, seq, ACK, false);
+        true
+    }
+
+    /// May `len` more bytes go out under the congestion window (or PRR's
+    /// budget during recovery)?
+    fn cwnd_allows(&self, len: usize) -> bool {
+        let pipe = self.snd.in_flight;
+        match &self.recovery {
+            None => pipe + len <= self.cc.cwnd.max(self.mss),
+            Some(r) => {
+                let ssthresh = self.cc.ssthresh;
+                let limit = if pipe > ssthresh {
+                    (r.prr_delivered * ssthresh)
+                        .div_ceil(r.recover_fs)
+                        .saturating_sub(r.prr_out)
+                } else {
+                    (ssthresh - pipe).min(
+                        r.prr_delivered
+                            .saturating_sub(r.prr_out)
+                            .max(r.last_delivered)
+                            + self.mss,
+                    )
+                };
+                limit > 0
+            }
+        }
+    }
+
+    fn pace(&mut self, now: Instant, len: usize) -> bool {
+        let rate = Pacer::rate(self.cc.cwnd, self.rtt.srtt(), self.cc.in_slow_start());
+        match self.pacer.check(now, len, rate, self.mss) {
+            Ok(()) => true,
+            Err(at) => {
+                self.pace_at = Some(at);
+                false
+            }
+        }
+    }
+
+    fn sent(&mut self, now: Instant, len: usize) {
+        self.pacer.spend(len);
+        self.last_sent = now;
+        if let Some(r) = self.recovery.as_mut() {
+            r.prr_out += len;
+        }
+        if self.rto_at.is_none() || self.tlp_at.is_none() {
+            self.arm_retransmit(now);
+        }
+    }
+
+    /// Sends one data segment (a probe, a retransmission or new data) if
+    /// one may go now.
+    fn send_segment(&mut self, out: &mut Vec<u8>, now: Instant) -> bool {
+        if self.probe_due {
+            self.probe_due = false;
+            let room = (self.snd.una + self.snd_wnd).max(self.snd.nxt) - self.snd.nxt;
+            let len = self.snd.unsent().min(self.mss).min(room);
+            if len > 0 {
+                self.send_new(out, now, len);
+                return true;
+            }
+            if let Some((i, start, len, fin)) = self.snd.last_unsacked() {
+                self.resend(out, now, i, start, len, fin);
+                return true;
+            }
+        }
+        if self.persist_due {
+            self.persist_due = false;
+            if self.snd.unsent() > 0 {
+                self.send_new(out, now, 1);
+                return true;
+            }
+        }
+        if let Some((i, start, len, fin)) = self.snd.first_lost() {
+            let seg = len + usize::from(fin);
+            if !self.cwnd_allows(seg) || !self.pace(now, seg) {
+                return false;
+            }
+            self.stats.retransmits += 1;
+            self.resend(out, now, i, start, len, fin);
+            return true;
+        }
+        if !matches!(
+            self.state,
+            State::Established | State::CloseWait | State::FinWait1 | State::LastAck
+        ) {
+            return false;
+        }
+        let unsent = self.snd.unsent();
+        if unsent == 0 && !self.snd.fin_unsent() {
+            return false;
+        }
+        let room = (self.snd.una + self.snd_wnd).max(self.snd.nxt) - self.snd.nxt;
+        let len = unsent.min(self.mss).min(room);
+        if len == 0 && unsent > 0 {
+            if self.snd.idle() && self.persist_at.is_none() {
+                self.persist_at = Some(now + self.rtt.rto(self.backoff));
+            }
+            return false;
+        }
+        if self.snd.idle() && now.saturating_duration_since(self.last_sent) > self.rtt.rto(0) {
+            self.cc.on_idle_restart();
+        }
+        let fin = self.snd.fin_queued && self.snd.nxt + len == self.snd.data_end();
+        let seg = len + usize::from(fin);
+        if !self.cwnd_allows(seg) || !self.pace(now, seg) {
+            return false;
+        }
+        self.send_new(out, now, len);
+        true
+    }
+
+    fn send_new(&mut self, out: &mut Vec<u8>, now: Instant, len: usize) {
+        let start = self.snd.nxt;
+        let fin = self.snd.fin_queued && start + len == self.snd.data_end();
+        let mut flags = ACK;
+        if fin {
+            flags |= FIN;
+        }
+        if len > 0 && start + len == self.snd.data_end() {
+            flags |= PSH;
+        }
+        self.emit_data(out, now, start, len, flags);
+        self.snd.sent_new(len, fin, now);
+        self.sent(now, len + usize::from(fin));
+    }
+
+    fn resend(
+        &mut self,
+        out: &mut Vec<u8>,
+        now: Instant,
+        i: usize,
+        start: Seq,
+        len: usize,
+        fin: bool,
+    ) {
+        let flags = if fin { ACK | FIN } else { ACK };
+        self.emit_data(out, now, start, len, flags);
+        self.snd.retransmitted(i, now);
+        self.sent(now, len + usize::from(fin));
+    }
+
+    /// A segment without data (SYN, ACK, RST, probe).
+    fn emit(&mut self, out: &mut Vec<u8>, now: Instant, seq: Seq, flags: u8, syn: bool) {
+        let (header, adv) = self.header(now, seq, flags, syn);
+        wire::emit(out, &header, [&[], &[]], self.ip_id);
+        self.after_emit(now, adv);
+    }
+
+    /// A segment carrying `[start, start + len)` from the send queue.
+    fn emit_data(&mut self, out: &mut Vec<u8>, now: Instant, start: Seq, len: usize, flags: u8) {
+        let (header, adv) = self.header(now, start, flags, false);
+        wire::emit(out, &header, self.snd.bytes(start, len), self.ip_id);
+        self.after_emit(now, adv);
+    }
+
+    fn after_emit(&mut self, now: Instant, adv_wnd: usize) {
+        self.adv_wnd = adv_wnd;
+        self.ip_id = self.ip_id.wrapping_add(1);
+        self.ack_now = false;
+        self.ack_pending = false;
+        if self.state == State::SynSent || self.state == State::SynReceived {
+            self.last_sent = now;
+        }
+    }
+
+    /// The header of a segment, and the window it advertises (bytes).
+    fn header(&self, now: Instant, seq: Seq, flags: u8, syn: bool) -> (Header, usize) {
+        let mut options = Options::default();
+        if syn {
+            options.mss = Some(Self::own_mss(&self.cfg, self.local));
+            let active = self.state == State::SynSent;
+            if active || self.ws_ok {
+                options.window_scale = Some(wscale_for(self.cfg.recv_buffer));
+            }
+            options.sack_permitted = active || self.sack_ok;
+            if active {
+                options.timestamp = Some((self.ts_now(now), 0));
+            } else if self.ts_ok {
+                options.timestamp = Some((self.ts_now(now), self.ts_recent));
+            }
+        } else {
+            if self.ts_ok {
+                options.timestamp = Some((self.ts_now(now), self.ts_recent));
+            }
+            if let (true, Some(rcv)) = (self.sack_ok, self.rcv.as_ref()) {
+                if rcv.has_holes() {
+                    let max = if self.ts_ok { 3 } else { 4 };
+                    options.sack_len = rcv.sack_blocks(max, &mut options.sack);
+                }
+            }
+        }
+        // A SYN's window is never scaled.
+        let shift = if syn { 0 } else { self.rcv_shift };
+        let wnd = (self.rcv_wnd() >> shift).min(65535);
+        let ack = if flags & ACK != 0 {
+            self.rcv_nxt()
+        } else {
+            Seq(0)
+        };
+        let header = Header {
+            src: self.local,
+            dst: self.remote,
+            seq,
+            ack,
+            flags,
+            window: wnd as u16,
+            options,
+        };
+        (header, wnd << shift)
+    }
+}
