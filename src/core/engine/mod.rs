@@ -87,8 +87,9 @@ pub struct EngineConfig {
     /// A tunnelled connection whose peer is silent this long while data
     /// waits is aborted.
     pub tcp_timeout: Duration,
-    /// The kernel engine's TCP congestion control (`bbr`, `cubic`, ...);
-    /// `None` keeps the kernel's default. Ignored by `userspace`.
+    /// The tunnelled connections' TCP congestion control. `kernel`: any
+    /// the kernel has (`bbr`, `cubic`, ...), `None` for BBR where
+    /// available; `userspace`: `bbr` (also for `None`) or `cubic`.
     pub congestion_control: Option<String>,
     /// `tenant/instance`, for logs and the helper's process title.
     pub label: String,
@@ -146,6 +147,16 @@ pub async fn start(
             c.mtu = cfg.mtu;
             c.keep_alive = cfg.keep_alive;
             c.tcp_timeout = cfg.tcp_timeout;
+            if let Some(name) = &cfg.congestion_control {
+                match tcp::cc::Algorithm::from_name(name) {
+                    Some(a) => c.congestion = a,
+                    None => tracing::warn!(
+                        engine = %cfg.label,
+                        congestion_control = %name,
+                        "the userspace engine has `bbr` and `cubic`; using bbr"
+                    ),
+                }
+            }
             Ok(Arc::new(userspace::NetStack::spawn(c, sink)))
         }
         EngineKind::Kernel => Ok(kernel::KernelEngine::start(cfg, sink).await?),

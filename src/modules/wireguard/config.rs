@@ -24,8 +24,9 @@ use crate::core::keys::{PrivateKey, PublicKey};
 /// forward: true                  # forward between peers (default: when `address` is a subnet)
 /// tcp_keepalive: 30s             # keep-alives on tunnelled TCP connections (0s: off)
 /// tcp_timeout: 90s               # a silent peer's TCP connections end after this
-/// congestion_control: bbr        # engine `kernel` only: the tunnelled sockets' TCP
-///                                # congestion control (default: bbr where the kernel has it)
+/// congestion_control: bbr        # the tunnelled connections' TCP congestion control: engine
+///                                # `userspace`: bbr (default) or cubic; `kernel`: any the
+///                                # kernel has (default: bbr where the kernel has it)
 /// interface: wg0                 # the name `wg` knows it by (default <tenant>-<instance>, 15 chars at most)
 /// uapi: auto                     # auto (/var/run/wireguard when usable) | off | a directory
 /// peers:

@@ -5,9 +5,16 @@
 //!   200 ms floor (as Linux) instead of the RFC's 1 s.
 //! - [`Cubic`]: RFC 9438 (slow start, the cubic window growth with its
 //!   Reno-friendly region, fast convergence, β = 0.7), counted in bytes.
-//! - [`Pacer`]: spreads a window over the round trip (2× the window per
-//!   RTT in slow start, 1.2× after, as Linux paces), with bursts of a few
-//!   milliseconds' worth so a coarse timer does not starve the path.
+//! - [`Bbr`]: a model-based controller after BBR v1 (Cardwell et al.):
+//!   the bottleneck bandwidth (windowed maximum of delivery-rate samples)
+//!   and the minimum RTT set the pacing rate and a window of twice the
+//!   bandwidth-delay product. Random loss does not shrink it, which is
+//!   what a tunnel across the internet needs.
+//! - [`Controller`]: the one a connection uses (`bbr` by default, `cubic`).
+//! - [`Pacer`]: spreads the window over the round trip (CUBIC: 2× the
+//!   window per RTT in slow start, 1.2× after, as Linux paces; BBR: its
+//!   own rate), with bursts of a few milliseconds' worth so a coarse timer
+//!   does not starve the path.
 
 use std::time::{Duration, Instant};
 
@@ -89,7 +96,7 @@ const C: f64 = 0.4;
 
 #[derive(Debug, Clone)]
 pub struct Cubic {
-    mss: usize,
+    pub mss: usize,
     /// Congestion window, bytes.
     pub cwnd: usize,
     pub ssthresh: usize,
@@ -201,6 +208,437 @@ impl Cubic {
 /// large MSS, at least 2 segments).
 pub fn initial_window(mss: usize) -> usize {
     (10 * mss).min((2 * mss).max(14_600)).max(2 * mss)
+}
+
+/// One delivery-rate sample (draft-cheng-iccrg-delivery-rate-estimation).
+#[derive(Debug, Clone, Copy)]
+pub struct RateSample {
+    /// Bytes per second delivered over the sample's interval.
+    pub rate: f64,
+    /// The connection's delivered count when the sampled segment was sent.
+    pub prior_delivered: u64,
+    /// The sender had nothing to send then: the rate is a lower bound.
+    pub app_limited: bool,
+}
+
+/// What one acknowledgement tells the controller.
+#[derive(Debug, Clone, Copy)]
+pub struct AckEvent {
+    pub now: Instant,
+    /// Bytes newly delivered (cumulatively or selectively).
+    pub delivered: usize,
+    /// The connection's total delivered bytes, after this ACK.
+    pub delivered_total: u64,
+    /// Bytes in flight after this ACK.
+    pub in_flight: usize,
+    pub rate: Option<RateSample>,
+    /// The window was not the limit (CUBIC does not grow then).
+    pub app_limited: bool,
+    /// In fast recovery (PRR sets the pace for CUBIC).
+    pub in_recovery: bool,
+    /// Recovering from a retransmission timeout.
+    pub after_rto: bool,
+}
+
+/// Which congestion controller a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Algorithm {
+    #[default]
+    Bbr,
+    Cubic,
+}
+
+impl Algorithm {
+    /// `bbr` or `cubic`.
+    pub fn from_name(name: &str) -> Option<Algorithm> {
+        match name {
+            "bbr" => Some(Algorithm::Bbr),
+            "cubic" => Some(Algorithm::Cubic),
+            _ => None,
+        }
+    }
+}
+
+/// A connection's congestion controller.
+#[derive(Debug, Clone)]
+pub enum Controller {
+    Cubic(Cubic),
+    Bbr(Bbr),
+}
+
+impl Controller {
+    pub fn new(algorithm: Algorithm, mss: usize, now: Instant) -> Controller {
+        match algorithm {
+            Algorithm::Cubic => Controller::Cubic(Cubic::new(mss)),
+            Algorithm::Bbr => Controller::Bbr(Bbr::new(mss, now)),
+        }
+    }
+
+    pub fn cwnd(&self) -> usize {
+        match self {
+            Controller::Cubic(c) => c.cwnd,
+            Controller::Bbr(b) => b.cwnd,
+        }
+    }
+
+    /// The slow-start threshold PRR works towards (CUBIC only).
+    pub fn ssthresh(&self) -> usize {
+        match self {
+            Controller::Cubic(c) => c.ssthresh,
+            Controller::Bbr(b) => b.cwnd,
+        }
+    }
+
+    /// Does fast recovery follow PRR (RFC 6937)? BBR keeps its own window.
+    pub fn uses_prr(&self) -> bool {
+        matches!(self, Controller::Cubic(_))
+    }
+
+    pub fn on_ack(&mut self, ev: &AckEvent, rtt: &Rtt) {
+        match self {
+            Controller::Cubic(c) => {
+                if ev.in_recovery {
+                    return;
+                }
+                if ev.after_rto {
+                    // Slow start back up to ssthresh.
+                    if c.in_slow_start() {
+                        c.on_ack(ev.delivered, ev.now, rtt, false);
+                    }
+                    return;
+                }
+                c.on_ack(ev.delivered, ev.now, rtt, ev.app_limited);
+            }
+            Controller::Bbr(b) => b.on_ack(ev, rtt),
+        }
+    }
+
+    /// Fast recovery starts (new losses found).
+    pub fn on_recovery_start(&mut self, in_flight: usize) {
+        match self {
+            Controller::Cubic(c) => c.on_congestion(),
+            Controller::Bbr(b) => b.on_recovery_start(in_flight),
+        }
+    }
+
+    pub fn on_recovery_end(&mut self) {
+        match self {
+            Controller::Cubic(c) => c.on_recovery_end(),
+            Controller::Bbr(b) => b.on_recovery_end(),
+        }
+    }
+
+    /// Everything outstanding at a retransmission timeout is delivered.
+    pub fn on_rto_recovered(&mut self) {
+        match self {
+            // Slow start carries on from where it is.
+            Controller::Cubic(_) => {}
+            Controller::Bbr(b) => b.on_recovery_end(),
+        }
+    }
+
+    /// The retransmission timer fired; `first`: not already recovering
+    /// from one.
+    pub fn on_timeout(&mut self, first: bool) {
+        match self {
+            Controller::Cubic(c) => {
+                if first {
+                    c.on_timeout();
+                } else {
+                    c.cwnd = c.mss;
+                }
+            }
+            Controller::Bbr(b) => b.on_timeout(),
+        }
+    }
+
+    pub fn on_idle_restart(&mut self) {
+        match self {
+            Controller::Cubic(c) => c.on_idle_restart(),
+            Controller::Bbr(b) => b.on_idle_restart(),
+        }
+    }
+
+    /// Bytes per second to pace at (`None`: no pacing yet).
+    pub fn pacing_rate(&self, rtt: &Rtt) -> Option<f64> {
+        match self {
+            Controller::Cubic(c) => Pacer::rate(c.cwnd, rtt.srtt(), c.in_slow_start()),
+            Controller::Bbr(b) => b.pacing_rate(rtt),
+        }
+    }
+}
+
+/// BBR's startup gain, 2/ln(2).
+const BBR_HIGH_GAIN: f64 = 2.885;
+/// ProbeBW's pacing gains, one phase per min RTT.
+const BBR_CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+/// Rounds the bandwidth filter covers.
+const BBR_BW_ROUNDS: u64 = 10;
+/// The min RTT is probed again after this long without a lower sample.
+const BBR_MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+/// How long ProbeRTT holds the window at its minimum.
+const BBR_PROBE_RTT_TIME: Duration = Duration::from_millis(200);
+/// The shortest RTT a window is sized for (see `Bbr::bdp`).
+const BBR_MIN_BDP_RTT: Duration = Duration::from_millis(1);
+/// The smallest window, segments.
+const BBR_MIN_CWND_SEGMENTS: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BbrMode {
+    Startup,
+    Drain,
+    ProbeBw,
+    ProbeRtt,
+}
+
+#[derive(Debug, Clone)]
+pub struct Bbr {
+    mss: usize,
+    pub cwnd: usize,
+    pub mode: BbrMode,
+    /// (round, bandwidth) samples, decreasing bandwidth: a windowed max.
+    bw: std::collections::VecDeque<(u64, f64)>,
+    round: u64,
+    next_round_delivered: u64,
+    min_rtt: Option<Duration>,
+    min_rtt_at: Instant,
+    pacing_gain: f64,
+    cwnd_gain: f64,
+    full_bw: f64,
+    full_bw_rounds: u32,
+    filled_pipe: bool,
+    cycle: usize,
+    cycle_at: Instant,
+    probe_rtt_until: Option<Instant>,
+    probe_rtt_round: Option<u64>,
+    prior_cwnd: usize,
+    /// Packet conservation for the first round of a recovery.
+    conserve_until_round: Option<u64>,
+}
+
+impl Bbr {
+    pub fn new(mss: usize, now: Instant) -> Bbr {
+        Bbr {
+            mss,
+            cwnd: initial_window(mss),
+            mode: BbrMode::Startup,
+            bw: std::collections::VecDeque::new(),
+            round: 0,
+            next_round_delivered: 0,
+            min_rtt: None,
+            min_rtt_at: now,
+            pacing_gain: BBR_HIGH_GAIN,
+            cwnd_gain: BBR_HIGH_GAIN,
+            full_bw: 0.0,
+            full_bw_rounds: 0,
+            filled_pipe: false,
+            cycle: 0,
+            cycle_at: now,
+            probe_rtt_until: None,
+            probe_rtt_round: None,
+            prior_cwnd: 0,
+            conserve_until_round: None,
+        }
+    }
+
+    /// The bottleneck bandwidth estimate, bytes per second.
+    pub fn bandwidth(&self) -> f64 {
+        self.bw.front().map_or(0.0, |&(_, b)| b)
+    }
+
+    fn bdp(&self, gain: f64) -> Option<usize> {
+        // The caller's timers tick in milliseconds and ACKs come a batch
+        // at a time, so the window covers at least that much at the
+        // estimated rate (on a sub-millisecond path, the bare BDP would
+        // idle the link between ticks).
+        let rtt = self.min_rtt?.max(BBR_MIN_BDP_RTT);
+        let bw = self.bandwidth();
+        (bw > 0.0).then(|| (gain * bw * rtt.as_secs_f64()) as usize)
+    }
+
+    fn min_cwnd(&self) -> usize {
+        BBR_MIN_CWND_SEGMENTS * self.mss
+    }
+
+    pub fn pacing_rate(&self, rtt: &Rtt) -> Option<f64> {
+        let bw = self.bandwidth();
+        if bw > 0.0 {
+            return Some(self.pacing_gain * bw);
+        }
+        // No sample yet: the initial window over the handshake's RTT.
+        let srtt = rtt.srtt()?.as_secs_f64().max(1e-5);
+        Some(BBR_HIGH_GAIN * self.cwnd as f64 / srtt)
+    }
+
+    fn on_ack(&mut self, ev: &AckEvent, rtt: &Rtt) {
+        let now = ev.now;
+        // Rounds: one per window of data delivered.
+        let mut round_start = false;
+        if let Some(rs) = ev.rate {
+            if rs.prior_delivered >= self.next_round_delivered {
+                self.next_round_delivered = ev.delivered_total;
+                self.round += 1;
+                round_start = true;
+            }
+            if !rs.app_limited || rs.rate >= self.bandwidth() {
+                self.add_bw(rs.rate);
+            }
+        }
+        if round_start && self.conserve_until_round.is_some_and(|r| self.round > r) {
+            self.conserve_until_round = None;
+        }
+        // Minimum RTT, and ProbeRTT when it has not been seen for a while.
+        let sample = rtt.latest();
+        let expired = now.saturating_duration_since(self.min_rtt_at) > BBR_MIN_RTT_WINDOW;
+        if ev.delivered > 0
+            && !sample.is_zero()
+            && (self.min_rtt.is_none_or(|m| sample <= m) || expired)
+        {
+            self.min_rtt = Some(sample);
+            self.min_rtt_at = now;
+        }
+        if expired && self.mode != BbrMode::ProbeRtt {
+            self.mode = BbrMode::ProbeRtt;
+            self.pacing_gain = 1.0;
+            self.cwnd_gain = 1.0;
+            self.prior_cwnd = self.prior_cwnd.max(self.cwnd);
+            self.probe_rtt_until = None;
+            self.probe_rtt_round = None;
+        }
+        // Startup ends when the bandwidth stops growing by a quarter for
+        // three rounds.
+        if round_start && !self.filled_pipe && !ev.rate.is_some_and(|r| r.app_limited) {
+            let bw = self.bandwidth();
+            if bw >= self.full_bw * 1.25 {
+                self.full_bw = bw;
+                self.full_bw_rounds = 0;
+            } else {
+                self.full_bw_rounds += 1;
+                if self.full_bw_rounds >= 3 {
+                    self.filled_pipe = true;
+                }
+            }
+        }
+        match self.mode {
+            BbrMode::Startup if self.filled_pipe => {
+                self.mode = BbrMode::Drain;
+                self.pacing_gain = 1.0 / BBR_HIGH_GAIN;
+                self.cwnd_gain = BBR_HIGH_GAIN;
+            }
+            BbrMode::Drain => {
+                if self.bdp(1.0).is_some_and(|b| ev.in_flight <= b) {
+                    self.enter_probe_bw(now);
+                }
+            }
+            BbrMode::ProbeBw => {
+                let phase =
+                    now.saturating_duration_since(self.cycle_at) > self.min_rtt.unwrap_or_default();
+                let gain = BBR_CYCLE[self.cycle];
+                let advance = if gain > 1.0 {
+                    phase && self.bdp(gain).is_none_or(|b| ev.in_flight >= b)
+                } else if gain < 1.0 {
+                    phase || self.bdp(1.0).is_some_and(|b| ev.in_flight <= b)
+                } else {
+                    phase
+                };
+                if advance {
+                    self.cycle = (self.cycle + 1) % BBR_CYCLE.len();
+                    self.cycle_at = now;
+                    self.pacing_gain = BBR_CYCLE[self.cycle];
+                }
+            }
+            BbrMode::ProbeRtt => {
+                if self.probe_rtt_until.is_none() && ev.in_flight <= self.min_cwnd() {
+                    self.probe_rtt_until = Some(now + BBR_PROBE_RTT_TIME);
+                    self.probe_rtt_round = Some(self.round);
+                }
+                let done_time = self.probe_rtt_until.is_some_and(|t| now >= t);
+                let done_round = self.probe_rtt_round.is_some_and(|r| self.round > r);
+                if done_time && done_round {
+                    self.min_rtt_at = now;
+                    self.cwnd = self.cwnd.max(self.prior_cwnd);
+                    self.prior_cwnd = 0;
+                    if self.filled_pipe {
+                        self.enter_probe_bw(now);
+                    } else {
+                        self.mode = BbrMode::Startup;
+                        self.pacing_gain = BBR_HIGH_GAIN;
+                        self.cwnd_gain = BBR_HIGH_GAIN;
+                    }
+                }
+            }
+            BbrMode::Startup => {}
+        }
+        self.set_cwnd(ev);
+    }
+
+    fn enter_probe_bw(&mut self, now: Instant) {
+        self.mode = BbrMode::ProbeBw;
+        self.cwnd_gain = 2.0;
+        // Start anywhere but the draining phase (spread by the round).
+        self.cycle = (self.round as usize) % (BBR_CYCLE.len() - 1);
+        if self.cycle >= 1 {
+            self.cycle += 1;
+        }
+        self.pacing_gain = BBR_CYCLE[self.cycle];
+        self.cycle_at = now;
+    }
+
+    fn add_bw(&mut self, rate: f64) {
+        let round = self.round;
+        while self.bw.back().is_some_and(|&(_, b)| b <= rate) {
+            self.bw.pop_back();
+        }
+        self.bw.push_back((round, rate));
+        while self
+            .bw
+            .front()
+            .is_some_and(|&(r, _)| r + BBR_BW_ROUNDS < round)
+        {
+            self.bw.pop_front();
+        }
+    }
+
+    fn set_cwnd(&mut self, ev: &AckEvent) {
+        let target = self
+            .bdp(self.cwnd_gain)
+            .map(|b| b + 3 * self.mss)
+            .unwrap_or(self.cwnd);
+        if self.conserve_until_round.is_some() {
+            self.cwnd = self.cwnd.max(ev.in_flight + ev.delivered);
+        } else if self.filled_pipe {
+            self.cwnd = (self.cwnd + ev.delivered).min(target);
+        } else if self.cwnd < target || ev.delivered_total < initial_window(self.mss) as u64 {
+            self.cwnd += ev.delivered;
+        }
+        self.cwnd = self.cwnd.max(self.min_cwnd());
+        if self.mode == BbrMode::ProbeRtt {
+            self.cwnd = self.cwnd.min(self.min_cwnd());
+        }
+    }
+
+    fn on_recovery_start(&mut self, in_flight: usize) {
+        self.prior_cwnd = self.prior_cwnd.max(self.cwnd);
+        self.cwnd = (in_flight + self.mss).max(self.min_cwnd());
+        self.conserve_until_round = Some(self.round);
+    }
+
+    fn on_recovery_end(&mut self) {
+        self.conserve_until_round = None;
+        self.cwnd = self.cwnd.max(self.prior_cwnd);
+        self.prior_cwnd = 0;
+    }
+
+    fn on_timeout(&mut self) {
+        self.prior_cwnd = self.prior_cwnd.max(self.cwnd);
+        self.conserve_until_round = None;
+        self.cwnd = self.mss;
+    }
+
+    fn on_idle_restart(&mut self) {
+        // The model stays valid; pacing at the estimated rate restarts
+        // without a burst.
+    }
 }
 
 /// Bursts allowed ahead of the pace: this long at the pacing rate...

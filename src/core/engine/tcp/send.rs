@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::cc::RateSample;
 use super::seq::Seq;
 
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +25,11 @@ pub struct Sent {
     pub sacked: bool,
     pub lost: bool,
     pub fin: bool,
+    /// Delivery-rate state when it was (last) sent.
+    delivered: u64,
+    delivered_at: Instant,
+    first_sent_at: Instant,
+    app_limited: bool,
 }
 
 impl Sent {
@@ -46,6 +52,18 @@ pub struct Acked {
     pub rtt: Option<Duration>,
     /// Our FIN is acknowledged.
     pub fin_acked: bool,
+    /// A delivery-rate sample, if this ACK delivered anything.
+    pub rate: Option<RateSample>,
+}
+
+/// The newest segment an ACK delivered, for the rate sample.
+#[derive(Clone, Copy)]
+struct Newest {
+    delivered: u64,
+    delivered_at: Instant,
+    first_sent_at: Instant,
+    sent_at: Instant,
+    app_limited: bool,
 }
 
 pub struct SendQueue {
@@ -68,6 +86,14 @@ pub struct SendQueue {
     rack_end: Seq,
     /// RACK: the RTT of that segment.
     pub rack_rtt: Duration,
+    /// Bytes delivered (acknowledged or SACKed) so far, and when the count
+    /// last grew.
+    pub delivered: u64,
+    delivered_at: Option<Instant>,
+    first_sent_at: Option<Instant>,
+    /// Samples are application-limited until `delivered` passes this
+    /// (0: not limited).
+    app_limited_until: u64,
 }
 
 impl SendQueue {
@@ -85,7 +111,32 @@ impl SendQueue {
             rack_xmit: None,
             rack_end: iss_plus_one,
             rack_rtt: Duration::ZERO,
+            delivered: 0,
+            delivered_at: None,
+            first_sent_at: None,
+            app_limited_until: 0,
         }
+    }
+
+    /// The sender has nothing more to send while the window has room:
+    /// rate samples until this flight is delivered understate the path.
+    pub fn mark_app_limited(&mut self) {
+        self.app_limited_until = (self.delivered + self.in_flight as u64).max(1);
+    }
+
+    /// Stamps a segment with the delivery-rate state at sending.
+    fn stamp(&mut self, now: Instant) -> (u64, Instant, Instant, bool) {
+        if self.segs.is_empty() || self.in_flight == 0 {
+            // Nothing in flight: intervals start now.
+            self.first_sent_at = Some(now);
+            self.delivered_at = Some(now);
+        }
+        (
+            self.delivered,
+            self.delivered_at.unwrap_or(now),
+            self.first_sent_at.unwrap_or(now),
+            self.app_limited_until != 0,
+        )
     }
 
     /// Room for more application bytes.
@@ -148,7 +199,12 @@ impl SendQueue {
     pub fn sent_new(&mut self, len: usize, fin: bool, now: Instant) {
         let start = self.nxt;
         let end = start + len + usize::from(fin);
+        let (delivered, delivered_at, first_sent_at, app_limited) = self.stamp(now);
         self.segs.push_back(Sent {
+            delivered,
+            delivered_at,
+            first_sent_at,
+            app_limited,
             start,
             end,
             sent_at: now,
@@ -186,7 +242,9 @@ impl SendQueue {
 
     /// Segment `i` went out again.
     pub fn retransmitted(&mut self, i: usize, now: Instant) {
+        let stamp = self.stamp(now);
         let s = &mut self.segs[i];
+        (s.delivered, s.delivered_at, s.first_sent_at, s.app_limited) = stamp;
         if s.lost {
             s.lost = false;
             self.lost -= 1;
@@ -199,6 +257,18 @@ impl SendQueue {
     /// Processes a cumulative ACK and SACK blocks.
     pub fn ack(&mut self, ack: Seq, sack: &[(Seq, Seq)], now: Instant) -> Acked {
         let mut out = Acked::default();
+        let mut newest: Option<Newest> = None;
+        let mut note = |s: &Sent| {
+            if newest.is_none_or(|n| s.delivered > n.delivered || s.sent_at > n.sent_at) {
+                newest = Some(Newest {
+                    delivered: s.delivered,
+                    delivered_at: s.delivered_at,
+                    first_sent_at: s.first_sent_at,
+                    sent_at: s.sent_at,
+                    app_limited: s.app_limited,
+                });
+            }
+        };
         if ack > self.una && ack <= self.nxt {
             while let Some(s) = self.segs.front_mut() {
                 if s.end <= ack {
@@ -210,6 +280,7 @@ impl SendQueue {
                         continue;
                     }
                     out.cumulative += s.len();
+                    note(&s);
                     Self::rack_update(
                         &mut self.rack_xmit,
                         &mut self.rack_end,
@@ -260,6 +331,7 @@ impl SendQueue {
                 self.segs[i].sacked = true;
                 self.sacked += 1;
                 out.sacked += s.len();
+                note(&s);
                 Self::rack_update(
                     &mut self.rack_xmit,
                     &mut self.rack_end,
@@ -268,6 +340,27 @@ impl SendQueue {
                     now,
                     &mut out.rtt,
                 );
+            }
+        }
+        let delivered = out.cumulative + out.sacked;
+        if delivered > 0 {
+            self.delivered += delivered as u64;
+            self.delivered_at = Some(now);
+            if self.app_limited_until != 0 && self.delivered > self.app_limited_until {
+                self.app_limited_until = 0;
+            }
+        }
+        if let Some(n) = newest {
+            self.first_sent_at = Some(n.sent_at);
+            let send_elapsed = n.sent_at.saturating_duration_since(n.first_sent_at);
+            let ack_elapsed = now.saturating_duration_since(n.delivered_at);
+            let interval = send_elapsed.max(ack_elapsed);
+            if !interval.is_zero() {
+                out.rate = Some(RateSample {
+                    rate: (self.delivered - n.delivered) as f64 / interval.as_secs_f64(),
+                    prior_delivered: n.delivered,
+                    app_limited: n.app_limited,
+                });
             }
         }
         out

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::cc::Algorithm;
 use super::seq::Seq;
 use super::socket::{Config, Socket, State};
 use super::wire;
@@ -128,12 +129,13 @@ pub fn split(packet: &[u8]) -> (std::net::IpAddr, std::net::IpAddr, &[u8]) {
     }
 }
 
-pub fn config(buffer: usize) -> Config {
+pub fn config(buffer: usize, congestion: Algorithm) -> Config {
     Config {
         mtu: 1420,
         recv_buffer: buffer,
         send_buffer: buffer,
         keep_alive: None,
+        congestion,
     }
 }
 

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use super::cc::{Cubic, Pacer, Rtt, MAX_RTO};
+use super::cc::{AckEvent, Algorithm, Controller, Pacer, Rtt, MAX_RTO};
 use super::recv::RecvBuffer;
 use super::send::SendQueue;
 use super::seq::Seq;
@@ -60,6 +60,7 @@ pub struct Config {
     pub recv_buffer: usize,
     pub send_buffer: usize,
     pub keep_alive: Option<Duration>,
+    pub congestion: Algorithm,
 }
 
 /// How long TIME-WAIT lasts (short: the stack's connections are owned and
@@ -114,7 +115,7 @@ pub struct Socket {
     /// Largest payload per segment (options subtracted).
     mss: usize,
     rtt: Rtt,
-    cc: Cubic,
+    cc: Controller,
     pacer: Pacer,
     recovery: Option<Recovery>,
     /// After a timeout, until this is acknowledged, losses do not shrink
@@ -196,7 +197,7 @@ impl Socket {
             ts_recent: 0,
             mss,
             rtt: Rtt::default(),
-            cc: Cubic::new(mss),
+            cc: Controller::new(cfg.congestion, mss, now),
             pacer: Pacer::default(),
             recovery: None,
             rto_point: None,
@@ -253,7 +254,7 @@ impl Socket {
     pub fn accept(cfg: Config, syn: &Segment<'_>, iss: Seq, now: Instant) -> Socket {
         let mut s = Socket::new(cfg, syn.dst, syn.src, iss, now);
         s.state = State::SynReceived;
-        s.take_syn_options(syn);
+        s.take_syn_options(syn, now);
         s.rcv = Some(RecvBuffer::new(cfg.recv_buffer, syn.seq + 1));
         s.snd_wnd = usize::from(syn.window);
         s.snd_wl1 = syn.seq;
@@ -263,7 +264,7 @@ impl Socket {
     }
 
     /// Reads the options of the peer's SYN: MSS, scaling, SACK, timestamps.
-    fn take_syn_options(&mut self, syn: &Segment<'_>) {
+    fn take_syn_options(&mut self, syn: &Segment<'_>, now: Instant) {
         let o = &syn.options;
         let peer_mss = o.mss.map_or(DEFAULT_MSS, usize::from);
         self.mss = self.mss.min(peer_mss).max(64);
@@ -284,7 +285,7 @@ impl Socket {
             self.ts_recent = val;
             self.mss -= TIMESTAMP_LEN;
         }
-        self.cc = Cubic::new(self.mss);
+        self.cc = Controller::new(self.cfg.congestion, self.mss, now);
     }
 
     pub fn state(&self) -> State {
@@ -309,7 +310,7 @@ impl Socket {
     }
 
     pub fn cwnd(&self) -> usize {
-        self.cc.cwnd
+        self.cc.cwnd()
     }
 
     /// Nothing left to do: closed with any reset sent, or in TIME-WAIT.
@@ -503,7 +504,7 @@ impl Socket {
         if !seg.has(SYN) || !ack_ok {
             return;
         }
-        self.take_syn_options(seg);
+        self.take_syn_options(seg, now);
         self.rcv = Some(RecvBuffer::new(self.cfg.recv_buffer, seg.seq + 1));
         self.snd.una = seg.ack;
         self.snd_wnd = usize::from(seg.window) << self.snd_shift;
@@ -629,6 +630,7 @@ impl Socket {
         if lost > 0 {
             self.on_loss(in_flight_before);
         }
+        let in_recovery = self.recovery.is_some();
         if let Some(r) = self.recovery.as_mut() {
             r.prr_delivered += delivered;
             r.last_delivered = delivered;
@@ -636,18 +638,24 @@ impl Socket {
                 self.recovery = None;
                 self.cc.on_recovery_end();
             }
-        } else if delivered > 0 && self.rto_point.is_none() {
-            let app_limited =
-                in_flight_before + self.mss < self.cc.cwnd / 2 && self.snd.unsent() == 0;
-            self.cc.on_ack(delivered, now, &self.rtt, app_limited);
-        } else if delivered > 0 {
-            // After a timeout: slow start back up to ssthresh.
-            if self.cc.in_slow_start() {
-                self.cc.on_ack(delivered, now, &self.rtt, false);
-            }
+        }
+        if delivered > 0 {
+            let cwnd = self.cc.cwnd();
+            let ev = AckEvent {
+                now,
+                delivered,
+                delivered_total: self.snd.delivered,
+                in_flight: self.snd.in_flight,
+                rate: acked.rate,
+                app_limited: in_flight_before + self.mss < cwnd / 2 && self.snd.unsent() == 0,
+                in_recovery,
+                after_rto: self.rto_point.is_some(),
+            };
+            self.cc.on_ack(&ev, &self.rtt);
         }
         if self.rto_point.is_some_and(|p| self.snd.una >= p) {
             self.rto_point = None;
+            self.cc.on_rto_recovered();
         }
         if acked.fin_acked {
             match self.state {
@@ -669,7 +677,7 @@ impl Socket {
             return;
         }
         self.stats.recoveries += 1;
-        self.cc.on_congestion();
+        self.cc.on_recovery_start(self.snd.in_flight);
         self.recovery = Some(Recovery {
             point: self.snd.nxt,
             prr_delivered: 0,
@@ -860,11 +868,7 @@ impl Socket {
                     self.abort();
                     return;
                 }
-                if self.rto_point.is_none() {
-                    self.cc.on_timeout();
-                } else {
-                    self.cc.cwnd = self.mss;
-                }
+                self.cc.on_timeout(self.rto_point.is_none());
                 self.recovery = None;
                 self.rto_point = Some(self.snd.nxt);
                 self.snd.all_lost();
@@ -930,9 +934,8 @@ impl Socket {
     fn cwnd_allows(&self, len: usize) -> bool {
         let pipe = self.snd.in_flight;
         match &self.recovery {
-            None => pipe + len <= self.cc.cwnd.max(self.mss),
-            Some(r) => {
-                let ssthresh = self.cc.ssthresh;
+            Some(r) if self.cc.uses_prr() => {
+                let ssthresh = self.cc.ssthresh();
                 let limit = if pipe > ssthresh {
                     (r.prr_delivered * ssthresh)
                         .div_ceil(r.recover_fs)
@@ -947,11 +950,12 @@ impl Socket {
                 };
                 limit > 0
             }
+            _ => pipe + len <= self.cc.cwnd().max(self.mss),
         }
     }
 
     fn pace(&mut self, now: Instant, len: usize) -> bool {
-        let rate = Pacer::rate(self.cc.cwnd, self.rtt.srtt(), self.cc.in_slow_start());
+        let rate = self.cc.pacing_rate(&self.rtt);
         match self.pacer.check(now, len, rate, self.mss) {
             Ok(()) => true,
             Err(at) => {
@@ -1012,6 +1016,9 @@ impl Socket {
         }
         let unsent = self.snd.unsent();
         if unsent == 0 && !self.snd.fin_unsent() {
+            if self.snd.in_flight < self.cc.cwnd() {
+                self.snd.mark_app_limited();
+            }
             return false;
         }
         let room = (self.snd.una + self.snd_wnd).max(self.snd.nxt) - self.snd.nxt;

@@ -140,6 +140,9 @@ pub struct NetStackConfig {
     pub listen_backlog: usize,
     /// TCP keep-alive interval. Default `None` (off).
     pub keep_alive: Option<Duration>,
+    /// TCP congestion control. Default BBR (random loss on the path is not
+    /// taken for congestion); CUBIC on request.
+    pub congestion: crate::core::engine::tcp::cc::Algorithm,
     /// A connection is aborted when its peer has been silent this long while
     /// we wait for it: during an incoming handshake, while sent data is
     /// unacknowledged, after the stream was dropped (closing), and, with
@@ -159,6 +162,7 @@ impl NetStackConfig {
             inbound_queue: 4096,
             listen_backlog: 1024,
             keep_alive: None,
+            congestion: Default::default(),
             tcp_timeout: Duration::from_secs(60),
         }
     }

@@ -36,6 +36,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::super::tcp::cc::Algorithm;
 use super::super::tcp::seq::Seq;
 use super::super::tcp::socket::{self as tcp, Socket};
 use super::super::tcp::wire;
@@ -70,6 +71,7 @@ pub(super) struct Limits {
     pub backlog: usize,
     pub keep_alive: Option<Duration>,
     pub tcp_timeout: Duration,
+    pub congestion: Algorithm,
 }
 
 impl Limits {
@@ -87,6 +89,7 @@ impl Limits {
             backlog: cfg.listen_backlog.max(1),
             keep_alive,
             tcp_timeout,
+            congestion: cfg.congestion,
         }
     }
 
@@ -105,6 +108,7 @@ impl Limits {
             recv_buffer: self.tcp_buffer,
             send_buffer: self.tcp_buffer,
             keep_alive: self.keep_alive,
+            congestion: self.congestion,
         }
     }
 }
