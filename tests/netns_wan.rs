@@ -169,12 +169,24 @@ fn ready() -> bool {
     can_netns() && have("python3")
 }
 
-/// Bytes to send with the kernel engine: 1 GB (`MESHGATE_WAN_BYTES` changes it).
-fn kernel_bytes() -> u64 {
+/// Bytes to send: 1 GB (`MESHGATE_WAN_BYTES` changes it).
+fn wan_bytes() -> u64 {
     std::env::var("MESHGATE_WAN_BYTES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000_000)
+}
+
+/// Sends a gigabyte through `engine` and checks it arrived intact.
+fn a_gigabyte_crosses(engine: &str) {
+    let bytes = wan_bytes();
+    let (sent, received, secs) = transfer(engine, bytes);
+    assert!(sent.starts_with(&format!("{bytes} ")), "{sent}");
+    assert_eq!(sent, received, "the far side got other bytes");
+    eprintln!(
+        "{engine} engine: {bytes} bytes in {secs:.1} s ({:.0} Mbit/s) over 10 ms / 0.5 % loss",
+        bytes as f64 * 8.0 / secs / 1e6
+    );
 }
 
 #[test]
@@ -183,31 +195,14 @@ fn a_gigabyte_crosses_a_lossy_path_intact_with_the_kernel_engine() {
         eprintln!("skipped: needs root, python3 and /dev/net/tun");
         return;
     }
-    let bytes = kernel_bytes();
-    let (sent, received, secs) = transfer("kernel", bytes);
-    assert!(sent.starts_with(&format!("{bytes} ")), "{sent}");
-    assert_eq!(sent, received, "the far side got other bytes");
-    eprintln!(
-        "kernel engine: {bytes} bytes in {secs:.1} s ({:.0} Mbit/s) over 10 ms / 0.5 % loss",
-        bytes as f64 * 8.0 / secs / 1e6
-    );
+    a_gigabyte_crosses("kernel");
 }
 
 #[test]
-fn a_stream_crosses_a_lossy_path_intact_with_the_userspace_engine() {
+fn a_gigabyte_crosses_a_lossy_path_intact_with_the_userspace_engine() {
     if !ready() {
         eprintln!("skipped: needs root and python3");
         return;
     }
-    // smoltcp's TCP recovers one hole per round trip on this path (a few
-    // Mbit/s, see the WAN benchmark): 8 MB keeps the test short; the
-    // content check is the point here.
-    let bytes = 8_000_000;
-    let (sent, received, secs) = transfer("userspace", bytes);
-    assert!(sent.starts_with(&format!("{bytes} ")), "{sent}");
-    assert_eq!(sent, received, "the far side got other bytes");
-    eprintln!(
-        "userspace engine: {bytes} bytes in {secs:.1} s ({:.1} Mbit/s) over 10 ms / 0.5 % loss",
-        bytes as f64 * 8.0 / secs / 1e6
-    );
+    a_gigabyte_crosses("userspace");
 }

@@ -2,6 +2,11 @@
 //! past them, segments that arrived out of order, kept as a sorted list of
 //! ranges (as many holes as the window has room for, up to
 //! [`MAX_RANGES`]). It says which SACK blocks to report.
+//!
+//! The window offered is the configured capacity, but memory is taken only
+//! as bytes wait: the ring starts small and doubles when a segment lands
+//! beyond its end, so a connection whose reader keeps up holds a small
+//! ring whatever its window.
 
 use super::seq::Seq;
 
@@ -9,8 +14,13 @@ use super::seq::Seq;
 /// (the sender retransmits it).
 pub const MAX_RANGES: usize = 256;
 
+/// The ring's first allocation.
+const INITIAL_RING: usize = 16 * 1024;
+
 pub struct RecvBuffer {
-    ring: Box<[u8]>,
+    ring: Vec<u8>,
+    /// The most bytes it holds (the window when empty).
+    capacity: usize,
     /// Ring index of the first unread byte.
     head: usize,
     /// Unread bytes, in order, from `head`.
@@ -38,7 +48,8 @@ pub struct Inserted {
 impl RecvBuffer {
     pub fn new(capacity: usize, nxt: Seq) -> Self {
         RecvBuffer {
-            ring: vec![0u8; capacity.max(1)].into_boxed_slice(),
+            ring: Vec::new(),
+            capacity: capacity.max(1),
             head: 0,
             len: 0,
             nxt,
@@ -48,6 +59,11 @@ impl RecvBuffer {
     }
 
     pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes of memory the ring holds now.
+    pub fn allocated(&self) -> usize {
         self.ring.len()
     }
 
@@ -58,7 +74,7 @@ impl RecvBuffer {
 
     /// Room from `nxt` on: the window to advertise.
     pub fn window(&self) -> usize {
-        self.ring.len() - self.len
+        self.capacity - self.len
     }
 
     /// Are there holes (data beyond `nxt`)?
@@ -142,11 +158,32 @@ impl RecvBuffer {
     }
 
     fn write_at(&mut self, seq: Seq, data: &[u8]) {
+        let need = self.len + (seq - self.nxt) + data.len();
+        if need > self.ring.len() {
+            self.grow(need);
+        }
         let cap = self.ring.len();
         let at = (self.head + self.len + (seq - self.nxt)) % cap;
         let first = data.len().min(cap - at);
         self.ring[at..at + first].copy_from_slice(&data[..first]);
         self.ring[..data.len() - first].copy_from_slice(&data[first..]);
+    }
+
+    /// Makes the ring at least `need` bytes (doubling, up to the
+    /// capacity), its contents moved to start at index 0.
+    fn grow(&mut self, need: usize) {
+        let size = need
+            .max(INITIAL_RING)
+            .max(self.ring.len() * 2)
+            .min(self.capacity);
+        let mut ring = vec![0u8; size];
+        let old = self.ring.len();
+        if old > 0 {
+            ring[..old - self.head].copy_from_slice(&self.ring[self.head..]);
+            ring[old - self.head..old].copy_from_slice(&self.ring[..self.head]);
+        }
+        self.ring = ring;
+        self.head = 0;
     }
 
     /// Copies readable bytes into `buf`; returns how many.
@@ -172,6 +209,9 @@ impl RecvBuffer {
     /// Marks `n` readable bytes as read.
     pub fn consume(&mut self, n: usize) {
         let n = n.min(self.len);
+        if n == 0 {
+            return;
+        }
         self.head = (self.head + n) % self.ring.len();
         self.len -= n;
         if self.len == 0 && self.ooo.is_empty() {
@@ -266,6 +306,35 @@ mod tests {
         assert_eq!(b.window(), 0);
         assert!(b.insert(Seq(16), b"x").dropped);
         assert_eq!(read_all(&mut b), b"abcdefgh01234567");
+    }
+
+    #[test]
+    fn memory_grows_with_what_waits_not_with_the_window() {
+        let cap = 1 << 20;
+        let mut b = RecvBuffer::new(cap, Seq(0));
+        assert_eq!(b.window(), cap);
+        assert_eq!(b.allocated(), 0);
+        // A reader that keeps up: the ring stays at its first size.
+        let chunk = vec![7u8; 1400];
+        let mut seq = Seq(0);
+        let mut out = vec![0u8; 1 << 16];
+        for _ in 0..10_000 {
+            b.insert(seq, &chunk);
+            seq = seq + chunk.len();
+            assert_eq!(b.read(&mut out), chunk.len());
+        }
+        assert_eq!(b.allocated(), INITIAL_RING);
+        // A hole far ahead grows it; data wrapped in the old ring survives.
+        b.insert(seq, b"abc");
+        let far = seq + 100_000;
+        b.insert(far, b"xyz");
+        assert!(b.allocated() >= 100_003 && b.allocated() <= cap);
+        let filler = vec![1u8; 100_000 - 3];
+        b.insert(seq + 3, &filler);
+        let mut all = vec![0u8; 100_003];
+        assert_eq!(b.read(&mut all), 100_003);
+        assert_eq!(&all[..3], b"abc");
+        assert_eq!(&all[100_000..], b"xyz");
     }
 
     #[test]

@@ -139,13 +139,14 @@ impl SendQueue {
         )
     }
 
-    /// Room for more application bytes.
-    pub fn room(&self) -> usize {
-        self.capacity - self.data.len()
+    /// Room for more application bytes, with at most `limit` queued.
+    pub fn room(&self, limit: usize) -> usize {
+        self.capacity.min(limit).saturating_sub(self.data.len())
     }
 
-    pub fn write(&mut self, bytes: &[u8]) -> usize {
-        let n = bytes.len().min(self.room());
+    /// Queues what fits under `limit` (see [`room`](Self::room)).
+    pub fn write(&mut self, bytes: &[u8], limit: usize) -> usize {
+        let n = bytes.len().min(self.room(limit));
         if self.data.capacity() < self.data.len() + n {
             // Grow towards the configured size in steps, not all at once.
             let want = (self.data.len() + n)
@@ -460,7 +461,7 @@ mod tests {
     fn queue_with(n: usize, seg: usize, now: Instant) -> SendQueue {
         let mut q = SendQueue::new(1 << 20, Seq(1000));
         let data: Vec<u8> = (0..n * seg).map(|i| i as u8).collect();
-        assert_eq!(q.write(&data), data.len());
+        assert_eq!(q.write(&data, usize::MAX), data.len());
         for _ in 0..n {
             q.sent_new(seg, false, now);
         }
@@ -534,7 +535,7 @@ mod tests {
     fn fin_takes_one_sequence_number() {
         let t0 = Instant::now();
         let mut q = SendQueue::new(100, Seq(0));
-        q.write(b"abc");
+        q.write(b"abc", usize::MAX);
         q.fin_queued = true;
         q.sent_new(3, true, t0);
         assert_eq!(q.nxt, Seq(4));

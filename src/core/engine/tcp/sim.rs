@@ -93,6 +93,11 @@ impl Link {
         self.queue.insert(i, (at, packet));
     }
 
+    /// Changes the loss rate from now on (1.0: a blackout).
+    pub fn set_loss(&mut self, loss: f64) {
+        self.spec.loss = loss;
+    }
+
     pub fn next_at(&self) -> Option<Instant> {
         self.queue.front().map(|(t, _)| *t)
     }
@@ -152,9 +157,13 @@ pub struct Pair {
 impl Pair {
     /// Connects a client to a server (the SYN is accepted as a stack would).
     pub fn connect(spec: PathSpec, cfg: Config, seed: u64) -> Pair {
+        Self::connect_between(spec, cfg, seed, "10.0.0.1:40000", "10.0.0.2:80")
+    }
+
+    pub fn connect_between(spec: PathSpec, cfg: Config, seed: u64, a: &str, b: &str) -> Pair {
         let start = Instant::now();
-        let a: SocketAddr = "10.0.0.1:40000".parse().unwrap();
-        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let a: SocketAddr = a.parse().unwrap();
+        let b: SocketAddr = b.parse().unwrap();
         let mut rng = Rng::new(seed);
         let mut client = Socket::connect(cfg, a, b, Seq(rng.next() as u32), start);
         let mut syn = Vec::new();

@@ -77,6 +77,8 @@ const DELAYED_ACK_ALLOWANCE: Duration = Duration::from_millis(40);
 /// The MSS assumed when the peer sends none (RFC 9293).
 const DEFAULT_MSS: usize = 536;
 const TIMESTAMP_LEN: usize = 12;
+/// Bytes an application may always queue, whatever the window.
+const MIN_SEND_LIMIT: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy)]
 struct Recovery {
@@ -431,7 +433,7 @@ impl Socket {
             State::SynSent | State::SynReceived | State::Established | State::CloseWait
                 if !self.snd.fin_queued =>
             {
-                Ok(self.snd.write(data))
+                Ok(self.snd.write(data, self.send_limit()))
             }
             _ => Err(SendError::InvalidState),
         }
@@ -439,7 +441,14 @@ impl Socket {
 
     /// Room left in the send buffer.
     pub fn send_room(&self) -> usize {
-        self.snd.room()
+        self.snd.room(self.send_limit())
+    }
+
+    /// The most bytes queued for sending: twice the congestion window (as
+    /// Linux sizes a send buffer), so queued data waits in the network's
+    /// pace rather than in memory, within the configured buffer.
+    fn send_limit(&self) -> usize {
+        (2 * self.cc.cwnd()).max(MIN_SEND_LIMIT)
     }
 
     /// Shuts down the sending side: a FIN follows the queued data.

@@ -42,3 +42,173 @@ fn close_both_ways() {
     assert!(p.run(Duration::from_secs(5), |p| p.server.is_done()
         && p.client.state() == State::TimeWait));
 }
+
+#[test]
+fn reordering_is_not_taken_for_loss() {
+    // Up to 3 ms of random extra delay on a 10 ms path: packets overtake
+    // each other all the time. RACK's reordering window keeps recovery
+    // episodes rare and the data arrives whole.
+    let mut spec = PathSpec::new(10, 100.0, 0.0);
+    spec.jitter = Duration::from_millis(3);
+    let (mbps, p) = run(spec, Bbr, 20 << 20, 4);
+    let st = p.client.stats();
+    assert!(mbps > 40.0, "{mbps}");
+    assert!(st.timeouts == 0, "{st:?}");
+}
+
+#[test]
+fn a_blackout_is_survived_by_timeouts_and_backoff() {
+    let mut p = Pair::connect(PathSpec::new(5, 100.0, 0.0), config(1 << 20, Cubic), 5);
+    assert!(p.established());
+    let total = 4 << 20;
+    let (mut written, mut read) = (0usize, 0usize);
+    let mut buf = vec![0u8; 1 << 16];
+    let t0 = p.now;
+    let mut blackout_done = false;
+    let ok = p.run(Duration::from_secs(60), |p| {
+        let elapsed = p.now.duration_since(t0);
+        if !blackout_done && elapsed > Duration::from_millis(100) {
+            let loss = if elapsed < Duration::from_millis(1600) {
+                1.0
+            } else {
+                0.0
+            };
+            p.up.set_loss(loss);
+            p.down.set_loss(loss);
+            blackout_done = loss == 0.0;
+        }
+        while written < total {
+            let data = super::sim::pattern(written, (total - written).min(8192));
+            let n = p.client.send_slice(&data).unwrap();
+            written += n;
+            if n < data.len() {
+                break;
+            }
+        }
+        loop {
+            let n = p.server.recv_slice(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            assert_eq!(buf[..n], super::sim::pattern(read, n)[..]);
+            read += n;
+        }
+        read == total
+    });
+    assert!(ok, "{read} of {total}");
+    let st = p.client.stats();
+    assert!(
+        st.timeouts >= 2,
+        "1.5 s of blackout takes several timeouts: {st:?}"
+    );
+    assert_eq!(p.client.state(), State::Established);
+}
+
+#[test]
+fn a_lost_tail_is_probed_before_the_timeout() {
+    // A 10-segment reply whose last segment is lost: the tail loss probe
+    // repairs it after about two RTTs, without a retransmission timeout.
+    let mut p = Pair::connect(PathSpec::new(20, 100.0, 0.0), config(1 << 20, Bbr), 6);
+    assert!(p.established());
+    let mss = p.client.mss();
+    let data = super::sim::pattern(0, 10 * mss);
+    assert_eq!(p.client.send_slice(&data).unwrap(), data.len());
+    // Let the first nine through, lose the tenth.
+    let mut sent = 0;
+    let mut buf = Vec::new();
+    let now = p.now;
+    while p.client.poll_transmit(now, &mut buf) {
+        sent += 1;
+        let packet = std::mem::take(&mut buf);
+        if sent < 10 {
+            p.up.send(now, packet, &mut p.rng);
+        }
+    }
+    assert_eq!(sent, 10);
+    let t0 = p.now;
+    let mut got = vec![0u8; data.len()];
+    let mut read = 0;
+    assert!(p.run(Duration::from_secs(5), |p| {
+        read += p.server.recv_slice(&mut got[read..]).unwrap();
+        read == got.len()
+    }));
+    assert_eq!(got, data);
+    let st = p.client.stats();
+    assert_eq!((st.probes, st.timeouts), (1, 0), "{st:?}");
+    let took = p.now.duration_since(t0);
+    assert!(took < Duration::from_millis(200), "repaired after {took:?}");
+}
+
+#[test]
+fn a_full_receiver_stalls_the_sender_until_it_reads() {
+    let mut p = Pair::connect(PathSpec::new(2, 100.0, 0.0), config(64 * 1024, Cubic), 7);
+    assert!(p.established());
+    let data = super::sim::pattern(0, 1 << 20);
+    let mut written = 0;
+    // The receiver does not read: 64 KiB arrive, then the window is shut.
+    p.run(Duration::from_secs(3), |p| {
+        written += p.client.send_slice(&data[written..]).unwrap();
+        false
+    });
+    assert!(p.server.can_recv());
+    let mut first = vec![0u8; 1 << 20];
+    let n = p.server.recv_slice(&mut first).unwrap();
+    assert_eq!(n, 64 * 1024, "exactly the window arrived");
+    // Reading opens the window; the rest follows.
+    let mut read = n;
+    assert!(p.run(Duration::from_secs(10), |p| {
+        written += p.client.send_slice(&data[written..]).unwrap();
+        read += p.server.recv_slice(&mut first[read..]).unwrap();
+        read == data.len()
+    }));
+    assert_eq!(first, data);
+}
+
+#[test]
+fn reset_refusal_and_lost_syns() {
+    // An abort reaches the peer as a reset; its reads then fail.
+    let mut p = Pair::connect(PathSpec::new(1, 100.0, 0.0), config(1 << 16, Bbr), 8);
+    assert!(p.established());
+    p.client.abort();
+    assert!(p.run(Duration::from_secs(1), |p| p.server.state()
+        == State::Closed));
+    let mut buf = [0u8; 8];
+    assert!(p.server.recv_slice(&mut buf).is_err());
+    assert!(p.client.is_done() && p.server.is_done());
+
+    // The first two SYNs are lost: the handshake still completes.
+    let mut p = Pair::connect(PathSpec::new(1, 100.0, 0.0), config(1 << 16, Bbr), 9);
+    let start = p.now;
+    p.up.set_loss(1.0);
+    p.run(Duration::from_millis(2500), |_| false);
+    p.up.set_loss(0.0);
+    assert!(p.established());
+    assert!(
+        p.now.duration_since(start) >= Duration::from_secs(3),
+        "after two timeouts (1 s, 2 s)"
+    );
+}
+
+#[test]
+fn ipv6_and_keepalive() {
+    let mut cfg = config(1 << 16, Cubic);
+    cfg.keep_alive = Some(Duration::from_secs(1));
+    let mut p = Pair::connect_between(
+        PathSpec::new(1, 100.0, 0.0),
+        cfg,
+        10,
+        "[fd00::1]:40000",
+        "[fd00::2]:80",
+    );
+    transfer(&mut p, 200_000, Duration::from_secs(10));
+    // Idle for 5 s: keep-alive probes go both ways and are answered.
+    let before = p.up.sent;
+    p.run(Duration::from_secs(5), |_| false);
+    assert!(p.up.sent >= before + 4, "{} probes", p.up.sent - before);
+    assert_eq!(p.client.state(), State::Established);
+    // The peer vanishes: with a timeout armed the connection is aborted.
+    p.client.set_timeout(Some(Duration::from_secs(3)));
+    p.down.set_loss(1.0);
+    assert!(p.run(Duration::from_secs(10), |p| p.client.state()
+        == State::Closed));
+}

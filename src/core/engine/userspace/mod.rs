@@ -37,8 +37,8 @@
 //!
 //! # TCP
 //!
-//! Every connection gets `tcp_buffer` bytes of receive and of send buffer
-//! (window scaling follows from the size; memory is touched as it is used),
+//! Every connection may buffer `tcp_buffer` bytes each way (window scaling
+//! follows from the size; memory is taken as bytes wait),
 //! SACK, timestamps, CUBIC with pacing, no Nagle, no keep-alive unless
 //! configured, and a dead-peer timeout ([`NetStackConfig::tcp_timeout`]).
 //! The stack looks at each inbound SYN and gives it a new connection: every
@@ -54,9 +54,11 @@
 //!
 //! # Limits
 //!
-//! - Memory: each connection holds up to `2 × tcp_buffer` (2 MiB by
-//!   default) once it has carried that much data; size `tcp_buffer` for the
-//!   expected number of concurrent connections.
+//! - Memory: a connection holds what waits in it: received bytes its reader
+//!   has not taken (up to `tcp_buffer`, 4 MiB by default) and sent bytes
+//!   not yet acknowledged plus what the writer queued (up to twice the
+//!   congestion window, at most `tcp_buffer`). A bulk transfer across a
+//!   long, fast path uses megabytes; an idle connection a few kilobytes.
 //! - At most [`MAX_ADDRESSES`] addresses per stack (smoltcp's compile-time
 //!   limit; one IPv4 and one IPv6 address is the usual case).
 //! - No IP fragment reassembly: fragmented packets are dropped (WireGuard
@@ -126,8 +128,11 @@ pub struct NetStackConfig {
     /// IP MTU of the virtual link. Default 1420 (WireGuard's); clamped to
     /// 576..=65535.
     pub mtu: usize,
-    /// Receive buffer and send buffer of each TCP connection, in bytes; the
-    /// advertised window scales with it. Default 1 MiB; clamped to
+    /// The most each TCP connection buffers to receive and to send, in
+    /// bytes (the receive window offered). Memory is taken as bytes wait,
+    /// not up front: the receive ring grows only when the reader lags, and
+    /// the send queue is held to twice the congestion window. Default
+    /// 4 MiB (a 1 Gbit/s path with 30 ms of RTT); clamped to
     /// 4 KiB..=256 MiB.
     pub tcp_buffer: usize,
     /// Packets queued into the stack before [`NetStack::inject`] drops.
@@ -158,7 +163,7 @@ impl NetStackConfig {
         NetStackConfig {
             addresses,
             mtu: 1420,
-            tcp_buffer: 1 << 20,
+            tcp_buffer: 4 << 20,
             inbound_queue: 4096,
             listen_backlog: 1024,
             keep_alive: None,
