@@ -453,7 +453,7 @@ impl Bbr {
         // idle the link between ticks).
         let rtt = self.min_rtt?.max(BBR_MIN_BDP_RTT);
         let bw = self.bandwidth();
-        (bw > 0.0).then(|| (gain * bw * rtt.as_secs_f64()) as usize)
+        (bw > 0.0).then_some((gain * bw * rtt.as_secs_f64()) as usize)
     }
 
     fn min_cwnd(&self) -> usize {
