@@ -159,7 +159,7 @@ pub struct Socket {
 }
 
 /// Counters of one connection.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
     pub retransmits: u64,
     pub timeouts: u64,
@@ -1013,7 +1013,6 @@ impl Socket {
             if !self.cwnd_allows(seg) || !self.pace(now, seg) {
                 return false;
             }
-            self.stats.retransmits += 1;
             self.resend(out, now, i, start, len, fin);
             return true;
         }
@@ -1074,6 +1073,7 @@ impl Socket {
         len: usize,
         fin: bool,
     ) {
+        self.stats.retransmits += 1;
         let flags = if fin { ACK | FIN } else { ACK };
         self.emit_data(out, now, start, len, flags);
         self.snd.retransmitted(i, now);

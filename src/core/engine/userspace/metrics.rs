@@ -1,6 +1,6 @@
 //! The userspace engine's metrics, under `meshgate_netstack_`: what each
 //! stack took in and sent out, what it dropped and why, its open TCP
-//! connections. The owner of a stack (a WireGuard instance) reports its
+//! connections and how its TCP recovered from loss. The owner of a stack (a WireGuard instance) reports its
 //! [`NetStackStats`] periodically with [`NetStackMetrics::observe`].
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -19,8 +19,20 @@ pub struct DropLabels {
     pub tenant: String,
     /// The instance owning the stack.
     pub instance: String,
-    /// `queue_full`, `malformed`, `no_listener`, `no_connection`, `backlog`.
+    /// `queue_full`, `malformed`, `no_listener`, `no_connection`, `backlog`,
+    /// `bad_segment`.
     pub reason: String,
+}
+
+/// `tenant`, `instance`, `event`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpEventLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// The instance owning the stack.
+    pub instance: String,
+    /// `retransmit`, `timeout`, `loss_probe`, `recovery`.
+    pub event: String,
 }
 
 /// The families of every userspace stack of the node.
@@ -29,16 +41,21 @@ pub struct NetStackMetrics {
     packets_out: Family<InstanceLabels, Counter>,
     dropped: Family<DropLabels, Counter>,
     tcp_connections: Family<InstanceLabels, Gauge>,
+    tcp_events: Family<TcpEventLabels, Counter>,
 }
 
 /// The drop reasons [`NetStackMetrics::observe`] reports.
-const DROP_REASONS: [&str; 5] = [
+const DROP_REASONS: [&str; 6] = [
     "queue_full",
     "malformed",
     "no_listener",
     "no_connection",
     "backlog",
+    "bad_segment",
 ];
+
+/// The TCP events [`NetStackMetrics::observe`] reports.
+const TCP_EVENTS: [&str; 4] = ["retransmit", "timeout", "loss_probe", "recovery"];
 
 impl Subsystem for NetStackMetrics {
     const PREFIX: &'static str = "netstack";
@@ -65,6 +82,11 @@ impl Subsystem for NetStackMetrics {
                 "tcp_connections",
                 "TCP connections open in the userspace stack",
             ),
+            tcp_events: registered(
+                registry,
+                "tcp_events",
+                "Loss handling by the userspace stack's TCP: segments retransmitted, retransmission timeouts, tail loss probes, fast recoveries entered",
+            ),
         }
     }
 }
@@ -84,6 +106,13 @@ impl NetStackMetrics {
                 tenant: tenant.into(),
                 instance: instance.into(),
                 reason: reason.into(),
+            });
+        }
+        for event in TCP_EVENTS {
+            self.tcp_events.remove(&TcpEventLabels {
+                tenant: tenant.into(),
+                instance: instance.into(),
+                event: event.into(),
             });
         }
     }
@@ -139,6 +168,23 @@ impl NetStackMetrics {
                         tenant: tenant.into(),
                         instance: instance.into(),
                         reason: reason.into(),
+                    })
+                    .inc_by(d);
+            }
+        }
+        for (event, n, p) in [
+            ("retransmit", now.tcp_retransmits, last.tcp_retransmits),
+            ("timeout", now.tcp_timeouts, last.tcp_timeouts),
+            ("loss_probe", now.tcp_loss_probes, last.tcp_loss_probes),
+            ("recovery", now.tcp_recoveries, last.tcp_recoveries),
+        ] {
+            let d = delta(n, p);
+            if d > 0 {
+                self.tcp_events
+                    .get_or_create(&TcpEventLabels {
+                        tenant: tenant.into(),
+                        instance: instance.into(),
+                        event: event.into(),
                     })
                     .inc_by(d);
             }

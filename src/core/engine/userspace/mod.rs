@@ -228,6 +228,14 @@ pub struct NetStackStats {
     pub dropped_backlog: u64,
     /// TCP connections open now (handshaking, established or closing).
     pub tcp_connections: u64,
+    /// Segments retransmitted (fast recovery, timeouts, probes).
+    pub tcp_retransmits: u64,
+    /// Retransmission timeouts.
+    pub tcp_timeouts: u64,
+    /// Tail loss probes sent.
+    pub tcp_loss_probes: u64,
+    /// Fast recoveries entered (losses found by SACK and time).
+    pub tcp_recoveries: u64,
 }
 
 /// A cheap handle to one running stack; clones share it.

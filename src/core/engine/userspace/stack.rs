@@ -123,6 +123,10 @@ pub(super) struct Counters {
     dropped_no_listener: AtomicU64,
     dropped_no_connection: AtomicU64,
     dropped_bad_segment: AtomicU64,
+    tcp_retransmits: AtomicU64,
+    tcp_timeouts: AtomicU64,
+    tcp_loss_probes: AtomicU64,
+    tcp_recoveries: AtomicU64,
     dropped_backlog: AtomicU64,
 }
 
@@ -181,6 +185,8 @@ struct Conn {
     dirty: bool,
     /// The earliest timer queued in `State::timers` for it.
     timer: Option<Instant>,
+    /// The socket's loss-handling counts already added to the stack's.
+    reported: tcp::Stats,
 }
 
 impl Conn {
@@ -414,6 +420,10 @@ impl Shared {
             dropped_no_listener: get(&c.dropped_no_listener),
             dropped_no_connection: get(&c.dropped_no_connection),
             dropped_bad_segment: get(&c.dropped_bad_segment),
+            tcp_retransmits: get(&c.tcp_retransmits),
+            tcp_timeouts: get(&c.tcp_timeouts),
+            tcp_loss_probes: get(&c.tcp_loss_probes),
+            tcp_recoveries: get(&c.tcp_recoveries),
             dropped_backlog: get(&c.dropped_backlog),
             tcp_connections: self.lock().live as u64,
         }
@@ -599,6 +609,7 @@ impl State {
             port,
             dirty: false,
             timer: None,
+            reported: tcp::Stats::default(),
         };
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -920,6 +931,20 @@ impl State {
         let Some(conn) = self.conns[slot].as_mut() else {
             return;
         };
+        let stats = conn.socket.stats();
+        if stats != conn.reported {
+            let c = &shared.counters;
+            let r = conn.reported;
+            c.tcp_retransmits
+                .fetch_add(stats.retransmits - r.retransmits, Ordering::Relaxed);
+            c.tcp_timeouts
+                .fetch_add(stats.timeouts - r.timeouts, Ordering::Relaxed);
+            c.tcp_loss_probes
+                .fetch_add(stats.probes - r.probes, Ordering::Relaxed);
+            c.tcp_recoveries
+                .fetch_add(stats.recoveries - r.recoveries, Ordering::Relaxed);
+            conn.reported = stats;
+        }
         let id = conn.id;
         match conn.role {
             Role::Pending { port, listener } => match conn.socket().state() {

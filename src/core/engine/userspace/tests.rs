@@ -798,3 +798,68 @@ async fn udp_datagrams_cross_two_stacks_and_unbound_ports_are_refused() {
     drop(server);
     assert!(b.bind_udp(sa("0.0.0.0:5353")).is_ok());
 }
+
+/// One direction of a wire that loses every `n`th packet.
+struct Lossy {
+    peer: OnceLock<Arc<Shared>>,
+    n: u64,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl PacketSink for Lossy {
+    fn send(&self, packet: &[u8]) {
+        let i = self.count.fetch_add(1, Ordering::Relaxed);
+        if i % self.n == self.n - 1 {
+            return;
+        }
+        if let Some(peer) = self.peer.get() {
+            peer.inject(packet);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_lossy_wire_is_repaired_and_the_repairs_are_counted() {
+    // Every 50th data packet is lost (ACKs pass): the stream arrives whole
+    // and the sender's counters show how its TCP repaired it.
+    let to_b = Arc::new(Lossy {
+        peer: OnceLock::new(),
+        n: 50,
+        count: Default::default(),
+    });
+    let to_a = Arc::new(Wire::default());
+    let a = NetStack::spawn(NetStackConfig::new(vec![net("10.0.0.1/24")]), to_b.clone());
+    let b = NetStack::spawn(NetStackConfig::new(vec![net("10.0.0.2/24")]), to_a.clone());
+    let _ = to_b.peer.set(b.shared().clone());
+    let _ = to_a.0.set(a.shared().clone());
+    let mut l = b.listen_tcp(sa("10.0.0.2:80")).await.unwrap();
+    let data = pattern(11, 4 << 20);
+    let expect = data.clone();
+    let send = tokio::spawn({
+        let a = a.clone();
+        async move {
+            let mut s = a.connect_tcp(sa("10.0.0.2:80"), LIMIT).await.unwrap();
+            s.write_all(&data).await.unwrap();
+            s.shutdown().await.unwrap();
+            // Held until the peer has read everything.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        }
+    });
+    let (mut s, _) = within("accept", l.accept()).await.unwrap();
+    let mut got = Vec::new();
+    within("the whole stream", s.read_to_end(&mut got))
+        .await
+        .unwrap();
+    drop(s);
+    assert!(
+        got == expect,
+        "the stream arrived changed ({} bytes)",
+        got.len()
+    );
+    within("sender done", send).await.unwrap();
+    let st = a.stats();
+    assert!(st.tcp_retransmits >= 50, "{st:?}");
+    assert!(st.tcp_recoveries >= 1, "{st:?}");
+    assert_eq!(b.stats().tcp_retransmits, 0, "the receiver lost nothing");
+}
