@@ -31,6 +31,10 @@ pub trait Link: Send + Sync + 'static {
     fn send_ip(&self, packet: &[u8]);
     /// Sends what [`Link::send_ip`] held back.
     fn flush(&self) {}
+    /// The vnet's engine restarted with other addresses: a link that
+    /// answers from them (ICMP errors) or decides by them (forwarding
+    /// between its peers when the vnet has a subnet) takes the new ones.
+    fn addresses_changed(&self, _addresses: &[IpNet]) {}
 }
 
 struct Attached {
@@ -132,14 +136,29 @@ impl VnetStack {
     ) -> Result<(), EngineError> {
         let sink: Arc<dyn PacketSink> = Arc::new(Sink(Arc::downgrade(self)));
         let engine = engine::start(kind, cfg, sink).await?;
-        let local = engine.addresses().iter().map(|n| n.addr()).collect();
+        let addresses = engine.addresses();
+        let local = addresses.iter().map(|n| n.addr()).collect();
         let old = self
             .running
             .write()
             .expect("vnet stack poisoned")
             .replace(Running { engine, local });
         if let Some(old) = old {
+            let changed = old.engine.addresses() != addresses;
             old.engine.shutdown();
+            if changed {
+                let links: Vec<Arc<dyn Link>> = {
+                    let links = self.links.read().expect("vnet stack poisoned");
+                    links
+                        .attached
+                        .iter()
+                        .filter_map(|a| a.link.upgrade())
+                        .collect()
+                };
+                for link in links {
+                    link.addresses_changed(&addresses);
+                }
+            }
         }
         Ok(())
     }
@@ -295,10 +314,13 @@ mod tests {
     use std::sync::Mutex;
 
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<Vec<u8>>>);
+    struct Recorder(Mutex<Vec<Vec<u8>>>, Mutex<Vec<Vec<IpNet>>>);
     impl Link for Recorder {
         fn send_ip(&self, packet: &[u8]) {
             self.0.lock().unwrap().push(packet.to_vec());
+        }
+        fn addresses_changed(&self, addresses: &[IpNet]) {
+            self.1.lock().unwrap().push(addresses.to_vec());
         }
     }
 
@@ -362,6 +384,13 @@ mod tests {
         assert!(stack.is_local("10.61.0.1".parse().unwrap()));
         assert!(!stack.is_local("10.60.0.1".parse().unwrap()));
         assert_eq!(stack.linked().len(), 2);
+        // Every live link hears of the new addresses, once.
+        let told = newer.1.lock().unwrap().clone();
+        assert_eq!(told, vec![moved.addresses.clone()]);
+        assert_eq!(*b.1.lock().unwrap(), vec![moved.addresses.clone()]);
+        // The same addresses again: nothing to tell.
+        stack.restart(EngineKind::Userspace, &moved).await.unwrap();
+        assert_eq!(newer.1.lock().unwrap().len(), 1);
         stack.shutdown();
     }
 }

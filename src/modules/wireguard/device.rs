@@ -278,11 +278,14 @@ pub struct Device {
     instance: String,
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
-    addresses: Vec<IpNet>,
+    /// The node's addresses (a linked device's follow its vnet's).
+    addresses: RwLock<Vec<IpNet>>,
     /// The inner MTU: a decrypted packet larger than this is dropped.
     mtu: usize,
-    /// Forward between peers (the node has a subnet address).
-    forward: bool,
+    /// Forward between peers: as configured, else when the node has a
+    /// subnet address.
+    forward: AtomicBool,
+    forward_configured: Option<bool>,
     /// Where datagrams and decrypted packets go: the UDP socket and the
     /// engine ([`UdpWire`]), or a simulated network in tests.
     wire: Arc<dyn Wire>,
@@ -677,19 +680,16 @@ impl Device {
         let private = x25519::StaticSecret::from(*cfg.private_key.as_bytes());
         let public = x25519::PublicKey::from(&private);
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
-        let forward = cfg.forward.unwrap_or_else(|| {
-            cfg.addresses
-                .iter()
-                .any(|n| n.prefix_len() < n.max_prefix_len())
-        });
+        let forward = cfg.forward.unwrap_or_else(|| has_subnet(&cfg.addresses));
         Device {
             tenant: tenant.into(),
             instance: instance.into(),
             private,
             public,
-            addresses: cfg.addresses.clone(),
+            addresses: RwLock::new(cfg.addresses.clone()),
             mtu: cfg.mtu,
-            forward,
+            forward: AtomicBool::new(forward),
+            forward_configured: cfg.forward,
             wire,
             io,
             rate_limiter,
@@ -764,7 +764,12 @@ impl Device {
     fn is_local(&self, ip: IpAddr) -> bool {
         match self.vnet_stack() {
             Some(s) => s.is_local(ip),
-            None => self.addresses.iter().any(|n| n.addr() == ip),
+            None => self
+                .addresses
+                .read()
+                .expect("poisoned")
+                .iter()
+                .any(|n| n.addr() == ip),
         }
     }
 
@@ -1386,7 +1391,7 @@ impl Device {
             if !self.wire.deliver(packet) {
                 self.drop_packet(Some(peer), "stack_queue_full");
             }
-        } else if self.forward {
+        } else if self.forward.load(Ordering::Relaxed) {
             match self.ip_flows.packet(packet, &peer.cfg.name, Instant::now()) {
                 Admit::Forward => {}
                 Admit::Drop(reason) => return self.drop_packet(Some(peer), reason),
@@ -1405,6 +1410,8 @@ impl Device {
                     // Tell the sender, from our address of its family.
                     let me = self
                         .addresses
+                        .read()
+                        .expect("poisoned")
                         .iter()
                         .map(|n| n.addr())
                         .find(|a| a.is_ipv4() == inner_src.is_ipv4());
@@ -1655,6 +1662,20 @@ impl Link for Device {
     fn flush(&self) {
         self.flush_held()
     }
+
+    fn addresses_changed(&self, addresses: &[IpNet]) {
+        *self.addresses.write().expect("poisoned") = addresses.to_vec();
+        if self.forward_configured.is_none() {
+            self.forward.store(has_subnet(addresses), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Does any address have a subnet (so the node is a hub by default)?
+fn has_subnet(addresses: &[IpNet]) -> bool {
+    addresses
+        .iter()
+        .any(|n| n.prefix_len() < n.max_prefix_len())
 }
 
 impl Drop for Device {

@@ -850,3 +850,44 @@ fn held_batches_leave_in_order_and_split_at_size_changes() {
     pump(&[&hub, &two], &mut f, 10);
     assert_eq!(hub.delivered(), packets, "all of them, in order");
 }
+
+#[test]
+fn a_vnet_restart_moves_the_icmp_source_and_the_forward_default() {
+    use crate::core::spine::vnetstack::Link;
+    let (hub, two, three) = hub_and_clients();
+    let mut f = Faults::none();
+    let nodes = [&hub, &two, &three];
+    greet(&hub, &[(&two, 2), (&three, 3)], &mut f);
+    // The vnet's engine restarts on a host address: no longer a hub.
+    hub.dev
+        .addresses_changed(&["10.192.0.1/32".parse().unwrap()]);
+    two.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 3], 2), None);
+    pump(&nodes, &mut f, 20);
+    assert!(three.delivered().is_empty());
+    assert_eq!(hub.drops("no_route"), 1.0);
+    // Then on another subnet address: forwarding again, and an expired
+    // packet is answered from the new address.
+    hub.dev
+        .addresses_changed(&["10.192.0.7/24".parse().unwrap()]);
+    let mut short = ping([10, 192, 0, 2], [10, 192, 0, 3], 3);
+    short[8] = 1;
+    let h = etherparse::Ipv4HeaderSlice::from_slice(&short)
+        .unwrap()
+        .to_header();
+    let csum = h.calc_header_checksum();
+    short[10..12].copy_from_slice(&csum.to_be_bytes());
+    two.dev.send_ip(&short, None);
+    pump(&nodes, &mut f, 20);
+    let back = two.delivered();
+    assert_eq!(back.len(), 1);
+    assert_eq!(
+        &back[0][12..16],
+        &[10, 192, 0, 7],
+        "ICMP from the new address"
+    );
+    two.dev
+        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 3], 4), None);
+    pump(&nodes, &mut f, 20);
+    assert_eq!(three.delivered().len(), 1, "forwarded again");
+}
