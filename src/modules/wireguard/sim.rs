@@ -572,6 +572,17 @@ fn a_reload_that_moves_an_endpoint_is_applied_to_a_kept_peer() {
     assert_eq!(to, "192.0.2.99:51820".parse::<SocketAddr>().unwrap());
 }
 
+/// `packet` (IPv4) with TTL 1: it expires at the next router.
+fn last_hop(mut packet: Vec<u8>) -> Vec<u8> {
+    packet[8] = 1;
+    let h = etherparse::Ipv4HeaderSlice::from_slice(&packet)
+        .unwrap()
+        .to_header();
+    let csum = h.calc_header_checksum();
+    packet[10..12].copy_from_slice(&csum.to_be_bytes());
+    packet
+}
+
 #[test]
 fn forwarding_decrements_ttl_answers_expiry_and_can_be_off() {
     let (hub, two, three) = hub_and_clients();
@@ -586,13 +597,7 @@ fn forwarding_decrements_ttl_answers_expiry_and_can_be_off() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0][8], 63);
     // TTL 1 dies at the hub, and the sender hears why from 10.192.0.1.
-    let mut short = ping([10, 192, 0, 2], [10, 192, 0, 3], 3);
-    short[8] = 1;
-    let h = etherparse::Ipv4HeaderSlice::from_slice(&short)
-        .unwrap()
-        .to_header();
-    let csum = h.calc_header_checksum();
-    short[10..12].copy_from_slice(&csum.to_be_bytes());
+    let short = last_hop(ping([10, 192, 0, 2], [10, 192, 0, 3], 3));
     two.dev.send_ip(&short, None);
     pump(&nodes, &mut f, 20);
     assert!(three.delivered().is_empty());
@@ -870,13 +875,7 @@ fn a_vnet_restart_moves_the_icmp_source_and_the_forward_default() {
     // packet is answered from the new address.
     hub.dev
         .addresses_changed(&["10.192.0.7/24".parse().unwrap()]);
-    let mut short = ping([10, 192, 0, 2], [10, 192, 0, 3], 3);
-    short[8] = 1;
-    let h = etherparse::Ipv4HeaderSlice::from_slice(&short)
-        .unwrap()
-        .to_header();
-    let csum = h.calc_header_checksum();
-    short[10..12].copy_from_slice(&csum.to_be_bytes());
+    let short = last_hop(ping([10, 192, 0, 2], [10, 192, 0, 3], 3));
     two.dev.send_ip(&short, None);
     pump(&nodes, &mut f, 20);
     let back = two.delivered();

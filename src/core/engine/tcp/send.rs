@@ -259,17 +259,6 @@ impl SendQueue {
     pub fn ack(&mut self, ack: Seq, sack: &[(Seq, Seq)], now: Instant) -> Acked {
         let mut out = Acked::default();
         let mut newest: Option<Newest> = None;
-        let mut note = |s: &Sent| {
-            if newest.is_none_or(|n| s.delivered > n.delivered || s.sent_at > n.sent_at) {
-                newest = Some(Newest {
-                    delivered: s.delivered,
-                    delivered_at: s.delivered_at,
-                    first_sent_at: s.first_sent_at,
-                    sent_at: s.sent_at,
-                    app_limited: s.app_limited,
-                });
-            }
-        };
         if ack > self.una && ack <= self.nxt {
             while let Some(s) = self.segs.front_mut() {
                 if s.end <= ack {
@@ -281,15 +270,7 @@ impl SendQueue {
                         continue;
                     }
                     out.cumulative += s.len();
-                    note(&s);
-                    Self::rack_update(
-                        &mut self.rack_xmit,
-                        &mut self.rack_end,
-                        &mut self.rack_rtt,
-                        &s,
-                        now,
-                        &mut out.rtt,
-                    );
+                    self.delivered_one(&s, now, &mut out, &mut newest);
                 } else {
                     if s.start < ack {
                         // Partly acknowledged (a peer cut our segment).
@@ -332,15 +313,7 @@ impl SendQueue {
                 self.segs[i].sacked = true;
                 self.sacked += 1;
                 out.sacked += s.len();
-                note(&s);
-                Self::rack_update(
-                    &mut self.rack_xmit,
-                    &mut self.rack_end,
-                    &mut self.rack_rtt,
-                    &s,
-                    now,
-                    &mut out.rtt,
-                );
+                self.delivered_one(&s, now, &mut out, &mut newest);
             }
         }
         let delivered = out.cumulative + out.sacked;
@@ -377,27 +350,37 @@ impl SendQueue {
         }
     }
 
-    /// RACK's per-delivered-segment update (RFC 8985 §6.2 step 2).
-    fn rack_update(
-        xmit: &mut Option<Instant>,
-        end: &mut Seq,
-        rack_rtt: &mut Duration,
+    /// A segment was delivered (acknowledged or SACKed) for the first
+    /// time: an RTT sample if it went once (Karn), RACK's update (RFC 8985
+    /// §6.2 step 2), and the newest delivery for the rate sample.
+    fn delivered_one(
+        &mut self,
         s: &Sent,
         now: Instant,
-        sample: &mut Option<Duration>,
+        out: &mut Acked,
+        newest: &mut Option<Newest>,
     ) {
         let rtt = now.saturating_duration_since(s.sent_at);
         if !s.retransmitted {
-            *sample = Some(sample.map_or(rtt, |r: Duration| r.min(rtt)));
+            out.rtt = Some(out.rtt.map_or(rtt, |r| r.min(rtt)));
         }
-        let newer = match *xmit {
+        let newer = match self.rack_xmit {
             None => true,
-            Some(x) => s.sent_at > x || (s.sent_at == x && s.end > *end),
+            Some(x) => s.sent_at > x || (s.sent_at == x && s.end > self.rack_end),
         };
         if newer {
-            *xmit = Some(s.sent_at);
-            *end = s.end;
-            *rack_rtt = rtt;
+            self.rack_xmit = Some(s.sent_at);
+            self.rack_end = s.end;
+            self.rack_rtt = rtt;
+        }
+        if newest.is_none_or(|n| s.delivered > n.delivered || s.sent_at > n.sent_at) {
+            *newest = Some(Newest {
+                delivered: s.delivered,
+                delivered_at: s.delivered_at,
+                first_sent_at: s.first_sent_at,
+                sent_at: s.sent_at,
+                app_limited: s.app_limited,
+            });
         }
     }
 

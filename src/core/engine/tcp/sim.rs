@@ -242,35 +242,54 @@ pub fn pattern(offset: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Sends `total` bytes client → server, checks every byte, returns the
-/// goodput in Mbit/s of simulated time.
-pub fn transfer(p: &mut Pair, total: usize, limit: Duration) -> f64 {
-    assert!(p.established(), "handshake");
-    let t0 = p.now;
-    let (mut written, mut read) = (0usize, 0usize);
-    let mut chunk = vec![0u8; 64 * 1024];
-    let ok = p.run(limit, |p| {
-        while written < total {
-            let data = pattern(written, (total - written).min(16 * 1024));
+/// A client → server stream of [`pattern`] bytes, checked on arrival.
+#[derive(Default)]
+pub struct Stream {
+    pub written: usize,
+    pub read: usize,
+}
+
+impl Stream {
+    /// Writes what fits (up to `total`), reads and checks what arrived;
+    /// true once all `total` bytes are read.
+    pub fn step(&mut self, p: &mut Pair, total: usize) -> bool {
+        while self.written < total {
+            let data = pattern(self.written, (total - self.written).min(16 * 1024));
             let n = p.client.send_slice(&data).unwrap();
-            written += n;
+            self.written += n;
             if n < data.len() {
                 break;
             }
         }
+        let mut chunk = [0u8; 16 * 1024];
         loop {
             let n = p.server.recv_slice(&mut chunk).unwrap();
             if n == 0 {
                 break;
             }
-            assert_eq!(chunk[..n], pattern(read, n)[..], "data corrupted at {read}");
-            read += n;
+            assert_eq!(
+                chunk[..n],
+                pattern(self.read, n)[..],
+                "data corrupted at {}",
+                self.read
+            );
+            self.read += n;
         }
-        read == total
-    });
+        self.read == total
+    }
+}
+
+/// Sends `total` bytes client → server, checks every byte, returns the
+/// goodput in Mbit/s of simulated time.
+pub fn transfer(p: &mut Pair, total: usize, limit: Duration) -> f64 {
+    assert!(p.established(), "handshake");
+    let t0 = p.now;
+    let mut stream = Stream::default();
+    let ok = p.run(limit, |p| stream.step(p, total));
     assert!(
         ok,
-        "transfer incomplete: {read} of {total} bytes in {limit:?}"
+        "transfer incomplete: {} of {total} bytes in {limit:?}",
+        stream.read
     );
     total as f64 * 8.0 / p.now.duration_since(t0).as_secs_f64() / 1e6
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::cc::Algorithm::{self, Bbr, Cubic};
-use super::sim::{config, transfer, Pair, PathSpec};
+use super::sim::{config, transfer, Pair, PathSpec, Stream};
 use super::socket::State;
 
 fn run(spec: PathSpec, cc: Algorithm, bytes: usize, seed: u64) -> (f64, Pair) {
@@ -61,8 +61,7 @@ fn a_blackout_is_survived_by_timeouts_and_backoff() {
     let mut p = Pair::connect(PathSpec::new(5, 100.0, 0.0), config(1 << 20, Cubic), 5);
     assert!(p.established());
     let total = 4 << 20;
-    let (mut written, mut read) = (0usize, 0usize);
-    let mut buf = vec![0u8; 1 << 16];
+    let mut stream = Stream::default();
     let t0 = p.now;
     let mut blackout_done = false;
     let ok = p.run(Duration::from_secs(60), |p| {
@@ -77,25 +76,9 @@ fn a_blackout_is_survived_by_timeouts_and_backoff() {
             p.down.set_loss(loss);
             blackout_done = loss == 0.0;
         }
-        while written < total {
-            let data = super::sim::pattern(written, (total - written).min(8192));
-            let n = p.client.send_slice(&data).unwrap();
-            written += n;
-            if n < data.len() {
-                break;
-            }
-        }
-        loop {
-            let n = p.server.recv_slice(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            assert_eq!(buf[..n], super::sim::pattern(read, n)[..]);
-            read += n;
-        }
-        read == total
+        stream.step(p, total)
     });
-    assert!(ok, "{read} of {total}");
+    assert!(ok, "{} of {total}", stream.read);
     let st = p.client.stats();
     assert!(
         st.timeouts >= 2,

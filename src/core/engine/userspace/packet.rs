@@ -4,16 +4,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use super::super::tcp::wire::{ACK, FIN, RST, SYN};
+
 const PROTO_TCP: u8 = 6;
 const EXT_HOP_BY_HOP: u8 = 0;
 const EXT_ROUTING: u8 = 43;
 const EXT_DEST_OPTS: u8 = 60;
 /// IPv6 extension headers looked through before giving up.
 const MAX_EXTENSION_HEADERS: usize = 4;
-const FLAG_FIN: u8 = 0x01;
-const FLAG_SYN: u8 = 0x02;
-const FLAG_RST: u8 = 0x04;
-const FLAG_ACK: u8 = 0x10;
 
 /// Why a packet was refused at the door.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +82,7 @@ pub(super) struct TcpPeek {
 impl TcpPeek {
     /// A connection request: SYN without ACK, RST or FIN.
     pub fn is_syn(&self) -> bool {
-        self.flags & (FLAG_SYN | FLAG_ACK | FLAG_RST | FLAG_FIN) == FLAG_SYN
+        self.flags & (SYN | ACK | RST | FIN) == SYN
     }
 }
 
