@@ -186,6 +186,23 @@ impl RecvBuffer {
         self.head = 0;
     }
 
+    /// Gives the ring's memory back if nothing waits in it; true if it
+    /// held any.
+    pub fn shrink(&mut self) -> bool {
+        if self.len > 0 || !self.ooo.is_empty() || self.ring.is_empty() {
+            return false;
+        }
+        self.ring = Vec::new();
+        self.ooo = Vec::new();
+        self.head = 0;
+        true
+    }
+
+    /// Is there memory [`shrink`](Self::shrink) would give back?
+    pub fn can_shrink(&self) -> bool {
+        self.len == 0 && self.ooo.is_empty() && !self.ring.is_empty()
+    }
+
     /// Copies readable bytes into `buf`; returns how many.
     pub fn read(&mut self, buf: &mut [u8]) -> usize {
         let mut done = 0;

@@ -158,6 +158,24 @@ impl SendQueue {
         n
     }
 
+    /// Bytes of memory the queue and the scoreboard hold.
+    pub fn allocated(&self) -> usize {
+        self.data.capacity() + self.segs.capacity() * std::mem::size_of::<Sent>()
+    }
+
+    /// Is there memory [`shrink`](Self::shrink) would give back?
+    pub fn can_shrink(&self) -> bool {
+        self.data.is_empty() && self.segs.is_empty() && self.allocated() > 0
+    }
+
+    /// Gives the memory back if nothing is queued or outstanding.
+    pub fn shrink(&mut self) {
+        if self.data.is_empty() && self.segs.is_empty() {
+            self.data = VecDeque::new();
+            self.segs = VecDeque::new();
+        }
+    }
+
     /// Bytes written and not acknowledged.
     pub fn queued(&self) -> usize {
         self.data.len()

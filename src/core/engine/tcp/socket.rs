@@ -77,6 +77,8 @@ const DELAYED_ACK_ALLOWANCE: Duration = Duration::from_millis(40);
 /// The MSS assumed when the peer sends none (RFC 9293).
 const DEFAULT_MSS: usize = 536;
 const TIMESTAMP_LEN: usize = 12;
+/// Buffers of a connection that went quiet are given back after this long.
+const TRIM_AFTER: Duration = Duration::from_secs(1);
 /// Bytes an application may always queue, whatever the window.
 const MIN_SEND_LIMIT: usize = 256 * 1024;
 
@@ -332,6 +334,20 @@ impl Socket {
     /// Unread received bytes are waiting.
     pub fn can_recv(&self) -> bool {
         self.rcv.as_ref().is_some_and(|r| r.readable() > 0)
+    }
+
+    /// Bytes of buffer memory the connection holds now.
+    pub fn allocated(&self) -> usize {
+        self.snd.allocated() + self.rcv.as_ref().map_or(0, |r| r.allocated())
+    }
+
+    /// A quiet connection's buffers can be given back (both drained).
+    fn trimmable(&self) -> bool {
+        self.snd.can_shrink() || self.rcv.as_ref().is_some_and(|r| r.can_shrink())
+    }
+
+    fn quiet_since(&self) -> Instant {
+        self.last_heard.max(self.last_sent)
     }
 
     /// Bytes written and not yet acknowledged.
@@ -787,6 +803,9 @@ impl Socket {
         take(self.pace_at);
         take(self.persist_at);
         take(self.time_wait_until);
+        if self.trimmable() {
+            take(Some(self.quiet_since() + TRIM_AFTER));
+        }
         if let Some(t) = self.timeout {
             if !self.timeout_fresh {
                 take(Some(self.last_heard + t));
@@ -812,6 +831,12 @@ impl Socket {
             if self.is_active() && now >= self.last_heard + t {
                 self.abort();
                 return;
+            }
+        }
+        if self.trimmable() && now >= self.quiet_since() + TRIM_AFTER {
+            self.snd.shrink();
+            if let Some(r) = self.rcv.as_mut() {
+                r.shrink();
             }
         }
         if self.time_wait_until.is_some_and(|t| now >= t) {

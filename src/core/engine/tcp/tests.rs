@@ -195,3 +195,32 @@ fn ipv6_and_keepalive() {
     assert!(p.run(Duration::from_secs(10), |p| p.client.state()
         == State::Closed));
 }
+
+#[test]
+fn a_quiet_connection_gives_its_buffers_back() {
+    // The server's reader lags for a moment, so its ring grows; the
+    // client's queue grows with the window. A second after the transfer
+    // both are given back, and the next transfer takes them again.
+    let mut p = Pair::connect(PathSpec::new(5, 200.0, 0.0), config(4 << 20, Bbr), 12);
+    assert!(p.established());
+    let total = 8 << 20;
+    let mut stream = Stream::default();
+    let t0 = p.now;
+    assert!(p.run(Duration::from_secs(30), |p| {
+        // No reading for the first 50 ms.
+        if p.now.duration_since(t0) < Duration::from_millis(50) {
+            p.client
+                .send_slice(&super::sim::pattern(stream.written, 16384))
+                .map(|n| stream.written += n)
+                .unwrap();
+            return false;
+        }
+        stream.step(p, total)
+    }));
+    let (c, s) = (p.client.allocated(), p.server.allocated());
+    assert!(c > 100_000 && s > 100_000, "client {c}, server {s}");
+    p.run(Duration::from_secs(2), |_| false);
+    assert_eq!((p.client.allocated(), p.server.allocated()), (0, 0));
+    let mbps = transfer(&mut p, 1 << 20, Duration::from_secs(10));
+    assert!(mbps > 10.0, "{mbps}");
+}

@@ -58,7 +58,8 @@
 //!   has not taken (up to `tcp_buffer`, 4 MiB by default) and sent bytes
 //!   not yet acknowledged plus what the writer queued (up to twice the
 //!   congestion window, at most `tcp_buffer`). A bulk transfer across a
-//!   long, fast path uses megabytes; an idle connection a few kilobytes.
+//!   long, fast path uses megabytes; a second after it goes quiet, a
+//!   connection gives its buffers back.
 //! - At most [`MAX_ADDRESSES`] addresses per stack (smoltcp's compile-time
 //!   limit; one IPv4 and one IPv6 address is the usual case).
 //! - No IP fragment reassembly: fragmented packets are dropped (WireGuard
