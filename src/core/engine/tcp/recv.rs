@@ -3,10 +3,12 @@
 //! ranges (as many holes as the window has room for, up to
 //! [`MAX_RANGES`]). It says which SACK blocks to report.
 //!
-//! The window offered is the configured capacity, but memory is taken only
-//! as bytes wait: the ring starts small and doubles when a segment lands
-//! beyond its end, so a connection whose reader keeps up holds a small
-//! ring whatever its window.
+//! The window offered starts at [`INITIAL_LIMIT`] and grows towards the
+//! configured capacity when the sender fills it (the connection's owner
+//! calls [`RecvBuffer::grow_limit`], as Linux's receive-buffer autotuning
+//! does). Memory is taken only as bytes wait: the ring starts small and
+//! doubles when a segment lands beyond its end, so a connection whose
+//! reader keeps up holds a small ring whatever its window.
 
 use super::seq::Seq;
 
@@ -16,11 +18,15 @@ pub const MAX_RANGES: usize = 256;
 
 /// The ring's first allocation.
 const INITIAL_RING: usize = 16 * 1024;
+/// The first window offered (or the capacity, if smaller).
+pub const INITIAL_LIMIT: usize = 1024 * 1024;
 
 pub struct RecvBuffer {
     ring: Vec<u8>,
-    /// The most bytes it holds (the window when empty).
+    /// The most bytes it may ever hold.
     capacity: usize,
+    /// The most it holds now (the window when empty); grows, never shrinks.
+    limit: usize,
     /// Ring index of the first unread byte.
     head: usize,
     /// Unread bytes, in order, from `head`.
@@ -50,6 +56,7 @@ impl RecvBuffer {
         RecvBuffer {
             ring: Vec::new(),
             capacity: capacity.max(1),
+            limit: capacity.clamp(1, INITIAL_LIMIT),
             head: 0,
             len: 0,
             nxt,
@@ -74,7 +81,18 @@ impl RecvBuffer {
 
     /// Room from `nxt` on: the window to advertise.
     pub fn window(&self) -> usize {
-        self.capacity - self.len
+        self.limit - self.len
+    }
+
+    /// The window when empty, now.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Offers up to `limit` bytes from now on (never less than before,
+    /// never more than the capacity).
+    pub fn grow_limit(&mut self, limit: usize) {
+        self.limit = self.limit.max(limit.min(self.capacity));
     }
 
     /// Are there holes (data beyond `nxt`)?
@@ -329,7 +347,7 @@ mod tests {
     fn memory_grows_with_what_waits_not_with_the_window() {
         let cap = 1 << 20;
         let mut b = RecvBuffer::new(cap, Seq(0));
-        assert_eq!(b.window(), cap);
+        assert_eq!(b.window(), cap.min(INITIAL_LIMIT));
         assert_eq!(b.allocated(), 0);
         // A reader that keeps up: the ring stays at its first size.
         let chunk = vec![7u8; 1400];
@@ -352,6 +370,20 @@ mod tests {
         assert_eq!(b.read(&mut all), 100_003);
         assert_eq!(&all[..3], b"abc");
         assert_eq!(&all[100_000..], b"xyz");
+    }
+
+    #[test]
+    fn the_window_starts_at_the_initial_limit_and_grows_to_the_capacity() {
+        let mut b = RecvBuffer::new(8 * INITIAL_LIMIT, Seq(0));
+        assert_eq!(b.window(), INITIAL_LIMIT);
+        assert!(b.insert(Seq(INITIAL_LIMIT as u32), b"x").dropped, "beyond the window");
+        b.grow_limit(2 * INITIAL_LIMIT);
+        assert_eq!(b.window(), 2 * INITIAL_LIMIT);
+        b.grow_limit(INITIAL_LIMIT);
+        assert_eq!(b.limit(), 2 * INITIAL_LIMIT, "never shrinks");
+        b.grow_limit(usize::MAX);
+        assert_eq!(b.limit(), 8 * INITIAL_LIMIT, "never past the capacity");
+        assert!(!b.insert(Seq(INITIAL_LIMIT as u32), b"x").dropped);
     }
 
     #[test]

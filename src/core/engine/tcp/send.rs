@@ -411,7 +411,10 @@ impl SendQueue {
         };
         let (mut lost, mut timer) = (0, None::<Instant>);
         for s in self.segs.iter_mut() {
-            if s.start >= self.rack_end {
+            // Segments go out in sequence order and a retransmission only
+            // later, so past the first segment sent once after `xmit`,
+            // every segment was sent after it.
+            if !s.retransmitted && s.sent_at > xmit {
                 break;
             }
             if !s.counted() {
@@ -514,6 +517,37 @@ mod tests {
         assert_eq!(a.rtt, None, "no sample from a retransmission");
         assert!(q.idle());
         assert_eq!((q.in_flight, q.lost), (0, 0));
+    }
+
+    #[test]
+    fn a_retransmission_above_the_latest_delivery_can_be_lost_again() {
+        // Segments 0-3 go out; 2 is retransmitted at t1, then 0 at t2
+        // (later). 0's retransmission is delivered: it is the newest
+        // delivery (RACK) though it sits below 2 in sequence space. 2's
+        // retransmission, sent before it and not delivered, is lost once
+        // overdue.
+        let t0 = Instant::now();
+        let mut q = queue_with(4, 100, t0);
+        let ms = Duration::from_millis;
+        q.ack(Seq(1000), &[(Seq(1300), Seq(1400))], t0 + ms(10));
+        q.detect_loss(t0 + ms(20), Duration::ZERO);
+        assert_eq!(q.lost, 3);
+        let (i, start, _, _) = q.first_lost().unwrap();
+        assert_eq!(start, Seq(1000));
+        // Retransmit 2 first (t1), then 0 and 1 (t2).
+        let idx = |q: &SendQueue, seq: u32| q.segs.iter().position(|s| s.start == Seq(seq)).unwrap();
+        let i2 = idx(&q, 1200);
+        q.retransmitted(i2, t0 + ms(21));
+        q.retransmitted(i, t0 + ms(22));
+        let i1 = idx(&q, 1100);
+        q.retransmitted(i1, t0 + ms(22));
+        let a = q.ack(Seq(1200), &[(Seq(1300), Seq(1400))], t0 + ms(32));
+        assert_eq!(a.cumulative, 200);
+        let (lost, timer) = q.detect_loss(t0 + ms(32), ms(2));
+        assert_eq!(lost, 0);
+        assert!(timer.is_some(), "segment 2 is watched");
+        let (lost, _) = q.detect_loss(t0 + ms(40), ms(2));
+        assert_eq!(lost, 100, "segment 2's retransmission is lost");
     }
 
     #[test]

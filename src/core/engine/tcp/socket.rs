@@ -149,6 +149,11 @@ pub struct Socket {
     rst_due: bool,
     /// The window last advertised, bytes.
     adv_wnd: usize,
+    /// Receive-window autotuning: bytes that became readable since
+    /// `drs_start`; each RTT, a sender that used half the window gets
+    /// twice as much.
+    drs_start: Instant,
+    drs_bytes: usize,
     last_heard: Instant,
     last_sent: Instant,
     timeout: Option<Duration>,
@@ -223,6 +228,8 @@ impl Socket {
             ack_pending: false,
             rst_due: false,
             adv_wnd: 0,
+            drs_start: now,
+            drs_bytes: 0,
             last_heard: now,
             last_sent: now,
             timeout: None,
@@ -731,6 +738,7 @@ impl Socket {
             if r.advanced > 0 {
                 self.ack_pending = true;
                 self.wake_recv();
+                self.autotune(now, r.advanced);
             }
         } else if !seg.payload.is_empty() {
             self.ack_now = true;
@@ -747,6 +755,23 @@ impl Socket {
                 _ => {}
             }
         }
+    }
+
+    /// Grows the receive window when the sender fills half of it within a
+    /// round trip (the window, not the path, is then the limit).
+    fn autotune(&mut self, now: Instant, advanced: usize) {
+        self.drs_bytes += advanced;
+        let rtt = self.rtt.srtt().unwrap_or(Duration::from_millis(100));
+        if now.saturating_duration_since(self.drs_start) < rtt.max(Duration::from_millis(1)) {
+            return;
+        }
+        if let Some(rcv) = self.rcv.as_mut() {
+            if 2 * self.drs_bytes >= rcv.limit() {
+                rcv.grow_limit(2 * rcv.limit());
+            }
+        }
+        self.drs_start = now;
+        self.drs_bytes = 0;
     }
 
     fn enter_time_wait(&mut self, now: Instant) {

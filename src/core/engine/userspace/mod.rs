@@ -55,7 +55,8 @@
 //! # Limits
 //!
 //! - Memory: a connection holds what waits in it: received bytes its reader
-//!   has not taken (up to `tcp_buffer`, 4 MiB by default) and sent bytes
+//!   has not taken (up to the window offered, which grows with the
+//!   path towards `tcp_buffer`, 16 MiB by default) and sent bytes
 //!   not yet acknowledged plus what the writer queued (up to twice the
 //!   congestion window, at most `tcp_buffer`). A bulk transfer across a
 //!   long, fast path uses megabytes; a second after it goes quiet, a
@@ -130,10 +131,12 @@ pub struct NetStackConfig {
     /// 576..=65535.
     pub mtu: usize,
     /// The most each TCP connection buffers to receive and to send, in
-    /// bytes (the receive window offered). Memory is taken as bytes wait,
-    /// not up front: the receive ring grows only when the reader lags, and
-    /// the send queue is held to twice the congestion window. Default
-    /// 4 MiB (a 1 Gbit/s path with 30 ms of RTT); clamped to
+    /// bytes. The receive window offered starts at 1 MiB and doubles while
+    /// the sender fills half of it each round trip, up to this; memory is
+    /// taken as bytes wait, not up front (the receive ring grows only when
+    /// the reader lags, the send queue is held to twice the congestion
+    /// window) and given back after a second of quiet. Default 16 MiB (a
+    /// 1 Gbit/s path with 60 ms of RTT, with BBR's headroom); clamped to
     /// 4 KiB..=256 MiB.
     pub tcp_buffer: usize,
     /// Packets queued into the stack before [`NetStack::inject`] drops.
@@ -164,7 +167,7 @@ impl NetStackConfig {
         NetStackConfig {
             addresses,
             mtu: 1420,
-            tcp_buffer: 4 << 20,
+            tcp_buffer: 16 << 20,
             inbound_queue: 4096,
             listen_backlog: 1024,
             keep_alive: None,
