@@ -376,7 +376,10 @@ mod tests {
     fn the_window_starts_at_the_initial_limit_and_grows_to_the_capacity() {
         let mut b = RecvBuffer::new(8 * INITIAL_LIMIT, Seq(0));
         assert_eq!(b.window(), INITIAL_LIMIT);
-        assert!(b.insert(Seq(INITIAL_LIMIT as u32), b"x").dropped, "beyond the window");
+        assert!(
+            b.insert(Seq(INITIAL_LIMIT as u32), b"x").dropped,
+            "beyond the window"
+        );
         b.grow_limit(2 * INITIAL_LIMIT);
         assert_eq!(b.window(), 2 * INITIAL_LIMIT);
         b.grow_limit(INITIAL_LIMIT);

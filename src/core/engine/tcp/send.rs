@@ -535,7 +535,8 @@ mod tests {
         let (i, start, _, _) = q.first_lost().unwrap();
         assert_eq!(start, Seq(1000));
         // Retransmit 2 first (t1), then 0 and 1 (t2).
-        let idx = |q: &SendQueue, seq: u32| q.segs.iter().position(|s| s.start == Seq(seq)).unwrap();
+        let idx =
+            |q: &SendQueue, seq: u32| q.segs.iter().position(|s| s.start == Seq(seq)).unwrap();
         let i2 = idx(&q, 1200);
         q.retransmitted(i2, t0 + ms(21));
         q.retransmitted(i, t0 + ms(22));

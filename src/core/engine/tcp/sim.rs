@@ -41,6 +41,8 @@ pub struct PathSpec {
     pub loss: f64,
     /// Extra random delay up to this much (reorders packets).
     pub jitter: Duration,
+    /// Chance a packet is delivered twice.
+    pub duplicate: f64,
 }
 
 impl PathSpec {
@@ -51,6 +53,7 @@ impl PathSpec {
             queue: 256 * 1024,
             loss,
             jitter: Duration::ZERO,
+            duplicate: 0.0,
         }
     }
 }
@@ -87,6 +90,11 @@ impl Link {
         let mut at = self.busy_until + self.spec.delay;
         if !self.spec.jitter.is_zero() {
             at += self.spec.jitter.mul_f64(rng.unit());
+        }
+        if rng.unit() < self.spec.duplicate {
+            let later = at + self.spec.jitter.mul_f64(rng.unit()) + Duration::from_micros(10);
+            let i = self.queue.partition_point(|(t, _)| *t <= later);
+            self.queue.insert(i, (later, packet.clone()));
         }
         // Keep the queue sorted by delivery time (jitter reorders).
         let i = self.queue.partition_point(|(t, _)| *t <= at);
