@@ -54,6 +54,9 @@ pub struct Acked {
     pub fin_acked: bool,
     /// A delivery-rate sample, if this ACK delivered anything.
     pub rate: Option<RateSample>,
+    /// Retransmitted segments whose original was delivered (the
+    /// retransmission was spurious: the path reorders).
+    pub spurious: usize,
 }
 
 /// The newest segment an ACK delivered, for the rate sample.
@@ -273,8 +276,10 @@ impl SendQueue {
         s.sent_at = now;
     }
 
-    /// Processes a cumulative ACK and SACK blocks.
-    pub fn ack(&mut self, ack: Seq, sack: &[(Seq, Seq)], now: Instant) -> Acked {
+    /// Processes a cumulative ACK and SACK blocks. `min_rtt`: the path's
+    /// minimum RTT, below which the delivery of a retransmitted segment is
+    /// taken for its original's (RFC 8985 §6.2: no RACK update then).
+    pub fn ack(&mut self, ack: Seq, sack: &[(Seq, Seq)], now: Instant, min_rtt: Duration) -> Acked {
         let mut out = Acked::default();
         let mut newest: Option<Newest> = None;
         if ack > self.una && ack <= self.nxt {
@@ -288,7 +293,7 @@ impl SendQueue {
                         continue;
                     }
                     out.cumulative += s.len();
-                    self.delivered_one(&s, now, &mut out, &mut newest);
+                    self.delivered_one(&s, now, min_rtt, &mut out, &mut newest);
                 } else {
                     if s.start < ack {
                         // Partly acknowledged (a peer cut our segment).
@@ -331,7 +336,7 @@ impl SendQueue {
                 self.segs[i].sacked = true;
                 self.sacked += 1;
                 out.sacked += s.len();
-                self.delivered_one(&s, now, &mut out, &mut newest);
+                self.delivered_one(&s, now, min_rtt, &mut out, &mut newest);
             }
         }
         let delivered = out.cumulative + out.sacked;
@@ -347,7 +352,9 @@ impl SendQueue {
             let send_elapsed = n.sent_at.saturating_duration_since(n.first_sent_at);
             let ack_elapsed = now.saturating_duration_since(n.delivered_at);
             let interval = send_elapsed.max(ack_elapsed);
-            if !interval.is_zero() {
+            // Shorter than a round trip: ACK compression, or reordering
+            // that delivered the sample early; it would overstate the rate.
+            if !interval.is_zero() && interval >= min_rtt {
                 out.rate = Some(RateSample {
                     rate: (self.delivered - n.delivered) as f64 / interval.as_secs_f64(),
                     prior_delivered: n.delivered,
@@ -375,6 +382,7 @@ impl SendQueue {
         &mut self,
         s: &Sent,
         now: Instant,
+        min_rtt: Duration,
         out: &mut Acked,
         newest: &mut Option<Newest>,
     ) {
@@ -382,10 +390,16 @@ impl SendQueue {
         if !s.retransmitted {
             out.rtt = Some(out.rtt.map_or(rtt, |r| r.min(rtt)));
         }
-        let newer = match self.rack_xmit {
-            None => true,
-            Some(x) => s.sent_at > x || (s.sent_at == x && s.end > self.rack_end),
-        };
+        // Sooner than any round trip after its retransmission: it is the
+        // original that arrived (a spurious retransmission), and the send
+        // time that counts is not the retransmission's.
+        let spurious = s.retransmitted && rtt < min_rtt;
+        out.spurious += usize::from(spurious);
+        let newer = !spurious
+            && match self.rack_xmit {
+                None => true,
+                Some(x) => s.sent_at > x || (s.sent_at == x && s.end > self.rack_end),
+            };
         if newer {
             self.rack_xmit = Some(s.sent_at);
             self.rack_end = s.end;
@@ -477,7 +491,12 @@ mod tests {
         let t0 = Instant::now();
         let mut q = queue_with(4, 100, t0);
         assert_eq!(q.in_flight, 400);
-        let a = q.ack(Seq(1250), &[], t0 + Duration::from_millis(30));
+        let a = q.ack(
+            Seq(1250),
+            &[],
+            t0 + Duration::from_millis(30),
+            Duration::ZERO,
+        );
         assert_eq!(a.cumulative, 250);
         assert_eq!(a.rtt, Some(Duration::from_millis(30)));
         assert_eq!(q.in_flight, 150);
@@ -487,7 +506,7 @@ mod tests {
             &[250_u8, 251, 252, 253, 254, 255, 0, 1, 2, 3][..]
         );
         // An ACK beyond what was sent is ignored.
-        assert_eq!(q.ack(Seq(9999), &[], t0).cumulative, 0);
+        assert_eq!(q.ack(Seq(9999), &[], t0, Duration::ZERO).cumulative, 0);
     }
 
     #[test]
@@ -496,7 +515,7 @@ mod tests {
         let mut q = queue_with(10, 100, t0);
         // Segment 2 (1200..1300) is missing; 3..9 arrive.
         let t1 = t0 + Duration::from_millis(20);
-        let a = q.ack(Seq(1200), &[(Seq(1300), Seq(2000))], t1);
+        let a = q.ack(Seq(1200), &[(Seq(1300), Seq(2000))], t1, Duration::ZERO);
         assert_eq!((a.cumulative, a.sacked), (200, 700));
         assert_eq!(q.in_flight, 100);
         // Sent at the same time as delivered ones: overdue after reo_wnd.
@@ -512,7 +531,12 @@ mod tests {
         q.retransmitted(i, t1 + reo);
         assert_eq!(q.in_flight, 100);
         assert!(q.first_lost().is_none());
-        let a = q.ack(Seq(2000), &[], t1 + Duration::from_millis(50));
+        let a = q.ack(
+            Seq(2000),
+            &[],
+            t1 + Duration::from_millis(50),
+            Duration::ZERO,
+        );
         assert_eq!(a.cumulative, 100, "SACKed bytes are not counted twice");
         assert_eq!(a.rtt, None, "no sample from a retransmission");
         assert!(q.idle());
@@ -529,7 +553,7 @@ mod tests {
         let t0 = Instant::now();
         let mut q = queue_with(4, 100, t0);
         let ms = Duration::from_millis;
-        q.ack(Seq(1000), &[(Seq(1300), Seq(1400))], t0 + ms(10));
+        q.ack(Seq(1000), &[(Seq(1300), Seq(1400))], t0 + ms(10), ms(10));
         q.detect_loss(t0 + ms(20), Duration::ZERO);
         assert_eq!(q.lost, 3);
         let (i, start, _, _) = q.first_lost().unwrap();
@@ -542,7 +566,7 @@ mod tests {
         q.retransmitted(i, t0 + ms(22));
         let i1 = idx(&q, 1100);
         q.retransmitted(i1, t0 + ms(22));
-        let a = q.ack(Seq(1200), &[(Seq(1300), Seq(1400))], t0 + ms(32));
+        let a = q.ack(Seq(1200), &[(Seq(1300), Seq(1400))], t0 + ms(32), ms(10));
         assert_eq!(a.cumulative, 200);
         let (lost, timer) = q.detect_loss(t0 + ms(32), ms(2));
         assert_eq!(lost, 0);
@@ -552,10 +576,32 @@ mod tests {
     }
 
     #[test]
+    fn the_original_of_a_spurious_retransmission_does_not_move_rack() {
+        // Segment 0 is retransmitted at 25 ms though its original was only
+        // delayed; the original's ACK comes 1 ms after the retransmission,
+        // far below the 20 ms path RTT. Taking that as the retransmission's
+        // delivery would make RACK think everything sent before 25 ms is
+        // overdue by now and declare the whole window lost.
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut q = queue_with(10, 100, t0);
+        q.ack(Seq(1000), &[(Seq(1100), Seq(1200))], t0 + ms(21), ms(20));
+        q.detect_loss(t0 + ms(30), ms(5));
+        let (i, start, _, _) = q.first_lost().unwrap();
+        assert_eq!(start, Seq(1000));
+        q.retransmitted(i, t0 + ms(30));
+        let a = q.ack(Seq(1100), &[(Seq(1100), Seq(1200))], t0 + ms(31), ms(20));
+        assert_eq!(a.cumulative, 100);
+        assert_eq!(a.spurious, 1);
+        let (lost, _) = q.detect_loss(t0 + ms(31), ms(5));
+        assert_eq!(lost, 0, "segments 2-9, sent at 0 ms, are not overdue");
+    }
+
+    #[test]
     fn timeout_marks_everything_unsacked_lost() {
         let t0 = Instant::now();
         let mut q = queue_with(5, 100, t0);
-        q.ack(Seq(1000), &[(Seq(1200), Seq(1300))], t0);
+        q.ack(Seq(1000), &[(Seq(1200), Seq(1300))], t0, Duration::ZERO);
         q.all_lost();
         assert_eq!((q.in_flight, q.lost), (0, 4));
         let mut order = Vec::new();
@@ -575,7 +621,7 @@ mod tests {
         q.fin_queued = true;
         q.sent_new(3, true, t0);
         assert_eq!(q.nxt, Seq(4));
-        let a = q.ack(Seq(4), &[], t0);
+        let a = q.ack(Seq(4), &[], t0, Duration::ZERO);
         assert!(a.fin_acked);
         assert_eq!(a.cumulative, 4);
         assert_eq!(q.queued(), 0);

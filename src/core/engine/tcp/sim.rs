@@ -245,9 +245,38 @@ impl Pair {
 
 /// Bytes of a deterministic pattern.
 pub fn pattern(offset: usize, len: usize) -> Vec<u8> {
+    let block = pattern_block();
     (offset..offset + len)
-        .map(|i| (i * 7 + i / 251) as u8)
+        .map(|i| block[i % PATTERN_PERIOD])
         .collect()
+}
+
+/// The pattern repeats after this many bytes (a prime, so a misplaced
+/// segment never lines up with the same bytes).
+const PATTERN_PERIOD: usize = 1_048_573;
+
+fn pattern_block() -> &'static [u8] {
+    static BLOCK: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BLOCK.get_or_init(|| {
+        let mut rng = Rng::new(0x5eed);
+        (0..PATTERN_PERIOD).map(|_| rng.next() as u8).collect()
+    })
+}
+
+/// Whether `data` is the pattern at `offset`, without building it.
+pub fn is_pattern(offset: usize, data: &[u8]) -> bool {
+    let block = pattern_block();
+    let mut at = offset % PATTERN_PERIOD;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let n = rest.len().min(PATTERN_PERIOD - at);
+        if rest[..n] != block[at..at + n] {
+            return false;
+        }
+        rest = &rest[n..];
+        at = 0;
+    }
+    true
 }
 
 /// A client → server stream of [`pattern`] bytes, checked on arrival.
@@ -275,9 +304,8 @@ impl Stream {
             if n == 0 {
                 break;
             }
-            assert_eq!(
-                chunk[..n],
-                pattern(self.read, n)[..],
+            assert!(
+                is_pattern(self.read, &chunk[..n]),
                 "data corrupted at {}",
                 self.read
             );

@@ -77,6 +77,8 @@ const DELAYED_ACK_ALLOWANCE: Duration = Duration::from_millis(40);
 /// The MSS assumed when the peer sends none (RFC 9293).
 const DEFAULT_MSS: usize = 536;
 const TIMESTAMP_LEN: usize = 12;
+/// The most RACK's reordering window widens (in quarters of the min RTT).
+const REO_MULT_MAX: u32 = 16;
 /// Buffers of a connection that went quiet are given back after this long.
 const TRIM_AFTER: Duration = Duration::from_secs(1);
 /// Bytes an application may always queue, whatever the window.
@@ -149,6 +151,11 @@ pub struct Socket {
     rst_due: bool,
     /// The window last advertised, bytes.
     adv_wnd: usize,
+    /// RACK's reordering window multiplier, when it was last widened, and
+    /// recoveries since.
+    reo_mult: u32,
+    reo_widened: Option<Instant>,
+    reo_recoveries: u32,
     /// Receive-window autotuning: bytes that became readable since
     /// `drs_start`; each RTT, a sender that used half the window gets
     /// twice as much.
@@ -228,6 +235,9 @@ impl Socket {
             ack_pending: false,
             rst_due: false,
             adv_wnd: 0,
+            reo_mult: 1,
+            reo_widened: None,
+            reo_recoveries: 0,
             drs_start: now,
             drs_bytes: 0,
             last_heard: now,
@@ -638,7 +648,7 @@ impl Socket {
         } else {
             &[]
         };
-        let acked = self.snd.ack(seg.ack, sack, now);
+        let acked = self.snd.ack(seg.ack, sack, now, self.rtt.min());
         let delivered = acked.cumulative + acked.sacked;
         if let Some(rtt) = acked.rtt {
             self.rtt.sample(rtt, now);
@@ -652,8 +662,11 @@ impl Socket {
             self.tlp_at = None;
         }
         // Loss detection (RACK), then the window.
+        if acked.spurious > 0 {
+            self.on_spurious(now);
+        }
         let reo_wnd = if self.recovery.is_some() || self.snd.has_sacked() {
-            self.rtt.min() / 4
+            self.reo_wnd()
         } else {
             Duration::ZERO
         };
@@ -703,12 +716,42 @@ impl Socket {
         self.arm_retransmit(now);
     }
 
+    /// RACK's reordering window (RFC 8985 §6.2 step 4): a quarter of the
+    /// minimum RTT, times how often retransmissions proved spurious lately,
+    /// at most the smoothed RTT.
+    fn reo_wnd(&self) -> Duration {
+        let base = self.rtt.min() / 4 * self.reo_mult;
+        self.rtt.srtt().map_or(base, |srtt| base.min(srtt))
+    }
+
+    /// A retransmission was spurious (its original arrived): the path
+    /// reorders more than the window allows. Widen it, once per round trip.
+    fn on_spurious(&mut self, now: Instant) {
+        let rtt = self.rtt.srtt().unwrap_or_default();
+        if self
+            .reo_widened
+            .is_some_and(|t| now.saturating_duration_since(t) < rtt)
+        {
+            return;
+        }
+        self.reo_widened = Some(now);
+        self.reo_mult = (self.reo_mult + 1).min(REO_MULT_MAX);
+        self.reo_recoveries = 0;
+    }
+
     /// New losses were found.
     fn on_loss(&mut self, in_flight_before: usize) {
         if self.recovery.is_some() || self.rto_point.is_some() {
             return;
         }
         self.stats.recoveries += 1;
+        // Sixteen recoveries without a spurious retransmission: back to
+        // the narrow window.
+        self.reo_recoveries += 1;
+        if self.reo_recoveries >= 16 {
+            self.reo_recoveries = 0;
+            self.reo_mult = 1;
+        }
         self.cc.on_recovery_start(self.snd.in_flight);
         self.recovery = Some(Recovery {
             point: self.snd.nxt,
@@ -871,7 +914,7 @@ impl Socket {
         }
         if self.rack_at.is_some_and(|t| now >= t) {
             self.rack_at = None;
-            let reo_wnd = self.rtt.min() / 4;
+            let reo_wnd = self.reo_wnd();
             let before = self.snd.in_flight;
             let (lost, timer) = self.snd.detect_loss(now, reo_wnd);
             self.rack_at = timer;
