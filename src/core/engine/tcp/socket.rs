@@ -161,6 +161,8 @@ pub struct Socket {
     /// twice as much.
     drs_start: Instant,
     drs_bytes: usize,
+    /// See [`Socket::set_memory_pressure`].
+    memory_pressure: bool,
     last_heard: Instant,
     last_sent: Instant,
     timeout: Option<Duration>,
@@ -240,6 +242,7 @@ impl Socket {
             reo_recoveries: 0,
             drs_start: now,
             drs_bytes: 0,
+            memory_pressure: false,
             last_heard: now,
             last_sent: now,
             timeout: None,
@@ -481,7 +484,23 @@ impl Socket {
     /// Linux sizes a send buffer), so queued data waits in the network's
     /// pace rather than in memory, within the configured buffer.
     fn send_limit(&self) -> usize {
+        if self.memory_pressure {
+            return MIN_SEND_LIMIT;
+        }
         (2 * self.cc.cwnd()).max(MIN_SEND_LIMIT)
+    }
+
+    /// The stack's connections together hold more buffer memory than its
+    /// budget: the receive window stops growing and writers may queue only
+    /// [`MIN_SEND_LIMIT`] until it eases (windows already offered stay, as
+    /// TCP requires).
+    pub fn set_memory_pressure(&mut self, on: bool) {
+        self.memory_pressure = on;
+    }
+
+    /// The receive window offered when empty, bytes.
+    pub fn recv_limit(&self) -> usize {
+        self.rcv.as_ref().map_or(0, |r| r.limit())
     }
 
     /// Shuts down the sending side: a FIN follows the queued data.
@@ -809,7 +828,7 @@ impl Socket {
             return;
         }
         if let Some(rcv) = self.rcv.as_mut() {
-            if 2 * self.drs_bytes >= rcv.limit() {
+            if 2 * self.drs_bytes >= rcv.limit() && !self.memory_pressure {
                 rcv.grow_limit(2 * rcv.limit());
             }
         }

@@ -279,3 +279,21 @@ fn any_path_delivers_every_byte_in_order() {
         );
     }
 }
+
+#[test]
+fn under_memory_pressure_windows_stop_growing() {
+    // The same fast transfer with and without pressure: the receive window
+    // grows from 1 MiB to many without, and stays at 1 MiB with.
+    for pressure in [false, true] {
+        let mut p = Pair::connect(PathSpec::new(10, 1000.0, 0.0), config(16 << 20, Bbr), 13);
+        p.server.set_memory_pressure(pressure);
+        p.client.set_memory_pressure(pressure);
+        transfer(&mut p, 40 << 20, Duration::from_secs(60));
+        let limit = p.server.recv_limit();
+        if pressure {
+            assert_eq!(limit, super::recv::INITIAL_LIMIT);
+        } else {
+            assert!(limit >= 4 * super::recv::INITIAL_LIMIT, "{limit}");
+        }
+    }
+}

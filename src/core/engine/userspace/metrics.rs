@@ -41,6 +41,7 @@ pub struct NetStackMetrics {
     packets_out: Family<InstanceLabels, Counter>,
     dropped: Family<DropLabels, Counter>,
     tcp_connections: Family<InstanceLabels, Gauge>,
+    tcp_buffer_bytes: Family<InstanceLabels, Gauge>,
     tcp_events: Family<TcpEventLabels, Counter>,
 }
 
@@ -82,6 +83,11 @@ impl Subsystem for NetStackMetrics {
                 "tcp_connections",
                 "TCP connections open in the userspace stack",
             ),
+            tcp_buffer_bytes: registered(
+                registry,
+                "tcp_buffer_bytes",
+                "Buffer memory the userspace stack's TCP connections hold (see tcp_memory)",
+            ),
             tcp_events: registered(
                 registry,
                 "tcp_events",
@@ -101,6 +107,7 @@ impl NetStackMetrics {
         self.packets_in.remove(&l);
         self.packets_out.remove(&l);
         self.tcp_connections.remove(&l);
+        self.tcp_buffer_bytes.remove(&l);
         for reason in DROP_REASONS {
             self.dropped.remove(&DropLabels {
                 tenant: tenant.into(),
@@ -192,6 +199,9 @@ impl NetStackMetrics {
         self.tcp_connections
             .get_or_create(&l)
             .set(now.tcp_connections as i64);
+        self.tcp_buffer_bytes
+            .get_or_create(&l)
+            .set(now.tcp_buffer_bytes as i64);
         *last = *now;
     }
 }

@@ -147,6 +147,10 @@ pub struct NetStackConfig {
     /// established connections waiting for [`NetTcpListener::accept`].
     /// Default 1024.
     pub listen_backlog: usize,
+    /// The most buffer memory all TCP connections of the stack may hold
+    /// before their windows stop growing and writers may queue only
+    /// 256 KiB each (as Linux's `tcp_mem` pressure). Default 256 MiB.
+    pub tcp_memory: usize,
     /// TCP keep-alive interval. Default `None` (off).
     pub keep_alive: Option<Duration>,
     /// TCP congestion control. Default BBR (random loss on the path is not
@@ -170,6 +174,7 @@ impl NetStackConfig {
             tcp_buffer: 16 << 20,
             inbound_queue: 4096,
             listen_backlog: 1024,
+            tcp_memory: 256 << 20,
             keep_alive: None,
             congestion: Default::default(),
             tcp_timeout: Duration::from_secs(60),
@@ -240,6 +245,8 @@ pub struct NetStackStats {
     pub tcp_loss_probes: u64,
     /// Fast recoveries entered (losses found by SACK and time).
     pub tcp_recoveries: u64,
+    /// Buffer memory the TCP connections hold now, bytes.
+    pub tcp_buffer_bytes: u64,
 }
 
 /// A cheap handle to one running stack; clones share it.

@@ -67,6 +67,7 @@ const SPARE_RX_BUFFERS: usize = 4096;
 pub(super) struct Limits {
     pub mtu: usize,
     pub tcp_buffer: usize,
+    pub tcp_memory: usize,
     pub inbound_queue: usize,
     pub backlog: usize,
     pub keep_alive: Option<Duration>,
@@ -85,6 +86,7 @@ impl Limits {
         Limits {
             mtu: cfg.mtu.clamp(576, 65535),
             tcp_buffer: cfg.tcp_buffer.clamp(4096, 256 << 20),
+            tcp_memory: cfg.tcp_memory,
             inbound_queue: cfg.inbound_queue.max(1),
             backlog: cfg.listen_backlog.max(1),
             keep_alive,
@@ -187,6 +189,8 @@ struct Conn {
     timer: Option<Instant>,
     /// The socket's loss-handling counts already added to the stack's.
     reported: tcp::Stats,
+    /// The socket's buffer memory already counted in `State::buffered`.
+    reported_alloc: usize,
 }
 
 impl Conn {
@@ -246,6 +250,8 @@ pub(super) struct State {
     ports: HashSet<(IpAddr, u16)>,
     next_port: HashMap<IpAddr, u16>,
     next_id: u64,
+    /// Buffer memory all connections hold (as of their last poll).
+    buffered: usize,
     /// The task has stopped.
     pub closed: bool,
 }
@@ -335,6 +341,7 @@ impl Shared {
                 ports: HashSet::new(),
                 next_port: HashMap::new(),
                 next_id: 1,
+                buffered: 0,
                 closed: false,
             }),
             inbound: Mutex::new(Inbound {
@@ -410,6 +417,7 @@ impl Shared {
 
     /// See [`NetStack::stats`](super::NetStack::stats).
     pub fn stats(&self) -> NetStackStats {
+        let st = self.lock();
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NetStackStats {
@@ -425,7 +433,8 @@ impl Shared {
             tcp_loss_probes: get(&c.tcp_loss_probes),
             tcp_recoveries: get(&c.tcp_recoveries),
             dropped_backlog: get(&c.dropped_backlog),
-            tcp_connections: self.lock().live as u64,
+            tcp_connections: st.live as u64,
+            tcp_buffer_bytes: st.buffered as u64,
         }
     }
 
@@ -610,6 +619,7 @@ impl State {
             dirty: false,
             timer: None,
             reported: tcp::Stats::default(),
+            reported_alloc: 0,
         };
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -634,6 +644,7 @@ impl State {
         let conn = self.conns.get_mut(slot)?.take()?;
         self.free.push(slot);
         self.live -= 1;
+        self.buffered -= conn.reported_alloc;
         if self.by_tuple.get(&conn.tuple) == Some(&slot) {
             self.by_tuple.remove(&conn.tuple);
         }
@@ -945,6 +956,13 @@ impl State {
                 .fetch_add(stats.recoveries - r.recoveries, Ordering::Relaxed);
             conn.reported = stats;
         }
+        let alloc = conn.socket.allocated();
+        if alloc != conn.reported_alloc {
+            self.buffered = self.buffered + alloc - conn.reported_alloc;
+            conn.reported_alloc = alloc;
+        }
+        conn.socket
+            .set_memory_pressure(self.buffered > shared.limits.tcp_memory);
         let id = conn.id;
         match conn.role {
             Role::Pending { port, listener } => match conn.socket().state() {

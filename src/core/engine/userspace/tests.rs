@@ -863,3 +863,36 @@ async fn a_lossy_wire_is_repaired_and_the_repairs_are_counted() {
     assert!(st.tcp_recoveries >= 1, "{st:?}");
     assert_eq!(b.stats().tcp_retransmits, 0, "the receiver lost nothing");
 }
+
+#[tokio::test]
+async fn buffer_memory_is_counted_and_given_back() {
+    // A reader that waits makes its stack hold the window's bytes; once
+    // the streams are gone, both stacks hold nothing.
+    let (a, b) = pair("10.0.0.1/24", "10.0.0.2/24");
+    let mut l = b.listen_tcp(sa("10.0.0.2:80")).await.unwrap();
+    let data = pattern(12, 4 << 20);
+    let writer = tokio::spawn({
+        let a = a.clone();
+        let data = data.clone();
+        async move {
+            let mut s = a.connect_tcp(sa("10.0.0.2:80"), LIMIT).await.unwrap();
+            s.write_all(&data).await.unwrap();
+            s.shutdown().await.unwrap();
+            s
+        }
+    });
+    let (mut s, _) = within("accept", l.accept()).await.unwrap();
+    eventually("the receiver's ring fills", LIMIT, || {
+        b.stats().tcp_buffer_bytes >= 512 * 1024
+    })
+    .await;
+    let mut got = Vec::new();
+    within("read", s.read_to_end(&mut got)).await.unwrap();
+    assert!(got == data);
+    drop(s);
+    drop(within("writer", writer).await.unwrap());
+    eventually("all buffers given back", LIMIT, || {
+        a.stats().tcp_buffer_bytes == 0 && b.stats().tcp_buffer_bytes == 0
+    })
+    .await;
+}
