@@ -305,7 +305,12 @@ impl Link {
     }
 
     /// Dials, authenticates and registers the reverse forwards.
-    async fn connect(self: &Arc<Self>, key: &Arc<PrivateKey>) -> Result<Handle<Client>, LinkError> {
+    /// Returns the session's handle and a token cancelled when the session
+    /// ends (its callbacks are dropped with it).
+    async fn connect(
+        self: &Arc<Self>,
+        key: &Arc<PrivateKey>,
+    ) -> Result<(Handle<Client>, CancellationToken), LinkError> {
         let cfg = self.cfg();
         let connector = match &cfg.server_via {
             Some(m) => Connector::Module(m.clone()),
@@ -323,9 +328,11 @@ impl Link {
             preferred: super::preferred(),
             ..Default::default()
         });
+        let ended = CancellationToken::new();
         let client = Client {
             link: Arc::downgrade(self),
             host_key: cfg.host_key.clone(),
+            ended: ended.clone(),
         };
         let handshake = async {
             let mut handle = russh::client::connect_stream(config, stream, client).await?;
@@ -366,7 +373,7 @@ impl Link {
                 }
             }
         }
-        Ok(handle)
+        Ok((handle, ended))
     }
 
     /// Keeps the link up until `stop`.
@@ -380,7 +387,7 @@ impl Link {
                 r = self.connect(&key) => r,
             };
             match attempt {
-                Ok(handle) => {
+                Ok((handle, ended)) => {
                     let handle = Arc::new(handle);
                     let since = Instant::now();
                     {
@@ -396,11 +403,14 @@ impl Link {
                     sessions += 1;
                     *self.state.handle.write().expect("poisoned") = Some(handle.clone());
                     tracing::info!(%tenant, %instance, server = %self.cfg().server, "ssh link up");
-                    // The session runs on its own task; watch it end.
+                    // The session runs on its own task; its end drops the
+                    // callbacks, which cancels `ended`. A slow check of the
+                    // handle backs that up.
                     let stopped = loop {
                         tokio::select! {
                             _ = stop.cancelled() => break true,
-                            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                            _ = ended.cancelled() => break false,
+                            _ = tokio::time::sleep(SESSION_CHECK) => {}
                         }
                         if handle.is_closed() {
                             break false;
@@ -494,10 +504,22 @@ fn jittered(d: Duration) -> Duration {
     d.mul_f64(0.8 + 0.4 * r)
 }
 
-/// The russh client's callbacks.
+/// How often a running link also asks its handle whether the session is
+/// still open (its end is normally seen at once, through `Client`'s drop).
+const SESSION_CHECK: Duration = Duration::from_secs(5);
+
+/// The russh client's callbacks, owned by the session's task.
 struct Client {
     link: std::sync::Weak<Link>,
     host_key: HostKey,
+    /// Cancelled when the session ends (this is dropped with it).
+    ended: CancellationToken,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.ended.cancel();
+    }
 }
 
 impl russh::client::Handler for Client {
