@@ -19,7 +19,8 @@
 #
 # Knobs: BENCH_DURATION (seconds per iperf3 run, default 10), WAN_RATE
 # (bottleneck, default 1gbit), WAN_QUEUE (bottleneck queue, default 1m),
-# WAN_ROWS (default "10ms:0 10ms:0.5% 2ms:0.1% veth"), BENCH_KEEP=1.
+# WAN_ROWS (default "10ms:0 10ms:0.5% 2ms:0.1% veth"), WAN_CC (meshgate's
+# congestion_control on both nodes, e.g. cubic; default BBR), BENCH_KEEP=1.
 set -euo pipefail
 
 DURATION=${BENCH_DURATION:-10}
@@ -89,12 +90,17 @@ nsx "$A" ip addr add 10.200.0.1/24 dev "$WGA"; nsx "$A" ip link set "$WGA" up
 nsx "$B" ip addr add 10.200.0.2/24 dev "$WGB"; nsx "$B" ip link set "$WGB" up
 
 # meshgate: a server in B (10.192.0.1, pipe to iperf3 on its loopback) and a
-# client in A (pipe 127.0.0.1:5201 through the tunnel).
+# client in A (pipe 127.0.0.1:5201 through the tunnel). WAN_CC sets both
+# nodes' congestion_control (default: each engine's own, BBR).
+CC_LINE=""
+[[ -n ${WAN_CC:-} ]] && CC_LINE="congestion_control: $WAN_CC"
+
 mkdir -p "$TMP/ms/tenants/default" "$TMP/mc/tenants/default"
 printf 'node: server\nadmin: 127.0.0.1:9000\ndrain_timeout: 1s\n' > "$TMP/ms/meshgate.yaml"
 printf 'node: client\nadmin: 127.0.0.1:9000\ndrain_timeout: 1s\n' > "$TMP/mc/meshgate.yaml"
 cat > "$TMP/ms/tenants/default/wg0.yaml" <<EOF
 kind: wireguard
+$CC_LINE
 private_key_file: $TMP/ms.key
 listen_port: 51830
 address: 10.192.0.1/24
@@ -134,6 +140,7 @@ EOF
 client_wg() { # client_wg ENDPOINT
   cat > "$TMP/mc/tenants/default/wg0.yaml" <<EOF
 kind: wireguard
+$CC_LINE
 private_key_file: $TMP/mc.key
 address: 10.192.0.2/32
 uapi: off
