@@ -158,22 +158,32 @@ fn stream(
     )
 }
 
+/// The far node in B: WireGuard on port 51830 (10.192.0.1/24) with one
+/// peer at 10.192.0.2, and a pipe from 10.192.0.1:5201 in the tunnel to a
+/// receiver on B's 127.0.0.1:5202.
+fn server_node(
+    engine: &str,
+    key: &meshgate::core::keys::PrivateKey,
+    peer: &str,
+) -> tempfile::TempDir {
+    node(
+        engine,
+        &format!(
+            "kind: wireguard\nprivate_key: {}\nlisten_port: 51830\naddress: 10.192.0.1/24\nuapi: off\n\
+             peers:\n  - name: peer\n    public_key: {peer}\n    allowed_ips: [10.192.0.2/32]\n",
+            key.to_base64(),
+        ),
+        "kind: pipe\nlisten: 10.192.0.1:5201\nlisten_via: wg0\nremote: 127.0.0.1:5202\n",
+    )
+}
+
 /// Sends `bytes` through meshgate with `engine` across the lossy path;
 /// returns what the sender and the receiver saw, and the seconds it took.
 fn transfer(engine: &str, bytes: u64) -> (String, String, f64) {
     let (a, mut b, _r) = lossy_path();
     let ks = meshgate::core::keys::PrivateKey::generate();
     let kc = meshgate::core::keys::PrivateKey::generate();
-    let server = node(
-        engine,
-        &format!(
-            "kind: wireguard\nprivate_key: {}\nlisten_port: 51830\naddress: 10.192.0.1/24\nuapi: off\n\
-             peers:\n  - name: client\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n",
-            ks.to_base64(),
-            kc.public_key()
-        ),
-        "kind: pipe\nlisten: 10.192.0.1:5201\nlisten_via: wg0\nremote: 127.0.0.1:5202\n",
-    );
+    let server = server_node(engine, &ks, &kc.public_key().to_string());
     let client = node(
         engine,
         &format!(
@@ -249,16 +259,7 @@ fn linux_tcp_and_meshgate_tcp_interoperate_across_loss() {
         &ks.public_key().to_string(),
         "endpoint 10.234.1.2:40000 allowed-ips 10.192.0.0/24 persistent-keepalive 5",
     );
-    let server = node(
-        "userspace",
-        &format!(
-            "kind: wireguard\nprivate_key: {}\nlisten_port: 51830\naddress: 10.192.0.1/24\nuapi: off\n\
-             peers:\n  - name: linux\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n",
-            ks.to_base64(),
-            wg.public_key()
-        ),
-        "kind: pipe\nlisten: 10.192.0.1:5201\nlisten_via: wg0\nremote: 127.0.0.1:5202\n",
-    );
+    let server = server_node("userspace", &ks, &wg.public_key());
     std::fs::write(
         server.path().join("tenants/default/back.yaml"),
         "kind: pipe\nlisten: 127.0.0.1:5203\nvia: wg0\nremote: 10.192.0.2:5204\n",
