@@ -201,7 +201,12 @@ impl SendQueue {
 
     /// A FIN is queued and not sent yet.
     pub fn fin_unsent(&self) -> bool {
-        self.fin_queued && self.nxt == self.data_end()
+        self.fin_after(0)
+    }
+
+    /// Does a FIN go with the next `len` new bytes (they end the data)?
+    pub fn fin_after(&self, len: usize) -> bool {
+        self.fin_queued && self.nxt + len == self.data_end()
     }
 
     /// The bytes `[start, start + len)` as up to two slices.

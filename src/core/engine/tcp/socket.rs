@@ -873,54 +873,68 @@ impl Socket {
 
     // ----------------------------------------------------------- timers --
 
-    /// The earliest time something is due, if any.
+    /// The earliest time something is due, if any. A closed connection
+    /// has nothing due but the reset it may still owe.
     pub fn poll_at(&self) -> Option<Instant> {
         if self.rst_due {
             return Some(self.last_sent);
         }
-        let mut at: Option<Instant> = None;
-        let mut take = |t: Option<Instant>| {
-            if let Some(t) = t {
-                at = Some(at.map_or(t, |a| a.min(t)));
-            }
-        };
-        take(self.rto_at);
-        take(self.tlp_at);
-        take(self.rack_at);
-        take(self.pace_at);
-        take(self.persist_at);
-        take(self.time_wait_until);
-        if self.trimmable() {
-            take(Some(self.quiet_since() + TRIM_AFTER));
+        if self.state == State::Closed {
+            return None;
         }
-        if let Some(t) = self.timeout {
-            if !self.timeout_fresh {
-                take(Some(self.last_heard + t));
-            }
+        [
+            self.rto_at,
+            self.tlp_at,
+            self.rack_at,
+            self.pace_at,
+            self.persist_at,
+            self.time_wait_until,
+            self.trim_at(),
+            (!self.timeout_fresh).then(|| self.timeout_at()).flatten(),
+            self.keepalive_at(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// When a quiet connection gives its buffers back, if it has any.
+    fn trim_at(&self) -> Option<Instant> {
+        self.trimmable().then(|| self.quiet_since() + TRIM_AFTER)
+    }
+
+    /// When a silent peer makes an open connection abort.
+    fn timeout_at(&self) -> Option<Instant> {
+        let t = self.timeout?;
+        self.is_active().then(|| self.last_heard + t)
+    }
+
+    /// When the next keep-alive probe is due.
+    fn keepalive_at(&self) -> Option<Instant> {
+        let k = self.cfg.keep_alive?;
+        if !matches!(self.state, State::Established | State::CloseWait) {
+            return None;
         }
-        if let (Some(k), State::Established | State::CloseWait) = (self.cfg.keep_alive, self.state)
-        {
-            let from = self
-                .keepalive_sent
-                .unwrap_or(self.last_heard)
-                .max(self.last_heard);
-            take(Some(from + k));
-        }
-        at
+        let from = self
+            .keepalive_sent
+            .unwrap_or(self.last_heard)
+            .max(self.last_heard);
+        Some(from + k)
     }
 
     fn on_timers(&mut self, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
         if self.timeout_fresh {
             self.timeout_fresh = false;
             self.last_heard = self.last_heard.max(now);
         }
-        if let Some(t) = self.timeout {
-            if self.is_active() && now >= self.last_heard + t {
-                self.abort();
-                return;
-            }
+        if self.timeout_at().is_some_and(|t| now >= t) {
+            self.abort();
+            return;
         }
-        if self.trimmable() && now >= self.quiet_since() + TRIM_AFTER {
+        if self.trim_at().is_some_and(|t| now >= t) {
             self.snd.shrink();
             if let Some(r) = self.rcv.as_mut() {
                 r.shrink();
@@ -958,16 +972,9 @@ impl Socket {
         if self.pace_at.is_some_and(|t| now >= t) {
             self.pace_at = None;
         }
-        if let (Some(k), State::Established | State::CloseWait) = (self.cfg.keep_alive, self.state)
-        {
-            let from = self
-                .keepalive_sent
-                .unwrap_or(self.last_heard)
-                .max(self.last_heard);
-            if now >= from + k {
-                self.keepalive_sent = Some(now);
-                self.keepalive_due = true;
-            }
+        if self.keepalive_at().is_some_and(|t| now >= t) {
+            self.keepalive_sent = Some(now);
+            self.keepalive_due = true;
         }
     }
 
@@ -1102,8 +1109,7 @@ impl Socket {
     fn send_segment(&mut self, out: &mut Vec<u8>, now: Instant) -> bool {
         if self.probe_due {
             self.probe_due = false;
-            let room = (self.snd.una + self.snd_wnd).max(self.snd.nxt) - self.snd.nxt;
-            let len = self.snd.unsent().min(self.mss).min(room);
+            let len = self.snd.unsent().min(self.mss).min(self.window_room());
             if len > 0 {
                 self.send_new(out, now, len);
                 return true;
@@ -1141,8 +1147,7 @@ impl Socket {
             }
             return false;
         }
-        let room = (self.snd.una + self.snd_wnd).max(self.snd.nxt) - self.snd.nxt;
-        let len = unsent.min(self.mss).min(room);
+        let len = unsent.min(self.mss).min(self.window_room());
         if len == 0 && unsent > 0 {
             if self.snd.idle() && self.persist_at.is_none() {
                 self.persist_at = Some(now + self.rtt.rto(self.backoff));
@@ -1152,8 +1157,7 @@ impl Socket {
         if self.snd.idle() && now.saturating_duration_since(self.last_sent) > self.rtt.rto(0) {
             self.cc.on_idle_restart();
         }
-        let fin = self.snd.fin_queued && self.snd.nxt + len == self.snd.data_end();
-        let seg = len + usize::from(fin);
+        let seg = len + usize::from(self.snd.fin_after(len));
         if !self.cwnd_allows(seg) || !self.pace(now, seg) {
             return false;
         }
@@ -1161,9 +1165,14 @@ impl Socket {
         true
     }
 
+    /// New bytes the peer's window has room for.
+    fn window_room(&self) -> usize {
+        (self.snd.una + self.snd_wnd).max(self.snd.nxt) - self.snd.nxt
+    }
+
     fn send_new(&mut self, out: &mut Vec<u8>, now: Instant, len: usize) {
         let start = self.snd.nxt;
-        let fin = self.snd.fin_queued && start + len == self.snd.data_end();
+        let fin = self.snd.fin_after(len);
         let mut flags = ACK;
         if fin {
             flags |= FIN;

@@ -156,15 +156,20 @@ fn a_full_receiver_stalls_the_sender_until_it_reads() {
 
 #[test]
 fn reset_refusal_and_lost_syns() {
-    // An abort reaches the peer as a reset; its reads then fail.
+    // An abort reaches the peer as a reset; its reads then fail, and it
+    // has no timer left (its silence timeout does not keep firing).
     let mut p = Pair::connect(PathSpec::new(1, 100.0, 0.0), config(1 << 16, Bbr), 8);
     assert!(p.established());
+    p.server.set_timeout(Some(Duration::from_secs(1)));
     p.client.abort();
     assert!(p.run(Duration::from_secs(1), |p| p.server.state()
         == State::Closed));
     let mut buf = [0u8; 8];
     assert!(p.server.recv_slice(&mut buf).is_err());
     assert!(p.client.is_done() && p.server.is_done());
+    p.run(Duration::from_secs(3), |_| false);
+    assert_eq!(p.server.poll_at(), None);
+    assert_eq!(p.client.poll_at(), None);
 
     // The first two SYNs are lost: the handshake still completes.
     let mut p = Pair::connect(PathSpec::new(1, 100.0, 0.0), config(1 << 16, Bbr), 9);
