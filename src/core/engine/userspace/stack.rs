@@ -193,12 +193,6 @@ struct Conn {
     reported_alloc: usize,
 }
 
-impl Conn {
-    fn socket(&mut self) -> &mut Socket {
-        &mut self.socket
-    }
-}
-
 /// One listening address and port.
 struct Listener {
     id: u64,
@@ -518,7 +512,7 @@ impl Shared {
         st.listeners.clear();
         for slot in 0..st.conns.len() {
             if let Some(conn) = st.conns[slot].as_mut() {
-                conn.socket().abort();
+                conn.socket.abort();
                 let id = conn.id;
                 st.mark(slot, id);
             }
@@ -583,7 +577,7 @@ impl State {
 
     /// The socket of the connection (slot, id), if it still exists.
     pub fn socket(&mut self, slot: usize, id: u64) -> Option<&mut Socket> {
-        self.conn(slot, id).map(Conn::socket)
+        self.conn(slot, id).map(|c| &mut c.socket)
     }
 
     /// Queues a connection for polling (the caller wakes the task).
@@ -749,7 +743,7 @@ impl State {
             };
             if conn.role == (Role::Pending { port, listener: id }) {
                 conn.role = Role::Orphan;
-                conn.socket().abort();
+                conn.socket.abort();
                 let id = conn.id;
                 self.mark(slot, id);
             }
@@ -795,7 +789,7 @@ impl State {
         let Some(conn) = self.conn(slot, id) else {
             return;
         };
-        let socket = conn.socket();
+        let socket = &mut conn.socket;
         if closed || socket.is_done() {
             self.remove(slot);
             return;
@@ -965,7 +959,7 @@ impl State {
             .set_memory_pressure(self.buffered > shared.limits.tcp_memory);
         let id = conn.id;
         match conn.role {
-            Role::Pending { port, listener } => match conn.socket().state() {
+            Role::Pending { port, listener } => match conn.socket.state() {
                 tcp::State::SynReceived => {}
                 tcp::State::Established | tcp::State::CloseWait => {
                     if let Some(l) = self.listener_mut(port, listener) {
@@ -979,7 +973,7 @@ impl State {
                 }
             },
             Role::Orphan => {
-                let socket = conn.socket();
+                let socket = &mut conn.socket;
                 if socket.is_done() {
                     self.remove(slot);
                     return;
@@ -993,7 +987,7 @@ impl State {
             }
             Role::Stream => {
                 let limits = shared.limits;
-                let socket = conn.socket();
+                let socket = &mut conn.socket;
                 if socket.is_active() {
                     let want = limits.stream_timeout(socket.send_queue() > 0);
                     if socket.timeout() != want {
@@ -1015,7 +1009,7 @@ impl State {
         conn.role = Role::Stream;
         let id = conn.id;
         let (local, peer) = conn.tuple;
-        conn.socket().set_timeout(limits.stream_timeout(false));
+        conn.socket.set_timeout(limits.stream_timeout(false));
         let stream = NetTcpStream::attach(shared.clone(), slot, id, local, peer);
         let sent = match self.listener_mut(port, listener) {
             Some(l) => l.accept.try_send(stream).map_err(|e| e.into_inner()),
@@ -1027,7 +1021,7 @@ impl State {
             bump(&shared.counters.dropped_backlog);
             if let Some(conn) = self.conns[slot].as_mut() {
                 conn.role = Role::Orphan;
-                conn.socket().abort();
+                conn.socket.abort();
             }
             self.mark(slot, id);
         }
