@@ -223,10 +223,11 @@ pub struct ProxyOptions {
     /// `t` and about `1.25 * t` after the last activity. Default: `None`
     /// (never).
     pub idle_timeout: Option<Duration>,
-    /// Bytes buffered per direction by the user-space copy (generic path,
-    /// and the TCP path if a pipe cannot be created). The splice path buffers
-    /// in its pipe instead (up to 1 MiB). `0` is treated as `1`.
-    /// Default: 64 KiB.
+    /// Most bytes buffered per direction by the user-space copy (generic
+    /// path, and the TCP path if a pipe cannot be created); a direction
+    /// starts with 4 KiB and grows while its reads fill the buffer. The
+    /// splice path buffers in its pipe instead (up to 1 MiB). `0` is treated
+    /// as `1`. Default: 64 KiB.
     pub buffer_size: usize,
     /// Use `splice(2)` when both sides are TCP (Linux only; ignored
     /// elsewhere). Default: `true`.
@@ -236,6 +237,10 @@ pub struct ProxyOptions {
 /// Default [`ProxyOptions::buffer_size`].
 pub const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
 
+/// The generic path's first buffer per direction: held (idle) connections
+/// keep only this; a direction whose reads fill it grows it fourfold at a
+/// time up to [`ProxyOptions::buffer_size`].
+const FIRST_BUFFER_SIZE: usize = 4 * 1024;
 /// Size requested for each splice pipe; the kernel may grant less.
 const PIPE_SIZE: usize = 1024 * 1024;
 
@@ -536,7 +541,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; buffer_size];
+    let mut buf = vec![0u8; buffer_size.min(FIRST_BUFFER_SIZE)];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) => break,
@@ -545,6 +550,7 @@ where
             Err(err) => return Err(direction.read_failed(err)),
         };
         meter.received();
+        let grow = n == buf.len() && buf.len() < buffer_size;
         let mut written = 0;
         while written < n {
             match to.write(&buf[written..n]).await {
@@ -560,6 +566,10 @@ where
         to.flush()
             .await
             .map_err(|err| direction.write_failed(err))?;
+        if grow {
+            // A full read: the source has more than the buffer holds.
+            buf.resize((buf.len() * 4).min(buffer_size), 0);
+        }
     }
     if let Err(err) = to.shutdown().await {
         // The peer may already be gone; the other direction will notice.
@@ -873,6 +883,31 @@ mod tests {
         assert!(rec.upstream_calls.load(Ordering::Relaxed) > 1, "{rig:?}");
         assert!(rec.downstream_calls.load(Ordering::Relaxed) > 1, "{rig:?}");
         assert!(rec.touches.load(Ordering::Relaxed) > 1, "{rig:?}");
+    }
+
+    /// The generic path starts each direction with a small buffer and grows
+    /// it while reads fill it: 1 MiB in one go needs far fewer writes than
+    /// 4 KiB buffers would (256).
+    #[tokio::test]
+    async fn generic_copy_buffer_grows_with_bulk_data() {
+        let joined = start(Rig::Duplex, None).await;
+        let mut server = joined.server;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got.len()
+        });
+        let mut client = joined.client;
+        client.write_all(&noise(MIB, 7)).await.unwrap();
+        client.shutdown().await.unwrap();
+        assert_eq!(bounded("reader", reader).await.unwrap(), MIB);
+        let writes = joined.recorder.upstream_calls.load(Ordering::Relaxed);
+        assert!(
+            writes < 64,
+            "{writes} writes for 1 MiB: the buffer did not grow"
+        );
+        drop(client);
+        joined.join.abort();
     }
 
     #[tokio::test]
