@@ -56,7 +56,7 @@ UsePAM no
 PidFile none
 AllowTcpForwarding yes
 EOF
-"$SSHD" -D -e -f "$TMP/sshd_config" > "$TMP/sshd.log" 2>&1 & PIDS+=($!)
+"$SSHD" -D -e -f "$TMP/sshd_config" > "$TMP/sshd.log" 2>&1 & SSHD_PID=$!; PIDS+=($!)
 printf 'admin: 127.0.0.1:%s\nlog: warn\n' "$ADMIN" > "$TMP/cfg/meshgate.yaml"
 cat > "$TMP/cfg/tenants/bench/ssh.yaml" <<EOF
 kind: ssh
@@ -64,7 +64,7 @@ listen: 127.0.0.1:$MG
 host_key_file: $TMP/mg_host
 authorized_keys_file: $TMP/authorized_keys
 EOF
-"$MESHGATE_BIN" --config-dir "$TMP/cfg" > "$TMP/meshgate.log" 2>&1 & PIDS+=($!)
+"$MESHGATE_BIN" --config-dir "$TMP/cfg" > "$TMP/meshgate.log" 2>&1 & MG_PID=$!; PIDS+=($!)
 iperf3 -s -B 127.0.0.1 -p "$IPERF" > "$TMP/iperf.log" 2>&1 & PIDS+=($!)
 sleep 1
 
@@ -83,6 +83,23 @@ iperf() { # iperf PORT -> Gbps
   timeout $((DURATION + 30)) iperf3 -c 127.0.0.1 -p "$1" -t "$DURATION" -J 2>/dev/null |
     python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))' || echo 0
 }
+ticks() { # ticks PID... -> CPU clock ticks (user + system) of them and their descendants
+  local sum=0 p c
+  for p in "$@"; do
+    [[ -r /proc/$p/stat ]] || continue
+    # Fields after the command name, which is in parentheses.
+    sum=$((sum + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+    for c in $(pgrep -P "$p"); do sum=$((sum + $(ticks "$c"))); done
+  done
+  echo "$sum"
+}
+measure() { # measure SERVER_PID PORT CIPHER -> "Gbps server% client%" (CPU in % of one core)
+  local lport client s0 c0 t0 gbps
+  lport=$(forward "$2" "$3"); client=$(tail -n 1 "$TMP/pids")
+  s0=$(ticks "$1"); c0=$(ticks "$client"); t0=$(date +%s.%N)
+  gbps=$(iperf "$lport")
+  python3 -c "import os; hz=os.sysconf('SC_CLK_TCK'); t=$(date +%s.%N)-$t0; print('$gbps %.0f %.0f' % (($(ticks "$1")-$s0)/hz/t*100, ($(ticks "$client")-$c0)/hz/t*100))"
+}
 ratio() { python3 -c "a,b=$1,$2; print('%.2f' % (a/b) if b else '-')"; }
 sessions() { # sessions PORT -> ssh -W one-shots per second
   local t0 t1
@@ -97,9 +114,10 @@ sessions() { # sessions PORT -> ssh -W one-shots per second
 rows=()
 for cipher in chacha20-poly1305@openssh.com aes128-gcm@openssh.com; do
   say "iperf3 ${DURATION}s through ssh -L ($cipher): sshd, meshgate"
-  T_SD=$(iperf "$(forward "$SD" "$cipher")")
-  T_MG=$(iperf "$(forward "$MG" "$cipher")")
+  read -r T_SD CPU_SD CLI_SD < <(measure "$SSHD_PID" "$SD" "$cipher")
+  read -r T_MG CPU_MG CLI_MG < <(measure "$MG_PID" "$MG" "$cipher")
   rows+=("$(printf '%-32s sshd %6s Gbps | meshgate %6s Gbps (%sx sshd; target >= 1.0x)' "$cipher" "$T_SD" "$T_MG" "$(ratio "$T_MG" "$T_SD")")")
+  rows+=("$(printf '%-32s CPU, %% of one core: sshd %s, its ssh client %s | meshgate %s, its ssh client %s' "" "$CPU_SD" "$CLI_SD" "$CPU_MG" "$CLI_MG")")
 done
 say "ssh -W one-shot sessions ($SESSIONS each)"
 S_SD=$(sessions "$SD")
