@@ -361,6 +361,24 @@ fn certificates_from_the_tenant_ca_log_in_with_their_principal() {
         "{}",
         mg.metrics()
     );
+    // A connection that never authenticates (a probe: banner, then gone)
+    // is counted too, though no auth attempt reached meshgate.
+    let before = m("unauthenticated");
+    {
+        use std::io::Read;
+        let mut probe = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        probe
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut banner = [0u8; 8];
+        probe.read_exact(&mut banner).unwrap();
+        assert_eq!(&banner, b"SSH-2.0-");
+    }
+    assert!(
+        wait_until(Duration::from_secs(2), || m("unauthenticated") > before),
+        "{}",
+        mg.metrics()
+    );
 }
 
 /// A server on 127.0.0.1 that writes `n` bytes to every connection.

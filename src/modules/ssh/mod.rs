@@ -135,6 +135,19 @@ struct Conn {
     forwards: std::collections::HashMap<u32, Forward>,
     /// Its `ssh -R /path` sockets by the path asked for.
     unix_forwards: std::collections::HashMap<String, UnixForward>,
+    /// Whether a refusal was counted on this session already.
+    refused: std::cell::Cell<bool>,
+}
+
+/// A session that ends without authenticating and without a refusal counted
+/// here was still refused: russh turns some attempts away itself (an expired
+/// or badly signed certificate), and clients give up or just probe.
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.key.is_none() && !self.refused.get() {
+            self.count("unauthenticated", "the session ended before authenticating");
+        }
+    }
 }
 
 /// One `ssh -R` forward: its listener, and the name it published (both
@@ -206,6 +219,7 @@ impl Conn {
     }
 
     fn count(&self, reason: &'static str, detail: &str) {
+        self.refused.set(true);
         let ctx = self.onramp.ctx();
         ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
         if let Some(suppressed) = logs::allow("ssh.refused") {
@@ -798,6 +812,7 @@ impl StreamHandler for SshDoor {
             key: None,
             forwards: Default::default(),
             unix_forwards: Default::default(),
+            refused: Default::default(),
         };
         let stop = onramp.stopping().clone();
         match russh::server::run_stream(server, client, handler).await {
