@@ -8,14 +8,22 @@
 //! the new address first (the old one serves on if that fails) and every
 //! reload swaps the config for new connections, drain closes the listener,
 //! stop ends the connections. [`Live`] holds the config the connections
-//! read.
+//! read. [`DoorSettings`] are the keys every door's document has (where it
+//! listens, where its connections route, timeouts, the connection limit),
+//! read and checked in one place.
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use configstore::Document;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
-use crate::core::config::ConfigError;
+use crate::core::addr::ListenAddr;
+use crate::core::config::{
+    at_least_one, idle_timeout, parse_document, positive, ConfigError, IdleTimeout,
+};
 use crate::core::net::listen::StreamListener;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError};
 use crate::core::spine::onramp::{DoorListener, ListenOn, OnRamp, StreamHandler};
@@ -53,6 +61,158 @@ impl<C> Live<C> {
     }
 }
 
+/// The keys every door's document has beside its own.
+///
+/// ```yaml
+/// listen: 127.0.0.1:1080   # a bare port means 127.0.0.1
+/// listen_via: wg0          # optional: accept on a VPN address in this module's network
+/// vnet: frankfurt          # optional: where connections route (default: the tenant's default)
+/// connect_timeout: 5s      # dials
+/// idle_timeout: 1h         # or `none`: connections end after this long without traffic
+/// max_connections: 1024    # at once
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct DoorSettings {
+    /// Where clients connect.
+    pub listen: ListenAddr,
+    /// Accept inside this module's network instead of the host's.
+    pub listen_via: Option<String>,
+    /// Where connections route when nothing else (a user's vnet) says.
+    pub vnet: Option<String>,
+    /// Dial timeout.
+    pub connect_timeout: Duration,
+    /// Idle timeout of relayed connections (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Concurrent connections.
+    pub max_connections: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDoorSettings {
+    listen: ListenAddr,
+    #[serde(default)]
+    listen_via: Option<String>,
+    #[serde(default)]
+    vnet: Option<String>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(default)]
+    idle_timeout: Option<IdleTimeout>,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+}
+
+fn default_connect_timeout() -> Duration {
+    DoorSettings::DEFAULT_CONNECT_TIMEOUT
+}
+fn default_max_connections() -> usize {
+    DoorSettings::DEFAULT_MAX_CONNECTIONS
+}
+
+impl DoorSettings {
+    /// The keys read here.
+    pub const KEYS: [&'static str; 6] = [
+        "listen",
+        "listen_via",
+        "vnet",
+        "connect_timeout",
+        "idle_timeout",
+        "max_connections",
+    ];
+    /// `connect_timeout` unless configured.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// `idle_timeout` unless configured.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+    /// `max_connections` unless configured.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+    /// Reads a door's document: the shared keys into [`DoorSettings`], the
+    /// door's own keys (`own_keys`, the fields of `T`) into `T`. A key that
+    /// is neither is refused with every key the kind accepts.
+    pub fn parse<T: DeserializeOwned>(
+        doc: &Document,
+        own_keys: &[&str],
+    ) -> Result<(DoorSettings, T), ConfigError> {
+        let src = &doc.source;
+        if let Some(map) = doc.value.as_object() {
+            let known = |k: &str| k == "kind" || Self::KEYS.contains(&k) || own_keys.contains(&k);
+            if let Some(unknown) = map.keys().find(|k| !known(k)) {
+                let mut all: Vec<&str> = Self::KEYS.iter().chain(own_keys).copied().collect();
+                all.sort_unstable();
+                let all: Vec<String> = all.iter().map(|k| format!("`{k}`")).collect();
+                return Err(ConfigError::key(
+                    src,
+                    unknown.as_str(),
+                    format!(
+                        "unknown field `{unknown}`, expected one of {}",
+                        all.join(", ")
+                    ),
+                ));
+            }
+        }
+        let skip_own: Vec<&str> = std::iter::once("kind")
+            .chain(own_keys.iter().copied())
+            .collect();
+        let raw: RawDoorSettings = parse_document(doc, &skip_own)?;
+        let skip_shared: Vec<&str> = std::iter::once("kind").chain(Self::KEYS).collect();
+        let own: T = parse_document(doc, &skip_shared)?;
+        for (key, name) in [("listen_via", &raw.listen_via), ("vnet", &raw.vnet)] {
+            if let Some(name) = name {
+                configstore::check_name(name).map_err(|m| ConfigError::key(src, key, m))?;
+            }
+        }
+        positive(src, "connect_timeout", raw.connect_timeout)?;
+        at_least_one(src, "max_connections", raw.max_connections)?;
+        let settings = DoorSettings {
+            listen: raw.listen,
+            listen_via: raw.listen_via,
+            vnet: raw.vnet,
+            connect_timeout: raw.connect_timeout,
+            idle_timeout: idle_timeout(src, raw.idle_timeout, Self::DEFAULT_IDLE_TIMEOUT)?,
+            max_connections: raw.max_connections,
+        };
+        Ok((settings, own))
+    }
+
+    /// Where the door listens.
+    pub fn listen_on(&self) -> ListenOn {
+        ListenOn::new(self.listen.0, self.listen_via.as_ref())
+    }
+
+    /// Whether anyone who reaches the host's network can reach the door:
+    /// it listens on the host, not on loopback.
+    pub fn exposed(&self) -> bool {
+        self.listen_via.is_none() && !self.listen.0.ip().is_loopback()
+    }
+
+    /// The instances the door needs started first: its `listen_via` and
+    /// `vnet`, and `more` (sorted, once each).
+    pub fn depends_on<'a>(&'a self, more: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+        let mut d: Vec<String> = self
+            .listen_via
+            .iter()
+            .chain(self.vnet.iter())
+            .chain(more)
+            .cloned()
+            .collect();
+        d.sort();
+        d.dedup();
+        d
+    }
+
+    /// The admin API's fields for these settings.
+    pub fn status(&self, onramp: &OnRamp) -> serde_json::Map<String, serde_json::Value> {
+        let mut map = serde_json::Map::new();
+        map.insert("listen".into(), self.listen.to_string().into());
+        map.insert("listen_via".into(), self.listen_via.clone().into());
+        map.insert("vnet".into(), self.vnet.clone().into());
+        map.insert("active".into(), onramp.active().into());
+        map.insert("max_connections".into(), self.max_connections.into());
+        map
+    }
+}
+
 /// A door kind: its config, its listener, its connections.
 #[async_trait]
 pub trait Door: StreamHandler + Sized {
@@ -60,8 +220,12 @@ pub trait Door: StreamHandler + Sized {
     type Config: Send + Sync + 'static;
     /// Reads and checks a document.
     fn parse(doc: &Document) -> Result<Self::Config, ConfigError>;
+    /// The shared settings in a config.
+    fn settings(config: &Self::Config) -> &DoorSettings;
     /// Where the door listens.
-    fn listen_on(config: &Self::Config) -> ListenOn;
+    fn listen_on(config: &Self::Config) -> ListenOn {
+        Self::settings(config).listen_on()
+    }
     /// Binds the listener for `config` (default: [`OnRamp::bind`]); a door
     /// that needs more at bind time (a host key) does it here. An error
     /// names the document's key.
@@ -155,5 +319,85 @@ impl<D: Door> Module for DoorModule<D> {
 
     fn status(&self) -> serde_json::Value {
         self.door.status(&self.live.get(), &self.onramp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Own {
+        #[serde(default)]
+        colour: Option<String>,
+        #[serde(default)]
+        size: u32,
+    }
+    const OWN: [&str; 2] = ["colour", "size"];
+
+    fn parse(v: serde_json::Value) -> Result<(DoorSettings, Own), ConfigError> {
+        DoorSettings::parse(
+            &Document {
+                source: "tenants/acme/door.yaml".into(),
+                value: v,
+            },
+            &OWN,
+        )
+    }
+
+    #[test]
+    fn shared_and_own_keys_each_land_in_their_struct_with_defaults() {
+        let (door, own) = parse(json!({
+            "kind": "x", "listen": 1080, "vnet": "sydney", "colour": "red", "size": 3,
+        }))
+        .unwrap();
+        assert_eq!(door.listen.to_string(), "127.0.0.1:1080");
+        assert_eq!(door.vnet.as_deref(), Some("sydney"));
+        assert_eq!(door.connect_timeout, DoorSettings::DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(door.idle_timeout, Some(DoorSettings::DEFAULT_IDLE_TIMEOUT));
+        assert_eq!(door.max_connections, DoorSettings::DEFAULT_MAX_CONNECTIONS);
+        assert_eq!((own.colour.as_deref(), own.size), (Some("red"), 3));
+        assert!(!door.exposed(), "loopback");
+        assert_eq!(
+            door.depends_on([&"wg0".to_string(), &"sydney".to_string()]),
+            vec!["sydney".to_string(), "wg0".to_string()]
+        );
+        let (door, _) = parse(json!({"listen": "0.0.0.0:1080", "idle_timeout": "none"})).unwrap();
+        assert!(door.exposed());
+        assert_eq!(door.idle_timeout, None);
+    }
+
+    #[test]
+    fn bad_documents_name_the_key_in_either_struct() {
+        let cases = [
+            (json!({"listen": 1, "colur": "red"}), "colur", "`colour`"),
+            (
+                json!({"listen": 1, "colur": "red"}),
+                "colur",
+                "`max_connections`",
+            ),
+            (json!({"colour": "red"}), "listen", "missing"),
+            (json!({"listen": 1, "size": "big"}), "size", "u32"),
+            (json!({"listen": 1, "vnet": "no such/name"}), "vnet", ""),
+            (json!({"listen": 1, "listen_via": ""}), "listen_via", ""),
+            (
+                json!({"listen": 1, "connect_timeout": "0s"}),
+                "connect_timeout",
+                "longer",
+            ),
+            (
+                json!({"listen": 1, "max_connections": 0}),
+                "max_connections",
+                "at least 1",
+            ),
+        ];
+        for (v, key, msg) in cases {
+            let e = parse(v.clone()).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{v}: {e}");
+            assert!(e.to_string().contains(msg), "{v}: {e}");
+            assert!(e.to_string().contains("tenants/acme/door.yaml"), "{v}: {e}");
+        }
     }
 }

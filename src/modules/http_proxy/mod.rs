@@ -40,11 +40,11 @@ use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
 use crate::core::logs;
 use crate::core::net::proxy::Stream;
-use crate::core::spine::door::{Door, DoorModule, Live};
+use crate::core::spine::door::{Door, DoorModule, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
 use crate::core::spine::module::{Module, ModuleContext, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
-    Accepted, Answer, ConnectRequest, ListenOn, OnRamp, RouteVia, StreamHandler, Target,
+    Accepted, Answer, ConnectRequest, OnRamp, RouteVia, StreamHandler, Target,
 };
 
 pub use config::HttpProxyConfig;
@@ -172,7 +172,7 @@ fn authenticate(
     req: &Request<Incoming>,
 ) -> Result<(Option<String>, Option<String>), &'static str> {
     if cfg.users.is_empty() {
-        return Ok((None, cfg.vnet.clone()));
+        return Ok((None, cfg.door.vnet.clone()));
     }
     let header = req
         .headers()
@@ -180,7 +180,7 @@ fn authenticate(
         .ok_or("auth_required")?;
     let (user, password) = parse_basic(header.as_bytes()).ok_or("auth_failed")?;
     cfg.users
-        .authenticate(&user, &password, cfg.vnet.as_deref())
+        .authenticate(&user, &password, cfg.door.vnet.as_deref())
         .map(|(who, vnet)| (Some(who), vnet))
         .map_err(|_| "auth_failed")
 }
@@ -229,8 +229,8 @@ impl Exchange {
             target: Target::Addr(target),
             identity,
             via: RouteVia::Vnet(vnet),
-            connect_timeout: self.cfg.connect_timeout,
-            idle_timeout: self.cfg.idle_timeout,
+            connect_timeout: self.cfg.door.connect_timeout,
+            idle_timeout: self.cfg.door.idle_timeout,
             client_dst: self.dst,
             proxy_protocol: None,
         };
@@ -366,7 +366,7 @@ impl Exchange {
 #[async_trait]
 impl StreamHandler for HttpDoor {
     fn max_connections(&self) -> usize {
-        self.live.get().max_connections
+        self.live.get().door.max_connections
     }
 
     fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
@@ -409,19 +409,14 @@ impl Door for HttpDoor {
         HttpProxyConfig::from_document(doc)
     }
 
-    fn listen_on(cfg: &HttpProxyConfig) -> ListenOn {
-        ListenOn::new(cfg.listen.0, cfg.listen_via.as_ref())
+    fn settings(cfg: &HttpProxyConfig) -> &DoorSettings {
+        &cfg.door
     }
 
     fn status(&self, cfg: &HttpProxyConfig, onramp: &OnRamp) -> serde_json::Value {
-        serde_json::json!({
-            "listen": cfg.listen.to_string(),
-            "listen_via": cfg.listen_via,
-            "users": cfg.users.names(),
-            "vnet": cfg.vnet,
-            "active": onramp.active(),
-            "max_connections": cfg.max_connections,
-        })
+        let mut status = cfg.door.status(onramp);
+        status.insert("users".into(), serde_json::json!(cfg.users.names()));
+        status.into()
     }
 }
 

@@ -5,10 +5,8 @@ use std::time::Duration;
 use configstore::Document;
 use serde::Deserialize;
 
-use crate::core::addr::ListenAddr;
-use crate::core::config::{
-    at_least_one, idle_timeout, parse_document, positive, ConfigError, IdleTimeout,
-};
+use crate::core::config::{positive, ConfigError};
+use crate::core::spine::door::DoorSettings;
 use crate::core::users::{RawUser, Users};
 
 /// `kind: socks`
@@ -35,42 +33,35 @@ use crate::core::users::{RawUser, Users};
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    listen: ListenAddr,
-    #[serde(default)]
-    listen_via: Option<String>,
     #[serde(default)]
     auth: Option<Auth>,
     #[serde(default)]
     users: Vec<RawUser>,
-    #[serde(default)]
-    vnet: Option<String>,
     #[serde(default = "yes")]
     udp: bool,
     #[serde(default = "yes")]
     socks4: bool,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    connect_timeout: Duration,
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     handshake_timeout: Duration,
-    #[serde(default)]
-    idle_timeout: Option<IdleTimeout>,
-    #[serde(default = "default_max_connections")]
-    max_connections: usize,
     #[serde(default)]
     accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
 
+/// The keys `kind: socks` has beside [`DoorSettings`]: the fields of `RawConfig`.
+const OWN_KEYS: [&str; 6] = [
+    "auth",
+    "users",
+    "udp",
+    "socks4",
+    "handshake_timeout",
+    "accept_proxy_protocol",
+];
+
 fn yes() -> bool {
     true
 }
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
-}
-fn default_max_connections() -> usize {
-    1024
 }
 
 /// How clients authenticate.
@@ -86,28 +77,18 @@ pub enum Auth {
 /// A checked SOCKS config. Holds passwords: its `Debug` leaves them out.
 #[derive(Clone)]
 pub struct SocksConfig {
-    /// Where clients connect.
-    pub listen: ListenAddr,
-    /// Accept inside this module's network instead of the host's.
-    pub listen_via: Option<String>,
+    /// Where it listens, where connections route, timeouts, the limit.
+    pub door: DoorSettings,
     /// How clients authenticate.
     pub auth: Auth,
     /// Users and what they may reach.
     pub users: Users,
-    /// The vnet of clients whose user names none.
-    pub vnet: Option<String>,
     /// Whether UDP ASSOCIATE is served.
     pub udp: bool,
     /// Whether SOCKS4/4a is served.
     pub socks4: bool,
-    /// Dial timeout.
-    pub connect_timeout: Duration,
     /// Time allowed for greeting, authentication and request.
     pub handshake_timeout: Duration,
-    /// Idle timeout of relayed connections (and UDP associations' flows).
-    pub idle_timeout: Option<Duration>,
-    /// Concurrent connections.
-    pub max_connections: usize,
     /// Load balancers whose connections start with a PROXY header.
     pub accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
@@ -115,22 +96,17 @@ pub struct SocksConfig {
 impl std::fmt::Debug for SocksConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SocksConfig")
-            .field("listen", &self.listen)
-            .field("listen_via", &self.listen_via)
+            .field("door", &self.door)
             .field("auth", &self.auth)
             .field("users", &self.users.names())
-            .field("vnet", &self.vnet)
             .finish_non_exhaustive()
     }
 }
 
-/// TCP connections end after this long without traffic unless configured.
-pub const DEFAULT_IDLE: Duration = Duration::from_secs(3600);
-
 impl SocksConfig {
     /// Parses and validates a `kind: socks` document (reads password files).
     pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
-        let raw: RawConfig = parse_document(doc, &["kind"])?;
+        let (door, raw): (DoorSettings, RawConfig) = DoorSettings::parse(doc, &OWN_KEYS)?;
         let src = &doc.source;
         let auth = raw.auth.unwrap_or(if raw.users.is_empty() {
             Auth::None
@@ -151,51 +127,25 @@ impl SocksConfig {
                 "`auth: none` with users: the users would never be asked; drop them or use `auth: password`",
             ));
         }
-        let check_vnet = |key: String, v: &str| {
-            configstore::check_name(v).map_err(|m| ConfigError::key(src, key, m))
-        };
-        if let Some(v) = &raw.vnet {
-            check_vnet("vnet".into(), v)?;
-        }
         let users = Users::from_raw(src, raw.users)?;
-        positive(src, "connect_timeout", raw.connect_timeout)?;
         positive(src, "handshake_timeout", raw.handshake_timeout)?;
-        let idle_timeout = idle_timeout(src, raw.idle_timeout, DEFAULT_IDLE)?;
-        at_least_one(src, "max_connections", raw.max_connections)?;
-        if let Some(m) = &raw.listen_via {
-            configstore::check_name(m).map_err(|e| ConfigError::key(src, "listen_via", e))?;
-        }
-        if auth == Auth::None && !raw.listen.0.ip().is_loopback() && raw.listen_via.is_none() {
-            tracing::warn!(source = %src, listen = %raw.listen, "SOCKS without authentication on a non-loopback address: anyone who reaches it can use the tenant's routes");
+        if auth == Auth::None && door.exposed() {
+            tracing::warn!(source = %src, listen = %door.listen, "SOCKS without authentication on a non-loopback address: anyone who reaches it can use the tenant's routes");
         }
         Ok(SocksConfig {
-            listen: raw.listen,
-            listen_via: raw.listen_via,
+            door,
             auth,
             users,
-            vnet: raw.vnet,
             udp: raw.udp,
             socks4: raw.socks4 && auth == Auth::None,
-            connect_timeout: raw.connect_timeout,
             handshake_timeout: raw.handshake_timeout,
-            idle_timeout,
-            max_connections: raw.max_connections,
             accept_proxy_protocol: raw.accept_proxy_protocol,
         })
     }
 
     /// The instances this door needs started first.
     pub fn depends_on(&self) -> Vec<String> {
-        let mut d: Vec<String> = self
-            .listen_via
-            .iter()
-            .chain(self.vnet.iter())
-            .chain(self.users.vnets())
-            .cloned()
-            .collect();
-        d.sort();
-        d.dedup();
-        d
+        self.door.depends_on(self.users.vnets())
     }
 
     /// Checks credentials in this door's users; see [`Users::authenticate`].
@@ -205,7 +155,7 @@ impl SocksConfig {
         password: &[u8],
     ) -> Result<(String, Option<String>), &'static str> {
         self.users
-            .authenticate(user, password, self.vnet.as_deref())
+            .authenticate(user, password, self.door.vnet.as_deref())
     }
 }
 
@@ -302,6 +252,9 @@ mod tests {
         }
         let c = SocksConfig::from_document(&doc(json!({"listen": 1080}))).unwrap();
         assert_eq!((c.auth, c.socks4, c.udp), (Auth::None, true, true));
-        assert_eq!(c.idle_timeout, Some(DEFAULT_IDLE));
+        assert_eq!(
+            c.door.idle_timeout,
+            Some(DoorSettings::DEFAULT_IDLE_TIMEOUT)
+        );
     }
 }

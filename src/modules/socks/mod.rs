@@ -42,11 +42,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::core::config::ConfigError;
 use crate::core::logs;
 use crate::core::net::proxy::Stream;
-use crate::core::spine::door::{Door, DoorModule, Live};
+use crate::core::spine::door::{Door, DoorModule, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
 use crate::core::spine::module::{Module, ModuleContext, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
-    Accepted, Answer, ConnectRequest, ListenOn, OnRamp, RouteVia, StreamHandler, Target,
+    Accepted, Answer, ConnectRequest, OnRamp, RouteVia, StreamHandler, Target,
 };
 
 use config::Auth;
@@ -201,7 +201,7 @@ async fn handshake(
         return Ok(Ask::Connect {
             dst: req.dst,
             identity: None,
-            vnet: cfg.vnet.clone(),
+            vnet: cfg.door.vnet.clone(),
             socks4: true,
         });
     }
@@ -222,7 +222,7 @@ async fn handshake(
         .await
         .map_err(|e| Refused::new("client_gone", e.to_string()))?;
     let (identity, vnet) = match cfg.auth {
-        Auth::None => (None, cfg.vnet.clone()),
+        Auth::None => (None, cfg.door.vnet.clone()),
         Auth::Password => {
             let cred = read_msg(client, buf, proto::parse_credentials).await?;
             match cfg.authenticate(&cred.user, &cred.password) {
@@ -308,7 +308,7 @@ impl Answer for SocksAnswer {
 #[async_trait]
 impl StreamHandler for SocksDoor {
     fn max_connections(&self) -> usize {
-        self.live.get().max_connections
+        self.live.get().door.max_connections
     }
 
     fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
@@ -358,8 +358,8 @@ impl StreamHandler for SocksDoor {
                     target: Target::Addr(dst.host_port()),
                     identity,
                     via: RouteVia::Vnet(vnet),
-                    connect_timeout: cfg.connect_timeout,
-                    idle_timeout: cfg.idle_timeout,
+                    connect_timeout: cfg.door.connect_timeout,
+                    idle_timeout: cfg.door.idle_timeout,
                     client_dst: conn.dst,
                     proxy_protocol: None,
                 };
@@ -388,21 +388,25 @@ impl Door for SocksDoor {
         SocksConfig::from_document(doc)
     }
 
-    fn listen_on(cfg: &SocksConfig) -> ListenOn {
-        ListenOn::new(cfg.listen.0, cfg.listen_via.as_ref())
+    fn settings(cfg: &SocksConfig) -> &DoorSettings {
+        &cfg.door
     }
 
     fn status(&self, cfg: &SocksConfig, onramp: &OnRamp) -> serde_json::Value {
-        serde_json::json!({
-            "listen": cfg.listen.to_string(),
-            "listen_via": cfg.listen_via,
-            "auth": match cfg.auth { Auth::None => "none", Auth::Password => "password" },
-            "users": cfg.users.names(),
-            "vnet": cfg.vnet,
-            "udp": cfg.udp,
-            "socks4": cfg.socks4,
-            "active": onramp.active(),
-            "max_connections": cfg.max_connections,
-        })
+        let mut status = cfg.door.status(onramp);
+        status.extend([
+            (
+                "auth".into(),
+                match cfg.auth {
+                    Auth::None => "none",
+                    Auth::Password => "password",
+                }
+                .into(),
+            ),
+            ("users".into(), serde_json::json!(cfg.users.names())),
+            ("udp".into(), cfg.udp.into()),
+            ("socks4".into(), cfg.socks4.into()),
+        ]);
+        status.into()
     }
 }

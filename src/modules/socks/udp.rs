@@ -173,7 +173,7 @@ pub(super) async fn associate(
     // host, or in the network of `listen_via` (a VPN address).
     let local = control
         .local_addr()
-        .or_else(|| Some(cfg.listen.0).filter(|a| !a.ip().is_unspecified()));
+        .or_else(|| Some(cfg.door.listen.0).filter(|a| !a.ip().is_unspecified()));
     let Some(local) = local else {
         let _ = control
             .write_all(&proto::reply(proto::REP_GENERAL_FAILURE, None))
@@ -183,7 +183,7 @@ pub(super) async fn associate(
         tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, "UDP ASSOCIATE refused: the door listens on an unspecified address inside a virtual network; give `listen` its VPN address");
         return;
     };
-    let on = ListenOn::new(SocketAddr::new(local.ip(), 0), cfg.listen_via.as_ref());
+    let on = ListenOn::new(SocketAddr::new(local.ip(), 0), cfg.door.listen_via.as_ref());
     let relay = match onramp.bind_udp(&on).await {
         Ok(s) => s,
         Err(e) => {
@@ -215,12 +215,12 @@ pub(super) async fn associate(
         src,
         identity,
         vnet,
-        timeout: cfg.connect_timeout,
+        timeout: cfg.door.connect_timeout,
         dests: HashMap::new(),
         answers: answers_tx,
         stop,
     };
-    let idle = cfg.idle_timeout.unwrap_or(UDP_IDLE).min(UDP_IDLE);
+    let idle = cfg.door.idle_timeout.unwrap_or(UDP_IDLE).min(UDP_IDLE);
     let mut client_addr: Option<SocketAddr> = None;
     let mut b_in = vec![0u8; MAX_DATAGRAM];
     let mut ctl = [0u8; 64];

@@ -1,16 +1,13 @@
 //! The SSH door's config document.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use configstore::Document;
 use serde::Deserialize;
 
 use super::keys::{parse_authorized_keys, AuthorizedKey};
-use crate::core::addr::ListenAddr;
-use crate::core::config::{
-    at_least_one, idle_timeout, parse_document, positive, ConfigError, IdleTimeout,
-};
+use crate::core::config::ConfigError;
+use crate::core::spine::door::DoorSettings;
 
 /// `kind: ssh`
 ///
@@ -34,38 +31,32 @@ use crate::core::config::{
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    listen: ListenAddr,
-    #[serde(default)]
-    listen_via: Option<String>,
     host_key_file: PathBuf,
     #[serde(default)]
     authorized_keys_file: Option<PathBuf>,
     #[serde(default)]
     authorized_keys: Vec<String>,
-    #[serde(default)]
-    vnet: Option<String>,
     #[serde(default = "default_forward_ip")]
     remote_forward_ip: std::net::IpAddr,
     #[serde(default)]
     remote_forward_via: Option<String>,
     #[serde(default)]
     streamlocal_dir: Option<PathBuf>,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    connect_timeout: Duration,
-    #[serde(default)]
-    idle_timeout: Option<IdleTimeout>,
-    #[serde(default = "default_max_connections")]
-    max_connections: usize,
 }
+
+/// The keys `kind: ssh` has beside [`DoorSettings`]: the fields of
+/// `RawConfig`.
+const OWN_KEYS: [&str; 6] = [
+    "host_key_file",
+    "authorized_keys_file",
+    "authorized_keys",
+    "remote_forward_ip",
+    "remote_forward_via",
+    "streamlocal_dir",
+];
 
 fn default_forward_ip() -> std::net::IpAddr {
     std::net::IpAddr::from([127, 0, 0, 1])
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_max_connections() -> usize {
-    1024
 }
 
 /// The largest authorized_keys file read.
@@ -74,34 +65,26 @@ const MAX_KEYS_FILE: u64 = 1 << 20;
 /// A checked SSH door config.
 #[derive(Debug, Clone)]
 pub struct SshConfig {
-    /// Where SSH clients connect.
-    pub listen: ListenAddr,
-    /// The module whose network it listens in (`None`: the host).
-    pub listen_via: Option<String>,
+    /// Where SSH clients connect, where forwarded connections route,
+    /// timeouts (`idle_timeout`: of forwarded channels), the limit (SSH
+    /// connections).
+    pub door: DoorSettings,
     /// The host key's file.
     pub host_key_file: PathBuf,
     /// Who may log in.
     pub keys: Vec<AuthorizedKey>,
-    /// The vnet forwarded connections route in.
-    pub vnet: Option<String>,
     /// Where `ssh -R` listeners bind.
     pub remote_forward_ip: std::net::IpAddr,
     /// The module whose network they bind in (`None`: the host).
     pub remote_forward_via: Option<String>,
     /// Where `ssh -R` may publish Unix sockets (`None`: nowhere).
     pub streamlocal_dir: Option<PathBuf>,
-    /// Dial timeout.
-    pub connect_timeout: Duration,
-    /// Idle timeout of forwarded channels.
-    pub idle_timeout: Option<Duration>,
-    /// Concurrent SSH connections.
-    pub max_connections: usize,
 }
 
 impl SshConfig {
     /// Parses and validates a `kind: ssh` document, reading the keys file.
     pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
-        let raw: RawConfig = parse_document(doc, &["kind"])?;
+        let (door, raw): (DoorSettings, RawConfig) = DoorSettings::parse(doc, &OWN_KEYS)?;
         let src = &doc.source;
         if !raw.host_key_file.is_absolute() {
             return Err(ConfigError::key(
@@ -154,15 +137,6 @@ impl SshConfig {
                 "no keys: give `authorized_keys_file` or `authorized_keys` lines (OpenSSH format); nobody could log in",
             ));
         }
-        if let Some(v) = &raw.vnet {
-            configstore::check_name(v).map_err(|m| ConfigError::key(src, "vnet", m))?;
-        }
-        positive(src, "connect_timeout", raw.connect_timeout)?;
-        at_least_one(src, "max_connections", raw.max_connections)?;
-        let idle_timeout = idle_timeout(src, raw.idle_timeout, Duration::from_secs(3600))?;
-        if let Some(m) = &raw.listen_via {
-            configstore::check_name(m).map_err(|e| ConfigError::key(src, "listen_via", e))?;
-        }
         if raw
             .streamlocal_dir
             .as_ref()
@@ -174,18 +148,17 @@ impl SshConfig {
                 "expected an absolute directory (made on first use, mode 0700)",
             ));
         }
+        if let Some(m) = &raw.remote_forward_via {
+            configstore::check_name(m)
+                .map_err(|e| ConfigError::key(src, "remote_forward_via", e))?;
+        }
         Ok(SshConfig {
-            listen: raw.listen,
-            listen_via: raw.listen_via,
+            door,
             host_key_file: raw.host_key_file,
             keys,
-            vnet: raw.vnet,
             remote_forward_ip: raw.remote_forward_ip,
             remote_forward_via: raw.remote_forward_via,
             streamlocal_dir: raw.streamlocal_dir,
-            connect_timeout: raw.connect_timeout,
-            idle_timeout,
-            max_connections: raw.max_connections,
         })
     }
 }

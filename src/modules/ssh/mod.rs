@@ -42,7 +42,7 @@ use crate::core::config::ConfigError;
 use crate::core::logs;
 use crate::core::net::listen::StreamListener;
 use crate::core::net::proxy::Stream;
-use crate::core::spine::door::{Door, DoorModule, Live};
+use crate::core::spine::door::{Door, DoorModule, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
 use crate::core::spine::module::{Module, ModuleContext, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
@@ -64,12 +64,7 @@ impl ModuleFactory for SshFactory {
     fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
         let cfg = SshConfig::from_document(doc)?;
         Ok(ModulePlan {
-            depends_on: cfg
-                .vnet
-                .into_iter()
-                .chain(cfg.remote_forward_via)
-                .chain(cfg.listen_via)
-                .collect(),
+            depends_on: cfg.door.depends_on(cfg.remote_forward_via.iter()),
             ..ModulePlan::default()
         })
     }
@@ -259,7 +254,7 @@ impl Conn {
                 .join(", "),
             _ => format!(
                 "what vnet `{}` routes to",
-                self.cfg.vnet.as_deref().unwrap_or("(the default)")
+                self.cfg.door.vnet.as_deref().unwrap_or("(the default)")
             ),
         };
         format!(
@@ -503,7 +498,7 @@ impl russh::server::Handler for Conn {
                 port: *port,
             },
             identity: key.identity.clone(),
-            idle_timeout: self.cfg.idle_timeout,
+            idle_timeout: self.cfg.door.idle_timeout,
         });
         let running = self.onramp.serve(on, listener, handler);
         self.tally(Some("tcpip-forward"));
@@ -574,11 +569,11 @@ impl russh::server::Handler for Conn {
                 path: socket_path.to_string(),
             },
             identity: key.identity.clone(),
-            idle_timeout: self.cfg.idle_timeout,
+            idle_timeout: self.cfg.door.idle_timeout,
         });
         let stop = tokio_util::sync::CancellationToken::new();
         let (onramp, until) = (self.onramp.clone(), stop.clone());
-        let max = self.cfg.max_connections;
+        let max = self.cfg.door.max_connections;
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -667,9 +662,9 @@ impl russh::server::Handler for Conn {
             src: self.peer,
             target: Target::Addr(HostPort { host, port }),
             identity: Some(key.identity.clone()),
-            via: RouteVia::Vnet(self.cfg.vnet.clone()),
-            connect_timeout: self.cfg.connect_timeout,
-            idle_timeout: self.cfg.idle_timeout,
+            via: RouteVia::Vnet(self.cfg.door.vnet.clone()),
+            connect_timeout: self.cfg.door.connect_timeout,
+            idle_timeout: self.cfg.door.idle_timeout,
             client_dst: None,
             proxy_protocol: None,
         };
@@ -798,7 +793,7 @@ impl StreamHandler for Reverse {
 #[async_trait]
 impl StreamHandler for SshDoor {
     fn max_connections(&self) -> usize {
-        self.live.get().max_connections
+        self.live.get().door.max_connections
     }
 
     async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
@@ -837,8 +832,8 @@ impl Door for SshDoor {
         SshConfig::from_document(doc)
     }
 
-    fn listen_on(cfg: &SshConfig) -> ListenOn {
-        ListenOn::new(cfg.listen.0, cfg.listen_via.as_ref())
+    fn settings(cfg: &SshConfig) -> &DoorSettings {
+        &cfg.door
     }
 
     /// The host key (made on first start), then the listener.
@@ -854,7 +849,7 @@ impl Door for SshDoor {
             ConfigError::key(
                 source,
                 "listen",
-                format!("cannot listen on {}: {e}", cfg.listen),
+                format!("cannot listen on {}: {e}", cfg.door.listen),
             )
         })?;
         *self.server.write().expect("poisoned") = Some(Arc::new(server_config(key)));
@@ -862,9 +857,7 @@ impl Door for SshDoor {
     }
 
     fn must_rebind(old: &SshConfig, new: &SshConfig) -> bool {
-        old.listen != new.listen
-            || old.listen_via != new.listen_via
-            || old.host_key_file != new.host_key_file
+        Self::listen_on(old) != Self::listen_on(new) || old.host_key_file != new.host_key_file
     }
 
     fn status(&self, cfg: &SshConfig, onramp: &OnRamp) -> serde_json::Value {
@@ -878,14 +871,13 @@ impl Door for SshDoor {
                     .first()
                     .map(|k| k.fingerprint(HashAlg::Sha256).to_string())
             });
-        serde_json::json!({
-            "listen": cfg.listen.to_string(),
-            "host_key_fingerprint": fingerprint,
-            "keys": cfg.keys.iter().map(|k| k.identity.clone()).collect::<Vec<_>>(),
-            "vnet": cfg.vnet,
-            "active": onramp.active(),
-            "max_connections": cfg.max_connections,
-        })
+        let mut status = cfg.door.status(onramp);
+        status.insert("host_key_fingerprint".into(), fingerprint.into());
+        status.insert(
+            "keys".into(),
+            serde_json::json!(cfg.keys.iter().map(|k| &k.identity).collect::<Vec<_>>()),
+        );
+        status.into()
     }
 }
 
