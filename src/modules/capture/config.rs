@@ -1,14 +1,10 @@
 //! The capture module's config document.
 
-use std::time::Duration;
-
 use configstore::Document;
 use serde::Deserialize;
 
-use crate::core::addr::ListenAddr;
-use crate::core::config::{
-    at_least_one, idle_timeout, parse_document, positive, ConfigError, IdleTimeout,
-};
+use crate::core::config::ConfigError;
+use crate::core::spine::door::DoorSettings;
 
 /// How captured connections reach the listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -39,71 +35,87 @@ pub enum Mode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    listen: ListenAddr,
     #[serde(default = "default_mode")]
     mode: Mode,
-    #[serde(default)]
-    vnet: Option<String>,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    connect_timeout: Duration,
-    #[serde(default)]
-    idle_timeout: Option<IdleTimeout>,
-    #[serde(default = "default_max_connections")]
-    max_connections: usize,
 }
+
+/// The keys `kind: capture` has beside [`DoorSettings`].
+const OWN_KEYS: [&str; 1] = ["mode"];
 
 fn default_mode() -> Mode {
     Mode::Redirect
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_max_connections() -> usize {
-    1024
 }
 
 /// A checked capture config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaptureConfig {
-    /// Where the rules send captured connections.
-    pub listen: ListenAddr,
+    /// Where the rules send captured connections (always on the host),
+    /// where they route, timeouts, the limit.
+    pub door: DoorSettings,
     /// REDIRECT or TPROXY.
     pub mode: Mode,
-    /// The vnet captured connections route in.
-    pub vnet: Option<String>,
-    /// Dial timeout.
-    pub connect_timeout: Duration,
-    /// Idle timeout of relayed connections.
-    pub idle_timeout: Option<Duration>,
-    /// Concurrent connections.
-    pub max_connections: usize,
 }
 
 impl CaptureConfig {
     /// Parses and validates a `kind: capture` document.
     pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
-        let raw: RawConfig = parse_document(doc, &["kind"])?;
+        let (door, raw): (DoorSettings, RawConfig) = DoorSettings::parse(doc, &OWN_KEYS)?;
         let src = &doc.source;
-        if let Some(v) = &raw.vnet {
-            configstore::check_name(v).map_err(|m| ConfigError::key(src, "vnet", m))?;
+        if door.listen_via.is_some() {
+            return Err(ConfigError::key(
+                src,
+                "listen_via",
+                "capture listens on the host, where the capture rules send connections",
+            ));
         }
-        positive(src, "connect_timeout", raw.connect_timeout)?;
-        at_least_one(src, "max_connections", raw.max_connections)?;
-        if raw.listen.0.port() == 0 {
+        if door.listen.0.port() == 0 {
             return Err(ConfigError::key(
                 src,
                 "listen",
                 "needs a fixed port: the capture rules name it",
             ));
         }
-        let idle_timeout = idle_timeout(src, raw.idle_timeout, Duration::from_secs(3600))?;
         Ok(CaptureConfig {
-            listen: raw.listen,
+            door,
             mode: raw.mode,
-            vnet: raw.vnet,
-            connect_timeout: raw.connect_timeout,
-            idle_timeout,
-            max_connections: raw.max_connections,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: serde_json::Value) -> Result<CaptureConfig, ConfigError> {
+        CaptureConfig::from_document(&Document {
+            source: "tenants/acme/capture.yaml".into(),
+            value: v,
+        })
+    }
+
+    #[test]
+    fn defaults_and_refusals() {
+        let c = parse(json!({"kind": "capture", "listen": "0.0.0.0:15001"})).unwrap();
+        assert_eq!(c.mode, Mode::Redirect);
+        assert_eq!(c.door.listen.0.port(), 15001);
+        assert_eq!(
+            c.door.max_connections,
+            DoorSettings::DEFAULT_MAX_CONNECTIONS
+        );
+        let c = parse(json!({"listen": 15001, "mode": "tproxy", "vnet": "corp"})).unwrap();
+        assert_eq!(
+            (c.mode, c.door.vnet.as_deref()),
+            (Mode::Tproxy, Some("corp"))
+        );
+        for (v, key) in [
+            (json!({"listen": 0}), "listen"),
+            (json!({"listen": 15001, "listen_via": "wg0"}), "listen_via"),
+            (json!({"listen": 15001, "mode": "nat"}), "mode"),
+            (json!({"listen": 15001, "mdoe": "tproxy"}), "mdoe"),
+        ] {
+            let e = parse(v.clone()).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{v}: {e}");
+        }
     }
 }

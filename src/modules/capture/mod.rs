@@ -51,7 +51,7 @@ impl ModuleFactory for CaptureFactory {
     fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
         let cfg = CaptureConfig::from_document(doc)?;
         Ok(ModulePlan {
-            depends_on: cfg.vnet.into_iter().collect(),
+            depends_on: cfg.door.depends_on([]),
             ..ModulePlan::default()
         })
     }
@@ -152,7 +152,7 @@ fn original_dst(tcp: &tokio::net::TcpStream) -> Option<SocketAddr> {
 #[async_trait]
 impl StreamHandler for State {
     fn max_connections(&self) -> usize {
-        self.config().max_connections
+        self.config().door.max_connections
     }
 
     async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
@@ -163,7 +163,7 @@ impl StreamHandler for State {
             (Mode::Tproxy, _) => conn.dst,
             _ => None,
         };
-        let captured = orig.filter(|o| !to_capture_port(cfg.listen.0, *o));
+        let captured = orig.filter(|o| !to_capture_port(cfg.door.listen.0, *o));
         let Some(orig) = captured else {
             ctx.metrics
                 .reject(&ctx.tenant.name, &ctx.instance, "not_captured");
@@ -180,9 +180,9 @@ impl StreamHandler for State {
             src: conn.src,
             target: Target::Addr(target),
             identity: None,
-            via: RouteVia::Vnet(cfg.vnet.clone()),
-            connect_timeout: cfg.connect_timeout,
-            idle_timeout: cfg.idle_timeout,
+            via: RouteVia::Vnet(cfg.door.vnet.clone()),
+            connect_timeout: cfg.door.connect_timeout,
+            idle_timeout: cfg.door.idle_timeout,
             client_dst: Some(orig),
             proxy_protocol: None,
         };
@@ -194,7 +194,7 @@ impl Capture {
     /// Binds and serves `cfg`'s listener. A missing capability is reported
     /// and leaves the module idle (Ok); other failures are errors.
     async fn listen(&self, cfg: &CaptureConfig, source: &str) -> Result<(), ModuleError> {
-        let addr = cfg.listen.0;
+        let addr = cfg.door.listen.0;
         let bound = match cfg.mode {
             Mode::Redirect => bind_host_tcp(addr).map_err(BindError::Other),
             Mode::Tproxy => bind_transparent(addr),
@@ -257,7 +257,7 @@ impl Module for Capture {
     async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
         let new = CaptureConfig::from_document(doc)?;
         let old = self.state.config();
-        if new.listen != old.listen || new.mode != old.mode {
+        if new.door.listen != old.door.listen || new.mode != old.mode {
             self.listen(&new, &doc.source).await?;
         }
         *self.source.write().expect("poisoned") = doc.source.clone();
@@ -279,14 +279,12 @@ impl Module for Capture {
 
     fn status(&self) -> serde_json::Value {
         let cfg = self.state.config();
-        serde_json::json!({
-            "listen": cfg.listen.to_string(),
-            "mode": cfg.mode,
-            "vnet": cfg.vnet,
-            "capturing": self.problem.lock().expect("poisoned").is_none(),
-            "problem": *self.problem.lock().expect("poisoned"),
-            "active": self.onramp.active(),
-            "max_connections": cfg.max_connections,
-        })
+        let problem = self.problem.lock().expect("poisoned").clone();
+        let mut status = cfg.door.status(&self.onramp);
+        status.remove("listen_via");
+        status.insert("mode".into(), serde_json::json!(cfg.mode));
+        status.insert("capturing".into(), problem.is_none().into());
+        status.insert("problem".into(), serde_json::json!(problem));
+        status.into()
     }
 }

@@ -50,7 +50,7 @@ pub(super) async fn serve(
                 }
             },
         };
-        let listen = state.config().listen.0;
+        let listen = state.config().door.listen.0;
         let Some(orig) = orig.filter(|o| !super::to_capture_port(listen, *o)) else {
             ctx.metrics.reject(&tenant, &instance, "not_captured");
             continue;
@@ -60,7 +60,7 @@ pub(super) async fn serve(
         let tx = match existing {
             Some(tx) if !tx.is_closed() => tx,
             _ => {
-                let Some(slot) = onramp.try_admit(state.config().max_connections) else {
+                let Some(slot) = onramp.try_admit(state.config().door.max_connections) else {
                     continue;
                 };
                 let (tx, rx) = mpsc::channel(SESSION_QUEUE);
@@ -101,9 +101,9 @@ async fn session(
     };
     let upstream = match onramp
         .open_datagrams(
-            &RouteVia::Vnet(cfg.vnet.clone()),
+            &RouteVia::Vnet(cfg.door.vnet.clone()),
             &target,
-            cfg.connect_timeout,
+            cfg.door.connect_timeout,
         )
         .await
     {
