@@ -7,26 +7,11 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::netns::*;
 use common::*;
-
-fn keygen(dir: &Path, name: &str) -> String {
-    let key = dir.join(name);
-    let ok = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&key)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    std::fs::read_to_string(key.with_extension("pub"))
-        .unwrap()
-        .trim()
-        .to_string()
-}
 
 #[test]
 fn ssh_jump_through_meshgate_into_a_real_sshd_and_100mb_through_a_forward() {
@@ -43,9 +28,9 @@ fn ssh_jump_through_meshgate_into_a_real_sshd_and_100mb_through_a_forward() {
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let alice = keygen(d, "alice");
+    let alice = ssh_keygen(d, "alice").1;
     // A real sshd in the legacy namespace, alice's key for root.
-    let _ = keygen(d, "sshd_host");
+    let _ = ssh_keygen(d, "sshd_host").1;
     std::fs::write(d.join("root_keys"), format!("{alice}\n")).unwrap();
     std::fs::create_dir_all("/run/sshd").unwrap();
     std::fs::write(
@@ -258,8 +243,8 @@ fn socks_on_the_client_reaches_legacy_nginx_by_name_over_ssh_in_wireguard() {
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let door_host = keygen(d, "door_host");
-    let link_pub = keygen(d, "link_key");
+    let door_host = ssh_keygen(d, "door_host").1;
+    let link_pub = ssh_keygen(d, "link_key").1;
     let (server_key, client_key) = (
         meshgate::core::keys::PrivateKey::generate(),
         meshgate::core::keys::PrivateKey::generate(),

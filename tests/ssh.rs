@@ -4,24 +4,11 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
-    let key = dir.join(name);
-    let ok = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&key)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-    (key, public.trim().to_string())
-}
 
 /// A `kind: ssh` door on 127.0.0.1:`port`, its host key in `dir`, letting
 /// `keys` in, with `extra` lines.
@@ -81,9 +68,9 @@ fn openssh_forwards_through_the_ssh_door() {
     let Some(nginx) = Nginx::start() else { return };
     let echo = echo_server();
     let dir = tempfile::tempdir().unwrap();
-    let (alice, alice_pub) = keygen(dir.path(), "alice");
-    let (bob, bob_pub) = keygen(dir.path(), "bob");
-    let (carol, _) = keygen(dir.path(), "carol");
+    let (alice, alice_pub) = ssh_keygen(dir.path(), "alice");
+    let (bob, bob_pub) = ssh_keygen(dir.path(), "bob");
+    let (carol, _) = ssh_keygen(dir.path(), "carol");
     let keys = dir.path().join("authorized_keys");
     let bob_listen = free_port();
     std::fs::write(
@@ -303,8 +290,8 @@ fn certificates_from_the_tenant_ca_log_in_with_their_principal() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (ca, ca_pub) = keygen(d, "ca");
-    let (other_ca, _) = keygen(d, "other-ca");
+    let (ca, ca_pub) = ssh_keygen(d, "ca");
+    let (other_ca, _) = ssh_keygen(d, "other-ca");
     let cfg = ConfigDir::new();
     let port = free_port();
     cfg.write(
@@ -329,7 +316,7 @@ fn certificates_from_the_tenant_ca_log_in_with_their_principal() {
         )
     };
     // A valid certificate: its principal is the identity.
-    let (good, _) = keygen(d, "good");
+    let (good, _) = ssh_keygen(d, "good");
     sign(&ca, &good, "good-cert", "ops", "-5m:+1h");
     let (ok, text) = login(&good);
     assert!(
@@ -339,13 +326,13 @@ fn certificates_from_the_tenant_ca_log_in_with_their_principal() {
     );
     // Expired, another CA's, a principal the CA line does not accept, and
     // the CA key itself used as a plain key: refused.
-    let (old, _) = keygen(d, "old");
+    let (old, _) = ssh_keygen(d, "old");
     sign(&ca, &old, "old-cert", "ops", "-2h:-1h");
     assert!(!login(&old).0, "an expired certificate got in");
-    let (stranger, _) = keygen(d, "stranger");
+    let (stranger, _) = ssh_keygen(d, "stranger");
     sign(&other_ca, &stranger, "stranger-cert", "ops", "-5m:+1h");
     assert!(!login(&stranger).0, "another CA's certificate got in");
-    let (wrong, _) = keygen(d, "wrong");
+    let (wrong, _) = ssh_keygen(d, "wrong");
     sign(&ca, &wrong, "wrong-cert", "root", "-5m:+1h");
     assert!(!login(&wrong).0, "a principal outside principals= got in");
     assert!(!login(&ca).0, "the CA key logged in as a plain key");
@@ -411,8 +398,8 @@ fn a_stalled_channel_does_not_stall_the_session_and_tenants_keep_their_keys() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (alice, alice_pub) = keygen(d, "alice");
-    let (bob, bob_pub) = keygen(d, "bob");
+    let (alice, alice_pub) = ssh_keygen(d, "alice");
+    let (bob, bob_pub) = ssh_keygen(d, "bob");
     let cfg = ConfigDir::new();
     let (pa, pb) = (free_port(), free_port());
     for (tenant, port, key) in [("a", pa, &alice_pub), ("b", pb, &bob_pub)] {
@@ -493,8 +480,8 @@ fn a_gateway_link_reconnects_and_publishes_its_forwards_again() {
     let Some(nginx) = Nginx::start() else { return };
     let echo = echo_server();
     let dir = tempfile::tempdir().unwrap();
-    let (east_host, east_host_pub) = keygen(dir.path(), "east_host");
-    let (west_key, west_pub) = keygen(dir.path(), "west_link");
+    let (east_host, east_host_pub) = ssh_keygen(dir.path(), "east_host");
+    let (west_key, west_pub) = ssh_keygen(dir.path(), "west_link");
     let door = free_port();
     let published = free_port();
     let east = ConfigDir::new();
@@ -580,7 +567,7 @@ fn a_gateway_link_reconnects_and_publishes_its_forwards_again() {
     assert_eq!(status["connected"], true);
     assert!(status["reconnects"].as_u64().unwrap() >= 1);
     // A wrong host key: never connects, says why.
-    let (_, other_pub) = keygen(dir.path(), "other");
+    let (_, other_pub) = ssh_keygen(dir.path(), "other");
     let wrong = ConfigDir::new();
     wrong.write(
         "tenants/acme/east.yaml",
@@ -629,7 +616,7 @@ fn ssh_r_with_a_name_publishes_it_in_the_tenant() {
     }
     let Some(nginx) = Nginx::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (alice, alice_pub) = keygen(dir.path(), "alice");
+    let (alice, alice_pub) = ssh_keygen(dir.path(), "alice");
     let cfg = ConfigDir::new();
     let (port, socks) = (free_port(), free_port());
     cfg.write(
@@ -686,7 +673,7 @@ fn ssh_r_publishes_a_unix_socket_inside_its_directory_only() {
     }
     let Some(nginx) = Nginx::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (alice, alice_pub) = keygen(dir.path(), "alice");
+    let (alice, alice_pub) = ssh_keygen(dir.path(), "alice");
     let sockets = dir.path().join("sockets");
     let cfg = ConfigDir::new();
     let port = free_port();

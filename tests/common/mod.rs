@@ -388,3 +388,19 @@ pub fn echo_roundtrip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>>
     s.read_exact(&mut back)?;
     Ok(back)
 }
+
+/// An Ed25519 key pair made by OpenSSH's `ssh-keygen` in `dir` (no
+/// passphrase, comment `name`): the private key's path and the public
+/// key's `authorized_keys` line.
+pub fn ssh_keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ssh-keygen failed");
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    (key, public.trim().to_string())
+}
