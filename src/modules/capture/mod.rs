@@ -281,7 +281,6 @@ impl Module for Capture {
         let cfg = self.state.config();
         let problem = self.problem.lock().expect("poisoned").clone();
         let mut status = cfg.door.status(&self.onramp);
-        status.remove("listen_via");
         status.insert("mode".into(), serde_json::json!(cfg.mode));
         status.insert("capturing".into(), problem.is_none().into());
         status.insert("problem".into(), serde_json::json!(problem));
