@@ -29,6 +29,8 @@ declare -A PACKAGES=(
   [ssh]=openssh-client
   [ssh-keygen]=openssh-client
   [sshd]=openssh-server
+  # ring and aws-lc-sys (russh's crypto) compile C.
+  [cc]=build-essential
 )
 
 missing=()
