@@ -146,9 +146,16 @@ async fn serve() -> ExitCode {
         },
         AdminAddr::Off => None,
     };
+    // Doors' users never reach the admin API through a `direct` route.
+    let mut _admin_registered = None;
     if let Some(l) = admin_listener {
         let addr = l.local_addr().ok();
         tracing::info!(?addr, "admin API listening");
+        _admin_registered = addr.map(|a| {
+            registry
+                .host_listeners()
+                .register(meshgate::core::net::listen::Owner::Node, a)
+        });
         let a = admin::Admin::new(registry.clone(), node_cfg.node.clone());
         if let Err(e) = admin::spawn_on_own_runtime(l, a, shutdown.clone()) {
             return fail(&[format!("admin API: {e}")]);

@@ -59,6 +59,19 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// `tenant`, `instance`, `rule`, `result`: one policy decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// The on-ramp's instance name.
+    pub instance: String,
+    /// The rule that decided (`default` when none did).
+    pub rule: String,
+    /// `allow`, `deny`, `dry_run_allow`, `dry_run_deny` or `revoked`.
+    pub result: String,
+}
+
 /// `tenant`, `instance`, `result` (`ok` or `failed`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -88,6 +101,8 @@ pub struct Metrics {
     pub config_reloads: Family<ReloadLabels, Counter>,
     /// Restarts of an instance after one of its tasks failed (a panic).
     pub restarts: Family<InstanceLabels, Counter>,
+    /// Policy decisions, by rule and result.
+    pub policy: Family<PolicyLabels, Counter>,
     /// Reason label sets created so far, so an instance's series can be
     /// deleted with it.
     reasons_seen: Mutex<std::collections::HashSet<ReasonLabels>>,
@@ -125,6 +140,22 @@ pub struct InstanceMetrics {
     pub bytes_up: Counter,
     /// `meshgate_bytes_total{direction="downstream"}`.
     pub bytes_down: Counter,
+    /// `meshgate_policy_decisions_total` (the node's family).
+    pub policy: Family<PolicyLabels, Counter>,
+}
+
+impl InstanceMetrics {
+    /// Counts a policy decision on one of this instance's flows.
+    pub fn policy_decision(&self, tenant: &str, instance: &str, rule: &str, result: &str) {
+        self.policy
+            .get_or_create(&PolicyLabels {
+                tenant: tenant.into(),
+                instance: instance.into(),
+                rule: rule.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
 }
 
 impl Default for Metrics {
@@ -145,6 +176,7 @@ impl Metrics {
             rejected: Family::default(),
             config_reloads: Family::default(),
             restarts: Family::default(),
+            policy: Family::default(),
             reasons_seen: Mutex::new(std::collections::HashSet::new()),
             registry: Mutex::new(Registry::default()),
             subsystems: Mutex::new(HashMap::new()),
@@ -185,6 +217,11 @@ impl Metrics {
             "Restarts of a module instance after one of its tasks failed",
             m.restarts.clone(),
         );
+        registry.register(
+            "policy_decisions",
+            "Policy decisions on flows, by rule and result (dry-run rules count what they would have done)",
+            m.policy.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             ..m
@@ -205,6 +242,7 @@ impl Metrics {
         InstanceMetrics {
             connections: self.connections.get_or_create_owned(&l),
             active: self.connections_active.get_or_create_owned(&l),
+            policy: self.policy.clone(),
             bytes_up: self.bytes.get_or_create_owned(&bytes(Direction::upstream)),
             bytes_down: self
                 .bytes

@@ -9,6 +9,7 @@
 //! - [`http_proxy`]: an HTTP/1.1 CONNECT and forward proxy front door.
 //! - [`capture`]: transparent capture (REDIRECT, TPROXY) of unconfigured clients.
 //! - [`ssh`]: an SSH door for stock OpenSSH clients (`-L`, `-W`, `-J`, `-D`).
+//! - [`policy`]: a tenant's allow/deny rules on every flow, with live revocation.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use crate::core::spine::module::ModuleFactory;
 pub mod capture;
 pub mod http_proxy;
 pub mod pipe;
+pub mod policy;
 pub mod socks;
 pub mod ssh;
 pub mod vnet;
@@ -33,5 +35,6 @@ pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
         Arc::new(ssh::link::SshLinkFactory),
         Arc::new(wireguard::WireGuardFactory),
         Arc::new(vnet::VnetFactory),
+        Arc::new(policy::PolicyFactory),
     ]
 }

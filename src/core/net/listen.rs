@@ -65,6 +65,79 @@ impl StreamListener for HostListener {
     }
 }
 
+/// Who owns a listening socket on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// The node itself (the admin API).
+    Node,
+    /// A tenant's module.
+    Tenant(String),
+}
+
+/// The node's listening sockets on the host, by owner: a door's user may
+/// not reach the admin API or another tenant's listener through a
+/// `direct` route (`127.0.0.1:9000` and the host's other addresses alike).
+#[derive(Debug, Clone, Default)]
+pub struct HostListeners(std::sync::Arc<std::sync::Mutex<Vec<(u64, Owner, SocketAddr)>>>);
+
+/// A registration in [`HostListeners`]; removed when dropped.
+#[derive(Debug)]
+pub struct Registered {
+    table: HostListeners,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.table.lock().retain(|(id, _, _)| *id != self.id);
+    }
+}
+
+impl HostListeners {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Owner, SocketAddr)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that `owner` listens on `addr` until the guard drops.
+    pub fn register(&self, owner: Owner, addr: SocketAddr) -> Registered {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().push((id, owner, addr));
+        Registered {
+            table: self.clone(),
+            id,
+        }
+    }
+
+    /// The owner of a listener that a connection to `dst` would reach,
+    /// other than `tenant`: one bound to `dst` itself, or to the
+    /// unspecified address when `dst` is one of the host's addresses.
+    pub fn foreign_owner(&self, tenant: &str, dst: SocketAddr) -> Option<Owner> {
+        let ip = crate::core::spine::dest::canonical(dst.ip());
+        let candidates: Vec<(Owner, SocketAddr)> = self
+            .lock()
+            .iter()
+            .filter(|(_, o, a)| a.port() == dst.port() && *o != Owner::Tenant(tenant.to_string()))
+            .map(|(_, o, a)| (o.clone(), *a))
+            .collect();
+        for (owner, a) in candidates {
+            let bound = crate::core::spine::dest::canonical(a.ip());
+            if bound == ip || (bound.is_unspecified() && is_local_address(ip)) {
+                return Some(owner);
+            }
+        }
+        None
+    }
+}
+
+/// Whether `ip` is one of this host's addresses (binding to it works).
+fn is_local_address(ip: IpAddr) -> bool {
+    if ip.is_loopback() {
+        return true;
+    }
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 /// Binds a TCP listener on the host network. `[::]` means every address,
 /// IPv4 and IPv6 (dual-stack, whatever `net.ipv6.bindv6only` says), and
 /// falls back to `0.0.0.0` on hosts without IPv6.

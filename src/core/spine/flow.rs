@@ -50,6 +50,37 @@ pub struct FlowContext {
     pub dst: String,
     /// TCP or UDP.
     pub protocol: Protocol,
+    /// The on-ramp's kind (`socks`, `pipe`, `wireguard`), as policies match it.
+    pub kind: String,
+    /// The address the flow is dialed to, once the path resolved it (a
+    /// name a gateway link resolves on its far side has none).
+    pub dialed: Option<SocketAddr>,
+}
+
+impl FlowContext {
+    /// The flow as a policy sees it: the requested name (if a name) and
+    /// port from `dst`, the address from `dialed` (or `dst`'s literal).
+    pub fn facts(&self) -> crate::core::spine::policy::Facts<'_> {
+        use crate::core::spine::dest::{normalize_host, Host};
+        let (host, port) = match self.dst.rsplit_once(':') {
+            Some((h, p)) => (h.trim_matches(['[', ']']), p.parse().unwrap_or(0)),
+            None => ("", 0),
+        };
+        let literal = match normalize_host(host) {
+            Host::Ip(ip) => Some(ip),
+            Host::Name(_) => None,
+        };
+        crate::core::spine::policy::Facts {
+            door: &self.instance,
+            kind: &self.kind,
+            identity: self.identity.as_deref(),
+            src: self.src.ip(),
+            host: (literal.is_none() && !host.is_empty()).then_some(host),
+            ip: self.dialed.map(|d| d.ip()).or(literal),
+            port: self.dialed.map(|d| d.port()).unwrap_or(port),
+            protocol: self.protocol,
+        }
+    }
 }
 
 /// A live flow.
@@ -66,6 +97,8 @@ pub struct Flow {
     down: AtomicU64,
     metrics: InstanceMetrics,
     decision: Mutex<Decision>,
+    /// Cancelled when a policy change denies the open flow.
+    revoked: tokio_util::sync::CancellationToken,
 }
 
 /// What the path decided for a flow: the policy verdict and the route.
@@ -76,6 +109,8 @@ pub struct Decision {
     pub verdict: Verdict,
     /// The vnet and rule that chose the connector (`frankfurt: 10.1.0.0/16 -> wg0`).
     pub route: Option<String>,
+    /// The policy rule that decided (`None`: no rule did).
+    pub rule: Option<String>,
 }
 
 /// A flow-start hook's answer.
@@ -107,6 +142,17 @@ impl Flow {
     /// Records the route the flow was given.
     pub fn set_route(&self, route: String) {
         self.decision.lock().expect("flow poisoned").route = Some(route);
+    }
+
+    /// Resolves when a policy change denied the open flow: the path ends it
+    /// as [`EndReason::PolicyRevoked`].
+    pub async fn revoked(&self) {
+        self.revoked.cancelled().await
+    }
+
+    /// Whether a policy change denied the open flow.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.is_cancelled()
     }
 
     /// Bytes moved client → remote so far.
@@ -154,6 +200,10 @@ pub enum EndReason {
     Rejected,
     /// Dialing the remote failed; the label is [`crate::core::net::dial::DialError::reason`].
     DialFailed(&'static str),
+    /// The destination is one no flow (or no door's user) may reach.
+    Forbidden(crate::core::spine::dest::Forbidden),
+    /// A policy change denied the open flow.
+    PolicyRevoked,
     /// The module stopped (config removed, shutdown).
     Stopped,
     /// The on-ramp dropped the flow without saying why.
@@ -179,8 +229,21 @@ impl EndReason {
                 "no_route" => "dial_no_route",
                 _ => "dial_io",
             },
+            EndReason::Forbidden(_) => "forbidden",
+            EndReason::PolicyRevoked => "policy_revoked",
             EndReason::Stopped => "stopped",
             EndReason::Dropped => "dropped",
+        }
+    }
+}
+
+impl EndReason {
+    /// The label with what refused it, for a person (an HTTP refusal's
+    /// body): `forbidden (loopback: the host's loopback ...)`.
+    pub fn detail(self) -> String {
+        match self {
+            EndReason::Forbidden(w) => format!("forbidden ({w}: {})", w.describe()),
+            r => r.as_str().to_string(),
         }
     }
 }
@@ -284,6 +347,8 @@ pub struct FlowTable {
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Arc<Flow>>>,
     observers: Vec<Arc<dyn FlowObserver>>,
+    /// Each tenant's policy, decided for every flow it opens.
+    policies: std::sync::RwLock<HashMap<String, Arc<crate::core::spine::policy::Policies>>>,
 }
 
 impl FlowTable {
@@ -293,7 +358,78 @@ impl FlowTable {
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
             observers,
+            policies: Default::default(),
         }
+    }
+
+    /// Decides the flows of `tenant` by `policies` from now on.
+    pub fn set_policies(&self, tenant: &str, policies: Arc<crate::core::spine::policy::Policies>) {
+        self.policies
+            .write()
+            .expect("flow table poisoned")
+            .insert(tenant.to_string(), policies);
+    }
+
+    /// `tenant` is gone: its policy with it.
+    pub fn remove_policies(&self, tenant: &str) {
+        self.policies
+            .write()
+            .expect("flow table poisoned")
+            .remove(tenant);
+    }
+
+    fn policy_of(&self, tenant: &str) -> Option<Arc<crate::core::spine::policy::PolicySet>> {
+        let p = self.policies.read().expect("flow table poisoned");
+        let set = p.get(tenant)?.current();
+        (!set.is_empty()).then_some(set)
+    }
+
+    /// Whether the policy of the flow's tenant would deny it (nothing is
+    /// counted or opened).
+    pub fn would_deny(&self, ctx: &FlowContext) -> bool {
+        self.policy_of(&ctx.tenant)
+            .is_some_and(|set| set.decide(&ctx.facts()).deny)
+    }
+
+    /// Decides every open flow of `tenant` again under its policy now in
+    /// force: a flow it denies is revoked (its path ends it as
+    /// [`EndReason::PolicyRevoked`] at once). Returns how many.
+    pub fn revalidate(&self, tenant: &str) -> usize {
+        let Some(set) = self.policy_of(tenant) else {
+            return 0;
+        };
+        let live: Vec<Arc<Flow>> = self
+            .live
+            .lock()
+            .expect("flow table poisoned")
+            .values()
+            .filter(|f| f.ctx.tenant == tenant)
+            .cloned()
+            .collect();
+        let mut revoked = 0;
+        for f in live {
+            let d = set.decide(&f.ctx.facts());
+            if !d.deny || f.revoked.is_cancelled() {
+                continue;
+            }
+            {
+                let mut dec = f.decision.lock().expect("flow poisoned");
+                if dec.verdict != Verdict::Allow {
+                    continue;
+                }
+                dec.verdict = Verdict::Deny(format!("{} (revoked)", d.reason()));
+                dec.rule = d.rule.clone();
+            }
+            f.metrics.policy_decision(
+                tenant,
+                &f.ctx.instance,
+                d.rule.as_deref().unwrap_or("default"),
+                "revoked",
+            );
+            f.revoked.cancel();
+            revoked += 1;
+        }
+        revoked
     }
 
     /// Starts tracking a flow; it ends when the guard is dropped or ended.
@@ -309,6 +445,35 @@ impl FlowTable {
         route: Option<String>,
         metrics: &InstanceMetrics,
     ) -> FlowGuard {
+        let mut decision = Decision {
+            verdict: Verdict::Allow,
+            route,
+            rule: None,
+        };
+        if let Some(set) = self.policy_of(&ctx.tenant) {
+            let d = set.decide(&ctx.facts());
+            let rule = d.rule.as_deref().unwrap_or("default");
+            metrics.policy_decision(
+                &ctx.tenant,
+                &ctx.instance,
+                rule,
+                if d.deny { "deny" } else { "allow" },
+            );
+            if let Some((shadow, action)) = &d.dry_run {
+                let result = match action {
+                    crate::core::spine::policy::Action::Deny => "dry_run_deny",
+                    crate::core::spine::policy::Action::Allow => "dry_run_allow",
+                };
+                metrics.policy_decision(&ctx.tenant, &ctx.instance, shadow, result);
+                if let Some(suppressed) = crate::core::logs::allow("policy.dry_run") {
+                    tracing::info!(tenant = %ctx.tenant, instance = %ctx.instance, identity = ?ctx.identity, src = %ctx.src, dst = ?ctx.dst, rule = ?shadow, would = result, suppressed, "dry-run policy rule would change this flow's verdict");
+                }
+            }
+            if d.deny {
+                decision.verdict = Verdict::Deny(d.reason());
+            }
+            decision.rule = d.rule;
+        }
         let flow = Arc::new(Flow {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             ctx,
@@ -317,10 +482,8 @@ impl FlowTable {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             metrics: metrics.clone(),
-            decision: Mutex::new(Decision {
-                verdict: Verdict::Allow,
-                route,
-            }),
+            decision: Mutex::new(decision),
+            revoked: tokio_util::sync::CancellationToken::new(),
         });
         metrics.connections.inc();
         metrics.active.inc();
@@ -456,6 +619,8 @@ mod tests {
             src: "127.0.0.1:5000".parse().unwrap(),
             dst: dst.into(),
             protocol: Protocol::Tcp,
+            kind: "pipe".into(),
+            dialed: None,
         }
     }
 

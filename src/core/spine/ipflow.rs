@@ -182,6 +182,8 @@ impl IpFlows {
                     src: SocketAddr::new(p.src.0, p.src.1),
                     dst: SocketAddr::new(p.dst.0, p.dst.1).to_string(),
                     protocol: p.protocol,
+                    kind: "wireguard".into(),
+                    dialed: Some(SocketAddr::new(p.dst.0, p.dst.1)),
                 },
                 &self.metrics,
             );
@@ -217,6 +219,13 @@ impl IpFlows {
         }
         let e = live.get_mut(&key).expect("inserted");
         e.last = now;
+        if e.guard.as_ref().is_some_and(|g| g.flow().is_revoked()) {
+            // A policy change denied the open flow: it ends, and its
+            // packets are dropped until it expires.
+            if let Some(mut g) = e.guard.take() {
+                g.set_end_reason(EndReason::PolicyRevoked);
+            }
+        }
         let Some(guard) = &e.guard else {
             return Admit::Drop("denied");
         };

@@ -12,11 +12,13 @@
 //! - [`module`]: the [`module::Module`] and [`module::ModuleFactory`] traits.
 //! - [`registry`]: builds, starts, reloads and stops module instances.
 
+pub mod dest;
 pub mod door;
 pub mod flow;
 pub mod ipflow;
 pub mod module;
 pub mod onramp;
+pub mod policy;
 pub mod registry;
 pub mod router;
 pub mod tenant;

@@ -84,6 +84,7 @@ pub trait Module: Send + Sync + 'static {
 pub struct ModuleDirectory {
     inner: Arc<RwLock<HashMap<InstanceKey, Arc<dyn Module>>>>,
     faults: Faults,
+    listeners: crate::core::net::listen::HostListeners,
 }
 
 /// Instances that failed while running (one of their tasks panicked) and
@@ -141,6 +142,10 @@ impl ModuleDirectory {
     pub fn faults(&self) -> &Faults {
         &self.faults
     }
+    /// The node's listening sockets on the host, by owner.
+    pub fn listeners(&self) -> &crate::core::net::listen::HostListeners {
+        &self.listeners
+    }
 }
 
 /// Everything a module is given when it is built.
@@ -158,6 +163,10 @@ pub struct ModuleContext {
     pub flows: Arc<FlowTable>,
     directory: Weak<RwLock<HashMap<InstanceKey, Arc<dyn Module>>>>,
     faults: Faults,
+    /// The node's listening sockets on the host, by owner.
+    pub listeners: crate::core::net::listen::HostListeners,
+    /// Its kind (`socks`, `pipe`, ...), as policies match on-ramps.
+    pub kind: String,
 }
 
 impl ModuleContext {
@@ -177,7 +186,15 @@ impl ModuleContext {
             flows,
             directory: directory.downgrade(),
             faults: directory.faults.clone(),
+            listeners: directory.listeners.clone(),
+            kind: String::new(),
         }
+    }
+
+    /// The same context, for an instance of `kind`.
+    pub fn with_kind(mut self, kind: &str) -> Self {
+        self.kind = kind.to_string();
+        self
     }
 
     /// Reports that this instance failed while running (one of its tasks

@@ -40,7 +40,9 @@ use crate::core::net::dns;
 use crate::core::net::listen::{bind_host_tcp, HostListener, StreamListener};
 use crate::core::net::proxy::{self, ProxyOptions, Stream, Traffic};
 use crate::core::net::proxy_protocol;
+use crate::core::spine::dest::{self, ChosenBy, Forbidden, Host};
 use crate::core::spine::flow::{EndReason, FlowContext, Protocol, Verdict};
+use crate::core::spine::vnet::RouteDecision;
 use crate::core::spine::module::ModuleContext;
 use crate::core::spine::router::{Connector, RouteError};
 
@@ -109,6 +111,9 @@ pub struct ConnectRequest {
     /// Send a PROXY protocol header of this version to the upstream first,
     /// so the backend sees `src` as the client.
     pub proxy_protocol: Option<proxy_protocol::Version>,
+    /// Who chose `target`: a door's client is held to the safe defaults
+    /// ([`crate::core::spine::dest`]); the operator's config is trusted.
+    pub chosen_by: ChosenBy,
 }
 
 /// The client side of a connection for [`OnRamp::connect_answering`]: it
@@ -438,10 +443,21 @@ impl OnRamp {
             ctx.flows
                 .open_routed(flow, Some(upstream.route.clone()), &ctx.instance_metrics);
         let (socket, remote) = (upstream.socket, upstream.remote);
+        if let Verdict::Deny(why) = flow.verdict() {
+            self.denied(&flow, &why);
+            rx.close();
+            flow.set_end_reason(EndReason::Denied);
+            return;
+        }
         let mut buf = vec![0u8; 65_535];
+        let revoked = flow.flow().clone();
         let reason = loop {
             tokio::select! {
                 _ = self.stop.cancelled() => break EndReason::Stopped,
+                _ = revoked.revoked() => {
+                    self.ctx.metrics.reject(self.tenant(), &self.ctx.instance, "policy_revoked");
+                    break EndReason::PolicyRevoked;
+                }
                 _ = tokio::time::sleep(idle) => break EndReason::IdleTimeout,
                 d = rx.recv() => match d {
                     Some(d) => match socket.send_to(&d, remote).await {
@@ -477,37 +493,24 @@ impl OnRamp {
         &self,
         via: &RouteVia,
         target: &HostPort,
+        chosen_by: ChosenBy,
         timeout: Duration,
     ) -> Result<Datagrams, (&'static str, String)> {
-        let (connector, target, shown) = match via {
-            RouteVia::Pinned(c) => (
-                c.clone(),
-                target.clone(),
-                format!("pinned: {target} -> {c}"),
-            ),
-            RouteVia::Vnet(vnet) => self
-                .route_in_vnet(vnet.as_deref(), target, timeout)
-                .await
-                .map_err(|r| (r.reason(), r.to_string()))?,
+        let plan = self
+            .plan(via, target, chosen_by, timeout)
+            .await
+            .map_err(|r| (r.reason(), r.to_string()))?;
+        let Some((connector, remote)) = plan
+            .candidates
+            .iter()
+            .find_map(|(c, t)| t.ip().map(|ip| (c.clone(), SocketAddr::new(ip, t.port))))
+        else {
+            let (c, t) = &plan.candidates[0];
+            return Err((
+                "resolve",
+                format!("{t}: names are not resolved inside `{c}`; give the vnet `hosts:` or `dns:`"),
+            ));
         };
-        let remote = match target.ip() {
-            Some(ip) => SocketAddr::new(ip, target.port),
-            None if connector == Connector::Direct => {
-                let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
-                match tokio::time::timeout(timeout, lookup).await {
-                    Ok(Ok(mut a)) => a.next().ok_or(("resolve", format!("{}: no addresses", target.host)))?,
-                    Ok(Err(e)) => return Err(("resolve", format!("{}: {e}", target.host))),
-                    Err(_) => return Err(("resolve", format!("{}: no answer within {timeout:?}", target.host))),
-                }
-            }
-            None => {
-                return Err((
-                    "resolve",
-                    format!("{target}: names are not resolved inside `{connector}`; give the vnet `hosts:` or `dns:`"),
-                ))
-            }
-        };
-        let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
         let socket = self
             .ctx
             .bind_udp(&connector, remote)
@@ -516,7 +519,7 @@ impl OnRamp {
         Ok(Datagrams {
             socket,
             remote,
-            route: shown,
+            route: plan.shown,
         })
     }
 
@@ -630,6 +633,15 @@ impl OnRamp {
         None
     }
 
+    /// Counts and logs a flow the policy (or a flow-start hook) denied.
+    fn denied(&self, flow: &crate::core::spine::flow::FlowGuard, why: &str) {
+        self.ctx.metrics.reject(self.tenant(), &self.ctx.instance, "denied");
+        if let Some(suppressed) = logs::allow("onramp.denied") {
+            let f = &flow.flow().ctx;
+            tracing::info!(tenant = %self.tenant(), instance = %self.ctx.instance, src = %f.src, dst = ?f.dst, identity = ?f.identity, protocol = ?f.protocol, reason = ?why, suppressed, "flow denied");
+        }
+    }
+
     /// Closes every connection and waits until they are gone.
     pub async fn stop(&self) {
         self.stop.cancel();
@@ -658,65 +670,76 @@ impl OnRamp {
             Target::Addr(t) => t.to_string(),
             Target::Unknown { label, .. } => label.clone(),
         };
-        // Decide the route first, so the flow-start hooks (policy) see where
-        // the flow would go and the audit line says it. A name in a vnet
-        // with `dns:` is resolved there first (through the route to the
-        // DNS server); everything else is a pure lookup.
-        let routed: Result<(Connector, HostPort, String), Refusal> = match &req.target {
+        // Decide the route first, on the address that will be dialed, so
+        // the policy sees where the flow goes and the audit line says it. A
+        // name is resolved where its route says (the vnet's `hosts:` or
+        // `dns:`, the host's resolver for a `direct` route; a gateway link
+        // resolves on its far side), and every address is checked.
+        let mut flow_ctx = FlowContext {
+            tenant: tenant.to_string(),
+            instance: instance.to_string(),
+            identity: req.identity.clone(),
+            src: req.src,
+            dst: dst.clone(),
+            protocol: Protocol::Tcp,
+            kind: ctx.kind.clone(),
+            dialed: None,
+        };
+        let routed: Result<Plan, Refusal> = match &req.target {
             Target::Unknown { error, .. } => Err(Refusal::Unknown(error.clone())),
-            Target::Addr(t) => match &req.via {
-                RouteVia::Pinned(c) => Ok((c.clone(), t.clone(), format!("pinned: {t} -> {c}"))),
-                RouteVia::Vnet(vnet) => {
-                    self.route_in_vnet(vnet.as_deref(), t, req.connect_timeout)
-                        .await
-                }
-            },
+            Target::Addr(t) => self
+                .plan(&req.via, t, req.chosen_by, req.connect_timeout)
+                .await
+                .map(|p| self.admitted_by_policy(p, &flow_ctx)),
         };
         let shown_route = match &routed {
-            Ok((_, _, shown)) => shown.clone(),
+            Ok(plan) => {
+                flow_ctx.dialed = plan.dialed();
+                plan.shown.clone()
+            }
             Err(r) => r.to_string(),
         };
-        let mut flow = ctx.flows.open_routed(
-            FlowContext {
-                tenant: tenant.to_string(),
-                instance: instance.to_string(),
-                identity: req.identity.clone(),
-                src: req.src,
-                dst: dst.clone(),
-                protocol: Protocol::Tcp,
-            },
-            Some(shown_route),
-            &ctx.instance_metrics,
-        );
+        let mut flow = ctx
+            .flows
+            .open_routed(flow_ctx, Some(shown_route), &ctx.instance_metrics);
         let work = async {
             // Phase one: the verdict, the route and the dial.
             let dialed: Result<Stream, EndReason> = async {
                 if let Verdict::Deny(why) = flow.verdict() {
-                    ctx.metrics.reject(tenant, instance, "denied");
-                    if let Some(suppressed) = logs::allow("onramp.denied") {
-                        tracing::info!(%tenant, %instance, src = %req.src, %dst, identity = req.identity.as_deref().unwrap_or("-"), reason = %why, suppressed, "flow denied");
-                    }
+                    self.denied(&flow, &why);
                     return Err(EndReason::Denied);
                 }
-                let (connector, target) = match routed {
-                    Ok((c, t, _)) => (c, t),
+                let plan = match routed {
+                    Ok(plan) => plan,
                     Err(refusal) => {
                         ctx.metrics.dial_error(tenant, instance, refusal.reason());
                         if let Some(suppressed) = logs::allow("onramp.refused") {
-                            tracing::warn!(%tenant, %instance, src = %req.src, %dst, error = %refusal, suppressed, "refused");
+                            tracing::warn!(%tenant, %instance, src = %req.src, dst = ?dst, error = ?refusal.to_string(), suppressed, "refused");
                         }
                         return Err(refusal.end_reason());
                     }
                 };
-                ctx.dial(&connector, &target, req.connect_timeout)
-                    .await
-                    .map_err(|e| {
-                        ctx.metrics.dial_error(tenant, instance, e.reason());
-                        if let Some(suppressed) = logs::allow("onramp.dial_failed") {
-                            tracing::warn!(%tenant, %instance, src = %req.src, %dst, via = %connector, error = %e, suppressed, "dial failed");
+                // Every candidate passed the checks: the first that answers wins.
+                let deadline = tokio::time::Instant::now() + req.connect_timeout;
+                let mut last = None;
+                for (connector, target) in &plan.candidates {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match ctx.dial(connector, target, left).await {
+                        Ok(s) => return Ok(s),
+                        Err(e) => {
+                            if let Some(suppressed) = logs::allow("onramp.dial_failed") {
+                                tracing::warn!(%tenant, %instance, src = %req.src, dst = ?dst, %target, via = %connector, error = %e, suppressed, "dial failed");
+                            }
+                            last = Some(e);
                         }
-                        EndReason::DialFailed(e.reason())
-                    })
+                    }
+                }
+                let reason = last.as_ref().map_or("timeout", |e| e.reason());
+                ctx.metrics.dial_error(tenant, instance, reason);
+                Err(EndReason::DialFailed(reason))
             }
             .await;
             // Phase two: tell the client (where the on-ramp owes it an
@@ -754,41 +777,210 @@ impl OnRamp {
         let reason = tokio::select! {
             r = work => r,
             _ = self.stop.cancelled() => EndReason::Stopped,
+            _ = flow.flow().revoked() => EndReason::PolicyRevoked,
         };
+        if reason == EndReason::PolicyRevoked {
+            ctx.metrics.reject(tenant, instance, "policy_revoked");
+        }
         flow.set_end_reason(reason);
         reason
     }
 }
 
+/// Where a flow is dialed, as the path decided it.
+struct Plan {
+    /// In order: the connector and the target handed to it (an address;
+    /// a name only for a connector that resolves on its far side).
+    candidates: Vec<(Connector, HostPort)>,
+    /// The route as flows show it.
+    shown: String,
+}
+
+impl Plan {
+    /// The first address the flow will be dialed to, if an address.
+    fn dialed(&self) -> Option<SocketAddr> {
+        let (_, t) = self.candidates.first()?;
+        t.ip().map(|ip| SocketAddr::new(ip, t.port))
+    }
+}
+
 impl OnRamp {
-    /// Routes `target` in `vnet`: connector, the address to dial, and the
-    /// route as logs show it. A host name the vnet's DNS server must answer
-    /// is resolved first, over TCP through the route to that server.
-    async fn route_in_vnet(
+    /// Decides where a flow to `target` is dialed: the normalised address,
+    /// or the name resolved where its route says, every address routed and
+    /// checked ([`dest::never`] always; for a door's client on a `direct`
+    /// route, [`dest::protected`] unless the route names the prefix, the
+    /// admin API and other tenants' listeners). Refused addresses are left
+    /// out; none left is a refusal with the first reason.
+    async fn plan(
+        &self,
+        via: &RouteVia,
+        target: &HostPort,
+        chosen_by: ChosenBy,
+        timeout: Duration,
+    ) -> Result<Plan, Refusal> {
+        let port = target.port;
+        let host = dest::normalize_host(&target.host);
+        let vnet = match via {
+            RouteVia::Pinned(c) => {
+                // The operator pinned the connector: only what no flow may
+                // reach is refused here.
+                let t = match &host {
+                    Host::Ip(ip) => {
+                        let t = HostPort {
+                            host: ip.to_string(),
+                            port,
+                        };
+                        if let Some(what) = dest::never(*ip) {
+                            return Err(Refusal::Forbidden {
+                                target: t.to_string(),
+                                what,
+                                route: None,
+                            });
+                        }
+                        t
+                    }
+                    Host::Name(_) => target.clone(),
+                };
+                return Ok(Plan {
+                    shown: format!("pinned: {t} -> {c}"),
+                    candidates: vec![(c.clone(), t)],
+                });
+            }
+            RouteVia::Vnet(v) => v.as_deref(),
+        };
+        let vnets = &self.ctx.tenant.vnets;
+        let (ips, note) = match host {
+            Host::Ip(ip) => (vec![ip], String::new()),
+            Host::Name(name) => {
+                let named = HostPort {
+                    host: name.clone(),
+                    port,
+                };
+                if let Some((vn, server)) = vnets.dns_for(vnet, &named) {
+                    let ips = self
+                        .resolve(&vn, server, &name, timeout)
+                        .await
+                        .map_err(|e| {
+                            Refusal::Resolve(format!(
+                                "cannot resolve {name} by the DNS server {server} of vnet `{vn}`: {e}"
+                            ))
+                        })?;
+                    let note = format!(" ({name} = {} by dns {server})", list(&ips));
+                    (ips, note)
+                } else {
+                    let d = vnets.route(vnet, &named).map_err(Refusal::Route)?;
+                    match d.target.ip() {
+                        Some(ip) => (vec![ip], String::new()),
+                        None if d.route.connector == Connector::Direct => {
+                            let ips = resolve_on_host(&name, port, timeout).await?;
+                            let note = format!(" ({name} = {} by the host)", list(&ips));
+                            (ips, note)
+                        }
+                        None => {
+                            return Ok(Plan {
+                                shown: d.describe(),
+                                candidates: vec![(d.route.connector, d.target)],
+                            })
+                        }
+                    }
+                }
+            }
+        };
+        let mut candidates = Vec::new();
+        let mut shown = None;
+        let mut refused = None;
+        for ip in ips {
+            match self.check_address(vnet, ip, port, chosen_by) {
+                Ok(d) => {
+                    shown.get_or_insert_with(|| format!("{}{note}", d.describe()));
+                    candidates.push((d.route.connector, d.target));
+                }
+                Err(r) => {
+                    refused.get_or_insert(r);
+                }
+            }
+        }
+        match shown {
+            Some(shown) => Ok(Plan { candidates, shown }),
+            None => Err(refused.unwrap_or_else(|| Refusal::Resolve(format!("{target}: no addresses")))),
+        }
+    }
+
+    /// Routes one address in `vnet` and checks it.
+    fn check_address(
         &self,
         vnet: Option<&str>,
-        target: &HostPort,
-        timeout: Duration,
-    ) -> Result<(Connector, HostPort, String), Refusal> {
-        let vnets = &self.ctx.tenant.vnets;
-        let mut resolved = None;
-        let mut target = target.clone();
-        if let Some((name, server)) = vnets.dns_for(vnet, &target) {
-            let ip = self
-                .resolve(&name, server, &target.host, timeout)
-                .await
-                .map_err(|e| {
-                    Refusal::Resolve(format!(
-                        "cannot resolve {} by the DNS server {server} of vnet `{name}`: {e}",
-                        target.host
-                    ))
-                })?;
-            resolved = Some(format!(" ({} = {ip} by dns {server})", target.host));
-            target.host = ip.to_string();
+        ip: std::net::IpAddr,
+        port: u16,
+        chosen_by: ChosenBy,
+    ) -> Result<RouteDecision, Refusal> {
+        let ip = dest::canonical(ip);
+        let target = HostPort {
+            host: ip.to_string(),
+            port,
+        };
+        if let Some(what) = dest::never(ip) {
+            return Err(Refusal::Forbidden {
+                target: target.to_string(),
+                what,
+                route: None,
+            });
         }
-        let d = vnets.route(vnet, &target).map_err(Refusal::Route)?;
-        let shown = format!("{}{}", d.describe(), resolved.unwrap_or_default());
-        Ok((d.route.connector, d.target, shown))
+        let d = self
+            .ctx
+            .tenant
+            .vnets
+            .route(vnet, &target)
+            .map_err(Refusal::Route)?;
+        if d.route.connector == Connector::Direct && chosen_by == ChosenBy::Client {
+            use crate::core::net::listen::Owner;
+            let what = dest::protected(ip)
+                .filter(|_| !d.explicit)
+                .or_else(|| {
+                    match self
+                        .ctx
+                        .listeners
+                        .foreign_owner(self.tenant(), SocketAddr::new(ip, port))
+                    {
+                        Some(Owner::Node) => Some(Forbidden::Admin),
+                        Some(Owner::Tenant(_)) => Some(Forbidden::OtherTenant),
+                        None => None,
+                    }
+                });
+            if let Some(what) = what {
+                return Err(Refusal::Forbidden {
+                    target: target.to_string(),
+                    what,
+                    route: Some(d.describe()),
+                });
+            }
+        }
+        Ok(d)
+    }
+
+    /// Leaves out the candidates the tenant's policy denies, so a name
+    /// with several addresses never falls through to a denied one; when
+    /// every one is denied the first stays, for the flow to be denied on.
+    fn admitted_by_policy(&self, mut plan: Plan, flow: &FlowContext) -> Plan {
+        if plan.candidates.len() < 2 {
+            return plan;
+        }
+        let denied = |t: &HostPort| {
+            let mut f = flow.clone();
+            f.dialed = t.ip().map(|ip| SocketAddr::new(ip, t.port));
+            self.ctx.flows.would_deny(&f)
+        };
+        if let Some(first_allowed) = plan.candidates.iter().position(|(_, t)| !denied(t)) {
+            let kept: Vec<_> = plan
+                .candidates
+                .drain(first_allowed..)
+                .filter(|(_, t)| !denied(t))
+                .collect();
+            plan.candidates = kept;
+        } else {
+            plan.candidates.truncate(1);
+        }
+        plan
     }
 
     async fn resolve(
@@ -797,7 +989,7 @@ impl OnRamp {
         server: SocketAddr,
         host: &str,
         timeout: Duration,
-    ) -> Result<std::net::IpAddr, String> {
+    ) -> Result<Vec<std::net::IpAddr>, String> {
         let at = HostPort {
             host: server.ip().to_string(),
             port: server.port(),
@@ -816,7 +1008,45 @@ impl OnRamp {
         let addrs = dns::resolve_over(stream, host, timeout)
             .await
             .map_err(|e| e.to_string())?;
-        addrs.first().copied().ok_or_else(|| "no address".into())
+        if addrs.is_empty() {
+            return Err("no address".into());
+        }
+        Ok(addrs)
+    }
+}
+
+/// `a, b, c` for the route shown.
+fn list(ips: &[std::net::IpAddr]) -> String {
+    ips.iter()
+        .map(|ip| ip.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Resolves `name` by the host's resolver (a `direct` route's names).
+async fn resolve_on_host(
+    name: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<Vec<std::net::IpAddr>, Refusal> {
+    match tokio::time::timeout(timeout, tokio::net::lookup_host((name, port))).await {
+        Ok(Ok(addrs)) => {
+            let mut ips: Vec<std::net::IpAddr> = Vec::new();
+            for a in addrs {
+                let ip = dest::canonical(a.ip());
+                if !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
+            if ips.is_empty() {
+                return Err(Refusal::Resolve(format!("cannot resolve {name}: no addresses")));
+            }
+            Ok(ips)
+        }
+        Ok(Err(e)) => Err(Refusal::Resolve(format!("cannot resolve {name}: {e}"))),
+        Err(_) => Err(Refusal::Resolve(format!(
+            "cannot resolve {name}: no answer within {timeout:?}"
+        ))),
     }
 }
 
@@ -842,6 +1072,16 @@ enum Refusal {
     /// The on-ramp could not name a target.
     #[error("{0}")]
     Unknown(String),
+    /// The address is one no flow, or no door's client, may reach.
+    #[error("{target} is refused: {}{}", what.describe(), route.as_ref().map(|r| format!(" (route `{r}`)")).unwrap_or_default())]
+    Forbidden {
+        /// The address.
+        target: String,
+        /// What it is.
+        what: Forbidden,
+        /// The route it matched, if routed.
+        route: Option<String>,
+    },
 }
 
 impl Refusal {
@@ -850,6 +1090,7 @@ impl Refusal {
             Refusal::Route(e) => e.reason(),
             Refusal::Resolve(_) => "resolve",
             Refusal::Unknown(_) => "no_route",
+            Refusal::Forbidden { what, .. } => what.as_str(),
         }
     }
 
@@ -857,6 +1098,7 @@ impl Refusal {
         match self {
             Refusal::Route(RouteError::Rejected { .. }) => EndReason::Rejected,
             Refusal::Resolve(_) => EndReason::DialFailed("resolve"),
+            Refusal::Forbidden { what, .. } => EndReason::Forbidden(*what),
             _ => EndReason::NoRoute,
         }
     }
@@ -961,6 +1203,7 @@ mod tests {
             idle_timeout: None,
             client_dst: None,
             proxy_protocol: None,
+            chosen_by: ChosenBy::Operator,
         };
 
         let (_c, client, _) = client_pair().await;
@@ -1059,6 +1302,7 @@ mod tests {
                 idle_timeout: None,
                 client_dst: None,
                 proxy_protocol: None,
+                chosen_by: ChosenBy::Client,
             };
             assert_eq!(onramp.connect(client, req).await, end, "{target}");
         }
@@ -1072,6 +1316,7 @@ mod tests {
             idle_timeout: None,
             client_dst: None,
             proxy_protocol: None,
+            chosen_by: ChosenBy::Client,
         };
         assert_eq!(onramp.connect(client, req).await, EndReason::NoRoute);
         let text = metrics.encode();
@@ -1170,6 +1415,7 @@ mod tests {
             idle_timeout: None,
             client_dst: None,
             proxy_protocol: None,
+            chosen_by: ChosenBy::Client,
         };
         let (mut c, client, _) = client_pair().await;
         let run = tokio::spawn({

@@ -165,6 +165,12 @@ impl Registry {
         self.directory.faults().list()
     }
 
+    /// The node's listening sockets on the host, by owner (the admin API
+    /// registers its own, so doors' users cannot reach it).
+    pub fn host_listeners(&self) -> &crate::core::net::listen::HostListeners {
+        self.directory.listeners()
+    }
+
     /// Finds a module by tenant and instance name.
     pub fn find(&self, tenant: &str, instance: &str) -> Option<Arc<dyn Module>> {
         self.directory.get(tenant, instance)
@@ -301,6 +307,7 @@ impl Registry {
             let t = Tenant::new(tenant);
             t.vnets
                 .set_default_engine(*self.default_engine.lock().expect("poisoned"));
+            self.flows.set_policies(tenant, t.policy.clone());
             TenantEntry {
                 tenant: Arc::new(t),
                 instances: BTreeMap::new(),
@@ -325,7 +332,8 @@ impl Registry {
             self.metrics.clone(),
             self.flows.clone(),
             &self.directory,
-        );
+        )
+        .with_kind(p.kind.as_str());
         let module = factory.build(ctx, &p.doc)?;
         module.start().await.map_err(|e| RegistryError::Start {
             key: p.key.clone(),
@@ -508,6 +516,7 @@ impl Registry {
         };
         if t.instances.is_empty() {
             tenants.remove(&key.tenant);
+            self.flows.remove_policies(&key.tenant);
         }
         self.directory.remove(key);
         entry.module.drain().await;

@@ -16,6 +16,9 @@ pub struct Tenant {
     /// Its virtual networks; where its flows go.
     #[serde(skip)]
     pub vnets: Vnets,
+    /// Its policy documents (`kind: policy`), decided for every flow.
+    #[serde(skip)]
+    pub policy: std::sync::Arc<crate::core::spine::policy::Policies>,
 }
 
 impl Tenant {
@@ -24,6 +27,7 @@ impl Tenant {
         Self {
             name: name.into(),
             vnets: Vnets::default(),
+            policy: Default::default(),
         }
     }
 }

@@ -58,6 +58,10 @@ pub struct RouteDecision {
     pub target: HostPort,
     /// The route that matched.
     pub route: Route,
+    /// Whether the route is one the vnet's document names explicitly and
+    /// more specifically than `*`, `0.0.0.0/0` or `::/0`: only such a route
+    /// takes a door's user to the host's loopback or link-local addresses.
+    pub explicit: bool,
 }
 
 impl RouteDecision {
@@ -99,7 +103,9 @@ pub struct Vnets {
     state: RwLock<VnetsState>,
 }
 
-/// The implicit vnet's built-in routes: loopback and then everything direct.
+/// The implicit vnet's built-in routes: loopback and then everything
+/// direct (loopback stays on the host even when a peer claims `0.0.0.0/0`;
+/// these routes are not explicit, so a door's user does not reach it).
 fn implicit_defaults() -> &'static Router {
     static DEFAULTS: std::sync::OnceLock<Router> = std::sync::OnceLock::new();
     DEFAULTS.get_or_init(|| {
@@ -331,12 +337,18 @@ impl Vnets {
         if configured.is_none() {
             layers.push(implicit_defaults());
         }
-        let route = Router::route_layered(&layers, &target)
-            .cloned()
-            .ok_or_else(|| RouteError::NoRoute {
-                target: target.to_string(),
-                vnet: name.clone(),
-            })?;
+        let found = Router::route_layered(&layers, &target).ok_or_else(|| RouteError::NoRoute {
+            target: target.to_string(),
+            vnet: name.clone(),
+        })?;
+        let explicit = configured
+            .is_some_and(|v| v.routes.routes().iter().any(|r| std::ptr::eq(r, found)))
+            && match &found.matches {
+                Match::Cidr(n) => n.prefix_len() > 0,
+                Match::Host(_) => true,
+                Match::Suffix(s) => !s.trim_start_matches('.').is_empty(),
+            };
+        let route = found.clone();
         if route.connector == Connector::Reject {
             return Err(RouteError::Rejected {
                 target: target.to_string(),
@@ -348,6 +360,7 @@ impl Vnets {
             vnet: name,
             target,
             route,
+            explicit,
         })
     }
 }

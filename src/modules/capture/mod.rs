@@ -185,6 +185,7 @@ impl StreamHandler for State {
             idle_timeout: cfg.door.idle_timeout,
             client_dst: Some(orig),
             proxy_protocol: None,
+            chosen_by: crate::core::spine::dest::ChosenBy::Client,
         };
         onramp.connect(client, req).await;
     }

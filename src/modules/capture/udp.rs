@@ -103,6 +103,7 @@ async fn session(
         .open_datagrams(
             &RouteVia::Vnet(cfg.door.vnet.clone()),
             &target,
+            crate::core::spine::dest::ChosenBy::Client,
             cfg.door.connect_timeout,
         )
         .await
@@ -133,6 +134,8 @@ async fn session(
         src,
         dst: orig.to_string(),
         protocol: Protocol::Udp,
+        kind: ctx.kind.clone(),
+        dialed: Some(upstream.remote),
     };
     onramp
         .relay_datagrams(flow, upstream, reply, src, rx, UDP_IDLE)

@@ -103,7 +103,11 @@ fn text(status: StatusCode, reason: Option<&str>, body: String) -> Response<Body
 /// The status for a flow that ended before relaying.
 fn status_for(reason: EndReason) -> StatusCode {
     match reason {
-        EndReason::Denied | EndReason::Rejected | EndReason::NoRoute => StatusCode::FORBIDDEN,
+        EndReason::Denied
+        | EndReason::Rejected
+        | EndReason::NoRoute
+        | EndReason::Forbidden(_)
+        | EndReason::PolicyRevoked => StatusCode::FORBIDDEN,
         EndReason::DialFailed("timeout") => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_GATEWAY,
     }
@@ -233,6 +237,7 @@ impl Exchange {
             idle_timeout: self.cfg.door.idle_timeout,
             client_dst: self.dst,
             proxy_protocol: None,
+            chosen_by: crate::core::spine::dest::ChosenBy::Client,
         };
         let onramp = self.onramp.clone();
         self.onramp.spawn(async move {
@@ -290,7 +295,7 @@ impl Exchange {
                     Err(reason) => text(
                         status_for(reason),
                         Some(reason.as_str()),
-                        format!("{target}: {}", reason.as_str()),
+                        format!("{target}: {}", reason.detail()),
                     ),
                 },
             );
@@ -323,7 +328,7 @@ impl Exchange {
             return Ok(text(
                 status_for(reason),
                 Some(reason.as_str()),
-                format!("{target}: {}", reason.as_str()),
+                format!("{target}: {}", reason.detail()),
             ));
         }
         let (mut sender, conn) =

@@ -134,6 +134,7 @@ impl StreamHandler for State {
             idle_timeout: cfg.effective_idle_timeout(),
             client_dst: conn.dst,
             proxy_protocol: cfg.proxy_protocol,
+            chosen_by: crate::core::spine::dest::ChosenBy::Operator,
         };
         onramp.connect(client, req).await;
     }

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{IdleTimeout, PipeConfig, PipeProtocol, DEFAULT_UDP_IDLE};
 use super::State;
 use crate::core::net::datagram::DatagramSocket;
+use crate::core::spine::dest::ChosenBy;
 use crate::core::spine::flow::{FlowContext, Protocol};
 use crate::core::spine::onramp::{Datagrams, ListenOn, OnRamp, RouteVia, Target};
 use crate::core::spine::router::Connector;
@@ -175,7 +176,7 @@ async fn connect_upstream(
     };
     match shared
         .onramp
-        .open_datagrams(&via, &target, cfg.connect_timeout)
+        .open_datagrams(&via, &target, ChosenBy::Operator, cfg.connect_timeout)
         .await
     {
         Ok(d) => Some(d),
@@ -205,6 +206,8 @@ async fn run_session(
             .map(ToString::to_string)
             .unwrap_or_else(|| upstream.remote.to_string()),
         protocol: Protocol::Udp,
+        kind: shared.onramp.ctx().kind.clone(),
+        dialed: Some(upstream.remote),
     };
     // The config the session opened with: a reload to TCP cannot take its
     // idle timeout away.

@@ -157,7 +157,10 @@ fn proto_reason(e: &ProtoError) -> &'static str {
 /// The SOCKS5 reply code for how a flow ended before relaying.
 fn reply_code(reason: EndReason) -> u8 {
     match reason {
-        EndReason::Denied | EndReason::Rejected => proto::REP_NOT_ALLOWED,
+        EndReason::Denied
+        | EndReason::Rejected
+        | EndReason::Forbidden(_)
+        | EndReason::PolicyRevoked => proto::REP_NOT_ALLOWED,
         EndReason::NoRoute | EndReason::DialFailed("no_route") => proto::REP_NETWORK_UNREACHABLE,
         EndReason::DialFailed("resolve" | "unreachable") => proto::REP_HOST_UNREACHABLE,
         EndReason::DialFailed("refused") => proto::REP_CONNECTION_REFUSED,
@@ -362,6 +365,7 @@ impl StreamHandler for SocksDoor {
                     idle_timeout: cfg.door.idle_timeout,
                     client_dst: conn.dst,
                     proxy_protocol: None,
+                    chosen_by: crate::core::spine::dest::ChosenBy::Client,
                 };
                 // Bytes the client sent right after its request (optimistic
                 // data) go upstream first.

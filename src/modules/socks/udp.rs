@@ -99,10 +99,18 @@ impl Assoc<'_> {
         let ctx = self.onramp.ctx();
         let hp = dst.host_port();
         let via = RouteVia::Vnet(self.vnet.clone());
-        let opened = self.onramp.open_datagrams(&via, &hp, self.timeout).await;
-        let (route, remote) = match &opened {
-            Ok(d) => (Some(d.route.clone()), d.remote.to_string()),
-            Err((_, m)) => (Some(m.clone()), hp.to_string()),
+        let opened = self
+            .onramp
+            .open_datagrams(
+                &via,
+                &hp,
+                crate::core::spine::dest::ChosenBy::Client,
+                self.timeout,
+            )
+            .await;
+        let (route, dialed) = match &opened {
+            Ok(d) => (Some(d.route.clone()), Some(d.remote)),
+            Err((_, m)) => (Some(m.clone()), None),
         };
         let mut flow = ctx.flows.open_routed(
             FlowContext {
@@ -110,8 +118,10 @@ impl Assoc<'_> {
                 instance: ctx.instance.clone(),
                 identity: self.identity.clone(),
                 src: self.src,
-                dst: remote,
+                dst: hp.to_string(),
                 protocol: Protocol::Udp,
+                kind: ctx.kind.clone(),
+                dialed,
             },
             route,
             &ctx.instance_metrics,

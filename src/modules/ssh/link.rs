@@ -484,6 +484,8 @@ impl Link {
             idle_timeout: cfg.idle_timeout,
             client_dst: None,
             proxy_protocol: None,
+            // The link's own forward (`to:`), from the operator's file.
+            chosen_by: crate::core::spine::dest::ChosenBy::Operator,
         };
         super::connect_channel(&self.onramp, req, channel, reply);
     }

@@ -43,6 +43,7 @@ use crate::core::logs;
 use crate::core::net::listen::StreamListener;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::door::{Door, DoorModule, DoorSettings, Live};
+use crate::core::spine::dest::ChosenBy;
 use crate::core::spine::flow::EndReason;
 use crate::core::spine::module::{Module, ModuleContext, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
@@ -298,7 +299,12 @@ where
                 self.reply.accept().await;
                 Some(Stream::io(self.channel.into_stream()))
             }
-            Err(EndReason::Denied | EndReason::Rejected) => {
+            Err(
+                EndReason::Denied
+                | EndReason::Rejected
+                | EndReason::Forbidden(_)
+                | EndReason::PolicyRevoked,
+            ) => {
                 self.reply
                     .reject(ChannelOpenFailure::AdministrativelyProhibited)
                     .await;
@@ -667,6 +673,7 @@ impl russh::server::Handler for Conn {
             idle_timeout: self.cfg.door.idle_timeout,
             client_dst: None,
             proxy_protocol: None,
+            chosen_by: ChosenBy::Client,
         };
         connect_channel(&self.onramp, req, channel, reply);
         Ok(())
@@ -735,6 +742,8 @@ impl StreamHandler for Reverse {
                 src: conn.src,
                 dst: self.published.to_string(),
                 protocol: Protocol::Tcp,
+                kind: ctx.kind.clone(),
+                dialed: None,
             },
             Some(format!("the SSH session of {}", self.identity)),
             &ctx.instance_metrics,
