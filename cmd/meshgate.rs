@@ -45,9 +45,13 @@ fn init_logging(node: &NodeConfig) {
             );
             EnvFilter::new("info")
         });
+    // Colour only for a terminal; every event on one line whatever its
+    // fields hold (a client's user name, host name).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(meshgate::core::logs::OneLine::new(std::io::stderr, ansi));
     match node.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -147,18 +151,37 @@ async fn serve() -> ExitCode {
         AdminAddr::Off => None,
     };
     // Doors' users never reach the admin API through a `direct` route.
-    let mut _admin_registered = None;
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let _admin_registered = admin_addr.map(|a| {
+        registry
+            .host_listeners()
+            .register(meshgate::core::net::listen::Owner::Node, a)
+    });
     if let Some(l) = admin_listener {
-        let addr = l.local_addr().ok();
-        tracing::info!(?addr, "admin API listening");
-        _admin_registered = addr.map(|a| {
-            registry
-                .host_listeners()
-                .register(meshgate::core::net::listen::Owner::Node, a)
-        });
+        tracing::info!(addr = ?admin_addr, "admin API listening");
         let a = admin::Admin::new(registry.clone(), node_cfg.node.clone());
         if let Err(e) = admin::spawn_on_own_runtime(l, a, shutdown.clone()) {
             return fail(&[format!("admin API: {e}")]);
+        }
+    }
+
+    // The audit trail goes where `audit:` says before any flow exists;
+    // SIGHUP reopens its file (logrotate).
+    if let Some(audit) = registry.audit() {
+        if let Err(e) = audit.set_target(node_cfg.audit.clone()) {
+            return fail(&[format!("meshgate.yaml: key `audit`: {e}")]);
+        }
+        if let meshgate::core::spine::audit::AuditTarget::File(path) = &node_cfg.audit {
+            tracing::info!(path = %path.display(), "audit records go to a file (SIGHUP reopens it)");
+            let mut hup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    match audit.reopen() {
+                        Ok(()) => tracing::info!("SIGHUP: audit file reopened"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: cannot reopen the audit file"),
+                    }
+                }
+            });
         }
     }
 

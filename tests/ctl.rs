@@ -69,6 +69,7 @@ fn status_and_flows_show_the_node() {
         "tenants/acme/socks.yaml",
         &format!("kind: socks\nlisten: 127.0.0.1:{socks_port}\nusers:\n  - name: alice\n    password: pw\n"),
     );
+    cfg.loopback_vnet("acme");
     let _mg = Meshgate::start(&cfg);
     let admin = format!("127.0.0.1:{}", cfg.admin_port);
 

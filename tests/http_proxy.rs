@@ -25,7 +25,7 @@ fn curl_forwards_and_tunnels_through_the_http_proxy() {
     cfg.write(
         "tenants/acme/corp.yaml",
         &format!(
-            "kind: vnet\nroutes:\n  - to: 127.0.0.3\n    via: reject\n  - to: \"*\"\n    via: direct\nhosts:\n  web: {}\n",
+            "kind: vnet\nroutes:\n  - to: 127.0.0.3\n    via: reject\n  - to: 127.0.0.0/8\n    via: direct\n  - to: \"*\"\n    via: direct\nhosts:\n  web: {}\n",
             nginx.addr.ip()
         ),
     );

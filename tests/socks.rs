@@ -40,7 +40,7 @@ fn door(cfg: &ConfigDir, port: u16, nginx: SocketAddr) {
     cfg.write(
         "tenants/acme/frankfurt.yaml",
         &format!(
-            "kind: vnet\ndefault: true\nroutes:\n  - to: 127.0.0.3\n    via: reject\n  - to: \"*\"\n    via: direct\nhosts:\n  web: {}\n",
+            "kind: vnet\ndefault: true\nroutes:\n  - to: 127.0.0.3\n    via: reject\n  - to: 127.0.0.0/8\n    via: direct\n  - to: \"*\"\n    via: direct\nhosts:\n  web: {}\n",
             nginx.ip()
         ),
     );
@@ -158,6 +158,7 @@ fn socks4a_and_no_auth_and_bad_requests() {
         "tenants/acme/socks.yaml",
         &format!("kind: socks\nlisten: 127.0.0.1:{port}\nhandshake_timeout: 1s\n"),
     );
+    cfg.loopback_vnet("acme");
     let mg = Meshgate::start(&cfg);
     let (rc, status, _, err) = curl_with(
         &["-x", &format!("socks4a://127.0.0.1:{port}")],
@@ -212,6 +213,7 @@ fn udp_associate_relays_datagrams_and_drops_fragments() {
         "tenants/acme/socks.yaml",
         &format!("kind: socks\nlisten: 127.0.0.1:{port}\n"),
     );
+    cfg.loopback_vnet("acme");
     let mg = Meshgate::start(&cfg);
     // A UDP echo server.
     let echo = UdpSocket::bind("127.0.0.1:0").unwrap();

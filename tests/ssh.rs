@@ -91,6 +91,7 @@ fn openssh_forwards_through_the_ssh_door() {
             keys.display()
         ),
     );
+    cfg.loopback_vnet("acme");
     let mg = Meshgate::start(&cfg);
 
     // A session channel: the banner, no shell.
@@ -410,6 +411,7 @@ fn a_stalled_channel_does_not_stall_the_session_and_tenants_keep_their_keys() {
                 d.join(format!("host_{tenant}")).display()
             ),
         );
+        cfg.loopback_vnet(tenant);
     }
     let mg = Meshgate::start(&cfg);
     // Tenant isolation: each key opens its own tenant's door only.
@@ -492,6 +494,8 @@ fn a_gateway_link_reconnects_and_publishes_its_forwards_again() {
             east_host.display()
         ),
     );
+    // The link's far side checks what it is asked for under its own rules.
+    east.loopback_vnet("acme");
     let west = ConfigDir::new();
     west.write(
         "tenants/acme/east.yaml",

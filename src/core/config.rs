@@ -342,6 +342,11 @@ pub struct NodeConfig {
     /// in an unnamed user + network namespace; the kernel's TCP).
     #[serde(default)]
     pub engine: crate::core::engine::EngineKind,
+    /// Where audit records go: `log` (default: target `meshgate::audit`),
+    /// `off`, or an absolute path for JSON lines (`docs/audit.schema.json`),
+    /// reopened on SIGHUP.
+    #[serde(default)]
+    pub audit: crate::core::spine::audit::AuditTarget,
 }
 
 /// Log line format.

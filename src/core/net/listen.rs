@@ -87,6 +87,32 @@ pub struct Registered {
     id: u64,
 }
 
+impl Registered {
+    /// `inner`, registered as long as it lives.
+    pub fn listener(inner: Box<dyn StreamListener>, registered: Registered) -> RegisteredListener {
+        RegisteredListener {
+            inner,
+            _registered: registered,
+        }
+    }
+}
+
+/// A listener registered in [`HostListeners`] while it lives.
+pub struct RegisteredListener {
+    inner: Box<dyn StreamListener>,
+    _registered: Registered,
+}
+
+#[async_trait]
+impl StreamListener for RegisteredListener {
+    async fn accept(&mut self) -> io::Result<(Stream, SocketAddr)> {
+        self.inner.accept().await
+    }
+    fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr()
+    }
+}
+
 impl Drop for Registered {
     fn drop(&mut self) {
         self.table.lock().retain(|(id, _, _)| *id != self.id);

@@ -15,7 +15,8 @@ use configstore::{CloudGatewayStore, ConfigStore, DirStore, EnvOverlay};
 
 use crate::core::config::NodeConfig;
 use crate::core::metrics::Metrics;
-use crate::core::spine::flow::{AuditLog, FlowObserver, FlowTable};
+use crate::core::spine::audit::AuditLog;
+use crate::core::spine::flow::{FlowObserver, FlowTable};
 use crate::core::spine::module::ModuleFactory;
 use crate::core::spine::registry::Registry;
 
@@ -76,10 +77,13 @@ pub fn registry_with_hooks(
     hooks: Vec<Arc<dyn FlowObserver>>,
 ) -> Arc<Registry> {
     let metrics = Arc::new(Metrics::new());
-    let mut observers: Vec<Arc<dyn FlowObserver>> = vec![Arc::new(AuditLog)];
+    let audit = Arc::new(AuditLog::default());
+    let mut observers: Vec<Arc<dyn FlowObserver>> = vec![audit.clone()];
     observers.extend(hooks);
     let flows = Arc::new(FlowTable::new(observers));
-    Arc::new(Registry::new(store, factories, metrics, flows))
+    let registry = Registry::new(store, factories, metrics, flows);
+    registry.set_audit(audit);
+    Arc::new(registry)
 }
 
 /// A running node: the registry over a store, and the watcher that turns

@@ -295,32 +295,6 @@ pub trait FlowObserver: Send + Sync {
     fn on_end(&self, _flow: &Flow, _end: &FlowEnd) {}
 }
 
-/// Logs one line per ended flow (target `meshgate::audit`).
-pub struct AuditLog;
-
-impl FlowObserver for AuditLog {
-    fn on_end(&self, flow: &Flow, end: &FlowEnd) {
-        let decision = flow.decision();
-        tracing::info!(
-            target: "meshgate::audit",
-            flow = flow.id,
-            tenant = %flow.ctx.tenant,
-            instance = %flow.ctx.instance,
-            identity = flow.ctx.identity.as_deref().unwrap_or("-"),
-            protocol = ?flow.ctx.protocol,
-            src = %flow.ctx.src,
-            dst = %flow.ctx.dst,
-            verdict = %decision.verdict,
-            route = decision.route.as_deref().unwrap_or("-"),
-            reason = %end.reason,
-            duration_ms = end.duration.as_millis() as u64,
-            bytes_up = end.bytes_up,
-            bytes_down = end.bytes_down,
-            "flow ended"
-        );
-    }
-}
-
 /// A flow as the admin API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlowInfo {

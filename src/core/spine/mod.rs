@@ -12,6 +12,7 @@
 //! - [`module`]: the [`module::Module`] and [`module::ModuleFactory`] traits.
 //! - [`registry`]: builds, starts, reloads and stops module instances.
 
+pub mod audit;
 pub mod dest;
 pub mod door;
 pub mod flow;

@@ -400,7 +400,18 @@ impl OnRamp {
     /// Binds a stream listener.
     pub async fn bind(&self, on: &ListenOn) -> io::Result<Box<dyn StreamListener>> {
         match on {
-            ListenOn::Host(addr) => Ok(Box::new(HostListener::new(bind_host_tcp(*addr)?))),
+            ListenOn::Host(addr) => {
+                let l = HostListener::new(bind_host_tcp(*addr)?);
+                // Other tenants' door users may not reach it directly.
+                let registered = self.ctx.listeners.register(
+                    crate::core::net::listen::Owner::Tenant(self.tenant().to_string()),
+                    l.local_addr(),
+                );
+                Ok(Box::new(crate::core::net::listen::Registered::listener(
+                    Box::new(l),
+                    registered,
+                )))
+            }
             ListenOn::Module { module, addr } => self.network(module)?.listen_tcp(*addr).await,
         }
     }
@@ -849,6 +860,7 @@ impl OnRamp {
             RouteVia::Vnet(v) => v.as_deref(),
         };
         let vnets = &self.ctx.tenant.vnets;
+        let mut chosen_by = chosen_by;
         let (ips, note) = match host {
             Host::Ip(ip) => (vec![ip], String::new()),
             Host::Name(name) => {
@@ -870,7 +882,13 @@ impl OnRamp {
                 } else {
                     let d = vnets.route(vnet, &named).map_err(Refusal::Route)?;
                     match d.target.ip() {
-                        Some(ip) => (vec![ip], String::new()),
+                        Some(ip) => {
+                            if d.from_hosts {
+                                // The operator wrote this address.
+                                chosen_by = ChosenBy::Operator;
+                            }
+                            (vec![ip], String::new())
+                        }
                         None if d.route.connector == Connector::Direct => {
                             let ips = resolve_on_host(&name, port, timeout).await?;
                             let note = format!(" ({name} = {} by the host)", list(&ips));
@@ -1108,7 +1126,8 @@ impl Refusal {
 mod tests {
     use super::*;
     use crate::core::metrics::Metrics;
-    use crate::core::spine::flow::{AuditLog, Flow, FlowEnd, FlowObserver, FlowTable};
+    use crate::core::spine::audit::AuditLog;
+    use crate::core::spine::flow::{Flow, FlowEnd, FlowObserver, FlowTable};
     use crate::core::spine::module::ModuleDirectory;
     use crate::core::spine::tenant::Tenant;
     use std::sync::Mutex;
@@ -1172,7 +1191,7 @@ mod tests {
         let _guard = tracing::subscriber::set_default(subscriber);
 
         let policy = Arc::new(Policy::default());
-        let flows = Arc::new(FlowTable::new(vec![policy.clone(), Arc::new(AuditLog)]));
+        let flows = Arc::new(FlowTable::new(vec![policy.clone(), Arc::new(AuditLog::default())]));
         let metrics = Arc::new(Metrics::new());
         let dir = ModuleDirectory::default();
         let ctx = ModuleContext::new(

@@ -111,6 +111,8 @@ pub struct Registry {
     ready: AtomicBool,
     /// The engine of vnets that name none.
     default_engine: std::sync::Mutex<crate::core::engine::EngineKind>,
+    /// The audit trail, where the node's `audit:` sends it.
+    audit: std::sync::Mutex<Option<Arc<crate::core::spine::audit::AuditLog>>>,
 }
 
 impl Registry {
@@ -130,7 +132,19 @@ impl Registry {
             tenants: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
             default_engine: std::sync::Mutex::new(Default::default()),
+            audit: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Records the audit log among the flow observers, so the node's
+    /// `audit:` can direct it and SIGHUP reopen its file.
+    pub fn set_audit(&self, audit: Arc<crate::core::spine::audit::AuditLog>) {
+        *self.audit.lock().expect("poisoned") = Some(audit);
+    }
+
+    /// The audit log, if the registry has one.
+    pub fn audit(&self) -> Option<Arc<crate::core::spine::audit::AuditLog>> {
+        self.audit.lock().expect("poisoned").clone()
     }
 
     /// Sets the engine of vnets that name none (the node's `engine:`), for

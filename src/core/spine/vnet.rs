@@ -62,6 +62,11 @@ pub struct RouteDecision {
     /// more specifically than `*`, `0.0.0.0/0` or `::/0`: only such a route
     /// takes a door's user to the host's loopback or link-local addresses.
     pub explicit: bool,
+    /// Whether the target was a name the vnet's `hosts:` maps (the
+    /// operator wrote that address) or one meshgate published for a
+    /// listener of this tenant (`ssh -R web:...`): trusted as a pipe's
+    /// `remote` is.
+    pub from_hosts: bool,
 }
 
 impl RouteDecision {
@@ -315,12 +320,13 @@ impl Vnets {
         // A static name maps to its address first, then a published one.
         let mut target = target.clone();
         let host = target.host.to_ascii_lowercase();
-        if let Some(ip) = configured
+        let mapped = configured
             .and_then(|v| v.hosts.get(&host))
-            .or_else(|| st.published.get(&host))
-        {
+            .or_else(|| st.published.get(&host));
+        if let Some(ip) = mapped {
             target.host = ip.to_string();
         }
+        let from_hosts = mapped.is_some();
         let mut layers: Vec<&Router> = Vec::new();
         if let Some(v) = configured {
             layers.push(&v.routes);
@@ -361,6 +367,7 @@ impl Vnets {
             target,
             route,
             explicit,
+            from_hosts,
         })
     }
 }
