@@ -178,7 +178,9 @@ async fn serve() -> ExitCode {
                 while hup.recv().await.is_some() {
                     match audit.reopen() {
                         Ok(()) => tracing::info!("SIGHUP: audit file reopened"),
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: cannot reopen the audit file"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "SIGHUP: cannot reopen the audit file")
+                        }
                     }
                 }
             });

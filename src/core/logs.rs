@@ -160,9 +160,14 @@ mod tests {
         assert_eq!(out.matches('\n').count(), 1, "{out}");
         assert!(out.ends_with('\n'));
         assert!(!out.contains('\r') && !out.contains('\u{2028}') && !out.contains('\u{1b}'));
-        assert!(out.contains("\\n2026-01-01") && out.contains("\\r\\n") && out.contains("\\x1b[31m"));
+        assert!(
+            out.contains("\\n2026-01-01") && out.contains("\\r\\n") && out.contains("\\x1b[31m")
+        );
         // Coloured output keeps its ESC; plain lines pass untouched.
         assert!(escape_controls(b"\x1b[2mok\x1b[0m\n", true).contains(&0x1b));
-        assert!(matches!(escape_controls(b"plain\ttext\n", false), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(
+            escape_controls(b"plain\ttext\n", false),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }

@@ -222,7 +222,11 @@ impl AuditLog {
 
 impl FlowObserver for AuditLog {
     fn on_end(&self, flow: &Flow, end: &FlowEnd) {
-        let target = self.target.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let target = self
+            .target
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         match target {
             AuditTarget::Off => {}
             AuditTarget::File(_) => self.write_file(&AuditRecord::new(flow, end)),

@@ -113,9 +113,7 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
             }
             let s = v6.segments();
             if s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1) {
-                return IpAddr::V4(Ipv4Addr::from(
-                    (u32::from(s[6]) << 16) | u32::from(s[7]),
-                ));
+                return IpAddr::V4(Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7])));
             }
             IpAddr::V6(v6)
         }

@@ -42,9 +42,9 @@ use crate::core::net::proxy::{self, ProxyOptions, Stream, Traffic};
 use crate::core::net::proxy_protocol;
 use crate::core::spine::dest::{self, ChosenBy, Forbidden, Host};
 use crate::core::spine::flow::{EndReason, FlowContext, Protocol, Verdict};
-use crate::core::spine::vnet::RouteDecision;
 use crate::core::spine::module::ModuleContext;
 use crate::core::spine::router::{Connector, RouteError};
+use crate::core::spine::vnet::RouteDecision;
 
 /// How long a VPN listener waits between attempts to bind again after its
 /// network went away (an interface restart).
@@ -519,7 +519,9 @@ impl OnRamp {
             let (c, t) = &plan.candidates[0];
             return Err((
                 "resolve",
-                format!("{t}: names are not resolved inside `{c}`; give the vnet `hosts:` or `dns:`"),
+                format!(
+                    "{t}: names are not resolved inside `{c}`; give the vnet `hosts:` or `dns:`"
+                ),
             ));
         };
         let socket = self
@@ -646,7 +648,9 @@ impl OnRamp {
 
     /// Counts and logs a flow the policy (or a flow-start hook) denied.
     fn denied(&self, flow: &crate::core::spine::flow::FlowGuard, why: &str) {
-        self.ctx.metrics.reject(self.tenant(), &self.ctx.instance, "denied");
+        self.ctx
+            .metrics
+            .reject(self.tenant(), &self.ctx.instance, "denied");
         if let Some(suppressed) = logs::allow("onramp.denied") {
             let f = &flow.flow().ctx;
             tracing::info!(tenant = %self.tenant(), instance = %self.ctx.instance, src = %f.src, dst = ?f.dst, identity = ?f.identity, protocol = ?f.protocol, reason = ?why, suppressed, "flow denied");
@@ -920,7 +924,9 @@ impl OnRamp {
         }
         match shown {
             Some(shown) => Ok(Plan { candidates, shown }),
-            None => Err(refused.unwrap_or_else(|| Refusal::Resolve(format!("{target}: no addresses")))),
+            None => {
+                Err(refused.unwrap_or_else(|| Refusal::Resolve(format!("{target}: no addresses"))))
+            }
         }
     }
 
@@ -952,19 +958,17 @@ impl OnRamp {
             .map_err(Refusal::Route)?;
         if d.route.connector == Connector::Direct && chosen_by == ChosenBy::Client {
             use crate::core::net::listen::Owner;
-            let what = dest::protected(ip)
-                .filter(|_| !d.explicit)
-                .or_else(|| {
-                    match self
-                        .ctx
-                        .listeners
-                        .foreign_owner(self.tenant(), SocketAddr::new(ip, port))
-                    {
-                        Some(Owner::Node) => Some(Forbidden::Admin),
-                        Some(Owner::Tenant(_)) => Some(Forbidden::OtherTenant),
-                        None => None,
-                    }
-                });
+            let what = dest::protected(ip).filter(|_| !d.explicit).or_else(|| {
+                match self
+                    .ctx
+                    .listeners
+                    .foreign_owner(self.tenant(), SocketAddr::new(ip, port))
+                {
+                    Some(Owner::Node) => Some(Forbidden::Admin),
+                    Some(Owner::Tenant(_)) => Some(Forbidden::OtherTenant),
+                    None => None,
+                }
+            });
             if let Some(what) = what {
                 return Err(Refusal::Forbidden {
                     target: target.to_string(),
@@ -1057,7 +1061,9 @@ async fn resolve_on_host(
                 }
             }
             if ips.is_empty() {
-                return Err(Refusal::Resolve(format!("cannot resolve {name}: no addresses")));
+                return Err(Refusal::Resolve(format!(
+                    "cannot resolve {name}: no addresses"
+                )));
             }
             Ok(ips)
         }
@@ -1191,7 +1197,10 @@ mod tests {
         let _guard = tracing::subscriber::set_default(subscriber);
 
         let policy = Arc::new(Policy::default());
-        let flows = Arc::new(FlowTable::new(vec![policy.clone(), Arc::new(AuditLog::default())]));
+        let flows = Arc::new(FlowTable::new(vec![
+            policy.clone(),
+            Arc::new(AuditLog::default()),
+        ]));
         let metrics = Arc::new(Metrics::new());
         let dir = ModuleDirectory::default();
         let ctx = ModuleContext::new(

@@ -132,9 +132,8 @@ impl Rule {
     fn matches_rest(&self, f: &Facts<'_>) -> bool {
         (self.doors.is_empty() || self.doors.iter().any(|d| d == f.door || d == f.kind))
             && (self.identities.is_empty()
-                || f.identity.is_some_and(|id| {
-                    self.identities.iter().any(|i| i == "*" || i == id)
-                }))
+                || f.identity
+                    .is_some_and(|id| self.identities.iter().any(|i| i == "*" || i == id)))
             && (self.sources.is_empty()
                 || self
                     .sources

@@ -122,7 +122,9 @@ fn parse_dest(s: &str) -> Result<DestMatch, String> {
         crate::core::spine::dest::Host::Name(n)
             if !n.is_empty()
                 && n.split('.').all(|l| {
-                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    !l.is_empty()
+                        && l.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
                 }) =>
         {
             Ok(DestMatch::Host(n))
@@ -161,7 +163,10 @@ pub fn from_document(doc: &Document) -> Result<PolicyDoc, ConfigError> {
             return Err(ConfigError::key(
                 src,
                 key("name"),
-                format!("`{}`: expected 1-128 letters, digits, and - _ . : /", r.name.escape_debug()),
+                format!(
+                    "`{}`: expected 1-128 letters, digits, and - _ . : /",
+                    r.name.escape_debug()
+                ),
             ));
         }
         if !names.insert(name.to_string()) {
@@ -178,7 +183,11 @@ pub fn from_document(doc: &Document) -> Result<PolicyDoc, ConfigError> {
                 .map(|(j, v)| {
                     let v = v.trim();
                     if v.is_empty() {
-                        Err(ConfigError::key(src, format!("{}[{j}]", key(k)), "empty: expected a name"))
+                        Err(ConfigError::key(
+                            src,
+                            format!("{}[{j}]", key(k)),
+                            "empty: expected a name",
+                        ))
                     } else {
                         Ok(v.to_string())
                     }
@@ -211,19 +220,27 @@ pub fn from_document(doc: &Document) -> Result<PolicyDoc, ConfigError> {
                 RawPort::Range(s) => s.clone(),
             })
             .enumerate()
-            .map(|(j, s)| parse_dest(&s).map_err(|m| ConfigError::key(src, format!("{}[{j}]", key("to")), m)))
+            .map(|(j, s)| {
+                parse_dest(&s).map_err(|m| ConfigError::key(src, format!("{}[{j}]", key("to")), m))
+            })
             .collect::<Result<_, _>>()?;
         let ports = r
             .ports
             .iter()
             .enumerate()
-            .map(|(j, p)| parse_port(p).map_err(|m| ConfigError::key(src, format!("{}[{j}]", key("ports")), m)))
+            .map(|(j, p)| {
+                parse_port(p)
+                    .map_err(|m| ConfigError::key(src, format!("{}[{j}]", key("ports")), m))
+            })
             .collect::<Result<_, _>>()?;
         let protocols = r
             .protocols
             .iter()
             .enumerate()
-            .map(|(j, p)| parse_proto(p).map_err(|m| ConfigError::key(src, format!("{}[{j}]", key("protocols")), m)))
+            .map(|(j, p)| {
+                parse_proto(p)
+                    .map_err(|m| ConfigError::key(src, format!("{}[{j}]", key("protocols")), m))
+            })
             .collect::<Result<_, _>>()?;
         rules.push(Rule {
             name: name.to_string(),
@@ -281,17 +298,46 @@ mod tests {
     #[test]
     fn errors_name_the_file_and_key() {
         for (yaml, want) in [
-            ("rules:\n  - name: a\n    action: maybe\n", "rules[0].action"),
-            ("rules:\n  - name: a\n    action: deny\n    to: [10.0.0.0/33]\n", "rules[0].to[0]"),
-            ("rules:\n  - name: a\n    action: deny\n    ports: ['90-80']\n", "rules[0].ports[0]"),
-            ("rules:\n  - name: a\n    action: deny\n    ports: [70000]\n", "rules[0].ports[0]"),
-            ("rules:\n  - name: a\n    action: deny\n    protocols: [sctp]\n", "rules[0].protocols[0]"),
-            ("rules:\n  - name: a\n    action: deny\n    from: [nowhere]\n", "rules[0].from[0]"),
-            ("rules:\n  - name: a\n    action: deny\n  - name: a\n    action: allow\n", "rules[1].name"),
-            ("rules:\n  - name: \"a\\nb\"\n    action: deny\n", "rules[0].name"),
-            ("rules:\n  - name: a\n    action: deny\n    too: [x]\n", "rules[0].too"),
+            (
+                "rules:\n  - name: a\n    action: maybe\n",
+                "rules[0].action",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    to: [10.0.0.0/33]\n",
+                "rules[0].to[0]",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    ports: ['90-80']\n",
+                "rules[0].ports[0]",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    ports: [70000]\n",
+                "rules[0].ports[0]",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    protocols: [sctp]\n",
+                "rules[0].protocols[0]",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    from: [nowhere]\n",
+                "rules[0].from[0]",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n  - name: a\n    action: allow\n",
+                "rules[1].name",
+            ),
+            (
+                "rules:\n  - name: \"a\\nb\"\n    action: deny\n",
+                "rules[0].name",
+            ),
+            (
+                "rules:\n  - name: a\n    action: deny\n    too: [x]\n",
+                "rules[0].too",
+            ),
         ] {
-            let e = from_document(&doc(&format!("kind: policy\n{yaml}"))).unwrap_err().to_string();
+            let e = from_document(&doc(&format!("kind: policy\n{yaml}")))
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with("tenants/acme/policy.yaml: key `"), "{e}");
             assert!(e.contains(&format!("`{want}`")), "{want}: {e}");
         }

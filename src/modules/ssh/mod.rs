@@ -42,8 +42,8 @@ use crate::core::config::ConfigError;
 use crate::core::logs;
 use crate::core::net::listen::StreamListener;
 use crate::core::net::proxy::Stream;
-use crate::core::spine::door::{Door, DoorModule, DoorSettings, Live};
 use crate::core::spine::dest::ChosenBy;
+use crate::core::spine::door::{Door, DoorModule, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
 use crate::core::spine::module::{Module, ModuleContext, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
