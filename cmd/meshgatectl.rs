@@ -72,6 +72,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaptureCmd,
     },
+    /// Tenants' policies (`kind: policy`).
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// Show live flows.
     Flows {
         /// Only this tenant's flows.
@@ -81,6 +86,46 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Which rule of TENANT's policy decides a flow, and why (names are
+    /// matched as asked, not resolved).
+    Test {
+        /// The tenant.
+        tenant: String,
+        /// The client's address (IP or IP:PORT).
+        #[arg(long)]
+        from: String,
+        /// The destination, HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// The client's identity (SOCKS/HTTP user, SSH key, WireGuard peer).
+        #[arg(long)]
+        user: Option<String>,
+        /// The on-ramp: a module instance name of the tenant (or a kind).
+        #[arg(long)]
+        door: Option<String>,
+        /// tcp, udp or icmp.
+        #[arg(long, default_value = "tcp")]
+        protocol: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `s` for a URL query value.
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[derive(Subcommand, Debug)]
@@ -275,8 +320,20 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
+/// A JSON value for a table cell; control characters in strings (a
+/// client's user or host name) are shown escaped, never sent to the terminal.
 fn s(v: &Value) -> String {
     match v {
+        Value::String(s) if s.chars().any(char::is_control) => s
+            .chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
         other => other.to_string(),
@@ -450,6 +507,54 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::Test {
+                    tenant,
+                    from,
+                    to,
+                    user,
+                    door,
+                    protocol,
+                    json,
+                },
+        } => {
+            let mut path = format!(
+                "/api/v1/policy/test?tenant={}&from={}&to={}&protocol={}",
+                query_escape(&tenant),
+                query_escape(&from),
+                query_escape(&to),
+                query_escape(&protocol)
+            );
+            if let Some(u) = &user {
+                path.push_str(&format!("&user={}", query_escape(u)));
+            }
+            if let Some(d) = &door {
+                path.push_str(&format!("&door={}", query_escape(d)));
+            }
+            let v = get_json(&cli.admin, &path).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}: {}", s(&v["verdict"]), s(&v["reason"]));
+                println!("rule:  {}", s(&v["rule"]));
+                if let Some(d) = v["dry_run"].as_object() {
+                    println!("dry run: rule `{}` would {}", s(&d["rule"]), s(&d["would"]));
+                }
+                println!("route: {}", s(&v["route"]));
+                println!(
+                    "(tenant {}, {} rule(s); door {}, kind {})",
+                    s(&v["tenant"]),
+                    s(&v["policy_rules"]),
+                    s(&v["door"]),
+                    s(&v["kind"])
+                );
+            }
+            // Scripts can branch on the verdict: 0 allow, 3 deny.
+            if v["verdict"] == "deny" {
+                return Ok(ExitCode::from(3));
+            }
+        }
         Cmd::Flows { tenant, json } => {
             let path = match &tenant {
                 Some(t) => format!("/api/v1/flows?tenant={t}"),
@@ -480,6 +585,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         s(&f["dst"]),
                         s(&f["route"]),
                         verdict,
+                        s(&f["rule"]),
                         format!("{:.0}s", f["age_secs"].as_f64().unwrap_or(0.0)),
                         human_bytes(f["bytes_up"].as_u64().unwrap_or(0)),
                         human_bytes(f["bytes_down"].as_u64().unwrap_or(0)),
@@ -497,6 +603,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     "DESTINATION",
                     "ROUTE",
                     "VERDICT",
+                    "RULE",
                     "AGE",
                     "UP",
                     "DOWN",

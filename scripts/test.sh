@@ -37,6 +37,8 @@ missing=()
 for cmd in "${!PACKAGES[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${PACKAGES[$cmd]}")
 done
+# The audit records' schema is checked with Python's jsonschema.
+python3 -c 'import jsonschema' >/dev/null 2>&1 || missing+=(python3-jsonschema)
 if ((${#missing[@]})); then
   SUDO=""
   if [[ $(id -u) -ne 0 ]]; then

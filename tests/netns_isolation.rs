@@ -560,6 +560,48 @@ fn a_policy_decides_every_on_ramp_revokes_open_flows_and_is_audited() {
             "meshgate_policy_decisions_total{tenant=\"acme\",instance=\"socks\",rule=\"no-db\",result=\"deny\"}"
         ) >= 1.0
     );
+    // `meshgatectl policy test` says which rule decides, and exits 3 on deny.
+    let ctl = |args: &[&str]| {
+        let out =
+            w.ns.cmd(env!("CARGO_BIN_EXE_meshgatectl"))
+                .args(["--admin", "127.0.0.1:9000"])
+                .args(args)
+                .output()
+                .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let test = |to: &str| {
+        ctl(&[
+            "policy",
+            "test",
+            "acme",
+            "--from",
+            "127.0.0.1",
+            "--to",
+            to,
+            "--door",
+            "socks",
+            "--user",
+            "alice",
+        ])
+    };
+    let (code, out) = test("10.1.0.7:8080");
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.starts_with("deny: policy rule `no-db`"), "{out}");
+    let (code, out) = test("10.1.0.8:8080");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("rule:  lan"), "{out}");
+    assert!(out.contains("dry run: rule `trial` would deny"), "{out}");
+    let (code, out) = test("192.0.2.1:80");
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.starts_with("deny: policy default deny"), "{out}");
     // Dry run: counted and logged, not enforced (10.1.0.8:8080 worked).
     assert!(
         mg.metric(
@@ -597,6 +639,21 @@ fn a_policy_decides_every_on_ramp_revokes_open_flows_and_is_audited() {
     );
     std::thread::sleep(Duration::from_millis(500));
     assert!(dl.try_wait().unwrap().is_none(), "the download ended early");
+    // `meshgatectl flows` shows the verdict and the rule that allowed it.
+    let (_, out) = ctl(&["flows", "--tenant", "acme"]);
+    let header = out.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("VERDICT") && header.contains("RULE"),
+        "{out}"
+    );
+    let row = out
+        .lines()
+        .find(|l| l.contains("10.1.0.9:8080"))
+        .expect(&out);
+    assert!(
+        row.contains("allow") && row.contains("downloads") && row.contains("alice"),
+        "{row}"
+    );
     let t0 = Instant::now();
     w.doc("acme", "policy", &policy(false));
     let ended = wait_until(Duration::from_secs(5), || dl.try_wait().unwrap().is_some());

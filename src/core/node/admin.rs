@@ -12,7 +12,8 @@
 //! | `/api/v1/node` | node name, version, uptime |
 //! | `/api/v1/tenants` | tenants with their instance and flow counts |
 //! | `/api/v1/modules` | every module instance with its state (`?tenant=` filters) |
-//! | `/api/v1/flows` | live flows (`?tenant=` filters) |
+//! | `/api/v1/flows` | live flows (`?tenant=` filters), with the verdict and the policy rule |
+//! | `/api/v1/policy/test` | which policy rule decides a flow: `?tenant=T&from=ADDR&to=HOST:PORT[&user=NAME][&door=NAME][&protocol=tcp]` |
 //!
 //! Read-only: nothing here changes the node. It runs on the same runtime as
 //! the data plane for now; requests are cheap snapshots.
@@ -82,7 +83,120 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// A query parameter, percent-decoded (`+` is a space).
+fn query_text(query: Option<&str>, name: &str) -> Option<String> {
+    let raw = query_param(query, name)?.as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            b'%' if i + 2 < raw.len() => {
+                let hex = std::str::from_utf8(&raw[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
 impl Admin {
+    /// Which policy rule decides a flow described by the query, and the
+    /// route a literal address takes (names are not resolved here).
+    async fn policy_test(&self, q: Option<&str>) -> Resp {
+        use crate::core::spine::flow::{FlowContext, Protocol};
+        let (Some(tenant), Some(from), Some(to)) = (
+            query_text(q, "tenant"),
+            query_text(q, "from"),
+            query_text(q, "to"),
+        ) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "expected ?tenant=T&from=ADDR&to=HOST:PORT[&user=NAME][&door=NAME][&protocol=tcp|udp|icmp]",
+            );
+        };
+        let Some((t, kinds)) = self.registry.tenant(&tenant).await else {
+            return error(StatusCode::NOT_FOUND, "no such tenant running here");
+        };
+        let src = match from
+            .parse::<std::net::SocketAddr>()
+            .or_else(|_| from.parse::<std::net::IpAddr>().map(|ip| (ip, 0).into()))
+        {
+            Ok(a) => a,
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "`from`: expected an IP address or IP:PORT",
+                )
+            }
+        };
+        let target: crate::core::addr::HostPort = match to.parse() {
+            Ok(t) => t,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("`to`: {e}")),
+        };
+        let protocol = match query_text(q, "protocol").as_deref() {
+            None | Some("tcp") => Protocol::Tcp,
+            Some("udp") => Protocol::Udp,
+            Some("icmp") => Protocol::Icmp,
+            Some(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "`protocol`: expected tcp, udp or icmp",
+                )
+            }
+        };
+        let door = query_text(q, "door").unwrap_or_default();
+        let kind = kinds.get(&door).cloned().unwrap_or_else(|| door.clone());
+        let dialed = match crate::core::spine::dest::normalize_host(&target.host) {
+            crate::core::spine::dest::Host::Ip(ip) => {
+                Some(std::net::SocketAddr::new(ip, target.port))
+            }
+            crate::core::spine::dest::Host::Name(_) => None,
+        };
+        let ctx = FlowContext {
+            tenant: tenant.clone(),
+            instance: door.clone(),
+            identity: query_text(q, "user"),
+            src,
+            dst: target.to_string(),
+            protocol,
+            kind: kind.clone(),
+            dialed,
+        };
+        let route = match t.vnets.route(None, &target) {
+            Ok(d) => d.describe(),
+            Err(e) => e.to_string(),
+        };
+        let d = self.registry.flows().explain(&ctx).unwrap_or_default();
+        json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "tenant": tenant,
+                "door": door,
+                "kind": kind,
+                "identity": ctx.identity,
+                "from": src.to_string(),
+                "to": ctx.dst,
+                "protocol": protocol,
+                "verdict": if d.deny { "deny" } else { "allow" },
+                "rule": d.rule,
+                "reason": if d.deny { d.reason() } else if d.rule.is_some() { format!("allowed by policy rule `{}`", d.rule.as_deref().unwrap_or_default()) } else { "no rule matches: allowed (the tenant has no allow rule and no `default: deny`)".into() },
+                "dry_run": d.dry_run.map(|(rule, action)| serde_json::json!({"rule": rule, "would": action})),
+                "policy_rules": t.policy.current().len(),
+                "route": route,
+            }),
+        )
+    }
+
     /// Admin state for `registry` on node `node`.
     pub fn new(registry: Arc<Registry>, node: impl Into<String>) -> Arc<Self> {
         Arc::new(Self {
@@ -168,7 +282,8 @@ impl Admin {
                 }
                 json(StatusCode::OK, &flows)
             }
-            _ => error(StatusCode::NOT_FOUND, "no such path; see /api/v1/node, /api/v1/tenants, /api/v1/modules, /api/v1/flows, /metrics, /healthz, /readyz"),
+            "/api/v1/policy/test" => self.policy_test(req.uri().query()).await,
+            _ => error(StatusCode::NOT_FOUND, "no such path; see /api/v1/node, /api/v1/tenants, /api/v1/modules, /api/v1/flows, /api/v1/policy/test, /metrics, /healthz, /readyz"),
         }
     }
 }

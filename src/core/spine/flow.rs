@@ -358,6 +358,14 @@ impl FlowTable {
         (!set.is_empty()).then_some(set)
     }
 
+    /// What the policy of the flow's tenant decides for it (`None`: the
+    /// tenant has no policy), nothing counted or opened: `meshgatectl
+    /// policy test`.
+    pub fn explain(&self, ctx: &FlowContext) -> Option<crate::core::spine::policy::PolicyDecision> {
+        self.policy_of(&ctx.tenant)
+            .map(|set| set.decide(&ctx.facts()))
+    }
+
     /// Whether the policy of the flow's tenant would deny it (nothing is
     /// counted or opened).
     pub fn would_deny(&self, ctx: &FlowContext) -> bool {

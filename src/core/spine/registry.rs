@@ -622,6 +622,19 @@ impl Registry {
     pub async fn tenant_names(&self) -> Vec<String> {
         self.tenants.lock().await.keys().cloned().collect()
     }
+
+    /// A running tenant and the kinds of its instances (`instance → kind`).
+    pub async fn tenant(&self, name: &str) -> Option<(Arc<Tenant>, BTreeMap<String, String>)> {
+        let tenants = self.tenants.lock().await;
+        let t = tenants.get(name)?;
+        Some((
+            t.tenant.clone(),
+            t.instances
+                .iter()
+                .map(|(i, e)| (i.clone(), e.kind.clone()))
+                .collect(),
+        ))
+    }
 }
 
 /// Start order of one tenant's checked documents; missing or circular
