@@ -58,6 +58,8 @@ AllowTcpForwarding yes
 EOF
 "$SSHD" -D -e -f "$TMP/sshd_config" > "$TMP/sshd.log" 2>&1 & SSHD_PID=$!; PIDS+=($!)
 printf 'admin: 127.0.0.1:%s\nlog: warn\n' "$ADMIN" > "$TMP/cfg/meshgate.yaml"
+# iperf3 is on loopback: an SSH user reaches it only through a route that names it.
+printf 'kind: vnet\nroutes:\n  - to: 127.0.0.0/8\n    via: direct\n' > "$TMP/cfg/tenants/bench/default.yaml"
 cat > "$TMP/cfg/tenants/bench/ssh.yaml" <<EOF
 kind: ssh
 listen: 127.0.0.1:$MG

@@ -147,6 +147,38 @@ fn redirect_and_tproxy_steer_unconfigured_clients_through_meshgate() {
         "meshgate_rejected_total{tenant=\"corp\",instance=\"redirect\",reason=\"not_captured\"}"
     ) == 1.0));
 
+    // A policy decides captured flows too: TCP (REDIRECT) and UDP
+    // (TPROXY) to the legacy host are denied, counted and answered by
+    // nothing; the same probes passed above.
+    std::fs::write(
+        t.join("policy.yaml"),
+        "kind: policy\nrules:\n  - name: no-legacy\n    action: deny\n    doors: [capture]\n    to: [10.240.9.2/32]\n",
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || app1
+            .curl("http://10.240.9.2/", 2)
+            .0
+            == 0),
+        "a captured connection passed a deny rule\n{}",
+        mg.log_text()
+    );
+    let udp = app2.try_sh(
+        "python3 -c \"import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1)\ns.connect(('10.240.9.2',7007))\ns.send(b'x')\ntry:\n print(s.recv(100))\nexcept OSError:\n print('none')\"",
+    );
+    assert_eq!(String::from_utf8_lossy(&udp.stdout).trim(), "none");
+    for instance in ["redirect", "tproxy"] {
+        assert!(
+            mg.metric(
+                &gw,
+                &format!("meshgate_rejected_total{{tenant=\"corp\",instance=\"{instance}\",reason=\"denied\"}}")
+            ) >= 1.0,
+            "{instance}\n{}",
+            mg.log_text()
+        );
+    }
+    std::fs::remove_file(t.join("policy.yaml")).unwrap();
+
     // --remove takes the rules away again.
     gw.sh(&format!(
         "{} capture rules --iface {if1} --port 15001 --remove --apply",

@@ -86,8 +86,11 @@ elif cmd == 'slow':
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200); self.send_header('Content-Length', str(600 * 1024)); self.end_headers()
-            for i in range(600):
-                self.wfile.write(b'x' * 1024); self.wfile.flush(); time.sleep(0.1)
+            try:
+                for i in range(600):
+                    self.wfile.write(b'x' * 1024); self.wfile.flush(); time.sleep(0.1)
+            except OSError:
+                pass  # the client went away (a revoked flow)
         def log_message(self, *a): pass
     http.server.ThreadingHTTPServer((sys.argv[2], int(sys.argv[3])), H).serve_forever()
 elif cmd == 'echo':
@@ -758,4 +761,105 @@ fn client_strings_cannot_forge_log_lines() {
         );
         assert!(!line.contains('\r'), "a raw CR in the log: {line:?}");
     }
+}
+
+/// `ssh -R`: connections to a published listener are flows of the SSH
+/// user's identity; a policy added while one is open closes it, and new
+/// ones are refused, while the same probe passed before the rule.
+#[test]
+fn a_policy_decides_ssh_remote_forwards() {
+    if !ready() || !have("ssh") || !have("ssh-keygen") {
+        return;
+    }
+    let w = World::new("iso5");
+    let key = ssh_setup(&w).unwrap();
+    let mg = w.start();
+    let mut fwd =
+        w.ns.cmd("ssh")
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-p",
+                "2222",
+                "-i",
+            ])
+            .arg(&key)
+            .args([
+                "-N",
+                "-R",
+                "127.0.0.1:7100:10.1.0.9:8080",
+                "alice@127.0.0.1",
+            ])
+            .spawn()
+            .unwrap();
+    // A slow download through the -R listener: allowed for now.
+    let start_download = || {
+        w.ns.cmd("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "60",
+                "http://127.0.0.1:7100/",
+            ])
+            .spawn()
+            .unwrap()
+    };
+    assert!(
+        // The slow backend answers 200 at once, then trickles: a transfer
+        // cut off after 1 s still shows its status.
+        wait_until(Duration::from_secs(10), || w
+            .ns
+            .curl("http://127.0.0.1:7100/", 1)
+            .0
+            == 200),
+        "the -R listener does not forward\n{}",
+        mg.log_text()
+    );
+    let mut dl = start_download();
+    assert!(wait_until(Duration::from_secs(5), || w
+        .ns
+        .curl("http://127.0.0.1:9000/api/v1/flows", 2)
+        .1
+        .contains("ssh -R 127.0.0.1:7100")));
+    assert!(dl.try_wait().unwrap().is_none());
+    let t0 = Instant::now();
+    w.doc(
+        "acme",
+        "policy",
+        "kind: policy\nrules:\n  - name: no-reverse\n    action: deny\n    doors: [ssh]\n    identities: [alice]\n    ports: [7100]\n",
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || dl.try_wait().unwrap().is_some()),
+        "the -R connection outlived the rule\n{}",
+        mg.log_text()
+    );
+    eprintln!(
+        "-R download closed {:?} after the policy file changed",
+        t0.elapsed()
+    );
+    assert!(t0.elapsed() < Duration::from_millis(1500));
+    // New connections are refused: the listener accepts and closes them.
+    assert_eq!(w.ns.curl("http://127.0.0.1:7100/", 2).0, 0);
+    assert!(
+        mg.metric(
+            &w.ns,
+            "meshgate_rejected_total{tenant=\"acme\",instance=\"door\",reason=\"denied\"}"
+        ) >= 1.0,
+        "{}",
+        mg.log_text()
+    );
+    let _ = fwd.kill();
+    let _ = fwd.wait();
 }

@@ -402,6 +402,85 @@ fn clients_reach_each_other_through_the_hub() {
     assert!(f["bytes_down"].as_u64().unwrap() >= 3 * 84, "{f}");
 }
 
+/// A policy decides the IP flows a hub forwards: peer `one` may not ping
+/// `two`, while `two` pings `one` (same hub, same test); a flow the policy
+/// denies is counted and audited; once the rule is gone a new ping passes.
+#[test]
+fn a_policy_denies_a_forwarded_ip_flow() {
+    if !can_netns() || !have("wireguard-go") || !have("wg") || !have("ping") {
+        return;
+    }
+    let server = Netns::new("s");
+    let c1 = Netns::new("a");
+    let c2 = Netns::new("b");
+    link(&server, "10.231.14.1/24", &c1, "10.231.14.2/24");
+    link(&server, "10.231.15.1/24", &c2, "10.231.15.2/24");
+    let w1 = WgGo::new(&c1, "10.192.0.2/24", None);
+    let w2 = WgGo::new(&c2, "10.192.0.3/24", None);
+    let key = meshgate::core::keys::PrivateKey::generate();
+    let cfg = server_config(
+        &key.to_base64(),
+        51820,
+        &format!(
+            "  - name: one\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n  - name: two\n    public_key: {}\n    allowed_ips: [10.192.0.3/32]\n",
+            w1.public_key(),
+            w2.public_key()
+        ),
+        "127.0.0.1:9000",
+        "127.0.0.1:1",
+    );
+    let policy = cfg.path().join("tenants/default/policy.yaml");
+    std::fs::write(
+        &policy,
+        "kind: policy\nrules:\n  - name: one-not-two\n    action: deny\n    doors: [wireguard]\n    identities: [one]\n    to: [10.192.0.3/32]\n    protocols: [icmp]\n",
+    )
+    .unwrap();
+    let mg = NsMeshgate::start(&server, cfg.path(), "127.0.0.1:9000");
+    for (ns, w, n) in [(&c1, &w1, 14), (&c2, &w2, 15)] {
+        w.add_peer(
+            ns,
+            &key.public_key().to_string(),
+            &format!(
+                "endpoint 10.231.{n}.1:51820 allowed-ips 10.192.0.0/24 persistent-keepalive 1"
+            ),
+        );
+    }
+    assert!(wait_until(Duration::from_secs(5), || {
+        mg.metric_sum(&server, "meshgate_wg_handshakes_total{") >= 2.0
+    }));
+    // Allowed: two → one (the hub forwards, and the path works).
+    let ping = c2.try_sh("ping -c 2 -i 0.2 -W 2 10.192.0.2");
+    assert!(
+        ping.status.success(),
+        "two cannot reach one: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    // Denied: one → two.
+    let ping = c1.try_sh("ping -c 2 -i 0.2 -W 1 10.192.0.3");
+    assert!(
+        !ping.status.success(),
+        "one reached two through a deny rule"
+    );
+    assert!(
+        mg.metric(
+            &server,
+            "meshgate_policy_decisions_total{tenant=\"default\",instance=\"wg0\",rule=\"one-not-two\",result=\"deny\"}"
+        ) >= 1.0,
+        "{}",
+        mg.log_text()
+    );
+    // The rule goes: a new ping (a new flow) passes.
+    std::fs::remove_file(&policy).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || c1
+            .try_sh("ping -c 1 -W 1 10.192.0.3")
+            .status
+            .success()),
+        "one still cannot reach two without the rule\n{}",
+        mg.log_text()
+    );
+}
+
 /// 50 idle connections from a wireguard-go peer through a `listen_via` pipe;
 /// then the peer's interface is deleted. Tunnelled TCP keep-alives find it
 /// gone: every connection ends within twice `tcp_timeout`.

@@ -788,10 +788,15 @@ impl StreamHandler for Reverse {
                     ..Default::default()
                 };
                 let upstream = Stream::io(ch.into_stream());
-                crate::core::net::proxy::join(client, upstream, flow.flow().as_ref(), &opts)
-                    .await
-                    .end
-                    .into()
+                let f = flow.flow().clone();
+                tokio::select! {
+                    j = crate::core::net::proxy::join(client, upstream, f.as_ref(), &opts) => j.end.into(),
+                    // A policy change that denies it ends it at once.
+                    _ = f.revoked() => {
+                        ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, "policy_revoked");
+                        EndReason::PolicyRevoked
+                    }
+                }
             }
             Err(_) => EndReason::DialFailed("refused"),
         };
