@@ -735,3 +735,98 @@ fn ssh_r_publishes_a_unix_socket_inside_its_directory_only() {
         r#"meshgate_rejected_total{tenant="default",instance="door",reason="streamlocal_path"}"#
     ) >= 1.0));
 }
+
+/// Deadlines before trust: silent connections hold no door. Past
+/// `per_source_max_startups` a new unauthenticated connection is closed at
+/// once; the silent ones are closed at `handshake_timeout`; then a real
+/// `ssh` logs in, while another tenant's pipe carried traffic throughout.
+#[test]
+fn silent_connections_are_closed_at_the_login_deadline() {
+    use std::io::Read;
+    if !have("ssh") || !have("ssh-keygen") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, alice_pub) = ssh_keygen(dir.path(), "alice");
+    let echo = echo_server();
+    let cfg = ConfigDir::new();
+    let port = free_port();
+    cfg.write(
+        "tenants/acme/door.yaml",
+        &door_doc(
+            dir.path(),
+            port,
+            &[&alice_pub],
+            "handshake_timeout: 2s\nper_source_max_startups: 3\n",
+        ),
+    );
+    cfg.loopback_vnet("acme");
+    let other = free_port();
+    cfg.pipe("beta", "web", other, echo);
+    let mg = Meshgate::start(&cfg);
+    let beta_works = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", other)).unwrap();
+        echo_roundtrip(&mut s, b"beta").unwrap() == b"beta"
+    };
+    assert!(beta_works());
+
+    // Three silent clients (they read the banner and say nothing).
+    let t0 = std::time::Instant::now();
+    let mut silent: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut banner = [0u8; 4];
+            s.read_exact(&mut banner).unwrap();
+            assert_eq!(&banner, b"SSH-");
+            s
+        })
+        .collect();
+    // A fourth from the same address: closed at once, counted.
+    let mut fourth = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    fourth
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut b = [0u8; 64];
+    assert_eq!(
+        fourth.read(&mut b).unwrap_or(0),
+        0,
+        "a fourth startup was served"
+    );
+    assert!(wait_until(Duration::from_secs(2), || mg.metric(
+        r#"meshgate_rejected_total{tenant="acme",instance="door",reason="per_source_max_startups"}"#
+    ) >= 1.0));
+    assert!(beta_works(), "another tenant's traffic stopped");
+    // The silent ones are closed at the deadline (2 s), not held.
+    for s in &mut silent {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    let held = t0.elapsed();
+    eprintln!("silent clients closed after {held:?} (deadline 2 s)");
+    assert!(
+        held >= Duration::from_millis(1500) && held < Duration::from_secs(4),
+        "{held:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || mg.metric(
+            r#"meshgate_rejected_total{tenant="acme",instance="door",reason="handshake_timeout"}"#
+        ) >= 3.0),
+        "{}",
+        mg.metrics()
+    );
+    // A real client logs in and forwards.
+    let out = ssh(&alice, port)
+        .args(["-W", &echo.to_string(), "alice@127.0.0.1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = {
+        let mut c = out;
+        c.stdin.take().unwrap().write_all(b"hello").unwrap();
+        c.wait_with_output().unwrap()
+    };
+    assert_eq!(out.stdout, b"hello", "{}", mg.log_text());
+    assert!(beta_works());
+}

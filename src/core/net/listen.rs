@@ -97,6 +97,38 @@ impl Registered {
     }
 }
 
+/// A UDP socket registered in [`HostListeners`] while it lives.
+pub struct RegisteredSocket {
+    inner: std::sync::Arc<dyn crate::core::net::datagram::DatagramSocket>,
+    _registered: Registered,
+}
+
+impl Registered {
+    /// `inner`, registered as long as it lives.
+    pub fn socket(
+        inner: std::sync::Arc<dyn crate::core::net::datagram::DatagramSocket>,
+        registered: Registered,
+    ) -> RegisteredSocket {
+        RegisteredSocket {
+            inner,
+            _registered: registered,
+        }
+    }
+}
+
+#[async_trait]
+impl crate::core::net::datagram::DatagramSocket for RegisteredSocket {
+    async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.inner.send_to(data, to).await
+    }
+    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.inner.recv_from(buf).await
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
 /// A listener registered in [`HostListeners`] while it lives.
 pub struct RegisteredListener {
     inner: Box<dyn StreamListener>,

@@ -423,7 +423,17 @@ impl OnRamp {
         on: &ListenOn,
     ) -> io::Result<Arc<dyn crate::core::net::datagram::DatagramSocket>> {
         match on {
-            ListenOn::Host(addr) => crate::core::net::datagram::bind_host_udp(*addr).await,
+            ListenOn::Host(addr) => {
+                let socket = crate::core::net::datagram::bind_host_udp(*addr).await?;
+                // Other tenants' door users may not send to it directly.
+                let registered = self.ctx.listeners.register(
+                    crate::core::net::listen::Owner::Tenant(self.tenant().to_string()),
+                    socket.local_addr()?,
+                );
+                Ok(Arc::new(crate::core::net::listen::Registered::socket(
+                    socket, registered,
+                )))
+            }
             ListenOn::Module { module, addr } => self.network(module)?.bind_udp(*addr).await,
         }
     }

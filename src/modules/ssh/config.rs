@@ -27,6 +27,10 @@ use crate::core::spine::door::DoorSettings;
 /// connect_timeout: 5s
 /// idle_timeout: 1h               # or `none`
 /// max_connections: 1024          # SSH connections
+/// handshake_timeout: 30s         # a client must log in within this (sshd's LoginGraceTime)
+/// max_startups: 10:30:100        # sessions not yet logged in: from 10, refuse 30 % of new
+///                                # ones, rising to all at 100 (sshd's MaxStartups); or `N`
+/// per_source_max_startups: 10    # not yet logged in from one address (sshd's PerSourceMaxStartups)
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,17 +46,108 @@ struct RawConfig {
     remote_forward_via: Option<String>,
     #[serde(default)]
     streamlocal_dir: Option<PathBuf>,
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    handshake_timeout: std::time::Duration,
+    #[serde(default)]
+    max_startups: Option<serde_json::Value>,
+    #[serde(default = "default_per_source")]
+    per_source_max_startups: usize,
+}
+
+fn default_handshake_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
+fn default_per_source() -> usize {
+    10
+}
+
+/// sshd's `MaxStartups start:rate:full`: with `start` sessions not yet
+/// logged in, a new one is refused with probability `rate` %, rising
+/// linearly to 100 % at `full`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxStartups {
+    /// Where early refusal starts.
+    pub start: usize,
+    /// Its probability there, in percent.
+    pub rate: u32,
+    /// Where every new session is refused.
+    pub full: usize,
+}
+
+impl Default for MaxStartups {
+    fn default() -> Self {
+        MaxStartups {
+            start: 10,
+            rate: 30,
+            full: 100,
+        }
+    }
+}
+
+impl MaxStartups {
+    /// `10:30:100`, or `N` (refuse at N, no early refusal).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        const EXPECTED: &str = "expected START:RATE:FULL (e.g. 10:30:100, as sshd) or a number";
+        let parts: Vec<&str> = s.trim().split(':').collect();
+        let num = |p: &str| {
+            p.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{s}`: {EXPECTED}"))
+        };
+        let m = match parts.as_slice() {
+            [n] => {
+                let n = num(n)?;
+                MaxStartups {
+                    start: n,
+                    rate: 100,
+                    full: n,
+                }
+            }
+            [a, r, f] => MaxStartups {
+                start: num(a)?,
+                rate: num(r)? as u32,
+                full: num(f)?,
+            },
+            _ => return Err(format!("`{s}`: {EXPECTED}")),
+        };
+        if m.start == 0 || m.full < m.start || m.rate > 100 {
+            return Err(format!(
+                "`{s}`: START must be at least 1, FULL at least START and RATE at most 100"
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Whether a new session is refused with `pending` not logged in;
+    /// `roll` is uniform in 0..100.
+    pub fn refuses(&self, pending: usize, roll: u32) -> bool {
+        if pending >= self.full {
+            return true;
+        }
+        if pending < self.start {
+            return false;
+        }
+        // From `rate` % at `start` to 100 % at `full`.
+        let span = (self.full - self.start).max(1) as u64;
+        let p = u64::from(self.rate)
+            + (100 - u64::from(self.rate)) * (pending - self.start) as u64 / span;
+        u64::from(roll) < p
+    }
 }
 
 /// The keys `kind: ssh` has beside [`DoorSettings`]: the fields of
 /// `RawConfig`.
-const OWN_KEYS: [&str; 6] = [
+const OWN_KEYS: [&str; 9] = [
     "host_key_file",
     "authorized_keys_file",
     "authorized_keys",
     "remote_forward_ip",
     "remote_forward_via",
     "streamlocal_dir",
+    "handshake_timeout",
+    "max_startups",
+    "per_source_max_startups",
 ];
 
 fn default_forward_ip() -> std::net::IpAddr {
@@ -79,6 +174,12 @@ pub struct SshConfig {
     pub remote_forward_via: Option<String>,
     /// Where `ssh -R` may publish Unix sockets (`None`: nowhere).
     pub streamlocal_dir: Option<PathBuf>,
+    /// A client must log in within this.
+    pub handshake_timeout: std::time::Duration,
+    /// Sessions not yet logged in, door-wide.
+    pub max_startups: MaxStartups,
+    /// Sessions not yet logged in from one address.
+    pub per_source_max_startups: usize,
 }
 
 impl SshConfig {
@@ -148,6 +249,29 @@ impl SshConfig {
                 "expected an absolute directory (made on first use, mode 0700)",
             ));
         }
+        crate::core::config::positive(src, "handshake_timeout", raw.handshake_timeout)?;
+        let max_startups = match &raw.max_startups {
+            None => MaxStartups::default(),
+            Some(serde_json::Value::String(s)) => {
+                MaxStartups::parse(s).map_err(|m| ConfigError::key(src, "max_startups", m))?
+            }
+            Some(serde_json::Value::Number(n)) => MaxStartups::parse(&n.to_string())
+                .map_err(|m| ConfigError::key(src, "max_startups", m))?,
+            Some(other) => {
+                return Err(ConfigError::key(
+                    src,
+                    "max_startups",
+                    format!("`{other}`: expected START:RATE:FULL (e.g. 10:30:100) or a number"),
+                ))
+            }
+        };
+        if raw.per_source_max_startups == 0 {
+            return Err(ConfigError::key(
+                src,
+                "per_source_max_startups",
+                "expected at least 1",
+            ));
+        }
         if let Some(m) = &raw.remote_forward_via {
             configstore::check_name(m)
                 .map_err(|e| ConfigError::key(src, "remote_forward_via", e))?;
@@ -159,6 +283,30 @@ impl SshConfig {
             remote_forward_ip: raw.remote_forward_ip,
             remote_forward_via: raw.remote_forward_via,
             streamlocal_dir: raw.streamlocal_dir,
+            handshake_timeout: raw.handshake_timeout,
+            max_startups,
+            per_source_max_startups: raw.per_source_max_startups,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MaxStartups;
+
+    #[test]
+    fn max_startups_as_sshd() {
+        let m = MaxStartups::parse("10:30:100").unwrap();
+        assert_eq!(m, MaxStartups::default());
+        // Below start: never; at full: always; between: rate rising to 100 %.
+        assert!(!(0..100).any(|roll| m.refuses(9, roll)));
+        assert_eq!((0..100).filter(|&roll| m.refuses(10, roll)).count(), 30);
+        assert_eq!((0..100).filter(|&roll| m.refuses(55, roll)).count(), 65);
+        assert!((0..100).all(|roll| m.refuses(100, roll)));
+        let n = MaxStartups::parse("5").unwrap();
+        assert!(!n.refuses(4, 0) && n.refuses(5, 99));
+        for bad in ["0", "10:30", "10:130:100", "20:30:10", "a:b:c", ""] {
+            assert!(MaxStartups::parse(bad).is_err(), "{bad}");
+        }
     }
 }

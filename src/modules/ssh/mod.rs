@@ -74,6 +74,7 @@ impl ModuleFactory for SshFactory {
         Ok(Arc::new(DoorModule::new(ctx, doc, |live| SshDoor {
             live,
             server: RwLock::new(None),
+            startups: Default::default(),
         })?))
     }
 }
@@ -83,6 +84,59 @@ impl ModuleFactory for SshFactory {
 struct SshDoor {
     live: Arc<Live<SshConfig>>,
     server: RwLock<Option<Arc<russh::server::Config>>>,
+    /// Sessions not yet logged in.
+    startups: Arc<Startups>,
+}
+
+/// Sessions that have not logged in yet: door-wide and per source address
+/// (`max_startups`, `per_source_max_startups`).
+#[derive(Default)]
+struct Startups(std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>);
+
+/// One session not yet logged in; counted until it logs in or ends.
+struct Startup {
+    table: Arc<Startups>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for Startup {
+    fn drop(&mut self) {
+        let mut g = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, per) = &mut *g;
+        *total = total.saturating_sub(1);
+        if let Some(n) = per.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Startups {
+    /// Admits a new session from `ip`, or says which cap refused it.
+    fn try_start(
+        self: &Arc<Self>,
+        ip: std::net::IpAddr,
+        cfg: &SshConfig,
+    ) -> Result<Startup, &'static str> {
+        let ip = crate::core::spine::dest::canonical(ip);
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, per) = &mut *g;
+        if per.get(&ip).copied().unwrap_or(0) >= cfg.per_source_max_startups {
+            return Err("per_source_max_startups");
+        }
+        let roll = rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 100;
+        if cfg.max_startups.refuses(*total, roll) {
+            return Err("max_startups");
+        }
+        *total += 1;
+        *per.entry(ip).or_default() += 1;
+        Ok(Startup {
+            table: self.clone(),
+            ip,
+        })
+    }
 }
 
 /// russh's default ciphers, with aes128-gcm (which OpenSSH clients offer
@@ -133,6 +187,12 @@ struct Conn {
     unix_forwards: std::collections::HashMap<String, UnixForward>,
     /// Whether a refusal was counted on this session already.
     refused: std::cell::Cell<bool>,
+    /// Counted among the sessions not yet logged in, until it logs in.
+    startup: Option<Startup>,
+    /// Told when the client logged in (the login deadline stops).
+    logged_in: tokio::sync::watch::Sender<bool>,
+    /// Set when the login deadline passed (the session is dropped).
+    timed_out: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A session that ends without authenticating and without a refusal counted
@@ -141,7 +201,17 @@ struct Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         if self.key.is_none() && !self.refused.get() {
-            self.count("unauthenticated", "the session ended before authenticating");
+            if self.timed_out.load(std::sync::atomic::Ordering::Acquire) {
+                self.count(
+                    "handshake_timeout",
+                    &format!(
+                        "no login within {:?}: the session is closed",
+                        self.cfg.handshake_timeout
+                    ),
+                );
+            } else {
+                self.count("unauthenticated", "the session ended before authenticating");
+            }
         }
     }
 }
@@ -360,6 +430,8 @@ impl russh::server::Handler for Conn {
                 let ctx = self.onramp.ctx();
                 tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %self.peer, %user, identity = %k.identity, "SSH login");
                 self.key = Some(k);
+                self.startup = None;
+                let _ = self.logged_in.send(true);
                 self.tally(None);
                 Ok(Auth::Accept)
             }
@@ -384,6 +456,8 @@ impl russh::server::Handler for Conn {
                 let ctx = self.onramp.ctx();
                 tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %self.peer, %user, identity = %k.identity, key_id = %certificate.key_id(), "SSH login with a certificate");
                 self.key = Some(k);
+                self.startup = None;
+                let _ = self.logged_in.send(true);
                 self.tally(None);
                 Ok(Auth::Accept)
             }
@@ -814,26 +888,61 @@ impl StreamHandler for SshDoor {
         let Some(server) = self.server.read().expect("poisoned").clone() else {
             return;
         };
+        let cfg = self.live.get();
+        let ctx = onramp.ctx();
+        // Deadlines before trust: a cap on sessions not yet logged in (per
+        // door, per source, with early random refusal), and a login deadline.
+        let startup = match self.startups.try_start(conn.src.ip(), &cfg) {
+            Ok(s) => s,
+            Err(reason) => {
+                ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
+                if let Some(suppressed) = logs::allow("ssh.startups") {
+                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %conn.src, reason, suppressed, "too many SSH sessions not logged in yet: connection closed");
+                }
+                return;
+            }
+        };
+        let (logged_in, mut login) = tokio::sync::watch::channel(false);
+        let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let grace = cfg.handshake_timeout;
         let handler = Conn {
             onramp: onramp.clone(),
-            cfg: self.live.get(),
+            cfg,
             peer: conn.src,
             key: None,
             forwards: Default::default(),
             unix_forwards: Default::default(),
             refused: Default::default(),
+            startup: Some(startup),
+            logged_in,
+            timed_out: timed_out.clone(),
         };
         let stop = onramp.stopping().clone();
-        match russh::server::run_stream(server, client, handler).await {
-            Ok(running) => {
-                tokio::select! {
-                    r = running => if let Err(e) = r {
+        let session = async {
+            match russh::server::run_stream(server, client, handler).await {
+                Ok(running) => {
+                    if let Err(e) = running.await {
                         tracing::debug!(peer = %conn.src, error = %e, "SSH session ended with an error");
-                    },
-                    _ = stop.cancelled() => {}
+                    }
                 }
+                Err(e) => tracing::debug!(peer = %conn.src, error = %e, "SSH handshake failed"),
             }
-            Err(e) => tracing::debug!(peer = %conn.src, error = %e, "SSH handshake failed"),
+        };
+        let deadline = async {
+            if tokio::time::timeout(grace, login.wait_for(|v| *v))
+                .await
+                .is_ok()
+            {
+                // Logged in (or the session is over): no deadline.
+                std::future::pending::<()>().await;
+            }
+            // Marked before the session is dropped: its handler counts why.
+            timed_out.store(true, std::sync::atomic::Ordering::Release);
+        };
+        tokio::select! {
+            _ = session => {}
+            _ = stop.cancelled() => {}
+            _ = deadline => {}
         }
     }
 }
