@@ -830,3 +830,121 @@ fn silent_connections_are_closed_at_the_login_deadline() {
     assert_eq!(out.stdout, b"hello", "{}", mg.log_text());
     assert!(beta_works());
 }
+
+/// A server that trickles bytes to every connection for a minute.
+fn trickle_server() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                for _ in 0..1200 {
+                    if s.write_all(&[b'x'; 1024]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Access ends when it is revoked: taking alice's key out of the door's
+/// `authorized_keys` ends her session and her `ssh -L` download within a
+/// second; bob's session, admitted by a line that stays, goes on.
+#[test]
+fn removing_a_key_ends_its_sessions_and_forwards() {
+    use std::io::Read;
+    if !have("ssh") || !have("ssh-keygen") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, alice_pub) = ssh_keygen(dir.path(), "alice");
+    let (bob, bob_pub) = ssh_keygen(dir.path(), "bob");
+    let slow = trickle_server();
+    let cfg = ConfigDir::new();
+    let port = free_port();
+    cfg.write(
+        "tenants/acme/door.yaml",
+        &door_doc(dir.path(), port, &[&alice_pub, &bob_pub], ""),
+    );
+    cfg.loopback_vnet("acme");
+    let mg = Meshgate::start(&cfg);
+    let forward = |key: &Path, user: &str| {
+        let local = free_port();
+        let child = ssh(key, port)
+            .args([
+                "-N",
+                "-L",
+                &format!("127.0.0.1:{local}:{slow}"),
+                &format!("{user}@127.0.0.1"),
+            ])
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                local
+            ))
+            .is_ok()),
+            "{user}'s forward did not come up"
+        );
+        (Bg(child), local)
+    };
+    let (mut alice_ssh, la) = forward(&alice, "alice");
+    let (_bob_ssh, lb) = forward(&bob, "bob");
+    let download = |local: u16| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1024];
+        s.read_exact(&mut b).unwrap();
+        s
+    };
+    let mut a = download(la);
+    let mut b = download(lb);
+    // Alice's line goes.
+    let t0 = std::time::Instant::now();
+    cfg.write(
+        "tenants/acme/door.yaml",
+        &door_doc(dir.path(), port, &[&bob_pub], ""),
+    );
+    let mut buf = [0u8; 4096];
+    let ended = loop {
+        match a.read(&mut buf) {
+            Ok(0) | Err(_) => break t0.elapsed(),
+            Ok(_) if t0.elapsed() > Duration::from_secs(5) => {
+                panic!("alice's download outlived her key\n{}", mg.log_text())
+            }
+            Ok(_) => {}
+        }
+    };
+    eprintln!("alice's forward ended {ended:?} after her key was removed");
+    assert!(ended < Duration::from_millis(1500), "{ended:?}");
+    assert!(
+        wait_until(Duration::from_secs(2), || alice_ssh
+            .0
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "alice's ssh still runs"
+    );
+    assert_eq!(
+        mg.metric(r#"meshgate_rejected_total{tenant="acme",instance="door",reason="key_revoked"}"#),
+        1.0
+    );
+    // Bob's download and new forwards go on.
+    let t1 = std::time::Instant::now();
+    while t1.elapsed() < Duration::from_secs(1) {
+        assert!(b.read(&mut buf).unwrap() > 0, "bob's download ended");
+    }
+    let _ = download(lb);
+    // And alice cannot log in again.
+    let out = ssh(&alice, port)
+        .args(["-W", &slow.to_string(), "alice@127.0.0.1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

@@ -253,6 +253,9 @@ pub trait Door: StreamHandler + Sized {
     }
     /// Details for the admin API.
     fn status(&self, config: &Self::Config, onramp: &OnRamp) -> serde_json::Value;
+    /// A reload put `config` in force: end what it no longer admits (an
+    /// SSH key taken out of `authorized_keys`). Default: nothing.
+    fn reloaded(&self, _config: &Self::Config) {}
 }
 
 /// A door as a module: `D` handles the connections, this does the rest.
@@ -305,6 +308,7 @@ impl<D: Door> Module for DoorModule<D> {
             self.listen(&new, &doc.source).await?;
         }
         self.live.set(new, &doc.source);
+        self.door.reloaded(&self.live.get());
         Ok(())
     }
 

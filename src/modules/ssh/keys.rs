@@ -39,6 +39,18 @@ pub struct AuthorizedKey {
     pub principals: Vec<String>,
 }
 
+/// Whether `a` and `b` are the same grant: the same key with the same
+/// options (the identity a certificate login derives is not compared).
+pub fn same_grant(a: &AuthorizedKey, b: &AuthorizedKey) -> bool {
+    a.key == b.key
+        && a.from == b.from
+        && a.port_forwarding == b.port_forwarding
+        && a.permit_open == b.permit_open
+        && a.permit_listen == b.permit_listen
+        && a.cert_authority == b.cert_authority
+        && a.principals == b.principals
+}
+
 impl AuthorizedKey {
     /// Whether this key may be used from `addr`.
     pub fn allowed_from(&self, addr: IpAddr) -> bool {

@@ -75,6 +75,7 @@ impl ModuleFactory for SshFactory {
             live,
             server: RwLock::new(None),
             startups: Default::default(),
+            sessions: Default::default(),
         })?))
     }
 }
@@ -86,6 +87,85 @@ struct SshDoor {
     server: RwLock<Option<Arc<russh::server::Config>>>,
     /// Sessions not yet logged in.
     startups: Arc<Startups>,
+    /// Live sessions: what admitted each, and how to end it.
+    sessions: Arc<Sessions>,
+}
+
+/// The door's live sessions, so a reload that takes a key away ends the
+/// sessions it admitted (and with them their channels and `-R` listeners).
+#[derive(Default)]
+struct Sessions {
+    next: std::sync::atomic::AtomicU64,
+    live: std::sync::Mutex<std::collections::HashMap<u64, SessionEntry>>,
+}
+
+struct SessionEntry {
+    /// The `authorized_keys` line that admitted it, once logged in.
+    grant: Option<AuthorizedKey>,
+    end: tokio_util::sync::CancellationToken,
+}
+
+/// A session's place in [`Sessions`]; removed when the session ends.
+struct SessionSlot {
+    sessions: Arc<Sessions>,
+    id: u64,
+}
+
+impl SessionSlot {
+    /// The session logged in with `grant`.
+    fn granted(&self, grant: &AuthorizedKey) {
+        let mut live = self.sessions.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = live.get_mut(&self.id) {
+            e.grant = Some(grant.clone());
+        }
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.sessions
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl Sessions {
+    fn open(self: &Arc<Self>) -> (SessionSlot, tokio_util::sync::CancellationToken) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let end = tokio_util::sync::CancellationToken::new();
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id,
+            SessionEntry {
+                grant: None,
+                end: end.clone(),
+            },
+        );
+        (
+            SessionSlot {
+                sessions: self.clone(),
+                id,
+            },
+            end,
+        )
+    }
+
+    /// Ends every session whose admitting line `keys` no longer has (the
+    /// same key with the same options); returns how many.
+    fn revoke_missing(&self, keys: &[AuthorizedKey]) -> usize {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for e in live.values() {
+            if let Some(g) = &e.grant {
+                if !keys.iter().any(|k| keys::same_grant(k, g)) && !e.end.is_cancelled() {
+                    e.end.cancel();
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
 }
 
 /// Sessions that have not logged in yet: door-wide and per source address
@@ -193,6 +273,8 @@ struct Conn {
     logged_in: tokio::sync::watch::Sender<bool>,
     /// Set when the login deadline passed (the session is dropped).
     timed_out: Arc<std::sync::atomic::AtomicBool>,
+    /// Its place among the door's live sessions.
+    slot: SessionSlot,
 }
 
 /// A session that ends without authenticating and without a refusal counted
@@ -429,6 +511,7 @@ impl russh::server::Handler for Conn {
             Ok(k) => {
                 let ctx = self.onramp.ctx();
                 tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %self.peer, %user, identity = %k.identity, "SSH login");
+                self.slot.granted(&k);
                 self.key = Some(k);
                 self.startup = None;
                 let _ = self.logged_in.send(true);
@@ -455,6 +538,7 @@ impl russh::server::Handler for Conn {
             Ok(k) => {
                 let ctx = self.onramp.ctx();
                 tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %self.peer, %user, identity = %k.identity, key_id = %certificate.key_id(), "SSH login with a certificate");
+                self.slot.granted(&k);
                 self.key = Some(k);
                 self.startup = None;
                 let _ = self.logged_in.send(true);
@@ -902,6 +986,7 @@ impl StreamHandler for SshDoor {
                 return;
             }
         };
+        let (slot, revoked) = self.sessions.open();
         let (logged_in, mut login) = tokio::sync::watch::channel(false);
         let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let grace = cfg.handshake_timeout;
@@ -916,18 +1001,9 @@ impl StreamHandler for SshDoor {
             startup: Some(startup),
             logged_in,
             timed_out: timed_out.clone(),
+            slot,
         };
         let stop = onramp.stopping().clone();
-        let session = async {
-            match russh::server::run_stream(server, client, handler).await {
-                Ok(running) => {
-                    if let Err(e) = running.await {
-                        tracing::debug!(peer = %conn.src, error = %e, "SSH session ended with an error");
-                    }
-                }
-                Err(e) => tracing::debug!(peer = %conn.src, error = %e, "SSH handshake failed"),
-            }
-        };
         let deadline = async {
             if tokio::time::timeout(grace, login.wait_for(|v| *v))
                 .await
@@ -936,13 +1012,45 @@ impl StreamHandler for SshDoor {
                 // Logged in (or the session is over): no deadline.
                 std::future::pending::<()>().await;
             }
-            // Marked before the session is dropped: its handler counts why.
+            // Marked before the session is closed: its handler counts why.
             timed_out.store(true, std::sync::atomic::Ordering::Release);
         };
+        // What ends a session from our side: the door stops, no login in
+        // time, or the key that admitted it was taken away.
+        let mut end = std::pin::pin!(async {
+            tokio::select! {
+                _ = stop.cancelled() => "the door stopped",
+                _ = deadline => "no login in time",
+                _ = revoked.cancelled() => {
+                    ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, "key_revoked");
+                    tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %conn.src, "SSH session ended: its key is no longer authorized");
+                    "your key is no longer authorized"
+                }
+            }
+        });
+        // The handshake: dropping it closes the connection.
+        let running = tokio::select! {
+            r = russh::server::run_stream(server, client, handler) => match r {
+                Ok(running) => running,
+                Err(e) => {
+                    tracing::debug!(peer = %conn.src, error = %e, "SSH handshake failed");
+                    return;
+                }
+            },
+            _ = &mut end => return,
+        };
+        // The session runs on its own task: it is told to disconnect, which
+        // ends its channels and `-R` listeners with it.
+        let handle = running.handle();
         tokio::select! {
-            _ = session => {}
-            _ = stop.cancelled() => {}
-            _ = deadline => {}
+            r = running => if let Err(e) = r {
+                tracing::debug!(peer = %conn.src, error = %e, "SSH session ended with an error");
+            },
+            why = &mut end => {
+                let _ = handle
+                    .disconnect(russh::Disconnect::ByApplication, why.into(), "en".into())
+                    .await;
+            }
         }
     }
 }
@@ -981,6 +1089,16 @@ impl Door for SshDoor {
 
     fn must_rebind(old: &SshConfig, new: &SshConfig) -> bool {
         Self::listen_on(old) != Self::listen_on(new) || old.host_key_file != new.host_key_file
+    }
+
+    fn reloaded(&self, cfg: &SshConfig) {
+        let n = self.sessions.revoke_missing(&cfg.keys);
+        if n > 0 {
+            tracing::info!(
+                sessions = n,
+                "SSH sessions of keys no longer authorized are ending"
+            );
+        }
     }
 
     fn status(&self, cfg: &SshConfig, onramp: &OnRamp) -> serde_json::Value {
