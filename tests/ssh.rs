@@ -948,3 +948,76 @@ fn removing_a_key_ends_its_sessions_and_forwards() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// Certificate extensions are enforced as OpenSSH does: a certificate made
+/// with `ssh-keygen -O clear` logs in but cannot forward; one with
+/// `-O permit-port-forwarding` can.
+#[test]
+fn certificate_extensions_decide_forwarding() {
+    if !have("ssh") || !have("ssh-keygen") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca, ca_pub) = ssh_keygen(d, "ca");
+    let echo = echo_server();
+    let cfg = ConfigDir::new();
+    let port = free_port();
+    cfg.write(
+        "tenants/acme/ssh.yaml",
+        &door_doc(d, port, &[&format!("cert-authority {ca_pub}")], ""),
+    );
+    cfg.loopback_vnet("acme");
+    let mg = Meshgate::start(&cfg);
+    let signed = |name: &str, options: &[&str]| {
+        let (key, _) = ssh_keygen(d, name);
+        let ok = Command::new("ssh-keygen")
+            .args(["-q", "-s"])
+            .arg(&ca)
+            .args(["-I", name, "-n", "ops", "-V", "-5m:+1h"])
+            .args(options.iter().flat_map(|o| ["-O", o]))
+            .arg(key.with_extension("pub"))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ssh-keygen -s failed");
+        key
+    };
+    let forward = |key: &Path| {
+        let mut c = ssh(key, port)
+            .args(["-W", &echo.to_string(), "ops@127.0.0.1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(b"ping").unwrap();
+        let out = c.wait_with_output().unwrap();
+        (out.stdout, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let login = |key: &Path| {
+        ssh(key, port)
+            .args(["ops@127.0.0.1", "x"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let permitted = signed("permitted", &["clear", "permit-port-forwarding"]);
+    let cleared = signed("cleared", &["clear"]);
+    // Both log in; only the one with the extension forwards.
+    assert!(login(&permitted) && login(&cleared), "{}", mg.log_text());
+    assert_eq!(forward(&permitted).0, b"ping", "{}", mg.log_text());
+    let (out, err) = forward(&cleared);
+    assert!(
+        out.is_empty(),
+        "a certificate without permit-port-forwarding forwarded"
+    );
+    assert!(
+        err.contains("stdio forwarding failed") || err.contains("prohibited"),
+        "{err}"
+    );
+    assert!(wait_until(Duration::from_secs(2), || mg.metric(
+        r#"meshgate_rejected_total{tenant="acme",instance="ssh",reason="forwarding_disabled"}"#
+    ) >= 1.0));
+}

@@ -287,6 +287,10 @@ pub fn check_certificate(
     .ok_or("cert_principal")?;
     let mut out = ca.clone();
     out.identity = principal.clone();
+    // Extensions grant, as OpenSSH reads them: a certificate without
+    // `permit-port-forwarding` (`ssh-keygen -O clear`) forwards nothing.
+    out.port_forwarding =
+        ca.port_forwarding && cert.extensions().contains_key("permit-port-forwarding");
     Ok(out)
 }
 
