@@ -97,6 +97,33 @@ fn tune_allocator() {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit: every connection
+/// and socket is a descriptor, and the common soft limit (1024) would let a
+/// busy tenant starve the others (issue: a budget for every resource).
+/// Returns (soft before, soft now, hard).
+fn raise_fd_limit() -> Option<(u64, u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit from a struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    Some((before as u64, lim.rlim_cur as u64, lim.rlim_max as u64))
+}
+
 async fn serve() -> ExitCode {
     let args = Args::parse();
     let (config_dir, defaulted) = match args.config_dir {
@@ -133,6 +160,11 @@ async fn serve() -> ExitCode {
     };
     init_logging(&node_cfg);
     tracing::info!(node = %node_cfg.node, store = %store.describe(), version = env!("CARGO_PKG_VERSION"), "meshgate starting");
+    match raise_fd_limit() {
+        Some((before, now, hard)) if now < 4096 => tracing::warn!(soft_before = before, soft = now, hard, "few file descriptors allowed (RLIMIT_NOFILE): every connection and socket takes one; raise the hard limit (LimitNOFILE= in systemd)"),
+        Some((before, now, hard)) => tracing::info!(soft_before = before, soft = now, hard, "open files limit (RLIMIT_NOFILE) raised to the hard limit"),
+        None => tracing::warn!("cannot read RLIMIT_NOFILE"),
+    }
     if defaulted {
         tracing::info!(dir = %config_dir.display(), "config directory chosen by default: no --config-dir or MESHGATE_CONFIG_DIR given");
     }

@@ -60,6 +60,27 @@ elif cmd == 'udp':
         except socket.timeout:
             pass
     print(got)
+elif cmd == 'udpmany':
+    # udpmany SOCKSPORT IP FIRSTPORT N ECHOPORT: one association writes to N
+    # destinations, then to the echo; the echo's answer or 'none'
+    c = socks(int(sys.argv[2]))
+    c.sendall(b'\x05\x03\x00\x01' + bytes(4) + bytes(2))
+    r = c.recv(10); assert r[1] == 0, r
+    relay = (socket.inet_ntoa(r[4:8]), struct.unpack('>H', r[8:10])[0])
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
+    ip = socket.inet_aton(sys.argv[3])
+    for p in range(int(sys.argv[4]), int(sys.argv[4]) + int(sys.argv[5])):
+        u.sendto(b'\x00\x00\x00\x01' + ip + struct.pack('>H', p) + b'x', relay)
+        if p % 100 == 0:
+            time.sleep(0.05)
+    got = 'none'
+    for i in range(3):
+        u.sendto(b'\x00\x00\x00\x01' + ip + struct.pack('>H', int(sys.argv[6])) + b'ping', relay)
+        try:
+            d, _ = u.recvfrom(2048); got = d[10:].decode(); break
+        except socket.timeout:
+            pass
+    print(got)
 elif cmd == 'udpdirect':
     # udpdirect IP PORT: one datagram to a UDP socket; the answer or 'none'
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(1.5)
@@ -862,4 +883,48 @@ fn a_policy_decides_ssh_remote_forwards() {
     );
     let _ = fwd.kill();
     let _ = fwd.wait();
+}
+
+/// One SOCKS5 UDP ASSOCIATE writing to 1,000 destinations under
+/// `ulimit -n 1024`: one socket per association (not per destination), so
+/// the association still gets its answers and another tenant's door keeps
+/// accepting.
+#[test]
+fn a_udp_associate_to_a_thousand_destinations_takes_one_socket() {
+    if !ready() {
+        return;
+    }
+    let w = World::new("iso6");
+    w.doc("acme", "socks", "kind: socks\nlisten: 127.0.0.1:1080\n");
+    w.doc("beta", "socks", "kind: socks\nlisten: 127.0.0.1:1081\n");
+    let mg = NsMeshgate::start_wrapped(
+        &w.ns,
+        &["sh", "-c", "ulimit -n 1024 && exec \"$0\" \"$@\""],
+        w.dir.path(),
+        "127.0.0.1:9000",
+    );
+    assert!(mg.log_text().contains("hard=1024"), "{}", mg.log_text());
+    assert_eq!(
+        w.probe(&["udpmany", "1080", "10.1.0.7", "20000", "1000", "5300"]),
+        "echo:ping",
+        "{}",
+        mg.log_text()
+    );
+    // Another tenant's door still accepts and dials.
+    let (rc, status, _, err) = w.curl(
+        &["--socks5-hostname", "127.0.0.1:1081"],
+        "http://10.1.0.8:8080/",
+    );
+    assert_eq!((rc, status), (0, 200), "{err}\n{}", mg.log_text());
+    assert!(
+        !mg.log_text().contains("Too many open files"),
+        "{}",
+        mg.log_text()
+    );
+    // The 1,001 destinations were flows of the one association.
+    let flows = mg.metric(
+        &w.ns,
+        "meshgate_connections_total{tenant=\"acme\",instance=\"socks\"}",
+    );
+    assert!(flows >= 1001.0, "{flows} flows");
 }

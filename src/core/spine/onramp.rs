@@ -517,6 +517,32 @@ impl OnRamp {
         chosen_by: ChosenBy,
         timeout: Duration,
     ) -> Result<Datagrams, (&'static str, String)> {
+        let (connector, remote, route) = self
+            .route_datagrams(via, target, chosen_by, timeout)
+            .await?;
+        let socket = self
+            .ctx
+            .bind_udp(&connector, remote)
+            .await
+            .map_err(|e| (e.reason(), e.to_string()))?;
+        Ok(Datagrams {
+            socket,
+            remote,
+            route,
+        })
+    }
+
+    /// As [`OnRamp::open_datagrams`] without the socket: the connector the
+    /// datagrams leave through, the remote and the route as flows show it
+    /// (a SOCKS association sends to many remotes from one socket per
+    /// connector).
+    pub async fn route_datagrams(
+        &self,
+        via: &RouteVia,
+        target: &HostPort,
+        chosen_by: ChosenBy,
+        timeout: Duration,
+    ) -> Result<(Connector, SocketAddr, String), (&'static str, String)> {
         let plan = self
             .plan(via, target, chosen_by, timeout)
             .await
@@ -534,16 +560,7 @@ impl OnRamp {
                 ),
             ));
         };
-        let socket = self
-            .ctx
-            .bind_udp(&connector, remote)
-            .await
-            .map_err(|e| (e.reason(), e.to_string()))?;
-        Ok(Datagrams {
-            socket,
-            remote,
-            route: plan.shown,
-        })
+        Ok((connector, remote, plan.shown))
     }
 
     /// Serves `listener` (bound for `on`) with `handler` until closed.

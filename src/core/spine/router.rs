@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::core::addr::HostPort;
 
 /// Where a route sends flows: the connector that carries them out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "name")]
 pub enum Connector {
     /// The host's own network stack (names resolved by the host).

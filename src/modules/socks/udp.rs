@@ -13,8 +13,11 @@
 //!
 //! Destinations route like any flow (the vnet's routes, `hosts:` and
 //! `dns:`): through `direct` routes on a host socket, into a WireGuard
-//! network through its engine. Each destination has its own socket, so
-//! answers are told apart by socket and source.
+//! network through its engine. An association has one socket per
+//! connector (and address family), as dante does, whatever the number of
+//! destinations: answers are told apart by their source. At most
+//! [`MAX_DESTINATIONS`] destinations per association (more are dropped
+//! and counted, `udp_too_many_destinations`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,9 +34,12 @@ use crate::core::logs;
 use crate::core::net::proxy::{Stream, Traffic};
 use crate::core::spine::flow::{EndReason, FlowContext, FlowGuard, Protocol, Verdict};
 use crate::core::spine::onramp::{ListenOn, OnRamp, RouteVia};
+use crate::core::spine::router::Connector;
+
+type Socket = Arc<dyn crate::core::net::datagram::DatagramSocket>;
 
 /// Destinations one association may open flows to.
-const MAX_DESTINATIONS: usize = 1024;
+pub const MAX_DESTINATIONS: usize = 1024;
 /// Largest datagram relayed.
 const MAX_DATAGRAM: usize = 65_535;
 /// An association without a datagram either way for this long ends
@@ -45,10 +51,7 @@ struct Dest {
     flow: FlowGuard,
     /// The socket and the destination's address (`None`: denied or
     /// unroutable, its datagrams dropped).
-    socket: Option<(
-        Arc<dyn crate::core::net::datagram::DatagramSocket>,
-        SocketAddr,
-    )>,
+    socket: Option<(Socket, SocketAddr)>,
 }
 
 /// The per-association state.
@@ -60,6 +63,10 @@ struct Assoc<'a> {
     timeout: Duration,
     /// By the destination as the client names it.
     dests: HashMap<String, Dest>,
+    /// The destinations written to, by address: whose answers come back.
+    by_remote: HashMap<SocketAddr, String>,
+    /// One socket per connector and address family (IPv6 or not).
+    sockets: HashMap<(Connector, bool), Socket>,
     /// Answers from every destination's socket: (from, payload).
     answers: mpsc::Sender<(SocketAddr, Vec<u8>)>,
     stop: CancellationToken,
@@ -88,6 +95,10 @@ impl Assoc<'_> {
         let Some((socket, to)) = &d.socket else {
             return; // denied or unroutable: counted when it was opened
         };
+        if d.flow.flow().is_revoked() {
+            // A policy change denied it: counted when it was revoked.
+            return;
+        }
         if socket.send_to(payload, *to).await.is_ok() {
             d.flow.flow().upstream(payload.len() as u64);
         }
@@ -99,17 +110,17 @@ impl Assoc<'_> {
         let ctx = self.onramp.ctx();
         let hp = dst.host_port();
         let via = RouteVia::Vnet(self.vnet.clone());
-        let opened = self
+        let routed = self
             .onramp
-            .open_datagrams(
+            .route_datagrams(
                 &via,
                 &hp,
                 crate::core::spine::dest::ChosenBy::Client,
                 self.timeout,
             )
             .await;
-        let (route, dialed) = match &opened {
-            Ok(d) => (Some(d.route.clone()), Some(d.remote)),
+        let (route, dialed) = match &routed {
+            Ok((_, remote, route)) => (Some(route.clone()), Some(*remote)),
             Err((_, m)) => (Some(m.clone()), None),
         };
         let mut flow = ctx.flows.open_routed(
@@ -126,8 +137,8 @@ impl Assoc<'_> {
             route,
             &ctx.instance_metrics,
         );
-        let d = match opened {
-            Ok(d) => d,
+        let (connector, remote) = match routed {
+            Ok((c, r, _)) => (c, r),
             Err((reason, m)) => {
                 flow.set_end_reason(EndReason::NoRoute);
                 self.drop_counted(reason, &m);
@@ -139,21 +150,51 @@ impl Assoc<'_> {
             self.drop_counted("denied", &hp.to_string());
             return Dest { flow, socket: None };
         }
-        // This destination's answers, tagged with their source.
-        let (socket, remote) = (d.socket.clone(), d.remote);
-        let (answers, stop) = (self.answers.clone(), self.stop.clone());
+        let socket = match self.socket_for(&connector, remote).await {
+            Ok(s) => s,
+            Err((reason, m)) => {
+                flow.set_end_reason(EndReason::DialFailed(reason));
+                self.drop_counted(reason, &m);
+                return Dest { flow, socket: None };
+            }
+        };
+        self.by_remote.insert(remote, dst.to_string());
+        Dest {
+            flow,
+            socket: Some((socket, remote)),
+        }
+    }
+
+    /// The association's socket through `connector` for `remote`'s address
+    /// family, bound on first use; its answers go to the association's
+    /// channel, tagged with their source.
+    async fn socket_for(
+        &mut self,
+        connector: &Connector,
+        remote: SocketAddr,
+    ) -> Result<Socket, (&'static str, String)> {
+        let key = (connector.clone(), remote.is_ipv6());
+        if let Some(s) = self.sockets.get(&key) {
+            return Ok(s.clone());
+        }
+        let socket = self
+            .onramp
+            .ctx()
+            .bind_udp(connector, remote)
+            .await
+            .map_err(|e| (e.reason(), e.to_string()))?;
+        let (answers, stop, rx) = (self.answers.clone(), self.stop.clone(), socket.clone());
         tokio::spawn(async move {
             let mut buf = vec![0u8; MAX_DATAGRAM];
             loop {
                 let r = tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = socket.recv_from(&mut buf) => r,
+                    r = rx.recv_from(&mut buf) => r,
                 };
                 match r {
                     Ok((n, from)) => {
                         let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-                        if from == remote && answers.send((from, buf[..n].to_vec())).await.is_err()
-                        {
+                        if answers.send((from, buf[..n].to_vec())).await.is_err() {
                             return;
                         }
                     }
@@ -161,10 +202,8 @@ impl Assoc<'_> {
                 }
             }
         });
-        Dest {
-            flow,
-            socket: Some((d.socket, d.remote)),
-        }
+        self.sockets.insert(key, socket.clone());
+        Ok(socket)
     }
 }
 
@@ -227,6 +266,8 @@ pub(super) async fn associate(
         vnet,
         timeout: cfg.door.connect_timeout,
         dests: HashMap::new(),
+        by_remote: HashMap::new(),
+        sockets: HashMap::new(),
         answers: answers_tx,
         stop,
     };
@@ -278,15 +319,22 @@ pub(super) async fn associate(
                 assoc.send(&header.dst, &payload).await;
             }
             Some((from, payload)) = answers.recv() => {
-                // An answer from a destination the client wrote to.
+                // Only answers from a destination the client wrote to (and
+                // whose flow stands) go back, as through a NAT with address
+                // filtering.
                 let Some(to) = client_addr else { continue };
+                let Some(dest) = assoc.by_remote.get(&from).and_then(|k| assoc.dests.get(k)) else {
+                    assoc.drop_counted("udp_foreign_source", &from.to_string());
+                    continue;
+                };
+                if dest.flow.flow().is_revoked() {
+                    continue;
+                }
                 last = tokio::time::Instant::now();
                 let mut d = proto::udp_header(from);
                 d.extend_from_slice(&payload);
                 if relay.send_to(&d, to).await.is_ok() {
-                    if let Some(dest) = assoc.dests.values().find(|d| d.socket.as_ref().is_some_and(|(_, r)| *r == from)) {
-                        dest.flow.flow().downstream(payload.len() as u64);
-                    }
+                    dest.flow.flow().downstream(payload.len() as u64);
                 }
             }
         }
