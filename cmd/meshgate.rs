@@ -121,7 +121,7 @@ fn raise_fd_limit() -> Option<(u64, u64, u64)> {
             lim.rlim_cur = lim.rlim_max;
         }
     }
-    Some((before as u64, lim.rlim_cur as u64, lim.rlim_max as u64))
+    Some((before, lim.rlim_cur, lim.rlim_max))
 }
 
 async fn serve() -> ExitCode {
