@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use meshgate::core::config::{AdminAddr, LogFormat, NodeConfig};
@@ -229,8 +230,14 @@ async fn serve() -> ExitCode {
 
     wait_for_signal().await;
     tracing::info!(timeout = ?node_cfg.drain_timeout, "draining: new connections are refused, open ones may finish");
+    // The registry waits on nobody past this: whatever clients do, the
+    // process exits within `drain_timeout` + 1 s.
+    let limit = node_cfg.drain_timeout + Duration::from_secs(1);
     tokio::select! {
-        _ = node.shutdown(node_cfg.drain_timeout) => tracing::info!("stopped"),
+        r = tokio::time::timeout(limit, node.shutdown(node_cfg.drain_timeout)) => match r {
+            Ok(()) => tracing::info!("stopped"),
+            Err(_) => tracing::warn!(?limit, "modules still stopping after drain_timeout + 1 s: exiting anyway"),
+        },
         _ = wait_for_signal() => tracing::warn!("second signal: exiting now"),
     }
     shutdown.cancel();

@@ -381,6 +381,7 @@ impl StreamHandler for HttpDoor {
     async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
         let src = conn.src;
         let cfg = self.live.get();
+        let stop = onramp.stopping().clone();
         let onramp = onramp.clone();
         let timeout = cfg.handshake_timeout;
         let svc = hyper::service::service_fn(move |req| {
@@ -401,8 +402,12 @@ impl StreamHandler for HttpDoor {
             .max_headers(100)
             .serve_connection(TokioIo::new(client), svc)
             .with_upgrades();
-        if let Err(e) = conn.await {
-            tracing::debug!(%src, error = %e, "HTTP proxy connection ended with an error");
+        // A stopping door waits on no client (an idle keep-alive included).
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                tracing::debug!(%src, error = %e, "HTTP proxy connection ended with an error");
+            },
+            _ = stop.cancelled() => {}
         }
     }
 }

@@ -323,12 +323,12 @@ impl StreamHandler for SocksDoor {
         let cfg = self.live.get();
         let ctx = onramp.ctx();
         let mut buf = Vec::new();
-        let ask = match tokio::time::timeout(
-            cfg.handshake_timeout,
-            handshake(&cfg, &mut client, &mut buf),
-        )
-        .await
-        {
+        // A stopping door waits on no client still in its handshake.
+        let handshake = tokio::select! {
+            r = tokio::time::timeout(cfg.handshake_timeout, handshake(&cfg, &mut client, &mut buf)) => r,
+            _ = onramp.stopping().cancelled() => return,
+        };
+        let ask = match handshake {
             Ok(Ok(a)) => a,
             Ok(Err(r)) => {
                 if r.reason != "client_gone" {

@@ -1,0 +1,176 @@
+//! Hostile clients cannot hold the node: silent connections to every door
+//! neither delay SIGTERM past `drain_timeout` + 1 s nor hold up another
+//! tenant's change when their door is removed; another tenant's traffic
+//! flows throughout.
+
+mod common;
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Doors of tenant acme (SOCKS, HTTP proxy, SSH) with silent clients
+/// connected to each, and tenant beta's pipe to an echo.
+struct Scene {
+    cfg: ConfigDir,
+    mg: Meshgate,
+    _silent: Vec<TcpStream>,
+    beta: u16,
+    ports: [u16; 3],
+    _keys: tempfile::TempDir,
+}
+
+fn scene(drain: &str) -> Option<Scene> {
+    if !have("ssh-keygen") {
+        return None;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let (_, alice_pub) = ssh_keygen(keys.path(), "alice");
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "meshgate.yaml",
+        &format!(
+            "node: test\nadmin: 127.0.0.1:{}\ndrain_timeout: {drain}\n",
+            cfg.admin_port
+        ),
+    );
+    let ports = [free_port(), free_port(), free_port()];
+    cfg.write(
+        "tenants/acme/socks.yaml",
+        &format!(
+            "kind: socks\nlisten: 127.0.0.1:{}\nhandshake_timeout: 1h\n",
+            ports[0]
+        ),
+    );
+    cfg.write(
+        "tenants/acme/web.yaml",
+        &format!(
+            "kind: http_proxy\nlisten: 127.0.0.1:{}\nhandshake_timeout: 1h\n",
+            ports[1]
+        ),
+    );
+    cfg.write(
+        "tenants/acme/door.yaml",
+        &format!(
+            "kind: ssh\nlisten: 127.0.0.1:{}\nhost_key_file: {}\nhandshake_timeout: 1h\nauthorized_keys:\n  - {alice_pub}\n",
+            ports[2],
+            keys.path().join("host_key").display()
+        ),
+    );
+    let echo = echo_server();
+    let beta = free_port();
+    cfg.pipe("beta", "web", beta, echo);
+    let mg = Meshgate::start(&cfg);
+    // Silent clients on every door: connected, saying nothing.
+    let mut silent = Vec::new();
+    for port in ports {
+        for _ in 0..5 {
+            silent.push(TcpStream::connect(("127.0.0.1", port)).unwrap());
+        }
+    }
+    // An HTTP client that sent a request and keeps its connection idle.
+    {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(("127.0.0.1", ports[1])).unwrap();
+        s.write_all(b"GET http://192.0.2.1/ HTTP/1.1\r\nHost: 192.0.2.1\r\n\r\n")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut b = [0u8; 256];
+        let _ = s.read(&mut b);
+        silent.push(s);
+    }
+    let s = Scene {
+        cfg,
+        mg,
+        _silent: silent,
+        beta,
+        ports,
+        _keys: keys,
+    };
+    assert!(s.beta_works());
+    Some(s)
+}
+
+impl Scene {
+    /// Connections acme's doors hold now (`active` in their status).
+    fn held(&self) -> u64 {
+        let modules = self.mg.json("/api/v1/modules?tenant=acme");
+        modules
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["details"]["active"].as_u64())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    fn beta_works(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.beta)) else {
+            return false;
+        };
+        echo_roundtrip(&mut s, b"beta").is_ok_and(|r| r == b"beta")
+    }
+}
+
+#[test]
+fn sigterm_with_silent_clients_exits_within_the_drain_timeout() {
+    let Some(mut s) = scene("1s") else { return };
+    // The silent clients are there (positive control: the doors hold them).
+    assert!(
+        wait_until(Duration::from_secs(3), || s.held() >= 15),
+        "{}",
+        s.held()
+    );
+    assert!(s.beta_works());
+    let t0 = Instant::now();
+    s.mg.signal("TERM");
+    let exited = wait_until(Duration::from_secs(10), || {
+        s.mg.child.try_wait().unwrap().is_some()
+    });
+    let took = t0.elapsed();
+    eprintln!("SIGTERM with 16 silent clients: exited after {took:?} (drain_timeout 1 s)");
+    assert!(exited, "still running\n{}", s.mg.log_text());
+    assert!(
+        took < Duration::from_millis(2500),
+        "took {took:?}\n{}",
+        s.mg.log_text()
+    );
+}
+
+#[test]
+fn removing_a_door_with_silent_clients_holds_up_no_other_tenant() {
+    let Some(s) = scene("30s") else { return };
+    assert!(
+        wait_until(Duration::from_secs(3), || s.held() >= 15),
+        "{}",
+        s.held()
+    );
+    // Remove acme's doors while their clients are silent; then change beta.
+    let t0 = Instant::now();
+    for name in ["socks", "web", "door"] {
+        std::fs::remove_file(s.cfg.path().join(format!("tenants/acme/{name}.yaml"))).unwrap();
+    }
+    let echo = echo_server();
+    let new_port = free_port();
+    s.cfg.pipe("beta", "api", new_port, echo);
+    let applied = wait_until(Duration::from_secs(5), || {
+        TcpStream::connect(("127.0.0.1", new_port)).is_ok()
+    });
+    let took = t0.elapsed();
+    eprintln!("beta's change applied {took:?} after acme's doors were removed");
+    assert!(applied, "beta's change never applied\n{}", s.mg.log_text());
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // The admin API answers, and beta's traffic flowed throughout.
+    assert_eq!(s.mg.http_get("/api/v1/tenants").map(|r| r.0), Some(200));
+    assert!(s.beta_works());
+    // acme's doors are gone: their listeners refuse.
+    for port in s.ports {
+        assert!(
+            TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still accepts"
+        );
+    }
+}
