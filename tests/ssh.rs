@@ -1021,3 +1021,99 @@ fn certificate_extensions_decide_forwarding() {
         r#"meshgate_rejected_total{tenant="acme",instance="ssh",reason="forwarding_disabled"}"#
     ) >= 1.0));
 }
+
+/// A budget per session: `max_channels` channels open at once (more are
+/// refused and counted, and a closed one makes room), `max_remote_forwards`
+/// `ssh -R` listeners. Channels go over one multiplexed OpenSSH session.
+#[test]
+fn a_session_has_a_channel_and_listener_budget() {
+    if !have("ssh") || !have("ssh-keygen") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, alice_pub) = ssh_keygen(dir.path(), "alice");
+    let echo = echo_server();
+    let cfg = ConfigDir::new();
+    let port = free_port();
+    cfg.write(
+        "tenants/acme/door.yaml",
+        &door_doc(
+            dir.path(),
+            port,
+            &[&alice_pub],
+            "max_channels: 3\nmax_remote_forwards: 2\n",
+        ),
+    );
+    cfg.loopback_vnet("acme");
+    let mg = Meshgate::start(&cfg);
+    let ctl = dir.path().join("ctl");
+    let _master = Bg(ssh(&alice, port)
+        .args(["-M", "-S"])
+        .arg(&ctl)
+        .args(["-N", "alice@127.0.0.1"])
+        .spawn()
+        .unwrap());
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl.exists()),
+        "no control socket"
+    );
+    // A channel held open: `ssh -W` through the master, its stdin kept.
+    let channel = || {
+        let mut c = ssh(&alice, port)
+            .arg("-S")
+            .arg(&ctl)
+            .args(["-W", &echo.to_string(), "alice@127.0.0.1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = c.stdin.take().unwrap();
+        stdin.write_all(b"ping").unwrap();
+        let mut out = c.stdout.take().unwrap();
+        let mut b = [0u8; 4];
+        let ok = std::io::Read::read_exact(&mut out, &mut b).is_ok() && &b == b"ping";
+        (ok, (Bg(c), stdin))
+    };
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let (ok, h) = channel();
+        assert!(ok, "channel {i} did not work\n{}", mg.log_text());
+        held.push(h);
+    }
+    let (ok, _fourth) = channel();
+    assert!(!ok, "a fourth channel opened past max_channels: 3");
+    assert!(wait_until(Duration::from_secs(2), || mg.metric(
+        r#"meshgate_rejected_total{tenant="acme",instance="door",reason="max_channels"}"#
+    ) >= 1.0));
+    // Closing one makes room.
+    drop(held.pop());
+    assert!(
+        wait_until(Duration::from_secs(5), || channel().0),
+        "a closed channel did not make room\n{}",
+        mg.log_text()
+    );
+    // Three `-R` listeners in one session: refused past two.
+    let out = ssh(&alice, port)
+        // Three different specs (OpenSSH drops a repeated one).
+        .args([
+            "-N",
+            "-R",
+            "0:127.0.0.1:1",
+            "-R",
+            "0:127.0.0.1:2",
+            "-R",
+            "0:127.0.0.1:3",
+            "alice@127.0.0.1",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "three -R listeners with max_remote_forwards: 2"
+    );
+    assert!(wait_until(Duration::from_secs(2), || mg.metric(
+        r#"meshgate_rejected_total{tenant="acme",instance="door",reason="max_remote_forwards"}"#
+    ) >= 1.0));
+}

@@ -31,6 +31,8 @@ use crate::core::spine::door::DoorSettings;
 /// max_startups: 10:30:100        # sessions not yet logged in: from 10, refuse 30 % of new
 ///                                # ones, rising to all at 100 (sshd's MaxStartups); or `N`
 /// per_source_max_startups: 10    # not yet logged in from one address (sshd's PerSourceMaxStartups)
+/// max_channels: 256              # channels open at once in one session (-L, -W, -D, sessions)
+/// max_remote_forwards: 32        # `ssh -R` listeners of one session
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,6 +54,18 @@ struct RawConfig {
     max_startups: Option<serde_json::Value>,
     #[serde(default = "default_per_source")]
     per_source_max_startups: usize,
+    #[serde(default = "default_max_channels")]
+    max_channels: usize,
+    #[serde(default = "default_max_remote_forwards")]
+    max_remote_forwards: usize,
+}
+
+fn default_max_channels() -> usize {
+    256
+}
+
+fn default_max_remote_forwards() -> usize {
+    32
 }
 
 fn default_handshake_timeout() -> std::time::Duration {
@@ -138,7 +152,9 @@ impl MaxStartups {
 
 /// The keys `kind: ssh` has beside [`DoorSettings`]: the fields of
 /// `RawConfig`.
-const OWN_KEYS: [&str; 9] = [
+const OWN_KEYS: [&str; 11] = [
+    "max_channels",
+    "max_remote_forwards",
     "host_key_file",
     "authorized_keys_file",
     "authorized_keys",
@@ -180,6 +196,10 @@ pub struct SshConfig {
     pub max_startups: MaxStartups,
     /// Sessions not yet logged in from one address.
     pub per_source_max_startups: usize,
+    /// Channels open at once in one session.
+    pub max_channels: usize,
+    /// `ssh -R` listeners of one session.
+    pub max_remote_forwards: usize,
 }
 
 impl SshConfig {
@@ -265,6 +285,14 @@ impl SshConfig {
                 ))
             }
         };
+        for (key, v) in [
+            ("max_channels", raw.max_channels),
+            ("max_remote_forwards", raw.max_remote_forwards),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::key(src, key, "expected at least 1"));
+            }
+        }
         if raw.per_source_max_startups == 0 {
             return Err(ConfigError::key(
                 src,
@@ -286,6 +314,8 @@ impl SshConfig {
             handshake_timeout: raw.handshake_timeout,
             max_startups,
             per_source_max_startups: raw.per_source_max_startups,
+            max_channels: raw.max_channels,
+            max_remote_forwards: raw.max_remote_forwards,
         })
     }
 }

@@ -487,7 +487,7 @@ impl Link {
             // The link's own forward (`to:`), from the operator's file.
             chosen_by: crate::core::spine::dest::ChosenBy::Operator,
         };
-        super::connect_channel(&self.onramp, req, channel, reply);
+        super::connect_channel(&self.onramp, req, channel, reply, None);
     }
 }
 

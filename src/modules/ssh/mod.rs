@@ -275,6 +275,19 @@ struct Conn {
     timed_out: Arc<std::sync::atomic::AtomicBool>,
     /// Its place among the door's live sessions.
     slot: SessionSlot,
+    /// Its channels open now (`max_channels`).
+    channels: OpenChannels,
+}
+
+/// A session's open channels, shared with the answers of channels still
+/// being dialed (a refused one is taken out there).
+#[derive(Clone, Default)]
+struct OpenChannels(Arc<std::sync::Mutex<std::collections::HashSet<ChannelId>>>);
+
+impl OpenChannels {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<ChannelId>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A session that ends without authenticating and without a refusal counted
@@ -356,6 +369,36 @@ fn published_name(address: &str, tenant: &str) -> Option<String> {
 
 impl Conn {
     /// Counts a login, or a channel of `kind` of the logged-in key.
+    /// Takes a channel into the session's count, or counts a refusal.
+    fn admit_channel(&self, id: ChannelId) -> bool {
+        let mut open = self.channels.lock();
+        if open.len() >= self.cfg.max_channels {
+            drop(open);
+            self.count(
+                "max_channels",
+                &format!("{} channels open in one session", self.cfg.max_channels),
+            );
+            return false;
+        }
+        open.insert(id);
+        true
+    }
+
+    /// Whether the session may publish one more `ssh -R` listener.
+    fn admit_forward(&self) -> bool {
+        if self.forwards.len() + self.unix_forwards.len() >= self.cfg.max_remote_forwards {
+            self.count(
+                "max_remote_forwards",
+                &format!(
+                    "{} `ssh -R` listeners in one session",
+                    self.cfg.max_remote_forwards
+                ),
+            );
+            return false;
+        }
+        true
+    }
+
     fn tally(&self, kind: Option<&str>) {
         let ctx = self.onramp.ctx();
         let m = ctx.metrics.subsystem::<metrics::SshMetrics>();
@@ -435,6 +478,8 @@ impl Conn {
 struct ChannelAnswer<M: From<(ChannelId, russh::ChannelMsg)> + Send> {
     channel: Channel<M>,
     reply: russh::ChannelOpenHandleInner<M>,
+    /// The session's count this channel is in; a refused channel leaves it.
+    release: Option<(OpenChannels, ChannelId)>,
 }
 
 #[async_trait]
@@ -446,6 +491,11 @@ where
         self: Box<Self>,
         outcome: Result<Option<SocketAddr>, EndReason>,
     ) -> Option<Stream> {
+        if outcome.is_err() {
+            if let Some((open, id)) = &self.release {
+                open.lock().remove(id);
+            }
+        }
         match outcome {
             Ok(_) => {
                 self.reply.accept().await;
@@ -557,10 +607,14 @@ impl russh::server::Handler for Conn {
 
     async fn channel_open_session(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if !self.admit_channel(channel.id()) {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
         self.tally(Some("session"));
         reply.accept().await;
         Ok(())
@@ -597,6 +651,15 @@ impl russh::server::Handler for Conn {
         self.end_session_channel(channel, session)
     }
 
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.lock().remove(&channel);
+        Ok(())
+    }
+
     async fn tcpip_forward(
         &mut self,
         address: &str,
@@ -606,6 +669,9 @@ impl russh::server::Handler for Conn {
         let Some(key) = self.key.clone() else {
             return Ok(false);
         };
+        if !self.admit_forward() {
+            return Ok(false);
+        }
         let Ok(requested) = u16::try_from(*port) else {
             return Ok(false);
         };
@@ -685,6 +751,9 @@ impl russh::server::Handler for Conn {
         let Some(key) = self.key.clone() else {
             return Ok(false);
         };
+        if !self.admit_forward() {
+            return Ok(false);
+        }
         if !key.port_forwarding {
             self.count(
                 "forwarding_disabled",
@@ -821,7 +890,12 @@ impl russh::server::Handler for Conn {
                 .await;
             return Ok(());
         }
+        if !self.admit_channel(channel.id()) {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
         self.tally(Some("direct-tcpip"));
+        let release = Some((self.channels.clone(), channel.id()));
         let req = ConnectRequest {
             src: self.peer,
             target: Target::Addr(HostPort { host, port }),
@@ -833,7 +907,7 @@ impl russh::server::Handler for Conn {
             proxy_protocol: None,
             chosen_by: ChosenBy::Client,
         };
-        connect_channel(&self.onramp, req, channel, reply);
+        connect_channel(&self.onramp, req, channel, reply, release);
         Ok(())
     }
 }
@@ -846,13 +920,21 @@ fn connect_channel<M>(
     req: ConnectRequest,
     channel: Channel<M>,
     reply: russh::ChannelOpenHandleInner<M>,
+    release: Option<(OpenChannels, ChannelId)>,
 ) where
     M: From<(ChannelId, russh::ChannelMsg)> + Send + Sync + 'static,
 {
     let on = onramp.clone();
     onramp.spawn(async move {
-        on.connect_answering(req, Box::new(ChannelAnswer { channel, reply }))
-            .await;
+        on.connect_answering(
+            req,
+            Box::new(ChannelAnswer {
+                channel,
+                reply,
+                release,
+            }),
+        )
+        .await;
     });
 }
 
@@ -1002,6 +1084,7 @@ impl StreamHandler for SshDoor {
             logged_in,
             timed_out: timed_out.clone(),
             slot,
+            channels: Default::default(),
         };
         let stop = onramp.stopping().clone();
         let deadline = async {
