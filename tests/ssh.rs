@@ -1117,3 +1117,75 @@ fn a_session_has_a_channel_and_listener_budget() {
         r#"meshgate_rejected_total{tenant="acme",instance="door",reason="max_remote_forwards"}"#
     ) >= 1.0));
 }
+
+/// The same through the door's `authorized_keys_file`: the file is
+/// watched, and a key taken out of it ends that key's session and `-L`
+/// download within a second, with no change to the document.
+#[test]
+fn removing_a_key_from_the_keys_file_ends_its_sessions() {
+    use std::io::Read;
+    if !have("ssh") || !have("ssh-keygen") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, alice_pub) = ssh_keygen(dir.path(), "alice");
+    let (bob, bob_pub) = ssh_keygen(dir.path(), "bob");
+    let keys = dir.path().join("authorized_keys");
+    std::fs::write(&keys, format!("{alice_pub}\n{bob_pub}\n")).unwrap();
+    let slow = trickle_server();
+    let cfg = ConfigDir::new();
+    let port = free_port();
+    cfg.write(
+        "tenants/acme/door.yaml",
+        &format!(
+            "kind: ssh\nlisten: 127.0.0.1:{port}\nhost_key_file: {}\nauthorized_keys_file: {}\n",
+            dir.path().join("host_key").display(),
+            keys.display()
+        ),
+    );
+    cfg.loopback_vnet("acme");
+    let mg = Meshgate::start(&cfg);
+    let forward = |key: &Path, user: &str| {
+        let local = free_port();
+        let child = ssh(key, port)
+            .args([
+                "-N",
+                "-L",
+                &format!("127.0.0.1:{local}:{slow}"),
+                &format!("{user}@127.0.0.1"),
+            ])
+            .spawn()
+            .unwrap();
+        assert!(wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", local)).is_ok()
+        }));
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1024];
+        s.read_exact(&mut b).unwrap();
+        (Bg(child), s)
+    };
+    let (_a, mut a) = forward(&alice, "alice");
+    let (_b, mut b) = forward(&bob, "bob");
+    let t0 = std::time::Instant::now();
+    std::fs::write(&keys, format!("{bob_pub}\n")).unwrap();
+    let mut buf = [0u8; 4096];
+    let ended = loop {
+        match a.read(&mut buf) {
+            Ok(0) | Err(_) => break t0.elapsed(),
+            Ok(_) if t0.elapsed() > Duration::from_secs(5) => {
+                panic!("alice's download outlived her key\n{}", mg.log_text())
+            }
+            Ok(_) => {}
+        }
+    };
+    eprintln!("alice's forward ended {ended:?} after the keys file changed");
+    assert!(ended < Duration::from_millis(1500), "{ended:?}");
+    let t1 = std::time::Instant::now();
+    while t1.elapsed() < Duration::from_secs(1) {
+        assert!(b.read(&mut buf).unwrap() > 0, "bob's download ended");
+    }
+    assert!(mg
+        .log_text()
+        .contains("authorized_keys_file changed: keys applied"));
+}

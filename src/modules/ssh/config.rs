@@ -173,6 +173,28 @@ fn default_forward_ip() -> std::net::IpAddr {
 /// The largest authorized_keys file read.
 const MAX_KEYS_FILE: u64 = 1 << 20;
 
+/// What tells a changed file: modification time, length, inode.
+pub type FileStamp = (std::time::SystemTime, u64, u64);
+
+/// `path`'s [`FileStamp`], if it can be read.
+pub fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// The keys of an `authorized_keys` file (at most 1 MiB), or why not.
+pub fn read_keys_file(path: &std::path::Path) -> Result<Vec<AuthorizedKey>, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if meta.len() > MAX_KEYS_FILE {
+        return Err(format!("{} is larger than 1 MiB", path.display()));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse_authorized_keys(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// A checked SSH door config.
 #[derive(Debug, Clone)]
 pub struct SshConfig {
@@ -184,6 +206,12 @@ pub struct SshConfig {
     pub host_key_file: PathBuf,
     /// Who may log in.
     pub keys: Vec<AuthorizedKey>,
+    /// The `authorized_keys_file`, watched while the door runs.
+    pub authorized_keys_file: Option<PathBuf>,
+    /// The inline `authorized_keys` lines, parsed.
+    pub inline_keys: Vec<AuthorizedKey>,
+    /// The file as it was when its keys were read ([`file_stamp`]).
+    pub keys_file_stamp: Option<FileStamp>,
     /// Where `ssh -R` listeners bind.
     pub remote_forward_ip: std::net::IpAddr,
     /// The module whose network they bind in (`None`: the host).
@@ -215,42 +243,21 @@ impl SshConfig {
             ));
         }
         let mut keys = Vec::new();
+        let keys_file_stamp = raw.authorized_keys_file.as_deref().and_then(file_stamp);
         if let Some(path) = &raw.authorized_keys_file {
-            let meta = std::fs::metadata(path).map_err(|e| {
-                ConfigError::key(
-                    src,
-                    "authorized_keys_file",
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            if meta.len() > MAX_KEYS_FILE {
-                return Err(ConfigError::key(
-                    src,
-                    "authorized_keys_file",
-                    format!("{} is larger than 1 MiB", path.display()),
-                ));
-            }
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::key(
-                    src,
-                    "authorized_keys_file",
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            keys.extend(parse_authorized_keys(&text).map_err(|e| {
-                ConfigError::key(
-                    src,
-                    "authorized_keys_file",
-                    format!("{}: {e}", path.display()),
-                )
-            })?);
+            keys.extend(
+                read_keys_file(path)
+                    .map_err(|m| ConfigError::key(src, "authorized_keys_file", m))?,
+            );
         }
+        let file_keys = keys.len();
         for (i, line) in raw.authorized_keys.iter().enumerate() {
             keys.extend(
                 parse_authorized_keys(line)
                     .map_err(|e| ConfigError::key(src, format!("authorized_keys[{i}]"), e))?,
             );
         }
+        let inline_keys = keys[file_keys..].to_vec();
         if keys.is_empty() {
             return Err(ConfigError::key(
                 src,
@@ -308,6 +315,9 @@ impl SshConfig {
             door,
             host_key_file: raw.host_key_file,
             keys,
+            authorized_keys_file: raw.authorized_keys_file,
+            inline_keys,
+            keys_file_stamp,
             remote_forward_ip: raw.remote_forward_ip,
             remote_forward_via: raw.remote_forward_via,
             streamlocal_dir: raw.streamlocal_dir,

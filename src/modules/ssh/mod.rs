@@ -76,6 +76,7 @@ impl ModuleFactory for SshFactory {
             server: RwLock::new(None),
             startups: Default::default(),
             sessions: Default::default(),
+            watching: Default::default(),
         })?))
     }
 }
@@ -89,6 +90,59 @@ struct SshDoor {
     startups: Arc<Startups>,
     /// Live sessions: what admitted each, and how to end it.
     sessions: Arc<Sessions>,
+    /// Whether the `authorized_keys_file` watcher runs.
+    watching: std::sync::atomic::AtomicBool,
+}
+
+/// How often the `authorized_keys_file` is looked at.
+const KEYS_FILE_POLL: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Follows the door's `authorized_keys_file`: when it changes (and has
+/// settled), its keys replace the file's part of the live config and the
+/// sessions of keys no longer there end. A file that does not parse keeps
+/// the keys in force (logged).
+async fn watch_keys_file(live: Arc<Live<SshConfig>>, sessions: Arc<Sessions>, onramp: Arc<OnRamp>) {
+    let ctx = onramp.ctx();
+    let stop = onramp.stopping().clone();
+    // Each unreadable state is reported once.
+    let mut reported = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(KEYS_FILE_POLL) => {}
+        }
+        let cfg = live.get();
+        let Some(path) = cfg.authorized_keys_file.clone() else {
+            continue;
+        };
+        let stamp = config::file_stamp(&path);
+        if stamp == cfg.keys_file_stamp || (stamp.is_some() && stamp == reported) {
+            continue;
+        }
+        // Let a writer finish (truncate, then write) before reading.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if config::file_stamp(&path) != stamp {
+            continue;
+        }
+        match config::read_keys_file(&path) {
+            Ok(file_keys) => {
+                let mut new = (*cfg).clone();
+                new.keys = file_keys;
+                new.keys.extend(new.inline_keys.iter().cloned());
+                new.keys_file_stamp = stamp;
+                let keys = new.keys.len();
+                live.set(new, &live.source());
+                let ended = sessions.revoke_missing(&live.get().keys);
+                tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, path = %path.display(), keys, sessions_ended = ended, "authorized_keys_file changed: keys applied");
+            }
+            Err(e) => {
+                reported = stamp;
+                if let Some(suppressed) = logs::allow("ssh.keys_file") {
+                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, error = %e, suppressed, "authorized_keys_file changed but cannot be read; the keys in force stay");
+                }
+            }
+        }
+    }
 }
 
 /// The door's live sessions, so a reload that takes a key away ends the
@@ -1167,6 +1221,16 @@ impl Door for SshDoor {
             )
         })?;
         *self.server.write().expect("poisoned") = Some(Arc::new(server_config(key)));
+        if !self
+            .watching
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            onramp.spawn(watch_keys_file(
+                self.live.clone(),
+                self.sessions.clone(),
+                onramp.clone(),
+            ));
+        }
         Ok(l)
     }
 
