@@ -161,6 +161,8 @@ enum CaptureCmd {
         #[arg(long, default_value = "redirect")]
         mode: String,
         /// The user meshgate runs as: its own connections are not captured.
+        /// Required for --uid, --cgroup and --netns; asked of the node's
+        /// admin API (--admin) when not given.
         #[arg(long)]
         exclude_uid: Option<u32>,
         /// The lines that remove the rules instead.
@@ -486,6 +488,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 "tproxy" => Mode::Tproxy,
                 other => bail!("--mode `{other}`: expected redirect or tproxy"),
             };
+            // Rules on local processes exclude the user meshgate runs as:
+            // asked of the node when not given.
+            let local = !matches!(scope, rules::Scope::Iface(_));
+            let mut exclude_uid = exclude_uid;
+            if local && exclude_uid.is_none() && !remove {
+                if let Ok(node) = get_json(&cli.admin, "/api/v1/node").await {
+                    if let Some(u) = node["uid"].as_u64().and_then(|u| u32::try_from(u).ok()) {
+                        println!("# meshgate at {} runs as uid {u}: its own connections are not captured", cli.admin);
+                        exclude_uid = Some(u);
+                    }
+                }
+            }
             let lines = rules::commands(&rules::RuleSpec {
                 scope,
                 port,

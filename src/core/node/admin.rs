@@ -83,6 +83,13 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// The user this process runs as (the owner of `/proc/self`).
+fn self_uid() -> Option<u32> {
+    std::fs::metadata("/proc/self")
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+}
+
 /// A query parameter, percent-decoded (`+` is a space).
 fn query_text(query: Option<&str>, name: &str) -> Option<String> {
     let raw = query_param(query, name)?.as_bytes();
@@ -251,6 +258,8 @@ impl Admin {
                     "ready": self.registry.is_ready(),
                     "faults": self.registry.faults().into_iter().map(|(who, why)| serde_json::json!({"instance": who, "reason": why})).collect::<Vec<_>>(),
                     "store": self.registry.store().describe(),
+                    // The user meshgate runs as: capture rules exclude its own connections.
+                    "uid": self_uid(),
                 }),
             ),
             "/api/v1/tenants" => {

@@ -79,8 +79,15 @@ pub fn commands(spec: &RuleSpec) -> Result<Vec<String>, String> {
     if spec.mode == Mode::Tproxy && !matches!(spec.scope, Scope::Iface(_)) {
         return Err("TPROXY steers connections arriving on an interface (--iface); for local processes (--uid, --cgroup, --netns) use --mode redirect".into());
     }
-    if matches!(spec.scope, Scope::Netns(_)) && spec.exclude_uid.is_none() && !spec.remove {
-        return Err("--netns captures every connection made in the namespace, meshgate's own included: give --exclude-uid with the user meshgate runs as".into());
+    // Rules on local processes (OUTPUT) must never catch meshgate's own
+    // dials: they would come back to the capture listener, forever.
+    if matches!(
+        spec.scope,
+        Scope::Netns(_) | Scope::Uid(_) | Scope::Cgroup(_)
+    ) && spec.exclude_uid.is_none()
+        && !spec.remove
+    {
+        return Err("rules for local processes (--uid, --cgroup, --netns) must exclude meshgate's own connections: give --exclude-uid with the user meshgate runs as (meshgatectl asks the node's admin API for it when it is reachable)".into());
     }
     if let (Scope::Uid(u), Some(x)) = (&spec.scope, spec.exclude_uid) {
         if *u == x {
@@ -235,9 +242,15 @@ mod tests {
         assert!(commands(&spec(Scope::Uid(1), Mode::Tproxy))
             .unwrap_err()
             .contains("--mode redirect"));
-        let mut s = spec(Scope::Netns("app".into()), Mode::Redirect);
-        s.exclude_uid = None;
-        assert!(commands(&s).unwrap_err().contains("--exclude-uid"));
+        for scope in [
+            Scope::Netns("app".into()),
+            Scope::Uid(1000),
+            Scope::Cgroup("/app.slice".into()),
+        ] {
+            let mut s = spec(scope, Mode::Redirect);
+            s.exclude_uid = None;
+            assert!(commands(&s).unwrap_err().contains("--exclude-uid"));
+        }
         assert!(commands(&spec(Scope::Iface("a;rm -rf /".into()), Mode::Redirect)).is_err());
         assert!(commands(&spec(Scope::Uid(999), Mode::Redirect)).is_err());
         let mut r = spec(Scope::Iface("eth1".into()), Mode::Tproxy);
