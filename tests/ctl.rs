@@ -135,3 +135,56 @@ fn status_and_flows_show_the_node() {
         "{err}"
     );
 }
+
+/// `capture rules` for local processes exclude the user meshgate runs as,
+/// asked of the node when not given; capturing that user is refused, and
+/// with no node to ask and no --exclude-uid nothing is printed.
+#[test]
+fn capture_rules_for_local_processes_exclude_meshgates_own_user() {
+    let cfg = ConfigDir::new();
+    cfg.pipe("acme", "web", free_port(), echo_server());
+    let _mg = Meshgate::start(&cfg);
+    let admin = format!("127.0.0.1:{}", cfg.admin_port);
+    let me = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
+    let other = if me == 0 { 1000 } else { 0 };
+    let (ok, out, err) = ctl(&[
+        "--admin",
+        &admin,
+        "capture",
+        "rules",
+        "--uid",
+        &other.to_string(),
+        "--port",
+        "15001",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("runs as uid {me}")), "{out}");
+    assert!(
+        out.contains(&format!("-A MESHGATE -m owner --uid-owner {me} -j RETURN")),
+        "{out}"
+    );
+    let (ok, _, err) = ctl(&[
+        "--admin",
+        &admin,
+        "capture",
+        "rules",
+        "--uid",
+        &me.to_string(),
+        "--port",
+        "15001",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("both captured and excluded"), "{err}");
+    let (ok, out, err) = ctl(&[
+        "--admin",
+        "127.0.0.1:1",
+        "capture",
+        "rules",
+        "--cgroup",
+        "/app.slice",
+        "--port",
+        "15001",
+    ]);
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(err.contains("--exclude-uid"), "{err}");
+}
