@@ -441,30 +441,37 @@ fn ssh_setup(w: &World) -> Option<PathBuf> {
     Some(key)
 }
 
+/// `ssh` inside the namespace with `key` to the door on 127.0.0.1:2222,
+/// logging at `level` (DEBUG1 shows why a channel was refused).
+fn ssh_in(w: &World, key: &Path, level: &str) -> Command {
+    let mut c = w.ns.cmd("ssh");
+    c.args([
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        &format!("LogLevel={level}"),
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-p",
+        "2222",
+        "-i",
+    ])
+    .arg(key);
+    c
+}
+
 fn ssh_w(w: &World, key: &Path, target: &str) -> (bool, String) {
-    let out =
-        w.ns.cmd("ssh")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                // The reason of a refused channel is logged at DEBUG1.
-                "LogLevel=DEBUG1",
-                "-p",
-                "2222",
-                "-i",
-            ])
-            .arg(key)
-            .args(["-W", target, "alice@127.0.0.1"])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
+    let out = ssh_in(w, key, "DEBUG1")
+        .args(["-W", target, "alice@127.0.0.1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).to_string(),
@@ -795,34 +802,15 @@ fn a_policy_decides_ssh_remote_forwards() {
     let w = World::new("iso5");
     let key = ssh_setup(&w).unwrap();
     let mg = w.start();
-    let mut fwd =
-        w.ns.cmd("ssh")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "ExitOnForwardFailure=yes",
-                "-p",
-                "2222",
-                "-i",
-            ])
-            .arg(&key)
-            .args([
-                "-N",
-                "-R",
-                "127.0.0.1:7100:10.1.0.9:8080",
-                "alice@127.0.0.1",
-            ])
-            .spawn()
-            .unwrap();
+    let mut fwd = ssh_in(&w, &key, "ERROR")
+        .args([
+            "-N",
+            "-R",
+            "127.0.0.1:7100:10.1.0.9:8080",
+            "alice@127.0.0.1",
+        ])
+        .spawn()
+        .unwrap();
     // A slow download through the -R listener: allowed for now.
     let start_download = || {
         w.ns.cmd("curl")

@@ -335,17 +335,35 @@ fn tenants_with_overlapping_networks_never_meet() {
 }
 
 /// A server holding a /24 forwards between its peers: two wireguard-go
-/// clients ping each other through meshgate (hub routing).
-#[test]
-fn clients_reach_each_other_through_the_hub() {
-    if !can_netns() || !have("wireguard-go") || !have("wg") || !have("ping") {
-        return;
-    }
+/// A hub: meshgate in `server` with peers `one` (10.192.0.2, wireguard-go
+/// in `c1`) and `two` (10.192.0.3 in `c2`), on veths 10.231.`net`.0/24 and
+/// 10.231.`net+1`.0/24; `more` writes documents into the tenant before it
+/// starts. Both peers have a session when it returns.
+struct Hub {
+    server: Netns,
+    c1: Netns,
+    _c2: Netns,
+    _w: (WgGo, WgGo),
+    mg: NsMeshgate,
+    _cfg: tempfile::TempDir,
+}
+
+fn hub(net: u8, more: impl FnOnce(&std::path::Path)) -> Hub {
     let server = Netns::new("s");
     let c1 = Netns::new("a");
     let c2 = Netns::new("b");
-    link(&server, "10.231.4.1/24", &c1, "10.231.4.2/24");
-    link(&server, "10.231.5.1/24", &c2, "10.231.5.2/24");
+    link(
+        &server,
+        &format!("10.231.{net}.1/24"),
+        &c1,
+        &format!("10.231.{net}.2/24"),
+    );
+    link(
+        &server,
+        &format!("10.231.{}.1/24", net + 1),
+        &c2,
+        &format!("10.231.{}.2/24", net + 1),
+    );
     let w1 = WgGo::new(&c1, "10.192.0.2/24", None);
     let w2 = WgGo::new(&c2, "10.192.0.3/24", None);
     let key = meshgate::core::keys::PrivateKey::generate();
@@ -360,8 +378,9 @@ fn clients_reach_each_other_through_the_hub() {
         "127.0.0.1:9000",
         "127.0.0.1:1",
     );
+    more(&cfg.path().join("tenants/default"));
     let mg = NsMeshgate::start(&server, cfg.path(), "127.0.0.1:9000");
-    for (ns, w, n) in [(&c1, &w1, 4), (&c2, &w2, 5)] {
+    for (ns, w, n) in [(&c1, &w1, net), (&c2, &w2, net + 1)] {
         w.add_peer(
             ns,
             &key.public_key().to_string(),
@@ -374,6 +393,30 @@ fn clients_reach_each_other_through_the_hub() {
     assert!(wait_until(Duration::from_secs(5), || {
         mg.metric_sum(&server, "meshgate_wg_handshakes_total{") >= 2.0
     }));
+    Hub {
+        server,
+        c1,
+        _c2: c2,
+        _w: (w1, w2),
+        mg,
+        _cfg: cfg,
+    }
+}
+
+/// clients ping each other through meshgate (hub routing).
+#[test]
+fn clients_reach_each_other_through_the_hub() {
+    if !can_netns() || !have("wireguard-go") || !have("wg") || !have("ping") {
+        return;
+    }
+    let Hub {
+        server,
+        c1,
+        _c2,
+        _w,
+        mg: _mg,
+        _cfg,
+    } = hub(4, |_| {});
     let ping = c1.try_sh("ping -c 3 -i 0.2 -W 2 10.192.0.3");
     assert!(
         ping.status.success(),
@@ -410,44 +453,21 @@ fn a_policy_denies_a_forwarded_ip_flow() {
     if !can_netns() || !have("wireguard-go") || !have("wg") || !have("ping") {
         return;
     }
-    let server = Netns::new("s");
-    let c1 = Netns::new("a");
-    let c2 = Netns::new("b");
-    link(&server, "10.231.14.1/24", &c1, "10.231.14.2/24");
-    link(&server, "10.231.15.1/24", &c2, "10.231.15.2/24");
-    let w1 = WgGo::new(&c1, "10.192.0.2/24", None);
-    let w2 = WgGo::new(&c2, "10.192.0.3/24", None);
-    let key = meshgate::core::keys::PrivateKey::generate();
-    let cfg = server_config(
-        &key.to_base64(),
-        51820,
-        &format!(
-            "  - name: one\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n  - name: two\n    public_key: {}\n    allowed_ips: [10.192.0.3/32]\n",
-            w1.public_key(),
-            w2.public_key()
-        ),
-        "127.0.0.1:9000",
-        "127.0.0.1:1",
-    );
+    let Hub {
+        server,
+        c1,
+        _c2: c2,
+        _w,
+        mg,
+        _cfg: cfg,
+    } = hub(14, |tenant| {
+        std::fs::write(
+            tenant.join("policy.yaml"),
+            "kind: policy\nrules:\n  - name: one-not-two\n    action: deny\n    doors: [wireguard]\n    identities: [one]\n    to: [10.192.0.3/32]\n    protocols: [icmp]\n",
+        )
+        .unwrap();
+    });
     let policy = cfg.path().join("tenants/default/policy.yaml");
-    std::fs::write(
-        &policy,
-        "kind: policy\nrules:\n  - name: one-not-two\n    action: deny\n    doors: [wireguard]\n    identities: [one]\n    to: [10.192.0.3/32]\n    protocols: [icmp]\n",
-    )
-    .unwrap();
-    let mg = NsMeshgate::start(&server, cfg.path(), "127.0.0.1:9000");
-    for (ns, w, n) in [(&c1, &w1, 14), (&c2, &w2, 15)] {
-        w.add_peer(
-            ns,
-            &key.public_key().to_string(),
-            &format!(
-                "endpoint 10.231.{n}.1:51820 allowed-ips 10.192.0.0/24 persistent-keepalive 1"
-            ),
-        );
-    }
-    assert!(wait_until(Duration::from_secs(5), || {
-        mg.metric_sum(&server, "meshgate_wg_handshakes_total{") >= 2.0
-    }));
     // Allowed: two → one (the hub forwards, and the path works).
     let ping = c2.try_sh("ping -c 2 -i 0.2 -W 2 10.192.0.2");
     assert!(

@@ -851,12 +851,77 @@ fn trickle_server() -> std::net::SocketAddr {
     addr
 }
 
+/// `ssh -L` to `slow` as `user`, and a download through it that has
+/// started: the ssh client and the local end of the download.
+fn held_download(
+    key: &Path,
+    port: u16,
+    user: &str,
+    slow: std::net::SocketAddr,
+) -> (Bg, std::net::TcpStream) {
+    use std::io::Read;
+    let local = free_port();
+    let child = ssh(key, port)
+        .args([
+            "-N",
+            "-L",
+            &format!("127.0.0.1:{local}:{slow}"),
+            &format!("{user}@127.0.0.1"),
+        ])
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            local
+        ))
+        .is_ok()),
+        "{user}'s forward did not come up"
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1024];
+    s.read_exact(&mut b).unwrap();
+    (Bg(child), s)
+}
+
+/// How long after `t0` the download `s` ended (panics after 5 s).
+fn ended_after(
+    s: &mut std::net::TcpStream,
+    t0: std::time::Instant,
+    log: impl Fn() -> String,
+) -> Duration {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return t0.elapsed(),
+            Ok(_) if t0.elapsed() > Duration::from_secs(5) => {
+                panic!("the download outlived its key\n{}", log())
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Whether `s` keeps delivering for a second.
+fn keeps_flowing(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(1) {
+        if !matches!(s.read(&mut buf), Ok(n) if n > 0) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Access ends when it is revoked: taking alice's key out of the door's
 /// `authorized_keys` ends her session and her `ssh -L` download within a
 /// second; bob's session, admitted by a line that stays, goes on.
 #[test]
 fn removing_a_key_ends_its_sessions_and_forwards() {
-    use std::io::Read;
     if !have("ssh") || !have("ssh-keygen") {
         return;
     }
@@ -872,54 +937,15 @@ fn removing_a_key_ends_its_sessions_and_forwards() {
     );
     cfg.loopback_vnet("acme");
     let mg = Meshgate::start(&cfg);
-    let forward = |key: &Path, user: &str| {
-        let local = free_port();
-        let child = ssh(key, port)
-            .args([
-                "-N",
-                "-L",
-                &format!("127.0.0.1:{local}:{slow}"),
-                &format!("{user}@127.0.0.1"),
-            ])
-            .spawn()
-            .unwrap();
-        assert!(
-            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
-                "127.0.0.1",
-                local
-            ))
-            .is_ok()),
-            "{user}'s forward did not come up"
-        );
-        (Bg(child), local)
-    };
-    let (mut alice_ssh, la) = forward(&alice, "alice");
-    let (_bob_ssh, lb) = forward(&bob, "bob");
-    let download = |local: u16| {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut b = [0u8; 1024];
-        s.read_exact(&mut b).unwrap();
-        s
-    };
-    let mut a = download(la);
-    let mut b = download(lb);
+    let (mut alice_ssh, mut a) = held_download(&alice, port, "alice", slow);
+    let (_bob_ssh, mut b) = held_download(&bob, port, "bob", slow);
     // Alice's line goes.
     let t0 = std::time::Instant::now();
     cfg.write(
         "tenants/acme/door.yaml",
         &door_doc(dir.path(), port, &[&bob_pub], ""),
     );
-    let mut buf = [0u8; 4096];
-    let ended = loop {
-        match a.read(&mut buf) {
-            Ok(0) | Err(_) => break t0.elapsed(),
-            Ok(_) if t0.elapsed() > Duration::from_secs(5) => {
-                panic!("alice's download outlived her key\n{}", mg.log_text())
-            }
-            Ok(_) => {}
-        }
-    };
+    let ended = ended_after(&mut a, t0, || mg.log_text());
     eprintln!("alice's forward ended {ended:?} after her key was removed");
     assert!(ended < Duration::from_millis(1500), "{ended:?}");
     assert!(
@@ -935,11 +961,8 @@ fn removing_a_key_ends_its_sessions_and_forwards() {
         1.0
     );
     // Bob's download and new forwards go on.
-    let t1 = std::time::Instant::now();
-    while t1.elapsed() < Duration::from_secs(1) {
-        assert!(b.read(&mut buf).unwrap() > 0, "bob's download ended");
-    }
-    let _ = download(lb);
+    assert!(keeps_flowing(&mut b), "bob's download ended");
+    let _ = held_download(&bob, port, "bob", slow);
     // And alice cannot log in again.
     let out = ssh(&alice, port)
         .args(["-W", &slow.to_string(), "alice@127.0.0.1"])
@@ -1123,7 +1146,6 @@ fn a_session_has_a_channel_and_listener_budget() {
 /// download within a second, with no change to the document.
 #[test]
 fn removing_a_key_from_the_keys_file_ends_its_sessions() {
-    use std::io::Read;
     if !have("ssh") || !have("ssh-keygen") {
         return;
     }
@@ -1145,46 +1167,14 @@ fn removing_a_key_from_the_keys_file_ends_its_sessions() {
     );
     cfg.loopback_vnet("acme");
     let mg = Meshgate::start(&cfg);
-    let forward = |key: &Path, user: &str| {
-        let local = free_port();
-        let child = ssh(key, port)
-            .args([
-                "-N",
-                "-L",
-                &format!("127.0.0.1:{local}:{slow}"),
-                &format!("{user}@127.0.0.1"),
-            ])
-            .spawn()
-            .unwrap();
-        assert!(wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", local)).is_ok()
-        }));
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut b = [0u8; 1024];
-        s.read_exact(&mut b).unwrap();
-        (Bg(child), s)
-    };
-    let (_a, mut a) = forward(&alice, "alice");
-    let (_b, mut b) = forward(&bob, "bob");
+    let (_a, mut a) = held_download(&alice, port, "alice", slow);
+    let (_b, mut b) = held_download(&bob, port, "bob", slow);
     let t0 = std::time::Instant::now();
     std::fs::write(&keys, format!("{bob_pub}\n")).unwrap();
-    let mut buf = [0u8; 4096];
-    let ended = loop {
-        match a.read(&mut buf) {
-            Ok(0) | Err(_) => break t0.elapsed(),
-            Ok(_) if t0.elapsed() > Duration::from_secs(5) => {
-                panic!("alice's download outlived her key\n{}", mg.log_text())
-            }
-            Ok(_) => {}
-        }
-    };
+    let ended = ended_after(&mut a, t0, || mg.log_text());
     eprintln!("alice's forward ended {ended:?} after the keys file changed");
     assert!(ended < Duration::from_millis(1500), "{ended:?}");
-    let t1 = std::time::Instant::now();
-    while t1.elapsed() < Duration::from_secs(1) {
-        assert!(b.read(&mut buf).unwrap() > 0, "bob's download ended");
-    }
+    assert!(keeps_flowing(&mut b), "bob's download ended");
     assert!(mg
         .log_text()
         .contains("authorized_keys_file changed: keys applied"));
