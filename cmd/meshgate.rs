@@ -173,6 +173,9 @@ async fn serve() -> ExitCode {
     let mut node = node::Node::new(store.clone(), builtin_factories(), Vec::new());
     let registry = node.registry().clone();
     registry.set_default_engine(node_cfg.engine);
+    registry
+        .flows()
+        .set_tenant_max_flows(node_cfg.tenant_max_flows);
     // Bind the admin API first: a taken admin port is a start-up error, not a
     // surprise after the data plane is live.
     let shutdown = CancellationToken::new();

@@ -174,3 +174,48 @@ fn removing_a_door_with_silent_clients_holds_up_no_other_tenant() {
         );
     }
 }
+
+/// A budget per tenant: with `tenant_max_flows: 3`, acme's fourth
+/// connection is refused (counted), beta's go on, and a closed one of
+/// acme's makes room.
+#[test]
+fn a_tenants_flow_budget_leaves_the_others_theirs() {
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "meshgate.yaml",
+        &format!(
+            "node: test\nadmin: 127.0.0.1:{}\ntenant_max_flows: 3\n",
+            cfg.admin_port
+        ),
+    );
+    let echo = echo_server();
+    let (acme, beta) = (free_port(), free_port());
+    cfg.pipe("acme", "web", acme, echo);
+    cfg.pipe("beta", "web", beta, echo);
+    let mg = Meshgate::start(&cfg);
+    let open = |port: u16| -> Option<TcpStream> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        (echo_roundtrip(&mut s, b"x").ok()? == b"x").then_some(s)
+    };
+    let mut held: Vec<TcpStream> = (0..3).map(|_| open(acme).expect("within budget")).collect();
+    assert!(
+        open(acme).is_none(),
+        "a fourth flow past tenant_max_flows: 3"
+    );
+    assert!(wait_until(Duration::from_secs(2), || {
+        mg.metric(
+        r#"meshgate_policy_decisions_total{tenant="acme",instance="web",rule="tenant_max_flows",result="deny"}"#
+    ) >= 1.0
+    }));
+    // beta has its own budget.
+    let beta_held: Vec<TcpStream> = (0..3).map(|_| open(beta).expect("beta's budget")).collect();
+    // One of acme's ends: room for one more.
+    drop(held.pop());
+    assert!(
+        wait_until(Duration::from_secs(3), || open(acme).is_some()),
+        "a closed flow did not make room\n{}",
+        mg.log_text()
+    );
+    drop(beta_held);
+}

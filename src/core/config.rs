@@ -347,6 +347,15 @@ pub struct NodeConfig {
     /// reopened on SIGHUP.
     #[serde(default)]
     pub audit: crate::core::spine::audit::AuditTarget,
+    /// The most flows (connections, UDP sessions, forwarded IP flows) one
+    /// tenant may hold at once; past it its new flows are denied. Default
+    /// 65536; 0: no limit.
+    #[serde(default = "default_tenant_max_flows")]
+    pub tenant_max_flows: u64,
+}
+
+fn default_tenant_max_flows() -> u64 {
+    65_536
 }
 
 /// Log line format.

@@ -99,6 +99,8 @@ pub struct Flow {
     decision: Mutex<Decision>,
     /// Cancelled when a policy change denies the open flow.
     revoked: tokio_util::sync::CancellationToken,
+    /// Whether it holds a share of its tenant's flow budget.
+    budgeted: bool,
 }
 
 /// What the path decided for a flow: the policy verdict and the route.
@@ -323,6 +325,9 @@ pub struct FlowTable {
     observers: Vec<Arc<dyn FlowObserver>>,
     /// Each tenant's policy, decided for every flow it opens.
     policies: std::sync::RwLock<HashMap<String, Arc<crate::core::spine::policy::Policies>>>,
+    /// Live flows per tenant, and the most a tenant may hold (0: no limit).
+    per_tenant: Mutex<HashMap<String, usize>>,
+    tenant_max_flows: AtomicU64,
 }
 
 impl FlowTable {
@@ -333,6 +338,37 @@ impl FlowTable {
             live: Mutex::new(HashMap::new()),
             observers,
             policies: Default::default(),
+            per_tenant: Mutex::new(HashMap::new()),
+            tenant_max_flows: AtomicU64::new(0),
+        }
+    }
+
+    /// The most flows one tenant may hold at once (`tenant_max_flows` in
+    /// `meshgate.yaml`; 0: no limit): past it a tenant's new flows are
+    /// denied, so one tenant cannot take what the others need.
+    pub fn set_tenant_max_flows(&self, max: u64) {
+        self.tenant_max_flows.store(max, Ordering::Relaxed);
+    }
+
+    /// Takes one of `tenant`'s flow budget; `false` when it is spent.
+    fn take_budget(&self, tenant: &str) -> bool {
+        let max = self.tenant_max_flows.load(Ordering::Relaxed);
+        let mut per = self.per_tenant.lock().expect("flow table poisoned");
+        let n = per.entry(tenant.to_string()).or_default();
+        if max > 0 && *n as u64 >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release_budget(&self, tenant: &str) {
+        let mut per = self.per_tenant.lock().expect("flow table poisoned");
+        if let Some(n) = per.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per.remove(tenant);
+            }
         }
     }
 
@@ -456,6 +492,17 @@ impl FlowTable {
             }
             decision.rule = d.rule;
         }
+        // The tenant's budget first: a flow past it is denied (and holds
+        // no share of it while it ends).
+        let budgeted = self.take_budget(&ctx.tenant);
+        if !budgeted {
+            decision.verdict = Verdict::Deny(format!(
+                "the tenant's flow budget ({}) is spent",
+                self.tenant_max_flows.load(Ordering::Relaxed)
+            ));
+            decision.rule = None;
+            metrics.policy_decision(&ctx.tenant, &ctx.instance, "tenant_max_flows", "deny");
+        }
         let flow = Arc::new(Flow {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             ctx,
@@ -466,6 +513,7 @@ impl FlowTable {
             metrics: metrics.clone(),
             decision: Mutex::new(decision),
             revoked: tokio_util::sync::CancellationToken::new(),
+            budgeted,
         });
         metrics.connections.inc();
         metrics.active.inc();
@@ -525,6 +573,9 @@ impl FlowTable {
             .lock()
             .expect("flow table poisoned")
             .remove(&flow.id);
+        if flow.budgeted {
+            self.release_budget(&flow.ctx.tenant);
+        }
         flow.metrics.active.dec();
         let end = FlowEnd {
             reason,
