@@ -220,14 +220,7 @@ impl World {
             .arg(url)
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (
-            out.status.code().unwrap_or(-1),
-            code.trim().parse().unwrap_or(0),
-            body.to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
+        common::curl_result(&out)
     }
 
     fn audit(&self) -> Vec<serde_json::Value> {

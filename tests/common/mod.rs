@@ -98,7 +98,6 @@ impl ConfigDir {
     /// host's loopback only through a route that names it (issue 18: the
     /// implicit vnet no longer takes door users there); the rest is
     /// direct, as in the implicit vnet.
-    #[allow(dead_code)]
     pub fn loopback_vnet(&self, tenant: &str) {
         self.write(
             &format!("tenants/{tenant}/default.yaml"),
@@ -367,6 +366,12 @@ pub fn curl_with(args: &[&str], url: &str) -> (i32, u16, String, String) {
         .arg(url)
         .output()
         .unwrap();
+    curl_result(&out)
+}
+
+/// What `curl -sS -w '\n%{http_code}' ...` said: (exit code, HTTP status,
+/// output before the status, stderr).
+pub fn curl_result(out: &Output) -> (i32, u16, String, String) {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (

@@ -103,9 +103,9 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    /// The record of `flow`, which ended as `end`.
-    pub fn new(flow: &Flow, end: &FlowEnd) -> Self {
-        let d = flow.decision();
+    /// The record of `flow`, which ended as `end` with decision `d`
+    /// ([`Flow::decision`]).
+    pub fn new(flow: &Flow, end: &FlowEnd, d: crate::core::spine::flow::Decision) -> Self {
         let (verdict, verdict_reason) = match d.verdict {
             Verdict::Allow => ("allow", None),
             Verdict::Deny(r) => ("deny", Some(r)),
@@ -222,40 +222,46 @@ impl AuditLog {
 
 impl FlowObserver for AuditLog {
     fn on_end(&self, flow: &Flow, end: &FlowEnd) {
-        let target = self
-            .target
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        match target {
-            AuditTarget::Off => {}
-            AuditTarget::File(_) => self.write_file(&AuditRecord::new(flow, end)),
-            AuditTarget::Log => {
-                let r = AuditRecord::new(flow, end);
-                // Every string a client controls is a Debug (escaped) field.
-                tracing::info!(
-                    target: "meshgate::audit",
-                    flow = r.flow,
-                    tenant = %r.tenant,
-                    vnet = ?r.vnet,
-                    instance = %r.onramp.instance,
-                    kind = %r.onramp.kind,
-                    identity = r.identity.as_deref().unwrap_or("-"),
-                    protocol = %r.protocol,
-                    src = %r.source,
-                    dst = ?r.requested,
-                    dialed = ?r.dialed,
-                    verdict = %flow.decision().verdict,
-                    rule = ?r.rule,
-                    route = r.route.as_deref().unwrap_or("-"),
-                    reason = %r.end,
-                    forbidden = ?r.forbidden,
-                    duration_ms = r.duration_ms,
-                    bytes_up = r.bytes_up,
-                    bytes_down = r.bytes_down,
-                    "flow ended"
-                );
-            }
+        // Which sink, read without copying its path per flow (and the lock
+        // let go before the file's: set_target takes them the other way).
+        let (to_log, to_file) = match &*self.target.read().unwrap_or_else(|e| e.into_inner()) {
+            AuditTarget::Off => (false, false),
+            AuditTarget::File(_) => (false, true),
+            AuditTarget::Log => (true, false),
+        };
+        if !to_log && !to_file {
+            return;
+        }
+        let decision = flow.decision();
+        let verdict = decision.verdict.to_string();
+        let r = AuditRecord::new(flow, end, decision);
+        if to_file {
+            self.write_file(&r);
+        }
+        if to_log {
+            // Every string a client controls is a Debug (escaped) field.
+            tracing::info!(
+                target: "meshgate::audit",
+                flow = r.flow,
+                tenant = %r.tenant,
+                vnet = ?r.vnet,
+                instance = %r.onramp.instance,
+                kind = %r.onramp.kind,
+                identity = r.identity.as_deref().unwrap_or("-"),
+                protocol = %r.protocol,
+                src = %r.source,
+                dst = ?r.requested,
+                dialed = ?r.dialed,
+                verdict = %verdict,
+                rule = ?r.rule,
+                route = r.route.as_deref().unwrap_or("-"),
+                reason = %r.end,
+                forbidden = ?r.forbidden,
+                duration_ms = r.duration_ms,
+                bytes_up = r.bytes_up,
+                bytes_down = r.bytes_down,
+                "flow ended"
+            );
         }
     }
 }

@@ -237,9 +237,7 @@ impl EndReason {
             EndReason::Dropped => "dropped",
         }
     }
-}
 
-impl EndReason {
     /// The label with what refused it, for a person (an HTTP refusal's
     /// body): `forbidden (loopback: the host's loopback ...)`.
     pub fn detail(self) -> String {
@@ -405,8 +403,7 @@ impl FlowTable {
     /// Whether the policy of the flow's tenant would deny it (nothing is
     /// counted or opened).
     pub fn would_deny(&self, ctx: &FlowContext) -> bool {
-        self.policy_of(&ctx.tenant)
-            .is_some_and(|set| set.decide(&ctx.facts()).deny)
+        self.explain(ctx).is_some_and(|d| d.deny)
     }
 
     /// Decides every open flow of `tenant` again under its policy now in
@@ -492,8 +489,8 @@ impl FlowTable {
             }
             decision.rule = d.rule;
         }
-        // The tenant's budget first: a flow past it is denied (and holds
-        // no share of it while it ends).
+        // Then the tenant's budget: a flow past it is denied whatever the
+        // policy said (and holds no share of it while it ends).
         let budgeted = self.take_budget(&ctx.tenant);
         if !budgeted {
             decision.verdict = Verdict::Deny(format!(

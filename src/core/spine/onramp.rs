@@ -402,11 +402,7 @@ impl OnRamp {
         match on {
             ListenOn::Host(addr) => {
                 let l = HostListener::new(bind_host_tcp(*addr)?);
-                // Other tenants' door users may not reach it directly.
-                let registered = self.ctx.listeners.register(
-                    crate::core::net::listen::Owner::Tenant(self.tenant().to_string()),
-                    l.local_addr(),
-                );
+                let registered = self.register_host(l.local_addr());
                 Ok(Box::new(crate::core::net::listen::Registered::listener(
                     Box::new(l),
                     registered,
@@ -414,6 +410,15 @@ impl OnRamp {
             }
             ListenOn::Module { module, addr } => self.network(module)?.listen_tcp(*addr).await,
         }
+    }
+
+    /// Records this tenant's host socket on `addr`, so other tenants' door
+    /// users may not reach it directly.
+    fn register_host(&self, addr: SocketAddr) -> crate::core::net::listen::Registered {
+        self.ctx.listeners.register(
+            crate::core::net::listen::Owner::Tenant(self.tenant().to_string()),
+            addr,
+        )
     }
 
     /// Binds a UDP socket on the host or on a VPN address in a module's
@@ -425,11 +430,7 @@ impl OnRamp {
         match on {
             ListenOn::Host(addr) => {
                 let socket = crate::core::net::datagram::bind_host_udp(*addr).await?;
-                // Other tenants' door users may not send to it directly.
-                let registered = self.ctx.listeners.register(
-                    crate::core::net::listen::Owner::Tenant(self.tenant().to_string()),
-                    socket.local_addr()?,
-                );
+                let registered = self.register_host(socket.local_addr()?);
                 Ok(Arc::new(crate::core::net::listen::Registered::socket(
                     socket, registered,
                 )))
@@ -438,12 +439,6 @@ impl OnRamp {
         }
     }
 
-    /// Datagrams to `target`: routed as a stream would be (`via`: the
-    /// vnet's table with its `hosts:`/`dns:`, or a pinned connector), the
-    /// name resolved (by the host only on a `direct` route), and a socket
-    /// bound through the route's connector. Returns the socket, the remote
-    /// to send to and the route as flows show it; or the counted reason
-    /// and a message.
     /// Relays one UDP session as a flow until `idle` passes without a
     /// datagram either way, the on-ramp stops, or a socket fails: what
     /// arrives on `rx` (the client's datagrams) goes to the remote of
@@ -476,7 +471,7 @@ impl OnRamp {
             tokio::select! {
                 _ = self.stop.cancelled() => break EndReason::Stopped,
                 _ = revoked.revoked() => {
-                    self.ctx.metrics.reject(self.tenant(), &self.ctx.instance, "policy_revoked");
+                    self.count_revoked();
                     break EndReason::PolicyRevoked;
                 }
                 _ = tokio::time::sleep(idle) => break EndReason::IdleTimeout,
@@ -510,6 +505,12 @@ impl OnRamp {
         flow.set_end_reason(reason);
     }
 
+    /// Datagrams to `target`: routed and checked as a stream would be
+    /// (`via`: the vnet's table with its `hosts:`/`dns:`, or a pinned
+    /// connector; the name resolved where the route says), and a socket
+    /// bound through the route's connector. Returns the socket, the remote
+    /// to send to and the route as flows show it; or the counted reason
+    /// and a message.
     pub async fn open_datagrams(
         &self,
         via: &RouteVia,
@@ -673,8 +674,15 @@ impl OnRamp {
         None
     }
 
+    /// Counts a flow a policy change ended.
+    pub(crate) fn count_revoked(&self) {
+        self.ctx
+            .metrics
+            .reject(self.tenant(), &self.ctx.instance, "policy_revoked");
+    }
+
     /// Counts and logs a flow the policy (or a flow-start hook) denied.
-    fn denied(&self, flow: &crate::core::spine::flow::FlowGuard, why: &str) {
+    pub(crate) fn denied(&self, flow: &crate::core::spine::flow::FlowGuard, why: &str) {
         self.ctx
             .metrics
             .reject(self.tenant(), &self.ctx.instance, "denied");
@@ -822,7 +830,7 @@ impl OnRamp {
             _ = flow.flow().revoked() => EndReason::PolicyRevoked,
         };
         if reason == EndReason::PolicyRevoked {
-            ctx.metrics.reject(tenant, instance, "policy_revoked");
+            self.count_revoked();
         }
         flow.set_end_reason(reason);
         reason
@@ -867,20 +875,7 @@ impl OnRamp {
                 // The operator pinned the connector: only what no flow may
                 // reach is refused here.
                 let t = match &host {
-                    Host::Ip(ip) => {
-                        let t = HostPort {
-                            host: ip.to_string(),
-                            port,
-                        };
-                        if let Some(what) = dest::never(*ip) {
-                            return Err(Refusal::Forbidden {
-                                target: t.to_string(),
-                                what,
-                                route: None,
-                            });
-                        }
-                        t
-                    }
+                    Host::Ip(ip) => not_never(*ip, port)?,
                     Host::Name(_) => target.clone(),
                 };
                 return Ok(Plan {
@@ -966,17 +961,7 @@ impl OnRamp {
         chosen_by: ChosenBy,
     ) -> Result<RouteDecision, Refusal> {
         let ip = dest::canonical(ip);
-        let target = HostPort {
-            host: ip.to_string(),
-            port,
-        };
-        if let Some(what) = dest::never(ip) {
-            return Err(Refusal::Forbidden {
-                target: target.to_string(),
-                what,
-                route: None,
-            });
-        }
+        let target = not_never(ip, port)?;
         let d = self
             .ctx
             .tenant
@@ -1061,6 +1046,22 @@ impl OnRamp {
             return Err("no address".into());
         }
         Ok(addrs)
+    }
+}
+
+/// `ip:port` as a target, unless `ip` is one no flow may reach.
+fn not_never(ip: std::net::IpAddr, port: u16) -> Result<HostPort, Refusal> {
+    let target = HostPort {
+        host: ip.to_string(),
+        port,
+    };
+    match dest::never(ip) {
+        Some(what) => Err(Refusal::Forbidden {
+            target: target.to_string(),
+            what,
+            route: None,
+        }),
+        None => Ok(target),
     }
 }
 

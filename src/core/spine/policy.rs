@@ -311,7 +311,7 @@ impl PolicySet {
 
     /// The decision for a flow, with the dry-run rules' opinion.
     pub fn decide(&self, f: &Facts<'_>) -> PolicyDecision {
-        if self.is_empty() && !self.has_dry_run {
+        if self.is_empty() {
             return PolicyDecision::default();
         }
         let matched: Vec<&Rule> = self

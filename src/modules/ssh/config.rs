@@ -231,6 +231,16 @@ pub struct SshConfig {
 }
 
 impl SshConfig {
+    /// The same config with `file_keys` as the `authorized_keys_file`'s
+    /// keys, read when it was as `stamp` says (the inline lines stay).
+    pub fn with_file_keys(&self, file_keys: Vec<AuthorizedKey>, stamp: Option<FileStamp>) -> Self {
+        let mut new = self.clone();
+        new.keys = file_keys;
+        new.keys.extend(new.inline_keys.iter().cloned());
+        new.keys_file_stamp = stamp;
+        new
+    }
+
     /// Parses and validates a `kind: ssh` document, reading the keys file.
     pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
         let (door, raw): (DoorSettings, RawConfig) = DoorSettings::parse(doc, &OWN_KEYS)?;

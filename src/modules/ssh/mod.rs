@@ -126,10 +126,7 @@ async fn watch_keys_file(live: Arc<Live<SshConfig>>, sessions: Arc<Sessions>, on
         }
         match config::read_keys_file(&path) {
             Ok(file_keys) => {
-                let mut new = (*cfg).clone();
-                new.keys = file_keys;
-                new.keys.extend(new.inline_keys.iter().cloned());
-                new.keys_file_stamp = stamp;
+                let new = cfg.with_file_keys(file_keys, stamp);
                 let keys = new.keys.len();
                 live.set(new, &live.source());
                 let ended = sessions.revoke_missing(&live.get().keys);
@@ -1042,9 +1039,8 @@ impl StreamHandler for Reverse {
             Some(format!("the SSH session of {}", self.identity)),
             &ctx.instance_metrics,
         );
-        if let Verdict::Deny(_) = flow.verdict() {
-            ctx.metrics
-                .reject(&ctx.tenant.name, &ctx.instance, "denied");
+        if let Verdict::Deny(why) = flow.verdict() {
+            onramp.denied(&flow, &why);
             flow.set_end_reason(EndReason::Denied);
             return;
         }
@@ -1087,7 +1083,7 @@ impl StreamHandler for Reverse {
                     j = crate::core::net::proxy::join(client, upstream, f.as_ref(), &opts) => j.end.into(),
                     // A policy change that denies it ends it at once.
                     _ = f.revoked() => {
-                        ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, "policy_revoked");
+                        onramp.count_revoked();
                         EndReason::PolicyRevoked
                     }
                 }
