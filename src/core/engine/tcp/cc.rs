@@ -231,6 +231,8 @@ pub struct AckEvent {
     pub delivered_total: u64,
     /// Bytes in flight after this ACK.
     pub in_flight: usize,
+    /// Bytes this ACK showed lost.
+    pub lost: usize,
     pub rate: Option<RateSample>,
     /// The window was not the limit (CUBIC does not grow then).
     pub app_limited: bool,
@@ -604,6 +606,11 @@ impl Bbr {
             .bdp(self.cwnd_gain)
             .map(|b| b + 3 * self.mss)
             .unwrap_or(self.cwnd);
+        // Losses come out of the window while recovering (as Linux's BBR
+        // does): what was lost is not sent again on top of the window.
+        if ev.lost > 0 && ev.in_recovery {
+            self.cwnd = self.cwnd.saturating_sub(ev.lost).max(self.mss);
+        }
         if self.conserve_until_round.is_some() {
             self.cwnd = self.cwnd.max(ev.in_flight + ev.delivered);
         } else if self.filled_pipe {

@@ -95,6 +95,24 @@ impl RecvBuffer {
         self.limit = self.limit.max(limit.min(self.capacity));
     }
 
+    /// Lowers the window offered when empty. Only for a window not yet
+    /// offered (a window once offered may not shrink).
+    pub fn lower_unoffered_limit(&mut self, limit: usize) {
+        self.limit = self.limit.min(limit.max(1));
+    }
+
+    /// Forgets the data received beyond a hole (SACKed data reneged, RFC
+    /// 2018 §8: the sender keeps it until acknowledged cumulatively);
+    /// with nothing left to read the ring's memory goes too.
+    pub fn drop_out_of_order(&mut self) {
+        self.ooo.clear();
+        self.recent = None;
+        if self.len == 0 {
+            self.ring = Vec::new();
+            self.head = 0;
+        }
+    }
+
     /// Are there holes (data beyond `nxt`)?
     pub fn has_holes(&self) -> bool {
         !self.ooo.is_empty()

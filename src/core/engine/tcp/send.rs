@@ -57,6 +57,9 @@ pub struct Acked {
     /// Retransmitted segments whose original was delivered (the
     /// retransmission was spurious: the path reorders).
     pub spurious: usize,
+    /// Bytes newly delivered: cumulative and SACKed, less what duplicate
+    /// ACKs already counted (see [`SendQueue::dup_acked`]).
+    pub delivered: usize,
 }
 
 /// The newest segment an ACK delivered, for the rate sample.
@@ -97,6 +100,10 @@ pub struct SendQueue {
     /// Samples are application-limited until `delivered` passes this
     /// (0: not limited).
     app_limited_until: u64,
+    /// Without SACK: bytes that duplicate ACKs say have left the network
+    /// (one segment each, as Linux counts a Reno peer's), not yet covered
+    /// by a cumulative ACK.
+    dup_out: usize,
 }
 
 impl SendQueue {
@@ -118,7 +125,51 @@ impl SendQueue {
             delivered_at: None,
             first_sent_at: None,
             app_limited_until: 0,
+            dup_out: 0,
         }
+    }
+
+    /// Bytes in the network: in flight less what duplicate ACKs reported
+    /// delivered (RFC 6675's "pipe"; the same as `in_flight` with SACK).
+    pub fn pipe(&self) -> usize {
+        self.in_flight.saturating_sub(self.dup_out)
+    }
+
+    /// A duplicate ACK from a peer without SACK: one more segment left
+    /// the network (PRR, RFC 6937 §3: one MSS per duplicate ACK). The
+    /// cumulative ACK that covers it later does not count it again (but
+    /// delivery-rate samples, which go by cumulative ACKs, do).
+    /// Returns the bytes counted.
+    pub fn dup_acked(&mut self, mss: usize) -> usize {
+        let n = mss.min(self.in_flight.saturating_sub(self.dup_out));
+        self.dup_out += n;
+        n
+    }
+
+    /// The first unacknowledged segment was retransmitted before `t` and
+    /// is still counted in flight.
+    pub fn head_resent_before(&self, t: Instant) -> bool {
+        self.segs
+            .front()
+            .is_some_and(|s| s.retransmitted && s.counted() && s.sent_at < t)
+    }
+
+    /// NewReno (RFC 6582, as Linux marks a Reno peer's losses): the first
+    /// unacknowledged segment is lost, unless already so or SACKed.
+    /// Returns the bytes newly deemed lost.
+    pub fn mark_head_lost(&mut self) -> usize {
+        let Some(s) = self.segs.front_mut() else {
+            return 0;
+        };
+        if !s.counted() {
+            return 0;
+        }
+        s.lost = true;
+        let len = s.end - s.start;
+        self.lost += 1;
+        self.in_flight -= len;
+        self.dup_out = self.dup_out.min(self.in_flight);
+        len
     }
 
     /// The sender has nothing more to send while the window has room:
@@ -344,7 +395,11 @@ impl SendQueue {
                 self.delivered_one(&s, now, min_rtt, &mut out, &mut newest);
             }
         }
+        // What duplicate ACKs counted already is not delivered twice.
+        let counted = self.dup_out.min(out.cumulative);
+        self.dup_out = (self.dup_out - counted).min(self.in_flight);
         let delivered = out.cumulative + out.sacked;
+        out.delivered = delivered - counted;
         if delivered > 0 {
             self.delivered += delivered as u64;
             self.delivered_at = Some(now);
@@ -457,14 +512,23 @@ impl SendQueue {
     }
 
     /// The retransmission timer fired: every segment not SACKed is lost.
+    /// If the first unacknowledged segment was SACKed, the receiver has
+    /// dropped data it had SACKed (reneging, RFC 2018 §8, as a receiver
+    /// short of memory may): no SACK is trusted then, everything is lost.
     pub fn all_lost(&mut self) {
+        let reneged = self.segs.front().is_some_and(|s| s.sacked);
         for s in self.segs.iter_mut() {
+            if reneged && s.sacked {
+                s.sacked = false;
+                self.sacked -= 1;
+            }
             if s.counted() {
                 s.lost = true;
                 self.lost += 1;
             }
         }
         self.in_flight = 0;
+        self.dup_out = 0;
     }
 
     /// Are any segments SACKed (is there a hole)?

@@ -169,6 +169,16 @@ impl Pair {
     }
 
     pub fn connect_between(spec: PathSpec, cfg: Config, seed: u64, a: &str, b: &str) -> Pair {
+        Self::connect_with(spec, cfg, seed, a, b, true)
+    }
+
+    /// As [`connect`](Self::connect), with a server that does not offer
+    /// SACK (so neither side uses it), as some stacks and middleboxes do.
+    pub fn connect_without_sack(spec: PathSpec, cfg: Config, seed: u64) -> Pair {
+        Self::connect_with(spec, cfg, seed, "10.0.0.1:40000", "10.0.0.2:80", false)
+    }
+
+    fn connect_with(spec: PathSpec, cfg: Config, seed: u64, a: &str, b: &str, sack: bool) -> Pair {
         let start = Instant::now();
         let a: SocketAddr = a.parse().unwrap();
         let b: SocketAddr = b.parse().unwrap();
@@ -177,7 +187,8 @@ impl Pair {
         let mut syn = Vec::new();
         assert!(client.poll_transmit(start, &mut syn));
         let (s, d, tcp) = split(&syn);
-        let seg = wire::parse(s, d, tcp).unwrap();
+        let mut seg = wire::parse(s, d, tcp).unwrap();
+        seg.options.sack_permitted &= sack;
         let server = Socket::accept(cfg, &seg, Seq(rng.next() as u32), start);
         Pair {
             now: start,

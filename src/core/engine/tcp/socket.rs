@@ -18,7 +18,7 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use super::cc::{AckEvent, Algorithm, Controller, Pacer, Rtt, MAX_RTO};
-use super::recv::RecvBuffer;
+use super::recv::{Inserted, RecvBuffer};
 use super::send::SendQueue;
 use super::seq::Seq;
 use super::wire::{self, Header, Options, Segment, ACK, FIN, PSH, RST, SYN, TCP_HEADER};
@@ -83,6 +83,20 @@ const REO_MULT_MAX: u32 = 16;
 const TRIM_AFTER: Duration = Duration::from_secs(1);
 /// Bytes an application may always queue, whatever the window.
 const MIN_SEND_LIMIT: usize = 256 * 1024;
+/// Duplicate ACKs that mean a loss, from a peer without SACK (RFC 5681).
+const DUP_THRESH: u32 = 3;
+/// How long a lone segment's acknowledgement may wait for a second one
+/// (Linux's minimum delayed-ACK time).
+const DELAYED_ACK: Duration = Duration::from_millis(40);
+/// Segments acknowledged at once at the start, and again after a delayed
+/// ACK had to fire (the sender was waiting on it: Nagle, a small window),
+/// as Linux's quick-ACK mode.
+const QUICKACKS: u32 = 16;
+/// The receive window of a connection opened under memory pressure.
+pub const PRESSURE_WINDOW: usize = 64 * 1024;
+/// Timestamp ticks (ms) a segment may lag the latest before PAWS drops it
+/// (Linux's `TCP_PAWS_WINDOW`).
+const PAWS_WINDOW: u32 = 1;
 
 #[derive(Debug, Clone, Copy)]
 struct Recovery {
@@ -148,9 +162,17 @@ pub struct Socket {
     ack_now: bool,
     /// Data arrived this round: acknowledge at the end of it.
     ack_pending: bool,
+    /// In-order bytes received since the last ACK went out.
+    rcv_unacked: usize,
+    /// A lone segment's ACK goes out then, if nothing else carried it.
+    delack_at: Option<Instant>,
+    /// Segments still to be acknowledged at once (quick-ACK mode).
+    quickacks: u32,
+    /// The right edge of the window last advertised.
+    adv_edge: Seq,
+    /// Duplicate ACKs in a row (peers without SACK).
+    dupacks: u32,
     rst_due: bool,
-    /// The window last advertised, bytes.
-    adv_wnd: usize,
     /// RACK's reordering window multiplier, when it was last widened, and
     /// recoveries since.
     reo_mult: u32,
@@ -235,8 +257,12 @@ impl Socket {
             syn_retries: 0,
             ack_now: false,
             ack_pending: false,
+            rcv_unacked: 0,
+            delack_at: None,
+            quickacks: QUICKACKS,
+            adv_edge: Seq(0),
+            dupacks: 0,
             rst_due: false,
-            adv_wnd: 0,
             reo_mult: 1,
             reo_widened: None,
             reo_recoveries: 0,
@@ -370,6 +396,24 @@ impl Socket {
         self.last_heard.max(self.last_sent)
     }
 
+    /// Data received beyond a hole is held.
+    pub fn has_out_of_order(&self) -> bool {
+        self.rcv.as_ref().is_some_and(|r| r.has_holes())
+    }
+
+    /// The timestamp this socket would send at `now`.
+    #[cfg(test)]
+    pub fn timestamp_at(&self, now: Instant) -> u32 {
+        self.ts_now(now)
+    }
+
+    /// The sequence number expected next, and our next one (what a
+    /// segment from the peer carries now).
+    #[cfg(test)]
+    pub fn expected(&self) -> (Seq, Seq) {
+        (self.rcv_nxt(), self.snd.nxt)
+    }
+
     /// Bytes written and not yet acknowledged.
     pub fn send_queue(&self) -> usize {
         self.snd.queued()
@@ -429,12 +473,17 @@ impl Socket {
             let chunk = rcv.peek();
             let n = f(chunk).min(chunk.len());
             rcv.consume(n);
-            // Tell the peer about the room if it grew a lot (RFC 9293's
-            // receiver-side silly window avoidance).
-            let wnd = rcv.window();
-            let step = (2 * self.mss).min(rcv.capacity() / 2);
-            if wnd >= self.adv_wnd + step.max(1) {
-                self.ack_pending = true;
+            // Tell the peer about the room at once if what it may still
+            // send had shrunk to half the window or less and has now at
+            // least doubled (Linux's rule; a reader that keeps up never
+            // needs an update of its own).
+            let left = if self.adv_edge > rcv.nxt {
+                self.adv_edge - rcv.nxt
+            } else {
+                0
+            };
+            if 2 * left <= rcv.limit() && rcv.window() >= (2 * left).max(self.mss) {
+                self.ack_now = true;
             }
             return Ok(n);
         }
@@ -494,8 +543,25 @@ impl Socket {
     /// budget: the receive window stops growing and writers may queue only
     /// [`MIN_SEND_LIMIT`] until it eases (windows already offered stay, as
     /// TCP requires).
+    ///
+    /// Under pressure a connection still in its handshake (whose SYN
+    /// offered at most 64 KiB) starts with a [`PRESSURE_WINDOW`] window
+    /// instead of 1 MiB, and out-of-order data is dropped, received or
+    /// held (the sender repairs it; SACK allows a receiver to renege).
     pub fn set_memory_pressure(&mut self, on: bool) {
         self.memory_pressure = on;
+        if !on {
+            return;
+        }
+        let handshake = matches!(self.state, State::SynSent | State::SynReceived);
+        if let Some(rcv) = self.rcv.as_mut() {
+            if handshake {
+                rcv.lower_unoffered_limit(PRESSURE_WINDOW);
+            }
+            if rcv.has_holes() {
+                rcv.drop_out_of_order();
+            }
+        }
     }
 
     /// The receive window offered when empty, bytes.
@@ -566,7 +632,11 @@ impl Socket {
             return;
         }
         self.take_syn_options(seg, now);
-        self.rcv = Some(RecvBuffer::new(self.cfg.recv_buffer, seg.seq + 1));
+        let mut rcv = RecvBuffer::new(self.cfg.recv_buffer, seg.seq + 1);
+        if self.memory_pressure {
+            rcv.lower_unoffered_limit(PRESSURE_WINDOW);
+        }
+        self.rcv = Some(rcv);
         self.snd.una = seg.ack;
         self.snd_wnd = usize::from(seg.window) << self.snd_shift;
         self.snd_wl1 = seg.seq;
@@ -605,6 +675,12 @@ impl Socket {
             }
             return;
         }
+        if self.paws_rejects(seg) {
+            // An old duplicate from before the sequence numbers wrapped
+            // (RFC 7323 §5): say where we are, take nothing from it.
+            self.ack_now = true;
+            return;
+        }
         if seg.has(SYN) {
             if self.state == State::SynReceived && seg.seq + 1 == rcv_nxt {
                 // The peer did not see our SYN-ACK.
@@ -626,7 +702,7 @@ impl Socket {
             return;
         }
         if let (true, Some((val, _))) = (self.ts_ok, seg.options.timestamp) {
-            if seg.seq <= rcv_nxt {
+            if seg.seq <= rcv_nxt && ts_newer_or_same(val, self.ts_recent) {
                 self.ts_recent = val;
             }
         }
@@ -651,7 +727,26 @@ impl Socket {
         self.process_data(now, seg);
     }
 
+    /// PAWS (RFC 7323 §5.3): a segment whose timestamp is older than the
+    /// latest in-order one (by more than [`PAWS_WINDOW`]) is an old
+    /// duplicate. Resets are exempt.
+    fn paws_rejects(&self, seg: &Segment<'_>) -> bool {
+        match (self.ts_ok, seg.options.timestamp) {
+            (true, Some((val, _))) if !seg.has(RST) => {
+                self.ts_recent.wrapping_sub(val) as i32 > PAWS_WINDOW as i32
+            }
+            _ => false,
+        }
+    }
+
     fn process_ack(&mut self, now: Instant, seg: &Segment<'_>) {
+        // A duplicate ACK (RFC 5681 §2): nothing new acknowledged, no
+        // data, no window change, while data is outstanding.
+        let dupack = seg.ack == self.snd.una
+            && seg.payload.is_empty()
+            && !seg.has(FIN)
+            && !self.snd.idle()
+            && usize::from(seg.window) << self.snd_shift == self.snd_wnd;
         // Window update (RFC 9293's WL1/WL2 rule).
         if self.snd_wl1 < seg.seq || (self.snd_wl1 == seg.seq && self.snd_wl2 <= seg.ack) {
             self.snd_wnd = usize::from(seg.window) << self.snd_shift;
@@ -661,14 +756,25 @@ impl Socket {
                 self.persist_at = None;
             }
         }
-        let in_flight_before = self.snd.in_flight;
+        let in_flight_before = self.snd.pipe();
         let sack = if self.sack_ok {
             seg.options.sack_blocks()
         } else {
             &[]
         };
         let acked = self.snd.ack(seg.ack, sack, now, self.rtt.min());
-        let delivered = acked.cumulative + acked.sacked;
+        let mut delivered = acked.delivered;
+        if !self.sack_ok {
+            // A peer without SACK: duplicate ACKs are all there is to go by.
+            if acked.cumulative > 0 {
+                self.dupacks = 0;
+            } else if dupack && self.rto_point.is_none() {
+                // (After a timeout everything is sent again: duplicate
+                // ACKs then answer duplicates, not new arrivals.)
+                self.dupacks += 1;
+                delivered = self.snd.dup_acked(self.mss);
+            }
+        }
         if let Some(rtt) = acked.rtt {
             self.rtt.sample(rtt, now);
         }
@@ -677,20 +783,47 @@ impl Socket {
             self.tlp_done = false;
             self.wake_send();
         }
-        if delivered > 0 {
+        if acked.cumulative + acked.sacked > 0 {
             self.tlp_at = None;
         }
         // Loss detection (RACK), then the window.
         if acked.spurious > 0 {
             self.on_spurious(now);
         }
-        let reo_wnd = if self.recovery.is_some() || self.snd.has_sacked() {
-            self.reo_wnd()
+        let lost = if self.sack_ok {
+            let reo_wnd = if self.recovery.is_some() || self.snd.has_sacked() {
+                self.reo_wnd()
+            } else {
+                Duration::ZERO
+            };
+            let (lost, rack_timer) = self.snd.detect_loss(now, reo_wnd);
+            self.rack_at = rack_timer;
+            lost
         } else {
-            Duration::ZERO
+            // NewReno (RFC 6582), as Linux does for a peer without SACK
+            // (RACK has nothing to go on): the third duplicate ACK marks
+            // the first segment lost; in recovery, so does each partial ACK.
+            let partial = self
+                .recovery
+                .is_some_and(|r| acked.cumulative > 0 && self.snd.una < r.point);
+            let third =
+                self.recovery.is_none() && self.rto_point.is_none() && self.dupacks >= DUP_THRESH;
+            // A duplicate ACK a round trip after the first segment went
+            // out again comes from a segment sent after it: that
+            // retransmission is lost too (RACK's reasoning, on duplicate
+            // ACKs; Linux waits for the timeout).
+            let wait = self.rtt.srtt().unwrap_or_default().max(self.rtt.latest()) + self.reo_wnd();
+            let again = self.recovery.is_some()
+                && dupack
+                && now
+                    .checked_sub(wait)
+                    .is_some_and(|t| self.snd.head_resent_before(t));
+            if partial || third || again {
+                self.snd.mark_head_lost()
+            } else {
+                0
+            }
         };
-        let (lost, rack_timer) = self.snd.detect_loss(now, reo_wnd);
-        self.rack_at = rack_timer;
         if lost > 0 {
             self.on_loss(in_flight_before);
         }
@@ -709,8 +842,14 @@ impl Socket {
                 now,
                 delivered,
                 delivered_total: self.snd.delivered,
-                in_flight: self.snd.in_flight,
-                rate: acked.rate,
+                in_flight: self.snd.pipe(),
+                lost,
+                // Without SACK, a cumulative ACK after a repaired hole
+                // delivers in one go what arrived over several round
+                // trips: no rate sample from it.
+                rate: acked
+                    .rate
+                    .filter(|_| self.sack_ok || !(in_recovery || self.rto_point.is_some())),
                 app_limited: in_flight_before + self.mss < cwnd / 2 && self.snd.unsent() == 0,
                 in_recovery,
                 after_rto: self.rto_point.is_some(),
@@ -732,7 +871,9 @@ impl Socket {
                 _ => {}
             }
         }
-        self.arm_retransmit(now);
+        // RFC 6298 §5.3: the timer restarts only when new data is
+        // acknowledged, so a peer that keeps sending does not postpone it.
+        self.arm_retransmit(now, acked.cumulative > 0);
     }
 
     /// RACK's reordering window (RFC 8985 §6.2 step 4): a quarter of the
@@ -771,7 +912,7 @@ impl Socket {
             self.reo_recoveries = 0;
             self.reo_mult = 1;
         }
-        self.cc.on_recovery_start(self.snd.in_flight);
+        self.cc.on_recovery_start(self.snd.pipe());
         self.recovery = Some(Recovery {
             point: self.snd.nxt,
             prr_delivered: 0,
@@ -793,12 +934,35 @@ impl Socket {
             return;
         };
         if receiving && !seg.payload.is_empty() && !self.rcv_fin {
-            let r = rcv.insert(seg.seq, seg.payload);
+            let ahead = seg.seq > rcv.nxt;
+            let r = if ahead && self.memory_pressure {
+                // Short of memory, out-of-order data is the first to go.
+                Inserted {
+                    dropped: true,
+                    ..Inserted::default()
+                }
+            } else {
+                rcv.insert(seg.seq, seg.payload)
+            };
+            // At once: data beyond a hole, a duplicate, a drop, or a
+            // hole (partly) filled (RFC 5681 §4.2).
             if r.out_of_order || r.dropped {
                 self.ack_now = true;
             }
             if r.advanced > 0 {
-                self.ack_pending = true;
+                self.rcv_unacked += r.advanced;
+                // Every second full-sized segment, or every one in
+                // quick-ACK mode, is acknowledged at the end of this round
+                // (so a batch of segments is acknowledged once); a lone
+                // one waits for a second up to the delayed-ACK time.
+                if self.quickacks > 0 {
+                    self.quickacks -= 1;
+                    self.ack_pending = true;
+                } else if self.rcv_unacked >= 2 * self.mss {
+                    self.ack_pending = true;
+                } else if self.delack_at.is_none() {
+                    self.delack_at = Some(now + DELAYED_ACK);
+                }
                 self.wake_recv();
                 self.autotune(now, r.advanced);
             }
@@ -844,14 +1008,16 @@ impl Socket {
         self.wake_all();
     }
 
-    /// (Re)arms the probe timeout or the retransmission timeout.
-    fn arm_retransmit(&mut self, now: Instant) {
+    /// Arms the probe timeout and the retransmission timeout if they are
+    /// not running; `restart`: new data was acknowledged, so the
+    /// retransmission timeout starts again (RFC 6298 §5.3).
+    fn arm_retransmit(&mut self, now: Instant, restart: bool) {
         if self.snd.idle() {
             self.rto_at = None;
             self.tlp_at = None;
             return;
         }
-        if self.rto_at.is_none() || self.snd.in_flight == 0 || !self.tlp_done {
+        if self.rto_at.is_none() || restart {
             self.rto_at = Some(now + self.rtt.rto(self.backoff));
         }
         let probe = self.sack_ok
@@ -886,6 +1052,7 @@ impl Socket {
             self.rto_at,
             self.tlp_at,
             self.rack_at,
+            self.delack_at,
             self.pace_at,
             self.persist_at,
             self.time_wait_until,
@@ -948,12 +1115,19 @@ impl Socket {
         if self.rack_at.is_some_and(|t| now >= t) {
             self.rack_at = None;
             let reo_wnd = self.reo_wnd();
-            let before = self.snd.in_flight;
+            let before = self.snd.pipe();
             let (lost, timer) = self.snd.detect_loss(now, reo_wnd);
             self.rack_at = timer;
             if lost > 0 {
                 self.on_loss(before);
             }
+        }
+        if self.delack_at.is_some_and(|t| now >= t) {
+            // The sender waited for this ACK: acknowledge at once for a
+            // while.
+            self.delack_at = None;
+            self.ack_now = true;
+            self.quickacks = QUICKACKS;
         }
         if self.tlp_at.is_some_and(|t| now >= t) {
             self.tlp_at = None;
@@ -1060,7 +1234,7 @@ impl Socket {
     /// May `len` more bytes go out under the congestion window (or PRR's
     /// budget during recovery)?
     fn cwnd_allows(&self, len: usize) -> bool {
-        let pipe = self.snd.in_flight;
+        let pipe = self.snd.pipe();
         match &self.recovery {
             Some(r) if self.cc.uses_prr() => {
                 let ssthresh = self.cc.ssthresh();
@@ -1100,7 +1274,7 @@ impl Socket {
             r.prr_out += len;
         }
         if self.rto_at.is_none() || self.tlp_at.is_none() {
-            self.arm_retransmit(now);
+            self.arm_retransmit(now, false);
         }
     }
 
@@ -1142,7 +1316,7 @@ impl Socket {
         }
         let unsent = self.snd.unsent();
         if unsent == 0 && !self.snd.fin_unsent() {
-            if self.snd.in_flight < self.cc.cwnd() {
+            if self.snd.pipe() < self.cc.cwnd() {
                 self.snd.mark_app_limited();
             }
             return false;
@@ -1216,10 +1390,12 @@ impl Socket {
     }
 
     fn after_emit(&mut self, now: Instant, adv_wnd: usize) {
-        self.adv_wnd = adv_wnd;
+        self.adv_edge = self.rcv_nxt() + adv_wnd;
         self.ip_id = self.ip_id.wrapping_add(1);
         self.ack_now = false;
         self.ack_pending = false;
+        self.rcv_unacked = 0;
+        self.delack_at = None;
         if self.state == State::SynSent || self.state == State::SynReceived {
             self.last_sent = now;
         }
@@ -1270,4 +1446,9 @@ impl Socket {
         };
         (header, wnd << shift)
     }
+}
+
+/// Is timestamp `a` the same as or later than `b` (modulo 2³²)?
+fn ts_newer_or_same(a: u32, b: u32) -> bool {
+    a.wrapping_sub(b) as i32 >= 0
 }

@@ -287,8 +287,9 @@ fn any_path_delivers_every_byte_in_order() {
 
 #[test]
 fn under_memory_pressure_windows_stop_growing() {
-    // The same fast transfer with and without pressure: the receive window
-    // grows from 1 MiB to many without, and stays at 1 MiB with.
+    // The same fast transfer with and without pressure from the start:
+    // the receive window grows from 1 MiB to many without; with, the
+    // connection opens with a 64 KiB window and keeps it.
     for pressure in [false, true] {
         let mut p = Pair::connect(PathSpec::new(10, 1000.0, 0.0), config(16 << 20, Bbr), 13);
         p.server.set_memory_pressure(pressure);
@@ -296,9 +297,228 @@ fn under_memory_pressure_windows_stop_growing() {
         transfer(&mut p, 40 << 20, Duration::from_secs(60));
         let limit = p.server.recv_limit();
         if pressure {
-            assert_eq!(limit, super::recv::INITIAL_LIMIT);
+            assert_eq!(limit, super::socket::PRESSURE_WINDOW);
         } else {
             assert!(limit >= 4 * super::recv::INITIAL_LIMIT, "{limit}");
         }
     }
+    // Pressure after the handshake: the window offered stays (TCP may not
+    // take it back), it only stops growing.
+    let mut p = Pair::connect(PathSpec::new(10, 1000.0, 0.0), config(16 << 20, Bbr), 13);
+    assert!(p.established());
+    p.server.set_memory_pressure(true);
+    transfer(&mut p, 10 << 20, Duration::from_secs(60));
+    assert_eq!(p.server.recv_limit(), super::recv::INITIAL_LIMIT);
+}
+
+#[test]
+fn under_memory_pressure_out_of_order_data_goes_first() {
+    // A lossy transfer; a quarter of the way in, the receiver comes under
+    // pressure: it forgets what it held beyond holes (data it had SACKed)
+    // and takes no more out-of-order data. The sender finds the reneged
+    // data at its retransmission timeout and every byte still arrives.
+    let mut p = Pair::connect(PathSpec::new(5, 50.0, 0.02), config(4 << 20, Bbr), 14);
+    assert!(p.established());
+    let total = 4 << 20;
+    let mut stream = Stream::default();
+    let mut held_holes = false;
+    let ok = p.run(Duration::from_secs(120), |p| {
+        if !held_holes && stream.read > total / 4 && p.server.has_out_of_order() {
+            held_holes = true;
+            p.server.set_memory_pressure(true);
+            assert!(!p.server.has_out_of_order(), "dropped at once");
+        }
+        if held_holes {
+            p.server.set_memory_pressure(true);
+            assert!(!p.server.has_out_of_order(), "none taken under pressure");
+        }
+        stream.step(p, total)
+    });
+    assert!(held_holes, "the receiver never held out-of-order data");
+    assert!(
+        ok,
+        "{} of {total} bytes: {:?}",
+        stream.read,
+        p.client.stats()
+    );
+}
+
+#[test]
+fn the_retransmission_timer_restarts_only_on_new_data() {
+    // RFC 6298 §5.3. The server's 10-segment reply loses its tail while
+    // the client keeps sending (every client segment acknowledges only
+    // what arrived, so it is neither new data acknowledged nor a
+    // duplicate ACK). Without SACK there is no tail loss probe: the
+    // server's retransmission timeout must fire on time, not be pushed
+    // back by each client segment.
+    let mut p =
+        Pair::connect_without_sack(PathSpec::new(20, 100.0, 0.0), config(1 << 20, Cubic), 15);
+    assert!(p.established());
+    let mss = p.server.mss();
+    let data = super::sim::pattern(0, 10 * mss);
+    assert_eq!(p.server.send_slice(&data).unwrap(), data.len());
+    let mut buf = Vec::new();
+    let now = p.now;
+    let mut sent = 0;
+    while p.server.poll_transmit(now, &mut buf) {
+        sent += 1;
+        let packet = std::mem::take(&mut buf);
+        if sent < 10 {
+            p.down.send(now, packet, &mut p.rng);
+        }
+    }
+    assert_eq!(sent, 10);
+    let t0 = p.now;
+    let mut got = vec![0u8; data.len()];
+    let mut read = 0;
+    let mut upload = Stream::default();
+    assert!(p.run(Duration::from_secs(10), |p| {
+        read += p.client.recv_slice(&mut got[read..]).unwrap();
+        upload.step(p, usize::MAX / 2);
+        read == got.len()
+    }));
+    assert_eq!(got, data);
+    let took = p.now.duration_since(t0);
+    assert!(
+        upload.read > 100_000,
+        "the client kept sending: {}",
+        upload.read
+    );
+    assert_eq!(p.server.stats().timeouts, 1, "{:?}", p.server.stats());
+    assert!(took < Duration::from_millis(600), "repaired after {took:?}");
+}
+
+#[test]
+fn a_peer_without_sack_recovers_by_duplicate_acks() {
+    // 1 % loss, no SACK: the third duplicate ACK starts a recovery, each
+    // partial ACK repairs the next hole (NewReno), and a duplicate ACK a
+    // round trip after a retransmission shows it lost. Before, every loss
+    // waited for a timeout.
+    let mut p =
+        Pair::connect_without_sack(PathSpec::new(10, 50.0, 0.01), config(4 << 20, Cubic), 16);
+    let mbps = transfer(&mut p, 8 << 20, Duration::from_secs(300));
+    let st = p.client.stats();
+    eprintln!("no SACK, 1 % loss, Cubic: {mbps:.1} Mbit/s, {st:?}");
+    assert!(p.up.dropped >= 30, "{} dropped", p.up.dropped);
+    assert!(st.recoveries >= 30, "{st:?}");
+    assert_eq!(st.timeouts, 0, "{st:?}");
+    // BBR keeps twice the path's BDP in flight: when the queue overflows,
+    // more holes open than NewReno (one per round trip) repairs before
+    // the timeout. Most losses are still repaired without one.
+    let mut p = Pair::connect_without_sack(PathSpec::new(10, 50.0, 0.01), config(4 << 20, Bbr), 16);
+    let mbps = transfer(&mut p, 8 << 20, Duration::from_secs(300));
+    let st = p.client.stats();
+    eprintln!("no SACK, 1 % loss, Bbr: {mbps:.1} Mbit/s, {st:?}");
+    assert!(st.recoveries >= 10, "{st:?}");
+    assert!(st.timeouts * 2 <= st.recoveries, "{st:?}");
+}
+
+#[test]
+fn acknowledgements_every_second_segment_and_once_per_batch() {
+    use super::sim::deliver;
+    // A bulk transfer on a path that delivers segments one by one: about
+    // one ACK per two segments (it was one per segment).
+    let mut p = Pair::connect(PathSpec::new(10, 100.0, 0.0), config(4 << 20, Bbr), 17);
+    let total = 20 << 20;
+    transfer(&mut p, total, Duration::from_secs(60));
+    let segments = total / p.client.mss();
+    let acks = p.down.sent as usize;
+    eprintln!("{acks} ACKs for {segments} segments");
+    assert!(
+        acks < segments * 6 / 10,
+        "{acks} ACKs for {segments} segments"
+    );
+    assert!(
+        acks > segments * 4 / 10,
+        "{acks} ACKs for {segments} segments"
+    );
+
+    // Segments arriving together are acknowledged once; a lone segment's
+    // ACK waits for a second segment, or 40 ms.
+    let mut p = Pair::connect(PathSpec::new(1, 100.0, 0.0), config(4 << 20, Bbr), 18);
+    assert!(p.established());
+    let mss = p.client.mss();
+    let now = p.now;
+    // Sends `n` segments, delivers them to the server together, returns
+    // how many ACKs it answered with (handed back to the client).
+    let flight = |p: &mut Pair, n: usize, at| {
+        let data = super::sim::pattern(0, n * mss);
+        assert_eq!(p.client.send_slice(&data).unwrap(), data.len());
+        let mut buf = Vec::new();
+        let mut segments = Vec::new();
+        while p.client.poll_transmit(at, &mut buf) {
+            segments.push(std::mem::take(&mut buf));
+        }
+        assert_eq!(segments.len(), n, "the window let all {n} go");
+        for s in &segments {
+            deliver(&mut p.server, at, s);
+        }
+        let mut acks = 0;
+        while p.server.poll_transmit(at, &mut buf) {
+            deliver(&mut p.client, at, &buf);
+            buf.clear();
+            acks += 1;
+        }
+        acks
+    };
+    // The first 16 segments are quick-ACK mode's: one ACK per round still.
+    // (Ten milliseconds apart, so the pacer lets each flight go at once.)
+    let t = |k: u64| now + Duration::from_millis(10 * k);
+    assert_eq!(
+        flight(&mut p, 8, t(1)),
+        1,
+        "a batch of 8 is acknowledged once"
+    );
+    assert_eq!(
+        flight(&mut p, 8, t(2)),
+        1,
+        "a batch of 8 is acknowledged once"
+    );
+    assert_eq!(flight(&mut p, 1, t(3)), 0, "a lone segment waits");
+    assert_eq!(flight(&mut p, 1, t(3)), 1, "the second is acknowledged");
+    assert_eq!(flight(&mut p, 1, t(4)), 0);
+    let at = p.server.poll_at().expect("a delayed ACK is due");
+    assert_eq!(at.duration_since(t(4)), Duration::from_millis(40));
+    let mut buf = Vec::new();
+    assert!(p.server.poll_transmit(at, &mut buf), "the delayed ACK");
+}
+
+#[test]
+fn paws_drops_an_old_duplicate() {
+    use super::wire::{Segment, ACK};
+    // RFC 7323 §5: a segment in the window whose timestamp is older than
+    // the latest one is a duplicate from before the sequence numbers
+    // wrapped. The same segment with a current timestamp is taken.
+    let mut p = Pair::connect(PathSpec::new(5, 100.0, 0.0), config(1 << 20, Cubic), 19);
+    transfer(&mut p, 100_000, Duration::from_secs(10));
+    let old_ts = p.client.timestamp_at(p.now) - 5000;
+    p.run(Duration::from_millis(100), |_| false);
+    let (seq, ack) = p.server.expected();
+    let probe = |ts: u32| {
+        let options = super::wire::Options {
+            timestamp: Some((ts, 0)),
+            ..Default::default()
+        };
+        Segment {
+            src: p.client.local(),
+            dst: p.client.remote(),
+            seq,
+            ack,
+            flags: ACK,
+            window: 65535,
+            options,
+            payload: b"late",
+        }
+    };
+    let now = p.now;
+    p.server.handle(now, &probe(old_ts));
+    assert!(!p.server.can_recv(), "the old duplicate was taken");
+    let mut buf = Vec::new();
+    assert!(
+        p.server.poll_transmit(now, &mut buf),
+        "answered with an ACK"
+    );
+    let fresh = p.client.timestamp_at(now);
+    p.server.handle(now, &probe(fresh));
+    assert!(p.server.can_recv(), "the current segment was not taken");
 }
