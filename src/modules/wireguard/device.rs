@@ -1172,6 +1172,7 @@ impl Device {
                 },
             };
             SCRATCH.with(|s| self.process(&datagram, src, &mut s.borrow_mut().out));
+            self.wire.flush_delivered();
         }
     }
 
@@ -1180,6 +1181,7 @@ impl Device {
     pub fn handle_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
         if !is_handshake(datagram) || self.admit_handshake(src) {
             self.process(datagram, src, out);
+            self.wire.flush_delivered();
         }
     }
 

@@ -364,7 +364,11 @@ impl super::IpEngine for NetStack {
     }
 
     fn inject(&self, packet: &[u8]) -> bool {
-        NetStack::inject(self, packet)
+        self.shared().inject_held(packet)
+    }
+
+    fn flush(&self) {
+        self.shared().end_batch();
     }
 
     fn addresses(&self) -> Vec<IpNet> {

@@ -375,6 +375,25 @@ impl Shared {
 
     /// See [`NetStack::inject`](super::NetStack::inject).
     pub fn inject(&self, packet: &[u8]) -> bool {
+        self.enqueue(packet, true)
+    }
+
+    /// Queues a packet of a batch without waking the stack until
+    /// [`end_batch`](Self::end_batch) (or a full round's worth is queued): the
+    /// batch's segments of one connection are then taken in one round and
+    /// acknowledged once, as GRO does for the kernel.
+    pub fn inject_held(&self, packet: &[u8]) -> bool {
+        self.enqueue(packet, false)
+    }
+
+    /// The end of a batch of [`inject_held`](Self::inject_held) calls.
+    pub fn end_batch(&self) {
+        if !self.lock_inbound().queue.is_empty() {
+            self.wake.notify_one();
+        }
+    }
+
+    fn enqueue(&self, packet: &[u8], wake_now: bool) -> bool {
         // Over the MTU is malformed here (the tunnel drops it before, and
         // counts it): so the inbound queue holds at most
         // `inbound_queue × mtu` bytes, and a recycled buffer at most `mtu`.
@@ -386,7 +405,7 @@ impl Shared {
             bump(&self.counters.packets_in);
             return true;
         }
-        let was_empty = {
+        let wake = {
             let mut inbound = self.lock_inbound();
             if inbound.closed {
                 return false;
@@ -400,10 +419,15 @@ impl Shared {
             buf.clear();
             buf.extend_from_slice(packet);
             inbound.queue.push_back(buf);
-            inbound.queue.len() == 1
+            let n = inbound.queue.len();
+            if wake_now {
+                n == 1
+            } else {
+                n == INGRESS_BUDGET
+            }
         };
         bump(&self.counters.packets_in);
-        if was_empty {
+        if wake {
             self.wake.notify_one();
         }
         true
@@ -776,6 +800,8 @@ impl State {
         let now = shared.now();
         let iss = self.iss(local, dst, now);
         let mut socket = Socket::connect(shared.limits.socket_config(), local, dst, iss, now);
+        // Opened under memory pressure: a small window from the start.
+        socket.set_memory_pressure(self.buffered > shared.limits.tcp_memory);
         socket.set_timeout(shared.limits.stream_timeout(false));
         let (slot, id) = self.insert(socket, Role::Stream, (local, dst), Some((src, port)));
         self.mark(slot, id);
@@ -889,6 +915,7 @@ impl State {
         };
         let iss = self.iss(seg.dst, seg.src, now);
         let mut socket = Socket::accept(shared.limits.socket_config(), &syn, iss, now);
+        socket.set_memory_pressure(self.buffered > shared.limits.tcp_memory);
         // Bounds the handshake; replaced once accepted.
         socket.set_timeout(Some(shared.limits.tcp_timeout));
         let (slot, id) = self.insert(socket, role, (seg.dst, seg.src), None);
