@@ -12,21 +12,44 @@
 #   wireguard-go + kernel TCP, Cubic    (iperf3 -C cubic)
 #   meshgate userspace                  (client pipe -> meshgate WireGuard -> server pipe)
 #   meshgate kernel                     (the same with engine: kernel on both nodes)
-# with the CPU both meshgate processes used, per Gbit/s carried.
+# with the CPU both meshgate processes used, per Gbit/s carried, and, on
+# relayed rows, ACKs/MB: the tunnel datagrams B sent back per MB of tunnel
+# datagrams it received (read from the relay's --stats-file around each run;
+# target: meshgate userspace within 1.5x of meshgate kernel).
+#
+# Then fairness at one shared bottleneck (one wanrelay, two pairs, 100 Mbit/s,
+# 10 ms each way, a one-BDP queue of 250,000 bytes), flows started together:
+#   (a) meshgate userspace (its default BBR) vs wireguard-go + kernel Cubic:
+#       each flow's Mbps, meshgate's share (target <= 2/3), Jain's index (>= 0.8);
+#   (b) two meshgate userspace flows (iperf3 -P 2): Jain's index (>= 0.95).
+# Each target gets PASS or MISS; a MISS does not fail the script.
 #
 #   bench/wan.sh                                   # builds release binaries
 #   MESHGATE_BIN_DIR=target/release bench/wan.sh
+#   WAN_ROWS=none WAN_FAIR_DURATION=20 MESHGATE_BIN_DIR=target/release bench/wan.sh   # fairness only
 #
 # Knobs: BENCH_DURATION (seconds per iperf3 run, default 10), WAN_RATE
 # (bottleneck, default 1gbit), WAN_QUEUE (bottleneck queue, default 1m),
-# WAN_ROWS (default "10ms:0 10ms:0.5% 2ms:0.1% veth"), WAN_CC (meshgate's
-# congestion_control on both nodes, e.g. cubic; default BBR), BENCH_KEEP=1.
+# WAN_ROWS (default "10ms:0 10ms:0.5% 2ms:0.1% veth"; "none": no rows), WAN_CC
+# (meshgate's congestion_control on both nodes, e.g. cubic; default BBR),
+# WAN_FAIRNESS (0: skip the fairness section; default 1), WAN_FAIR_DURATION
+# (seconds per fairness run, default 30), BENCH_KEEP=1.
 set -euo pipefail
 
 DURATION=${BENCH_DURATION:-10}
 RATE=${WAN_RATE:-1gbit}
 QUEUE=${WAN_QUEUE:-1m}
 ROWS=${WAN_ROWS:-"10ms:0 10ms:0.5% 2ms:0.1% veth"}
+[[ $ROWS == none ]] && ROWS=""
+FAIRNESS=${WAN_FAIRNESS:-1}
+FAIR_DURATION=${WAN_FAIR_DURATION:-30}
+# The fairness section's bottleneck: RTT 20 ms x 100 Mbit/s = 250,000 bytes (one BDP).
+FAIR_RATE=100mbit; FAIR_DELAY=10ms; FAIR_QUEUE=250000
+# Targets (also in bench/README.md).
+TARGET_ACKS_RATIO=1.5   # meshgate userspace ACKs/MB <= 1.5x meshgate kernel's
+TARGET_FAIR_SHARE=0.667 # meshgate's share of the total against a kernel Cubic flow <= 2/3
+TARGET_FAIR_JAIN=0.8    # Jain's index, meshgate vs kernel Cubic >= 0.8
+TARGET_SELF_JAIN=0.95   # Jain's index, two meshgate flows >= 0.95
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
 say() { printf '[wan] %s\n' "$*" >&2; }
@@ -226,53 +249,177 @@ iperf() { # iperf CC HOST PORT -> Mbps
 }
 
 RELAY_PIDS=()
+start_relay() { # start_relay NAME RELAY-ARGS...: a wanrelay in R writing $TMP/relay-NAME.stats
+  local name=$1; shift
+  rm -f "$TMP/relay-$name.log" "$TMP/relay-$name.stats"
+  bg "$R" "$TMP/relay-$name.log" "$RELAY" --stats-file "$TMP/relay-$name.stats" "$@"; RELAY_PIDS+=("$LAST")
+  wait_ok grep -q '^ready' "$TMP/relay-$name.log" || { cat "$TMP/relay-$name.log"; die "wanrelay $name did not start"; }
+}
 start_relays() { # start_relays DELAY LOSS
   stop_relays
   local args=(--delay "$1" --loss "$2" --rate "$RATE" --queue "$QUEUE")
-  bg "$R" "$TMP/relay-wg.log" "$RELAY" --listen 10.234.1.2:40001 --to 10.234.2.1:51002 "${args[@]}"; RELAY_PIDS+=("$LAST")
-  bg "$R" "$TMP/relay-mg.log" "$RELAY" --listen 10.234.1.2:40002 --to 10.234.2.1:51830 "${args[@]}"; RELAY_PIDS+=("$LAST")
-  sleep 0.3
+  start_relay wg --listen 10.234.1.2:40001 --to 10.234.2.1:51002 "${args[@]}"
+  start_relay mg --listen 10.234.1.2:40002 --to 10.234.2.1:51830 "${args[@]}"
 }
-stop_relays() { for p in "${RELAY_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; RELAY_PIDS=(); }
+stop_relays() {
+  for p in "${RELAY_PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  RELAY_PIDS=()
+}
+
+# A relay's counters: one line of key=value pairs (bench/wanrelay --stats-file,
+# rewritten every 200 ms). The pause lets datagrams still on the path arrive
+# and the file catch up. No file (the veth row): an empty line.
+relay_snap() { # relay_snap STATS-FILE-OR-EMPTY
+  [[ -n $1 ]] || { echo; return 0; }
+  sleep 0.5
+  cat "$1"
+}
+# ACK datagrams per MB received: datagrams B sent back (back_datagrams) per
+# 1e6 bytes of datagrams that reached B (forth_passed_bytes), between two
+# snapshots; KEY-PREFIX picks one pair of a shared relay (e.g. pair1_).
+acks_per_mb() { # acks_per_mb BEFORE AFTER [KEY-PREFIX]
+  python3 - "$1" "$2" "${3:-}" <<'EOF'
+import sys
+def kv(line):
+    return dict(f.split("=", 1) for f in line.split())
+a, b, pre = kv(sys.argv[1]), kv(sys.argv[2]), sys.argv[3]
+try:
+    acks = int(b[pre + "back_datagrams"]) - int(a[pre + "back_datagrams"])
+    mb = (int(b[pre + "forth_passed_bytes"]) - int(a[pre + "forth_passed_bytes"])) / 1e6
+    print("%.0f" % (acks / mb) if mb > 0 else "-")
+except KeyError:
+    print("-")
+EOF
+}
+verdict() { # verdict VALUE OP TARGET -> PASS or MISS (OP: le or ge)
+  python3 -c "import sys; v, op, t = sys.argv[1:]; ok = v != '-' and (float(v) <= float(t) if op == 'le' else float(v) >= float(t)); print('PASS' if ok else 'MISS')" "$1" "$2" "$3"
+}
 
 results=()
 for row in $ROWS; do
   if [[ $row == veth ]]; then
     label="loss-free veth"; stop_relays
     wg_ep=10.233.0.2:51002; mg_ep=10.233.0.2:51830
+    wg_stats=""; mg_stats=""
   else
     delay=${row%%:*}; loss=${row#*:}
     label="$delay each way, $loss loss, $RATE bottleneck"
     start_relays "$delay" "$loss"
     wg_ep=10.234.1.2:40001; mg_ep=10.234.1.2:40002
+    wg_stats=$TMP/relay-wg.stats; mg_stats=$TMP/relay-mg.stats
   fi
   say "row: $label"
   nsx "$A" wg set "$WGA" peer "$(pub gb)" endpoint "$wg_ep" persistent-keepalive 5
   wait_ok nsx "$A" ping -c 1 -W 1 10.200.0.2 || die "no path through wireguard-go"
-  W_BBR=$(iperf bbr 10.200.0.2 5201)
-  W_CUBIC=$(iperf cubic 10.200.0.2 5201)
-  line="$(printf '%-44s wg-go+BBR %6s | wg-go+Cubic %6s' "$label" "$W_BBR" "$W_CUBIC")"
+  s0=$(relay_snap "$wg_stats"); W_BBR=$(iperf bbr 10.200.0.2 5201); s1=$(relay_snap "$wg_stats")
+  K_BBR=$(acks_per_mb "$s0" "$s1")
+  s0=$(relay_snap "$wg_stats"); W_CUBIC=$(iperf cubic 10.200.0.2 5201); s1=$(relay_snap "$wg_stats")
+  K_CUBIC=$(acks_per_mb "$s0" "$s1")
+  line="$(printf '%-44s wg-go+BBR %6s (%s ACKs/MB) | wg-go+Cubic %6s (%s ACKs/MB)' "$label" "$W_BBR" "$K_BBR" "$W_CUBIC" "$K_CUBIC")"
+  declare -A K_MG=()
   for engine in userspace kernel; do
     start_meshgate "$engine" "$mg_ep"
+    s0=$(relay_snap "$mg_stats")
     c0=$(cpu_ticks "$MS_PID" "$MC_PID")
     M=$(iperf "" 127.0.0.1 5201)
     c1=$(cpu_ticks "$MS_PID" "$MC_PID")
+    s1=$(relay_snap "$mg_stats")
+    K_MG[$engine]=$(acks_per_mb "$s0" "$s1")
     cpu=$(python3 -c "print('%.2f' % (($c1 - $c0) / $HZ / $DURATION))")
     per=$(python3 -c "m=$M; print('%.2f' % (($c1 - $c0) / $HZ / $DURATION / (m / 1000)) if m > 0 else '-')")
     rb=$(python3 -c "print('%.2f' % ($M / $W_BBR) if $W_BBR > 0 else '-')")
     rc=$(python3 -c "print('%.2f' % ($M / $W_CUBIC) if $W_CUBIC > 0 else '-')")
     [[ -n ${RSS_PER_1000[$engine]:-} ]] || rss_per_1000 "$engine"
-    line+="$(printf ' | meshgate %s %6s (%sx BBR, %sx Cubic; %s cores, %s cores/Gbps; %s MiB per 1,000 conns)' "$engine" "$M" "$rb" "$rc" "$cpu" "$per" "${RSS_PER_1000[$engine]}")"
+    line+="$(printf ' | meshgate %s %6s (%sx BBR, %sx Cubic; %s cores, %s cores/Gbps; %s MiB per 1,000 conns; %s ACKs/MB)' "$engine" "$M" "$rb" "$rc" "$cpu" "$per" "${RSS_PER_1000[$engine]}" "${K_MG[$engine]}")"
   done
   stop_meshgate
+  if [[ ${K_MG[userspace]} != - && ${K_MG[kernel]} != - && ${K_MG[kernel]} != 0 ]]; then
+    ka=$(python3 -c "print('%.2f' % (${K_MG[userspace]} / ${K_MG[kernel]}))")
+    line+=" | ACKs/MB userspace/kernel ${ka}x (target <= ${TARGET_ACKS_RATIO}x: $(verdict "$ka" le "$TARGET_ACKS_RATIO"))"
+  fi
   results+=("$line")
 done
 stop_relays
 
-cat <<EOF
+# ------------------------------------------------------------- fairness --
+fair=()
+jain() { python3 -c "import sys; x = [float(v) for v in sys.argv[1:]]; s = sum(v * v for v in x); print('%.2f' % (sum(x) ** 2 / (len(x) * s)) if s > 0 else '-')" "$@"; }
+fair_iperf() { # fair_iperf OUT HOST [IPERF3-ARGS...]: iperf3 -J in A, in the background (pid in LAST)
+  local out=$1 host=$2; shift 2
+  nsx "$A" timeout $((FAIR_DURATION + 30)) iperf3 -c "$host" -t "$FAIR_DURATION" -J "$@" >"$out" 2>"$out.err" &
+  LAST=$!; PIDS+=("$LAST")
+}
+mbps_of() { # mbps_of JSON-FILE [STREAM]: receiver Mbps of the whole test, or of one stream (0-based)
+  python3 - "$@" <<'EOF' 2>/dev/null || echo 0
+import json, sys
+j = json.load(open(sys.argv[1]))
+if len(sys.argv) > 2:
+    bps = j["end"]["streams"][int(sys.argv[2])]["receiver"]["bits_per_second"]
+else:
+    bps = j["end"]["sum_received"]["bits_per_second"]
+print("%.0f" % (bps / 1e6))
+EOF
+}
+relay_key() { # relay_key LINE KEY
+  tr ' ' '\n' <<<"$1" | awk -F= -v k="$2" '$1 == k { print $2 }'
+}
+drops() { # drops KEY: how much the relay counter KEY grew between snapshots $s0 and $s1
+  echo $(( $(relay_key "$s1" "$1") - $(relay_key "$s0" "$1") ))
+}
+if [[ $FAIRNESS != 0 ]]; then
+  say "fairness: $FAIR_RATE, $FAIR_DELAY each way, $FAIR_QUEUE-byte queue, ${FAIR_DURATION}s"
+  # One relay, one bottleneck per direction: pair 0 carries wireguard-go, pair 1 meshgate.
+  start_relay fair --pair 10.234.1.2:40011=10.234.2.1:51002 --pair 10.234.1.2:40012=10.234.2.1:51830 \
+    --delay "$FAIR_DELAY" --loss 0 --rate "$FAIR_RATE" --queue "$FAIR_QUEUE"
+  fs=$TMP/relay-fair.stats
+  nsx "$A" wg set "$WGA" peer "$(pub gb)" endpoint 10.234.1.2:40011 persistent-keepalive 5
+  wait_ok nsx "$A" ping -c 1 -W 1 10.200.0.2 || die "no path through wireguard-go (fairness)"
+  start_meshgate userspace 10.234.1.2:40012
+  mg_cc=${WAN_CC:-bbr}
+
+  say "fairness (a): meshgate userspace ($mg_cc) and wg-go + kernel Cubic together"
+  s0=$(relay_snap "$fs")
+  fair_iperf "$TMP/fair-mg.json" 127.0.0.1 -p 5201; p1=$LAST
+  fair_iperf "$TMP/fair-cubic.json" 10.200.0.2 -p 5201 -C cubic; p2=$LAST
+  wait "$p1" || true; wait "$p2" || true
+  s1=$(relay_snap "$fs")
+  FM=$(mbps_of "$TMP/fair-mg.json"); FC=$(mbps_of "$TMP/fair-cubic.json")
+  share=$(python3 -c "t = $FM + $FC; print('%.2f' % ($FM / t) if t > 0 else '-')")
+  ja=$(jain "$FM" "$FC")
+  fair+=("$(printf '%-44s meshgate %4s (%s ACKs/MB) | wg-go+Cubic %4s (%s ACKs/MB) | meshgate share %s (target <= 2/3: %s) | Jain %s (target >= %s: %s) | queue drops: meshgate %s, wg-go+Cubic %s' \
+    "(a) meshgate userspace ($mg_cc) vs wg-go+Cubic" "$FM" "$(acks_per_mb "$s0" "$s1" pair1_)" "$FC" "$(acks_per_mb "$s0" "$s1" pair0_)" \
+    "$share" "$(verdict "$share" le "$TARGET_FAIR_SHARE")" "$ja" "$TARGET_FAIR_JAIN" "$(verdict "$ja" ge "$TARGET_FAIR_JAIN")" \
+    "$(drops pair1_forth_queue_full)" "$(drops pair0_forth_queue_full)")")
+
+  say "fairness (b): two meshgate userspace flows together"
+  s0=$(relay_snap "$fs")
+  fair_iperf "$TMP/fair-mg2.json" 127.0.0.1 -p 5201 -P 2; p1=$LAST
+  wait "$p1" || true
+  s1=$(relay_snap "$fs")
+  F1=$(mbps_of "$TMP/fair-mg2.json" 0); F2=$(mbps_of "$TMP/fair-mg2.json" 1)
+  jb=$(jain "$F1" "$F2")
+  fair+=("$(printf '%-44s flow 1 %4s | flow 2 %4s | Jain %s (target >= %s: %s) | both: %s ACKs/MB, queue drops %s' \
+    "(b) meshgate userspace ($mg_cc) x2" "$F1" "$F2" "$jb" "$TARGET_SELF_JAIN" "$(verdict "$jb" ge "$TARGET_SELF_JAIN")" \
+    "$(acks_per_mb "$s0" "$s1" pair1_)" "$(drops pair1_forth_queue_full)")")
+  stop_meshgate
+  stop_relays
+fi
+
+if [[ ${#results[@]} -gt 0 ]]; then
+  cat <<EOF
 
 == meshgate WAN benchmark ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, iperf3 ${DURATION}s single stream, Mbps) ==
 path: wanrelay (delay each way, random loss, bottleneck $RATE with a $QUEUE queue); cores = CPU of both meshgate processes and their helpers;
-MiB per 1,000 conns = RSS both meshgate processes (and helpers) add while 1,000 tunnelled connections are held open (measured once per engine, first row)
+MiB per 1,000 conns = RSS both meshgate processes (and helpers) add while 1,000 tunnelled connections are held open (measured once per engine, first row);
+ACKs/MB = tunnel datagrams B sent back per MB of tunnel datagrams it received (relay counters; '-' without a relay)
 EOF
-printf '%s\n' "${results[@]}"
+  printf '%s\n' "${results[@]}"
+fi
+if [[ ${#fair[@]} -gt 0 ]]; then
+  cat <<EOF
+
+== fairness at a shared bottleneck ($(date -u '+%Y-%m-%d %H:%M UTC'), iperf3 ${FAIR_DURATION}s, flows started together, receiver Mbps) ==
+path: one wanrelay, $FAIR_RATE bottleneck, $FAIR_DELAY each way, $FAIR_QUEUE-byte queue (one BDP), no random loss; Jain = (x1+x2)^2 / (2 (x1^2+x2^2))
+EOF
+  printf '%s\n' "${fair[@]}"
+fi
