@@ -265,14 +265,14 @@ impl Algorithm {
 #[derive(Debug, Clone)]
 pub enum Controller {
     Cubic(Cubic),
-    Bbr(Bbr),
+    Bbr(Box<Bbr>),
 }
 
 impl Controller {
     pub fn new(algorithm: Algorithm, mss: usize, now: Instant) -> Controller {
         match algorithm {
             Algorithm::Cubic => Controller::Cubic(Cubic::new(mss)),
-            Algorithm::Bbr => Controller::Bbr(Bbr::new(mss, now)),
+            Algorithm::Bbr => Controller::Bbr(Box::new(Bbr::new(mss, now))),
         }
     }
 
@@ -354,6 +354,17 @@ impl Controller {
         }
     }
 
+    /// A retransmission proved spurious (its original arrived): the losses
+    /// that cut the window were reordering (BBR undoes its lower bounds,
+    /// as Linux's BBRv3 does on undo).
+    pub fn on_spurious(&mut self) {
+        if let Controller::Bbr(b) = self {
+            b.bw_lo = f64::INFINITY;
+            b.inflight_lo = usize::MAX;
+            b.round_lost = 0;
+        }
+    }
+
     pub fn on_idle_restart(&mut self) {
         match self {
             Controller::Cubic(c) => c.on_idle_restart(),
@@ -372,8 +383,28 @@ impl Controller {
 
 /// BBR's startup gain, 2/ln(2).
 const BBR_HIGH_GAIN: f64 = 2.885;
-/// ProbeBW's pacing gains, one phase per min RTT.
-const BBR_CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+/// ProbeBW's phases (BBRv3's, REFILL folded into the start of UP).
+const BBR_UP: usize = 0;
+const BBR_DOWN: usize = 1;
+const BBR_CRUISE: usize = 2;
+/// Their pacing gains.
+const BBR_CYCLE: [f64; 3] = [1.25, 0.9, 1.0];
+/// A round losing more than this share of what it sent had too much in
+/// flight (BBRv3's `LossThresh`).
+const BBR_LOSS_THRESH: f64 = 0.02;
+/// How far the lower bounds and `inflight_hi` come down on loss (BBRv3's β).
+const BBR_BETA: f64 = 0.7;
+/// In CRUISE, the window stays this far below `inflight_hi`, leaving room
+/// for other flows (BBRv3's `Headroom`).
+const BBR_HEADROOM: f64 = 0.15;
+/// Round trips spent cruising between probes (at most
+/// [`BBR_PROBE_WAIT`]): long enough for loss-based flows sharing the
+/// bottleneck to grow back (BBRv3 waits min(63 rounds, 2-3 s); 20 keeps
+/// the share against CUBIC at a one-BDP queue near half, and probes often
+/// enough to find bandwidth that frees up).
+const BBR_CRUISE_ROUNDS: u32 = 20;
+/// The longest cruise.
+const BBR_PROBE_WAIT: Duration = Duration::from_secs(2);
 /// Rounds the bandwidth filter covers.
 const BBR_BW_ROUNDS: u64 = 10;
 /// The min RTT is probed again after this long without a lower sample.
@@ -416,6 +447,22 @@ pub struct Bbr {
     prior_cwnd: usize,
     /// Packet conservation for the first round of a recovery.
     conserve_until_round: Option<u64>,
+    /// BBRv3's bounds from loss: the short-term lower bounds (cut by β
+    /// in each round with loss outside probing, reset when probing
+    /// starts) and the long-term upper bound on what may be in flight.
+    bw_lo: f64,
+    inflight_lo: usize,
+    inflight_hi: usize,
+    /// This round's losses, deliveries, largest in-flight and best rate.
+    round_lost: usize,
+    round_delivered: usize,
+    round_inflight: usize,
+    bw_latest: f64,
+    /// Rounds spent probing up (`inflight_hi` grows faster each).
+    up_rounds: u32,
+    /// The rounds at which the last two probes up started.
+    probe_starts: (u64, u64),
+    cruise_until: Instant,
 }
 
 impl Bbr {
@@ -440,6 +487,16 @@ impl Bbr {
             probe_rtt_round: None,
             prior_cwnd: 0,
             conserve_until_round: None,
+            bw_lo: f64::INFINITY,
+            inflight_lo: usize::MAX,
+            inflight_hi: usize::MAX,
+            round_lost: 0,
+            round_delivered: 0,
+            round_inflight: 0,
+            bw_latest: 0.0,
+            up_rounds: 0,
+            probe_starts: (0, 0),
+            cruise_until: now,
         }
     }
 
@@ -448,13 +505,19 @@ impl Bbr {
         self.bw.front().map_or(0.0, |&(_, b)| b)
     }
 
+    /// The bandwidth the model works with: the estimate, held down by
+    /// the lower bound loss set.
+    fn bw(&self) -> f64 {
+        self.bandwidth().min(self.bw_lo)
+    }
+
     fn bdp(&self, gain: f64) -> Option<usize> {
         // The caller's timers tick in milliseconds and ACKs come a batch
         // at a time, so the window covers at least that much at the
         // estimated rate (on a sub-millisecond path, the bare BDP would
         // idle the link between ticks).
         let rtt = self.min_rtt?.max(BBR_MIN_BDP_RTT);
-        let bw = self.bandwidth();
+        let bw = self.bw();
         (bw > 0.0).then_some((gain * bw * rtt.as_secs_f64()) as usize)
     }
 
@@ -463,7 +526,7 @@ impl Bbr {
     }
 
     pub fn pacing_rate(&self, rtt: &Rtt) -> Option<f64> {
-        let bw = self.bandwidth();
+        let bw = self.bw();
         if bw > 0.0 {
             return Some(self.pacing_gain * bw);
         }
@@ -485,6 +548,13 @@ impl Bbr {
             if !rs.app_limited || rs.rate >= self.bandwidth() {
                 self.add_bw(rs.rate);
             }
+            self.bw_latest = self.bw_latest.max(rs.rate);
+        }
+        self.round_lost += ev.lost;
+        self.round_delivered += ev.delivered;
+        self.round_inflight = self.round_inflight.max(ev.in_flight + ev.delivered);
+        if round_start {
+            self.end_round(now);
         }
         if round_start && self.conserve_until_round.is_some_and(|r| self.round > r) {
             self.conserve_until_round = None;
@@ -535,18 +605,34 @@ impl Bbr {
             BbrMode::ProbeBw => {
                 let phase =
                     now.saturating_duration_since(self.cycle_at) > self.min_rtt.unwrap_or_default();
-                let gain = BBR_CYCLE[self.cycle];
-                let advance = if gain > 1.0 {
-                    phase && self.bdp(gain).is_none_or(|b| ev.in_flight >= b)
-                } else if gain < 1.0 {
-                    phase || self.bdp(1.0).is_some_and(|b| ev.in_flight <= b)
-                } else {
-                    phase
-                };
-                if advance {
-                    self.cycle = (self.cycle + 1) % BBR_CYCLE.len();
-                    self.cycle_at = now;
-                    self.pacing_gain = BBR_CYCLE[self.cycle];
+                match self.cycle {
+                    BBR_UP => {
+                        if round_start && self.inflight_hi != usize::MAX {
+                            // Probe for room: 1, 2, 4... segments more each round.
+                            self.inflight_hi = self
+                                .inflight_hi
+                                .saturating_add(self.mss << self.up_rounds.min(20));
+                            self.up_rounds += 1;
+                        }
+                        if phase && self.bdp(1.25).is_none_or(|b| ev.in_flight >= b) {
+                            self.set_phase(BBR_DOWN, now);
+                        }
+                    }
+                    BBR_DOWN => {
+                        if phase || self.bdp(1.0).is_some_and(|b| ev.in_flight <= b) {
+                            self.set_phase(BBR_CRUISE, now);
+                        }
+                    }
+                    _ => {
+                        if now >= self.cruise_until {
+                            // Probing starts afresh: no short-term bounds.
+                            self.bw_lo = f64::INFINITY;
+                            self.inflight_lo = usize::MAX;
+                            self.up_rounds = 0;
+                            self.probe_starts = (self.probe_starts.1, self.round);
+                            self.set_phase(BBR_UP, now);
+                        }
+                    }
                 }
             }
             BbrMode::ProbeRtt => {
@@ -576,14 +662,61 @@ impl Bbr {
 
     fn enter_probe_bw(&mut self, now: Instant) {
         self.mode = BbrMode::ProbeBw;
+        // What Startup measured counts as the first probe.
+        let first = self.round.saturating_sub(BBR_BW_ROUNDS);
+        self.probe_starts = (first, first);
         self.cwnd_gain = 2.0;
-        // Start anywhere but the draining phase (spread by the round).
-        self.cycle = (self.round as usize) % (BBR_CYCLE.len() - 1);
-        if self.cycle >= 1 {
-            self.cycle += 1;
-        }
-        self.pacing_gain = BBR_CYCLE[self.cycle];
+        self.set_phase(BBR_DOWN, now);
+    }
+
+    fn set_phase(&mut self, phase: usize, now: Instant) {
+        self.cycle = phase;
         self.cycle_at = now;
+        self.pacing_gain = BBR_CYCLE[phase];
+        if phase == BBR_CRUISE {
+            // 20-22 round trips (spread by the round count so flows do not
+            // probe in step), at most 2 s.
+            let rtt = self.min_rtt.unwrap_or(BBR_MIN_BDP_RTT).max(BBR_MIN_BDP_RTT);
+            let rounds = BBR_CRUISE_ROUNDS + (self.round.wrapping_mul(2_654_435_761) % 3) as u32;
+            self.cruise_until = now + (rtt * rounds).min(BBR_PROBE_WAIT);
+        }
+    }
+
+    /// A round ended: BBRv3's response to its losses. Too many (over 2 %)
+    /// mean too much was in flight: `inflight_hi` comes down to what was,
+    /// and probing stops. Any loss outside probing cuts the short-term
+    /// bounds by β, no lower than what the round delivered.
+    fn end_round(&mut self, now: Instant) {
+        let (lost, delivered) = (self.round_lost, self.round_delivered);
+        // Against what was in flight (BBRv3 compares a sample's losses
+        // with its `tx_in_flight`): a short round's few deliveries would
+        // make random loss look like a lot.
+        let sent = (lost + delivered).max(self.round_inflight);
+        let too_high = lost as f64 > BBR_LOSS_THRESH * sent as f64;
+        if self.filled_pipe && self.mode == BbrMode::ProbeBw && too_high {
+            let probing = self.cycle == BBR_UP;
+            let floor = self.bdp(BBR_BETA).unwrap_or(0);
+            self.inflight_hi = self.round_inflight.max(floor).max(self.min_cwnd());
+            if probing {
+                self.set_phase(BBR_DOWN, now);
+            }
+            if !probing {
+                if self.bw_lo.is_infinite() {
+                    self.bw_lo = self.bandwidth();
+                }
+                if self.inflight_lo == usize::MAX {
+                    self.inflight_lo = self.cwnd;
+                }
+                self.bw_lo = self.bw_latest.max(BBR_BETA * self.bw_lo);
+                self.inflight_lo = delivered
+                    .max((BBR_BETA * self.inflight_lo as f64) as usize)
+                    .max(self.min_cwnd());
+            }
+        }
+        self.round_lost = 0;
+        self.round_delivered = 0;
+        self.round_inflight = 0;
+        self.bw_latest = 0.0;
     }
 
     fn add_bw(&mut self, rate: f64) {
@@ -592,11 +725,16 @@ impl Bbr {
             self.bw.pop_back();
         }
         self.bw.push_back((round, rate));
-        while self
-            .bw
-            .front()
-            .is_some_and(|&(r, _)| r + BBR_BW_ROUNDS < round)
-        {
+        // In ProbeBW the filter spans the last two probing cycles (as
+        // BBRv3's), so the rate measured while probing is remembered
+        // through the seconds of cruising between probes; before, 10
+        // rounds.
+        let oldest = if self.mode == BbrMode::ProbeBw {
+            self.probe_starts.0
+        } else {
+            round.saturating_sub(BBR_BW_ROUNDS)
+        };
+        while self.bw.front().is_some_and(|&(r, _)| r < oldest) {
             self.bw.pop_front();
         }
     }
@@ -617,6 +755,14 @@ impl Bbr {
             self.cwnd = (self.cwnd + ev.delivered).min(target);
         } else if self.cwnd < target || ev.delivered_total < initial_window(self.mss) as u64 {
             self.cwnd += ev.delivered;
+        }
+        if self.mode == BbrMode::ProbeBw {
+            let hi = if self.cycle == BBR_CRUISE {
+                (self.inflight_hi as f64 * (1.0 - BBR_HEADROOM)) as usize
+            } else {
+                self.inflight_hi
+            };
+            self.cwnd = self.cwnd.min(hi).min(self.inflight_lo);
         }
         self.cwnd = self.cwnd.max(self.min_cwnd());
         if self.mode == BbrMode::ProbeRtt {

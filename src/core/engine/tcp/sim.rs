@@ -340,3 +340,142 @@ pub fn transfer(p: &mut Pair, total: usize, limit: Duration) -> f64 {
     );
     total as f64 * 8.0 / p.now.duration_since(t0).as_secs_f64() / 1e6
 }
+
+/// Several connections whose data crosses one bottleneck (and whose ACKs
+/// share the way back): for fairness between flows and controllers.
+pub struct Bottleneck {
+    pub now: Instant,
+    /// (client, server) of each flow.
+    pub flows: Vec<(Socket, Socket)>,
+    pub up: Link,
+    pub down: Link,
+    pub rng: Rng,
+}
+
+impl Bottleneck {
+    /// One flow per config, all established.
+    pub fn new(spec: PathSpec, cfgs: &[Config], seed: u64) -> Bottleneck {
+        let start = Instant::now();
+        let mut rng = Rng::new(seed);
+        let mut flows = Vec::new();
+        for (i, cfg) in cfgs.iter().enumerate() {
+            let a: SocketAddr = format!("10.0.0.1:{}", 40000 + i).parse().unwrap();
+            let b: SocketAddr = format!("10.0.0.2:{}", 8000 + i).parse().unwrap();
+            let mut client = Socket::connect(*cfg, a, b, Seq(rng.next() as u32), start);
+            let mut syn = Vec::new();
+            assert!(client.poll_transmit(start, &mut syn));
+            let (s, d, tcp) = split(&syn);
+            let seg = wire::parse(s, d, tcp).unwrap();
+            let server = Socket::accept(*cfg, &seg, Seq(rng.next() as u32), start);
+            flows.push((client, server));
+        }
+        Bottleneck {
+            now: start,
+            flows,
+            up: Link::new(spec, start),
+            down: Link::new(spec, start),
+            rng,
+        }
+    }
+
+    fn flow_of(&self, packet: &[u8], to_server: bool) -> usize {
+        let (s, d, tcp) = split(packet);
+        let seg = wire::parse(s, d, tcp).expect("the simulated path does not corrupt");
+        self.flows
+            .iter()
+            .position(|(c, v)| {
+                if to_server {
+                    v.local() == seg.dst
+                } else {
+                    c.local() == seg.dst
+                }
+            })
+            .expect("a packet of a known flow")
+    }
+
+    /// As [`Pair::run`], for every flow.
+    pub fn run(&mut self, limit: Duration, mut app: impl FnMut(&mut Bottleneck) -> bool) -> bool {
+        let end = self.now + limit;
+        let mut buf = Vec::with_capacity(2048);
+        while self.now < end {
+            if app(self) {
+                return true;
+            }
+            for i in 0..self.flows.len() {
+                loop {
+                    buf.clear();
+                    if !self.flows[i].0.poll_transmit(self.now, &mut buf) {
+                        break;
+                    }
+                    self.up.send(self.now, buf.clone(), &mut self.rng);
+                }
+                loop {
+                    buf.clear();
+                    if !self.flows[i].1.poll_transmit(self.now, &mut buf) {
+                        break;
+                    }
+                    self.down.send(self.now, buf.clone(), &mut self.rng);
+                }
+            }
+            while let Some(p) = self.up.take_due(self.now) {
+                let i = self.flow_of(&p, true);
+                deliver(&mut self.flows[i].1, self.now, &p);
+            }
+            while let Some(p) = self.down.take_due(self.now) {
+                let i = self.flow_of(&p, false);
+                deliver(&mut self.flows[i].0, self.now, &p);
+            }
+            let next = self
+                .flows
+                .iter()
+                .flat_map(|(c, s)| [c.poll_at(), s.poll_at()])
+                .chain([self.up.next_at(), self.down.next_at()])
+                .flatten()
+                .min();
+            let step = Duration::from_micros(50);
+            self.now = match next {
+                Some(t) if t > self.now => t.min(self.now + Duration::from_millis(10)),
+                _ => self.now + step,
+            };
+        }
+        false
+    }
+
+    /// Every flow sends as fast as it can for `time`; returns each one's
+    /// goodput (Mbit/s) over the part after `warmup`.
+    pub fn compete(&mut self, time: Duration, warmup: Duration) -> Vec<f64> {
+        let n = self.flows.len();
+        let junk = vec![0u8; 64 * 1024];
+        let mut sink = vec![0u8; 64 * 1024];
+        let t0 = self.now;
+        let mut counted = vec![0usize; n];
+        self.run(time, |b| {
+            let late = b.now.duration_since(t0) >= warmup;
+            for (i, (c, s)) in b.flows.iter_mut().enumerate() {
+                while c.send_slice(&junk).unwrap_or(0) > 0 {}
+                loop {
+                    let got = s.recv_slice(&mut sink).unwrap_or(0);
+                    if got == 0 {
+                        break;
+                    }
+                    if late {
+                        counted[i] += got;
+                    }
+                }
+            }
+            false
+        });
+        let secs = (time - warmup).as_secs_f64();
+        counted
+            .iter()
+            .map(|&b| b as f64 * 8.0 / secs / 1e6)
+            .collect()
+    }
+}
+
+/// Jain's fairness index of the rates: 1 when equal, 1/n at worst.
+pub fn jain(rates: &[f64]) -> f64 {
+    let sum: f64 = rates.iter().sum();
+    let sq: f64 = rates.iter().map(|r| r * r).sum();
+    sum * sum / (rates.len() as f64 * sq)
+}

@@ -789,6 +789,7 @@ impl Socket {
         // Loss detection (RACK), then the window.
         if acked.spurious > 0 {
             self.on_spurious(now);
+            self.cc.on_spurious();
         }
         let lost = if self.sack_ok {
             let reo_wnd = if self.recovery.is_some() || self.snd.has_sacked() {
