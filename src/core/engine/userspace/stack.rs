@@ -139,6 +139,10 @@ pub(super) fn bump(c: &AtomicU64) {
 /// Packets waiting for the task, and the spare buffers `inject` copies into.
 struct Inbound {
     queue: VecDeque<Vec<u8>>,
+    /// Packets of a batch not yet handed over (see `Shared::inject_held`):
+    /// the task does not see them, so a batch is never split between two
+    /// rounds by a task that is already running.
+    held: VecDeque<Vec<u8>>,
     free: Vec<Vec<u8>>,
     closed: bool,
 }
@@ -341,6 +345,7 @@ impl Shared {
             inbound: Mutex::new(Inbound {
                 // Grows with use: an idle stack holds no queue.
                 queue: VecDeque::new(),
+                held: VecDeque::new(),
                 free: Vec::new(),
                 closed: false,
             }),
@@ -386,9 +391,17 @@ impl Shared {
         self.enqueue(packet, false)
     }
 
-    /// The end of a batch of [`inject_held`](Self::inject_held) calls.
+    /// The end of a batch of [`inject_held`](Self::inject_held) calls:
+    /// hands it over and wakes the task.
     pub fn end_batch(&self) {
-        if !self.lock_inbound().queue.is_empty() {
+        let moved = {
+            let mut inbound = self.lock_inbound();
+            let Inbound { queue, held, .. } = &mut *inbound;
+            let moved = !held.is_empty();
+            queue.append(held);
+            moved
+        };
+        if moved {
             self.wake.notify_one();
         }
     }
@@ -410,7 +423,7 @@ impl Shared {
             if inbound.closed {
                 return false;
             }
-            if inbound.queue.len() >= self.limits.inbound_queue {
+            if inbound.queue.len() + inbound.held.len() >= self.limits.inbound_queue {
                 drop(inbound);
                 bump(&self.counters.dropped_queue_full);
                 return false;
@@ -418,12 +431,18 @@ impl Shared {
             let mut buf = inbound.free.pop().unwrap_or_default();
             buf.clear();
             buf.extend_from_slice(packet);
-            inbound.queue.push_back(buf);
-            let n = inbound.queue.len();
             if wake_now {
-                n == 1
+                inbound.queue.push_back(buf);
+                inbound.queue.len() == 1
             } else {
-                n == INGRESS_BUDGET
+                // A round's worth held: hand it over (a round takes no more).
+                inbound.held.push_back(buf);
+                let full = inbound.held.len() >= INGRESS_BUDGET;
+                if full {
+                    let Inbound { queue, held, .. } = &mut *inbound;
+                    queue.append(held);
+                }
+                full
             }
         };
         bump(&self.counters.packets_in);
@@ -526,6 +545,7 @@ impl Shared {
             let mut inbound = self.lock_inbound();
             inbound.closed = true;
             inbound.queue.clear();
+            inbound.held.clear();
         }
         dev.rx.clear();
         let mut st = self.lock();
