@@ -348,9 +348,19 @@ impl FlowTable {
         self.tenant_max_flows.store(max, Ordering::Relaxed);
     }
 
+    /// The most flows `tenant` may hold: its policy's `limits:
+    /// max_flows`, else the node's `tenant_max_flows` (0: no limit).
+    fn budget_of(&self, tenant: &str) -> u64 {
+        let own = {
+            let p = self.policies.read().expect("flow table poisoned");
+            p.get(tenant).and_then(|p| p.max_flows())
+        };
+        own.unwrap_or_else(|| self.tenant_max_flows.load(Ordering::Relaxed))
+    }
+
     /// Takes one of `tenant`'s flow budget; `false` when it is spent.
     fn take_budget(&self, tenant: &str) -> bool {
-        let max = self.tenant_max_flows.load(Ordering::Relaxed);
+        let max = self.budget_of(tenant);
         let mut per = self.per_tenant.lock().expect("flow table poisoned");
         let n = per.entry(tenant.to_string()).or_default();
         if max > 0 && *n as u64 >= max {
@@ -495,7 +505,7 @@ impl FlowTable {
         if !budgeted {
             decision.verdict = Verdict::Deny(format!(
                 "the tenant's flow budget ({}) is spent",
-                self.tenant_max_flows.load(Ordering::Relaxed)
+                self.budget_of(&ctx.tenant)
             ));
             decision.rule = None;
             metrics.policy_decision(&ctx.tenant, &ctx.instance, "tenant_max_flows", "deny");

@@ -365,6 +365,9 @@ pub struct PolicyDoc {
     pub default_deny: bool,
     /// Its rules, in order.
     pub rules: Vec<Rule>,
+    /// `limits: max_flows`: the most flows the tenant may hold at once
+    /// (overrides the node's `tenant_max_flows`).
+    pub max_flows: Option<u64>,
 }
 
 /// A tenant's policy documents and the set compiled from all of them.
@@ -372,6 +375,8 @@ pub struct PolicyDoc {
 pub struct Policies {
     docs: RwLock<BTreeMap<String, PolicyDoc>>,
     compiled: RwLock<Arc<PolicySet>>,
+    /// The smallest `limits: max_flows` of the documents (0: none set).
+    max_flows: std::sync::atomic::AtomicU64,
 }
 
 impl Policies {
@@ -380,6 +385,18 @@ impl Policies {
         let default_deny = docs.values().any(|d| d.default_deny);
         *self.compiled.write().expect("policy poisoned") =
             Arc::new(PolicySet::new(rules, default_deny));
+        let max = docs.values().filter_map(|d| d.max_flows).min().unwrap_or(0);
+        self.max_flows
+            .store(max, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The tenant's own flow budget, if a document sets one (the smallest
+    /// when several do).
+    pub fn max_flows(&self) -> Option<u64> {
+        match self.max_flows.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
     }
 
     /// Sets document `instance`'s rules.

@@ -27,6 +27,10 @@ use crate::core::spine::policy::{Action, DestMatch, PolicyDoc, ProtoMatch, Rule}
 ///     ports: [5432, "8000-8100"]
 ///     protocols: [tcp]       # tcp | udp | icmp | ip (any)
 ///     dry_run: true          # logged and counted, not enforced
+/// limits:
+///   max_flows: 1000          # flows the tenant may hold at once (default:
+///                            # the node's `tenant_max_flows`, 65536); past
+///                            # it new flows are denied and counted
 /// ```
 ///
 /// Every list is optional; an empty or absent list matches anything. A
@@ -39,6 +43,16 @@ struct RawConfig {
     default: Option<RawAction>,
     #[serde(default)]
     rules: Vec<RawRule>,
+    #[serde(default)]
+    limits: Option<RawLimits>,
+}
+
+/// `limits:` the tenant's budgets.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    max_flows: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -257,9 +271,18 @@ pub fn from_document(doc: &Document) -> Result<PolicyDoc, ConfigError> {
             protocols,
         });
     }
+    let max_flows = raw.limits.and_then(|l| l.max_flows);
+    if max_flows == Some(0) {
+        return Err(ConfigError::key(
+            src,
+            "limits.max_flows",
+            "0: expected at least 1 (leave it out for the node's `tenant_max_flows`)",
+        ));
+    }
     Ok(PolicyDoc {
         default_deny: raw.default == Some(RawAction::Deny),
         rules,
+        max_flows,
     })
 }
 
@@ -293,6 +316,9 @@ mod tests {
             ]
         );
         assert!(r.dry_run);
+        assert_eq!(p.max_flows, None);
+        let limited = from_document(&doc("kind: policy\nlimits:\n  max_flows: 100\n")).unwrap();
+        assert_eq!(limited.max_flows, Some(100));
     }
 
     #[test]
@@ -334,6 +360,8 @@ mod tests {
                 "rules:\n  - name: a\n    action: deny\n    too: [x]\n",
                 "rules[0].too",
             ),
+            ("limits:\n  max_flows: 0\n", "limits.max_flows"),
+            ("limits:\n  max_conns: 5\n", "limits.max_conns"),
         ] {
             let e = from_document(&doc(&format!("kind: policy\n{yaml}")))
                 .unwrap_err()
