@@ -219,3 +219,154 @@ fn a_tenants_flow_budget_leaves_the_others_theirs() {
     );
     drop(beta_held);
 }
+
+/// A tenant's own budget (`limits: max_flows` in its policy) overrides the
+/// node's: acme may hold 2, beta the node's 4; lifting acme's limit by
+/// editing the document takes effect without a restart.
+#[test]
+fn a_tenants_own_limit_overrides_the_node_default() {
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "meshgate.yaml",
+        &format!(
+            "node: test\nadmin: 127.0.0.1:{}\ntenant_max_flows: 4\n",
+            cfg.admin_port
+        ),
+    );
+    let echo = echo_server();
+    let (acme, beta) = (free_port(), free_port());
+    cfg.pipe("acme", "web", acme, echo);
+    cfg.pipe("beta", "web", beta, echo);
+    cfg.write(
+        "tenants/acme/policy.yaml",
+        "kind: policy\nlimits:\n  max_flows: 2\n",
+    );
+    let mg = Meshgate::start(&cfg);
+    let open = |port: u16| -> Option<TcpStream> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        (echo_roundtrip(&mut s, b"x").ok()? == b"x").then_some(s)
+    };
+    let mut acme_held: Vec<TcpStream> = (0..2)
+        .map(|_| open(acme).expect("within acme's 2"))
+        .collect();
+    assert!(
+        open(acme).is_none(),
+        "a third flow past acme's max_flows: 2"
+    );
+    let beta_held: Vec<TcpStream> = (0..4)
+        .map(|_| open(beta).expect("beta has the node's 4"))
+        .collect();
+    assert!(
+        open(beta).is_none(),
+        "a fifth flow past tenant_max_flows: 4"
+    );
+    // Lift acme's limit: its third flow now opens.
+    cfg.write(
+        "tenants/acme/policy.yaml",
+        "kind: policy\nlimits:\n  max_flows: 3\n",
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || match open(acme) {
+            Some(s) => {
+                acme_held.push(s);
+                true
+            }
+            None => false,
+        }),
+        "the new limit did not apply\n{}",
+        mg.log_text()
+    );
+    drop((acme_held, beta_held));
+}
+
+/// Every door caps the clients still in their handshake, per source
+/// (`per_source_max_startups`) as the SSH door does: past 3 silent
+/// clients acme's SOCKS and HTTP doors close a new connection at once
+/// (counted), beta's pipe works throughout, and once the silent clients
+/// go the same probes get answers.
+#[test]
+fn silent_clients_past_the_startup_cap_are_refused_at_once() {
+    use std::io::{Read, Write};
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "meshgate.yaml",
+        &format!("node: test\nadmin: 127.0.0.1:{}\n", cfg.admin_port),
+    );
+    let (socks, web) = (free_port(), free_port());
+    cfg.write(
+        "tenants/acme/socks.yaml",
+        &format!("kind: socks\nlisten: 127.0.0.1:{socks}\nhandshake_timeout: 1h\nper_source_max_startups: 3\n"),
+    );
+    cfg.write(
+        "tenants/acme/web.yaml",
+        &format!("kind: http_proxy\nlisten: 127.0.0.1:{web}\nhandshake_timeout: 1h\nper_source_max_startups: 3\n"),
+    );
+    let echo = echo_server();
+    let beta = free_port();
+    cfg.pipe("beta", "web", beta, echo);
+    let mg = Meshgate::start(&cfg);
+    let beta_works = || {
+        TcpStream::connect(("127.0.0.1", beta))
+            .ok()
+            .and_then(|mut s| echo_roundtrip(&mut s, b"beta").ok())
+            .is_some_and(|r| r == b"beta")
+    };
+    // A SOCKS5 greeting answered, and an HTTP request answered.
+    let socks_answers = || -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", socks)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut b = [0u8; 2];
+        s.write_all(&[5, 1, 0]).is_ok() && s.read_exact(&mut b).is_ok() && b == [5, 0]
+    };
+    let http_answers = || -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", web)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut b = [0u8; 12];
+        s.write_all(b"GET http://192.0.2.1/ HTTP/1.1\r\nHost: 192.0.2.1\r\n\r\n")
+            .is_ok()
+            && s.read_exact(&mut b).is_ok()
+            && b.starts_with(b"HTTP/1.1 ")
+    };
+    assert!(socks_answers() && http_answers() && beta_works());
+    // Three silent clients on each door, then the probes: refused.
+    let mut silent = Vec::new();
+    for port in [socks, web] {
+        for _ in 0..3 {
+            silent.push(TcpStream::connect(("127.0.0.1", port)).unwrap());
+        }
+    }
+    assert!(wait_until(Duration::from_secs(3), || {
+        mg.json("/api/v1/modules?tenant=acme").as_array().map(|a| {
+            a.iter()
+                .filter_map(|m| m["details"]["active"].as_u64())
+                .sum::<u64>()
+        }) == Some(6)
+    }));
+    let started = Instant::now();
+    assert!(!socks_answers(), "a fourth SOCKS client in its handshake");
+    assert!(!http_answers(), "a fourth HTTP client without a request");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once, not at a deadline"
+    );
+    for door in ["socks", "web"] {
+        assert!(
+            mg.metric(&format!(
+                "meshgate_rejected_total{{tenant=\"acme\",instance=\"{door}\",reason=\"per_source_max_startups\"}}"
+            )) >= 1.0,
+            "{door}: refusal not counted"
+        );
+    }
+    assert!(beta_works(), "another tenant's pipe");
+    drop(silent);
+    assert!(
+        wait_until(Duration::from_secs(3), || socks_answers() && http_answers()),
+        "the doors did not take clients again\n{}",
+        mg.log_text()
+    );
+}

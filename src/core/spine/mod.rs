@@ -22,6 +22,7 @@ pub mod onramp;
 pub mod policy;
 pub mod registry;
 pub mod router;
+pub mod startups;
 pub mod tenant;
 pub mod vnet;
 pub mod vnetstack;

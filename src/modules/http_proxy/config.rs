@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::core::config::{positive, ConfigError};
 use crate::core::spine::door::DoorSettings;
+use crate::core::spine::startups::StartupLimits;
 use crate::core::users::{RawUser, Users};
 
 /// `kind: http_proxy`
@@ -22,6 +23,9 @@ use crate::core::users::{RawUser, Users};
 /// vnet: frankfurt               # optional: where users without one are routed
 /// connect_timeout: 5s
 /// handshake_timeout: 10s        # a request's header must arrive within this
+/// max_startups: 10:30:100        # connections whose first request head has not arrived: from
+///                                # 10, refuse 30 % of new ones, rising to all at 100; or `N`
+/// per_source_max_startups: 10    # the same from one address
 /// idle_timeout: 1h              # or `none`
 /// max_connections: 1024
 /// accept_proxy_protocol: [10.0.0.0/8]   # load balancers that send a PROXY header (v1/v2)
@@ -34,12 +38,22 @@ struct RawConfig {
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     handshake_timeout: Duration,
     #[serde(default)]
+    max_startups: Option<serde_json::Value>,
+    #[serde(default = "crate::core::spine::startups::default_per_source")]
+    per_source_max_startups: usize,
+    #[serde(default)]
     accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
 
 /// The keys `kind: http_proxy` has beside [`DoorSettings`]: the fields of
 /// `RawConfig`.
-const OWN_KEYS: [&str; 3] = ["users", "handshake_timeout", "accept_proxy_protocol"];
+const OWN_KEYS: [&str; 5] = [
+    "users",
+    "handshake_timeout",
+    "max_startups",
+    "per_source_max_startups",
+    "accept_proxy_protocol",
+];
 
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
@@ -54,6 +68,9 @@ pub struct HttpProxyConfig {
     pub users: Users,
     /// Time allowed for a request's header.
     pub handshake_timeout: Duration,
+    /// Connections whose first request head has not arrived, door-wide
+    /// and per address.
+    pub startups: StartupLimits,
     /// Load balancers whose connections start with a PROXY header.
     pub accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
@@ -72,6 +89,11 @@ impl HttpProxyConfig {
             door,
             users,
             handshake_timeout: raw.handshake_timeout,
+            startups: StartupLimits::from_raw(
+                src,
+                raw.max_startups.as_ref(),
+                raw.per_source_max_startups,
+            )?,
             accept_proxy_protocol: raw.accept_proxy_protocol,
         })
     }

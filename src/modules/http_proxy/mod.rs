@@ -76,6 +76,7 @@ impl ModuleFactory for HttpProxyFactory {
     fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
         Ok(Arc::new(DoorModule::new(ctx, doc, |live| HttpDoor {
             live,
+            startups: Default::default(),
         })?))
     }
 }
@@ -83,6 +84,9 @@ impl ModuleFactory for HttpProxyFactory {
 /// The proxy's connections, reading the live config.
 struct HttpDoor {
     live: Arc<Live<HttpProxyConfig>>,
+    /// Connections whose first request head has not arrived
+    /// (`max_startups`).
+    startups: Arc<crate::core::spine::startups::Startups>,
 }
 
 fn text(status: StatusCode, reason: Option<&str>, body: String) -> Response<Body> {
@@ -381,10 +385,26 @@ impl StreamHandler for HttpDoor {
     async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
         let src = conn.src;
         let cfg = self.live.get();
+        // Counted among the connections whose first request head has not
+        // arrived, until it does: past the caps a new one is refused.
+        let startup = match self.startups.try_start(src.ip(), &cfg.startups) {
+            Ok(s) => s,
+            Err(reason) => {
+                let ctx = onramp.ctx();
+                ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
+                if let Some(suppressed) = crate::core::logs::allow("http_proxy.startups") {
+                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, reason, suppressed, "HTTP proxy client refused: too many connections without a request yet");
+                }
+                return;
+            }
+        };
+        let startup = std::sync::Mutex::new(Some(startup));
         let stop = onramp.stopping().clone();
         let onramp = onramp.clone();
         let timeout = cfg.handshake_timeout;
         let svc = hyper::service::service_fn(move |req| {
+            // A request head arrived: past the handshake.
+            startup.lock().unwrap_or_else(|e| e.into_inner()).take();
             Exchange {
                 onramp: onramp.clone(),
                 cfg: cfg.clone(),

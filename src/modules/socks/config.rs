@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::core::config::{positive, ConfigError};
 use crate::core::spine::door::DoorSettings;
+use crate::core::spine::startups::StartupLimits;
 use crate::core::users::{RawUser, Users};
 
 /// `kind: socks`
@@ -26,6 +27,9 @@ use crate::core::users::{RawUser, Users};
 /// socks4: true                  # SOCKS4/4a CONNECT, only with `auth: none` (default true)
 /// connect_timeout: 5s
 /// handshake_timeout: 10s        # the greeting, authentication and request must arrive within this
+/// max_startups: 10:30:100        # clients not yet past the handshake: from 10, refuse 30 % of new
+///                                # ones, rising to all at 100 (sshd's MaxStartups); or `N`
+/// per_source_max_startups: 10    # not yet past the handshake from one address
 /// idle_timeout: 1h              # or `none`
 /// max_connections: 1024
 /// accept_proxy_protocol: [10.0.0.0/8]   # load balancers that send a PROXY header (v1/v2)
@@ -44,16 +48,22 @@ struct RawConfig {
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     handshake_timeout: Duration,
     #[serde(default)]
+    max_startups: Option<serde_json::Value>,
+    #[serde(default = "crate::core::spine::startups::default_per_source")]
+    per_source_max_startups: usize,
+    #[serde(default)]
     accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
 
 /// The keys `kind: socks` has beside [`DoorSettings`]: the fields of `RawConfig`.
-const OWN_KEYS: [&str; 6] = [
+const OWN_KEYS: [&str; 8] = [
     "auth",
     "users",
     "udp",
     "socks4",
     "handshake_timeout",
+    "max_startups",
+    "per_source_max_startups",
     "accept_proxy_protocol",
 ];
 
@@ -89,6 +99,8 @@ pub struct SocksConfig {
     pub socks4: bool,
     /// Time allowed for greeting, authentication and request.
     pub handshake_timeout: Duration,
+    /// Clients not yet past the handshake, door-wide and per address.
+    pub startups: StartupLimits,
     /// Load balancers whose connections start with a PROXY header.
     pub accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
@@ -139,6 +151,11 @@ impl SocksConfig {
             udp: raw.udp,
             socks4: raw.socks4 && auth == Auth::None,
             handshake_timeout: raw.handshake_timeout,
+            startups: StartupLimits::from_raw(
+                src,
+                raw.max_startups.as_ref(),
+                raw.per_source_max_startups,
+            )?,
             accept_proxy_protocol: raw.accept_proxy_protocol,
         })
     }

@@ -48,6 +48,7 @@ use crate::core::spine::module::{Module, ModuleContext, ModuleFactory, ModulePla
 use crate::core::spine::onramp::{
     Accepted, Answer, ConnectRequest, OnRamp, RouteVia, StreamHandler, Target,
 };
+use crate::core::spine::startups::Startups;
 
 use config::Auth;
 pub use config::SocksConfig;
@@ -72,6 +73,7 @@ impl ModuleFactory for SocksFactory {
     fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
         Ok(Arc::new(DoorModule::new(ctx, doc, |live| SocksDoor {
             live,
+            startups: Default::default(),
         })?))
     }
 }
@@ -79,6 +81,8 @@ impl ModuleFactory for SocksFactory {
 /// The SOCKS door's connections, reading the live config.
 struct SocksDoor {
     live: Arc<Live<SocksConfig>>,
+    /// Clients still in their handshake (`max_startups`).
+    startups: Arc<Startups>,
 }
 
 /// What the handshake asked for.
@@ -323,6 +327,18 @@ impl StreamHandler for SocksDoor {
         let cfg = self.live.get();
         let ctx = onramp.ctx();
         let mut buf = Vec::new();
+        // Counted among the clients not yet past their handshake until it
+        // is done: past the caps a new one is refused at once.
+        let startup = match self.startups.try_start(src.ip(), &cfg.startups) {
+            Ok(s) => s,
+            Err(reason) => {
+                ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
+                if let Some(suppressed) = logs::allow("socks.startups") {
+                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, reason, suppressed, "SOCKS client refused: too many clients still in their handshake");
+                }
+                return;
+            }
+        };
         // A stopping door waits on no client still in its handshake.
         let handshake = tokio::select! {
             r = tokio::time::timeout(cfg.handshake_timeout, handshake(&cfg, &mut client, &mut buf)) => r,
@@ -349,6 +365,7 @@ impl StreamHandler for SocksDoor {
                 return;
             }
         };
+        drop(startup);
         match ask {
             Ask::Connect {
                 dst,

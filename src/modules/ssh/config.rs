@@ -8,6 +8,7 @@ use serde::Deserialize;
 use super::keys::{parse_authorized_keys, AuthorizedKey};
 use crate::core::config::ConfigError;
 use crate::core::spine::door::DoorSettings;
+use crate::core::spine::startups::StartupLimits;
 
 /// `kind: ssh`
 ///
@@ -52,7 +53,7 @@ struct RawConfig {
     handshake_timeout: std::time::Duration,
     #[serde(default)]
     max_startups: Option<serde_json::Value>,
-    #[serde(default = "default_per_source")]
+    #[serde(default = "crate::core::spine::startups::default_per_source")]
     per_source_max_startups: usize,
     #[serde(default = "default_max_channels")]
     max_channels: usize,
@@ -70,84 +71,6 @@ fn default_max_remote_forwards() -> usize {
 
 fn default_handshake_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(30)
-}
-
-fn default_per_source() -> usize {
-    10
-}
-
-/// sshd's `MaxStartups start:rate:full`: with `start` sessions not yet
-/// logged in, a new one is refused with probability `rate` %, rising
-/// linearly to 100 % at `full`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MaxStartups {
-    /// Where early refusal starts.
-    pub start: usize,
-    /// Its probability there, in percent.
-    pub rate: u32,
-    /// Where every new session is refused.
-    pub full: usize,
-}
-
-impl Default for MaxStartups {
-    fn default() -> Self {
-        MaxStartups {
-            start: 10,
-            rate: 30,
-            full: 100,
-        }
-    }
-}
-
-impl MaxStartups {
-    /// `10:30:100`, or `N` (refuse at N, no early refusal).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        const EXPECTED: &str = "expected START:RATE:FULL (e.g. 10:30:100, as sshd) or a number";
-        let parts: Vec<&str> = s.trim().split(':').collect();
-        let num = |p: &str| {
-            p.trim()
-                .parse::<usize>()
-                .map_err(|_| format!("`{s}`: {EXPECTED}"))
-        };
-        let m = match parts.as_slice() {
-            [n] => {
-                let n = num(n)?;
-                MaxStartups {
-                    start: n,
-                    rate: 100,
-                    full: n,
-                }
-            }
-            [a, r, f] => MaxStartups {
-                start: num(a)?,
-                rate: num(r)? as u32,
-                full: num(f)?,
-            },
-            _ => return Err(format!("`{s}`: {EXPECTED}")),
-        };
-        if m.start == 0 || m.full < m.start || m.rate > 100 {
-            return Err(format!(
-                "`{s}`: START must be at least 1, FULL at least START and RATE at most 100"
-            ));
-        }
-        Ok(m)
-    }
-
-    /// Whether a new session is refused with `pending` not logged in;
-    /// `roll` is uniform in 0..100.
-    pub fn refuses(&self, pending: usize, roll: u32) -> bool {
-        if pending >= self.full {
-            return true;
-        }
-        if pending < self.start {
-            return false;
-        }
-        // From `rate` % at `start` to 100 % at `full`.
-        let span = (self.full - self.start).max(1) as u64;
-        let p = u64::from(self.rate)
-            + (100 - u64::from(self.rate)) * (pending - self.start) as u64 / span;
-        u64::from(roll) < p
-    }
 }
 
 /// The keys `kind: ssh` has beside [`DoorSettings`]: the fields of
@@ -220,10 +143,8 @@ pub struct SshConfig {
     pub streamlocal_dir: Option<PathBuf>,
     /// A client must log in within this.
     pub handshake_timeout: std::time::Duration,
-    /// Sessions not yet logged in, door-wide.
-    pub max_startups: MaxStartups,
-    /// Sessions not yet logged in from one address.
-    pub per_source_max_startups: usize,
+    /// Sessions not yet logged in, door-wide and from one address.
+    pub startups: StartupLimits,
     /// Channels open at once in one session.
     pub max_channels: usize,
     /// `ssh -R` listeners of one session.
@@ -287,21 +208,8 @@ impl SshConfig {
             ));
         }
         crate::core::config::positive(src, "handshake_timeout", raw.handshake_timeout)?;
-        let max_startups = match &raw.max_startups {
-            None => MaxStartups::default(),
-            Some(serde_json::Value::String(s)) => {
-                MaxStartups::parse(s).map_err(|m| ConfigError::key(src, "max_startups", m))?
-            }
-            Some(serde_json::Value::Number(n)) => MaxStartups::parse(&n.to_string())
-                .map_err(|m| ConfigError::key(src, "max_startups", m))?,
-            Some(other) => {
-                return Err(ConfigError::key(
-                    src,
-                    "max_startups",
-                    format!("`{other}`: expected START:RATE:FULL (e.g. 10:30:100) or a number"),
-                ))
-            }
-        };
+        let startups =
+            StartupLimits::from_raw(src, raw.max_startups.as_ref(), raw.per_source_max_startups)?;
         for (key, v) in [
             ("max_channels", raw.max_channels),
             ("max_remote_forwards", raw.max_remote_forwards),
@@ -309,13 +217,6 @@ impl SshConfig {
             if v == 0 {
                 return Err(ConfigError::key(src, key, "expected at least 1"));
             }
-        }
-        if raw.per_source_max_startups == 0 {
-            return Err(ConfigError::key(
-                src,
-                "per_source_max_startups",
-                "expected at least 1",
-            ));
         }
         if let Some(m) = &raw.remote_forward_via {
             configstore::check_name(m)
@@ -332,31 +233,9 @@ impl SshConfig {
             remote_forward_via: raw.remote_forward_via,
             streamlocal_dir: raw.streamlocal_dir,
             handshake_timeout: raw.handshake_timeout,
-            max_startups,
-            per_source_max_startups: raw.per_source_max_startups,
+            startups,
             max_channels: raw.max_channels,
             max_remote_forwards: raw.max_remote_forwards,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::MaxStartups;
-
-    #[test]
-    fn max_startups_as_sshd() {
-        let m = MaxStartups::parse("10:30:100").unwrap();
-        assert_eq!(m, MaxStartups::default());
-        // Below start: never; at full: always; between: rate rising to 100 %.
-        assert!(!(0..100).any(|roll| m.refuses(9, roll)));
-        assert_eq!((0..100).filter(|&roll| m.refuses(10, roll)).count(), 30);
-        assert_eq!((0..100).filter(|&roll| m.refuses(55, roll)).count(), 65);
-        assert!((0..100).all(|roll| m.refuses(100, roll)));
-        let n = MaxStartups::parse("5").unwrap();
-        assert!(!n.refuses(4, 0) && n.refuses(5, 99));
-        for bad in ["0", "10:30", "10:130:100", "20:30:10", "a:b:c", ""] {
-            assert!(MaxStartups::parse(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -87,7 +87,7 @@ struct SshDoor {
     live: Arc<Live<SshConfig>>,
     server: RwLock<Option<Arc<russh::server::Config>>>,
     /// Sessions not yet logged in.
-    startups: Arc<Startups>,
+    startups: Arc<crate::core::spine::startups::Startups>,
     /// Live sessions: what admitted each, and how to end it.
     sessions: Arc<Sessions>,
     /// Whether the `authorized_keys_file` watcher runs.
@@ -219,57 +219,6 @@ impl Sessions {
     }
 }
 
-/// Sessions that have not logged in yet: door-wide and per source address
-/// (`max_startups`, `per_source_max_startups`).
-#[derive(Default)]
-struct Startups(std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>);
-
-/// One session not yet logged in; counted until it logs in or ends.
-struct Startup {
-    table: Arc<Startups>,
-    ip: std::net::IpAddr,
-}
-
-impl Drop for Startup {
-    fn drop(&mut self) {
-        let mut g = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (total, per) = &mut *g;
-        *total = total.saturating_sub(1);
-        if let Some(n) = per.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.ip);
-            }
-        }
-    }
-}
-
-impl Startups {
-    /// Admits a new session from `ip`, or says which cap refused it.
-    fn try_start(
-        self: &Arc<Self>,
-        ip: std::net::IpAddr,
-        cfg: &SshConfig,
-    ) -> Result<Startup, &'static str> {
-        let ip = crate::core::spine::dest::canonical(ip);
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (total, per) = &mut *g;
-        if per.get(&ip).copied().unwrap_or(0) >= cfg.per_source_max_startups {
-            return Err("per_source_max_startups");
-        }
-        let roll = rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 100;
-        if cfg.max_startups.refuses(*total, roll) {
-            return Err("max_startups");
-        }
-        *total += 1;
-        *per.entry(ip).or_default() += 1;
-        Ok(Startup {
-            table: self.clone(),
-            ip,
-        })
-    }
-}
-
 /// russh's default ciphers, with aes128-gcm (which OpenSSH clients offer
 /// and AES-NI makes the fastest) beside aes256-gcm.
 const CIPHERS: &[russh::cipher::Name] = &[
@@ -319,7 +268,7 @@ struct Conn {
     /// Whether a refusal was counted on this session already.
     refused: std::cell::Cell<bool>,
     /// Counted among the sessions not yet logged in, until it logs in.
-    startup: Option<Startup>,
+    startup: Option<crate::core::spine::startups::Startup>,
     /// Told when the client logged in (the login deadline stops).
     logged_in: tokio::sync::watch::Sender<bool>,
     /// Set when the login deadline passed (the session is dropped).
@@ -865,7 +814,15 @@ impl russh::server::Handler for Conn {
                     _ = onramp.stopping().cancelled() => return,
                     a = listener.accept() => a,
                 };
-                let Ok((unix, _)) = accepted else { continue };
+                let unix = match accepted {
+                    Ok((unix, _)) => unix,
+                    Err(e) => {
+                        // Out of file descriptors: back off, do not spin.
+                        tracing::warn!(error = %e, "ssh -R: Unix socket accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
                 let Some(slot) = onramp.try_admit(max) else {
                     continue;
                 };
@@ -1108,7 +1065,7 @@ impl StreamHandler for SshDoor {
         let ctx = onramp.ctx();
         // Deadlines before trust: a cap on sessions not yet logged in (per
         // door, per source, with early random refusal), and a login deadline.
-        let startup = match self.startups.try_start(conn.src.ip(), &cfg) {
+        let startup = match self.startups.try_start(conn.src.ip(), &cfg.startups) {
             Ok(s) => s,
             Err(reason) => {
                 ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
