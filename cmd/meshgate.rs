@@ -134,6 +134,10 @@ async fn serve() -> ExitCode {
             Err(e) => return fail(&[e]),
         },
     };
+    // Absolute from here on: the file watcher reports absolute paths, and
+    // a relative directory (`./rl`) never matched them, so edits were
+    // silently ignored.
+    let config_dir = std::path::absolute(&config_dir).unwrap_or(config_dir);
     if args.check {
         if defaulted {
             eprintln!("config directory: {} (the default)", config_dir.display());

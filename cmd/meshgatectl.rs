@@ -216,8 +216,11 @@ fn wg_bytes(n: u64) -> String {
     format!("{v:.2} {}", UNITS[u])
 }
 
-fn print_wg_show(modules: &Value, tenant: Option<&str>) {
+/// Prints the WireGuard interfaces (of `tenant`, if given); returns how
+/// many.
+fn print_wg_show(modules: &Value, tenant: Option<&str>) -> usize {
     let mut first = true;
+    let mut shown = 0;
     for m in modules.as_array().map(|a| a.as_slice()).unwrap_or_default() {
         if m["kind"] != "wireguard" || tenant.is_some_and(|t| m["tenant"] != t) {
             continue;
@@ -226,6 +229,7 @@ fn print_wg_show(modules: &Value, tenant: Option<&str>) {
             println!();
         }
         first = false;
+        shown += 1;
         let d = &m["details"];
         println!("interface: {}/{}", s(&m["tenant"]), s(&m["instance"]));
         println!("  public key: {}", s(&d["public_key"]));
@@ -277,6 +281,7 @@ fn print_wg_show(modules: &Value, tenant: Option<&str>) {
             }
         }
     }
+    shown
 }
 
 /// GETs a JSON document from the admin API.
@@ -445,7 +450,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             cmd: WgCmd::Show { tenant },
         } => {
             let modules = get_json(&cli.admin, "/api/v1/modules").await?;
-            print_wg_show(&modules, tenant.as_deref());
+            if print_wg_show(&modules, tenant.as_deref()) == 0 {
+                if let Some(t) = tenant {
+                    // Say what there is instead of printing nothing.
+                    let mut with: Vec<String> = modules
+                        .as_array()
+                        .map(|a| a.as_slice())
+                        .unwrap_or_default()
+                        .iter()
+                        .filter(|m| m["kind"] == "wireguard")
+                        .map(|m| s(&m["tenant"]))
+                        .collect();
+                    with.sort();
+                    with.dedup();
+                    let have = if with.is_empty() {
+                        "no tenant has one".to_string()
+                    } else {
+                        format!("tenants with one: {}", with.join(", "))
+                    };
+                    bail!(
+                        "tenant `{}` has no WireGuard interface ({have})",
+                        t.escape_debug()
+                    );
+                }
+            }
         }
         Cmd::Import {
             what: ImportCmd::WgQuick { file },

@@ -188,3 +188,43 @@ fn capture_rules_for_local_processes_exclude_meshgates_own_user() {
     assert!(!ok && out.is_empty(), "{out}");
     assert!(err.contains("--exclude-uid"), "{err}");
 }
+
+/// `wg show TENANT` for a tenant without a WireGuard interface says so and
+/// fails (it printed nothing and exited 0), naming the tenants that have
+/// one; the same command for that tenant shows its interface.
+#[test]
+fn wg_show_names_a_tenant_without_an_interface() {
+    let cfg = ConfigDir::new();
+    let (ok, key, err) = ctl(&["genkey"]);
+    assert!(ok, "{err}");
+    let (_, peer_key, _) = ctl(&["genkey"]);
+    let peer_pub = pipe_stdin(
+        Command::new(env!("CARGO_BIN_EXE_meshgatectl")).arg("pubkey"),
+        &peer_key,
+    );
+    cfg.write(
+        "tenants/acme/wg0.yaml",
+        &format!(
+            "kind: wireguard\nprivate_key: {}\nlisten_port: {}\naddress: 10.192.0.1/24\nuapi: off\npeers:\n  - name: laptop\n    public_key: {peer_pub}\n    allowed_ips: [10.192.0.2/32]\n",
+            key.trim(),
+            free_port()
+        ),
+    );
+    let _mg = Meshgate::start(&cfg);
+    let admin = format!("127.0.0.1:{}", cfg.admin_port);
+    let (ok, out, err) = ctl(&["--admin", &admin, "wg", "show", "acme"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("interface: acme/wg0") && out.contains("name: laptop"),
+        "{out}"
+    );
+    let (ok, out, err) = ctl(&["--admin", &admin, "wg", "show", "nosuch"]);
+    assert!(
+        !ok,
+        "exit status 0 for a tenant without an interface: {out}"
+    );
+    assert!(
+        err.contains("tenant `nosuch` has no WireGuard interface") && err.contains("acme"),
+        "{err}"
+    );
+}

@@ -280,6 +280,31 @@ fn reload_rejects_bad_edit_and_applies_good_edit_live() {
     drop(fresh);
 }
 
+/// `--config-dir` relative to the working directory (`./dir`, as typed in
+/// a shell): an edit applies live, as with an absolute path (it used to
+/// be ignored, silently).
+#[test]
+fn a_relative_config_dir_reloads_too() {
+    let echo = echo_server();
+    let cfg = ConfigDir::new();
+    let port_a = free_port();
+    cfg.pipe("default", "a", port_a, echo);
+    let _mg = Meshgate::start_relative(&cfg);
+    let works = |port: u16| {
+        TcpStream::connect(("127.0.0.1", port))
+            .and_then(|mut s| echo_roundtrip(&mut s, b"x"))
+            .is_ok_and(|b| b == b"x")
+    };
+    assert!(works(port_a));
+    let port_b = free_port();
+    assert!(!works(port_b));
+    cfg.pipe("default", "b", port_b, echo);
+    assert!(
+        wait_until(Duration::from_secs(3), || works(port_b)),
+        "an edit under a relative --config-dir did not apply"
+    );
+}
+
 #[test]
 fn removing_a_tenant_stops_only_its_pipes() {
     let echo = echo_server();

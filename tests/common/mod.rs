@@ -148,11 +148,31 @@ pub struct Meshgate {
 impl Meshgate {
     /// Starts meshgate on `cfg` and waits for `/readyz`.
     pub fn start(cfg: &ConfigDir) -> Self {
+        Self::start_in(cfg, None)
+    }
+
+    /// As [`Meshgate::start`], run from the config directory's parent with
+    /// `--config-dir` given relative to it, as a user in a shell would.
+    pub fn start_relative(cfg: &ConfigDir) -> Self {
+        Self::start_in(cfg, cfg.path().parent())
+    }
+
+    fn start_in(cfg: &ConfigDir, cwd: Option<&Path>) -> Self {
         let logdir = tempfile::tempdir().unwrap();
         let log = logdir.path().join("meshgate.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
-            .arg("--config-dir")
-            .arg(cfg.path())
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshgate"));
+        match cwd {
+            Some(dir) => {
+                let name = cfg.path().file_name().unwrap();
+                cmd.current_dir(dir)
+                    .arg("--config-dir")
+                    .arg(Path::new(".").join(name));
+            }
+            None => {
+                cmd.arg("--config-dir").arg(cfg.path());
+            }
+        }
+        let child = cmd
             .env("MESHGATE_LOG", "info")
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
