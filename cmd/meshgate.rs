@@ -139,6 +139,16 @@ async fn serve() -> ExitCode {
     // silently ignored.
     let config_dir = std::path::absolute(&config_dir).unwrap_or(config_dir);
     if args.check {
+        // What the server would warn about at start (a secret file others
+        // may read, a door without authentication off loopback) shows here
+        // too, on stderr; the check still passes.
+        tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new("warn"))
+            .without_time()
+            .with_target(false)
+            .with_ansi(false)
+            .with_writer(meshgate::core::logs::OneLine::new(std::io::stderr, false))
+            .init();
         if defaulted {
             eprintln!("config directory: {} (the default)", config_dir.display());
         }

@@ -148,6 +148,49 @@ fn bad_configs() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
     ]
 }
 
+/// `--check` passes a config the server would warn about at start, and
+/// shows the same warnings (they used to appear only at run time): a
+/// SOCKS door without authentication off loopback, a secret file others
+/// may read.
+#[test]
+fn check_shows_the_warnings_the_server_would_log() {
+    use std::os::unix::fs::PermissionsExt;
+    let cfg = ConfigDir::new();
+    let pw = cfg.path().join("alice.pw");
+    std::fs::write(&pw, "secret\n").unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    cfg.write(
+        "tenants/acme/open.yaml",
+        &format!("kind: socks\nlisten: 0.0.0.0:{}\n", free_port()),
+    );
+    cfg.write(
+        "tenants/acme/web.yaml",
+        &format!(
+            "kind: http_proxy\nlisten: 127.0.0.1:{}\nusers:\n  - name: alice\n    password_file: {}\n",
+            free_port(),
+            pw.display()
+        ),
+    );
+    let out = check(cfg.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("SOCKS without authentication"), "{err}");
+    assert!(err.contains("readable by other users"), "{err}");
+    // A config with neither: no warning.
+    let quiet = ConfigDir::new();
+    quiet.write(
+        "tenants/acme/open.yaml",
+        &format!("kind: socks\nlisten: 127.0.0.1:{}\n", free_port()),
+    );
+    let out = check(quiet.path());
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("WARN"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn check_names_file_and_key() {
     for (file, text, expect) in bad_configs() {
