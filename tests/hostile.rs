@@ -108,10 +108,7 @@ impl Scene {
     }
 
     fn beta_works(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.beta)) else {
-            return false;
-        };
-        echo_roundtrip(&mut s, b"beta").is_ok_and(|r| r == b"beta")
+        open(self.beta).is_some()
     }
 }
 
@@ -175,16 +172,14 @@ fn removing_a_door_with_silent_clients_holds_up_no_other_tenant() {
     }
 }
 
-/// A budget per tenant: with `tenant_max_flows: 3`, acme's fourth
-/// connection is refused (counted), beta's go on, and a closed one of
-/// acme's makes room.
-#[test]
-fn a_tenants_flow_budget_leaves_the_others_theirs() {
+/// A node with `tenant_max_flows: MAX` and pipes of tenants acme and beta
+/// to one echo server: (config, acme's port, beta's port).
+fn budget_scene(max: u64) -> (ConfigDir, u16, u16) {
     let cfg = ConfigDir::new();
     cfg.write(
         "meshgate.yaml",
         &format!(
-            "node: test\nadmin: 127.0.0.1:{}\ntenant_max_flows: 3\n",
+            "node: test\nadmin: 127.0.0.1:{}\ntenant_max_flows: {max}\n",
             cfg.admin_port
         ),
     );
@@ -192,12 +187,23 @@ fn a_tenants_flow_budget_leaves_the_others_theirs() {
     let (acme, beta) = (free_port(), free_port());
     cfg.pipe("acme", "web", acme, echo);
     cfg.pipe("beta", "web", beta, echo);
+    (cfg, acme, beta)
+}
+
+/// A connection to an echo pipe that echoes (held open by the caller).
+fn open(port: u16) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    (echo_roundtrip(&mut s, b"x").ok()? == b"x").then_some(s)
+}
+
+/// A budget per tenant: with `tenant_max_flows: 3`, acme's fourth
+/// connection is refused (counted), beta's go on, and a closed one of
+/// acme's makes room.
+#[test]
+fn a_tenants_flow_budget_leaves_the_others_theirs() {
+    let (cfg, acme, beta) = budget_scene(3);
     let mg = Meshgate::start(&cfg);
-    let open = |port: u16| -> Option<TcpStream> {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-        (echo_roundtrip(&mut s, b"x").ok()? == b"x").then_some(s)
-    };
     let mut held: Vec<TcpStream> = (0..3).map(|_| open(acme).expect("within budget")).collect();
     assert!(
         open(acme).is_none(),
@@ -225,28 +231,12 @@ fn a_tenants_flow_budget_leaves_the_others_theirs() {
 /// editing the document takes effect without a restart.
 #[test]
 fn a_tenants_own_limit_overrides_the_node_default() {
-    let cfg = ConfigDir::new();
-    cfg.write(
-        "meshgate.yaml",
-        &format!(
-            "node: test\nadmin: 127.0.0.1:{}\ntenant_max_flows: 4\n",
-            cfg.admin_port
-        ),
-    );
-    let echo = echo_server();
-    let (acme, beta) = (free_port(), free_port());
-    cfg.pipe("acme", "web", acme, echo);
-    cfg.pipe("beta", "web", beta, echo);
+    let (cfg, acme, beta) = budget_scene(4);
     cfg.write(
         "tenants/acme/policy.yaml",
         "kind: policy\nlimits:\n  max_flows: 2\n",
     );
     let mg = Meshgate::start(&cfg);
-    let open = |port: u16| -> Option<TcpStream> {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-        (echo_roundtrip(&mut s, b"x").ok()? == b"x").then_some(s)
-    };
     let mut acme_held: Vec<TcpStream> = (0..2)
         .map(|_| open(acme).expect("within acme's 2"))
         .collect();
@@ -306,12 +296,7 @@ fn silent_clients_past_the_startup_cap_are_refused_at_once() {
     let beta = free_port();
     cfg.pipe("beta", "web", beta, echo);
     let mg = Meshgate::start(&cfg);
-    let beta_works = || {
-        TcpStream::connect(("127.0.0.1", beta))
-            .ok()
-            .and_then(|mut s| echo_roundtrip(&mut s, b"beta").ok())
-            .is_some_and(|r| r == b"beta")
-    };
+    let beta_works = || open(beta).is_some();
     // A SOCKS5 greeting answered, and an HTTP request answered.
     let socks_answers = || -> bool {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", socks)) else {

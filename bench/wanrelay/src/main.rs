@@ -565,6 +565,21 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    /// A 1 Mbit/s bottleneck with a 10 KB queue, no loss or delay, for
+    /// `pairs` pairs.
+    fn narrow_lane(pairs: usize) -> Lane {
+        Lane::new(
+            PathSpec {
+                delay: Duration::ZERO,
+                loss: 0.0,
+                rate: Some(1e6),
+                queue: 10_000,
+            },
+            1,
+            pairs,
+        )
+    }
+
     fn args(v: &[&str]) -> Result<Args, String> {
         parse_args(v.iter().map(|s| s.to_string()))
     }
@@ -639,16 +654,7 @@ mod tests {
         assert_eq!(lane.total().datagrams, 100_000);
         assert_eq!(lane.total().bytes, 10_000_000);
         // A 1 Mbit/s bottleneck with a 10 KB queue takes ~10 KB at once.
-        let lane = Lane::new(
-            PathSpec {
-                delay: Duration::ZERO,
-                loss: 0.0,
-                rate: Some(1e6),
-                queue: 10_000,
-            },
-            1,
-            1,
-        );
+        let lane = narrow_lane(1);
         for _ in 0..100 {
             lane.offer(0, &[0u8; 1000]);
         }
@@ -662,16 +668,7 @@ mod tests {
         // 1 Mbit/s, a 10 KB queue: two pairs offering 1,000-byte datagrams
         // in turn get ~10 queued between them, not ~10 each, and the
         // bottleneck sends them one after another (8 ms each), whoever's.
-        let lane = Lane::new(
-            PathSpec {
-                delay: Duration::ZERO,
-                loss: 0.0,
-                rate: Some(1e6),
-                queue: 10_000,
-            },
-            1,
-            2,
-        );
+        let lane = narrow_lane(2);
         let t0 = Instant::now();
         for _ in 0..50 {
             lane.offer(0, &[0u8; 1000]);

@@ -358,16 +358,17 @@ impl FlowTable {
         own.unwrap_or_else(|| self.tenant_max_flows.load(Ordering::Relaxed))
     }
 
-    /// Takes one of `tenant`'s flow budget; `false` when it is spent.
-    fn take_budget(&self, tenant: &str) -> bool {
+    /// Takes one of `tenant`'s flow budget; when it is spent, says what
+    /// the budget is.
+    fn take_budget(&self, tenant: &str) -> Result<(), u64> {
         let max = self.budget_of(tenant);
         let mut per = self.per_tenant.lock().expect("flow table poisoned");
         let n = per.entry(tenant.to_string()).or_default();
         if max > 0 && *n as u64 >= max {
-            return false;
+            return Err(max);
         }
         *n += 1;
-        true
+        Ok(())
     }
 
     fn release_budget(&self, tenant: &str) {
@@ -501,12 +502,10 @@ impl FlowTable {
         }
         // Then the tenant's budget: a flow past it is denied whatever the
         // policy said (and holds no share of it while it ends).
-        let budgeted = self.take_budget(&ctx.tenant);
-        if !budgeted {
-            decision.verdict = Verdict::Deny(format!(
-                "the tenant's flow budget ({}) is spent",
-                self.budget_of(&ctx.tenant)
-            ));
+        let budget = self.take_budget(&ctx.tenant);
+        let budgeted = budget.is_ok();
+        if let Err(max) = budget {
+            decision.verdict = Verdict::Deny(format!("the tenant's flow budget ({max}) is spent"));
             decision.rule = None;
             metrics.policy_decision(&ctx.tenant, &ctx.instance, "tenant_max_flows", "deny");
         }

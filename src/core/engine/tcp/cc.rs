@@ -359,8 +359,7 @@ impl Controller {
     /// as Linux's BBRv3 does on undo).
     pub fn on_spurious(&mut self) {
         if let Controller::Bbr(b) = self {
-            b.bw_lo = f64::INFINITY;
-            b.inflight_lo = usize::MAX;
+            b.reset_lower_bounds();
             b.round_lost = 0;
         }
     }
@@ -626,8 +625,7 @@ impl Bbr {
                     _ => {
                         if now >= self.cruise_until {
                             // Probing starts afresh: no short-term bounds.
-                            self.bw_lo = f64::INFINITY;
-                            self.inflight_lo = usize::MAX;
+                            self.reset_lower_bounds();
                             self.up_rounds = 0;
                             self.probe_starts = (self.probe_starts.1, self.round);
                             self.set_phase(BBR_UP, now);
@@ -658,6 +656,11 @@ impl Bbr {
             BbrMode::Startup => {}
         }
         self.set_cwnd(ev);
+    }
+
+    fn reset_lower_bounds(&mut self) {
+        self.bw_lo = f64::INFINITY;
+        self.inflight_lo = usize::MAX;
     }
 
     fn enter_probe_bw(&mut self, now: Instant) {

@@ -118,6 +118,26 @@ impl Link {
     }
 }
 
+/// Sends every packet `socket` has due at `now` into `link`.
+fn transmit(socket: &mut Socket, now: Instant, link: &mut Link, rng: &mut Rng, buf: &mut Vec<u8>) {
+    loop {
+        buf.clear();
+        if !socket.poll_transmit(now, buf) {
+            break;
+        }
+        link.send(now, buf.clone(), rng);
+    }
+}
+
+/// The simulation's next moment: the earliest of `due` (at most 10 ms
+/// ahead), or 50 µs on when nothing is due later.
+fn step(now: Instant, due: impl IntoIterator<Item = Option<Instant>>) -> Instant {
+    match due.into_iter().flatten().min() {
+        Some(t) if t > now => t.min(now + Duration::from_millis(10)),
+        _ => now + Duration::from_micros(50),
+    }
+}
+
 /// Feeds one raw IP packet to a socket (parsing it as the stack would).
 pub fn deliver(socket: &mut Socket, now: Instant, packet: &[u8]) {
     let (src, dst, tcp) = split(packet);
@@ -209,20 +229,20 @@ impl Pair {
             if app(self) {
                 return true;
             }
-            loop {
-                buf.clear();
-                if !self.client.poll_transmit(self.now, &mut buf) {
-                    break;
-                }
-                self.up.send(self.now, buf.clone(), &mut self.rng);
-            }
-            loop {
-                buf.clear();
-                if !self.server.poll_transmit(self.now, &mut buf) {
-                    break;
-                }
-                self.down.send(self.now, buf.clone(), &mut self.rng);
-            }
+            transmit(
+                &mut self.client,
+                self.now,
+                &mut self.up,
+                &mut self.rng,
+                &mut buf,
+            );
+            transmit(
+                &mut self.server,
+                self.now,
+                &mut self.down,
+                &mut self.rng,
+                &mut buf,
+            );
             while let Some(p) = self.up.take_due(self.now) {
                 deliver(&mut self.server, self.now, &p);
             }
@@ -234,15 +254,8 @@ impl Pair {
                 self.down.next_at(),
                 self.client.poll_at(),
                 self.server.poll_at(),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            let step = Duration::from_micros(50);
-            self.now = match next {
-                Some(t) if t > self.now => t.min(self.now + Duration::from_millis(10)),
-                _ => self.now + step,
-            };
+            ];
+            self.now = step(self.now, next);
         }
         false
     }
@@ -401,21 +414,9 @@ impl Bottleneck {
             if app(self) {
                 return true;
             }
-            for i in 0..self.flows.len() {
-                loop {
-                    buf.clear();
-                    if !self.flows[i].0.poll_transmit(self.now, &mut buf) {
-                        break;
-                    }
-                    self.up.send(self.now, buf.clone(), &mut self.rng);
-                }
-                loop {
-                    buf.clear();
-                    if !self.flows[i].1.poll_transmit(self.now, &mut buf) {
-                        break;
-                    }
-                    self.down.send(self.now, buf.clone(), &mut self.rng);
-                }
+            for (client, server) in self.flows.iter_mut() {
+                transmit(client, self.now, &mut self.up, &mut self.rng, &mut buf);
+                transmit(server, self.now, &mut self.down, &mut self.rng, &mut buf);
             }
             while let Some(p) = self.up.take_due(self.now) {
                 let i = self.flow_of(&p, true);
@@ -429,14 +430,8 @@ impl Bottleneck {
                 .flows
                 .iter()
                 .flat_map(|(c, s)| [c.poll_at(), s.poll_at()])
-                .chain([self.up.next_at(), self.down.next_at()])
-                .flatten()
-                .min();
-            let step = Duration::from_micros(50);
-            self.now = match next {
-                Some(t) if t > self.now => t.min(self.now + Duration::from_millis(10)),
-                _ => self.now + step,
-            };
+                .chain([self.up.next_at(), self.down.next_at()]);
+            self.now = step(self.now, next);
         }
         false
     }
