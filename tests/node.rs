@@ -216,3 +216,102 @@ async fn policy_hooks_and_live_route_changes_keep_open_flows() {
         "{ends:?}"
     );
 }
+
+/// Two WireGuard instances in one node (two tenants on loopback), as in
+/// the README: the client's peer `server` is given by a network
+/// (`10.192.0.0/24`), which names no host to dial. `--check` and start-up
+/// refuse a pipe's `peer: server` with the reason (it used to dial
+/// 10.192.0.0 and time out); a peer `nosuch` is refused naming the peers
+/// there are; with the server's own address listed, the same pipe carries
+/// a connection through the tunnel to the server's pipe on the same port.
+#[tokio::test]
+async fn a_pipe_peer_is_the_peer_s_own_address_checked_before_start() {
+    use meshgate::core::keys::PrivateKey;
+    let backend = backend("S").await;
+    let (s_key, c_key) = (PrivateKey::generate(), PrivateKey::generate());
+    let (s_port, c_port, pipe_port) = (free_udp_port(), free_udp_port(), free_port());
+    let store = Arc::new(MemStore::new());
+    store.set(
+        "srv",
+        "wg0",
+        json!({"kind": "wireguard", "private_key": s_key.to_base64(),
+               "listen_port": s_port, "address": "10.192.0.1/24",
+               "peers": [{"name": "client", "public_key": c_key.public_key().to_string(),
+                          "endpoint": format!("127.0.0.1:{c_port}"),
+                          "allowed_ips": ["10.192.0.2/32"]}]}),
+    );
+    store.set(
+        "srv",
+        "web",
+        json!({"kind": "pipe", "listen": format!("10.192.0.1:{pipe_port}"), "listen_via": "wg0",
+               "remote": backend.to_string()}),
+    );
+    let client_wg = |allowed: serde_json::Value| {
+        json!({"kind": "wireguard", "private_key": c_key.to_base64(),
+               "listen_port": c_port, "address": "10.192.0.2/32",
+               "peers": [{"name": "server", "public_key": s_key.public_key().to_string(),
+                          "endpoint": format!("127.0.0.1:{s_port}"),
+                          "allowed_ips": allowed, "persistent_keepalive": 1}]})
+    };
+    let client_pipe = |peer: &str| {
+        json!({"kind": "pipe", "listen": format!("127.0.0.1:{pipe_port}"), "via": "wg0",
+               "peer": peer})
+    };
+    let registry =
+        |store: &Arc<MemStore>| meshgate::core::node::registry(store.clone(), builtin_factories());
+    let errors = async |store: &Arc<MemStore>| -> Vec<String> {
+        registry(store)
+            .check()
+            .await
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect()
+    };
+
+    store.set("cli", "wg0", client_wg(json!(["10.192.0.0/24"])));
+    store.set("cli", "web", client_pipe("server"));
+    let e = errors(&store).await;
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("key `peer`"), "{e:?}");
+    assert!(
+        e[0].contains(
+            "`wg0` has peer server, but its allowed_ips (10.192.0.0/24) hold no single address"
+        ),
+        "{e:?}"
+    );
+    store.set("cli", "web", client_pipe("nosuch"));
+    let e = errors(&store).await;
+    assert!(
+        e.len() == 1 && e[0].contains("`wg0` (wireguard) has no peer nosuch; it has: peer server"),
+        "{e:?}"
+    );
+    let mut refused = Node::new(store.clone(), builtin_factories(), Vec::new());
+    assert!(
+        refused.start().await.is_err(),
+        "start-up runs the same check"
+    );
+
+    // The server's own address listed: checked, started, carried.
+    store.set(
+        "cli",
+        "wg0",
+        client_wg(json!(["10.192.0.1/32", "10.192.0.0/24"])),
+    );
+    store.set("cli", "web", client_pipe("server"));
+    assert_eq!(errors(&store).await, Vec::<String>::new());
+    let mut node = Node::new(store.clone(), builtin_factories(), Vec::new());
+    node.start().await.unwrap();
+    assert!(
+        eventually(async || tag_at(pipe_port).await == "S").await,
+        "the pipe reaches the server's pipe at 10.192.0.1 through the tunnel"
+    );
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -41,6 +41,33 @@ pub struct ModulePlan {
     /// `wireguard interface wg0`); two documents claiming one are a config
     /// error naming both, found by `--check` as well as at start.
     pub claims: Vec<String>,
+    /// Names this instance answers for other instances of its tenant (a
+    /// WireGuard instance: `peer <name>` for each peer), so a reference to
+    /// one is checked by `--check` as well as at start.
+    pub offers: Vec<Offer>,
+    /// Names of other instances' [`ModulePlan::offers`] this one uses.
+    pub needs: Vec<Need>,
+}
+
+/// A name an instance answers for (see [`ModulePlan::offers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    /// What is offered, e.g. `peer client-a`.
+    pub name: String,
+    /// Why the name exists but cannot serve a reference (e.g. a peer with
+    /// no single address to dial); `None` when it can.
+    pub unusable: Option<String>,
+}
+
+/// A reference to another instance's [`Offer`] (see [`ModulePlan::needs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Need {
+    /// The instance of the same tenant that must offer it.
+    pub instance: String,
+    /// The offer's name, e.g. `peer server`.
+    pub name: String,
+    /// The key of this document that makes the reference.
+    pub key: String,
 }
 
 /// Builds modules of one kind.

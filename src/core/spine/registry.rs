@@ -20,7 +20,7 @@ use crate::core::config::{document_kind, ConfigError};
 use crate::core::metrics::Metrics;
 use crate::core::spine::flow::FlowTable;
 use crate::core::spine::module::{
-    Module, ModuleContext, ModuleDirectory, ModuleFactory, ModulePlan,
+    Module, ModuleContext, ModuleDirectory, ModuleFactory, ModulePlan, Offer,
 };
 use crate::core::spine::tenant::Tenant;
 
@@ -637,6 +637,58 @@ impl Registry {
     }
 }
 
+/// Every reference a document makes to another instance's offer (a pipe's
+/// `peer:` to a WireGuard peer) names one that exists and can serve it.
+fn check_needs(planned: &[Planned]) -> Result<(), ConfigError> {
+    for p in planned {
+        for need in &p.plan.needs {
+            let Some(other) = planned.iter().find(|o| o.key.instance == need.instance) else {
+                return Err(ConfigError::key(
+                    &p.doc.source,
+                    need.key.as_str(),
+                    format!(
+                        "`{}` is not defined in tenant `{}`",
+                        need.instance, p.key.tenant
+                    ),
+                ));
+            };
+            match other.plan.offers.iter().find(|o| o.name == need.name) {
+                Some(Offer { unusable: None, .. }) => {}
+                Some(Offer {
+                    unusable: Some(why),
+                    ..
+                }) => {
+                    return Err(ConfigError::key(
+                        &p.doc.source,
+                        need.key.as_str(),
+                        format!("`{}` has {}, but {why}", need.instance, need.name),
+                    ))
+                }
+                None => {
+                    let offered: Vec<&str> =
+                        other.plan.offers.iter().map(|o| o.name.as_str()).collect();
+                    return Err(ConfigError::key(
+                        &p.doc.source,
+                        need.key.as_str(),
+                        format!(
+                            "`{}` ({}) has no {}; it has: {}",
+                            need.instance,
+                            other.kind,
+                            need.name,
+                            if offered.is_empty() {
+                                "nothing of the kind".to_string()
+                            } else {
+                                offered.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Start order of one tenant's checked documents; missing or circular
 /// dependencies are errors naming the document.
 fn start_order(planned: &[Planned]) -> Result<Vec<String>, ConfigError> {
@@ -654,6 +706,7 @@ fn start_order(planned: &[Planned]) -> Result<Vec<String>, ConfigError> {
             }
         }
     }
+    check_needs(planned)?;
     let deps = planned
         .iter()
         .map(|p| (p.key.instance.clone(), p.plan.depends_on.clone()))

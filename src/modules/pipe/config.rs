@@ -31,7 +31,7 @@ pub enum PipeProtocol {
 /// max_connections: 1024      # default 1024; more are refused and counted
 /// vnet: sydney               # optional: route in this vnet of the tenant (default: the default vnet)
 /// via: wg0                   # optional: dial through this module's network (a WireGuard instance)
-/// peer: server               # optional, with via: remote defaults to <peer's VPN address>:<listen port>
+/// peer: server               # optional, with via: remote defaults to <peer's own VPN address (first /32 or /128 of its allowed_ips)>:<listen port>
 /// listen_via: wg0            # optional: accept on a VPN address inside this module's network
 /// proxy_protocol: v2         # optional (tcp): send a PROXY protocol header (v1 or v2) to the remote
 /// accept_proxy_protocol: [10.0.0.0/8]  # optional (tcp): load balancers whose connections start

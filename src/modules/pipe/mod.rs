@@ -29,7 +29,9 @@ use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
 use crate::core::net::datagram::DatagramSocket;
 use crate::core::net::proxy::Stream;
-use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::module::{
+    Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan, Need,
+};
 use crate::core::spine::onramp::{
     Accepted, ConnectRequest, ListenOn, OnRamp, RouteVia, RunningListener, StreamHandler, Target,
 };
@@ -49,6 +51,14 @@ impl ModuleFactory for PipeFactory {
         let cfg = PipeConfig::from_document(doc)?;
         Ok(ModulePlan {
             depends_on: cfg.depends_on(),
+            needs: match (&cfg.peer, &cfg.via) {
+                (Some(peer), Some(via)) => vec![Need {
+                    instance: via.clone(),
+                    name: format!("peer {peer}"),
+                    key: "peer".into(),
+                }],
+                _ => Vec::new(),
+            },
             ..ModulePlan::default()
         })
     }
@@ -103,7 +113,9 @@ impl State {
             }),
             None => Target::Unknown {
                 label: format!("peer {peer}:{port}"),
-                error: format!("`{via}` has no peer named `{peer}`"),
+                error: format!(
+                    "`{via}` has no peer named `{peer}` with one VPN address to dial (a /32 or /128 in its allowed_ips)"
+                ),
             },
         }
     }

@@ -131,6 +131,36 @@ pub struct PeerConfig {
     pub preshared_key: Option<[u8; 32]>,
 }
 
+impl PeerConfig {
+    /// The peer's own VPN address: the first of its `allowed_ips` that is
+    /// one address (/32, /128). A pipe's `peer:` dials it; a network such as
+    /// `10.192.0.0/24` names no host, so it is never guessed from one.
+    pub fn address(&self) -> Option<std::net::IpAddr> {
+        self.allowed_ips
+            .iter()
+            .find(|n| n.prefix_len() == n.max_prefix_len())
+            .map(|n| n.addr())
+    }
+
+    /// Why [`PeerConfig::address`] is `None`, for errors.
+    pub fn no_address_reason(&self) -> String {
+        format!(
+            "its allowed_ips ({}) hold no single address (a /32 or /128) to dial: \
+             give the pipe `remote: <the peer's VPN address>:<port>`, or list that \
+             address in the peer's allowed_ips",
+            if self.allowed_ips.is_empty() {
+                "none".to_string()
+            } else {
+                self.allowed_ips
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        )
+    }
+}
+
 impl std::fmt::Debug for WireGuardConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WireGuardConfig")

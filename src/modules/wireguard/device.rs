@@ -1650,8 +1650,7 @@ impl Device {
         self.table()
             .peers()
             .find(|p| p.cfg.name == name)
-            .and_then(|p| p.cfg.allowed_ips.first())
-            .map(|n| n.addr())
+            .and_then(|p| p.cfg.address())
     }
 }
 

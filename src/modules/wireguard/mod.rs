@@ -50,7 +50,9 @@ use crate::core::config::ConfigError;
 use crate::core::engine::{EngineKind, EngineNetwork};
 use crate::core::net::dial::Dialer;
 use crate::core::net::listen::VirtualNetwork;
-use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::module::{
+    Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan, Offer,
+};
 
 use crate::core::spine::vnet::IMPLICIT_VNET;
 pub use config::WireGuardConfig;
@@ -82,6 +84,15 @@ impl ModuleFactory for WireGuardFactory {
                 .map(|n| format!("WireGuard interface name `{n}`"))
                 .into_iter()
                 .collect(),
+            offers: cfg
+                .peers
+                .iter()
+                .map(|p| Offer {
+                    name: format!("peer {}", p.name),
+                    unusable: p.address().is_none().then(|| p.no_address_reason()),
+                })
+                .collect(),
+            ..ModulePlan::default()
         })
     }
 
