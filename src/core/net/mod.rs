@@ -7,12 +7,14 @@
 //! - [`dial`]: the [`dial::Dialer`] capability and the direct connector.
 //! - [`dns`]: resolving names over TCP through any connector (a vnet's `dns:`).
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers (sans I/O).
+//! - [`prefix`]: [`prefix::PrefixTable`], longest-prefix match (routes, links, allowed IPs).
 //! - `sys`: the raw system calls behind splice (the one `unsafe` module).
 
 pub mod datagram;
 pub mod dial;
 pub mod dns;
 pub mod listen;
+pub mod prefix;
 pub mod proxy;
 pub mod proxy_protocol;
 #[allow(unsafe_code)]

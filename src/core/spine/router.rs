@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::core::addr::HostPort;
+use crate::core::net::prefix::PrefixTable;
 
 /// Where a route sends flows: the connector that carries them out.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -120,12 +121,24 @@ impl RouteError {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Router {
     routes: Vec<Route>,
+    /// The CIDR routes: network → index into `routes` (the first route
+    /// for a network wins).
+    #[serde(skip)]
+    cidrs: PrefixTable<usize>,
 }
 
 impl Router {
     /// A table with the given routes.
     pub fn new(routes: Vec<Route>) -> Self {
-        Self { routes }
+        let cidrs = routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match r.matches {
+                Match::Cidr(net) => Some((net, i)),
+                _ => None,
+            })
+            .collect();
+        Self { routes, cidrs }
     }
 
     /// Everything leaves directly.
@@ -161,15 +174,24 @@ impl Router {
     /// wins; at equal length the earlier table wins (configured routes before
     /// routes learnt from peers, before built-in defaults).
     pub fn route_layered<'a>(layers: &[&'a Router], target: &HostPort) -> Option<&'a Route> {
-        let ip = target.ip();
+        if let Some(ip) = target.ip() {
+            let mut best: Option<(u8, &'a Route)> = None;
+            for table in layers {
+                if let Some((net, &i)) = table.cidrs.longest_match(ip) {
+                    if best.is_none_or(|(len, _)| net.prefix_len() > len) {
+                        best = Some((net.prefix_len(), &table.routes[i]));
+                    }
+                }
+            }
+            return best.map(|(_, r)| r);
+        }
         let host = target.host.to_ascii_lowercase();
         let mut best: Option<(usize, std::cmp::Reverse<usize>, &'a Route)> = None;
         for (layer, table) in layers.iter().enumerate() {
             for r in &table.routes {
-                let score = match (&r.matches, ip) {
-                    (Match::Cidr(net), Some(ip)) if net.contains(&ip) => net.prefix_len() as usize,
-                    (Match::Host(h), None) if h.eq_ignore_ascii_case(&host) => usize::MAX,
-                    (Match::Suffix(s), None) if suffix_matches(&host, s) => {
+                let score = match &r.matches {
+                    Match::Host(h) if h.eq_ignore_ascii_case(&host) => usize::MAX,
+                    Match::Suffix(s) if suffix_matches(&host, s) => {
                         let s = s.trim_start_matches('.');
                         if s.is_empty() {
                             0

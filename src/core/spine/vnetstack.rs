@@ -22,6 +22,7 @@ use std::sync::{Arc, RwLock, Weak};
 use ipnet::IpNet;
 
 use crate::core::engine::{self, EngineConfig, EngineError, EngineKind, IpEngine, PacketSink};
+use crate::core::net::prefix::PrefixTable;
 
 /// A module that carries a vnet's packets to and from its peers.
 pub trait Link: Send + Sync + 'static {
@@ -45,8 +46,8 @@ struct Attached {
 #[derive(Default)]
 struct Links {
     attached: Vec<Attached>,
-    /// (network, index into `attached`), longest prefix first.
-    routes: Vec<(IpNet, usize)>,
+    /// Network → index into `attached` (the first link to claim one wins).
+    routes: PrefixTable<usize>,
     /// Each link's networks, by instance.
     nets: Vec<Vec<IpNet>>,
 }
@@ -57,14 +58,12 @@ impl Links {
             .nets
             .iter()
             .enumerate()
-            .flat_map(|(i, nets)| nets.iter().map(move |n| (n.trunc(), i)))
+            .flat_map(|(i, nets)| nets.iter().map(move |n| (*n, i)))
             .collect();
-        self.routes
-            .sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
     }
 
     fn route(&self, dst: IpAddr) -> Option<(&str, Arc<dyn Link>)> {
-        let (_, i) = self.routes.iter().find(|(n, _)| n.contains(&dst))?;
+        let i = self.routes.lookup(dst)?;
         let a = &self.attached[*i];
         Some((a.instance.as_str(), a.link.upgrade()?))
     }

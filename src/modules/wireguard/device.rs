@@ -65,6 +65,7 @@ use crate::core::engine::userspace::metrics::NetStackMetrics;
 use crate::core::engine::{self, EngineConfig, EngineError, EngineKind, IpEngine};
 use crate::core::engine::{NetStackStats, PacketSink};
 use crate::core::metrics::{InstanceMetrics, Metrics};
+use crate::core::net::prefix::PrefixTable;
 use crate::core::spine::flow::FlowTable;
 use crate::core::spine::ipflow::{hop, time_exceeded, Admit, Hop, IpFlows};
 use crate::core::spine::vnetstack::{Link, VnetStack};
@@ -244,8 +245,8 @@ struct PeerTable {
     by_key: HashMap<[u8; 32], u32>,
     /// Session index (upper 24 bits) → slot.
     by_session: HashMap<u32, u32>,
-    /// (network, slot), longest prefix first.
-    routes: Vec<(IpNet, u32)>,
+    /// Allowed IPs → slot (cryptokey routing).
+    routes: PrefixTable<u32>,
 }
 
 impl PeerTable {
@@ -261,10 +262,7 @@ impl PeerTable {
     }
 
     fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
-        self.routes
-            .iter()
-            .find(|(net, _)| net.contains(&dst))
-            .and_then(|(_, i)| self.get(*i))
+        self.routes.lookup(dst).and_then(|i| self.get(*i))
     }
 
     fn peers(&self) -> impl Iterator<Item = &Arc<Peer>> {
@@ -699,7 +697,7 @@ impl Device {
                 slots: Vec::new(),
                 by_key: HashMap::new(),
                 by_session: HashMap::new(),
-                routes: Vec::new(),
+                routes: PrefixTable::new(),
             })),
             wg_metrics: metrics.subsystem::<WgMetrics>(),
             stack_metrics: metrics.subsystem::<NetStackMetrics>(),
@@ -922,13 +920,14 @@ impl Device {
         }
         let mut by_key = HashMap::new();
         let mut by_session = HashMap::new();
-        let mut routes = Vec::new();
+        let mut routes = PrefixTable::new();
         for p in slots.iter().flatten() {
             by_key.insert(p.cfg.public_key.0, p.index);
             by_session.insert(p.session, p.index);
-            routes.extend(p.cfg.allowed_ips.iter().map(|n| (*n, p.index)));
+            for n in &p.cfg.allowed_ips {
+                routes.insert_first(*n, p.index);
+            }
         }
-        routes.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
         if let Some(stack) = self.vnet_stack() {
             stack.set_nets(&self.instance, routed_nets(peers));
         }
