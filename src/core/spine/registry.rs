@@ -809,6 +809,7 @@ mod tests {
             Ok(ModulePlan {
                 depends_on: needs,
                 claims,
+                ..ModulePlan::default()
             })
         }
         fn build(
