@@ -167,6 +167,26 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
+/// IPv4-mapped (`::ffff:a.b.c.d`) and IPv4-compatible (`::a.b.c.d`, not
+/// `::` or `::1`) IPv6 addresses as the IPv4 address they carry.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let s = v6.segments();
+            if s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1) {
+                return IpAddr::V4(std::net::Ipv4Addr::from(
+                    (u32::from(s[6]) << 16) | u32::from(s[7]),
+                ));
+            }
+            IpAddr::V6(v6)
+        }
+        v4 => v4,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use crate::core::addr::HostPort;
 use crate::core::net::datagram::DatagramSocket;
 use crate::core::net::proxy::Stream;
+use crate::core::net::resolve;
 
 /// Why a dial failed. [`DialError::reason`] is the metric label.
 #[derive(Debug, thiserror::Error)]
@@ -111,16 +112,16 @@ pub struct DirectDialer;
 impl Dialer for DirectDialer {
     async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError> {
         let attempt = async {
-            let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
-                .await
-                .map_err(|e| DialError::Resolve {
-                    host: target.host.clone(),
-                    message: e.to_string(),
-                })?
-                .collect();
+            let ips =
+                resolve::on_host(&target.host, timeout)
+                    .await
+                    .map_err(|e| DialError::Resolve {
+                        host: target.host.clone(),
+                        message: e.to_string(),
+                    })?;
             let mut last = None;
-            for addr in addrs {
-                match TcpStream::connect(addr).await {
+            for ip in ips {
+                match TcpStream::connect((ip, target.port)).await {
                     Ok(s) => {
                         let _ = s.set_nodelay(true);
                         return Ok(s);

@@ -171,7 +171,7 @@ impl HostListeners {
     /// other than `tenant`: one bound to `dst` itself, or to the
     /// unspecified address when `dst` is one of the host's addresses.
     pub fn foreign_owner(&self, tenant: &str, dst: SocketAddr) -> Option<Owner> {
-        let ip = crate::core::spine::dest::canonical(dst.ip());
+        let ip = crate::core::addr::canonical(dst.ip());
         let candidates: Vec<(Owner, SocketAddr)> = self
             .lock()
             .iter()
@@ -179,7 +179,7 @@ impl HostListeners {
             .map(|(_, o, a)| (o.clone(), *a))
             .collect();
         for (owner, a) in candidates {
-            let bound = crate::core::spine::dest::canonical(a.ip());
+            let bound = crate::core::addr::canonical(a.ip());
             if bound == ip || (bound.is_unspecified() && is_local_address(ip)) {
                 return Some(owner);
             }

@@ -103,23 +103,7 @@ pub enum Host {
     Name(String),
 }
 
-/// IPv4-mapped (`::ffff:a.b.c.d`) and IPv4-compatible (`::a.b.c.d`, not
-/// `::` or `::1`) IPv6 addresses as the IPv4 address they carry.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return IpAddr::V4(v4);
-            }
-            let s = v6.segments();
-            if s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1) {
-                return IpAddr::V4(Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7])));
-            }
-            IpAddr::V6(v6)
-        }
-        v4 => v4,
-    }
-}
+pub use crate::core::addr::canonical;
 
 /// One part of a numeric IPv4 form: decimal, octal (leading `0`) or hex
 /// (`0x`), as `inet_aton(3)` reads it.

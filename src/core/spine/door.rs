@@ -236,15 +236,10 @@ pub trait Door: StreamHandler + Sized {
         source: &str,
     ) -> Result<Box<dyn StreamListener>, ConfigError> {
         let on = Self::listen_on(config);
-        onramp.bind(&on).await.map_err(|e| {
-            let (key, addr) = match &on {
-                ListenOn::Module { addr, .. } if e.kind() == std::io::ErrorKind::NotFound => {
-                    ("listen_via", *addr)
-                }
-                ListenOn::Module { addr, .. } | ListenOn::Host(addr) => ("listen", *addr),
-            };
-            ConfigError::key(source, key, format!("cannot listen on {addr}: {e}"))
-        })
+        onramp
+            .bind(&on)
+            .await
+            .map_err(|e| on.bind_error(source, &e))
     }
     /// Whether a reload from `old` to `new` must bind again (default: the
     /// listen address moved).

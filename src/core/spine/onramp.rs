@@ -40,6 +40,7 @@ use crate::core::net::dns;
 use crate::core::net::listen::{bind_host_tcp, HostListener, StreamListener};
 use crate::core::net::proxy::{self, ProxyOptions, Stream, Traffic};
 use crate::core::net::proxy_protocol;
+use crate::core::net::resolve;
 use crate::core::spine::dest::{self, ChosenBy, Forbidden, Host};
 use crate::core::spine::flow::{EndReason, FlowContext, Protocol, Verdict};
 use crate::core::spine::module::ModuleContext;
@@ -251,6 +252,28 @@ impl ListenOn {
             None => ListenOn::Host(listen),
         }
     }
+
+    /// The address listened on.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            ListenOn::Host(a) | ListenOn::Module { addr: a, .. } => *a,
+        }
+    }
+
+    /// A failed bind as the config error an operator acts on: the
+    /// document's `listen_via` when its module has no network to listen in,
+    /// else its `listen`. Every listener maps its bind errors here.
+    pub fn bind_error(&self, source: &str, e: &io::Error) -> crate::core::config::ConfigError {
+        let key = match self {
+            ListenOn::Module { .. } if e.kind() == io::ErrorKind::NotFound => "listen_via",
+            _ => "listen",
+        };
+        crate::core::config::ConfigError::key(
+            source,
+            key,
+            format!("cannot listen on {}: {e}", self.addr()),
+        )
+    }
 }
 
 /// The listener of a door (SOCKS, HTTP proxy): served at start, bound anew
@@ -272,19 +295,10 @@ impl DoorListener {
         handler: Arc<dyn StreamHandler>,
         source: &str,
     ) -> Result<(), crate::core::config::ConfigError> {
-        let l = onramp.bind(&on).await.map_err(|e| {
-            let (key, addr) = match &on {
-                ListenOn::Module { addr, .. } if e.kind() == io::ErrorKind::NotFound => {
-                    ("listen_via", *addr)
-                }
-                ListenOn::Module { addr, .. } | ListenOn::Host(addr) => ("listen", *addr),
-            };
-            crate::core::config::ConfigError::key(
-                source,
-                key,
-                format!("cannot listen on {addr}: {e}"),
-            )
-        })?;
+        let l = onramp
+            .bind(&on)
+            .await
+            .map_err(|e| on.bind_error(source, &e))?;
         self.serve_bound(onramp, on, l, handler).await;
         Ok(())
     }
@@ -916,7 +930,7 @@ impl OnRamp {
                             (vec![ip], String::new())
                         }
                         None if d.route.connector == Connector::Direct => {
-                            let ips = resolve_on_host(&name, port, timeout).await?;
+                            let ips = resolve_on_host(&name, timeout).await?;
                             let note = format!(" ({name} = {} by the host)", list(&ips));
                             (ips, note)
                         }
@@ -1074,32 +1088,10 @@ fn list(ips: &[std::net::IpAddr]) -> String {
 }
 
 /// Resolves `name` by the host's resolver (a `direct` route's names).
-async fn resolve_on_host(
-    name: &str,
-    port: u16,
-    timeout: Duration,
-) -> Result<Vec<std::net::IpAddr>, Refusal> {
-    match tokio::time::timeout(timeout, tokio::net::lookup_host((name, port))).await {
-        Ok(Ok(addrs)) => {
-            let mut ips: Vec<std::net::IpAddr> = Vec::new();
-            for a in addrs {
-                let ip = dest::canonical(a.ip());
-                if !ips.contains(&ip) {
-                    ips.push(ip);
-                }
-            }
-            if ips.is_empty() {
-                return Err(Refusal::Resolve(format!(
-                    "cannot resolve {name}: no addresses"
-                )));
-            }
-            Ok(ips)
-        }
-        Ok(Err(e)) => Err(Refusal::Resolve(format!("cannot resolve {name}: {e}"))),
-        Err(_) => Err(Refusal::Resolve(format!(
-            "cannot resolve {name}: no answer within {timeout:?}"
-        ))),
-    }
+async fn resolve_on_host(name: &str, timeout: Duration) -> Result<Vec<std::net::IpAddr>, Refusal> {
+    resolve::on_host(name, timeout)
+        .await
+        .map_err(|e| Refusal::Resolve(e.to_string()))
 }
 
 /// Where datagrams to one target go ([`OnRamp::open_datagrams`]).

@@ -238,12 +238,7 @@ impl Capture {
                 *self.problem.lock().expect("poisoned") = Some(m);
                 Ok(())
             }
-            Err(BindError::Other(e)) => {
-                Err(
-                    ConfigError::key(source, "listen", format!("cannot listen on {addr}: {e}"))
-                        .into(),
-                )
-            }
+            Err(BindError::Other(e)) => Err(ListenOn::Host(addr).bind_error(source, &e).into()),
         }
     }
 }

@@ -195,18 +195,9 @@ enum Bound {
 }
 
 impl Pipe {
-    fn listen_error(&self, cfg: &PipeConfig, e: std::io::Error) -> ModuleError {
+    fn listen_error(&self, on: &ListenOn, e: std::io::Error) -> ModuleError {
         let source = self.state.source.read().expect("poisoned").clone();
-        let key = if cfg.listen_via.is_some() && e.kind() == std::io::ErrorKind::NotFound {
-            "listen_via"
-        } else {
-            "listen"
-        };
-        ModuleError::Config(ConfigError::key(
-            &source,
-            key,
-            format!("cannot listen on {} ({:?}): {e}", cfg.listen, cfg.protocol),
-        ))
+        ModuleError::Config(on.bind_error(&source, &e))
     }
 
     async fn bind(&self, cfg: &PipeConfig) -> Result<Bound, ModuleError> {
@@ -216,14 +207,14 @@ impl Pipe {
                 .onramp
                 .bind_udp(&on)
                 .await
-                .map(|s| Bound::Udp(on, s))
-                .map_err(|e| self.listen_error(cfg, e));
+                .map_err(|e| self.listen_error(&on, e))
+                .map(|s| Bound::Udp(on, s));
         }
         self.onramp
             .bind(&on)
             .await
+            .map_err(|e| self.listen_error(&on, e))
             .map(|l| Bound::Stream(on, l))
-            .map_err(|e| self.listen_error(cfg, e))
     }
 
     fn serve(&self, bound: Bound) -> Running {

@@ -1166,13 +1166,11 @@ impl Door for SshDoor {
     ) -> Result<Box<dyn StreamListener>, ConfigError> {
         let key = keys::load_or_create_key(&cfg.host_key_file, "SSH host key")
             .map_err(|m| ConfigError::key(source, "host_key_file", m))?;
-        let l = onramp.bind(&Self::listen_on(cfg)).await.map_err(|e| {
-            ConfigError::key(
-                source,
-                "listen",
-                format!("cannot listen on {}: {e}", cfg.door.listen),
-            )
-        })?;
+        let on = Self::listen_on(cfg);
+        let l = onramp
+            .bind(&on)
+            .await
+            .map_err(|e| on.bind_error(source, &e))?;
         *self.server.write().expect("poisoned") = Some(Arc::new(server_config(key)));
         if !self
             .watching

@@ -66,6 +66,7 @@ use crate::core::engine::{self, EngineConfig, EngineError, EngineKind, IpEngine}
 use crate::core::engine::{NetStackStats, PacketSink};
 use crate::core::metrics::{InstanceMetrics, Metrics};
 use crate::core::net::prefix::PrefixTable;
+use crate::core::net::resolve;
 use crate::core::spine::flow::FlowTable;
 use crate::core::spine::ipflow::{hop, time_exceeded, Admit, Hop, IpFlows};
 use crate::core::spine::vnetstack::{Link, VnetStack};
@@ -89,6 +90,8 @@ const NEVER: u64 = u64::MAX;
 const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a silent peer's endpoint name is resolved again.
 const RERESOLVE_EVERY: Duration = Duration::from_secs(30);
+/// How long one endpoint resolution may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshake messages one source address may send per second, and its burst
 /// (the kernel's WireGuard allows 20/s with a burst of 5 initiations).
 const PER_SOURCE_RATE: f64 = 20.0;
@@ -1582,9 +1585,9 @@ impl Device {
             peer.cfg.name.clone(),
         );
         tokio::spawn(async move {
-            match tokio::net::lookup_host((hp.host.as_str(), hp.port)).await {
-                Ok(mut addrs) => {
-                    if let Some(a) = addrs.next() {
+            match resolve::on_host(&hp.host, RESOLVE_TIMEOUT).await {
+                Ok(ips) => {
+                    if let Some(a) = ips.first().map(|ip| SocketAddr::new(*ip, hp.port)) {
                         let mut ep = endpoint.lock().expect("poisoned");
                         if *ep != Some(a) {
                             tracing::info!(%tenant, %instance, peer = %name, endpoint = %a, host = %hp.host, "endpoint resolved");
@@ -1593,7 +1596,7 @@ impl Device {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(%tenant, %instance, peer = %name, host = %hp.host, error = %e, "cannot resolve endpoint")
+                    tracing::warn!(%tenant, %instance, peer = %name, error = %e, "cannot resolve endpoint")
                 }
             }
         });
