@@ -60,18 +60,56 @@ pub enum DialError {
     },
 }
 
-impl DialError {
+/// What kind of dial failure ended a flow: [`DialError`] without its
+/// details, for flow ends, metrics and the doors' replies (a SOCKS reply
+/// code, an HTTP status), which match on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DialFailure {
+    /// The host name did not resolve.
+    Resolve,
+    /// The remote refused the connection.
+    Refused,
+    /// No answer within the connect timeout.
+    Timeout,
+    /// The network or host is unreachable.
+    Unreachable,
+    /// No route, or the route's connector is not running.
+    NoRoute,
+    /// Any other I/O failure.
+    Io,
+}
+
+impl DialFailure {
     /// A short fixed label for metrics: `resolve`, `refused`, `timeout`,
     /// `unreachable`, `no_route` or `io`.
-    pub fn reason(&self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
-            DialError::Resolve { .. } => "resolve",
-            DialError::Refused(_) => "refused",
-            DialError::Timeout { .. } => "timeout",
-            DialError::Unreachable { .. } => "unreachable",
-            DialError::NoRoute(_) => "no_route",
-            DialError::Io { .. } => "io",
+            DialFailure::Resolve => "resolve",
+            DialFailure::Refused => "refused",
+            DialFailure::Timeout => "timeout",
+            DialFailure::Unreachable => "unreachable",
+            DialFailure::NoRoute => "no_route",
+            DialFailure::Io => "io",
         }
+    }
+}
+
+impl DialError {
+    /// The kind of failure.
+    pub fn failure(&self) -> DialFailure {
+        match self {
+            DialError::Resolve { .. } => DialFailure::Resolve,
+            DialError::Refused(_) => DialFailure::Refused,
+            DialError::Timeout { .. } => DialFailure::Timeout,
+            DialError::Unreachable { .. } => DialFailure::Unreachable,
+            DialError::NoRoute(_) => DialFailure::NoRoute,
+            DialError::Io { .. } => DialFailure::Io,
+        }
+    }
+
+    /// The metric label of [`DialError::failure`].
+    pub fn reason(&self) -> &'static str {
+        self.failure().as_str()
     }
 
     /// Classifies an OS error from connecting to `target`.

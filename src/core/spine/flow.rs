@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::core::metrics::InstanceMetrics;
+use crate::core::net::dial::DialFailure;
 use crate::core::net::proxy::{JoinEnd, Traffic};
 
 /// Transport protocol of a flow.
@@ -200,8 +201,8 @@ pub enum EndReason {
     NoRoute,
     /// The route is `reject`.
     Rejected,
-    /// Dialing the remote failed; the label is [`crate::core::net::dial::DialError::reason`].
-    DialFailed(&'static str),
+    /// Dialing the remote failed.
+    DialFailed(crate::core::net::dial::DialFailure),
     /// The destination is one no flow (or no door's user) may reach.
     Forbidden(crate::core::spine::dest::Forbidden),
     /// A policy change denied the open flow.
@@ -223,13 +224,13 @@ impl EndReason {
             EndReason::Denied => "denied",
             EndReason::NoRoute => "no_route",
             EndReason::Rejected => "rejected",
-            EndReason::DialFailed(r) => match r {
-                "resolve" => "dial_resolve",
-                "refused" => "dial_refused",
-                "timeout" => "dial_timeout",
-                "unreachable" => "dial_unreachable",
-                "no_route" => "dial_no_route",
-                _ => "dial_io",
+            EndReason::DialFailed(f) => match f {
+                DialFailure::Resolve => "dial_resolve",
+                DialFailure::Refused => "dial_refused",
+                DialFailure::Timeout => "dial_timeout",
+                DialFailure::Unreachable => "dial_unreachable",
+                DialFailure::NoRoute => "dial_no_route",
+                DialFailure::Io => "dial_io",
             },
             EndReason::Forbidden(_) => "forbidden",
             EndReason::PolicyRevoked => "policy_revoked",
@@ -726,7 +727,10 @@ mod tests {
 
     #[test]
     fn end_reasons_have_stable_labels() {
-        assert_eq!(EndReason::DialFailed("refused").as_str(), "dial_refused");
+        assert_eq!(
+            EndReason::DialFailed(DialFailure::Refused).as_str(),
+            "dial_refused"
+        );
         assert_eq!(
             EndReason::from(JoinEnd::IdleTimeout).as_str(),
             "idle_timeout"

@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::core::addr::HostPort;
 use crate::core::logs;
+use crate::core::net::dial::DialFailure;
 use crate::core::net::dns;
 use crate::core::net::listen::{bind_host_tcp, HostListener, StreamListener};
 use crate::core::net::proxy::{self, ProxyOptions, Stream, Traffic};
@@ -801,9 +802,9 @@ impl OnRamp {
                         }
                     }
                 }
-                let reason = last.as_ref().map_or("timeout", |e| e.reason());
-                ctx.metrics.dial_error(tenant, instance, reason);
-                Err(EndReason::DialFailed(reason))
+                let failure = last.as_ref().map_or(DialFailure::Timeout, |e| e.failure());
+                ctx.metrics.dial_error(tenant, instance, failure.as_str());
+                Err(EndReason::DialFailed(failure))
             }
             .await;
             // Phase two: tell the client (where the on-ramp owes it an
@@ -1141,7 +1142,7 @@ impl Refusal {
     fn end_reason(&self) -> EndReason {
         match self {
             Refusal::Route(RouteError::Rejected { .. }) => EndReason::Rejected,
-            Refusal::Resolve(_) => EndReason::DialFailed("resolve"),
+            Refusal::Resolve(_) => EndReason::DialFailed(DialFailure::Resolve),
             Refusal::Forbidden { what, .. } => EndReason::Forbidden(*what),
             _ => EndReason::NoRoute,
         }
@@ -1481,7 +1482,7 @@ mod tests {
         let (_c, client, _) = client_pair().await;
         assert_eq!(
             onramp.connect(client, req("localhost")).await,
-            EndReason::DialFailed("resolve")
+            EndReason::DialFailed(DialFailure::Resolve)
         );
         let ends = policy.0.lock().unwrap().clone();
         assert!(

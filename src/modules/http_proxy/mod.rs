@@ -39,6 +39,7 @@ use tokio::sync::oneshot;
 use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
 use crate::core::logs;
+use crate::core::net::dial::DialFailure;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::door::{Door, DoorModule, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
@@ -112,7 +113,7 @@ fn status_for(reason: EndReason) -> StatusCode {
         | EndReason::NoRoute
         | EndReason::Forbidden(_)
         | EndReason::PolicyRevoked => StatusCode::FORBIDDEN,
-        EndReason::DialFailed("timeout") => StatusCode::GATEWAY_TIMEOUT,
+        EndReason::DialFailed(DialFailure::Timeout) => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_GATEWAY,
     }
 }
@@ -478,11 +479,11 @@ mod tests {
         assert_eq!(status_for(EndReason::Denied), StatusCode::FORBIDDEN);
         assert_eq!(status_for(EndReason::NoRoute), StatusCode::FORBIDDEN);
         assert_eq!(
-            status_for(EndReason::DialFailed("timeout")),
+            status_for(EndReason::DialFailed(DialFailure::Timeout)),
             StatusCode::GATEWAY_TIMEOUT
         );
         assert_eq!(
-            status_for(EndReason::DialFailed("refused")),
+            status_for(EndReason::DialFailed(DialFailure::Refused)),
             StatusCode::BAD_GATEWAY
         );
     }

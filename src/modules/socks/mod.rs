@@ -41,6 +41,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::core::config::ConfigError;
 use crate::core::logs;
+use crate::core::net::dial::DialFailure;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::door::{Door, DoorModule, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
@@ -165,10 +166,14 @@ fn reply_code(reason: EndReason) -> u8 {
         | EndReason::Rejected
         | EndReason::Forbidden(_)
         | EndReason::PolicyRevoked => proto::REP_NOT_ALLOWED,
-        EndReason::NoRoute | EndReason::DialFailed("no_route") => proto::REP_NETWORK_UNREACHABLE,
-        EndReason::DialFailed("resolve" | "unreachable") => proto::REP_HOST_UNREACHABLE,
-        EndReason::DialFailed("refused") => proto::REP_CONNECTION_REFUSED,
-        EndReason::DialFailed("timeout") => proto::REP_TTL_EXPIRED,
+        EndReason::NoRoute | EndReason::DialFailed(DialFailure::NoRoute) => {
+            proto::REP_NETWORK_UNREACHABLE
+        }
+        EndReason::DialFailed(DialFailure::Resolve | DialFailure::Unreachable) => {
+            proto::REP_HOST_UNREACHABLE
+        }
+        EndReason::DialFailed(DialFailure::Refused) => proto::REP_CONNECTION_REFUSED,
+        EndReason::DialFailed(DialFailure::Timeout) => proto::REP_TTL_EXPIRED,
         _ => proto::REP_GENERAL_FAILURE,
     }
 }

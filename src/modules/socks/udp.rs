@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::SocksConfig;
 use super::proto;
 use crate::core::logs;
+use crate::core::net::dial::DialFailure;
 use crate::core::net::proxy::{Stream, Traffic};
 use crate::core::spine::flow::{EndReason, FlowContext, FlowGuard, Protocol, Verdict};
 use crate::core::spine::onramp::{ListenOn, OnRamp, RouteVia};
@@ -152,9 +153,9 @@ impl Assoc<'_> {
         }
         let socket = match self.socket_for(&connector, remote).await {
             Ok(s) => s,
-            Err((reason, m)) => {
-                flow.set_end_reason(EndReason::DialFailed(reason));
-                self.drop_counted(reason, &m);
+            Err((failure, m)) => {
+                flow.set_end_reason(EndReason::DialFailed(failure));
+                self.drop_counted(failure.as_str(), &m);
                 return Dest { flow, socket: None };
             }
         };
@@ -172,7 +173,7 @@ impl Assoc<'_> {
         &mut self,
         connector: &Connector,
         remote: SocketAddr,
-    ) -> Result<Socket, (&'static str, String)> {
+    ) -> Result<Socket, (DialFailure, String)> {
         let key = (connector.clone(), remote.is_ipv6());
         if let Some(s) = self.sockets.get(&key) {
             return Ok(s.clone());
@@ -182,7 +183,7 @@ impl Assoc<'_> {
             .ctx()
             .bind_udp(connector, remote)
             .await
-            .map_err(|e| (e.reason(), e.to_string()))?;
+            .map_err(|e| (e.failure(), e.to_string()))?;
         let (answers, stop, rx) = (self.answers.clone(), self.stop.clone(), socket.clone());
         tokio::spawn(async move {
             let mut buf = vec![0u8; MAX_DATAGRAM];

@@ -40,6 +40,7 @@ use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
 use crate::core::logs;
+use crate::core::net::dial::DialFailure;
 use crate::core::net::listen::StreamListener;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::dest::ChosenBy;
@@ -1045,7 +1046,7 @@ impl StreamHandler for Reverse {
                     }
                 }
             }
-            Err(_) => EndReason::DialFailed("refused"),
+            Err(_) => EndReason::DialFailed(DialFailure::Refused),
         };
         flow.set_end_reason(reason);
     }
