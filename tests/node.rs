@@ -315,3 +315,89 @@ fn free_udp_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A plain HTTP GET to the admin API: (status line, body).
+async fn admin_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}
+
+/// One tenant that cannot start at boot (its port is taken) no longer
+/// stops the node: it is refused and reported (`/readyz`, `/api/v1/node`,
+/// `/api/v1/modules`, a metric) while another tenant's pipe serves; once
+/// the port is free, its next document starts it. A node where nothing at
+/// all can start still fails to start.
+#[tokio::test]
+async fn a_tenant_that_cannot_start_is_refused_while_the_others_run() {
+    let backend_addr = backend("B").await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let beta_port = free_port();
+    let store = Arc::new(MemStore::new());
+    store.set("acme", "web", pipe(taken_port, backend_addr));
+    store.set("beta", "web", pipe(beta_port, backend_addr));
+    let mut node = Node::new(store.clone(), builtin_factories(), Vec::new());
+    node.start().await.expect("beta starts although acme cannot");
+    assert_eq!(tag_at(beta_port).await, "B", "beta serves");
+    let reg = node.registry().clone();
+    let refused = reg.refused();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, "acme/web");
+    assert!(refused[0].1.contains("key `listen`: cannot listen on 127.0.0.1:"), "{refused:?}");
+    let text = reg.metrics().encode();
+    assert!(
+        text.contains(r#"meshgate_instances_refused{tenant="acme",instance="web"} 1"#),
+        "{text}"
+    );
+    let status = reg.status().await;
+    let acme = status.iter().find(|s| s.tenant == "acme").expect("acme shown");
+    assert_eq!(serde_json::to_value(acme.state).unwrap(), "refused");
+    assert!(acme.last_error.as_deref().unwrap().contains("cannot listen"));
+
+    // The admin API says so: ready, with the refused instance named.
+    let admin = meshgate::core::node::admin::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    meshgate::core::node::admin::spawn_on_own_runtime(
+        admin,
+        meshgate::core::node::admin::Admin::new(reg.clone(), "n"),
+        stop.clone(),
+    )
+    .unwrap();
+    let (line, body) = admin_get(admin_addr, "/readyz").await;
+    assert!(line.contains("200"), "{line}");
+    assert!(body.contains("refused acme/web: "), "{body}");
+    let (_, body) = admin_get(admin_addr, "/api/v1/node").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["refused"][0]["instance"], "acme/web", "{v}");
+
+    // The port comes free; the next document starts acme.
+    drop(taken);
+    store.set("acme", "web", pipe(taken_port, backend_addr));
+    assert!(eventually(async || tag_at(taken_port).await == "B").await);
+    assert!(reg.refused().is_empty());
+    assert!(!reg.metrics().encode().contains("meshgate_instances_refused{"));
+    let (_, body) = admin_get(admin_addr, "/readyz").await;
+    assert_eq!(body, "ready\n");
+    stop.cancel();
+    node.shutdown(Duration::from_secs(1)).await;
+
+    // Nothing can start: the node does not start.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let only = Arc::new(MemStore::new());
+    only.set("acme", "web", pipe(taken.local_addr().unwrap().port(), backend_addr));
+    let mut node = Node::new(only, builtin_factories(), Vec::new());
+    let e = node.start().await.unwrap_err();
+    assert!(e[0].contains("cannot listen"), "{e:?}");
+}

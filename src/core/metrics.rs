@@ -103,6 +103,8 @@ pub struct Metrics {
     pub restarts: Family<InstanceLabels, Counter>,
     /// Policy decisions, by rule and result.
     pub policy: Family<PolicyLabels, Counter>,
+    /// 1 for each instance whose start failed and that is not running.
+    pub refused: Family<InstanceLabels, Gauge>,
     /// Reason label sets created so far, so an instance's series can be
     /// deleted with it.
     reasons_seen: Mutex<std::collections::HashSet<ReasonLabels>>,
@@ -177,6 +179,7 @@ impl Metrics {
             config_reloads: Family::default(),
             restarts: Family::default(),
             policy: Family::default(),
+            refused: Family::default(),
             reasons_seen: Mutex::new(std::collections::HashSet::new()),
             registry: Mutex::new(Registry::default()),
             subsystems: Mutex::new(HashMap::new()),
@@ -216,6 +219,11 @@ impl Metrics {
             "module_restarts",
             "Restarts of a module instance after one of its tasks failed",
             m.restarts.clone(),
+        );
+        registry.register(
+            "instances_refused",
+            "1 for each module instance whose start failed (a port in use, no file descriptor left); the rest of the node runs",
+            m.refused.clone(),
         );
         registry.register(
             "policy_decisions",
@@ -324,6 +332,19 @@ impl Metrics {
             }
             !mine
         });
+    }
+
+    /// Marks an instance refused at start (1) or clears it.
+    pub fn set_refused(&self, tenant: &str, instance: &str, refused: bool) {
+        let l = InstanceLabels {
+            tenant: tenant.into(),
+            instance: instance.into(),
+        };
+        if refused {
+            self.refused.get_or_create(&l).set(1);
+        } else {
+            self.refused.remove(&l);
+        }
     }
 
     /// Counts a restart after a failure.

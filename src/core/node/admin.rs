@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `/metrics` | Prometheus metrics (text exposition format) |
 //! | `/healthz` | 200 while the process runs |
-//! | `/readyz` | 200 once every module started; 503 while starting, draining, or restarting an instance that failed (`faults` in `/api/v1/node`) |
+//! | `/readyz` | 200 once start-up is over (with a `refused TENANT/INSTANCE: why` line for each instance that could not start); 503 while starting, draining, or restarting an instance that failed (`faults` in `/api/v1/node`) |
 //! | `/api/v1/node` | node name, version, uptime |
 //! | `/api/v1/tenants` | tenants with their instance and flow counts |
 //! | `/api/v1/modules` | every module instance with its state (`?tenant=` filters) |
@@ -244,7 +244,13 @@ impl Admin {
             "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
             "/readyz" => {
                 if self.registry.is_ready() {
-                    text(StatusCode::OK, "text/plain", "ready\n".into())
+                    // Ready, with the instances that could not start named:
+                    // the rest of the node serves.
+                    let mut body = String::from("ready\n");
+                    for (who, why) in self.registry.refused() {
+                        body.push_str(&format!("refused {who}: {}\n", why.escape_debug()));
+                    }
+                    text(StatusCode::OK, "text/plain", body)
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into())
                 }
@@ -257,6 +263,7 @@ impl Admin {
                     "uptime_secs": self.started.elapsed().as_secs(),
                     "ready": self.registry.is_ready(),
                     "faults": self.registry.faults().into_iter().map(|(who, why)| serde_json::json!({"instance": who, "reason": why})).collect::<Vec<_>>(),
+                    "refused": self.registry.refused().into_iter().map(|(who, why)| serde_json::json!({"instance": who, "reason": why})).collect::<Vec<_>>(),
                     "store": self.registry.store().describe(),
                     // The user meshgate runs as: capture rules exclude its own connections.
                     "uid": self_uid(),

@@ -55,6 +55,10 @@ pub enum ModuleState {
     Draining,
     /// Stopped.
     Stopped,
+    /// Never started: its start failed (a port in use, no file descriptor
+    /// left), at boot or when its document appeared. The node runs the
+    /// rest; the document is tried again when it changes.
+    Refused,
 }
 
 /// An instance as the admin API shows it.
@@ -95,6 +99,13 @@ struct InstanceEntry {
     last_error: Option<String>,
 }
 
+/// An instance whose start failed (see [`ModuleState::Refused`]).
+struct Refused {
+    kind: String,
+    source: String,
+    why: String,
+}
+
 struct TenantEntry {
     tenant: Arc<Tenant>,
     instances: BTreeMap<String, InstanceEntry>,
@@ -108,6 +119,8 @@ pub struct Registry {
     flows: Arc<FlowTable>,
     directory: ModuleDirectory,
     tenants: Mutex<BTreeMap<String, TenantEntry>>,
+    /// Instances whose start failed, by key.
+    refused: std::sync::Mutex<BTreeMap<InstanceKey, Refused>>,
     ready: AtomicBool,
     /// The engine of vnets that name none.
     default_engine: std::sync::Mutex<crate::core::engine::EngineKind>,
@@ -130,6 +143,7 @@ impl Registry {
             flows,
             directory: ModuleDirectory::default(),
             tenants: Mutex::new(BTreeMap::new()),
+            refused: std::sync::Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
             default_engine: std::sync::Mutex::new(Default::default()),
             audit: std::sync::Mutex::new(None),
@@ -177,6 +191,39 @@ impl Registry {
     /// Instances failed while running and restarting: `(tenant/instance, why)`.
     pub fn faults(&self) -> Vec<(String, String)> {
         self.directory.faults().list()
+    }
+
+    /// Instances whose start failed and that are not running:
+    /// `(tenant/instance, why)`. The rest of the node runs.
+    pub fn refused(&self) -> Vec<(String, String)> {
+        self.refused
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(k, r)| (format!("{}/{}", k.tenant, k.instance), r.why.clone()))
+            .collect()
+    }
+
+    /// Records that `key` could not start: logged, counted, shown.
+    fn refuse(&self, key: &InstanceKey, kind: &str, source: &str, error: &RegistryError) {
+        let why = error.to_string();
+        tracing::error!(tenant = %key.tenant, instance = %key.instance, kind, source, error = %why, "module refused: it could not start; the rest of the node runs");
+        self.metrics.set_refused(&key.tenant, &key.instance, true);
+        self.refused.lock().expect("poisoned").insert(
+            key.clone(),
+            Refused {
+                kind: kind.to_string(),
+                source: source.to_string(),
+                why,
+            },
+        );
+    }
+
+    /// Forgets that `key` was refused (it started, or its document went).
+    fn unrefuse(&self, key: &InstanceKey) {
+        if self.refused.lock().expect("poisoned").remove(key).is_some() {
+            self.metrics.set_refused(&key.tenant, &key.instance, false);
+        }
     }
 
     /// The node's listening sockets on the host, by owner (the admin API
@@ -288,24 +335,36 @@ impl Registry {
         self.read_all().await.1
     }
 
-    /// Builds and starts every instance. Any error stops what was started and
-    /// is returned (all config errors at once; the first start failure).
+    /// Builds and starts every instance. Config errors are returned all at
+    /// once and nothing starts. An instance whose start fails (a port in
+    /// use, no file descriptor left) is refused and reported
+    /// ([`Registry::refused`]) while every other one runs, as a failed
+    /// reload is; only when nothing at all could start are the failures
+    /// returned.
     pub async fn start(&self) -> Result<(), Vec<RegistryError>> {
         let (plans, errors) = self.read_all().await;
         if !errors.is_empty() {
             return Err(errors);
         }
         let mut tenants = self.tenants.lock().await;
+        let (mut started, mut failures) = (0usize, Vec::new());
         for (tenant, planned) in plans {
             for p in planned {
-                if let Err(e) = self.launch(&mut tenants, &tenant, p).await {
-                    drop(tenants);
-                    self.stop_all().await;
-                    return Err(vec![e]);
+                let (key, kind, source) = (p.key.clone(), p.kind.clone(), p.doc.source.clone());
+                match self.launch(&mut tenants, &tenant, p).await {
+                    Ok(()) => started += 1,
+                    Err(e) => {
+                        self.refuse(&key, &kind, &source, &e);
+                        failures.push(e);
+                    }
                 }
             }
         }
         drop(tenants);
+        if started == 0 && !failures.is_empty() {
+            self.stop_all().await;
+            return Err(failures);
+        }
         self.ready.store(true, Ordering::Release);
         Ok(())
     }
@@ -469,6 +528,7 @@ impl Registry {
             Err(e) => return self.reject(tenants, key, &e.to_string()),
         };
         let Some(doc) = doc else {
+            self.unrefuse(key);
             if self.remove_instance(tenants, key).await {
                 self.metrics.reload(&key.tenant, &key.instance, true);
             }
@@ -508,9 +568,16 @@ impl Registry {
                     // A change of kind replaces the instance.
                     self.remove_instance(tenants, key).await;
                 }
+                let (kind, source) = (planned.kind.clone(), planned.doc.source.clone());
                 match self.launch(tenants, &key.tenant, planned).await {
-                    Ok(()) => self.metrics.reload(&key.tenant, &key.instance, true),
-                    Err(e) => self.reject(tenants, key, &e.to_string()),
+                    Ok(()) => {
+                        self.unrefuse(key);
+                        self.metrics.reload(&key.tenant, &key.instance, true)
+                    }
+                    Err(e) => {
+                        self.metrics.reload(&key.tenant, &key.instance, false);
+                        self.refuse(key, &kind, &source, &e);
+                    }
                 }
             }
         }
@@ -598,10 +665,32 @@ impl Registry {
         tenants.clear();
     }
 
-    /// Every instance with its state, by tenant and name.
+    /// Every instance with its state, by tenant and name; refused ones
+    /// with why.
     pub async fn status(&self) -> Vec<InstanceStatus> {
         let tenants = self.tenants.lock().await;
-        tenants
+        let refused: Vec<InstanceStatus> = self
+            .refused
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter(|(k, _)| {
+                tenants
+                    .get(&k.tenant)
+                    .is_none_or(|t| !t.instances.contains_key(&k.instance))
+            })
+            .map(|(k, r)| InstanceStatus {
+                tenant: k.tenant.clone(),
+                instance: k.instance.clone(),
+                kind: r.kind.clone(),
+                source: r.source.clone(),
+                state: ModuleState::Refused,
+                last_error: Some(r.why.clone()),
+                active_flows: 0,
+                details: serde_json::Value::Null,
+            })
+            .collect();
+        let mut out: Vec<InstanceStatus> = tenants
             .iter()
             .flat_map(|(tname, t)| {
                 t.instances.iter().map(move |(iname, e)| InstanceStatus {
@@ -615,7 +704,10 @@ impl Registry {
                     details: e.module.status(),
                 })
             })
-            .collect()
+            .collect();
+        out.extend(refused);
+        out.sort_by(|a, b| (&a.tenant, &a.instance).cmp(&(&b.tenant, &b.instance)));
+        out
     }
 
     /// Tenant names with running instances.
