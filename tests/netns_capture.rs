@@ -13,13 +13,6 @@ use std::time::Duration;
 use common::netns::*;
 use common::*;
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-}
-
 /// An application namespace behind the gateway: its default route goes
 /// through `gw`, on subnet 10.240.`n`.0/24. Returns it and the gateway's
 /// interface towards it.
@@ -44,8 +37,8 @@ fn ctl_rules(gw: &Netns, args: &str) -> String {
 
 #[test]
 fn redirect_and_tproxy_steer_unconfigured_clients_through_meshgate() {
-    if !is_root() || !can_netns() || !have("iptables") || !have("nginx") || !have("curl") {
-        eprintln!("skipped: needs root, iptables, nginx, curl");
+    if !need_root() || !can_netns() || !have("iptables") || !have("nginx") || !have("curl") {
+        skip("needs root, iptables, nginx, curl");
         return;
     }
     let gw = Netns::new("cgw");
@@ -190,8 +183,8 @@ fn redirect_and_tproxy_steer_unconfigured_clients_through_meshgate() {
 
 #[test]
 fn tproxy_without_cap_net_admin_is_reported_and_the_rest_runs() {
-    if !is_root() || !have("setpriv") || !have("curl") {
-        eprintln!("skipped: needs root (to run meshgate as another user)");
+    if !need_root() || !have("setpriv") || !have("curl") {
+        skip("needs root (to run meshgate as another user)");
         return;
     }
     let cfg = ConfigDir::new();

@@ -32,13 +32,6 @@ fn userns_allowed() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-}
-
 /// A config dir readable by the unprivileged user: a WireGuard server at
 /// 10.192.0.1 with the kernel engine (the node's default) and a pipe on
 /// its VPN address to nginx on the namespace's loopback.
@@ -118,7 +111,7 @@ fn namespace_in_use(ns: &str) -> bool {
 
 #[test]
 fn unprivileged_kernel_engine_carries_a_wireguard_go_peer() {
-    if !is_root()
+    if !need_root()
         || !can_netns()
         || !userns_allowed()
         || !have("wireguard-go")
@@ -126,7 +119,7 @@ fn unprivileged_kernel_engine_carries_a_wireguard_go_peer() {
         || !have("curl")
         || !have("ping")
     {
-        eprintln!("skipped: needs root, user namespaces, wireguard-go, nginx, curl, ping");
+        skip("needs root, user namespaces, wireguard-go, nginx, curl, ping");
         return;
     }
     let mut server = Netns::new("ks");
@@ -213,15 +206,15 @@ fn unprivileged_kernel_engine_carries_a_wireguard_go_peer() {
 
 #[test]
 fn kernel_engine_without_tun_access_is_refused_clearly() {
-    if !is_root() || !have("setpriv") {
-        eprintln!("skipped: needs root (to run meshgate as another user)");
+    if !need_root() || !have("setpriv") {
+        skip("needs root (to run meshgate as another user)");
         return;
     }
     let tun_open_to_all = std::fs::metadata("/dev/net/tun")
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 == 0o006)
         .unwrap_or(false);
     if tun_open_to_all {
-        eprintln!("skipped: /dev/net/tun is open to every user on this machine");
+        skip("/dev/net/tun is open to every user on this machine");
         return;
     }
     let key = meshgate::core::keys::PrivateKey::generate();
@@ -263,8 +256,8 @@ fn kernel_engine_without_tun_access_is_refused_clearly() {
 
 #[test]
 fn nothing_is_left_when_meshgate_is_killed() {
-    if !is_root() || !can_netns() {
-        eprintln!("skipped: needs root");
+    if !need_root() || !can_netns() {
+        skip("needs root");
         return;
     }
     let key = meshgate::core::keys::PrivateKey::generate();

@@ -17,7 +17,7 @@ use common::*;
 fn ssh_jump_through_meshgate_into_a_real_sshd_and_100mb_through_a_forward() {
     let sshd = Path::new("/usr/sbin/sshd");
     if !can_netns() || !sshd.exists() || !have("ssh") || !have("python3") {
-        eprintln!("skipped: needs root, sshd, ssh, python3");
+        skip("needs root, sshd, ssh, python3");
         return;
     }
     let cloud = Netns::new("sc");
@@ -223,7 +223,7 @@ impl Drop for NsHosts {
 #[test]
 fn socks_on_the_client_reaches_legacy_nginx_by_name_over_ssh_in_wireguard() {
     if !can_netns() || !have("ssh-keygen") || !have("nginx") || !have("curl") {
-        eprintln!("skipped: needs root, ssh-keygen, nginx, curl");
+        skip("needs root, ssh-keygen, nginx, curl");
         return;
     }
     let cloud = Netns::new("cc");

@@ -226,7 +226,7 @@ fn a_gigabyte_crosses(engine: &str) {
 #[test]
 fn a_gigabyte_crosses_a_lossy_path_intact_with_the_kernel_engine() {
     if !ready() || !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("skipped: needs root, python3 and /dev/net/tun");
+        skip("needs root, python3 and /dev/net/tun");
         return;
     }
     a_gigabyte_crosses("kernel");
@@ -235,7 +235,7 @@ fn a_gigabyte_crosses_a_lossy_path_intact_with_the_kernel_engine() {
 #[test]
 fn a_gigabyte_crosses_a_lossy_path_intact_with_the_userspace_engine() {
     if !ready() {
-        eprintln!("skipped: needs root and python3");
+        skip("needs root and python3");
         return;
     }
     a_gigabyte_crosses("userspace");
@@ -248,7 +248,7 @@ fn linux_tcp_and_meshgate_tcp_interoperate_across_loss() {
     // (meshgate's receiver and SACK blocks), then meshgate sending to Linux
     // (meshgate's recovery from Linux's SACK blocks).
     if !ready() || !have("wireguard-go") || !have("wg") {
-        eprintln!("skipped: needs root, python3, wireguard-go and wg");
+        skip("needs root, python3, wireguard-go and wg");
         return;
     }
     let (mut a, mut b, _r) = lossy_path();

@@ -328,7 +328,10 @@ async fn admin_get(addr: SocketAddr, path: &str) -> (String, String) {
         .unwrap()
         .unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
 }
 
 /// One tenant that cannot start at boot (its port is taken) no longer
@@ -346,22 +349,36 @@ async fn a_tenant_that_cannot_start_is_refused_while_the_others_run() {
     store.set("acme", "web", pipe(taken_port, backend_addr));
     store.set("beta", "web", pipe(beta_port, backend_addr));
     let mut node = Node::new(store.clone(), builtin_factories(), Vec::new());
-    node.start().await.expect("beta starts although acme cannot");
+    node.start()
+        .await
+        .expect("beta starts although acme cannot");
     assert_eq!(tag_at(beta_port).await, "B", "beta serves");
     let reg = node.registry().clone();
     let refused = reg.refused();
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0].0, "acme/web");
-    assert!(refused[0].1.contains("key `listen`: cannot listen on 127.0.0.1:"), "{refused:?}");
+    assert!(
+        refused[0]
+            .1
+            .contains("key `listen`: cannot listen on 127.0.0.1:"),
+        "{refused:?}"
+    );
     let text = reg.metrics().encode();
     assert!(
         text.contains(r#"meshgate_instances_refused{tenant="acme",instance="web"} 1"#),
         "{text}"
     );
     let status = reg.status().await;
-    let acme = status.iter().find(|s| s.tenant == "acme").expect("acme shown");
+    let acme = status
+        .iter()
+        .find(|s| s.tenant == "acme")
+        .expect("acme shown");
     assert_eq!(serde_json::to_value(acme.state).unwrap(), "refused");
-    assert!(acme.last_error.as_deref().unwrap().contains("cannot listen"));
+    assert!(acme
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("cannot listen"));
 
     // The admin API says so: ready, with the refused instance named.
     let admin = meshgate::core::node::admin::bind("127.0.0.1:0".parse().unwrap())
@@ -387,7 +404,10 @@ async fn a_tenant_that_cannot_start_is_refused_while_the_others_run() {
     store.set("acme", "web", pipe(taken_port, backend_addr));
     assert!(eventually(async || tag_at(taken_port).await == "B").await);
     assert!(reg.refused().is_empty());
-    assert!(!reg.metrics().encode().contains("meshgate_instances_refused{"));
+    assert!(!reg
+        .metrics()
+        .encode()
+        .contains("meshgate_instances_refused{"));
     let (_, body) = admin_get(admin_addr, "/readyz").await;
     assert_eq!(body, "ready\n");
     stop.cancel();
@@ -396,7 +416,11 @@ async fn a_tenant_that_cannot_start_is_refused_while_the_others_run() {
     // Nothing can start: the node does not start.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let only = Arc::new(MemStore::new());
-    only.set("acme", "web", pipe(taken.local_addr().unwrap().port(), backend_addr));
+    only.set(
+        "acme",
+        "web",
+        pipe(taken.local_addr().unwrap().port(), backend_addr),
+    );
     let mut node = Node::new(only, builtin_factories(), Vec::new());
     let e = node.start().await.unwrap_err();
     assert!(e[0].contains("cannot listen"), "{e:?}");

@@ -279,7 +279,7 @@ fn stock_wg_drives_meshgate_nodes_on_loopback() {
         return;
     }
     if !can_netns_quiet() {
-        eprintln!("SKIPPED: `wg` runs in a private mount namespace here (unshare -m + mount --bind), which needs root");
+        common::skip("`wg` runs in a private mount namespace here (unshare -m + mount --bind), which needs root");
         return;
     }
     let (ka, kb, kc) = (

@@ -356,39 +356,51 @@ fn an_initiation_flood_from_one_address_costs_another_peer_no_pings() {
     let sock = UdpSocket::bind("127.0.0.3:0").unwrap();
     let server_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let flood = {
-        let stop = stop.clone();
+        let (stop, sent) = (stop.clone(), sent.clone());
         std::thread::spawn(move || {
-            let mut sent = 0u64;
             let start = std::time::Instant::now();
+            let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 // 200 every 10 ms.
                 for d in &inits {
                     let _ = sock.send_to(d, server_addr);
                 }
-                sent += inits.len() as u64;
-                let due = Duration::from_micros(sent * 50);
+                n += inits.len() as u64;
+                sent.store(n, std::sync::atomic::Ordering::Relaxed);
+                let due = Duration::from_micros(n * 50);
                 if let Some(wait) = due.checked_sub(start.elapsed()) {
                     std::thread::sleep(wait);
                 }
             }
-            sent as f64 / start.elapsed().as_secs_f64()
+            n as f64 / start.elapsed().as_secs_f64()
         })
     };
     std::thread::sleep(Duration::from_millis(200));
-    let mut lost = 0;
-    for seq in 0..300u16 {
-        peer.send_ip(&echo_request([10, 192, 0, 2], [10, 192, 0, 1], seq));
+    // At least 300 pings, and pinging on until 20,000 initiations went out:
+    // the claim is about a volume of flood, whatever this machine's pace.
+    let (mut lost, mut pings) = (0, 0u16);
+    while pings < 300 || sent.load(std::sync::atomic::Ordering::Relaxed) < 20_000 {
+        assert!(pings < 6000, "the flood never reached 20,000 initiations");
+        peer.send_ip(&echo_request([10, 192, 0, 2], [10, 192, 0, 1], pings));
         match peer.recv_ip() {
-            Some(reply) => assert_echo_reply(&reply, seq),
+            Some(reply) => assert_echo_reply(&reply, pings),
             None => lost += 1,
         }
+        pings += 1;
         std::thread::sleep(Duration::from_millis(5));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rate = flood.join().unwrap();
-    assert!(rate > 15_000.0, "the flood ran at only {rate:.0}/s");
-    assert!(lost <= 2, "{lost} of 300 pings lost during the flood");
+    eprintln!(
+        "{} initiations at {rate:.0}/s; {lost} of {pings} pings lost",
+        sent.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(
+        lost <= pings.div_ceil(150),
+        "{lost} of {pings} pings lost during the flood"
+    );
     let limited = mg.metric(
         r#"meshgate_wg_dropped_packets_total{tenant="default",instance="wg0",peer="-",reason="handshake_rate"}"#,
     );
@@ -453,4 +465,28 @@ fn inner_packets_far_over_the_mtu_cost_no_memory() {
     // Still serving.
     peer.send_ip(&echo_request([10, 192, 0, 2], [10, 192, 0, 1], 3));
     assert_echo_reply(&peer.recv_ip().expect("echo reply afterwards"), 3);
+}
+
+/// The engine that runs is the one asked for: `scripts/test.sh` runs this
+/// suite a second time with `MESHGATE_NODE__ENGINE=kernel`, and that rerun
+/// proves nothing unless the kernel engine is in force (userspace when the
+/// variable is not set).
+#[test]
+fn the_engine_in_force_is_the_one_the_environment_asks_for() {
+    let want = std::env::var("MESHGATE_NODE__ENGINE").unwrap_or_else(|_| "userspace".into());
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "tenants/default/wg0.yaml",
+        &format!(
+            "kind: wireguard\nprivate_key: {}\naddress: 10.192.0.1/24\nuapi: off\n",
+            PrivateKey::generate().to_base64()
+        ),
+    );
+    let mg = Meshgate::start(&cfg);
+    let modules = mg.json("/api/v1/modules");
+    let wg = modules
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["instance"] == "wg0"))
+        .unwrap_or_else(|| panic!("wg0 in {modules}"));
+    assert_eq!(wg["details"]["engine"], want.as_str(), "{wg}");
 }

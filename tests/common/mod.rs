@@ -27,14 +27,25 @@ pub fn have(tool: &str) -> bool {
         .map(|s| s.success())
         .unwrap_or(false);
     if !found {
-        if std::env::var("MESHGATE_REQUIRE_TOOLS").as_deref() == Ok("1") {
-            panic!(
-                "{tool} is required (MESHGATE_REQUIRE_TOOLS=1): run scripts/test.sh to install it"
-            );
-        }
-        eprintln!("SKIPPED: {tool} not installed (scripts/test.sh installs it)");
+        skip(&format!(
+            "{tool} not installed (scripts/test.sh installs it)"
+        ));
     }
     found
+}
+
+/// Skips the calling test for `why`: with `MESHGATE_REQUIRE_TOOLS=1` (as
+/// `scripts/test.sh` sets) a skip is a failure; otherwise the test's name
+/// and the reason are printed (`SKIPPED: name: why`), and the caller returns.
+pub fn skip(why: &str) {
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    if std::env::var("MESHGATE_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("{name} cannot run (MESHGATE_REQUIRE_TOOLS=1): {why}");
+    }
+    eprintln!("SKIPPED: {name}: {why}");
 }
 
 /// A port free on 127.0.0.1 right now.
