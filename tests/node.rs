@@ -425,3 +425,92 @@ async fn a_tenant_that_cannot_start_is_refused_while_the_others_run() {
     let e = node.start().await.unwrap_err();
     assert!(e[0].contains("cannot listen"), "{e:?}");
 }
+
+/// The value of one series in the node's metrics text (0 when absent).
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A `kind: vnet` stack reports its own counters (they were exported
+/// nowhere: only a WireGuard instance's own stack pushed them), as does a
+/// WireGuard instance's own stack; both are read at the scrape, and the
+/// vnet's series go with it.
+#[tokio::test]
+async fn every_userspace_stack_reports_its_counters_vnet_stacks_included() {
+    use meshgate::core::keys::PrivateKey;
+    let backend = backend("V").await;
+    let (s_key, c_key) = (PrivateKey::generate(), PrivateKey::generate());
+    let (s_port, c_port, pipe_port) = (free_udp_port(), free_udp_port(), free_port());
+    let store = Arc::new(MemStore::new());
+    // The server: one vnet stack (10.60.0.1/16), a WireGuard link into it.
+    // As the README's `sites` example: a configured vnet routes nothing by
+    // itself, so the backend on the host's loopback needs its route.
+    store.set(
+        "srv",
+        "sites",
+        json!({"kind": "vnet", "address": "10.60.0.1/16",
+               "routes": [{"to": backend.ip().to_string(), "via": "direct"}]}),
+    );
+    store.set(
+        "srv",
+        "wg0",
+        json!({"kind": "wireguard", "private_key": s_key.to_base64(),
+               "listen_port": s_port, "vnet": "sites",
+               "peers": [{"name": "client", "public_key": c_key.public_key().to_string(),
+                          "endpoint": format!("127.0.0.1:{c_port}"),
+                          "allowed_ips": ["10.60.1.0/24"]}]}),
+    );
+    store.set(
+        "srv",
+        "web",
+        json!({"kind": "pipe", "listen": format!("10.60.0.1:{pipe_port}"), "listen_via": "sites",
+               "remote": backend.to_string()}),
+    );
+    // The client: its own stack.
+    store.set(
+        "cli",
+        "wg0",
+        json!({"kind": "wireguard", "private_key": c_key.to_base64(),
+               "listen_port": c_port, "address": "10.60.1.2/32",
+               "peers": [{"name": "server", "public_key": s_key.public_key().to_string(),
+                          "endpoint": format!("127.0.0.1:{s_port}"),
+                          "allowed_ips": ["10.60.0.1/32"], "persistent_keepalive": 1}]}),
+    );
+    store.set(
+        "cli",
+        "web",
+        json!({"kind": "pipe", "listen": format!("127.0.0.1:{pipe_port}"), "via": "wg0",
+               "remote": format!("10.60.0.1:{pipe_port}")}),
+    );
+    let mut node = Node::new(store.clone(), builtin_factories(), Vec::new());
+    node.start().await.unwrap();
+    let metrics = node.registry().metrics().clone();
+    let vnet_in = r#"meshgate_netstack_packets_in_total{tenant="srv",instance="sites"}"#;
+    let client_out = r#"meshgate_netstack_packets_out_total{tenant="cli",instance="wg0"}"#;
+    assert_eq!(series(&metrics.encode(), vnet_in), 0.0, "nothing moved yet");
+    assert!(
+        eventually(async || tag_at(pipe_port).await == "V").await,
+        "{:?}\n{}",
+        node.registry().refused(),
+        metrics.encode()
+    );
+    let text = metrics.encode();
+    assert!(series(&text, vnet_in) > 0.0, "{text}");
+    assert!(series(&text, client_out) > 0.0, "{text}");
+    assert!(
+        !text.contains(r#"meshgate_netstack_packets_in_total{tenant="srv",instance="wg0"}"#),
+        "a link of the vnet's stack reports no stack of its own: {text}"
+    );
+    // The vnet goes (with what used it): so do its series, all of them.
+    store.remove("srv", "web");
+    store.remove("srv", "wg0");
+    store.remove("srv", "sites");
+    assert!(
+        eventually(async || !metrics.encode().contains(r#"tenant="srv""#)).await,
+        "{}",
+        metrics.encode()
+    );
+    node.shutdown(Duration::from_secs(1)).await;
+}

@@ -87,6 +87,8 @@ pub struct ReloadLabels {
 pub struct Metrics {
     registry: Mutex<Registry>,
     subsystems: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+    /// Subsystems that bring their series up to date at each scrape.
+    refreshers: Mutex<HashMap<TypeId, Arc<dyn Refresh>>>,
     /// Connections (and UDP sessions) accepted.
     pub connections: Family<InstanceLabels, Counter>,
     /// Connections (and UDP sessions) open now.
@@ -129,6 +131,13 @@ pub trait Subsystem: Send + Sync + 'static {
     const PREFIX: &'static str;
     /// Creates the families and registers them in `registry`.
     fn register(registry: &mut Registry) -> Self;
+}
+
+/// A subsystem whose series are read from their owners when scraped (an
+/// engine's counters), so nothing runs between scrapes.
+pub trait Refresh: Send + Sync + 'static {
+    /// Brings the series up to date.
+    fn refresh(&self);
 }
 
 /// One instance's pre-resolved series: cloning them is cheap and updates are atomic adds.
@@ -183,6 +192,7 @@ impl Metrics {
             reasons_seen: Mutex::new(std::collections::HashSet::new()),
             registry: Mutex::new(Registry::default()),
             subsystems: Mutex::new(HashMap::new()),
+            refreshers: Mutex::new(HashMap::new()),
         };
         registry.register(
             "build",
@@ -267,6 +277,18 @@ impl Metrics {
             Arc::new(T::register(sub)) as Arc<dyn Any + Send + Sync>
         });
         entry.clone().downcast::<T>().expect("one type per TypeId")
+    }
+
+    /// The families of subsystem `T`, refreshed at every scrape
+    /// ([`Refresh`]).
+    pub fn refreshed_subsystem<T: Subsystem + Refresh>(&self) -> Arc<T> {
+        let sub = self.subsystem::<T>();
+        self.refreshers
+            .lock()
+            .expect("metrics poisoned")
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| sub.clone() as Arc<dyn Refresh>);
+        sub
     }
 
     fn reason(tenant: &str, instance: &str, reason: &str) -> ReasonLabels {
@@ -370,6 +392,16 @@ impl Metrics {
 
     /// Renders the OpenMetrics text format (`application/openmetrics-text`).
     pub fn encode(&self) -> String {
+        let refreshers: Vec<Arc<dyn Refresh>> = self
+            .refreshers
+            .lock()
+            .expect("metrics poisoned")
+            .values()
+            .cloned()
+            .collect();
+        for r in refreshers {
+            r.refresh();
+        }
         let mut out = String::new();
         let registry = self.registry.lock().expect("metrics poisoned");
         prometheus_client::encoding::text::encode(&mut out, &registry)

@@ -93,6 +93,26 @@ pub struct EngineConfig {
     pub congestion_control: Option<String>,
     /// `tenant/instance`, for logs and the helper's process title.
     pub label: String,
+    /// Whose stack it is, for its counters in `/metrics`
+    /// (`meshgate_netstack_*`); `None` reports nothing (tests).
+    pub owner: Option<StackOwner>,
+}
+
+/// The owner of a stack, under whose labels its counters are reported.
+#[derive(Clone)]
+pub struct StackOwner {
+    /// The node's metrics.
+    pub metrics: Arc<crate::core::metrics::Metrics>,
+    /// Tenant name.
+    pub tenant: String,
+    /// The instance owning the stack (a WireGuard instance, a vnet).
+    pub instance: String,
+}
+
+impl std::fmt::Debug for StackOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.tenant, self.instance)
+    }
 }
 
 /// Why an engine could not start. Each message says what is missing and
@@ -137,6 +157,20 @@ pub trait IpEngine: Send + Sync + 'static {
 
 /// Starts an engine of `kind` for `cfg`; every packet it sends goes to `sink`.
 pub async fn start(
+    kind: EngineKind,
+    cfg: &EngineConfig,
+    sink: Arc<dyn PacketSink>,
+) -> Result<Arc<dyn IpEngine>, EngineError> {
+    let engine = start_kind(kind, cfg, sink).await?;
+    if let Some(o) = &cfg.owner {
+        o.metrics
+            .refreshed_subsystem::<userspace::metrics::NetStackMetrics>()
+            .track(&o.tenant, &o.instance, &engine);
+    }
+    Ok(engine)
+}
+
+async fn start_kind(
     kind: EngineKind,
     cfg: &EngineConfig,
     sink: Arc<dyn PacketSink>,

@@ -528,10 +528,10 @@ impl Registry {
             Err(e) => return self.reject(tenants, key, &e.to_string()),
         };
         let Some(doc) = doc else {
+            // A removal is not counted as a reload: it would bring back the
+            // series of an instance that is gone, for good.
             self.unrefuse(key);
-            if self.remove_instance(tenants, key).await {
-                self.metrics.reload(&key.tenant, &key.instance, true);
-            }
+            self.remove_instance(tenants, key).await;
             return;
         };
         let running = tenants

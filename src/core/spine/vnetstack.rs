@@ -341,6 +341,7 @@ mod tests {
             tcp_timeout: std::time::Duration::from_secs(90),
             congestion_control: None,
             label: "t/sites".into(),
+            owner: None,
         };
         let stack = VnetStack::start(EngineKind::Userspace, &cfg).await.unwrap();
         let (a, b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));

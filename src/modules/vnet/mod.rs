@@ -23,7 +23,8 @@ use async_trait::async_trait;
 use configstore::Document;
 
 use crate::core::config::ConfigError;
-use crate::core::engine::{EngineConfig, EngineError, EngineKind, EngineNetwork};
+use crate::core::engine::userspace::metrics::NetStackMetrics;
+use crate::core::engine::{EngineConfig, EngineError, EngineKind, EngineNetwork, StackOwner};
 use crate::core::net::dial::Dialer;
 use crate::core::net::listen::VirtualNetwork;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
@@ -110,6 +111,11 @@ impl VnetModule {
             tcp_timeout: s.tcp_timeout,
             congestion_control: s.congestion_control.clone(),
             label: format!("{}/{}", self.ctx.tenant.name, self.ctx.instance),
+            owner: Some(StackOwner {
+                metrics: self.ctx.metrics.clone(),
+                tenant: self.ctx.tenant.name.clone(),
+                instance: self.ctx.instance.clone(),
+            }),
         }
     }
 
@@ -205,6 +211,10 @@ impl Module for VnetModule {
         if let Some(stack) = self.stack.lock().expect("poisoned").take() {
             stack.shutdown();
         }
+        self.ctx
+            .metrics
+            .subsystem::<NetStackMetrics>()
+            .forget(&self.ctx.tenant.name, &self.ctx.instance);
     }
 
     fn vnet(&self) -> Option<Arc<dyn VirtualNetwork>> {

@@ -63,7 +63,7 @@ use super::metrics::{PeerMetrics, WgMetrics};
 use super::replay::{self, Tai64n};
 use crate::core::engine::userspace::metrics::NetStackMetrics;
 use crate::core::engine::{self, EngineConfig, EngineError, EngineKind, IpEngine};
-use crate::core::engine::{NetStackStats, PacketSink};
+use crate::core::engine::{PacketSink, StackOwner};
 use crate::core::metrics::{InstanceMetrics, Metrics};
 use crate::core::net::prefix::PrefixTable;
 use crate::core::net::resolve;
@@ -302,8 +302,6 @@ pub struct Device {
     replay_floors: Mutex<HashMap<[u8; 32], Tai64n>>,
     wg_metrics: Arc<WgMetrics>,
     stack_metrics: Arc<NetStackMetrics>,
-    /// The stack's counters as last reported to `stack_metrics`.
-    stack_reported: Mutex<NetStackStats>,
     /// Packets forwarded between peers, tracked as flows.
     ip_flows: IpFlows,
     cancel: CancellationToken,
@@ -608,6 +606,11 @@ impl Device {
                     tcp_timeout: cfg.tcp_timeout,
                     congestion_control: cfg.congestion_control.clone(),
                     label: format!("{tenant}/{instance}"),
+                    owner: Some(StackOwner {
+                        metrics: metrics.clone(),
+                        tenant: tenant.to_string(),
+                        instance: instance.to_string(),
+                    }),
                 };
                 Net::Own(engine::start(kind, &engine_cfg, sink.clone()).await?)
             }
@@ -704,7 +707,6 @@ impl Device {
             })),
             wg_metrics: metrics.subsystem::<WgMetrics>(),
             stack_metrics: metrics.subsystem::<NetStackMetrics>(),
-            stack_reported: Mutex::new(NetStackStats::default()),
             ip_flows: IpFlows::new(tenant, instance, flows, instance_metrics),
             cancel: CancellationToken::new(),
             failure: tokio::sync::watch::Sender::new(None),
@@ -1483,13 +1485,6 @@ impl Device {
             if last_second.elapsed() >= Duration::from_secs(1) {
                 last_second = Instant::now();
                 self.ip_flows.expire(Instant::now());
-                // A vnet's shared stack is not this instance's to report.
-                let own = self.vnet_stack().is_none();
-                if let Some(now) = self.engine().filter(|_| own).and_then(|e| e.stats()) {
-                    let mut last = self.stack_reported.lock().expect("poisoned");
-                    self.stack_metrics
-                        .observe(&self.tenant, &self.instance, &now, &mut last);
-                }
             }
             SCRATCH.with(|s| self.tick(&mut s.borrow_mut().out));
         }

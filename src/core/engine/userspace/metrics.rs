@@ -1,7 +1,10 @@
 //! The userspace engine's metrics, under `meshgate_netstack_`: what each
 //! stack took in and sent out, what it dropped and why, its open TCP
-//! connections and how its TCP recovered from loss. The owner of a stack (a WireGuard instance) reports its
-//! [`NetStackStats`] periodically with [`NetStackMetrics::observe`].
+//! connections and how its TCP recovered from loss. Every userspace stack
+//! started with an owner ([`crate::core::engine::StackOwner`]: a WireGuard
+//! instance's own, a `kind: vnet`'s) is tracked here and read at each
+//! scrape ([`Refresh`]), so nothing runs between scrapes and no stack goes
+//! unreported.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -9,8 +12,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use std::sync::{Arc, Mutex, Weak};
+
 use super::NetStackStats;
-use crate::core::metrics::{registered, InstanceLabels, Subsystem};
+use crate::core::engine::IpEngine;
+use crate::core::metrics::{registered, InstanceLabels, Refresh, Subsystem};
 
 /// `tenant`, `instance`, `reason`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,6 +49,16 @@ pub struct NetStackMetrics {
     tcp_connections: Family<InstanceLabels, Gauge>,
     tcp_buffer_bytes: Family<InstanceLabels, Gauge>,
     tcp_events: Family<TcpEventLabels, Counter>,
+    /// The stacks reported at each scrape.
+    stacks: Mutex<Vec<Tracked>>,
+}
+
+/// A stack and what was last reported of it.
+struct Tracked {
+    tenant: String,
+    instance: String,
+    engine: Weak<dyn IpEngine>,
+    last: NetStackStats,
 }
 
 /// The drop reasons [`NetStackMetrics::observe`] reports.
@@ -93,13 +109,48 @@ impl Subsystem for NetStackMetrics {
                 "tcp_events",
                 "Loss handling by the userspace stack's TCP: segments retransmitted, retransmission timeouts, tail loss probes, fast recoveries entered",
             ),
+            stacks: Mutex::new(Vec::new()),
         }
     }
 }
 
+impl Refresh for NetStackMetrics {
+    fn refresh(&self) {
+        let mut stacks = self.stacks.lock().expect("poisoned");
+        stacks.retain_mut(|t| match t.engine.upgrade().and_then(|e| e.stats()) {
+            Some(now) => {
+                self.observe(&t.tenant, &t.instance, &now, &mut t.last);
+                true
+            }
+            None => false,
+        });
+    }
+}
+
 impl NetStackMetrics {
+    /// Reports `engine` (when it keeps counters) under `tenant`/`instance`
+    /// from now on, replacing the stack it replaces: counters go on rising
+    /// from where the old one left them.
+    pub fn track(&self, tenant: &str, instance: &str, engine: &Arc<dyn IpEngine>) {
+        if engine.stats().is_none() {
+            return;
+        }
+        let mut stacks = self.stacks.lock().expect("poisoned");
+        stacks.retain(|t| !(t.tenant == tenant && t.instance == instance));
+        stacks.push(Tracked {
+            tenant: tenant.into(),
+            instance: instance.into(),
+            engine: Arc::downgrade(engine),
+            last: NetStackStats::default(),
+        });
+    }
+
     /// Deletes the series of a stack that is gone.
     pub fn forget(&self, tenant: &str, instance: &str) {
+        self.stacks
+            .lock()
+            .expect("poisoned")
+            .retain(|t| !(t.tenant == tenant && t.instance == instance));
         let l = InstanceLabels {
             tenant: tenant.into(),
             instance: instance.into(),
