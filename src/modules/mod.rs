@@ -28,10 +28,10 @@ pub mod wireguard;
 pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
     vec![
         Arc::new(pipe::PipeFactory),
-        Arc::new(socks::SocksFactory),
-        Arc::new(http_proxy::HttpProxyFactory),
+        Arc::new(socks::SocksFactory::default()),
+        Arc::new(http_proxy::HttpProxyFactory::default()),
         Arc::new(capture::CaptureFactory),
-        Arc::new(ssh::SshFactory),
+        Arc::new(ssh::SshFactory::default()),
         Arc::new(ssh::link::SshLinkFactory),
         Arc::new(wireguard::WireGuardFactory),
         Arc::new(vnet::VnetFactory),

@@ -1,10 +1,11 @@
 //! Doors: the module kinds that accept connections on one listener and
 //! speak a handshake before the one path (SOCKS, HTTP proxy, SSH).
 //!
-//! A door kind implements [`Door`]: how its document is read, where it
-//! listens, what it does per connection (it is the listener's
-//! [`StreamHandler`]) and what its status shows. [`DoorModule`] is then the
-//! whole [`Module`]: start binds, a reload that moves the listener binds
+//! A door kind implements [`Door`]: its kind name, how its document is
+//! read, where it listens, what it does per connection (it is the
+//! listener's [`StreamHandler`]) and what its status shows.
+//! [`DoorFactory`] is then its factory and [`DoorModule`] the whole
+//! [`Module`] (`examples/door/forward.rs` is a door in under 100 lines): start binds, a reload that moves the listener binds
 //! the new address first (the old one serves on if that fails) and every
 //! reload swaps the config for new connections, drain closes the listener,
 //! stop ends the connections. [`Live`] holds the config the connections
@@ -12,6 +13,7 @@
 //! listens, where its connections route, timeouts, the connection limit),
 //! read and checked in one place.
 
+use std::marker::PhantomData;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -25,7 +27,7 @@ use crate::core::config::{
     at_least_one, idle_timeout, parse_document, positive, ConfigError, IdleTimeout,
 };
 use crate::core::net::listen::StreamListener;
-use crate::core::spine::module::{Module, ModuleContext, ModuleError};
+use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{DoorListener, ListenOn, OnRamp, StreamHandler};
 
 /// A door's running config and the source of its document; reloads swap
@@ -216,12 +218,21 @@ impl DoorSettings {
 /// A door kind: its config, its listener, its connections.
 #[async_trait]
 pub trait Door: StreamHandler + Sized {
+    /// The kind name documents use in `kind:`.
+    const KIND: &'static str;
     /// The checked config.
     type Config: Send + Sync + 'static;
     /// Reads and checks a document.
     fn parse(doc: &Document) -> Result<Self::Config, ConfigError>;
     /// The shared settings in a config.
     fn settings(config: &Self::Config) -> &DoorSettings;
+    /// The connections' handler, reading the live config.
+    fn new(live: Arc<Live<Self::Config>>) -> Self;
+    /// The instances of the tenant to start first (default: the
+    /// settings' `listen_via` and `vnet`).
+    fn depends_on(config: &Self::Config) -> Vec<String> {
+        Self::settings(config).depends_on([])
+    }
     /// Where the door listens.
     fn listen_on(config: &Self::Config) -> ListenOn {
         Self::settings(config).listen_on()
@@ -261,18 +272,42 @@ pub struct DoorModule<D: Door> {
     live: Arc<Live<D::Config>>,
 }
 
+/// The [`ModuleFactory`] of every door kind: checks with [`Door::parse`]
+/// and [`Door::depends_on`], builds a [`DoorModule`].
+pub struct DoorFactory<D>(PhantomData<fn() -> D>);
+
+impl<D> Default for DoorFactory<D> {
+    fn default() -> Self {
+        DoorFactory(PhantomData)
+    }
+}
+
+impl<D: Door> ModuleFactory for DoorFactory<D> {
+    fn kind(&self) -> &'static str {
+        D::KIND
+    }
+
+    fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
+        let cfg = D::parse(doc)?;
+        Ok(ModulePlan {
+            depends_on: D::depends_on(&cfg),
+            ..ModulePlan::default()
+        })
+    }
+
+    fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
+        Ok(Arc::new(DoorModule::<D>::new(ctx, doc)?))
+    }
+}
+
 impl<D: Door> DoorModule<D> {
-    /// A door for `ctx`; `make` builds the handler around the live config.
-    pub fn new(
-        ctx: ModuleContext,
-        doc: &Document,
-        make: impl FnOnce(Arc<Live<D::Config>>) -> D,
-    ) -> Result<Self, ConfigError> {
+    /// A door for `ctx` from a checked document.
+    pub fn new(ctx: ModuleContext, doc: &Document) -> Result<Self, ConfigError> {
         let live = Arc::new(Live::new(D::parse(doc)?, &doc.source));
         Ok(DoorModule {
             onramp: OnRamp::new(ctx),
             listener: DoorListener::default(),
-            door: Arc::new(make(live.clone())),
+            door: Arc::new(D::new(live.clone())),
             live,
         })
     }

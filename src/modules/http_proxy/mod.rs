@@ -41,9 +41,8 @@ use crate::core::config::ConfigError;
 use crate::core::logs;
 use crate::core::net::dial::DialFailure;
 use crate::core::net::proxy::Stream;
-use crate::core::spine::door::{Door, DoorModule, DoorSettings, Live};
+use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
-use crate::core::spine::module::{Module, ModuleContext, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
     Accepted, Answer, ConnectRequest, OnRamp, RouteVia, StreamHandler, Target,
 };
@@ -58,32 +57,11 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Bytes buffered between a forwarded exchange and its flow, each way.
 const FORWARD_BUFFER: usize = 64 * 1024;
 
-/// Builds HTTP proxies.
-pub struct HttpProxyFactory;
-
-impl ModuleFactory for HttpProxyFactory {
-    fn kind(&self) -> &'static str {
-        "http_proxy"
-    }
-
-    fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
-        let cfg = HttpProxyConfig::from_document(doc)?;
-        Ok(ModulePlan {
-            depends_on: cfg.depends_on(),
-            ..ModulePlan::default()
-        })
-    }
-
-    fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
-        Ok(Arc::new(DoorModule::new(ctx, doc, |live| HttpDoor {
-            live,
-            startups: Default::default(),
-        })?))
-    }
-}
+/// Builds http_proxy doors.
+pub type HttpProxyFactory = DoorFactory<HttpDoor>;
 
 /// The proxy's connections, reading the live config.
-struct HttpDoor {
+pub struct HttpDoor {
     live: Arc<Live<HttpProxyConfig>>,
     /// Connections whose first request head has not arrived
     /// (`max_startups`).
@@ -434,7 +412,19 @@ impl StreamHandler for HttpDoor {
 }
 
 impl Door for HttpDoor {
+    const KIND: &'static str = "http_proxy";
     type Config = HttpProxyConfig;
+
+    fn new(live: Arc<Live<HttpProxyConfig>>) -> Self {
+        HttpDoor {
+            live,
+            startups: Default::default(),
+        }
+    }
+
+    fn depends_on(cfg: &HttpProxyConfig) -> Vec<String> {
+        cfg.depends_on()
+    }
 
     fn parse(doc: &Document) -> Result<HttpProxyConfig, ConfigError> {
         HttpProxyConfig::from_document(doc)

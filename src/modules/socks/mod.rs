@@ -43,9 +43,8 @@ use crate::core::config::ConfigError;
 use crate::core::logs;
 use crate::core::net::dial::DialFailure;
 use crate::core::net::proxy::Stream;
-use crate::core::spine::door::{Door, DoorModule, DoorSettings, Live};
+use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
-use crate::core::spine::module::{Module, ModuleContext, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
     Accepted, Answer, ConnectRequest, OnRamp, RouteVia, StreamHandler, Target,
 };
@@ -55,32 +54,11 @@ use config::Auth;
 pub use config::SocksConfig;
 use proto::ProtoError;
 
-/// Builds SOCKS doors.
-pub struct SocksFactory;
-
-impl ModuleFactory for SocksFactory {
-    fn kind(&self) -> &'static str {
-        "socks"
-    }
-
-    fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
-        let cfg = SocksConfig::from_document(doc)?;
-        Ok(ModulePlan {
-            depends_on: cfg.depends_on(),
-            ..ModulePlan::default()
-        })
-    }
-
-    fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
-        Ok(Arc::new(DoorModule::new(ctx, doc, |live| SocksDoor {
-            live,
-            startups: Default::default(),
-        })?))
-    }
-}
+/// Builds socks doors.
+pub type SocksFactory = DoorFactory<SocksDoor>;
 
 /// The SOCKS door's connections, reading the live config.
-struct SocksDoor {
+pub struct SocksDoor {
     live: Arc<Live<SocksConfig>>,
     /// Clients still in their handshake (`max_startups`).
     startups: Arc<Startups>,
@@ -408,7 +386,19 @@ impl StreamHandler for SocksDoor {
 }
 
 impl Door for SocksDoor {
+    const KIND: &'static str = "socks";
     type Config = SocksConfig;
+
+    fn new(live: Arc<Live<SocksConfig>>) -> Self {
+        SocksDoor {
+            live,
+            startups: Default::default(),
+        }
+    }
+
+    fn depends_on(cfg: &SocksConfig) -> Vec<String> {
+        cfg.depends_on()
+    }
 
     fn parse(doc: &Document) -> Result<SocksConfig, ConfigError> {
         SocksConfig::from_document(doc)

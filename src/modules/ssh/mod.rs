@@ -44,9 +44,8 @@ use crate::core::net::dial::DialFailure;
 use crate::core::net::listen::StreamListener;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::dest::ChosenBy;
-use crate::core::spine::door::{Door, DoorModule, DoorSettings, Live};
+use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
-use crate::core::spine::module::{Module, ModuleContext, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{
     Accepted, Answer, ConnectRequest, ListenOn, OnRamp, RouteVia, RunningListener, StreamHandler,
     Target,
@@ -55,36 +54,12 @@ use crate::core::spine::onramp::{
 pub use config::SshConfig;
 use keys::AuthorizedKey;
 
-/// Builds SSH doors.
-pub struct SshFactory;
-
-impl ModuleFactory for SshFactory {
-    fn kind(&self) -> &'static str {
-        "ssh"
-    }
-
-    fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
-        let cfg = SshConfig::from_document(doc)?;
-        Ok(ModulePlan {
-            depends_on: cfg.door.depends_on(cfg.remote_forward_via.iter()),
-            ..ModulePlan::default()
-        })
-    }
-
-    fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
-        Ok(Arc::new(DoorModule::new(ctx, doc, |live| SshDoor {
-            live,
-            server: RwLock::new(None),
-            startups: Default::default(),
-            sessions: Default::default(),
-            watching: Default::default(),
-        })?))
-    }
-}
+/// Builds ssh doors.
+pub type SshFactory = DoorFactory<SshDoor>;
 
 /// The SSH door's connections: the live config and russh's server config
 /// (with the host key, made when the listener is bound).
-struct SshDoor {
+pub struct SshDoor {
     live: Arc<Live<SshConfig>>,
     server: RwLock<Option<Arc<russh::server::Config>>>,
     /// Sessions not yet logged in.
@@ -1148,7 +1123,22 @@ impl StreamHandler for SshDoor {
 
 #[async_trait]
 impl Door for SshDoor {
+    const KIND: &'static str = "ssh";
     type Config = SshConfig;
+
+    fn new(live: Arc<Live<SshConfig>>) -> Self {
+        SshDoor {
+            live,
+            server: RwLock::new(None),
+            startups: Default::default(),
+            sessions: Default::default(),
+            watching: Default::default(),
+        }
+    }
+
+    fn depends_on(cfg: &SshConfig) -> Vec<String> {
+        cfg.door.depends_on(cfg.remote_forward_via.iter())
+    }
 
     fn parse(doc: &Document) -> Result<SshConfig, ConfigError> {
         SshConfig::from_document(doc)

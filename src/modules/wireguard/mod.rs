@@ -812,19 +812,21 @@ mod tests {
             Arc::new(Metrics::new()),
             Arc::new(FlowTable::new(vec![])),
         );
+        // The vnet starts; the interface is refused, saying why.
+        reg.start().await.unwrap();
         let errors: Vec<String> = reg
-            .start()
-            .await
-            .unwrap_err()
-            .iter()
-            .map(ToString::to_string)
+            .refused()
+            .into_iter()
+            .map(|(who, why)| format!("{who}: {why}"))
             .collect();
         assert!(
-            errors.iter().any(
-                |e| e.contains("key `address`") && e.contains("vnet `plain` has no `address:`")
-            ),
+            errors.iter().any(|e| e.starts_with("t/wg0: ")
+                && e.contains("key `address`")
+                && e.contains("vnet `plain` has no `address:`")),
             "{errors:?}"
         );
+        assert!(reg.find("t", "plain").is_some() && reg.find("t", "wg0").is_none());
+        reg.shutdown(Duration::from_secs(1)).await;
         // Given one, the interface links to the vnet's stack.
         store.set(
             "t",
