@@ -1050,3 +1050,20 @@ fn the_ssh_link_example_links_up_with_keys_made_as_shown() {
         "the link uses the key the README's ssh-keygen made"
     );
 }
+
+#[test]
+fn every_refusal_reason_has_a_row_in_the_readme() {
+    let text = readme();
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("| `") && l.split('|').count() == 4)
+        .collect();
+    for r in meshgate::core::spine::reject::RejectReason::ALL {
+        let cell = format!("| `{}` |", r.as_str());
+        let n = rows.iter().filter(|l| l.starts_with(&cell)).count();
+        assert!(
+            n >= 1,
+            "README has no row for meshgate_rejected_total{{reason=\"{r}\"}}"
+        );
+    }
+}

@@ -11,6 +11,7 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::core::spine::reject::RejectReason;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -306,8 +307,8 @@ impl Metrics {
     }
 
     /// Counts a connection refused before dialing.
-    pub fn reject(&self, tenant: &str, instance: &str, reason: &str) {
-        let l = self.seen(tenant, instance, reason);
+    pub fn reject(&self, tenant: &str, instance: &str, reason: RejectReason) {
+        let l = self.seen(tenant, instance, reason.as_str());
         self.rejected.get_or_create(&l).inc();
     }
 
@@ -510,7 +511,7 @@ mod tests {
         m.instance("t", "gone").connections.inc();
         m.instance("t", "kept").connections.inc();
         m.dial_error("t", "gone", "refused");
-        m.reject("t", "gone", "denied");
+        m.reject("t", "gone", RejectReason::Denied);
         m.reload("t", "gone", true);
         m.forget_instance("t", "gone");
         let text = m.encode();

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::core::config::{secret_text, ConfigError};
+use crate::core::spine::reject::RejectReason;
 
 /// One `users:` entry as written.
 #[derive(Clone, Deserialize)]
@@ -120,24 +121,24 @@ impl Users {
         user: &str,
         password: &[u8],
         default_vnet: Option<&str>,
-    ) -> Result<(String, Option<String>), &'static str> {
+    ) -> Result<(String, Option<String>), RejectReason> {
         let (name, picked) = match self.0.get(user) {
             Some(_) => (user, None),
             None => match user.rsplit_once('@') {
                 Some((n, v)) if self.0.contains_key(n) => (n, Some(v)),
-                _ => return Err("unknown_user"),
+                _ => return Err(RejectReason::UnknownUser),
             },
         };
         let u = &self.0[name];
         if !constant_time_eq(&u.password, password) {
-            return Err("bad_password");
+            return Err(RejectReason::BadPassword);
         }
         let vnet = match picked {
             None => u.vnet.clone().or_else(|| default_vnet.map(str::to_string)),
             Some(v) if u.vnet.as_deref() == Some(v) || u.vnets.iter().any(|x| x == v) => {
                 Some(v.to_string())
             }
-            Some(_) => return Err("vnet_not_allowed"),
+            Some(_) => return Err(RejectReason::VnetNotAllowed),
         };
         Ok((name.to_string(), vnet))
     }

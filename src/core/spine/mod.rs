@@ -11,6 +11,7 @@
 //! - [`door`]: door kinds (SOCKS, HTTP proxy, SSH) as modules: one listener, a handshake.
 //! - [`module`]: the [`module::Module`] and [`module::ModuleFactory`] traits.
 //! - [`registry`]: builds, starts, reloads and stops module instances.
+//! - [`reject`]: the closed list of reasons a client is refused ([`reject::RejectReason`]).
 
 pub mod audit;
 pub mod dest;
@@ -21,6 +22,7 @@ pub mod module;
 pub mod onramp;
 pub mod policy;
 pub mod registry;
+pub mod reject;
 pub mod router;
 pub mod startups;
 pub mod tenant;

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::core::config::ConfigError;
+use crate::core::spine::reject::RejectReason;
 
 /// sshd's `MaxStartups start:rate:full`: with `start` sessions not yet
 /// past their handshake, a new one is refused with probability `rate` %,
@@ -178,16 +179,16 @@ impl Startups {
         self: &Arc<Self>,
         ip: IpAddr,
         limits: &StartupLimits,
-    ) -> Result<Startup, &'static str> {
+    ) -> Result<Startup, RejectReason> {
         let ip = crate::core::spine::dest::canonical(ip);
         let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let (total, per) = &mut *g;
         if per.get(&ip).copied().unwrap_or(0) >= limits.per_source {
-            return Err("per_source_max_startups");
+            return Err(RejectReason::PerSourceMaxStartups);
         }
         let roll = rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 100;
         if limits.max.refuses(*total, roll) {
-            return Err("max_startups");
+            return Err(RejectReason::MaxStartups);
         }
         *total += 1;
         *per.entry(ip).or_default() += 1;
@@ -236,10 +237,13 @@ mod tests {
         let _a2 = t.try_start(a, &limits).unwrap();
         assert_eq!(
             t.try_start(a, &limits).err(),
-            Some("per_source_max_startups")
+            Some(RejectReason::PerSourceMaxStartups)
         );
         let _b1 = t.try_start(b, &limits).unwrap();
-        assert_eq!(t.try_start(b, &limits).err(), Some("max_startups"));
+        assert_eq!(
+            t.try_start(b, &limits).err(),
+            Some(RejectReason::MaxStartups)
+        );
         drop(a1);
         assert_eq!(t.pending(), 2);
         assert!(t.try_start("192.0.2.2".parse().unwrap(), &limits).is_ok());

@@ -37,6 +37,7 @@ use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFacto
 use crate::core::spine::onramp::{
     Accepted, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, StreamHandler, Target,
 };
+use crate::core::spine::reject::RejectReason;
 
 pub use config::{CaptureConfig, Mode};
 
@@ -166,7 +167,7 @@ impl StreamHandler for State {
         let captured = orig.filter(|o| !to_capture_port(cfg.door.listen.0, *o));
         let Some(orig) = captured else {
             ctx.metrics
-                .reject(&ctx.tenant.name, &ctx.instance, "not_captured");
+                .reject(&ctx.tenant.name, &ctx.instance, RejectReason::NotCaptured);
             if let Some(suppressed) = crate::core::logs::allow("capture.not_captured") {
                 tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, src = %conn.src, suppressed, "a connection to the capture port that no rule steered here: closed (it would loop)");
             }

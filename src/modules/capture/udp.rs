@@ -20,6 +20,7 @@ use crate::core::addr::HostPort;
 use crate::core::net::datagram::{bind_reply_udp, TproxyUdp};
 use crate::core::spine::flow::{FlowContext, Protocol};
 use crate::core::spine::onramp::{OnRamp, RouteVia};
+use crate::core::spine::reject::RejectReason;
 
 /// Datagrams queued per session before new ones are dropped (and counted).
 const SESSION_QUEUE: usize = 256;
@@ -52,7 +53,8 @@ pub(super) async fn serve(
         };
         let listen = state.config().door.listen.0;
         let Some(orig) = orig.filter(|o| !super::to_capture_port(listen, *o)) else {
-            ctx.metrics.reject(&tenant, &instance, "not_captured");
+            ctx.metrics
+                .reject(&tenant, &instance, RejectReason::NotCaptured);
             continue;
         };
         let key = (src, orig);
@@ -78,7 +80,8 @@ pub(super) async fn serve(
             }
         };
         if tx.try_send(buf[..n].to_vec()).is_err() {
-            ctx.metrics.reject(&tenant, &instance, "udp_queue_full");
+            ctx.metrics
+                .reject(&tenant, &instance, RejectReason::UdpQueueFull);
         }
     }
 }
@@ -109,10 +112,10 @@ async fn session(
         .await
     {
         Ok(d) => d,
-        Err((reason, msg)) => {
-            ctx.metrics.dial_error(tenant, instance, reason);
+        Err(e) => {
+            ctx.metrics.dial_error(tenant, instance, e.reason());
             if let Some(suppressed) = crate::core::logs::allow("capture.udp_not_opened") {
-                tracing::warn!(%tenant, %instance, %src, %orig, error = %msg, suppressed, "captured udp session not opened");
+                tracing::warn!(%tenant, %instance, %src, %orig, error = %e, suppressed, "captured udp session not opened");
             }
             return;
         }

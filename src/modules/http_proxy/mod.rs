@@ -46,6 +46,7 @@ use crate::core::spine::flow::EndReason;
 use crate::core::spine::onramp::{
     Accepted, Answer, ConnectRequest, OnRamp, RouteVia, StreamHandler, Target,
 };
+use crate::core::spine::reject::RejectReason;
 
 pub use config::HttpProxyConfig;
 
@@ -157,19 +158,19 @@ pub fn parse_basic(value: &[u8]) -> Option<(String, Vec<u8>)> {
 fn authenticate(
     cfg: &HttpProxyConfig,
     req: &Request<Incoming>,
-) -> Result<(Option<String>, Option<String>), &'static str> {
+) -> Result<(Option<String>, Option<String>), RejectReason> {
     if cfg.users.is_empty() {
         return Ok((None, cfg.door.vnet.clone()));
     }
     let header = req
         .headers()
         .get("proxy-authorization")
-        .ok_or("auth_required")?;
-    let (user, password) = parse_basic(header.as_bytes()).ok_or("auth_failed")?;
+        .ok_or(RejectReason::AuthRequired)?;
+    let (user, password) = parse_basic(header.as_bytes()).ok_or(RejectReason::AuthFailed)?;
     cfg.users
         .authenticate(&user, &password, cfg.door.vnet.as_deref())
         .map(|(who, vnet)| (Some(who), vnet))
-        .map_err(|_| "auth_failed")
+        .map_err(|_| RejectReason::AuthFailed)
 }
 
 /// Headers that concern one hop, not the end to end exchange.
@@ -192,13 +193,13 @@ struct Exchange {
 }
 
 impl Exchange {
-    fn refuse(&self, reason: &'static str, status: StatusCode, detail: String) -> Response<Body> {
+    fn refuse(&self, reason: RejectReason, status: StatusCode, detail: String) -> Response<Body> {
         let ctx = self.onramp.ctx();
         ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
         if let Some(suppressed) = logs::allow("http_proxy.refused") {
-            tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, src = %self.src, reason, %detail, suppressed, "HTTP proxy request refused");
+            tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, src = %self.src, %reason, %detail, suppressed, "HTTP proxy request refused");
         }
-        text(status, Some(reason), detail)
+        text(status, Some(reason.as_str()), detail)
     }
 
     /// Runs the flow for `target` with `client` as its client side; the
@@ -261,7 +262,7 @@ impl Exchange {
                 })
             }) else {
                 return Ok(self.refuse(
-                    "bad_request",
+                    RejectReason::BadRequest,
                     StatusCode::BAD_REQUEST,
                     format!("CONNECT needs host:port, not `{}`", req.uri()),
                 ));
@@ -287,14 +288,14 @@ impl Exchange {
         let uri = req.uri().clone();
         let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
             return Ok(self.refuse(
-                "bad_request",
+                RejectReason::BadRequest,
                 StatusCode::BAD_REQUEST,
                 "this is a proxy: send CONNECT host:port, or a request with an absolute http:// URI".into(),
             ));
         };
         if scheme != "http" {
             return Ok(self.refuse(
-                "bad_request",
+                RejectReason::BadRequest,
                 StatusCode::BAD_REQUEST,
                 format!("`{scheme}://` is not forwarded: use CONNECT for TLS"),
             ));
@@ -372,7 +373,7 @@ impl StreamHandler for HttpDoor {
                 let ctx = onramp.ctx();
                 ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
                 if let Some(suppressed) = crate::core::logs::allow("http_proxy.startups") {
-                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, reason, suppressed, "HTTP proxy client refused: too many connections without a request yet");
+                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, %reason, suppressed, "HTTP proxy client refused: too many connections without a request yet");
                 }
                 return;
             }

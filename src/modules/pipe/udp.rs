@@ -25,6 +25,7 @@ use crate::core::net::datagram::DatagramSocket;
 use crate::core::spine::dest::ChosenBy;
 use crate::core::spine::flow::{FlowContext, Protocol};
 use crate::core::spine::onramp::{Datagrams, ListenOn, OnRamp, RouteVia, Target};
+use crate::core::spine::reject::RejectReason;
 use crate::core::spine::router::Connector;
 
 /// Datagrams queued per session before new ones are dropped (and counted).
@@ -105,7 +106,7 @@ pub(super) async fn serve(
             shared.onramp.ctx().metrics.reject(
                 shared.tenant(),
                 shared.instance(),
-                "udp_queue_full",
+                RejectReason::UdpQueueFull,
             );
         }
     }
@@ -180,8 +181,8 @@ async fn connect_upstream(
         .await
     {
         Ok(d) => Some(d),
-        Err((reason, msg)) => {
-            fail(reason, msg);
+        Err(e) => {
+            fail(e.reason(), e.to_string());
             None
         }
     }

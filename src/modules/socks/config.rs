@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::core::config::{positive, ConfigError};
 use crate::core::spine::door::DoorSettings;
+use crate::core::spine::reject::RejectReason;
 use crate::core::spine::startups::StartupLimits;
 use crate::core::users::{RawUser, Users};
 
@@ -170,7 +171,7 @@ impl SocksConfig {
         &self,
         user: &str,
         password: &[u8],
-    ) -> Result<(String, Option<String>), &'static str> {
+    ) -> Result<(String, Option<String>), RejectReason> {
         self.users
             .authenticate(user, password, self.door.vnet.as_deref())
     }
@@ -210,11 +211,17 @@ mod tests {
         );
         assert_eq!(
             c.authenticate("alice@tokyo", b"s3cret"),
-            Err("vnet_not_allowed")
+            Err(RejectReason::VnetNotAllowed)
         );
-        assert_eq!(c.authenticate("alice", b"s3creT"), Err("bad_password"));
-        assert_eq!(c.authenticate("alice", b""), Err("bad_password"));
-        assert_eq!(c.authenticate("mallory", b"x"), Err("unknown_user"));
+        assert_eq!(
+            c.authenticate("alice", b"s3creT"),
+            Err(RejectReason::BadPassword)
+        );
+        assert_eq!(c.authenticate("alice", b""), Err(RejectReason::BadPassword));
+        assert_eq!(
+            c.authenticate("mallory", b"x"),
+            Err(RejectReason::UnknownUser)
+        );
         // A name with @ that is itself a user is that user.
         assert_eq!(
             c.authenticate("bob@corp", b"x"),

@@ -50,6 +50,7 @@ use crate::core::spine::onramp::{
 };
 use crate::core::spine::startups::Startups;
 
+use crate::core::spine::reject::RejectReason;
 use config::Auth;
 pub use config::SocksConfig;
 use proto::ProtoError;
@@ -84,14 +85,23 @@ enum Ask {
 /// Why a handshake ended without a request: the metric reason, and what
 /// to tell the client (already sent when `None`).
 struct Refused {
-    reason: &'static str,
+    /// `None`: the client went away (not counted).
+    reason: Option<RejectReason>,
     detail: String,
 }
 
 impl Refused {
-    fn new(reason: &'static str, detail: impl Into<String>) -> Refused {
+    fn new(reason: RejectReason, detail: impl Into<String>) -> Refused {
         Refused {
-            reason,
+            reason: Some(reason),
+            detail: detail.into(),
+        }
+    }
+
+    /// The client closed or failed during the handshake.
+    fn gone(detail: impl Into<String>) -> Refused {
+        Refused {
+            reason: None,
             detail: detail.into(),
         }
     }
@@ -114,26 +124,24 @@ async fn read_msg<T>(
             Err(e) => return Err(Refused::new(proto_reason(&e), e.to_string())),
         }
         if buf.len() > 4096 {
-            return Err(Refused::new("bad_request", "handshake message too long"));
+            return Err(Refused::new(
+                RejectReason::BadRequest,
+                "handshake message too long",
+            ));
         }
         let mut chunk = [0u8; 512];
         match client.read(&mut chunk).await {
-            Ok(0) => {
-                return Err(Refused::new(
-                    "client_gone",
-                    "client closed during the handshake",
-                ))
-            }
+            Ok(0) => return Err(Refused::gone("client closed during the handshake")),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(Refused::new("client_gone", e.to_string())),
+            Err(e) => return Err(Refused::gone(e.to_string())),
         }
     }
 }
 
-fn proto_reason(e: &ProtoError) -> &'static str {
+fn proto_reason(e: &ProtoError) -> RejectReason {
     match e {
-        ProtoError::AddressType(_) => "address_type_not_supported",
-        _ => "bad_request",
+        ProtoError::AddressType(_) => RejectReason::AddressTypeNotSupported,
+        _ => RejectReason::BadRequest,
     }
 }
 
@@ -167,26 +175,24 @@ async fn handshake(
     if buf.is_empty() {
         match client.read(&mut first).await {
             Ok(1) => buf.push(first[0]),
-            _ => {
-                return Err(Refused::new(
-                    "client_gone",
-                    "client closed before the greeting",
-                ))
-            }
+            _ => return Err(Refused::gone("client closed before the greeting")),
         }
     }
     if buf[0] == 4 {
         if !cfg.socks4 {
             let _ = client.write_all(&proto::socks4_reply(false)).await;
             return Err(Refused::new(
-                "socks4_refused",
+                RejectReason::Socks4Refused,
                 "SOCKS4 is off here (it carries no password; `auth: password` needs SOCKS5)",
             ));
         }
         let req = read_msg(client, buf, proto::parse_socks4).await?;
         if req.cmd != proto::CMD_CONNECT {
             let _ = client.write_all(&proto::socks4_reply(false)).await;
-            return Err(Refused::new("command_not_supported", "SOCKS4 BIND"));
+            return Err(Refused::new(
+                RejectReason::CommandNotSupported,
+                "SOCKS4 BIND",
+            ));
         }
         return Ok(Ask::Connect {
             dst: req.dst,
@@ -203,14 +209,14 @@ async fn handshake(
     if !methods.contains(&want) {
         let _ = client.write_all(&[5, proto::METHOD_UNACCEPTABLE]).await;
         return Err(Refused::new(
-            "no_acceptable_method",
+            RejectReason::NoAcceptableMethod,
             format!("client offers methods {methods:?}; this door needs {want:#04x}"),
         ));
     }
     client
         .write_all(&[5, want])
         .await
-        .map_err(|e| Refused::new("client_gone", e.to_string()))?;
+        .map_err(|e| Refused::gone(e.to_string()))?;
     let (identity, vnet) = match cfg.auth {
         Auth::None => (None, cfg.door.vnet.clone()),
         Auth::Password => {
@@ -220,13 +226,13 @@ async fn handshake(
                     client
                         .write_all(&[1, 0])
                         .await
-                        .map_err(|e| Refused::new("client_gone", e.to_string()))?;
+                        .map_err(|e| Refused::gone(e.to_string()))?;
                     (Some(who), vnet)
                 }
                 Err(why) => {
                     let _ = client.write_all(&[1, 1]).await;
                     return Err(Refused::new(
-                        "auth_failed",
+                        RejectReason::AuthFailed,
                         format!("user `{}`: {why}", cred.user),
                     ));
                 }
@@ -236,7 +242,7 @@ async fn handshake(
     let req = match read_msg(client, buf, proto::parse_request).await {
         Ok(r) => r,
         Err(r) => {
-            let code = if r.reason == "address_type_not_supported" {
+            let code = if r.reason == Some(RejectReason::AddressTypeNotSupported) {
                 proto::REP_ADDRESS_TYPE_NOT_SUPPORTED
             } else {
                 proto::REP_GENERAL_FAILURE
@@ -262,7 +268,7 @@ async fn handshake(
                 .write_all(&proto::reply(proto::REP_COMMAND_NOT_SUPPORTED, None))
                 .await;
             Err(Refused::new(
-                "command_not_supported",
+                RejectReason::CommandNotSupported,
                 match other {
                     proto::CMD_BIND => "BIND".to_string(),
                     proto::CMD_UDP_ASSOCIATE => "UDP ASSOCIATE (`udp: false`)".to_string(),
@@ -317,7 +323,7 @@ impl StreamHandler for SocksDoor {
             Err(reason) => {
                 ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
                 if let Some(suppressed) = logs::allow("socks.startups") {
-                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, reason, suppressed, "SOCKS client refused: too many clients still in their handshake");
+                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, %reason, suppressed, "SOCKS client refused: too many clients still in their handshake");
                 }
                 return;
             }
@@ -330,18 +336,20 @@ impl StreamHandler for SocksDoor {
         let ask = match handshake {
             Ok(Ok(a)) => a,
             Ok(Err(r)) => {
-                if r.reason != "client_gone" {
-                    ctx.metrics
-                        .reject(&ctx.tenant.name, &ctx.instance, r.reason);
+                if let Some(reason) = r.reason {
+                    ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
                     if let Some(suppressed) = logs::allow("socks.refused") {
-                        tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, reason = r.reason, detail = %r.detail, suppressed, "SOCKS handshake refused");
+                        tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, %reason, detail = %r.detail, suppressed, "SOCKS handshake refused");
                     }
                 }
                 return;
             }
             Err(_) => {
-                ctx.metrics
-                    .reject(&ctx.tenant.name, &ctx.instance, "handshake_timeout");
+                ctx.metrics.reject(
+                    &ctx.tenant.name,
+                    &ctx.instance,
+                    RejectReason::HandshakeTimeout,
+                );
                 if let Some(suppressed) = logs::allow("socks.timeout") {
                     tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, timeout = ?cfg.handshake_timeout, suppressed, "SOCKS handshake timed out");
                 }

@@ -35,6 +35,7 @@ use crate::core::net::dial::DialFailure;
 use crate::core::net::proxy::{Stream, Traffic};
 use crate::core::spine::flow::{EndReason, FlowContext, FlowGuard, Protocol, Verdict};
 use crate::core::spine::onramp::{ListenOn, OnRamp, RouteVia};
+use crate::core::spine::reject::RejectReason;
 use crate::core::spine::router::Connector;
 
 type Socket = Arc<dyn crate::core::net::datagram::DatagramSocket>;
@@ -74,11 +75,22 @@ struct Assoc<'a> {
 }
 
 impl Assoc<'_> {
-    fn drop_counted(&self, reason: &'static str, detail: &str) {
+    fn drop_counted(&self, reason: RejectReason, detail: &str) {
         let ctx = self.onramp.ctx();
         ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
         if let Some(suppressed) = logs::allow("socks.udp_drop") {
-            tracing::debug!(tenant = %ctx.tenant.name, instance = %ctx.instance, src = %self.src, reason, detail, suppressed, "SOCKS UDP datagram dropped");
+            tracing::debug!(tenant = %ctx.tenant.name, instance = %ctx.instance, src = %self.src, %reason, detail, suppressed, "SOCKS UDP datagram dropped");
+        }
+    }
+
+    /// A destination with no route or no socket: counted as the stream
+    /// path counts it (`meshgate_dial_errors_total`), the datagram dropped.
+    fn dial_failed(&self, reason: &'static str, detail: &str) {
+        let ctx = self.onramp.ctx();
+        ctx.metrics
+            .dial_error(&ctx.tenant.name, &ctx.instance, reason);
+        if let Some(suppressed) = logs::allow("socks.udp_drop") {
+            tracing::debug!(tenant = %ctx.tenant.name, instance = %ctx.instance, src = %self.src, reason, detail, suppressed, "SOCKS UDP destination not opened");
         }
     }
 
@@ -87,7 +99,7 @@ impl Assoc<'_> {
         let key = dst.to_string();
         if !self.dests.contains_key(&key) {
             if self.dests.len() >= MAX_DESTINATIONS {
-                return self.drop_counted("udp_too_many_destinations", &key);
+                return self.drop_counted(RejectReason::UdpTooManyDestinations, &key);
             }
             let dest = self.open(dst).await;
             self.dests.insert(key.clone(), dest);
@@ -122,7 +134,7 @@ impl Assoc<'_> {
             .await;
         let (route, dialed) = match &routed {
             Ok((_, remote, route)) => (Some(route.clone()), Some(*remote)),
-            Err((_, m)) => (Some(m.clone()), None),
+            Err(e) => (Some(e.to_string()), None),
         };
         let mut flow = ctx.flows.open_routed(
             FlowContext {
@@ -140,22 +152,22 @@ impl Assoc<'_> {
         );
         let (connector, remote) = match routed {
             Ok((c, r, _)) => (c, r),
-            Err((reason, m)) => {
+            Err(e) => {
                 flow.set_end_reason(EndReason::NoRoute);
-                self.drop_counted(reason, &m);
+                self.dial_failed(e.reason(), &e.to_string());
                 return Dest { flow, socket: None };
             }
         };
         if flow.verdict() != Verdict::Allow {
             flow.set_end_reason(EndReason::Denied);
-            self.drop_counted("denied", &hp.to_string());
+            self.drop_counted(RejectReason::Denied, &hp.to_string());
             return Dest { flow, socket: None };
         }
         let socket = match self.socket_for(&connector, remote).await {
             Ok(s) => s,
             Err((failure, m)) => {
                 flow.set_end_reason(EndReason::DialFailed(failure));
-                self.drop_counted(failure.as_str(), &m);
+                self.dial_failed(failure.as_str(), &m);
                 return Dest { flow, socket: None };
             }
         };
@@ -228,8 +240,11 @@ pub(super) async fn associate(
         let _ = control
             .write_all(&proto::reply(proto::REP_GENERAL_FAILURE, None))
             .await;
-        ctx.metrics
-            .reject(&ctx.tenant.name, &ctx.instance, "udp_no_relay_address");
+        ctx.metrics.reject(
+            &ctx.tenant.name,
+            &ctx.instance,
+            RejectReason::UdpNoRelayAddress,
+        );
         tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, "UDP ASSOCIATE refused: the door listens on an unspecified address inside a virtual network; give `listen` its VPN address");
         return;
     };
@@ -296,7 +311,7 @@ pub(super) async fn associate(
                 let Ok((n, from)) = r else { continue };
                 // From the client: check the sender, parse, route, send on.
                 if from.ip().to_canonical() != client_ip || hint_port.is_some_and(|p| p != from.port()) {
-                    assoc.drop_counted("udp_foreign_source", &from.to_string());
+                    assoc.drop_counted(RejectReason::UdpForeignSource, &from.to_string());
                     continue;
                 }
                 client_addr = Some(from);
@@ -304,16 +319,16 @@ pub(super) async fn associate(
                 let (header, at) = match proto::parse_udp(&b_in[..n]) {
                     Ok(Some(h)) => h,
                     Ok(None) => {
-                        assoc.drop_counted("bad_request", "datagram shorter than its header");
+                        assoc.drop_counted(RejectReason::BadRequest, "datagram shorter than its header");
                         continue;
                     }
                     Err(e) => {
-                        assoc.drop_counted("bad_request", &e.to_string());
+                        assoc.drop_counted(RejectReason::BadRequest, &e.to_string());
                         continue;
                     }
                 };
                 if header.frag != 0 {
-                    assoc.drop_counted("udp_fragment", "fragmented SOCKS datagram");
+                    assoc.drop_counted(RejectReason::UdpFragment, "fragmented SOCKS datagram");
                     continue;
                 }
                 let payload = b_in[at..n].to_vec();
@@ -325,7 +340,7 @@ pub(super) async fn associate(
                 // filtering.
                 let Some(to) = client_addr else { continue };
                 let Some(dest) = assoc.by_remote.get(&from).and_then(|k| assoc.dests.get(k)) else {
-                    assoc.drop_counted("udp_foreign_source", &from.to_string());
+                    assoc.drop_counted(RejectReason::UdpForeignSource, &from.to_string());
                     continue;
                 };
                 if dest.flow.flow().is_revoked() {

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
+use crate::core::spine::reject::RejectReason;
 use ipnet::IpNet;
 use russh::keys::{HashAlg, PrivateKey, PublicKey};
 
@@ -238,26 +239,26 @@ pub fn check_certificate(
     user: &str,
     peer: IpAddr,
     now: u64,
-) -> Result<AuthorizedKey, &'static str> {
+) -> Result<AuthorizedKey, RejectReason> {
     use russh::keys::ssh_key::certificate::CertType;
     let ca = keys
         .iter()
         .find(|k| k.cert_authority && k.key.key_data() == cert.signature_key())
-        .ok_or("cert_unknown_ca")?;
+        .ok_or(RejectReason::CertUnknownCa)?;
     if cert.cert_type() != CertType::User {
-        return Err("cert_invalid");
+        return Err(RejectReason::CertInvalid);
     }
     let fp = ca.key.fingerprint(HashAlg::Sha256);
     if cert.validate_at(now, [&fp]).is_err() {
         // Signature and CA were checked first; what is left is the time.
         return Err(if cert.valid_before() <= now || cert.valid_after() > now {
-            "cert_expired"
+            RejectReason::CertExpired
         } else {
-            "cert_invalid"
+            RejectReason::CertInvalid
         });
     }
     if !ca.allowed_from(peer) {
-        return Err("from_not_allowed");
+        return Err(RejectReason::FromNotAllowed);
     }
     for (name, value) in cert.critical_options().iter() {
         match name.as_str() {
@@ -272,10 +273,10 @@ pub fn check_certificate(
                         .unwrap_or(false)
                 });
                 if !ok {
-                    return Err("from_not_allowed");
+                    return Err(RejectReason::FromNotAllowed);
                 }
             }
-            _ => return Err("cert_invalid"),
+            _ => return Err(RejectReason::CertInvalid),
         }
     }
     let principals = cert.valid_principals();
@@ -284,7 +285,7 @@ pub fn check_certificate(
     } else {
         principals.iter().find(|p| ca.principals.contains(p))
     }
-    .ok_or("cert_principal")?;
+    .ok_or(RejectReason::CertPrincipal)?;
     let mut out = ca.clone();
     out.identity = principal.clone();
     // Extensions grant, as OpenSSH reads them: a certificate without

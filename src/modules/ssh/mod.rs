@@ -51,6 +51,7 @@ use crate::core::spine::onramp::{
     Target,
 };
 
+use crate::core::spine::reject::RejectReason;
 pub use config::SshConfig;
 use keys::AuthorizedKey;
 
@@ -274,14 +275,17 @@ impl Drop for Conn {
         if self.key.is_none() && !self.refused.get() {
             if self.timed_out.load(std::sync::atomic::Ordering::Acquire) {
                 self.count(
-                    "handshake_timeout",
+                    RejectReason::HandshakeTimeout,
                     &format!(
                         "no login within {:?}: the session is closed",
                         self.cfg.handshake_timeout
                     ),
                 );
             } else {
-                self.count("unauthenticated", "the session ended before authenticating");
+                self.count(
+                    RejectReason::Unauthenticated,
+                    "the session ended before authenticating",
+                );
             }
         }
     }
@@ -351,7 +355,7 @@ impl Conn {
         if open.len() >= self.cfg.max_channels {
             drop(open);
             self.count(
-                "max_channels",
+                RejectReason::MaxChannels,
                 &format!("{} channels open in one session", self.cfg.max_channels),
             );
             return false;
@@ -364,7 +368,7 @@ impl Conn {
     fn admit_forward(&self) -> bool {
         if self.forwards.len() + self.unix_forwards.len() >= self.cfg.max_remote_forwards {
             self.count(
-                "max_remote_forwards",
+                RejectReason::MaxRemoteForwards,
                 &format!(
                     "{} `ssh -R` listeners in one session",
                     self.cfg.max_remote_forwards
@@ -385,12 +389,12 @@ impl Conn {
         }
     }
 
-    fn count(&self, reason: &'static str, detail: &str) {
+    fn count(&self, reason: RejectReason, detail: &str) {
         self.refused.set(true);
         let ctx = self.onramp.ctx();
         ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
         if let Some(suppressed) = logs::allow("ssh.refused") {
-            tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %self.peer, reason, detail, suppressed, "SSH refused");
+            tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %self.peer, %reason, detail, suppressed, "SSH refused");
         }
     }
 
@@ -401,10 +405,10 @@ impl Conn {
             .find(|k| !k.cert_authority && k.key.key_data() == key.key_data())
     }
 
-    fn check_key(&mut self, key: &russh::keys::PublicKey) -> Result<AuthorizedKey, &'static str> {
-        let found = self.find(key).ok_or("unknown_key")?;
+    fn check_key(&mut self, key: &russh::keys::PublicKey) -> Result<AuthorizedKey, RejectReason> {
+        let found = self.find(key).ok_or(RejectReason::UnknownKey)?;
         if !found.allowed_from(self.peer.ip()) {
-            return Err("from_not_allowed");
+            return Err(RejectReason::FromNotAllowed);
         }
         Ok(found.clone())
     }
@@ -501,7 +505,7 @@ impl russh::server::Handler for Conn {
 
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
         self.count(
-            "password",
+            RejectReason::Password,
             &format!("user `{user}`: passwords are not accepted"),
         );
         Ok(Auth::reject())
@@ -653,9 +657,9 @@ impl russh::server::Handler for Conn {
         };
         if !key.may_listen(requested) {
             let reason = if key.port_forwarding {
-                "permitlisten"
+                RejectReason::PermitListen
             } else {
-                "forwarding_disabled"
+                RejectReason::ForwardingDisabled
             };
             self.count(
                 reason,
@@ -670,7 +674,7 @@ impl russh::server::Handler for Conn {
         let listener = match self.onramp.bind(&on).await {
             Ok(l) => l,
             Err(e) => {
-                self.count("remote_forward_bind", &format!("{on:?}: {e}"));
+                self.count(RejectReason::RemoteForwardBind, &format!("{on:?}: {e}"));
                 return Ok(false);
             }
         };
@@ -689,7 +693,7 @@ impl russh::server::Handler for Conn {
                     ip => ip,
                 };
                 if let Err(e) = ctx.tenant.vnets.publish(&name, ip) {
-                    self.count("name_taken", &format!("{}: {e}", key.identity));
+                    self.count(RejectReason::NameTaken, &format!("{}: {e}", key.identity));
                     return Ok(false);
                 }
                 tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, identity = %key.identity, %name, %bound, "ssh -R: name published");
@@ -732,21 +736,21 @@ impl russh::server::Handler for Conn {
         }
         if !key.port_forwarding {
             self.count(
-                "forwarding_disabled",
+                RejectReason::ForwardingDisabled,
                 &format!("{} may not publish {socket_path}", key.identity),
             );
             return Ok(false);
         }
         let Some(dir) = self.cfg.streamlocal_dir.clone() else {
             self.count(
-                "streamlocal_disabled",
+                RejectReason::StreamlocalDisabled,
                 &format!("{}: no `streamlocal_dir` for {socket_path}", key.identity),
             );
             return Ok(false);
         };
         let Some(path) = socket_in(&dir, socket_path) else {
             self.count(
-                "streamlocal_path",
+                RejectReason::StreamlocalPath,
                 &format!(
                     "{}: {socket_path} is not a socket name in {}",
                     key.identity,
@@ -768,7 +772,10 @@ impl russh::server::Handler for Conn {
         let listener = match listener {
             Ok(l) => l,
             Err(e) => {
-                self.count("remote_forward_bind", &format!("{}: {e}", path.display()));
+                self.count(
+                    RejectReason::RemoteForwardBind,
+                    &format!("{}: {e}", path.display()),
+                );
                 return Ok(false);
             }
         };
@@ -861,9 +868,9 @@ impl russh::server::Handler for Conn {
         let host = host_to_connect.trim_matches(['[', ']']).to_string();
         if !key.may_open(&host, port) {
             let reason = if key.port_forwarding {
-                "permitopen"
+                RejectReason::PermitOpen
             } else {
-                "forwarding_disabled"
+                RejectReason::ForwardingDisabled
             };
             self.count(
                 reason,
@@ -1046,7 +1053,7 @@ impl StreamHandler for SshDoor {
             Err(reason) => {
                 ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
                 if let Some(suppressed) = logs::allow("ssh.startups") {
-                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %conn.src, reason, suppressed, "too many SSH sessions not logged in yet: connection closed");
+                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %conn.src, %reason, suppressed, "too many SSH sessions not logged in yet: connection closed");
                 }
                 return;
             }
@@ -1088,7 +1095,7 @@ impl StreamHandler for SshDoor {
                 _ = stop.cancelled() => "the door stopped",
                 _ = deadline => "no login in time",
                 _ = revoked.cancelled() => {
-                    ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, "key_revoked");
+                    ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, RejectReason::KeyRevoked);
                     tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, peer = %conn.src, "SSH session ended: its key is no longer authorized");
                     "your key is no longer authorized"
                 }
