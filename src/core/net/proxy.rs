@@ -13,9 +13,10 @@
 //! - **Back-pressure.** Each direction holds at most one buffer of data that
 //!   has been read but not yet written.
 //! - **Zero-copy on Linux.** When both sides are [`Stream::Tcp`] and
-//!   [`ProxyOptions::splice`] is on, data moves with `splice(2)` through one
-//!   kernel pipe per direction, created on the first readable event so idle
-//!   connections hold no pipe descriptors. Otherwise a plain
+//!   [`ProxyOptions::splice`] is on, a direction's short reads go through a
+//!   buffer (a `read` and a `write`: a connection that moves a few bytes
+//!   makes no pipe), and its first read that fills that buffer moves it to
+//!   `splice(2)` through a kernel pipe for good. Otherwise a plain
 //!   `AsyncRead`/`AsyncWrite` copy is used.
 //!
 //! The raw system calls live in `super::sys`; this file has no `unsafe`.
@@ -241,6 +242,9 @@ pub const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
 /// keep only this; a direction whose reads fill it grows it fourfold at a
 /// time up to [`ProxyOptions::buffer_size`].
 const FIRST_BUFFER_SIZE: usize = 4 * 1024;
+/// The TCP path's first read per direction goes into a buffer this size;
+/// a read that fills it (a bulk transfer) moves the direction to a pipe.
+const SMALL_READ: usize = 16 * 1024;
 /// Size requested for each splice pipe; the kernel may grant less.
 const PIPE_SIZE: usize = 1024 * 1024;
 
@@ -318,10 +322,18 @@ pub async fn join(
     let end = match (downstream, upstream) {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         (Stream::Tcp(down), Stream::Tcp(up)) if opts.splice => {
+            let ended = std::sync::atomic::AtomicBool::new(false);
             let copy = async {
                 tokio::try_join!(
-                    splice::copy(&down, &up, Direction::Upstream, buffer_size, &meter),
-                    splice::copy(&up, &down, Direction::Downstream, buffer_size, &meter),
+                    splice::copy(&down, &up, Direction::Upstream, buffer_size, &meter, &ended),
+                    splice::copy(
+                        &up,
+                        &down,
+                        Direction::Downstream,
+                        buffer_size,
+                        &meter,
+                        &ended
+                    ),
                 )
             };
             supervise(copy, &meter, opts.idle_timeout).await
@@ -582,7 +594,6 @@ where
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod splice {
     use std::io;
-    use std::mem::MaybeUninit;
     use std::net::Shutdown;
     use std::os::fd::AsFd;
 
@@ -591,18 +602,25 @@ mod splice {
     use tokio::net::TcpStream;
     use tracing::debug;
 
-    use super::{CopyError, Direction, Meter, PIPE_SIZE};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::{CopyError, Direction, Meter, PIPE_SIZE, SMALL_READ};
     use crate::core::net::sys::{self, Pipe};
 
-    /// Where read-but-unwritten bytes wait: a pipe, or a user-space buffer
-    /// if the pipe could not be created (for example out of descriptors).
+    /// Where read-but-unwritten bytes wait: a short read's own buffer (every
+    /// direction starts so: a connection that moves a few bytes costs a
+    /// `read` and a `write`, no pipe), a pipe once a read fills that buffer
+    /// (a bulk transfer: zero-copy from then on), or a user-space buffer if
+    /// the pipe could not be created (for example out of descriptors).
     enum Carrier {
+        Small(Vec<u8>),
         Pipe(Pipe),
         Buffer(Box<[u8]>),
     }
 
     impl Carrier {
-        fn new(direction: Direction, buffer_size: usize) -> Carrier {
+        /// The carrier a bulk transfer moves to.
+        fn bulk(direction: Direction, buffer_size: usize) -> Carrier {
             match Pipe::new(PIPE_SIZE) {
                 Ok(pipe) => Carrier::Pipe(pipe),
                 Err(err) => {
@@ -616,11 +634,35 @@ mod splice {
         /// `Ok(0)` is EOF; `WouldBlock` means wait for readiness again.
         fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
             match self {
+                Carrier::Small(buf) => {
+                    buf.clear();
+                    // A short read emptied the socket's queue: say so to
+                    // the reactor (as `WouldBlock` would), so the next wait
+                    // is for new data rather than a read that finds none.
+                    // Data that arrived meanwhile raised a newer readiness
+                    // event, which this does not clear.
+                    let cap = buf.capacity();
+                    let mut got = None;
+                    let r = from.try_io(Interest::READABLE, || {
+                        let n = sys::recv_into_spare(from.as_fd(), buf)?;
+                        got = Some(n);
+                        if n > 0 && n < cap {
+                            return Err(io::ErrorKind::WouldBlock.into());
+                        }
+                        Ok(n)
+                    });
+                    got.map_or(r, Ok)
+                }
                 Carrier::Pipe(pipe) => from.try_io(Interest::READABLE, || {
                     sys::splice(from.as_fd(), pipe.write_end(), pipe.capacity())
                 }),
                 Carrier::Buffer(buf) => from.try_read(buf),
             }
+        }
+
+        /// Whether a read of `n` bytes filled the carrier: more is waiting.
+        fn filled_by(&self, n: usize) -> bool {
+            matches!(self, Carrier::Small(buf) if n == buf.capacity())
         }
 
         /// Writes the `n` bytes the carrier holds to `to`, counting each
@@ -638,6 +680,7 @@ mod splice {
                     .await
                     .map_err(|err| direction.write_failed(err))?;
                 let result = match self {
+                    Carrier::Small(buf) => to.try_write(&buf[offset..offset + n]),
                     Carrier::Pipe(pipe) => to.try_io(Interest::WRITABLE, || {
                         sys::splice(pipe.read_end(), to.as_fd(), n)
                     }),
@@ -660,48 +703,60 @@ mod splice {
         }
     }
 
-    /// Looks at the next byte without consuming it: `Ok(0)` is EOF.
-    fn peek(stream: &TcpStream) -> io::Result<usize> {
-        let mut byte = [MaybeUninit::<u8>::uninit()];
-        SockRef::from(stream).peek(&mut byte)
-    }
-
-    /// One direction: wait until `from` is readable, fill the carrier (the
-    /// pipe is created here, once the first byte is really there), drain it
-    /// fully to `to`, repeat. On EOF, send FIN to `to`.
+    /// One direction: wait until `from` is readable, read into the carrier,
+    /// drain it fully to `to`, repeat; on EOF, send FIN to `to`. Short
+    /// reads go through a buffer held only while it has bytes in it (an
+    /// idle or interactive connection keeps none); the first read that
+    /// fills it moves the direction to a pipe for good.
     pub(super) async fn copy(
         from: &TcpStream,
         to: &TcpStream,
         direction: Direction,
         buffer_size: usize,
         meter: &Meter<'_>,
+        ended: &AtomicBool,
     ) -> Result<(), CopyError> {
         let mut carrier: Option<Carrier> = None;
         loop {
             from.readable()
                 .await
                 .map_err(|err| direction.read_failed(err))?;
-            if carrier.is_none() {
-                // Readiness can be spurious (it is, right after accept), so
-                // make sure there is data or EOF before allocating a pipe.
-                match from.try_io(Interest::READABLE, || peek(from)) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(err) => return Err(direction.read_failed(err)),
-                }
-            }
-            let carrier = carrier.get_or_insert_with(|| Carrier::new(direction, buffer_size));
-            let n = match carrier.fill(from) {
+            let c = carrier.get_or_insert_with(|| {
+                Carrier::Small(Vec::with_capacity(SMALL_READ.min(buffer_size)))
+            });
+            let n = match c.fill(from) {
                 Ok(0) => break,
                 Ok(n) => n,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    // Readiness can be spurious (it is, right after
+                    // accept): hold no buffer while waiting.
+                    if matches!(c, Carrier::Small(_)) {
+                        carrier = None;
+                    }
+                    continue;
+                }
                 Err(err) => return Err(direction.read_failed(err)),
             };
             meter.received();
-            carrier.drain(to, n, direction, meter).await?;
+            c.drain(to, n, direction, meter).await?;
+            if c.filled_by(n) {
+                *c = Carrier::bulk(direction, buffer_size);
+            } else if matches!(c, Carrier::Small(_)) {
+                carrier = None;
+            }
+        }
+        if ended.swap(true, Ordering::AcqRel) {
+            // The other direction ended first: both sockets are closed as
+            // soon as this returns, and a close with nothing unread sends
+            // the FIN a shutdown would (one system call less per
+            // connection; on loopback each FIN is the peer's whole receive
+            // path run inline).
+            return Ok(());
         }
         if let Err(err) = SockRef::from(to).shutdown(Shutdown::Write) {
             // The peer may already be gone; the other direction will notice.
@@ -1173,7 +1228,8 @@ mod tests {
         for i in 0..50 {
             let mut joined = start(Rig::Splice, None).await;
             if i == 0 {
-                // No pipes while idle; one per direction once data moved.
+                // No pipes while idle, none for a few bytes each way; one
+                // for a direction once a bulk transfer moves through it.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 assert_eq!(pipe_fds(), pipes_before, "pipes created before any data");
                 joined.client.write_all(b"up").await.unwrap();
@@ -1181,7 +1237,22 @@ mod tests {
                 joined.server.read_exact(&mut buf).await.unwrap();
                 joined.server.write_all(b"dn").await.unwrap();
                 joined.client.read_exact(&mut buf).await.unwrap();
-                assert_eq!(pipe_fds(), pipes_before + 4, "splice path not taken");
+                assert_eq!(pipe_fds(), pipes_before, "a pipe for two bytes");
+                let bulk = noise(1 << 20, 7);
+                let (mut c, mut sv) = (joined.client, joined.server);
+                let (w, r) = tokio::join!(c.write_all(&bulk), async {
+                    let mut got = vec![0u8; bulk.len()];
+                    sv.read_exact(&mut got).await.map(|_| got)
+                });
+                w.unwrap();
+                assert!(r.unwrap() == bulk, "bulk bytes changed on the way");
+                assert_eq!(
+                    pipe_fds(),
+                    pipes_before + 2,
+                    "splice path not taken for bulk"
+                );
+                joined.client = c;
+                joined.server = sv;
             }
             let server = tokio::spawn(echo(joined.server));
             let back = round_trip(joined.client, Arc::new(noise(100_000, i + 1))).await;

@@ -120,6 +120,40 @@ pub(crate) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io
     }
 }
 
+/// Reads from a stream socket into `buf`'s spare capacity (after its
+/// length), without zeroing it first, and extends `buf` by what was read.
+/// Non-blocking (`MSG_DONTWAIT`): `WouldBlock` when nothing is queued; `Ok(0)`
+/// is end of input. `EINTR` is retried here.
+pub(crate) fn recv_into_spare(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    loop {
+        // SAFETY: `fd` is live for the call (borrowed); the kernel writes at
+        // most `spare.len()` bytes into `spare`, memory `buf` owns.
+        let rc = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match usize::try_from(rc) {
+            Ok(n) => {
+                // SAFETY: recv initialised the first `n` bytes of the spare
+                // capacity, so the first `len + n` elements are initialised.
+                unsafe { buf.set_len(buf.len() + n) };
+                return Ok(n);
+            }
+            Err(_) => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+}
+
 /// Asks the kernel to report each datagram's original destination
 /// (`IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR`), as TPROXY keeps it.
 pub(crate) fn set_recv_orig_dst(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {

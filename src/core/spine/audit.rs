@@ -227,7 +227,11 @@ impl FlowObserver for AuditLog {
         let (to_log, to_file) = match &*self.target.read().unwrap_or_else(|e| e.into_inner()) {
             AuditTarget::Off => (false, false),
             AuditTarget::File(_) => (false, true),
-            AuditTarget::Log => (true, false),
+            // Nothing is built for a log that drops the record (`log: warn`).
+            AuditTarget::Log => (
+                tracing::enabled!(target: "meshgate::audit", tracing::Level::INFO),
+                false,
+            ),
         };
         if !to_log && !to_file {
             return;

@@ -161,7 +161,7 @@ impl StreamHandler for State {
         let ctx = onramp.ctx();
         let orig = match (cfg.mode, &client) {
             (Mode::Redirect, Stream::Tcp(t)) => original_dst(t),
-            (Mode::Tproxy, _) => conn.dst,
+            (Mode::Tproxy, _) => conn.dst_of(&client),
             _ => None,
         };
         let captured = orig.filter(|o| !to_capture_port(cfg.door.listen.0, *o));

@@ -144,7 +144,11 @@ impl StreamHandler for State {
             via,
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.effective_idle_timeout(),
-            client_dst: conn.dst,
+            // Only a PROXY header sent upstream names it.
+            client_dst: match cfg.proxy_protocol {
+                Some(_) => conn.dst_of(&client),
+                None => None,
+            },
             proxy_protocol: cfg.proxy_protocol,
             chosen_by: crate::core::spine::dest::ChosenBy::Operator,
         };

@@ -81,8 +81,19 @@ impl ListenOn {
 pub struct Accepted {
     /// The client (from a trusted load balancer's PROXY header, if any).
     pub src: SocketAddr,
-    /// The address the client connected to, where known.
+    /// The address the client connected to, when a trusted load balancer's
+    /// PROXY header named it; else [`Accepted::dst_of`] asks the socket
+    /// (a system call most connections never need).
     pub dst: Option<SocketAddr>,
+}
+
+impl Accepted {
+    /// The address the client connected to: the PROXY header's, else the
+    /// accepted socket's own (for a TPROXY listener, the original
+    /// destination); `None` where neither is known.
+    pub fn dst_of(&self, client: &Stream) -> Option<SocketAddr> {
+        self.dst.or_else(|| client.local_addr())
+    }
 }
 
 /// Handles accepted streams for [`OnRamp::serve`].
@@ -355,10 +366,9 @@ impl OnRamp {
                         continue;
                     };
                     let (me, h) = (self.clone(), handler.clone());
-                    let dst = client.local_addr();
                     self.tracker.spawn(async move {
                         if let Some((client, conn)) =
-                            me.unwrap_proxy_header(&*h, client, src, dst).await
+                            me.unwrap_proxy_header(&*h, client, src, None).await
                         {
                             h.handle(&me, client, conn).await;
                         }

@@ -76,6 +76,12 @@ pub trait Answer: Send {
         self: Box<Self>,
         outcome: Result<Option<SocketAddr>, EndReason>,
     ) -> Option<Stream>;
+
+    /// Whether the answer uses the upstream's local address (a SOCKS reply
+    /// does); if not, it is not asked of the socket. Default: yes.
+    fn wants_bound(&self) -> bool {
+        true
+    }
 }
 
 /// A client that needs no answer: relayed as it is, dropped on failure.
@@ -88,6 +94,10 @@ impl Answer for Silent {
         outcome: Result<Option<SocketAddr>, EndReason>,
     ) -> Option<Stream> {
         outcome.ok().map(|_| self.0)
+    }
+
+    fn wants_bound(&self) -> bool {
+        false
     }
 }
 
@@ -195,7 +205,12 @@ impl OnRamp {
                 }
             };
             let mut upstream = upstream;
-            let Some(client) = client.answer(Ok(upstream.local_addr())).await else {
+            let bound = if client.wants_bound() {
+                upstream.local_addr()
+            } else {
+                None
+            };
+            let Some(client) = client.answer(Ok(bound)).await else {
                 return EndReason::DownstreamError;
             };
             if let Some(v) = req.proxy_protocol {
