@@ -151,7 +151,7 @@ fn ssh_jump_through_meshgate_into_a_real_sshd_and_100mb_through_a_forward() {
     let mut recv = legacy.cmd("python3");
     recv.args([
         "-c",
-        "import hashlib,socket\nl=socket.socket();l.bind(('10.241.2.2',9000));l.listen(1)\nprint('ready',flush=True)\nc,_=l.accept();h=hashlib.sha256();n=0\nwhile True:\n d=c.recv(1<<20)\n if not d: break\n h.update(d);n+=len(d)\nprint(n,h.hexdigest(),flush=True)",
+        "import hashlib,socket\nsocket.setdefaulttimeout(120)\nl=socket.socket();l.bind(('10.241.2.2',9000));l.listen(1)\nprint('ready',flush=True)\nc,_=l.accept();h=hashlib.sha256();n=0\nwhile True:\n d=c.recv(1<<20)\n if not d: break\n h.update(d);n+=len(d)\nprint(n,h.hexdigest(),flush=True)",
     ])
     .stdout(Stdio::piped());
     let receiver = legacy.spawn(recv);
@@ -181,7 +181,7 @@ fn ssh_jump_through_meshgate_into_a_real_sshd_and_100mb_through_a_forward() {
     });
     assert!(ok, "the -L forward did not come up");
     let sent = cloud.try_sh(
-        "python3 -c \"import hashlib,os,socket\ns=socket.create_connection(('127.0.0.1',7000));h=hashlib.sha256();b=bytearray(os.urandom(1<<20))\nfor i in range(100):\n b[:8]=i.to_bytes(8,'little');s.sendall(b);h.update(b)\ns.shutdown(socket.SHUT_WR);s.recv(1)\nprint(100<<20,h.hexdigest())\"",
+        "python3 -c \"import hashlib,os,socket\nsocket.setdefaulttimeout(120)\ns=socket.create_connection(('127.0.0.1',7000));h=hashlib.sha256();b=bytearray(os.urandom(1<<20))\nfor i in range(100):\n b[:8]=i.to_bytes(8,'little');s.sendall(b);h.update(b)\ns.shutdown(socket.SHUT_WR);s.recv(1)\nprint(100<<20,h.hexdigest())\"",
     );
     assert!(
         sent.status.success(),

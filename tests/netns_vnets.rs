@@ -368,6 +368,15 @@ fn listen_via_pipe_accepts_again_after_its_interface_restarts() {
         "the listener was not bound again within 2 s:\n{}",
         mg.log_text()
     );
+    // The old listener went with the old stack first: the accept loop saw
+    // its network gone, then bound in the new one.
+    let log = mg.log_text();
+    let gone = log.find("listener's network went away");
+    let again = log.find("listening again");
+    assert!(
+        matches!((gone, again), (Some(g), Some(a)) if g < a),
+        "the old listener was not seen gone before the new bind:\n{log}"
+    );
     assert!(
         wait_until(Duration::from_secs(10), reach),
         "listen_via pipe did not come back:\n{}",

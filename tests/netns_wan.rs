@@ -52,6 +52,7 @@ fn node(engine: &str, wg: &str, pipe: &str) -> tempfile::TempDir {
 /// and sha256 of one connection's stream.
 const RECEIVER: &str = r#"
 import hashlib, socket, sys
+socket.setdefaulttimeout(120)  # a stall fails the test instead of hanging it
 l = socket.socket()
 l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind((sys.argv[1], int(sys.argv[2])))
@@ -74,6 +75,7 @@ print(n, h.hexdigest(), flush=True)
 /// sha256 once the peer has closed.
 const SENDER: &str = r#"
 import hashlib, os, socket, sys
+socket.setdefaulttimeout(120)  # a stall fails the test instead of hanging it
 total = int(sys.argv[1])
 s = socket.create_connection((sys.argv[2], int(sys.argv[3])))
 h = hashlib.sha256()
