@@ -83,7 +83,8 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += 
 # a 24-hour run): the WireGuard datagram path on its socket-free core, the
 # `wg` socket's protocol, config documents, IP packets, DNS answers, SOCKS and
 # PROXY protocol headers.
-# Needs a nightly toolchain (cargo fuzz uses sanitizers); skipped without one.
+# Needs a nightly toolchain (cargo fuzz uses sanitizers); skipped without one
+# (the targets' bodies still ran over their seeds in `cargo test`).
 FUZZ_SECONDS=${FUZZ_SECONDS:-20}
 if ((status == 0)) && ((FUZZ_SECONDS > 0)) && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked >/dev/null 2>&1
@@ -91,7 +92,10 @@ if ((status == 0)) && ((FUZZ_SECONDS > 0)) && rustup toolchain list 2>/dev/null 
   for target in wg_datagram uapi_parse config_documents ip_packets tcp_segments socks proxy_protocol http_proxy authorized_keys policy; do
     echo "== cargo fuzz run $target (${FUZZ_SECONDS}s)"
     set +e
-    cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS" >"$flog" 2>&1
+    # New inputs go to fuzz/corpus/TARGET (not kept); the checked-in seeds
+    # (also run on stable by tests/fuzz_seeds.rs) start it off.
+    mkdir -p "fuzz/corpus/$target"
+    cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- -max_total_time="$FUZZ_SECONDS" >"$flog" 2>&1
     rc=$?
     set -e
     tail -n 3 "$flog"

@@ -18,4 +18,6 @@
 #![deny(unsafe_code)]
 
 pub mod core;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod modules;
