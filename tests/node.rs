@@ -3,6 +3,8 @@
 //! loopback but no binary and no files. Flow hooks (policy) are plugged in
 //! as a library user would.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,11 +38,7 @@ async fn backend(tag: &'static str) -> SocketAddr {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    common::free_port()
 }
 
 /// Connects to the pipe on `port` and reads the backend's tag ("" when the
@@ -309,11 +307,8 @@ async fn a_pipe_peer_is_the_peer_s_own_address_checked_before_start() {
 }
 
 fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Free for TCP and UDP, outside the ephemeral range.
+    common::free_port()
 }
 
 /// A plain HTTP GET to the admin API: (status line, body).

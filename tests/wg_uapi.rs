@@ -231,11 +231,8 @@ fn stock_wg_shows_and_changes_a_meshgate_interface() {
 
 /// A UDP port free on loopback right now.
 fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Free for TCP and UDP, outside the ephemeral range.
+    common::free_port()
 }
 
 /// A WireGuard client node: `address`, one peer `hub` at `hub_port`, and a

@@ -48,13 +48,44 @@ pub fn skip(why: &str) {
     eprintln!("SKIPPED: {name}: {why}");
 }
 
-/// A port free on 127.0.0.1 right now.
+/// A port free on 127.0.0.1 (TCP and UDP) right now, below the kernel's
+/// ephemeral range when there is room: a port the kernel hands out (port 0)
+/// can be taken by any outgoing connection of a concurrent test before the
+/// test's own listener binds it. Never the same port twice in one process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    use std::collections::hash_map::RandomState;
+    use std::collections::HashSet;
+    use std::hash::BuildHasher;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    let random = RandomState::new();
+    if low > 11_000 {
+        for i in 0u32..2_000 {
+            let port = 10_000 + (random.hash_one(i) % u64::from(low - 10_000)) as u16;
+            if given.contains(&port) {
+                continue;
+            }
+            if TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port()
+        .port();
+    given.insert(port);
+    port
 }
 
 /// Polls `f` every 50 ms until it returns true or `timeout` passes.
