@@ -51,41 +51,58 @@ pub fn skip(why: &str) {
 /// A port free on 127.0.0.1 (TCP and UDP) right now, below the kernel's
 /// ephemeral range when there is room: a port the kernel hands out (port 0)
 /// can be taken by any outgoing connection of a concurrent test before the
-/// test's own listener binds it. Never the same port twice in one process.
+/// test's own listener binds it. A port is claimed for 10 minutes across
+/// the whole run (a file in a shared directory), so neither this process
+/// nor the next test binary gets it again while a process of an earlier
+/// test may still hold it.
 pub fn free_port() -> u16 {
     use std::collections::hash_map::RandomState;
-    use std::collections::HashSet;
     use std::hash::BuildHasher;
-    use std::sync::Mutex;
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    let given = given.get_or_insert_with(HashSet::new);
-    let random = RandomState::new();
     if low > 11_000 {
-        for i in 0u32..2_000 {
+        let claims = std::env::temp_dir().join("meshgate-test-ports");
+        let _ = std::fs::create_dir_all(&claims);
+        let random = RandomState::new();
+        for i in 0u32..4_000 {
             let port = 10_000 + (random.hash_one(i) % u64::from(low - 10_000)) as u16;
-            if given.contains(&port) {
-                continue;
-            }
-            if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            if claim_port(&claims, port)
+                && TcpListener::bind(("127.0.0.1", port)).is_ok()
                 && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
             {
-                given.insert(port);
                 return port;
             }
         }
     }
-    let port = TcpListener::bind("127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    given.insert(port);
-    port
+        .port()
+}
+
+/// Claims `port` for this run: true if nobody claimed it in the last 10
+/// minutes (an older claim is stale and taken over).
+fn claim_port(dir: &Path, port: u16) -> bool {
+    let path = dir.join(port.to_string());
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .is_ok()
+    };
+    if create() {
+        return true;
+    }
+    let stale = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > Duration::from_secs(600));
+    stale && std::fs::remove_file(&path).is_ok() && create()
 }
 
 /// Polls `f` every 50 ms until it returns true or `timeout` passes.
