@@ -27,16 +27,22 @@ pub struct RawUser {
 }
 
 /// One user.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 struct User {
     password: Vec<u8>,
     vnet: Option<String>,
     vnets: Vec<String>,
 }
 
-/// A door's users.
-#[derive(Clone, Default)]
+/// A door's users. `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq)]
 pub struct Users(BTreeMap<String, User>);
+
+impl std::fmt::Debug for Users {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
 
 impl Users {
     /// Checks `users:` entries (`key`: `users[i]`), reading password files.

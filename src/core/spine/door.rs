@@ -29,6 +29,8 @@ use crate::core::config::{
 use crate::core::net::listen::StreamListener;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{DoorListener, ListenOn, OnRamp, StreamHandler};
+use crate::core::spine::startups::StartupLimits;
+use crate::core::users::{RawUser, Users};
 
 /// A door's running config and the source of its document; reloads swap
 /// both, connections read the config when they start.
@@ -63,7 +65,8 @@ impl<C> Live<C> {
     }
 }
 
-/// The keys every door's document has beside its own.
+/// The keys every door's document has beside its own, and the key groups
+/// a door kind may take ([`DoorKeys`]): read and checked here, once.
 ///
 /// ```yaml
 /// listen: 127.0.0.1:1080   # a bare port means 127.0.0.1
@@ -72,6 +75,14 @@ impl<C> Live<C> {
 /// connect_timeout: 5s      # dials
 /// idle_timeout: 1h         # or `none`: connections end after this long without traffic
 /// max_connections: 1024    # at once
+/// # doors with a handshake (SOCKS, HTTP proxy, SSH):
+/// handshake_timeout: 10s   # a client must be through its handshake within this
+/// max_startups: 10:30:100  # clients still in it: refuse a rising share from 10, all at 100
+/// per_source_max_startups: 10   # the same from one address
+/// # doors behind load balancers (SOCKS, HTTP proxy):
+/// accept_proxy_protocol: [10.0.0.0/8]   # these send a PROXY header (v1/v2) first
+/// # doors with passwords (SOCKS, HTTP proxy):
+/// users: [{name: alice, password_file: /etc/meshgate/alice.pw, vnets: [sydney]}]
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct DoorSettings {
@@ -87,6 +98,75 @@ pub struct DoorSettings {
     pub idle_timeout: Option<Duration>,
     /// Concurrent connections.
     pub max_connections: usize,
+    /// The handshake's deadline and the caps on clients still in it (the
+    /// defaults for a kind without [`DoorKeys::handshake`]).
+    pub handshake: HandshakeLimits,
+    /// Load balancers whose connections start with a PROXY header (empty
+    /// for a kind without [`DoorKeys::proxy_protocol`]).
+    pub accept_proxy_protocol: Vec<ipnet::IpNet>,
+    /// Users and their passwords (empty for a kind without
+    /// [`DoorKeys::users`]).
+    pub users: Users,
+}
+
+/// The key groups a door kind takes beside the six every door has.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DoorKeys {
+    /// `handshake_timeout` (with this default), `max_startups` and
+    /// `per_source_max_startups`: for a door whose clients speak before
+    /// they are served.
+    pub handshake: Option<Duration>,
+    /// `accept_proxy_protocol`.
+    pub proxy_protocol: bool,
+    /// `users` (names, passwords, vnets).
+    pub users: bool,
+}
+
+impl DoorKeys {
+    fn names(&self) -> impl Iterator<Item = &'static str> {
+        let h: &[&str] = if self.handshake.is_some() {
+            &HandshakeLimits::KEYS
+        } else {
+            &[]
+        };
+        let p: &[&str] = if self.proxy_protocol {
+            &["accept_proxy_protocol"]
+        } else {
+            &[]
+        };
+        let u: &[&str] = if self.users { &["users"] } else { &[] };
+        h.iter().chain(p).chain(u).copied()
+    }
+}
+
+/// A door's handshake limits: its deadline, and the caps on clients still
+/// in it (door-wide with early random refusal, and per source address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// `handshake_timeout`.
+    pub timeout: Duration,
+    /// `max_startups` and `per_source_max_startups`.
+    pub startups: StartupLimits,
+}
+
+impl HandshakeLimits {
+    /// Its keys.
+    pub const KEYS: [&'static str; 3] = [
+        "handshake_timeout",
+        "max_startups",
+        "per_source_max_startups",
+    ];
+    /// `handshake_timeout` of a kind that names none.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        HandshakeLimits {
+            timeout: Self::DEFAULT_TIMEOUT,
+            startups: StartupLimits::default(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -103,6 +183,16 @@ struct RawDoorSettings {
     idle_timeout: Option<IdleTimeout>,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
+    #[serde(default, with = "humantime_serde")]
+    handshake_timeout: Option<Duration>,
+    #[serde(default)]
+    max_startups: Option<serde_json::Value>,
+    #[serde(default)]
+    per_source_max_startups: Option<usize>,
+    #[serde(default)]
+    accept_proxy_protocol: Vec<ipnet::IpNet>,
+    #[serde(default)]
+    users: Vec<RawUser>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -129,18 +219,29 @@ impl DoorSettings {
     /// `max_connections` unless configured.
     pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
-    /// Reads a door's document: the shared keys into [`DoorSettings`], the
-    /// door's own keys (`own_keys`, the fields of `T`) into `T`. A key that
-    /// is neither is refused with every key the kind accepts.
+    /// Reads a door's document: the six shared keys into [`DoorSettings`],
+    /// the door's own keys (`own_keys`, the fields of `T`) into `T`. A key
+    /// that is neither is refused with every key the kind accepts.
     pub fn parse<T: DeserializeOwned>(
         doc: &Document,
         own_keys: &[&str],
     ) -> Result<(DoorSettings, T), ConfigError> {
+        Self::parse_taking(doc, DoorKeys::default(), own_keys)
+    }
+
+    /// [`DoorSettings::parse`] for a kind that also takes the key groups
+    /// `takes` names (a handshake's limits, PROXY headers, users).
+    pub fn parse_taking<T: DeserializeOwned>(
+        doc: &Document,
+        takes: DoorKeys,
+        own_keys: &[&str],
+    ) -> Result<(DoorSettings, T), ConfigError> {
         let src = &doc.source;
+        let shared: Vec<&str> = Self::KEYS.iter().copied().chain(takes.names()).collect();
         if let Some(map) = doc.value.as_object() {
-            let known = |k: &str| k == "kind" || Self::KEYS.contains(&k) || own_keys.contains(&k);
+            let known = |k: &str| k == "kind" || shared.contains(&k) || own_keys.contains(&k);
             if let Some(unknown) = map.keys().find(|k| !known(k)) {
-                let mut all: Vec<&str> = Self::KEYS.iter().chain(own_keys).copied().collect();
+                let mut all: Vec<&str> = shared.iter().chain(own_keys).copied().collect();
                 all.sort_unstable();
                 let all: Vec<String> = all.iter().map(|k| format!("`{k}`")).collect();
                 return Err(ConfigError::key(
@@ -157,7 +258,9 @@ impl DoorSettings {
             .chain(own_keys.iter().copied())
             .collect();
         let raw: RawDoorSettings = parse_document(doc, &skip_own)?;
-        let skip_shared: Vec<&str> = std::iter::once("kind").chain(Self::KEYS).collect();
+        let skip_shared: Vec<&str> = std::iter::once("kind")
+            .chain(shared.iter().copied())
+            .collect();
         let own: T = parse_document(doc, &skip_shared)?;
         for (key, name) in [("listen_via", &raw.listen_via), ("vnet", &raw.vnet)] {
             if let Some(name) = name {
@@ -166,6 +269,22 @@ impl DoorSettings {
         }
         positive(src, "connect_timeout", raw.connect_timeout)?;
         at_least_one(src, "max_connections", raw.max_connections)?;
+        let handshake = match takes.handshake {
+            Some(default) => {
+                let timeout = raw.handshake_timeout.unwrap_or(default);
+                positive(src, "handshake_timeout", timeout)?;
+                HandshakeLimits {
+                    timeout,
+                    startups: StartupLimits::from_raw(
+                        src,
+                        raw.max_startups.as_ref(),
+                        raw.per_source_max_startups
+                            .unwrap_or(StartupLimits::DEFAULT_PER_SOURCE),
+                    )?,
+                }
+            }
+            None => HandshakeLimits::default(),
+        };
         let settings = DoorSettings {
             listen: raw.listen,
             listen_via: raw.listen_via,
@@ -173,6 +292,9 @@ impl DoorSettings {
             connect_timeout: raw.connect_timeout,
             idle_timeout: idle_timeout(src, raw.idle_timeout, Self::DEFAULT_IDLE_TIMEOUT)?,
             max_connections: raw.max_connections,
+            handshake,
+            accept_proxy_protocol: raw.accept_proxy_protocol,
+            users: Users::from_raw(src, raw.users)?,
         };
         Ok((settings, own))
     }
@@ -432,6 +554,74 @@ mod tests {
             assert_eq!(e.key.as_deref(), Some(key), "{v}: {e}");
             assert!(e.to_string().contains(msg), "{v}: {e}");
             assert!(e.to_string().contains("tenants/acme/door.yaml"), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn key_groups_are_read_for_the_kinds_that_take_them_and_refused_elsewhere() {
+        let doc = |v: serde_json::Value| Document {
+            source: "tenants/acme/door.yaml".into(),
+            value: v,
+        };
+        let takes = DoorKeys {
+            handshake: Some(Duration::from_secs(30)),
+            proxy_protocol: true,
+            users: true,
+        };
+        let full = json!({
+            "listen": 1, "handshake_timeout": "5s", "max_startups": "3:50:9",
+            "per_source_max_startups": 2, "accept_proxy_protocol": ["10.0.0.0/8"],
+            "users": [{"name": "alice", "password": "pw", "vnets": ["sydney"]}],
+        });
+        let (door, _): (DoorSettings, Own) =
+            DoorSettings::parse_taking(&doc(full.clone()), takes, &OWN).unwrap();
+        assert_eq!(door.handshake.timeout, Duration::from_secs(5));
+        assert_eq!(door.handshake.startups.per_source, 2);
+        assert_eq!(door.accept_proxy_protocol.len(), 1);
+        assert_eq!(door.users.names(), vec!["alice"]);
+        assert_eq!(
+            format!("{:?}", door.users),
+            r#"["alice"]"#,
+            "no password in Debug"
+        );
+        // The kind's own default, and the startups defaults.
+        let (door, _): (DoorSettings, Own) =
+            DoorSettings::parse_taking(&doc(json!({"listen": 1})), takes, &OWN).unwrap();
+        assert_eq!(door.handshake.timeout, Duration::from_secs(30));
+        assert_eq!(door.handshake.startups, StartupLimits::default());
+        assert!(door.users.is_empty() && door.accept_proxy_protocol.is_empty());
+        // Checked where they are read.
+        for (v, key) in [
+            (
+                json!({"listen": 1, "handshake_timeout": "0s"}),
+                "handshake_timeout",
+            ),
+            (
+                json!({"listen": 1, "per_source_max_startups": 0}),
+                "per_source_max_startups",
+            ),
+            (json!({"listen": 1, "max_startups": "x"}), "max_startups"),
+            (
+                json!({"listen": 1, "users": [{"name": "a"}]}),
+                "users[0].password",
+            ),
+        ] {
+            let e = DoorSettings::parse_taking::<Own>(&doc(v.clone()), takes, &OWN).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{v}: {e}");
+        }
+        // A kind that takes none refuses each group's keys, naming its own.
+        for key in [
+            "handshake_timeout",
+            "max_startups",
+            "accept_proxy_protocol",
+            "users",
+        ] {
+            let e = parse(json!({"listen": 1, key: full[key].clone()})).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key));
+            let text = e.to_string();
+            let listed = text.split("expected one of").nth(1).unwrap_or_default();
+            assert!(listed.contains("`max_connections`"), "{e}");
+            assert!(!listed.contains(&format!("`{key}`")), "{e}");
         }
     }
 }

@@ -5,10 +5,8 @@ use std::time::Duration;
 use configstore::Document;
 use serde::Deserialize;
 
-use crate::core::config::{positive, ConfigError};
-use crate::core::spine::door::DoorSettings;
-use crate::core::spine::startups::StartupLimits;
-use crate::core::users::{RawUser, Users};
+use crate::core::config::ConfigError;
+use crate::core::spine::door::{DoorKeys, DoorSettings};
 
 /// `kind: http_proxy`
 ///
@@ -30,76 +28,40 @@ use crate::core::users::{RawUser, Users};
 /// max_connections: 1024
 /// accept_proxy_protocol: [10.0.0.0/8]   # load balancers that send a PROXY header (v1/v2)
 /// ```
+/// `kind: http_proxy` has no keys of its own beside [`DoorSettings`].
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    users: Vec<RawUser>,
-    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
-    handshake_timeout: Duration,
-    #[serde(default)]
-    max_startups: Option<serde_json::Value>,
-    #[serde(default = "crate::core::spine::startups::default_per_source")]
-    per_source_max_startups: usize,
-    #[serde(default)]
-    accept_proxy_protocol: Vec<ipnet::IpNet>,
-}
+struct RawConfig {}
 
-/// The keys `kind: http_proxy` has beside [`DoorSettings`]: the fields of
-/// `RawConfig`.
-const OWN_KEYS: [&str; 5] = [
-    "users",
-    "handshake_timeout",
-    "max_startups",
-    "per_source_max_startups",
-    "accept_proxy_protocol",
-];
+/// The shared key groups `kind: http_proxy` takes: a handshake (the first
+/// request head within 10 s), PROXY headers from load balancers, users.
+const TAKES: DoorKeys = DoorKeys {
+    handshake: Some(Duration::from_secs(10)),
+    proxy_protocol: true,
+    users: true,
+};
 
-fn default_handshake_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-/// A checked HTTP proxy config (no `Debug`: it holds passwords).
-#[derive(Clone)]
+/// A checked HTTP proxy config (its users' `Debug` shows names only).
+#[derive(Debug, Clone)]
 pub struct HttpProxyConfig {
-    /// Where it listens, where connections route, timeouts, the limit.
+    /// Where it listens, where connections route, timeouts, the limit, the
+    /// handshake's limits (the first request head), trusted load
+    /// balancers, users (none: no authentication).
     pub door: DoorSettings,
-    /// Users; none means no authentication.
-    pub users: Users,
-    /// Time allowed for a request's header.
-    pub handshake_timeout: Duration,
-    /// Connections whose first request head has not arrived, door-wide
-    /// and per address.
-    pub startups: StartupLimits,
-    /// Load balancers whose connections start with a PROXY header.
-    pub accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
 
 impl HttpProxyConfig {
     /// Parses and validates a `kind: http_proxy` document.
     pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
-        let (door, raw): (DoorSettings, RawConfig) = DoorSettings::parse(doc, &OWN_KEYS)?;
-        let src = &doc.source;
-        let users = Users::from_raw(src, raw.users)?;
-        positive(src, "handshake_timeout", raw.handshake_timeout)?;
-        if users.is_empty() && door.exposed() {
-            tracing::warn!(source = %src, listen = %door.listen, "HTTP proxy without users on a non-loopback address: anyone who reaches it can use the tenant's routes");
+        let (door, _): (DoorSettings, RawConfig) = DoorSettings::parse_taking(doc, TAKES, &[])?;
+        if door.users.is_empty() && door.exposed() {
+            tracing::warn!(source = %doc.source, listen = %door.listen, "HTTP proxy without users on a non-loopback address: anyone who reaches it can use the tenant's routes");
         }
-        Ok(HttpProxyConfig {
-            door,
-            users,
-            handshake_timeout: raw.handshake_timeout,
-            startups: StartupLimits::from_raw(
-                src,
-                raw.max_startups.as_ref(),
-                raw.per_source_max_startups,
-            )?,
-            accept_proxy_protocol: raw.accept_proxy_protocol,
-        })
+        Ok(HttpProxyConfig { door })
     }
 
     /// The instances this proxy needs started first.
     pub fn depends_on(&self) -> Vec<String> {
-        self.door.depends_on(self.users.vnets())
+        self.door.depends_on(self.door.users.vnets())
     }
 }

@@ -159,7 +159,7 @@ fn authenticate(
     cfg: &HttpProxyConfig,
     req: &Request<Incoming>,
 ) -> Result<(Option<String>, Option<String>), RejectReason> {
-    if cfg.users.is_empty() {
+    if cfg.door.users.is_empty() {
         return Ok((None, cfg.door.vnet.clone()));
     }
     let header = req
@@ -167,7 +167,8 @@ fn authenticate(
         .get("proxy-authorization")
         .ok_or(RejectReason::AuthRequired)?;
     let (user, password) = parse_basic(header.as_bytes()).ok_or(RejectReason::AuthFailed)?;
-    cfg.users
+    cfg.door
+        .users
         .authenticate(&user, &password, cfg.door.vnet.as_deref())
         .map(|(who, vnet)| (Some(who), vnet))
         .map_err(|_| RejectReason::AuthFailed)
@@ -359,7 +360,7 @@ impl StreamHandler for HttpDoor {
     }
 
     fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
-        self.live.get().accept_proxy_protocol.clone()
+        self.live.get().door.accept_proxy_protocol.clone()
     }
 
     async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
@@ -367,7 +368,10 @@ impl StreamHandler for HttpDoor {
         let cfg = self.live.get();
         // Counted among the connections whose first request head has not
         // arrived, until it does: past the caps a new one is refused.
-        let startup = match self.startups.try_start(src.ip(), &cfg.startups) {
+        let startup = match self
+            .startups
+            .try_start(src.ip(), &cfg.door.handshake.startups)
+        {
             Ok(s) => s,
             Err(reason) => {
                 let ctx = onramp.ctx();
@@ -381,7 +385,7 @@ impl StreamHandler for HttpDoor {
         let startup = std::sync::Mutex::new(Some(startup));
         let stop = onramp.stopping().clone();
         let onramp = onramp.clone();
-        let timeout = cfg.handshake_timeout;
+        let timeout = cfg.door.handshake.timeout;
         let svc = hyper::service::service_fn(move |req| {
             // A request head arrived: past the handshake.
             startup.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -437,7 +441,7 @@ impl Door for HttpDoor {
 
     fn status(&self, cfg: &HttpProxyConfig, onramp: &OnRamp) -> serde_json::Value {
         let mut status = cfg.door.status(onramp);
-        status.insert("users".into(), serde_json::json!(cfg.users.names()));
+        status.insert("users".into(), serde_json::json!(cfg.door.users.names()));
         status.into()
     }
 }

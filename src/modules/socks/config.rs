@@ -5,11 +5,9 @@ use std::time::Duration;
 use configstore::Document;
 use serde::Deserialize;
 
-use crate::core::config::{positive, ConfigError};
-use crate::core::spine::door::DoorSettings;
+use crate::core::config::ConfigError;
+use crate::core::spine::door::{DoorKeys, DoorSettings};
 use crate::core::spine::reject::RejectReason;
-use crate::core::spine::startups::StartupLimits;
-use crate::core::users::{RawUser, Users};
 
 /// `kind: socks`
 ///
@@ -40,39 +38,25 @@ use crate::core::users::{RawUser, Users};
 struct RawConfig {
     #[serde(default)]
     auth: Option<Auth>,
-    #[serde(default)]
-    users: Vec<RawUser>,
     #[serde(default = "yes")]
     udp: bool,
     #[serde(default = "yes")]
     socks4: bool,
-    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
-    handshake_timeout: Duration,
-    #[serde(default)]
-    max_startups: Option<serde_json::Value>,
-    #[serde(default = "crate::core::spine::startups::default_per_source")]
-    per_source_max_startups: usize,
-    #[serde(default)]
-    accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
 
 /// The keys `kind: socks` has beside [`DoorSettings`]: the fields of `RawConfig`.
-const OWN_KEYS: [&str; 8] = [
-    "auth",
-    "users",
-    "udp",
-    "socks4",
-    "handshake_timeout",
-    "max_startups",
-    "per_source_max_startups",
-    "accept_proxy_protocol",
-];
+const OWN_KEYS: [&str; 3] = ["auth", "udp", "socks4"];
+
+/// The shared key groups `kind: socks` takes: a handshake (10 s), PROXY
+/// headers from load balancers, users.
+const TAKES: DoorKeys = DoorKeys {
+    handshake: Some(Duration::from_secs(10)),
+    proxy_protocol: true,
+    users: true,
+};
 
 fn yes() -> bool {
     true
-}
-fn default_handshake_timeout() -> Duration {
-    Duration::from_secs(10)
 }
 
 /// How clients authenticate.
@@ -85,94 +69,70 @@ pub enum Auth {
     Password,
 }
 
-/// A checked SOCKS config. Holds passwords: its `Debug` leaves them out.
-#[derive(Clone)]
+/// A checked SOCKS config. Holds passwords (in `door.users`, whose
+/// `Debug` shows names only).
+#[derive(Debug, Clone)]
 pub struct SocksConfig {
-    /// Where it listens, where connections route, timeouts, the limit.
+    /// Where it listens, where connections route, timeouts, the limit, the
+    /// handshake's limits, trusted load balancers, users.
     pub door: DoorSettings,
     /// How clients authenticate.
     pub auth: Auth,
-    /// Users and what they may reach.
-    pub users: Users,
     /// Whether UDP ASSOCIATE is served.
     pub udp: bool,
     /// Whether SOCKS4/4a is served.
     pub socks4: bool,
-    /// Time allowed for greeting, authentication and request.
-    pub handshake_timeout: Duration,
-    /// Clients not yet past the handshake, door-wide and per address.
-    pub startups: StartupLimits,
-    /// Load balancers whose connections start with a PROXY header.
-    pub accept_proxy_protocol: Vec<ipnet::IpNet>,
-}
-
-impl std::fmt::Debug for SocksConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SocksConfig")
-            .field("door", &self.door)
-            .field("auth", &self.auth)
-            .field("users", &self.users.names())
-            .finish_non_exhaustive()
-    }
 }
 
 impl SocksConfig {
     /// Parses and validates a `kind: socks` document (reads password files).
     pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
-        let (door, raw): (DoorSettings, RawConfig) = DoorSettings::parse(doc, &OWN_KEYS)?;
+        let (door, raw): (DoorSettings, RawConfig) =
+            DoorSettings::parse_taking(doc, TAKES, &OWN_KEYS)?;
         let src = &doc.source;
-        let auth = raw.auth.unwrap_or(if raw.users.is_empty() {
+        let auth = raw.auth.unwrap_or(if door.users.is_empty() {
             Auth::None
         } else {
             Auth::Password
         });
-        if auth == Auth::Password && raw.users.is_empty() {
+        if auth == Auth::Password && door.users.is_empty() {
             return Err(ConfigError::key(
                 src,
                 "users",
                 "`auth: password` needs at least one user (name and password or password_file)",
             ));
         }
-        if auth == Auth::None && !raw.users.is_empty() {
+        if auth == Auth::None && !door.users.is_empty() {
             return Err(ConfigError::key(
                 src,
                 "auth",
                 "`auth: none` with users: the users would never be asked; drop them or use `auth: password`",
             ));
         }
-        let users = Users::from_raw(src, raw.users)?;
-        positive(src, "handshake_timeout", raw.handshake_timeout)?;
         if auth == Auth::None && door.exposed() {
             tracing::warn!(source = %src, listen = %door.listen, "SOCKS without authentication on a non-loopback address: anyone who reaches it can use the tenant's routes");
         }
         Ok(SocksConfig {
             door,
             auth,
-            users,
             udp: raw.udp,
             socks4: raw.socks4 && auth == Auth::None,
-            handshake_timeout: raw.handshake_timeout,
-            startups: StartupLimits::from_raw(
-                src,
-                raw.max_startups.as_ref(),
-                raw.per_source_max_startups,
-            )?,
-            accept_proxy_protocol: raw.accept_proxy_protocol,
         })
     }
 
     /// The instances this door needs started first.
     pub fn depends_on(&self) -> Vec<String> {
-        self.door.depends_on(self.users.vnets())
+        self.door.depends_on(self.door.users.vnets())
     }
 
-    /// Checks credentials in this door's users; see [`Users::authenticate`].
+    /// Checks credentials in this door's users; see [`crate::core::users::Users::authenticate`].
     pub fn authenticate(
         &self,
         user: &str,
         password: &[u8],
     ) -> Result<(String, Option<String>), RejectReason> {
-        self.users
+        self.door
+            .users
             .authenticate(user, password, self.door.vnet.as_deref())
     }
 }

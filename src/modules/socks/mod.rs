@@ -308,7 +308,7 @@ impl StreamHandler for SocksDoor {
     }
 
     fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
-        self.live.get().accept_proxy_protocol.clone()
+        self.live.get().door.accept_proxy_protocol.clone()
     }
 
     async fn handle(&self, onramp: &Arc<OnRamp>, mut client: Stream, conn: Accepted) {
@@ -318,7 +318,10 @@ impl StreamHandler for SocksDoor {
         let mut buf = Vec::new();
         // Counted among the clients not yet past their handshake until it
         // is done: past the caps a new one is refused at once.
-        let startup = match self.startups.try_start(src.ip(), &cfg.startups) {
+        let startup = match self
+            .startups
+            .try_start(src.ip(), &cfg.door.handshake.startups)
+        {
             Ok(s) => s,
             Err(reason) => {
                 ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
@@ -330,7 +333,7 @@ impl StreamHandler for SocksDoor {
         };
         // A stopping door waits on no client still in its handshake.
         let handshake = tokio::select! {
-            r = tokio::time::timeout(cfg.handshake_timeout, handshake(&cfg, &mut client, &mut buf)) => r,
+            r = tokio::time::timeout(cfg.door.handshake.timeout, handshake(&cfg, &mut client, &mut buf)) => r,
             _ = onramp.stopping().cancelled() => return,
         };
         let ask = match handshake {
@@ -351,7 +354,7 @@ impl StreamHandler for SocksDoor {
                     RejectReason::HandshakeTimeout,
                 );
                 if let Some(suppressed) = logs::allow("socks.timeout") {
-                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, timeout = ?cfg.handshake_timeout, suppressed, "SOCKS handshake timed out");
+                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, timeout = ?cfg.door.handshake.timeout, suppressed, "SOCKS handshake timed out");
                 }
                 return;
             }
@@ -427,7 +430,7 @@ impl Door for SocksDoor {
                 }
                 .into(),
             ),
-            ("users".into(), serde_json::json!(cfg.users.names())),
+            ("users".into(), serde_json::json!(cfg.door.users.names())),
             ("udp".into(), cfg.udp.into()),
             ("socks4".into(), cfg.socks4.into()),
         ]);

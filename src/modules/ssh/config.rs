@@ -7,8 +7,7 @@ use serde::Deserialize;
 
 use super::keys::{parse_authorized_keys, AuthorizedKey};
 use crate::core::config::ConfigError;
-use crate::core::spine::door::DoorSettings;
-use crate::core::spine::startups::StartupLimits;
+use crate::core::spine::door::{DoorKeys, DoorSettings};
 
 /// `kind: ssh`
 ///
@@ -49,12 +48,6 @@ struct RawConfig {
     remote_forward_via: Option<String>,
     #[serde(default)]
     streamlocal_dir: Option<PathBuf>,
-    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
-    handshake_timeout: std::time::Duration,
-    #[serde(default)]
-    max_startups: Option<serde_json::Value>,
-    #[serde(default = "crate::core::spine::startups::default_per_source")]
-    per_source_max_startups: usize,
     #[serde(default = "default_max_channels")]
     max_channels: usize,
     #[serde(default = "default_max_remote_forwards")]
@@ -69,13 +62,17 @@ fn default_max_remote_forwards() -> usize {
     32
 }
 
-fn default_handshake_timeout() -> std::time::Duration {
-    std::time::Duration::from_secs(30)
-}
+/// The shared key groups `kind: ssh` takes: a handshake (log in within
+/// 30 s, as sshd's `LoginGraceTime`).
+const TAKES: DoorKeys = DoorKeys {
+    handshake: Some(std::time::Duration::from_secs(30)),
+    proxy_protocol: false,
+    users: false,
+};
 
 /// The keys `kind: ssh` has beside [`DoorSettings`]: the fields of
 /// `RawConfig`.
-const OWN_KEYS: [&str; 11] = [
+const OWN_KEYS: [&str; 8] = [
     "max_channels",
     "max_remote_forwards",
     "host_key_file",
@@ -84,9 +81,6 @@ const OWN_KEYS: [&str; 11] = [
     "remote_forward_ip",
     "remote_forward_via",
     "streamlocal_dir",
-    "handshake_timeout",
-    "max_startups",
-    "per_source_max_startups",
 ];
 
 fn default_forward_ip() -> std::net::IpAddr {
@@ -141,10 +135,6 @@ pub struct SshConfig {
     pub remote_forward_via: Option<String>,
     /// Where `ssh -R` may publish Unix sockets (`None`: nowhere).
     pub streamlocal_dir: Option<PathBuf>,
-    /// A client must log in within this.
-    pub handshake_timeout: std::time::Duration,
-    /// Sessions not yet logged in, door-wide and from one address.
-    pub startups: StartupLimits,
     /// Channels open at once in one session.
     pub max_channels: usize,
     /// `ssh -R` listeners of one session.
@@ -164,7 +154,8 @@ impl SshConfig {
 
     /// Parses and validates a `kind: ssh` document, reading the keys file.
     pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
-        let (door, raw): (DoorSettings, RawConfig) = DoorSettings::parse(doc, &OWN_KEYS)?;
+        let (door, raw): (DoorSettings, RawConfig) =
+            DoorSettings::parse_taking(doc, TAKES, &OWN_KEYS)?;
         let src = &doc.source;
         if !raw.host_key_file.is_absolute() {
             return Err(ConfigError::key(
@@ -207,9 +198,6 @@ impl SshConfig {
                 "expected an absolute directory (made on first use, mode 0700)",
             ));
         }
-        crate::core::config::positive(src, "handshake_timeout", raw.handshake_timeout)?;
-        let startups =
-            StartupLimits::from_raw(src, raw.max_startups.as_ref(), raw.per_source_max_startups)?;
         for (key, v) in [
             ("max_channels", raw.max_channels),
             ("max_remote_forwards", raw.max_remote_forwards),
@@ -232,8 +220,6 @@ impl SshConfig {
             remote_forward_ip: raw.remote_forward_ip,
             remote_forward_via: raw.remote_forward_via,
             streamlocal_dir: raw.streamlocal_dir,
-            handshake_timeout: raw.handshake_timeout,
-            startups,
             max_channels: raw.max_channels,
             max_remote_forwards: raw.max_remote_forwards,
         })

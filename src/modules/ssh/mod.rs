@@ -278,7 +278,7 @@ impl Drop for Conn {
                     RejectReason::HandshakeTimeout,
                     &format!(
                         "no login within {:?}: the session is closed",
-                        self.cfg.handshake_timeout
+                        self.cfg.door.handshake.timeout
                     ),
                 );
             } else {
@@ -1048,7 +1048,10 @@ impl StreamHandler for SshDoor {
         let ctx = onramp.ctx();
         // Deadlines before trust: a cap on sessions not yet logged in (per
         // door, per source, with early random refusal), and a login deadline.
-        let startup = match self.startups.try_start(conn.src.ip(), &cfg.startups) {
+        let startup = match self
+            .startups
+            .try_start(conn.src.ip(), &cfg.door.handshake.startups)
+        {
             Ok(s) => s,
             Err(reason) => {
                 ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
@@ -1061,7 +1064,7 @@ impl StreamHandler for SshDoor {
         let (slot, revoked) = self.sessions.open();
         let (logged_in, mut login) = tokio::sync::watch::channel(false);
         let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let grace = cfg.handshake_timeout;
+        let grace = cfg.door.handshake.timeout;
         let handler = Conn {
             onramp: onramp.clone(),
             cfg,
