@@ -177,7 +177,8 @@ async fn serve() -> ExitCode {
     tracing::info!(node = %node_cfg.node, store = %store.describe(), version = env!("CARGO_PKG_VERSION"), "meshgate starting");
     match raise_fd_limit() {
         Some((before, now, hard)) if now < 4096 => tracing::warn!(soft_before = before, soft = now, hard, "few file descriptors allowed (RLIMIT_NOFILE): every connection and socket takes one; raise the hard limit (LimitNOFILE= in systemd)"),
-        Some((before, now, hard)) => tracing::info!(soft_before = before, soft = now, hard, "open files limit (RLIMIT_NOFILE) raised to the hard limit"),
+        Some((before, now, hard)) if before < now => tracing::info!(soft_before = before, soft = now, hard, "open files limit (RLIMIT_NOFILE) raised to the hard limit"),
+        Some((_, now, hard)) => tracing::info!(soft = now, hard, "open files limit (RLIMIT_NOFILE) already at the hard limit"),
         None => tracing::warn!("cannot read RLIMIT_NOFILE"),
     }
     if defaulted {
