@@ -1284,7 +1284,11 @@ impl Socket {
     fn send_segment(&mut self, out: &mut Vec<u8>, now: Instant) -> bool {
         if self.probe_due {
             self.probe_due = false;
-            let len = self.snd.unsent().min(self.mss).min(self.window_room());
+            let len = self
+                .snd
+                .unsent()
+                .min(self.data_room())
+                .min(self.window_room());
             if len > 0 {
                 self.send_new(out, now, len);
                 return true;
@@ -1322,7 +1326,7 @@ impl Socket {
             }
             return false;
         }
-        let len = unsent.min(self.mss).min(self.window_room());
+        let len = unsent.min(self.data_room()).min(self.window_room());
         if len == 0 && unsent > 0 {
             if self.snd.idle() && self.persist_at.is_none() {
                 self.persist_at = Some(now + self.rtt.rto(self.backoff));
@@ -1378,14 +1382,14 @@ impl Socket {
 
     /// A segment without data (SYN, ACK, RST, probe).
     fn emit(&mut self, out: &mut Vec<u8>, now: Instant, seq: Seq, flags: u8, syn: bool) {
-        let (header, adv) = self.header(now, seq, flags, syn);
+        let (header, adv) = self.header(now, seq, flags, syn, 0);
         wire::emit(out, &header, [&[], &[]], self.ip_id);
         self.after_emit(now, adv);
     }
 
     /// A segment carrying `[start, start + len)` from the send queue.
     fn emit_data(&mut self, out: &mut Vec<u8>, now: Instant, start: Seq, len: usize, flags: u8) {
-        let (header, adv) = self.header(now, start, flags, false);
+        let (header, adv) = self.header(now, start, flags, false, len);
         wire::emit(out, &header, self.snd.bytes(start, len), self.ip_id);
         self.after_emit(now, adv);
     }
@@ -1402,8 +1406,49 @@ impl Socket {
         }
     }
 
-    /// The header of a segment, and the window it advertises (bytes).
-    fn header(&self, now: Instant, seq: Seq, flags: u8, syn: bool) -> (Header, usize) {
+    /// SACK blocks a segment may carry (3 beside a timestamp).
+    fn max_sack_blocks(&self) -> usize {
+        if self.ts_ok {
+            3
+        } else {
+            4
+        }
+    }
+
+    /// The bytes the SACK option of the next segment takes (NOP NOP, kind,
+    /// length, 8 per block), 0 without holes to report.
+    fn sack_bytes(&self) -> usize {
+        match (self.sack_ok, self.rcv.as_ref()) {
+            (true, Some(rcv)) if rcv.has_holes() => {
+                let mut scratch = [(Seq(0), Seq(0)); wire::MAX_SACK_BLOCKS];
+                match rcv.sack_blocks(self.max_sack_blocks(), &mut scratch) {
+                    0 => 0,
+                    n => 4 + 8 * n,
+                }
+            }
+            _ => 0,
+        }
+    }
+
+    /// Payload room in a new data segment: the MSS less the SACK blocks it
+    /// carries, so header and payload stay within the MTU (as Linux's
+    /// `tcp_current_mss`).
+    fn data_room(&self) -> usize {
+        self.mss.saturating_sub(self.sack_bytes()).max(1)
+    }
+
+    /// The header of a segment carrying `payload` bytes, and the window it
+    /// advertises (bytes). SACK blocks go in as far as they fit beside the
+    /// payload within the MSS (a retransmission keeps its original size
+    /// and carries fewer blocks).
+    fn header(
+        &self,
+        now: Instant,
+        seq: Seq,
+        flags: u8,
+        syn: bool,
+        payload: usize,
+    ) -> (Header, usize) {
         let mut options = Options::default();
         if syn {
             options.mss = Some(Self::own_mss(&self.cfg, self.local));
@@ -1422,8 +1467,9 @@ impl Socket {
                 options.timestamp = Some((self.ts_now(now), self.ts_recent));
             }
             if let (true, Some(rcv)) = (self.sack_ok, self.rcv.as_ref()) {
-                if rcv.has_holes() {
-                    let max = if self.ts_ok { 3 } else { 4 };
+                let fit = self.mss.saturating_sub(payload + 4) / 8;
+                let max = self.max_sack_blocks().min(fit);
+                if rcv.has_holes() && max > 0 {
                     options.sack_len = rcv.sack_blocks(max, &mut options.sack);
                 }
             }
