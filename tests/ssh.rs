@@ -1179,3 +1179,27 @@ fn removing_a_key_from_the_keys_file_ends_its_sessions() {
         .log_text()
         .contains("authorized_keys_file changed: keys applied"));
 }
+
+#[test]
+fn a_key_file_with_a_passphrase_is_refused_saying_how_to_remove_it() {
+    if !have("ssh-keygen") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The same probe on a key without a passphrase loads.
+    let (plain, _) = ssh_keygen(dir.path(), "plain");
+    meshgate::modules::ssh::keys::load_or_create_key(&plain, "link key").unwrap();
+    let locked = dir.path().join("locked");
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "secret", "-C", "locked", "-f"])
+        .arg(&locked)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ssh-keygen failed");
+    let e = meshgate::modules::ssh::keys::load_or_create_key(&locked, "link key").unwrap_err();
+    assert!(
+        e.contains("passphrase") && e.contains("ssh-keygen -p"),
+        "{e}"
+    );
+}

@@ -303,8 +303,18 @@ pub fn load_or_create_key(path: &Path, what: &str) -> Result<PrivateKey, String>
     if path.exists() {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        return PrivateKey::from_openssh(text.as_bytes())
-            .map_err(|e| format!("{} is not an OpenSSH private key: {e}", path.display()));
+        let key = PrivateKey::from_openssh(text.as_bytes())
+            .map_err(|e| format!("{} is not an OpenSSH private key: {e}", path.display()))?;
+        if key.is_encrypted() {
+            // Accepted, it would fail every handshake later with a message
+            // about the key's algorithm; meshgate has nobody to ask.
+            return Err(format!(
+                "{} is protected by a passphrase, which meshgate cannot ask for: remove it with `ssh-keygen -p -N '' -f {}`",
+                path.display(),
+                path.display()
+            ));
+        }
+        return Ok(key);
     }
     let mut seed = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);

@@ -492,12 +492,12 @@ impl Link {
 }
 
 /// `ssh-ed25519 AAAA... meshgate-link`: the line for the other side's
-/// authorized_keys.
+/// authorized_keys, with that one comment (a key made by `ssh-keygen`
+/// carries its own, which would make two).
 fn public_line(key: &PrivateKey) -> String {
-    key.public_key()
-        .to_openssh()
-        .map(|l| format!("{l} meshgate-link"))
-        .unwrap_or_default()
+    let mut public = key.public_key().clone();
+    public.set_comment("meshgate-link");
+    public.to_openssh().unwrap_or_default()
 }
 
 /// `d` ± 20 %.
@@ -716,5 +716,16 @@ mod tests {
                 "{j:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_public_line_has_one_comment_whatever_the_key_carried() {
+        let pair = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]);
+        let mut key = PrivateKey::from(pair);
+        key.set_comment("alice@laptop");
+        let line = public_line(&key);
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert_eq!(fields.len(), 3, "{line}");
+        assert_eq!((fields[0], fields[2]), ("ssh-ed25519", "meshgate-link"));
     }
 }
