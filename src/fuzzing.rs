@@ -17,7 +17,7 @@ use configstore::Document;
 use crate::core::keys::PrivateKey;
 use crate::core::metrics::Metrics;
 use crate::core::spine::flow::{FlowTable, Protocol};
-use crate::modules::wireguard::device::{Device, Wire};
+use crate::modules::wireguard::core::{Core, Wire};
 use crate::modules::wireguard::WireGuardConfig;
 
 /// A target's body.
@@ -320,9 +320,9 @@ impl Capture {
 /// arrives authenticated, so the paths after decryption (allowed-IPs
 /// checks, flow tracking, forwarding to the other peer) are reached.
 struct WgWorld {
-    hub: Arc<Device>,
+    hub: Core,
     hub_wire: Arc<Capture>,
-    client: Arc<Device>,
+    client: Core,
     client_wire: Arc<Capture>,
 }
 
@@ -337,19 +337,20 @@ fn fixed_key(byte: u8) -> PrivateKey {
         .expect("32 bytes are a key")
 }
 
-fn simulated(name: &str, doc: serde_json::Value, wire: Arc<Capture>) -> Arc<Device> {
+fn simulated(name: &str, doc: serde_json::Value, wire: Arc<Capture>) -> Core {
     let cfg = WireGuardConfig::from_document(&Document {
         source: format!("fuzz {name}"),
         value: doc,
     })
     .expect("the fuzz world's documents are valid");
-    Device::simulated(
+    Core::simulated(
         "fuzz",
         name,
         &cfg,
         Arc::new(Metrics::new()),
         Arc::new(FlowTable::new(vec![])),
         wire,
+        Instant::now(),
     )
 }
 
@@ -393,7 +394,8 @@ impl WgWorld {
                 client_wire,
             };
             // The handshake, started by the first packet the client sends.
-            w.client.send_ip(&udp_packet([10, 192, 0, 1], b"hello"), None);
+            w.client
+                .send_ip(Instant::now(), &udp_packet([10, 192, 0, 1], b"hello"), None);
             w.pump(&mut vec![0u8; 70_000]);
             w
         })
@@ -410,12 +412,12 @@ impl WgWorld {
             }
             for (to, d) in from_client {
                 if to == HUB_ADDR {
-                    self.hub.handle_datagram(&d, CLIENT_ADDR, out);
+                    self.hub.handle(Instant::now(), &d, CLIENT_ADDR, out);
                 }
             }
             for (to, d) in from_hub {
                 if to == CLIENT_ADDR {
-                    self.client.handle_datagram(&d, HUB_ADDR, out);
+                    self.client.handle(Instant::now(), &d, HUB_ADDR, out);
                 }
             }
         }
@@ -463,10 +465,10 @@ pub fn wg_datagram(data: &[u8]) {
     match *first {
         0..=127 => {
             let src = SocketAddr::from(([192, 0, 2, *first], 51820));
-            w.hub.handle_datagram(rest, src, &mut out);
+            w.hub.handle(Instant::now(), rest, src, &mut out);
         }
         128..=191 => {
-            w.client.send_ip(rest, None);
+            w.client.send_ip(Instant::now(), rest, None);
             w.pump(&mut out);
         }
         _ => {
@@ -475,7 +477,8 @@ pub fn wg_datagram(data: &[u8]) {
             } else {
                 [10, 192, 0, 1]
             };
-            w.client.send_ip(&udp_packet(dst, rest), None);
+            w.client
+                .send_ip(Instant::now(), &udp_packet(dst, rest), None);
             w.pump(&mut out);
         }
     }

@@ -29,6 +29,7 @@
 //! refused change keeps both.
 
 pub mod config;
+pub mod core;
 pub mod device;
 pub mod metrics;
 mod replay;
@@ -209,7 +210,7 @@ impl Inner {
         tracing::info!(
             tenant = %self.ctx.tenant.name,
             instance = %self.ctx.instance,
-            public_key = %dev.public_key(),
+            public_key = %dev.core().public_key(),
             port = dev.listen_port(),
             %engine,
             addresses = ?cfg.addresses,
@@ -393,7 +394,7 @@ impl Inner {
             && self.device().and_then(|d| d.engine().map(|e| e.kind()))
                 == Some(self.engine_kind(&new));
         match (same_interface, self.device()) {
-            (true, Some(dev)) => dev.set_peers(&new.peers),
+            (true, Some(dev)) => dev.core().set_peers(&new.peers),
             (_, old_dev) => {
                 // The new interface may need the old one's port: release it first,
                 // and bring the old one back if the new one cannot start.
@@ -401,7 +402,7 @@ impl Inner {
                 // Old initiations stay refused by the new peers.
                 let floors = old_dev
                     .as_ref()
-                    .map(|d| d.replay_floors())
+                    .map(|d| d.core().replay_floors())
                     .unwrap_or_default();
                 if let Some(d) = old_dev {
                     d.shutdown();
@@ -474,7 +475,7 @@ impl Inner {
         let released = Some(old.listen_port());
         // What it still holds may sit behind a poisoned lock.
         let floors = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let floors = old.replay_floors();
+            let floors = old.core().replay_floors();
             old.shutdown();
             floors
         }))
@@ -531,7 +532,7 @@ impl Inner {
         Ok(InterfaceState {
             private_key,
             listen_port: dev.listen_port(),
-            peers: dev.uapi_peers(),
+            peers: dev.core().uapi_peers(),
         })
     }
 
@@ -653,7 +654,7 @@ impl Module for WireGuard {
         inner.release_interface();
         if let Some(d) = inner.device.lock().expect("poisoned").take() {
             d.shutdown();
-            d.forget_metrics();
+            d.core().forget_metrics();
         }
     }
 
@@ -669,11 +670,11 @@ impl Module for WireGuard {
         match inner.device() {
             Some(d) => serde_json::json!({
                 "engine": d.engine().map(|e| e.kind()),
-                "public_key": d.public_key(),
+                "public_key": d.core().public_key(),
                 "listen_port": d.listen_port(),
                 "addresses": cfg.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 "interface": interface,
-                "peers": d.peer_status(),
+                "peers": d.core().peer_status(),
             }),
             None => serde_json::json!({ "state": "down" }),
         }
@@ -707,7 +708,12 @@ fn network(slot: &Arc<Mutex<Option<Arc<Device>>>>) -> EngineNetwork {
                 })
         }),
         Some(Arc::new(move |name: &str| {
-            peers.lock().expect("poisoned").as_ref()?.peer_address(name)
+            peers
+                .lock()
+                .expect("poisoned")
+                .as_ref()?
+                .core()
+                .peer_address(name)
         })),
     )
 }
@@ -770,7 +776,7 @@ mod tests {
         let before = device();
         assert_eq!(before.1, Some(1));
         let wg = installed(&public);
-        wg.poison_a_peer();
+        wg.core().poison_a_peer();
         // The timer task meets the poisoned lock within a tick: the node
         // says it is not ready, and why.
         assert!(until(Duration::from_secs(2), || !reg.is_ready()).await);
@@ -861,7 +867,7 @@ mod tests {
             .iter()
             .rev()
             .filter_map(std::sync::Weak::upgrade)
-            .find(|d| d.public_key() == public)
+            .find(|d| d.core().public_key() == public)
             .expect("a running device")
     }
 }

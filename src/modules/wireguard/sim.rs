@@ -6,22 +6,46 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use configstore::Document;
 use etherparse::PacketBuilder;
 use serde_json::json;
 
 use super::config::WireGuardConfig;
-use super::device::{Device, Wire};
+use super::core::{Core, Wire};
 use crate::core::keys::PrivateKey;
 use crate::core::metrics::Metrics;
 use crate::core::spine::flow::FlowTable;
+
+thread_local! {
+    /// The simulation's clock (each test runs on a thread of its own).
+    static CLOCK: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// The simulated time: starts at the real time of the first call and
+/// moves only by [`advance`].
+fn now() -> Instant {
+    CLOCK.with(|c| {
+        let t = c.get().unwrap_or_else(Instant::now);
+        c.set(Some(t));
+        t
+    })
+}
+
+/// Moves the simulated clock on.
+fn advance(by: Duration) {
+    let t = now() + by;
+    CLOCK.with(|c| c.set(Some(t)));
+}
 
 /// What one device sent and delivered.
 #[derive(Default)]
 struct MemWire {
     sent: Mutex<VecDeque<(SocketAddr, Vec<u8>)>>,
     delivered: Mutex<Vec<Vec<u8>>>,
+    /// Times the core ended the driver's idle rest.
+    wakes: std::sync::atomic::AtomicUsize,
 }
 
 impl Wire for MemWire {
@@ -33,14 +57,21 @@ impl Wire for MemWire {
         self.delivered.lock().unwrap().push(packet.to_vec());
         true
     }
+    fn wake(&self) {
+        self.wakes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A node of the simulation: its device, wire, address and metrics.
 struct Node {
-    dev: Arc<Device>,
+    dev: Core,
     dev_config: WireGuardConfig,
     wire: Arc<MemWire>,
     addr: SocketAddr,
+    /// The addresses a NAT in front of the node mapped it to since, newest
+    /// last: it sends from the newest and still receives on all.
+    nat: std::cell::RefCell<Vec<SocketAddr>>,
     metrics: Arc<Metrics>,
     flows: Arc<FlowTable>,
 }
@@ -57,22 +88,46 @@ impl Node {
         let wire = Arc::new(MemWire::default());
         let metrics = Arc::new(Metrics::new());
         let flows = Arc::new(FlowTable::new(vec![]));
-        let dev = Device::simulated(
+        let dev = Core::simulated(
             "sim",
             name,
             &cfg,
             metrics.clone(),
             flows.clone(),
             wire.clone(),
+            now(),
         );
         Node {
             dev,
             dev_config: cfg,
             wire,
             addr: addr.parse().unwrap(),
+            nat: Default::default(),
             metrics,
             flows,
         }
+    }
+
+    /// Where its datagrams come from: the NAT's newest mapping, or its own
+    /// address.
+    fn source(&self) -> SocketAddr {
+        self.nat.borrow().last().copied().unwrap_or(self.addr)
+    }
+
+    /// Whether a datagram to `to` reaches the node: its own address, or
+    /// its NAT's newest mapping (older ones are gone).
+    fn reachable_at(&self, to: SocketAddr) -> bool {
+        match self.nat.borrow().last() {
+            Some(mapped) => to == *mapped,
+            None => to == self.addr,
+        }
+    }
+
+    /// The NAT maps the node to a new source port.
+    fn rebind(&self) {
+        let now = self.source();
+        let next = SocketAddr::new(now.ip(), now.port().wrapping_add(1));
+        self.nat.borrow_mut().push(next);
     }
 
     /// Cookie replies this node sent.
@@ -110,6 +165,11 @@ struct Faults {
     dup_pct: u64,
     corrupt_pct: u64,
     reorder: bool,
+    /// Percent of the datagrams of the node at `nat` (its own address)
+    /// before which its NAT maps it to a new source port and forgets the
+    /// old mapping (the node behind it does not know).
+    rebind_pct: u64,
+    nat: Option<SocketAddr>,
 }
 
 impl Faults {
@@ -120,6 +180,8 @@ impl Faults {
             dup_pct: 0,
             corrupt_pct: 0,
             reorder: false,
+            rebind_pct: 0,
+            nat: None,
         }
     }
     fn next(&mut self) -> u64 {
@@ -149,9 +211,13 @@ fn pump(nodes: &[&Node], faults: &mut Faults, rounds: usize) {
             }
             for (to, mut d) in batch {
                 moved = true;
-                let Some(dst) = nodes.iter().find(|n| n.addr == to) else {
+                let Some(dst) = nodes.iter().find(|n| n.reachable_at(to)) else {
                     continue;
                 };
+                if faults.nat == Some(from.addr) && faults.roll(faults.rebind_pct) {
+                    from.rebind();
+                }
+                let src = from.source();
                 let is_data = d.first() == Some(&4);
                 if is_data && faults.roll(faults.drop_pct) {
                     continue;
@@ -166,7 +232,7 @@ fn pump(nodes: &[&Node], faults: &mut Faults, rounds: usize) {
                     1
                 };
                 for _ in 0..copies {
-                    dst.dev.handle_datagram(&d, from.addr, &mut buf);
+                    dst.dev.handle(now(), &d, src, &mut buf);
                 }
             }
         }
@@ -191,7 +257,7 @@ fn greet(hub: &Node, clients: &[(&Node, u8)], f: &mut Faults) {
     let mut all: Vec<&Node> = vec![hub];
     for (c, n) in clients {
         c.dev
-            .send_ip(&ping([10, 192, 0, *n], [10, 192, 0, 1], 1), None);
+            .send_ip(now(), &ping([10, 192, 0, *n], [10, 192, 0, 1], 1), None);
         all.push(c);
     }
     pump(&all, f, 20);
@@ -239,7 +305,7 @@ fn a_handshake_then_packets_reach_the_stack() {
     let (hub, two, _three) = hub_and_clients();
     let mut f = Faults::none();
     let p = ping([10, 192, 0, 2], [10, 192, 0, 1], 1);
-    two.dev.send_ip(&p, None); // queued behind a handshake initiation
+    two.dev.send_ip(now(), &p, None); // queued behind a handshake initiation
     pump(&[&hub, &two], &mut f, 10);
     assert_eq!(hub.delivered(), vec![p.clone()]);
     // The hub learnt the client's endpoint from the authenticated handshake.
@@ -247,7 +313,7 @@ fn a_handshake_then_packets_reach_the_stack() {
     assert_eq!(status[0].endpoint.as_deref(), Some("198.51.100.2:40000"));
     // Replies route back by cryptokey routing.
     let back = ping([10, 192, 0, 1], [10, 192, 0, 2], 1);
-    hub.dev.send_ip(&back, None);
+    hub.dev.send_ip(now(), &back, None);
     pump(&[&hub, &two], &mut f, 10);
     assert_eq!(two.delivered(), vec![back]);
 }
@@ -257,10 +323,10 @@ fn wg_sees_the_handshake_time_and_a_moved_endpoint() {
     let (hub, two, _three) = hub_and_clients();
     let mut f = Faults::none();
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
     pump(&[&hub, &two], &mut f, 10);
     let mut buf = vec![0u8; 70_000];
-    two.dev.tick(&mut buf); // the timer records the handshake
+    two.dev.tick(now(), &mut buf); // the timer records the handshake
     let first = two.dev.uapi_peers()[0].last_handshake.expect("a handshake");
     assert!(first.elapsed().unwrap() < std::time::Duration::from_secs(5));
     std::thread::sleep(std::time::Duration::from_millis(5));
@@ -290,25 +356,25 @@ fn corrupted_replayed_and_spoofed_packets_are_dropped_and_counted() {
 
     // Capture one data datagram and play with it.
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 2), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 2), None);
     let (_, d) = two.wire.sent.lock().unwrap().pop_front().unwrap();
-    hub.dev.handle_datagram(&d, two.addr, &mut buf);
+    hub.dev.handle(now(), &d, two.addr, &mut buf);
     assert_eq!(hub.delivered().len(), 1);
-    hub.dev.handle_datagram(&d, two.addr, &mut buf); // replay
+    hub.dev.handle(now(), &d, two.addr, &mut buf); // replay
     assert!(hub.delivered().is_empty());
     assert_eq!(hub.drops("replay"), 1.0);
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 4), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 4), None);
     let (_, mut bad) = two.wire.sent.lock().unwrap().pop_front().unwrap();
     let n = bad.len();
     bad[n - 1] ^= 1; // corrupt the tag of a fresh packet
-    hub.dev.handle_datagram(&bad, two.addr, &mut buf);
+    hub.dev.handle(now(), &bad, two.addr, &mut buf);
     assert!(hub.delivered().is_empty());
     assert_eq!(hub.drops("decrypt_failed"), 1.0);
 
     // An inner source outside the sender's allowed IPs.
     two.dev
-        .send_ip(&ping([10, 192, 0, 99], [10, 192, 0, 1], 3), None);
+        .send_ip(now(), &ping([10, 192, 0, 99], [10, 192, 0, 1], 3), None);
     pump(&[&hub, &two], &mut f, 10);
     assert!(hub.delivered().is_empty());
     assert_eq!(hub.drops("source_not_allowed"), 1.0);
@@ -316,7 +382,7 @@ fn corrupted_replayed_and_spoofed_packets_are_dropped_and_counted() {
     // Garbage of every length never panics.
     for len in 0..200 {
         let junk: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
-        hub.dev.handle_datagram(&junk, two.addr, &mut buf);
+        hub.dev.handle(now(), &junk, two.addr, &mut buf);
     }
     assert!(hub.delivered().is_empty());
 }
@@ -328,7 +394,7 @@ fn the_hub_forwards_between_clients_as_tracked_flows() {
     let nodes = [&hub, &two, &three];
     greet(&hub, &[(&two, 2), (&three, 3)], &mut f);
     let p = ping([10, 192, 0, 2], [10, 192, 0, 3], 9);
-    two.dev.send_ip(&p, None);
+    two.dev.send_ip(now(), &p, None);
     pump(&nodes, &mut f, 20);
     let got = three.delivered();
     assert_eq!(got.len(), 1);
@@ -346,7 +412,7 @@ fn lossy_duplicating_reordering_paths_deliver_each_packet_at_most_once() {
         let (hub, two, _three) = hub_and_clients();
         let mut f = Faults::none();
         two.dev
-            .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 0), None);
+            .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 0), None);
         pump(&[&hub, &two], &mut f, 10);
         hub.delivered();
         let mut f = Faults {
@@ -355,12 +421,14 @@ fn lossy_duplicating_reordering_paths_deliver_each_packet_at_most_once() {
             dup_pct: 10,
             corrupt_pct: 5,
             reorder: true,
+            rebind_pct: 0,
+            nat: None,
         };
         let sent: Vec<Vec<u8>> = (1..=200)
             .map(|i| ping([10, 192, 0, 2], [10, 192, 0, 1], i))
             .collect();
         for p in &sent {
-            two.dev.send_ip(p, None);
+            two.dev.send_ip(now(), p, None);
             if p[27] % 8 == 0 {
                 pump(&[&hub, &two], &mut f, 10);
             }
@@ -411,11 +479,11 @@ fn a_wider_peer_cannot_speak_for_a_narrower_one() {
     );
     let mut f = Faults::none();
     let own = ping([10, 192, 0, 9], [10, 192, 0, 1], 1);
-    b.dev.send_ip(&own, None);
+    b.dev.send_ip(now(), &own, None);
     pump(&[&hub, &b], &mut f, 10);
     assert_eq!(hub.delivered(), vec![own], "B speaks for its own addresses");
     b.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 2), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 2), None);
     pump(&[&hub, &b], &mut f, 10);
     assert!(hub.delivered().is_empty(), "B spoofing A's address");
     assert_eq!(hub.drops("source_not_allowed"), 1.0);
@@ -426,7 +494,7 @@ fn replayed_initiations_from_a_spoofed_source_never_move_the_endpoint() {
     let (hub, two, _three) = hub_and_clients();
     let mut f = Faults::none();
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
     // Keep a copy of the client's initiation before it is delivered.
     let (_, init) = two.wire.sent.lock().unwrap().front().cloned().unwrap();
     assert_eq!(init[0], 1, "a handshake initiation");
@@ -447,7 +515,7 @@ fn replayed_initiations_from_a_spoofed_source_never_move_the_endpoint() {
     );
     stranger
         .dev
-        .send_ip(&ping([10, 9, 9, 9], [10, 192, 0, 1], 1), None);
+        .send_ip(now(), &ping([10, 9, 9, 9], [10, 192, 0, 1], 1), None);
     let (_, stranger_init) = stranger.wire.sent.lock().unwrap().pop_front().unwrap();
     // Spoofed addresses are cheap: every message from another one, so the
     // per-source limiter lets them through and the shared one fills up.
@@ -455,13 +523,14 @@ fn replayed_initiations_from_a_spoofed_source_never_move_the_endpoint() {
         |i: u32| SocketAddr::from(([203, 0, 113, (i % 250) as u8], 6000 + (i / 250) as u16));
     for i in 0..600u32 {
         if i % 3 == 0 {
-            hub.dev.handle_datagram(
+            hub.dev.handle(
+                now(),
                 &stranger_init,
                 SocketAddr::from(([198, 18, (i % 250) as u8, 1], 5555)),
                 &mut buf,
             );
         }
-        hub.dev.handle_datagram(&init, spoof(i), &mut buf);
+        hub.dev.handle(now(), &init, spoof(i), &mut buf);
     }
     assert!(hub.drops("unknown_peer") >= 1.0);
     assert!(
@@ -482,7 +551,7 @@ fn replayed_initiations_from_a_spoofed_source_never_move_the_endpoint() {
     drop(sent);
     // And traffic still flows to the real client.
     let back = ping([10, 192, 0, 1], [10, 192, 0, 2], 7);
-    hub.dev.send_ip(&back, None);
+    hub.dev.send_ip(now(), &back, None);
     pump(&[&hub, &two], &mut f, 10);
     assert_eq!(two.delivered(), vec![back]);
 }
@@ -497,7 +566,7 @@ fn data_without_a_session_gets_no_answer_to_its_source() {
     let (first, two) = (hub(&keys), client(&keys, 2));
     let mut f = Faults::none();
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
     pump(&[&first, &two], &mut f, 10);
     assert_eq!(first.delivered().len(), 1);
     // The hub restarts: same keys and peers, no sessions, no endpoints.
@@ -505,10 +574,10 @@ fn data_without_a_session_gets_no_answer_to_its_source() {
     let restarted = hub(&keys);
     let mut buf = vec![0u8; 70_000];
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 2), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 2), None);
     let (_, data) = two.wire.sent.lock().unwrap().pop_front().unwrap();
     assert_eq!(data[0], 4, "a data packet of the old session");
-    restarted.dev.handle_datagram(&data, two.addr, &mut buf);
+    restarted.dev.handle(now(), &data, two.addr, &mut buf);
     // Its receiver index names no session of the restarted hub (indices
     // are drawn anew): dropped and counted either way.
     assert_eq!(
@@ -523,7 +592,7 @@ fn data_without_a_session_gets_no_answer_to_its_source() {
     let p = ping([10, 192, 0, 2], [10, 192, 0, 1], 3);
     let mut fresh_two = client(&keys, 2);
     fresh_two.addr = two.addr;
-    fresh_two.dev.send_ip(&p, None);
+    fresh_two.dev.send_ip(now(), &p, None);
     pump(&[&restarted, &fresh_two], &mut f, 10);
     assert_eq!(restarted.delivered(), vec![p]);
 }
@@ -539,12 +608,12 @@ fn session_indices_are_random_not_slot_numbers() {
     for _ in 0..2 {
         let (h, two) = (hub(&keys), client(&keys, 2));
         two.dev
-            .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+            .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
         let mut f = Faults::none();
         // Deliver the initiation; the hub's response carries its sender index.
         let (_, init) = two.wire.sent.lock().unwrap().pop_front().unwrap();
         let mut buf = vec![0u8; 70_000];
-        h.dev.handle_datagram(&init, two.addr, &mut buf);
+        h.dev.handle(now(), &init, two.addr, &mut buf);
         let (_, resp) = h.wire.sent.lock().unwrap().front().cloned().unwrap();
         assert_eq!(resp[0], 2);
         let sender = u32::from_le_bytes([resp[4], resp[5], resp[6], resp[7]]);
@@ -560,14 +629,14 @@ fn a_reload_that_moves_an_endpoint_is_applied_to_a_kept_peer() {
     let (hub, two, _three) = hub_and_clients();
     let mut f = Faults::none();
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
     pump(&[&hub, &two], &mut f, 10);
     // The hub moved: the config says so; the next datagram goes there.
     let mut cfg = two.dev_config.clone();
     cfg.peers[0].endpoint = Some("192.0.2.99:51820".parse().unwrap());
     two.dev.set_peers(&cfg.peers);
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 2), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 2), None);
     let (to, _) = two.wire.sent.lock().unwrap().pop_front().unwrap();
     assert_eq!(to, "192.0.2.99:51820".parse::<SocketAddr>().unwrap());
 }
@@ -591,14 +660,14 @@ fn forwarding_decrements_ttl_answers_expiry_and_can_be_off() {
     greet(&hub, &[(&two, 2), (&three, 3)], &mut f);
     // TTL 64 arrives as 63.
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 3], 2), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 3], 2), None);
     pump(&nodes, &mut f, 20);
     let got = three.delivered();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0][8], 63);
     // TTL 1 dies at the hub, and the sender hears why from 10.192.0.1.
     let short = last_hop(ping([10, 192, 0, 2], [10, 192, 0, 3], 3));
-    two.dev.send_ip(&short, None);
+    two.dev.send_ip(now(), &short, None);
     pump(&nodes, &mut f, 20);
     assert!(three.delivered().is_empty());
     assert_eq!(hub.drops("ttl_exceeded"), 1.0);
@@ -628,9 +697,9 @@ fn forwarding_decrements_ttl_answers_expiry_and_can_be_off() {
     let (c2, c3) = (client(&keys, 2), client(&keys, 3));
     let nodes = [&closed, &c2, &c3];
     c2.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
     c3.dev
-        .send_ip(&ping([10, 192, 0, 3], [10, 192, 0, 1], 1), None);
+        .send_ip(now(), &ping([10, 192, 0, 3], [10, 192, 0, 1], 1), None);
     pump(&nodes, &mut f, 20);
     assert_eq!(
         closed.delivered().len(),
@@ -638,7 +707,7 @@ fn forwarding_decrements_ttl_answers_expiry_and_can_be_off() {
         "it still serves its own address"
     );
     c2.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 3], 2), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 3], 2), None);
     pump(&nodes, &mut f, 20);
     assert!(c3.delivered().is_empty());
     assert_eq!(closed.drops("no_route"), 1.0);
@@ -656,7 +725,7 @@ fn a_removed_peer_leaves_no_series() {
     greet(&h, &[(&two, 2)], &mut f);
     // Something to count for `two`: a spoofed source.
     two.dev
-        .send_ip(&ping([10, 192, 0, 99], [10, 192, 0, 1], 3), None);
+        .send_ip(now(), &ping([10, 192, 0, 99], [10, 192, 0, 1], 3), None);
     pump(&[&h, &two], &mut f, 10);
     let text = h.metrics.encode();
     assert!(text.contains("peer=\"two\""), "{text}");
@@ -680,23 +749,37 @@ fn one_source_cannot_take_the_handshake_budget() {
     let (hub, two, three) = hub_and_clients();
     let mut f = Faults::none();
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
     let (_, init) = two.wire.sent.lock().unwrap().front().cloned().unwrap();
     pump(&[&hub, &two], &mut f, 10);
     let mut buf = vec![0u8; 70_000];
     let flooder: SocketAddr = "203.0.113.7:7777".parse().unwrap();
     for _ in 0..1000 {
-        hub.dev.handle_datagram(&init, flooder, &mut buf);
+        hub.dev.handle(now(), &init, flooder, &mut buf);
     }
-    assert!(
-        hub.drops("handshake_rate") >= 980.0,
-        "{}",
-        hub.drops("handshake_rate")
-    );
+    // The clock stands still: the burst of 10 passes, the rest is dropped.
+    assert_eq!(hub.drops("handshake_rate"), 990.0);
+    // A second later the bucket is full again: a burst of 10, no more.
+    advance(Duration::from_secs(1));
+    for _ in 0..30 {
+        hub.dev.handle(now(), &init, flooder, &mut buf);
+    }
+    assert_eq!(hub.drops("handshake_rate"), 1010.0);
+    // Then 20 a second pass, and twice that rate loses half.
+    for _ in 0..20 {
+        advance(Duration::from_millis(50));
+        hub.dev.handle(now(), &init, flooder, &mut buf);
+    }
+    assert_eq!(hub.drops("handshake_rate"), 1010.0);
+    for _ in 0..20 {
+        advance(Duration::from_millis(25));
+        hub.dev.handle(now(), &init, flooder, &mut buf);
+    }
+    assert_eq!(hub.drops("handshake_rate"), 1020.0);
     // Another peer, from its own address, still gets its handshake.
     greet(&hub, &[(&three, 3)], &mut f);
     let p = ping([10, 192, 0, 1], [10, 192, 0, 3], 2);
-    hub.dev.send_ip(&p, None);
+    hub.dev.send_ip(now(), &p, None);
     pump(&[&hub, &three], &mut f, 10);
     assert_eq!(three.delivered(), vec![p]);
 }
@@ -711,7 +794,7 @@ fn inner_packets_over_the_mtu_are_dropped_and_counted() {
         .udp(1, 2)
         .write(&mut big, &vec![0u8; 1500])
         .unwrap();
-    two.dev.send_ip(&big, None);
+    two.dev.send_ip(now(), &big, None);
     pump(&[&hub, &two], &mut f, 10);
     assert!(hub.delivered().is_empty());
     assert_eq!(hub.drops("over_mtu"), 1.0);
@@ -727,7 +810,7 @@ fn a_rebuilt_peer_refuses_initiations_its_predecessor_saw() {
     let (hub, two) = (hub(&keys), client(&keys, 2));
     let mut f = Faults::none();
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
     let (_, init) = two.wire.sent.lock().unwrap().front().cloned().unwrap();
     assert_eq!(init[0], 1);
     pump(&[&hub, &two], &mut f, 10);
@@ -735,7 +818,7 @@ fn a_rebuilt_peer_refuses_initiations_its_predecessor_saw() {
     let mut buf = vec![0u8; 70_000];
     let replay_answered = |node: &Node, buf: &mut Vec<u8>| {
         node.wire.sent.lock().unwrap().clear();
-        node.dev.handle_datagram(&init, two.addr, buf);
+        node.dev.handle(now(), &init, two.addr, buf);
         !node.wire.sent.lock().unwrap().is_empty()
     };
 
@@ -766,7 +849,7 @@ fn a_rebuilt_peer_refuses_initiations_its_predecessor_saw() {
     let mut fresh = client(&keys, 2);
     fresh.addr = two.addr;
     let p = ping([10, 192, 0, 2], [10, 192, 0, 1], 2);
-    fresh.dev.send_ip(&p, None);
+    fresh.dev.send_ip(now(), &p, None);
     pump(&[&restarted, &fresh], &mut f, 10);
     assert_eq!(restarted.delivered(), vec![p]);
 }
@@ -780,20 +863,20 @@ fn idle_interfaces_rest_their_timers_until_something_happens() {
     ];
     let (hub, two) = (hub(&keys), client(&keys, 2));
     // Nothing happened yet, and no peer needs keepalives: the timers rest.
-    assert!(hub.dev.may_idle() && two.dev.may_idle());
+    assert!(hub.dev.may_idle(now()) && two.dev.may_idle(now()));
     let mut f = Faults::none();
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 1), None);
     pump(&[&hub, &two], &mut f, 10);
-    assert!(!hub.dev.may_idle(), "a handshake and data: active");
-    assert!(!two.dev.may_idle());
+    assert!(!hub.dev.may_idle(now()), "a handshake and data: active");
+    assert!(!two.dev.may_idle(now()));
     // A peer with a keepalive and an endpoint keeps them running.
     let mut cfg = two.dev_config.clone();
     cfg.peers[0].persistent_keepalive = Some(std::time::Duration::from_secs(25));
     let fresh = client(&keys, 2);
-    assert!(fresh.dev.may_idle());
+    assert!(fresh.dev.may_idle(now()));
     fresh.dev.set_peers(&cfg.peers);
-    assert!(!fresh.dev.may_idle());
+    assert!(!fresh.dev.may_idle(now()));
 }
 
 #[test]
@@ -811,7 +894,7 @@ fn a_persistent_keepalive_peer_handshakes_without_traffic() {
     // keepalive at once, as the kernel sends one), so the hub learns where
     // the client is and can reach it first.
     let mut buf = vec![0u8; 70_000];
-    two.dev.tick(&mut buf);
+    two.dev.tick(now(), &mut buf);
     let sent = two.wire.sent.lock().unwrap().clone();
     assert!(
         sent.iter().any(|(_, d)| d[0] == 1),
@@ -820,7 +903,7 @@ fn a_persistent_keepalive_peer_handshakes_without_traffic() {
     let mut f = Faults::none();
     pump(&[&hub, &two], &mut f, 10);
     let back = ping([10, 192, 0, 1], [10, 192, 0, 2], 3);
-    hub.dev.send_ip(&back, None);
+    hub.dev.send_ip(now(), &back, None);
     pump(&[&hub, &two], &mut f, 10);
     assert_eq!(two.delivered(), vec![back]);
 }
@@ -845,7 +928,7 @@ fn held_batches_leave_in_order_and_split_at_size_changes() {
         })
         .collect();
     for p in &packets {
-        two.dev.hold_for_test(p);
+        two.dev.send_ip_held(now(), p);
     }
     // The shorter datagram ended the first batch: its four left when the
     // next one could not follow; the last two wait for the flush.
@@ -858,7 +941,6 @@ fn held_batches_leave_in_order_and_split_at_size_changes() {
 
 #[test]
 fn a_vnet_restart_moves_the_icmp_source_and_the_forward_default() {
-    use crate::core::spine::vnetstack::Link;
     let (hub, two, three) = hub_and_clients();
     let mut f = Faults::none();
     let nodes = [&hub, &two, &three];
@@ -867,7 +949,7 @@ fn a_vnet_restart_moves_the_icmp_source_and_the_forward_default() {
     hub.dev
         .addresses_changed(&["10.192.0.1/32".parse().unwrap()]);
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 3], 2), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 3], 2), None);
     pump(&nodes, &mut f, 20);
     assert!(three.delivered().is_empty());
     assert_eq!(hub.drops("no_route"), 1.0);
@@ -876,7 +958,7 @@ fn a_vnet_restart_moves_the_icmp_source_and_the_forward_default() {
     hub.dev
         .addresses_changed(&["10.192.0.7/24".parse().unwrap()]);
     let short = last_hop(ping([10, 192, 0, 2], [10, 192, 0, 3], 3));
-    two.dev.send_ip(&short, None);
+    two.dev.send_ip(now(), &short, None);
     pump(&nodes, &mut f, 20);
     let back = two.delivered();
     assert_eq!(back.len(), 1);
@@ -886,7 +968,158 @@ fn a_vnet_restart_moves_the_icmp_source_and_the_forward_default() {
         "ICMP from the new address"
     );
     two.dev
-        .send_ip(&ping([10, 192, 0, 2], [10, 192, 0, 3], 4), None);
+        .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 3], 4), None);
     pump(&nodes, &mut f, 20);
     assert_eq!(three.delivered().len(), 1, "forwarded again");
+}
+
+#[test]
+fn the_timers_rest_after_ten_quiet_minutes_and_traffic_wakes_them() {
+    let (hub, two, _three) = hub_and_clients();
+    greet(&hub, &[(&two, 2)], &mut Faults::none());
+    let t = now();
+    assert_eq!(
+        hub.dev.poll_at(t),
+        t + Duration::from_millis(250),
+        "active: a timer round every 250 ms"
+    );
+    advance(Duration::from_secs(9 * 60));
+    let t = now();
+    assert_eq!(hub.dev.poll_at(t), t + Duration::from_millis(250));
+    advance(Duration::from_secs(61));
+    let t = now();
+    assert_eq!(
+        hub.dev.poll_at(t),
+        t + Duration::from_secs(5),
+        "ten quiet minutes: resting"
+    );
+    let mut buf = vec![0u8; 70_000];
+    assert!(hub.dev.tick(t, &mut buf).is_empty());
+    assert!(
+        hub.wire.sent.lock().unwrap().is_empty(),
+        "a resting round sends nothing"
+    );
+    let woken = || hub.wire.wakes.load(std::sync::atomic::Ordering::Relaxed);
+    let before = woken();
+    hub.dev
+        .send_ip(t, &ping([10, 192, 0, 1], [10, 192, 0, 2], 1), None);
+    assert_eq!(woken(), before + 1, "traffic ends the rest");
+    assert_eq!(hub.dev.poll_at(t), t + Duration::from_millis(250));
+    hub.dev
+        .send_ip(t, &ping([10, 192, 0, 1], [10, 192, 0, 2], 2), None);
+    assert_eq!(woken(), before + 1, "an active core wakes no one");
+}
+
+#[test]
+fn endpoint_names_are_looked_up_when_the_core_asks() {
+    let keys = [
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    ];
+    let hub = hub(&keys);
+    let named = |host: &str| {
+        json!({"kind": "wireguard", "address": "10.192.0.2/32", "peers": [
+            {"name": "hub", "public_key": keys[0].public_key().to_string(), "endpoint": format!("{host}:51820"), "allowed_ips": ["10.192.0.0/24"]},
+        ]})
+    };
+    let two = Node::new(
+        "two",
+        &keys[1],
+        "198.51.100.2:40000",
+        named("hub.sim.example"),
+    );
+    let mut buf = vec![0u8; 70_000];
+    let asked = two.dev.tick(now(), &mut buf);
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].name, "hub");
+    assert_eq!(asked[0].endpoint.host, "hub.sim.example");
+    assert_eq!(asked[0].endpoint.port, 51820);
+    // Not again for 30 s.
+    advance(Duration::from_secs(29));
+    assert!(two.dev.tick(now(), &mut buf).is_empty());
+    advance(Duration::from_secs(1));
+    let again = two.dev.tick(now(), &mut buf);
+    assert_eq!(again, asked);
+    assert_eq!(two.dev.peer_status()[0].endpoint, None, "no answer yet");
+    // The driver's answer: the tunnel comes up.
+    two.dev.resolved(&again[0], hub.addr);
+    let p = ping([10, 192, 0, 2], [10, 192, 0, 1], 1);
+    two.dev.send_ip(now(), &p, None);
+    pump(&[&hub, &two], &mut Faults::none(), 10);
+    assert_eq!(hub.delivered(), vec![p]);
+    // A talking peer's name is not looked up.
+    two.dev.tick(now(), &mut buf);
+    advance(Duration::from_secs(31));
+    assert!(two.dev.tick(now(), &mut buf).is_empty());
+    // A reload names another host: looked up at once; a late answer for
+    // the old name changes nothing.
+    let cfg = WireGuardConfig::from_document(&Document {
+        source: "sim two".into(),
+        value: {
+            let mut v = named("hub2.sim.example");
+            v["private_key"] = json!(keys[1].to_base64());
+            v
+        },
+    })
+    .unwrap();
+    two.dev.set_peers(&cfg.peers);
+    two.dev
+        .resolved(&again[0], "192.0.2.99:51820".parse().unwrap());
+    assert_eq!(
+        two.dev.peer_status()[0].endpoint.as_deref(),
+        Some("192.0.2.1:51820")
+    );
+    let asked = two.dev.tick(now(), &mut buf);
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].endpoint.host, "hub2.sim.example");
+}
+
+#[test]
+fn a_client_behind_a_rebinding_nat_keeps_its_tunnel() {
+    for seed in [3u64, 77, 4242] {
+        let (hub, two, _three) = hub_and_clients();
+        greet(&hub, &[(&two, 2)], &mut Faults::none());
+        let mut f = Faults {
+            seed,
+            drop_pct: 5,
+            dup_pct: 5,
+            corrupt_pct: 0,
+            reorder: true,
+            rebind_pct: 5,
+            nat: Some(two.addr),
+        };
+        for i in 1..=100u16 {
+            two.dev
+                .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], i), None);
+            hub.dev
+                .send_ip(now(), &ping([10, 192, 0, 1], [10, 192, 0, 2], i), None);
+            pump(&[&hub, &two], &mut f, 10);
+        }
+        let (there, back) = (hub.delivered(), two.delivered());
+        let mappings = two.nat.borrow().len();
+        assert!(
+            mappings >= 3,
+            "seed {seed}: the NAT moved the client {mappings} times"
+        );
+        // Each way most arrive: the hub follows the client to each new
+        // mapping on its next authenticated datagram.
+        assert!(
+            there.len() >= 85,
+            "seed {seed}: {} of 100 to the hub",
+            there.len()
+        );
+        assert!(back.len() >= 80, "seed {seed}: {} of 100 back", back.len());
+        let once: std::collections::HashSet<_> = back.iter().collect();
+        assert_eq!(once.len(), back.len(), "seed {seed}: delivered twice");
+        // And ends at the newest one.
+        two.dev
+            .send_ip(now(), &ping([10, 192, 0, 2], [10, 192, 0, 1], 0), None);
+        pump(&[&hub, &two], &mut Faults::none(), 10);
+        assert_eq!(
+            hub.dev.peer_status()[0].endpoint,
+            Some(two.source().to_string()),
+            "seed {seed}"
+        );
+    }
 }
