@@ -18,6 +18,7 @@ use crate::core::keys::PrivateKey;
 use crate::core::metrics::Metrics;
 use crate::core::spine::flow::{FlowTable, Protocol};
 use crate::modules::wireguard::core::{Core, Wire};
+use crate::modules::wireguard::port::Router;
 use crate::modules::wireguard::WireGuardConfig;
 
 /// A target's body.
@@ -324,6 +325,9 @@ struct WgWorld {
     hub_wire: Arc<Capture>,
     client: Core,
     client_wire: Arc<Capture>,
+    /// A shared port with the hub and two others on it: raw datagrams are
+    /// routed there too.
+    port: Mutex<Router<usize>>,
 }
 
 const HUB_ADDR: SocketAddr =
@@ -387,11 +391,19 @@ impl WgWorld {
                 }),
                 client_wire.clone(),
             );
+            let mut port = Router::new(Instant::now(), 1_000_000.0);
+            for (i, key) in [hub_key, fixed_key(4), fixed_key(5)].iter().enumerate() {
+                let id = port
+                    .join(&key.public_key().0)
+                    .expect("distinct keys");
+                port.attach(id, i);
+            }
             let w = WgWorld {
                 hub,
                 hub_wire,
                 client,
                 client_wire,
+                port: Mutex::new(port),
             };
             // The handshake, started by the first packet the client sends.
             w.client
@@ -454,7 +466,8 @@ fn udp_packet(dst: [u8; 4], body: &[u8]) -> Vec<u8> {
 
 /// Any datagram into a WireGuard hub's socket-free core: dropped and
 /// counted, never a panic. The first byte picks the mode: `0..=127` sends
-/// the rest as a raw datagram from an address it picks; `128..=191` has the
+/// the rest as a raw datagram from an address it picks (routed by a shared
+/// port's router first); `128..=191` has the
 /// authenticated client encrypt the rest as its IP packet; `192..=255` has
 /// it send the rest as the body of a UDP packet to the hub or (odd) to the
 /// hub's other peer, so the forwarding path sees it.
@@ -465,6 +478,11 @@ pub fn wg_datagram(data: &[u8]) {
     match *first {
         0..=127 => {
             let src = SocketAddr::from(([192, 0, 2, *first], 51820));
+            let _ =
+                w.port
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .route(Instant::now(), rest, src);
             w.hub.handle(Instant::now(), rest, src, &mut out);
         }
         128..=191 => {

@@ -334,6 +334,123 @@ fn tenants_with_overlapping_networks_never_meet() {
     );
 }
 
+/// Two tenants' instances (the same addresses, 10.1.0.1/16) and 50 idle
+/// ones of a third share UDP port 51820: each wireguard-go client reaches
+/// its own tenant's backend through the one port, and a client that knows
+/// the other tenant's key reaches nothing there.
+#[test]
+fn tenants_sharing_one_udp_port_never_meet() {
+    if !can_netns() || !have("wireguard-go") || !have("wg") || !have("nginx") || !have("curl") {
+        return;
+    }
+    let mut server = Netns::new("s");
+    let mut c1 = Netns::new("a");
+    let mut c2 = Netns::new("b");
+    link(&server, "10.231.20.1/24", &c1, "10.231.20.2/24");
+    link(&server, "10.231.21.1/24", &c2, "10.231.21.2/24");
+    let _b1 = nginx_in(&mut server, "127.0.0.1:9091", "backend of tenant one\n");
+    let _b2 = nginx_in(&mut server, "127.0.0.1:9092", "backend of tenant two\n");
+
+    let cfg = tempfile::tempdir().unwrap();
+    std::fs::write(
+        cfg.path().join("meshgate.yaml"),
+        "node: server\nadmin: 127.0.0.1:9000\n",
+    )
+    .unwrap();
+    // The idle neighbours, sharing the port (their MAC1 is checked too).
+    let idle = cfg.path().join("tenants/idle");
+    std::fs::create_dir_all(&idle).unwrap();
+    for i in 0..50 {
+        std::fs::write(
+            idle.join(format!("wg{i}.yaml")),
+            format!(
+                "kind: wireguard\nprivate_key: {}\nlisten_port: 51820\nshare_port: true\nuapi: off\naddress: 10.9.{i}.1/24\n",
+                meshgate::core::keys::PrivateKey::generate().to_base64()
+            ),
+        )
+        .unwrap();
+    }
+    let mut clients = Vec::new();
+    let mut keys = Vec::new();
+    for (i, ns) in [&mut c1, &mut c2].into_iter().enumerate() {
+        let n = i + 1;
+        let wg = WgGo::new(ns, "10.1.0.2/16", None);
+        let key = meshgate::core::keys::PrivateKey::generate();
+        let t = cfg.path().join(format!("tenants/s{n}"));
+        std::fs::create_dir_all(&t).unwrap();
+        std::fs::write(
+            t.join("wg0.yaml"),
+            format!(
+                "kind: wireguard\nprivate_key: {}\nlisten_port: 51820\nshare_port: true\naddress: 10.1.0.1/16\npeers:\n  - name: client\n    public_key: {}\n    allowed_ips: [10.1.0.2/32]\n",
+                key.to_base64(),
+                wg.public_key()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            t.join("in.yaml"),
+            format!(
+                "kind: pipe\nlisten: 10.1.0.1:8080\nlisten_via: wg0\nremote: 127.0.0.1:909{n}\n"
+            ),
+        )
+        .unwrap();
+        wg.add_peer(
+            ns,
+            &key.public_key().to_string(),
+            &format!("endpoint 10.231.{}.1:51820 allowed-ips 10.1.0.0/16", 19 + n),
+        );
+        clients.push(wg);
+        keys.push(key);
+    }
+    let mg = NsMeshgate::start(&server, cfg.path(), "127.0.0.1:9000");
+
+    // Each client reaches its own tenant's backend, through the one port.
+    assert_eq!(
+        c1.curl("http://10.1.0.1:8080/", 10),
+        (200, "backend of tenant one\n".into())
+    );
+    assert_eq!(
+        c2.curl("http://10.1.0.1:8080/", 10),
+        (200, "backend of tenant two\n".into())
+    );
+    let port = |name: &str| {
+        mg.metric(
+            &server,
+            &format!("meshgate_wg_port_{name}{{port=\"51820\"}}"),
+        )
+    };
+    assert_eq!(port("members"), 52.0);
+    assert!(port("initiations_total") >= 2.0);
+    assert!(port("mac1_checks_total") >= port("initiations_total"));
+    // `wg` sees each instance on the shared port.
+    let show = server.sh("wg show s1-wg0 listen-port");
+    assert_eq!(show.trim(), "51820");
+
+    // Client 1 is given tenant two's public key as its server: MAC1 takes
+    // its initiation to tenant two, which has no such peer.
+    let t2_unknown = r#"meshgate_wg_dropped_packets_total{tenant="s2",instance="wg0",peer="-",reason="unknown_peer"}"#;
+    let before = mg.metric(&server, t2_unknown);
+    clients[0].add_peer(
+        &c1,
+        &keys[1].public_key().to_string(),
+        "endpoint 10.231.20.1:51820 allowed-ips 10.1.0.0/16",
+    );
+    let (status, _) = c1.curl("http://10.1.0.1:8080/", 3);
+    assert_eq!(status, 0, "client 1 got an answer from tenant two");
+    assert!(
+        mg.metric(&server, t2_unknown) > before,
+        "tenant two did not count client 1's initiations"
+    );
+    assert_eq!(
+        mg.metric(
+            &server,
+            r#"meshgate_connections_total{tenant="s2",instance="in"}"#
+        ),
+        1.0,
+        "only client 2 ever reached tenant two's backend"
+    );
+}
+
 /// A server holding a /24 forwards between its peers: two wireguard-go
 /// A hub: meshgate in `server` with peers `one` (10.192.0.2, wireguard-go
 /// in `c1`) and `two` (10.192.0.3 in `c2`), on veths 10.231.`net`.0/24 and

@@ -18,6 +18,9 @@ use crate::core::keys::{PrivateKey, PublicKey};
 /// kind: wireguard
 /// private_key: <base64>          # or private_key_file: /etc/meshgate/wg0.key
 /// listen_port: 8765              # omitted: an ephemeral port (clients)
+/// share_port: true               # share listen_port with other instances that say so, of any
+///                                # tenant (default false): datagrams go to the instance they
+///                                # are for by session index, initiations by MAC1
 /// address: 10.192.0.1/24         # this node's address(es) in the tenant's network; may be left
 ///                                # out when `vnet:` names a vnet with `address:` (its stack is used)
 /// vnet: sydney                   # optional: the vnet it attaches to (default: the tenant's default)
@@ -44,6 +47,8 @@ struct RawConfig {
     private_key: Option<String>,
     private_key_file: Option<PathBuf>,
     listen_port: Option<u16>,
+    #[serde(default)]
+    share_port: bool,
     #[serde(default)]
     address: serde_json::Value,
     #[serde(default)]
@@ -87,6 +92,9 @@ pub struct WireGuardConfig {
     pub private_key: PrivateKey,
     /// UDP port to listen on; `None` for an ephemeral port.
     pub listen_port: Option<u16>,
+    /// Share `listen_port` with the other instances (of any tenant) that
+    /// share it ([`super::port`]).
+    pub share_port: bool,
     /// This node's addresses in the virtual network, with prefix length.
     pub addresses: Vec<IpNet>,
     /// The peers, in document order.
@@ -388,9 +396,17 @@ impl WireGuardConfig {
                 preshared_key: psk,
             });
         }
+        if raw.share_port && raw.listen_port.is_none_or(|p| p == 0) {
+            return Err(ConfigError::key(
+                src,
+                "share_port",
+                "needs a `listen_port` (the port to share): an ephemeral port is nobody else's",
+            ));
+        }
         Ok(WireGuardConfig {
             private_key,
             listen_port: raw.listen_port,
+            share_port: raw.share_port,
             addresses,
             peers,
             mtu,
@@ -458,6 +474,11 @@ mod tests {
                 json!({"private_key": K1, "address": []}),
                 "address",
                 "at least one",
+            ),
+            (
+                json!({"private_key": K1, "address": "10.0.0.1/24", "share_port": true}),
+                "share_port",
+                "needs a `listen_port`",
             ),
             (
                 json!({"private_key": K1, "address": "10.0.0.1/24", "peers": [{"name": "a", "public_key": "x", "allowed_ips": []}]}),

@@ -51,7 +51,7 @@
 //! core would serialize the three.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -321,6 +321,19 @@ pub trait Wire: Send + Sync + 'static {
     /// Something happened while the core was idle: [`Core::poll_at`] is
     /// sooner now than the driver's current wait.
     fn wake(&self) {}
+    /// A fresh session index (24 bits, random, as the kernel's) for a new
+    /// peer, not one of `taken`. A driver sharing its port with other
+    /// instances draws it port-wide, so datagrams find their instance.
+    fn new_session(&self, taken: &HashSet<u32>) -> u32 {
+        loop {
+            let candidate = rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> 8;
+            if !taken.contains(&candidate) {
+                return candidate;
+            }
+        }
+    }
+    /// A session index [`Wire::new_session`] gave is no longer used.
+    fn release_session(&self, _session: u32) {}
 }
 
 /// A configured endpoint name to look up ([`Core::tick`] asks, the driver
@@ -598,8 +611,7 @@ impl Core {
                 }
             }
         }
-        let mut sessions: std::collections::HashSet<u32> =
-            slots.iter().flatten().map(|p| p.session).collect();
+        let mut sessions: HashSet<u32> = slots.iter().flatten().map(|p| p.session).collect();
         for cfg in new {
             let index = match slots.iter().position(Option::is_none) {
                 Some(i) => i,
@@ -608,12 +620,8 @@ impl Core {
                     slots.len() - 1
                 }
             };
-            let session = loop {
-                let candidate = rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> 8;
-                if sessions.insert(candidate) {
-                    break candidate;
-                }
-            };
+            let session = self.wire.new_session(&sessions);
+            sessions.insert(session);
             slots[index] = Some(Arc::new(self.new_peer(index as u32, session, cfg)));
         }
         while slots.last().is_some_and(Option::is_none) {
@@ -638,6 +646,9 @@ impl Core {
             by_session,
             routes,
         });
+        for gone in old.peers().filter(|p| !sessions.contains(&p.session)) {
+            self.wire.release_session(gone.session);
+        }
     }
 
     /// The peer's tunnel, made now if it has none yet.

@@ -20,7 +20,7 @@
 //!   the module restarts the device.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{routed_nets, WireGuardConfig};
 use super::core::{Core, Lookup, Wire};
+use super::port;
 use super::replay::Tai64n;
 use crate::core::engine::{self, EngineConfig, EngineError, EngineKind, IpEngine};
 use crate::core::engine::{PacketSink, StackOwner};
@@ -68,12 +69,23 @@ thread_local! {
     });
 }
 
+/// Runs `f` with this thread's receive buffer and decryption room.
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut [u8], &mut [u8]) -> R) -> R {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let Scratch { rx, out } = &mut *scratch;
+        f(rx, out)
+    })
+}
+
 /// A running WireGuard interface: the core and what drives it.
 pub struct Device {
     core: Core,
     wire: Arc<UdpWire>,
     socket: Arc<UdpSocket>,
     net: Net,
+    /// Handshake messages for the handshake task.
+    handshakes: mpsc::Sender<(Vec<u8>, SocketAddr)>,
     cancel: CancellationToken,
     /// Why a task of the running device panicked, once one did.
     failure: tokio::sync::watch::Sender<Option<String>>,
@@ -89,6 +101,9 @@ struct UdpWire {
     gso: AtomicBool,
     /// Ends the timer task's idle rest.
     wake: Notify,
+    /// The instance's place on a shared port (`share_port`): session
+    /// indices are drawn port-wide.
+    shared: Option<port::Membership>,
 }
 
 impl UdpWire {
@@ -145,6 +160,25 @@ impl Wire for UdpWire {
     fn wake(&self) {
         self.wake.notify_one();
     }
+
+    fn new_session(&self, taken: &HashSet<u32>) -> u32 {
+        match &self.shared {
+            // Port-wide unique, so never one of this instance's either.
+            Some(m) => m.new_session(),
+            None => loop {
+                let candidate = rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> 8;
+                if !taken.contains(&candidate) {
+                    return candidate;
+                }
+            },
+        }
+    }
+
+    fn release_session(&self, session: u32) {
+        if let Some(m) = &self.shared {
+            m.release_session(session);
+        }
+    }
 }
 
 /// Where a device's packets for the node's addresses go.
@@ -194,6 +228,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// Another instance sharing the port has the same key.
+    #[error("UDP port {port} is shared with another instance that has the same private key: give each instance its own key")]
+    SameKey {
+        /// The shared port.
+        port: u16,
+    },
     /// The engine cannot start.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -239,15 +279,25 @@ impl Device {
         replay_floors: HashMap<[u8; 32], Tai64n>,
     ) -> Result<Arc<Device>, StartError> {
         let port = cfg.listen_port.unwrap_or(0);
-        let (socket, dual_stack) =
-            bind_udp(port).map_err(|source| StartError::Bind { port, source })?;
-        let socket = Arc::new(socket);
+        let (socket, dual_stack, shared) = if cfg.share_port {
+            let public = cfg.private_key.public_key().0;
+            let m = port::join(port, &public, &metrics).map_err(|e| match e {
+                port::ShareError::Bind(source) => StartError::Bind { port, source },
+                port::ShareError::Join(_) => StartError::SameKey { port },
+            })?;
+            (m.socket(), m.dual_stack(), Some(m))
+        } else {
+            let (socket, dual_stack) =
+                bind_udp(port).map_err(|source| StartError::Bind { port, source })?;
+            (Arc::new(socket), dual_stack, None)
+        };
         let wire = Arc::new(UdpWire {
             socket: socket.clone(),
             dual_stack,
             net: OnceLock::new(),
             gso: AtomicBool::new(true),
             wake: Notify::new(),
+            shared,
         });
         let sink = Arc::new(StackSink(Mutex::new(Weak::new())));
         let mut cfg = cfg.clone();
@@ -291,11 +341,13 @@ impl Device {
             vnet,
             Instant::now(),
         );
+        let (handshakes, queue) = mpsc::channel(HANDSHAKE_QUEUE);
         let dev = Arc::new(Device {
             core,
             wire,
             socket,
             net: net.clone(),
+            handshakes,
             cancel: CancellationToken::new(),
             failure: tokio::sync::watch::Sender::new(None),
         });
@@ -306,9 +358,14 @@ impl Device {
             let link: Weak<dyn Link> = Arc::downgrade(&dev) as Weak<dyn Link>;
             stack.link(instance, routed_nets(&cfg.peers), link);
         }
-        let (handshakes, queue) = mpsc::channel(HANDSHAKE_QUEUE);
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(dev.clone().recv_loop(handshakes));
+        match &dev.wire.shared {
+            // The port's task reads and routes to us.
+            Some(m) => m.attach(Arc::downgrade(&dev)),
+            None => {
+                tasks.spawn(dev.clone().recv_loop());
+            }
+        }
         tasks.spawn(dev.clone().handshake_loop(queue));
         tasks.spawn(dev.clone().timer_loop());
         // A task that panics (a bug; its locks may be poisoned) is reported
@@ -357,9 +414,22 @@ impl Device {
         }
     }
 
-    /// Stops the tasks and the engine.
+    /// Reports a bug met on the device's behalf (a panic on a shared
+    /// port's task) as its own tasks' panics are: the module restarts it.
+    pub(super) fn fail(&self, why: String) {
+        self.cancel.cancel();
+        if let Some(m) = &self.wire.shared {
+            m.leave();
+        }
+        self.failure.send_replace(Some(why));
+    }
+
+    /// Stops the tasks and the engine, and leaves a shared port.
     pub fn shutdown(self: &Arc<Self>) {
         self.cancel.cancel();
+        if let Some(m) = &self.wire.shared {
+            m.leave();
+        }
         match &self.net {
             Net::Own(e) => e.shutdown(),
             Net::Vnet(s) => {
@@ -370,9 +440,30 @@ impl Device {
         self.core.close();
     }
 
-    /// Reads datagrams: data and cookie replies are processed here,
-    /// handshake messages the core admits go to [`Device::handshake_loop`].
-    async fn recv_loop(self: Arc<Self>, handshakes: mpsc::Sender<(Vec<u8>, SocketAddr)>) {
+    /// One datagram from the socket (its own or a shared port's): data and
+    /// cookie replies are processed at once, handshake messages the core
+    /// admits go to [`Device::handshake_loop`].
+    pub(super) fn receive(&self, now: Instant, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+        if !self.core.admit(now, datagram, src) {
+            return;
+        }
+        if !Core::is_handshake(datagram) {
+            self.core.process(now, datagram, src, out);
+        } else if let Err(mpsc::error::TrySendError::Full(_)) =
+            self.handshakes.try_send((datagram.to_vec(), src))
+        {
+            self.core.drop_datagram("handshake_queue_full");
+        }
+    }
+
+    /// The end of a batch of received datagrams: the engine takes what it
+    /// held back (coalesced segments).
+    pub(super) fn flush_delivered(&self) {
+        self.wire.flush_delivered();
+    }
+
+    /// Reads the instance's own socket.
+    async fn recv_loop(self: Arc<Self>) {
         let socket = self.socket.clone();
         loop {
             tokio::select! {
@@ -402,16 +493,7 @@ impl Device {
                     let now = Instant::now();
                     // With GRO, several datagrams of one source in a row.
                     for datagram in rx[..n].chunks(segment.unwrap_or(n).max(1)) {
-                        if !self.core.admit(now, datagram, src) {
-                            continue;
-                        }
-                        if !Core::is_handshake(datagram) {
-                            self.core.process(now, datagram, src, out);
-                        } else if let Err(mpsc::error::TrySendError::Full(_)) =
-                            handshakes.try_send((datagram.to_vec(), src))
-                        {
-                            self.core.drop_datagram("handshake_queue_full");
-                        }
+                        self.receive(now, datagram, src, out);
                     }
                     true
                 });
@@ -504,7 +586,7 @@ impl Drop for Device {
 
 /// Binds the UDP socket: dual-stack `[::]:port` where the host has IPv6,
 /// else `0.0.0.0:port`.
-fn bind_udp(port: u16) -> std::io::Result<(UdpSocket, bool)> {
+pub(super) fn bind_udp(port: u16) -> std::io::Result<(UdpSocket, bool)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let v6 = (|| {
         let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
@@ -534,7 +616,7 @@ fn bind_udp(port: u16) -> std::io::Result<(UdpSocket, bool)> {
 }
 
 /// The text a panic carried.
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+pub(super) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -34,6 +34,23 @@ pub struct PeerReasonLabels {
     pub reason: String,
 }
 
+/// `port`: a shared UDP port's series (what arrives there belongs to no
+/// tenant until it is routed).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    /// The UDP port number.
+    pub port: String,
+}
+
+/// `port`, `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortReasonLabels {
+    /// The UDP port number.
+    pub port: String,
+    /// Why the datagram went to no instance.
+    pub reason: String,
+}
+
 /// One WireGuard peer's pre-resolved series.
 #[derive(Clone, Debug, Default)]
 pub struct PeerMetrics {
@@ -61,6 +78,16 @@ pub struct WgMetrics {
     pub dropped: Family<PeerReasonLabels, Counter>,
     /// Drop label sets created so far, to delete them with their peer.
     drops_seen: std::sync::Mutex<std::collections::HashSet<PeerReasonLabels>>,
+    /// Datagrams on a shared port that went to no instance, by reason.
+    pub port_unrouted: Family<PortReasonLabels, Counter>,
+    /// Handshake initiations that arrived on a shared port.
+    pub port_initiations: Family<PortLabels, Counter>,
+    /// MAC1 checks made to find the instance of those initiations.
+    pub port_mac1_checks: Family<PortLabels, Counter>,
+    /// Initiations whose instance the source's hint named.
+    pub port_hint_hits: Family<PortLabels, Counter>,
+    /// Instances sharing the port.
+    pub port_members: Family<PortLabels, Gauge>,
 }
 
 impl Subsystem for WgMetrics {
@@ -90,6 +117,31 @@ impl Subsystem for WgMetrics {
                 "WireGuard packets dropped, by peer and reason",
             ),
             drops_seen: Default::default(),
+            port_unrouted: registered(
+                registry,
+                "port_unrouted_datagrams",
+                "Datagrams on a shared WireGuard port that went to no instance, by reason",
+            ),
+            port_initiations: registered(
+                registry,
+                "port_initiations",
+                "Handshake initiations on a shared WireGuard port",
+            ),
+            port_mac1_checks: registered(
+                registry,
+                "port_mac1_checks",
+                "MAC1 checks made to find the instance an initiation on a shared port is for",
+            ),
+            port_hint_hits: registered(
+                registry,
+                "port_hint_hits",
+                "Initiations on a shared port whose instance the source's last match named",
+            ),
+            port_members: registered(
+                registry,
+                "port_members",
+                "WireGuard instances sharing the UDP port",
+            ),
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod config;
 pub mod core;
 pub mod device;
 pub mod metrics;
+pub mod port;
 mod replay;
 #[cfg(test)]
 mod sim;
@@ -203,6 +204,9 @@ impl Inner {
             match e {
                 device::StartError::Bind { .. } => {
                     ConfigError::key(source, "listen_port", e.to_string()).into()
+                }
+                device::StartError::SameKey { .. } => {
+                    ConfigError::key(source, "private_key", e.to_string()).into()
                 }
                 device::StartError::Engine(e) => ModuleError::Runtime(e.to_string()),
             }
@@ -384,6 +388,7 @@ impl Inner {
         self.claim_interface(&new, &doc.source)?;
         let same_interface = new.private_key.as_bytes() == old.private_key.as_bytes()
             && new.listen_port == old.listen_port
+            && new.share_port == old.share_port
             && new.addresses == old.addresses
             && new.mtu == old.mtu
             && new.forward == old.forward
@@ -860,6 +865,83 @@ mod tests {
         std::sync::Mutex::new(Vec::new());
 
     /// The latest device installed with this public key, if alive.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shared_port_takes_the_instances_that_opt_in_and_one_key_once() {
+        use super::device::{Device, NetChoice, StartError};
+        let port = std::net::UdpSocket::bind("[::]:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = |key: &PrivateKey, share: bool| {
+            super::WireGuardConfig::from_document(&configstore::Document {
+                source: "tenants/t/wg0.yaml".into(),
+                value: serde_json::json!({
+                    "kind": "wireguard", "private_key": key.to_base64(),
+                    "listen_port": port, "share_port": share, "address": "10.192.0.1/24",
+                }),
+            })
+            .unwrap()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let start = |tenant: &'static str, cfg: super::WireGuardConfig| {
+            let metrics = metrics.clone();
+            async move {
+                Device::start(
+                    tenant,
+                    "wg0",
+                    &cfg,
+                    NetChoice::Own(crate::core::engine::EngineKind::Userspace),
+                    metrics.clone(),
+                    Arc::new(FlowTable::new(vec![])),
+                    metrics.instance(tenant, "wg0"),
+                    Default::default(),
+                )
+                .await
+            }
+        };
+        let members = || {
+            let gauge = format!("meshgate_wg_port_members{{port=\"{port}\"}} ");
+            metrics
+                .encode()
+                .lines()
+                .find_map(|l| l.strip_prefix(&gauge)?.parse::<f64>().ok())
+        };
+        let (k1, k2) = (PrivateKey::generate(), PrivateKey::generate());
+        let a = start("t1", cfg(&k1, true)).await.unwrap();
+        let b = start("t2", cfg(&k2, true)).await.unwrap();
+        assert_eq!((a.listen_port(), b.listen_port()), (port, port));
+        assert_eq!(members(), Some(2.0));
+        // The same key twice: its initiations could not be told apart.
+        match start("t3", cfg(&k1, true)).await {
+            Err(e @ StartError::SameKey { .. }) => {
+                assert!(e.to_string().contains("same private key"), "{e}")
+            }
+            other => panic!("a second instance with k1 on the port: {:?}", other.err()),
+        }
+        // An instance that does not opt in finds the port taken.
+        let k3 = PrivateKey::generate();
+        assert!(matches!(
+            start("t4", cfg(&k3, false)).await,
+            Err(StartError::Bind { .. })
+        ));
+        assert_eq!(members(), Some(2.0));
+        // Members leave on shutdown; with the last one the port is free.
+        a.shutdown();
+        assert_eq!(members(), Some(1.0));
+        b.shutdown();
+        drop((a, b));
+        assert!(
+            until(Duration::from_secs(2), || std::net::UdpSocket::bind((
+                "::", port
+            ))
+            .is_ok())
+            .await,
+            "the port was let go"
+        );
+        assert_eq!(members(), None, "the port's series went with it");
+    }
+
     fn installed(public: &str) -> Arc<super::Device> {
         INSTALLED
             .lock()
