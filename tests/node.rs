@@ -115,6 +115,68 @@ async fn reconcile_reload_reject_and_remove_in_process() {
     assert!(TcpStream::connect(("127.0.0.1", port2)).await.is_err());
 }
 
+/// A UDP backend that answers every datagram with `tag` and the datagram.
+async fn udp_backend(tag: &'static str) -> SocketAddr {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let mut reply = tag.as_bytes().to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+/// Sends `msg` to the pipe's UDP port; the answer ("" if none in 1 s).
+async fn udp_at(port: u16, msg: &[u8]) -> String {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = [0u8; 1500];
+    for _ in 0..3 {
+        if s.send_to(msg, ("127.0.0.1", port)).await.is_err() {
+            return String::new();
+        }
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), s.recv(&mut buf)).await
+        {
+            return String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+    }
+    String::new()
+}
+
+/// A pipe is a door like the others: a reload from `tcp` to `udp` on the
+/// same port binds the UDP socket and closes the TCP listener, and back.
+#[tokio::test]
+async fn a_pipe_reloaded_from_tcp_to_udp_and_back_moves_its_listener() {
+    let (tcp, udp) = (backend("T").await, udp_backend("U").await);
+    let store = Arc::new(MemStore::new());
+    let port = free_port();
+    store.set("acme", "web", pipe(port, tcp));
+    let mut node = Node::new(store.clone(), builtin_factories(), Vec::new());
+    node.start().await.unwrap();
+    assert_eq!(tag_at(port).await, "T");
+    assert_eq!(udp_at(port, b"x").await, "", "no UDP yet");
+
+    let mut doc = pipe(port, udp);
+    doc["protocol"] = json!("udp");
+    store.set("acme", "web", doc);
+    assert!(eventually(async || udp_at(port, b"hello").await == "Uhello").await);
+    assert!(
+        eventually(async || TcpStream::connect(("127.0.0.1", port)).await.is_err()).await,
+        "the TCP listener closed"
+    );
+    let status = node.registry().status().await;
+    let web = status.iter().find(|s| s.instance == "web").unwrap();
+    assert_eq!(web.details["protocol"], "udp", "{:?}", web.details);
+
+    store.set("acme", "web", pipe(port, tcp));
+    assert!(eventually(async || tag_at(port).await == "T").await);
+    assert!(eventually(async || udp_at(port, b"x").await.is_empty()).await);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
 /// Denies flows to one destination; records every end.
 #[derive(Default)]
 struct Policy {

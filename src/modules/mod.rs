@@ -27,7 +27,7 @@ pub mod wireguard;
 /// The factories of every built-in kind.
 pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
     vec![
-        Arc::new(pipe::PipeFactory),
+        Arc::new(pipe::PipeFactory::default()),
         Arc::new(socks::SocksFactory::default()),
         Arc::new(http_proxy::HttpProxyFactory::default()),
         Arc::new(capture::CaptureFactory),

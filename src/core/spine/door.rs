@@ -1,5 +1,6 @@
 //! Doors: the module kinds that accept connections on one listener and
-//! speak a handshake before the one path (SOCKS, HTTP proxy, SSH).
+//! hand them to the one path (pipes, and SOCKS, HTTP proxy and SSH, which
+//! speak a handshake first).
 //!
 //! A door kind implements [`Door`]: its kind name, how its document is
 //! read, where it listens, what it does per connection (it is the
@@ -8,7 +9,9 @@
 //! [`Module`] (`examples/door/forward.rs` is a door in under 100 lines): start binds, a reload that moves the listener binds
 //! the new address first (the old one serves on if that fails) and every
 //! reload swaps the config for new connections, drain closes the listener,
-//! stop ends the connections. [`Live`] holds the config the connections
+//! stop ends the connections. A door whose config asks for datagrams (a
+//! UDP pipe) gets a UDP socket instead and serves it with a task of its
+//! own ([`Door::serve_datagrams`]). [`Live`] holds the config the connections
 //! read. [`DoorSettings`] are the keys every door's document has (where it
 //! listens, where its connections route, timeouts, the connection limit),
 //! read and checked in one place.
@@ -21,14 +24,18 @@ use async_trait::async_trait;
 use configstore::Document;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::core::addr::ListenAddr;
 use crate::core::config::{
     at_least_one, idle_timeout, parse_document, positive, ConfigError, IdleTimeout,
 };
+use crate::core::net::datagram::DatagramSocket;
 use crate::core::net::listen::StreamListener;
-use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
-use crate::core::spine::onramp::{DoorListener, ListenOn, OnRamp, StreamHandler};
+use crate::core::spine::module::{
+    Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan, Need,
+};
+use crate::core::spine::onramp::{DoorListener, ListenOn, OnRamp, RunningListener, StreamHandler};
 use crate::core::spine::startups::StartupLimits;
 use crate::core::users::{RawUser, Users};
 
@@ -374,10 +381,29 @@ pub trait Door: StreamHandler + Sized {
             .await
             .map_err(|e| on.bind_error(source, &e))
     }
+    /// Whether `config` listens for datagrams (a UDP socket served by
+    /// [`Door::serve_datagrams`]) rather than connections. Default: no.
+    fn datagrams(_config: &Self::Config) -> bool {
+        false
+    }
+    /// Serves a bound UDP socket until `cancel` ([`Door::datagrams`]).
+    async fn serve_datagrams(
+        self: Arc<Self>,
+        _onramp: Arc<OnRamp>,
+        _socket: Arc<dyn DatagramSocket>,
+        _on: ListenOn,
+        _cancel: CancellationToken,
+    ) {
+    }
+    /// What must exist in the instances it depends on, checked before it
+    /// starts (a pipe's `peer:` in its `via:`). Default: nothing.
+    fn needs(_config: &Self::Config) -> Vec<Need> {
+        Vec::new()
+    }
     /// Whether a reload from `old` to `new` must bind again (default: the
-    /// listen address moved).
+    /// listen address or the transport changed).
     fn must_rebind(old: &Self::Config, new: &Self::Config) -> bool {
-        Self::listen_on(old) != Self::listen_on(new)
+        Self::listen_on(old) != Self::listen_on(new) || Self::datagrams(old) != Self::datagrams(new)
     }
     /// Details for the admin API.
     fn status(&self, config: &Self::Config, onramp: &OnRamp) -> serde_json::Value;
@@ -413,6 +439,7 @@ impl<D: Door> ModuleFactory for DoorFactory<D> {
         let cfg = D::parse(doc)?;
         Ok(ModulePlan {
             depends_on: D::depends_on(&cfg),
+            needs: D::needs(&cfg),
             ..ModulePlan::default()
         })
     }
@@ -440,9 +467,33 @@ impl<D: Door> DoorModule<D> {
     }
 
     async fn listen(&self, config: &D::Config, source: &str) -> Result<(), ModuleError> {
+        let on = D::listen_on(config);
+        if D::datagrams(config) {
+            let socket = self
+                .onramp
+                .bind_udp(&on)
+                .await
+                .map_err(|e| on.bind_error(source, &e))?;
+            let addr = socket
+                .local_addr()
+                .map_err(|e| ModuleError::Runtime(format!("a bound UDP socket: {e}")))?;
+            let ctx = self.onramp.ctx();
+            tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, %addr, "listening (udp)");
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(self.door.clone().serve_datagrams(
+                self.onramp.clone(),
+                socket,
+                on,
+                cancel.clone(),
+            ));
+            self.listener
+                .replace(RunningListener::from_task(addr, cancel, task))
+                .await;
+            return Ok(());
+        }
         let l = self.door.bind(&self.onramp, config, source).await?;
         self.listener
-            .serve_bound(&self.onramp, D::listen_on(config), l, self.door.clone())
+            .serve_bound(&self.onramp, on, l, self.door.clone())
             .await;
         Ok(())
     }

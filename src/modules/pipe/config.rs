@@ -5,8 +5,9 @@ use std::time::Duration;
 use configstore::Document;
 use serde::{Deserialize, Serialize};
 
-use crate::core::addr::{HostPort, ListenAddr};
-use crate::core::config::{parse_document, ConfigError};
+use crate::core::addr::HostPort;
+use crate::core::config::ConfigError;
+use crate::core::spine::door::{DoorKeys, DoorSettings};
 
 /// Which transport a pipe carries.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -37,156 +38,141 @@ pub enum PipeProtocol {
 /// accept_proxy_protocol: [10.0.0.0/8]  # optional (tcp): load balancers whose connections start
 ///                            # with a PROXY header naming the real client
 /// ```
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+///
+/// `listen`, `listen_via`, `vnet`, `connect_timeout`, `idle_timeout`,
+/// `max_connections` and `accept_proxy_protocol` are every door's
+/// ([`DoorSettings`]); the rest are the pipe's own.
+#[derive(Debug, Clone, PartialEq)]
 pub struct PipeConfig {
-    /// Local address to accept on.
-    pub listen: ListenAddr,
+    /// The keys every door has.
+    pub door: DoorSettings,
     /// Where to connect for each accepted connection (optional with `peer`).
-    #[serde(default)]
     pub remote: Option<HostPort>,
     /// `tcp` or `udp`.
-    #[serde(default)]
     pub protocol: PipeProtocol,
-    /// Dial timeout for `remote`.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Close a connection (or UDP session) after this long without traffic.
-    #[serde(default)]
-    pub idle_timeout: Option<IdleTimeout>,
-    /// Concurrent connections (or UDP sessions) allowed.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-    /// Route in this vnet of the tenant instead of the default one.
-    #[serde(default)]
-    pub vnet: Option<String>,
     /// Dial through this module of the tenant (its dialer): a route pinned
     /// by the pipe instead of the vnet's table.
-    #[serde(default)]
     pub via: Option<String>,
     /// With `via`: the peer whose VPN address `remote` defaults to.
-    #[serde(default)]
     pub peer: Option<String>,
-    /// Accept inside this module's virtual network instead of the host's.
-    #[serde(default)]
-    pub listen_via: Option<String>,
     /// Send a PROXY protocol header to the remote first.
-    #[serde(default)]
     pub proxy_protocol: Option<crate::core::net::proxy_protocol::Version>,
-    /// Sources (load balancers) that must start with a PROXY header.
-    #[serde(default)]
-    pub accept_proxy_protocol: Vec<ipnet::IpNet>,
+    /// The idle timeout the connections (or UDP sessions) have: `None`
+    /// for none (TCP only).
+    pub idle_timeout: Option<Duration>,
 }
 
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
+/// The pipe's own keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Own {
+    #[serde(default)]
+    remote: Option<HostPort>,
+    #[serde(default)]
+    protocol: PipeProtocol,
+    #[serde(default)]
+    via: Option<String>,
+    #[serde(default)]
+    peer: Option<String>,
+    #[serde(default)]
+    proxy_protocol: Option<crate::core::net::proxy_protocol::Version>,
 }
-fn default_max_connections() -> usize {
-    1024
-}
+
+const OWN_KEYS: [&str; 5] = ["remote", "protocol", "via", "peer", "proxy_protocol"];
 
 /// UDP sessions end after this long without a datagram unless configured.
 pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
 /// TCP connections end after this long without a byte either way unless
 /// configured: a client that vanished without a FIN does not hold a
 /// connection forever. `idle_timeout: none` lifts it.
-pub const DEFAULT_TCP_IDLE: Duration = Duration::from_secs(3600);
-
-pub use crate::core::config::IdleTimeout;
+pub const DEFAULT_TCP_IDLE: Duration = DoorSettings::DEFAULT_IDLE_TIMEOUT;
 
 impl PipeConfig {
     /// Parses and validates a `kind: pipe` document.
     pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
-        let c: PipeConfig = parse_document(doc, &["kind"])?;
-        if c.remote.is_none() && c.peer.is_none() {
+        let src = &doc.source;
+        let (door, own): (DoorSettings, Own) = DoorSettings::parse_taking(
+            doc,
+            DoorKeys {
+                proxy_protocol: true,
+                ..DoorKeys::default()
+            },
+            &OWN_KEYS,
+        )?;
+        if own.remote.is_none() && own.peer.is_none() {
             return Err(ConfigError::key(
-                &doc.source,
+                src,
                 "remote",
                 "missing field `remote` (HOST:PORT; or name a `peer` with `via`)",
             ));
         }
-        if c.peer.is_some() && c.via.is_none() {
+        if own.peer.is_some() && own.via.is_none() {
             return Err(ConfigError::key(
-                &doc.source,
+                src,
                 "peer",
                 "needs `via`: the WireGuard instance the peer belongs to",
             ));
         }
-        if c.via.is_some() && c.vnet.is_some() {
+        if own.via.is_some() && door.vnet.is_some() {
             return Err(ConfigError::key(
-                &doc.source,
+                src,
                 "via",
                 "`via` pins the way out and `vnet` routes in a vnet's table: give one of them",
             ));
         }
-        if c.protocol == PipeProtocol::Udp
-            && (c.proxy_protocol.is_some() || !c.accept_proxy_protocol.is_empty())
-        {
-            return Err(ConfigError::key(
-                &doc.source,
-                if c.proxy_protocol.is_some() {
-                    "proxy_protocol"
-                } else {
-                    "accept_proxy_protocol"
-                },
-                "the PROXY protocol is for TCP pipes",
-            ));
+        if let Some(via) = &own.via {
+            configstore::check_name(via).map_err(|m| ConfigError::key(src, "via", m))?;
         }
-        if c.max_connections == 0 {
-            return Err(ConfigError::key(
-                &doc.source,
-                "max_connections",
-                "must be at least 1",
-            ));
-        }
-        if c.connect_timeout.is_zero() {
-            return Err(ConfigError::key(
-                &doc.source,
-                "connect_timeout",
-                "must be longer than 0s",
-            ));
-        }
-        match c.idle_timeout {
-            Some(IdleTimeout::After(d)) if d.is_zero() => {
-                return Err(ConfigError::key(
-                    &doc.source,
-                    "idle_timeout",
-                    "must be longer than 0s (`none` for no idle timeout)",
-                ))
+        let idle_given = doc
+            .value
+            .as_object()
+            .is_some_and(|m| m.contains_key("idle_timeout"));
+        let idle_timeout = match own.protocol {
+            PipeProtocol::Tcp => door.idle_timeout,
+            PipeProtocol::Udp => {
+                if own.proxy_protocol.is_some() || !door.accept_proxy_protocol.is_empty() {
+                    return Err(ConfigError::key(
+                        src,
+                        if own.proxy_protocol.is_some() {
+                            "proxy_protocol"
+                        } else {
+                            "accept_proxy_protocol"
+                        },
+                        "the PROXY protocol is for TCP pipes",
+                    ));
+                }
+                match (idle_given, door.idle_timeout) {
+                    (false, _) => Some(DEFAULT_UDP_IDLE),
+                    (true, Some(d)) => Some(d),
+                    (true, None) => {
+                        return Err(ConfigError::key(
+                            src,
+                            "idle_timeout",
+                            "UDP sessions need an idle timeout: they end only by it",
+                        ))
+                    }
+                }
             }
-            Some(IdleTimeout::Off) if c.protocol == PipeProtocol::Udp => {
-                return Err(ConfigError::key(
-                    &doc.source,
-                    "idle_timeout",
-                    "UDP sessions need an idle timeout: they end only by it",
-                ))
-            }
-            _ => {}
-        }
-        Ok(c)
+        };
+        Ok(PipeConfig {
+            door,
+            remote: own.remote,
+            protocol: own.protocol,
+            via: own.via,
+            peer: own.peer,
+            proxy_protocol: own.proxy_protocol,
+            idle_timeout,
+        })
     }
 
     /// The instances this pipe needs started first.
     pub fn depends_on(&self) -> Vec<String> {
-        let mut d: Vec<String> = self
-            .via
-            .iter()
-            .chain(self.listen_via.iter())
-            .chain(self.vnet.iter())
-            .cloned()
-            .collect();
-        d.dedup();
-        d
+        self.door.depends_on(self.via.iter())
     }
 
     /// The idle timeout in force, with the protocol's default.
     pub fn effective_idle_timeout(&self) -> Option<Duration> {
-        match (self.idle_timeout, self.protocol) {
-            (Some(IdleTimeout::After(d)), _) => Some(d),
-            (Some(IdleTimeout::Off), PipeProtocol::Tcp) => None,
-            (None, PipeProtocol::Tcp) => Some(DEFAULT_TCP_IDLE),
-            (_, PipeProtocol::Udp) => Some(DEFAULT_UDP_IDLE),
-        }
+        self.idle_timeout
     }
 }
 
@@ -209,8 +195,8 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.protocol, PipeProtocol::Tcp);
-        assert_eq!(c.connect_timeout, Duration::from_secs(5));
-        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.door.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.door.max_connections, 1024);
         assert_eq!(c.effective_idle_timeout(), Some(DEFAULT_TCP_IDLE));
         let c = PipeConfig::from_document(&doc(
             json!({"listen": 53, "remote": "10.0.0.1:53", "protocol": "udp", "idle_timeout": "5s"}),

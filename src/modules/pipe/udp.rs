@@ -19,14 +19,13 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{IdleTimeout, PipeConfig, PipeProtocol, DEFAULT_UDP_IDLE};
-use super::State;
+use super::config::{PipeConfig, PipeProtocol, DEFAULT_UDP_IDLE};
+use super::Pipe;
 use crate::core::net::datagram::DatagramSocket;
 use crate::core::spine::dest::ChosenBy;
 use crate::core::spine::flow::{FlowContext, Protocol};
-use crate::core::spine::onramp::{Datagrams, ListenOn, OnRamp, RouteVia, Target};
+use crate::core::spine::onramp::{Datagrams, ListenOn, OnRamp, Target};
 use crate::core::spine::reject::RejectReason;
-use crate::core::spine::router::Connector;
 
 /// Datagrams queued per session before new ones are dropped (and counted).
 const SESSION_QUEUE: usize = 256;
@@ -40,7 +39,7 @@ type Sessions = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;
 /// What the session tasks share.
 struct Shared {
     onramp: Arc<OnRamp>,
-    state: Arc<State>,
+    pipe: Arc<Pipe>,
 }
 
 impl Shared {
@@ -54,12 +53,12 @@ impl Shared {
 
 pub(super) async fn serve(
     onramp: Arc<OnRamp>,
-    state: Arc<State>,
+    pipe: Arc<Pipe>,
     mut socket: Arc<dyn DatagramSocket>,
     on: ListenOn,
     cancel: CancellationToken,
 ) {
-    let shared = Arc::new(Shared { onramp, state });
+    let shared = Arc::new(Shared { onramp, pipe });
     let sessions: Sessions = Arc::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
@@ -122,11 +121,11 @@ fn open_session(
     sessions: &Sessions,
     src: SocketAddr,
 ) -> Option<mpsc::Sender<Vec<u8>>> {
-    let cfg = shared.state.config();
+    let cfg = shared.pipe.config();
     if cfg.protocol != PipeProtocol::Udp {
         return None; // reloaded to TCP: this listener is closing
     }
-    let slot = shared.onramp.try_admit(cfg.max_connections)?;
+    let slot = shared.onramp.try_admit(cfg.door.max_connections)?;
     let (tx, rx) = mpsc::channel(SESSION_QUEUE);
     sessions
         .lock()
@@ -164,20 +163,17 @@ async fn connect_upstream(
             tracing::warn!(%tenant, %instance, %src, error = %msg, suppressed, "udp session not opened");
         }
     };
-    let target = match shared.state.target(shared.onramp.ctx(), cfg) {
+    let target = match shared.pipe.target(shared.onramp.ctx(), cfg) {
         Target::Addr(t) => t,
         Target::Unknown { error, .. } => {
             fail("no_route", error);
             return None;
         }
     };
-    let via = match &cfg.via {
-        Some(m) => RouteVia::Pinned(Connector::Module(m.clone())),
-        None => RouteVia::Vnet(cfg.vnet.clone()),
-    };
+    let via = Pipe::route(cfg);
     match shared
         .onramp
-        .open_datagrams(&via, &target, ChosenBy::Operator, cfg.connect_timeout)
+        .open_datagrams(&via, &target, ChosenBy::Operator, cfg.door.connect_timeout)
         .await
     {
         Ok(d) => Some(d),
@@ -212,10 +208,7 @@ async fn run_session(
     };
     // The config the session opened with: a reload to TCP cannot take its
     // idle timeout away.
-    let idle = match cfg.idle_timeout {
-        Some(IdleTimeout::After(d)) => d,
-        _ => DEFAULT_UDP_IDLE,
-    };
+    let idle = cfg.idle_timeout.unwrap_or(DEFAULT_UDP_IDLE);
     shared
         .onramp
         .relay_datagrams(flow, upstream, listen, src, rx, idle)

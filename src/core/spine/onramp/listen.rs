@@ -185,6 +185,12 @@ impl Drop for RunningListener {
 }
 
 impl RunningListener {
+    /// A listener served by a task of its own (a datagram socket's session
+    /// loop) that ends once `cancel` is cancelled.
+    pub fn from_task(addr: SocketAddr, cancel: CancellationToken, task: JoinHandle<()>) -> Self {
+        RunningListener { addr, cancel, task }
+    }
+
     /// The address it accepts on (the port chosen, with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
@@ -235,7 +241,11 @@ impl DoorListener {
         listener: Box<dyn StreamListener>,
         handler: Arc<dyn StreamHandler>,
     ) {
-        let running = onramp.serve(on, listener, handler);
+        self.replace(onramp.serve(on, listener, handler)).await;
+    }
+
+    /// Makes `running` the listener, closing what served before.
+    pub async fn replace(&self, running: RunningListener) {
         if let Some(old) = self.slot.lock().await.replace(running) {
             old.close().await;
         }
