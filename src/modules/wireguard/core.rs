@@ -325,15 +325,20 @@ pub trait Wire: Send + Sync + 'static {
     /// peer, not one of `taken`. A driver sharing its port with other
     /// instances draws it port-wide, so datagrams find their instance.
     fn new_session(&self, taken: &HashSet<u32>) -> u32 {
-        loop {
-            let candidate = rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> 8;
-            if !taken.contains(&candidate) {
-                return candidate;
-            }
-        }
+        random_session(taken)
     }
     /// A session index [`Wire::new_session`] gave is no longer used.
     fn release_session(&self, _session: u32) {}
+}
+
+/// A random 24-bit session index not in `taken`.
+pub fn random_session(taken: &HashSet<u32>) -> u32 {
+    loop {
+        let candidate = rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> 8;
+        if !taken.contains(&candidate) {
+            return candidate;
+        }
+    }
 }
 
 /// A configured endpoint name to look up ([`Core::tick`] asks, the driver

@@ -69,13 +69,63 @@ thread_local! {
     });
 }
 
-/// Runs `f` with this thread's receive buffer and decryption room.
-pub(super) fn with_scratch<R>(f: impl FnOnce(&mut [u8], &mut [u8]) -> R) -> R {
-    SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        let Scratch { rx, out } = &mut *scratch;
-        f(rx, out)
-    })
+/// What [`read_datagrams`] hands each datagram to.
+pub(super) trait Datagrams {
+    /// One datagram from `src`, read at `now`; `out` is decryption room.
+    /// False ends the reading.
+    fn datagram(&mut self, now: Instant, datagram: &[u8], src: SocketAddr, out: &mut [u8]) -> bool;
+    /// The end of what one wakeup drained.
+    fn batch_end(&mut self);
+}
+
+/// Reads `socket` until `cancel` (an instance's own, or a shared port's):
+/// each wakeup drains what is there into the thread's scratch buffers (no
+/// buffer per socket: an idle one holds none), a batch at a time so other
+/// tasks get their turn, and splits UDP GRO batches into their datagrams.
+pub(super) async fn read_datagrams(
+    socket: &UdpSocket,
+    cancel: &CancellationToken,
+    to: &mut impl Datagrams,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = socket.readable() => if let Err(e) = r {
+                tracing::debug!(error = %e, "udp socket failed");
+                return;
+            },
+        }
+        for _ in 0..RECV_BATCH {
+            let more = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let Scratch { rx, out } = &mut *scratch;
+                let (n, src, segment) = match crate::core::net::datagram::try_recv_batch(socket, rx)
+                {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(false),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "udp recv failed");
+                        return Some(true);
+                    }
+                };
+                let src = canonical(src);
+                let now = Instant::now();
+                // With GRO, several datagrams of one source in a row.
+                for datagram in rx[..n].chunks(segment.unwrap_or(n).max(1)) {
+                    if !to.datagram(now, datagram, src, out) {
+                        return None;
+                    }
+                }
+                Some(true)
+            });
+            match more {
+                Some(true) => {}
+                Some(false) => break,
+                None => return,
+            }
+        }
+        to.batch_end();
+    }
 }
 
 /// A running WireGuard interface: the core and what drives it.
@@ -165,12 +215,7 @@ impl Wire for UdpWire {
         match &self.shared {
             // Port-wide unique, so never one of this instance's either.
             Some(m) => m.new_session(),
-            None => loop {
-                let candidate = rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> 8;
-                if !taken.contains(&candidate) {
-                    return candidate;
-                }
-            },
+            None => super::core::random_session(taken),
         }
     }
 
@@ -464,46 +509,24 @@ impl Device {
 
     /// Reads the instance's own socket.
     async fn recv_loop(self: Arc<Self>) {
-        let socket = self.socket.clone();
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                r = socket.readable() => if let Err(e) = r {
-                    tracing::debug!(error = %e, "udp socket failed");
-                    return;
-                },
+        struct Own<'a>(&'a Device);
+        impl Datagrams for Own<'_> {
+            fn datagram(
+                &mut self,
+                now: Instant,
+                d: &[u8],
+                src: SocketAddr,
+                out: &mut [u8],
+            ) -> bool {
+                self.0.receive(now, d, src, out);
+                true
             }
-            // Drain what is there into the thread's scratch buffers (no
-            // buffer per interface: an idle one holds none), a batch at a
-            // time so other tasks get their turn.
-            for _ in 0..RECV_BATCH {
-                let more = SCRATCH.with(|scratch| {
-                    let mut scratch = scratch.borrow_mut();
-                    let Scratch { rx, out } = &mut *scratch;
-                    let (n, src, segment) =
-                        match crate::core::net::datagram::try_recv_batch(&socket, rx) {
-                            Ok(x) => x,
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
-                            Err(e) => {
-                                tracing::debug!(error = %e, "udp recv failed");
-                                return true;
-                            }
-                        };
-                    let src = canonical(src);
-                    let now = Instant::now();
-                    // With GRO, several datagrams of one source in a row.
-                    for datagram in rx[..n].chunks(segment.unwrap_or(n).max(1)) {
-                        self.receive(now, datagram, src, out);
-                    }
-                    true
-                });
-                if !more {
-                    break;
-                }
+            fn batch_end(&mut self) {
+                // What the engine held back of this batch (coalesced segments).
+                self.0.wire.flush_delivered();
             }
-            // What the engine held back of this batch (coalesced segments).
-            self.wire.flush_delivered();
         }
+        read_datagrams(&self.socket, &self.cancel, &mut Own(&self)).await
     }
 
     /// Runs the handshakes [`Device::recv_loop`] queued, one at a time.

@@ -54,7 +54,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use super::device::Device;
+use super::device::{read_datagrams, Datagrams, Device};
 use super::metrics::{PortLabels, PortReasonLabels, WgMetrics};
 use crate::core::metrics::Metrics;
 
@@ -70,8 +70,6 @@ const SCAN_BURST: f64 = 4.0;
 const QUARANTINE: Duration = Duration::from_secs(600);
 /// Sources whose last match is remembered; the table starts over when full.
 const HINTS_MAX: usize = 65_536;
-/// Datagrams the receive task handles before it yields.
-const RECV_BATCH: usize = 64;
 
 /// The length of a handshake initiation, and where its MAC1 lies.
 const INITIATION_LEN: usize = 148;
@@ -576,57 +574,45 @@ impl Drop for Membership {
 /// The port's receive task: reads datagrams (GRO batches split), routes
 /// each to its instance, which processes it as its own socket's.
 async fn receive(port: Weak<SharedPort>, socket: Arc<UdpSocket>, cancel: CancellationToken) {
-    let mut touched: Vec<Arc<Device>> = Vec::new();
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = socket.readable() => if let Err(e) = r {
-                tracing::debug!(error = %e, "shared udp socket failed");
-                return;
-            },
+    /// The port while it lives, and the instances a batch reached.
+    struct Routing {
+        port: Weak<SharedPort>,
+        touched: Vec<Arc<Device>>,
+    }
+    impl Datagrams for Routing {
+        fn datagram(&mut self, now: Instant, d: &[u8], src: SocketAddr, out: &mut [u8]) -> bool {
+            let Some(shared) = self.port.upgrade() else {
+                return false;
+            };
+            let Some(dev) = shared.route(now, d, src) else {
+                return true;
+            };
+            // A bug in one instance fails that instance (its module
+            // restarts it), not the port and its other instances.
+            let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                dev.receive(now, d, src, out)
+            }));
+            if let Err(panic) = handled {
+                dev.fail(super::device::panic_message(panic));
+                return true;
+            }
+            if !self.touched.iter().any(|t| Arc::ptr_eq(t, &dev)) {
+                self.touched.push(dev);
+            }
+            true
         }
-        let Some(shared) = port.upgrade() else { return };
-        for _ in 0..RECV_BATCH {
-            let more = super::device::with_scratch(|rx, out| {
-                let (n, src, segment) =
-                    match crate::core::net::datagram::try_recv_batch(&socket, rx) {
-                        Ok(x) => x,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "udp recv failed");
-                            return true;
-                        }
-                    };
-                let src = SocketAddr::new(src.ip().to_canonical(), src.port());
-                let now = Instant::now();
-                for datagram in rx[..n].chunks(segment.unwrap_or(n).max(1)) {
-                    let Some(dev) = shared.route(now, datagram, src) else {
-                        continue;
-                    };
-                    // A bug in one instance fails that instance (its module
-                    // restarts it), not the port and its other instances.
-                    let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        dev.receive(now, datagram, src, out)
-                    }));
-                    if let Err(panic) = handled {
-                        dev.fail(super::device::panic_message(panic));
-                        continue;
-                    }
-                    if !touched.iter().any(|d| Arc::ptr_eq(d, &dev)) {
-                        touched.push(dev);
-                    }
-                }
-                true
-            });
-            if !more {
-                break;
+        fn batch_end(&mut self) {
+            // What each engine held back of this batch.
+            for dev in self.touched.drain(..) {
+                dev.flush_delivered();
             }
         }
-        // What each engine held back of this batch.
-        for dev in touched.drain(..) {
-            dev.flush_delivered();
-        }
     }
+    let mut routing = Routing {
+        port,
+        touched: Vec::new(),
+    };
+    read_datagrams(&socket, &cancel, &mut routing).await
 }
 
 #[cfg(test)]

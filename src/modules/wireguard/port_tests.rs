@@ -42,12 +42,7 @@ impl Wire for TestWire {
             Some((router, id)) => router.lock().unwrap().new_session(*id, Instant::now(), || {
                 rand_core::RngCore::next_u32(&mut rand_core::OsRng)
             }),
-            None => loop {
-                let c = rand_core::RngCore::next_u32(&mut rand_core::OsRng) >> 8;
-                if !taken.contains(&c) {
-                    return c;
-                }
-            },
+            None => crate::modules::wireguard::core::random_session(taken),
         }
     }
     fn release_session(&self, session: u32) {
