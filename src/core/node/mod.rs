@@ -125,6 +125,10 @@ impl Node {
                 let reg = self.registry.clone();
                 self.watcher = Some(tokio::spawn(async move {
                     let _guard = watch.guard;
+                    // What changed between the start's reading of the store
+                    // and the watch being set up has no event: read once
+                    // more (unchanged documents do nothing).
+                    reg.apply(&[configstore::StoreEvent::Everything]).await;
                     while let Some(batch) = watch.events.recv().await {
                         tracing::debug!(?batch, "config change");
                         reg.apply(&batch).await;
