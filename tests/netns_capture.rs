@@ -179,6 +179,27 @@ fn redirect_and_tproxy_steer_unconfigured_clients_through_meshgate() {
     ));
     assert!(!gw.sh("iptables -t nat -S").contains("MESHGATE"));
     assert_eq!(app1.curl("http://10.240.9.2/", 2).0, 0);
+
+    // The TPROXY door's UDP socket goes with its listener: held while it
+    // listens on 15002, free once a reload moves it to 15003.
+    let bind_udp = |port: u16| {
+        let out = gw.try_sh(&format!(
+            "python3 -c \"import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ntry:\n s.bind(('0.0.0.0',{port}))\n print('bound')\nexcept OSError as e:\n print('busy', e)\""
+        ));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(bind_udp(15002).starts_with("busy"), "the door holds UDP 15002");
+    std::fs::write(
+        t.join("tproxy.yaml"),
+        "kind: capture\nlisten: 0.0.0.0:15003\nmode: tproxy\n",
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || bind_udp(15003).starts_with("busy")),
+        "moved to 15003\n{}",
+        mg.log_text()
+    );
+    assert_eq!(bind_udp(15002), "bound", "UDP 15002 let go");
 }
 
 #[test]

@@ -30,7 +30,7 @@ pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
         Arc::new(pipe::PipeFactory::default()),
         Arc::new(socks::SocksFactory::default()),
         Arc::new(http_proxy::HttpProxyFactory::default()),
-        Arc::new(capture::CaptureFactory),
+        Arc::new(capture::CaptureFactory::default()),
         Arc::new(ssh::SshFactory::default()),
         Arc::new(ssh::link::SshLinkFactory),
         Arc::new(wireguard::WireGuardFactory),

@@ -18,13 +18,18 @@
 //! the audit line show where the client meant to go. A connection made to
 //! the capture port itself (not captured) is refused and counted
 //! (`not_captured`): dialing it would loop.
+//!
+//! Capture is a [`Door`]: [`crate::core::spine::door::DoorModule`] binds, rebinds, drains and stops
+//! it; the kind overrides only [`Door::bind`] (a transparent socket, the
+//! TPROXY UDP socket beside it, and a listener that stays idle while the
+//! capability is missing).
 
 pub mod config;
 pub mod rules;
 mod udp;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use configstore::Document;
@@ -33,65 +38,22 @@ use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
 use crate::core::net::listen::{bind_host_tcp, HostListener, StreamListener};
 use crate::core::net::proxy::Stream;
-use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
 use crate::core::spine::onramp::{
-    Accepted, ConnectRequest, DoorListener, ListenOn, OnRamp, RouteVia, StreamHandler, Target,
+    Accepted, ConnectRequest, ListenOn, OnRamp, RouteVia, StreamHandler, Target,
 };
 use crate::core::spine::reject::RejectReason;
 
 pub use config::{CaptureConfig, Mode};
 
 /// Builds capture listeners.
-pub struct CaptureFactory;
+pub type CaptureFactory = DoorFactory<Capture>;
 
-impl ModuleFactory for CaptureFactory {
-    fn kind(&self) -> &'static str {
-        "capture"
-    }
-
-    fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
-        let cfg = CaptureConfig::from_document(doc)?;
-        Ok(ModulePlan {
-            depends_on: cfg.door.depends_on([]),
-            ..ModulePlan::default()
-        })
-    }
-
-    fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
-        let cfg = CaptureConfig::from_document(doc)?;
-        Ok(Arc::new(Capture {
-            onramp: OnRamp::new(ctx),
-            state: Arc::new(State {
-                config: RwLock::new(Arc::new(cfg)),
-            }),
-            source: RwLock::new(doc.source.clone()),
-            listener: DoorListener::default(),
-            udp: Mutex::new(None),
-            problem: Mutex::new(None),
-        }))
-    }
-}
-
-/// A running capture listener.
+/// A capture listener's connections.
 pub struct Capture {
-    onramp: Arc<OnRamp>,
-    state: Arc<State>,
-    source: RwLock<String>,
-    listener: DoorListener,
-    /// Stops the TPROXY UDP receive loop.
-    udp: Mutex<Option<tokio_util::sync::CancellationToken>>,
+    live: Arc<Live<CaptureConfig>>,
     /// Why it is not capturing (a missing capability), for the status.
     problem: Mutex<Option<String>>,
-}
-
-struct State {
-    config: RwLock<Arc<CaptureConfig>>,
-}
-
-impl State {
-    fn config(&self) -> Arc<CaptureConfig> {
-        self.config.read().expect("poisoned").clone()
-    }
 }
 
 /// Why the listener could not be bound.
@@ -151,13 +113,13 @@ fn original_dst(tcp: &tokio::net::TcpStream) -> Option<SocketAddr> {
 }
 
 #[async_trait]
-impl StreamHandler for State {
+impl StreamHandler for Capture {
     fn max_connections(&self) -> usize {
-        self.config().door.max_connections
+        self.live.get().door.max_connections
     }
 
     async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
-        let cfg = self.config();
+        let cfg = self.live.get();
         let ctx = onramp.ctx();
         let orig = match (cfg.mode, &client) {
             (Mode::Redirect, Stream::Tcp(t)) => original_dst(t),
@@ -192,92 +154,112 @@ impl StreamHandler for State {
     }
 }
 
-impl Capture {
-    /// Binds and serves `cfg`'s listener. A missing capability is reported
-    /// and leaves the module idle (Ok); other failures are errors.
-    async fn listen(&self, cfg: &CaptureConfig, source: &str) -> Result<(), ModuleError> {
-        let addr = cfg.door.listen.0;
-        let bound = match cfg.mode {
-            Mode::Redirect => bind_host_tcp(addr).map_err(BindError::Other),
-            Mode::Tproxy => bind_transparent(addr),
-        };
-        let ctx = self.onramp.ctx();
-        // TPROXY takes UDP too, on the same port.
-        let udp = match (&bound, cfg.mode) {
-            (Ok(_), Mode::Tproxy) => match crate::core::net::datagram::TproxyUdp::bind(addr) {
-                Ok(u) => Some(u),
-                Err(e) => {
-                    return Err(ConfigError::key(
-                        source,
-                        "listen",
-                        format!("cannot take UDP on {addr} (TPROXY): {e}"),
-                    )
-                    .into())
-                }
-            },
-            _ => None,
-        };
-        if let Some(old) = self.udp.lock().expect("poisoned").take() {
-            old.cancel();
-        }
-        if let Some(u) = udp {
-            let stop = tokio_util::sync::CancellationToken::new();
-            *self.udp.lock().expect("poisoned") = Some(stop.clone());
-            tokio::spawn(udp::serve(self.onramp.clone(), self.state.clone(), u, stop));
-        }
-        match bound {
-            Ok(l) => {
-                *self.problem.lock().expect("poisoned") = None;
-                let l: Box<dyn StreamListener> = Box::new(HostListener::new(l));
-                self.listener
-                    .serve_bound(&self.onramp, ListenOn::Host(addr), l, self.state.clone())
-                    .await;
-                Ok(())
-            }
-            Err(BindError::Capability(m)) => {
-                tracing::error!(tenant = %ctx.tenant.name, instance = %ctx.instance, source, error = %m, "capture is not running; the rest of meshgate is");
-                *self.problem.lock().expect("poisoned") = Some(m);
-                Ok(())
-            }
-            Err(BindError::Other(e)) => Err(ListenOn::Host(addr).bind_error(source, &e).into()),
-        }
+/// A listener that accepts nothing: what capture serves while it lacks
+/// the capability TPROXY needs (its status says why).
+struct Idle(SocketAddr);
+
+#[async_trait]
+impl StreamListener for Idle {
+    async fn accept(&mut self) -> std::io::Result<(Stream, SocketAddr)> {
+        std::future::pending().await
+    }
+    fn local_addr(&self) -> SocketAddr {
+        self.0
+    }
+}
+
+/// A TPROXY listener with its UDP socket's receive loop, which ends when
+/// the listener is dropped (closed at drain, replaced by a reload).
+struct WithUdp {
+    tcp: HostListener,
+    _udp: tokio_util::sync::DropGuard,
+}
+
+#[async_trait]
+impl StreamListener for WithUdp {
+    async fn accept(&mut self) -> std::io::Result<(Stream, SocketAddr)> {
+        self.tcp.accept().await
+    }
+    fn local_addr(&self) -> SocketAddr {
+        self.tcp.local_addr()
     }
 }
 
 #[async_trait]
-impl Module for Capture {
-    async fn start(&self) -> Result<(), ModuleError> {
-        let source = self.source.read().expect("poisoned").clone();
-        self.listen(&self.state.config(), &source).await
+impl Door for Capture {
+    const KIND: &'static str = "capture";
+    type Config = CaptureConfig;
+
+    fn parse(doc: &Document) -> Result<CaptureConfig, ConfigError> {
+        CaptureConfig::from_document(doc)
     }
 
-    async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
-        let new = CaptureConfig::from_document(doc)?;
-        let old = self.state.config();
-        if new.door.listen != old.door.listen || new.mode != old.mode {
-            self.listen(&new, &doc.source).await?;
-        }
-        *self.source.write().expect("poisoned") = doc.source.clone();
-        *self.state.config.write().expect("poisoned") = Arc::new(new);
-        Ok(())
+    fn settings(config: &CaptureConfig) -> &DoorSettings {
+        &config.door
     }
 
-    async fn drain(&self) {
-        self.listener.close().await;
-        if let Some(stop) = self.udp.lock().expect("poisoned").take() {
-            stop.cancel();
+    fn new(live: Arc<Live<CaptureConfig>>) -> Self {
+        Capture {
+            live,
+            problem: Mutex::new(None),
         }
     }
 
-    async fn stop(&self) {
-        self.drain().await;
-        self.onramp.stop().await;
+    /// REDIRECT: a plain listener. TPROXY: a transparent one and the UDP
+    /// socket on the same port; without CAP_NET_ADMIN the problem is
+    /// reported (log, status) and the module stays up, idle.
+    async fn bind(
+        &self,
+        onramp: &Arc<OnRamp>,
+        cfg: &CaptureConfig,
+        source: &str,
+    ) -> Result<Box<dyn StreamListener>, ConfigError> {
+        let addr = cfg.door.listen.0;
+        let ctx = onramp.ctx();
+        let tcp = match cfg.mode {
+            Mode::Redirect => bind_host_tcp(addr).map_err(BindError::Other),
+            Mode::Tproxy => bind_transparent(addr),
+        };
+        let tcp = match tcp {
+            Ok(l) => HostListener::new(l),
+            Err(BindError::Capability(m)) => {
+                tracing::error!(tenant = %ctx.tenant.name, instance = %ctx.instance, source, error = %m, "capture is not running; the rest of meshgate is");
+                *self.problem.lock().expect("poisoned") = Some(m);
+                return Ok(Box::new(Idle(addr)));
+            }
+            Err(BindError::Other(e)) => return Err(ListenOn::Host(addr).bind_error(source, &e)),
+        };
+        *self.problem.lock().expect("poisoned") = None;
+        if cfg.mode == Mode::Redirect {
+            return Ok(Box::new(tcp));
+        }
+        let udp = crate::core::net::datagram::TproxyUdp::bind(addr).map_err(|e| {
+            ConfigError::key(
+                source,
+                "listen",
+                format!("cannot take UDP on {addr} (TPROXY): {e}"),
+            )
+        })?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(udp::serve(
+            onramp.clone(),
+            self.live.clone(),
+            udp,
+            stop.clone(),
+        ));
+        Ok(Box::new(WithUdp {
+            tcp,
+            _udp: stop.drop_guard(),
+        }))
     }
 
-    fn status(&self) -> serde_json::Value {
-        let cfg = self.state.config();
+    fn must_rebind(old: &CaptureConfig, new: &CaptureConfig) -> bool {
+        old.door.listen != new.door.listen || old.mode != new.mode
+    }
+
+    fn status(&self, cfg: &CaptureConfig, onramp: &OnRamp) -> serde_json::Value {
         let problem = self.problem.lock().expect("poisoned").clone();
-        let mut status = cfg.door.status(&self.onramp);
+        let mut status = cfg.door.status(onramp);
         status.insert("mode".into(), serde_json::json!(cfg.mode));
         status.insert("capturing".into(), problem.is_none().into());
         status.insert("problem".into(), serde_json::json!(problem));

@@ -15,9 +15,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::State;
+use super::CaptureConfig;
 use crate::core::addr::HostPort;
 use crate::core::net::datagram::{bind_reply_udp, TproxyUdp};
+use crate::core::spine::door::Live;
 use crate::core::spine::flow::{FlowContext, Protocol};
 use crate::core::spine::onramp::{OnRamp, RouteVia};
 use crate::core::spine::reject::RejectReason;
@@ -32,7 +33,7 @@ type Sessions = Arc<Mutex<HashMap<(SocketAddr, SocketAddr), mpsc::Sender<Vec<u8>
 /// Receives on `socket` until `cancel`.
 pub(super) async fn serve(
     onramp: Arc<OnRamp>,
-    state: Arc<State>,
+    state: Arc<Live<CaptureConfig>>,
     socket: TproxyUdp,
     cancel: CancellationToken,
 ) {
@@ -51,7 +52,7 @@ pub(super) async fn serve(
                 }
             },
         };
-        let listen = state.config().door.listen.0;
+        let listen = state.get().door.listen.0;
         let Some(orig) = orig.filter(|o| !super::to_capture_port(listen, *o)) else {
             ctx.metrics
                 .reject(&tenant, &instance, RejectReason::NotCaptured);
@@ -62,7 +63,7 @@ pub(super) async fn serve(
         let tx = match existing {
             Some(tx) if !tx.is_closed() => tx,
             _ => {
-                let Some(slot) = onramp.try_admit(state.config().door.max_connections) else {
+                let Some(slot) = onramp.try_admit(state.get().door.max_connections) else {
                     continue;
                 };
                 let (tx, rx) = mpsc::channel(SESSION_QUEUE);
@@ -90,12 +91,12 @@ pub(super) async fn serve(
 /// it, relay.
 async fn session(
     onramp: &Arc<OnRamp>,
-    state: &State,
+    state: &Live<CaptureConfig>,
     src: SocketAddr,
     orig: SocketAddr,
     rx: mpsc::Receiver<Vec<u8>>,
 ) {
-    let cfg = state.config();
+    let cfg = state.get();
     let ctx = onramp.ctx();
     let (tenant, instance) = (&ctx.tenant.name, &ctx.instance);
     let target = HostPort {
