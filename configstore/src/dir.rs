@@ -8,16 +8,17 @@
 //! Hidden files (`.name`), editor leftovers (`name~`, `.swp`) and files with
 //! other extensions are ignored, so an editor saving in place does not
 //! produce phantom instances. Two files with the same stem (`web.yaml` and
-//! `web.json`) are an error. The watcher uses inotify (through `notify`),
+//! `web.json`) are an error. The watcher uses inotify on the root, `tenants`
+//! and each tenant's directory (not openings and reads: see `MASK`),
 //! debounces bursts for [`DEBOUNCE`] and maps every path to the narrowest
-//! [`StoreEvent`].
+//! [`StoreEvent`]; a queue overflow reads everything again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use notify::{RecursiveMode, Watcher};
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::sync::mpsc;
 
 use crate::format::{self, Format};
@@ -219,51 +220,35 @@ impl ConfigStore for DirStore {
     }
 
     fn watch(&self) -> Result<Option<Watch>, StoreError> {
-        let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
-        let mut watcher = notify::recommended_watcher(move |ev| {
-            let _ = raw_tx.send(ev);
-        })
-        .map_err(|e| StoreError::Watch {
+        let watch_err = |e: std::io::Error| StoreError::Watch {
             path: self.root.clone(),
             message: e.to_string(),
-        })?;
-        watcher
-            .watch(&self.root, RecursiveMode::Recursive)
-            .map_err(|e| StoreError::Watch {
-                path: self.root.clone(),
-                message: e.to_string(),
-            })?;
+        };
+        let inotify = Inotify::init().map_err(watch_err)?;
+        let mut dirs = DirWatches {
+            store: self.clone(),
+            watches: inotify.watches(),
+            dirs: HashMap::new(),
+        };
+        dirs.add_all().map_err(watch_err)?;
+        let mut stream = inotify
+            .into_event_stream(vec![0u8; 64 * 1024])
+            .map_err(watch_err)?;
         let (tx, rx) = mpsc::channel(16);
-        let me = self.clone();
-        tokio::spawn(async move {
-            while let Some(first) = raw_rx.recv().await {
+        let task = tokio::spawn(async move {
+            use futures_util::StreamExt;
+            while let Some(first) = stream.next().await {
                 let mut batch = vec![first];
                 let deadline = tokio::time::Instant::now() + DEBOUNCE;
-                while let Ok(Some(more)) = tokio::time::timeout_at(deadline, raw_rx.recv()).await {
+                while let Ok(Some(more)) = tokio::time::timeout_at(deadline, stream.next()).await {
                     batch.push(more);
                 }
                 let mut seen = HashSet::new();
                 let mut events = Vec::new();
                 for ev in batch {
-                    let paths = match ev {
-                        Ok(ev) if ev.need_rescan() => {
-                            vec![me.root.clone()]
-                        }
-                        // Reading a file is no change: without this, the
-                        // store's own reads (a reload reads every file)
-                        // would feed the watcher forever.
-                        Ok(ev) if is_read_only(&ev.kind) => continue,
-                        Ok(ev) => ev.paths,
-                        Err(e) => {
-                            tracing::warn!(error = %e, root = %me.root.display(), "config watcher error; rescanning");
-                            vec![me.root.clone()]
-                        }
-                    };
-                    for p in paths {
-                        if let Some(e) = me.event_for(&p) {
-                            if seen.insert(e.clone()) {
-                                events.push(e);
-                            }
+                    for e in dirs.event(ev) {
+                        if seen.insert(e.clone()) {
+                            events.push(e);
                         }
                     }
                 }
@@ -274,18 +259,125 @@ impl ConfigStore for DirStore {
         });
         Ok(Some(Watch {
             events: rx,
-            guard: Box::new(watcher),
+            guard: Box::new(AbortOnDrop(task)),
         }))
     }
 }
 
-/// Events that say a file was opened or read, not changed.
-fn is_read_only(kind: &notify::EventKind) -> bool {
-    use notify::event::{AccessKind, AccessMode, EventKind};
-    match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => false,
-        EventKind::Access(_) => true,
-        _ => false,
+/// Ends the watcher's task when the [`Watch`] is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What inotify reports of a config directory: files and directories
+/// created, written, moved, deleted, or with new metadata. Not opened or
+/// read: the store's own reads would be events, and starting 100,000
+/// instances would overflow the kernel's queue (a rescan, which reads
+/// everything again, and so on). `notify` watches openings; this does not.
+const MASK: WatchMask = WatchMask::CREATE
+    .union(WatchMask::CLOSE_WRITE)
+    .union(WatchMask::MODIFY)
+    .union(WatchMask::ATTRIB)
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::MOVED_TO);
+
+/// The directories watched, three levels of them: the root (node
+/// documents, `tenants`), `tenants` (tenant directories) and each
+/// tenant's directory (instance files).
+struct DirWatches {
+    store: DirStore,
+    watches: Watches,
+    /// The directory of each watch.
+    dirs: HashMap<WatchDescriptor, PathBuf>,
+}
+
+impl DirWatches {
+    /// Watches the root, and `tenants` and every tenant's directory if
+    /// they exist.
+    fn add_all(&mut self) -> std::io::Result<()> {
+        let root = self.store.root.clone();
+        self.add(&root)?;
+        self.add_tenants();
+        Ok(())
+    }
+
+    fn add(&mut self, dir: &Path) -> std::io::Result<()> {
+        let wd = self.watches.add(dir, MASK)?;
+        self.dirs.insert(wd, dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Watches `tenants` and each tenant's directory (again: adding a
+    /// watch twice is harmless). A directory that vanished meanwhile is
+    /// skipped; one that cannot be watched (the kernel's limit on
+    /// watches) is logged.
+    fn add_tenants(&mut self) {
+        let tenants = self.store.tenants_dir();
+        if let Err(e) = self.add(&tenants) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %tenants.display(), error = %e, "cannot watch; changes there are not seen until restart");
+            }
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(&tenants) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.path().is_dir() {
+                self.add_tenant(&entry.path());
+            }
+        }
+    }
+
+    fn add_tenant(&mut self, dir: &Path) {
+        if let Err(e) = self.add(dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch; changes there are not seen until restart (fs.inotify.max_user_watches?)");
+            }
+        }
+    }
+
+    /// The store's events for one inotify event, watching directories
+    /// that appeared. A new directory is watched before its event goes
+    /// out, so what is written into it later is seen, and what was
+    /// written before is read when its event is applied.
+    fn event(&mut self, ev: std::io::Result<inotify::EventOwned>) -> Vec<StoreEvent> {
+        let root = self.store.root.clone();
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(error = %e, root = %root.display(), "config watcher error; reading everything again");
+                return vec![StoreEvent::Everything];
+            }
+        };
+        if ev.mask.contains(EventMask::Q_OVERFLOW) {
+            tracing::warn!(root = %root.display(), "config watcher queue overflowed; reading everything again");
+            self.add_tenants();
+            return vec![StoreEvent::Everything];
+        }
+        if ev.mask.contains(EventMask::IGNORED) {
+            self.dirs.remove(&ev.wd);
+            return Vec::new();
+        }
+        let (Some(dir), Some(name)) = (self.dirs.get(&ev.wd), ev.name.as_ref()) else {
+            return Vec::new();
+        };
+        let path = dir.join(name);
+        // A directory, or a link to one (followed, as inotify does).
+        let appeared = ev.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) && path.is_dir();
+        if appeared {
+            if path == self.store.tenants_dir() {
+                self.add_tenants();
+            } else if path.parent() == Some(&self.store.tenants_dir()) {
+                self.add_tenant(&path);
+            }
+        }
+        self.store.event_for(&path).into_iter().collect()
     }
 }
 
@@ -422,5 +514,80 @@ mod tests {
         .await
         .expect("no event within 5 s");
         assert!(got.contains(&want));
+    }
+
+    async fn next(w: &mut Watch, within: Duration) -> Option<Vec<StoreEvent>> {
+        tokio::time::timeout(within, w.events.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The store's own reads are no events (inotify would report each
+    /// opening: 100,000 of them overflow its queue).
+    #[tokio::test]
+    async fn the_stores_own_reads_are_no_events() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "tenants/a/web.yaml", "kind: socks\n");
+        let s = DirStore::open(d.path()).unwrap();
+        let mut w = s.watch().unwrap().unwrap();
+        write(d.path(), "tenants/a/web.yaml", "kind: pipe\n");
+        let key = InstanceKey::new("a", "web");
+        assert_eq!(
+            next(&mut w, Duration::from_secs(5)).await,
+            Some(vec![StoreEvent::Instance(key.clone())]),
+            "written"
+        );
+        for _ in 0..3 {
+            assert_eq!(s.tenants().await.unwrap(), vec!["a".to_string()]);
+            assert_eq!(s.instances("a").await.unwrap(), vec!["web".to_string()]);
+            assert_eq!(s.get(&key).await.unwrap().unwrap().value["kind"], "pipe");
+        }
+        assert_eq!(next(&mut w, Duration::from_secs(1)).await, None, "read");
+    }
+
+    /// A tenant directory made after the watch started is watched too.
+    #[tokio::test]
+    async fn a_new_tenants_files_are_watched() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "tenants/a/web.yaml", "kind: pipe\n");
+        let s = DirStore::open(d.path()).unwrap();
+        let mut w = s.watch().unwrap().unwrap();
+        write(d.path(), "tenants/b/db.yaml", "kind: pipe\n");
+        let first = next(&mut w, Duration::from_secs(5)).await.unwrap();
+        assert!(first.contains(&StoreEvent::Tenant("b".into())), "{first:?}");
+        tokio::time::sleep(DEBOUNCE * 2).await;
+        while next(&mut w, Duration::from_millis(10)).await.is_some() {}
+        write(d.path(), "tenants/b/db.yaml", "kind: socks\n");
+        assert_eq!(
+            next(&mut w, Duration::from_secs(5)).await,
+            Some(vec![StoreEvent::Instance(InstanceKey::new("b", "db"))])
+        );
+        std::fs::remove_file(d.path().join("tenants/b/db.yaml")).unwrap();
+        assert_eq!(
+            next(&mut w, Duration::from_secs(5)).await,
+            Some(vec![StoreEvent::Instance(InstanceKey::new("b", "db"))])
+        );
+    }
+
+    /// A tenant directory that is a link (to a directory elsewhere) is
+    /// watched through the link, as it is read.
+    #[tokio::test]
+    async fn a_linked_tenant_directory_is_watched() {
+        let d = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        write(d.path(), "tenants/a/web.yaml", "kind: pipe\n");
+        write(elsewhere.path(), "db.yaml", "kind: pipe\n");
+        let s = DirStore::open(d.path()).unwrap();
+        let mut w = s.watch().unwrap().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), d.path().join("tenants/c")).unwrap();
+        let first = next(&mut w, Duration::from_secs(5)).await.unwrap();
+        assert!(first.contains(&StoreEvent::Tenant("c".into())), "{first:?}");
+        assert_eq!(s.instances("c").await.unwrap(), vec!["db".to_string()]);
+        write(elsewhere.path(), "db.yaml", "kind: socks\n");
+        assert_eq!(
+            next(&mut w, Duration::from_secs(5)).await,
+            Some(vec![StoreEvent::Instance(InstanceKey::new("c", "db"))])
+        );
     }
 }

@@ -117,28 +117,29 @@ impl Node {
     /// Starts every instance in dependency order, then follows the store's
     /// changes. `Err` holds every problem, one line each; nothing runs then.
     pub async fn start(&mut self) -> Result<(), Vec<String>> {
+        // The watch is set up before the store is read, so an edit made
+        // while the instances start is an event, applied once they are up
+        // (reading everything again instead cost 100,000 tenants as much
+        // as their start).
+        let watch = match self.registry.store().watch() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "config changes will not be picked up until restart");
+                None
+            }
+        };
         if let Err(errors) = self.registry.start().await {
             return Err(errors.iter().map(ToString::to_string).collect());
         }
-        match self.registry.store().watch() {
-            Ok(Some(mut watch)) => {
-                let reg = self.registry.clone();
-                self.watcher = Some(tokio::spawn(async move {
-                    let _guard = watch.guard;
-                    // What changed between the start's reading of the store
-                    // and the watch being set up has no event: read once
-                    // more (unchanged documents do nothing).
-                    reg.apply(&[configstore::StoreEvent::Everything]).await;
-                    while let Some(batch) = watch.events.recv().await {
-                        tracing::debug!(?batch, "config change");
-                        reg.apply(&batch).await;
-                    }
-                }));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "config changes will not be picked up until restart")
-            }
+        if let Some(mut watch) = watch {
+            let reg = self.registry.clone();
+            self.watcher = Some(tokio::spawn(async move {
+                let _guard = watch.guard;
+                while let Some(batch) = watch.events.recv().await {
+                    tracing::debug!(?batch, "config change");
+                    reg.apply(&batch).await;
+                }
+            }));
         }
         Ok(())
     }
