@@ -188,14 +188,18 @@ fn redirect_and_tproxy_steer_unconfigured_clients_through_meshgate() {
         ));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    assert!(bind_udp(15002).starts_with("busy"), "the door holds UDP 15002");
+    assert!(
+        bind_udp(15002).starts_with("busy"),
+        "the door holds UDP 15002"
+    );
     std::fs::write(
         t.join("tproxy.yaml"),
         "kind: capture\nlisten: 0.0.0.0:15003\nmode: tproxy\n",
     )
     .unwrap();
     assert!(
-        wait_until(Duration::from_secs(5), || bind_udp(15003).starts_with("busy")),
+        wait_until(Duration::from_secs(5), || bind_udp(15003)
+            .starts_with("busy")),
         "moved to 15003\n{}",
         mg.log_text()
     );

@@ -26,8 +26,8 @@ pub struct PrefixTable<T> {
 impl<T> Default for PrefixTable<T> {
     fn default() -> Self {
         PrefixTable {
-            v4: Family::new(32),
-            v6: Family::new(128),
+            v4: Family::new(),
+            v6: Family::new(),
         }
     }
 }
@@ -158,65 +158,71 @@ impl Bits for u128 {
     }
 }
 
-/// One family's maps, by prefix length.
+/// One family's maps, by prefix length: only the lengths that hold
+/// entries, longest first (an empty table allocates nothing; 100,000
+/// WireGuard instances each hold two).
 #[derive(Clone)]
 struct Family<K, T> {
-    by_len: Vec<HashMap<K, T, AddrHash>>,
-    /// The lengths whose map is not empty, longest first.
-    lengths: Vec<u8>,
+    by_len: Vec<(u8, HashMap<K, T, AddrHash>)>,
     len: usize,
 }
 
 impl<K: Bits, T> Family<K, T> {
-    fn new(max: u8) -> Self {
+    fn new() -> Self {
         Family {
-            by_len: (0..=max).map(|_| HashMap::default()).collect(),
-            lengths: Vec::new(),
+            by_len: Vec::new(),
             len: 0,
         }
     }
 
+    /// Where the map of `len` is, or would go.
+    fn find(&self, len: u8) -> Result<usize, usize> {
+        self.by_len.binary_search_by(|(l, _)| len.cmp(l))
+    }
+
     fn insert(&mut self, addr: K, len: u8, value: T) -> Option<T> {
-        let map = &mut self.by_len[usize::from(len)];
-        let old = map.insert(addr.masked(len), value);
+        let at = match self.find(len) {
+            Ok(at) => at,
+            Err(at) => {
+                self.by_len.insert(at, (len, HashMap::default()));
+                at
+            }
+        };
+        let old = self.by_len[at].1.insert(addr.masked(len), value);
         if old.is_none() {
             self.len += 1;
-            if let Err(at) = self.lengths.binary_search_by(|l| len.cmp(l)) {
-                self.lengths.insert(at, len);
-            }
         }
         old
     }
 
     fn remove(&mut self, addr: K, len: u8) -> Option<T> {
-        let map = &mut self.by_len[usize::from(len)];
-        let old = map.remove(&addr.masked(len));
+        let at = self.find(len).ok()?;
+        let old = self.by_len[at].1.remove(&addr.masked(len));
         if old.is_some() {
             self.len -= 1;
-            if map.is_empty() {
-                self.lengths.retain(|l| *l != len);
+            if self.by_len[at].1.is_empty() {
+                self.by_len.remove(at);
             }
         }
         old
     }
 
     fn get(&self, addr: K, len: u8) -> Option<&T> {
-        self.by_len[usize::from(len)].get(&addr.masked(len))
+        let at = self.find(len).ok()?;
+        self.by_len[at].1.get(&addr.masked(len))
     }
 
     fn longest(&self, addr: K) -> Option<(K, u8, &T)> {
-        self.lengths.iter().find_map(|&len| {
-            let k = addr.masked(len);
-            self.by_len[usize::from(len)].get(&k).map(|v| (k, len, v))
+        self.by_len.iter().find_map(|(len, map)| {
+            let k = addr.masked(*len);
+            map.get(&k).map(|v| (k, *len, v))
         })
     }
 
     fn iter(&self) -> impl Iterator<Item = (K, u8, &T)> + '_ {
-        self.lengths.iter().flat_map(move |&len| {
-            self.by_len[usize::from(len)]
-                .iter()
-                .map(move |(k, v)| (*k, len, v))
-        })
+        self.by_len
+            .iter()
+            .flat_map(|(len, map)| map.iter().map(move |(k, v)| (*k, *len, v)))
     }
 }
 

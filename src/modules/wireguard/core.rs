@@ -54,7 +54,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use boringtun::noise::errors::WireGuardError;
@@ -82,9 +82,12 @@ use crate::core::spine::vnetstack::VnetStack;
 const HANDSHAKE_RATE_LIMIT: u64 = 200;
 /// How often boringtun's timers run while the interface is active.
 const TIMER_TICK: Duration = Duration::from_millis(250);
-/// How often the timer task looks at an idle interface (one whose peers
-/// have no session, no handshake under way and no persistent keepalive).
-const IDLE_TICK: Duration = Duration::from_secs(5);
+/// How long an idle interface (one whose peers have no session, no
+/// handshake under way and no persistent keepalive) rests when no peer's
+/// endpoint is a name to look up again: anything that happens to it wakes
+/// it sooner ([`Wire::wake`]), so this only bounds a rest nothing ends.
+/// (A rest of seconds costs 100,000 idle tenants 20,000 wake-ups a second.)
+const IDLE_REST: Duration = Duration::from_secs(3600);
 /// An interface is active this long after its last datagram or packet:
 /// longer than boringtun keeps a session's keys (3 × REJECT_AFTER_TIME,
 /// 540 s), so every session expires on time.
@@ -166,7 +169,9 @@ pub struct Peer {
     /// timestamp): initiations must be newer than this one until the new
     /// `Tunn` has accepted one of its own.
     replay_floor: Mutex<Option<Tai64n>>,
-    metrics: PeerMetrics,
+    /// Its series, made on first use: 100,000 idle instances of 10 peers
+    /// would otherwise hold 4 million series nobody has anything for.
+    metrics: Arc<OnceLock<PeerMetrics>>,
 }
 
 impl Peer {
@@ -693,10 +698,16 @@ impl Core {
                     .expect("poisoned")
                     .remove(&cfg.public_key.0),
             ),
-            metrics: self
-                .wg_metrics
-                .peer(&self.tenant, &self.instance, &cfg.name),
+            metrics: Arc::default(),
         }
+    }
+
+    /// A peer's series (made now if this is their first use).
+    fn peer_metrics<'p>(&self, peer: &'p Peer) -> &'p PeerMetrics {
+        peer.metrics.get_or_init(|| {
+            self.wg_metrics
+                .peer(&self.tenant, &self.instance, &peer.cfg.name)
+        })
     }
 
     fn table(&self) -> Arc<PeerTable> {
@@ -719,7 +730,7 @@ impl Core {
         match endpoint {
             Some(ep) => {
                 if self.send_to(data, ep) {
-                    peer.metrics.tx_bytes.inc_by(data.len() as u64);
+                    self.peer_metrics(peer).tx_bytes.inc_by(data.len() as u64);
                 } else {
                     self.drop_packet(Some(peer), "send_failed");
                 }
@@ -784,7 +795,7 @@ impl Core {
         if tx.count == 0 {
             tx.to = Some(to);
             tx.segment = datagram.len();
-            tx.tx_bytes = Some(peer.metrics.tx_bytes.clone());
+            tx.tx_bytes = Some(self.peer_metrics(peer).tx_bytes.clone());
         }
         tx.buf.extend_from_slice(datagram);
         tx.count += 1;
@@ -1019,7 +1030,7 @@ impl Core {
 
     /// Records an authenticated packet from `src`: the endpoint roams there.
     fn roam(&self, peer: &Peer, src: SocketAddr, len: usize) {
-        peer.metrics.rx_bytes.inc_by(len as u64);
+        self.peer_metrics(peer).rx_bytes.inc_by(len as u64);
         let mut ep = peer.endpoint.lock().expect("poisoned");
         if *ep != Some(src) {
             if ep.is_some() {
@@ -1117,13 +1128,21 @@ impl Core {
     }
 
     /// When [`Core::tick`] wants to run next: a timer round from now
-    /// while the interface is active, a long rest while it may idle (any
+    /// while the interface is active; while it may idle, when a peer's
+    /// endpoint name is due for another lookup, else a long rest (any
     /// activity calls [`Wire::wake`] to end the rest early).
     pub fn poll_at(&self, now: Instant) -> Instant {
         let rest = self.may_idle(now);
         // Set before the driver waits: a touch from now on wakes the wait.
         self.idle.store(rest, Ordering::Release);
-        now + if rest { IDLE_TICK } else { TIMER_TICK }
+        if !rest {
+            return now + TIMER_TICK;
+        }
+        let names = self
+            .table()
+            .peers()
+            .any(|p| p.cfg.endpoint.as_ref().is_some_and(|e| e.ip().is_none()));
+        now + if names { RERESOLVE_EVERY } else { IDLE_REST }
     }
 
     /// One timer round, at [`Core::poll_at`]: boringtun's timers for every
@@ -1192,13 +1211,15 @@ impl Core {
                 let mut seen = peer.last_handshake_seen.lock().expect("poisoned");
                 if let Some(d) = since {
                     if seen.is_none_or(|prev| d < prev) {
-                        peer.metrics.handshakes.inc();
+                        self.peer_metrics(peer).handshakes.inc();
                         let wall = self.wall(now).checked_sub(d);
                         *peer.last_handshake_at.lock().expect("poisoned") = wall;
                         let at = wall
                             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                             .unwrap_or_default();
-                        peer.metrics.last_handshake.set(at.as_secs() as i64);
+                        self.peer_metrics(peer)
+                            .last_handshake
+                            .set(at.as_secs() as i64);
                         tracing::debug!(tenant = %self.tenant, instance = %self.instance, peer = %peer.cfg.name, "handshake completed");
                     }
                 }

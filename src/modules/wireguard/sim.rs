@@ -990,8 +990,8 @@ fn the_timers_rest_after_ten_quiet_minutes_and_traffic_wakes_them() {
     let t = now();
     assert_eq!(
         hub.dev.poll_at(t),
-        t + Duration::from_secs(5),
-        "ten quiet minutes: resting"
+        t + Duration::from_secs(3600),
+        "ten quiet minutes: resting until woken (no endpoint is a name)"
     );
     let mut buf = vec![0u8; 70_000];
     assert!(hub.dev.tick(t, &mut buf).is_empty());
@@ -1035,6 +1035,11 @@ fn endpoint_names_are_looked_up_when_the_core_asks() {
     assert_eq!(asked[0].name, "hub");
     assert_eq!(asked[0].endpoint.host, "hub.sim.example");
     assert_eq!(asked[0].endpoint.port, 51820);
+    // Idle, it rests until the name is due again (a core whose endpoints
+    // are addresses rests until woken).
+    let t = now();
+    assert_eq!(two.dev.poll_at(t), t + Duration::from_secs(30));
+    assert_eq!(hub.dev.poll_at(t), t + Duration::from_secs(3600));
     // Not again for 30 s.
     advance(Duration::from_secs(29));
     assert!(two.dev.tick(now(), &mut buf).is_empty());

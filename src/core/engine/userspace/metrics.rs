@@ -12,6 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use super::NetStackStats;
@@ -49,14 +50,13 @@ pub struct NetStackMetrics {
     tcp_connections: Family<InstanceLabels, Gauge>,
     tcp_buffer_bytes: Family<InstanceLabels, Gauge>,
     tcp_events: Family<TcpEventLabels, Counter>,
-    /// The stacks reported at each scrape.
-    stacks: Mutex<Vec<Tracked>>,
+    /// The stacks reported at each scrape, by tenant and instance (a map:
+    /// starting 100,000 instances must not scan the ones before).
+    stacks: Mutex<HashMap<(String, String), Tracked>>,
 }
 
 /// A stack and what was last reported of it.
 struct Tracked {
-    tenant: String,
-    instance: String,
     engine: Weak<dyn IpEngine>,
     last: NetStackStats,
 }
@@ -109,7 +109,7 @@ impl Subsystem for NetStackMetrics {
                 "tcp_events",
                 "Loss handling by the userspace stack's TCP: segments retransmitted, retransmission timeouts, tail loss probes, fast recoveries entered",
             ),
-            stacks: Mutex::new(Vec::new()),
+            stacks: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -117,13 +117,15 @@ impl Subsystem for NetStackMetrics {
 impl Refresh for NetStackMetrics {
     fn refresh(&self) {
         let mut stacks = self.stacks.lock().expect("poisoned");
-        stacks.retain_mut(|t| match t.engine.upgrade().and_then(|e| e.stats()) {
-            Some(now) => {
-                self.observe(&t.tenant, &t.instance, &now, &mut t.last);
-                true
-            }
-            None => false,
-        });
+        stacks.retain(
+            |(tenant, instance), t| match t.engine.upgrade().and_then(|e| e.stats()) {
+                Some(now) => {
+                    self.observe(tenant, instance, &now, &mut t.last);
+                    true
+                }
+                None => false,
+            },
+        );
     }
 }
 
@@ -135,14 +137,13 @@ impl NetStackMetrics {
         if engine.stats().is_none() {
             return;
         }
-        let mut stacks = self.stacks.lock().expect("poisoned");
-        stacks.retain(|t| !(t.tenant == tenant && t.instance == instance));
-        stacks.push(Tracked {
-            tenant: tenant.into(),
-            instance: instance.into(),
-            engine: Arc::downgrade(engine),
-            last: NetStackStats::default(),
-        });
+        self.stacks.lock().expect("poisoned").insert(
+            (tenant.into(), instance.into()),
+            Tracked {
+                engine: Arc::downgrade(engine),
+                last: NetStackStats::default(),
+            },
+        );
     }
 
     /// Deletes the series of a stack that is gone.
@@ -150,7 +151,7 @@ impl NetStackMetrics {
         self.stacks
             .lock()
             .expect("poisoned")
-            .retain(|t| !(t.tenant == tenant && t.instance == instance));
+            .remove(&(tenant.to_string(), instance.to_string()));
         let l = InstanceLabels {
             tenant: tenant.into(),
             instance: instance.into(),
