@@ -424,7 +424,7 @@ impl Core {
         now: Instant,
     ) -> Core {
         let private = x25519::StaticSecret::from(*cfg.private_key.as_bytes());
-        let public = x25519::PublicKey::from(&private);
+        let public = x25519::PublicKey::from(cfg.public_key.0);
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
         let forward = cfg.forward.unwrap_or_else(|| has_subnet(&cfg.addresses));
         Core {

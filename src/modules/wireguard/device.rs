@@ -325,7 +325,7 @@ impl Device {
     ) -> Result<Arc<Device>, StartError> {
         let port = cfg.listen_port.unwrap_or(0);
         let (socket, dual_stack, shared) = if cfg.share_port {
-            let public = cfg.private_key.public_key().0;
+            let public = cfg.public_key.0;
             let m = port::join(port, &public, &metrics).map_err(|e| match e {
                 port::ShareError::Bind(source) => StartError::Bind { port, source },
                 port::ShareError::Join(_) => StartError::SameKey { port },

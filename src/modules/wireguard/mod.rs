@@ -585,7 +585,7 @@ impl Inner {
         if req.listen_port.is_some() && req.listen_port == self.device().map(|d| d.listen_port()) {
             req.listen_port = None;
         }
-        let value = uapi::apply_set(&current.value, &req, &cfg.private_key.public_key().0)?;
+        let value = uapi::apply_set(&current.value, &req, &cfg.public_key.0)?;
         if value == current.value {
             tracing::debug!(%tenant, %instance, "`wg set` changes nothing");
             return Ok(());
