@@ -426,10 +426,112 @@ fn tenants_sharing_one_udp_port_never_meet() {
     let show = server.sh("wg show s1-wg0 listen-port");
     assert_eq!(show.trim(), "51820");
 
+    // A flood of junk initiations (random bytes, so no MAC1 matches) from
+    // a third host with 16 addresses, while both tenants' clients go on
+    // and client 1 is made to handshake again. Each flooding address gets
+    // its few scans a second; the rest is refused before any MAC1 check
+    // and counted; client 1's new initiation is routed by its address's
+    // hint, in one check.
+    let x = Netns::new("x");
+    let (_, x_if) = link(&server, "10.231.22.1/24", &x, "10.231.22.2/24");
+    for i in 3..=17 {
+        x.sh(&format!("ip addr add 10.231.22.{i}/24 dev {x_if}"));
+    }
+    let unrouted = |reason: &str| {
+        let (_, body) = server.curl("http://127.0.0.1:9000/metrics", 3);
+        body.lines()
+            .filter(|l| {
+                l.starts_with("meshgate_wg_port_unrouted_datagrams_total{")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let (rate0, nomatch0, hints0) = (
+        unrouted("scan_rate"),
+        unrouted("no_mac1_match"),
+        port("hint_hits_total"),
+    );
+    let flood = x
+        .cmd("python3")
+        .arg("-c")
+        .arg(
+            "import os, socket, time\n\
+             socks = []\n\
+             for i in range(2, 18):\n\
+             \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             \x20   s.bind(('10.231.22.%d' % i, 0)); s.setblocking(False); socks.append(s)\n\
+             n, end = 0, time.time() + 4\n\
+             while time.time() < end:\n\
+             \x20   for s in socks:\n\
+             \x20       try:\n\
+             \x20           s.sendto(b'\\x01\\x00\\x00\\x00' + os.urandom(144), ('10.231.22.1', 51820)); n += 1\n\
+             \x20       except OSError:\n\
+             \x20           pass\n\
+             print(n)\n",
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let server_key = keys[0].public_key().to_string();
+    c1.sh(&format!(
+        "wg set {} peer {server_key} remove",
+        clients[0].iface
+    ));
+    clients[0].add_peer(
+        &c1,
+        &server_key,
+        "endpoint 10.231.20.1:51820 allowed-ips 10.1.0.0/16",
+    );
+    assert_eq!(
+        c1.curl("http://10.1.0.1:8080/", 10),
+        (200, "backend of tenant one\n".into()),
+        "client 1, handshaking during the flood"
+    );
+    assert_eq!(
+        c2.curl("http://10.1.0.1:8080/", 10),
+        (200, "backend of tenant two\n".into()),
+        "client 2, during the flood"
+    );
+    let out = flood.wait_with_output().unwrap();
+    let sent: f64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0.0);
+    let (rate, nomatch) = (
+        unrouted("scan_rate") - rate0,
+        unrouted("no_mac1_match") - nomatch0,
+    );
+    assert!(sent >= 10_000.0, "the flood sent {sent} datagrams");
+    eprintln!("flood: {sent} junk initiations sent, {rate} refused by the per-source scan rate, {nomatch} scanned without a match");
+    let (rate, nomatch) = (
+        unrouted("scan_rate") - rate0,
+        unrouted("no_mac1_match") - nomatch0,
+    );
+    assert!(
+        rate >= 5_000.0,
+        "{rate} of {sent} junk initiations refused by the per-source scan rate\n{}",
+        mg.log_text()
+    );
+    // 16 sources, each 4 scans at once and 2 a second after, over the
+    // flood's 4 s and a margin.
+    assert!(
+        (1.0..=16.0 * (4.0 + 2.0 * 6.0)).contains(&nomatch),
+        "{nomatch} scans found no MAC1 match"
+    );
+    assert!(
+        port("hint_hits_total") > hints0,
+        "client 1 routed by its hint"
+    );
+
     // Client 1 is given tenant two's public key as its server: MAC1 takes
     // its initiation to tenant two, which has no such peer.
     let t2_unknown = r#"meshgate_wg_dropped_packets_total{tenant="s2",instance="wg0",peer="-",reason="unknown_peer"}"#;
     let before = mg.metric(&server, t2_unknown);
+    let t2_conns = r#"meshgate_connections_total{tenant="s2",instance="in"}"#;
+    let conns_before = mg.metric(&server, t2_conns);
+    assert_eq!(conns_before, 2.0, "client 2's two requests");
     clients[0].add_peer(
         &c1,
         &keys[1].public_key().to_string(),
@@ -442,11 +544,8 @@ fn tenants_sharing_one_udp_port_never_meet() {
         "tenant two did not count client 1's initiations"
     );
     assert_eq!(
-        mg.metric(
-            &server,
-            r#"meshgate_connections_total{tenant="s2",instance="in"}"#
-        ),
-        1.0,
+        mg.metric(&server, t2_conns),
+        conns_before,
         "only client 2 ever reached tenant two's backend"
     );
 }
