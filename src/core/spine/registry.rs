@@ -400,22 +400,46 @@ impl Registry {
     /// ([`Registry::refused`]) while every other one runs, as a failed
     /// reload is; only when nothing at all could start are the failures
     /// returned.
-    pub async fn start(&self) -> Result<(), Vec<RegistryError>> {
+    pub async fn start(self: &Arc<Self>) -> Result<(), Vec<RegistryError>> {
         let (plans, errors) = self.read_all().await;
         if !errors.is_empty() {
             return Err(errors);
         }
         let mut tenants = self.tenants.lock().await;
+        // Tenants start apart from each other (nothing of one depends on
+        // another's), so they start on every core, each one's instances in
+        // dependency order; what they share (a shared UDP port, interface
+        // names, metrics) is taken under its own lock. The results are
+        // taken in the tenants' order.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_task = plans.len().div_ceil(cores * 4).max(1);
+        let mut plans = plans.into_iter();
+        let mut tasks = Vec::new();
+        loop {
+            let chunk: Vec<(String, Vec<Planned>)> = plans.by_ref().take(per_task).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let me = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut done = Vec::with_capacity(chunk.len());
+                for (tenant, planned) in chunk {
+                    done.push(me.start_tenant(&tenant, planned).await);
+                }
+                done
+            }));
+        }
         let (mut started, mut failures) = (0usize, Vec::new());
-        for (tenant, planned) in plans {
-            for p in planned {
-                let (key, kind, source) = (p.key.clone(), p.kind.clone(), p.doc.source.clone());
-                match self.launch(&mut tenants, &tenant, p).await {
-                    Ok(()) => started += 1,
-                    Err(e) => {
-                        self.refuse(&key, &kind, &source, &e);
-                        failures.push(e);
-                    }
+        for task in tasks {
+            let done = match task.await {
+                Ok(d) => d,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            };
+            for (entry, n, failed) in done {
+                started += n;
+                failures.extend(failed);
+                if let Some((tenant, entry)) = entry {
+                    tenants.insert(tenant, entry);
                 }
             }
         }
@@ -428,6 +452,44 @@ impl Registry {
         Ok(())
     }
 
+    /// Starts one tenant's planned instances in order: the tenant's entry
+    /// (none if it had no instance), how many started, and why the others
+    /// could not (each refused and reported).
+    async fn start_tenant(
+        &self,
+        tenant: &str,
+        planned: Vec<Planned>,
+    ) -> (Option<(String, TenantEntry)>, usize, Vec<RegistryError>) {
+        if planned.is_empty() {
+            return (None, 0, Vec::new());
+        }
+        let mut entry = self.new_tenant(tenant);
+        let (mut started, mut failures) = (0usize, Vec::new());
+        for p in planned {
+            let (key, kind, source) = (p.key.clone(), p.kind.clone(), p.doc.source.clone());
+            match self.launch_in(&mut entry, tenant, p).await {
+                Ok(()) => started += 1,
+                Err(e) => {
+                    self.refuse(&key, &kind, &source, &e);
+                    failures.push(e);
+                }
+            }
+        }
+        (Some((tenant.to_string(), entry)), started, failures)
+    }
+
+    /// A tenant's entry, before its first instance starts.
+    fn new_tenant(&self, tenant: &str) -> TenantEntry {
+        let t = Tenant::new(tenant);
+        t.vnets
+            .set_default_engine(*self.default_engine.lock().expect("poisoned"));
+        self.flows.set_policies(tenant, t.policy.clone());
+        TenantEntry {
+            tenant: Arc::new(t),
+            instances: BTreeMap::new(),
+        }
+    }
+
     /// Builds, starts and records one instance.
     async fn launch(
         &self,
@@ -435,16 +497,19 @@ impl Registry {
         tenant: &str,
         p: Planned,
     ) -> Result<(), RegistryError> {
-        let entry = tenants.entry(tenant.to_string()).or_insert_with(|| {
-            let t = Tenant::new(tenant);
-            t.vnets
-                .set_default_engine(*self.default_engine.lock().expect("poisoned"));
-            self.flows.set_policies(tenant, t.policy.clone());
-            TenantEntry {
-                tenant: Arc::new(t),
-                instances: BTreeMap::new(),
-            }
-        });
+        let entry = tenants
+            .entry(tenant.to_string())
+            .or_insert_with(|| self.new_tenant(tenant));
+        self.launch_in(entry, tenant, p).await
+    }
+
+    /// Builds, starts and records one instance in `entry`.
+    async fn launch_in(
+        &self,
+        entry: &mut TenantEntry,
+        tenant: &str,
+        p: Planned,
+    ) -> Result<(), RegistryError> {
         for dep in &p.plan.depends_on {
             if !entry.instances.contains_key(dep) {
                 return Err(ConfigError::doc(
@@ -930,6 +995,7 @@ mod tests {
     struct NoopModule {
         name: String,
         log: Arc<std::sync::Mutex<Vec<String>>>,
+        fail_start: bool,
     }
 
     fn value(doc: &Document) -> Result<i64, ConfigError> {
@@ -977,6 +1043,7 @@ mod tests {
             Ok(Arc::new(NoopModule {
                 name: format!("{}/{}", ctx.tenant.name, ctx.instance),
                 log: self.0.clone(),
+                fail_start: doc.value["fail_start"] == true,
             }))
         }
     }
@@ -984,6 +1051,9 @@ mod tests {
     #[async_trait::async_trait]
     impl Module for NoopModule {
         async fn start(&self) -> Result<(), ModuleError> {
+            if self.fail_start {
+                return Err(ModuleError::Runtime("cannot start, on purpose".into()));
+            }
             self.log
                 .lock()
                 .unwrap()
@@ -1012,17 +1082,17 @@ mod tests {
 
     async fn registry() -> (
         Arc<configstore::MemStore>,
-        Registry,
+        Arc<Registry>,
         Arc<std::sync::Mutex<Vec<String>>>,
     ) {
         let store = Arc::new(configstore::MemStore::new());
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let reg = Registry::new(
+        let reg = Arc::new(Registry::new(
             store.clone(),
             vec![Arc::new(Noop(log.clone()))],
             Arc::new(Metrics::new()),
             Arc::new(FlowTable::new(vec![])),
-        );
+        ));
         (store, reg, log)
     }
 
@@ -1059,6 +1129,39 @@ mod tests {
             errors[0].starts_with("memory u/b: interface wg0 is already claimed by memory t/a"),
             "{errors:?}"
         );
+    }
+
+    /// Tenants start on every core: each one's instances still in
+    /// dependency order, one tenant's failure refused and reported alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tenants_start_in_parallel_each_in_dependency_order() {
+        let (store, reg, log) = registry().await;
+        for t in 0..40 {
+            let t = format!("t{t}");
+            store.set(&t, "b", noop(1, &["a"]));
+            let mut a = noop(1, &[]);
+            if t == "t7" {
+                a["fail_start"] = true.into();
+            }
+            store.set(&t, "a", a);
+        }
+        reg.start().await.unwrap();
+        assert!(reg.is_ready());
+        let l = take(&log);
+        let pos = |s: &str| l.iter().position(|x| x == s);
+        for t in (0..40).filter(|t| *t != 7) {
+            let (a, b) = (pos(&format!("start t{t}/a")), pos(&format!("start t{t}/b")));
+            assert!(a.is_some() && a < b, "t{t}: {l:?}");
+        }
+        assert_eq!(l.iter().filter(|x| x.starts_with("start ")).count(), 78);
+        let refused = reg.refused();
+        assert_eq!(
+            refused.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["t7/a", "t7/b"]
+        );
+        assert!(refused[0].1.contains("on purpose"), "{refused:?}");
+        assert!(refused[1].1.contains("depends on `a`"), "{refused:?}");
+        assert_eq!(reg.tenant_names().await.len(), 40);
     }
 
     #[tokio::test]

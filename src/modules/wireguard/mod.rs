@@ -786,12 +786,12 @@ mod tests {
             }),
         );
         let metrics = Arc::new(Metrics::new());
-        let reg = Registry::new(
+        let reg = Arc::new(Registry::new(
             store,
             vec![Arc::new(super::WireGuardFactory)],
             metrics.clone(),
             Arc::new(FlowTable::new(vec![])),
-        );
+        ));
         reg.start().await.unwrap();
         assert!(reg.is_ready());
         let module = reg.find("t", "wg0").unwrap();
@@ -838,7 +838,7 @@ mod tests {
                 "uapi": "off",
             }),
         );
-        let reg = Registry::new(
+        let reg = Arc::new(Registry::new(
             store.clone(),
             vec![
                 Arc::new(super::WireGuardFactory),
@@ -846,7 +846,7 @@ mod tests {
             ],
             Arc::new(Metrics::new()),
             Arc::new(FlowTable::new(vec![])),
-        );
+        ));
         // The vnet starts; the interface is refused, saying why.
         reg.start().await.unwrap();
         let errors: Vec<String> = reg
@@ -868,7 +868,7 @@ mod tests {
             "plain",
             serde_json::json!({"kind": "vnet", "address": "10.70.0.1/24"}),
         );
-        let reg = Registry::new(
+        let reg = Arc::new(Registry::new(
             store,
             vec![
                 Arc::new(super::WireGuardFactory),
@@ -876,7 +876,7 @@ mod tests {
             ],
             Arc::new(Metrics::new()),
             Arc::new(FlowTable::new(vec![])),
-        );
+        ));
         reg.start().await.unwrap();
         let status = reg.find("t", "plain").unwrap().status();
         assert_eq!(status["stack"]["links"], serde_json::json!(["wg0"]));
