@@ -477,25 +477,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reading_the_config_is_not_a_change() {
-        let d = tempfile::tempdir().unwrap();
-        write(d.path(), "tenants/a/web.yaml", "kind: pipe\n");
-        let s = DirStore::open(d.path()).unwrap();
-        let mut w = s.watch().unwrap().unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        for _ in 0..20 {
-            let _ = std::fs::read(d.path().join("tenants/a/web.yaml")).unwrap();
-            let _ = s.get(&InstanceKey::new("a", "web")).await.unwrap();
-        }
-        let quiet = tokio::time::timeout(Duration::from_millis(800), w.events.recv()).await;
-        assert!(quiet.is_err(), "reads were reported as changes: {quiet:?}");
-        // A write still is.
-        write(d.path(), "tenants/a/web.yaml", "kind: pipe\nlisten: 1\n");
-        let ev = tokio::time::timeout(Duration::from_secs(5), w.events.recv()).await;
-        assert!(matches!(ev, Ok(Some(_))), "{ev:?}");
-    }
-
-    #[tokio::test]
     async fn watcher_reports_changes() {
         let d = tempfile::tempdir().unwrap();
         write(d.path(), "tenants/a/web.yaml", "kind: pipe\n");
@@ -523,10 +504,10 @@ mod tests {
             .flatten()
     }
 
-    /// The store's own reads are no events (inotify would report each
-    /// opening: 100,000 of them overflow its queue).
+    /// The store's own reads, and anyone else's, are no change (inotify
+    /// would report each opening: 100,000 of them overflow its queue).
     #[tokio::test]
-    async fn the_stores_own_reads_are_no_events() {
+    async fn reading_the_config_is_not_a_change() {
         let d = tempfile::tempdir().unwrap();
         write(d.path(), "tenants/a/web.yaml", "kind: socks\n");
         let s = DirStore::open(d.path()).unwrap();
@@ -538,7 +519,8 @@ mod tests {
             Some(vec![StoreEvent::Instance(key.clone())]),
             "written"
         );
-        for _ in 0..3 {
+        for _ in 0..20 {
+            let _ = std::fs::read(d.path().join("tenants/a/web.yaml")).unwrap();
             assert_eq!(s.tenants().await.unwrap(), vec!["a".to_string()]);
             assert_eq!(s.instances("a").await.unwrap(), vec!["web".to_string()]);
             assert_eq!(s.get(&key).await.unwrap().unwrap().value["kind"], "pipe");

@@ -333,33 +333,20 @@ impl Registry {
         // Tenants are read and checked apart from each other, so they are
         // read on every core (100,000 tenants: half the start was this);
         // the results are taken in the tenants' order.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per_task = tenants.len().div_ceil(cores * 4).max(1);
-        let tasks: Vec<_> = tenants
-            .chunks(per_task)
-            .map(|chunk| {
-                let (store, kinds, chunk) =
-                    (self.store.clone(), self.factories.clone(), chunk.to_vec());
-                tokio::spawn(async move {
-                    let mut read = Vec::with_capacity(chunk.len());
-                    for tenant in chunk {
-                        let r = kinds.read_tenant(store.as_ref(), &tenant).await;
-                        read.push((tenant, r));
-                    }
-                    read
-                })
-            })
-            .collect();
-        for task in tasks {
-            let read = match task.await {
-                Ok(r) => r,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            };
-            for (tenant, (planned, errs)) in read {
-                errors.extend(errs);
-                for p in &planned {
-                    for c in &p.plan.claims {
-                        match claimed.get(c) {
+        let (store, kinds) = (self.store.clone(), self.factories.clone());
+        let read = on_every_core(tenants, move |tenant| {
+            let (store, kinds) = (store.clone(), kinds.clone());
+            async move {
+                let r = kinds.read_tenant(store.as_ref(), &tenant).await;
+                (tenant, r)
+            }
+        })
+        .await;
+        for (tenant, (planned, errs)) in read {
+            errors.extend(errs);
+            for p in &planned {
+                for c in &p.plan.claims {
+                    match claimed.get(c) {
                             Some(first) => errors.push(
                                 ConfigError::doc(
                                     &p.doc.source,
@@ -371,19 +358,18 @@ impl Registry {
                                 claimed.insert(c.clone(), p.doc.source.clone());
                             }
                         }
-                    }
                 }
-                match start_order(&planned) {
-                    Ok(order) => {
-                        let mut by_name: BTreeMap<String, Planned> = planned
-                            .into_iter()
-                            .map(|p| (p.key.instance.clone(), p))
-                            .collect();
-                        let ordered = order.iter().filter_map(|n| by_name.remove(n)).collect();
-                        out.insert(tenant, ordered);
-                    }
-                    Err(e) => errors.push(e.into()),
+            }
+            match start_order(&planned) {
+                Ok(order) => {
+                    let mut by_name: BTreeMap<String, Planned> = planned
+                        .into_iter()
+                        .map(|p| (p.key.instance.clone(), p))
+                        .collect();
+                    let ordered = order.iter().filter_map(|n| by_name.remove(n)).collect();
+                    out.insert(tenant, ordered);
                 }
+                Err(e) => errors.push(e.into()),
             }
         }
         (out, errors)
@@ -411,36 +397,18 @@ impl Registry {
         // dependency order; what they share (a shared UDP port, interface
         // names, metrics) is taken under its own lock. The results are
         // taken in the tenants' order.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per_task = plans.len().div_ceil(cores * 4).max(1);
-        let mut plans = plans.into_iter();
-        let mut tasks = Vec::new();
-        loop {
-            let chunk: Vec<(String, Vec<Planned>)> = plans.by_ref().take(per_task).collect();
-            if chunk.is_empty() {
-                break;
-            }
-            let me = self.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut done = Vec::with_capacity(chunk.len());
-                for (tenant, planned) in chunk {
-                    done.push(me.start_tenant(&tenant, planned).await);
-                }
-                done
-            }));
-        }
+        let me = self.clone();
+        let done = on_every_core(plans.into_iter().collect(), move |(tenant, planned)| {
+            let me = me.clone();
+            async move { me.start_tenant(&tenant, planned).await }
+        })
+        .await;
         let (mut started, mut failures) = (0usize, Vec::new());
-        for task in tasks {
-            let done = match task.await {
-                Ok(d) => d,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            };
-            for (entry, n, failed) in done {
-                started += n;
-                failures.extend(failed);
-                if let Some((tenant, entry)) = entry {
-                    tenants.insert(tenant, entry);
-                }
+        for (entry, n, failed) in done {
+            started += n;
+            failures.extend(failed);
+            if let Some((tenant, entry)) = entry {
+                tenants.insert(tenant, entry);
             }
         }
         drop(tenants);
@@ -903,6 +871,44 @@ fn check_needs(planned: &[Planned]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// Runs `each` over `items` on every core of the runtime: the items in a
+/// few chunks, each chunk in order on a task of its own. The results come
+/// in the items' order; a panic in one goes on in the caller.
+async fn on_every_core<I, R, F, Fut>(items: Vec<I>, each: F) -> Vec<R>
+where
+    I: Send + 'static,
+    R: Send + 'static,
+    F: Fn(I) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = R> + Send,
+{
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_task = items.len().div_ceil(cores * 4).max(1);
+    let mut items = items.into_iter();
+    let mut tasks = Vec::new();
+    loop {
+        let chunk: Vec<I> = items.by_ref().take(per_task).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        let each = each.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = Vec::with_capacity(chunk.len());
+            for item in chunk {
+                done.push(each(item).await);
+            }
+            done
+        }));
+    }
+    let mut out = Vec::new();
+    for task in tasks {
+        match task.await {
+            Ok(done) => out.extend(done),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    out
 }
 
 /// Start order of one tenant's checked documents; missing or circular
