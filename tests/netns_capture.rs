@@ -181,15 +181,16 @@ fn redirect_and_tproxy_steer_unconfigured_clients_through_meshgate() {
     assert_eq!(app1.curl("http://10.240.9.2/", 2).0, 0);
 
     // The TPROXY door's UDP socket goes with its listener: held while it
-    // listens on 15002, free once a reload moves it to 15003.
-    let bind_udp = |port: u16| {
-        let out = gw.try_sh(&format!(
-            "python3 -c \"import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ntry:\n s.bind(('0.0.0.0',{port}))\n print('bound')\nexcept OSError as e:\n print('busy', e)\""
-        ));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    // listens on 15002, free once a reload moves it to 15003. Whether a
+    // port is held is read with `ss` (binding it to find out would take
+    // the port the reload is about to bind).
+    let udp_held = |port: u16| {
+        !gw.sh(&format!("ss -Huln 'sport = :{port}'"))
+            .trim()
+            .is_empty()
     };
     assert!(
-        bind_udp(15002).starts_with("busy"),
+        udp_held(15002) && !udp_held(15003),
         "the door holds UDP 15002"
     );
     std::fs::write(
@@ -198,12 +199,15 @@ fn redirect_and_tproxy_steer_unconfigured_clients_through_meshgate() {
     )
     .unwrap();
     assert!(
-        wait_until(Duration::from_secs(5), || bind_udp(15003)
-            .starts_with("busy")),
+        wait_until(Duration::from_secs(5), || udp_held(15003)),
         "moved to 15003\n{}",
         mg.log_text()
     );
-    assert_eq!(bind_udp(15002), "bound", "UDP 15002 let go");
+    assert!(!udp_held(15002), "UDP 15002 let go");
+    let bound = gw.sh(
+        "python3 -c \"import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',15002))\nprint('bound')\"",
+    );
+    assert_eq!(bound.trim(), "bound", "UDP 15002 can be bound again");
 }
 
 #[test]
