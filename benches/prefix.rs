@@ -39,7 +39,7 @@ fn main() {
     let nets: Vec<IpNet> = (0..n)
         .map(|_| {
             let r = rng.next();
-            if r % 4 != 0 {
+            if !r.is_multiple_of(4) {
                 let len = [16, 20, 22, 24, 24, 24, 28, 32, 32, 32][(r >> 8) as usize % 10];
                 let a = Ipv4Addr::from(0x0a00_0000 | (rng.next() as u32 & 0x00ff_ffff));
                 IpNet::V4(Ipv4Net::new(a, len).unwrap().trunc())
@@ -62,7 +62,7 @@ fn main() {
                     )),
                     IpNet::V6(v) => IpAddr::V6(v.network()),
                 }
-            } else if r % 4 != 0 {
+            } else if !r.is_multiple_of(4) {
                 IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (r as u32 & 0x00ff_ffff)))
             } else {
                 IpAddr::V6(Ipv6Addr::from((0xfd00u128 << 112) | u128::from(r) << 32))

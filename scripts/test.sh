@@ -29,6 +29,8 @@ declare -A PACKAGES=(
   [ssh]=openssh-client
   [ssh-keygen]=openssh-client
   [sshd]=openssh-server
+  # The h2 door's second client (its built-in http2 module).
+  [node]=nodejs
   # ring and aws-lc-sys (russh's crypto) compile C.
   [cc]=build-essential
 )
@@ -49,6 +51,19 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The h2 door's first client: pycurl from PyPI, whose wheel brings libcurl 8
+# with nghttp2 (HTTPS2 proxies; Debian's libcurl is older), into
+# target/pydeps, where tests/h2.rs looks for it.
+if ! PYTHONPATH=target/pydeps python3 -c 'import pycurl' >/dev/null 2>&1; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO=sudo
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  echo "installing pycurl into target/pydeps"
+  python3 -m pip install --quiet --disable-pip-version-check --target target/pydeps pycurl
 fi
 
 if command -v rustup >/dev/null 2>&1; then
@@ -89,7 +104,7 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-20}
 if ((status == 0)) && ((FUZZ_SECONDS > 0)) && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked >/dev/null 2>&1
   flog="$(mktemp)"
-  for target in wg_datagram uapi_parse config_documents ip_packets tcp_segments socks proxy_protocol http_proxy authorized_keys policy; do
+  for target in wg_datagram uapi_parse config_documents ip_packets tcp_segments socks proxy_protocol http_proxy h2_request authorized_keys policy; do
     echo "== cargo fuzz run $target (${FUZZ_SECONDS}s)"
     set +e
     # New inputs go to fuzz/corpus/TARGET (not kept); the checked-in seeds

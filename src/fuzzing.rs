@@ -28,6 +28,7 @@ pub type Target = fn(&[u8]);
 pub const TARGETS: &[(&str, Target)] = &[
     ("authorized_keys", authorized_keys),
     ("config_documents", config_documents),
+    ("h2_request", h2_request),
     ("http_proxy", http_proxy),
     ("ip_packets", ip_packets),
     ("policy", policy),
@@ -72,6 +73,35 @@ pub fn config_documents(data: &[u8]) {
 pub fn http_proxy(data: &[u8]) {
     if let Some((user, _password)) = crate::modules::http_proxy::parse_basic(data) {
         assert!(!user.contains(':'));
+    }
+}
+
+/// The h2 door's own reading of a CONNECT request (HTTP/2 framing and
+/// header decoding are the `h2` crate's, bounded by the door's limits):
+/// the first line as the `:authority`, then as a `Forwarded` value, the
+/// rest as `traceparent` (the second line) and `baggage` values. Never
+/// panics; what is kept is within its limits.
+pub fn h2_request(data: &[u8]) {
+    use crate::core::spine::flow::Trace;
+    use crate::core::spine::onramp::http::connect_target;
+    let lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+    let first = lines.first().copied().unwrap_or_default();
+    if let Ok(a) = hyper::http::uri::Authority::try_from(first) {
+        if let Some(t) = connect_target(Some(&a)) {
+            assert!(!t.host.is_empty() && t.port.to_string().len() <= 5);
+        }
+    }
+    let _ = crate::modules::h2::parse_forwarded(first);
+    if let Some(t) = Trace::parse(
+        lines.iter().skip(1).take(1).copied(),
+        lines.iter().skip(2).copied(),
+    ) {
+        if let Some(tp) = &t.traceparent {
+            assert!(tp.len() >= 55 && tp.len() <= 256);
+        }
+        if let Some(b) = &t.baggage {
+            assert!(b.len() <= Trace::MAX_BAGGAGE);
+        }
     }
 }
 

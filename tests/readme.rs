@@ -382,6 +382,28 @@ fn write_secret(path: &Path, text: &str) {
 fn make_files(v: &Value, root: &Path, doc: &Doc) {
     match v {
         Value::Mapping(m) => {
+            // TLS files (`kind: h2`): a certificate and its key, a CA.
+            let path_of = |k: &str| match m.get(k) {
+                Some(Value::String(p))
+                    if Path::new(p).starts_with(root) && !Path::new(p).exists() =>
+                {
+                    Some(PathBuf::from(p))
+                }
+                _ => None,
+            };
+            if let (Some(cert), Some(key)) = (path_of("tls_cert"), path_of("tls_key")) {
+                let pair = rcgen::generate_simple_self_signed(vec!["gw.example".into()]).unwrap();
+                write_secret(&cert, &pair.cert.pem());
+                write_secret(&key, &pair.key_pair.serialize_pem());
+            }
+            for k in ["client_ca", "ca"] {
+                if let Some(ca) = path_of(k) {
+                    let key = rcgen::KeyPair::generate().unwrap();
+                    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+                    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+                    write_secret(&ca, &p.self_signed(&key).unwrap().pem());
+                }
+            }
             for (k, val) in m {
                 if let (Some(k), Value::String(path)) = (k.as_str(), val) {
                     if k.ends_with("_file") {

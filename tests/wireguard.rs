@@ -440,7 +440,7 @@ fn inner_packets_far_over_the_mtu_cost_no_memory() {
             peer.send_ip(&big);
             sent += 1;
         }
-        if sent % 4096 == 0 {
+        if sent.is_multiple_of(4096) {
             peak = peak.max(rss(mg.pid()));
         }
     }

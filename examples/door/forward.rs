@@ -64,6 +64,7 @@ impl StreamHandler for Forward {
             client_dst: conn.dst,
             proxy_protocol: None,
             chosen_by: ChosenBy::Operator,
+            trace: None,
         };
         onramp.connect(client, req).await;
     }

@@ -278,6 +278,59 @@ pub fn parse_addresses(
         .collect()
 }
 
+/// A size in bytes: a number, or a number with `KiB`, `MiB` or `GiB`
+/// (`4MiB`, `64 KiB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `4MiB`, `64 KiB`, `512`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (n, unit) = t.split_at(split);
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("`{s}`: expected a size such as 4MiB, 64KiB or 16384"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            u => return Err(format!("`{s}`: unit `{u}` is not one of B, KiB, MiB, GiB")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Number(n) => n.as_u64().map(ByteSize).ok_or_else(|| {
+                serde::de::Error::custom(format!("{n}: expected a size in bytes, or 4MiB"))
+            }),
+            serde_json::Value::String(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+            v => Err(serde::de::Error::custom(format!(
+                "{v}: expected a size such as 4MiB"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        match n {
+            _ if n >= 1 << 30 && n.is_multiple_of(1 << 30) => write!(f, "{}GiB", n >> 30),
+            _ if n >= 1 << 20 && n.is_multiple_of(1 << 20) => write!(f, "{}MiB", n >> 20),
+            _ if n >= 1 << 10 && n.is_multiple_of(1 << 10) => write!(f, "{}KiB", n >> 10),
+            _ => write!(f, "{n}"),
+        }
+    }
+}
+
 /// A duration key that must be longer than zero.
 pub fn positive(src: &str, key: &str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {
@@ -405,6 +458,20 @@ impl NodeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(ByteSize::parse("4MiB"), Ok(ByteSize(4 << 20)));
+        assert_eq!(ByteSize::parse(" 64 KiB"), Ok(ByteSize(64 << 10)));
+        assert_eq!(ByteSize::parse("16384"), Ok(ByteSize(16384)));
+        assert!(ByteSize::parse("4MB").unwrap_err().contains("unit `MB`"));
+        assert!(ByteSize::parse("MiB").is_err());
+        assert!(ByteSize::parse("99999999999999GiB").is_err());
+        assert_eq!(ByteSize(16 << 20).to_string(), "16MiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000");
+        let v: ByteSize = serde_json::from_value(serde_json::json!(65536)).unwrap();
+        assert_eq!(v, ByteSize(65536));
+    }
     use serde_json::json;
 
     #[derive(Debug, Deserialize)]

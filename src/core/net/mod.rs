@@ -21,3 +21,4 @@ pub mod proxy_protocol;
 pub mod resolve;
 #[allow(unsafe_code)]
 mod sys;
+pub mod tls;

@@ -178,6 +178,7 @@ impl Admin {
             protocol,
             kind: kind.clone(),
             dialed,
+            trace: None,
         };
         let route = match t.vnets.route(None, &target) {
             Ok(d) => d.describe(),

@@ -100,6 +100,10 @@ pub struct AuditRecord {
     pub end: &'static str,
     /// What refused it, when `end` is `forbidden` (`loopback`, `admin`, ...).
     pub forbidden: Option<&'static str>,
+    /// The W3C `traceparent` the client sent (HTTP/2 CONNECT), if well-formed.
+    pub traceparent: Option<String>,
+    /// The W3C `baggage` the client sent, if well-formed and short.
+    pub baggage: Option<String>,
 }
 
 impl AuditRecord {
@@ -149,6 +153,8 @@ impl AuditRecord {
                 crate::core::spine::flow::EndReason::Forbidden(w) => Some(w.as_str()),
                 _ => None,
             },
+            traceparent: flow.ctx.trace.as_ref().and_then(|t| t.traceparent.clone()),
+            baggage: flow.ctx.trace.as_ref().and_then(|t| t.baggage.clone()),
         }
     }
 }

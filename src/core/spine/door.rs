@@ -410,6 +410,10 @@ pub trait Door: StreamHandler + Sized {
     /// A reload put `config` in force: end what it no longer admits (an
     /// SSH key taken out of `authorized_keys`). Default: nothing.
     fn reloaded(&self, _config: &Self::Config) {}
+    /// The door is draining: its listener is closed; tell open connections
+    /// that can hear it to finish (HTTP/2 GOAWAY). Default: nothing (they
+    /// run until they end, or until stop).
+    fn draining(&self) {}
 }
 
 /// A door as a module: `D` handles the connections, this does the rest.
@@ -517,6 +521,7 @@ impl<D: Door> Module for DoorModule<D> {
 
     async fn drain(&self) {
         self.listener.close().await;
+        self.door.draining();
     }
 
     async fn stop(&self) {

@@ -184,6 +184,7 @@ impl IpFlows {
                     protocol: p.protocol,
                     kind: "wireguard".into(),
                     dialed: Some(SocketAddr::new(p.dst.0, p.dst.1)),
+                    trace: None,
                 },
                 &self.metrics,
             );

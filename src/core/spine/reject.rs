@@ -42,6 +42,9 @@ reasons! {
     HandshakeTimeout => "handshake_timeout",
     /// An SSH session ended before authenticating.
     Unauthenticated => "unauthenticated",
+    /// A TLS handshake that failed: no or an untrusted client certificate
+    /// where one is required, no protocol in common, not TLS.
+    TlsHandshake => "tls_handshake",
     // Authentication.
     /// No credentials where the door requires them (HTTP 407).
     AuthRequired => "auth_required",
@@ -51,6 +54,8 @@ reasons! {
     UnknownUser => "unknown_user",
     /// A known user with the wrong password.
     BadPassword => "bad_password",
+    /// No identity where the door requires one (HTTP/2 CONNECT: 401).
+    IdentityRequired => "identity_required",
     /// A user asking for a vnet it may not use.
     VnetNotAllowed => "vnet_not_allowed",
     /// SSH password authentication (never accepted).

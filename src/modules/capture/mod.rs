@@ -149,6 +149,7 @@ impl StreamHandler for Capture {
             client_dst: Some(orig),
             proxy_protocol: None,
             chosen_by: crate::core::spine::dest::ChosenBy::Client,
+            trace: None,
         };
         onramp.connect(client, req).await;
     }

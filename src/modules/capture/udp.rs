@@ -140,6 +140,7 @@ async fn session(
         protocol: Protocol::Udp,
         kind: ctx.kind.clone(),
         dialed: Some(upstream.remote),
+        trace: None,
     };
     onramp
         .relay_datagrams(flow, upstream, reply, src, rx, UDP_IDLE)

@@ -27,9 +27,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use base64::Engine as _;
-use bytes::Bytes;
 use configstore::Document;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, HOST};
 use hyper::{Method, Request, Response, StatusCode};
@@ -39,18 +38,16 @@ use tokio::sync::oneshot;
 use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
 use crate::core::logs;
-use crate::core::net::dial::DialFailure;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
+use crate::core::spine::onramp::http::{self, text, Body, Client, Handover};
 use crate::core::spine::onramp::{
-    Accepted, Answer, ConnectRequest, OnRamp, RouteVia, StreamHandler, Target,
+    Accepted, ConnectRequest, OnRamp, RouteVia, StreamHandler, Target,
 };
 use crate::core::spine::reject::RejectReason;
 
 pub use config::HttpProxyConfig;
-
-type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The largest request head (request line and headers) read.
 const MAX_HEAD: usize = 64 * 1024;
@@ -67,74 +64,6 @@ pub struct HttpDoor {
     /// Connections whose first request head has not arrived
     /// (`max_startups`).
     startups: Arc<crate::core::spine::startups::Startups>,
-}
-
-fn text(status: StatusCode, reason: Option<&str>, body: String) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(body + "\n"))
-            .map_err(|n| match n {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert("content-type", HeaderValue::from_static("text/plain"));
-    if let Some(reason) = reason.and_then(|r| HeaderValue::from_str(r).ok()) {
-        r.headers_mut().insert("x-meshgate-reason", reason);
-    }
-    r
-}
-
-/// The status for a flow that ended before relaying.
-fn status_for(reason: EndReason) -> StatusCode {
-    match reason {
-        EndReason::Denied
-        | EndReason::Rejected
-        | EndReason::NoRoute
-        | EndReason::Forbidden(_)
-        | EndReason::PolicyRevoked => StatusCode::FORBIDDEN,
-        EndReason::DialFailed(DialFailure::Timeout) => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::BAD_GATEWAY,
-    }
-}
-
-/// The client side of a proxied flow: reports the outcome to the request
-/// handler, then hands over the stream to relay (the upgraded connection
-/// of a CONNECT, or the near end of a forwarded exchange's pipe).
-struct Handover {
-    outcome: oneshot::Sender<Result<(), EndReason>>,
-    client: Client,
-}
-
-enum Client {
-    Upgrade(hyper::upgrade::OnUpgrade),
-    Pipe(tokio::io::DuplexStream),
-}
-
-#[async_trait]
-impl Answer for Handover {
-    async fn answer(
-        self: Box<Self>,
-        outcome: Result<Option<SocketAddr>, EndReason>,
-    ) -> Option<Stream> {
-        let ok = outcome.is_ok();
-        let _ = self.outcome.send(outcome.map(|_| ()));
-        if !ok {
-            return None;
-        }
-        match self.client {
-            Client::Upgrade(up) => {
-                let up = up.await.ok()?;
-                // The connection hyper served is our own stream: take it
-                // back (with anything hyper read past the request), so a
-                // kernel socket keeps the splice fast path.
-                Some(match up.downcast::<TokioIo<Stream>>() {
-                    Ok(parts) => parts.io.into_inner().prepend(parts.read_buf.to_vec()),
-                    Err(up) => Stream::io(TokioIo::new(up)),
-                })
-            }
-            Client::Pipe(p) => Some(Stream::io(p)),
-        }
-    }
 }
 
 /// A `Proxy-Authorization: Basic` value: the user name and password, or
@@ -172,6 +101,11 @@ fn authenticate(
         .authenticate(&user, &password, cfg.door.vnet.as_deref())
         .map(|(who, vnet)| (Some(who), vnet))
         .map_err(|_| RejectReason::AuthFailed)
+}
+
+/// The status for a flow that ended before relaying (a failed dial: 502).
+fn status_for(reason: EndReason) -> StatusCode {
+    http::status_for(reason, StatusCode::BAD_GATEWAY)
 }
 
 /// Headers that concern one hop, not the end to end exchange.
@@ -223,6 +157,7 @@ impl Exchange {
             client_dst: self.dst,
             proxy_protocol: None,
             chosen_by: crate::core::spine::dest::ChosenBy::Client,
+            trace: None,
         };
         let onramp = self.onramp.clone();
         self.onramp.spawn(async move {
@@ -256,12 +191,7 @@ impl Exchange {
             }
         };
         if req.method() == Method::CONNECT {
-            let Some(target) = req.uri().authority().and_then(|a| {
-                Some(HostPort {
-                    host: a.host().trim_matches(['[', ']']).to_string(),
-                    port: a.port_u16()?,
-                })
-            }) else {
+            let Some(target) = http::connect_target(req.uri().authority()) else {
                 return Ok(self.refuse(
                     RejectReason::BadRequest,
                     StatusCode::BAD_REQUEST,
@@ -274,9 +204,7 @@ impl Exchange {
                     .open(target.clone(), identity, vnet, Client::Upgrade(upgrade))
                     .await
                 {
-                    Ok(()) => {
-                        Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed())
-                    }
+                    Ok(()) => http::empty(StatusCode::OK),
                     Err(reason) => text(
                         status_for(reason),
                         Some(reason.as_str()),
@@ -467,19 +395,5 @@ mod tests {
         assert_eq!(parse_basic(&[0xff, 0xfe]), None);
         let no_colon = base64::engine::general_purpose::STANDARD.encode("alice");
         assert_eq!(parse_basic(format!("Basic {no_colon}").as_bytes()), None);
-    }
-
-    #[test]
-    fn statuses_for_flow_ends() {
-        assert_eq!(status_for(EndReason::Denied), StatusCode::FORBIDDEN);
-        assert_eq!(status_for(EndReason::NoRoute), StatusCode::FORBIDDEN);
-        assert_eq!(
-            status_for(EndReason::DialFailed(DialFailure::Timeout)),
-            StatusCode::GATEWAY_TIMEOUT
-        );
-        assert_eq!(
-            status_for(EndReason::DialFailed(DialFailure::Refused)),
-            StatusCode::BAD_GATEWAY
-        );
     }
 }

@@ -182,6 +182,7 @@ impl StreamHandler for Pipe {
             },
             proxy_protocol: cfg.proxy_protocol,
             chosen_by: crate::core::spine::dest::ChosenBy::Operator,
+            trace: None,
         };
         onramp.connect(client, req).await;
     }

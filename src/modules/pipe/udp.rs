@@ -205,6 +205,7 @@ async fn run_session(
         protocol: Protocol::Udp,
         kind: shared.onramp.ctx().kind.clone(),
         dialed: Some(upstream.remote),
+        trace: None,
     };
     // The config the session opened with: a reload to TCP cannot take its
     // idle timeout away.

@@ -377,6 +377,7 @@ impl StreamHandler for SocksDoor {
                     client_dst: conn.dst,
                     proxy_protocol: None,
                     chosen_by: crate::core::spine::dest::ChosenBy::Client,
+                    trace: None,
                 };
                 // Bytes the client sent right after its request (optimistic
                 // data) go upstream first.

@@ -146,6 +146,7 @@ impl Assoc<'_> {
                 protocol: Protocol::Udp,
                 kind: ctx.kind.clone(),
                 dialed,
+                trace: None,
             },
             route,
             &ctx.instance_metrics,

@@ -486,6 +486,7 @@ impl Link {
             proxy_protocol: None,
             // The link's own forward (`to:`), from the operator's file.
             chosen_by: crate::core::spine::dest::ChosenBy::Operator,
+            trace: None,
         };
         super::connect_channel(&self.onramp, req, channel, reply, None);
     }

@@ -897,6 +897,7 @@ impl russh::server::Handler for Conn {
             client_dst: None,
             proxy_protocol: None,
             chosen_by: ChosenBy::Client,
+            trace: None,
         };
         connect_channel(&self.onramp, req, channel, reply, release);
         Ok(())
@@ -975,6 +976,7 @@ impl StreamHandler for Reverse {
                 protocol: Protocol::Tcp,
                 kind: ctx.kind.clone(),
                 dialed: None,
+                trace: None,
             },
             Some(format!("the SSH session of {}", self.identity)),
             &ctx.instance_metrics,

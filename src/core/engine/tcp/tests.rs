@@ -256,7 +256,11 @@ fn any_path_delivers_every_byte_in_order() {
         spec.duplicate = rng.unit() * 0.05;
         spec.queue = 8192 + (rng.next() % (256 * 1024)) as usize;
         let buffer = 8192 + (rng.next() % (1 << 20)) as usize;
-        let cc = if rng.next() % 2 == 0 { Bbr } else { Cubic };
+        let cc = if rng.next().is_multiple_of(2) {
+            Bbr
+        } else {
+            Cubic
+        };
         let total = 50_000 + (rng.next() % 500_000) as usize;
         let mut p = Pair::connect(spec, config(buffer, cc), rng.next());
         let what = format!("case {case}: {spec:?}, buffer {buffer}, {cc:?}, {total} bytes");

@@ -25,7 +25,8 @@
 //!
 //! The folder holds one concern per file: [`listen`] (accepting),
 //! [`stream`] (the stream path), [`datagram`] (the datagram path) and
-//! [`decide`] (routing and resolution, with a typed result).
+//! [`decide`] (routing and resolution, with a typed result); [`http`] holds
+//! what the HTTP doors share.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use crate::core::spine::reject::RejectReason;
 
 mod datagram;
 mod decide;
+pub mod http;
 mod listen;
 mod stream;
 

@@ -5,6 +5,7 @@
 //! typed end.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,7 +16,7 @@ use crate::core::net::dial::DialFailure;
 use crate::core::net::proxy::{self, ProxyOptions, Stream};
 use crate::core::net::proxy_protocol;
 use crate::core::spine::dest::ChosenBy;
-use crate::core::spine::flow::{EndReason, FlowContext, Protocol, Verdict};
+use crate::core::spine::flow::{EndReason, FlowContext, Protocol, Trace, Verdict};
 
 use super::decide::{Plan, Refusal, RouteVia};
 use super::OnRamp;
@@ -60,6 +61,9 @@ pub struct ConnectRequest {
     /// Who chose `target`: a door's client is held to the safe defaults
     /// ([`crate::core::spine::dest`]); the operator's config is trusted.
     pub chosen_by: ChosenBy,
+    /// The W3C trace context the client sent (`traceparent`, `baggage`),
+    /// for the audit record.
+    pub trace: Option<Arc<Trace>>,
 }
 
 /// The client side of a connection for [`OnRamp::connect_answering`]: it
@@ -137,6 +141,7 @@ impl OnRamp {
             protocol: Protocol::Tcp,
             kind: ctx.kind.clone(),
             dialed: None,
+            trace: req.trace.clone(),
         };
         let routed: Result<Plan, Refusal> = match &req.target {
             Target::Unknown { error, .. } => Err(Refusal::Unknown(error.clone())),

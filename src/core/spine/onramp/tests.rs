@@ -113,6 +113,7 @@ async fn a_hook_denies_by_identity_counted_and_audited_with_the_route() {
         client_dst: None,
         proxy_protocol: None,
         chosen_by: ChosenBy::Operator,
+        trace: None,
     };
 
     let (_c, client, _) = client_pair().await;
@@ -208,6 +209,7 @@ async fn refusals_end_typed_and_are_counted() {
             client_dst: None,
             proxy_protocol: None,
             chosen_by: ChosenBy::Client,
+            trace: None,
         };
         assert_eq!(onramp.connect(client, req).await, end, "{target}");
     }
@@ -222,6 +224,7 @@ async fn refusals_end_typed_and_are_counted() {
         client_dst: None,
         proxy_protocol: None,
         chosen_by: ChosenBy::Client,
+        trace: None,
     };
     assert_eq!(onramp.connect(client, req).await, EndReason::NoRoute);
     let text = metrics.encode();
@@ -317,6 +320,7 @@ async fn names_resolve_by_the_vnets_dns_server_never_the_host() {
         client_dst: None,
         proxy_protocol: None,
         chosen_by: ChosenBy::Client,
+        trace: None,
     };
     let (mut c, client, _) = client_pair().await;
     let run = tokio::spawn({

@@ -1,0 +1,821 @@
+//! The h2 door (HTTP/2 CONNECT over TLS 1.3, HBONE) in process, with
+//! certificates made here: hyper as the client for every status and
+//! refusal, the client certificate's identity and the trace context in the
+//! audit record, `Forwarded` believed only from a trusted gateway, GOAWAY on
+//! drain while an open tunnel carries on; then clients we did not write:
+//! pycurl (libcurl with nghttp2, proxy type HTTPS2) and Node's `http2`.
+
+mod common;
+
+use common::free_port;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use configstore::MemStore;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use meshgate::core::node::Node;
+use meshgate::core::spine::audit::AuditRecord;
+use meshgate::core::spine::flow::{Flow, FlowEnd, FlowObserver, Verdict};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A CA and the certificates it issued, as PEM files in a directory.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+const ALICE: &str = "spiffe://example.org/ns/default/sa/alice";
+const GATEWAY: &str = "spiffe://example.org/ns/mesh/sa/gateway";
+const MALLORY: &str = "spiffe://example.org/ns/default/sa/mallory";
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki { dir };
+        let (ca, ca_key) = pki.ca("ca");
+        pki.leaf(
+            "server",
+            &ca,
+            &ca_key,
+            vec![
+                rcgen::SanType::DnsName("gw.test".try_into().unwrap()),
+                rcgen::SanType::DnsName("localhost".try_into().unwrap()),
+                rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()),
+            ],
+            None,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        for (name, uri) in [("alice", ALICE), ("gateway", GATEWAY), ("mallory", MALLORY)] {
+            pki.leaf(
+                name,
+                &ca,
+                &ca_key,
+                vec![
+                    rcgen::SanType::URI(uri.try_into().unwrap()),
+                    rcgen::SanType::DnsName(format!("{name}.client.test").try_into().unwrap()),
+                ],
+                Some(name),
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            );
+        }
+        // A client certificate that names nothing the door takes with
+        // `identity_from: [spiffe]`.
+        pki.leaf(
+            "nameless",
+            &ca,
+            &ca_key,
+            vec![rcgen::SanType::DnsName("nameless.test".try_into().unwrap())],
+            None,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        // The same name from another CA.
+        let (other, other_key) = pki.ca("other-ca");
+        pki.leaf(
+            "impostor",
+            &other,
+            &other_key,
+            vec![rcgen::SanType::URI(ALICE.try_into().unwrap())],
+            Some("alice"),
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        pki
+    }
+
+    fn ca(&self, name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("meshgate test {name}"));
+        let cert = p.self_signed(&key).unwrap();
+        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
+        (cert, key)
+    }
+
+    fn leaf(
+        &self,
+        name: &str,
+        ca: &rcgen::Certificate,
+        ca_key: &rcgen::KeyPair,
+        sans: Vec<rcgen::SanType>,
+        cn: Option<&str>,
+        usage: rcgen::ExtendedKeyUsagePurpose,
+    ) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = sans;
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        }
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, ca, ca_key).unwrap();
+        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
+        let key_path = self.path(&format!("{name}.key"));
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    fn s(&self, file: &str) -> String {
+        self.path(file).display().to_string()
+    }
+
+    /// A TLS client trusting the CA, with `who`'s certificate (if any).
+    fn client(&self, who: Option<&str>) -> rustls::ClientConfig {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(self.path("ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let b = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut cfg = match who {
+            None => b.with_no_client_auth(),
+            Some(w) => b
+                .with_client_auth_cert(
+                    CertificateDer::pem_file_iter(self.path(&format!("{w}.pem")))
+                        .unwrap()
+                        .map(|c| c.unwrap())
+                        .collect(),
+                    PrivateKeyDer::from_pem_file(self.path(&format!("{w}.key"))).unwrap(),
+                )
+                .unwrap(),
+        };
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        cfg
+    }
+}
+
+/// Records every flow's audit record.
+#[derive(Default)]
+struct Audit(Mutex<Vec<serde_json::Value>>);
+
+impl FlowObserver for Audit {
+    fn on_start(&self, _flow: &Flow) -> Verdict {
+        Verdict::Allow
+    }
+    fn on_end(&self, flow: &Flow, end: &FlowEnd) {
+        let r = AuditRecord::new(flow, end, flow.decision());
+        self.0
+            .lock()
+            .unwrap()
+            .push(serde_json::to_value(r).unwrap());
+    }
+}
+
+impl Audit {
+    /// The first record for `requested`, waiting up to 3 s for it.
+    async fn of(&self, requested: &str) -> serde_json::Value {
+        self.find(|r| r["requested"] == requested).await
+    }
+
+    /// The first record `pred` accepts, waiting up to 3 s for it.
+    async fn find(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        for _ in 0..60 {
+            if let Some(r) = self.0.lock().unwrap().iter().find(|r| pred(r)) {
+                return r.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let all = self.0.lock().unwrap().clone();
+        panic!("no such audit record: {all:?}");
+    }
+}
+
+async fn echo_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/2 connection to the door at `port` with TLS `tls`.
+async fn h2_connect(
+    port: u16,
+    tls: rustls::ClientConfig,
+) -> Result<SendRequest<Empty<Bytes>>, String> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from("gw.test").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("h2: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+/// One CONNECT: its status, `x-meshgate-reason`, and the tunnel if 200.
+async fn connect(
+    send: &mut SendRequest<Empty<Bytes>>,
+    method: Method,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> Result<
+    (
+        StatusCode,
+        String,
+        Option<TokioIo<hyper::upgrade::Upgraded>>,
+    ),
+    String,
+> {
+    let mut req = Request::builder().method(method).uri(target);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send.ready().await.map_err(|e| e.to_string())?;
+    let resp = send
+        .send_request(req.body(Empty::new()).unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let reason = resp
+        .headers()
+        .get("x-meshgate-reason")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let tunnel = if status == StatusCode::OK {
+        Some(TokioIo::new(hyper::upgrade::on(resp).await.unwrap()))
+    } else {
+        None
+    };
+    Ok((status, reason, tunnel))
+}
+
+async fn echo(t: &mut TokioIo<hyper::upgrade::Upgraded>, msg: &[u8]) -> Vec<u8> {
+    t.write_all(msg).await.unwrap();
+    let mut buf = vec![0; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), t.read_exact(&mut buf))
+        .await
+        .expect("echo timed out")
+        .unwrap();
+    buf
+}
+
+fn rejected(node: &Node, reason: &str) -> f64 {
+    let text = node.registry().metrics().encode();
+    let series = format!(
+        "meshgate_rejected_total{{tenant=\"acme\",instance=\"hbone\",reason=\"{reason}\"}} "
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// Waits up to 3 s for `meshgate_rejected_total{reason}` to reach `n`.
+async fn rejected_at_least(node: &Node, reason: &str, n: f64) -> bool {
+    for _ in 0..60 {
+        if rejected(node, reason) >= n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn door(pki: &Pki, port: u16, more: serde_json::Value) -> serde_json::Value {
+    let mut d = json!({
+        "kind": "h2",
+        "listen": format!("127.0.0.1:{port}"),
+        "vnet": "corp",
+        "tls_cert": pki.s("server.pem"),
+        "tls_key": pki.s("server.key"),
+        "client_ca": pki.s("ca.pem"),
+        "trust_forwarded": [GATEWAY],
+        "handshake_timeout": "500ms",
+        "connect_timeout": "2s",
+    });
+    for (k, v) in more.as_object().unwrap() {
+        d[k] = v.clone();
+    }
+    d
+}
+
+async fn start(store: &Arc<MemStore>, audit: &Arc<Audit>) -> Node {
+    let mut node = Node::new(
+        store.clone(),
+        meshgate::modules::builtin_factories(),
+        vec![audit.clone()],
+    );
+    node.start().await.unwrap();
+    node
+}
+
+fn tenant(store: &MemStore, pki: &Pki, port: u16) {
+    store.set(
+        "acme",
+        "corp",
+        json!({"kind": "vnet", "routes": [
+            {"to": "127.0.0.3", "via": "reject"},
+            {"to": "127.0.0.0/8", "via": "direct"},
+        ]}),
+    );
+    store.set(
+        "acme",
+        "policy",
+        json!({"kind": "policy", "rules": [
+            {"name": "no-mallory", "action": "deny", "identities": [MALLORY]},
+        ]}),
+    );
+    store.set("acme", "hbone", door(pki, port, json!({})));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hbone_connects_refuses_and_audits_with_the_client_identity() {
+    let pki = Pki::new();
+    let echo_addr = echo_server().await;
+    let closed = free_port();
+    let port = free_port();
+    let store = Arc::new(MemStore::new());
+    tenant(&store, &pki, port);
+    let audit = Arc::new(Audit::default());
+    let node = start(&store, &audit).await;
+
+    // Alice's tunnel echoes; two streams share one connection.
+    let mut alice = h2_connect(port, pki.client(Some("alice"))).await.unwrap();
+    let target = echo_addr.to_string();
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (status, _, tunnel) = connect(
+        &mut alice,
+        Method::CONNECT,
+        &target,
+        &[
+            ("traceparent", tp),
+            ("baggage", "tenant=acme"),
+            ("forwarded", "for=\"10.9.8.7:1234\""),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let mut tunnel = tunnel.unwrap();
+    let (status, _, second) = connect(&mut alice, Method::CONNECT, &target, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let mut second = second.unwrap();
+    assert_eq!(echo(&mut tunnel, b"hello over h2").await, b"hello over h2");
+    assert_eq!(echo(&mut second, b"second stream").await, b"second stream");
+    let status = node.registry().status().await;
+    let hbone = status.iter().find(|s| s.instance == "hbone").unwrap();
+    assert_eq!(hbone.details["streams"], 2, "{:?}", hbone.details);
+    assert_eq!(hbone.details["client_auth"], "required");
+    drop(second);
+    tunnel.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tunnel.read_to_end(&mut rest).await.unwrap();
+    // The record: alice's identity, her own address (she is not a trusted
+    // gateway, so her Forwarded header is ignored), the trace context.
+    let r = audit.find(|r| r["traceparent"] == tp).await;
+    assert_eq!(r["identity"], ALICE, "{r}");
+    assert_eq!(r["onramp"]["kind"], "h2", "{r}");
+    assert_eq!(r["requested"], target, "{r}");
+    assert_eq!(r["baggage"], "tenant=acme", "{r}");
+    assert!(
+        r["source"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{r}"
+    );
+    // The second stream sent none.
+    let r = audit
+        .find(|r| r["requested"] == target && r["traceparent"].is_null())
+        .await;
+    assert!(r["baggage"].is_null(), "{r}");
+
+    // A trusted gateway's Forwarded source is the flow's source.
+    let mut gw = h2_connect(port, pki.client(Some("gateway"))).await.unwrap();
+    let (status, _, t) = connect(
+        &mut gw,
+        Method::CONNECT,
+        &target,
+        &[("forwarded", "for=\"10.9.8.7:1234\";proto=https")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    drop(t);
+    let r = audit.find(|r| r["identity"] == GATEWAY).await;
+    assert_eq!(r["source"], "10.9.8.7:1234", "{r}");
+
+    // Refusals, each with its status and reason.
+    let cases: [(&str, Method, String, StatusCode, &str); 4] = [
+        (
+            "alice",
+            Method::CONNECT,
+            format!("127.0.0.1:{closed}"),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "dial_refused",
+        ),
+        (
+            "alice",
+            Method::CONNECT,
+            format!("127.0.0.3:{}", echo_addr.port()),
+            StatusCode::FORBIDDEN,
+            "rejected",
+        ),
+        (
+            "mallory",
+            Method::CONNECT,
+            target.clone(),
+            StatusCode::FORBIDDEN,
+            "denied",
+        ),
+        (
+            "alice",
+            Method::GET,
+            format!("http://{target}/"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+    ];
+    for (who, method, to, want, reason) in cases {
+        let mut c = h2_connect(port, pki.client(Some(who))).await.unwrap();
+        let (status, got, _) = connect(&mut c, method.clone(), &to, &[]).await.unwrap();
+        assert_eq!(
+            (status, got.as_str()),
+            (want, reason),
+            "{who} {method} {to}"
+        );
+    }
+    let r = audit.of(&target).await;
+    assert_eq!(r["end"], "closed");
+    let denied = audit
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r["identity"] == MALLORY)
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (denied["verdict"].as_str(), denied["rule"].as_str()),
+        (Some("deny"), Some("no-mallory"))
+    );
+    assert!(rejected_at_least(&node, "bad_request", 1.0).await);
+
+    node.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_refusals_are_counted_and_other_tenants_flows_go_on() {
+    let pki = Pki::new();
+    let echo_addr = echo_server().await;
+    let port = free_port();
+    let strict = free_port();
+    let store = Arc::new(MemStore::new());
+    tenant(&store, &pki, port);
+    // A door whose identities are SPIFFE IDs only.
+    store.set(
+        "acme",
+        "strict",
+        door(&pki, strict, json!({"identity_from": ["spiffe"]})),
+    );
+    let audit = Arc::new(Audit::default());
+    let node = start(&store, &audit).await;
+    let target = echo_addr.to_string();
+
+    // An open tunnel that must keep working through everything below.
+    let mut alice = h2_connect(port, pki.client(Some("alice"))).await.unwrap();
+    let (status, _, t) = connect(&mut alice, Method::CONNECT, &target, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let mut kept = t.unwrap();
+    assert_eq!(echo(&mut kept, b"before").await, b"before");
+
+    // No certificate, and one from another CA: the handshake fails.
+    for who in [None, Some("impostor")] {
+        let r = async {
+            let mut c = h2_connect(port, pki.client(who)).await?;
+            connect(&mut c, Method::CONNECT, &target, &[])
+                .await
+                .map(|_| ())
+        }
+        .await;
+        assert!(r.is_err(), "{who:?} got through");
+    }
+    assert!(
+        rejected_at_least(&node, "tls_handshake", 2.0).await,
+        "{}",
+        node.registry().metrics().encode()
+    );
+
+    // A certificate that names no identity the door takes: 401.
+    let mut c = h2_connect(strict, pki.client(Some("nameless")))
+        .await
+        .unwrap();
+    let (status, reason, _) = connect(&mut c, Method::CONNECT, &target, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, reason.as_str()),
+        (StatusCode::UNAUTHORIZED, "identity_required")
+    );
+    // The same probe with a SPIFFE ID passes.
+    let mut c = h2_connect(strict, pki.client(Some("alice"))).await.unwrap();
+    assert_eq!(
+        connect(&mut c, Method::CONNECT, &target, &[])
+            .await
+            .unwrap()
+            .0,
+        StatusCode::OK
+    );
+
+    // Clients that stall in the handshake: silent, and half a ClientHello.
+    let mut stalled = Vec::new();
+    for bytes in [&b""[..], &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01][..]] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(bytes).await.unwrap();
+        stalled.push(s);
+    }
+    // Not TLS at all.
+    let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    plain
+        .write_all(b"CONNECT x:1 HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), plain.read_to_end(&mut sink)).await;
+    for mut s in stalled {
+        let mut b = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "a stalled client was kept: {closed:?}"
+        );
+    }
+    assert!(rejected_at_least(&node, "handshake_timeout", 2.0).await);
+    assert!(rejected_at_least(&node, "tls_handshake", 3.0).await);
+    assert_eq!(echo(&mut kept, b"after").await, b"after");
+
+    node.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_sends_goaway_and_the_open_tunnel_finishes() {
+    let pki = Pki::new();
+    let echo_addr = echo_server().await;
+    let port = free_port();
+    let store = Arc::new(MemStore::new());
+    tenant(&store, &pki, port);
+    let audit = Arc::new(Audit::default());
+    let node = start(&store, &audit).await;
+    let target = echo_addr.to_string();
+    let mut alice = h2_connect(port, pki.client(Some("alice"))).await.unwrap();
+    let (status, _, t) = connect(&mut alice, Method::CONNECT, &target, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let mut open = t.unwrap();
+    // The same probe as after the drain, first while it is up.
+    let (status, _, t) = connect(&mut alice, Method::CONNECT, &target, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    drop(t);
+
+    let shutdown = tokio::spawn(node.shutdown(Duration::from_secs(5)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // GOAWAY: a new stream on the connection is refused by the client's
+    // own stack; the open tunnel still carries bytes.
+    let r = connect(&mut alice, Method::CONNECT, &target, &[]).await;
+    assert!(
+        r.is_err(),
+        "a new stream after GOAWAY: {:?}",
+        r.map(|r| r.0)
+    );
+    assert_eq!(echo(&mut open, b"still here").await, b"still here");
+    // And nothing new is accepted.
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err());
+    open.shutdown().await.unwrap();
+    drop(open);
+    tokio::time::timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("the drain waited past its open tunnel's end")
+        .unwrap();
+}
+
+/// Runs a client program; its stdout, or a skip.
+fn run(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    if !out.status.success() {
+        panic!(
+            "{:?} failed: {}\n{}",
+            cmd,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+fn pycurl_path() -> Option<PathBuf> {
+    let deps = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pydeps");
+    let ok = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import pycurl, sys; sys.exit(0 if pycurl.version_info()[2] >= 0x080100 else 1)",
+        ])
+        .env("PYTHONPATH", &deps)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        Some(deps)
+    } else {
+        common::skip(
+            "pycurl with libcurl >= 8.1 (scripts/test.sh installs it into target/pydeps from PyPI)",
+        );
+        None
+    }
+}
+
+const PYCURL: &str = r#"
+import io, sys, pycurl
+door, target, ca, cert, key, tp = sys.argv[1:7]
+buf = io.BytesIO()
+c = pycurl.Curl()
+c.setopt(pycurl.URL, "http://" + target + "/")
+c.setopt(pycurl.PROXY, "https://gw.test:" + door)
+c.setopt(pycurl.PROXYTYPE, getattr(pycurl, "PROXYTYPE_HTTPS2", 3))  # CURLPROXY_HTTPS2
+c.setopt(pycurl.HTTPPROXYTUNNEL, 1)
+c.setopt(pycurl.RESOLVE, ["gw.test:" + door + ":127.0.0.1"])
+c.setopt(pycurl.PROXY_CAINFO, ca)
+c.setopt(pycurl.PROXY_SSLCERT, cert)
+c.setopt(pycurl.PROXY_SSLKEY, key)
+c.setopt(pycurl.PROXY_SSLVERSION, pycurl.SSLVERSION_TLSv1_3)
+c.setopt(pycurl.PROXYHEADER, ["traceparent: " + tp, "baggage: client=pycurl"])
+c.setopt(pycurl.WRITEDATA, buf)
+c.setopt(pycurl.TIMEOUT, 10)
+c.setopt(pycurl.VERBOSE, 1)
+try:
+    c.perform()
+    print("status", c.getinfo(pycurl.RESPONSE_CODE))
+    print(buf.getvalue().decode())
+except pycurl.error as e:
+    print("error", e.args[0], e.args[1])
+"#;
+
+const NODE: &str = r#"
+const http2 = require('http2'), fs = require('fs');
+const [door, target, ca, cert, key] = process.argv.slice(1);
+const s = http2.connect('https://localhost:' + door, { ca: fs.readFileSync(ca),
+  cert: fs.readFileSync(cert), key: fs.readFileSync(key), servername: 'gw.test', minVersion: 'TLSv1.3' });
+s.on('error', e => { console.log('error', e.code); process.exit(0); });
+const req = s.request({ ':method': 'CONNECT', ':authority': target });
+let body = '';
+req.on('response', h => {
+  console.log('status', h[':status'], h['x-meshgate-reason'] || '');
+  if (h[':status'] != 200) { req.close(); s.close(); return; }
+  req.write('GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n');
+});
+req.on('data', d => body += d);
+req.on('end', () => { console.log(body); req.end(); s.close(); });
+req.on('error', e => { console.log('error', e.code); s.close(); });
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pycurl_and_node_fetch_nginx_through_the_door() {
+    let Some(nginx) = common::Nginx::start() else {
+        return;
+    };
+    let pydeps = pycurl_path();
+    let node_js = common::have("node");
+    if !node_js {
+        common::skip("node (Debian: nodejs)");
+    }
+    let pki = Pki::new();
+    let port = free_port();
+    let store = Arc::new(MemStore::new());
+    tenant(&store, &pki, port);
+    let audit = Arc::new(Audit::default());
+    let node = start(&store, &audit).await;
+    let web = nginx.addr.to_string();
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    if let Some(deps) = pydeps {
+        let pycurl = |who: &'static str, target: String| {
+            let (deps, pki_ca, cert, key) = (
+                deps.clone(),
+                pki.s("ca.pem"),
+                pki.s(&format!("{who}.pem")),
+                pki.s(&format!("{who}.key")),
+            );
+            tokio::task::spawn_blocking(move || {
+                let out = run(std::process::Command::new("python3")
+                    .args([
+                        "-c",
+                        PYCURL,
+                        &port.to_string(),
+                        &target,
+                        &pki_ca,
+                        &cert,
+                        &key,
+                        tp,
+                    ])
+                    .env("PYTHONPATH", deps));
+                // What curl printed (its verbose log) after what it fetched.
+                format!(
+                    "{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        };
+        let out = pycurl("alice", web.clone()).await.unwrap();
+        assert!(
+            out.starts_with("status 200") && out.contains("hello from nginx"),
+            "{out}"
+        );
+        let r = audit.of(&web).await;
+        assert_eq!(
+            (
+                r["identity"].as_str(),
+                r["traceparent"].as_str(),
+                r["baggage"].as_str()
+            ),
+            (Some(ALICE), Some(tp), Some("client=pycurl")),
+            "{r}"
+        );
+        // A policy deny: curl reports the proxy's 403.
+        let out = pycurl("mallory", web.clone()).await.unwrap();
+        assert!(out.contains("403"), "{out}");
+        // A certificate from another CA: the TLS handshake fails.
+        let out = pycurl("impostor", web.clone()).await.unwrap();
+        assert!(out.starts_with("error"), "{out}");
+        assert!(!out.contains("hello from nginx"), "{out}");
+    }
+    if node_js {
+        let js = |who: &'static str, target: String| {
+            let (pki_ca, cert, key) = (
+                pki.s("ca.pem"),
+                pki.s(&format!("{who}.pem")),
+                pki.s(&format!("{who}.key")),
+            );
+            tokio::task::spawn_blocking(move || {
+                let out = run(std::process::Command::new("node").args([
+                    "-e",
+                    NODE,
+                    "--",
+                    &port.to_string(),
+                    &target,
+                    &pki_ca,
+                    &cert,
+                    &key,
+                ]));
+                String::from_utf8_lossy(&out.stdout).to_string()
+            })
+        };
+        let out = js("alice", web.clone()).await.unwrap();
+        assert!(
+            out.starts_with("status 200") && out.contains("hello from nginx"),
+            "{out}"
+        );
+        let out = js("mallory", web.clone()).await.unwrap();
+        assert!(out.starts_with("status 403 denied"), "{out}");
+        let out = js("alice", "127.0.0.3:80".into()).await.unwrap();
+        assert!(out.starts_with("status 403 rejected"), "{out}");
+    }
+    node.shutdown(Duration::from_millis(100)).await;
+}
