@@ -819,3 +819,141 @@ async fn pycurl_and_node_fetch_nginx_through_the_door() {
     }
     node.shutdown(Duration::from_millis(100)).await;
 }
+
+/// Two nodes in one process: west's pipe goes `via:` an h2 link to east's
+/// h2 door, which dials a service only it is told of (a name in its
+/// vnet's `hosts:`). East audits the pipe's client as the source (west's
+/// certificate is trusted to say it) and the link's identity; a refusal
+/// on the far side comes back as the flow's end; when east restarts the
+/// link is back within 2 s of east listening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_link_carries_a_pipe_to_the_far_node_and_reconnects() {
+    let pki = Pki::new();
+    let echo_addr = echo_server().await;
+    let (door_port, pipe_port, denied_port) = (free_port(), free_port(), free_port());
+    let east = Arc::new(MemStore::new());
+    east.set(
+        "east",
+        "corp",
+        json!({"kind": "vnet", "routes": [{"to": "127.0.0.0/8", "via": "direct"}],
+               "hosts": {"echo.east": echo_addr.ip().to_string()}}),
+    );
+    east.set(
+        "east",
+        "policy",
+        json!({"kind": "policy", "rules": [
+            {"name": "not-7", "action": "deny", "to": ["127.0.0.7"]},
+        ]}),
+    );
+    east.set("east", "hbone", door(&pki, door_port, json!({})));
+    let east_audit = Arc::new(Audit::default());
+    let east_node = start(&east, &east_audit).await;
+
+    let west = Arc::new(MemStore::new());
+    west.set(
+        "west",
+        "to-east",
+        json!({"kind": "h2_link", "server": format!("127.0.0.1:{door_port}"), "server_name": "gw.test",
+               "ca": pki.s("ca.pem"), "tls_cert": pki.s("gateway.pem"), "tls_key": pki.s("gateway.key")}),
+    );
+    west.set(
+        "west",
+        "echo",
+        json!({"kind": "pipe", "listen": format!("127.0.0.1:{pipe_port}"),
+               "remote": format!("echo.east:{}", echo_addr.port()), "via": "to-east"}),
+    );
+    west.set(
+        "west",
+        "seven",
+        json!({"kind": "pipe", "listen": format!("127.0.0.1:{denied_port}"),
+               "remote": format!("127.0.0.7:{}", echo_addr.port()), "via": "to-east"}),
+    );
+    let west_audit = Arc::new(Audit::default());
+    let west_node = start(&west, &west_audit).await;
+
+    let link_up = async |node: &Node| {
+        for _ in 0..100 {
+            let st = node.registry().status().await;
+            if st
+                .iter()
+                .any(|s| s.instance == "to-east" && s.details["connected"] == true)
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    };
+    assert!(link_up(&west_node).await, "the link never came up");
+    let roundtrip = async |msg: &[u8]| -> std::io::Result<Vec<u8>> {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", pipe_port)).await?;
+        s.write_all(msg).await?;
+        let mut buf = vec![0; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::other("timed out"))??;
+        Ok(buf)
+    };
+    let client = tokio::net::TcpStream::connect(("127.0.0.1", pipe_port))
+        .await
+        .unwrap();
+    let client_addr = client.local_addr().unwrap();
+    let mut client = client;
+    client.write_all(b"west to east").await.unwrap();
+    let mut buf = [0u8; 12];
+    client.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"west to east");
+    drop(client);
+    // East saw west's client, through west's certificate.
+    let r = east_audit
+        .find(|r| r["requested"] == format!("echo.east:{}", echo_addr.port()))
+        .await;
+    assert_eq!(r["source"], client_addr.to_string(), "{r}");
+    assert_eq!(r["identity"], GATEWAY, "{r}");
+    assert_eq!(r["dialed"], echo_addr.to_string(), "{r}");
+    let st = west_node.registry().status().await;
+    let link = st.iter().find(|s| s.instance == "to-east").unwrap();
+    assert_eq!(link.details["transport"], "h2", "{:?}", link.details);
+
+    // East's policy refuses 127.0.0.7: west's flow ends, and says why.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", denied_port))
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+    assert!(sink.is_empty());
+    let r = west_audit
+        .find(|r| r["onramp"]["instance"] == "seven")
+        .await;
+    assert_eq!(r["end"], "dial_no_route", "{r}");
+    let r = east_audit.find(|r| r["verdict"] == "deny").await;
+    assert_eq!(r["rule"], "not-7", "{r}");
+
+    // East goes away: west's dials fail at once, as `no_route`.
+    east_node.shutdown(Duration::from_millis(100)).await;
+    let mut down = false;
+    for _ in 0..100 {
+        let st = west_node.registry().status().await;
+        if st
+            .iter()
+            .any(|s| s.instance == "to-east" && s.details["connected"] == false)
+        {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(down, "the link still says connected");
+    assert!(roundtrip(b"x").await.is_err());
+    // East back on the same port: the link is back within 2 s of it listening.
+    let east_node = start(&east, &east_audit).await;
+    let back = std::time::Instant::now();
+    assert!(link_up(&west_node).await, "the link did not come back");
+    let took = back.elapsed();
+    assert!(took < Duration::from_secs(2), "the link took {took:?}");
+    eprintln!("h2 link back {took:?} after the door listened again");
+    assert_eq!(roundtrip(b"again").await.unwrap(), b"again");
+
+    west_node.shutdown(Duration::from_millis(100)).await;
+    east_node.shutdown(Duration::from_millis(100)).await;
+}

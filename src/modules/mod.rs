@@ -7,7 +7,8 @@
 //! - [`vnet`]: a tenant's virtual networks: routes, hosts, the default.
 //! - [`socks`]: a SOCKS5 (and SOCKS4/4a) front door with UDP ASSOCIATE.
 //! - [`http_proxy`]: an HTTP/1.1 CONNECT and forward proxy front door.
-//! - [`h2`]: an HTTP/2 CONNECT door over TLS 1.3 (HBONE), client certificates as identities.
+//! - [`h2`]: an HTTP/2 CONNECT door over TLS 1.3 (HBONE), client certificates as
+//!   identities, and `h2_link`, a gateway link to another node's door.
 //! - [`capture`]: transparent capture (REDIRECT, TPROXY) of unconfigured clients.
 //! - [`ssh`]: an SSH door for stock OpenSSH clients (`-L`, `-W`, `-J`, `-D`).
 //! - [`policy`]: a tenant's allow/deny rules on every flow, with live revocation.
@@ -33,6 +34,7 @@ pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
         Arc::new(socks::SocksFactory::default()),
         Arc::new(http_proxy::HttpProxyFactory::default()),
         Arc::new(h2::H2Factory::default()),
+        Arc::new(h2::link::H2LinkFactory),
         Arc::new(capture::CaptureFactory::default()),
         Arc::new(ssh::SshFactory::default()),
         Arc::new(ssh::link::SshLinkFactory),

@@ -125,11 +125,33 @@ impl DialError {
     }
 }
 
+/// What a dial knows of the flow it is for: a gateway link passes it on,
+/// so the far side audits the original client (`Forwarded: for=`) and the
+/// trace continues. Empty for the node's own dials (a vnet's DNS server).
+#[derive(Debug, Clone, Default)]
+pub struct DialMeta {
+    /// The flow's client.
+    pub src: Option<std::net::SocketAddr>,
+    /// The client's trace context, as it sent it.
+    pub trace: Option<std::sync::Arc<crate::core::net::trace::Trace>>,
+}
+
 /// Opens streams to targets. Offered by modules that are connectors.
 #[async_trait]
 pub trait Dialer: Send + Sync {
     /// Opens a TCP stream to `target`, giving up after `timeout`.
     async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError>;
+    /// [`Dialer::dial_tcp`] for a flow described by `meta`; a connector
+    /// that can carry it (a gateway link) overrides this. Default: the
+    /// plain dial.
+    async fn dial_tcp_for(
+        &self,
+        target: &HostPort,
+        timeout: Duration,
+        _meta: &DialMeta,
+    ) -> Result<Stream, DialError> {
+        self.dial_tcp(target, timeout).await
+    }
     /// A UDP socket to talk to `remote` through this connector (bound on
     /// the connector's side, any port). Default: datagrams not carried.
     async fn bind_udp(

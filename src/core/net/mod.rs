@@ -11,6 +11,7 @@
 //! - [`prefix`]: [`prefix::PrefixTable`], longest-prefix match (routes, links, allowed IPs).
 //! - `sys`: the raw system calls behind splice (the one `unsafe` module).
 
+pub mod backoff;
 pub mod datagram;
 pub mod dial;
 pub mod dns;
@@ -22,3 +23,4 @@ pub mod resolve;
 #[allow(unsafe_code)]
 mod sys;
 pub mod tls;
+pub mod trace;

@@ -246,12 +246,14 @@ impl ModuleContext {
 
     /// Dials `target` through `connector`: the host network, or the dialer
     /// of the module it names. Routing happens before, in
-    /// [`crate::core::spine::onramp::OnRamp::connect`].
+    /// [`crate::core::spine::onramp::OnRamp::connect`]. `meta` (the flow's
+    /// client and trace) goes to a module's dialer.
     pub async fn dial(
         &self,
         connector: &Connector,
         target: &HostPort,
         timeout: std::time::Duration,
+        meta: &crate::core::net::dial::DialMeta,
     ) -> Result<Stream, DialError> {
         match connector {
             Connector::Direct => DirectDialer.dial_tcp(target, timeout).await,
@@ -262,7 +264,7 @@ impl ModuleContext {
                         self.tenant.name
                     ))
                 })?;
-                dialer.dial_tcp(target, timeout).await
+                dialer.dial_tcp_for(target, timeout, meta).await
             }
             Connector::Reject => Err(DialError::NoRoute(format!(
                 "{target}: the route is `reject`"

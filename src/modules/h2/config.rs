@@ -151,7 +151,7 @@ pub struct H2Config {
 }
 
 /// A window or frame key in bytes: within `lo..=hi`.
-fn within(
+pub(super) fn within(
     src: &str,
     key: &str,
     v: Option<ByteSize>,

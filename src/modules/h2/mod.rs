@@ -22,6 +22,7 @@
 //! sends GOAWAY: open tunnels finish, new streams go elsewhere.
 
 pub mod config;
+pub mod link;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -10,9 +10,10 @@
 //! channel and takes the one path here ([`OnRamp::connect_answering`]:
 //! flow with the link as identity, policy, route in `vnet:`, dial, join).
 //!
-//! The link reconnects after any loss: first after 1 s, then doubling up
-//! to `backoff_max`, each wait jittered by ±20 % so a fleet does not
-//! reconnect in step; a connection that stayed up starts again at 1 s.
+//! The link reconnects after any loss ([`Backoff`]): first after 1 s, then
+//! doubling up to `backoff_max`, each wait jittered by ±20 % so a fleet
+//! does not reconnect in step; a connection that stayed up starts again at
+//! 1 s.
 //! Every reconnect authenticates anew and registers the reverse forwards
 //! again. Keep-alives (`keepalive`, 3 unanswered end the session) notice a
 //! vanished peer. The other gateway is pinned by its host key (the public
@@ -35,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::addr::HostPort;
 use crate::core::config::{idle_timeout, parse_document, positive, ConfigError, IdleTimeout};
+use crate::core::net::backoff::Backoff;
 use crate::core::net::dial::{DialError, Dialer};
 use crate::core::net::proxy::Stream;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
@@ -319,7 +321,12 @@ impl Link {
         let stream = self
             .onramp
             .ctx()
-            .dial(&connector, &cfg.server, cfg.connect_timeout)
+            .dial(
+                &connector,
+                &cfg.server,
+                cfg.connect_timeout,
+                &crate::core::net::dial::DialMeta::default(),
+            )
             .await?;
         let config = Arc::new(russh::client::Config {
             keepalive_interval: Some(cfg.keepalive),
@@ -379,7 +386,7 @@ impl Link {
     /// Keeps the link up until `stop`.
     async fn run(self: Arc<Self>, key: Arc<PrivateKey>, stop: CancellationToken) {
         let (tenant, instance) = self.labels();
-        let mut delay = Duration::from_secs(1);
+        let mut backoff = Backoff::new(self.cfg().backoff_max);
         let mut sessions = 0u64;
         loop {
             let attempt = tokio::select! {
@@ -425,20 +432,18 @@ impl Link {
                         return;
                     }
                     tracing::warn!(%tenant, %instance, up_for = ?since.elapsed(), "ssh link down; reconnecting");
-                    if since.elapsed() > Duration::from_secs(10) {
-                        delay = Duration::from_secs(1);
-                    }
+                    backoff.ended_after(since.elapsed());
                 }
                 Err(e) => {
-                    tracing::warn!(%tenant, %instance, error = %e, retry_in = ?delay, "ssh link: cannot connect");
+                    tracing::warn!(%tenant, %instance, error = %e, "ssh link: cannot connect");
                     self.state.status().last_error = Some(e.to_string());
                 }
             }
+            let wait = backoff.next(self.cfg().backoff_max);
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(jittered(delay)) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            delay = (delay * 2).min(self.cfg().backoff_max);
         }
     }
 
@@ -499,12 +504,6 @@ fn public_line(key: &PrivateKey) -> String {
     let mut public = key.public_key().clone();
     public.set_comment("meshgate-link");
     public.to_openssh().unwrap_or_default()
-}
-
-/// `d` ± 20 %.
-fn jittered(d: Duration) -> Duration {
-    let r = rand_core::RngCore::next_u32(&mut rand_core::OsRng) as f64 / u32::MAX as f64;
-    d.mul_f64(0.8 + 0.4 * r)
 }
 
 /// How often a running link also asks its handle whether the session is
@@ -705,17 +704,6 @@ mod tests {
         ] {
             let e = SshLinkConfig::from_document(&doc(v), "t").unwrap_err();
             assert_eq!(e.key.as_deref(), Some(key), "{e}");
-        }
-    }
-
-    #[test]
-    fn jitter_stays_within_a_fifth() {
-        for _ in 0..1000 {
-            let j = jittered(Duration::from_secs(10));
-            assert!(
-                j >= Duration::from_secs(8) && j <= Duration::from_secs(12),
-                "{j:?}"
-            );
         }
     }
 

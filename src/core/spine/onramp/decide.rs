@@ -226,7 +226,12 @@ impl OnRamp {
             .map_err(LookupError::NoRoute)?;
         let stream = self
             .ctx
-            .dial(&d.route.connector, &d.target, timeout)
+            .dial(
+                &d.route.connector,
+                &d.target,
+                timeout,
+                &crate::core::net::dial::DialMeta::default(),
+            )
             .await
             .map_err(LookupError::Dial)?;
         let addrs = dns::resolve_over(stream, host, timeout)

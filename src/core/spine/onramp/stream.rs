@@ -12,7 +12,7 @@ use async_trait::async_trait;
 
 use crate::core::addr::HostPort;
 use crate::core::logs;
-use crate::core::net::dial::DialFailure;
+use crate::core::net::dial::{DialFailure, DialMeta};
 use crate::core::net::proxy::{self, ProxyOptions, Stream};
 use crate::core::net::proxy_protocol;
 use crate::core::spine::dest::ChosenBy;
@@ -179,13 +179,17 @@ impl OnRamp {
                 };
                 // Every candidate passed the checks: the first that answers wins.
                 let deadline = tokio::time::Instant::now() + req.connect_timeout;
+                let meta = DialMeta {
+                    src: Some(req.src),
+                    trace: req.trace.clone(),
+                };
                 let mut last = None;
                 for (connector, target) in &plan.candidates {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     if left.is_zero() {
                         break;
                     }
-                    match ctx.dial(connector, target, left).await {
+                    match ctx.dial(connector, target, left, &meta).await {
                         Ok(s) => return Ok(s),
                         Err(e) => {
                             if let Some(suppressed) = logs::allow("onramp.dial_failed") {

@@ -1,0 +1,815 @@
+//! `kind: h2_link`: a gateway's link to another gateway's `kind: h2` door:
+//! a pool of TLS 1.3 connections, one HTTP/2 `CONNECT` stream per flow
+//! (HBONE between two meshgate nodes, or to ztunnel).
+//!
+//! The link is a **route connector**: a vnet route `via: <link>` (or a
+//! pipe's `via:`) sends `CONNECT host:port` for each flow, so the other
+//! gateway resolves and checks the target (its vnet, its policy) and dials
+//! it. Each request says who the flow's client is (`Forwarded: for=`,
+//! believed by a door whose `trust_forwarded` lists this link's
+//! certificate) and passes on the client's `traceparent` and `baggage`.
+//!
+//! The other gateway is checked by its certificate: issued by `ca`, for
+//! `server_name`. Our certificate (`tls_cert`, `tls_key`) is our identity
+//! there. One connection carries up to `max_streams_per_connection` flows;
+//! past that another is opened, up to `max_connections`. The first
+//! connection is kept up for good: PINGs (`keepalive`) notice a vanished
+//! peer, and the link reconnects with [`Backoff`] (every 1 s ±20 %,
+//! `backoff_max`, so it is back within 2 s of its server listening). While no connection is up a dial fails at once
+//! (`no_route`), so a route or a link group can move on.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use configstore::Document;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use crate::core::addr::HostPort;
+use crate::core::config::{parse_document, positive, ByteSize, ConfigError, IdleTimeout};
+use crate::core::net::backoff::Backoff;
+use crate::core::net::dial::{DialError, DialMeta, Dialer};
+use crate::core::net::proxy::Stream;
+use crate::core::net::tls::{self, ClientFiles};
+use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::router::Connector;
+
+use super::config::{within, H2Limits};
+
+/// `kind: h2_link`
+///
+/// ```yaml
+/// kind: h2_link
+/// server: gw-east.example:15008   # the other gateway's h2 door
+/// server_via: wg0                 # optional: reach it through this module's network
+/// server_name: gw-east.example    # its certificate's name (default: server's host)
+/// ca: /etc/meshgate/ca.pem        # the CA that issued it
+/// tls_cert: /etc/meshgate/west.pem  # our certificate (our identity there) and key
+/// tls_key: /etc/meshgate/west.key
+/// connect_timeout: 10s
+/// keepalive: 10s                  # PING; `keepalive_timeout` (20s) without an answer ends it
+/// backoff_max: 1s                # retries at least this often while down (±20 %)
+/// max_streams_per_connection: 100
+/// max_connections: 8
+/// stream_window: 4MiB             # and connection_window, max_frame_size, as the door
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: HostPort,
+    #[serde(default)]
+    server_via: Option<String>,
+    #[serde(default)]
+    server_name: Option<String>,
+    ca: PathBuf,
+    #[serde(default)]
+    tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    tls_key: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(default)]
+    keepalive: Option<IdleTimeout>,
+    #[serde(default, with = "humantime_serde")]
+    keepalive_timeout: Option<Duration>,
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    backoff_max: Duration,
+    #[serde(default = "default_streams")]
+    max_streams_per_connection: usize,
+    #[serde(default = "default_connections")]
+    max_connections: usize,
+    #[serde(default)]
+    stream_window: Option<ByteSize>,
+    #[serde(default)]
+    connection_window: Option<ByteSize>,
+    #[serde(default)]
+    max_frame_size: Option<ByteSize>,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+/// Short by default: a link should be back within 2 s of its server
+/// listening again, and a refused connect costs the server one SYN.
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_streams() -> usize {
+    100
+}
+fn default_connections() -> usize {
+    8
+}
+
+/// A checked `h2_link` config.
+#[derive(Clone)]
+pub struct H2LinkConfig {
+    /// The other gateway's h2 door.
+    pub server: HostPort,
+    /// The module whose network reaches it (`None`: the host's).
+    pub server_via: Option<String>,
+    /// The name its certificate must have.
+    pub server_name: ServerName<'static>,
+    /// Our TLS client (its CA, our certificate).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The files it was read from (a reload that changes them reconnects).
+    files: ClientFiles,
+    /// Dial and handshake timeout.
+    pub connect_timeout: Duration,
+    /// The longest wait between reconnects.
+    pub backoff_max: Duration,
+    /// Flows per connection before another is opened.
+    pub max_streams_per_connection: usize,
+    /// Connections at most.
+    pub max_connections: usize,
+    /// HTTP/2 settings (windows, frames, PING).
+    pub limits: H2Limits,
+}
+
+impl H2LinkConfig {
+    /// Parses and validates a `kind: h2_link` document (reading its
+    /// certificate files).
+    pub fn from_document(doc: &Document) -> Result<Self, ConfigError> {
+        let raw: RawConfig = parse_document(doc, &["kind"])?;
+        let src = doc.source.as_str();
+        positive(src, "connect_timeout", raw.connect_timeout)?;
+        if raw.backoff_max < Duration::from_secs(1) {
+            return Err(ConfigError::key(src, "backoff_max", "at least 1s"));
+        }
+        for (key, n) in [
+            ("max_streams_per_connection", raw.max_streams_per_connection),
+            ("max_connections", raw.max_connections),
+        ] {
+            crate::core::config::at_least_one(src, key, n)?;
+        }
+        let name = raw
+            .server_name
+            .clone()
+            .unwrap_or_else(|| raw.server.host.clone());
+        let server_name = ServerName::try_from(name.clone()).map_err(|_| {
+            ConfigError::key(
+                src,
+                if raw.server_name.is_some() {
+                    "server_name"
+                } else {
+                    "server"
+                },
+                format!("`{name}` is not a DNS name or IP address a certificate can be for"),
+            )
+        })?;
+        let identity = match (raw.tls_cert, raw.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::key(
+                    src,
+                    "tls_key",
+                    "missing: `tls_cert` needs its key",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::key(
+                    src,
+                    "tls_cert",
+                    "missing: `tls_key` needs its certificate",
+                ))
+            }
+        };
+        let files = ClientFiles {
+            ca: raw.ca,
+            identity,
+        };
+        let tls = Arc::new(tls::client_config(src, &files, &[b"h2"])?);
+        let d = H2Limits::default();
+        let max_window = (1u64 << 31) - 1;
+        let limits = H2Limits {
+            stream_window: within(
+                src,
+                "stream_window",
+                raw.stream_window,
+                d.stream_window,
+                1 << 16,
+                max_window,
+            )?,
+            connection_window: within(
+                src,
+                "connection_window",
+                raw.connection_window,
+                d.connection_window,
+                1 << 16,
+                max_window,
+            )?,
+            max_frame_size: within(
+                src,
+                "max_frame_size",
+                raw.max_frame_size,
+                d.max_frame_size,
+                1 << 14,
+                (1 << 24) - 1,
+            )?,
+            keepalive: match raw.keepalive {
+                None => d.keepalive,
+                Some(IdleTimeout::Off) => None,
+                Some(IdleTimeout::After(t)) => {
+                    positive(src, "keepalive", t)?;
+                    Some(t)
+                }
+            },
+            keepalive_timeout: raw.keepalive_timeout.unwrap_or(d.keepalive_timeout),
+            ..d
+        };
+        positive(src, "keepalive_timeout", limits.keepalive_timeout)?;
+        Ok(H2LinkConfig {
+            server: raw.server,
+            server_via: raw.server_via,
+            server_name,
+            tls,
+            files,
+            connect_timeout: raw.connect_timeout,
+            backoff_max: raw.backoff_max,
+            max_streams_per_connection: raw.max_streams_per_connection,
+            max_connections: raw.max_connections,
+            limits,
+        })
+    }
+
+    /// Whether a reload from `self` to `new` must connect again.
+    fn reconnects(&self, new: &H2LinkConfig) -> bool {
+        self.server != new.server
+            || self.server_via != new.server_via
+            || self.server_name != new.server_name
+            || self.files != new.files
+            || self.limits != new.limits
+    }
+}
+
+/// Builds h2 links.
+pub struct H2LinkFactory;
+
+impl ModuleFactory for H2LinkFactory {
+    fn kind(&self) -> &'static str {
+        "h2_link"
+    }
+
+    fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
+        let cfg = H2LinkConfig::from_document(doc)?;
+        Ok(ModulePlan {
+            depends_on: cfg.server_via.into_iter().collect(),
+            ..ModulePlan::default()
+        })
+    }
+
+    fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
+        let cfg = H2LinkConfig::from_document(doc)?;
+        Ok(Arc::new(H2Link(Arc::new(Link {
+            ctx,
+            cfg: RwLock::new(Arc::new(cfg)),
+            pool: Mutex::new(Vec::new()),
+            status: Mutex::new(LinkStatus::default()),
+            running: Mutex::new(None),
+            opened: AtomicUsize::new(0),
+        }))))
+    }
+}
+
+/// One HTTP/2 connection to the other gateway.
+#[derive(Clone)]
+struct Conn {
+    send: SendRequest<Empty<Bytes>>,
+    /// Flows open on it.
+    streams: Arc<AtomicUsize>,
+    /// Cancelled when the connection ends.
+    ended: CancellationToken,
+    /// Which connect loop made it (older ones are left to end).
+    generation: u64,
+}
+
+impl Conn {
+    fn live(&self) -> bool {
+        !self.ended.is_cancelled() && !self.send.is_closed()
+    }
+}
+
+#[derive(Default, Clone, serde::Serialize)]
+struct LinkStatus {
+    connected: bool,
+    /// Unix time the first connection came up.
+    up_since: Option<u64>,
+    /// Connections made after the first.
+    reconnects: u64,
+    last_error: Option<String>,
+}
+
+struct Link {
+    ctx: ModuleContext,
+    cfg: RwLock<Arc<H2LinkConfig>>,
+    pool: Mutex<Vec<Conn>>,
+    status: Mutex<LinkStatus>,
+    /// Stops the running connect loop; its generation.
+    running: Mutex<Option<(CancellationToken, u64)>>,
+    /// Connections opened so far.
+    opened: AtomicUsize,
+}
+
+/// A running h2 link.
+pub struct H2Link(Arc<Link>);
+
+/// Why one connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("cannot reach {0}")]
+    Dial(#[from] DialError),
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    #[error("HTTP/2: {0}")]
+    H2(#[from] hyper::Error),
+    #[error("no TLS and HTTP/2 handshake within {0:?}")]
+    Timeout(Duration),
+}
+
+impl Link {
+    fn cfg(&self) -> Arc<H2LinkConfig> {
+        self.cfg.read().expect("poisoned").clone()
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, LinkStatus> {
+        self.status.lock().expect("poisoned")
+    }
+
+    fn generation(&self) -> u64 {
+        self.running
+            .lock()
+            .expect("poisoned")
+            .as_ref()
+            .map_or(0, |r| r.1)
+    }
+
+    /// Dials, TLS, HTTP/2 handshake: a new connection in the pool.
+    async fn open(&self) -> Result<Conn, LinkError> {
+        let cfg = self.cfg();
+        let connector = match &cfg.server_via {
+            Some(m) => Connector::Module(m.clone()),
+            None => Connector::Direct,
+        };
+        let handshake = async {
+            let stream = self
+                .ctx
+                .dial(
+                    &connector,
+                    &cfg.server,
+                    cfg.connect_timeout,
+                    &DialMeta::default(),
+                )
+                .await?;
+            let tls = tokio_rustls::TlsConnector::from(cfg.tls.clone())
+                .connect(cfg.server_name.clone(), stream)
+                .await
+                .map_err(LinkError::Tls)?;
+            let l = cfg.limits;
+            let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .initial_stream_window_size(l.stream_window)
+                .initial_connection_window_size(l.connection_window)
+                .max_frame_size(l.max_frame_size)
+                .keep_alive_interval(l.keepalive)
+                .keep_alive_timeout(l.keepalive_timeout)
+                .keep_alive_while_idle(true)
+                .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+                .await?;
+            Ok::<_, LinkError>((send, conn))
+        };
+        let (send, conn) = tokio::time::timeout(cfg.connect_timeout, handshake)
+            .await
+            .map_err(|_| LinkError::Timeout(cfg.connect_timeout))??;
+        let ended = CancellationToken::new();
+        let on_end = ended.clone();
+        let (tenant, instance) = (self.ctx.tenant.name.clone(), self.ctx.instance.clone());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%tenant, %instance, error = %e, "h2 link connection ended with an error");
+            }
+            on_end.cancel();
+        });
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let c = Conn {
+            send,
+            streams: Default::default(),
+            ended,
+            generation: self.generation(),
+        };
+        let mut pool = self.pool.lock().expect("poisoned");
+        pool.retain(Conn::live);
+        pool.push(c.clone());
+        Ok(c)
+    }
+
+    /// A connection with room for one more flow: a pooled one, or a new one
+    /// while the pool has room. `NoRoute` while the link is down.
+    async fn pick(&self) -> Result<Conn, DialError> {
+        let cfg = self.cfg();
+        let generation = self.generation();
+        let full = {
+            let mut pool = self.pool.lock().expect("poisoned");
+            pool.retain(|c| c.live() && c.generation == generation);
+            if let Some(c) = pool
+                .iter()
+                .find(|c| c.streams.load(Ordering::Relaxed) < cfg.max_streams_per_connection)
+            {
+                return Ok(c.clone());
+            }
+            pool.len()
+        };
+        if full == 0 {
+            return Err(DialError::NoRoute(format!(
+                "h2 link `{}` to {} is down (reconnecting)",
+                self.ctx.instance, cfg.server
+            )));
+        }
+        if full < cfg.max_connections {
+            match self.open().await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(tenant = %self.ctx.tenant.name, instance = %self.ctx.instance, error = %e, "h2 link: cannot open another connection; sharing a full one")
+                }
+            }
+        }
+        // Every connection is full: the least loaded one queues the stream
+        // (HTTP/2 flow control and the server's stream limit hold it).
+        self.pool
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter(|c| c.live())
+            .min_by_key(|c| c.streams.load(Ordering::Relaxed))
+            .cloned()
+            .ok_or_else(|| DialError::NoRoute(format!("h2 link `{}` is down", self.ctx.instance)))
+    }
+
+    /// Keeps one connection up until `stop`.
+    async fn run(self: Arc<Self>, stop: CancellationToken, generation: u64) {
+        let (tenant, instance) = (self.ctx.tenant.name.clone(), self.ctx.instance.clone());
+        let mut backoff = Backoff::new(self.cfg().backoff_max);
+        let mut connections = 0u64;
+        loop {
+            let attempt = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.open() => r,
+            };
+            match attempt {
+                Ok(conn) => {
+                    let since = Instant::now();
+                    {
+                        let mut st = self.status();
+                        st.connected = true;
+                        st.up_since = SystemTime::now()
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_secs());
+                        st.reconnects = connections;
+                        st.last_error = None;
+                    }
+                    connections += 1;
+                    tracing::info!(%tenant, %instance, server = %self.cfg().server, generation, "h2 link up");
+                    tokio::select! {
+                        _ = stop.cancelled() => {
+                            self.status().connected = false;
+                            return;
+                        }
+                        _ = conn.ended.cancelled() => {}
+                    }
+                    // Others in the pool may still be up; new flows take
+                    // them until this one is back.
+                    let others = self
+                        .pool
+                        .lock()
+                        .expect("poisoned")
+                        .iter()
+                        .any(|c| c.live() && c.generation == generation);
+                    self.status().connected = others;
+                    tracing::warn!(%tenant, %instance, up_for = ?since.elapsed(), "h2 link connection ended; reconnecting");
+                    backoff.ended_after(since.elapsed());
+                }
+                Err(e) => {
+                    tracing::warn!(%tenant, %instance, error = %e, "h2 link: cannot connect");
+                    self.status().last_error = Some(e.to_string());
+                }
+            }
+            let wait = backoff.next(self.cfg().backoff_max);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn start_loop(self: &Arc<Self>) {
+        let stop = CancellationToken::new();
+        let generation = {
+            let mut running = self.running.lock().expect("poisoned");
+            let generation = running.as_ref().map_or(1, |r| r.1 + 1);
+            if let Some((old, _)) = running.replace((stop.clone(), generation)) {
+                old.cancel();
+            }
+            generation
+        };
+        // Connections of an older config end with their last flow.
+        self.pool
+            .lock()
+            .expect("poisoned")
+            .retain(|c| c.generation == generation);
+        tokio::spawn(self.clone().run(stop, generation));
+    }
+}
+
+/// A flow's stream over the link: counted on its connection while open.
+struct Tunnel {
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    streams: Arc<AtomicUsize>,
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// `Forwarded: for=` for `src` (RFC 7239: quoted with a port, IPv6 in
+/// brackets).
+fn forwarded_for(src: SocketAddr) -> String {
+    format!("for=\"{src}\"")
+}
+
+/// Sends one `CONNECT` per dial: the other gateway dials the target.
+struct LinkDialer(Arc<Link>);
+
+#[async_trait]
+impl Dialer for LinkDialer {
+    async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError> {
+        self.dial_tcp_for(target, timeout, &DialMeta::default())
+            .await
+    }
+
+    async fn dial_tcp_for(
+        &self,
+        target: &HostPort,
+        timeout: Duration,
+        meta: &DialMeta,
+    ) -> Result<Stream, DialError> {
+        let link = &self.0;
+        let instance = &link.ctx.instance;
+        let attempt = async {
+            let conn = link.pick().await?;
+            let mut req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string());
+            if let Some(src) = meta.src {
+                req = req.header("forwarded", forwarded_for(src));
+            }
+            if let Some(t) = &meta.trace {
+                if let Some(tp) = &t.traceparent {
+                    req = req.header("traceparent", tp.as_str());
+                }
+                if let Some(b) = &t.baggage {
+                    req = req.header("baggage", b.as_str());
+                }
+            }
+            let req = req
+                .body(Empty::new())
+                .map_err(|e| DialError::NoRoute(format!("{target}: {e}")))?;
+            let down = |e: hyper::Error| {
+                DialError::NoRoute(format!(
+                    "{target}: h2 link `{instance}` lost its connection: {e}"
+                ))
+            };
+            conn.streams.fetch_add(1, Ordering::Relaxed);
+            let guard = Tunnel::counting(conn.streams.clone());
+            let mut send = conn.send.clone();
+            send.ready().await.map_err(down)?;
+            let resp = send.send_request(req).await.map_err(down)?;
+            let status = resp.status();
+            let reason = resp
+                .headers()
+                .get("x-meshgate-reason")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            if status != StatusCode::OK {
+                return Err(refused(target, instance, status, &reason, timeout));
+            }
+            let up = hyper::upgrade::on(resp).await.map_err(down)?;
+            Ok(guard.into_tunnel(TokioIo::new(up)))
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(DialError::Timeout {
+                target: target.to_string(),
+                timeout,
+            }),
+        }
+    }
+}
+
+/// Counts a stream on its connection from the request on; dropped before
+/// it became a tunnel, it uncounts.
+struct Counting(Option<Arc<AtomicUsize>>);
+
+impl Tunnel {
+    fn counting(streams: Arc<AtomicUsize>) -> Counting {
+        Counting(Some(streams))
+    }
+}
+
+impl Counting {
+    fn into_tunnel(mut self, io: TokioIo<hyper::upgrade::Upgraded>) -> Stream {
+        let streams = self.0.take().expect("counted once");
+        Stream::io(Tunnel { io, streams })
+    }
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The dial error for the other gateway's refusal.
+fn refused(
+    target: &HostPort,
+    instance: &str,
+    status: StatusCode,
+    reason: &str,
+    timeout: Duration,
+) -> DialError {
+    let far = format!("{target}: the other gateway (h2 link `{instance}`) answered {status}");
+    match (status.as_u16(), reason) {
+        (504, _) | (_, "dial_timeout") => DialError::Timeout {
+            target: target.to_string(),
+            timeout,
+        },
+        (_, "dial_resolve") => DialError::Resolve {
+            host: target.host.clone(),
+            message: far,
+        },
+        (503, _) => DialError::Refused(format!("{far} ({reason})")),
+        _ => DialError::NoRoute(format!("{far} ({reason})")),
+    }
+}
+
+#[async_trait]
+impl Module for H2Link {
+    async fn start(&self) -> Result<(), ModuleError> {
+        self.0.start_loop();
+        Ok(())
+    }
+
+    async fn reload(&self, doc: &Document) -> Result<(), ModuleError> {
+        let link = &self.0;
+        let cfg = H2LinkConfig::from_document(doc)?;
+        let reconnect = link.cfg().reconnects(&cfg);
+        *link.cfg.write().expect("poisoned") = Arc::new(cfg);
+        if reconnect {
+            link.start_loop();
+        }
+        Ok(())
+    }
+
+    async fn drain(&self) {}
+
+    async fn stop(&self) {
+        if let Some((stop, _)) = self.0.running.lock().expect("poisoned").take() {
+            stop.cancel();
+        }
+        self.0.pool.lock().expect("poisoned").clear();
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let cfg = self.0.cfg();
+        let st = self.0.status().clone();
+        let pool = self.0.pool.lock().expect("poisoned");
+        let live: Vec<&Conn> = pool.iter().filter(|c| c.live()).collect();
+        serde_json::json!({
+            "transport": "h2",
+            "server": cfg.server.to_string(),
+            "server_via": cfg.server_via,
+            "connected": st.connected,
+            "up_since": st.up_since,
+            "reconnects": st.reconnects,
+            "last_error": st.last_error,
+            "connections": live.len(),
+            "streams": live.iter().map(|c| c.streams.load(Ordering::Relaxed)).sum::<usize>(),
+        })
+    }
+
+    fn dialer(&self) -> Option<Arc<dyn Dialer>> {
+        Some(Arc::new(LinkDialer(self.0.clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn config_checks_name_the_key() {
+        let doc = |v: serde_json::Value| Document {
+            source: "tenants/west/east.yaml".into(),
+            value: v,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["gw.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
+        let ca = ca.display().to_string();
+        for (v, key) in [
+            (json!({"kind": "h2_link", "server": "x:1"}), "ca"),
+            (
+                json!({"kind": "h2_link", "server": "x:1", "ca": "/nonexistent.pem"}),
+                "ca",
+            ),
+            (
+                json!({"kind": "h2_link", "server": "x:1", "ca": ca, "tls_cert": "/c.pem"}),
+                "tls_key",
+            ),
+            (
+                json!({"kind": "h2_link", "server": "x:1", "ca": ca, "backoff_max": "10ms"}),
+                "backoff_max",
+            ),
+            (
+                json!({"kind": "h2_link", "server": "x:1", "ca": ca, "max_connections": 0}),
+                "max_connections",
+            ),
+            (
+                json!({"kind": "h2_link", "server": "x:1", "ca": ca, "server_name": "not a name"}),
+                "server_name",
+            ),
+        ] {
+            let e = H2LinkConfig::from_document(&doc(v)).err().unwrap();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        }
+        let ok = H2LinkConfig::from_document(&doc(
+            json!({"kind": "h2_link", "server": "10.0.0.1:15008", "ca": ca}),
+        ))
+        .unwrap();
+        assert_eq!(ok.server_name, ServerName::try_from("10.0.0.1").unwrap());
+        assert_eq!(ok.max_streams_per_connection, 100);
+    }
+
+    #[test]
+    fn forwarded_round_trips_through_the_door_s_parser() {
+        for src in ["10.1.2.3:4567", "[fd00::1]:80"] {
+            let src: SocketAddr = src.parse().unwrap();
+            assert_eq!(
+                super::super::parse_forwarded(forwarded_for(src).as_bytes()),
+                Some(src)
+            );
+        }
+    }
+}
