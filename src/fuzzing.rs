@@ -91,7 +91,7 @@ pub fn h2_request(data: &[u8]) {
             assert!(!t.host.is_empty() && t.port.to_string().len() <= 5);
         }
     }
-    let _ = crate::modules::h2::parse_forwarded(first);
+    let _ = crate::core::spine::onramp::http::parse_forwarded(first);
     if let Some(t) = Trace::parse(
         lines.iter().skip(1).take(1).copied(),
         lines.iter().skip(2).copied(),

@@ -209,6 +209,146 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// A TLS door's own keys, as its document gives them.
+#[derive(Debug, Clone, Default)]
+pub struct DoorTlsKeys {
+    /// `tls_cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `tls_key`.
+    pub tls_key: Option<PathBuf>,
+    /// `client_ca`.
+    pub client_ca: Option<PathBuf>,
+    /// `client_auth` (default: `required` with `client_ca`, else `none`).
+    pub client_auth: Option<ClientAuth>,
+    /// `identity_from` (default: [`IDENTITY_FROM`]).
+    pub identity_from: Option<Vec<IdentityFrom>>,
+    /// `trust_forwarded`.
+    pub trust_forwarded: Vec<String>,
+}
+
+/// A TLS door's checked keys: its server config and whose identity counts.
+#[derive(Clone)]
+pub struct DoorTls {
+    /// The TLS server (`None`: plain text, where the door allows it).
+    pub server: Option<Arc<rustls::ServerConfig>>,
+    /// Whether a client certificate is asked for.
+    pub client_auth: ClientAuth,
+    /// Where the identity comes from in a client certificate, in order.
+    pub identity_from: Vec<IdentityFrom>,
+    /// Identities whose `Forwarded: for=` is believed.
+    pub trust_forwarded: Vec<String>,
+}
+
+impl DoorTlsKeys {
+    /// Checks the keys and reads the files: a TLS 1.3 server offering
+    /// `alpn`, or none when `plain` names the key (`h2c`) that asked for
+    /// plain text (then no TLS key may be given).
+    pub fn check(
+        self,
+        src: &str,
+        plain: Option<&str>,
+        alpn: &[&[u8]],
+    ) -> Result<DoorTls, ConfigError> {
+        let client_auth = self.client_auth.unwrap_or(if self.client_ca.is_some() {
+            ClientAuth::Required
+        } else {
+            ClientAuth::None
+        });
+        let server = if let Some(plain) = plain {
+            for (key, set) in [
+                ("tls_cert", self.tls_cert.is_some()),
+                ("tls_key", self.tls_key.is_some()),
+                ("client_ca", self.client_ca.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::key(
+                        src,
+                        key,
+                        format!(
+                            "given with `{plain}: true`, which has no TLS: drop one of the two"
+                        ),
+                    ));
+                }
+            }
+            if client_auth != ClientAuth::None {
+                return Err(ConfigError::key(
+                    src,
+                    "client_auth",
+                    format!("`{plain}` has no TLS, so no client certificates"),
+                ));
+            }
+            None
+        } else {
+            let missing = |key: &str| {
+                ConfigError::key(
+                    src,
+                    key,
+                    format!(
+                        "missing: the door's {} in PEM",
+                        if key == "tls_cert" {
+                            "certificate chain"
+                        } else {
+                            "private key"
+                        }
+                    ),
+                )
+            };
+            let files = ServerFiles {
+                cert: self.tls_cert.ok_or_else(|| missing("tls_cert"))?,
+                key: self.tls_key.ok_or_else(|| missing("tls_key"))?,
+                client_ca: self.client_ca,
+                client_auth,
+            };
+            Some(Arc::new(server_config(src, &files, alpn)?))
+        };
+        let identity_from = self.identity_from.unwrap_or_else(|| IDENTITY_FROM.to_vec());
+        if identity_from.is_empty() {
+            return Err(ConfigError::key(
+                src,
+                "identity_from",
+                "must name at least one of spiffe, dns, cn",
+            ));
+        }
+        if !self.trust_forwarded.is_empty() && client_auth == ClientAuth::None {
+            return Err(ConfigError::key(
+                src,
+                "trust_forwarded",
+                "names identities, but without client certificates (`client_ca`) no client has one",
+            ));
+        }
+        Ok(DoorTls {
+            server,
+            client_auth,
+            identity_from,
+            trust_forwarded: self.trust_forwarded,
+        })
+    }
+}
+
+impl DoorTls {
+    /// The identity a client's certificate chain gives, and whether it
+    /// presented one.
+    pub fn identity(
+        &self,
+        certs: Option<&[rustls::pki_types::CertificateDer<'_>]>,
+    ) -> (Option<String>, bool) {
+        let cert = certs.and_then(|c| c.first());
+        (
+            cert.and_then(|c| identity_of(c, &self.identity_from)),
+            cert.is_some(),
+        )
+    }
+
+    /// `client_auth` as the status shows it.
+    pub fn client_auth_name(&self) -> &'static str {
+        match self.client_auth {
+            ClientAuth::None => "none",
+            ClientAuth::Optional => "optional",
+            ClientAuth::Required => "required",
+        }
+    }
+}
+
 /// What a TLS client needs: the CA that issues the server's certificate,
 /// and its own certificate and key (if the server asks for one).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,15 +1,13 @@
 //! The h2 door's config document.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use configstore::Document;
 use serde::Deserialize;
 
 use crate::core::config::{positive, ByteSize, ConfigError};
-use crate::core::net::tls::{self, ClientAuth, IdentityFrom, ServerFiles, IDENTITY_FROM};
+use crate::core::net::tls::{ClientAuth, DoorTls, DoorTlsKeys, IdentityFrom};
 use crate::core::spine::door::{DoorKeys, DoorSettings};
 
 /// `kind: h2`
@@ -138,14 +136,8 @@ impl Default for H2Limits {
 pub struct H2Config {
     /// Where it listens, where flows route, timeouts, limits.
     pub door: DoorSettings,
-    /// The TLS server (`None`: `h2c`, plain text on loopback).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// Whether a client certificate is asked for.
-    pub client_auth: ClientAuth,
-    /// Where the identity comes from in a client certificate, in order.
-    pub identity_from: Vec<IdentityFrom>,
-    /// Identities whose `Forwarded: for=` is believed.
-    pub trust_forwarded: Vec<String>,
+    /// TLS and identities (no server config: `h2c`, plain text on loopback).
+    pub tls: DoorTls,
     /// HTTP/2 settings.
     pub limits: H2Limits,
 }
@@ -246,125 +238,36 @@ impl H2Config {
                 ),
             ));
         }
-        let client_auth = raw.client_auth.unwrap_or(if raw.client_ca.is_some() {
-            ClientAuth::Required
-        } else {
-            ClientAuth::None
-        });
-        let tls = if raw.h2c {
-            if door.exposed() || door.listen_via.is_some() {
-                return Err(ConfigError::key(
-                    src,
-                    "h2c",
-                    format!(
-                        "plain-text HTTP/2 is only served on a loopback address, not {}{}: drop `h2c` and give `tls_cert` and `tls_key`",
-                        door.listen,
-                        door.listen_via.as_ref().map(|v| format!(" via {v}")).unwrap_or_default()
-                    ),
-                ));
-            }
-            for (key, set) in [
-                ("tls_cert", raw.tls_cert.is_some()),
-                ("tls_key", raw.tls_key.is_some()),
-                ("client_ca", raw.client_ca.is_some()),
-            ] {
-                if set {
-                    return Err(ConfigError::key(
-                        src,
-                        key,
-                        "given with `h2c: true`, which has no TLS: drop one of the two",
-                    ));
-                }
-            }
-            if client_auth != ClientAuth::None {
-                return Err(ConfigError::key(
-                    src,
-                    "client_auth",
-                    "`h2c` has no TLS, so no client certificates",
-                ));
-            }
-            None
-        } else {
-            let missing = |key: &str| {
-                ConfigError::key(
-                    src,
-                    key,
-                    format!(
-                        "missing: the door's {} in PEM (or `h2c: true` on a loopback address, without TLS)",
-                        if key == "tls_cert" { "certificate chain" } else { "private key" }
-                    ),
-                )
-            };
-            let files = ServerFiles {
-                cert: raw.tls_cert.ok_or_else(|| missing("tls_cert"))?,
-                key: raw.tls_key.ok_or_else(|| missing("tls_key"))?,
-                client_ca: raw.client_ca,
-                client_auth,
-            };
-            Some(Arc::new(tls::server_config(src, &files, &[b"h2"])?))
-        };
-        let identity_from = raw.identity_from.unwrap_or_else(|| IDENTITY_FROM.to_vec());
-        if identity_from.is_empty() {
+        if raw.h2c && (door.exposed() || door.listen_via.is_some()) {
             return Err(ConfigError::key(
                 src,
-                "identity_from",
-                "must name at least one of spiffe, dns, cn",
+                "h2c",
+                format!(
+                    "plain-text HTTP/2 is only served on a loopback address, not {}{}: drop `h2c` and give `tls_cert` and `tls_key`",
+                    door.listen,
+                    door.listen_via.as_ref().map(|v| format!(" via {v}")).unwrap_or_default()
+                ),
             ));
         }
-        if !raw.trust_forwarded.is_empty() && client_auth == ClientAuth::None {
-            return Err(ConfigError::key(
-                src,
-                "trust_forwarded",
-                "names identities, but without client certificates (`client_ca`) no client has one",
-            ));
+        let tls = DoorTlsKeys {
+            tls_cert: raw.tls_cert,
+            tls_key: raw.tls_key,
+            client_ca: raw.client_ca,
+            client_auth: raw.client_auth,
+            identity_from: raw.identity_from,
+            trust_forwarded: raw.trust_forwarded,
         }
-        if door.exposed() && client_auth == ClientAuth::None {
+        .check(src, raw.h2c.then_some("h2c"), &[b"h2"])?;
+        if door.exposed() && tls.client_auth == ClientAuth::None {
             tracing::warn!(source = %doc.source, listen = %door.listen, "h2 door without client certificates on a non-loopback address: anyone who reaches it can use the tenant's routes");
         }
-        Ok(H2Config {
-            door,
-            tls,
-            client_auth,
-            identity_from,
-            trust_forwarded: raw.trust_forwarded,
-            limits,
-        })
+        Ok(H2Config { door, tls, limits })
     }
 
     /// The instances this door needs started first.
     pub fn depends_on(&self) -> Vec<String> {
         self.door.depends_on([])
     }
-}
-
-/// The client address a `Forwarded` header (RFC 7239) gives: the `for=`
-/// of its first element, as `1.2.3.4`, `1.2.3.4:5678` or `"[fd00::1]:5678"`
-/// (port 0 when none is given). `None` for `unknown`, an obfuscated
-/// identifier, or anything malformed. Never panics
-/// (`fuzz/fuzz_targets/h2_request.rs`).
-pub fn parse_forwarded(value: &[u8]) -> Option<SocketAddr> {
-    let value = std::str::from_utf8(value).ok()?;
-    let first = value.split(',').next()?;
-    let v = first.split(';').find_map(|pair| {
-        let (k, v) = pair.trim().split_once('=')?;
-        k.trim().eq_ignore_ascii_case("for").then_some(v.trim())
-    })?;
-    let v = match v.strip_prefix('"') {
-        Some(q) => q.strip_suffix('"')?,
-        None => v,
-    };
-    if let Ok(a) = v.parse::<SocketAddr>() {
-        return Some(a);
-    }
-    let ip = match v.strip_prefix('[') {
-        Some(b) => b
-            .strip_suffix(']')?
-            .parse::<std::net::Ipv6Addr>()
-            .ok()?
-            .into(),
-        None => v.parse::<IpAddr>().ok()?,
-    };
-    Some(SocketAddr::new(ip, 0))
 }
 
 #[cfg(test)]
@@ -377,27 +280,6 @@ mod tests {
             source: "tenants/acme/h2.yaml".into(),
             value: v,
         }
-    }
-
-    #[test]
-    fn forwarded_for() {
-        let f = |s: &str| parse_forwarded(s.as_bytes());
-        assert_eq!(f("for=10.1.2.3"), Some("10.1.2.3:0".parse().unwrap()));
-        assert_eq!(
-            f("for=\"10.1.2.3:4567\";proto=https, for=9.9.9.9"),
-            Some("10.1.2.3:4567".parse().unwrap())
-        );
-        assert_eq!(
-            f("proto=http; For=\"[fd00::1]:80\""),
-            Some("[fd00::1]:80".parse().unwrap())
-        );
-        assert_eq!(f("for=\"[fd00::1]\""), Some("[fd00::1]:0".parse().unwrap()));
-        assert_eq!(f("for=unknown"), None);
-        assert_eq!(f("for=_hidden"), None);
-        assert_eq!(f("for=\"10.1.2.3"), None);
-        assert_eq!(f("by=10.1.2.3"), None);
-        assert_eq!(f("for=fd00::1"), Some("[fd00::1]:0".parse().unwrap()));
-        assert_eq!(parse_forwarded(&[0xff, b'=']), None);
     }
 
     #[test]
@@ -424,6 +306,6 @@ mod tests {
         .unwrap();
         assert_eq!(ok.limits.stream_window, 1 << 20);
         assert_eq!(ok.limits.connection_window, 16 << 20);
-        assert!(ok.tls.is_none());
+        assert!(ok.tls.server.is_none());
     }
 }

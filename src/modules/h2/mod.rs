@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use configstore::Document;
 use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
@@ -41,16 +41,14 @@ use tokio_util::sync::CancellationToken;
 use crate::core::config::ConfigError;
 use crate::core::logs;
 use crate::core::net::proxy::Stream;
-use crate::core::net::tls::{self, ClientAuth};
 use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
-use crate::core::spine::flow::{EndReason, Trace};
-use crate::core::spine::onramp::http::{self, text, Body, Client, Handover};
-use crate::core::spine::onramp::{
-    Accepted, ConnectRequest, OnRamp, RouteVia, StreamHandler, Target,
-};
+use crate::core::spine::flow::EndReason;
+use crate::core::spine::onramp::http::{self, text, Body, Client, Handover, Tunneler};
+use crate::core::spine::onramp::{Accepted, OnRamp, StreamHandler, Target};
 use crate::core::spine::reject::RejectReason;
 
-pub use config::{parse_forwarded, H2Config};
+pub use crate::core::spine::onramp::http::parse_forwarded;
+pub use config::H2Config;
 
 /// Builds h2 doors.
 pub type H2Factory = DoorFactory<H2Door>;
@@ -109,64 +107,29 @@ impl Exchange {
         self: Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
-        if req.method() != Method::CONNECT {
-            return Ok(self.refuse(
-                RejectReason::BadRequest,
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "this door carries CONNECT host:port only, not {}",
-                    req.method()
-                ),
-            ));
-        }
-        let Some(target) = http::connect_target(req.uri().authority()) else {
-            return Ok(self.refuse(
-                RejectReason::BadRequest,
-                StatusCode::BAD_REQUEST,
-                "CONNECT needs an authority host:port".into(),
-            ));
+        let who = Tunneler {
+            peer: self.src,
+            dst: self.dst,
+            identity: self.identity.clone(),
+            certified: self.certified,
+            trust_forwarded: &self.cfg.tls.trust_forwarded,
         };
-        if self.certified && self.identity.is_none() {
-            return Ok(self.refuse(
-                RejectReason::IdentityRequired,
-                StatusCode::UNAUTHORIZED,
-                "the client certificate names no identity this door takes (identity_from)".into(),
-            ));
-        }
-        // Another gateway's client: its certificate is trusted to say who.
-        let src = match &self.identity {
-            Some(id) if self.cfg.trust_forwarded.iter().any(|t| t == id) => req
-                .headers()
-                .get("forwarded")
-                .and_then(|v| parse_forwarded(v.as_bytes()))
-                .unwrap_or(self.src),
-            _ => self.src,
+        let flow = match http::tunnel_request(
+            &who,
+            req.method(),
+            req.uri().authority(),
+            req.headers(),
+            &self.cfg.door,
+        ) {
+            Ok(f) => f,
+            Err(r) => return Ok(self.refuse(r.reason, r.status, r.detail)),
         };
-        let trace = Trace::parse(
-            req.headers()
-                .get_all("traceparent")
-                .iter()
-                .map(|v| v.as_bytes()),
-            req.headers()
-                .get_all("baggage")
-                .iter()
-                .map(|v| v.as_bytes()),
-        )
-        .map(Arc::new);
+        let target = match &flow.target {
+            Target::Addr(t) => t.to_string(),
+            Target::Unknown { label, .. } => label.clone(),
+        };
         let upgrade = hyper::upgrade::on(&mut req);
         let (tx, rx) = oneshot::channel();
-        let flow = ConnectRequest {
-            src,
-            target: Target::Addr(target.clone()),
-            identity: self.identity.clone(),
-            via: RouteVia::Vnet(self.cfg.door.vnet.clone()),
-            connect_timeout: self.cfg.door.connect_timeout,
-            idle_timeout: self.cfg.door.idle_timeout,
-            client_dst: self.dst,
-            proxy_protocol: None,
-            chosen_by: crate::core::spine::dest::ChosenBy::Client,
-            trace,
-        };
         let onramp = self.onramp.clone();
         let open = Open::new(&self.streams);
         self.onramp.spawn(async move {
@@ -281,7 +244,7 @@ impl StreamHandler for H2Door {
                 streams: self.streams.clone(),
             })
         };
-        let Some(server) = cfg.tls.clone() else {
+        let Some(server) = cfg.tls.server.clone() else {
             drop(startup);
             return self.serve(onramp, client, exchange(None, false)).await;
         };
@@ -295,9 +258,7 @@ impl StreamHandler for H2Door {
             _ = onramp.stopping().cancelled() => return,
         };
         drop(startup);
-        let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-        let identity = cert.and_then(|c| tls::identity_of(c, &cfg.identity_from));
-        let certified = cert.is_some();
+        let (identity, certified) = cfg.tls.identity(tls.get_ref().1.peer_certificates());
         self.serve(onramp, tls, exchange(identity, certified)).await;
     }
 }
@@ -331,7 +292,7 @@ impl Door for H2Door {
         let mut status = cfg.door.status(onramp);
         status.insert(
             "tls".into(),
-            serde_json::json!(if cfg.tls.is_some() {
+            serde_json::json!(if cfg.tls.server.is_some() {
                 "1.3"
             } else {
                 "none (h2c)"
@@ -339,11 +300,7 @@ impl Door for H2Door {
         );
         status.insert(
             "client_auth".into(),
-            serde_json::json!(match cfg.client_auth {
-                ClientAuth::None => "none",
-                ClientAuth::Optional => "optional",
-                ClientAuth::Required => "required",
-            }),
+            serde_json::json!(cfg.tls.client_auth_name()),
         );
         status.insert(
             "streams".into(),

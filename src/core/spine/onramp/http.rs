@@ -17,9 +17,12 @@ use tokio::sync::oneshot;
 use crate::core::addr::HostPort;
 use crate::core::net::dial::DialFailure;
 use crate::core::net::proxy::Stream;
+use crate::core::net::trace::Trace;
+use crate::core::spine::door::DoorSettings;
 use crate::core::spine::flow::EndReason;
+use crate::core::spine::reject::RejectReason;
 
-use super::Answer;
+use super::{Answer, ConnectRequest, RouteVia, Target};
 
 /// A reply body.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -73,6 +76,128 @@ pub fn connect_target(authority: Option<&hyper::http::uri::Authority>) -> Option
         port: a.port_u16()?,
     })
     .filter(|t| !t.host.is_empty())
+}
+
+/// Who sent a tunnel request (HTTP/2 or QUIC CONNECT), as TLS told.
+pub struct Tunneler<'a> {
+    /// The connection's peer (or its load balancer's client).
+    pub peer: SocketAddr,
+    /// The address it connected to.
+    pub dst: Option<SocketAddr>,
+    /// The client certificate's identity.
+    pub identity: Option<String>,
+    /// Whether it presented a certificate.
+    pub certified: bool,
+    /// Identities whose `Forwarded: for=` is believed.
+    pub trust_forwarded: &'a [String],
+}
+
+/// A refused tunnel request: the reason counted, the status, a line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// What is counted.
+    pub reason: RejectReason,
+    /// What the client is told.
+    pub status: StatusCode,
+    /// One line for the client.
+    pub detail: String,
+}
+
+/// The flow an HBONE-style `CONNECT host:port` asks for (HTTP/2 over TLS,
+/// or a QUIC stream): `400` for another method or no `host:port`, `401`
+/// for a certificate that names no identity; the source from `Forwarded:
+/// for=` if the client's identity is trusted to say it; the trace context
+/// if well-formed. Routed in the door's vnet, chosen by the client.
+pub fn tunnel_request(
+    who: &Tunneler<'_>,
+    method: &hyper::Method,
+    authority: Option<&hyper::http::uri::Authority>,
+    headers: &hyper::HeaderMap,
+    door: &DoorSettings,
+) -> Result<ConnectRequest, Refused> {
+    if method != hyper::Method::CONNECT {
+        return Err(Refused {
+            reason: RejectReason::BadRequest,
+            status: StatusCode::BAD_REQUEST,
+            detail: format!("this door carries CONNECT host:port only, not {method}"),
+        });
+    }
+    let Some(target) = connect_target(authority) else {
+        return Err(Refused {
+            reason: RejectReason::BadRequest,
+            status: StatusCode::BAD_REQUEST,
+            detail: "CONNECT needs an authority host:port".into(),
+        });
+    };
+    if who.certified && who.identity.is_none() {
+        return Err(Refused {
+            reason: RejectReason::IdentityRequired,
+            status: StatusCode::UNAUTHORIZED,
+            detail: "the client certificate names no identity this door takes (identity_from)"
+                .into(),
+        });
+    }
+    // Another gateway's client: its certificate is trusted to say who.
+    let src = match &who.identity {
+        Some(id) if who.trust_forwarded.iter().any(|t| t == id) => headers
+            .get("forwarded")
+            .and_then(|v| parse_forwarded(v.as_bytes()))
+            .unwrap_or(who.peer),
+        _ => who.peer,
+    };
+    let trace = Trace::parse(
+        headers.get_all("traceparent").iter().map(|v| v.as_bytes()),
+        headers.get_all("baggage").iter().map(|v| v.as_bytes()),
+    )
+    .map(std::sync::Arc::new);
+    Ok(ConnectRequest {
+        src,
+        target: Target::Addr(target),
+        identity: who.identity.clone(),
+        via: RouteVia::Vnet(door.vnet.clone()),
+        connect_timeout: door.connect_timeout,
+        idle_timeout: door.idle_timeout,
+        client_dst: who.dst,
+        proxy_protocol: None,
+        chosen_by: crate::core::spine::dest::ChosenBy::Client,
+        trace,
+    })
+}
+
+/// The client address a `Forwarded` header (RFC 7239) gives: the `for=`
+/// of its first element, as `1.2.3.4`, `1.2.3.4:5678` or `"[fd00::1]:5678"`
+/// (port 0 when none is given). `None` for `unknown`, an obfuscated
+/// identifier, or anything malformed. Never panics
+/// (`fuzz/fuzz_targets/h2_request.rs`).
+pub fn parse_forwarded(value: &[u8]) -> Option<SocketAddr> {
+    let value = std::str::from_utf8(value).ok()?;
+    let first = value.split(',').next()?;
+    let v = first.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        k.trim().eq_ignore_ascii_case("for").then_some(v.trim())
+    })?;
+    let v = match v.strip_prefix('"') {
+        Some(q) => q.strip_suffix('"')?,
+        None => v,
+    };
+    if let Ok(a) = v.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    let ip = match v.strip_prefix('[') {
+        Some(b) => b
+            .strip_suffix(']')?
+            .parse::<std::net::Ipv6Addr>()
+            .ok()?
+            .into(),
+        None => v.parse::<std::net::IpAddr>().ok()?,
+    };
+    Some(SocketAddr::new(ip, 0))
+}
+
+/// `Forwarded: for=` for `src` (RFC 7239: quoted with a port, IPv6 in
+/// brackets), as gateway links send it.
+pub fn forwarded_for(src: SocketAddr) -> String {
+    format!("for=\"{src}\"")
 }
 
 /// The client side of a proxied flow: reports the outcome to the request
@@ -145,6 +270,31 @@ mod tests {
             ),
             StatusCode::SERVICE_UNAVAILABLE
         );
+    }
+
+    #[test]
+    fn forwarded_for_round_trips() {
+        let f = |s: &str| parse_forwarded(s.as_bytes());
+        assert_eq!(f("for=10.1.2.3"), Some("10.1.2.3:0".parse().unwrap()));
+        assert_eq!(
+            f("for=\"10.1.2.3:4567\";proto=https, for=9.9.9.9"),
+            Some("10.1.2.3:4567".parse().unwrap())
+        );
+        assert_eq!(
+            f("proto=http; For=\"[fd00::1]:80\""),
+            Some("[fd00::1]:80".parse().unwrap())
+        );
+        assert_eq!(f("for=\"[fd00::1]\""), Some("[fd00::1]:0".parse().unwrap()));
+        assert_eq!(f("for=unknown"), None);
+        assert_eq!(f("for=_hidden"), None);
+        assert_eq!(f("for=\"10.1.2.3"), None);
+        assert_eq!(f("by=10.1.2.3"), None);
+        assert_eq!(f("for=fd00::1"), Some("[fd00::1]:0".parse().unwrap()));
+        assert_eq!(parse_forwarded(&[0xff, b'=']), None);
+        for src in ["10.1.2.3:4567", "[fd00::1]:80"] {
+            let src: SocketAddr = src.parse().unwrap();
+            assert_eq!(parse_forwarded(forwarded_for(src).as_bytes()), Some(src));
+        }
     }
 
     #[test]
