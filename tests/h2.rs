@@ -8,10 +8,10 @@
 mod common;
 
 use common::free_port;
+use common::hbone::*;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,201 +21,9 @@ use hyper::client::conn::http2::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshgate::core::node::Node;
-use meshgate::core::spine::audit::AuditRecord;
-use meshgate::core::spine::flow::{Flow, FlowEnd, FlowObserver, Verdict};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A CA and the certificates it issued, as PEM files in a directory.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-const ALICE: &str = "spiffe://example.org/ns/default/sa/alice";
-const GATEWAY: &str = "spiffe://example.org/ns/mesh/sa/gateway";
-const MALLORY: &str = "spiffe://example.org/ns/default/sa/mallory";
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki { dir };
-        let (ca, ca_key) = pki.ca("ca");
-        pki.leaf(
-            "server",
-            &ca,
-            &ca_key,
-            vec![
-                rcgen::SanType::DnsName("gw.test".try_into().unwrap()),
-                rcgen::SanType::DnsName("localhost".try_into().unwrap()),
-                rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()),
-            ],
-            None,
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        );
-        for (name, uri) in [("alice", ALICE), ("gateway", GATEWAY), ("mallory", MALLORY)] {
-            pki.leaf(
-                name,
-                &ca,
-                &ca_key,
-                vec![
-                    rcgen::SanType::URI(uri.try_into().unwrap()),
-                    rcgen::SanType::DnsName(format!("{name}.client.test").try_into().unwrap()),
-                ],
-                Some(name),
-                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-            );
-        }
-        // A client certificate that names nothing the door takes with
-        // `identity_from: [spiffe]`.
-        pki.leaf(
-            "nameless",
-            &ca,
-            &ca_key,
-            vec![rcgen::SanType::DnsName("nameless.test".try_into().unwrap())],
-            None,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        );
-        // The same name from another CA.
-        let (other, other_key) = pki.ca("other-ca");
-        pki.leaf(
-            "impostor",
-            &other,
-            &other_key,
-            vec![rcgen::SanType::URI(ALICE.try_into().unwrap())],
-            Some("alice"),
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        );
-        pki
-    }
-
-    fn ca(&self, name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::default();
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, format!("meshgate test {name}"));
-        let cert = p.self_signed(&key).unwrap();
-        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
-        (cert, key)
-    }
-
-    fn leaf(
-        &self,
-        name: &str,
-        ca: &rcgen::Certificate,
-        ca_key: &rcgen::KeyPair,
-        sans: Vec<rcgen::SanType>,
-        cn: Option<&str>,
-        usage: rcgen::ExtendedKeyUsagePurpose,
-    ) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::default();
-        p.subject_alt_names = sans;
-        p.distinguished_name = rcgen::DistinguishedName::new();
-        if let Some(cn) = cn {
-            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-        }
-        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![usage];
-        let cert = p.signed_by(&key, ca, ca_key).unwrap();
-        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
-        let key_path = self.path(&format!("{name}.key"));
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    fn s(&self, file: &str) -> String {
-        self.path(file).display().to_string()
-    }
-
-    /// A TLS client trusting the CA, with `who`'s certificate (if any).
-    fn client(&self, who: Option<&str>) -> rustls::ClientConfig {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(self.path("ca.pem")).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let b = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots);
-        let mut cfg = match who {
-            None => b.with_no_client_auth(),
-            Some(w) => b
-                .with_client_auth_cert(
-                    CertificateDer::pem_file_iter(self.path(&format!("{w}.pem")))
-                        .unwrap()
-                        .map(|c| c.unwrap())
-                        .collect(),
-                    PrivateKeyDer::from_pem_file(self.path(&format!("{w}.key"))).unwrap(),
-                )
-                .unwrap(),
-        };
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        cfg
-    }
-}
-
-/// Records every flow's audit record.
-#[derive(Default)]
-struct Audit(Mutex<Vec<serde_json::Value>>);
-
-impl FlowObserver for Audit {
-    fn on_start(&self, _flow: &Flow) -> Verdict {
-        Verdict::Allow
-    }
-    fn on_end(&self, flow: &Flow, end: &FlowEnd) {
-        let r = AuditRecord::new(flow, end, flow.decision());
-        self.0
-            .lock()
-            .unwrap()
-            .push(serde_json::to_value(r).unwrap());
-    }
-}
-
-impl Audit {
-    /// The first record for `requested`, waiting up to 3 s for it.
-    async fn of(&self, requested: &str) -> serde_json::Value {
-        self.find(|r| r["requested"] == requested).await
-    }
-
-    /// The first record `pred` accepts, waiting up to 3 s for it.
-    async fn find(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        for _ in 0..60 {
-            if let Some(r) = self.0.lock().unwrap().iter().find(|r| pred(r)) {
-                return r.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let all = self.0.lock().unwrap().clone();
-        panic!("no such audit record: {all:?}");
-    }
-}
-
-async fn echo_server() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
 
 /// An HTTP/2 connection to the door at `port` with TLS `tls`.
 async fn h2_connect(
@@ -359,7 +167,7 @@ fn tenant(store: &MemStore, pki: &Pki, port: u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hbone_connects_refuses_and_audits_with_the_client_identity() {
     let pki = Pki::new();
-    let echo_addr = echo_server().await;
+    let echo_addr = echo_task().await;
     let closed = free_port();
     let port = free_port();
     let store = Arc::new(MemStore::new());
@@ -494,7 +302,7 @@ async fn hbone_connects_refuses_and_audits_with_the_client_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_refusals_are_counted_and_other_tenants_flows_go_on() {
     let pki = Pki::new();
-    let echo_addr = echo_server().await;
+    let echo_addr = echo_task().await;
     let port = free_port();
     let strict = free_port();
     let store = Arc::new(MemStore::new());
@@ -593,7 +401,7 @@ async fn tls_refusals_are_counted_and_other_tenants_flows_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_sends_goaway_and_the_open_tunnel_finishes() {
     let pki = Pki::new();
-    let echo_addr = echo_server().await;
+    let echo_addr = echo_task().await;
     let port = free_port();
     let store = Arc::new(MemStore::new());
     tenant(&store, &pki, port);
@@ -829,7 +637,7 @@ async fn pycurl_and_node_fetch_nginx_through_the_door() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_link_carries_a_pipe_to_the_far_node_and_reconnects() {
     let pki = Pki::new();
-    let echo_addr = echo_server().await;
+    let echo_addr = echo_task().await;
     let (door_port, pipe_port, denied_port) = (free_port(), free_port(), free_port());
     let east = Arc::new(MemStore::new());
     east.set(

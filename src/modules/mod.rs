@@ -7,6 +7,7 @@
 //! - [`vnet`]: a tenant's virtual networks: routes, hosts, the default.
 //! - [`socks`]: a SOCKS5 (and SOCKS4/4a) front door with UDP ASSOCIATE.
 //! - [`http_proxy`]: an HTTP/1.1 CONNECT and forward proxy front door.
+//! - `quic` (feature `quic`): the h2 door's tunnels over QUIC, and `quic_link`.
 //! - [`h2`]: an HTTP/2 CONNECT door over TLS 1.3 (HBONE), client certificates as
 //!   identities, and `h2_link`, a gateway link to another node's door.
 //! - [`capture`]: transparent capture (REDIRECT, TPROXY) of unconfigured clients.
@@ -22,6 +23,8 @@ pub mod h2;
 pub mod http_proxy;
 pub mod pipe;
 pub mod policy;
+#[cfg(feature = "quic")]
+pub mod quic;
 pub mod socks;
 pub mod ssh;
 pub mod vnet;
@@ -41,5 +44,9 @@ pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
         Arc::new(wireguard::WireGuardFactory),
         Arc::new(vnet::VnetFactory),
         Arc::new(policy::PolicyFactory),
+        #[cfg(feature = "quic")]
+        Arc::new(quic::QuicFactory),
+        #[cfg(feature = "quic")]
+        Arc::new(quic::link::QuicLinkFactory),
     ]
 }

@@ -44,7 +44,7 @@ use crate::core::net::dial::{DialError, DialMeta, Dialer};
 use crate::core::net::proxy::Stream;
 use crate::core::net::tls::{self, ClientFiles};
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
-use crate::core::spine::onramp::http::forwarded_for;
+use crate::core::spine::onramp::http::{far_refusal, forwarded_for};
 use crate::core::spine::router::Connector;
 
 use super::config::{within, H2Limits};
@@ -629,7 +629,13 @@ impl Dialer for LinkDialer {
                 .unwrap_or("")
                 .to_string();
             if status != StatusCode::OK {
-                return Err(refused(target, instance, status, &reason, timeout));
+                return Err(far_refusal(
+                    target,
+                    &format!("h2 link `{instance}`"),
+                    status,
+                    &reason,
+                    timeout,
+                ));
             }
             let up = hyper::upgrade::on(resp).await.map_err(down)?;
             Ok(guard.into_tunnel(TokioIo::new(up)))
@@ -666,29 +672,6 @@ impl Drop for Counting {
         if let Some(s) = self.0.take() {
             s.fetch_sub(1, Ordering::Relaxed);
         }
-    }
-}
-
-/// The dial error for the other gateway's refusal.
-fn refused(
-    target: &HostPort,
-    instance: &str,
-    status: StatusCode,
-    reason: &str,
-    timeout: Duration,
-) -> DialError {
-    let far = format!("{target}: the other gateway (h2 link `{instance}`) answered {status}");
-    match (status.as_u16(), reason) {
-        (504, _) | (_, "dial_timeout") => DialError::Timeout {
-            target: target.to_string(),
-            timeout,
-        },
-        (_, "dial_resolve") => DialError::Resolve {
-            host: target.host.clone(),
-            message: far,
-        },
-        (503, _) => DialError::Refused(format!("{far} ({reason})")),
-        _ => DialError::NoRoute(format!("{far} ({reason})")),
     }
 }
 

@@ -200,6 +200,32 @@ pub fn forwarded_for(src: SocketAddr) -> String {
     format!("for=\"{src}\"")
 }
 
+/// The dial error for a tunnel the other gateway refused (`via` names the
+/// link): its status and `x-meshgate-reason` mapped back, so the flow here
+/// ends as it did there.
+pub fn far_refusal(
+    target: &HostPort,
+    via: &str,
+    status: StatusCode,
+    reason: &str,
+    timeout: std::time::Duration,
+) -> crate::core::net::dial::DialError {
+    use crate::core::net::dial::DialError;
+    let far = format!("{target}: the other gateway ({via}) answered {status}");
+    match (status.as_u16(), reason) {
+        (504, _) | (_, "dial_timeout") => DialError::Timeout {
+            target: target.to_string(),
+            timeout,
+        },
+        (_, "dial_resolve") => DialError::Resolve {
+            host: target.host.clone(),
+            message: far,
+        },
+        (503, _) => DialError::Refused(format!("{far} ({reason})")),
+        _ => DialError::NoRoute(format!("{far} ({reason})")),
+    }
+}
+
 /// The client side of a proxied flow: reports the outcome to the request
 /// handler, then hands over the stream to relay (the upgraded connection
 /// or stream of a CONNECT, or the near end of a forwarded exchange's pipe).

@@ -323,6 +323,17 @@ impl OnRamp {
         )
     }
 
+    /// Binds a host UDP socket for a protocol stack that drives it itself
+    /// (QUIC): the socket, and its record as this tenant's, to hold as long.
+    pub fn bind_host_udp_std(
+        &self,
+        addr: SocketAddr,
+    ) -> io::Result<(std::net::UdpSocket, crate::core::net::listen::Registered)> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let registered = self.register_host(socket.local_addr()?);
+        Ok((socket, registered))
+    }
+
     /// Binds a UDP socket on the host or on a VPN address in a module's
     /// network (`listen_via`).
     pub async fn bind_udp(

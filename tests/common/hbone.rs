@@ -1,0 +1,202 @@
+//! What the HBONE-style door tests share: a test PKI (a CA, a server
+//! certificate, client certificates with SPIFFE IDs, one from another CA),
+//! an audit recorder and an in-process echo server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshgate::core::spine::audit::AuditRecord;
+use meshgate::core::spine::flow::{Flow, FlowEnd, FlowObserver, Verdict};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A CA and the certificates it issued, as PEM files in a directory.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+pub const ALICE: &str = "spiffe://example.org/ns/default/sa/alice";
+pub const GATEWAY: &str = "spiffe://example.org/ns/mesh/sa/gateway";
+pub const MALLORY: &str = "spiffe://example.org/ns/default/sa/mallory";
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki { dir };
+        let (ca, ca_key) = pki.ca("ca");
+        pki.leaf(
+            "server",
+            &ca,
+            &ca_key,
+            vec![
+                rcgen::SanType::DnsName("gw.test".try_into().unwrap()),
+                rcgen::SanType::DnsName("localhost".try_into().unwrap()),
+                rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()),
+            ],
+            None,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        for (name, uri) in [("alice", ALICE), ("gateway", GATEWAY), ("mallory", MALLORY)] {
+            pki.leaf(
+                name,
+                &ca,
+                &ca_key,
+                vec![
+                    rcgen::SanType::URI(uri.try_into().unwrap()),
+                    rcgen::SanType::DnsName(format!("{name}.client.test").try_into().unwrap()),
+                ],
+                Some(name),
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            );
+        }
+        // A client certificate that names nothing the door takes with
+        // `identity_from: [spiffe]`.
+        pki.leaf(
+            "nameless",
+            &ca,
+            &ca_key,
+            vec![rcgen::SanType::DnsName("nameless.test".try_into().unwrap())],
+            None,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        // The same name from another CA.
+        let (other, other_key) = pki.ca("other-ca");
+        pki.leaf(
+            "impostor",
+            &other,
+            &other_key,
+            vec![rcgen::SanType::URI(ALICE.try_into().unwrap())],
+            Some("alice"),
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        pki
+    }
+
+    fn ca(&self, name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("meshgate test {name}"));
+        let cert = p.self_signed(&key).unwrap();
+        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
+        (cert, key)
+    }
+
+    fn leaf(
+        &self,
+        name: &str,
+        ca: &rcgen::Certificate,
+        ca_key: &rcgen::KeyPair,
+        sans: Vec<rcgen::SanType>,
+        cn: Option<&str>,
+        usage: rcgen::ExtendedKeyUsagePurpose,
+    ) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = sans;
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        }
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, ca, ca_key).unwrap();
+        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
+        let key_path = self.path(&format!("{name}.key"));
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    pub fn s(&self, file: &str) -> String {
+        self.path(file).display().to_string()
+    }
+
+    /// A TLS client trusting the CA, with `who`'s certificate (if any).
+    pub fn client(&self, who: Option<&str>) -> rustls::ClientConfig {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(self.path("ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let b = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut cfg = match who {
+            None => b.with_no_client_auth(),
+            Some(w) => b
+                .with_client_auth_cert(
+                    CertificateDer::pem_file_iter(self.path(&format!("{w}.pem")))
+                        .unwrap()
+                        .map(|c| c.unwrap())
+                        .collect(),
+                    PrivateKeyDer::from_pem_file(self.path(&format!("{w}.key"))).unwrap(),
+                )
+                .unwrap(),
+        };
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        cfg
+    }
+}
+
+/// Records every flow's audit record.
+#[derive(Default)]
+pub struct Audit(pub Mutex<Vec<serde_json::Value>>);
+
+impl FlowObserver for Audit {
+    fn on_start(&self, _flow: &Flow) -> Verdict {
+        Verdict::Allow
+    }
+    fn on_end(&self, flow: &Flow, end: &FlowEnd) {
+        let r = AuditRecord::new(flow, end, flow.decision());
+        self.0
+            .lock()
+            .unwrap()
+            .push(serde_json::to_value(r).unwrap());
+    }
+}
+
+impl Audit {
+    /// The first record for `requested`, waiting up to 3 s for it.
+    pub async fn of(&self, requested: &str) -> serde_json::Value {
+        self.find(|r| r["requested"] == requested).await
+    }
+
+    /// The first record `pred` accepts, waiting up to 3 s for it.
+    pub async fn find(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        for _ in 0..60 {
+            if let Some(r) = self.0.lock().unwrap().iter().find(|r| pred(r)) {
+                return r.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let all = self.0.lock().unwrap().clone();
+        panic!("no such audit record: {all:?}");
+    }
+}
+
+pub async fn echo_task() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
