@@ -12,6 +12,7 @@
 //!   identities, and `h2_link`, a gateway link to another node's door.
 //! - [`capture`]: transparent capture (REDIRECT, TPROXY) of unconfigured clients.
 //! - [`ssh`]: an SSH door for stock OpenSSH clients (`-L`, `-W`, `-J`, `-D`).
+//! - [`link_group`]: fallback and failover over several gateway links.
 //! - [`policy`]: a tenant's allow/deny rules on every flow, with live revocation.
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use crate::core::spine::module::ModuleFactory;
 pub mod capture;
 pub mod h2;
 pub mod http_proxy;
+pub mod link_group;
 pub mod pipe;
 pub mod policy;
 #[cfg(feature = "quic")]
@@ -38,6 +40,7 @@ pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
         Arc::new(http_proxy::HttpProxyFactory::default()),
         Arc::new(h2::H2Factory::default()),
         Arc::new(h2::link::H2LinkFactory),
+        Arc::new(link_group::LinkGroupFactory),
         Arc::new(capture::CaptureFactory::default()),
         Arc::new(ssh::SshFactory::default()),
         Arc::new(ssh::link::SshLinkFactory),

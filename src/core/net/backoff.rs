@@ -1,7 +1,7 @@
 //! Reconnect waits for gateway links: first 1 s, then doubling up to a
 //! maximum, each wait jittered by ±20 % so a fleet does not reconnect in
-//! step; a connection that stayed up for [`Backoff::STABLE`] starts again
-//! at 1 s.
+//! step; after a connection that stayed up for [`Backoff::STABLE`] the
+//! first attempt goes at once and the waits start again at 1 s.
 
 use std::time::Duration;
 
@@ -10,6 +10,8 @@ use std::time::Duration;
 pub struct Backoff {
     delay: Duration,
     max: Duration,
+    /// The next attempt goes at once (a stable connection just ended).
+    now: bool,
 }
 
 impl Backoff {
@@ -23,22 +25,34 @@ impl Backoff {
         Backoff {
             delay: Self::FIRST,
             max: max.max(Self::FIRST),
+            now: false,
         }
     }
 
     /// The wait before the next attempt (jittered); doubles the one after.
     pub fn next(&mut self, max: Duration) -> Duration {
         self.max = max.max(Self::FIRST);
+        if std::mem::take(&mut self.now) {
+            return Duration::ZERO;
+        }
         let d = jittered(self.delay.min(self.max));
         self.delay = (self.delay * 2).min(self.max);
         d
     }
 
+    /// The next attempt goes at once: the peer just showed it is there
+    /// (it reset our connection after its restart).
+    pub fn at_once(&mut self) {
+        self.now = true;
+    }
+
     /// A connection ended after being up for `up`: if that was long
-    /// enough, the waits start again from the first.
+    /// enough, the next attempt goes at once and the waits after it start
+    /// again from the first.
     pub fn ended_after(&mut self, up: Duration) {
         if up > Self::STABLE {
             self.delay = Self::FIRST;
+            self.now = true;
         }
     }
 }
@@ -77,6 +91,7 @@ mod tests {
         b.ended_after(Duration::from_secs(3));
         assert!(b.next(max) >= Duration::from_secs(4));
         b.ended_after(Duration::from_secs(11));
+        assert_eq!(b.next(max), Duration::ZERO);
         assert!(b.next(max) <= Duration::from_millis(1200));
     }
 }

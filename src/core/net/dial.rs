@@ -49,6 +49,10 @@ pub enum DialError {
     /// No route, or the connector the route names is not running.
     #[error("{0}")]
     NoRoute(String),
+    /// The connector (a gateway link) is down right now: another may
+    /// carry the flow (a `link_group` moves on at once).
+    #[error("{0}")]
+    Down(String),
     /// Any other I/O failure.
     #[error("dial {target}: {source}")]
     Io {
@@ -102,7 +106,7 @@ impl DialError {
             DialError::Refused(_) => DialFailure::Refused,
             DialError::Timeout { .. } => DialFailure::Timeout,
             DialError::Unreachable { .. } => DialFailure::Unreachable,
-            DialError::NoRoute(_) => DialFailure::NoRoute,
+            DialError::NoRoute(_) | DialError::Down(_) => DialFailure::NoRoute,
             DialError::Io { .. } => DialFailure::Io,
         }
     }

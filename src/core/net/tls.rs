@@ -237,6 +237,10 @@ pub struct DoorTls {
     pub identity_from: Vec<IdentityFrom>,
     /// Identities whose `Forwarded: for=` is believed.
     pub trust_forwarded: Vec<String>,
+    /// A secret derived from the door's private key (SHA-256 with a
+    /// label): the same across restarts, known to no one else (a QUIC
+    /// door's stateless-reset key).
+    pub secret: Option<[u8; 32]>,
 }
 
 impl DoorTlsKeys {
@@ -254,6 +258,7 @@ impl DoorTlsKeys {
         } else {
             ClientAuth::None
         });
+        let mut secret = None;
         let server = if let Some(plain) = plain {
             for (key, set) in [
                 ("tls_cert", self.tls_cert.is_some()),
@@ -299,6 +304,13 @@ impl DoorTlsKeys {
                 client_ca: self.client_ca,
                 client_auth,
             };
+            let key = private_key(src, "tls_key", &files.key)?;
+            let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+            ctx.update(b"meshgate door secret v1\0");
+            ctx.update(key.secret_der());
+            let mut seed = [0u8; 32];
+            seed.copy_from_slice(ctx.finish().as_ref());
+            secret = Some(seed);
             Some(Arc::new(server_config(src, &files, alpn)?))
         };
         let identity_from = self.identity_from.unwrap_or_else(|| IDENTITY_FROM.to_vec());
@@ -321,6 +333,7 @@ impl DoorTlsKeys {
             client_auth,
             identity_from,
             trust_forwarded: self.trust_forwarded,
+            secret,
         })
     }
 }

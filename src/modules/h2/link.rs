@@ -433,7 +433,7 @@ impl Link {
             pool.len()
         };
         if full == 0 {
-            return Err(DialError::NoRoute(format!(
+            return Err(DialError::Down(format!(
                 "h2 link `{}` to {} is down (reconnecting)",
                 self.ctx.instance, cfg.server
             )));
@@ -455,7 +455,7 @@ impl Link {
             .filter(|c| c.live())
             .min_by_key(|c| c.streams.load(Ordering::Relaxed))
             .cloned()
-            .ok_or_else(|| DialError::NoRoute(format!("h2 link `{}` is down", self.ctx.instance)))
+            .ok_or_else(|| DialError::Down(format!("h2 link `{}` is down", self.ctx.instance)))
     }
 
     /// Keeps one connection up until `stop`.
@@ -612,7 +612,7 @@ impl Dialer for LinkDialer {
                 .body(Empty::new())
                 .map_err(|e| DialError::NoRoute(format!("{target}: {e}")))?;
             let down = |e: hyper::Error| {
-                DialError::NoRoute(format!(
+                DialError::Down(format!(
                     "{target}: h2 link `{instance}` lost its connection: {e}"
                 ))
             };

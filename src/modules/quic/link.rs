@@ -7,7 +7,10 @@
 //! resolves, checks and dials. QUIC keeps streams independent (a lost
 //! packet stalls only its own stream) and the connection survives our
 //! address changing. While the connection is down a dial fails at once
-//! (`no_route`); the link reconnects every `backoff_max` (1 s ±20 %).
+//! (`no_route`); the link reconnects every `backoff_max` (1 s ±20 %), and
+//! at once when the door resets the connection after a restart (the
+//! door's stateless-reset key comes from its TLS key). PINGs every
+//! `keepalive` (1 s) and `keepalive_timeout` (4 s) notice a silent path.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,7 +45,7 @@ use super::{read_head, QuicLimits, ALPN};
 /// tls_cert: /etc/meshgate/west.pem  # our identity there, and its key
 /// tls_key: /etc/meshgate/west.key
 /// connect_timeout: 10s
-/// keepalive: 10s                  # PING when idle; keepalive_timeout (30s) of silence ends it
+/// keepalive: 1s                   # PING when idle; keepalive_timeout (4s) of silence ends it
 /// backoff_max: 1s
 /// ```
 #[derive(Debug, Clone, Deserialize)]
@@ -143,6 +146,7 @@ impl QuicLinkConfig {
         let tls = tls::client_config(src, &files, &[ALPN])?;
         let limits = QuicLimits::read(
             src,
+            QuicLimits::LINK,
             raw.stream_window,
             raw.connection_window,
             raw.keepalive,
@@ -334,6 +338,11 @@ impl Link {
                     }
                     tracing::warn!(%tenant, %instance, up_for = ?since.elapsed(), reason = %why, "quic link down; reconnecting");
                     backoff.ended_after(since.elapsed());
+                    if matches!(why, quinn::ConnectionError::Reset) {
+                        // A stateless reset: the door is up again, without
+                        // our connection. Reconnect now.
+                        backoff.at_once();
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(%tenant, %instance, error = %e, "quic link: cannot connect");
@@ -402,7 +411,7 @@ impl Dialer for LinkDialer {
         let link = &self.0;
         let via = format!("quic link `{}`", link.ctx.instance);
         let conn = link.conn().ok_or_else(|| {
-            DialError::NoRoute(format!(
+            DialError::Down(format!(
                 "{via} to {} is down (reconnecting)",
                 link.cfg().server
             ))
@@ -420,7 +429,7 @@ impl Dialer for LinkDialer {
             }
         }
         head.push_str("\r\n");
-        let lost = |e: String| DialError::NoRoute(format!("{target}: {via}: {e}"));
+        let lost = |e: String| DialError::Down(format!("{target}: {via}: {e}"));
         let attempt = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
             link.streams.fetch_add(1, Ordering::Relaxed);

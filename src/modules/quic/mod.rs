@@ -138,6 +138,17 @@ impl Default for QuicLimits {
 }
 
 impl QuicLimits {
+    /// A link's defaults: a PING every second and 4 s of silence end the
+    /// connection, so a link group moves to its next link within 5 s of
+    /// UDP being dropped, and a restarted door is noticed within a second.
+    pub const LINK: QuicLimits = QuicLimits {
+        max_streams: 200,
+        stream_window: 4 << 20,
+        connection_window: 16 << 20,
+        keepalive: Some(Duration::from_secs(1)),
+        idle_timeout: Duration::from_secs(4),
+    };
+
     /// quinn's transport config for these limits.
     pub fn transport(&self) -> Result<quinn::TransportConfig, String> {
         let mut t = quinn::TransportConfig::default();
@@ -158,12 +169,12 @@ impl QuicLimits {
     /// `connection_window`, `keepalive`, `keepalive_timeout`).
     fn read(
         src: &str,
+        d: QuicLimits,
         stream_window: Option<ByteSize>,
         connection_window: Option<ByteSize>,
         keepalive: Option<IdleTimeout>,
         keepalive_timeout: Option<Duration>,
     ) -> Result<QuicLimits, ConfigError> {
-        let d = QuicLimits::default();
         let window = |key: &str, v: Option<ByteSize>, default: u32| -> Result<u32, ConfigError> {
             match v {
                 None => Ok(default),
@@ -234,6 +245,7 @@ impl QuicConfig {
         }
         let mut limits = QuicLimits::read(
             src,
+            QuicLimits::default(),
             raw.stream_window,
             raw.connection_window,
             raw.keepalive,
@@ -356,8 +368,28 @@ impl Door {
         let server = cfg
             .server_config()
             .map_err(|e| ConfigError::doc(source, format!("QUIC: {e}")))?;
+        // Stateless resets signed, and connection IDs made, with keys from
+        // the door's own TLS key: after a restart, a client's next packet
+        // on an old connection has an ID the door recognises as its own
+        // and is answered with a reset the client believes, so it
+        // reconnects at once instead of after its idle timeout.
+        let endpoint_config = match cfg.tls.secret {
+            Some(seed) => {
+                let mut c = quinn::EndpointConfig::new(Arc::new(aws_lc_rs::hmac::Key::new(
+                    aws_lc_rs::hmac::HMAC_SHA256,
+                    &seed,
+                )));
+                let cid_key = u64::from_le_bytes(seed[..8].try_into().expect("8 bytes"))
+                    ^ u64::from_le_bytes(seed[24..].try_into().expect("8 bytes"));
+                c.cid_generator(move || {
+                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+                });
+                c
+            }
+            None => quinn::EndpointConfig::default(),
+        };
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),

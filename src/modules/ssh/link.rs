@@ -574,7 +574,7 @@ impl Dialer for LinkDialer {
     async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError> {
         let link = &self.0;
         let handle = link.state.handle().ok_or_else(|| {
-            DialError::NoRoute(format!(
+            DialError::Down(format!(
                 "ssh link `{}` to {} is down (reconnecting)",
                 link.onramp.ctx().instance,
                 link.cfg().server
