@@ -418,6 +418,37 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .map(|m| {
                     let d = &m["details"];
                     let detail = match (d.get("listen"), d.get("remote")) {
+                        // A gateway link: transport, server, state.
+                        _ if d.get("server").is_some() && d.get("connected").is_some() => {
+                            let mut t = format!(
+                                "{} {} {}",
+                                d.get("transport").map(s).unwrap_or_else(|| "ssh".into()),
+                                s(&d["server"]),
+                                if d["connected"] == Value::Bool(true) {
+                                    "up"
+                                } else {
+                                    "DOWN"
+                                }
+                            );
+                            if let Some(rtt) = d["rtt_ms"].as_f64() {
+                                t.push_str(&format!(" rtt {rtt:.1}ms"));
+                            }
+                            if let Some(n) = d["reconnects"].as_u64().filter(|n| *n > 0) {
+                                t.push_str(&format!(" reconnects {n}"));
+                            }
+                            if d["connected"] != Value::Bool(true) {
+                                if let Some(e) = d["last_error"].as_str() {
+                                    t.push_str(&format!(" ({e})"));
+                                }
+                            }
+                            t
+                        }
+                        // A link group: the link in use.
+                        _ if d.get("links").is_some() && d.get("active").is_some() => format!(
+                            "{} via {}",
+                            s(&d["mode"]),
+                            d["active"].as_str().unwrap_or("(none up)")
+                        ),
                         (Some(l), Some(r)) => format!("{} -> {}", s(l), s(r)),
                         (Some(l), None) => match d.get("mode") {
                             Some(mode) => format!("{} ({})", s(l), s(mode)),

@@ -118,6 +118,13 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
     assert_eq!(status(&a, "b", "last_used"), "b-quic");
     assert_eq!(status(&a, "b", "active"), "b-quic");
     assert!(status(&a, "b-quic", "rtt_ms").is_number());
+    let ctl = a.sh(&format!(
+        "{} --admin 127.0.0.1:9000 status",
+        env!("CARGO_BIN_EXE_meshgatectl")
+    ));
+    assert!(ctl.contains("quic 10.243.1.1:15009 up rtt "), "{ctl}");
+    assert!(ctl.contains("h2 10.243.1.1:15008 up"), "{ctl}");
+    assert!(ctl.contains("failover via b-quic"), "{ctl}");
 
     // UDP to B's QUIC port dropped: new connections go over HTTP/2.
     b.sh("iptables -I INPUT -p udp --dport 15009 -j DROP");

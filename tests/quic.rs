@@ -183,6 +183,21 @@ async fn a_quic_link_carries_pipes_to_the_far_node_and_reconnects() {
     eprintln!("quic link back {took:?} after the door listened again");
     assert!(took < Duration::from_secs(2), "{took:?}");
     assert_eq!(roundtrip(pipe_port, b"again").await.unwrap().0, b"again");
+    // The link's metrics say the same.
+    let m = west_node.registry().metrics().encode();
+    let series = |name: &str| {
+        let key = format!(
+            "meshgate_link_{name}{{tenant=\"west\",instance=\"to-east\",transport=\"quic\"}} "
+        );
+        m.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {key} in\n{m}"))
+    };
+    assert_eq!(series("up"), 1.0);
+    assert!(series("reconnects_total") >= 2.0);
+    assert!(series("flows_total") >= 22.0);
+    assert!(series("rtt_microseconds") > 0.0);
 
     west_node.shutdown(Duration::from_millis(100)).await;
     east_node.shutdown(Duration::from_millis(100)).await;

@@ -15,6 +15,7 @@ pub mod backoff;
 pub mod datagram;
 pub mod dial;
 pub mod dns;
+pub mod link_metrics;
 pub mod listen;
 pub mod prefix;
 pub mod proxy;

@@ -41,6 +41,7 @@ use crate::core::addr::HostPort;
 use crate::core::config::{parse_document, positive, ByteSize, ConfigError, IdleTimeout};
 use crate::core::net::backoff::Backoff;
 use crate::core::net::dial::{DialError, DialMeta, Dialer};
+use crate::core::net::link_metrics::{LinkMetrics, LinkSeries};
 use crate::core::net::proxy::Stream;
 use crate::core::net::tls::{self, ClientFiles};
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
@@ -349,6 +350,15 @@ impl Link {
         self.status.lock().expect("poisoned")
     }
 
+    /// This link's `meshgate_link_*` series.
+    fn series(&self) -> LinkSeries {
+        self.ctx.metrics.subsystem::<LinkMetrics>().series(
+            &self.ctx.tenant.name,
+            &self.ctx.instance,
+            "h2",
+        )
+    }
+
     fn generation(&self) -> u64 {
         self.running
             .lock()
@@ -463,6 +473,7 @@ impl Link {
         let (tenant, instance) = (self.ctx.tenant.name.clone(), self.ctx.instance.clone());
         let mut backoff = Backoff::new(self.cfg().backoff_max);
         let mut connections = 0u64;
+        let metrics = self.series();
         loop {
             let attempt = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -481,11 +492,13 @@ impl Link {
                         st.reconnects = connections;
                         st.last_error = None;
                     }
+                    metrics.connected(connections > 0);
                     connections += 1;
                     tracing::info!(%tenant, %instance, server = %self.cfg().server, generation, "h2 link up");
                     tokio::select! {
                         _ = stop.cancelled() => {
                             self.status().connected = false;
+                            metrics.down();
                             return;
                         }
                         _ = conn.ended.cancelled() => {}
@@ -499,6 +512,9 @@ impl Link {
                         .iter()
                         .any(|c| c.live() && c.generation == generation);
                     self.status().connected = others;
+                    if !others {
+                        metrics.down();
+                    }
                     tracing::warn!(%tenant, %instance, up_for = ?since.elapsed(), "h2 link connection ended; reconnecting");
                     backoff.ended_after(since.elapsed());
                 }
@@ -638,6 +654,7 @@ impl Dialer for LinkDialer {
                 ));
             }
             let up = hyper::upgrade::on(resp).await.map_err(down)?;
+            link.series().flow();
             Ok(guard.into_tunnel(TokioIo::new(up)))
         };
         match tokio::time::timeout(timeout, attempt).await {

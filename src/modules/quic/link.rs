@@ -28,6 +28,7 @@ use crate::core::addr::HostPort;
 use crate::core::config::{parse_document, positive, ByteSize, ConfigError, IdleTimeout};
 use crate::core::net::backoff::Backoff;
 use crate::core::net::dial::{DialError, DialMeta, Dialer};
+use crate::core::net::link_metrics::{LinkMetrics, LinkSeries};
 use crate::core::net::proxy::Stream;
 use crate::core::net::tls::{self, ClientFiles};
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
@@ -251,6 +252,15 @@ impl Link {
         self.status.lock().expect("poisoned")
     }
 
+    /// This link's `meshgate_link_*` series.
+    fn series(&self) -> LinkSeries {
+        self.ctx.metrics.subsystem::<LinkMetrics>().series(
+            &self.ctx.tenant.name,
+            &self.ctx.instance,
+            "quic",
+        )
+    }
+
     fn conn(&self) -> Option<quinn::Connection> {
         self.conn
             .read()
@@ -300,6 +310,7 @@ impl Link {
         let (tenant, instance) = (self.ctx.tenant.name.clone(), self.ctx.instance.clone());
         let mut backoff = Backoff::new(self.cfg().backoff_max);
         let mut connections = 0u64;
+        let metrics = self.series();
         loop {
             let attempt = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -318,18 +329,25 @@ impl Link {
                         st.reconnects = connections;
                         st.last_error = None;
                     }
+                    metrics.connected(connections > 0);
                     connections += 1;
                     *self.conn.write().expect("poisoned") = Some(conn.clone());
                     tracing::info!(%tenant, %instance, server = %self.cfg().server, "quic link up");
-                    let why = tokio::select! {
-                        _ = stop.cancelled() => {
-                            conn.close(0u32.into(), b"link stopped");
-                            *self.conn.write().expect("poisoned") = None;
-                            self.status().connected = false;
-                            return;
+                    let why = loop {
+                        metrics.rtt(conn.rtt());
+                        tokio::select! {
+                            _ = stop.cancelled() => {
+                                conn.close(0u32.into(), b"link stopped");
+                                *self.conn.write().expect("poisoned") = None;
+                                self.status().connected = false;
+                                metrics.down();
+                                return;
+                            }
+                            e = conn.closed() => break e,
+                            _ = tokio::time::sleep(RTT_EVERY) => {}
                         }
-                        e = conn.closed() => e,
                     };
+                    metrics.down();
                     *self.conn.write().expect("poisoned") = None;
                     {
                         let mut st = self.status();
@@ -365,6 +383,9 @@ impl Link {
         tokio::spawn(self.clone().run(stop));
     }
 }
+
+/// How often the RTT gauge is brought up to date.
+const RTT_EVERY: Duration = Duration::from_secs(5);
 
 /// A tunnel stream, counted while open.
 struct Counted(Arc<AtomicUsize>);
@@ -445,6 +466,7 @@ impl Dialer for LinkDialer {
                     hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
                 return Err(far_refusal(target, &via, status, &reason, timeout));
             }
+            link.series().flow();
             Ok(Stream::io(Tunnel {
                 io: tokio::io::join(recv, send),
                 _counted: counted,

@@ -388,6 +388,12 @@ impl Link {
         let (tenant, instance) = self.labels();
         let mut backoff = Backoff::new(self.cfg().backoff_max);
         let mut sessions = 0u64;
+        let metrics = self
+            .onramp
+            .ctx()
+            .metrics
+            .subsystem::<crate::core::net::link_metrics::LinkMetrics>()
+            .series(&tenant, &instance, "ssh");
         loop {
             let attempt = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -407,6 +413,7 @@ impl Link {
                         st.reconnects = sessions;
                         st.last_error = None;
                     }
+                    metrics.connected(sessions > 0);
                     sessions += 1;
                     *self.state.handle.write().expect("poisoned") = Some(handle.clone());
                     tracing::info!(%tenant, %instance, server = %self.cfg().server, "ssh link up");
@@ -425,6 +432,7 @@ impl Link {
                     };
                     *self.state.handle.write().expect("poisoned") = None;
                     self.state.status().connected = false;
+                    metrics.down();
                     if stopped {
                         let _ = handle
                             .disconnect(russh::Disconnect::ByApplication, "link stopped", "")
