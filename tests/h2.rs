@@ -765,3 +765,224 @@ async fn an_h2_link_carries_a_pipe_to_the_far_node_and_reconnects() {
     west_node.shutdown(Duration::from_millis(100)).await;
     east_node.shutdown(Duration::from_millis(100)).await;
 }
+
+/// An HTTP/2 client that writes frames by hand: for requests no
+/// well-behaved client sends.
+struct RawH2 {
+    io: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+}
+
+/// A frame read back: type, flags, stream, payload.
+type Frame = (u8, u8, u32, Vec<u8>);
+
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const GOAWAY: u8 = 7;
+const END_HEADERS: u8 = 4;
+
+/// HPACK: a literal header field without indexing, new name (RFC 7541
+/// 6.2.2), lengths as 7-bit prefixed integers.
+fn hpack(headers: &[(&str, &str)]) -> Vec<u8> {
+    fn int(out: &mut Vec<u8>, mut n: usize) {
+        if n < 127 {
+            out.push(n as u8);
+            return;
+        }
+        out.push(127);
+        n -= 127;
+        while n >= 128 {
+            out.push((n % 128 + 128) as u8);
+            n /= 128;
+        }
+        out.push(n as u8);
+    }
+    let mut out = Vec::new();
+    for (k, v) in headers {
+        out.push(0);
+        int(&mut out, k.len());
+        out.extend_from_slice(k.as_bytes());
+        int(&mut out, v.len());
+        out.extend_from_slice(v.as_bytes());
+    }
+    out
+}
+
+impl RawH2 {
+    async fn connect(port: u16, tls: rustls::ClientConfig) -> RawH2 {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut io = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(ServerName::try_from("gw.test").unwrap(), tcp)
+            .await
+            .unwrap();
+        io.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = RawH2 { io };
+        raw.frame(SETTINGS, 0, 0, &[]).await;
+        // The door's SETTINGS, acknowledged, so its limits are in force.
+        let s = raw.until(|f| f.0 == SETTINGS && f.1 & 1 == 0).await;
+        assert!(s.is_some(), "no SETTINGS from the door");
+        raw.frame(SETTINGS, 1, 0, &[]).await;
+        raw
+    }
+
+    async fn frame(&mut self, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        // The door may already have closed: a write error is an answer too.
+        let _ = self.io.write_all(&f).await;
+    }
+
+    async fn read(&mut self) -> Option<Frame> {
+        let mut h = [0u8; 9];
+        self.io.read_exact(&mut h).await.ok()?;
+        let len = (h[0] as usize) << 16 | (h[1] as usize) << 8 | h[2] as usize;
+        let mut p = vec![0; len];
+        self.io.read_exact(&mut p).await.ok()?;
+        Some((
+            h[3],
+            h[4],
+            u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff,
+            p,
+        ))
+    }
+
+    /// Frames until one `pred` accepts (`Some`), or the connection ends
+    /// or 5 s pass (`None`).
+    async fn until(&mut self, pred: impl Fn(&Frame) -> bool) -> Option<Frame> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let f = tokio::time::timeout_at(deadline, self.read())
+                .await
+                .ok()??;
+            if pred(&f) {
+                return Some(f);
+            }
+        }
+    }
+}
+
+fn code(payload: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(payload[at..at + 4].try_into().unwrap())
+}
+
+/// Requests no client should send, each answered with HTTP/2's own error
+/// and none costing more than its budget, while another client's tunnel
+/// keeps carrying bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_http2_gets_the_protocol_s_errors_and_others_flow_on() {
+    let pki = Pki::new();
+    let echo_addr = echo_task().await;
+    let (port, narrow) = (free_port(), free_port());
+    let store = Arc::new(MemStore::new());
+    tenant(&store, &pki, port);
+    store.set(
+        "acme",
+        "narrow",
+        door(&pki, narrow, json!({"max_streams": 2})),
+    );
+    let audit = Arc::new(Audit::default());
+    let node = start(&store, &audit).await;
+    let target = echo_addr.to_string();
+
+    let mut alice = h2_connect(port, pki.client(Some("alice"))).await.unwrap();
+    let (status, _, t) = connect(&mut alice, Method::CONNECT, &target, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let mut kept = t.unwrap();
+
+    // The probe the refusals below vary: a well-formed CONNECT by hand
+    // gets its 200 (a HEADERS frame back on stream 1).
+    let mut raw = RawH2::connect(port, pki.client(Some("alice"))).await;
+    let ok = hpack(&[(":method", "CONNECT"), (":authority", &target)]);
+    raw.frame(HEADERS, END_HEADERS, 1, &ok).await;
+    let f = raw
+        .until(|f| f.2 == 1 && (f.0 == HEADERS || f.0 == RST_STREAM))
+        .await;
+    assert_eq!(f.map(|f| f.0), Some(HEADERS));
+
+    // CONNECT without an authority: refused as a bad request (400; or a
+    // reset as a protocol error, RST_STREAM PROTOCOL_ERROR = 1).
+    raw.frame(HEADERS, END_HEADERS, 3, &hpack(&[(":method", "CONNECT")]))
+        .await;
+    let f = raw
+        .until(|f| f.2 == 3 || f.0 == GOAWAY)
+        .await
+        .expect("no answer");
+    match f.0 {
+        HEADERS => assert!(rejected_at_least(&node, "bad_request", 1.0).await),
+        _ => assert_eq!((f.0, code(&f.3, 0)), (RST_STREAM, 1), "{f:?}"),
+    }
+
+    // Headers past max_header_list (64 KiB): refused (431 or a reset).
+    let big = "x".repeat(70 * 1024);
+    raw.frame(
+        HEADERS,
+        END_HEADERS,
+        5,
+        &hpack(&[
+            (":method", "CONNECT"),
+            (":authority", &target),
+            ("x-big", &big),
+        ]),
+    )
+    .await;
+    let f = raw.until(|f| f.2 == 5 || f.0 == GOAWAY).await;
+    assert!(
+        matches!(f, Some((HEADERS | RST_STREAM | GOAWAY, ..)) | None),
+        "{f:?}"
+    );
+    drop(raw);
+
+    // More streams than max_streams (2): the third is refused
+    // (RST_STREAM REFUSED_STREAM = 7) while the first two stay open.
+    let mut raw = RawH2::connect(narrow, pki.client(Some("alice"))).await;
+    for id in [1, 3, 5] {
+        raw.frame(HEADERS, END_HEADERS, id, &ok).await;
+    }
+    let f = raw.until(|f| f.2 == 5).await.expect("stream 5 unanswered");
+    assert_eq!((f.0, code(&f.3, 0)), (RST_STREAM, 7), "{f:?}");
+    drop(raw);
+
+    // Rapid reset (CVE-2023-44487): streams opened and reset at once are
+    // bounded; the door ends the connection with GOAWAY
+    // (ENHANCE_YOUR_CALM = 11) rather than dialing for each.
+    let mut raw = RawH2::connect(port, pki.client(Some("alice"))).await;
+    for i in 0..2000u32 {
+        let id = 2 * i + 1;
+        raw.frame(HEADERS, END_HEADERS, id, &ok).await;
+        raw.frame(RST_STREAM, 0, id, &8u32.to_be_bytes()).await;
+    }
+    let f = raw.until(|f| f.0 == GOAWAY).await;
+    match f {
+        Some(f) => assert_eq!(code(&f.3, 4), 11, "{f:?}"),
+        None => panic!("2000 reset streams and no GOAWAY"),
+    }
+    drop(raw);
+
+    // Garbage after the preface: GOAWAY and the connection ends.
+    let mut raw = RawH2::connect(port, pki.client(Some("alice"))).await;
+    let _ = raw.io.write_all(&[0xff; 64]).await;
+    let f = raw.until(|f| f.0 == GOAWAY).await;
+    assert!(
+        f.is_some_and(|f| code(&f.3, 4) != 0),
+        "garbage without a GOAWAY error"
+    );
+
+    // Alice's tunnel carried on through all of it.
+    assert_eq!(echo(&mut kept, b"still flowing").await, b"still flowing");
+    let st = node.registry().status().await;
+    let hbone = st.iter().find(|s| s.instance == "hbone").unwrap();
+    assert!(
+        hbone.details["streams"].as_u64().unwrap() <= 2,
+        "{:?}",
+        hbone.details
+    );
+    node.shutdown(Duration::from_millis(100)).await;
+}
