@@ -10,7 +10,6 @@ mod common;
 use common::free_port;
 use common::hbone::*;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -443,67 +442,6 @@ async fn drain_sends_goaway_and_the_open_tunnel_finishes() {
         .expect("the drain waited past its open tunnel's end")
         .unwrap();
 }
-
-/// Runs a client program; its stdout, or a skip.
-fn run(cmd: &mut std::process::Command) -> std::process::Output {
-    let out = cmd.output().unwrap();
-    if !out.status.success() {
-        panic!(
-            "{:?} failed: {}\n{}",
-            cmd,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
-}
-
-fn pycurl_path() -> Option<PathBuf> {
-    let deps = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pydeps");
-    let ok = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import pycurl, sys; sys.exit(0 if pycurl.version_info()[2] >= 0x080100 else 1)",
-        ])
-        .env("PYTHONPATH", &deps)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if ok {
-        Some(deps)
-    } else {
-        common::skip(
-            "pycurl with libcurl >= 8.1 (scripts/test.sh installs it into target/pydeps from PyPI)",
-        );
-        None
-    }
-}
-
-const PYCURL: &str = r#"
-import io, sys, pycurl
-door, target, ca, cert, key, tp = sys.argv[1:7]
-buf = io.BytesIO()
-c = pycurl.Curl()
-c.setopt(pycurl.URL, "http://" + target + "/")
-c.setopt(pycurl.PROXY, "https://gw.test:" + door)
-c.setopt(pycurl.PROXYTYPE, getattr(pycurl, "PROXYTYPE_HTTPS2", 3))  # CURLPROXY_HTTPS2
-c.setopt(pycurl.HTTPPROXYTUNNEL, 1)
-c.setopt(pycurl.RESOLVE, ["gw.test:" + door + ":127.0.0.1"])
-c.setopt(pycurl.PROXY_CAINFO, ca)
-c.setopt(pycurl.PROXY_SSLCERT, cert)
-c.setopt(pycurl.PROXY_SSLKEY, key)
-c.setopt(pycurl.PROXY_SSLVERSION, pycurl.SSLVERSION_TLSv1_3)
-c.setopt(pycurl.PROXYHEADER, ["traceparent: " + tp, "baggage: client=pycurl"])
-c.setopt(pycurl.WRITEDATA, buf)
-c.setopt(pycurl.TIMEOUT, 10)
-c.setopt(pycurl.VERBOSE, 1)
-try:
-    c.perform()
-    print("status", c.getinfo(pycurl.RESPONSE_CODE))
-    print(buf.getvalue().decode())
-except pycurl.error as e:
-    print("error", e.args[0], e.args[1])
-"#;
 
 const NODE: &str = r#"
 const http2 = require('http2'), fs = require('fs');

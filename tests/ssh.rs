@@ -490,7 +490,7 @@ fn a_gateway_link_reconnects_and_publishes_its_forwards_again() {
     east.write(
         "tenants/acme/door.yaml",
         &format!(
-            "kind: ssh\nlisten: 127.0.0.1:{door}\nhost_key_file: {}\nauthorized_keys:\n  - {west_pub}\n",
+            "kind: ssh\nlisten: 127.0.0.1:{door}\nhost_key_file: {}\nmax_channels: 4\nauthorized_keys:\n  - {west_pub}\n",
             east_host.display()
         ),
     );
@@ -540,6 +540,16 @@ fn a_gateway_link_reconnects_and_publishes_its_forwards_again() {
         mg_east.log_text()
     );
     assert!(wait_until(Duration::from_secs(5), through_forward));
+    // One short flow after another: each channel leaves the door's count
+    // when its flow ends (max_channels is 4 here), whichever side closes
+    // first.
+    for i in 0..20 {
+        assert!(
+            through_pipe(),
+            "flow {i} through the link was refused:\n{}",
+            mg_east.log_text()
+        );
+    }
     let status = link(&mg_west);
     assert_eq!(status["connected"], true);
     assert_eq!(status["reconnects"], 0);

@@ -267,6 +267,59 @@ impl OpenChannels {
     }
 }
 
+/// A channel's place in its session's count, given back when its flow
+/// ends. (russh tells the handler of a CLOSE only while the channel is in
+/// its table: when our side closed first, the client's CLOSE that follows
+/// is not reported, and the channel stayed counted until the session
+/// ended. An `ssh_link` carrying one short flow after another hit
+/// `max_channels` at its 257th.)
+struct Counted<S> {
+    io: S,
+    release: Option<(OpenChannels, ChannelId)>,
+}
+
+impl<S> Drop for Counted<S> {
+    fn drop(&mut self) {
+        if let Some((open, id)) = self.release.take() {
+            open.lock().remove(&id);
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// A session that ends without authenticating and without a refusal counted
 /// here was still refused: russh turns some attempts away itself (an expired
 /// or badly signed certificate), and clients give up or just probe.
@@ -476,10 +529,18 @@ where
                 open.lock().remove(id);
             }
         }
+        let ChannelAnswer {
+            channel,
+            reply,
+            release,
+        } = *self;
         match outcome {
             Ok(_) => {
-                self.reply.accept().await;
-                Some(Stream::io(self.channel.into_stream()))
+                reply.accept().await;
+                Some(Stream::io(Counted {
+                    io: channel.into_stream(),
+                    release,
+                }))
             }
             Err(
                 EndReason::Denied
@@ -487,13 +548,13 @@ where
                 | EndReason::Forbidden(_)
                 | EndReason::PolicyRevoked,
             ) => {
-                self.reply
+                reply
                     .reject(ChannelOpenFailure::AdministrativelyProhibited)
                     .await;
                 None
             }
             Err(_) => {
-                self.reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
                 None
             }
         }

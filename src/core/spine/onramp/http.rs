@@ -264,11 +264,56 @@ impl Answer for Handover {
                 // stream is hyper's own.
                 Some(match up.downcast::<TokioIo<Stream>>() {
                     Ok(parts) => parts.io.into_inner().prepend(parts.read_buf.to_vec()),
-                    Err(up) => Stream::io(TokioIo::new(up)),
+                    Err(up) => Stream::io(CleanEof(TokioIo::new(up))),
                 })
             }
             Client::Pipe(p) => Some(Stream::io(p)),
         }
+    }
+}
+
+/// An HTTP/2 tunnel's client side. A client that closes its TLS
+/// connection without `close_notify` once its exchange is done (libcurl
+/// does) ends the tunnel as a close, not as an error: the tunnel's own
+/// protocol decides whether what came was whole.
+struct CleanEof<S>(S);
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CleanEof<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
+            std::task::Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                std::task::Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CleanEof<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
