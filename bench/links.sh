@@ -13,9 +13,10 @@
 #   MESHGATE_BIN=target/release/meshgate bench/links.sh
 #
 # Needs root (namespaces), iperf3, python3, openssl, ssh-keygen, and a
-# meshgate built with `--features quic`. Both doors allow 1024 streams per
-# connection (default 200), since a quic_link carries every flow on one
-# connection. Knobs: BENCH_DURATION (default 10),
+# meshgate built with `--features quic`. For the idle row the doors allow
+# more than their defaults: 1024 streams per connection (default 200;
+# a quic_link carries every flow on one connection) and 2048 SSH channels
+# per session (default 256). Knobs: BENCH_DURATION (default 10),
 # BENCH_OPENS (default 300), BENCH_IDLE (default 1000), BENCH_KEEP=1.
 # Targets (issue #21): h2_link >= 1.0x ssh_link; quic_link >= 0.8x h2_link;
 # opening a flow adds < 1 RTT + 0.2 ms.
@@ -88,7 +89,7 @@ tls_key: $TMP/b.key
 client_ca: $TMP/ca.pem
 trust_forwarded: [\"spiffe://bench/a\"]
 max_streams: 1024"
-printf 'kind: ssh\nlisten: 10.250.0.1:2222\nhost_key_file: %s/door_host\nauthorized_keys_file: %s/authorized_keys\n' "$TMP" "$TMP" > b/tenants/default/ssh.yaml
+printf 'kind: ssh\nlisten: 10.250.0.1:2222\nhost_key_file: %s/door_host\nauthorized_keys_file: %s/authorized_keys\nmax_channels: 2048\n' "$TMP" "$TMP" > b/tenants/default/ssh.yaml
 printf 'kind: h2\nlisten: 10.250.0.1:15008\n%s\n' "$TLS" > b/tenants/default/h2.yaml
 printf 'kind: quic\nlisten: 10.250.0.1:15009\n%s\n' "$TLS" > b/tenants/default/quic.yaml
 CLIENT="server_name: b.bench
@@ -174,15 +175,22 @@ print("%.3f" % (statistics.median(ts) * 1000))
 EOF
 }
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-idle() { # idle PORT -> KiB per flow on A and B
-  local a0 b0
+idle() { # idle PORT -> KiB per flow on A and B ("- -" if they could not all be opened)
+  local a0 b0 pid
   a0=$(rss "$MGA"); b0=$(rss "$MGB")
-  coproc HOLDER { inA python3 "$HERE/hold.py" open 127.0.0.1 "$1" "$IDLE"; }
-  read -r ok n <&"${HOLDER[0]}" || true
-  sleep 1
-  python3 -c "print('%.1f %.1f' % (($(rss "$MGA")-$a0)/$IDLE, ($(rss "$MGB")-$b0)/$IDLE))"
-  exec {HOLDER[1]}>&-
-  wait "$HOLDER_PID" 2>/dev/null || true
+  rm -f hold.in hold.out; mkfifo hold.in
+  inA python3 "$HERE/hold.py" open 127.0.0.1 "$1" "$IDLE" < hold.in > hold.out 2>&1 & pid=$!
+  exec 9>hold.in
+  for _ in $(seq 300); do grep -q '^ok' hold.out 2>/dev/null && break; kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if grep -q "^ok $IDLE" hold.out; then
+    sleep 1
+    python3 -c "print('%.1f %.1f' % (($(rss "$MGA")-$a0)/$IDLE, ($(rss "$MGB")-$b0)/$IDLE))"
+  else
+    say "could not hold $IDLE flows on port $1: $(tail -n 1 hold.out)"
+    echo "- -"
+  fi
+  exec 9>&-
+  wait "$pid" 2>/dev/null || true
   sleep 1
 }
 rtt() { inA ping -c 20 -i 0.05 -q 10.250.0.1 | awk -F/ '/rtt/ {print $5}'; }
