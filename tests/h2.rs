@@ -134,16 +134,6 @@ fn door(pki: &Pki, port: u16, more: serde_json::Value) -> serde_json::Value {
     d
 }
 
-async fn start(store: &Arc<MemStore>, audit: &Arc<Audit>) -> Node {
-    let mut node = Node::new(
-        store.clone(),
-        meshgate::modules::builtin_factories(),
-        vec![audit.clone()],
-    );
-    node.start().await.unwrap();
-    node
-}
-
 fn tenant(store: &MemStore, pki: &Pki, port: u16) {
     store.set(
         "acme",

@@ -18,16 +18,6 @@ use meshgate::core::node::Node;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn start(store: &Arc<MemStore>, audit: &Arc<Audit>) -> Node {
-    let mut node = Node::new(
-        store.clone(),
-        meshgate::modules::builtin_factories(),
-        vec![audit.clone()],
-    );
-    node.start().await.unwrap();
-    node
-}
-
 async fn detail(node: &Node, instance: &str, key: &str) -> serde_json::Value {
     let st = node.registry().status().await;
     st.iter()

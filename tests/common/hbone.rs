@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use configstore::MemStore;
+use meshgate::core::node::Node;
 use meshgate::core::spine::audit::AuditRecord;
 use meshgate::core::spine::flow::{Flow, FlowEnd, FlowObserver, Verdict};
 use rustls::pki_types::pem::PemObject;
@@ -261,3 +263,15 @@ try:
 except pycurl.error as e:
     print("error", e.args[0], e.args[1])
 "#;
+
+/// A node over `store` with the built-in kinds, recording into `audit`,
+/// started.
+pub async fn start(store: &Arc<MemStore>, audit: &Arc<Audit>) -> Node {
+    let mut node = Node::new(
+        store.clone(),
+        meshgate::modules::builtin_factories(),
+        vec![audit.clone()],
+    );
+    node.start().await.unwrap();
+    node
+}

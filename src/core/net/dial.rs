@@ -140,6 +140,22 @@ pub struct DialMeta {
     pub trace: Option<std::sync::Arc<crate::core::net::trace::Trace>>,
 }
 
+/// `attempt`, or [`DialError::Timeout`] for `target` once `timeout` passed.
+pub async fn within<T>(
+    target: &HostPort,
+    timeout: Duration,
+    attempt: impl std::future::Future<Output = Result<T, DialError>>,
+) -> Result<T, DialError> {
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(DialError::Timeout {
+                target: target.to_string(),
+                timeout,
+            })
+        })
+}
+
 /// Opens streams to targets. Offered by modules that are connectors.
 #[async_trait]
 pub trait Dialer: Send + Sync {
@@ -198,13 +214,7 @@ impl Dialer for DirectDialer {
                 message: "no addresses".into(),
             }))
         };
-        match tokio::time::timeout(timeout, attempt).await {
-            Ok(r) => r.map(Stream::Tcp),
-            Err(_) => Err(DialError::Timeout {
-                target: target.to_string(),
-                timeout,
-            }),
-        }
+        within(target, timeout, attempt).await.map(Stream::Tcp)
     }
 
     async fn bind_udp(

@@ -11,11 +11,11 @@
 //! - [`prefix`]: [`prefix::PrefixTable`], longest-prefix match (routes, links, allowed IPs).
 //! - `sys`: the raw system calls behind splice (the one `unsafe` module).
 
-pub mod backoff;
 pub mod datagram;
 pub mod dial;
 pub mod dns;
-pub mod link_metrics;
+pub mod guard;
+pub mod link;
 pub mod listen;
 pub mod prefix;
 pub mod proxy;

@@ -372,6 +372,80 @@ pub struct ClientFiles {
     pub identity: Option<(PathBuf, PathBuf)>,
 }
 
+/// A gateway link's TLS keys, as its document gives them.
+#[derive(Debug, Clone)]
+pub struct LinkTlsKeys {
+    /// `server_name` (default: the server's host).
+    pub server_name: Option<String>,
+    /// `ca`.
+    pub ca: PathBuf,
+    /// `tls_cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `tls_key`.
+    pub tls_key: Option<PathBuf>,
+}
+
+/// A gateway link's checked TLS: its client config and the name the
+/// server's certificate must have.
+#[derive(Clone)]
+pub struct LinkTls {
+    /// The TLS 1.3 client.
+    pub config: Arc<rustls::ClientConfig>,
+    /// The server's name, as the handshake checks it.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+    /// The same, as text.
+    pub name: String,
+    /// The files read (a reload that changes them connects again).
+    pub files: ClientFiles,
+}
+
+impl LinkTlsKeys {
+    /// Checks the keys and reads the files, for a link to `host`,
+    /// offering `alpn`.
+    pub fn check(self, src: &str, host: &str, alpn: &[&[u8]]) -> Result<LinkTls, ConfigError> {
+        let name = self.server_name.clone().unwrap_or_else(|| host.to_string());
+        let server_name = rustls::pki_types::ServerName::try_from(name.clone()).map_err(|_| {
+            ConfigError::key(
+                src,
+                if self.server_name.is_some() {
+                    "server_name"
+                } else {
+                    "server"
+                },
+                format!("`{name}` is not a DNS name or IP address a certificate can be for"),
+            )
+        })?;
+        let identity = match (self.tls_cert, self.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::key(
+                    src,
+                    "tls_key",
+                    "missing: `tls_cert` needs its key",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::key(
+                    src,
+                    "tls_cert",
+                    "missing: `tls_key` needs its certificate",
+                ))
+            }
+        };
+        let files = ClientFiles {
+            ca: self.ca,
+            identity,
+        };
+        Ok(LinkTls {
+            config: Arc::new(client_config(src, &files, alpn)?),
+            server_name,
+            name,
+            files,
+        })
+    }
+}
+
 /// A TLS 1.3 client config offering `alpn`.
 pub fn client_config(
     source: &str,

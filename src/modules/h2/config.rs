@@ -131,6 +131,88 @@ impl Default for H2Limits {
     }
 }
 
+/// The HTTP/2 keys a door or a link's document gives (absent: the default).
+#[derive(Debug, Default)]
+pub(super) struct LimitKeys {
+    pub stream_window: Option<ByteSize>,
+    pub connection_window: Option<ByteSize>,
+    pub max_frame_size: Option<ByteSize>,
+    pub max_header_list: Option<ByteSize>,
+    pub max_streams: Option<u32>,
+    pub keepalive: Option<crate::core::config::IdleTimeout>,
+    pub keepalive_timeout: Option<Duration>,
+}
+
+impl H2Limits {
+    /// Checks the keys: sizes within RFC 9113's bounds (frames of 2^14 to
+    /// 2^24-1 bytes, windows up to 2^31-1), a connection window at least
+    /// the stream window, timeouts above zero.
+    pub(super) fn read(src: &str, k: LimitKeys) -> Result<H2Limits, ConfigError> {
+        let d = H2Limits::default();
+        let max_window = (1u64 << 31) - 1;
+        let limits = H2Limits {
+            stream_window: within(
+                src,
+                "stream_window",
+                k.stream_window,
+                d.stream_window,
+                1 << 16,
+                max_window,
+            )?,
+            connection_window: within(
+                src,
+                "connection_window",
+                k.connection_window,
+                d.connection_window,
+                1 << 16,
+                max_window,
+            )?,
+            max_frame_size: within(
+                src,
+                "max_frame_size",
+                k.max_frame_size,
+                d.max_frame_size,
+                1 << 14,
+                (1 << 24) - 1,
+            )?,
+            max_header_list: within(
+                src,
+                "max_header_list",
+                k.max_header_list,
+                d.max_header_list,
+                1 << 10,
+                1 << 20,
+            )?,
+            max_streams: k.max_streams.unwrap_or(d.max_streams),
+            keepalive: match k.keepalive {
+                None => d.keepalive,
+                Some(crate::core::config::IdleTimeout::Off) => None,
+                Some(crate::core::config::IdleTimeout::After(t)) => {
+                    positive(src, "keepalive", t)?;
+                    Some(t)
+                }
+            },
+            keepalive_timeout: k.keepalive_timeout.unwrap_or(d.keepalive_timeout),
+        };
+        if limits.max_streams == 0 {
+            return Err(ConfigError::key(src, "max_streams", "must be at least 1"));
+        }
+        positive(src, "keepalive_timeout", limits.keepalive_timeout)?;
+        if limits.connection_window < limits.stream_window {
+            return Err(ConfigError::key(
+                src,
+                "connection_window",
+                format!(
+                    "{} is smaller than stream_window ({}): one stream could stall the connection",
+                    ByteSize(limits.connection_window.into()),
+                    ByteSize(limits.stream_window.into())
+                ),
+            ));
+        }
+        Ok(limits)
+    }
+}
+
 /// A checked h2 door config.
 #[derive(Clone)]
 pub struct H2Config {
@@ -143,7 +225,7 @@ pub struct H2Config {
 }
 
 /// A window or frame key in bytes: within `lo..=hi`.
-pub(super) fn within(
+fn within(
     src: &str,
     key: &str,
     v: Option<ByteSize>,
@@ -176,68 +258,18 @@ impl H2Config {
         let src = doc.source.as_str();
         let (door, raw): (DoorSettings, RawConfig) =
             DoorSettings::parse_taking(doc, TAKES, &OWN_KEYS)?;
-        let d = H2Limits::default();
-        // RFC 9113: frames of 2^14 to 2^24-1 bytes, windows up to 2^31-1.
-        let max_window = (1u64 << 31) - 1;
-        let limits = H2Limits {
-            stream_window: within(
-                src,
-                "stream_window",
-                raw.stream_window,
-                d.stream_window,
-                1 << 16,
-                max_window,
-            )?,
-            connection_window: within(
-                src,
-                "connection_window",
-                raw.connection_window,
-                d.connection_window,
-                1 << 16,
-                max_window,
-            )?,
-            max_frame_size: within(
-                src,
-                "max_frame_size",
-                raw.max_frame_size,
-                d.max_frame_size,
-                1 << 14,
-                (1 << 24) - 1,
-            )?,
-            max_header_list: within(
-                src,
-                "max_header_list",
-                raw.max_header_list,
-                d.max_header_list,
-                1 << 10,
-                1 << 20,
-            )?,
-            max_streams: raw.max_streams.unwrap_or(d.max_streams),
-            keepalive: match raw.keepalive {
-                None => d.keepalive,
-                Some(crate::core::config::IdleTimeout::Off) => None,
-                Some(crate::core::config::IdleTimeout::After(t)) => {
-                    positive(src, "keepalive", t)?;
-                    Some(t)
-                }
+        let limits = H2Limits::read(
+            src,
+            LimitKeys {
+                stream_window: raw.stream_window,
+                connection_window: raw.connection_window,
+                max_frame_size: raw.max_frame_size,
+                max_header_list: raw.max_header_list,
+                max_streams: raw.max_streams,
+                keepalive: raw.keepalive,
+                keepalive_timeout: raw.keepalive_timeout,
             },
-            keepalive_timeout: raw.keepalive_timeout.unwrap_or(d.keepalive_timeout),
-        };
-        if limits.max_streams == 0 {
-            return Err(ConfigError::key(src, "max_streams", "must be at least 1"));
-        }
-        positive(src, "keepalive_timeout", limits.keepalive_timeout)?;
-        if limits.connection_window < limits.stream_window {
-            return Err(ConfigError::key(
-                src,
-                "connection_window",
-                format!(
-                    "{} is smaller than stream_window ({}): one stream could stall the connection",
-                    ByteSize(limits.connection_window.into()),
-                    ByteSize(limits.stream_window.into())
-                ),
-            ));
-        }
+        )?;
         if raw.h2c && (door.exposed() || door.listen_via.is_some()) {
             return Err(ConfigError::key(
                 src,

@@ -14,16 +14,15 @@
 //! there. One connection carries up to `max_streams_per_connection` flows;
 //! past that another is opened, up to `max_connections`. The first
 //! connection is kept up for good: PINGs (`keepalive`) notice a vanished
-//! peer, and the link reconnects with [`Backoff`] (every 1 s ±20 %,
+//! peer, and the link reconnects with
+//! [`Backoff`](crate::core::net::link::Backoff) (every 1 s ±20 %,
 //! `backoff_max`, so it is back within 2 s of its server listening). While no connection is up a dial fails at once
 //! (`no_route`), so a route or a link group can move on.
 
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -32,23 +31,21 @@ use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::pki_types::ServerName;
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::addr::HostPort;
 use crate::core::config::{parse_document, positive, ByteSize, ConfigError, IdleTimeout};
-use crate::core::net::backoff::Backoff;
-use crate::core::net::dial::{DialError, DialMeta, Dialer};
-use crate::core::net::link_metrics::{LinkMetrics, LinkSeries};
+use crate::core::net::dial::{within, DialError, DialMeta, Dialer};
+use crate::core::net::guard::{Guarded, Share};
+use crate::core::net::link::{keep_up, Connect, Ended, LinkMetrics, LinkSeries, LinkStatus};
 use crate::core::net::proxy::Stream;
-use crate::core::net::tls::{self, ClientFiles};
+use crate::core::net::tls::{LinkTls, LinkTlsKeys};
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::http::{far_refusal, forwarded_for};
 use crate::core::spine::router::Connector;
 
-use super::config::{within, H2Limits};
+use super::config::{H2Limits, LimitKeys};
 
 /// `kind: h2_link`
 ///
@@ -122,12 +119,8 @@ pub struct H2LinkConfig {
     pub server: HostPort,
     /// The module whose network reaches it (`None`: the host's).
     pub server_via: Option<String>,
-    /// The name its certificate must have.
-    pub server_name: ServerName<'static>,
-    /// Our TLS client (its CA, our certificate).
-    pub tls: Arc<rustls::ClientConfig>,
-    /// The files it was read from (a reload that changes them reconnects).
-    files: ClientFiles,
+    /// Our TLS client (its CA, our certificate) and the server's name.
+    pub tls: LinkTls,
     /// Dial and handshake timeout.
     pub connect_timeout: Duration,
     /// The longest wait between reconnects.
@@ -156,89 +149,28 @@ impl H2LinkConfig {
         ] {
             crate::core::config::at_least_one(src, key, n)?;
         }
-        let name = raw
-            .server_name
-            .clone()
-            .unwrap_or_else(|| raw.server.host.clone());
-        let server_name = ServerName::try_from(name.clone()).map_err(|_| {
-            ConfigError::key(
-                src,
-                if raw.server_name.is_some() {
-                    "server_name"
-                } else {
-                    "server"
-                },
-                format!("`{name}` is not a DNS name or IP address a certificate can be for"),
-            )
-        })?;
-        let identity = match (raw.tls_cert, raw.tls_key) {
-            (Some(c), Some(k)) => Some((c, k)),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(ConfigError::key(
-                    src,
-                    "tls_key",
-                    "missing: `tls_cert` needs its key",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::key(
-                    src,
-                    "tls_cert",
-                    "missing: `tls_key` needs its certificate",
-                ))
-            }
-        };
-        let files = ClientFiles {
+        let tls = LinkTlsKeys {
+            server_name: raw.server_name,
             ca: raw.ca,
-            identity,
-        };
-        let tls = Arc::new(tls::client_config(src, &files, &[b"h2"])?);
-        let d = H2Limits::default();
-        let max_window = (1u64 << 31) - 1;
-        let limits = H2Limits {
-            stream_window: within(
-                src,
-                "stream_window",
-                raw.stream_window,
-                d.stream_window,
-                1 << 16,
-                max_window,
-            )?,
-            connection_window: within(
-                src,
-                "connection_window",
-                raw.connection_window,
-                d.connection_window,
-                1 << 16,
-                max_window,
-            )?,
-            max_frame_size: within(
-                src,
-                "max_frame_size",
-                raw.max_frame_size,
-                d.max_frame_size,
-                1 << 14,
-                (1 << 24) - 1,
-            )?,
-            keepalive: match raw.keepalive {
-                None => d.keepalive,
-                Some(IdleTimeout::Off) => None,
-                Some(IdleTimeout::After(t)) => {
-                    positive(src, "keepalive", t)?;
-                    Some(t)
-                }
+            tls_cert: raw.tls_cert,
+            tls_key: raw.tls_key,
+        }
+        .check(src, &raw.server.host, &[b"h2"])?;
+        let limits = H2Limits::read(
+            src,
+            LimitKeys {
+                stream_window: raw.stream_window,
+                connection_window: raw.connection_window,
+                max_frame_size: raw.max_frame_size,
+                keepalive: raw.keepalive,
+                keepalive_timeout: raw.keepalive_timeout,
+                ..LimitKeys::default()
             },
-            keepalive_timeout: raw.keepalive_timeout.unwrap_or(d.keepalive_timeout),
-            ..d
-        };
-        positive(src, "keepalive_timeout", limits.keepalive_timeout)?;
+        )?;
         Ok(H2LinkConfig {
             server: raw.server,
             server_via: raw.server_via,
-            server_name,
             tls,
-            files,
             connect_timeout: raw.connect_timeout,
             backoff_max: raw.backoff_max,
             max_streams_per_connection: raw.max_streams_per_connection,
@@ -251,8 +183,8 @@ impl H2LinkConfig {
     fn reconnects(&self, new: &H2LinkConfig) -> bool {
         self.server != new.server
             || self.server_via != new.server_via
-            || self.server_name != new.server_name
-            || self.files != new.files
+            || self.tls.name != new.tls.name
+            || self.tls.files != new.tls.files
             || self.limits != new.limits
     }
 }
@@ -302,16 +234,6 @@ impl Conn {
     fn live(&self) -> bool {
         !self.ended.is_cancelled() && !self.send.is_closed()
     }
-}
-
-#[derive(Default, Clone, serde::Serialize)]
-struct LinkStatus {
-    connected: bool,
-    /// Unix time the first connection came up.
-    up_since: Option<u64>,
-    /// Connections made after the first.
-    reconnects: u64,
-    last_error: Option<String>,
 }
 
 struct Link {
@@ -384,8 +306,8 @@ impl Link {
                     &DialMeta::default(),
                 )
                 .await?;
-            let tls = tokio_rustls::TlsConnector::from(cfg.tls.clone())
-                .connect(cfg.server_name.clone(), stream)
+            let tls = tokio_rustls::TlsConnector::from(cfg.tls.config.clone())
+                .connect(cfg.tls.server_name.clone(), stream)
                 .await
                 .map_err(LinkError::Tls)?;
             let l = cfg.limits;
@@ -468,69 +390,6 @@ impl Link {
             .ok_or_else(|| DialError::Down(format!("h2 link `{}` is down", self.ctx.instance)))
     }
 
-    /// Keeps one connection up until `stop`.
-    async fn run(self: Arc<Self>, stop: CancellationToken, generation: u64) {
-        let (tenant, instance) = (self.ctx.tenant.name.clone(), self.ctx.instance.clone());
-        let mut backoff = Backoff::new(self.cfg().backoff_max);
-        let mut connections = 0u64;
-        let metrics = self.series();
-        loop {
-            let attempt = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = self.open() => r,
-            };
-            match attempt {
-                Ok(conn) => {
-                    let since = Instant::now();
-                    {
-                        let mut st = self.status();
-                        st.connected = true;
-                        st.up_since = SystemTime::now()
-                            .duration_since(SystemTime::UNIX_EPOCH)
-                            .ok()
-                            .map(|d| d.as_secs());
-                        st.reconnects = connections;
-                        st.last_error = None;
-                    }
-                    metrics.connected(connections > 0);
-                    connections += 1;
-                    tracing::info!(%tenant, %instance, server = %self.cfg().server, generation, "h2 link up");
-                    tokio::select! {
-                        _ = stop.cancelled() => {
-                            self.status().connected = false;
-                            metrics.down();
-                            return;
-                        }
-                        _ = conn.ended.cancelled() => {}
-                    }
-                    // Others in the pool may still be up; new flows take
-                    // them until this one is back.
-                    let others = self
-                        .pool
-                        .lock()
-                        .expect("poisoned")
-                        .iter()
-                        .any(|c| c.live() && c.generation == generation);
-                    self.status().connected = others;
-                    if !others {
-                        metrics.down();
-                    }
-                    tracing::warn!(%tenant, %instance, up_for = ?since.elapsed(), "h2 link connection ended; reconnecting");
-                    backoff.ended_after(since.elapsed());
-                }
-                Err(e) => {
-                    tracing::warn!(%tenant, %instance, error = %e, "h2 link: cannot connect");
-                    self.status().last_error = Some(e.to_string());
-                }
-            }
-            let wait = backoff.next(self.cfg().backoff_max);
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
-    }
-
     fn start_loop(self: &Arc<Self>) {
         let stop = CancellationToken::new();
         let generation = {
@@ -546,48 +405,59 @@ impl Link {
             .lock()
             .expect("poisoned")
             .retain(|c| c.generation == generation);
-        tokio::spawn(self.clone().run(stop, generation));
+        let link = self.clone();
+        tokio::spawn(async move {
+            let (tenant, instance) = (link.ctx.tenant.name.clone(), link.ctx.instance.clone());
+            let metrics = link.series();
+            let keeper = Keeper {
+                link: &link,
+                generation,
+            };
+            keep_up(&keeper, &link.status, &metrics, (&tenant, &instance), &stop).await;
+        });
     }
 }
 
-/// A flow's stream over the link: counted on its connection while open.
-struct Tunnel {
-    io: TokioIo<hyper::upgrade::Upgraded>,
-    streams: Arc<AtomicUsize>,
+/// The first connection of a link's pool, kept up by [`keep_up`].
+struct Keeper<'a> {
+    link: &'a Arc<Link>,
+    generation: u64,
 }
 
-impl Drop for Tunnel {
-    fn drop(&mut self) {
-        self.streams.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+#[async_trait]
+impl Connect for Keeper<'_> {
+    type Conn = Conn;
 
-impl AsyncRead for Tunnel {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Tunnel {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+    fn what(&self) -> &'static str {
+        "h2 link"
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+    fn backoff_max(&self) -> Duration {
+        self.link.cfg().backoff_max
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    async fn open(&self) -> Result<Conn, String> {
+        self.link.open().await.map_err(|e| e.to_string())
     }
+
+    async fn hold(&self, conn: &Conn) -> Ended {
+        conn.ended.cancelled().await;
+        // Others in the pool may still be up; new flows take them until
+        // this one is back.
+        let others_up = self
+            .link
+            .pool
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .any(|c| c.live() && c.generation == self.generation);
+        Ended {
+            others_up,
+            ..Ended::default()
+        }
+    }
+
+    async fn close(&self, _conn: Conn) {}
 }
 
 /// Sends one `CONNECT` per dial: the other gateway dials the target.
@@ -632,8 +502,8 @@ impl Dialer for LinkDialer {
                     "{target}: h2 link `{instance}` lost its connection: {e}"
                 ))
             };
-            conn.streams.fetch_add(1, Ordering::Relaxed);
-            let guard = Tunnel::counting(conn.streams.clone());
+            // Counted on its connection from the request on.
+            let share = Share::new(&conn.streams);
             let mut send = conn.send.clone();
             send.ready().await.map_err(down)?;
             let resp = send.send_request(req).await.map_err(down)?;
@@ -655,40 +525,9 @@ impl Dialer for LinkDialer {
             }
             let up = hyper::upgrade::on(resp).await.map_err(down)?;
             link.series().flow();
-            Ok(guard.into_tunnel(TokioIo::new(up)))
+            Ok(Stream::io(Guarded::new(TokioIo::new(up), share)))
         };
-        match tokio::time::timeout(timeout, attempt).await {
-            Ok(r) => r,
-            Err(_) => Err(DialError::Timeout {
-                target: target.to_string(),
-                timeout,
-            }),
-        }
-    }
-}
-
-/// Counts a stream on its connection from the request on; dropped before
-/// it became a tunnel, it uncounts.
-struct Counting(Option<Arc<AtomicUsize>>);
-
-impl Tunnel {
-    fn counting(streams: Arc<AtomicUsize>) -> Counting {
-        Counting(Some(streams))
-    }
-}
-
-impl Counting {
-    fn into_tunnel(mut self, io: TokioIo<hyper::upgrade::Upgraded>) -> Stream {
-        let streams = self.0.take().expect("counted once");
-        Stream::io(Tunnel { io, streams })
-    }
-}
-
-impl Drop for Counting {
-    fn drop(&mut self) {
-        if let Some(s) = self.0.take() {
-            s.fetch_sub(1, Ordering::Relaxed);
-        }
+        within(target, timeout, attempt).await
     }
 }
 
@@ -745,6 +584,7 @@ impl Module for H2Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::ServerName;
     use serde_json::json;
 
     #[test]
@@ -792,7 +632,10 @@ mod tests {
             json!({"kind": "h2_link", "server": "10.0.0.1:15008", "ca": ca}),
         ))
         .unwrap();
-        assert_eq!(ok.server_name, ServerName::try_from("10.0.0.1").unwrap());
+        assert_eq!(
+            ok.tls.server_name,
+            ServerName::try_from("10.0.0.1").unwrap()
+        );
         assert_eq!(ok.max_streams_per_connection, 100);
     }
 }

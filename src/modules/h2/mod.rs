@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::config::ConfigError;
 use crate::core::logs;
+use crate::core::net::guard::Share;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
@@ -62,22 +63,6 @@ pub struct H2Door {
     drain: Mutex<CancellationToken>,
     /// CONNECT streams open now.
     streams: Arc<AtomicUsize>,
-}
-
-/// One open CONNECT stream, counted while it lives.
-struct Open(Arc<AtomicUsize>);
-
-impl Open {
-    fn new(n: &Arc<AtomicUsize>) -> Self {
-        n.fetch_add(1, Ordering::Relaxed);
-        Open(n.clone())
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// One TLS connection's requests.
@@ -131,7 +116,7 @@ impl Exchange {
         let upgrade = hyper::upgrade::on(&mut req);
         let (tx, rx) = oneshot::channel();
         let onramp = self.onramp.clone();
-        let open = Open::new(&self.streams);
+        let open = Share::new(&self.streams);
         self.onramp.spawn(async move {
             let _open = open;
             onramp

@@ -16,21 +16,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use configstore::Document;
-use rustls::pki_types::ServerName;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::addr::HostPort;
 use crate::core::config::{parse_document, positive, ByteSize, ConfigError, IdleTimeout};
-use crate::core::net::backoff::Backoff;
-use crate::core::net::dial::{DialError, DialMeta, Dialer};
-use crate::core::net::link_metrics::{LinkMetrics, LinkSeries};
+use crate::core::net::dial::{within, DialError, DialMeta, Dialer};
+use crate::core::net::guard::{Guarded, Share};
+use crate::core::net::link::{keep_up, Connect, Ended, LinkMetrics, LinkSeries, LinkStatus};
 use crate::core::net::proxy::Stream;
-use crate::core::net::tls::{self, ClientFiles};
+use crate::core::net::tls::{LinkTls, LinkTlsKeys};
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::http::{far_refusal, forwarded_for};
 
@@ -86,11 +85,10 @@ fn default_backoff_max() -> Duration {
 pub struct QuicLinkConfig {
     /// The other node's quic door.
     pub server: HostPort,
-    /// The name its certificate must have.
-    pub server_name: String,
+    /// Our TLS client and the server's name.
+    pub tls: LinkTls,
     /// quinn's client config (TLS and transport).
     client: quinn::ClientConfig,
-    files: ClientFiles,
     /// Dial and handshake timeout.
     pub connect_timeout: Duration,
     /// The longest wait between reconnects.
@@ -107,44 +105,13 @@ impl QuicLinkConfig {
         if raw.backoff_max < Duration::from_secs(1) {
             return Err(ConfigError::key(src, "backoff_max", "at least 1s"));
         }
-        let server_name = raw
-            .server_name
-            .clone()
-            .unwrap_or_else(|| raw.server.host.clone());
-        ServerName::try_from(server_name.clone()).map_err(|_| {
-            ConfigError::key(
-                src,
-                if raw.server_name.is_some() {
-                    "server_name"
-                } else {
-                    "server"
-                },
-                format!("`{server_name}` is not a DNS name or IP address a certificate can be for"),
-            )
-        })?;
-        let identity = match (raw.tls_cert, raw.tls_key) {
-            (Some(c), Some(k)) => Some((c, k)),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(ConfigError::key(
-                    src,
-                    "tls_key",
-                    "missing: `tls_cert` needs its key",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::key(
-                    src,
-                    "tls_cert",
-                    "missing: `tls_key` needs its certificate",
-                ))
-            }
-        };
-        let files = ClientFiles {
+        let tls = LinkTlsKeys {
+            server_name: raw.server_name,
             ca: raw.ca,
-            identity,
-        };
-        let tls = tls::client_config(src, &files, &[ALPN])?;
+            tls_cert: raw.tls_cert,
+            tls_key: raw.tls_key,
+        }
+        .check(src, &raw.server.host, &[ALPN])?;
         let limits = QuicLimits::read(
             src,
             QuicLimits::LINK,
@@ -153,7 +120,7 @@ impl QuicLinkConfig {
             raw.keepalive,
             raw.keepalive_timeout,
         )?;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.config.clone())
             .map_err(|e| ConfigError::doc(src, format!("QUIC: {e}")))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(
@@ -163,9 +130,8 @@ impl QuicLinkConfig {
         ));
         Ok(QuicLinkConfig {
             server: raw.server,
-            server_name,
+            tls,
             client,
-            files,
             connect_timeout: raw.connect_timeout,
             backoff_max: raw.backoff_max,
             limits,
@@ -174,8 +140,8 @@ impl QuicLinkConfig {
 
     fn reconnects(&self, new: &QuicLinkConfig) -> bool {
         self.server != new.server
-            || self.server_name != new.server_name
-            || self.files != new.files
+            || self.tls.name != new.tls.name
+            || self.tls.files != new.tls.files
             || self.limits != new.limits
     }
 }
@@ -205,14 +171,6 @@ impl ModuleFactory for QuicLinkFactory {
             endpoint: Mutex::new(None),
         }))))
     }
-}
-
-#[derive(Default, Clone, serde::Serialize)]
-struct LinkStatus {
-    connected: bool,
-    up_since: Option<u64>,
-    reconnects: u64,
-    last_error: Option<String>,
 }
 
 struct Link {
@@ -285,7 +243,7 @@ impl Link {
         Ok(e)
     }
 
-    async fn open(&self) -> Result<quinn::Connection, LinkError> {
+    async fn connect(&self) -> Result<quinn::Connection, LinkError> {
         let cfg = self.cfg();
         let attempt = async {
             let ips = crate::core::net::resolve::on_host(&cfg.server.host, cfg.connect_timeout)
@@ -297,7 +255,7 @@ impl Link {
             let server = SocketAddr::new(ip, cfg.server.port);
             let ep = self.endpoint(server)?;
             let conn = ep
-                .connect_with(cfg.client.clone(), server, &cfg.server_name)?
+                .connect_with(cfg.client.clone(), server, &cfg.tls.name)?
                 .await?;
             Ok::<_, LinkError>(conn)
         };
@@ -306,95 +264,65 @@ impl Link {
             .map_err(|_| LinkError::Timeout(cfg.connect_timeout))?
     }
 
-    async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let (tenant, instance) = (self.ctx.tenant.name.clone(), self.ctx.instance.clone());
-        let mut backoff = Backoff::new(self.cfg().backoff_max);
-        let mut connections = 0u64;
-        let metrics = self.series();
-        loop {
-            let attempt = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = self.open() => r,
-            };
-            match attempt {
-                Ok(conn) => {
-                    let since = Instant::now();
-                    {
-                        let mut st = self.status();
-                        st.connected = true;
-                        st.up_since = SystemTime::now()
-                            .duration_since(SystemTime::UNIX_EPOCH)
-                            .ok()
-                            .map(|d| d.as_secs());
-                        st.reconnects = connections;
-                        st.last_error = None;
-                    }
-                    metrics.connected(connections > 0);
-                    connections += 1;
-                    *self.conn.write().expect("poisoned") = Some(conn.clone());
-                    tracing::info!(%tenant, %instance, server = %self.cfg().server, "quic link up");
-                    let why = loop {
-                        metrics.rtt(conn.rtt());
-                        tokio::select! {
-                            _ = stop.cancelled() => {
-                                conn.close(0u32.into(), b"link stopped");
-                                *self.conn.write().expect("poisoned") = None;
-                                self.status().connected = false;
-                                metrics.down();
-                                return;
-                            }
-                            e = conn.closed() => break e,
-                            _ = tokio::time::sleep(RTT_EVERY) => {}
-                        }
-                    };
-                    metrics.down();
-                    *self.conn.write().expect("poisoned") = None;
-                    {
-                        let mut st = self.status();
-                        st.connected = false;
-                        st.last_error = Some(why.to_string());
-                    }
-                    tracing::warn!(%tenant, %instance, up_for = ?since.elapsed(), reason = %why, "quic link down; reconnecting");
-                    backoff.ended_after(since.elapsed());
-                    if matches!(why, quinn::ConnectionError::Reset) {
-                        // A stateless reset: the door is up again, without
-                        // our connection. Reconnect now.
-                        backoff.at_once();
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(%tenant, %instance, error = %e, "quic link: cannot connect");
-                    self.status().last_error = Some(e.to_string());
-                }
-            }
-            let wait = backoff.next(self.cfg().backoff_max);
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
-    }
-
     fn start_loop(self: &Arc<Self>) {
         let stop = CancellationToken::new();
         if let Some(old) = self.running.lock().expect("poisoned").replace(stop.clone()) {
             old.cancel();
         }
-        tokio::spawn(self.clone().run(stop));
+        let link = self.clone();
+        tokio::spawn(async move {
+            let (tenant, instance) = (link.ctx.tenant.name.clone(), link.ctx.instance.clone());
+            let metrics = link.series();
+            keep_up(&*link, &link.status, &metrics, (&tenant, &instance), &stop).await;
+        });
+    }
+}
+
+/// The link's one connection, kept up by [`keep_up`].
+#[async_trait]
+impl Connect for Link {
+    type Conn = quinn::Connection;
+
+    fn what(&self) -> &'static str {
+        "quic link"
+    }
+
+    fn backoff_max(&self) -> Duration {
+        self.cfg().backoff_max
+    }
+
+    async fn open(&self) -> Result<quinn::Connection, String> {
+        self.connect().await.map_err(|e| e.to_string())
+    }
+
+    async fn hold(&self, conn: &quinn::Connection) -> Ended {
+        *self.conn.write().expect("poisoned") = Some(conn.clone());
+        let metrics = self.series();
+        let why = loop {
+            metrics.rtt(conn.rtt());
+            tokio::select! {
+                e = conn.closed() => break e,
+                _ = tokio::time::sleep(RTT_EVERY) => {}
+            }
+        };
+        *self.conn.write().expect("poisoned") = None;
+        Ended {
+            // A stateless reset: the door is up again, without our
+            // connection. Reconnect now.
+            peer_up: matches!(why, quinn::ConnectionError::Reset),
+            error: Some(why.to_string()),
+            others_up: false,
+        }
+    }
+
+    async fn close(&self, conn: quinn::Connection) {
+        conn.close(0u32.into(), b"link stopped");
+        *self.conn.write().expect("poisoned") = None;
     }
 }
 
 /// How often the RTT gauge is brought up to date.
 const RTT_EVERY: Duration = Duration::from_secs(5);
-
-/// A tunnel stream, counted while open.
-struct Counted(Arc<AtomicUsize>);
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// The status of a response head (`HTTP/1.1 200 OK`), and its reason header.
 fn parse_response(head: &[u8]) -> Option<(u16, String)> {
@@ -453,8 +381,7 @@ impl Dialer for LinkDialer {
         let lost = |e: String| DialError::Down(format!("{target}: {via}: {e}"));
         let attempt = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
-            link.streams.fetch_add(1, Ordering::Relaxed);
-            let counted = Counted(link.streams.clone());
+            let counted = Share::new(&link.streams);
             send.write_all(head.as_bytes())
                 .await
                 .map_err(|e| lost(e.to_string()))?;
@@ -467,59 +394,9 @@ impl Dialer for LinkDialer {
                 return Err(far_refusal(target, &via, status, &reason, timeout));
             }
             link.series().flow();
-            Ok(Stream::io(Tunnel {
-                io: tokio::io::join(recv, send),
-                _counted: counted,
-            })
-            .prepend(rest))
+            Ok(Stream::io(Guarded::new(tokio::io::join(recv, send), counted)).prepend(rest))
         };
-        match tokio::time::timeout(timeout, attempt).await {
-            Ok(r) => r,
-            Err(_) => Err(DialError::Timeout {
-                target: target.to_string(),
-                timeout,
-            }),
-        }
-    }
-}
-
-/// A QUIC stream as a flow's upstream.
-struct Tunnel {
-    io: tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
-    _counted: Counted,
-}
-
-impl tokio::io::AsyncRead for Tunnel {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Tunnel {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+        within(target, timeout, attempt).await
     }
 }
 

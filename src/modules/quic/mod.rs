@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::config::{positive, ByteSize, ConfigError, IdleTimeout};
 use crate::core::logs;
+use crate::core::net::guard::Share;
 use crate::core::net::proxy::Stream;
 use crate::core::net::tls::{ClientAuth, DoorTls, DoorTlsKeys, IdentityFrom};
 use crate::core::spine::door::{DoorKeys, DoorSettings};
@@ -537,26 +538,10 @@ impl Door {
                 return reply(&mut send, r.status, r.reason.as_str()).await;
             }
         };
-        let _open = Open::new(&self.streams);
+        let _open = Share::new(&self.streams);
         self.onramp
             .connect_answering(flow, Box::new(StreamAnswer { send, recv, rest }))
             .await;
-    }
-}
-
-/// One open tunnel stream, counted while it lives.
-struct Open(Arc<AtomicUsize>);
-
-impl Open {
-    fn new(n: &Arc<AtomicUsize>) -> Self {
-        n.fetch_add(1, Ordering::Relaxed);
-        Open(n.clone())
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -10,7 +10,9 @@
 //! channel and takes the one path here ([`OnRamp::connect_answering`]:
 //! flow with the link as identity, policy, route in `vnet:`, dial, join).
 //!
-//! The link reconnects after any loss ([`Backoff`]): first after 1 s, then
+//! The link reconnects after any loss
+//! ([`keep_up`](crate::core::net::link::keep_up), its waits
+//! [`Backoff`](crate::core::net::link::Backoff)): first after 1 s, then
 //! doubling up to `backoff_max`, each wait jittered by ±20 % so a fleet
 //! does not reconnect in step; a connection that stayed up starts again at
 //! 1 s.
@@ -24,7 +26,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use configstore::Document;
@@ -36,8 +38,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::addr::HostPort;
 use crate::core::config::{idle_timeout, parse_document, positive, ConfigError, IdleTimeout};
-use crate::core::net::backoff::Backoff;
 use crate::core::net::dial::{DialError, Dialer};
+use crate::core::net::link::{keep_up, Connect, Ended};
 use crate::core::net::proxy::Stream;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
 use crate::core::spine::onramp::{ConnectRequest, OnRamp, RouteVia, Target};
@@ -241,17 +243,14 @@ impl ModuleFactory for SshLinkFactory {
 #[derive(Default)]
 struct LinkState {
     handle: RwLock<Option<Arc<Handle<Client>>>>,
+    /// Connected, since when, reconnects, the last error.
+    link: Mutex<crate::core::net::link::LinkStatus>,
     status: Mutex<LinkStatus>,
 }
 
-#[derive(Default, Clone, serde::Serialize)]
+/// What the status shows beside the link's state.
+#[derive(Default, Clone)]
 struct LinkStatus {
-    connected: bool,
-    /// Unix time the current session came up.
-    up_since: Option<u64>,
-    /// Sessions established after the first.
-    reconnects: u64,
-    last_error: Option<String>,
     /// (asked, bound) ports of the reverse forwards of this session.
     forwards: Vec<(u16, u32)>,
     public_key: Option<String>,
@@ -383,78 +382,6 @@ impl Link {
         Ok((handle, ended))
     }
 
-    /// Keeps the link up until `stop`.
-    async fn run(self: Arc<Self>, key: Arc<PrivateKey>, stop: CancellationToken) {
-        let (tenant, instance) = self.labels();
-        let mut backoff = Backoff::new(self.cfg().backoff_max);
-        let mut sessions = 0u64;
-        let metrics = self
-            .onramp
-            .ctx()
-            .metrics
-            .subsystem::<crate::core::net::link_metrics::LinkMetrics>()
-            .series(&tenant, &instance, "ssh");
-        loop {
-            let attempt = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = self.connect(&key) => r,
-            };
-            match attempt {
-                Ok((handle, ended)) => {
-                    let handle = Arc::new(handle);
-                    let since = Instant::now();
-                    {
-                        let mut st = self.state.status();
-                        st.connected = true;
-                        st.up_since = SystemTime::now()
-                            .duration_since(SystemTime::UNIX_EPOCH)
-                            .ok()
-                            .map(|d| d.as_secs());
-                        st.reconnects = sessions;
-                        st.last_error = None;
-                    }
-                    metrics.connected(sessions > 0);
-                    sessions += 1;
-                    *self.state.handle.write().expect("poisoned") = Some(handle.clone());
-                    tracing::info!(%tenant, %instance, server = %self.cfg().server, "ssh link up");
-                    // The session runs on its own task; its end drops the
-                    // callbacks, which cancels `ended`. A slow check of the
-                    // handle backs that up.
-                    let stopped = loop {
-                        tokio::select! {
-                            _ = stop.cancelled() => break true,
-                            _ = ended.cancelled() => break false,
-                            _ = tokio::time::sleep(SESSION_CHECK) => {}
-                        }
-                        if handle.is_closed() {
-                            break false;
-                        }
-                    };
-                    *self.state.handle.write().expect("poisoned") = None;
-                    self.state.status().connected = false;
-                    metrics.down();
-                    if stopped {
-                        let _ = handle
-                            .disconnect(russh::Disconnect::ByApplication, "link stopped", "")
-                            .await;
-                        return;
-                    }
-                    tracing::warn!(%tenant, %instance, up_for = ?since.elapsed(), "ssh link down; reconnecting");
-                    backoff.ended_after(since.elapsed());
-                }
-                Err(e) => {
-                    tracing::warn!(%tenant, %instance, error = %e, "ssh link: cannot connect");
-                    self.state.status().last_error = Some(e.to_string());
-                }
-            }
-            let wait = backoff.next(self.cfg().backoff_max);
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
-    }
-
     fn start_loop(self: &Arc<Self>, source: &str) -> Result<(), ModuleError> {
         let cfg = self.cfg();
         let key = super::keys::load_or_create_key(&cfg.key_file, "SSH link key")
@@ -464,7 +391,28 @@ impl Link {
         if let Some(old) = self.running.lock().expect("poisoned").replace(stop.clone()) {
             old.cancel();
         }
-        tokio::spawn(self.clone().run(Arc::new(key), stop));
+        let link = self.clone();
+        tokio::spawn(async move {
+            let (tenant, instance) = link.labels();
+            let metrics = link
+                .onramp
+                .ctx()
+                .metrics
+                .subsystem::<crate::core::net::link::LinkMetrics>()
+                .series(&tenant, &instance, "ssh");
+            let keeper = Keeper {
+                link: &link,
+                key: Arc::new(key),
+            };
+            keep_up(
+                &keeper,
+                &link.state.link,
+                &metrics,
+                (&tenant, &instance),
+                &stop,
+            )
+            .await;
+        });
         Ok(())
     }
 
@@ -502,6 +450,58 @@ impl Link {
             trace: None,
         };
         super::connect_channel(&self.onramp, req, channel, reply, None);
+    }
+}
+
+/// The link's SSH session, kept up by [`keep_up`].
+struct Keeper<'a> {
+    link: &'a Arc<Link>,
+    key: Arc<PrivateKey>,
+}
+
+#[async_trait]
+impl Connect for Keeper<'_> {
+    type Conn = (Arc<Handle<Client>>, CancellationToken);
+
+    fn what(&self) -> &'static str {
+        "ssh link"
+    }
+
+    fn backoff_max(&self) -> Duration {
+        self.link.cfg().backoff_max
+    }
+
+    async fn open(&self) -> Result<Self::Conn, String> {
+        let (handle, ended) = self
+            .link
+            .connect(&self.key)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((Arc::new(handle), ended))
+    }
+
+    async fn hold(&self, (handle, ended): &Self::Conn) -> Ended {
+        *self.link.state.handle.write().expect("poisoned") = Some(handle.clone());
+        // The session runs on its own task; its end drops the callbacks,
+        // which cancels `ended`. A slow check of the handle backs that up.
+        loop {
+            tokio::select! {
+                _ = ended.cancelled() => break,
+                _ = tokio::time::sleep(SESSION_CHECK) => {}
+            }
+            if handle.is_closed() {
+                break;
+            }
+        }
+        *self.link.state.handle.write().expect("poisoned") = None;
+        Ended::default()
+    }
+
+    async fn close(&self, (handle, _): Self::Conn) {
+        *self.link.state.handle.write().expect("poisoned") = None;
+        let _ = handle
+            .disconnect(russh::Disconnect::ByApplication, "link stopped", "")
+            .await;
     }
 }
 
@@ -651,14 +651,15 @@ impl Module for SshLink {
     fn status(&self) -> serde_json::Value {
         let cfg = self.0.cfg();
         let st = self.0.state.status().clone();
+        let link = self.0.state.link.lock().expect("poisoned").clone();
         serde_json::json!({
             "server": cfg.server.to_string(),
             "server_via": cfg.server_via,
             "user": cfg.user,
-            "connected": st.connected,
-            "up_since": st.up_since,
-            "reconnects": st.reconnects,
-            "last_error": st.last_error,
+            "connected": link.connected,
+            "up_since": link.up_since,
+            "reconnects": link.reconnects,
+            "last_error": link.last_error,
             "forwards": st.forwards.iter().map(|(asked, bound)| serde_json::json!({"asked": asked, "bound": bound})).collect::<Vec<_>>(),
             "public_key": st.public_key,
         })

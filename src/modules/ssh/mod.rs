@@ -273,50 +273,13 @@ impl OpenChannels {
 /// is not reported, and the channel stayed counted until the session
 /// ended. An `ssh_link` carrying one short flow after another hit
 /// `max_channels` at its 257th.)
-struct Counted<S> {
-    io: S,
-    release: Option<(OpenChannels, ChannelId)>,
-}
+struct Release(Option<(OpenChannels, ChannelId)>);
 
-impl<S> Drop for Counted<S> {
+impl Drop for Release {
     fn drop(&mut self) {
-        if let Some((open, id)) = self.release.take() {
+        if let Some((open, id)) = self.0.take() {
             open.lock().remove(&id);
         }
-    }
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -537,10 +500,10 @@ where
         match outcome {
             Ok(_) => {
                 reply.accept().await;
-                Some(Stream::io(Counted {
-                    io: channel.into_stream(),
-                    release,
-                }))
+                Some(Stream::io(crate::core::net::guard::Guarded::new(
+                    channel.into_stream(),
+                    Release(release),
+                )))
             }
             Err(
                 EndReason::Denied
