@@ -163,14 +163,15 @@ pub struct ServerFiles {
     pub client_auth: ClientAuth,
 }
 
-/// A TLS 1.3 server config offering `alpn`.
+/// A TLS 1.3 server config offering `alpn`, with `key` (read from
+/// `files.key` by the caller, which may need it for more).
 pub fn server_config(
     source: &str,
     files: &ServerFiles,
+    key: PrivateKeyDer<'static>,
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, ConfigError> {
     let chain = certificates(source, "tls_cert", &files.cert)?;
-    let key = private_key(source, "tls_key", &files.key)?;
     let verifier =
         match (&files.client_ca, files.client_auth) {
             (_, ClientAuth::None) => rustls::server::WebPkiClientVerifier::no_client_auth(),
@@ -311,7 +312,7 @@ impl DoorTlsKeys {
             let mut seed = [0u8; 32];
             seed.copy_from_slice(ctx.finish().as_ref());
             secret = Some(seed);
-            Some(Arc::new(server_config(src, &files, alpn)?))
+            Some(Arc::new(server_config(src, &files, key, alpn)?))
         };
         let identity_from = self.identity_from.unwrap_or_else(|| IDENTITY_FROM.to_vec());
         if identity_from.is_empty() {
@@ -480,10 +481,8 @@ pub fn client_config(
 pub fn identity_of(der: &[u8], from: &[IdentityFrom]) -> Option<String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let names: Vec<GeneralName<'_>> = match cert.subject_alternative_name() {
-        Ok(Some(san)) => san.value.general_names.clone(),
-        _ => Vec::new(),
-    };
+    let san = cert.subject_alternative_name().ok().flatten();
+    let names: &[GeneralName<'_>] = san.as_ref().map_or(&[], |s| &s.value.general_names);
     from.iter().find_map(|f| match f {
         IdentityFrom::Spiffe => names.iter().find_map(|n| match n {
             GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
@@ -579,16 +578,18 @@ mod tests {
             client_ca: None,
             client_auth: ClientAuth::None,
         };
-        let e = server_config("t/h2.yaml", &files, &[b"h2"]).unwrap_err();
+        let read = |f: &ServerFiles| private_key("t/h2.yaml", "tls_key", &f.key).unwrap();
+        let e = server_config("t/h2.yaml", &files, read(&files), &[b"h2"]).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("tls_key"), "{e}");
         std::fs::write(dir.path().join("k.pem"), key.serialize_pem()).unwrap();
-        server_config("t/h2.yaml", &files, &[b"h2"]).unwrap();
+        server_config("t/h2.yaml", &files, read(&files), &[b"h2"]).unwrap();
         let e = server_config(
             "t/h2.yaml",
             &ServerFiles {
                 client_auth: ClientAuth::Required,
-                ..files
+                ..files.clone()
             },
+            read(&files),
             &[b"h2"],
         )
         .unwrap_err();
