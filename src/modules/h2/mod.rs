@@ -39,7 +39,6 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::config::ConfigError;
-use crate::core::logs;
 use crate::core::net::guard::Share;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
@@ -80,11 +79,13 @@ struct Exchange {
 
 impl Exchange {
     fn refuse(&self, reason: RejectReason, status: StatusCode, detail: String) -> Response<Body> {
-        let ctx = self.onramp.ctx();
-        ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
-        if let Some(suppressed) = logs::allow("h2.refused") {
-            tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, src = %self.src, identity = ?self.identity, %reason, detail = ?detail, suppressed, "HTTP/2 CONNECT refused");
-        }
+        self.onramp.refused(
+            "h2.refused",
+            self.src,
+            self.identity.as_deref(),
+            reason,
+            &detail,
+        );
         text(status, Some(reason.as_str()), detail)
     }
 
@@ -181,11 +182,7 @@ impl H2Door {
     }
 
     fn reject(&self, onramp: &OnRamp, src: SocketAddr, reason: RejectReason, detail: &str) {
-        let ctx = onramp.ctx();
-        ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
-        if let Some(suppressed) = logs::allow("h2.handshake") {
-            tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, %reason, detail = ?detail, suppressed, "HTTP/2 client refused");
-        }
+        onramp.refused("h2.handshake", src, None, reason, detail);
     }
 }
 

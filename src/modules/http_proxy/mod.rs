@@ -37,7 +37,6 @@ use tokio::sync::oneshot;
 
 use crate::core::addr::HostPort;
 use crate::core::config::ConfigError;
-use crate::core::logs;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
@@ -129,11 +128,8 @@ struct Exchange {
 
 impl Exchange {
     fn refuse(&self, reason: RejectReason, status: StatusCode, detail: String) -> Response<Body> {
-        let ctx = self.onramp.ctx();
-        ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
-        if let Some(suppressed) = logs::allow("http_proxy.refused") {
-            tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, src = %self.src, %reason, %detail, suppressed, "HTTP proxy request refused");
-        }
+        self.onramp
+            .refused("http_proxy.refused", self.src, None, reason, &detail);
         text(status, Some(reason.as_str()), detail)
     }
 
@@ -302,12 +298,13 @@ impl StreamHandler for HttpDoor {
         {
             Ok(s) => s,
             Err(reason) => {
-                let ctx = onramp.ctx();
-                ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
-                if let Some(suppressed) = crate::core::logs::allow("http_proxy.startups") {
-                    tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, %reason, suppressed, "HTTP proxy client refused: too many connections without a request yet");
-                }
-                return;
+                return onramp.refused(
+                    "http_proxy.startups",
+                    src,
+                    None,
+                    reason,
+                    "too many connections without a request yet",
+                );
             }
         };
         let startup = std::sync::Mutex::new(Some(startup));

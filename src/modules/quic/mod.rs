@@ -32,7 +32,6 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::config::{positive, ByteSize, ConfigError, IdleTimeout};
-use crate::core::logs;
 use crate::core::net::guard::Share;
 use crate::core::net::proxy::Stream;
 use crate::core::net::tls::{ClientAuth, DoorTls, DoorTlsKeys, IdentityFrom};
@@ -349,11 +348,8 @@ impl Door {
     }
 
     fn reject(&self, src: SocketAddr, reason: RejectReason, detail: &str) {
-        let ctx = self.onramp.ctx();
-        ctx.metrics.reject(&ctx.tenant.name, &ctx.instance, reason);
-        if let Some(suppressed) = logs::allow("quic.refused") {
-            tracing::warn!(tenant = %ctx.tenant.name, instance = %ctx.instance, %src, %reason, detail = ?detail, suppressed, "QUIC client refused");
-        }
+        self.onramp
+            .refused("quic.refused", src, None, reason, detail);
     }
 
     /// Binds the UDP port and starts accepting.

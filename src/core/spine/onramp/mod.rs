@@ -117,6 +117,26 @@ impl OnRamp {
         }
     }
 
+    /// Counts and logs a client (or one of its requests) refused before
+    /// anything was dialed: `meshgate_rejected_total{reason}`, and a
+    /// warning rate-limited under `log_key` with the client's address, its
+    /// identity if known, and what it was told.
+    pub fn refused(
+        &self,
+        log_key: &'static str,
+        src: std::net::SocketAddr,
+        identity: Option<&str>,
+        reason: RejectReason,
+        detail: &str,
+    ) {
+        self.ctx
+            .metrics
+            .reject(self.tenant(), &self.ctx.instance, reason);
+        if let Some(suppressed) = logs::allow(log_key) {
+            tracing::warn!(tenant = %self.tenant(), instance = %self.ctx.instance, kind = %self.ctx.kind, %src, ?identity, %reason, detail = ?detail, suppressed, "client refused");
+        }
+    }
+
     /// Closes every connection and waits until they are gone.
     pub async fn stop(&self) {
         self.stop.cancel();
