@@ -250,6 +250,7 @@ impl crate::core::net::dial::Dialer for EngineNetwork {
         &self,
         target: &crate::core::addr::HostPort,
         timeout: Duration,
+        _meta: &crate::core::net::dial::DialMeta,
     ) -> Result<Stream, DialError> {
         let ip = target.ip().ok_or_else(|| {
             DialError::NoRoute(format!(

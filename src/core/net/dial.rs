@@ -159,19 +159,14 @@ pub async fn within<T>(
 /// Opens streams to targets. Offered by modules that are connectors.
 #[async_trait]
 pub trait Dialer: Send + Sync {
-    /// Opens a TCP stream to `target`, giving up after `timeout`.
-    async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError>;
-    /// [`Dialer::dial_tcp`] for a flow described by `meta`; a connector
-    /// that can carry it (a gateway link) overrides this. Default: the
-    /// plain dial.
-    async fn dial_tcp_for(
+    /// Opens a TCP stream to `target` for the flow `meta` describes (a
+    /// gateway link passes it on), giving up after `timeout`.
+    async fn dial_tcp(
         &self,
         target: &HostPort,
         timeout: Duration,
-        _meta: &DialMeta,
-    ) -> Result<Stream, DialError> {
-        self.dial_tcp(target, timeout).await
-    }
+        meta: &DialMeta,
+    ) -> Result<Stream, DialError>;
     /// A UDP socket to talk to `remote` through this connector (bound on
     /// the connector's side, any port). Default: datagrams not carried.
     async fn bind_udp(
@@ -190,7 +185,12 @@ pub struct DirectDialer;
 
 #[async_trait]
 impl Dialer for DirectDialer {
-    async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError> {
+    async fn dial_tcp(
+        &self,
+        target: &HostPort,
+        timeout: Duration,
+        _meta: &DialMeta,
+    ) -> Result<Stream, DialError> {
         let attempt = async {
             let ips =
                 resolve::on_host(&target.host, timeout)
@@ -237,20 +237,20 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let t: HostPort = format!("127.0.0.1:{port}").parse().unwrap();
         let s = DirectDialer
-            .dial_tcp(&t, Duration::from_secs(2))
+            .dial_tcp(&t, Duration::from_secs(2), &DialMeta::default())
             .await
             .unwrap();
         assert!(matches!(s, Stream::Tcp(_)));
         drop(l);
         let e = DirectDialer
-            .dial_tcp(&t, Duration::from_secs(2))
+            .dial_tcp(&t, Duration::from_secs(2), &DialMeta::default())
             .await
             .err()
             .unwrap();
         assert_eq!(e.reason(), "refused", "{e}");
         let bad: HostPort = "no-such-host.invalid:80".parse().unwrap();
         let e = DirectDialer
-            .dial_tcp(&bad, Duration::from_secs(5))
+            .dial_tcp(&bad, Duration::from_secs(5), &DialMeta::default())
             .await
             .err()
             .unwrap();

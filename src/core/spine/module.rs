@@ -256,7 +256,7 @@ impl ModuleContext {
         meta: &crate::core::net::dial::DialMeta,
     ) -> Result<Stream, DialError> {
         match connector {
-            Connector::Direct => DirectDialer.dial_tcp(target, timeout).await,
+            Connector::Direct => DirectDialer.dial_tcp(target, timeout, meta).await,
             Connector::Module(name) => {
                 let dialer = self.find(name).and_then(|m| m.dialer()).ok_or_else(|| {
                     DialError::NoRoute(format!(
@@ -264,7 +264,7 @@ impl ModuleContext {
                         self.tenant.name
                     ))
                 })?;
-                dialer.dial_tcp_for(target, timeout, meta).await
+                dialer.dial_tcp(target, timeout, meta).await
             }
             Connector::Reject => Err(DialError::NoRoute(format!(
                 "{target}: the route is `reject`"

@@ -213,7 +213,6 @@ impl ModuleFactory for H2LinkFactory {
             pool: Mutex::new(Vec::new()),
             status: Mutex::new(LinkStatus::default()),
             running: Mutex::new(None),
-            opened: AtomicUsize::new(0),
         }))))
     }
 }
@@ -243,8 +242,6 @@ struct Link {
     status: Mutex<LinkStatus>,
     /// Stops the running connect loop; its generation.
     running: Mutex<Option<(CancellationToken, u64)>>,
-    /// Connections opened so far.
-    opened: AtomicUsize,
 }
 
 /// A running h2 link.
@@ -335,7 +332,6 @@ impl Link {
             }
             on_end.cancel();
         });
-        self.opened.fetch_add(1, Ordering::Relaxed);
         let c = Conn {
             send,
             streams: Default::default(),
@@ -465,12 +461,7 @@ struct LinkDialer(Arc<Link>);
 
 #[async_trait]
 impl Dialer for LinkDialer {
-    async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError> {
-        self.dial_tcp_for(target, timeout, &DialMeta::default())
-            .await
-    }
-
-    async fn dial_tcp_for(
+    async fn dial_tcp(
         &self,
         target: &HostPort,
         timeout: Duration,

@@ -156,12 +156,7 @@ struct GroupDialer(Arc<Group>);
 
 #[async_trait]
 impl Dialer for GroupDialer {
-    async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError> {
-        self.dial_tcp_for(target, timeout, &DialMeta::default())
-            .await
-    }
-
-    async fn dial_tcp_for(
+    async fn dial_tcp(
         &self,
         target: &HostPort,
         timeout: Duration,
@@ -187,7 +182,7 @@ impl Dialer for GroupDialer {
             } else {
                 left.min(cfg.attempt_timeout)
             };
-            match dialer.dial_tcp_for(target, budget, meta).await {
+            match dialer.dial_tcp(target, budget, meta).await {
                 Ok(s) => {
                     *group.last.lock().expect("poisoned") = Some(name.clone());
                     return Ok(s);

@@ -346,12 +346,7 @@ struct LinkDialer(Arc<Link>);
 
 #[async_trait]
 impl Dialer for LinkDialer {
-    async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError> {
-        self.dial_tcp_for(target, timeout, &DialMeta::default())
-            .await
-    }
-
-    async fn dial_tcp_for(
+    async fn dial_tcp(
         &self,
         target: &HostPort,
         timeout: Duration,

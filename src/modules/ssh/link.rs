@@ -579,7 +579,12 @@ struct LinkDialer(Arc<Link>);
 
 #[async_trait]
 impl Dialer for LinkDialer {
-    async fn dial_tcp(&self, target: &HostPort, timeout: Duration) -> Result<Stream, DialError> {
+    async fn dial_tcp(
+        &self,
+        target: &HostPort,
+        timeout: Duration,
+        _meta: &crate::core::net::dial::DialMeta,
+    ) -> Result<Stream, DialError> {
         let link = &self.0;
         let handle = link.state.handle().ok_or_else(|| {
             DialError::Down(format!(
