@@ -4,7 +4,9 @@
 //! port dropped (iptables in B) new connections keep working over HTTP/2
 //! within 5 s; with the rule removed they return to QUIC; after B is
 //! SIGKILLed and restarted, the QUIC link is back within 2 s of B
-//! listening.
+//! listening. Both links also publish a service only A reaches on B
+//! (`forwards:`, allowed by B's `publish:` lists), and B's curl fetches it
+//! over each, again after B's restart.
 #![cfg(feature = "quic")]
 
 mod common;
@@ -39,7 +41,7 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
         return;
     }
     let pki = Pki::new();
-    let a = Netns::new("la");
+    let mut a = Netns::new("la");
     let mut b = Netns::new("lb");
     link(&a, "10.243.1.2/24", &b, "10.243.1.1/24");
     let _nginx = nginx_in(&mut b, "127.0.0.1:8080", "only b\n");
@@ -49,6 +51,13 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
         (200, "only b\n".into())
     );
     assert_ne!(a.curl("http://127.0.0.1:8080/", 3).0, 200);
+    // And one only A reaches, for B through A's reverse forwards.
+    let _nginx_a = nginx_in(&mut a, "127.0.0.1:8090", "only a\n");
+    assert_eq!(
+        a.curl("http://127.0.0.1:8090/", 3),
+        (200, "only a\n".into())
+    );
+    assert_ne!(b.curl("http://127.0.0.1:8090/", 3).0, 200);
 
     let bdir = tempfile::tempdir().unwrap();
     let bd = bdir.path();
@@ -59,7 +68,7 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
         "kind: vnet\nroutes:\n  - to: 127.0.0.0/8\n    via: direct\nhosts:\n  web: 127.0.0.1\n",
     );
     let tls = format!(
-        "vnet: corp\ntls_cert: {}\ntls_key: {}\nclient_ca: {}\ntrust_forwarded: [\"{GATEWAY}\"]\n",
+        "vnet: corp\ntls_cert: {}\ntls_key: {}\nclient_ca: {}\ntrust_forwarded: [\"{GATEWAY}\"]\npublish:\n  - identity: \"{GATEWAY}\"\n    ports: [18091, 18092]\n",
         pki.s("server.pem"),
         pki.s("server.key"),
         pki.s("ca.pem")
@@ -78,8 +87,13 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
     let adir = tempfile::tempdir().unwrap();
     let ad = adir.path();
     write(ad, "meshgate.yaml", "node: a\nadmin: 127.0.0.1:9000\n");
+    write(
+        ad,
+        "tenants/default/corp.yaml",
+        "kind: vnet\nroutes:\n  - to: 127.0.0.0/8\n    via: direct\n",
+    );
     let client = format!(
-        "server_name: gw.test\nca: {}\ntls_cert: {}\ntls_key: {}\n",
+        "server_name: gw.test\nca: {}\ntls_cert: {}\ntls_key: {}\nvnet: corp\n",
         pki.s("ca.pem"),
         pki.s("gateway.pem"),
         pki.s("gateway.key")
@@ -87,12 +101,12 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
     write(
         ad,
         "tenants/default/b-quic.yaml",
-        &format!("kind: quic_link\nserver: 10.243.1.1:15009\n{client}"),
+        &format!("kind: quic_link\nserver: 10.243.1.1:15009\n{client}forwards:\n  - remote_port: 18091\n    to: 127.0.0.1:8090\n"),
     );
     write(
         ad,
         "tenants/default/b-h2.yaml",
-        &format!("kind: h2_link\nserver: 10.243.1.1:15008\n{client}"),
+        &format!("kind: h2_link\nserver: 10.243.1.1:15008\n{client}forwards:\n  - remote_port: 18092\n    to: 127.0.0.1:8090\n"),
     );
     write(
         ad,
@@ -125,6 +139,19 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
     assert!(ctl.contains("quic 10.243.1.1:15009 up rtt "), "{ctl}");
     assert!(ctl.contains("h2 10.243.1.1:15008 up"), "{ctl}");
     assert!(ctl.contains("failover via b-quic"), "{ctl}");
+
+    // Reverse publishing: B fetches A's nginx on the ports each link
+    // published there.
+    for port in [18091, 18092] {
+        let url = format!("http://127.0.0.1:{port}/");
+        assert!(
+            wait_until(Duration::from_secs(5), || b.curl(&url, 3)
+                == (200, "only a\n".into())),
+            "{url} from B:\n{}\n{}",
+            mg_a.log_text(),
+            mg_b.log_text()
+        );
+    }
 
     // UDP to B's QUIC port dropped: new connections go over HTTP/2.
     b.sh("iptables -I INPUT -p udp --dport 15009 -j DROP");
@@ -181,5 +208,15 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
         mg_a.log_text()
     );
     assert!(wait_until(Duration::from_secs(3), || get() == (200, "only b\n".into())));
+    // The restarted B publishes A's ports again, as the links park anew.
+    for port in [18091, 18092] {
+        let url = format!("http://127.0.0.1:{port}/");
+        assert!(
+            wait_until(Duration::from_secs(5), || b.curl(&url, 3)
+                == (200, "only a\n".into())),
+            "{url} from B after its restart:\n{}",
+            mg_a.log_text()
+        );
+    }
     drop(mg_b);
 }

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::core::config::{positive, ByteSize, ConfigError};
 use crate::core::net::tls::{ClientAuth, DoorTls, DoorTlsKeys, IdentityFrom};
 use crate::core::spine::door::{DoorKeys, DoorSettings};
+use crate::core::spine::onramp::publish::{PublishKeys, PublishRules, RawPermit};
 
 /// `kind: h2`
 ///
@@ -37,6 +38,12 @@ use crate::core::spine::door::{DoorKeys, DoorSettings};
 /// connect_timeout: 5s            # 504 when the target does not answer in this
 /// handshake_timeout: 10s         # the TLS handshake
 /// max_connections: 1024          # TLS connections (each up to max_streams flows)
+/// publish:                       # links that may publish ports here (reverse
+///   - identity: spiffe://example.org/ns/mesh/sa/west   # forwards), by identity
+///     ports: [8081, "9000-9099"]
+/// publish_ip: 127.0.0.1          # where published ports listen (default 127.0.0.1)
+/// publish_via: wg0               # optional: on a VPN address in this module's network
+/// max_published: 32              # ports one connection may publish
 /// ```
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,10 +76,18 @@ struct RawConfig {
     keepalive: Option<crate::core::config::IdleTimeout>,
     #[serde(default, with = "humantime_serde")]
     keepalive_timeout: Option<Duration>,
+    #[serde(default)]
+    publish: Vec<RawPermit>,
+    #[serde(default)]
+    publish_ip: Option<std::net::IpAddr>,
+    #[serde(default)]
+    publish_via: Option<String>,
+    #[serde(default)]
+    max_published: Option<usize>,
 }
 
 /// The keys `kind: h2` has beside [`DoorSettings`]: the fields of `RawConfig`.
-const OWN_KEYS: [&str; 14] = [
+const OWN_KEYS: [&str; 18] = [
     "tls_cert",
     "tls_key",
     "client_ca",
@@ -87,6 +102,10 @@ const OWN_KEYS: [&str; 14] = [
     "max_streams",
     "keepalive",
     "keepalive_timeout",
+    "publish",
+    "publish_ip",
+    "publish_via",
+    "max_published",
 ];
 
 /// The shared key groups `kind: h2` takes: a handshake (TLS within 10 s)
@@ -222,6 +241,8 @@ pub struct H2Config {
     pub tls: DoorTls,
     /// HTTP/2 settings.
     pub limits: H2Limits,
+    /// Who may publish which ports here.
+    pub publish: PublishRules,
 }
 
 /// A window or frame key in bytes: within `lo..=hi`.
@@ -290,15 +311,27 @@ impl H2Config {
             trust_forwarded: raw.trust_forwarded,
         }
         .check(src, raw.h2c.then_some("h2c"), &[b"h2"])?;
+        let publish = PublishKeys {
+            publish: raw.publish,
+            publish_ip: raw.publish_ip,
+            publish_via: raw.publish_via,
+            max_published: raw.max_published,
+        }
+        .check(src)?;
         if door.exposed() && tls.client_auth == ClientAuth::None {
             tracing::warn!(source = %doc.source, listen = %door.listen, "h2 door without client certificates on a non-loopback address: anyone who reaches it can use the tenant's routes");
         }
-        Ok(H2Config { door, tls, limits })
+        Ok(H2Config {
+            door,
+            tls,
+            limits,
+            publish,
+        })
     }
 
     /// The instances this door needs started first.
     pub fn depends_on(&self) -> Vec<String> {
-        self.door.depends_on([])
+        self.door.depends_on(self.publish.via.as_ref())
     }
 }
 

@@ -18,7 +18,15 @@
 //! [`Backoff`](crate::core::net::link::Backoff) (every 1 s ±20 %,
 //! `backoff_max`, so it is back within 2 s of its server listening). While no connection is up a dial fails at once
 //! (`no_route`), so a route or a link group can move on.
+//!
+//! Its **reverse forwards** (`forwards:`) publish services of this side on
+//! the other gateway, as `ssh_link`'s do: the link keeps requests parked
+//! there ([`publish`](crate::core::spine::onramp::publish)), and each
+//! connection to the published port comes back on one and takes the one
+//! path here (a flow with the link as identity, policy, route in `vnet:`,
+//! dial, join).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -35,14 +43,21 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::addr::HostPort;
-use crate::core::config::{parse_document, positive, ByteSize, ConfigError, IdleTimeout};
+use crate::core::config::{
+    idle_timeout, parse_document, positive, ByteSize, ConfigError, IdleTimeout,
+};
 use crate::core::net::dial::{within, DialError, DialMeta, Dialer};
 use crate::core::net::guard::{Guarded, Share};
 use crate::core::net::link::{keep_up, Connect, Ended, LinkMetrics, LinkSeries, LinkStatus};
 use crate::core::net::proxy::Stream;
 use crate::core::net::tls::{LinkTls, LinkTlsKeys};
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
-use crate::core::spine::onramp::http::{far_refusal, forwarded_for};
+use crate::core::spine::onramp::http::{far_refusal, forwarded_for, h2_stream, parse_forwarded};
+use crate::core::spine::onramp::publish::{
+    self, check_forwards, forward_status, keep_parked, Forward, ForwardRoute, ForwardStates, Park,
+    ParkError,
+};
+use crate::core::spine::onramp::OnRamp;
 use crate::core::spine::router::Connector;
 
 use super::config::{H2Limits, LimitKeys};
@@ -63,6 +78,11 @@ use super::config::{H2Limits, LimitKeys};
 /// max_streams_per_connection: 100
 /// max_connections: 8
 /// stream_window: 4MiB             # and connection_window, max_frame_size, as the door
+/// forwards:                       # published on the other gateway (its `publish:` list
+///   - remote_port: 8081           #   must allow our identity), as `ssh -R` does
+///     to: 127.0.0.1:8000          # where its connections go from here
+/// vnet: corp                      # where forwarded connections route (default: the tenant's)
+/// idle_timeout: 1h                # of forwarded connections, or `none`
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +115,12 @@ struct RawConfig {
     connection_window: Option<ByteSize>,
     #[serde(default)]
     max_frame_size: Option<ByteSize>,
+    #[serde(default)]
+    forwards: Vec<Forward>,
+    #[serde(default)]
+    vnet: Option<String>,
+    #[serde(default)]
+    idle_timeout: Option<IdleTimeout>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -131,6 +157,12 @@ pub struct H2LinkConfig {
     pub max_connections: usize,
     /// HTTP/2 settings (windows, frames, PING).
     pub limits: H2Limits,
+    /// Reverse forwards.
+    pub forwards: Vec<Forward>,
+    /// Where forwarded connections route.
+    pub vnet: Option<String>,
+    /// Idle timeout of forwarded connections.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl H2LinkConfig {
@@ -167,7 +199,11 @@ impl H2LinkConfig {
                 ..LimitKeys::default()
             },
         )?;
+        check_forwards(src, &raw.forwards)?;
         Ok(H2LinkConfig {
+            idle_timeout: idle_timeout(src, raw.idle_timeout, Duration::from_secs(3600))?,
+            forwards: raw.forwards,
+            vnet: raw.vnet,
             server: raw.server,
             server_via: raw.server_via,
             tls,
@@ -186,6 +222,8 @@ impl H2LinkConfig {
             || self.tls.name != new.tls.name
             || self.tls.files != new.tls.files
             || self.limits != new.limits
+            || self.forwards != new.forwards
+            || self.vnet != new.vnet
     }
 }
 
@@ -200,7 +238,7 @@ impl ModuleFactory for H2LinkFactory {
     fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
         let cfg = H2LinkConfig::from_document(doc)?;
         Ok(ModulePlan {
-            depends_on: cfg.server_via.into_iter().collect(),
+            depends_on: cfg.server_via.into_iter().chain(cfg.vnet).collect(),
             ..ModulePlan::default()
         })
     }
@@ -208,6 +246,8 @@ impl ModuleFactory for H2LinkFactory {
     fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
         let cfg = H2LinkConfig::from_document(doc)?;
         Ok(Arc::new(H2Link(Arc::new(Link {
+            onramp: OnRamp::new(ctx.clone()),
+            forwards: Default::default(),
             ctx,
             cfg: RwLock::new(Arc::new(cfg)),
             pool: Mutex::new(Vec::new()),
@@ -237,6 +277,10 @@ impl Conn {
 
 struct Link {
     ctx: ModuleContext,
+    /// Where connections to our reverse forwards take the one path.
+    onramp: Arc<OnRamp>,
+    /// Each reverse forward's state.
+    forwards: ForwardStates,
     cfg: RwLock<Arc<H2LinkConfig>>,
     pool: Mutex<Vec<Conn>>,
     status: Mutex<LinkStatus>,
@@ -437,6 +481,29 @@ impl Connect for Keeper<'_> {
     }
 
     async fn hold(&self, conn: &Conn) -> Ended {
+        let link = self.link;
+        let cfg = link.cfg();
+        // Reverse forwards are parked on the first connection while it is
+        // held (their requests keep it open; past a reload or a stop they
+        // are withdrawn).
+        let parked = conn.ended.child_token();
+        let _parked = parked.clone().drop_guard();
+        keep_parked(
+            &link.onramp,
+            Arc::new(H2Park {
+                send: conn.send.clone(),
+                authority: cfg.tls.name.clone(),
+            }),
+            &cfg.forwards,
+            &ForwardRoute {
+                identity: format!("h2-link:{}", link.ctx.instance),
+                vnet: cfg.vnet.clone(),
+                connect_timeout: cfg.connect_timeout,
+                idle_timeout: cfg.idle_timeout,
+            },
+            &link.forwards,
+            &parked,
+        );
         conn.ended.cancelled().await;
         // Others in the pool may still be up; new flows take them until
         // this one is back.
@@ -454,6 +521,73 @@ impl Connect for Keeper<'_> {
     }
 
     async fn close(&self, _conn: Conn) {}
+}
+
+/// A publish request on one connection: an extended CONNECT
+/// (`:protocol: meshgate-publish`) that the door answers when a connection
+/// arrives at the port.
+struct H2Park {
+    send: SendRequest<Empty<Bytes>>,
+    authority: String,
+}
+
+/// How long a publish request is retried while the server has not yet
+/// said it takes extended CONNECT (its SETTINGS arrive after our
+/// handshake).
+const SETTINGS_WAIT: Duration = Duration::from_secs(5);
+
+#[async_trait]
+impl Park for H2Park {
+    async fn park(&self, port: u16) -> Result<(Option<SocketAddr>, Stream), ParkError> {
+        let deadline = tokio::time::Instant::now() + SETTINGS_WAIT;
+        let resp = loop {
+            let mut req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(format!(
+                    "https://{}{}",
+                    self.authority,
+                    publish::path_for(port)
+                ))
+                .body(Empty::new())
+                .map_err(|e| ParkError::Refused(e.to_string()))?;
+            req.extensions_mut()
+                .insert(hyper::ext::Protocol::from_static(publish::PROTOCOL));
+            let mut send = self.send.clone();
+            let sent = match send.ready().await {
+                Ok(()) => send.send_request(req).await,
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(resp) => break resp,
+                Err(e) if send.is_closed() => return Err(ParkError::Lost(e.to_string())),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(ParkError::Refused(format!(
+                        "cannot send a publish request: {e}"
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        if resp.status() != StatusCode::OK {
+            let reason = resp
+                .headers()
+                .get("x-meshgate-reason")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            return Err(ParkError::Refused(format!(
+                "{} {reason}",
+                resp.status().as_u16()
+            )));
+        }
+        let src = resp
+            .headers()
+            .get("forwarded")
+            .and_then(|v| parse_forwarded(v.as_bytes()));
+        let up = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| ParkError::Lost(e.to_string()))?;
+        Ok((src, h2_stream(up)))
+    }
 }
 
 /// Sends one `CONNECT` per dial: the other gateway dials the target.
@@ -547,6 +681,7 @@ impl Module for H2Link {
             stop.cancel();
         }
         self.0.pool.lock().expect("poisoned").clear();
+        self.0.onramp.stop().await;
     }
 
     fn status(&self) -> serde_json::Value {
@@ -564,6 +699,7 @@ impl Module for H2Link {
             "last_error": st.last_error,
             "connections": live.len(),
             "streams": live.iter().map(|c| c.streams.load(Ordering::Relaxed)).sum::<usize>(),
+            "forwards": forward_status(&cfg.forwards, &self.0.forwards),
         })
     }
 

@@ -15,6 +15,11 @@
 //! | dial failed (refused, unreachable, name unknown), door stopping | `503` |
 //! | no answer within `connect_timeout` | `504` |
 //!
+//! Links publish ports here as `ssh -R` does
+//! ([`publish`](crate::core::spine::onramp::publish)): an extended CONNECT
+//! with `:protocol: meshgate-publish` parks until a connection arrives at
+//! the published port, answered `200` with `forwarded: for=` its client.
+//!
 //! Refusals carry `x-meshgate-reason`. A failed or slow TLS handshake is
 //! counted (`tls_handshake`, `handshake_timeout`); HTTP/2 protocol errors
 //! (malformed frames, oversized headers, streams past `max_streams`) are
@@ -44,6 +49,7 @@ use crate::core::net::proxy::Stream;
 use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
 use crate::core::spine::onramp::http::{self, text, Body, Client, Handover, Tunneler};
+use crate::core::spine::onramp::publish::{self, Held, Publications};
 use crate::core::spine::onramp::{Accepted, OnRamp, StreamHandler, Target};
 use crate::core::spine::reject::RejectReason;
 
@@ -62,6 +68,8 @@ pub struct H2Door {
     drain: Mutex<CancellationToken>,
     /// CONNECT streams open now.
     streams: Arc<AtomicUsize>,
+    /// Ports links published here.
+    publications: Arc<Publications>,
 }
 
 /// One TLS connection's requests.
@@ -75,6 +83,11 @@ struct Exchange {
     /// Whether the client presented a certificate.
     certified: bool,
     streams: Arc<AtomicUsize>,
+    publications: Arc<Publications>,
+    /// The ports this connection published.
+    held: Held,
+    /// Cancelled when the door drains.
+    drain: CancellationToken,
 }
 
 impl Exchange {
@@ -93,6 +106,13 @@ impl Exchange {
         self: Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
+        if let Some(protocol) = req.extensions().get::<hyper::ext::Protocol>() {
+            if protocol.as_str() == publish::PROTOCOL {
+                return Ok(self.publish(req).await);
+            }
+            let detail = format!("unknown :protocol {:?}", protocol.as_str());
+            return Ok(self.refuse(RejectReason::BadRequest, StatusCode::BAD_REQUEST, detail));
+        }
         let who = Tunneler {
             peer: self.src,
             dst: self.dst,
@@ -141,6 +161,68 @@ impl Exchange {
     }
 }
 
+impl Exchange {
+    /// A link's publish request: parks until a connection arrives at the
+    /// port (bound at the first request), then answers `200` with the
+    /// client in `forwarded: for=`, and the stream carries it.
+    async fn publish(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let Some(port) = publish::port_of(req.uri().path()) else {
+            let detail = format!(
+                "a publish request's path is /publish/PORT, not {:?}",
+                req.uri().path()
+            );
+            return self.refuse(RejectReason::BadRequest, StatusCode::BAD_REQUEST, detail);
+        };
+        let door = &self.cfg.door;
+        let arrival = publish::Arrival {
+            wait: door.connect_timeout,
+            idle_timeout: door.idle_timeout,
+            max_connections: door.max_connections,
+        };
+        let port = match self
+            .publications
+            .request(
+                &self.onramp,
+                &self.cfg.publish,
+                self.identity.as_deref(),
+                self.src,
+                &self.held,
+                port,
+                arrival,
+            )
+            .await
+        {
+            Ok(p) => p,
+            Err(r) => return text(r.status, Some(r.reason.as_str()), r.detail),
+        };
+        let offer = tokio::select! {
+            o = port.next() => o,
+            // A drained door's parked requests end, so the link parks them
+            // on another connection.
+            _ = self.drain.cancelled() => {
+                return text(StatusCode::SERVICE_UNAVAILABLE, Some(EndReason::Stopped.as_str()), "the door is draining".into());
+            }
+            _ = self.onramp.stopping().cancelled() => {
+                return text(StatusCode::SERVICE_UNAVAILABLE, Some(EndReason::Stopped.as_str()), "the door is stopping".into());
+            }
+        };
+        let src = offer.src;
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            // Not upgraded (the stream reset): the offer is dropped and the
+            // arrival ends as refused.
+            if let Ok(up) = upgrade.await {
+                offer.hand(http::h2_stream(up));
+            }
+        });
+        let mut resp = http::empty(StatusCode::OK);
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&http::forwarded_for(src)) {
+            resp.headers_mut().insert("forwarded", v);
+        }
+        resp
+    }
+}
+
 impl H2Door {
     /// Serves HTTP/2 on `io` until it ends, the door stops, or (after a
     /// GOAWAY at drain) its last stream ends.
@@ -150,6 +232,7 @@ impl H2Door {
     {
         let l = exchange.cfg.limits;
         let src = exchange.src;
+        let drain = exchange.drain.clone();
         let svc = hyper::service::service_fn(move |req| exchange.clone().handle(req));
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -160,9 +243,9 @@ impl H2Door {
             .max_concurrent_streams(l.max_streams)
             .keep_alive_interval(l.keepalive)
             .keep_alive_timeout(l.keepalive_timeout)
+            .enable_connect_protocol()
             .serve_connection(TokioIo::new(io), svc);
         let mut conn = std::pin::pin!(conn);
-        let drain = self.drain.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let stop = onramp.stopping().clone();
         let ended = tokio::select! {
             r = conn.as_mut() => r,
@@ -224,6 +307,9 @@ impl StreamHandler for H2Door {
                 identity,
                 certified,
                 streams: self.streams.clone(),
+                publications: self.publications.clone(),
+                held: Held::default(),
+                drain: self.drain.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             })
         };
         let Some(server) = cfg.tls.server.clone() else {
@@ -255,6 +341,7 @@ impl Door for H2Door {
             startups: Default::default(),
             drain: Mutex::new(CancellationToken::new()),
             streams: Default::default(),
+            publications: Default::default(),
         }
     }
 
@@ -289,6 +376,9 @@ impl Door for H2Door {
             self.streams.load(Ordering::Relaxed).into(),
         );
         status.insert("max_streams".into(), cfg.limits.max_streams.into());
+        if let Ok(ports) = self.publications.try_status() {
+            status.insert("published".into(), ports.into());
+        }
         status.into()
     }
 

@@ -11,6 +11,11 @@
 //! at once when the door resets the connection after a restart (the
 //! door's stateless-reset key comes from its TLS key). PINGs every
 //! `keepalive` (1 s) and `keepalive_timeout` (4 s) notice a silent path.
+//!
+//! Its **reverse forwards** (`forwards:`) publish services of this side on
+//! the other node, as `ssh_link`'s and `h2_link`'s do: requests parked
+//! there ([`publish`](crate::core::spine::onramp::publish)) come back with
+//! each connection to the published port.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,14 +29,21 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::addr::HostPort;
-use crate::core::config::{parse_document, positive, ByteSize, ConfigError, IdleTimeout};
+use crate::core::config::{
+    idle_timeout, parse_document, positive, ByteSize, ConfigError, IdleTimeout,
+};
 use crate::core::net::dial::{within, DialError, DialMeta, Dialer};
 use crate::core::net::guard::{Guarded, Share};
 use crate::core::net::link::{keep_up, Connect, Ended, LinkMetrics, LinkSeries, LinkStatus};
 use crate::core::net::proxy::Stream;
 use crate::core::net::tls::{LinkTls, LinkTlsKeys};
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
-use crate::core::spine::onramp::http::{far_refusal, forwarded_for};
+use crate::core::spine::onramp::http::{far_refusal, forwarded_for, parse_forwarded};
+use crate::core::spine::onramp::publish::{
+    self, check_forwards, forward_status, keep_parked, Forward, ForwardRoute, ForwardStates, Park,
+    ParkError,
+};
+use crate::core::spine::onramp::OnRamp;
 
 use super::{read_head, QuicLimits, ALPN};
 
@@ -47,6 +59,11 @@ use super::{read_head, QuicLimits, ALPN};
 /// connect_timeout: 10s
 /// keepalive: 1s                   # PING when idle; keepalive_timeout (4s) of silence ends it
 /// backoff_max: 1s
+/// forwards:                       # published on the other node (its `publish:` list
+///   - remote_port: 8081           #   must allow our identity)
+///     to: 127.0.0.1:8000
+/// vnet: corp                      # where forwarded connections route
+/// idle_timeout: 1h                # of forwarded connections, or `none`
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +88,12 @@ struct RawConfig {
     stream_window: Option<ByteSize>,
     #[serde(default)]
     connection_window: Option<ByteSize>,
+    #[serde(default)]
+    forwards: Vec<Forward>,
+    #[serde(default)]
+    vnet: Option<String>,
+    #[serde(default)]
+    idle_timeout: Option<IdleTimeout>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -94,6 +117,12 @@ pub struct QuicLinkConfig {
     /// The longest wait between reconnects.
     pub backoff_max: Duration,
     limits: QuicLimits,
+    /// Reverse forwards.
+    pub forwards: Vec<Forward>,
+    /// Where forwarded connections route.
+    pub vnet: Option<String>,
+    /// Idle timeout of forwarded connections.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl QuicLinkConfig {
@@ -128,7 +157,11 @@ impl QuicLinkConfig {
                 .transport()
                 .map_err(|e| ConfigError::key(src, "keepalive_timeout", e))?,
         ));
+        check_forwards(src, &raw.forwards)?;
         Ok(QuicLinkConfig {
+            idle_timeout: idle_timeout(src, raw.idle_timeout, Duration::from_secs(3600))?,
+            forwards: raw.forwards,
+            vnet: raw.vnet,
             server: raw.server,
             tls,
             client,
@@ -143,6 +176,8 @@ impl QuicLinkConfig {
             || self.tls.name != new.tls.name
             || self.tls.files != new.tls.files
             || self.limits != new.limits
+            || self.forwards != new.forwards
+            || self.vnet != new.vnet
     }
 }
 
@@ -155,13 +190,18 @@ impl ModuleFactory for QuicLinkFactory {
     }
 
     fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
-        QuicLinkConfig::from_document(doc)?;
-        Ok(ModulePlan::default())
+        let cfg = QuicLinkConfig::from_document(doc)?;
+        Ok(ModulePlan {
+            depends_on: cfg.vnet.into_iter().collect(),
+            ..ModulePlan::default()
+        })
     }
 
     fn build(&self, ctx: ModuleContext, doc: &Document) -> Result<Arc<dyn Module>, ConfigError> {
         let cfg = QuicLinkConfig::from_document(doc)?;
         Ok(Arc::new(QuicLink(Arc::new(Link {
+            onramp: OnRamp::new(ctx.clone()),
+            forwards: Default::default(),
             ctx,
             cfg: RwLock::new(Arc::new(cfg)),
             conn: RwLock::new(None),
@@ -175,6 +215,10 @@ impl ModuleFactory for QuicLinkFactory {
 
 struct Link {
     ctx: ModuleContext,
+    /// Where connections to our reverse forwards take the one path.
+    onramp: Arc<OnRamp>,
+    /// Each reverse forward's state.
+    forwards: ForwardStates,
     cfg: RwLock<Arc<QuicLinkConfig>>,
     conn: RwLock<Option<quinn::Connection>>,
     status: Mutex<LinkStatus>,
@@ -297,6 +341,25 @@ impl Connect for Link {
 
     async fn hold(&self, conn: &quinn::Connection) -> Ended {
         *self.conn.write().expect("poisoned") = Some(conn.clone());
+        let cfg = self.cfg();
+        let parked = CancellationToken::new();
+        let _parked = parked.clone().drop_guard();
+        keep_parked(
+            &self.onramp,
+            Arc::new(QuicPark {
+                conn: conn.clone(),
+                host: cfg.tls.name.clone(),
+            }),
+            &cfg.forwards,
+            &ForwardRoute {
+                identity: format!("quic-link:{}", self.ctx.instance),
+                vnet: cfg.vnet.clone(),
+                connect_timeout: cfg.connect_timeout,
+                idle_timeout: cfg.idle_timeout,
+            },
+            &self.forwards,
+            &parked,
+        );
         let metrics = self.series();
         let why = loop {
             metrics.rtt(conn.rtt());
@@ -324,8 +387,19 @@ impl Connect for Link {
 /// How often the RTT gauge is brought up to date.
 const RTT_EVERY: Duration = Duration::from_secs(5);
 
-/// The status of a response head (`HTTP/1.1 200 OK`), and its reason header.
-fn parse_response(head: &[u8]) -> Option<(u16, String)> {
+/// A response head as the link reads it.
+#[derive(Debug, PartialEq)]
+struct ResponseHead {
+    code: u16,
+    /// `x-meshgate-reason`.
+    reason: String,
+    /// `forwarded: for=` (a publish request's answer).
+    forwarded: Option<SocketAddr>,
+}
+
+/// The status of a response head (`HTTP/1.1 200 OK`) and what the link
+/// reads of its headers.
+fn parse_response(head: &[u8]) -> Option<ResponseHead> {
     let mut headers = [httparse::EMPTY_HEADER; 16];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(head) {
@@ -339,7 +413,56 @@ fn parse_response(head: &[u8]) -> Option<(u16, String)> {
         .and_then(|h| std::str::from_utf8(h.value).ok())
         .unwrap_or("")
         .to_string();
-    Some((resp.code?, reason))
+    let forwarded = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("forwarded"))
+        .and_then(|h| parse_forwarded(h.value));
+    Some(ResponseHead {
+        code: resp.code?,
+        reason,
+        forwarded,
+    })
+}
+
+/// A publish request on the link's connection: `GET /publish/PORT` with
+/// `upgrade: meshgate-publish`, answered `101` when a connection arrives.
+struct QuicPark {
+    conn: quinn::Connection,
+    host: String,
+}
+
+#[async_trait]
+impl Park for QuicPark {
+    async fn park(&self, port: u16) -> Result<(Option<SocketAddr>, Stream), ParkError> {
+        let conn = &self.conn;
+        // An error on a live connection is the door's refusal of this
+        // stream; on a closed one, the connection is gone.
+        let failed = |e: String| match conn.close_reason() {
+            Some(why) => ParkError::Lost(why.to_string()),
+            None => ParkError::Refused(e),
+        };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(e.to_string()))?;
+        let head = format!(
+            "GET {} HTTP/1.1\r\nhost: {}\r\nconnection: upgrade\r\nupgrade: {}\r\n\r\n",
+            publish::path_for(port),
+            self.host,
+            publish::PROTOCOL
+        );
+        send.write_all(head.as_bytes())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let (resp, rest) = read_head(&mut recv).await.map_err(failed)?;
+        let resp = parse_response(&resp)
+            .ok_or_else(|| failed("the answer is not a status line".into()))?;
+        if resp.code != 101 {
+            return Err(ParkError::Refused(format!("{} {}", resp.code, resp.reason)));
+        }
+        Ok((
+            resp.forwarded,
+            Stream::io(tokio::io::join(recv, send)).prepend(rest),
+        ))
+    }
 }
 
 struct LinkDialer(Arc<Link>);
@@ -381,12 +504,12 @@ impl Dialer for LinkDialer {
                 .await
                 .map_err(|e| lost(e.to_string()))?;
             let (resp, rest) = read_head(&mut recv).await.map_err(lost)?;
-            let (code, reason) = parse_response(&resp)
+            let resp = parse_response(&resp)
                 .ok_or_else(|| lost("the other gateway's answer is not a status line".into()))?;
-            if code != 200 {
-                let status =
-                    hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
-                return Err(far_refusal(target, &via, status, &reason, timeout));
+            if resp.code != 200 {
+                let status = hyper::StatusCode::from_u16(resp.code)
+                    .unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+                return Err(far_refusal(target, &via, status, &resp.reason, timeout));
             }
             link.series().flow();
             Ok(Stream::io(Guarded::new(tokio::io::join(recv, send), counted)).prepend(rest))
@@ -422,6 +545,7 @@ impl Module for QuicLink {
         if let Some(c) = self.0.conn.write().expect("poisoned").take() {
             c.close(0u32.into(), b"link stopped");
         }
+        self.0.onramp.stop().await;
     }
 
     fn status(&self) -> serde_json::Value {
@@ -438,6 +562,7 @@ impl Module for QuicLink {
             "rtt_ms": conn.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0),
             "remote": conn.as_ref().map(|c| c.remote_address().to_string()),
             "streams": self.0.streams.load(Ordering::Relaxed),
+            "forwards": forward_status(&cfg.forwards, &self.0.forwards),
         })
     }
 
@@ -454,12 +579,25 @@ mod tests {
     fn response_heads() {
         assert_eq!(
             parse_response(b"HTTP/1.1 200 OK\r\n\r\n"),
-            Some((200, String::new()))
+            Some(ResponseHead {
+                code: 200,
+                reason: String::new(),
+                forwarded: None
+            })
         );
         assert_eq!(
             parse_response(b"HTTP/1.1 403 Forbidden\r\nx-meshgate-reason: denied\r\n\r\n"),
-            Some((403, "denied".into()))
+            Some(ResponseHead {
+                code: 403,
+                reason: "denied".into(),
+                forwarded: None
+            })
         );
+        let r = parse_response(
+            b"HTTP/1.1 101 Switching Protocols\r\nforwarded: for=\"10.0.0.9:4000\"\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(r.forwarded, Some("10.0.0.9:4000".parse().unwrap()));
         assert_eq!(parse_response(b"garbage\r\n\r\n"), None);
     }
 }

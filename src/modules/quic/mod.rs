@@ -11,6 +11,11 @@
 //! with `x-meshgate-reason`. ALPN is `meshgate-tunnel/1`; `kind:
 //! quic_link` ([`link`]) is the client.
 //!
+//! Links publish ports here as over the h2 door
+//! ([`publish`](crate::core::spine::onramp::publish)): `GET /publish/PORT`
+//! with `upgrade: meshgate-publish` parks until a connection arrives
+//! there, answered `101` with `forwarded: for=` its client.
+//!
 //! Budgets: `max_connections` QUIC connections, `max_streams` open
 //! streams each (QUIC's own stream credit), `max_startups` and
 //! `handshake_timeout` for handshakes, a request head of at most 16 KiB
@@ -38,7 +43,10 @@ use crate::core::net::tls::{ClientAuth, DoorTls, DoorTlsKeys, IdentityFrom};
 use crate::core::spine::door::{DoorKeys, DoorSettings};
 use crate::core::spine::flow::EndReason;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
-use crate::core::spine::onramp::http::{status_for, tunnel_request, Tunneler};
+use crate::core::spine::onramp::http::{forwarded_for, status_for, tunnel_request, Tunneler};
+use crate::core::spine::onramp::publish::{
+    self, Held, Publications, PublishKeys, PublishRules, RawPermit,
+};
 use crate::core::spine::onramp::{Answer, OnRamp};
 use crate::core::spine::reject::RejectReason;
 
@@ -62,6 +70,10 @@ pub const MAX_HEAD: usize = 16 * 1024;
 /// connection_window: 16MiB
 /// keepalive: 10s                 # PING when idle; `none` for never
 /// keepalive_timeout: 30s         # a connection silent this long is closed
+/// publish:                       # links that may publish ports here, as for kind: h2
+///   - identity: spiffe://example.org/ns/mesh/sa/west
+///     ports: [8081]
+/// publish_ip: 127.0.0.1          # with publish_via, max_published
 /// ```
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,9 +100,17 @@ struct RawConfig {
     keepalive: Option<IdleTimeout>,
     #[serde(default, with = "humantime_serde")]
     keepalive_timeout: Option<Duration>,
+    #[serde(default)]
+    publish: Vec<RawPermit>,
+    #[serde(default)]
+    publish_ip: Option<std::net::IpAddr>,
+    #[serde(default)]
+    publish_via: Option<String>,
+    #[serde(default)]
+    max_published: Option<usize>,
 }
 
-const OWN_KEYS: [&str; 11] = [
+const OWN_KEYS: [&str; 15] = [
     "tls_cert",
     "tls_key",
     "client_ca",
@@ -102,6 +122,10 @@ const OWN_KEYS: [&str; 11] = [
     "connection_window",
     "keepalive",
     "keepalive_timeout",
+    "publish",
+    "publish_ip",
+    "publish_via",
+    "max_published",
 ];
 
 const TAKES: DoorKeys = DoorKeys {
@@ -228,6 +252,8 @@ pub struct QuicConfig {
     pub tls: DoorTls,
     /// Transport settings.
     pub limits: QuicLimits,
+    /// Who may publish which ports here.
+    pub publish: PublishRules,
 }
 
 impl QuicConfig {
@@ -267,7 +293,19 @@ impl QuicConfig {
         limits
             .transport()
             .map_err(|e| ConfigError::key(src, "keepalive_timeout", e))?;
-        Ok(QuicConfig { door, tls, limits })
+        let publish = PublishKeys {
+            publish: raw.publish,
+            publish_ip: raw.publish_ip,
+            publish_via: raw.publish_via,
+            max_published: raw.max_published,
+        }
+        .check(src)?;
+        Ok(QuicConfig {
+            door,
+            tls,
+            limits,
+            publish,
+        })
     }
 
     fn server_config(&self) -> Result<quinn::ServerConfig, String> {
@@ -293,7 +331,7 @@ impl ModuleFactory for QuicFactory {
     fn check(&self, doc: &Document) -> Result<ModulePlan, ConfigError> {
         let cfg = QuicConfig::from_document(doc)?;
         Ok(ModulePlan {
-            depends_on: cfg.door.depends_on([]),
+            depends_on: cfg.door.depends_on(cfg.publish.via.as_ref()),
             ..ModulePlan::default()
         })
     }
@@ -307,6 +345,7 @@ impl ModuleFactory for QuicFactory {
             running: Mutex::new(None),
             startups: Default::default(),
             streams: Default::default(),
+            publications: Default::default(),
         }))))
     }
 }
@@ -325,6 +364,8 @@ struct Door {
     running: Mutex<Option<Running>>,
     startups: Arc<crate::core::spine::startups::Startups>,
     streams: Arc<AtomicUsize>,
+    /// Ports links published here.
+    publications: Publications,
 }
 
 /// A running QUIC door.
@@ -464,6 +505,11 @@ impl Door {
                 .ok()
         });
         let (identity, certified) = cfg.tls.identity(certs.as_deref().map(|v| v.as_slice()));
+        let client = Arc::new(Client {
+            identity,
+            certified,
+            held: Held::default(),
+        });
         loop {
             let (send, recv) = tokio::select! {
                 s = conn.accept_bi() => match s {
@@ -476,20 +522,17 @@ impl Door {
                 }
             };
             let door = self.clone();
-            let (cfg, identity) = (cfg.clone(), identity.clone());
+            let (cfg, client) = (cfg.clone(), client.clone());
             // The peer's address now (it may have moved).
             let peer = conn.remote_address();
             let dst = conn
                 .local_ip()
                 .map(|ip| SocketAddr::new(ip, cfg.door.listen.0.port()));
-            self.onramp.spawn(async move {
-                door.stream(send, recv, cfg, peer, dst, identity, certified)
-                    .await
-            });
+            self.onramp
+                .spawn(async move { door.stream(send, recv, cfg, peer, dst, client).await });
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn stream(
         self: Arc<Self>,
         mut send: quinn::SendStream,
@@ -497,8 +540,7 @@ impl Door {
         cfg: Arc<QuicConfig>,
         peer: SocketAddr,
         dst: Option<SocketAddr>,
-        identity: Option<String>,
-        certified: bool,
+        client: Arc<Client>,
     ) {
         let head = tokio::time::timeout(cfg.door.handshake.timeout, read_head(&mut recv)).await;
         let (head, rest) = match head {
@@ -520,14 +562,25 @@ impl Door {
                 return reply(&mut send, StatusCode::BAD_REQUEST, "bad_request").await;
             }
         };
+        if parsed.publishes() {
+            return self
+                .publish(send, recv, rest, &cfg, peer, &client, &parsed)
+                .await;
+        }
         let who = Tunneler {
             peer,
             dst,
-            identity,
-            certified,
+            identity: client.identity.clone(),
+            certified: client.certified,
             trust_forwarded: &cfg.tls.trust_forwarded,
         };
-        let flow = match tunnel_request(&who, &parsed.0, parsed.1.as_ref(), &parsed.2, &cfg.door) {
+        let flow = match tunnel_request(
+            &who,
+            &parsed.method,
+            parsed.authority.as_ref(),
+            &parsed.headers,
+            &cfg.door,
+        ) {
             Ok(f) => f,
             Err(r) => {
                 self.reject(peer, r.reason, &r.detail);
@@ -539,6 +592,88 @@ impl Door {
             .connect_answering(flow, Box::new(StreamAnswer { send, recv, rest }))
             .await;
     }
+}
+
+impl Door {
+    /// A link's publish request: parks until a connection arrives at the
+    /// port (bound at the first request), then answers `101` with the
+    /// client in `forwarded: for=`, and the stream carries it.
+    #[allow(clippy::too_many_arguments)]
+    async fn publish(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        rest: Vec<u8>,
+        cfg: &QuicConfig,
+        peer: SocketAddr,
+        client: &Client,
+        head: &RequestHead,
+    ) {
+        let port = match publish::port_of(&head.target) {
+            Some(p) if head.method == hyper::Method::GET => p,
+            _ => {
+                let detail = format!(
+                    "a publish request is GET /publish/PORT, not {} {:?}",
+                    head.method, head.target
+                );
+                self.onramp.refused(
+                    "quic.refused",
+                    peer,
+                    client.identity.as_deref(),
+                    RejectReason::BadRequest,
+                    &detail,
+                );
+                return reply(&mut send, StatusCode::BAD_REQUEST, "bad_request").await;
+            }
+        };
+        let arrival = publish::Arrival {
+            wait: cfg.door.connect_timeout,
+            idle_timeout: cfg.door.idle_timeout,
+            max_connections: cfg.door.max_connections,
+        };
+        let port = match self
+            .publications
+            .request(
+                &self.onramp,
+                &cfg.publish,
+                client.identity.as_deref(),
+                peer,
+                &client.held,
+                port,
+                arrival,
+            )
+            .await
+        {
+            Ok(p) => p,
+            Err(r) => return reply(&mut send, r.status, r.reason.as_str()).await,
+        };
+        let mut probe = [0u8; 1];
+        let offer = tokio::select! {
+            o = port.next() => o,
+            // The link gave the request up (reset, or sent what it must
+            // not): the parked request ends.
+            _ = recv.read(&mut probe) => return,
+            _ = self.onramp.stopping().cancelled() => {
+                return reply(&mut send, StatusCode::SERVICE_UNAVAILABLE, EndReason::Stopped.as_str()).await;
+            }
+        };
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {}\r\nforwarded: {}\r\n\r\n",
+            publish::PROTOCOL,
+            forwarded_for(offer.src)
+        );
+        if send.write_all(answer.as_bytes()).await.is_ok() {
+            offer.hand(Stream::io(tokio::io::join(recv, send)).prepend(rest));
+        }
+    }
+}
+
+/// One QUIC connection's client, as its certificate says.
+struct Client {
+    identity: Option<String>,
+    certified: bool,
+    /// The ports it published.
+    held: Held,
 }
 
 /// Reads a head ending in an empty line: the head, and what came after it.
@@ -571,18 +706,32 @@ fn find_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
 
-/// A request head as the door reads it: method, authority, headers. Never
-/// panics (`fuzz/fuzz_targets/h2_request.rs` runs it too).
-pub fn parse_request(
-    head: &[u8],
-) -> Result<
-    (
-        hyper::Method,
-        Option<hyper::http::uri::Authority>,
-        hyper::HeaderMap,
-    ),
-    String,
-> {
+/// A request head as the door reads it.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// `CONNECT` (a tunnel), `GET` (a publish request).
+    pub method: hyper::Method,
+    /// The request target as sent (`10.0.0.2:80`, `/publish/8081`).
+    pub target: String,
+    /// The target as an authority, when it is one.
+    pub authority: Option<hyper::http::uri::Authority>,
+    /// Its headers.
+    pub headers: hyper::HeaderMap,
+}
+
+impl RequestHead {
+    /// Whether it asks to publish a port (`upgrade: meshgate-publish`).
+    pub fn publishes(&self) -> bool {
+        self.headers.get(hyper::header::UPGRADE).is_some_and(|v| {
+            v.as_bytes()
+                .eq_ignore_ascii_case(publish::PROTOCOL.as_bytes())
+        })
+    }
+}
+
+/// Reads a request head. Never panics (`fuzz/fuzz_targets/h2_request.rs`
+/// runs it too).
+pub fn parse_request(head: &[u8]) -> Result<RequestHead, String> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
@@ -592,9 +741,8 @@ pub fn parse_request(
     }
     let method = hyper::Method::from_bytes(req.method.unwrap_or_default().as_bytes())
         .map_err(|e| e.to_string())?;
-    let authority = req
-        .path
-        .and_then(|p| hyper::http::uri::Authority::try_from(p).ok());
+    let target = req.path.unwrap_or_default().to_string();
+    let authority = hyper::http::uri::Authority::try_from(target.as_str()).ok();
     let mut map = hyper::HeaderMap::new();
     for h in req.headers.iter() {
         let (Ok(name), Ok(value)) = (
@@ -605,7 +753,12 @@ pub fn parse_request(
         };
         map.append(name, value);
     }
-    Ok((method, authority, map))
+    Ok(RequestHead {
+        method,
+        target,
+        authority,
+        headers: map,
+    })
 }
 
 /// Writes a refusal and ends the stream.
@@ -720,6 +873,9 @@ impl Module for QuicDoor {
             self.0.streams.load(Ordering::Relaxed).into(),
         );
         status.insert("max_streams".into(), cfg.limits.max_streams.into());
+        if let Ok(ports) = self.0.publications.try_status() {
+            status.insert("published".into(), ports.into());
+        }
         status.into()
     }
 }
@@ -730,17 +886,22 @@ mod tests {
 
     #[test]
     fn request_heads() {
-        let (m, a, h) = parse_request(
+        let h = parse_request(
             b"CONNECT 10.0.0.2:80 HTTP/1.1\r\nForwarded: for=\"10.1.2.3:4\"\r\ntraceparent: x\r\n\r\n",
         )
         .unwrap();
-        assert_eq!(m, hyper::Method::CONNECT);
-        assert_eq!(a.unwrap().as_str(), "10.0.0.2:80");
-        assert_eq!(h.get("forwarded").unwrap(), "for=\"10.1.2.3:4\"");
+        assert_eq!(h.method, hyper::Method::CONNECT);
+        assert_eq!(h.authority.as_ref().unwrap().as_str(), "10.0.0.2:80");
+        assert_eq!(h.headers.get("forwarded").unwrap(), "for=\"10.1.2.3:4\"");
+        assert!(!h.publishes());
         assert!(parse_request(b"CONNECT 10.0.0.2:80 HTTP/1.1\r\n").is_err());
         assert!(parse_request(b"\x00\x01\r\n\r\n").is_err());
-        let (_, a, _) = parse_request(b"CONNECT / HTTP/1.1\r\n\r\n").unwrap();
-        assert!(a.is_none());
+        let h = parse_request(b"CONNECT / HTTP/1.1\r\n\r\n").unwrap();
+        assert!(h.authority.is_none());
+        let h = parse_request(b"GET /publish/8081 HTTP/1.1\r\nUpgrade: Meshgate-Publish\r\n\r\n")
+            .unwrap();
+        assert!(h.publishes());
+        assert_eq!(publish::port_of(&h.target), Some(8081));
     }
 
     #[tokio::test]

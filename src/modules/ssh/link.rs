@@ -42,6 +42,7 @@ use crate::core::net::dial::{DialError, Dialer};
 use crate::core::net::link::{keep_up, Connect, Ended};
 use crate::core::net::proxy::Stream;
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
+use crate::core::spine::onramp::publish::Forward;
 use crate::core::spine::onramp::{ConnectRequest, OnRamp, RouteVia, Target};
 use crate::core::spine::router::Connector;
 
@@ -74,7 +75,7 @@ struct RawConfig {
     user: Option<String>,
     key_file: PathBuf,
     #[serde(default)]
-    forwards: Vec<RawForward>,
+    forwards: Vec<Forward>,
     #[serde(default)]
     vnet: Option<String>,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
@@ -85,13 +86,6 @@ struct RawConfig {
     backoff_max: Duration,
     #[serde(default)]
     idle_timeout: Option<IdleTimeout>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawForward {
-    remote_port: u16,
-    to: HostPort,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -120,16 +114,6 @@ impl HostKey {
             HostKey::Fingerprint(f) => key.fingerprint(HashAlg::Sha256).to_string() == *f,
         }
     }
-}
-
-/// A reverse forward: a port on the other gateway, and where its
-/// connections go from here.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Forward {
-    /// The port asked for (0: any).
-    pub remote_port: u16,
-    /// The target here.
-    pub to: HostPort,
 }
 
 /// A checked `ssh_link` config.
@@ -194,14 +178,7 @@ impl SshLinkConfig {
             host_key,
             user: raw.user.unwrap_or_else(|| tenant.to_string()),
             key_file: raw.key_file,
-            forwards: raw
-                .forwards
-                .into_iter()
-                .map(|f| Forward {
-                    remote_port: f.remote_port,
-                    to: f.to,
-                })
-                .collect(),
+            forwards: raw.forwards,
             vnet: raw.vnet,
             connect_timeout: raw.connect_timeout,
             keepalive: raw.keepalive,

@@ -47,8 +47,8 @@ use crate::core::spine::dest::ChosenBy;
 use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
 use crate::core::spine::flow::EndReason;
 use crate::core::spine::onramp::{
-    Accepted, Answer, ConnectRequest, ListenOn, OnRamp, RouteVia, RunningListener, StreamHandler,
-    Target,
+    Accepted, Answer, ConnectRequest, ListenOn, OnRamp, PublishedConn, RouteVia, RunningListener,
+    StreamHandler, Target,
 };
 
 use crate::core::spine::reject::RejectReason;
@@ -988,75 +988,52 @@ impl StreamHandler for Reverse {
     }
 
     async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
-        use crate::core::spine::flow::{FlowContext, Protocol, Verdict};
         let ctx = onramp.ctx();
-        let mut flow = ctx.flows.open_routed(
-            FlowContext {
-                tenant: ctx.tenant.name.clone(),
-                instance: ctx.instance.clone(),
-                identity: Some(self.identity.clone()),
-                src: conn.src,
-                dst: self.published.to_string(),
-                protocol: Protocol::Tcp,
-                kind: ctx.kind.clone(),
-                dialed: None,
-                trace: None,
-            },
-            Some(format!("the SSH session of {}", self.identity)),
-            &ctx.instance_metrics,
-        );
-        if let Verdict::Deny(why) = flow.verdict() {
-            onramp.denied(&flow, &why);
-            flow.set_end_reason(EndReason::Denied);
-            return;
-        }
         let kind = match self.published {
             Published::Tcp { .. } => "forwarded-tcpip",
             Published::Unix { .. } => "forwarded-streamlocal",
         };
-        ctx.metrics.subsystem::<metrics::SshMetrics>().channel(
-            &ctx.tenant.name,
-            &ctx.instance,
-            &self.identity,
-            kind,
-        );
-        let channel = match &self.published {
-            Published::Tcp { address, port } => {
-                self.session
-                    .channel_open_forwarded_tcpip(
-                        address.clone(),
-                        *port,
-                        conn.src.ip().to_string(),
-                        u32::from(conn.src.port()),
-                    )
-                    .await
-            }
-            Published::Unix { path } => {
-                self.session
-                    .channel_open_forwarded_streamlocal(path.clone())
-                    .await
-            }
-        };
-        let reason = match channel {
-            Ok(ch) => {
-                let opts = crate::core::net::proxy::ProxyOptions {
-                    idle_timeout: self.idle_timeout,
-                    ..Default::default()
-                };
-                let upstream = Stream::io(ch.into_stream());
-                let f = flow.flow().clone();
-                tokio::select! {
-                    j = crate::core::net::proxy::join(client, upstream, f.as_ref(), &opts) => j.end.into(),
-                    // A policy change that denies it ends it at once.
-                    _ = f.revoked() => {
-                        onramp.count_revoked();
-                        EndReason::PolicyRevoked
-                    }
+        let channel = async {
+            ctx.metrics.subsystem::<metrics::SshMetrics>().channel(
+                &ctx.tenant.name,
+                &ctx.instance,
+                &self.identity,
+                kind,
+            );
+            let channel = match &self.published {
+                Published::Tcp { address, port } => {
+                    self.session
+                        .channel_open_forwarded_tcpip(
+                            address.clone(),
+                            *port,
+                            conn.src.ip().to_string(),
+                            u32::from(conn.src.port()),
+                        )
+                        .await
                 }
-            }
-            Err(_) => EndReason::DialFailed(DialFailure::Refused),
+                Published::Unix { path } => {
+                    self.session
+                        .channel_open_forwarded_streamlocal(path.clone())
+                        .await
+                }
+            };
+            channel
+                .map(|ch| Stream::io(ch.into_stream()))
+                .map_err(|_| EndReason::DialFailed(DialFailure::Refused))
         };
-        flow.set_end_reason(reason);
+        onramp
+            .carry_published(
+                client,
+                PublishedConn {
+                    src: conn.src,
+                    publisher: &self.identity,
+                    dst: self.published.to_string(),
+                    route: format!("the SSH session of {}", self.identity),
+                    idle_timeout: self.idle_timeout,
+                },
+                channel,
+            )
+            .await;
     }
 }
 

@@ -264,12 +264,17 @@ impl Answer for Handover {
                 // stream is hyper's own.
                 Some(match up.downcast::<TokioIo<Stream>>() {
                     Ok(parts) => parts.io.into_inner().prepend(parts.read_buf.to_vec()),
-                    Err(up) => Stream::io(CleanEof(TokioIo::new(up))),
+                    Err(up) => h2_stream(up),
                 })
             }
             Client::Pipe(p) => Some(Stream::io(p)),
         }
     }
+}
+
+/// An upgraded HTTP/2 stream (a tunnel) as a [`Stream`].
+pub fn h2_stream(up: hyper::upgrade::Upgraded) -> Stream {
+    Stream::io(CleanEof(TokioIo::new(up)))
 }
 
 /// An HTTP/2 tunnel's client side. A client that closes its TLS

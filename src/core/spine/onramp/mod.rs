@@ -42,12 +42,13 @@ mod datagram;
 mod decide;
 pub mod http;
 mod listen;
+pub mod publish;
 mod stream;
 
 pub use datagram::{DatagramError, Datagrams};
 pub use decide::{Refusal, RouteVia};
 pub use listen::{Accepted, DoorListener, ListenOn, RunningListener, Slot, StreamHandler};
-pub use stream::{Answer, ConnectRequest, Target};
+pub use stream::{Answer, ConnectRequest, PublishedConn, Target};
 
 /// What a stream on-ramp instance shares between its listener and its
 /// connections: its module context, connection count, tracker and stop.

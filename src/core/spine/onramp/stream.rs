@@ -253,3 +253,77 @@ impl OnRamp {
         reason
     }
 }
+
+/// A connection to a port a client published (`ssh -R`, a link's
+/// `forwards:`), for [`OnRamp::carry_published`].
+pub struct PublishedConn<'a> {
+    /// The client that connected to the published port.
+    pub src: SocketAddr,
+    /// Who published it (the flow's identity).
+    pub publisher: &'a str,
+    /// What was published (`ssh -R host:port`, `published 127.0.0.1:8081`).
+    pub dst: String,
+    /// The way back, for the flow table (`the SSH session of ...`).
+    pub route: String,
+    /// End the flow after this long without traffic.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl OnRamp {
+    /// Carries a connection to a published port back to its publisher: one
+    /// flow with the publisher as identity, checked by the policy;
+    /// `upstream` opens the way back (a channel, a parked tunnel stream);
+    /// then the two are joined until either ends or a policy change
+    /// revokes the flow. Returns why it ended.
+    pub async fn carry_published<F>(
+        &self,
+        client: Stream,
+        conn: PublishedConn<'_>,
+        upstream: F,
+    ) -> EndReason
+    where
+        F: std::future::Future<Output = Result<Stream, EndReason>>,
+    {
+        let ctx = &self.ctx;
+        let mut flow = ctx.flows.open_routed(
+            FlowContext {
+                tenant: ctx.tenant.name.clone(),
+                instance: ctx.instance.clone(),
+                identity: Some(conn.publisher.to_string()),
+                src: conn.src,
+                dst: conn.dst,
+                protocol: Protocol::Tcp,
+                kind: ctx.kind.clone(),
+                dialed: None,
+                trace: None,
+            },
+            Some(conn.route),
+            &ctx.instance_metrics,
+        );
+        if let Verdict::Deny(why) = flow.verdict() {
+            self.denied(&flow, &why);
+            flow.set_end_reason(EndReason::Denied);
+            return EndReason::Denied;
+        }
+        let reason = match upstream.await {
+            Ok(upstream) => {
+                let opts = ProxyOptions {
+                    idle_timeout: conn.idle_timeout,
+                    ..Default::default()
+                };
+                let f = flow.flow().clone();
+                tokio::select! {
+                    j = proxy::join(client, upstream, f.as_ref(), &opts) => j.end.into(),
+                    // A policy change that denies it ends it at once.
+                    _ = f.revoked() => {
+                        self.count_revoked();
+                        EndReason::PolicyRevoked
+                    }
+                }
+            }
+            Err(reason) => reason,
+        };
+        flow.set_end_reason(reason);
+        reason
+    }
+}
