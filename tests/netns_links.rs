@@ -6,7 +6,9 @@
 //! SIGKILLed and restarted, the QUIC link is back within 2 s of B
 //! listening. Both links also publish a service only A reaches on B
 //! (`forwards:`, allowed by B's `publish:` lists), and B's curl fetches it
-//! over each, again after B's restart.
+//! over each, again after B's restart. iperf3's UDP test runs from A to
+//! B's iperf3 server through a UDP pipe over the group: its datagrams
+//! travel as QUIC datagrams (the h2 link carries none).
 #![cfg(feature = "quic")]
 
 mod common;
@@ -36,8 +38,8 @@ fn status(a: &Netns, instance: &str, key: &str) -> serde_json::Value {
 
 #[test]
 fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
-    if !can_netns() || !have("nginx") || !have("curl") || !have("iptables") {
-        skip("needs root, nginx, curl, iptables");
+    if !can_netns() || !have("nginx") || !have("curl") || !have("iptables") || !have("iperf3") {
+        skip("needs root, nginx, curl, iptables, iperf3");
         return;
     }
     let pki = Pki::new();
@@ -58,6 +60,12 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
         (200, "only a\n".into())
     );
     assert_ne!(b.curl("http://127.0.0.1:8090/", 3).0, 200);
+
+    // iperf3's server, which only B reaches.
+    let mut iperf = b.cmd("iperf3");
+    iperf.args(["-s", "-B", "127.0.0.1", "-p", "5201"]);
+    iperf.stdout(std::process::Stdio::null());
+    b.spawn(iperf);
 
     let bdir = tempfile::tempdir().unwrap();
     let bd = bdir.path();
@@ -118,6 +126,17 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
         "tenants/default/web.yaml",
         "kind: pipe\nlisten: 127.0.0.1:8081\nremote: web:8080\nvia: b\n",
     );
+    // iperf3's control connection and its UDP datagrams, both via the group.
+    write(
+        ad,
+        "tenants/default/iperf-tcp.yaml",
+        "kind: pipe\nlisten: 127.0.0.1:5201\nremote: 127.0.0.1:5201\nvia: b\n",
+    );
+    write(
+        ad,
+        "tenants/default/iperf-udp.yaml",
+        "kind: pipe\nprotocol: udp\nlisten: 127.0.0.1:5201\nremote: 127.0.0.1:5201\nvia: b\n",
+    );
 
     let mut mg_b = NsMeshgate::start(&b, bd, "127.0.0.1:9000");
     let mg_a = NsMeshgate::start(&a, ad, "127.0.0.1:9000");
@@ -152,6 +171,23 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
             mg_b.log_text()
         );
     }
+
+    // iperf3 over UDP: every datagram through the QUIC link.
+    let out = a.try_sh("iperf3 -c 127.0.0.1 -p 5201 -u -b 20M -l 1000 -t 2 --json");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "iperf3: {e}\n{}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            mg_a.log_text()
+        )
+    });
+    let sum = &report["end"]["sum"];
+    let (packets, lost) = (sum["packets"].as_u64(), sum["lost_percent"].as_f64());
+    eprintln!("iperf3 UDP over QUIC: {packets:?} datagrams, {lost:?} % lost");
+    assert!(packets >= Some(1000), "{report}");
+    assert!(lost.is_some_and(|l| l < 5.0), "{report}");
+    assert!(status(&a, "b-quic", "datagrams_sent").as_u64() >= Some(1000));
 
     // UDP to B's QUIC port dropped: new connections go over HTTP/2.
     b.sh("iptables -I INPUT -p udp --dport 15009 -j DROP");

@@ -192,3 +192,130 @@ async fn a_quic_link_carries_pipes_to_the_far_node_and_reconnects() {
     west_node.shutdown(Duration::from_millis(100)).await;
     east_node.shutdown(Duration::from_millis(100)).await;
 }
+
+/// A UDP echo server on loopback: each datagram back to its sender.
+async fn udp_echo() -> std::net::SocketAddr {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+/// UDP flows over a quic_link: west's UDP pipe reaches a UDP service only
+/// east knows of, as a UDP flow on east with the link's identity. Small
+/// datagrams travel as QUIC DATAGRAM frames; one larger than the path
+/// takes goes as a capsule on the flow's stream, whole. East's policy
+/// refuses a target: nothing comes back, and east audits the denial. A
+/// second tenant's UDP pipe on east keeps working meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_link_carries_udp_flows_as_datagrams() {
+    let pki = Pki::new();
+    let echo = udp_echo().await;
+    let (door_port, pipe_port, seven_port, other_port) =
+        (free_port(), free_port(), free_port(), free_port());
+    let east = Arc::new(MemStore::new());
+    east.set(
+        "east",
+        "corp",
+        json!({"kind": "vnet", "routes": [{"to": "127.0.0.0/8", "via": "direct"}],
+               "hosts": {"echo.east": echo.ip().to_string()}}),
+    );
+    east.set(
+        "east",
+        "policy",
+        json!({"kind": "policy", "rules": [{"name": "not-7", "action": "deny", "to": ["127.0.0.7"]}]}),
+    );
+    east.set(
+        "east",
+        "door",
+        json!({"kind": "quic", "listen": format!("127.0.0.1:{door_port}"), "vnet": "corp",
+               "tls_cert": pki.s("server.pem"), "tls_key": pki.s("server.key"),
+               "client_ca": pki.s("ca.pem")}),
+    );
+    east.set(
+        "other",
+        "udp",
+        json!({"kind": "pipe", "protocol": "udp", "listen": format!("127.0.0.1:{other_port}"),
+               "remote": echo.to_string()}),
+    );
+    let east_audit = Arc::new(Audit::default());
+    let east_node = start(&east, &east_audit).await;
+
+    let west = Arc::new(MemStore::new());
+    west.set(
+        "west",
+        "to-east",
+        json!({"kind": "quic_link", "server": format!("127.0.0.1:{door_port}"), "server_name": "gw.test",
+               "ca": pki.s("ca.pem"), "tls_cert": pki.s("gateway.pem"), "tls_key": pki.s("gateway.key")}),
+    );
+    west.set(
+        "west",
+        "dns",
+        json!({"kind": "pipe", "protocol": "udp", "listen": format!("127.0.0.1:{pipe_port}"),
+               "remote": echo.to_string(), "via": "to-east"}),
+    );
+    west.set(
+        "west",
+        "seven",
+        json!({"kind": "pipe", "protocol": "udp", "listen": format!("127.0.0.1:{seven_port}"),
+               "remote": format!("127.0.0.7:{}", echo.port()), "via": "to-east"}),
+    );
+    let west_audit = Arc::new(Audit::default());
+    let west_node = start(&west, &west_audit).await;
+    assert!(wait_for(&west_node, "to-east", "connected", json!(true)).await);
+
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let ask = async |port: u16, msg: &[u8]| -> Option<Vec<u8>> {
+        client.send_to(msg, ("127.0.0.1", port)).await.unwrap();
+        let mut buf = vec![0u8; 65_536];
+        match tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf)).await {
+            Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+            _ => None,
+        }
+    };
+    for i in 0..20u8 {
+        let msg = vec![i; 100];
+        assert_eq!(
+            ask(pipe_port, &msg).await.as_deref(),
+            Some(&msg[..]),
+            "datagram {i}"
+        );
+    }
+    // They went as QUIC DATAGRAM frames, both ways.
+    for key in ["datagrams_sent", "datagrams_received"] {
+        let n = detail(&west_node, "to-east", key).await;
+        assert!(n.as_u64() >= Some(20), "{key}: {n}");
+    }
+    // Larger than any QUIC datagram the path takes: a capsule, whole.
+    let big: Vec<u8> = (0..8000u32).map(|i| i as u8).collect();
+    assert_eq!(ask(pipe_port, &big).await.as_deref(), Some(&big[..]));
+    // The other tenant's UDP on east answers meanwhile.
+    assert_eq!(
+        ask(other_port, b"other").await.as_deref(),
+        Some(&b"other"[..])
+    );
+
+    // The same probe to a target east's policy denies: no answer.
+    assert_eq!(ask(seven_port, b"seven").await, None);
+    let r = east_audit.find(|r| r["verdict"] == "deny").await;
+    assert_eq!(r["rule"], "not-7", "{r}");
+    assert_eq!(r["protocol"], "udp", "{r}");
+
+    // West goes away: east's UDP flow ends with its stream, and east
+    // audits it with the link's identity.
+    west_node.shutdown(Duration::from_millis(100)).await;
+    let r = east_audit
+        .find(|r| {
+            r["protocol"] == "udp" && r["requested"] == echo.to_string() && r["identity"] == GATEWAY
+        })
+        .await;
+    assert_eq!(r["onramp"]["kind"], "quic", "{r}");
+    assert_eq!(r["dialed"], echo.to_string(), "{r}");
+    assert!(r["bytes_up"].as_u64() >= Some(2000 + 8000), "{r}");
+    east_node.shutdown(Duration::from_millis(100)).await;
+}

@@ -201,6 +201,35 @@ impl Dialer for GroupDialer {
             downs.join("; ")
         )))
     }
+
+    /// Datagrams through the first link, in the group's order, that is up
+    /// and carries them (QUIC links do; h2 and SSH links do not).
+    async fn bind_udp(
+        &self,
+        remote: std::net::SocketAddr,
+    ) -> Result<Arc<dyn crate::core::net::datagram::DatagramSocket>, DialError> {
+        let group = &self.0;
+        let mut downs = Vec::new();
+        for name in group.order() {
+            let Some(dialer) = group.ctx.find(&name).and_then(|m| m.dialer()) else {
+                downs.push(format!("`{name}` is not running"));
+                continue;
+            };
+            match dialer.bind_udp(remote).await {
+                Ok(s) => {
+                    *group.last.lock().expect("poisoned") = Some(name.clone());
+                    return Ok(s);
+                }
+                Err(DialError::Down(why)) | Err(DialError::NoRoute(why)) => downs.push(why),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(DialError::Down(format!(
+            "{remote}: no link of group `{}` carries datagrams now: {}",
+            group.ctx.instance,
+            downs.join("; ")
+        )))
+    }
 }
 
 #[async_trait]

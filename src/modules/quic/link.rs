@@ -45,7 +45,10 @@ use crate::core::spine::onramp::publish::{
 };
 use crate::core::spine::onramp::OnRamp;
 
+use super::udp::{Carrier, Demux, LinkSocket};
 use super::{read_head, QuicLimits, ALPN};
+use crate::core::net::datagram::DatagramSocket;
+use crate::core::spine::reject::RejectReason;
 
 /// `kind: quic_link`
 ///
@@ -209,6 +212,7 @@ impl ModuleFactory for QuicLinkFactory {
             running: Mutex::new(None),
             streams: Default::default(),
             endpoint: Mutex::new(None),
+            demux: Default::default(),
         }))))
     }
 }
@@ -226,6 +230,8 @@ struct Link {
     streams: Arc<AtomicUsize>,
     /// Our UDP endpoint (one per address family in use).
     endpoint: Mutex<Option<quinn::Endpoint>>,
+    /// The UDP flows of the connection up now.
+    demux: RwLock<Arc<Demux>>,
 }
 
 /// A running QUIC link.
@@ -340,6 +346,18 @@ impl Connect for Link {
     }
 
     async fn hold(&self, conn: &quinn::Connection) -> Ended {
+        // UDP flows: the connection's datagrams to their sockets.
+        let demux = Arc::new(Demux::default());
+        *self.demux.write().expect("poisoned") = demux.clone();
+        let (datagrams, ctx) = (conn.clone(), self.ctx.clone());
+        tokio::spawn(async move {
+            demux
+                .run(&datagrams, || {
+                    ctx.metrics
+                        .reject(&ctx.tenant.name, &ctx.instance, RejectReason::UdpQueueFull)
+                })
+                .await
+        });
         *self.conn.write().expect("poisoned") = Some(conn.clone());
         let cfg = self.cfg();
         let parked = CancellationToken::new();
@@ -389,17 +407,17 @@ const RTT_EVERY: Duration = Duration::from_secs(5);
 
 /// A response head as the link reads it.
 #[derive(Debug, PartialEq)]
-struct ResponseHead {
-    code: u16,
+pub(super) struct ResponseHead {
+    pub code: u16,
     /// `x-meshgate-reason`.
-    reason: String,
+    pub reason: String,
     /// `forwarded: for=` (a publish request's answer).
-    forwarded: Option<SocketAddr>,
+    pub forwarded: Option<SocketAddr>,
 }
 
 /// The status of a response head (`HTTP/1.1 200 OK`) and what the link
 /// reads of its headers.
-fn parse_response(head: &[u8]) -> Option<ResponseHead> {
+pub(super) fn parse_response(head: &[u8]) -> Option<ResponseHead> {
     let mut headers = [httparse::EMPTY_HEADER; 16];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(head) {
@@ -467,6 +485,21 @@ impl Park for QuicPark {
 
 struct LinkDialer(Arc<Link>);
 
+impl Carrier for Link {
+    fn carrier(&self) -> Option<(quinn::Connection, Arc<Demux>)> {
+        let demux = self.demux.read().expect("poisoned").clone();
+        Some((self.conn()?, demux))
+    }
+
+    fn open_timeout(&self) -> Duration {
+        self.cfg().connect_timeout
+    }
+
+    fn authority(&self) -> String {
+        self.cfg().tls.name.clone()
+    }
+}
+
 #[async_trait]
 impl Dialer for LinkDialer {
     async fn dial_tcp(
@@ -516,6 +549,21 @@ impl Dialer for LinkDialer {
         };
         within(target, timeout, attempt).await
     }
+
+    /// UDP flows on the far node, one per remote the socket sends to
+    /// (QUIC datagrams; see [`super::udp`]). Fails at once while the link
+    /// is down.
+    async fn bind_udp(&self, remote: SocketAddr) -> Result<Arc<dyn DatagramSocket>, DialError> {
+        let link = &self.0;
+        if link.conn().is_none() {
+            return Err(DialError::Down(format!(
+                "{remote}: quic link `{}` to {} is down (reconnecting)",
+                link.ctx.instance,
+                link.cfg().server
+            )));
+        }
+        Ok(LinkSocket::new(link.clone()))
+    }
 }
 
 #[async_trait]
@@ -561,6 +609,9 @@ impl Module for QuicLink {
             "last_error": st.last_error,
             "rtt_ms": conn.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0),
             "remote": conn.as_ref().map(|c| c.remote_address().to_string()),
+            // QUIC DATAGRAM frames of this connection (UDP flows).
+            "datagrams_sent": conn.as_ref().map(|c| c.stats().frame_tx.datagram),
+            "datagrams_received": conn.as_ref().map(|c| c.stats().frame_rx.datagram),
             "streams": self.0.streams.load(Ordering::Relaxed),
             "forwards": forward_status(&cfg.forwards, &self.0.forwards),
         })

@@ -23,6 +23,7 @@
 //! connection can make the door buffer.
 
 pub mod link;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,11 +43,15 @@ use crate::core::net::proxy::Stream;
 use crate::core::net::tls::{ClientAuth, DoorTls, DoorTlsKeys, IdentityFrom};
 use crate::core::spine::door::{DoorKeys, DoorSettings};
 use crate::core::spine::flow::EndReason;
+use crate::core::spine::flow::{FlowContext, Protocol};
 use crate::core::spine::module::{Module, ModuleContext, ModuleError, ModuleFactory, ModulePlan};
-use crate::core::spine::onramp::http::{forwarded_for, status_for, tunnel_request, Tunneler};
+use crate::core::spine::onramp::http::{
+    forwarded_for, status_for, tunnel_request, Refused, Tunneler,
+};
 use crate::core::spine::onramp::publish::{
     self, Held, Publications, PublishKeys, PublishRules, RawPermit,
 };
+use crate::core::spine::onramp::DatagramError;
 use crate::core::spine::onramp::{Answer, OnRamp};
 use crate::core::spine::reject::RejectReason;
 
@@ -509,6 +514,19 @@ impl Door {
             identity,
             certified,
             held: Held::default(),
+            conn: conn.clone(),
+            demux: Default::default(),
+        });
+        // The connection's datagrams, to their UDP flows.
+        let (demux, onramp, datagrams) = (client.demux.clone(), self.onramp.clone(), conn.clone());
+        tokio::spawn(async move {
+            let ctx = onramp.ctx();
+            demux
+                .run(&datagrams, || {
+                    ctx.metrics
+                        .reject(&ctx.tenant.name, &ctx.instance, RejectReason::UdpQueueFull)
+                })
+                .await
         });
         loop {
             let (send, recv) = tokio::select! {
@@ -574,6 +592,11 @@ impl Door {
             certified: client.certified,
             trust_forwarded: &cfg.tls.trust_forwarded,
         };
+        if parsed.upgrades_to(udp::PROTOCOL) {
+            return self
+                .udp(send, recv, rest, &cfg, &who, &client, &parsed)
+                .await;
+        }
         let flow = match tunnel_request(
             &who,
             &parsed.method,
@@ -674,6 +697,129 @@ struct Client {
     certified: bool,
     /// The ports it published.
     held: Held,
+    conn: quinn::Connection,
+    /// Its UDP flows.
+    demux: Arc<udp::Demux>,
+}
+
+impl Door {
+    /// A UDP request (`GET /.well-known/masque/udp/HOST/PORT/`, `upgrade:
+    /// connect-udp`): routed and checked as a UDP flow of the client's
+    /// identity, answered `101` (or the refusal's status), then relayed
+    /// until either side ends it or [`udp::UDP_IDLE`] passes idle.
+    #[allow(clippy::too_many_arguments)]
+    async fn udp(
+        &self,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        rest: Vec<u8>,
+        cfg: &QuicConfig,
+        who: &Tunneler<'_>,
+        client: &Client,
+        head: &RequestHead,
+    ) {
+        let peer = who.peer;
+        let refuse = async |send: &mut quinn::SendStream, r: Refused| {
+            self.onramp.refused(
+                "quic.refused",
+                peer,
+                client.identity.as_deref(),
+                r.reason,
+                &r.detail,
+            );
+            reply(send, r.status, r.reason.as_str()).await;
+        };
+        let target = match udp::target_of(&head.target) {
+            Some(t) if head.method == hyper::Method::GET => t,
+            _ => {
+                let detail = format!(
+                    "a UDP request is GET /.well-known/masque/udp/HOST/PORT/, not {} {:?}",
+                    head.method, head.target
+                );
+                return refuse(
+                    &mut send,
+                    Refused {
+                        reason: RejectReason::BadRequest,
+                        status: StatusCode::BAD_REQUEST,
+                        detail,
+                    },
+                )
+                .await;
+            }
+        };
+        // The identity, source and trace, as for a CONNECT to the target.
+        let authority = hyper::http::uri::Authority::try_from(target.to_string()).ok();
+        let req = match tunnel_request(
+            who,
+            &hyper::Method::CONNECT,
+            authority.as_ref(),
+            &head.headers,
+            &cfg.door,
+        ) {
+            Ok(r) => r,
+            Err(r) => return refuse(&mut send, r).await,
+        };
+        let upstream = match self
+            .onramp
+            .open_datagrams(&req.via, &target, req.chosen_by, req.connect_timeout)
+            .await
+        {
+            Ok(u) => u,
+            Err(e) => {
+                let ctx = self.onramp.ctx();
+                ctx.metrics
+                    .dial_error(&ctx.tenant.name, &ctx.instance, e.reason());
+                let (status, reason) = match &e {
+                    DatagramError::Refused(r) => {
+                        let end = r.end_reason();
+                        (
+                            status_for(end, StatusCode::SERVICE_UNAVAILABLE),
+                            end.as_str(),
+                        )
+                    }
+                    _ => (StatusCode::SERVICE_UNAVAILABLE, e.reason()),
+                };
+                return reply(&mut send, status, reason).await;
+            }
+        };
+        let ctx = self.onramp.ctx();
+        let flow = FlowContext {
+            tenant: ctx.tenant.name.clone(),
+            instance: ctx.instance.clone(),
+            identity: req.identity.clone(),
+            src: req.src,
+            dst: target.to_string(),
+            protocol: Protocol::Udp,
+            kind: ctx.kind.clone(),
+            dialed: Some(upstream.remote),
+            trace: req.trace.clone(),
+        };
+        let admitted = match self.onramp.admit_datagrams(flow, upstream) {
+            Ok(a) => a,
+            Err(end) => {
+                return reply(
+                    &mut send,
+                    status_for(end, StatusCode::FORBIDDEN),
+                    end.as_str(),
+                )
+                .await
+            }
+        };
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {}\r\ncapsule-protocol: ?1\r\n\r\n",
+            udp::PROTOCOL
+        );
+        if send.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+        let _open = Share::new(&self.streams);
+        let (reply_socket, rx, _demux) =
+            udp::door_flow(&client.conn, &client.demux, send, recv, rest);
+        self.onramp
+            .relay(admitted, reply_socket.clone(), req.src, rx, udp::UDP_IDLE)
+            .await;
+        reply_socket.finish().await;
+    }
 }
 
 /// Reads a head ending in an empty line: the head, and what came after it.
@@ -720,12 +866,16 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
+    /// Whether it asks to upgrade to `protocol` (`upgrade:`).
+    pub fn upgrades_to(&self, protocol: &str) -> bool {
+        self.headers
+            .get(hyper::header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(protocol.as_bytes()))
+    }
+
     /// Whether it asks to publish a port (`upgrade: meshgate-publish`).
     pub fn publishes(&self) -> bool {
-        self.headers.get(hyper::header::UPGRADE).is_some_and(|v| {
-            v.as_bytes()
-                .eq_ignore_ascii_case(publish::PROTOCOL.as_bytes())
-        })
+        self.upgrades_to(publish::PROTOCOL)
     }
 }
 

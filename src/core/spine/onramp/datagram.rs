@@ -49,6 +49,12 @@ impl DatagramError {
     }
 }
 
+/// A UDP session whose flow is open and allowed ([`OnRamp::admit_datagrams`]).
+pub struct Admitted {
+    flow: crate::core::spine::flow::FlowGuard,
+    upstream: Datagrams,
+}
+
 /// Where datagrams to one target go ([`OnRamp::open_datagrams`]).
 pub struct Datagrams {
     /// The socket to send from and receive answers on.
@@ -75,17 +81,43 @@ impl OnRamp {
         mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
         idle: Duration,
     ) {
+        match self.admit_datagrams(flow, upstream) {
+            Ok(admitted) => self.relay(admitted, reply, client, rx, idle).await,
+            Err(_) => rx.close(),
+        }
+    }
+
+    /// Opens the flow of a UDP session and asks the policy: the admitted
+    /// session, or `Denied` (counted and logged) for an on-ramp that tells
+    /// its client before relaying.
+    pub fn admit_datagrams(
+        &self,
+        flow: FlowContext,
+        upstream: Datagrams,
+    ) -> Result<Admitted, EndReason> {
         let ctx = &self.ctx;
         let mut flow =
             ctx.flows
                 .open_routed(flow, Some(upstream.route.clone()), &ctx.instance_metrics);
-        let (socket, remote) = (upstream.socket, upstream.remote);
         if let Verdict::Deny(why) = flow.verdict() {
             self.denied(&flow, &why);
-            rx.close();
             flow.set_end_reason(EndReason::Denied);
-            return;
+            return Err(EndReason::Denied);
         }
+        Ok(Admitted { flow, upstream })
+    }
+
+    /// Relays an admitted UDP session, as [`OnRamp::relay_datagrams`].
+    pub async fn relay(
+        &self,
+        admitted: Admitted,
+        reply: Arc<dyn crate::core::net::datagram::DatagramSocket>,
+        client: SocketAddr,
+        mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        idle: Duration,
+    ) {
+        let Admitted { mut flow, upstream } = admitted;
+        let (socket, remote) = (upstream.socket, upstream.remote);
         let mut buf = vec![0u8; 65_535];
         let revoked = flow.flow().clone();
         let reason = loop {

@@ -45,7 +45,7 @@ mod listen;
 pub mod publish;
 mod stream;
 
-pub use datagram::{DatagramError, Datagrams};
+pub use datagram::{Admitted, DatagramError, Datagrams};
 pub use decide::{Refusal, RouteVia};
 pub use listen::{Accepted, DoorListener, ListenOn, RunningListener, Slot, StreamHandler};
 pub use stream::{Answer, ConnectRequest, PublishedConn, Target};
