@@ -8,7 +8,8 @@
 //! (`forwards:`, allowed by B's `publish:` lists), and B's curl fetches it
 //! over each, again after B's restart. iperf3's UDP test runs from A to
 //! B's iperf3 server through a UDP pipe over the group: its datagrams
-//! travel as QUIC datagrams (the h2 link carries none).
+//! travel as QUIC datagrams (the h2 link carries none). Last, A's address
+//! changes under the QUIC connection, which migrates without a reconnect.
 #![cfg(feature = "quic")]
 
 mod common;
@@ -45,7 +46,7 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
     let pki = Pki::new();
     let mut a = Netns::new("la");
     let mut b = Netns::new("lb");
-    link(&a, "10.243.1.2/24", &b, "10.243.1.1/24");
+    let (a_dev, _) = link(&a, "10.243.1.2/24", &b, "10.243.1.1/24");
     let _nginx = nginx_in(&mut b, "127.0.0.1:8080", "only b\n");
     // Only B reaches it: the same request from A fails.
     assert_eq!(
@@ -204,9 +205,15 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
     eprintln!("fell back to h2 {took:?} after UDP was dropped");
     assert!(took < Duration::from_secs(5), "fallback took {took:?}");
     // Once QUIC is known down, flows go straight to h2.
-    assert!(wait_until(Duration::from_secs(5), || status(
-        &a, "b", "active"
-    ) == "b-h2"));
+    assert!(
+        wait_until(Duration::from_secs(5), || status(&a, "b", "active")
+            == "b-h2"),
+        "b-quic: connected {}, last_error {}, active {}:\n{}",
+        status(&a, "b-quic", "connected"),
+        status(&a, "b-quic", "last_error"),
+        status(&a, "b", "active"),
+        mg_a.log_text()
+    );
     let t = Instant::now();
     assert_eq!(get(), (200, "only b\n".into()));
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
@@ -254,5 +261,22 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
             mg_a.log_text()
         );
     }
+
+    // A's address changes under the QUIC connection: it migrates (no
+    // reconnect) and carries on.
+    let reconnects = status(&a, "b-quic", "reconnects");
+    a.sh(&format!(
+        "sysctl -qw net.ipv4.conf.{a_dev}.promote_secondaries=1 && ip addr add 10.243.1.3/24 dev {a_dev} && ip addr del 10.243.1.2/24 dev {a_dev}"
+    ));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(get(), (200, "only b\n".into()));
+    assert_eq!(status(&a, "b", "last_used"), "b-quic");
+    assert_eq!(status(&a, "b-quic", "connected"), true);
+    assert_eq!(
+        status(&a, "b-quic", "reconnects"),
+        reconnects,
+        "the QUIC connection did not survive the address change:\n{}",
+        mg_a.log_text()
+    );
     drop(mg_b);
 }

@@ -10,7 +10,11 @@
 //! (`no_route`); the link reconnects every `backoff_max` (1 s ±20 %), and
 //! at once when the door resets the connection after a restart (the
 //! door's stateless-reset key comes from its TLS key). PINGs every
-//! `keepalive` (1 s) and `keepalive_timeout` (4 s) notice a silent path.
+//! `keepalive` (1 s) and `keepalive_timeout` (4 s) notice a silent path;
+//! a health datagram every `keepalive`, which the door answers, notices a
+//! path that fails one way (our packets dropped while the door's still
+//! arrive and keep QUIC's idle timer going): no answer for
+//! `keepalive_timeout` ends the connection.
 //!
 //! Its **reverse forwards** (`forwards:`) publish services of this side on
 //! the other node, as `ssh_link`'s and `h2_link`'s do: requests parked
@@ -45,7 +49,7 @@ use crate::core::spine::onramp::publish::{
 };
 use crate::core::spine::onramp::OnRamp;
 
-use super::udp::{Carrier, Demux, LinkSocket};
+use super::udp::{health_request, Carrier, Demux, LinkSocket};
 use super::{read_head, QuicLimits, ALPN};
 use crate::core::net::datagram::DatagramSocket;
 use crate::core::spine::reject::RejectReason;
@@ -349,9 +353,9 @@ impl Connect for Link {
         // UDP flows: the connection's datagrams to their sockets.
         let demux = Arc::new(Demux::default());
         *self.demux.write().expect("poisoned") = demux.clone();
-        let (datagrams, ctx) = (conn.clone(), self.ctx.clone());
+        let (datagrams, ctx, reader) = (conn.clone(), self.ctx.clone(), demux.clone());
         tokio::spawn(async move {
-            demux
+            reader
                 .run(&datagrams, || {
                     ctx.metrics
                         .reject(&ctx.tenant.name, &ctx.instance, RejectReason::UdpQueueFull)
@@ -379,19 +383,52 @@ impl Connect for Link {
             &parked,
         );
         let metrics = self.series();
-        let why = loop {
-            metrics.rtt(conn.rtt());
+        // With keep-alives on, a health datagram goes out every interval
+        // and the door answers it while the path works both ways. QUIC's
+        // idle timer alone is kept going by the other side's packets
+        // (retransmissions, its PINGs) after ours stop arriving (UDP
+        // dropped one way): no answer for `keepalive_timeout` ends the
+        // connection too.
+        let health = cfg
+            .limits
+            .keepalive
+            .filter(|_| conn.max_datagram_size().is_some())
+            .map(|every| (every, cfg.limits.idle_timeout));
+        let since = tokio::time::Instant::now();
+        let (mut asked, mut rtt_at) = (since, since);
+        metrics.rtt(conn.rtt());
+        let (peer_up, why) = loop {
+            if let Some((every, _)) = health {
+                if asked.elapsed() >= every || asked == since {
+                    let _ = conn.send_datagram(health_request());
+                    asked = tokio::time::Instant::now();
+                }
+            }
             tokio::select! {
-                e = conn.closed() => break e,
-                _ = tokio::time::sleep(RTT_EVERY) => {}
+                e = conn.closed() => break (matches!(e, quinn::ConnectionError::Reset), e.to_string()),
+                _ = tokio::time::sleep(HEALTH_CHECK) => {}
+            }
+            if rtt_at.elapsed() >= RTT_EVERY {
+                metrics.rtt(conn.rtt());
+                rtt_at = tokio::time::Instant::now();
+            }
+            if let Some((_, deaf)) = health {
+                let last = demux.answered().unwrap_or(since);
+                if last.elapsed() >= deaf {
+                    conn.close(0u32.into(), b"no health answer");
+                    break (
+                        false,
+                        format!("the other side answered nothing for {deaf:?} (our packets do not reach it)"),
+                    );
+                }
             }
         };
         *self.conn.write().expect("poisoned") = None;
         Ended {
             // A stateless reset: the door is up again, without our
             // connection. Reconnect now.
-            peer_up: matches!(why, quinn::ConnectionError::Reset),
-            error: Some(why.to_string()),
+            peer_up,
+            error: Some(why),
             others_up: false,
         }
     }
@@ -404,6 +441,9 @@ impl Connect for Link {
 
 /// How often the RTT gauge is brought up to date.
 const RTT_EVERY: Duration = Duration::from_secs(5);
+
+/// How often the health of the connection is looked at.
+const HEALTH_CHECK: Duration = Duration::from_millis(250);
 
 /// A response head as the link reads it.
 #[derive(Debug, PartialEq)]

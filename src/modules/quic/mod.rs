@@ -809,12 +809,14 @@ impl Door {
             "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {}\r\ncapsule-protocol: ?1\r\n\r\n",
             udp::PROTOCOL
         );
-        if send.write_all(answer.as_bytes()).await.is_err() {
+        // Registered for its datagrams before the link hears `101` and
+        // sends the first.
+        let (reply_socket, rx, _demux) =
+            udp::door_flow(&client.conn, &client.demux, send, recv, rest);
+        if reply_socket.answer(answer.as_bytes()).await.is_err() {
             return;
         }
         let _open = Share::new(&self.streams);
-        let (reply_socket, rx, _demux) =
-            udp::door_flow(&client.conn, &client.demux, send, recv, rest);
         self.onramp
             .relay(admitted, reply_socket.clone(), req.src, rx, udp::UDP_IDLE)
             .await;

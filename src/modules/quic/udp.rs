@@ -184,29 +184,61 @@ async fn send_one(
         .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e))
 }
 
+/// The quarter stream ID of the link's health datagrams (no stream has
+/// it: stream IDs are below 2^62). A request (first byte 0) is echoed by
+/// the door as an answer (first byte 1): an answer received proves the
+/// path works both ways, which QUIC's idle timer alone does not (packets
+/// from the other side keep it going while ours are dropped).
+pub const HEALTH: u64 = (1 << 62) - 1;
+
+/// A health request (see [`HEALTH`]).
+pub fn health_request() -> Bytes {
+    datagram(HEALTH, &[0])
+}
+
 /// The flows of one connection, by quarter stream ID: where their
-/// datagrams go.
+/// datagrams go; and when a health answer last came.
 #[derive(Default)]
-pub struct Demux(Mutex<HashMap<u64, mpsc::Sender<Vec<u8>>>>);
+pub struct Demux {
+    flows: Mutex<HashMap<u64, mpsc::Sender<Vec<u8>>>>,
+    answered: Mutex<Option<tokio::time::Instant>>,
+}
 
 impl Demux {
     fn insert(&self, quarter: u64, tx: mpsc::Sender<Vec<u8>>) {
-        self.0.lock().expect("poisoned").insert(quarter, tx);
+        self.flows.lock().expect("poisoned").insert(quarter, tx);
     }
 
     fn remove(&self, quarter: u64) {
-        self.0.lock().expect("poisoned").remove(&quarter);
+        self.flows.lock().expect("poisoned").remove(&quarter);
+    }
+
+    /// When the last health answer came (`None`: none yet).
+    pub fn answered(&self) -> Option<tokio::time::Instant> {
+        *self.answered.lock().expect("poisoned")
     }
 
     /// Reads the connection's datagrams until it closes, handing each to
-    /// its flow; `full` is called for one dropped because its flow's queue
-    /// is full.
+    /// its flow (health requests are answered); `full` is called for one
+    /// dropped because its flow's queue is full.
     pub async fn run(&self, conn: &quinn::Connection, full: impl Fn()) {
         while let Ok(d) = conn.read_datagram().await {
             let Some((quarter, payload)) = parse_datagram(&d) else {
                 continue;
             };
-            let tx = self.0.lock().expect("poisoned").get(&quarter).cloned();
+            if quarter == HEALTH {
+                match payload.first() {
+                    Some(0) => {
+                        let _ = conn.send_datagram(datagram(HEALTH, &[1]));
+                    }
+                    Some(1) => {
+                        *self.answered.lock().expect("poisoned") = Some(tokio::time::Instant::now())
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            let tx = self.flows.lock().expect("poisoned").get(&quarter).cloned();
             if let Some(tx) = tx {
                 if tx.try_send(payload.to_vec()).is_err() {
                     full();
@@ -295,6 +327,16 @@ impl Drop for DemuxGuard {
 }
 
 impl Reply {
+    /// Writes the answer head on the flow's stream.
+    pub async fn answer(&self, head: &[u8]) -> io::Result<()> {
+        self.stream
+            .lock()
+            .await
+            .write_all(head)
+            .await
+            .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e))
+    }
+
     /// Ends the flow's stream (the link then opens another for its next
     /// datagram).
     pub async fn finish(&self) {
