@@ -801,7 +801,7 @@ fn code(payload: &[u8], at: usize) -> u32 {
 
 /// Requests no client should send, each answered with HTTP/2's own error
 /// and none costing more than its budget, while another client's tunnel
-/// keeps carrying bytes.
+/// keeps carrying bytes and another tenant's pipe its round trips.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_http2_gets_the_protocol_s_errors_and_others_flow_on() {
     let pki = Pki::new();
@@ -814,9 +814,17 @@ async fn hostile_http2_gets_the_protocol_s_errors_and_others_flow_on() {
         "narrow",
         door(&pki, narrow, json!({"max_streams": 2})),
     );
+    let other_port = free_port();
+    store.set(
+        "other",
+        "echo",
+        json!({"kind": "pipe", "listen": format!("127.0.0.1:{other_port}"), "remote": echo_addr.to_string()}),
+    );
     let audit = Arc::new(Audit::default());
     let node = start(&store, &audit).await;
     let target = echo_addr.to_string();
+    // Another tenant's traffic on the same node, all along.
+    let bystander = Bystander::start(other_port);
 
     let mut alice = h2_connect(port, pki.client(Some("alice"))).await.unwrap();
     let (status, _, t) = connect(&mut alice, Method::CONNECT, &target, &[])
@@ -912,5 +920,6 @@ async fn hostile_http2_gets_the_protocol_s_errors_and_others_flow_on() {
         "{:?}",
         hbone.details
     );
+    bystander.check(1).await;
     node.shutdown(Duration::from_millis(100)).await;
 }

@@ -319,3 +319,220 @@ async fn a_quic_link_carries_udp_flows_as_datagrams() {
     assert!(r["bytes_up"].as_u64() >= Some(2000 + 8000), "{r}");
     east_node.shutdown(Duration::from_millis(100)).await;
 }
+
+/// A quinn client for the door at `port`, with `who`'s certificate.
+async fn quic_client(pki: &Pki, who: &str, port: u16) -> quinn::Connection {
+    let mut tls = pki.client(Some(who));
+    tls.alpn_protocols = vec![meshgate::modules::quic::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    ep.connect(([127, 0, 0, 1], port).into(), "gw.test")
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+/// A UDP relay in front of `port` that passes each client's first
+/// datagram (its Initial, with the ClientHello) and nothing after: the
+/// handshake stalls half-way. Everything from the door goes back.
+async fn stalling_relay(port: u16) -> u16 {
+    let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let relay_port = front.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut seen = std::collections::HashSet::new();
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, client)) = front.recv_from(&mut buf).await {
+            if !seen.insert(client) {
+                continue;
+            }
+            let up = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            up.send_to(&buf[..n], ("127.0.0.1", port)).await.unwrap();
+            let front = front.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok(n) = up.recv(&mut buf).await {
+                    let _ = front.send_to(&buf[..n], client).await;
+                }
+            });
+        }
+    });
+    relay_port
+}
+
+fn rejected(node: &Node, reason: &str) -> f64 {
+    let text = node.registry().metrics().encode();
+    let series = format!(
+        "meshgate_rejected_total{{tenant=\"east\",instance=\"door\",reason=\"{reason}\"}} "
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// Hostile clients of a QUIC door, while another tenant's pipe on the same
+/// node carries traffic throughout: garbage datagrams at the port,
+/// handshakes that stall after the ClientHello (cut at `handshake_timeout`,
+/// and past `max_startups` refused), a client that opens every stream it
+/// may and sends no head (its streams reset at `handshake_timeout`, and it
+/// cannot open more than `max_streams` meanwhile; the credit comes back
+/// once it gives the streams up), heads that are garbage
+/// or too long (`400`), and datagrams for flows that do not exist or are
+/// not flows at all (dropped). The door answers a well-behaved client
+/// after all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_quic_clients_are_bounded_and_others_flow_on() {
+    let pki = Pki::new();
+    let echo = echo_task().await;
+    let (door_port, other_port) = (free_port(), free_port());
+    let east = Arc::new(MemStore::new());
+    east.set(
+        "east",
+        "corp",
+        json!({"kind": "vnet", "routes": [{"to": "127.0.0.0/8", "via": "direct"}]}),
+    );
+    east.set(
+        "east",
+        "door",
+        json!({"kind": "quic", "listen": format!("127.0.0.1:{door_port}"), "vnet": "corp",
+               "tls_cert": pki.s("server.pem"), "tls_key": pki.s("server.key"),
+               "client_ca": pki.s("ca.pem"), "handshake_timeout": "500ms",
+               "max_startups": "3", "max_streams": 8}),
+    );
+    east.set(
+        "other",
+        "echo",
+        json!({"kind": "pipe", "listen": format!("127.0.0.1:{other_port}"), "remote": echo.to_string()}),
+    );
+    let audit = Arc::new(Audit::default());
+    let node = start(&east, &audit).await;
+
+    // The other tenant's traffic, all along.
+    let bystander = Bystander::start(other_port);
+
+    // Garbage at the port.
+    let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..2000u32 {
+        let len = 1 + (i as usize * 7919) % 1400;
+        let bytes: Vec<u8> = (0..len).map(|j| (i as usize * 31 + j * 17) as u8).collect();
+        junk.send_to(&bytes, ("127.0.0.1", door_port))
+            .await
+            .unwrap();
+    }
+
+    // Handshakes that stall after the ClientHello: cut at handshake_timeout;
+    // past max_startups (3) at once, refused.
+    let relay = stalling_relay(door_port).await;
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        let mut tls = pki.client(Some("alice"));
+        tls.alpn_protocols = vec![meshgate::modules::quic::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = ep
+            .connect_with(
+                quinn::ClientConfig::new(Arc::new(crypto)),
+                ([127, 0, 0, 1], relay).into(),
+                "gw.test",
+            )
+            .unwrap();
+        stalled.push((ep, tokio::spawn(async move { connecting.await.is_ok() })));
+    }
+    let mut cut = false;
+    for _ in 0..60 {
+        if rejected(&node, "handshake_timeout") >= 1.0 && rejected(&node, "max_startups") >= 1.0 {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        cut,
+        "handshake_timeout {}, max_startups {}",
+        rejected(&node, "handshake_timeout"),
+        rejected(&node, "max_startups")
+    );
+
+    // A client that opens every stream it may and sends no head.
+    let greedy = quic_client(&pki, "alice", door_port).await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let (mut send, recv) = greedy.open_bi().await.unwrap();
+        // A stream is announced by its first frame.
+        send.write_all(b"C").await.unwrap();
+        held.push((send, recv));
+    }
+    // The ninth waits for credit.
+    let ninth = tokio::time::timeout(Duration::from_millis(200), greedy.open_bi()).await;
+    assert!(ninth.is_err(), "a ninth stream opened past max_streams");
+    let before = rejected(&node, "handshake_timeout");
+    // At handshake_timeout the door resets them (counted), and credit
+    // comes back.
+    for (_, recv) in held.iter_mut() {
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(3), recv.read(&mut b)).await;
+        assert!(matches!(r, Ok(Err(_)) | Ok(Ok(None))), "{r:?}");
+    }
+    assert!(rejected(&node, "handshake_timeout") >= before + 8.0);
+    // The door also stopped reading them; a client that gives its halves up
+    // (quinn resets a stopped stream when it is dropped) gets the credit
+    // back. One that holds them holds only its own connection's credit.
+    drop(held);
+    let (mut send, _recv) = tokio::time::timeout(Duration::from_secs(2), greedy.open_bi())
+        .await
+        .expect("no credit came back")
+        .unwrap();
+    send.write_all(b"x").await.unwrap();
+
+    // Heads that are garbage, or longer than 16 KiB: 400.
+    for head in [
+        b"\x00\x01\x02 garbage\r\n\r\n".to_vec(),
+        b"CONNECT\r\n\r\n".to_vec(),
+        vec![b'a'; 17 * 1024],
+    ] {
+        let (mut send, mut recv) = greedy.open_bi().await.unwrap();
+        let _ = send.write_all(&head).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut b = [0u8; 256];
+            while let Ok(Some(n)) = recv.read(&mut b).await {
+                answer.extend_from_slice(&b[..n]);
+            }
+        })
+        .await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    }
+
+    // Datagrams for no flow, for another context, and not even a varint.
+    for d in [&b"\x3f\x00data"[..], b"\x00\x05data", b"", b"\xff"] {
+        let _ = greedy.send_datagram(bytes::Bytes::copy_from_slice(d));
+    }
+
+    // After all that, a well-behaved client tunnels.
+    let good = quic_client(&pki, "alice", door_port).await;
+    let (mut send, mut recv) = good.open_bi().await.unwrap();
+    send.write_all(format!("CONNECT {echo} HTTP/1.1\r\n\r\nhello").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 256];
+    while !got.ends_with(b"hello") {
+        let n = tokio::time::timeout(Duration::from_secs(3), recv.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        got.extend_from_slice(&b[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
+    bystander.check(10).await;
+    drop(stalled);
+    node.shutdown(Duration::from_millis(100)).await;
+}

@@ -275,3 +275,50 @@ pub async fn start(store: &Arc<MemStore>, audit: &Arc<Audit>) -> Node {
     node.start().await.unwrap();
     node
 }
+
+/// Another tenant's traffic through a node while a test attacks it:
+/// round trips through `port` (an echo behind a pipe) every 20 ms.
+pub struct Bystander {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<(u32, u32)>,
+}
+
+impl Bystander {
+    /// Starts the round trips through `port`.
+    pub fn start(port: u16) -> Bystander {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stop = tokio_util::sync::CancellationToken::new();
+        let until = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            while !until.is_cancelled() {
+                let once = async {
+                    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                    s.write_all(b"other tenant").await?;
+                    let mut buf = [0u8; 12];
+                    s.read_exact(&mut buf).await?;
+                    Ok::<_, std::io::Error>(buf == *b"other tenant")
+                };
+                match tokio::time::timeout(Duration::from_secs(2), once).await {
+                    Ok(Ok(true)) => ok += 1,
+                    _ => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        });
+        Bystander { stop, task }
+    }
+
+    /// Stops, and checks every round trip succeeded (at least `min`).
+    pub async fn check(self, min: u32) {
+        self.stop.cancel();
+        let (ok, failed) = self.task.await.unwrap();
+        eprintln!("other tenant: {ok} round trips, {failed} failed");
+        assert!(ok >= min, "only {ok} round trips");
+        assert_eq!(
+            failed, 0,
+            "{failed} of the other tenant's round trips failed"
+        );
+    }
+}
