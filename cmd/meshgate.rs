@@ -4,6 +4,7 @@
 //! meshgate --config-dir DIR          # or MESHGATE_CONFIG_DIR=DIR meshgate
 //! meshgate --config-dir DIR --check  # validate and exit (non-zero on errors)
 //! meshgate                           # /etc/meshgate, else /etc/cloudgateway
+//! meshgate --store etcd://HOST:2379/meshgate --node-name a   # a fleet's node (feature etcd)
 //! ```
 //!
 //! SIGTERM or SIGINT drains: listeners close at once (new connections are
@@ -31,6 +32,19 @@ struct Args {
     /// or Cloud-Gateway's conf.yaml. Default: /etc/meshgate, else /etc/cloudgateway.
     #[arg(long, env = "MESHGATE_CONFIG_DIR", value_name = "DIR")]
     config_dir: Option<PathBuf>,
+    /// A shared config store instead of a directory: etcd://HOST:2379/PREFIX
+    /// (etcds:// for TLS; MESHGATE_ETCD_USER, _PASSWORD, _CA, _CERT, _KEY).
+    #[arg(
+        long,
+        env = "MESHGATE_STORE",
+        value_name = "URL",
+        conflicts_with = "config_dir"
+    )]
+    store: Option<String>,
+    /// This node's name in a shared store: its document is PREFIX/nodes/NAME,
+    /// its status PREFIX/status/NAME. Default: the host name.
+    #[arg(long, env = "MESHGATE_NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
     /// Validate the whole config and exit: 0 if valid, 1 with every error otherwise.
     #[arg(long)]
     check: bool,
@@ -127,6 +141,33 @@ fn raise_fd_limit() -> Option<(u64, u64, u64)> {
 
 async fn serve() -> ExitCode {
     let args = Args::parse();
+    if let Some(url) = &args.store {
+        let name = match args
+            .node_name
+            .clone()
+            .map_or_else(node::default_node_name, Ok)
+        {
+            Ok(n) => n,
+            Err(e) => return fail(&[e]),
+        };
+        let store = match node::open_etcd(url, &name).await {
+            Ok(s) => s,
+            Err(e) => return fail(&[e]),
+        };
+        if args.check {
+            return match node::check_store(store, builtin_factories()).await {
+                Ok(s) => {
+                    println!(
+                        "{url}: config OK for node {name} ({} tenants, {} module instances)",
+                        s.tenants, s.instances
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => fail(&errors),
+            };
+        }
+        return run(store, None).await;
+    }
     let (config_dir, defaulted) = match args.config_dir {
         Some(d) => (d, false),
         None => match node::default_config_dir(Path::is_dir) {
@@ -169,6 +210,15 @@ async fn serve() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&[e]),
     };
+    run(store, defaulted.then_some(config_dir)).await
+}
+
+/// Runs the node on `store` until a signal (`defaulted`: the config
+/// directory chosen by default, to say so).
+async fn run(
+    store: std::sync::Arc<dyn configstore::ConfigStore>,
+    defaulted: Option<PathBuf>,
+) -> ExitCode {
     let node_cfg = match node::node_config(store.as_ref()).await {
         Ok(n) => n,
         Err(e) => return fail(&[e]),
@@ -181,8 +231,8 @@ async fn serve() -> ExitCode {
         Some((_, now, hard)) => tracing::info!(soft = now, hard, "open files limit (RLIMIT_NOFILE) already at the hard limit"),
         None => tracing::warn!("cannot read RLIMIT_NOFILE"),
     }
-    if defaulted {
-        tracing::info!(dir = %config_dir.display(), "config directory chosen by default: no --config-dir or MESHGATE_CONFIG_DIR given");
+    if let Some(dir) = defaulted {
+        tracing::info!(dir = %dir.display(), "config directory chosen by default: no --config-dir or MESHGATE_CONFIG_DIR given");
     }
 
     let mut node = node::Node::new(store.clone(), builtin_factories(), Vec::new());

@@ -77,12 +77,31 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// A fleet of nodes sharing an etcd store (feature `etcd`).
+    Fleet {
+        #[command(subcommand)]
+        cmd: FleetCmd,
+    },
     /// Show live flows.
     Flows {
         /// Only this tenant's flows.
         #[arg(long)]
         tenant: Option<String>,
         /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FleetCmd {
+    /// Each node: alive (its status key held), the revision it applied, the
+    /// documents it refused.
+    Status {
+        /// The store: etcd://HOST:2379/PREFIX (MESHGATE_ETCD_* for TLS and users).
+        #[arg(long, env = "MESHGATE_STORE")]
+        store: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -628,6 +647,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::from(3));
             }
         }
+        Cmd::Fleet {
+            cmd: FleetCmd::Status { store, json },
+        } => return Ok(fleet_status(&store, json).await),
         Cmd::Flows { tenant, json } => {
             let path = match &tenant {
                 Some(t) => format!("/api/v1/flows?tenant={t}"),
@@ -686,6 +708,64 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `meshgatectl fleet status`.
+#[cfg(feature = "etcd")]
+async fn fleet_status(store: &str, json: bool) -> ExitCode {
+    use configstore::etcd::{fleet_status, EtcdAuth, EtcdUrl};
+    let url = match EtcdUrl::parse(store) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("error: --store: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (revision, nodes) = match fleet_status(&url, &EtcdAuth::from_env()).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        let v = serde_json::json!({
+            "revision": revision,
+            "nodes": nodes.iter().map(|n| serde_json::json!({
+                "node": n.node, "alive": n.alive, "revision": n.revision,
+                "rejected": n.rejected.iter().map(|(k, e)| serde_json::json!({"instance": k, "error": e})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{v:#}");
+        return ExitCode::SUCCESS;
+    }
+    println!("etcd revision {revision}");
+    println!("{:<16} {:<6} {:>9}  REJECTED", "NODE", "STATE", "APPLIED");
+    for n in &nodes {
+        let rejected = if n.rejected.is_empty() {
+            "-".to_string()
+        } else {
+            n.rejected
+                .iter()
+                .map(|(k, e)| format!("{k} ({})", e.escape_debug()))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        println!(
+            "{:<16} {:<6} {:>9}  {rejected}",
+            n.node,
+            if n.alive { "alive" } else { "down" },
+            n.revision.map_or("-".to_string(), |r| r.to_string()),
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// Without the `etcd` feature.
+#[cfg(not(feature = "etcd"))]
+async fn fleet_status(store: &str, _json: bool) -> ExitCode {
+    eprintln!("error: --store {store}: this meshgatectl was built without the etcd store (cargo build --features etcd)");
+    ExitCode::FAILURE
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -31,6 +31,11 @@ declare -A PACKAGES=(
   [sshd]=openssh-server
   # The h2 door's second client (its built-in http2 module).
   [node]=nodejs
+  # The etcd store's tests run Debian's etcd and write with its etcdctl;
+  # etcd-client's build compiles etcd's protobufs with protoc.
+  [etcd]=etcd-server
+  [etcdctl]=etcd-client
+  [protoc]=protobuf-compiler
   # ring and aws-lc-sys (russh's crypto) compile C.
   [cc]=build-essential
 )

@@ -244,6 +244,10 @@ impl<S: ConfigStore> ConfigStore for EnvOverlay<S> {
     fn watch(&self) -> Result<Option<Watch>, StoreError> {
         self.inner.watch()
     }
+
+    async fn report(&self, report: &crate::NodeReport) {
+        self.inner.report(report).await
+    }
 }
 
 #[cfg(test)]

@@ -16,14 +16,18 @@
 //! - [`mod@format`]: parsing YAML, JSON and TOML text into one value tree.
 //! - [`mem`]: an in-memory store (tests, embedding).
 //!
-//! An etcd store (feature `etcd`, later) implements the same trait: the
-//! registry only ever calls the trait.
+//! - [`etcd`] (feature `etcd`): documents in etcd, kept current by a
+//!   watch, shared by a fleet of nodes.
+//!
+//! The registry only ever calls the trait.
 
 #![forbid(unsafe_code)]
 
 pub mod cloudgateway;
 pub mod dir;
 pub mod env;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod format;
 pub mod mem;
 
@@ -152,6 +156,17 @@ pub trait ConfigStore: Send + Sync + 'static {
     async fn get(&self, key: &InstanceKey) -> Result<Option<Document>, StoreError>;
     /// Starts watching; `None` for a store that never changes.
     fn watch(&self) -> Result<Option<Watch>, StoreError>;
+    /// What the node made of the documents, after each change it applied:
+    /// a shared store shows it to the fleet (the etcd store writes it to
+    /// the node's status key). Default: nothing.
+    async fn report(&self, _report: &NodeReport) {}
+}
+
+/// What a node made of its documents: the ones it refused, and why.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeReport {
+    /// Documents refused (the running config kept), with the error.
+    pub rejected: Vec<(InstanceKey, String)>,
 }
 
 /// Checks a tenant or instance name: 1-63 characters of `a-z A-Z 0-9 _ -`,

@@ -34,6 +34,47 @@ pub fn open_store(dir: &Path) -> Result<Arc<dyn ConfigStore>, String> {
     Ok(Arc::new(store))
 }
 
+/// The etcd store at `url` (`etcd://HOST:2379/PREFIX`) for the node
+/// `node`, with `MESHGATE_` environment overrides applied; credentials and
+/// TLS files from `MESHGATE_ETCD_*`. Fails when etcd does not answer
+/// within 10 s (a node with no config yet has nothing to run).
+#[cfg(feature = "etcd")]
+pub async fn open_etcd(url: &str, node: &str) -> Result<Arc<dyn ConfigStore>, String> {
+    use configstore::etcd::{EtcdAuth, EtcdStore, EtcdUrl};
+    let url = EtcdUrl::parse(url).map_err(|e| format!("--store: {e}"))?;
+    let store = EtcdStore::connect(
+        url,
+        EtcdAuth::from_env(),
+        node,
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| format!("--store: {e}"))?;
+    Ok(Arc::new(
+        EnvOverlay::from_env(store).map_err(|e| e.to_string())?,
+    ))
+}
+
+/// Without the `etcd` feature: says how to get it.
+#[cfg(not(feature = "etcd"))]
+pub async fn open_etcd(url: &str, _node: &str) -> Result<Arc<dyn ConfigStore>, String> {
+    Err(format!(
+        "--store {url}: this meshgate was built without the etcd store (cargo build --features etcd)"
+    ))
+}
+
+/// This node's name in a shared store when none is given: the host name
+/// (up to its first dot), if it is a valid name.
+pub fn default_node_name() -> Result<String, String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let name = host.split('.').next().unwrap_or_default().to_string();
+    configstore::check_name(&name)
+        .map(|_| name)
+        .map_err(|e| format!("no --node-name given and the host name will not do: {e}"))
+}
+
 /// Where `meshgate` looks for its config when neither `--config-dir` nor
 /// `MESHGATE_CONFIG_DIR` names one, in order: meshgate's own directory, then
 /// Cloud-Gateway's mount point (so a Cloud-Gateway container's volume works
@@ -170,6 +211,14 @@ pub async fn check_dir(
     factories: Vec<Arc<dyn ModuleFactory>>,
 ) -> Result<CheckSummary, Vec<String>> {
     let store = open_store(dir).map_err(|e| vec![e])?;
+    check_store(store, factories).await
+}
+
+/// As [`check_dir`], for any store (an etcd prefix).
+pub async fn check_store(
+    store: Arc<dyn ConfigStore>,
+    factories: Vec<Arc<dyn ModuleFactory>>,
+) -> Result<CheckSummary, Vec<String>> {
     let mut errors = Vec::new();
     if let Err(e) = node_config(store.as_ref()).await {
         errors.push(e);

@@ -191,6 +191,8 @@ pub struct Registry {
     tenants: Mutex<BTreeMap<String, TenantEntry>>,
     /// Instances whose start failed, by key.
     refused: std::sync::Mutex<BTreeMap<InstanceKey, Refused>>,
+    /// Documents whose change was rejected (the running config kept), and why.
+    rejected: std::sync::Mutex<BTreeMap<InstanceKey, String>>,
     ready: AtomicBool,
     /// The engine of vnets that name none.
     default_engine: std::sync::Mutex<crate::core::engine::EngineKind>,
@@ -216,6 +218,7 @@ impl Registry {
             directory: ModuleDirectory::default(),
             tenants: Mutex::new(BTreeMap::new()),
             refused: std::sync::Mutex::new(BTreeMap::new()),
+            rejected: std::sync::Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
             default_engine: std::sync::Mutex::new(Default::default()),
             audit: std::sync::Mutex::new(None),
@@ -417,6 +420,7 @@ impl Registry {
             return Err(failures);
         }
         self.ready.store(true, Ordering::Release);
+        self.store.report(&self.report()).await;
         Ok(())
     }
 
@@ -553,6 +557,21 @@ impl Registry {
         for key in single.iter().filter(|k| !scope.contains(&k.tenant)) {
             self.reconcile_instance(&mut tenants, key).await;
         }
+        drop(tenants);
+        self.store.report(&self.report()).await;
+    }
+
+    /// What this node refused of its documents: changes rejected (the
+    /// running config kept) and instances that could not start.
+    pub fn report(&self) -> configstore::NodeReport {
+        let mut rejected: BTreeMap<InstanceKey, String> =
+            self.rejected.lock().expect("poisoned").clone();
+        for (k, r) in self.refused.lock().expect("poisoned").iter() {
+            rejected.entry(k.clone()).or_insert_with(|| r.why.clone());
+        }
+        configstore::NodeReport {
+            rejected: rejected.into_iter().collect(),
+        }
     }
 
     async fn reconcile_tenant(&self, tenants: &mut BTreeMap<String, TenantEntry>, tenant: &str) {
@@ -601,6 +620,10 @@ impl Registry {
     /// Counts and logs a rejected change; the running instance stays as it is.
     fn reject(&self, tenants: &mut BTreeMap<String, TenantEntry>, key: &InstanceKey, error: &str) {
         self.metrics.reload(&key.tenant, &key.instance, false);
+        self.rejected
+            .lock()
+            .expect("poisoned")
+            .insert(key.clone(), error.to_string());
         tracing::error!(tenant = %key.tenant, instance = %key.instance, error, "config change rejected; keeping the running config");
         if let Some(e) = tenants
             .get_mut(&key.tenant)
@@ -615,6 +638,8 @@ impl Registry {
         tenants: &mut BTreeMap<String, TenantEntry>,
         key: &InstanceKey,
     ) {
+        // Judged again on the document there is now.
+        self.rejected.lock().expect("poisoned").remove(key);
         let doc = match self.store.get(key).await {
             Ok(d) => d,
             Err(e) => return self.reject(tenants, key, &e.to_string()),

@@ -1,0 +1,752 @@
+//! The etcd store (feature `etcd`): a fleet of nodes reads one config.
+//!
+//! `meshgate --store etcd://HOST:2379/PREFIX` (`etcds://` for TLS; several
+//! endpoints as `HOST:2379,HOST2:2379`). Documents live under
+//! `PREFIX/tenants/<tenant>/<instance>` and the node's under
+//! `PREFIX/nodes/<node>`, as text in the directory store's formats (a key
+//! may end in `.yaml`, `.yml`, `.json` or `.toml`; without one the text is
+//! read as YAML, which JSON also is), with the same names and checks.
+//!
+//! The store keeps a copy of every key under the prefix, read whole at
+//! start and then kept current by a watch, so the registry's reads never
+//! wait for etcd. The watch resumes from the revision after the last one
+//! applied, so a reconnect neither misses nor repeats a change; when that
+//! revision was compacted meanwhile, everything is read again and only the
+//! difference is announced. While etcd is unreachable the copy (the last
+//! good config) keeps serving and the store reconnects with backoff
+//! (100 ms doubling to 5 s, ±20 %).
+//!
+//! Each node writes what it applied to `PREFIX/status/<node>` (JSON: the
+//! revision, the documents it refused and why), held by a lease that ends
+//! when the node stops renewing it: `meshgatectl fleet status` reads them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions, WatchResponse,
+};
+use tokio::sync::mpsc;
+
+use crate::format::{self, Format};
+use crate::{
+    check_name, ConfigStore, Document, InstanceKey, NodeReport, StoreError, StoreEvent, Watch,
+};
+
+/// Where an etcd store reads: endpoints and the key prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdUrl {
+    /// `http://HOST:PORT` (or `https://` for `etcds://`), one per endpoint.
+    pub endpoints: Vec<String>,
+    /// The key prefix, `/` first, no `/` last (`/meshgate`).
+    pub prefix: String,
+}
+
+impl EtcdUrl {
+    /// Parses `etcd://HOST:PORT[,HOST:PORT...]/PREFIX` (or `etcds://`).
+    pub fn parse(url: &str) -> Result<EtcdUrl, String> {
+        let (scheme, rest) = if let Some(r) = url.strip_prefix("etcd://") {
+            ("http", r)
+        } else if let Some(r) = url.strip_prefix("etcds://") {
+            ("https", r)
+        } else {
+            return Err(format!(
+                "`{url}`: expected etcd://HOST:PORT/PREFIX (or etcds:// for TLS)"
+            ));
+        };
+        let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_end_matches('/');
+        if prefix.is_empty() {
+            return Err(format!(
+                "`{url}`: name a key prefix (etcd://HOST:PORT/meshgate), so the fleet's keys do not mix with others'"
+            ));
+        }
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',') {
+            let ok = h
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(format!("`{url}`: endpoint `{h}` is not HOST:PORT"));
+            }
+            endpoints.push(format!("{scheme}://{h}"));
+        }
+        Ok(EtcdUrl {
+            endpoints,
+            prefix: format!("/{}", prefix.trim_start_matches('/')),
+        })
+    }
+}
+
+/// How to log in to etcd: user and password, TLS files (all optional).
+#[derive(Debug, Clone, Default)]
+pub struct EtcdAuth {
+    /// `MESHGATE_ETCD_USER` and `MESHGATE_ETCD_PASSWORD`.
+    pub user: Option<(String, String)>,
+    /// The CA that issued etcd's certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// Our client certificate and key (PEM), when etcd asks for one.
+    pub cert_key: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdAuth {
+    /// From the environment: `MESHGATE_ETCD_USER`, `MESHGATE_ETCD_PASSWORD`,
+    /// `MESHGATE_ETCD_CA`, `MESHGATE_ETCD_CERT`, `MESHGATE_ETCD_KEY`.
+    pub fn from_env() -> EtcdAuth {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        EtcdAuth {
+            user: var("MESHGATE_ETCD_USER")
+                .map(|u| (u, var("MESHGATE_ETCD_PASSWORD").unwrap_or_default())),
+            ca: var("MESHGATE_ETCD_CA").map(PathBuf::from),
+            cert_key: var("MESHGATE_ETCD_CERT")
+                .zip(var("MESHGATE_ETCD_KEY"))
+                .map(|(c, k)| (c.into(), k.into())),
+        }
+    }
+
+    fn options(&self) -> Result<ConnectOptions, String> {
+        let mut o = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if let Some((u, p)) = &self.user {
+            o = o.with_user(u.clone(), p.clone());
+        }
+        if self.ca.is_some() || self.cert_key.is_some() {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+            };
+            let mut tls = etcd_client::TlsOptions::new();
+            if let Some(ca) = &self.ca {
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+            }
+            if let Some((c, k)) = &self.cert_key {
+                tls = tls.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?));
+            }
+            o = o.with_tls(tls);
+        }
+        Ok(o)
+    }
+}
+
+/// What a key under the prefix is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeyIs {
+    Instance(InstanceKey, Format),
+    Node(String, Format),
+    Other,
+}
+
+/// `name[.ext]`: the name and its format.
+fn name_format(s: &str) -> Option<(&str, Format)> {
+    match s.rsplit_once('.') {
+        Some((stem, ext)) => Format::from_extension(ext).map(|f| (stem, f)),
+        None => Some((s, Format::Yaml)),
+    }
+}
+
+fn classify(rel: &str) -> KeyIs {
+    let parts: Vec<&str> = rel.split('/').collect();
+    match parts.as_slice() {
+        ["tenants", tenant, file] => match name_format(file) {
+            Some((instance, f)) => KeyIs::Instance(InstanceKey::new(*tenant, instance), f),
+            None => KeyIs::Other,
+        },
+        ["nodes", file] => match name_format(file) {
+            Some((node, f)) => KeyIs::Node(node.to_string(), f),
+            None => KeyIs::Other,
+        },
+        _ => KeyIs::Other,
+    }
+}
+
+/// The copy of the prefix's keys: key (below the prefix) -> text.
+#[derive(Default)]
+struct Copy {
+    docs: BTreeMap<String, String>,
+    /// The revision the copy is current to.
+    revision: i64,
+}
+
+struct Shared {
+    url: EtcdUrl,
+    auth: EtcdAuth,
+    node: String,
+    copy: RwLock<Copy>,
+    watchers: Mutex<Vec<mpsc::UnboundedSender<Vec<StoreEvent>>>>,
+    /// The connected client, for status writes.
+    client: Mutex<Option<Client>>,
+    /// The lease the status key is held by.
+    lease: Mutex<Option<i64>>,
+    /// The last report, written again after a reconnect.
+    report: Mutex<Option<NodeReport>>,
+    /// Full reads after a compaction.
+    rereads: std::sync::atomic::AtomicU64,
+}
+
+/// Documents from etcd, kept current by a watch.
+pub struct EtcdStore {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How long the status key outlives a node that stopped renewing it.
+pub const STATUS_TTL: i64 = 10;
+
+impl EtcdStore {
+    /// Connects and reads everything under the prefix, giving up after
+    /// `timeout`; then keeps the copy current in the background. `node` is
+    /// this node's name (its document is `PREFIX/nodes/<node>`).
+    pub async fn connect(
+        url: EtcdUrl,
+        auth: EtcdAuth,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<EtcdStore, StoreError> {
+        check_name(node).map_err(|message| StoreError::Name {
+            source_name: "the node's name".into(),
+            message,
+        })?;
+        let shared = Arc::new(Shared {
+            url,
+            auth,
+            node: node.to_string(),
+            copy: RwLock::new(Copy::default()),
+            watchers: Mutex::new(Vec::new()),
+            client: Mutex::new(None),
+            lease: Mutex::new(None),
+            report: Mutex::new(None),
+            rereads: Default::default(),
+        });
+        let first = async {
+            let mut client = shared.connect().await?;
+            shared.read_all(&mut client).await?;
+            Ok::<_, String>(client)
+        };
+        let client = tokio::time::timeout(timeout, first)
+            .await
+            .map_err(|_| format!("no answer within {timeout:?}"))
+            .and_then(|r| r)
+            .map_err(|message| shared.unreachable(message))?;
+        *shared.client.lock().expect("poisoned") = Some(client);
+        let task = tokio::spawn(shared.clone().run());
+        Ok(EtcdStore { shared, task })
+    }
+
+    /// The revision the copy is current to.
+    pub fn revision(&self) -> i64 {
+        self.shared.copy.read().expect("poisoned").revision
+    }
+
+    /// How often everything was read again because the revisions to
+    /// resume from were compacted.
+    pub fn rereads(&self) -> u64 {
+        self.shared
+            .rereads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A key's text as a document.
+fn parse_doc(full: &str, text: &str, fmt: Format) -> Result<serde_json::Value, StoreError> {
+    format::parse(text, fmt, &format!("etcd {full}"))
+}
+
+impl Shared {
+    fn full(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.url.prefix)
+    }
+
+    fn unreachable(&self, message: String) -> StoreError {
+        StoreError::Io {
+            path: format!("etcd {}", self.url.endpoints.join(",")),
+            source: std::io::Error::other(message),
+        }
+    }
+
+    async fn connect(&self) -> Result<Client, String> {
+        let options = self.auth.options()?;
+        Client::connect(&self.url.endpoints, Some(options))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Reads every key under the prefix; replaces the copy and announces
+    /// what differs.
+    async fn read_all(&self, client: &mut Client) -> Result<(), String> {
+        let resp = client
+            .get(
+                format!("{}/", self.url.prefix),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut docs = BTreeMap::new();
+        let skip = format!("{}/", self.url.prefix);
+        for kv in resp.kvs() {
+            let (Ok(key), Ok(value)) = (kv.key_str(), kv.value_str()) else {
+                continue;
+            };
+            if let Some(rel) = key.strip_prefix(&skip) {
+                docs.insert(rel.to_string(), value.to_string());
+            }
+        }
+        let changed: Vec<String> = {
+            let mut copy = self.copy.write().expect("poisoned");
+            let keys: BTreeSet<&String> = copy.docs.keys().chain(docs.keys()).collect();
+            let changed = keys
+                .into_iter()
+                .filter(|k| copy.docs.get(*k) != docs.get(*k))
+                .cloned()
+                .collect();
+            copy.docs = docs;
+            copy.revision = revision;
+            changed
+        };
+        self.announce(&changed);
+        Ok(())
+    }
+
+    /// Tells every watcher about the keys (below the prefix) that changed.
+    fn announce(&self, keys: &[String]) {
+        let mut batch: Vec<StoreEvent> = Vec::new();
+        for k in keys {
+            let ev = match classify(k) {
+                KeyIs::Instance(key, _) => StoreEvent::Instance(key),
+                KeyIs::Node(n, _) if n == self.node => StoreEvent::Node,
+                _ => continue,
+            };
+            if !batch.contains(&ev) {
+                batch.push(ev);
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        self.watchers
+            .lock()
+            .expect("poisoned")
+            .retain(|w| w.send(batch.clone()).is_ok());
+    }
+
+    /// Applies one watch response to the copy: the keys that changed.
+    fn apply(&self, resp: &WatchResponse) -> Vec<String> {
+        let skip = format!("{}/", self.url.prefix);
+        let mut copy = self.copy.write().expect("poisoned");
+        let mut changed = Vec::new();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let Some(rel) = kv.key_str().ok().and_then(|k| k.strip_prefix(&skip)) else {
+                continue;
+            };
+            match ev.event_type() {
+                EventType::Put => {
+                    let text = kv.value_str().unwrap_or_default().to_string();
+                    copy.docs.insert(rel.to_string(), text);
+                }
+                EventType::Delete => {
+                    copy.docs.remove(rel);
+                }
+            }
+            copy.revision = copy.revision.max(kv.mod_revision());
+            changed.push(rel.to_string());
+        }
+        if let Some(h) = resp.header() {
+            copy.revision = copy.revision.max(h.revision());
+        }
+        changed
+    }
+
+    /// Keeps the copy current for good: watch from the revision after the
+    /// copy's, re-read on compaction, reconnect with backoff.
+    async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut client = self.client.lock().expect("poisoned").clone();
+        loop {
+            let c = match client.take() {
+                Some(c) => Ok(c),
+                None => self.connect().await,
+            };
+            let result = match c {
+                Ok(mut c) => {
+                    *self.client.lock().expect("poisoned") = Some(c.clone());
+                    self.write_status(&mut c).await;
+                    let r = self.watch(&mut c).await;
+                    if r.is_ok() {
+                        // Compacted: read again and watch on at once.
+                        client = Some(c);
+                        backoff = Duration::from_millis(100);
+                        continue;
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                *self.client.lock().expect("poisoned") = None;
+                tracing::warn!(etcd = %self.url.endpoints.join(","), error = %e, retry_in = ?backoff, "etcd unreachable; the last config read keeps running");
+            }
+            let jitter = 0.8 + 0.4 * (std::process::id() as f64 * 0.618 % 1.0);
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Watches from the copy's revision on until the watch fails
+    /// (`Err`) or the revision was compacted (`Ok`, after reading
+    /// everything again).
+    async fn watch(&self, client: &mut Client) -> Result<(), String> {
+        let from = self.copy.read().expect("poisoned").revision + 1;
+        let (_watcher, mut stream) = client
+            .watch(
+                format!("{}/", self.url.prefix),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(from)
+                        .with_progress_notify(),
+                ),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(etcd = %self.url.endpoints.join(","), prefix = %self.url.prefix, from, "watching etcd");
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err("the watch ended".into()),
+                Err(e) => return Err(e.to_string()),
+            };
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    tracing::warn!(
+                        from,
+                        compacted = resp.compact_revision(),
+                        "etcd compacted the revisions we had not seen; reading everything again"
+                    );
+                    self.read_all(client).await?;
+                    self.rereads
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(());
+                }
+                return Err(format!("the watch was cancelled: {}", resp.cancel_reason()));
+            }
+            let changed = self.apply(&resp);
+            self.announce(&changed);
+        }
+    }
+
+    /// Writes the last report to `PREFIX/status/<node>`, under a lease
+    /// renewed while connected.
+    async fn write_status(self: &Arc<Self>, client: &mut Client) {
+        let Some(report) = self.report.lock().expect("poisoned").clone() else {
+            return;
+        };
+        let lease = match self.lease(client).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write this node's status to etcd");
+                return;
+            }
+        };
+        let revision = self.copy.read().expect("poisoned").revision;
+        let body = serde_json::json!({
+            "node": self.node,
+            "revision": revision,
+            "rejected": report.rejected.iter().map(|(k, why)| serde_json::json!({
+                "tenant": k.tenant, "instance": k.instance, "error": why,
+            })).collect::<Vec<_>>(),
+        });
+        if let Err(e) = client
+            .put(
+                self.full(&format!("status/{}", self.node)),
+                body.to_string(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "cannot write this node's status to etcd");
+            *self.lease.lock().expect("poisoned") = None;
+        }
+    }
+
+    /// The status key's lease: granted once and kept alive by a task; a
+    /// new one once that task ends (the connection went, or it expired).
+    async fn lease(self: &Arc<Self>, client: &mut Client) -> Result<i64, String> {
+        if let Some(id) = *self.lease.lock().expect("poisoned") {
+            return Ok(id);
+        }
+        let id = client
+            .lease_grant(STATUS_TTL, None)
+            .await
+            .map_err(|e| e.to_string())?
+            .id();
+        let (mut keeper, mut answers) = client
+            .lease_keep_alive(id)
+            .await
+            .map_err(|e| e.to_string())?;
+        *self.lease.lock().expect("poisoned") = Some(id);
+        let every = Duration::from_secs((STATUS_TTL / 3).max(1) as u64);
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match answers.message().await {
+                    Ok(Some(r)) if r.ttl() > 0 => {}
+                    _ => break,
+                }
+            }
+            if let Some(shared) = me.upgrade() {
+                let mut lease = shared.lease.lock().expect("poisoned");
+                if *lease == Some(id) {
+                    *lease = None;
+                }
+            }
+        });
+        Ok(id)
+    }
+}
+
+#[async_trait]
+impl ConfigStore for EtcdStore {
+    fn describe(&self) -> String {
+        format!(
+            "etcd {} prefix {} (node {})",
+            self.shared.url.endpoints.join(","),
+            self.shared.url.prefix,
+            self.shared.node
+        )
+    }
+
+    async fn node(&self) -> Result<Option<Document>, StoreError> {
+        let copy = self.shared.copy.read().expect("poisoned");
+        let found: Vec<(&String, &String, Format)> = copy
+            .docs
+            .iter()
+            .filter_map(|(k, v)| match classify(k) {
+                KeyIs::Node(n, f) if n == self.shared.node => Some((k, v, f)),
+                _ => None,
+            })
+            .collect();
+        one(&self.shared, found)
+    }
+
+    async fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        let copy = self.shared.copy.read().expect("poisoned");
+        let t: BTreeSet<String> = copy
+            .docs
+            .keys()
+            .filter_map(|k| match classify(k) {
+                KeyIs::Instance(key, _) if check_name(&key.tenant).is_ok() => Some(key.tenant),
+                _ => None,
+            })
+            .collect();
+        Ok(t.into_iter().collect())
+    }
+
+    async fn instances(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
+        let copy = self.shared.copy.read().expect("poisoned");
+        let mut names = BTreeSet::new();
+        for k in copy.docs.keys() {
+            if let KeyIs::Instance(key, _) = classify(k) {
+                if key.tenant != tenant {
+                    continue;
+                }
+                check_name(&key.instance).map_err(|message| StoreError::Name {
+                    source_name: format!("etcd {}", self.shared.full(k)),
+                    message,
+                })?;
+                names.insert(key.instance);
+            }
+        }
+        Ok(names.into_iter().collect())
+    }
+
+    async fn get(&self, key: &InstanceKey) -> Result<Option<Document>, StoreError> {
+        let copy = self.shared.copy.read().expect("poisoned");
+        let found: Vec<(&String, &String, Format)> = copy
+            .docs
+            .iter()
+            .filter_map(|(k, v)| match classify(k) {
+                KeyIs::Instance(ik, f) if ik == *key => Some((k, v, f)),
+                _ => None,
+            })
+            .collect();
+        one(&self.shared, found)
+    }
+
+    fn watch(&self) -> Result<Option<Watch>, StoreError> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.shared.watchers.lock().expect("poisoned").push(tx);
+        let (btx, brx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                if btx.send(batch).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Some(Watch {
+            events: brx,
+            guard: Box::new(()),
+        }))
+    }
+
+    async fn report(&self, report: &NodeReport) {
+        *self.shared.report.lock().expect("poisoned") = Some(report.clone());
+        let client = self.shared.client.lock().expect("poisoned").clone();
+        if let Some(mut c) = client {
+            self.shared.write_status(&mut c).await;
+        }
+    }
+}
+
+/// The one document among `found`, parsed; an error naming both when two
+/// keys are the same document (`web` and `web.json`).
+fn one(
+    shared: &Shared,
+    found: Vec<(&String, &String, Format)>,
+) -> Result<Option<Document>, StoreError> {
+    match found.as_slice() {
+        [] => Ok(None),
+        [(k, text, f)] => {
+            let full = shared.full(k);
+            Ok(Some(Document {
+                value: parse_doc(&full, text, *f)?,
+                source: format!("etcd {full}"),
+            }))
+        }
+        [(a, ..), (b, ..), ..] => Err(StoreError::Name {
+            source_name: format!("etcd {}", shared.full(a)),
+            message: format!(
+                "{} is the same document: keep one of the two keys",
+                shared.full(b)
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = EtcdUrl::parse("etcd://127.0.0.1:2379/meshgate").unwrap();
+        assert_eq!(u.endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(u.prefix, "/meshgate");
+        let u = EtcdUrl::parse("etcds://a:2379,b:2379/fleet/eu/").unwrap();
+        assert_eq!(u.endpoints, ["https://a:2379", "https://b:2379"]);
+        assert_eq!(u.prefix, "/fleet/eu");
+        for bad in [
+            "http://a:2379/x",
+            "etcd://a:2379",
+            "etcd://a:2379/",
+            "etcd://a/x",
+            "etcd://:2379/x",
+        ] {
+            assert!(EtcdUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys() {
+        assert_eq!(
+            classify("tenants/acme/web"),
+            KeyIs::Instance(InstanceKey::new("acme", "web"), Format::Yaml)
+        );
+        assert_eq!(
+            classify("tenants/acme/web.toml"),
+            KeyIs::Instance(InstanceKey::new("acme", "web"), Format::Toml)
+        );
+        assert_eq!(
+            classify("nodes/a.json"),
+            KeyIs::Node("a".into(), Format::Json)
+        );
+        assert_eq!(classify("status/a"), KeyIs::Other);
+        assert_eq!(classify("tenants/acme/web.txt"), KeyIs::Other);
+        assert_eq!(classify("tenants/acme/x/y"), KeyIs::Other);
+    }
+}
+
+/// One node of a fleet as its status key says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetNode {
+    /// Its name.
+    pub node: String,
+    /// Whether its status key is held (its lease renewed): the node runs
+    /// and reaches etcd.
+    pub alive: bool,
+    /// The revision it had applied at its last report.
+    pub revision: Option<i64>,
+    /// Documents it refused: `tenant/instance` and why.
+    pub rejected: Vec<(String, String)>,
+}
+
+/// The fleet under `url`'s prefix: every node with a status key or a node
+/// document, and etcd's current revision.
+pub async fn fleet_status(url: &EtcdUrl, auth: &EtcdAuth) -> Result<(i64, Vec<FleetNode>), String> {
+    let mut client = Client::connect(&url.endpoints, Some(auth.options()?))
+        .await
+        .map_err(|e| format!("etcd {}: {e}", url.endpoints.join(",")))?;
+    let resp = client
+        .get(
+            format!("{}/", url.prefix),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(|e| format!("etcd {}: {e}", url.endpoints.join(",")))?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let skip = format!("{}/", url.prefix);
+    let mut nodes: BTreeMap<String, FleetNode> = BTreeMap::new();
+    let blank = |node: &str| FleetNode {
+        node: node.to_string(),
+        alive: false,
+        revision: None,
+        rejected: Vec::new(),
+    };
+    for kv in resp.kvs() {
+        let Some(rel) = kv.key_str().ok().and_then(|k| k.strip_prefix(&skip)) else {
+            continue;
+        };
+        if let KeyIs::Node(n, _) = classify(rel) {
+            nodes.entry(n.clone()).or_insert_with(|| blank(&n));
+        } else if let Some(n) = rel.strip_prefix("status/") {
+            let v: serde_json::Value = serde_json::from_slice(kv.value()).unwrap_or_default();
+            let e = nodes.entry(n.to_string()).or_insert_with(|| blank(n));
+            e.alive = true;
+            e.revision = v["revision"].as_i64();
+            e.rejected = v["rejected"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|r| {
+                            (
+                                format!(
+                                    "{}/{}",
+                                    r["tenant"].as_str().unwrap_or("?"),
+                                    r["instance"].as_str().unwrap_or("?")
+                                ),
+                                r["error"].as_str().unwrap_or("").to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+    }
+    Ok((revision, nodes.into_values().collect()))
+}

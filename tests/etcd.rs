@@ -1,0 +1,570 @@
+//! The etcd store (feature `etcd`) against Debian's etcd, started here on
+//! loopback, written with its own `etcdctl`: three nodes in this process
+//! share one prefix. A put reaches all three within a second (printed); a
+//! node cut off from etcd while revisions are compacted reads everything
+//! again and ends in the same state as the others; etcd restarted in the
+//! middle of 100 puts loses and repeats nothing; a bad document leaves the
+//! old config running everywhere and shows in each node's status key and
+//! in `meshgatectl fleet status`.
+#![cfg(feature = "etcd")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{free_port, have};
+use configstore::etcd::{EtcdAuth, EtcdStore, EtcdUrl};
+use configstore::ConfigStore;
+use meshgate::core::node::Node;
+
+/// An etcd server on loopback with its own data directory.
+struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client: u16,
+    peer: u16,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            client: free_port(),
+            peer: free_port(),
+        };
+        e.launch();
+        e
+    }
+
+    fn launch(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client);
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new("etcd")
+            .args([
+                "--name",
+                "t",
+                "--data-dir",
+                &self.dir.path().join("data").display().to_string(),
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &format!("t={peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd");
+        self.child = Some(child);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if self.try_ctl(&["endpoint", "health"]).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("etcd did not come up");
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client)
+    }
+
+    fn try_ctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &format!("http://{}", self.endpoint())])
+            .args(["--command-timeout", "2s"])
+            .args(args)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into())
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        self.try_ctl(args)
+            .unwrap_or_else(|e| panic!("etcdctl {args:?}: {e}"))
+    }
+
+    fn put(&self, key: &str, value: &str) {
+        self.ctl(&["put", key, value]);
+    }
+
+    /// The store's current revision.
+    fn revision(&self) -> i64 {
+        let out = self.ctl(&["endpoint", "status", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v[0]["Status"]["header"]["revision"].as_i64().unwrap()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP relay to etcd that can be cut (every connection closed, new ones
+/// refused) and restored on the same port.
+struct Relay {
+    port: u16,
+    up: Arc<AtomicBool>,
+    cut: Arc<tokio::sync::Notify>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Relay {
+        let port = free_port();
+        let (up, cut) = (
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let (u, c) = (up.clone(), cut.clone());
+        tokio::spawn(async move {
+            let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap();
+            loop {
+                let Ok((mut a, _)) = l.accept().await else {
+                    return;
+                };
+                if !u.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let Ok(mut b) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = c.notified() => {}
+                    }
+                });
+            }
+        });
+        Relay { port, up, cut }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.cut.notify_waiters();
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn node(endpoint: &str, name: &str) -> (Node, Arc<EtcdStore>) {
+    let url = EtcdUrl::parse(&format!("etcd://{endpoint}/mg")).unwrap();
+    let store = Arc::new(
+        EtcdStore::connect(url, EtcdAuth::default(), name, Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
+    let mut node = Node::new(
+        store.clone(),
+        meshgate::modules::builtin_factories(),
+        Vec::new(),
+    );
+    node.start().await.unwrap();
+    (node, store)
+}
+
+/// `tenant/instance` -> source of what runs on `node`.
+async fn running(node: &Node) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = node
+        .registry()
+        .status()
+        .await
+        .into_iter()
+        .filter(|s| s.last_error.is_none())
+        .map(|s| {
+            (
+                format!("{}/{}", s.tenant, s.instance),
+                s.details.to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn instances(node: &Node) -> Vec<String> {
+    running(node).await.into_iter().map(|(k, _)| k).collect()
+}
+
+/// Debian's etcd-server and etcd-client (scripts/test.sh installs them).
+fn etcd_ok() -> bool {
+    have("etcd") && have("etcdctl")
+}
+
+fn vnet(route: &str) -> String {
+    format!("kind: vnet\nroutes:\n  - to: {route}\n    via: direct\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_reaches_three_nodes_within_a_second_and_a_bad_one_changes_nothing() {
+    if !etcd_ok() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(node(&ep, name).await);
+    }
+    // A pipe, on every node (each on a port of its own).
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let put = Instant::now();
+    etcd.put(
+        "/mg/tenants/acme/web",
+        &format!("kind: pipe\nlisten: 127.0.0.1:0\nremote: {echo_addr}\n"),
+    );
+    let mut everywhere = None;
+    while put.elapsed() < Duration::from_secs(5) {
+        let mut all = true;
+        for (n, _) in &nodes {
+            all &= instances(n).await.contains(&"acme/web".to_string());
+        }
+        if all {
+            everywhere = Some(put.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = everywhere.expect("the pipe never ran on all three nodes");
+    eprintln!("etcdctl put -> running on 3 nodes in {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+
+    // A bad document for the running pipe: every node keeps the old one
+    // and says so, in its status and in etcd.
+    etcd.put("/mg/tenants/acme/web", "kind: pipe\nlisten: [unclosed\n");
+    for (n, _) in &nodes {
+        let mut refused = false;
+        for _ in 0..100 {
+            let st = n.registry().status().await;
+            let web = st.iter().find(|s| s.instance == "web").unwrap();
+            if web.last_error.is_some() {
+                assert_eq!(
+                    web.state,
+                    meshgate::core::spine::registry::ModuleState::Running
+                );
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(refused, "a node took the bad document");
+    }
+    for name in ["a", "b", "c"] {
+        let mut shown = String::new();
+        for _ in 0..100 {
+            shown = etcd.ctl(&["get", &format!("/mg/status/{name}"), "--print-value-only"]);
+            if shown.contains("acme") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let v: serde_json::Value = serde_json::from_str(shown.trim()).unwrap();
+        assert_eq!(v["rejected"][0]["instance"], "web", "{v}");
+        assert!(
+            v["rejected"][0]["error"]
+                .as_str()
+                .unwrap()
+                .contains("etcd /mg/tenants/acme/web"),
+            "{v}"
+        );
+    }
+    let fleet = Command::new(env!("CARGO_BIN_EXE_meshgatectl"))
+        .args(["fleet", "status", "--store", &format!("etcd://{ep}/mg")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&fleet.stdout);
+    assert!(
+        fleet.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&fleet.stderr)
+    );
+    for name in ["a", "b", "c"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(name) && l.contains("alive") && l.contains("acme/web")),
+            "{text}"
+        );
+    }
+    // Fixed: every node takes it and the status clears.
+    etcd.put(
+        "/mg/tenants/acme/web",
+        &format!("kind: pipe\nlisten: 127.0.0.1:0\nremote: {echo_addr}\nidle_timeout: 5m\n"),
+    );
+    for (n, _) in &nodes {
+        let mut ok = false;
+        for _ in 0..100 {
+            let st = n.registry().status().await;
+            if st
+                .iter()
+                .any(|s| s.instance == "web" && s.last_error.is_none())
+            {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(ok);
+    }
+    for (n, _) in nodes {
+        n.shutdown(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_across_a_compaction_reads_everything_again() {
+    if !etcd_ok() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    etcd.put("/mg/tenants/acme/keep", &vnet("10.0.0.0/8"));
+    etcd.put("/mg/tenants/acme/gone", &vnet("10.1.0.0/16"));
+    etcd.put("/mg/tenants/acme/changed", &vnet("10.2.0.0/16"));
+    let (a, _) = node(&ep, "a").await;
+    let relay = Relay::start(ep.parse().unwrap()).await;
+    let (c, c_store) = node(&format!("127.0.0.1:{}", relay.port), "c").await;
+    assert_eq!(running(&a).await, running(&c).await);
+    let before = c_store.revision();
+
+    relay.cut();
+    etcd.ctl(&["del", "/mg/tenants/acme/gone"]);
+    etcd.put("/mg/tenants/acme/changed", &vnet("10.3.0.0/16"));
+    etcd.put("/mg/tenants/other/new", &vnet("10.4.0.0/16"));
+    let now = etcd.revision();
+    etcd.ctl(&["compact", &now.to_string()]);
+    // A saw it all; C, cut off, still runs what it had.
+    let want = vec![
+        "acme/changed".to_string(),
+        "acme/keep".into(),
+        "other/new".into(),
+    ];
+    let mut a_done = false;
+    for _ in 0..100 {
+        if instances(&a).await == want {
+            a_done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a_done, "{:?}", instances(&a).await);
+    assert_eq!(c_store.revision(), before);
+    assert!(instances(&c).await.contains(&"acme/gone".to_string()));
+
+    relay.restore();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) && running(&c).await != running(&a).await {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(running(&c).await, running(&a).await);
+    assert!(c_store.revision() >= now);
+    // It got there by reading everything again (its revision was gone).
+    assert_eq!(c_store.rereads(), 1);
+    eprintln!(
+        "the cut-off node caught up {:?} after the relay came back",
+        t.elapsed()
+    );
+    a.shutdown(Duration::from_millis(50)).await;
+    c.shutdown(Duration::from_millis(50)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restarted_amid_100_puts_loses_and_repeats_nothing() {
+    if !etcd_ok() {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(node(&ep, name).await);
+    }
+    for i in 0..100 {
+        if i == 50 {
+            etcd.kill();
+            etcd.launch();
+        }
+        let key = format!("/mg/tenants/t/k{i}");
+        let doc = vnet(&format!("10.{i}.0.0/16"));
+        let t = Instant::now();
+        while etcd.try_ctl(&["put", &key, &doc]).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "put {i} never succeeded"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let want: Vec<String> = {
+        let mut w: Vec<String> = (0..100).map(|i| format!("t/k{i}")).collect();
+        w.sort();
+        w
+    };
+    for (n, store) in &nodes {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(15) && instances(n).await != want {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(instances(n).await, want);
+        // Each started once, with its one document.
+        let m = n.registry().metrics().encode();
+        for i in 0..100 {
+            let series = format!(
+                "meshgate_config_reloads_total{{tenant=\"t\",instance=\"k{i}\",result=\"ok\"}} "
+            );
+            let count = m
+                .lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .map(|v| v.trim().to_string());
+            assert_eq!(count.as_deref(), Some("1"), "k{i}");
+        }
+        assert!(store.revision() >= 100);
+        // Resumed from its revision: nothing was compacted, nothing read again.
+        assert_eq!(store.rereads(), 0);
+        assert!(store.tenants().await.unwrap().contains(&"t".to_string()));
+    }
+    for (n, _) in nodes {
+        n.shutdown(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_with_users_wants_the_password() {
+    if !etcd_ok() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    etcd.put("/mg/tenants/acme/corp", &vnet("10.0.0.0/8"));
+    etcd.ctl(&["user", "add", "root:rootpw"]);
+    etcd.ctl(&["user", "add", "gw:gwpw"]);
+    etcd.ctl(&["role", "add", "fleet"]);
+    etcd.ctl(&[
+        "role",
+        "grant-permission",
+        "fleet",
+        "--prefix=true",
+        "readwrite",
+        "/mg/",
+    ]);
+    etcd.ctl(&["user", "grant-role", "gw", "fleet"]);
+    etcd.ctl(&["auth", "enable"]);
+    let url = || EtcdUrl::parse(&format!("etcd://{ep}/mg")).unwrap();
+    let auth = |pw: &str| EtcdAuth {
+        user: Some(("gw".into(), pw.into())),
+        ..EtcdAuth::default()
+    };
+    // The same connect, with the right password, reads the prefix.
+    let store = EtcdStore::connect(url(), auth("gwpw"), "a", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(store.tenants().await.unwrap(), ["acme"]);
+    let err = EtcdStore::connect(url(), auth("wrong"), "a", Duration::from_secs(5))
+        .await
+        .err()
+        .expect("a wrong password was taken");
+    let text = err.to_string();
+    assert!(text.contains("etcd http://127.0.0.1:"), "{text}");
+    assert!(
+        text.to_lowercase().contains("authentication failed"),
+        "{text}"
+    );
+}
+
+/// The binary on an etcd store: `meshgate --store etcd://.../mg
+/// --node-name a` takes its node document (the admin address) and the
+/// pipe etcd holds, carries a connection, and shows alive in `meshgatectl
+/// fleet status`.
+#[test]
+fn meshgate_runs_from_an_etcd_store() {
+    if !etcd_ok() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let echo = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        a
+    });
+    let (admin, pipe) = (free_port(), free_port());
+    etcd.put("/mg/nodes/a", &format!("admin: 127.0.0.1:{admin}\n"));
+    etcd.put(
+        "/mg/tenants/acme/web.json",
+        &format!(r#"{{"kind": "pipe", "listen": "127.0.0.1:{pipe}", "remote": "{echo}"}}"#),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["--store", &format!("etcd://{ep}/mg"), "--node-name", "a"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let roundtrip = || -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", pipe)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 5];
+        s.write_all(b"hello").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"hello"
+    };
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) && !roundtrip() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ok = roundtrip();
+    let fleet = Command::new(env!("CARGO_BIN_EXE_meshgatectl"))
+        .args(["fleet", "status", "--store", &format!("etcd://{ep}/mg")])
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(ok, "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&fleet.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with('a') && l.contains("alive")),
+        "{text}"
+    );
+    // The node's admin address came from its document in etcd.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains(&format!("127.0.0.1:{admin}")), "{log}");
+}
