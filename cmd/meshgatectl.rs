@@ -77,6 +77,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Check a config directory as `check` does, then write it to etcd in
+    /// one transaction (all or nothing; what the directory no longer has is
+    /// deleted). DIR/tenants/... as for a node; DIR/nodes/NAME.yaml are the
+    /// fleet's node documents.
+    Apply {
+        /// The config directory.
+        dir: PathBuf,
+        /// The store: etcd://HOST:2379/PREFIX.
+        #[arg(long, alias = "store", env = "MESHGATE_STORE")]
+        etcd: String,
+        /// Show what would change, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// A fleet of nodes sharing an etcd store (feature `etcd`).
     Fleet {
         #[command(subcommand)]
@@ -650,6 +664,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Fleet {
             cmd: FleetCmd::Status { store, json },
         } => return Ok(fleet_status(&store, json).await),
+        Cmd::Apply { dir, etcd, dry_run } => return Ok(apply(&dir, &etcd, dry_run).await),
         Cmd::Flows { tenant, json } => {
             let path = match &tenant {
                 Some(t) => format!("/api/v1/flows?tenant={t}"),
@@ -759,6 +774,64 @@ async fn fleet_status(store: &str, json: bool) -> ExitCode {
         );
     }
     ExitCode::SUCCESS
+}
+
+/// `meshgatectl apply DIR --etcd URL`.
+#[cfg(feature = "etcd")]
+async fn apply(dir: &std::path::Path, store: &str, dry_run: bool) -> ExitCode {
+    use configstore::etcd::{apply, dir_documents, EtcdAuth, EtcdUrl};
+    let fail = |e: String| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    };
+    let url = match EtcdUrl::parse(store) {
+        Ok(u) => u,
+        Err(e) => return fail(format!("--etcd: {e}")),
+    };
+    // The same checks as `meshgate --check` on the directory first.
+    if let Err(errors) = node::check_dir(dir, meshgate::modules::builtin_factories()).await {
+        for e in errors {
+            eprintln!("error: {e}");
+        }
+        eprintln!("nothing was written to etcd");
+        return ExitCode::FAILURE;
+    }
+    let docs = match dir_documents(dir) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    match apply(&url, &EtcdAuth::from_env(), &docs, dry_run).await {
+        Ok(a) => {
+            let (put, del) = if dry_run {
+                ("would put", "would delete")
+            } else {
+                ("put", "deleted")
+            };
+            for k in &a.put {
+                println!("{put} {}/{k}", url.prefix);
+            }
+            for k in &a.deleted {
+                println!("{del} {}/{k}", url.prefix);
+            }
+            println!(
+                "{} {}, {} deleted, {} unchanged; etcd revision {}",
+                if dry_run { "dry run:" } else { "applied:" },
+                format_args!("{} written", a.put.len()),
+                a.deleted.len(),
+                docs.len() - a.put.len(),
+                a.revision
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// Without the `etcd` feature.
+#[cfg(not(feature = "etcd"))]
+async fn apply(_dir: &std::path::Path, store: &str, _dry_run: bool) -> ExitCode {
+    eprintln!("error: --etcd {store}: this meshgatectl was built without the etcd store (cargo build --features etcd)");
+    ExitCode::FAILURE
 }
 
 /// Without the `etcd` feature.

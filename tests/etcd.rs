@@ -568,3 +568,90 @@ fn meshgate_runs_from_an_etcd_store() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains(&format!("127.0.0.1:{admin}")), "{log}");
 }
+
+/// `meshgatectl apply DIR --etcd URL`: the directory checked, then written
+/// in one transaction; what it no longer has is deleted; a directory that
+/// fails the check writes nothing; `--dry-run` says what would change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshgatectl_apply_writes_a_directory_all_or_nothing() {
+    if !etcd_ok() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let url = format!("etcd://{ep}/mg");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let write = |rel: &str, text: &str| {
+        let p = d.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    write("tenants/acme/corp.yaml", &vnet("10.0.0.0/8"));
+    write(
+        "tenants/acme/web.json",
+        r#"{"kind": "pipe", "listen": "127.0.0.1:0", "remote": "127.0.0.1:9"}"#,
+    );
+    write("nodes/a.yaml", "log: info\n");
+    let ctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_meshgatectl"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let dirs = d.display().to_string();
+    // Dry run: says what, writes nothing.
+    let (ok, text) = ctl(&["apply", &dirs, "--etcd", &url, "--dry-run"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("would put /mg/tenants/acme/web"), "{text}");
+    assert_eq!(
+        etcd.ctl(&["get", "--prefix", "/mg/", "--keys-only"]).trim(),
+        ""
+    );
+
+    let (ok, text) = ctl(&["apply", &dirs, "--etcd", &url]);
+    assert!(ok, "{text}");
+    assert!(text.contains("applied: 3 written, 0 deleted"), "{text}");
+    let keys = etcd.ctl(&["get", "--prefix", "/mg/", "--keys-only"]);
+    for k in [
+        "/mg/nodes/a",
+        "/mg/tenants/acme/corp",
+        "/mg/tenants/acme/web",
+    ] {
+        assert!(keys.lines().any(|l| l == k), "{keys}");
+    }
+    let (n, _) = node(&ep, "a").await;
+    assert_eq!(instances(&n).await, ["acme/corp", "acme/web"]);
+
+    // web gone, corp changed: one transaction, and the node follows.
+    std::fs::remove_file(d.join("tenants/acme/web.json")).unwrap();
+    write("tenants/acme/corp.yaml", &vnet("10.9.0.0/16"));
+    let (ok, text) = ctl(&["apply", &dirs, "--etcd", &url]);
+    assert!(ok, "{text}");
+    assert!(text.contains("deleted /mg/tenants/acme/web"), "{text}");
+    assert!(
+        text.contains("applied: 1 written, 1 deleted, 1 unchanged"),
+        "{text}"
+    );
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) && instances(&n).await != ["acme/corp"] {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(instances(&n).await, ["acme/corp"]);
+
+    // A directory that fails the check: nothing written.
+    let before = etcd.revision();
+    write("tenants/acme/bad.yaml", "kind: pipe\nlisten: nowhere\n");
+    write("tenants/acme/more.yaml", &vnet("10.8.0.0/16"));
+    let (ok, text) = ctl(&["apply", &dirs, "--etcd", &url]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("tenants/acme/bad.yaml"), "{text}");
+    assert!(text.contains("nothing was written"), "{text}");
+    assert_eq!(etcd.revision(), before);
+    n.shutdown(Duration::from_millis(50)).await;
+}

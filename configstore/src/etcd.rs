@@ -750,3 +750,171 @@ pub async fn fleet_status(url: &EtcdUrl, auth: &EtcdAuth) -> Result<(i64, Vec<Fl
     }
     Ok((revision, nodes.into_values().collect()))
 }
+
+/// What `apply_dir` changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Keys written (new or changed), below the prefix.
+    pub put: Vec<String>,
+    /// Keys deleted (gone from the directory), below the prefix.
+    pub deleted: Vec<String>,
+    /// The revision after the transaction (the one before, if nothing changed).
+    pub revision: i64,
+}
+
+/// The documents of a config directory as etcd keys below the prefix:
+/// `tenants/<t>/<i>` (`.toml` kept for TOML) and `nodes/<n>` from
+/// `DIR/nodes/<n>.yaml` (a fleet's node documents), with their text.
+pub fn dir_documents(dir: &std::path::Path) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    let read_dir = |p: &std::path::Path| -> Result<Vec<std::path::PathBuf>, String> {
+        let mut v: Vec<_> = std::fs::read_dir(p)
+            .map_err(|e| format!("{}: {e}", p.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let mut add =
+        |group: &str, owner: Option<&str>, file: &std::path::Path| -> Result<(), String> {
+            let (Some(stem), Some(ext)) = (
+                file.file_stem().and_then(|s| s.to_str()),
+                file.extension().and_then(|s| s.to_str()),
+            ) else {
+                return Ok(());
+            };
+            let Some(fmt) = Format::from_extension(ext) else {
+                return Ok(());
+            };
+            check_name(stem).map_err(|e| format!("{}: {e}", file.display()))?;
+            let text =
+                std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let name = if fmt == Format::Toml {
+                format!("{stem}.toml")
+            } else {
+                stem.to_string()
+            };
+            let key = match owner {
+                Some(o) => format!("{group}/{o}/{name}"),
+                None => format!("{group}/{name}"),
+            };
+            if out.insert(key.clone(), text).is_some() {
+                return Err(format!(
+                    "{}: two files for `{key}` (one document per name)",
+                    file.display()
+                ));
+            }
+            Ok(())
+        };
+    let tenants = dir.join("tenants");
+    if tenants.is_dir() {
+        for t in read_dir(&tenants)? {
+            if !t.is_dir() {
+                continue;
+            }
+            let Some(tenant) = t.file_name().and_then(|s| s.to_str()).map(str::to_string) else {
+                continue;
+            };
+            check_name(&tenant).map_err(|e| format!("{}: {e}", t.display()))?;
+            for f in read_dir(&t)? {
+                add("tenants", Some(&tenant), &f)?;
+            }
+        }
+    }
+    let nodes = dir.join("nodes");
+    if nodes.is_dir() {
+        for f in read_dir(&nodes)? {
+            add("nodes", None, &f)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `docs` (from [`dir_documents`]) under the prefix in one
+/// transaction, deleting the `tenants/` and `nodes/` keys they no longer
+/// have: all or nothing. Only what differs is written; the transaction
+/// holds only if none of those keys changed since they were read (another
+/// writer), else nothing is written and the error says to run again.
+/// `dry_run`: what would change, nothing written.
+pub async fn apply(
+    url: &EtcdUrl,
+    auth: &EtcdAuth,
+    docs: &BTreeMap<String, String>,
+    dry_run: bool,
+) -> Result<Applied, String> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let at = url.endpoints.join(",");
+    let mut client = Client::connect(&url.endpoints, Some(auth.options()?))
+        .await
+        .map_err(|e| format!("etcd {at}: {e}"))?;
+    let skip = format!("{}/", url.prefix);
+    let mut current: BTreeMap<String, (String, i64)> = BTreeMap::new();
+    let mut revision = 0;
+    for group in ["tenants/", "nodes/"] {
+        let resp = client
+            .get(
+                format!("{skip}{group}"),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|e| format!("etcd {at}: {e}"))?;
+        revision = resp.header().map_or(revision, |h| h.revision());
+        for kv in resp.kvs() {
+            if let Some(rel) = kv.key_str().ok().and_then(|k| k.strip_prefix(&skip)) {
+                let text = String::from_utf8_lossy(kv.value()).into_owned();
+                current.insert(rel.to_string(), (text, kv.mod_revision()));
+            }
+        }
+    }
+    let mut applied = Applied {
+        revision,
+        ..Applied::default()
+    };
+    let (mut guards, mut ops) = (Vec::new(), Vec::new());
+    for (k, text) in docs {
+        match current.get(k) {
+            Some((old, _)) if old == text => continue,
+            Some((_, rev)) => guards.push(Compare::mod_revision(
+                format!("{skip}{k}"),
+                CompareOp::Equal,
+                *rev,
+            )),
+            None => guards.push(Compare::version(format!("{skip}{k}"), CompareOp::Equal, 0)),
+        }
+        ops.push(TxnOp::put(format!("{skip}{k}"), text.as_str(), None));
+        applied.put.push(k.clone());
+    }
+    for (k, (_, rev)) in &current {
+        if !docs.contains_key(k) {
+            guards.push(Compare::mod_revision(
+                format!("{skip}{k}"),
+                CompareOp::Equal,
+                *rev,
+            ));
+            ops.push(TxnOp::delete(format!("{skip}{k}"), None));
+            applied.deleted.push(k.clone());
+        }
+    }
+    if ops.is_empty() || dry_run {
+        return Ok(applied);
+    }
+    let resp = client
+        .txn(Txn::new().when(guards).and_then(ops))
+        .await
+        .map_err(|e| {
+            let e = e.to_string();
+            if e.contains("too many operations") {
+                format!("etcd {at}: {e}: {} changes are more than etcd takes in one transaction (its --max-txn-ops, 128 by default); raise it", applied.put.len() + applied.deleted.len())
+            } else {
+                format!("etcd {at}: {e}")
+            }
+        })?;
+    if !resp.succeeded() {
+        return Err(format!(
+            "etcd {at}: documents under {} changed while they were being applied; nothing was written: run again",
+            url.prefix
+        ));
+    }
+    applied.revision = resp.header().map_or(revision, |h| h.revision());
+    Ok(applied)
+}
