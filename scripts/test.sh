@@ -36,6 +36,8 @@ declare -A PACKAGES=(
   [etcd]=etcd-server
   [etcdctl]=etcd-client
   [protoc]=protobuf-compiler
+  # deploy/systemd is checked with systemd-analyze verify and security.
+  [systemd-analyze]=systemd
   # ring and aws-lc-sys (russh's crypto) compile C.
   [cc]=build-essential
 )
@@ -69,6 +71,13 @@ if ! PYTHONPATH=target/pydeps python3 -c 'import pycurl' >/dev/null 2>&1; then
   fi
   echo "installing pycurl into target/pydeps"
   python3 -m pip install --quiet --disable-pip-version-check --target target/pydeps pycurl
+fi
+
+# deploy/k8s is validated against the Kubernetes API's schemas by
+# kubernetes-validate from PyPI (offline), into target/pydeps too.
+if ! PYTHONPATH=target/pydeps python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+  echo "installing kubernetes-validate into target/pydeps"
+  python3 -m pip install --quiet --disable-pip-version-check --target target/pydeps --upgrade kubernetes-validate
 fi
 
 if command -v rustup >/dev/null 2>&1; then
