@@ -150,7 +150,7 @@ async fn serve() -> ExitCode {
             Ok(n) => n,
             Err(e) => return fail(&[e]),
         };
-        let store = match node::open_etcd(url, &name).await {
+        let store = match node::open_etcd(url, &name, args.check).await {
             Ok(s) => s,
             Err(e) => return fail(&[e]),
         };

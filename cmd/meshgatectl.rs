@@ -91,6 +91,25 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Drain a node of a fleet: the tenants it holds with `replicas` move
+    /// to other eligible nodes and it runs nothing from `tenants/` until
+    /// `undrain` (feature `etcd`).
+    Drain {
+        /// The node's name.
+        node: String,
+        /// The store: etcd://HOST:2379/PREFIX.
+        #[arg(long, env = "MESHGATE_STORE")]
+        store: String,
+    },
+    /// Undo `drain`: the node takes tenants again (those that moved away
+    /// stay where they are).
+    Undrain {
+        /// The node's name.
+        node: String,
+        /// The store: etcd://HOST:2379/PREFIX.
+        #[arg(long, env = "MESHGATE_STORE")]
+        store: String,
+    },
     /// A fleet of nodes sharing an etcd store (feature `etcd`).
     Fleet {
         #[command(subcommand)]
@@ -109,8 +128,8 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum FleetCmd {
-    /// Each node: alive (its status key held), the revision it applied, the
-    /// documents it refused.
+    /// Each node: alive (its status key held), drained, the revision it
+    /// applied, the `replicas` tenants it holds, the documents it refused.
     Status {
         /// The store: etcd://HOST:2379/PREFIX (MESHGATE_ETCD_* for TLS and users).
         #[arg(long, env = "MESHGATE_STORE")]
@@ -665,6 +684,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             cmd: FleetCmd::Status { store, json },
         } => return Ok(fleet_status(&store, json).await),
         Cmd::Apply { dir, etcd, dry_run } => return Ok(apply(&dir, &etcd, dry_run).await),
+        Cmd::Drain { node, store } => return Ok(drain(&store, &node, true).await),
+        Cmd::Undrain { node, store } => return Ok(drain(&store, &node, false).await),
         Cmd::Flows { tenant, json } => {
             let path = match &tenant {
                 Some(t) => format!("/api/v1/flows?tenant={t}"),
@@ -747,7 +768,8 @@ async fn fleet_status(store: &str, json: bool) -> ExitCode {
         let v = serde_json::json!({
             "revision": revision,
             "nodes": nodes.iter().map(|n| serde_json::json!({
-                "node": n.node, "alive": n.alive, "revision": n.revision,
+                "node": n.node, "alive": n.alive, "drained": n.drained, "revision": n.revision,
+                "holds": n.holds,
                 "rejected": n.rejected.iter().map(|(k, e)| serde_json::json!({"instance": k, "error": e})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
@@ -755,7 +777,10 @@ async fn fleet_status(store: &str, json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!("etcd revision {revision}");
-    println!("{:<16} {:<6} {:>9}  REJECTED", "NODE", "STATE", "APPLIED");
+    println!(
+        "{:<16} {:<14} {:>9}  {:<24} REJECTED",
+        "NODE", "STATE", "APPLIED", "HOLDS"
+    );
     for n in &nodes {
         let rejected = if n.rejected.is_empty() {
             "-".to_string()
@@ -766,14 +791,60 @@ async fn fleet_status(store: &str, json: bool) -> ExitCode {
                 .collect::<Vec<_>>()
                 .join("; ")
         };
+        let state = match (n.alive, n.drained) {
+            (true, false) => "alive",
+            (true, true) => "alive,drained",
+            (false, false) => "down",
+            (false, true) => "down,drained",
+        };
+        let holds = if n.holds.is_empty() {
+            "-".to_string()
+        } else {
+            n.holds.join(",")
+        };
         println!(
-            "{:<16} {:<6} {:>9}  {rejected}",
+            "{:<16} {:<14} {:>9}  {holds:<24} {rejected}",
             n.node,
-            if n.alive { "alive" } else { "down" },
+            state,
             n.revision.map_or("-".to_string(), |r| r.to_string()),
         );
     }
     ExitCode::SUCCESS
+}
+
+/// `meshgatectl drain NODE` / `undrain NODE`.
+#[cfg(feature = "etcd")]
+async fn drain(store: &str, node: &str, on: bool) -> ExitCode {
+    use configstore::etcd::{drain, EtcdAuth, EtcdUrl};
+    let url = match EtcdUrl::parse(store) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("error: --store: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match drain(&url, &EtcdAuth::from_env(), node, on).await {
+        Ok(changed) => {
+            let what = if on { "drained" } else { "undrained" };
+            if changed {
+                println!("{node}: {what}");
+            } else {
+                println!("{node}: already {what}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Without the `etcd` feature.
+#[cfg(not(feature = "etcd"))]
+async fn drain(store: &str, _node: &str, _on: bool) -> ExitCode {
+    eprintln!("error: --store {store}: this meshgatectl was built without the etcd store (cargo build --features etcd)");
+    ExitCode::FAILURE
 }
 
 /// `meshgatectl apply DIR --etcd URL`.

@@ -27,24 +27,44 @@ struct Etcd {
     dir: tempfile::TempDir,
     client: u16,
     peer: u16,
+    /// The network namespace it runs in (none: this one).
+    ns: Option<String>,
 }
 
 impl Etcd {
     fn start() -> Etcd {
+        Self::start_in(None)
+    }
+
+    fn start_in(ns: Option<&str>) -> Etcd {
         let mut e = Etcd {
             child: None,
             dir: tempfile::tempdir().unwrap(),
             client: free_port(),
             peer: free_port(),
+            ns: ns.map(str::to_string),
         };
         e.launch();
         e
     }
 
+    /// `program` here, or inside the namespace.
+    fn command(&self, program: &str) -> Command {
+        match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
     fn launch(&mut self) {
         let client = format!("http://127.0.0.1:{}", self.client);
         let peer = format!("http://127.0.0.1:{}", self.peer);
-        let child = Command::new("etcd")
+        let child = self
+            .command("etcd")
             .args([
                 "--name",
                 "t",
@@ -88,7 +108,8 @@ impl Etcd {
     }
 
     fn try_ctl(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("etcdctl")
+        let out = self
+            .command("etcdctl")
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", &format!("http://{}", self.endpoint())])
             .args(["--command-timeout", "2s"])
@@ -653,5 +674,341 @@ async fn meshgatectl_apply_writes_a_directory_all_or_nothing() {
     assert!(text.contains("tenants/acme/bad.yaml"), "{text}");
     assert!(text.contains("nothing was written"), "{text}");
     assert_eq!(etcd.revision(), before);
+
+    // A placement: checked as the nodes read it, then written.
+    std::fs::remove_file(d.join("tenants/acme/bad.yaml")).unwrap();
+    write("placement/acme.yaml", "replicas: 0\n");
+    let (ok, text) = ctl(&["apply", &dirs, "--etcd", &url]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("placement/acme") && text.contains("`replicas`: 0"),
+        "{text}"
+    );
+    assert_eq!(etcd.revision(), before);
+    write("placement/acme.yaml", "nodes: [b]\n");
+    let (ok, text) = ctl(&["apply", &dirs, "--etcd", &url]);
+    assert!(ok, "{text}");
+    assert!(text.contains("put /mg/placement/acme"), "{text}");
+    // Node a is not among acme's nodes any more: it stops running it.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) && !instances(&n).await.is_empty() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(instances(&n).await, Vec::<String>::new());
     n.shutdown(Duration::from_millis(50)).await;
+}
+
+fn placed_nodes(stores: &[(&str, &Arc<EtcdStore>)], tenant: &str) -> Vec<String> {
+    stores
+        .iter()
+        .filter(|(_, s)| s.placed().iter().any(|t| t == tenant))
+        .map(|(n, _)| n.to_string())
+        .collect()
+}
+
+/// Placement: a `replicas: 1` tenant limited to nodes labelled
+/// `region: eu` runs on exactly one of them (and on no other node), while
+/// a tenant without placement runs on all four. When its node crashes
+/// (stops renewing its lease, revokes nothing), another eligible node runs
+/// it within the lease's TTL (printed); a drained node hands it on at once
+/// and stops running anything; a bad placement key changes nothing and
+/// shows in `fleet status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_one_tenant_runs_once_and_moves_when_its_node_dies_or_drains() {
+    if !etcd_ok() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let ttl = Duration::from_secs(3);
+    for (n, region) in [("a", "eu"), ("b", "eu"), ("c", "eu"), ("d", "us")] {
+        etcd.put(
+            &format!("/mg/nodes/{n}"),
+            &format!("lease_ttl: 3s\nlabels:\n  region: {region}\n"),
+        );
+    }
+    etcd.put("/mg/placement/acme", "labels: {region: eu}\nreplicas: 1\n");
+    etcd.put("/mg/tenants/acme/net", &vnet("10.9.0.0/16"));
+    etcd.put("/mg/tenants/everywhere/net", &vnet("10.8.0.0/16"));
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let (node, store) = node(&ep, name).await;
+        nodes.push((name, node, store));
+    }
+    let stores =
+        || -> Vec<(&str, &Arc<EtcdStore>)> { nodes.iter().map(|(n, _, s)| (*n, s)).collect() };
+    wait_for("acme on one eu node", Duration::from_secs(5), || {
+        placed_nodes(&stores(), "acme").len() == 1
+    })
+    .await;
+    // It stays on one node (the others do not take it after the grace).
+    tokio::time::sleep(placement_grace() + Duration::from_millis(500)).await;
+    let holder = placed_nodes(&stores(), "acme");
+    assert_eq!(holder.len(), 1, "{holder:?}");
+    let holder = holder[0].clone();
+    assert_ne!(holder, "d", "d is not in region eu");
+    assert_eq!(placed_nodes(&stores(), "everywhere").len(), 4);
+    // The registry runs what the store shows it.
+    for (n, node, _) in &nodes {
+        let runs = instances(node).await.contains(&"acme/net".to_string());
+        assert_eq!(runs, *n == holder, "node {n}");
+        assert!(instances(node)
+            .await
+            .contains(&"everywhere/net".to_string()));
+    }
+
+    // The holder crashes: another eu node runs acme within the TTL.
+    let dead = nodes.iter().position(|(n, ..)| *n == holder).unwrap();
+    nodes[dead].2.crash();
+    let crashed = Instant::now();
+    let alive = |n: &str| n != holder;
+    wait_for("acme moved", ttl + Duration::from_secs(3), || {
+        let p = placed_nodes(&stores(), "acme");
+        p.iter().filter(|n| alive(n)).count() == 1
+    })
+    .await;
+    let moved = crashed.elapsed();
+    let second = placed_nodes(&stores(), "acme")
+        .into_iter()
+        .find(|n| alive(n))
+        .unwrap();
+    eprintln!("replicas: 1 tenant moved from crashed {holder} to {second} in {moved:?} (lease TTL {ttl:?})");
+    assert!(moved <= ttl + Duration::from_millis(1500), "{moved:?}");
+    assert_ne!(second, "d");
+    let idx = nodes.iter().position(|(n, ..)| *n == second).unwrap();
+    let t = Instant::now();
+    while !instances(&nodes[idx].1)
+        .await
+        .contains(&"acme/net".to_string())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "placed but not running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Drained: the last eu node takes it at once; the drained one runs nothing.
+    let url = EtcdUrl::parse(&format!("etcd://{ep}/mg")).unwrap();
+    let ctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_meshgatectl"))
+            .args(args)
+            .args(["--store", &format!("etcd://{ep}/mg")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(ctl(&["drain", &second]), format!("{second}: drained\n"));
+    let third = ["a", "b", "c"]
+        .into_iter()
+        .find(|n| *n != holder && *n != second)
+        .unwrap();
+    let took = wait_for("acme after the drain", Duration::from_secs(3), || {
+        placed_nodes(&stores(), "acme") == [third.to_string()]
+            || placed_nodes(&stores(), "acme").contains(&third.to_string())
+                && !placed_nodes(&stores(), "acme").contains(&second)
+    })
+    .await;
+    eprintln!("drained {second}: acme on {third} after {took:?}");
+    wait_for(
+        "the drained node runs nothing",
+        Duration::from_secs(2),
+        || nodes[idx].2.placed().is_empty(),
+    )
+    .await;
+    let (_, fleet) = configstore::etcd::fleet_status(&url, &EtcdAuth::default())
+        .await
+        .unwrap();
+    let of = |n: &str| fleet.iter().find(|f| f.node == n).unwrap().clone();
+    assert!(of(&second).drained && of(&second).alive, "{fleet:?}");
+    assert_eq!(of(third).holds, ["acme"], "{fleet:?}");
+    let table = ctl(&["fleet", "status"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(second.as_str()) && l.contains("alive,drained")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(third) && l.contains(" acme ")),
+        "{table}"
+    );
+
+    // A bad placement key: acme stays where it runs; fleet status says why.
+    etcd.put("/mg/placement/acme", "replicas: many\n");
+    let t = Instant::now();
+    let shown = loop {
+        let (_, fleet) = configstore::etcd::fleet_status(&url, &EtcdAuth::default())
+            .await
+            .unwrap();
+        let f = fleet.iter().find(|f| f.node == third).unwrap().clone();
+        if !f.rejected.is_empty() {
+            break f;
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "{fleet:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(shown.rejected[0].0, "acme/placement", "{shown:?}");
+    assert!(shown.rejected[0].1.contains("replicas"), "{shown:?}");
+    assert_eq!(
+        placed_nodes(&stores(), "acme")
+            .iter()
+            .filter(|n| alive(n))
+            .count(),
+        1
+    );
+    // Undrained: it takes tenants again, but acme does not move back.
+    assert_eq!(ctl(&["undrain", &second]), format!("{second}: undrained\n"));
+    wait_for(
+        "everywhere back on the undrained node",
+        Duration::from_secs(3),
+        || nodes[idx].2.placed().contains(&"everywhere".to_string()),
+    )
+    .await;
+    assert!(!nodes[idx].2.placed().contains(&"acme".to_string()));
+}
+
+async fn wait_for(what: &str, limit: Duration, f: impl Fn() -> bool) -> Duration {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return t.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {limit:?}");
+}
+
+fn placement_grace() -> Duration {
+    configstore::etcd::placement::GRACE
+}
+
+/// Failover as a WireGuard peer sees it, with real processes: two
+/// meshgate nodes on one host (the WireGuard port is the shared address
+/// peers use), a `replicas: 1` tenant with a WireGuard instance and a pipe
+/// to nginx, and a wireguard-go client. SIGKILL of the node running it:
+/// the other node runs it within the lease's TTL (10 s, the default) and
+/// the client reaches nginx through it again once wireguard-go starts a
+/// new handshake (it does 15 s after data goes unanswered). Both times
+/// are printed.
+#[test]
+fn sigkill_of_the_node_running_a_wireguard_tenant_and_wireguard_go_reaches_it_on_the_other() {
+    use common::netns::{can_netns, nginx_in, Netns, WgGo};
+    if !etcd_ok()
+        || !can_netns()
+        || !have("wireguard-go")
+        || !have("wg")
+        || !have("nginx")
+        || !have("curl")
+    {
+        return;
+    }
+    let mut ns = Netns::new("fo");
+    let etcd = Etcd::start_in(Some(&ns.name));
+    let url = format!("etcd://{}/mg", etcd.endpoint());
+    let _www = nginx_in(&mut ns, "127.0.0.1:8081", "behind the fleet\n");
+    let server = meshgate::core::keys::PrivateKey::generate();
+    let wg = WgGo::new(&ns, "10.192.0.2/24", None);
+    wg.add_peer(
+        &ns,
+        &server.public_key().to_string(),
+        "endpoint 127.0.0.1:51820 allowed-ips 10.192.0.0/24",
+    );
+    for (n, admin) in [("a", 9101), ("b", 9102)] {
+        etcd.put(
+            &format!("/mg/nodes/{n}"),
+            &format!("admin: 127.0.0.1:{admin}\n"),
+        );
+    }
+    etcd.put("/mg/placement/acme", "replicas: 1\n");
+    etcd.put(
+        "/mg/tenants/acme/wg0",
+        &format!(
+            "kind: wireguard\nprivate_key: {}\nlisten_port: 51820\naddress: 10.192.0.1/24\npeers:\n  - name: laptop\n    public_key: {}\n    allowed_ips: [10.192.0.2/32]\n",
+            server.to_base64(),
+            wg.public_key()
+        ),
+    );
+    etcd.put(
+        "/mg/tenants/acme/web",
+        "kind: pipe\nlisten: 10.192.0.1:8080\nlisten_via: wg0\nremote: 127.0.0.1:8081\n",
+    );
+    struct Nodes(Vec<(Child, std::path::PathBuf)>, tempfile::TempDir);
+    impl Drop for Nodes {
+        fn drop(&mut self) {
+            for (c, log) in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+                if std::thread::panicking() {
+                    eprintln!(
+                        "--- {} ---\n{}",
+                        log.display(),
+                        std::fs::read_to_string(&*log).unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    let mut nodes = Nodes(Vec::new(), tempfile::tempdir().unwrap());
+    let mut spawn = |name: &str| {
+        let log = nodes.1.path().join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = ns
+            .cmd(env!("CARGO_BIN_EXE_meshgate"))
+            .args(["--store", &url, "--node-name", name])
+            .env("MESHGATE_LOG", "info")
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        nodes.0.push((child, log));
+    };
+    let fetch = |ns: &Netns| ns.curl("http://10.192.0.1:8080/", 3);
+    let runs_wg = |ns: &Netns, admin: u16| {
+        let (code, body) = ns.curl(&format!("http://127.0.0.1:{admin}/api/v1/modules"), 2);
+        code == 200 && body.contains("\"wg0\"")
+    };
+    spawn("a");
+    assert!(
+        common::wait_until(Duration::from_secs(15), || fetch(&ns).0 == 200),
+        "wireguard-go never reached nginx through node a"
+    );
+    assert_eq!(fetch(&ns).1, "behind the fleet\n");
+    assert!(runs_wg(&ns, 9101));
+    spawn("b");
+    assert!(common::wait_until(Duration::from_secs(10), || ns
+        .curl("http://127.0.0.1:9102/readyz", 1)
+        .0
+        == 200));
+    // b is up and does not run it (the same probe that found it on a).
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!runs_wg(&ns, 9102), "both nodes run the replicas: 1 tenant");
+
+    let (a, _) = &mut nodes.0[0];
+    a.kill().unwrap(); // SIGKILL
+    a.wait().unwrap();
+    let killed = Instant::now();
+    assert!(
+        common::wait_until(Duration::from_secs(15), || runs_wg(&ns, 9102)),
+        "node b never took the tenant over"
+    );
+    let ran = killed.elapsed();
+    assert!(
+        common::wait_until(Duration::from_secs(40), || fetch(&ns).0 == 200),
+        "wireguard-go never reached nginx through node b"
+    );
+    let reached = killed.elapsed();
+    eprintln!(
+        "SIGKILL of the node running acme: b ran it after {ran:?} (lease TTL 10s); wireguard-go reached nginx through b after {reached:?}"
+    );
+    assert!(ran <= Duration::from_millis(11_500), "{ran:?}");
+    let show = ns.sh(&format!("wg show {} latest-handshakes", wg.iface));
+    assert!(!show.trim().ends_with("\t0"), "{show}");
 }

@@ -248,6 +248,10 @@ impl<S: ConfigStore> ConfigStore for EnvOverlay<S> {
     async fn report(&self, report: &crate::NodeReport) {
         self.inner.report(report).await
     }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
 }
 
 #[cfg(test)]

@@ -160,6 +160,11 @@ pub trait ConfigStore: Send + Sync + 'static {
     /// a shared store shows it to the fleet (the etcd store writes it to
     /// the node's status key). Default: nothing.
     async fn report(&self, _report: &NodeReport) {}
+
+    /// The node stops: a shared store gives up what this node holds at
+    /// once (the etcd store revokes its lease, so the tenants it ran move
+    /// without waiting for the lease to expire). Default: nothing.
+    async fn close(&self) {}
 }
 
 /// What a node made of its documents: the ones it refused, and why.

@@ -405,6 +405,19 @@ pub struct NodeConfig {
     /// 65536; 0: no limit.
     #[serde(default = "default_tenant_max_flows")]
     pub tenant_max_flows: u64,
+    /// This node's labels in a fleet (`{region: eu}`): a tenant's
+    /// placement may ask for them (the etcd store reads them).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// In a fleet: how long this node's lease in etcd outlives it (its
+    /// status key, and the tenants it holds with `replicas`, which another
+    /// node takes over once it expires). Default 10 s; at least 2 s.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_tenant_max_flows() -> u64 {
@@ -442,16 +455,20 @@ fn default_drain() -> Duration {
 impl NodeConfig {
     /// Parses the node document; no document means all defaults.
     pub fn from_document(doc: Option<&Document>) -> Result<Self, ConfigError> {
-        match doc {
-            Some(d) => parse_document(d, &[]),
-            None => parse_document(
-                &Document {
-                    source: "meshgate.yaml".into(),
-                    value: serde_json::json!({}),
-                },
-                &[],
-            ),
+        let blank = Document {
+            source: "meshgate.yaml".into(),
+            value: serde_json::json!({}),
+        };
+        let doc = doc.unwrap_or(&blank);
+        let c: NodeConfig = parse_document(doc, &[])?;
+        if c.lease_ttl < Duration::from_secs(2) {
+            return Err(ConfigError::key(
+                &doc.source,
+                "lease_ttl",
+                "must be at least 2s (etcd's shortest lease)",
+            ));
         }
+        Ok(c)
     }
 }
 
@@ -493,6 +510,30 @@ mod tests {
             source: "tenants/t/x.yaml".into(),
             value: v,
         }
+    }
+
+    #[test]
+    fn node_lease_ttl_and_labels() {
+        let d = Document {
+            source: "etcd /mg/nodes/a".into(),
+            value: json!({"lease_ttl": "1s"}),
+        };
+        let e = NodeConfig::from_document(Some(&d)).unwrap_err();
+        assert!(
+            e.to_string().contains("`lease_ttl`: must be at least 2s"),
+            "{e}"
+        );
+        let d = Document {
+            source: "etcd /mg/nodes/a".into(),
+            value: json!({"lease_ttl": "3s", "labels": {"region": "eu"}}),
+        };
+        let c = NodeConfig::from_document(Some(&d)).unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(3));
+        assert_eq!(c.labels["region"], "eu");
+        assert_eq!(
+            NodeConfig::from_document(None).unwrap().lease_ttl,
+            Duration::from_secs(10)
+        );
     }
 
     #[test]

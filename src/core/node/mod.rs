@@ -37,18 +37,19 @@ pub fn open_store(dir: &Path) -> Result<Arc<dyn ConfigStore>, String> {
 /// The etcd store at `url` (`etcd://HOST:2379/PREFIX`) for the node
 /// `node`, with `MESHGATE_` environment overrides applied; credentials and
 /// TLS files from `MESHGATE_ETCD_*`. Fails when etcd does not answer
-/// within 10 s (a node with no config yet has nothing to run).
+/// within 10 s (a node with no config yet has nothing to run). `check`:
+/// only read, every tenant whatever its placement, without joining the
+/// fleet.
 #[cfg(feature = "etcd")]
-pub async fn open_etcd(url: &str, node: &str) -> Result<Arc<dyn ConfigStore>, String> {
+pub async fn open_etcd(url: &str, node: &str, check: bool) -> Result<Arc<dyn ConfigStore>, String> {
     use configstore::etcd::{EtcdAuth, EtcdStore, EtcdUrl};
     let url = EtcdUrl::parse(url).map_err(|e| format!("--store: {e}"))?;
-    let store = EtcdStore::connect(
-        url,
-        EtcdAuth::from_env(),
-        node,
-        std::time::Duration::from_secs(10),
-    )
-    .await
+    let timeout = std::time::Duration::from_secs(10);
+    let store = if check {
+        EtcdStore::observe(url, EtcdAuth::from_env(), node, timeout).await
+    } else {
+        EtcdStore::connect(url, EtcdAuth::from_env(), node, timeout).await
+    }
     .map_err(|e| format!("--store: {e}"))?;
     Ok(Arc::new(
         EnvOverlay::from_env(store).map_err(|e| e.to_string())?,
@@ -57,7 +58,11 @@ pub async fn open_etcd(url: &str, node: &str) -> Result<Arc<dyn ConfigStore>, St
 
 /// Without the `etcd` feature: says how to get it.
 #[cfg(not(feature = "etcd"))]
-pub async fn open_etcd(url: &str, _node: &str) -> Result<Arc<dyn ConfigStore>, String> {
+pub async fn open_etcd(
+    url: &str,
+    _node: &str,
+    _check: bool,
+) -> Result<Arc<dyn ConfigStore>, String> {
     Err(format!(
         "--store {url}: this meshgate was built without the etcd store (cargo build --features etcd)"
     ))
@@ -192,6 +197,7 @@ impl Node {
             w.abort();
         }
         self.registry.shutdown(drain).await;
+        self.registry.store().close().await;
     }
 }
 

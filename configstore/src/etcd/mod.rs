@@ -17,8 +17,16 @@
 //! (100 ms doubling to 5 s, ±20 %).
 //!
 //! Each node writes what it applied to `PREFIX/status/<node>` (JSON: the
-//! revision, the documents it refused and why), held by a lease that ends
-//! when the node stops renewing it: `meshgatectl fleet status` reads them.
+//! revision, the documents it refused and why, the tenants it holds),
+//! held by the node's lease (`lease_ttl` in its document, 10 s by default)
+//! that ends when the node stops renewing it: `meshgatectl fleet status`
+//! reads them.
+//!
+//! Which tenants a node runs is [`placement`]'s: the store shows the
+//! registry only those (a tenant that moves here or away is announced as
+//! a [`StoreEvent::Tenant`]). A node that has had no answer to its lease's
+//! keep-alives for nearly the lease's TTL stops running its `replicas`
+//! tenants before etcd lets another node take them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -31,10 +39,13 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 
+pub mod placement;
+
 use crate::format::{self, Format};
 use crate::{
     check_name, ConfigStore, Document, InstanceKey, NodeReport, StoreError, StoreEvent, Watch,
 };
+use placement::{Action, Fleet, Placement, Planner};
 
 /// Where an etcd store reads: endpoints and the key prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,22 +197,51 @@ struct Shared {
     report: Mutex<Option<NodeReport>>,
     /// Full reads after a compaction.
     rereads: std::sync::atomic::AtomicU64,
+    /// The placement decisions and what they need to remember.
+    place: Mutex<PlaceState>,
+    /// The tenants this node runs (what the registry sees).
+    visible: RwLock<BTreeSet<String>>,
+    /// Wakes the placer (a change in the copy, a lease gained or lost).
+    wake: tokio::sync::Notify,
+    /// The lease keep-alive task (aborted on drop).
+    keeper: Mutex<Option<tokio::task::AbortHandle>>,
+    /// A lease given up for lost, revoked once etcd answers again (it may
+    /// still hold slots).
+    lost_lease: Mutex<Option<i64>>,
+    /// Reads only (`meshgate --check`): every tenant visible, no lease,
+    /// no status, no claims.
+    observe: bool,
+}
+
+/// What placement keeps between rounds.
+#[derive(Default)]
+struct PlaceState {
+    planner: Planner,
+    /// Each tenant's last good placement (kept while its key is bad).
+    good: BTreeMap<String, Placement>,
+    /// Placement keys refused: tenant -> why.
+    bad: BTreeMap<String, String>,
 }
 
 /// Documents from etcd, kept current by a watch.
 pub struct EtcdStore {
     shared: Arc<Shared>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for EtcdStore {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(k) = self.shared.keeper.lock().expect("poisoned").take() {
+            k.abort();
+        }
     }
 }
 
-/// How long the status key outlives a node that stopped renewing it.
-pub const STATUS_TTL: i64 = 10;
+/// How long a node's lease outlives it by default (`lease_ttl`).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 impl EtcdStore {
     /// Connects and reads everything under the prefix, giving up after
@@ -212,6 +252,28 @@ impl EtcdStore {
         auth: EtcdAuth,
         node: &str,
         timeout: Duration,
+    ) -> Result<EtcdStore, StoreError> {
+        Self::open(url, auth, node, timeout, false).await
+    }
+
+    /// As [`EtcdStore::connect`], only reading: every tenant shows
+    /// whatever its placement, and the node neither joins the fleet (no
+    /// lease, no status key) nor claims anything (`meshgate --check`).
+    pub async fn observe(
+        url: EtcdUrl,
+        auth: EtcdAuth,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<EtcdStore, StoreError> {
+        Self::open(url, auth, node, timeout, true).await
+    }
+
+    async fn open(
+        url: EtcdUrl,
+        auth: EtcdAuth,
+        node: &str,
+        timeout: Duration,
+        observe: bool,
     ) -> Result<EtcdStore, StoreError> {
         check_name(node).map_err(|message| StoreError::Name {
             source_name: "the node's name".into(),
@@ -227,10 +289,19 @@ impl EtcdStore {
             lease: Mutex::new(None),
             report: Mutex::new(None),
             rereads: Default::default(),
+            place: Mutex::new(PlaceState::default()),
+            visible: RwLock::new(BTreeSet::new()),
+            wake: tokio::sync::Notify::new(),
+            keeper: Mutex::new(None),
+            lost_lease: Mutex::new(None),
+            observe,
         });
         let first = async {
             let mut client = shared.connect().await?;
             shared.read_all(&mut client).await?;
+            // Alive (the status key) and placed before the registry reads.
+            shared.write_status(&mut client).await;
+            shared.place(&mut client).await;
             Ok::<_, String>(client)
         };
         let client = tokio::time::timeout(timeout, first)
@@ -239,8 +310,34 @@ impl EtcdStore {
             .and_then(|r| r)
             .map_err(|message| shared.unreachable(message))?;
         *shared.client.lock().expect("poisoned") = Some(client);
-        let task = tokio::spawn(shared.clone().run());
-        Ok(EtcdStore { shared, task })
+        let mut tasks = vec![tokio::spawn(shared.clone().run())];
+        if !observe {
+            tasks.push(tokio::spawn(shared.clone().placer()));
+        }
+        Ok(EtcdStore { shared, tasks })
+    }
+
+    /// Stops talking to etcd as a crashed node would: no more watching,
+    /// placing or lease renewals, nothing revoked (the lease expires and
+    /// what this node held moves). For tests of failover in one process.
+    pub fn crash(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(k) = self.shared.keeper.lock().expect("poisoned").take() {
+            k.abort();
+        }
+    }
+
+    /// The tenants this node runs now.
+    pub fn placed(&self) -> Vec<String> {
+        self.shared
+            .visible
+            .read()
+            .expect("poisoned")
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The revision the copy is current to.
@@ -315,6 +412,8 @@ impl Shared {
             changed
         };
         self.announce(&changed);
+        self.refresh();
+        self.wake.notify_one();
         Ok(())
     }
 
@@ -443,15 +542,23 @@ impl Shared {
             }
             let changed = self.apply(&resp);
             self.announce(&changed);
+            self.refresh();
+            self.wake.notify_one();
         }
     }
 
-    /// Writes the last report to `PREFIX/status/<node>`, under a lease
-    /// renewed while connected.
+    /// Writes this node's status to `PREFIX/status/<node>` under its
+    /// lease: the last report, refused placement keys, what it holds.
     async fn write_status(self: &Arc<Self>, client: &mut Client) {
-        let Some(report) = self.report.lock().expect("poisoned").clone() else {
+        if self.observe {
             return;
-        };
+        }
+        let report = self
+            .report
+            .lock()
+            .expect("poisoned")
+            .clone()
+            .unwrap_or_default();
         let lease = match self.lease(client).await {
             Ok(l) => l,
             Err(e) => {
@@ -459,13 +566,39 @@ impl Shared {
                 return;
             }
         };
-        let revision = self.copy.read().expect("poisoned").revision;
+        let (revision, holds, drained) = {
+            let copy = self.copy.read().expect("poisoned");
+            let holds: BTreeSet<&str> = copy
+                .docs
+                .iter()
+                .filter(|(_, v)| **v == self.node)
+                .filter_map(|(k, _)| k.strip_prefix("owners/")?.split_once('/'))
+                .map(|(t, _)| t)
+                .collect();
+            let holds: Vec<String> = holds.into_iter().map(str::to_string).collect();
+            let drained = copy.docs.contains_key(&format!("drain/{}", self.node));
+            (copy.revision, holds, drained)
+        };
+        let mut rejected: Vec<serde_json::Value> = report
+            .rejected
+            .iter()
+            .map(|(k, why)| {
+                serde_json::json!({
+                    "tenant": k.tenant, "instance": k.instance, "error": why,
+                })
+            })
+            .collect();
+        for (t, why) in &self.place.lock().expect("poisoned").bad {
+            rejected.push(serde_json::json!({
+                "tenant": t, "instance": "placement", "error": why,
+            }));
+        }
         let body = serde_json::json!({
             "node": self.node,
             "revision": revision,
-            "rejected": report.rejected.iter().map(|(k, why)| serde_json::json!({
-                "tenant": k.tenant, "instance": k.instance, "error": why,
-            })).collect::<Vec<_>>(),
+            "rejected": rejected,
+            "holds": holds,
+            "drained": drained,
         });
         if let Err(e) = client
             .put(
@@ -476,18 +609,40 @@ impl Shared {
             .await
         {
             tracing::warn!(error = %e, "cannot write this node's status to etcd");
-            *self.lease.lock().expect("poisoned") = None;
         }
     }
 
-    /// The status key's lease: granted once and kept alive by a task; a
-    /// new one once that task ends (the connection went, or it expired).
+    /// This node's `lease_ttl` (its document; default 10 s).
+    fn lease_ttl(&self) -> Duration {
+        let copy = self.copy.read().expect("poisoned");
+        let doc = copy.docs.iter().find_map(|(k, v)| match classify(k) {
+            KeyIs::Node(n, f) if n == self.node => parse_doc(&self.full(k), v, f).ok(),
+            _ => None,
+        });
+        let ttl = match doc.as_ref().map(|d| &d["lease_ttl"]) {
+            Some(serde_json::Value::String(t)) => humantime::parse_duration(t).ok(),
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(Duration::from_secs),
+            _ => None,
+        };
+        ttl.unwrap_or(DEFAULT_LEASE_TTL).max(Duration::from_secs(2))
+    }
+
+    /// The node's lease: granted once and kept alive by a task; a new one
+    /// once that task ends. The task ends (and the node stops running its
+    /// `replicas` tenants) when keep-alives go unanswered until shortly
+    /// before etcd would let the lease expire.
     async fn lease(self: &Arc<Self>, client: &mut Client) -> Result<i64, String> {
         if let Some(id) = *self.lease.lock().expect("poisoned") {
             return Ok(id);
         }
+        let lost = self.lost_lease.lock().expect("poisoned").take();
+        if let Some(old) = lost {
+            let _ = client.lease_revoke(old).await;
+        }
+        let ttl = self.lease_ttl();
+        let granted = tokio::time::Instant::now();
         let id = client
-            .lease_grant(STATUS_TTL, None)
+            .lease_grant(ttl.as_secs() as i64, None)
             .await
             .map_err(|e| e.to_string())?
             .id();
@@ -496,27 +651,265 @@ impl Shared {
             .await
             .map_err(|e| e.to_string())?;
         *self.lease.lock().expect("poisoned") = Some(id);
-        let every = Duration::from_secs((STATUS_TTL / 3).max(1) as u64);
+        let every = (ttl / 3).max(Duration::from_millis(500));
+        let margin = (ttl / 4).min(Duration::from_secs(1));
         let me = Arc::downgrade(self);
-        tokio::spawn(async move {
+        let node = self.node.clone();
+        let task = tokio::spawn(async move {
+            let mut answered = granted;
             loop {
                 tokio::time::sleep(every).await;
+                let sent = tokio::time::Instant::now();
                 if keeper.keep_alive().await.is_err() {
                     break;
                 }
-                match answers.message().await {
-                    Ok(Some(r)) if r.ttl() > 0 => {}
+                let deadline = answered + ttl - margin;
+                match tokio::time::timeout_at(deadline, answers.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => answered = sent,
                     _ => break,
                 }
             }
+            tracing::warn!(node = %node, lease = id, "this node's lease in etcd is lost or about to expire; it stops running the tenants it held until it has a new one");
             if let Some(shared) = me.upgrade() {
                 let mut lease = shared.lease.lock().expect("poisoned");
                 if *lease == Some(id) {
                     *lease = None;
+                    *shared.lost_lease.lock().expect("poisoned") = Some(id);
                 }
+                drop(lease);
+                shared.wake.notify_one();
             }
         });
+        if let Some(old) = self
+            .keeper
+            .lock()
+            .expect("poisoned")
+            .replace(task.abort_handle())
+        {
+            old.abort();
+        }
+        self.wake.notify_one();
         Ok(id)
+    }
+
+    /// What the copy says about the fleet, for [`Planner::plan`].
+    fn fleet(&self) -> Fleet {
+        let copy = self.copy.read().expect("poisoned");
+        let mut place = self.place.lock().expect("poisoned");
+        let mut f = Fleet::default();
+        let mut seen = BTreeSet::new();
+        for (k, v) in &copy.docs {
+            match classify(k) {
+                KeyIs::Instance(key, _) => {
+                    if check_name(&key.tenant).is_ok() {
+                        f.tenants.insert(key.tenant);
+                    }
+                    continue;
+                }
+                KeyIs::Node(n, fmt) => {
+                    if let Ok(doc) = parse_doc(&self.full(k), v, fmt) {
+                        let labels: BTreeMap<String, String> =
+                            serde_json::from_value(doc["labels"].clone()).unwrap_or_default();
+                        f.labels.insert(n, labels);
+                    }
+                    continue;
+                }
+                KeyIs::Other => {}
+            }
+            let parts: Vec<&str> = k.split('/').collect();
+            match parts.as_slice() {
+                ["status", n] => {
+                    f.alive.insert(n.to_string());
+                }
+                ["drain", n] => {
+                    f.drained.insert(n.to_string());
+                }
+                ["owners", t, slot] => {
+                    if let Ok(slot) = slot.parse::<u32>() {
+                        f.owners
+                            .entry(t.to_string())
+                            .or_default()
+                            .insert(slot, v.clone());
+                    }
+                }
+                ["placement", file] => {
+                    let Some((t, fmt)) = name_format(file) else {
+                        continue;
+                    };
+                    seen.insert(t.to_string());
+                    let parsed = check_name(t)
+                        .and_then(|_| parse_doc(&self.full(k), v, fmt).map_err(|e| e.to_string()))
+                        .and_then(Placement::parse);
+                    match parsed {
+                        Ok(p) => {
+                            place.bad.remove(t);
+                            place.good.insert(t.to_string(), p);
+                        }
+                        Err(e) => {
+                            if place.bad.get(t) != Some(&e) {
+                                tracing::error!(key = %self.full(k), error = %e, "placement refused; the tenant stays where it runs");
+                            }
+                            place.bad.insert(t.to_string(), e);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        // A placement key deleted: the tenant runs everywhere again.
+        place.good.retain(|t, _| seen.contains(t));
+        place.bad.retain(|t, _| seen.contains(t));
+        f.placements = place.good.clone();
+        f.unplaced = place
+            .bad
+            .keys()
+            .filter(|t| !place.good.contains_key(*t))
+            .cloned()
+            .collect();
+        f
+    }
+
+    /// Decides what this node runs now; announces the tenants that came
+    /// or went, and returns the claims and releases to make.
+    fn refresh(&self) -> Vec<Action> {
+        let fleet = self.fleet();
+        if self.observe {
+            *self.visible.write().expect("poisoned") = fleet.tenants;
+            return Vec::new();
+        }
+        let leased = self.lease.lock().expect("poisoned").is_some();
+        let plan = self.place.lock().expect("poisoned").planner.plan(
+            &fleet,
+            &self.node,
+            leased,
+            std::time::Instant::now(),
+        );
+        let changed: Vec<String> = {
+            let mut visible = self.visible.write().expect("poisoned");
+            let changed = visible
+                .symmetric_difference(&plan.visible)
+                .cloned()
+                .collect();
+            *visible = plan.visible;
+            changed
+        };
+        if !changed.is_empty() {
+            tracing::info!(node = %self.node, tenants = ?changed, "tenants placed here or moved away");
+            let batch: Vec<StoreEvent> = changed.into_iter().map(StoreEvent::Tenant).collect();
+            self.watchers
+                .lock()
+                .expect("poisoned")
+                .retain(|w| w.send(batch.clone()).is_ok());
+        }
+        plan.actions
+    }
+
+    /// One placement round: decide, claim and release in etcd, decide
+    /// again with the result.
+    async fn place(self: &Arc<Self>, client: &mut Client) {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let actions = self.refresh();
+        if actions.is_empty() {
+            return;
+        }
+        let Some(lease) = *self.lease.lock().expect("poisoned") else {
+            return;
+        };
+        let mut done = false;
+        for a in actions {
+            let (rel, txn) = match &a {
+                Action::Claim(t, slot) => {
+                    let rel = format!("owners/{t}/{slot}");
+                    let key = self.full(&rel);
+                    let txn = Txn::new()
+                        .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(
+                            key,
+                            self.node.as_str(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )]);
+                    (rel, txn)
+                }
+                Action::Release(t, slot) => {
+                    let rel = format!("owners/{t}/{slot}");
+                    let key = self.full(&rel);
+                    let txn = Txn::new()
+                        .when([Compare::value(
+                            key.clone(),
+                            CompareOp::Equal,
+                            self.node.as_str(),
+                        )])
+                        .and_then([TxnOp::delete(key, None)]);
+                    (rel, txn)
+                }
+            };
+            match client.txn(txn).await {
+                Ok(r) if r.succeeded() => {
+                    let mut copy = self.copy.write().expect("poisoned");
+                    if let Action::Claim(..) = a {
+                        tracing::info!(node = %self.node, slot = %rel, "claimed");
+                        copy.docs.insert(rel, self.node.clone());
+                    } else {
+                        tracing::info!(node = %self.node, slot = %rel, "released");
+                        copy.docs.remove(&rel);
+                    }
+                    done = true;
+                }
+                Ok(_) => {} // another node was first (or it was not ours)
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot claim or release a tenant in etcd");
+                    break;
+                }
+            }
+        }
+        if done {
+            self.refresh();
+            self.write_status(client).await;
+        }
+    }
+
+    /// Places again on every change and every second (a slot's grace
+    /// runs out with no change to wake us).
+    async fn placer(self: Arc<Self>) {
+        let mut bad = 0;
+        loop {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
+            let client = self.client.lock().expect("poisoned").clone();
+            match client {
+                Some(mut c) => self.place(&mut c).await,
+                None => {
+                    self.refresh();
+                }
+            }
+            // Refused placement keys show in the status key.
+            let n = self.place.lock().expect("poisoned").bad.len();
+            if n != bad {
+                bad = n;
+                let client = self.client.lock().expect("poisoned").clone();
+                if let Some(mut c) = client {
+                    self.write_status(&mut c).await;
+                }
+            }
+        }
+    }
+
+    /// Revokes the lease: the status key and every slot held go at once.
+    async fn resign(&self) {
+        if let Some(k) = self.keeper.lock().expect("poisoned").take() {
+            k.abort();
+        }
+        let lease = self.lease.lock().expect("poisoned").take();
+        let client = self.client.lock().expect("poisoned").clone();
+        if let (Some(id), Some(mut c)) = (lease, client) {
+            match tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(id)).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(node = %self.node, "left the fleet: what this node held moves now")
+                }
+                _ => {
+                    tracing::warn!(node = %self.node, "could not revoke this node's lease; what it held moves when the lease expires")
+                }
+            }
+        }
     }
 }
 
@@ -545,12 +938,17 @@ impl ConfigStore for EtcdStore {
     }
 
     async fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        let visible = self.shared.visible.read().expect("poisoned");
         let copy = self.shared.copy.read().expect("poisoned");
         let t: BTreeSet<String> = copy
             .docs
             .keys()
             .filter_map(|k| match classify(k) {
-                KeyIs::Instance(key, _) if check_name(&key.tenant).is_ok() => Some(key.tenant),
+                KeyIs::Instance(key, _)
+                    if check_name(&key.tenant).is_ok() && visible.contains(&key.tenant) =>
+                {
+                    Some(key.tenant)
+                }
                 _ => None,
             })
             .collect();
@@ -558,6 +956,15 @@ impl ConfigStore for EtcdStore {
     }
 
     async fn instances(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
+        if !self
+            .shared
+            .visible
+            .read()
+            .expect("poisoned")
+            .contains(tenant)
+        {
+            return Ok(Vec::new());
+        }
         let copy = self.shared.copy.read().expect("poisoned");
         let mut names = BTreeSet::new();
         for k in copy.docs.keys() {
@@ -576,6 +983,15 @@ impl ConfigStore for EtcdStore {
     }
 
     async fn get(&self, key: &InstanceKey) -> Result<Option<Document>, StoreError> {
+        if !self
+            .shared
+            .visible
+            .read()
+            .expect("poisoned")
+            .contains(&key.tenant)
+        {
+            return Ok(None);
+        }
         let copy = self.shared.copy.read().expect("poisoned");
         let found: Vec<(&String, &String, Format)> = copy
             .docs
@@ -611,6 +1027,10 @@ impl ConfigStore for EtcdStore {
         if let Some(mut c) = client {
             self.shared.write_status(&mut c).await;
         }
+    }
+
+    async fn close(&self) {
+        self.shared.resign().await;
     }
 }
 
@@ -694,6 +1114,10 @@ pub struct FleetNode {
     pub revision: Option<i64>,
     /// Documents it refused: `tenant/instance` and why.
     pub rejected: Vec<(String, String)>,
+    /// Whether it is drained (`meshgatectl drain`).
+    pub drained: bool,
+    /// The `replicas` tenants it holds.
+    pub holds: Vec<String>,
 }
 
 /// The fleet under `url`'s prefix: every node with a status key or a node
@@ -717,6 +1141,8 @@ pub async fn fleet_status(url: &EtcdUrl, auth: &EtcdAuth) -> Result<(i64, Vec<Fl
         alive: false,
         revision: None,
         rejected: Vec::new(),
+        drained: false,
+        holds: Vec::new(),
     };
     for kv in resp.kvs() {
         let Some(rel) = kv.key_str().ok().and_then(|k| k.strip_prefix(&skip)) else {
@@ -724,6 +1150,17 @@ pub async fn fleet_status(url: &EtcdUrl, auth: &EtcdAuth) -> Result<(i64, Vec<Fl
         };
         if let KeyIs::Node(n, _) = classify(rel) {
             nodes.entry(n.clone()).or_insert_with(|| blank(&n));
+        } else if let Some(n) = rel.strip_prefix("drain/") {
+            nodes
+                .entry(n.to_string())
+                .or_insert_with(|| blank(n))
+                .drained = true;
+        } else if let Some((t, _)) = rel.strip_prefix("owners/").and_then(|r| r.split_once('/')) {
+            let n = String::from_utf8_lossy(kv.value()).into_owned();
+            let e = nodes.entry(n.clone()).or_insert_with(|| blank(&n));
+            if !e.holds.iter().any(|h| h == t) {
+                e.holds.push(t.to_string());
+            }
         } else if let Some(n) = rel.strip_prefix("status/") {
             let v: serde_json::Value = serde_json::from_slice(kv.value()).unwrap_or_default();
             let e = nodes.entry(n.to_string()).or_insert_with(|| blank(n));
@@ -751,6 +1188,35 @@ pub async fn fleet_status(url: &EtcdUrl, auth: &EtcdAuth) -> Result<(i64, Vec<Fl
     Ok((revision, nodes.into_values().collect()))
 }
 
+/// Drains `node` (puts `PREFIX/drain/<node>`: it gives up its
+/// `replicas` tenants, which move, and runs nothing from `tenants/`), or
+/// undoes it (`on` false). Returns whether anything changed.
+pub async fn drain(url: &EtcdUrl, auth: &EtcdAuth, node: &str, on: bool) -> Result<bool, String> {
+    check_name(node).map_err(|e| format!("node `{node}`: {e}"))?;
+    let at = url.endpoints.join(",");
+    let mut client = Client::connect(&url.endpoints, Some(auth.options()?))
+        .await
+        .map_err(|e| format!("etcd {at}: {e}"))?;
+    let key = format!("{}/drain/{node}", url.prefix);
+    if on {
+        let resp = client
+            .put(
+                key,
+                "drained by meshgatectl",
+                Some(PutOptions::new().with_prev_key()),
+            )
+            .await
+            .map_err(|e| format!("etcd {at}: {e}"))?;
+        Ok(resp.prev_key().is_none())
+    } else {
+        let resp = client
+            .delete(key, None)
+            .await
+            .map_err(|e| format!("etcd {at}: {e}"))?;
+        Ok(resp.deleted() > 0)
+    }
+}
+
 /// What `apply_dir` changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -764,7 +1230,8 @@ pub struct Applied {
 
 /// The documents of a config directory as etcd keys below the prefix:
 /// `tenants/<t>/<i>` (`.toml` kept for TOML) and `nodes/<n>` from
-/// `DIR/nodes/<n>.yaml` (a fleet's node documents), with their text.
+/// `DIR/nodes/<n>.yaml` (a fleet's node documents) and `placement/<t>` from
+/// `DIR/placement/<t>.yaml` (where a tenant runs), with their text.
 pub fn dir_documents(dir: &std::path::Path) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     let read_dir = |p: &std::path::Path| -> Result<Vec<std::path::PathBuf>, String> {
@@ -821,17 +1288,29 @@ pub fn dir_documents(dir: &std::path::Path) -> Result<BTreeMap<String, String>, 
             }
         }
     }
-    let nodes = dir.join("nodes");
-    if nodes.is_dir() {
-        for f in read_dir(&nodes)? {
-            add("nodes", None, &f)?;
+    for group in ["nodes", "placement"] {
+        let d = dir.join(group);
+        if d.is_dir() {
+            for f in read_dir(&d)? {
+                add(group, None, &f)?;
+            }
+        }
+    }
+    // Placements are checked as the nodes will read them.
+    for (k, text) in &out {
+        if let Some(file) = k.strip_prefix("placement/") {
+            let (_, fmt) = name_format(file).unwrap_or((file, Format::Yaml));
+            parse_doc(k, text, fmt)
+                .map_err(|e| e.to_string())
+                .and_then(Placement::parse)
+                .map_err(|e| format!("{}: {e}", dir.join(k).display()))?;
         }
     }
     Ok(out)
 }
 
 /// Writes `docs` (from [`dir_documents`]) under the prefix in one
-/// transaction, deleting the `tenants/` and `nodes/` keys they no longer
+/// transaction, deleting the `tenants/`, `nodes/` and `placement/` keys they no longer
 /// have: all or nothing. Only what differs is written; the transaction
 /// holds only if none of those keys changed since they were read (another
 /// writer), else nothing is written and the error says to run again.
@@ -850,7 +1329,7 @@ pub async fn apply(
     let skip = format!("{}/", url.prefix);
     let mut current: BTreeMap<String, (String, i64)> = BTreeMap::new();
     let mut revision = 0;
-    for group in ["tenants/", "nodes/"] {
+    for group in ["tenants/", "nodes/", "placement/"] {
         let resp = client
             .get(
                 format!("{skip}{group}"),
