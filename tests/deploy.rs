@@ -93,8 +93,12 @@ fn kubernetes_validate() -> Option<Command> {
 }
 
 fn manifests() -> Vec<(String, serde_json::Value)> {
+    manifests_in("deploy/k8s")
+}
+
+fn manifests_in(dir: &str) -> Vec<(String, serde_json::Value)> {
     let mut out = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(root().join("deploy/k8s"))
+    let mut files: Vec<_> = std::fs::read_dir(root().join(dir))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
@@ -255,9 +259,28 @@ fn the_configmap_is_a_config_meshgate_accepts() {
     let cm = find("ConfigMap", "configmap.yaml");
     let secret = find("Secret", "secret.yaml");
     let deploy = find("Deployment", "deployment.yaml");
+    let (ok, text) = check_as_mounted(&cm, &secret, &deploy, 0);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("config OK (1 tenants, 2 module instances)"),
+        "{text}"
+    );
+}
+
+/// Lays out the ConfigMap's and the Secret's files where container
+/// `container` of `deploy` mounts them (under /etc, in a mount namespace
+/// with a tmpfs /etc) and runs `meshgate --check` there: (passed, output).
+fn check_as_mounted(
+    cm: &serde_json::Value,
+    secret: &serde_json::Value,
+    deploy: &serde_json::Value,
+    container: usize,
+) -> (bool, String) {
     let etc = tempfile::tempdir().unwrap();
     let spec = &deploy["spec"]["template"]["spec"];
-    let mounts = spec["containers"][0]["volumeMounts"].as_array().unwrap();
+    let mounts = spec["containers"][container]["volumeMounts"]
+        .as_array()
+        .unwrap();
     for vol in spec["volumes"].as_array().unwrap() {
         let Some(mount) = mounts.iter().find(|m| m["name"] == vol["name"]) else {
             continue;
@@ -281,7 +304,16 @@ fn the_configmap_is_a_config_meshgate_accepts() {
             std::fs::create_dir_all(&base).unwrap();
             for (k, v) in secret["stringData"].as_object().unwrap() {
                 let p = base.join(k);
-                std::fs::write(&p, v.as_str().unwrap()).unwrap();
+                let mut v = v.as_str().unwrap().to_string();
+                // What the manifest tells the operator to put there.
+                if v.starts_with("REPLACE with the output of: meshgatectl genkey") {
+                    let out = Command::new(env!("CARGO_BIN_EXE_meshgatectl"))
+                        .arg("genkey")
+                        .output()
+                        .unwrap();
+                    v = String::from_utf8(out.stdout).unwrap();
+                }
+                std::fs::write(&p, v).unwrap();
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();
             }
@@ -298,9 +330,87 @@ fn the_configmap_is_a_config_meshgate_accepts() {
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+    (out.status.success(), text)
+}
+
+/// deploy/pod-egress: the manifests validate; only the init container holds
+/// a capability (NET_ADMIN, NET_RAW) and it runs the very rules
+/// tests/netns_capture.rs applies; meshgate and the application keep to
+/// Pod Security "restricted" as uids 1337 and 1000; the ConfigMap is a
+/// config meshgate accepts where the pod mounts it.
+#[test]
+fn the_pod_egress_recipe_validates_and_only_its_init_step_holds_net_admin() {
+    let Some(mut validate) = kubernetes_validate() else {
+        return;
+    };
+    let out = validate
+        .arg(root().join("deploy/pod-egress/deployment.yaml"))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !text.contains("ERROR"), "{text}");
+    let all = manifests_in("deploy/pod-egress");
+    let find = |kind: &str| {
+        all.iter()
+            .find(|(_, m)| m["kind"] == kind)
+            .map(|(_, m)| m.clone())
+            .unwrap()
+    };
+    let deploy = find("Deployment");
+    let spec = &deploy["spec"]["template"]["spec"];
     assert!(
-        text.contains("config OK (1 tenants, 2 module instances)"),
+        restricted_violations(spec).is_empty(),
+        "{:?}",
+        restricted_violations(spec)
+    );
+    let uid = |name: &str| {
+        spec["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()["securityContext"]["runAsUser"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!((uid("meshgate"), uid("app")), (1337, 1000));
+    let inits = spec["initContainers"].as_array().unwrap();
+    assert_eq!(inits.len(), 1);
+    assert_eq!(
+        inits[0]["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN", "NET_RAW"])
+    );
+    let command: Vec<&str> = inits[0]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        command.join(" "),
+        "meshgatectl capture rules --uid 1000 --exclude-uid 1337 --port 15001 --apply"
+    );
+    // The rules it would apply name those uids and that port.
+    let printed = Command::new(env!("CARGO_BIN_EXE_meshgatectl"))
+        .args(&command[1..command.len() - 1])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        rules.contains("--uid-owner 1000 -j MESHGATE")
+            && rules.contains("--uid-owner 1337 -j RETURN")
+            && rules.contains("REDIRECT --to-ports 15001"),
+        "{rules}"
+    );
+    // SAFETY: geteuid has no preconditions.
+    if !have("unshare") || unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let (ok, text) = check_as_mounted(&find("ConfigMap"), &find("Secret"), &deploy, 0);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("config OK (1 tenants, 3 module instances)"),
         "{text}"
     );
 }

@@ -256,3 +256,178 @@ fn tproxy_without_cap_net_admin_is_reported_and_the_rest_runs() {
     );
     assert!(log.contains("CAP_NET_ADMIN"), "{log}");
 }
+
+/// Pod egress as seed 002 wants it, without NET_ADMIN for the application:
+/// a "pod" namespace where an init step (root, the only one with
+/// NET_ADMIN) runs `meshgatectl capture rules --uid 1000 --exclude-uid
+/// 1337 --apply` and exits; meshgate runs as uid 1337 with no capability
+/// (userspace engine, a WireGuard instance to a wireguard-go site with
+/// nginx, a REDIRECT capture); the application runs as uid 1000 with no
+/// capability and no proxy settings. Its curl reaches the site's nginx,
+/// which the pod has no route to; a root process in the same pod, not
+/// captured, does not; the application cannot change the rules; and the
+/// application's own server stays reachable from outside (the seed's
+/// "local access" problem does not arise: only connections the
+/// application opens are steered). deploy/pod-egress/deployment.yaml is
+/// the same recipe as Kubernetes manifests (tests/deploy.rs checks they
+/// agree).
+#[test]
+fn pod_egress_the_app_without_net_admin_goes_out_through_meshgate() {
+    if !need_root()
+        || !can_netns()
+        || !have("iptables")
+        || !have("setpriv")
+        || !have("wireguard-go")
+        || !have("wg")
+        || !have("nginx")
+        || !have("curl")
+    {
+        skip("needs root, iptables, setpriv, wireguard-go, wg, nginx, curl");
+        return;
+    }
+    let pod = Netns::new("pod");
+    let mut site = Netns::new("site");
+    link(&pod, "10.231.7.1/24", &site, "10.231.7.2/24");
+    // The pod's default route leads to the pod network's gateway (here an
+    // address nobody answers for); the site's addresses are not on it.
+    pod.sh("ip route add default via 10.231.7.99");
+    let wg = WgGo::new(&site, "10.192.0.1/24", Some(51820));
+    let _nginx = nginx_in(&mut site, "10.192.0.1:80", "site nginx\n");
+    let key = meshgate::core::keys::PrivateKey::generate();
+    wg.add_peer(
+        &site,
+        &key.public_key().to_string(),
+        "allowed-ips 10.192.0.2/32",
+    );
+
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path().join("tenants/egress");
+    std::fs::create_dir_all(&t).unwrap();
+    std::fs::write(
+        d.path().join("meshgate.yaml"),
+        "admin: 127.0.0.1:9000\ndrain_timeout: 1s\n",
+    )
+    .unwrap();
+    std::fs::write(
+        t.join("wg0.yaml"),
+        format!(
+            "kind: wireguard\nprivate_key: {}\naddress: 10.192.0.2/32\npeers:\n  - name: site\n    public_key: {}\n    endpoint: 10.231.7.2:51820\n    allowed_ips: [10.192.0.0/24]\n    persistent_keepalive: 25\n",
+            key.to_base64(),
+            wg.public_key()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        t.join("net.yaml"),
+        "kind: vnet\nroutes:\n  - to: 10.192.0.0/24\n    via: wg0\n  - to: \"*\"\n    via: reject\n",
+    )
+    .unwrap();
+    std::fs::write(
+        t.join("out.yaml"),
+        "kind: capture\nlisten: 127.0.0.1:15001\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(d.path())
+        .status()
+        .unwrap();
+    let as_user = |uid: &str| -> Vec<String> {
+        [
+            "setpriv",
+            "--reuid",
+            uid,
+            "--regid",
+            uid,
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let app = |line: &str| -> std::process::Output {
+        pod.cmd("setpriv")
+            .args(&as_user("1000")[1..])
+            .args(["sh", "-c", line])
+            .output()
+            .unwrap()
+    };
+    let app_curl = || {
+        let out = app("curl -s --max-time 3 -w '\\n%{http_code}' http://10.192.0.1/");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+
+    // The init step: root with NET_ADMIN, before meshgate and the app run.
+    assert!(app_curl().ends_with("\n000"), "no route yet");
+    let init = pod.sh(&format!(
+        "{} capture rules --uid 1000 --exclude-uid 1337 --port 15001 --apply",
+        env!("CARGO_BIN_EXE_meshgatectl")
+    ));
+    assert!(init.contains("--uid-owner 1000"), "{init}");
+
+    // meshgate as uid 1337 with no capability.
+    let wrapper = as_user("1337");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let mg = NsMeshgate::start_wrapped(&pod, &wrapper, d.path(), "127.0.0.1:9000");
+    let node = pod.sh("curl -s http://127.0.0.1:9000/api/v1/node");
+    assert!(
+        node.contains("\"uid\": 1337") || node.contains("\"uid\":1337"),
+        "{node}"
+    );
+    let caps = pod.sh(&format!("grep CapEff /proc/{}/status", mg.child.id()));
+    assert!(caps.trim().ends_with("0000000000000000"), "{caps}");
+
+    // The app (uid 1000, no capability) reaches the site through meshgate.
+    assert!(
+        wait_until(Duration::from_secs(10), || app_curl()
+            == "site nginx\n\n200"),
+        "{}\n{}",
+        app_curl(),
+        mg.log_text()
+    );
+    let app_caps = app("grep CapEff /proc/self/status");
+    assert!(String::from_utf8_lossy(&app_caps.stdout)
+        .trim()
+        .ends_with("0000000000000000"));
+    // It cannot undo the steering.
+    let undo = app("iptables -t nat -F MESHGATE");
+    assert!(!undo.status.success());
+    assert!(pod.sh("iptables -t nat -S").contains("--uid-owner 1000"));
+    // A root process in the pod is not steered (the rules are the app's):
+    // the same probe fails.
+    assert_eq!(pod.curl("http://10.192.0.1/", 3).0, 0);
+    // The flow shows the app's original destination.
+    assert!(
+        wait_until(Duration::from_secs(3), || mg.log_text().lines().any(|l| l
+            .contains("meshgate::audit")
+            && l.contains("10.192.0.1:80"))),
+        "{}",
+        mg.log_text()
+    );
+    // The app's own server answers from outside the pod.
+    let mut server = pod.cmd("setpriv");
+    // (A bare server: http.server looks its address up in DNS first.)
+    server.args(&as_user("1000")[1..]).args([
+        "/usr/bin/python3",
+        "-c",
+        "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('10.231.7.1',8080))\ns.listen()\nwhile True:\n c,_=s.accept()\n c.recv(4096)\n c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 4\\r\\n\\r\\napp\\n')\n c.close()",
+    ]);
+    let mut server = server
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let reached = wait_until(Duration::from_secs(5), || {
+        site.curl("http://10.231.7.1:8080/", 2).0 == 200
+    });
+    let _ = server.kill();
+    let out = server.wait_with_output().unwrap();
+    assert!(
+        reached,
+        "the app's server was not reachable from outside: {} {:?}",
+        String::from_utf8_lossy(&out.stderr),
+        site.curl("http://10.231.7.1:8080/", 2)
+    );
+}
