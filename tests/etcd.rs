@@ -773,7 +773,7 @@ async fn a_replicas_one_tenant_runs_once_and_moves_when_its_node_dies_or_drains(
         .find(|n| alive(n))
         .unwrap();
     eprintln!("replicas: 1 tenant moved from crashed {holder} to {second} in {moved:?} (lease TTL {ttl:?})");
-    assert!(moved <= ttl + Duration::from_millis(1500), "{moved:?}");
+    assert!(moved <= ttl, "{moved:?}");
     assert_ne!(second, "d");
     let idx = nodes.iter().position(|(n, ..)| *n == second).unwrap();
     let t = Instant::now();
@@ -1008,7 +1008,72 @@ fn sigkill_of_the_node_running_a_wireguard_tenant_and_wireguard_go_reaches_it_on
     eprintln!(
         "SIGKILL of the node running acme: b ran it after {ran:?} (lease TTL 10s); wireguard-go reached nginx through b after {reached:?}"
     );
-    assert!(ran <= Duration::from_millis(11_500), "{ran:?}");
+    assert!(ran <= Duration::from_secs(10), "{ran:?}");
     let show = ns.sh(&format!("wg show {} latest-handshakes", wg.iface));
     assert!(!show.trim().ends_with("\t0"), "{show}");
+}
+
+/// Bad input from etcd: keys outside the layout are ignored and reported
+/// (log and status key); an etcd whose revision went below the one a node
+/// applied (its data lost, or restored from an older backup) is refused:
+/// the node keeps running its config and says why in its status key,
+/// while the same probe showed the new etcd's documents reach a node that
+/// had not seen the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_going_backwards_and_keys_outside_the_layout_are_refused_and_reported() {
+    if !etcd_ok() {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let url = EtcdUrl::parse(&format!("etcd://{ep}/mg")).unwrap();
+    etcd.put("/mg/tenants/acme/a", &vnet("10.1.0.0/16"));
+    for i in 0..20 {
+        etcd.put("/mg/tenants/acme/b", &vnet(&format!("10.2.{i}.0/24")));
+    }
+    etcd.put("/mg/stray/thing", "x");
+    etcd.put("/mg/tenants/acme/x/y", "kind: vnet\n");
+    let (n, _store) = node(&ep, "a").await;
+    assert_eq!(instances(&n).await, ["acme/a", "acme/b"]);
+    let rejected_of = |node: &'static str| {
+        let url = url.clone();
+        async move {
+            let (_, fleet) = configstore::etcd::fleet_status(&url, &EtcdAuth::default())
+                .await
+                .unwrap();
+            fleet
+                .into_iter()
+                .find(|f| f.node == node)
+                .map(|f| f.rejected)
+                .unwrap_or_default()
+        }
+    };
+    let r = rejected_of("a").await;
+    for k in ["-/stray/thing", "-/tenants/acme/x/y"] {
+        assert!(r.iter().any(|(key, _)| key == k), "{k}: {r:?}");
+    }
+
+    // etcd loses its data: a fresh one on the same address, revision 2.
+    etcd.kill();
+    std::fs::remove_dir_all(etcd.dir.path().join("data")).unwrap();
+    etcd.launch();
+    etcd.put("/mg/tenants/other/c", &vnet("10.3.0.0/16"));
+    let t = Instant::now();
+    let why = loop {
+        if let Some((_, why)) = rejected_of("a")
+            .await
+            .into_iter()
+            .find(|(k, _)| k == "-/revision")
+        {
+            break why;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "never reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(why.contains("below the"), "{why}");
+    assert_eq!(instances(&n).await, ["acme/a", "acme/b"], "rolled back");
+    // The same documents reach a node that starts now.
+    let (fresh, _s) = node(&ep, "b").await;
+    assert_eq!(instances(&fresh).await, ["other/c"]);
+    assert_eq!(instances(&n).await, ["acme/a", "acme/b"]);
 }

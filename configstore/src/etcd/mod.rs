@@ -221,6 +221,10 @@ struct PlaceState {
     good: BTreeMap<String, Placement>,
     /// Placement keys refused: tenant -> why.
     bad: BTreeMap<String, String>,
+    /// Keys under the prefix that are none of meshgate's (reported once).
+    unknown: BTreeSet<String>,
+    /// etcd's revision went below the one applied: why it is refused.
+    backwards: Option<String>,
 }
 
 /// Documents from etcd, kept current by a watch.
@@ -494,7 +498,7 @@ impl Shared {
             };
             if let Err(e) = result {
                 *self.client.lock().expect("poisoned") = None;
-                tracing::warn!(etcd = %self.url.endpoints.join(","), error = %e, retry_in = ?backoff, "etcd unreachable; the last config read keeps running");
+                tracing::warn!(etcd = %self.url.endpoints.join(","), error = %e, retry_in = ?backoff, "cannot follow etcd; the last config read keeps running");
             }
             let jitter = 0.8 + 0.4 * (std::process::id() as f64 * 0.618 % 1.0);
             tokio::time::sleep(backoff.mul_f64(jitter)).await;
@@ -505,8 +509,48 @@ impl Shared {
     /// Watches from the copy's revision on until the watch fails
     /// (`Err`) or the revision was compacted (`Ok`, after reading
     /// everything again).
-    async fn watch(&self, client: &mut Client) -> Result<(), String> {
+    async fn watch(self: &Arc<Self>, client: &mut Client) -> Result<(), String> {
         let from = self.copy.read().expect("poisoned").revision + 1;
+        // A revision below the one applied: etcd restored from an older
+        // backup, or another cluster. Its documents are refused (they
+        // would roll the fleet back unasked); the last config runs on.
+        let now = client
+            .get(
+                format!("{}/", self.url.prefix),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .header()
+            .map_or(0, |h| h.revision());
+        if now < from - 1 {
+            let why = format!(
+                "etcd's revision {now} is below the {} this node applied (etcd restored from an older backup, or another cluster): its documents are refused and the last config keeps running; restart the node to take them as they are",
+                from - 1
+            );
+            let first = self
+                .place
+                .lock()
+                .expect("poisoned")
+                .backwards
+                .replace(why.clone())
+                .is_none();
+            if first {
+                tracing::error!(etcd = %self.url.endpoints.join(","), "{why}");
+                self.write_status(client).await;
+            }
+            return Err(why);
+        }
+        if self
+            .place
+            .lock()
+            .expect("poisoned")
+            .backwards
+            .take()
+            .is_some()
+        {
+            self.write_status(client).await;
+        }
         let (_watcher, mut stream) = client
             .watch(
                 format!("{}/", self.url.prefix),
@@ -542,7 +586,8 @@ impl Shared {
             }
             let changed = self.apply(&resp);
             self.announce(&changed);
-            self.refresh();
+            // The placer decides again (at once; changes that come faster
+            // are decided together).
             self.wake.notify_one();
         }
     }
@@ -588,10 +633,24 @@ impl Shared {
                 })
             })
             .collect();
-        for (t, why) in &self.place.lock().expect("poisoned").bad {
-            rejected.push(serde_json::json!({
-                "tenant": t, "instance": "placement", "error": why,
-            }));
+        {
+            let place = self.place.lock().expect("poisoned");
+            for (t, why) in &place.bad {
+                rejected.push(serde_json::json!({
+                    "tenant": t, "instance": "placement", "error": why,
+                }));
+            }
+            for k in &place.unknown {
+                rejected.push(serde_json::json!({
+                    "tenant": "-", "instance": k,
+                    "error": "not a key meshgate reads (expected tenants/<tenant>/<instance>, nodes/<node>, placement/<tenant>)",
+                }));
+            }
+            if let Some(why) = &place.backwards {
+                rejected.push(serde_json::json!({
+                    "tenant": "-", "instance": "revision", "error": why,
+                }));
+            }
         }
         let body = serde_json::json!({
             "node": self.node,
@@ -639,7 +698,13 @@ impl Shared {
         if let Some(old) = lost {
             let _ = client.lease_revoke(old).await;
         }
-        let ttl = self.lease_ttl();
+        // `lease_ttl` bounds how long a dead node's tenants wait: the lease
+        // is 1 s shorter, which leaves etcd's expiry check (every 0.5 s)
+        // and the next node's claim that second.
+        let ttl = self
+            .lease_ttl()
+            .saturating_sub(Duration::from_secs(1))
+            .max(Duration::from_secs(2));
         let granted = tokio::time::Instant::now();
         let id = client
             .lease_grant(ttl.as_secs() as i64, None)
@@ -698,6 +763,7 @@ impl Shared {
         let mut place = self.place.lock().expect("poisoned");
         let mut f = Fleet::default();
         let mut seen = BTreeSet::new();
+        let mut seen_unknown = BTreeSet::new();
         for (k, v) in &copy.docs {
             match classify(k) {
                 KeyIs::Instance(key, _) => {
@@ -753,9 +819,16 @@ impl Shared {
                         }
                     }
                 }
-                _ => {}
+                ["status" | "drain" | "owners", ..] => {}
+                _ => {
+                    if place.unknown.insert(k.clone()) {
+                        tracing::warn!(key = %self.full(k), "a key under the prefix that meshgate does not read (expected tenants/<tenant>/<instance>, nodes/<node>, placement/<tenant>)");
+                    }
+                    seen_unknown.insert(k.clone());
+                }
             }
         }
+        place.unknown.retain(|k| seen_unknown.contains(k));
         // A placement key deleted: the tenant runs everywhere again.
         place.good.retain(|t, _| seen.contains(t));
         place.bad.retain(|t, _| seen.contains(t));
@@ -816,6 +889,7 @@ impl Shared {
             return;
         };
         let mut done = false;
+        let mut txns = Vec::new();
         for a in actions {
             let (rel, txn) = match &a {
                 Action::Claim(t, slot) => {
@@ -843,22 +917,39 @@ impl Shared {
                     (rel, txn)
                 }
             };
-            match client.txn(txn).await {
-                Ok(r) if r.succeeded() => {
-                    let mut copy = self.copy.write().expect("poisoned");
-                    if let Action::Claim(..) = a {
-                        tracing::info!(node = %self.node, slot = %rel, "claimed");
-                        copy.docs.insert(rel, self.node.clone());
-                    } else {
-                        tracing::info!(node = %self.node, slot = %rel, "released");
-                        copy.docs.remove(&rel);
+            txns.push((matches!(a, Action::Claim(..)), rel, txn));
+        }
+        // Many at once (a dead node's 1,000 tenants), each its own
+        // election: up to 64 transactions in flight.
+        let mut failed = false;
+        while !txns.is_empty() && !failed {
+            let rest = txns.split_off(txns.len().min(64));
+            let mut set = tokio::task::JoinSet::new();
+            for (claim, rel, txn) in std::mem::replace(&mut txns, rest) {
+                let mut c = client.clone();
+                set.spawn(async move { (claim, rel, c.txn(txn).await) });
+            }
+            while let Some(r) = set.join_next().await {
+                let Ok((claim, rel, r)) = r else { continue };
+                match r {
+                    Ok(r) if r.succeeded() => {
+                        let mut copy = self.copy.write().expect("poisoned");
+                        if claim {
+                            tracing::info!(node = %self.node, slot = %rel, "claimed");
+                            copy.docs.insert(rel, self.node.clone());
+                        } else {
+                            tracing::info!(node = %self.node, slot = %rel, "released");
+                            copy.docs.remove(&rel);
+                        }
+                        done = true;
                     }
-                    done = true;
-                }
-                Ok(_) => {} // another node was first (or it was not ours)
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot claim or release a tenant in etcd");
-                    break;
+                    Ok(_) => {} // another node was first (or it was not ours)
+                    Err(e) => {
+                        if !failed {
+                            tracing::warn!(error = %e, "cannot claim or release a tenant in etcd");
+                        }
+                        failed = true;
+                    }
                 }
             }
         }
@@ -926,9 +1017,7 @@ impl ConfigStore for EtcdStore {
 
     async fn node(&self) -> Result<Option<Document>, StoreError> {
         let copy = self.shared.copy.read().expect("poisoned");
-        let found: Vec<(&String, &String, Format)> = copy
-            .docs
-            .iter()
+        let found: Vec<(&String, &String, Format)> = under(&copy.docs, "nodes/")
             .filter_map(|(k, v)| match classify(k) {
                 KeyIs::Node(n, f) if n == self.shared.node => Some((k, v, f)),
                 _ => None,
@@ -967,7 +1056,7 @@ impl ConfigStore for EtcdStore {
         }
         let copy = self.shared.copy.read().expect("poisoned");
         let mut names = BTreeSet::new();
-        for k in copy.docs.keys() {
+        for (k, _) in under(&copy.docs, &format!("tenants/{tenant}/")) {
             if let KeyIs::Instance(key, _) = classify(k) {
                 if key.tenant != tenant {
                     continue;
@@ -993,9 +1082,8 @@ impl ConfigStore for EtcdStore {
             return Ok(None);
         }
         let copy = self.shared.copy.read().expect("poisoned");
-        let found: Vec<(&String, &String, Format)> = copy
-            .docs
-            .iter()
+        let prefix = format!("tenants/{}/{}", key.tenant, key.instance);
+        let found: Vec<(&String, &String, Format)> = under(&copy.docs, &prefix)
             .filter_map(|(k, v)| match classify(k) {
                 KeyIs::Instance(ik, f) if ik == *key => Some((k, v, f)),
                 _ => None,
@@ -1032,6 +1120,16 @@ impl ConfigStore for EtcdStore {
     async fn close(&self) {
         self.shared.resign().await;
     }
+}
+
+/// The keys of `docs` that start with `prefix` (a range, not a scan).
+fn under<'a>(
+    docs: &'a BTreeMap<String, String>,
+    prefix: &str,
+) -> impl Iterator<Item = (&'a String, &'a String)> {
+    let p = prefix.to_string();
+    docs.range(p.clone()..)
+        .take_while(move |(k, _)| k.starts_with(&p))
 }
 
 /// The one document among `found`, parsed; an error naming both when two
