@@ -873,6 +873,23 @@ async fn a_replicas_one_tenant_runs_once_and_moves_when_its_node_dies_or_drains(
     )
     .await;
     assert!(!nodes[idx].2.placed().contains(&"acme".to_string()));
+
+    // The holder stops gracefully (SIGTERM's path): its lease is revoked,
+    // so acme moves at once, without waiting for the lease to expire.
+    let t3 = nodes.iter().position(|(n, ..)| *n == third).unwrap();
+    let (_, node3, _) = nodes.remove(t3);
+    node3.shutdown(Duration::from_millis(50)).await;
+    let stopped = Instant::now();
+    wait_for("acme after a graceful stop", Duration::from_secs(1), || {
+        nodes
+            .iter()
+            .any(|(n, _, s)| *n == second && s.placed().contains(&"acme".to_string()))
+    })
+    .await;
+    eprintln!(
+        "graceful stop of {third}: acme on {second} after {:?}",
+        stopped.elapsed()
+    );
 }
 
 async fn wait_for(what: &str, limit: Duration, f: impl Fn() -> bool) -> Duration {
