@@ -138,6 +138,30 @@ pub struct Watch {
     pub guard: Box<dyn Send + Sync>,
 }
 
+/// The senders a store announces changes on (the memory and etcd stores).
+pub type Watchers = std::sync::Mutex<Vec<mpsc::UnboundedSender<Vec<StoreEvent>>>>;
+
+impl Watch {
+    /// A new watcher on `watchers`: what is sent there arrives on the
+    /// watch's bounded receiver (a task forwards it).
+    pub fn subscribe(watchers: &Watchers) -> Watch {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        watchers.lock().expect("watchers poisoned").push(tx);
+        let (btx, brx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                if btx.send(batch).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Watch {
+            events: brx,
+            guard: Box::new(()),
+        }
+    }
+}
+
 /// A source of config documents.
 ///
 /// Implementations must be cheap to call repeatedly: the registry re-reads a

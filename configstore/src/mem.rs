@@ -8,7 +8,6 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use tokio::sync::mpsc;
 
 use crate::{ConfigStore, Document, InstanceKey, StoreError, StoreEvent, Watch};
 
@@ -17,7 +16,7 @@ use crate::{ConfigStore, Document, InstanceKey, StoreError, StoreEvent, Watch};
 pub struct MemStore {
     node: Mutex<Option<Value>>,
     docs: Mutex<BTreeMap<InstanceKey, Value>>,
-    watchers: Mutex<Vec<mpsc::UnboundedSender<Vec<StoreEvent>>>>,
+    watchers: crate::Watchers,
 }
 
 impl MemStore {
@@ -109,21 +108,7 @@ impl ConfigStore for MemStore {
     }
 
     fn watch(&self) -> Result<Option<Watch>, StoreError> {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        self.watchers.lock().expect("mem store poisoned").push(tx);
-        // Watch carries a bounded receiver; forward into one.
-        let (btx, brx) = mpsc::channel(1024);
-        tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
-                if btx.send(batch).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Some(Watch {
-            events: brx,
-            guard: Box::new(()),
-        }))
+        Ok(Some(Watch::subscribe(&self.watchers)))
     }
 }
 

@@ -37,7 +37,6 @@ use async_trait::async_trait;
 use etcd_client::{
     Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions, WatchResponse,
 };
-use tokio::sync::mpsc;
 
 pub mod placement;
 
@@ -188,7 +187,7 @@ struct Shared {
     auth: EtcdAuth,
     node: String,
     copy: RwLock<Copy>,
-    watchers: Mutex<Vec<mpsc::UnboundedSender<Vec<StoreEvent>>>>,
+    watchers: crate::Watchers,
     /// The connected client, for status writes.
     client: Mutex<Option<Client>>,
     /// The lease the status key is held by.
@@ -1093,20 +1092,7 @@ impl ConfigStore for EtcdStore {
     }
 
     fn watch(&self) -> Result<Option<Watch>, StoreError> {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        self.shared.watchers.lock().expect("poisoned").push(tx);
-        let (btx, brx) = mpsc::channel(1024);
-        tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
-                if btx.send(batch).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Some(Watch {
-            events: brx,
-            guard: Box::new(()),
-        }))
+        Ok(Some(Watch::subscribe(&self.shared.watchers)))
     }
 
     async fn report(&self, report: &NodeReport) {
