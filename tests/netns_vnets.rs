@@ -137,6 +137,16 @@ fn two_vnets_route_the_same_range_to_different_sites() {
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());
     syd.ns.spawn(dns);
+    // Its TCP port answers before meshgate asks (a query while dnsmasq
+    // still starts is refused).
+    assert!(
+        wait_until(Duration::from_secs(5), || !syd
+            .ns
+            .sh("ss -Htln 'sport = :53'")
+            .trim()
+            .is_empty()),
+        "dnsmasq did not listen on 10.1.0.10:53"
+    );
     let (d, t) = gw_config("acme");
     let w = |name: &str, text: &str| std::fs::write(t.join(name), text).unwrap();
     w(
