@@ -142,6 +142,17 @@ fn a_link_group_falls_back_to_h2_when_udp_is_dropped_and_returns_to_quic() {
     let mut mg_b = NsMeshgate::start(&b, bd, "127.0.0.1:9000");
     let mg_a = NsMeshgate::start(&a, ad, "127.0.0.1:9000");
     let get = || a.curl("http://127.0.0.1:8081/", 5);
+    // Both links connect at start; a request in the moment between the h2
+    // and the QUIC handshake rightly goes over h2 (the group takes the first
+    // link that is up), so wait for QUIC to be the active one first.
+    assert!(
+        wait_until(Duration::from_secs(10), || status(&a, "b", "active")
+            == "b-quic"
+            && status(&a, "b-h2", "connected") == true),
+        "{}\n{}",
+        mg_a.log_text(),
+        mg_b.log_text()
+    );
     assert!(
         wait_until(Duration::from_secs(10), || get()
             == (200, "only b\n".into())),
