@@ -16,6 +16,14 @@ use crate::core::net::proxy::Stream;
 pub trait StreamListener: Send {
     /// The next connection and its source address.
     async fn accept(&mut self) -> io::Result<(Stream, SocketAddr)>;
+    /// The next connection, its source address, and the address the client
+    /// connected to where the listener knows it without a system call (a
+    /// userspace stack's transparent listener: the original destination).
+    /// Default: [`StreamListener::accept`] and `None`.
+    async fn accept_addressed(&mut self) -> io::Result<(Stream, SocketAddr, Option<SocketAddr>)> {
+        let (s, src) = self.accept().await?;
+        Ok((s, src, None))
+    }
     /// The address it accepts on.
     fn local_addr(&self) -> SocketAddr;
 }
@@ -139,6 +147,9 @@ pub struct RegisteredListener {
 impl StreamListener for RegisteredListener {
     async fn accept(&mut self) -> io::Result<(Stream, SocketAddr)> {
         self.inner.accept().await
+    }
+    async fn accept_addressed(&mut self) -> io::Result<(Stream, SocketAddr, Option<SocketAddr>)> {
+        self.inner.accept_addressed().await
     }
     fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr()

@@ -304,6 +304,16 @@ impl NetStack {
         tcp::listen(self.shared(), addr)
     }
 
+    /// Listens for TCP connections to any address and port of one family
+    /// that no other listener takes: what a TPROXY rule gives a kernel
+    /// socket, for a stack that is a namespace's only way out (`kind:
+    /// netns`). Accepted streams' [`NetTcpStream::local_addr`] is the
+    /// address the client dialed. [`NetTcpListener::local_addr`] is the
+    /// family's unspecified address with port 0. One per family.
+    pub fn listen_transparent(&self, ipv6: bool) -> Result<NetTcpListener, NetError> {
+        tcp::listen_transparent(self.shared(), ipv6)
+    }
+
     /// Opens a TCP connection to `dst` from the stack's address of the same
     /// family (preferring one whose prefix contains `dst`) and an ephemeral
     /// port. Fails with [`NetError::Refused`] on a reset,

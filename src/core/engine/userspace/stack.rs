@@ -56,6 +56,9 @@ const ROUNDS_PER_PUMP: usize = 64;
 const MIN_TIMER: Duration = Duration::from_millis(1);
 /// Ephemeral ports, as IANA suggests.
 const EPHEMERAL_FIRST: u16 = 49152;
+/// The listener key of transparent listeners
+/// ([`State::add_transparent_listener`]): no connection has port 0.
+const TRANSPARENT_PORT: u16 = 0;
 const EPHEMERAL_COUNT: u32 = 65536 - EPHEMERAL_FIRST as u32;
 /// Spare transmit buffers kept.
 const SPARE_TX_BUFFERS: usize = 1024;
@@ -764,6 +767,41 @@ impl State {
         Ok((id, local, rx))
     }
 
+    /// Registers a transparent listener of one family: under port 0, which
+    /// no real connection uses, so [`State::route`] finds it after the
+    /// port's own listeners.
+    pub fn add_transparent_listener(
+        &mut self,
+        ipv6: bool,
+        backlog: usize,
+    ) -> Result<(u64, SocketAddr, mpsc::Receiver<NetTcpStream>), NetError> {
+        if self.closed {
+            return Err(NetError::Closed);
+        }
+        let ip: IpAddr = if ipv6 {
+            Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
+        let local = SocketAddr::new(ip, TRANSPARENT_PORT);
+        if self.ports.contains(&(ip, TRANSPARENT_PORT)) {
+            return Err(NetError::AddrInUse(local));
+        }
+        let (tx, rx) = mpsc::channel(backlog);
+        let id = self.take_id();
+        self.ports.insert((ip, TRANSPARENT_PORT));
+        self.listeners
+            .entry(TRANSPARENT_PORT)
+            .or_default()
+            .push(Listener {
+                id,
+                addr: ip,
+                accept: tx,
+                half_open: 0,
+            });
+        Ok((id, local, rx))
+    }
+
     /// Stops a listener; its half-open connections are reset.
     pub fn remove_listener(&mut self, local: SocketAddr, id: u64) {
         let port = local.port();
@@ -908,9 +946,18 @@ impl State {
             return Target::Stray;
         }
         let backlog = shared.limits.backlog;
+        let own = self.iface.has_ip_addr(seg.dst.ip());
+        let port = seg.dst.port();
+        // The port's own listener on one of our addresses, else a
+        // transparent one of the family (any address, any port).
+        let key = match self.listeners.get(&port) {
+            Some(list) if own && list.iter().any(|l| l.matches(seg.dst.ip())) => port,
+            _ if port != TRANSPARENT_PORT => TRANSPARENT_PORT,
+            _ => port,
+        };
         let found = self
             .listeners
-            .get_mut(&seg.dst.port())
+            .get_mut(&key)
             .and_then(|list| list.iter_mut().find(|l| l.matches(seg.dst.ip())));
         let Some(listener) = found else {
             bump(&shared.counters.dropped_no_listener);
@@ -921,7 +968,7 @@ impl State {
             bump(&shared.counters.dropped_backlog);
             return Target::Drop;
         }
-        if !self.iface.has_ip_addr(seg.dst.ip()) {
+        if !own && key != TRANSPARENT_PORT {
             return Target::Stray;
         }
         let Ok(syn) = wire::parse(seg.src.ip(), seg.dst.ip(), &pkt[seg.offset..seg.end]) else {
@@ -930,7 +977,7 @@ impl State {
         };
         listener.half_open += 1;
         let role = Role::Pending {
-            port: seg.dst.port(),
+            port: key,
             listener: listener.id,
         };
         let iss = self.iss(seg.dst, seg.src, now);

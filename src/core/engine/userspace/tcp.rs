@@ -35,6 +35,22 @@ pub(super) fn listen(shared: &Arc<Shared>, addr: SocketAddr) -> Result<NetTcpLis
     })
 }
 
+/// See [`NetStack::listen_transparent`](super::NetStack::listen_transparent).
+pub(super) fn listen_transparent(
+    shared: &Arc<Shared>,
+    ipv6: bool,
+) -> Result<NetTcpListener, NetError> {
+    let (id, local, accept) = shared
+        .lock()
+        .add_transparent_listener(ipv6, shared.limits.backlog)?;
+    Ok(NetTcpListener {
+        shared: shared.clone(),
+        id,
+        local,
+        accept,
+    })
+}
+
 /// Whether a socket may be bound on `ip`: one of the stack's addresses,
 /// or the unspecified address of a family the stack has.
 pub(super) fn is_local(addresses: &[IpNet], ip: IpAddr) -> bool {
@@ -129,6 +145,19 @@ impl crate::core::net::listen::StreamListener for NetTcpListener {
             .await
             .map_err(io::Error::other)?;
         Ok((crate::core::net::proxy::Stream::io(s), peer))
+    }
+    async fn accept_addressed(
+        &mut self,
+    ) -> io::Result<(
+        crate::core::net::proxy::Stream,
+        SocketAddr,
+        Option<SocketAddr>,
+    )> {
+        let (s, peer) = NetTcpListener::accept(self)
+            .await
+            .map_err(io::Error::other)?;
+        let dst = s.local_addr();
+        Ok((crate::core::net::proxy::Stream::io(s), peer, Some(dst)))
     }
     fn local_addr(&self) -> SocketAddr {
         self.local

@@ -314,6 +314,61 @@ async fn listen_errors_and_any_address() {
     a.shutdown();
 }
 
+/// A transparent listener takes connections to any address and port of
+/// its family that no listener of the stack's own takes, and its streams
+/// say where the client meant to go.
+#[tokio::test]
+async fn a_transparent_listener_takes_any_destination_and_knows_it() {
+    use crate::core::net::listen::StreamListener as _;
+    let (a, b) = pair("10.9.0.1/24", "10.9.0.2/24");
+    let far = sa("203.0.113.7:443");
+    // Without one, nothing answers for an address that is not b's.
+    let e = a
+        .connect_tcp(far, Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, NetError::Timeout(_)), "{e}");
+
+    let mut own = b.listen_tcp(sa("10.9.0.2:80")).await.unwrap();
+    let mut any = b.listen_transparent(false).unwrap();
+    assert_eq!(any.local_addr(), sa("0.0.0.0:0"));
+    let e = b.listen_transparent(false).unwrap_err();
+    assert!(matches!(e, NetError::AddrInUse(_)), "{e}");
+
+    let (mut c, mut s) = connected(&a, &mut any, far).await;
+    assert_eq!(s.local_addr(), far);
+    assert_eq!(s.peer_addr(), c.local_addr());
+    c.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    s.write_all(b"pong").await.unwrap();
+    c.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+
+    // The port's own listener still wins on b's own address; another port
+    // of b's address goes to the transparent one.
+    let (_c2, s2) = connected(&a, &mut own, sa("10.9.0.2:80")).await;
+    assert_eq!(s2.local_addr(), sa("10.9.0.2:80"));
+    let c3 = a.connect_tcp(sa("10.9.0.2:81"), Duration::from_secs(5));
+    let (c3, got) = tokio::join!(c3, any.accept_addressed());
+    let (_, src, dst) = got.unwrap();
+    assert_eq!(
+        (src, dst),
+        (c3.unwrap().local_addr(), Some(sa("10.9.0.2:81")))
+    );
+
+    // Dropped: nothing answers there again.
+    drop(any);
+    let e = a
+        .connect_tcp(sa("203.0.113.8:443"), Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, NetError::Timeout(_)), "{e}");
+    a.shutdown();
+    b.shutdown();
+}
+
 #[tokio::test]
 async fn tcp_over_ipv6_from_a_dual_stack_node() {
     let (a, b, _) = wired(

@@ -379,17 +379,17 @@ impl OnRamp {
         loop {
             let accepted = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = listener.accept() => r,
+                r = listener.accept_addressed() => r,
             };
             match accepted {
-                Ok((client, src)) => {
+                Ok((client, src, dst)) => {
                     let Some(slot) = self.try_admit(handler.max_connections()) else {
                         continue;
                     };
                     let (me, h) = (self.clone(), handler.clone());
                     self.tracker.spawn(async move {
                         if let Some((client, conn)) =
-                            me.unwrap_proxy_header(&*h, client, src, None).await
+                            me.unwrap_proxy_header(&*h, client, src, dst).await
                         {
                             h.handle(&me, client, conn).await;
                         }
