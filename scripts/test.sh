@@ -118,7 +118,7 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-20}
 if ((status == 0)) && ((FUZZ_SECONDS > 0)) && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked >/dev/null 2>&1
   flog="$(mktemp)"
-  for target in wg_datagram uapi_parse config_documents ip_packets tcp_segments socks proxy_protocol http_proxy h2_request authorized_keys policy; do
+  for target in wg_datagram uapi_parse config_documents ip_packets tcp_segments socks proxy_protocol http_proxy h2_request authorized_keys policy dns_query; do
     echo "== cargo fuzz run $target (${FUZZ_SECONDS}s)"
     set +e
     # New inputs go to fuzz/corpus/TARGET (not kept); the checked-in seeds

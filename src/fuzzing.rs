@@ -28,6 +28,7 @@ pub type Target = fn(&[u8]);
 pub const TARGETS: &[(&str, Target)] = &[
     ("authorized_keys", authorized_keys),
     ("config_documents", config_documents),
+    ("dns_query", dns_query),
     ("h2_request", h2_request),
     ("http_proxy", http_proxy),
     ("ip_packets", ip_packets),
@@ -46,6 +47,52 @@ pub fn authorized_keys(data: &[u8]) {
         match crate::modules::ssh::keys::parse_authorized_keys(text) {
             Ok(keys) => assert!(keys.iter().all(|k| !k.identity.is_empty())),
             Err(e) => assert!(e.starts_with("line ")),
+        }
+    }
+}
+
+/// Any bytes as a DNS query to the stub a `kind: netns` namespace asks:
+/// reading never panics, a question read is answered with a reply that
+/// parses back to the addresses of its type, and anything else gets a
+/// header-only error or nothing.
+pub fn dns_query(data: &[u8]) {
+    use crate::core::net::dns;
+    use std::net::IpAddr;
+    match dns::parse_query(data) {
+        Ok(q) => {
+            assert!(q.name.len() <= 253);
+            let addrs: [IpAddr; 2] = [
+                [198, 18, 0, 1].into(),
+                [0xfd00u16, 0, 0, 0, 0, 0, 0, 1].into(),
+            ];
+            let r = dns::encode_reply(&q, &addrs, 5, 0);
+            let mut again = r.clone();
+            again[2] &= 0x7f;
+            again[6..8].copy_from_slice(&[0, 0]);
+            if q.qtype == dns::TYPE_A || q.qtype == dns::TYPE_AAAA {
+                let got = dns::parse_response(&r, q.id, q.qtype).expect("our reply parses");
+                let want: Vec<IpAddr> = addrs
+                    .iter()
+                    .copied()
+                    .filter(|a| a.is_ipv4() == (q.qtype == dns::TYPE_A))
+                    .collect();
+                assert_eq!(got, want);
+                // Our reply's question reads back as the same question.
+                let name_len = if q.name.is_empty() {
+                    1
+                } else {
+                    q.name.len() + 2
+                };
+                let back =
+                    dns::parse_query(&again[..12 + name_len + 4]).expect("our question reads back");
+                assert_eq!((back.id, back.name, back.qtype), (q.id, q.name, q.qtype));
+            }
+        }
+        Err(_) => {
+            if let Some(e) = dns::encode_error(data, dns::RCODE_FORMERR) {
+                assert_eq!(e.len(), 12);
+                assert_eq!(e[..2], data[..2]);
+            }
         }
     }
 }

@@ -6,6 +6,10 @@
 //! [`encode_query`] and [`parse_response`] are sans-IO and never panic on
 //! bad input; [`resolve_over`] runs one A query (then AAAA if there is no
 //! IPv4 answer) on a connected stream.
+//!
+//! The server side, for a stub that answers a namespace's programs (`kind:
+//! netns`): [`parse_query`] reads one question, [`encode_reply`] answers it
+//! and [`encode_error`] answers what cannot be read; sans-IO, never a panic.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -134,6 +138,165 @@ pub fn parse_response(msg: &[u8], id: u16, qtype: u16) -> Result<Vec<IpAddr>, Dn
     Ok(out)
 }
 
+/// Record class IN.
+pub const CLASS_IN: u16 = 1;
+/// Response code: the query cannot be read.
+pub const RCODE_FORMERR: u8 = 1;
+/// Response code: the server failed.
+pub const RCODE_SERVFAIL: u8 = 2;
+/// Response code: no such name.
+pub const RCODE_NXDOMAIN: u8 = 3;
+/// Response code: this kind of query is not implemented.
+pub const RCODE_NOTIMP: u8 = 4;
+/// Response code: refused by policy.
+pub const RCODE_REFUSED: u8 = 5;
+
+/// One question a DNS client asked ([`parse_query`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Question {
+    /// The query's id, which the answer repeats.
+    pub id: u16,
+    /// Recursion desired, which the answer repeats.
+    pub recursion_desired: bool,
+    /// The name asked for: lower case, without the final dot, labels of
+    /// letters, digits, `-` and `_` only.
+    pub name: String,
+    /// Record type asked for ([`TYPE_A`], [`TYPE_AAAA`], ...).
+    pub qtype: u16,
+    /// Record class asked for ([`CLASS_IN`]).
+    pub qclass: u16,
+}
+
+/// Reads a standard query with one question (RFC 1035 4.1; an EDNS record
+/// in the additional section is ignored). Names with bytes other than
+/// letters, digits, `-` and `_`, compressed names and other opcodes are
+/// errors; [`encode_error`] answers them.
+pub fn parse_query(msg: &[u8]) -> Result<Question, DnsError> {
+    if msg.len() < 12 {
+        return Err(DnsError::Malformed("shorter than a header"));
+    }
+    let id = u16_at(msg, 0)?;
+    let flags = u16_at(msg, 2)?;
+    if flags & 0x8000 != 0 {
+        return Err(DnsError::Malformed("a response, not a query"));
+    }
+    if (flags >> 11) & 0xf != 0 {
+        return Err(DnsError::Malformed("not a standard query"));
+    }
+    if u16_at(msg, 4)? != 1 {
+        return Err(DnsError::Malformed("not exactly one question"));
+    }
+    if u16_at(msg, 6)? != 0 || u16_at(msg, 8)? != 0 {
+        return Err(DnsError::Malformed("a query with answers"));
+    }
+    let mut at = 12;
+    let mut name = String::new();
+    loop {
+        let len = usize::from(
+            *msg.get(at)
+                .ok_or(DnsError::Malformed("name past the end"))?,
+        );
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        if len > 63 {
+            return Err(DnsError::Malformed(
+                "compressed or overlong label in a question",
+            ));
+        }
+        let label = msg
+            .get(at..at + len)
+            .ok_or(DnsError::Malformed("label past the end"))?;
+        if !label
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+        {
+            return Err(DnsError::BadName(
+                String::from_utf8_lossy(label).escape_default().to_string(),
+            ));
+        }
+        if !name.is_empty() {
+            name.push('.');
+        }
+        name.extend(label.iter().map(|b| char::from(b.to_ascii_lowercase())));
+        if name.len() > 253 {
+            return Err(DnsError::Malformed("name longer than 253 bytes"));
+        }
+        at += len;
+    }
+    let qtype = u16_at(msg, at)?;
+    let qclass = u16_at(msg, at + 2)?;
+    Ok(Question {
+        id,
+        recursion_desired: flags & 0x0100 != 0,
+        name,
+        qtype,
+        qclass,
+    })
+}
+
+/// The answer to `q`: `rcode`, and one record per address of the type
+/// asked (others are left out), each with `ttl` seconds.
+pub fn encode_reply(q: &Question, addrs: &[IpAddr], ttl: u32, rcode: u8) -> Vec<u8> {
+    let records: Vec<&IpAddr> = addrs
+        .iter()
+        .filter(|a| match q.qtype {
+            TYPE_A => a.is_ipv4(),
+            TYPE_AAAA => a.is_ipv6(),
+            _ => false,
+        })
+        .collect();
+    let mut r = Vec::with_capacity(32 + q.name.len() + records.len() * 28);
+    r.extend_from_slice(&q.id.to_be_bytes());
+    // QR, RD as asked, RA, the code.
+    let flags = 0x8080 | if q.recursion_desired { 0x0100 } else { 0 } | u16::from(rcode & 0xf);
+    r.extend_from_slice(&flags.to_be_bytes());
+    r.extend_from_slice(&1u16.to_be_bytes());
+    r.extend_from_slice(&(records.len() as u16).to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    if q.name.is_empty() {
+        r.push(0);
+    } else {
+        for label in q.name.split('.') {
+            r.push(label.len() as u8);
+            r.extend_from_slice(label.as_bytes());
+        }
+        r.push(0);
+    }
+    r.extend_from_slice(&q.qtype.to_be_bytes());
+    r.extend_from_slice(&q.qclass.to_be_bytes());
+    for a in records {
+        // The name: a pointer to the question's.
+        r.extend_from_slice(&[0xc0, 12]);
+        let (rtype, data): (u16, Vec<u8>) = match a {
+            IpAddr::V4(v4) => (TYPE_A, v4.octets().to_vec()),
+            IpAddr::V6(v6) => (TYPE_AAAA, v6.octets().to_vec()),
+        };
+        r.extend_from_slice(&rtype.to_be_bytes());
+        r.extend_from_slice(&CLASS_IN.to_be_bytes());
+        r.extend_from_slice(&ttl.to_be_bytes());
+        r.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        r.extend_from_slice(&data);
+    }
+    r
+}
+
+/// An answer with code `rcode` and no question to a message
+/// [`parse_query`] refused; `None` for one too short to have an id, or a
+/// response (never answer an answer).
+pub fn encode_error(msg: &[u8], rcode: u8) -> Option<Vec<u8>> {
+    if msg.len() < 12 || msg[2] & 0x80 != 0 {
+        return None;
+    }
+    let mut r = vec![0u8; 12];
+    r[..2].copy_from_slice(&msg[..2]);
+    // QR, the opcode and RD as asked, RA, the code.
+    r[2] = 0x80 | (msg[2] & 0x79);
+    r[3] = 0x80 | (rcode & 0xf);
+    Some(r)
+}
+
 async fn exchange(
     stream: &mut Box<dyn AsyncStream>,
     id: u16,
@@ -185,6 +348,76 @@ pub async fn resolve_over(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_read_and_answered_parses_back() {
+        let q = encode_query(0x1234, "NGINX.corp.", TYPE_A).unwrap();
+        let question = parse_query(&q).unwrap();
+        assert_eq!(
+            question,
+            Question {
+                id: 0x1234,
+                recursion_desired: true,
+                name: "nginx.corp".into(),
+                qtype: TYPE_A,
+                qclass: CLASS_IN,
+            }
+        );
+        let addrs: Vec<IpAddr> = vec!["198.18.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
+        let r = encode_reply(&question, &addrs, 5, 0);
+        assert_eq!(parse_response(&r, 0x1234, TYPE_A).unwrap(), vec![addrs[0]]);
+        // AAAA: only the IPv6 address; none is an empty answer, not an error.
+        let q6 = Question {
+            qtype: TYPE_AAAA,
+            ..question.clone()
+        };
+        let r = encode_reply(&q6, &addrs, 5, 0);
+        assert_eq!(
+            parse_response(&r, 0x1234, TYPE_AAAA).unwrap(),
+            vec![addrs[1]]
+        );
+        let r = encode_reply(&q6, &addrs[..1], 5, 0);
+        assert_eq!(
+            parse_response(&r, 0x1234, TYPE_AAAA).unwrap(),
+            Vec::<IpAddr>::new()
+        );
+        let r = encode_reply(&question, &[], 5, RCODE_NXDOMAIN);
+        assert_eq!(parse_response(&r, 0x1234, TYPE_A), Err(DnsError::Rcode(3)));
+    }
+
+    #[test]
+    fn bad_queries_are_errors_and_get_a_header_back() {
+        let q = encode_query(7, "a.b", TYPE_A).unwrap();
+        let mut response = q.clone();
+        response[2] |= 0x80;
+        let mut two = q.clone();
+        two[5] = 2;
+        let mut pointer = q.clone();
+        pointer[12] = 0xc0;
+        let mut odd = q.clone();
+        odd[13] = b'<';
+        let mut opcode = q.clone();
+        opcode[2] |= 0x10;
+        for (what, m) in [
+            ("short", &q[..11]),
+            ("response", &response[..]),
+            ("two questions", &two[..]),
+            ("pointer", &pointer[..]),
+            ("odd byte", &odd[..]),
+            ("opcode", &opcode[..]),
+            ("truncated", &q[..q.len() - 1]),
+        ] {
+            assert!(parse_query(m).is_err(), "{what}");
+        }
+        assert_eq!(encode_error(&q[..11], RCODE_FORMERR), None);
+        assert_eq!(encode_error(&response, RCODE_FORMERR), None);
+        let e = encode_error(&opcode, RCODE_NOTIMP).unwrap();
+        assert_eq!(e.len(), 12);
+        assert_eq!(
+            parse_response(&e, 7, TYPE_A),
+            Err(DnsError::Rcode(RCODE_NOTIMP))
+        );
+    }
 
     /// A response to `query` with the given A records (name compressed).
     fn answer(query: &[u8], addrs: &[[u8; 4]], rcode: u8) -> Vec<u8> {
