@@ -5,7 +5,12 @@
 //! meshgate --config-dir DIR --check  # validate and exit (non-zero on errors)
 //! meshgate                           # /etc/meshgate, else /etc/cloudgateway
 //! meshgate --store etcd://HOST:2379/meshgate --node-name a   # a fleet's node (feature etcd)
+//! meshgate --config-dir DIR run --tenant acme -- curl http://nginx/
 //! ```
+//!
+//! `run` starts one tenant's modules and runs the command in a network
+//! namespace of its own whose only way out is the tenant's vnet
+//! (`kind: netns`), then exits with the command's status.
 //!
 //! SIGTERM or SIGINT drains: listeners close at once (new connections are
 //! refused), open connections may finish for `drain_timeout`, then the rest
@@ -30,7 +35,7 @@ use tracing_subscriber::EnvFilter;
 struct Args {
     /// The config directory: meshgate.yaml and tenants/<tenant>/<instance>.yaml,
     /// or Cloud-Gateway's conf.yaml. Default: /etc/meshgate, else /etc/cloudgateway.
-    #[arg(long, env = "MESHGATE_CONFIG_DIR", value_name = "DIR")]
+    #[arg(long, env = "MESHGATE_CONFIG_DIR", value_name = "DIR", global = true)]
     config_dir: Option<PathBuf>,
     /// A shared config store instead of a directory: etcd://HOST:2379/PREFIX
     /// (etcds:// for TLS; MESHGATE_ETCD_USER, _PASSWORD, _CA, _CERT, _KEY).
@@ -38,7 +43,8 @@ struct Args {
         long,
         env = "MESHGATE_STORE",
         value_name = "URL",
-        conflicts_with = "config_dir"
+        conflicts_with = "config_dir",
+        global = true
     )]
     store: Option<String>,
     /// This node's name in a shared store: its document is PREFIX/nodes/NAME,
@@ -48,6 +54,36 @@ struct Args {
     /// Validate the whole config and exit: 0 if valid, 1 with every error otherwise.
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Run CMD in a network namespace of its own whose only way out is a
+    /// tenant's vnet through meshgate: its TCP connections take the
+    /// tenant's routes and policy, its names resolve in the vnet. Needs user
+    /// namespaces (or root) and /dev/net/tun; changes nothing on the host's
+    /// network. Starts only that tenant's modules; exits with CMD's status.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The tenant whose vnet CMD's traffic takes.
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// The vnet (default: the tenant's default vnet).
+    #[arg(long)]
+    vnet: Option<String>,
+    /// The command and its arguments (after `--`).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    command: Vec<std::ffi::OsString>,
 }
 
 fn init_logging(node: &NodeConfig) {
@@ -140,7 +176,11 @@ fn raise_fd_limit() -> Option<(u64, u64, u64)> {
 }
 
 async fn serve() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let command = args.command.take();
+    if args.check && command.is_some() {
+        return fail(&["--check and `run` do not go together".into()]);
+    }
     if let Some(url) = &args.store {
         let name = match args
             .node_name
@@ -166,7 +206,10 @@ async fn serve() -> ExitCode {
                 Err(errors) => fail(&errors),
             };
         }
-        return run(store, None).await;
+        return match command {
+            Some(Command::Run(r)) => run_command(store, r).await,
+            None => run(store, None).await,
+        };
     }
     let (config_dir, defaulted) = match args.config_dir {
         Some(d) => (d, false),
@@ -210,7 +253,136 @@ async fn serve() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&[e]),
     };
-    run(store, defaulted.then_some(config_dir)).await
+    match command {
+        Some(Command::Run(r)) => run_command(store, r).await,
+        None => run(store, defaulted.then_some(config_dir)).await,
+    }
+}
+
+/// `meshgate run`: the tenant's modules and a netns door, CMD in its
+/// namespace; CMD's exit status (128 + the signal that killed it).
+async fn run_command(
+    store: std::sync::Arc<dyn configstore::ConfigStore>,
+    args: RunArgs,
+) -> ExitCode {
+    use meshgate::core::node::run::{nsswitch_conf, resolv_conf, OneTenant, INSTANCE};
+    let node_cfg = match node::node_config(store.as_ref()).await {
+        Ok(n) => n,
+        Err(e) => return fail(&[e]),
+    };
+    // Quiet unless asked (MESHGATE_LOG): the terminal is CMD's.
+    let mut quiet = node_cfg.clone();
+    quiet.log = "warn".into();
+    init_logging(&quiet);
+    raise_fd_limit();
+    let store: std::sync::Arc<dyn configstore::ConfigStore> =
+        match OneTenant::new(store, &args.tenant, args.vnet.as_deref()).await {
+            Ok(s) => std::sync::Arc::new(s),
+            Err(e) => return fail(&[e.to_string()]),
+        };
+    let mut node = node::Node::new(store, builtin_factories(), Vec::new());
+    let registry = node.registry().clone();
+    registry.set_default_engine(node_cfg.engine);
+    registry
+        .flows()
+        .set_tenant_max_flows(node_cfg.tenant_max_flows);
+    if let Some(audit) = registry.audit() {
+        if let Err(e) = audit.set_target(node_cfg.audit.clone()) {
+            return fail(&[format!("meshgate.yaml: key `audit`: {e}")]);
+        }
+    }
+    if let Err(lines) = node.start().await {
+        return fail(&lines);
+    }
+    let door = registry
+        .status()
+        .await
+        .into_iter()
+        .find(|s| s.tenant == args.tenant && s.instance == INSTANCE);
+    let pid = door.as_ref().and_then(|d| d.details["pid"].as_u64());
+    let Some(pid) = pid.and_then(|p| u32::try_from(p).ok()) else {
+        let why = door
+            .and_then(|d| d.last_error)
+            .unwrap_or_else(|| "the namespace did not start".into());
+        node.shutdown(Duration::from_secs(1)).await;
+        return fail(&[format!("cannot run {:?}: {why}", args.command[0])]);
+    };
+    // The namespace's resolv.conf and nsswitch.conf, bind-mounted over
+    // the host's for CMD alone; gone when it ends.
+    let files = match tempfile::Builder::new().prefix("meshgate-run-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            return fail(&[format!(
+                "cannot make a directory for the namespace's resolv.conf: {e}"
+            )])
+        }
+    };
+    let mut binds = Vec::new();
+    let resolv = files.path().join("resolv.conf");
+    if let Err(e) = std::fs::write(&resolv, resolv_conf()) {
+        return fail(&[format!("{}: {e}", resolv.display())]);
+    }
+    if std::fs::metadata("/etc/resolv.conf").is_ok() {
+        binds.push((resolv, PathBuf::from("/etc/resolv.conf")));
+    } else {
+        tracing::warn!(
+            "/etc/resolv.conf does not exist here: CMD resolves names from /etc/hosts only"
+        );
+    }
+    if let Some(text) = std::fs::read_to_string("/etc/nsswitch.conf")
+        .ok()
+        .and_then(|t| nsswitch_conf(&t))
+    {
+        let ns = files.path().join("nsswitch.conf");
+        if let Err(e) = std::fs::write(&ns, text) {
+            return fail(&[format!("{}: {e}", ns.display())]);
+        }
+        binds.push((ns, PathBuf::from("/etc/nsswitch.conf")));
+    }
+    let mut cmd = std::process::Command::new(&args.command[0]);
+    cmd.args(&args.command[1..]);
+    if let Err(e) = meshgate::core::engine::kernel::enter_namespace(&mut cmd, pid, &binds) {
+        node.shutdown(Duration::from_secs(1)).await;
+        return fail(&[format!("cannot enter the namespace: {e}")]);
+    }
+    let mut child = match tokio::process::Command::from(cmd).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            node.shutdown(Duration::from_secs(1)).await;
+            return fail(&[format!("cannot run {:?}: {e}", args.command[0])]);
+        }
+    };
+    tracing::info!(pid = ?child.id(), namespace = pid, "running");
+    // Ctrl-C reaches CMD from the terminal; a SIGTERM or SIGHUP sent to
+    // meshgate is passed on. Either way meshgate waits for CMD.
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut hup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    let status = loop {
+        let forward = tokio::select! {
+            s = child.wait() => break s,
+            _ = term.recv() => libc::SIGTERM,
+            _ = hup.recv() => libc::SIGHUP,
+            _ = int.recv() => continue,
+        };
+        if let Some(id) = child.id() {
+            // SAFETY: kill only sends a signal to our own child.
+            unsafe { libc::kill(id as libc::pid_t, forward) };
+        }
+    };
+    node.shutdown(Duration::from_secs(1)).await;
+    drop(files);
+    match status {
+        Ok(s) => {
+            use std::os::unix::process::ExitStatusExt;
+            let code = s
+                .code()
+                .or_else(|| s.signal().map(|n| 128 + n))
+                .unwrap_or(1);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        Err(e) => fail(&[format!("waiting for {:?}: {e}", args.command[0])]),
+    }
 }
 
 /// Runs the node on `store` until a signal (`defaulted`: the config

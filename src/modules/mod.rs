@@ -11,6 +11,8 @@
 //! - [`h2`]: an HTTP/2 CONNECT door over TLS 1.3 (HBONE), client certificates as
 //!   identities, and `h2_link`, a gateway link to another node's door.
 //! - [`capture`]: transparent capture (REDIRECT, TPROXY) of unconfigured clients.
+//! - [`netns`]: a network namespace whose only way out is the tenant's vnet
+//!   (`meshgate run -- CMD`).
 //! - [`ssh`]: an SSH door for stock OpenSSH clients (`-L`, `-W`, `-J`, `-D`).
 //! - [`link_group`]: fallback and failover over several gateway links.
 //! - [`policy`]: a tenant's allow/deny rules on every flow, with live revocation.
@@ -23,6 +25,7 @@ pub mod capture;
 pub mod h2;
 pub mod http_proxy;
 pub mod link_group;
+pub mod netns;
 pub mod pipe;
 pub mod policy;
 #[cfg(feature = "quic")]
@@ -42,6 +45,7 @@ pub fn builtin_factories() -> Vec<Arc<dyn ModuleFactory>> {
         Arc::new(h2::link::H2LinkFactory),
         Arc::new(link_group::LinkGroupFactory),
         Arc::new(capture::CaptureFactory::default()),
+        Arc::new(netns::NetnsFactory::default()),
         Arc::new(ssh::SshFactory::default()),
         Arc::new(ssh::link::SshLinkFactory),
         Arc::new(wireguard::WireGuardFactory),

@@ -7,6 +7,7 @@
 //! [`crate::modules::builtin_factories`]), so `core` names no kind.
 
 pub mod admin;
+pub mod run;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

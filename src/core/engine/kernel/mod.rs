@@ -119,7 +119,73 @@ pub struct KernelEngine {
     gro: Mutex<offload::Coalescer>,
 }
 
-/// Checks that this process can open `/dev/net/tun`.
+impl KernelEngine {
+    /// The helper's process id while it runs: `/proc/PID/ns/net` is the
+    /// engine's network namespace (and `/proc/PID/ns/user` its user
+    /// namespace), for a program to enter (`meshgate run`).
+    pub fn helper_pid(&self) -> Option<u32> {
+        self.helper
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|c| c.id())
+    }
+}
+
+/// Makes `cmd` run inside the network namespace of the engine whose helper
+/// is `helper_pid` ([`KernelEngine::helper_pid`]), with `binds` (source,
+/// target) mounted in a mount namespace of its own (a `resolv.conf`), as
+/// this process's user and group with no capability over the namespace,
+/// and no new privileges (set-uid programs and file capabilities do not
+/// apply). Fails, naming the file, if the helper's namespaces cannot be
+/// opened.
+pub fn enter_namespace(
+    cmd: &mut std::process::Command,
+    helper_pid: u32,
+    binds: &[(std::path::PathBuf, std::path::PathBuf)],
+) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let open = |what: &str| {
+        let path = format!("/proc/{helper_pid}/ns/{what}");
+        std::fs::File::open(&path)
+            .map(OwnedFd::from)
+            .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+    };
+    let ino = |path: &str| std::fs::metadata(path).map(|m| m.ino());
+    let theirs = format!("/proc/{helper_pid}/ns/user");
+    let user = if ino(&theirs)? == ino("/proc/self/ns/user")? {
+        None
+    } else {
+        Some(open("user")?)
+    };
+    let net = open("net")?;
+    let cstr = |p: &std::path::Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: a NUL in the path", p.display()),
+            )
+        })
+    };
+    let binds = binds
+        .iter()
+        .map(|(s, d)| Ok((cstr(s)?, cstr(d)?)))
+        .collect::<io::Result<Vec<_>>>()?;
+    let (uid, gid) = sys::ids();
+    sys::enter_before_exec(
+        cmd,
+        sys::Entry {
+            user,
+            net,
+            binds,
+            uid_map: format!("{uid} 0 1").into_bytes(),
+            gid_map: format!("{gid} 0 1").into_bytes(),
+        },
+    );
+    Ok(())
+}
+
+/// Checks that this process can open `/dev/net/tun`./// Checks that this process can open `/dev/net/tun`.
 fn check_tun_access() -> Result<(), EngineError> {
     let path = "/dev/net/tun";
     match std::fs::OpenOptions::new().read(true).write(true).open(path) {

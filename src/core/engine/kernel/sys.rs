@@ -430,7 +430,111 @@ pub fn enter_namespaces_before_exec(
     }
 }
 
-/// This process's effective user and group id.
+/// What a program entering an engine's namespace needs, opened and
+/// formatted before the fork ([`enter_for_command`]).
+pub struct Entry {
+    /// The helper's user namespace, when it is not ours.
+    pub user: Option<OwnedFd>,
+    /// The helper's network namespace.
+    pub net: OwnedFd,
+    /// Files bind-mounted over others in the program's own mount
+    /// namespace: (source, target), NUL-terminated paths.
+    pub binds: Vec<(std::ffi::CString, std::ffi::CString)>,
+    /// `/proc/self/uid_map` and `gid_map` of the program's own user
+    /// namespace: its user and group as they were outside.
+    pub uid_map: Vec<u8>,
+    /// See `uid_map`.
+    pub gid_map: Vec<u8>,
+}
+
+/// Between fork and exec, in the child: into the helper's user namespace
+/// (if not ours) and network namespace, a mount namespace of its own with
+/// `binds` mounted, then (having entered a user namespace) a user namespace
+/// of its own that maps its user and group back to what they were outside,
+/// so the program runs as its user with no capability over the network
+/// namespace; last, no new privileges. Only system calls, no allocation.
+fn enter_for_command(e: &Entry) -> io::Result<()> {
+    // SAFETY: plain system calls on descriptors and on paths and buffers
+    // made before the fork; this runs in the single-threaded child between
+    // fork and exec.
+    unsafe {
+        let last = || io::Error::last_os_error();
+        if let Some(user) = &e.user {
+            if libc::setns(user.as_raw_fd(), libc::CLONE_NEWUSER) != 0 {
+                return Err(last());
+            }
+        }
+        if libc::setns(e.net.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+            return Err(last());
+        }
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(last());
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(last());
+        }
+        for (src, dst) in &e.binds {
+            if libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(last());
+            }
+        }
+        if e.user.is_some() {
+            if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                return Err(last());
+            }
+            let write = |path: &std::ffi::CStr, data: &[u8]| {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(last());
+                }
+                let n = libc::write(fd, data.as_ptr() as *const libc::c_void, data.len());
+                let err = last();
+                libc::close(fd);
+                if n < 0 {
+                    Err(err)
+                } else {
+                    Ok(())
+                }
+            };
+            // Optional: a namespace whose parent denies setgroups already
+            // denies it.
+            let _ = write(c"/proc/self/setgroups", b"deny");
+            write(c"/proc/self/uid_map", &e.uid_map)?;
+            write(c"/proc/self/gid_map", &e.gid_map)?;
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(last());
+        }
+        Ok(())
+    }
+}
+
+/// Makes `cmd`'s child enter an engine's namespace between fork and exec
+/// ([`enter_for_command`]).
+pub fn enter_before_exec(cmd: &mut std::process::Command, entry: Entry) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure only makes system calls (see enter_for_command)
+    // on what `entry` holds, and touches no lock or allocator.
+    unsafe {
+        cmd.pre_exec(move || enter_for_command(&entry));
+    }
+}
+
+/// This process's effective user and group id./// This process's effective user and group id.
 pub fn ids() -> (u32, u32) {
     // SAFETY: geteuid/getegid cannot fail.
     unsafe { (libc::geteuid(), libc::getegid()) }

@@ -1,0 +1,176 @@
+//! `meshgate run -- CMD` as an unprivileged user (nobody, with user
+//! namespaces and a TUN it may open): CMD reaches nginx inside a tenant's
+//! WireGuard site (a real wireguard-go peer in another namespace) by name,
+//! runs as nobody with no capability, and reaches nothing the tenant's
+//! vnet has no route for, although the host where meshgate runs reaches it.
+//! Only that tenant's modules start, and the namespace goes with CMD.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::netns::*;
+use common::*;
+
+const NOBODY: &str = "65534";
+
+fn userns_allowed() -> bool {
+    Command::new("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
+        .args(["unshare", "-Urn", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn write(dir: &Path, rel: &str, text: &str) {
+    let p = dir.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, text).unwrap();
+}
+
+/// Helper processes of a namespace labelled `label` still running.
+fn helpers(label: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let c = String::from_utf8_lossy(&cmdline);
+            c.contains("--kernel-engine-helper") && c.contains(label)
+        })
+        .count()
+}
+
+#[test]
+fn meshgate_run_reaches_a_wireguard_site_by_name_and_nothing_else() {
+    if !need_root()
+        || !can_netns()
+        || !userns_allowed()
+        || !have("wireguard-go")
+        || !have("nginx")
+        || !have("curl")
+        || !have("setpriv")
+    {
+        skip("needs root, user namespaces, wireguard-go, nginx, curl, setpriv");
+        return;
+    }
+    let mut site = Netns::new("rsite");
+    let host = Netns::new("rhost");
+    link(&host, "10.232.40.1/24", &site, "10.232.40.2/24");
+    let wg = WgGo::new(&site, "10.194.0.2/24", Some(51820));
+    let _nginx = nginx_in(&mut site, "0.0.0.0:80", "inside the site\n");
+
+    let key = meshgate::core::keys::PrivateKey::generate();
+    let cfg = tempfile::tempdir().unwrap();
+    let d = cfg.path();
+    write(d, "meshgate.yaml", "admin: off\ndrain_timeout: 1s\n");
+    write(
+        d,
+        "tenants/acme/corp.yaml",
+        "kind: vnet\ndefault: true\nhosts:\n  nginx: 10.194.0.2\n",
+    );
+    write(
+        d,
+        "tenants/acme/wg0.yaml",
+        &format!(
+            "kind: wireguard\nprivate_key: {}\naddress: 10.194.0.1/32\nvnet: corp\nuapi: off\npeers:\n  - name: site\n    public_key: {}\n    endpoint: 10.232.40.2:51820\n    allowed_ips: [10.194.0.0/24]\n    persistent_keepalive: 5\n",
+            key.to_base64(),
+            wg.public_key()
+        ),
+    );
+    // Another tenant's pipe: `run --tenant acme` must not start it.
+    write(
+        d,
+        "tenants/other/web.yaml",
+        "kind: pipe\nlisten: 127.0.0.1:18181\nremote: 10.232.40.2:80\n",
+    );
+    wg.add_peer(
+        &site,
+        &key.public_key().to_string(),
+        "allowed-ips 10.194.0.1/32",
+    );
+    let chmod = Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(d)
+        .status()
+        .unwrap();
+    assert!(chmod.success());
+
+    // /dev/net/tun is 0600 root here: nobody gets its own open TUN node,
+    // bound over /dev/net/tun in a private mount namespace.
+    let dev = tempfile::tempdir().unwrap();
+    let node = dev.path().join("tun");
+    let made = Command::new("mknod")
+        .arg(&node)
+        .args(["c", "10", "200"])
+        .status()
+        .unwrap();
+    assert!(made.success(), "mknod failed");
+    Command::new("chmod")
+        .arg("666")
+        .arg(&node)
+        .status()
+        .unwrap();
+    Command::new("chmod")
+        .args(["a+rx"])
+        .arg(dev.path())
+        .status()
+        .unwrap();
+
+    // The probe that must fail from inside first succeeds from the host
+    // meshgate runs on.
+    assert_eq!(
+        host.curl("http://10.232.40.2/", 5),
+        (200, "inside the site\n".to_string())
+    );
+
+    let inside = "\
+        id -u; grep CapEff /proc/self/status; \
+        for i in 1 2 3 4 5 6 7 8 9 10; do out=$(curl -s -m 3 http://nginx/) && break; sleep 1; done; \
+        echo \"site: $out\"; \
+        echo \"host: $(curl -s -m 5 -o /dev/null -w '%{http_code}' http://10.232.40.2/)\"; \
+        exit 7";
+    let wrapper = format!(
+        "mount --bind {} /dev/net/tun && exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups \"$@\"",
+        node.display()
+    );
+    let out = host
+        .cmd("unshare")
+        .args(["-m", "sh", "-c", &wrapper, "sh"])
+        .arg(env!("CARGO_BIN_EXE_meshgate"))
+        .arg("--config-dir")
+        .arg(d)
+        .args(["run", "--tenant", "acme", "--", "sh", "-c", inside])
+        .env("MESHGATE_LOG", "info")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    let ctx = format!("stdout:\n{stdout}\nlog:\n{log}");
+    // CMD's status is meshgate's.
+    assert_eq!(out.status.code(), Some(7), "{ctx}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    // nobody, without a capability.
+    assert_eq!(lines.first(), Some(&NOBODY), "{ctx}");
+    assert_eq!(lines.get(1), Some(&"CapEff:\t0000000000000000"), "{ctx}");
+    // By name, through the tenant's WireGuard site.
+    assert!(stdout.contains("site: inside the site\n"), "{ctx}");
+    assert!(
+        log.contains("dst=\"nginx:80\"") && log.contains("dialed=Some(\"10.194.0.2:80\")"),
+        "{ctx}"
+    );
+    // The host's reach is not CMD's: no route in the vnet, refused.
+    assert!(stdout.contains("host: 000\n"), "{ctx}");
+    assert!(
+        log.contains("dst=\"10.232.40.2:80\"") && log.contains("reason=no_route"),
+        "{ctx}"
+    );
+    // Only acme started; the namespace went with CMD.
+    assert!(
+        log.contains("tenant=\"acme\" instance=meshgate-run kind=netns"),
+        "{ctx}"
+    );
+    assert!(!log.contains("tenant=\"other\""), "{ctx}");
+    assert_eq!(helpers("acme/meshgate-run"), 0);
+}
