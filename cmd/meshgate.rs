@@ -432,7 +432,12 @@ async fn run(
     });
     if let Some(l) = admin_listener {
         tracing::info!(addr = ?admin_addr, "admin API listening");
-        let a = admin::Admin::new(registry.clone(), node_cfg.node.clone());
+        let a = admin::Admin::with_token(
+            registry.clone(),
+            node_cfg.node.clone(),
+            node_cfg.admin_token.clone(),
+            node_cfg.metrics_need_token,
+        );
         if let Err(e) = admin::spawn_on_own_runtime(l, a, shutdown.clone()) {
             return fail(&[format!("admin API: {e}")]);
         }

@@ -36,8 +36,39 @@ struct Cli {
         default_value = "127.0.0.1:9000"
     )]
     admin: String,
+    /// A file holding the node's admin token (`admin_token` in its
+    /// meshgate.yaml), sent as `Authorization: Bearer`. MESHGATE_ADMIN_TOKEN
+    /// gives the token itself.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHGATE_ADMIN_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    admin_token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// The admin token requests carry, if one was given.
+static ADMIN_TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Reads the admin token from `--admin-token-file` or MESHGATE_ADMIN_TOKEN.
+fn load_admin_token(file: Option<&std::path::Path>) -> Result<()> {
+    let token = match file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("--admin-token-file {}", f.display()))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("MESHGATE_ADMIN_TOKEN").ok(),
+    };
+    let _ = ADMIN_TOKEN.set(token.filter(|t| !t.is_empty()));
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -345,12 +376,17 @@ async fn get_json(admin: &str, path: &str) -> Result<Value> {
         })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header(hyper::header::HOST, admin)
-        .body(Empty::<Bytes>::new())?;
+    let mut req = hyper::Request::get(path).header(hyper::header::HOST, admin);
+    if let Some(Some(token)) = ADMIN_TOKEN.get() {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req.body(Empty::<Bytes>::new())?;
     let resp = sender.send_request(req).await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
+    if status == hyper::StatusCode::UNAUTHORIZED {
+        bail!("{path}: the node asks for its admin token: give --admin-token-file FILE or MESHGATE_ADMIN_TOKEN");
+    }
     if !status.is_success() {
         bail!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&body));
     }
@@ -415,6 +451,7 @@ fn human_bytes(n: u64) -> String {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    load_admin_token(cli.admin_token_file.as_deref())?;
     match cli.cmd {
         Cmd::Genkey => println!("{}", PrivateKey::generate().to_base64()),
         Cmd::Pubkey => {

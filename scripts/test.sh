@@ -40,6 +40,11 @@ declare -A PACKAGES=(
   [systemd-analyze]=systemd
   # ring and aws-lc-sys (russh's crypto) compile C.
   [cc]=build-essential
+  # tests/deploy.rs makes the admin token the manifests ask for.
+  [openssl]=openssl
+  # The dashboard is loaded in headless Chromium, driven by Selenium.
+  [chromium]=chromium
+  [chromedriver]=chromium-driver
 )
 
 missing=()
@@ -48,6 +53,8 @@ for cmd in "${!PACKAGES[@]}"; do
 done
 # The audit records' schema is checked with Python's jsonschema.
 python3 -c 'import jsonschema' >/dev/null 2>&1 || missing+=(python3-jsonschema)
+# (Debian's Python: tests/ui.rs runs /usr/bin/python3, whatever is first in PATH.)
+/usr/bin/python3 -c 'import selenium' >/dev/null 2>&1 || missing+=(python3-selenium)
 if ((${#missing[@]})); then
   SUDO=""
   if [[ $(id -u) -ne 0 ]]; then

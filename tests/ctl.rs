@@ -228,3 +228,48 @@ fn wg_show_names_a_tenant_without_an_interface() {
         "{err}"
     );
 }
+
+/// A node with an admin token: meshgatectl says what is missing without
+/// it, and works with it (from a file or the environment).
+#[test]
+fn status_sends_the_admin_token() {
+    let token = "f00dfeedf00dfeedf00dfeed";
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "meshgate.yaml",
+        &format!(
+            "node: tok\nadmin: 127.0.0.1:{}\nadmin_token: {token}\n",
+            cfg.admin_port
+        ),
+    );
+    cfg.loopback_vnet("acme");
+    let _mg = Meshgate::start(&cfg);
+    let admin = format!("127.0.0.1:{}", cfg.admin_port);
+    let (ok, _, err) = ctl(&["--admin", &admin, "status"]);
+    assert!(!ok);
+    assert!(
+        err.contains("asks for its admin token") && err.contains("--admin-token-file"),
+        "{err}"
+    );
+    let file = cfg.path().join("token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let (ok, out, err) = ctl(&[
+        "--admin",
+        &admin,
+        "--admin-token-file",
+        file.to_str().unwrap(),
+        "status",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("tok"), "{out}");
+    let out = Command::new(env!("CARGO_BIN_EXE_meshgatectl"))
+        .args(["--admin", &admin, "status"])
+        .env("MESHGATE_ADMIN_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -313,6 +313,13 @@ fn check_as_mounted(
                         .unwrap();
                     v = String::from_utf8(out.stdout).unwrap();
                 }
+                if v.starts_with("REPLACE with the output of: openssl rand -hex 32") {
+                    let out = Command::new("openssl")
+                        .args(["rand", "-hex", "32"])
+                        .output()
+                        .unwrap();
+                    v = String::from_utf8(out.stdout).unwrap();
+                }
                 std::fs::write(&p, v).unwrap();
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();

@@ -347,6 +347,41 @@ pub fn at_least_one(src: &str, key: &str, n: usize) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A secret string: its `Debug` never shows it (a node config logged
+/// whole keeps its token to itself).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `given` is the secret, in time that does not depend on where
+    /// they differ.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        let mine = self.0.as_bytes();
+        if mine.len() != given.len() {
+            return false;
+        }
+        mine.iter()
+            .zip(given)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN: usize = 16;
+
 /// Where the admin API listens, or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminAddr {
@@ -380,6 +415,20 @@ pub struct NodeConfig {
     /// `off` disables it. Bind it beyond loopback only behind a firewall.
     #[serde(default = "default_admin")]
     pub admin: AdminAddr,
+    /// The bearer token `/api/v1`, the dashboard's data and its live stream
+    /// ask for (`Authorization: Bearer TOKEN`); at least 16 characters.
+    /// Required when `admin` is beyond loopback. `admin_token_file` reads
+    /// it from a file instead (its first line); after parsing, this holds
+    /// the token either way.
+    #[serde(default)]
+    pub admin_token: Option<Secret>,
+    /// A file holding the admin token.
+    #[serde(default)]
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// Whether `/metrics` asks for the token too. Default `false`
+    /// (`/healthz` and `/readyz` never do: probes carry no token).
+    #[serde(default)]
+    pub metrics_need_token: bool,
     /// Log filter in `tracing` syntax (`info`, `meshgate=debug,info`). Default `info`;
     /// the `MESHGATE_LOG` variable wins when set.
     #[serde(default = "default_log")]
@@ -460,7 +509,48 @@ impl NodeConfig {
             value: serde_json::json!({}),
         };
         let doc = doc.unwrap_or(&blank);
-        let c: NodeConfig = parse_document(doc, &[])?;
+        let mut c: NodeConfig = parse_document(doc, &[])?;
+        let src = &doc.source;
+        if let Some(path) = &c.admin_token_file {
+            if c.admin_token.is_some() {
+                return Err(ConfigError::key(
+                    src,
+                    "admin_token_file",
+                    "give `admin_token` or `admin_token_file`, not both",
+                ));
+            }
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::key(
+                    src,
+                    "admin_token_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            c.admin_token = Some(Secret(text.lines().next().unwrap_or("").trim().to_string()));
+        }
+        let key = if c.admin_token_file.is_some() {
+            "admin_token_file"
+        } else {
+            "admin_token"
+        };
+        if let Some(t) = &c.admin_token {
+            if t.0.chars().count() < MIN_ADMIN_TOKEN || t.0.chars().any(char::is_whitespace) {
+                return Err(ConfigError::key(
+                    src,
+                    key,
+                    format!("the admin token must be at least {MIN_ADMIN_TOKEN} characters with no spaces (e.g. `openssl rand -hex 32`)"),
+                ));
+            }
+        }
+        if let AdminAddr::On(addr) = c.admin {
+            if !addr.0.ip().is_loopback() && c.admin_token.is_none() {
+                return Err(ConfigError::key(
+                    src,
+                    "admin",
+                    format!("the admin API on {} is reachable beyond this host, and it shows every tenant's flows: set `admin_token` or `admin_token_file`, or listen on 127.0.0.1", addr.0),
+                ));
+            }
+        }
         if c.lease_ttl < Duration::from_secs(2) {
             return Err(ConfigError::key(
                 &doc.source,
@@ -510,6 +600,48 @@ mod tests {
             source: "tenants/t/x.yaml".into(),
             value: v,
         }
+    }
+
+    #[test]
+    fn admin_token_rules() {
+        let node = |v: serde_json::Value| {
+            NodeConfig::from_document(Some(&Document {
+                source: "meshgate.yaml".into(),
+                value: v,
+            }))
+        };
+        // Beyond loopback without a token: refused, saying why.
+        let e = node(json!({"admin": "0.0.0.0:9000"})).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("admin"));
+        assert!(e.to_string().contains("admin_token"), "{e}");
+        // With one: accepted, and the token never shows in Debug.
+        let token = "0123456789abcdef0123";
+        let c = node(json!({"admin": "0.0.0.0:9000", "admin_token": token})).unwrap();
+        assert_eq!(c.admin_token.as_ref().map(Secret::expose), Some(token));
+        assert!(!format!("{c:?}").contains(token));
+        assert!(c.admin_token.as_ref().unwrap().matches(token.as_bytes()));
+        assert!(!c
+            .admin_token
+            .as_ref()
+            .unwrap()
+            .matches(b"0123456789abcdef0124"));
+        assert!(!c.admin_token.as_ref().unwrap().matches(b"0123"));
+        // Loopback needs none; a short token or both keys are refused.
+        assert!(node(json!({"admin": "127.0.0.1:9000"}))
+            .unwrap()
+            .admin_token
+            .is_none());
+        let e = node(json!({"admin_token": "short"})).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("admin_token"));
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("token");
+        std::fs::write(&f, format!("{token}\n")).unwrap();
+        let c = node(json!({"admin": "[::]:9000", "admin_token_file": f})).unwrap();
+        assert_eq!(c.admin_token.as_ref().map(Secret::expose), Some(token));
+        let e = node(json!({"admin_token": token, "admin_token_file": f})).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("admin_token_file"));
+        let e = node(json!({"admin_token_file": d.path().join("none")})).unwrap_err();
+        assert!(e.to_string().contains("cannot read"), "{e}");
     }
 
     #[test]

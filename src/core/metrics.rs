@@ -312,6 +312,34 @@ impl Metrics {
         self.rejected.get_or_create(&l).inc();
     }
 
+    /// Every refusal and failed dial counted so far, by tenant, instance
+    /// and reason (both families share their reasons), sorted.
+    pub fn refusals(&self) -> Vec<(ReasonLabels, u64)> {
+        let seen: Vec<ReasonLabels> = self
+            .reasons_seen
+            .lock()
+            .expect("metrics poisoned")
+            .iter()
+            .cloned()
+            .collect();
+        let mut out: Vec<(ReasonLabels, u64)> = seen
+            .into_iter()
+            .filter_map(|l| {
+                let n = self.rejected.get(&l).map(|c| c.get()).unwrap_or(0)
+                    + self.dial_errors.get(&l).map(|c| c.get()).unwrap_or(0);
+                (n > 0).then_some((l, n))
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.0.tenant, &a.0.instance, &a.0.reason).cmp(&(
+                &b.0.tenant,
+                &b.0.instance,
+                &b.0.reason,
+            ))
+        });
+        out
+    }
+
     fn seen(&self, tenant: &str, instance: &str, reason: &str) -> ReasonLabels {
         let l = Self::reason(tenant, instance, reason);
         self.reasons_seen

@@ -14,9 +14,14 @@
 //! | `/api/v1/modules` | every module instance with its state (`?tenant=` filters) |
 //! | `/api/v1/flows` | live flows (`?tenant=` filters), with the verdict and the policy rule |
 //! | `/api/v1/policy/test` | which policy rule decides a flow: `?tenant=T&from=ADDR&to=HOST:PORT[&user=NAME][&door=NAME][&protocol=tcp]` |
+//! | `/api/v1/overview` | what the dashboard shows: the node, every tenant's counts and refusals, and (`?tenant=T`) that tenant's modules and newest flows |
+//! | `/api/v1/events` | the overview as server-sent events, once a second (`?tenant=T`) |
+//! | `/ui/` | the dashboard ([`ui`]): a page, its script and style, holding no data; `/ui/auth` says whether the request's token opens the API |
 //!
-//! Read-only: nothing here changes the node. It runs on the same runtime as
-//! the data plane for now; requests are cheap snapshots.
+//! Read-only: nothing here changes the node. With `admin_token` set, every
+//! `/api/` path (and `/metrics` with `metrics_need_token`) asks for
+//! `Authorization: Bearer TOKEN` and answers 401 without it; `/healthz`,
+//! `/readyz` and the dashboard's static files never do.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,7 +29,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -33,14 +39,26 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::config::Secret;
 use crate::core::spine::registry::Registry;
+
+mod ui;
 
 /// The admin server's shared state.
 pub struct Admin {
     registry: Arc<Registry>,
     node: String,
     started: Instant,
+    token: Option<Secret>,
+    metrics_need_token: bool,
+    /// Live event streams open now (at most [`MAX_EVENT_STREAMS`]).
+    streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// Event streams (`/api/v1/events`) served at once; more get 503.
+pub const MAX_EVENT_STREAMS: usize = 32;
+/// Flows the overview lists (the newest), whatever the total.
+pub const OVERVIEW_FLOWS: usize = 500;
 
 #[derive(Serialize)]
 struct TenantSummary {
@@ -49,10 +67,10 @@ struct TenantSummary {
     active_flows: usize,
 }
 
-type Resp = Response<Full<Bytes>>;
+type Resp = Response<BoxBody<Bytes, Infallible>>;
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -205,22 +223,199 @@ impl Admin {
         )
     }
 
-    /// Admin state for `registry` on node `node`.
+    /// Admin state for `registry` on node `node`, open to anyone who
+    /// reaches it.
     pub fn new(registry: Arc<Registry>, node: impl Into<String>) -> Arc<Self> {
+        Self::with_token(registry, node, None, false)
+    }
+
+    /// Admin state whose `/api/` paths (and `/metrics` if
+    /// `metrics_need_token`) ask for `token`, when there is one.
+    pub fn with_token(
+        registry: Arc<Registry>,
+        node: impl Into<String>,
+        token: Option<Secret>,
+        metrics_need_token: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             registry,
             node: node.into(),
             started: Instant::now(),
+            token,
+            metrics_need_token,
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS)),
         })
     }
 
+    /// Whether `req` may have `path`: no token set, a path that needs none,
+    /// or the right bearer token.
+    fn authorized(&self, path: &str, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let guarded = path.starts_with("/api/") || (path == "/metrics" && self.metrics_need_token);
+        if !guarded {
+            return true;
+        }
+        req.headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .is_some_and(|given| token.matches(given))
+    }
+
+    /// The node's summary: what `/api/v1/node` shows.
+    fn node_summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "node": self.node,
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "ready": self.registry.is_ready(),
+            "faults": self.registry.faults().into_iter().map(|(who, why)| serde_json::json!({"instance": who, "reason": why})).collect::<Vec<_>>(),
+            "refused": self.registry.refused().into_iter().map(|(who, why)| serde_json::json!({"instance": who, "reason": why})).collect::<Vec<_>>(),
+            "store": self.registry.store().describe(),
+            // The user meshgate runs as: capture rules exclude its own connections.
+            "uid": self_uid(),
+        })
+    }
+
+    /// What the dashboard shows: the node; each tenant's instance count,
+    /// live flows and their bytes, refusals by reason; and for `tenant`, its
+    /// modules with their details and its newest [`OVERVIEW_FLOWS`] flows.
+    pub async fn overview(&self, tenant: Option<&str>) -> serde_json::Value {
+        use std::collections::BTreeMap;
+        #[derive(Default, Serialize)]
+        struct T {
+            instances: usize,
+            active_flows: usize,
+            bytes_live: u64,
+            refusals: BTreeMap<String, u64>,
+            problems: usize,
+        }
+        let status = self.registry.status().await;
+        let flows = self.registry.flows().snapshot();
+        let mut tenants: BTreeMap<String, T> = BTreeMap::new();
+        for s in &status {
+            let t = tenants.entry(s.tenant.clone()).or_default();
+            t.instances += 1;
+            if s.last_error.is_some()
+                || !matches!(s.state, crate::core::spine::registry::ModuleState::Running)
+            {
+                t.problems += 1;
+            }
+        }
+        for f in &flows {
+            let t = tenants.entry(f.ctx.tenant.clone()).or_default();
+            t.active_flows += 1;
+            t.bytes_live += f.bytes_up + f.bytes_down;
+        }
+        for (labels, n) in self.registry.metrics().refusals() {
+            *tenants
+                .entry(labels.tenant.clone())
+                .or_default()
+                .refusals
+                .entry(labels.reason.clone())
+                .or_default() += n;
+        }
+        let mut out = serde_json::json!({
+            "node": self.node_summary(),
+            "tenants": tenants.iter().map(|(name, t)| {
+                let mut v = serde_json::to_value(t).unwrap_or_default();
+                v["name"] = name.clone().into();
+                v
+            }).collect::<Vec<_>>(),
+            "flows_total": flows.len(),
+        });
+        if let Some(t) = tenant {
+            let modules: Vec<_> = status.into_iter().filter(|s| s.tenant == t).collect();
+            let mut mine: Vec<_> = flows.into_iter().filter(|f| f.ctx.tenant == t).collect();
+            let total = mine.len();
+            let newest = mine.split_off(total.saturating_sub(OVERVIEW_FLOWS));
+            let refusals: Vec<_> = self
+                .registry
+                .metrics()
+                .refusals()
+                .into_iter()
+                .filter(|(l, _)| l.tenant == t)
+                .map(|(l, n)| serde_json::json!({"instance": l.instance, "reason": l.reason, "count": n}))
+                .collect();
+            out["tenant"] = serde_json::json!({
+                "name": t,
+                "modules": modules,
+                "flows": newest,
+                "flows_total": total,
+                "refusals": refusals,
+            });
+        }
+        out
+    }
+
+    /// `/api/v1/events`: the overview once a second as server-sent events
+    /// (`event: overview`), until the client goes; at most
+    /// [`MAX_EVENT_STREAMS`] at once.
+    fn events(self: &Arc<Self>, tenant: Option<String>) -> Resp {
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many live streams open; try again later",
+            );
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let v = me.overview(tenant.as_deref()).await;
+                let frame = format!("event: overview\ndata: {v}\n\n");
+                if tx.send(Bytes::from(frame)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut r = Response::new(BoxBody::new(ui::EventBody(rx)));
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        r.headers_mut().insert(
+            hyper::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        r
+    }
+
     /// Answers one request.
-    pub async fn handle(&self, req: Request<Incoming>) -> Resp {
+    pub async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Resp {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here");
         }
+        let path = req.uri().path();
+        if !self.authorized(path, &req) {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "this path needs the admin token: Authorization: Bearer TOKEN",
+            );
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"meshgate\""),
+            );
+            return r;
+        }
+        if path == "/ui/auth" {
+            // The page asks here first, so a missing or wrong token is an
+            // answer rather than a failed request.
+            return json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "needs_token": self.token.is_some(),
+                    "authorized": self.authorized("/api/v1/", &req),
+                }),
+            );
+        }
+        if let Some(r) = ui::asset(path) {
+            return r;
+        }
         let tenant = query_param(req.uri().query(), "tenant");
-        match req.uri().path() {
+        match path {
             "/metrics" => {
                 // Prometheus asks for OpenMetrics; everything else gets the classic format.
                 let wants_openmetrics = req
@@ -256,20 +451,9 @@ impl Admin {
                     text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into())
                 }
             }
-            "/api/v1/node" => json(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "node": self.node,
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "uptime_secs": self.started.elapsed().as_secs(),
-                    "ready": self.registry.is_ready(),
-                    "faults": self.registry.faults().into_iter().map(|(who, why)| serde_json::json!({"instance": who, "reason": why})).collect::<Vec<_>>(),
-                    "refused": self.registry.refused().into_iter().map(|(who, why)| serde_json::json!({"instance": who, "reason": why})).collect::<Vec<_>>(),
-                    "store": self.registry.store().describe(),
-                    // The user meshgate runs as: capture rules exclude its own connections.
-                    "uid": self_uid(),
-                }),
-            ),
+            "/api/v1/node" => json(StatusCode::OK, &self.node_summary()),
+            "/api/v1/overview" => json(StatusCode::OK, &self.overview(tenant).await),
+            "/api/v1/events" => self.events(query_text(req.uri().query(), "tenant")),
             "/api/v1/tenants" => {
                 let status = self.registry.status().await;
                 let mut out: Vec<TenantSummary> = Vec::new();
@@ -300,7 +484,7 @@ impl Admin {
                 json(StatusCode::OK, &flows)
             }
             "/api/v1/policy/test" => self.policy_test(req.uri().query()).await,
-            _ => error(StatusCode::NOT_FOUND, "no such path; see /api/v1/node, /api/v1/tenants, /api/v1/modules, /api/v1/flows, /api/v1/policy/test, /metrics, /healthz, /readyz"),
+            _ => error(StatusCode::NOT_FOUND, "no such path; see /ui/, /api/v1/node, /api/v1/tenants, /api/v1/modules, /api/v1/flows, /api/v1/overview, /api/v1/events, /api/v1/policy/test, /metrics, /healthz, /readyz"),
         }
     }
 }
@@ -387,11 +571,11 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
                             .is_some_and(|v| v.trim() != "0")
                             || req.headers().contains_key(hyper::header::TRANSFER_ENCODING);
                         if has_body {
-                            let mut r = hyper::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::from_static(b"the admin API takes no request body\n"),
+                            return Ok::<_, Infallible>(text(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                "text/plain",
+                                "the admin API takes no request body\n".into(),
                             ));
-                            *r.status_mut() = hyper::StatusCode::PAYLOAD_TOO_LARGE;
-                            return Ok::<_, Infallible>(r);
                         }
                         Ok::<_, Infallible>(admin.handle(req).await)
                     }
