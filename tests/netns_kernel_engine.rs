@@ -13,28 +13,6 @@ use std::time::Duration;
 use common::netns::*;
 use common::*;
 
-const NOBODY: &str = "65534";
-
-/// Whether this machine lets an unprivileged user make a user namespace.
-fn userns_allowed() -> bool {
-    Command::new("setpriv")
-        .args([
-            "--reuid",
-            NOBODY,
-            "--regid",
-            NOBODY,
-            "--clear-groups",
-            "unshare",
-            "-Urn",
-            "true",
-        ])
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// A config dir readable by the unprivileged user: a WireGuard server at
-/// 10.192.0.1 with the kernel engine (the node's default) and a pipe on
-/// its VPN address to nginx on the namespace's loopback.
 fn config(key: &str, peer_key: &str, admin: &str) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
@@ -62,15 +40,6 @@ fn config(key: &str, peer_key: &str, admin: &str) -> tempfile::TempDir {
 }
 
 /// `chmod -R a+rX`: the unprivileged user reads the files.
-fn open_to_all(p: &Path) {
-    let ok = Command::new("chmod")
-        .args(["-R", "a+rX"])
-        .arg(p)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
 
 /// The kernel engine helpers whose parent is `pid`: (pid, uid, net namespace).
 fn helpers_of(pid: u32) -> Vec<(u32, u32, String)> {
@@ -133,25 +102,7 @@ fn unprivileged_kernel_engine_carries_a_wireguard_go_peer() {
     // /dev/net/tun is 0600 root here: the test gives the unprivileged
     // meshgate its own open TUN node, bound over /dev/net/tun in a private
     // mount namespace, so nothing changes for the rest of the machine.
-    let dev = tempfile::tempdir().unwrap();
-    let node = dev.path().join("tun");
-    let made = Command::new("mknod")
-        .arg(&node)
-        .args(["c", "10", "200"])
-        .status()
-        .unwrap()
-        .success();
-    assert!(made, "mknod failed");
-    Command::new("chmod")
-        .arg("666")
-        .arg(&node)
-        .status()
-        .unwrap();
-    open_to_all(dev.path());
-    let script = format!(
-        "mount --bind {} /dev/net/tun && exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups \"$@\"",
-        node.display()
-    );
+    let (_dev, script) = tun_for_nobody();
     let mg = NsMeshgate::start_wrapped(
         &server,
         &["unshare", "-m", "sh", "-c", &script, "sh"],

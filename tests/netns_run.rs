@@ -8,20 +8,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::netns::*;
 use common::*;
-
-const NOBODY: &str = "65534";
-
-fn userns_allowed() -> bool {
-    Command::new("setpriv")
-        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
-        .args(["unshare", "-Urn", "true"])
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 fn write(dir: &Path, rel: &str, text: &str) {
     let p = dir.join(rel);
@@ -90,33 +79,9 @@ fn meshgate_run_reaches_a_wireguard_site_by_name_and_nothing_else() {
         &key.public_key().to_string(),
         "allowed-ips 10.194.0.1/32",
     );
-    let chmod = Command::new("chmod")
-        .args(["-R", "a+rX"])
-        .arg(d)
-        .status()
-        .unwrap();
-    assert!(chmod.success());
-
-    // /dev/net/tun is 0600 root here: nobody gets its own open TUN node,
-    // bound over /dev/net/tun in a private mount namespace.
-    let dev = tempfile::tempdir().unwrap();
-    let node = dev.path().join("tun");
-    let made = Command::new("mknod")
-        .arg(&node)
-        .args(["c", "10", "200"])
-        .status()
-        .unwrap();
-    assert!(made.success(), "mknod failed");
-    Command::new("chmod")
-        .arg("666")
-        .arg(&node)
-        .status()
-        .unwrap();
-    Command::new("chmod")
-        .args(["a+rx"])
-        .arg(dev.path())
-        .status()
-        .unwrap();
+    open_to_all(d);
+    // /dev/net/tun is 0600 root here: nobody gets its own open TUN node.
+    let (_dev, wrapper) = tun_for_nobody();
 
     // The probe that must fail from inside first succeeds from the host
     // meshgate runs on.
@@ -131,10 +96,6 @@ fn meshgate_run_reaches_a_wireguard_site_by_name_and_nothing_else() {
         echo \"site: $out\"; \
         echo \"host: $(curl -s -m 5 -o /dev/null -w '%{http_code}' http://10.232.40.2/)\"; \
         exit 7";
-    let wrapper = format!(
-        "mount --bind {} /dev/net/tun && exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups \"$@\"",
-        node.display()
-    );
     let out = host
         .cmd("unshare")
         .args(["-m", "sh", "-c", &wrapper, "sh"])

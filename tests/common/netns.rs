@@ -362,3 +362,54 @@ pub fn nginx_in(ns: &mut Netns, listen: &str, body: &str) -> tempfile::TempDir {
     );
     dir
 }
+
+/// The unprivileged user tests run meshgate as.
+pub const NOBODY: &str = "65534";
+
+/// Whether `nobody` may make a user + network namespace here.
+pub fn userns_allowed() -> bool {
+    Command::new("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
+        .args(["unshare", "-Urn", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Makes `p` (and everything in it) readable by every user.
+pub fn open_to_all(p: &Path) {
+    let ok = Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(p)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// A TUN device node any user may open, in a directory of its own, and the
+/// shell line that binds it over `/dev/net/tun` in a private mount
+/// namespace and runs `"$@"` as [`NOBODY`] (for `unshare -m sh -c LINE sh
+/// PROGRAM ARGS...`). `/dev/net/tun` is 0600 root on this machine; nothing
+/// changes for the rest of it.
+pub fn tun_for_nobody() -> (tempfile::TempDir, String) {
+    let dev = tempfile::tempdir().unwrap();
+    let node = dev.path().join("tun");
+    let made = Command::new("mknod")
+        .arg(&node)
+        .args(["c", "10", "200"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(made, "mknod failed");
+    Command::new("chmod")
+        .arg("666")
+        .arg(&node)
+        .status()
+        .unwrap();
+    open_to_all(dev.path());
+    let line = format!(
+        "mount --bind {} /dev/net/tun && exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups \"$@\"",
+        node.display()
+    );
+    (dev, line)
+}
