@@ -39,8 +39,6 @@ fn config(key: &str, peer_key: &str, admin: &str) -> tempfile::TempDir {
     d
 }
 
-/// `chmod -R a+rX`: the unprivileged user reads the files.
-
 /// The kernel engine helpers whose parent is `pid`: (pid, uid, net namespace).
 fn helpers_of(pid: u32) -> Vec<(u32, u32, String)> {
     let mut out = Vec::new();
