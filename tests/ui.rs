@@ -234,6 +234,32 @@ fn the_dashboard_shows_flows_live_as_text_and_the_api_needs_the_token() {
     ]);
     assert!(v["flow_appeared_s"].as_f64().unwrap() <= 2.0, "{v}");
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "{shot}");
+
+    // Live streams have a budget: 32 held open, the 33rd is refused (503)
+    // while the API still answers; once they go, a new one is served.
+    let open_stream = || {
+        let mut s = TcpStream::connect_timeout(&mg.admin, Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        write!(
+            s,
+            "GET /api/v1/events HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        (s, String::from_utf8_lossy(&head).to_string())
+    };
+    let held: Vec<TcpStream> = (0..32)
+        .map(|i| {
+            let (s, head) = open_stream();
+            assert_eq!(head, "HTTP/1.1 200", "stream {i}");
+            s
+        })
+        .collect();
+    assert_eq!(open_stream().1, "HTTP/1.1 503");
+    assert_eq!(get(mg.admin, "/api/v1/node", Some(TOKEN)).0, 200);
+    drop(held);
+    assert!(wait_until(Duration::from_secs(5), || open_stream().1 == "HTTP/1.1 200"));
 }
 
 #[test]
