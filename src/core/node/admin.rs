@@ -365,7 +365,11 @@ impl Admin {
             let _permit = permit;
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    // The client went (hyper dropped the body): let the slot go now.
+                    _ = tx.closed() => return,
+                }
                 let v = me.overview(tenant.as_deref()).await;
                 let frame = format!("event: overview\ndata: {v}\n\n");
                 if tx.send(Bytes::from(frame)).await.is_err() {

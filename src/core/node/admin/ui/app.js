@@ -290,8 +290,8 @@ function renderDetail(t) {
   drawTopology(t, vnets, links, doors);
 }
 
-// The node in the middle, the tenant's modules around it, WireGuard peers
-// and link servers outside them.
+// The node at the corner, the tenant in the middle with its modules around
+// it, WireGuard peers and link servers outside them.
 function drawTopology(t, vnets, links, doors) {
   const g = $('topology');
   const W = 800, H = 360, cx = W / 2, cy = H / 2;
@@ -326,6 +326,11 @@ function drawTopology(t, vnets, links, doors) {
     shapes.push(svg('circle', { cx: x, cy: y, r: 8, class: it.cls }));
     labels.push(svg('text', { x: x + 10, y: y + 4 }, it.label));
   });
+  // The node this tenant runs on, to the left.
+  const nx = 40, ny = 30;
+  shapes.push(svg('line', { x1: nx, y1: ny, x2: cx, y2: cy }));
+  shapes.push(svg('circle', { cx: nx, cy: ny, r: 10, class: 'node-node' }));
+  labels.push(svg('text', { x: nx + 13, y: ny + 4 }, 'node ' + ((state.last && state.last.node && state.last.node.node) || '')));
   shapes.push(svg('circle', { cx, cy, r: 12, class: 'node-tenant' }));
   labels.push(svg('text', { x: cx + 15, y: cy + 4 }, t.name));
   g.replaceChildren(...shapes, ...labels);
