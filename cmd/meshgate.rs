@@ -349,7 +349,12 @@ async fn run_command(
         Ok(c) => c,
         Err(e) => {
             node.shutdown(Duration::from_secs(1)).await;
-            return fail(&[format!("cannot run {:?}: {e}", args.command[0])]);
+            fail(&[format!("cannot run {:?}: {e}", args.command[0])]);
+            // As a shell (and `env`) says it: 127 not found, 126 not runnable.
+            return ExitCode::from(match e.kind() {
+                std::io::ErrorKind::NotFound => 127,
+                _ => 126,
+            });
         }
     };
     tracing::info!(pid = ?child.id(), namespace = pid, "running");

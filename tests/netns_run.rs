@@ -134,4 +134,29 @@ fn meshgate_run_reaches_a_wireguard_site_by_name_and_nothing_else() {
     );
     assert!(!log.contains("tenant=\"other\""), "{ctx}");
     assert_eq!(helpers("acme/meshgate-run"), 0);
+
+    // What a user gets wrong is said: a tenant that is not there (naming
+    // those that are), a command that is not there (127, as a shell says).
+    let run = |tenant: &str, cmd: &str| {
+        host.cmd("unshare")
+            .args(["-m", "sh", "-c", &wrapper, "sh"])
+            .arg(env!("CARGO_BIN_EXE_meshgate"))
+            .arg("--config-dir")
+            .arg(d)
+            .args(["run", "--tenant", tenant, "--", cmd])
+            .output()
+            .unwrap()
+    };
+    let out = run("acmee", "true");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("has no tenant `acmee` (it has: acme, other)"),
+        "{err}"
+    );
+    let out = run("acme", "/no/such/program");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(127), "{err}");
+    assert!(err.contains("cannot run \"/no/such/program\""), "{err}");
+    assert_eq!(helpers("acme/meshgate-run"), 0);
 }
