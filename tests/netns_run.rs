@@ -46,9 +46,15 @@ fn meshgate_run_reaches_a_wireguard_site_by_name_and_nothing_else() {
     }
     let mut site = Netns::new("rsite");
     let host = Netns::new("rhost");
-    link(&host, "10.232.40.1/24", &site, "10.232.40.2/24");
+    link(
+        &host,
+        "10.232.40.1/24,fd00:232::1/64",
+        &site,
+        "10.232.40.2/24,fd00:232::2/64",
+    );
     let wg = WgGo::new(&site, "10.194.0.2/24", Some(51820));
     let _nginx = nginx_in(&mut site, "0.0.0.0:80", "inside the site\n");
+    let _nginx6 = nginx_in(&mut site, "[::]:80", "inside the site\n");
 
     let key = meshgate::core::keys::PrivateKey::generate();
     let cfg = tempfile::tempdir().unwrap();
@@ -57,7 +63,7 @@ fn meshgate_run_reaches_a_wireguard_site_by_name_and_nothing_else() {
     write(
         d,
         "tenants/acme/corp.yaml",
-        "kind: vnet\ndefault: true\nhosts:\n  nginx: 10.194.0.2\n",
+        "kind: vnet\ndefault: true\nhosts:\n  nginx: 10.194.0.2\nroutes:\n  - to: fd00:232::/64\n    via: direct\n",
     );
     write(
         d,
@@ -95,6 +101,7 @@ fn meshgate_run_reaches_a_wireguard_site_by_name_and_nothing_else() {
         for i in 1 2 3 4 5 6 7 8 9 10; do out=$(curl -s -m 3 http://nginx/) && break; sleep 1; done; \
         echo \"site: $out\"; \
         echo \"host: $(curl -s -m 5 -o /dev/null -w '%{http_code}' http://10.232.40.2/)\"; \
+        echo \"v6: $(curl -g -s -m 5 'http://[fd00:232::2]/')\"; \
         exit 7";
     let out = host
         .cmd("unshare")
@@ -121,6 +128,10 @@ fn meshgate_run_reaches_a_wireguard_site_by_name_and_nothing_else() {
         log.contains("dst=\"nginx:80\"") && log.contains("dialed=Some(\"10.194.0.2:80\")"),
         "{ctx}"
     );
+    // IPv6 leaves the namespace too, where the vnet routes it (the site's
+    // link address, `direct` from the host meshgate runs on).
+    assert!(stdout.contains("v6: inside the site\n"), "{ctx}");
+    assert!(log.contains("dst=\"[fd00:232::2]:80\""), "{ctx}");
     // The host's reach is not CMD's: no route in the vnet, refused.
     assert!(stdout.contains("host: 000\n"), "{ctx}");
     assert!(

@@ -30,6 +30,10 @@ struct RawConfig {}
 pub const GATEWAY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 77, 1);
 /// The namespace's address on the link.
 pub const INSIDE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 77, 2);
+/// The door's IPv6 address on the link (a unique local address).
+pub const GATEWAY6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd6d, 0x6773, 0, 0, 0, 0, 0, 1);
+/// The namespace's IPv6 address on the link.
+pub const INSIDE6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd6d, 0x6773, 0, 0, 0, 0, 0, 2);
 
 /// A checked netns config.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,11 +5,11 @@
 //! # How it is built
 //!
 //! At bind the door starts a kernel engine ([`KernelEngine`]: a TUN `mg0`
-//! in an unnamed user + network namespace, address 169.254.77.2/30 and the
-//! default route through it; no privilege where user namespaces are
-//! allowed, nothing changed on the host's network) and joins the TUN back
-//! to back with a userspace stack ([`NetStack`], 169.254.77.1/30) on
-//! meshgate's side. The stack's transparent listener
+//! in an unnamed user + network namespace, addresses 169.254.77.2/30 and
+//! fd6d:6773::2/64 and the default routes through it; no privilege where
+//! user namespaces are allowed, nothing changed on the host's network) and
+//! joins the TUN back to back with a userspace stack ([`NetStack`],
+//! 169.254.77.1 and fd6d:6773::1) on meshgate's side. The stack's transparent listener
 //! ([`NetStack::listen_transparent`]) takes every TCP connection the
 //! namespace makes, to any address, with its original destination, and
 //! each takes the one path (route in `vnet:`, flow, policy, dial, proxy,
@@ -21,8 +21,9 @@
 //! address is dialed by the name, so it resolves where the tenant's vnet
 //! says (`hosts:`, its `dns:` server, the far side of a gateway link) and
 //! policy sees the name. A name the vnet has no route for gets NXDOMAIN;
-//! AAAA queries get no address (the namespace has IPv4 only). Other UDP
-//! and IPv6 do not leave the namespace.
+//! AAAA queries get no address (synthetic addresses are IPv4), so programs
+//! dial names over IPv4; IPv6 addresses are dialed as they are. Other UDP
+//! does not leave the namespace.
 //!
 //! The helper's process id is in the status: `/proc/PID/ns/net` is the
 //! namespace. Dropping the listener (drain, stop) ends the helper, and the
@@ -54,7 +55,7 @@ use crate::core::spine::onramp::{
 };
 use crate::core::spine::reject::RejectReason;
 
-pub use config::{NetnsConfig, GATEWAY, INSIDE};
+pub use config::{NetnsConfig, GATEWAY, GATEWAY6, INSIDE, INSIDE6};
 use names::Names;
 
 /// Builds netns doors.
@@ -98,6 +99,7 @@ impl PacketSink for Link {
 /// and the DNS stub's task.
 struct NamespaceListener {
     tcp: NetTcpListener,
+    tcp6: NetTcpListener,
     kernel: Arc<KernelEngine>,
     stack: NetStack,
     _dns: tokio_util::sync::DropGuard,
@@ -113,12 +115,16 @@ impl Drop for NamespaceListener {
 #[async_trait]
 impl StreamListener for NamespaceListener {
     async fn accept(&mut self) -> std::io::Result<(Stream, SocketAddr)> {
-        StreamListener::accept(&mut self.tcp).await
+        let (s, src, _) = self.accept_addressed().await?;
+        Ok((s, src))
     }
     async fn accept_addressed(
         &mut self,
     ) -> std::io::Result<(Stream, SocketAddr, Option<SocketAddr>)> {
-        self.tcp.accept_addressed().await
+        tokio::select! {
+            r = self.tcp.accept_addressed() => r,
+            r = self.tcp6.accept_addressed() => r,
+        }
     }
     fn local_addr(&self) -> SocketAddr {
         SocketAddr::new(GATEWAY.into(), 0)
@@ -131,7 +137,7 @@ impl Netns {
     /// own address and for a synthetic address no name holds.
     fn target_of(&self, dst: SocketAddr) -> Option<HostPort> {
         let ip = dst.ip().to_canonical();
-        if ip == IpAddr::V4(GATEWAY) {
+        if ip == IpAddr::V4(GATEWAY) || ip == IpAddr::V6(GATEWAY6) {
             return None;
         }
         let host = if names::is_synthetic(ip) {
@@ -282,7 +288,10 @@ impl Door for Netns {
         let ctx = onramp.ctx();
         let to_stack = Arc::new(Link::default());
         let engine_cfg = EngineConfig {
-            addresses: vec![ipnet::IpNet::new(INSIDE.into(), 30).expect("a /30")],
+            addresses: vec![
+                ipnet::IpNet::new(INSIDE.into(), 30).expect("a /30"),
+                ipnet::IpNet::new(INSIDE6.into(), 64).expect("a /64"),
+            ],
             mtu: MTU,
             keep_alive: None,
             tcp_timeout: crate::core::engine::DEFAULT_TCP_TIMEOUT,
@@ -295,8 +304,10 @@ impl Door for Netns {
             .map_err(|e| {
                 ConfigError::key(source, "kind", format!("cannot make the namespace: {e}"))
             })?;
-        let mut stack_cfg =
-            NetStackConfig::new(vec![ipnet::IpNet::new(GATEWAY.into(), 30).expect("a /30")]);
+        let mut stack_cfg = NetStackConfig::new(vec![
+            ipnet::IpNet::new(GATEWAY.into(), 30).expect("a /30"),
+            ipnet::IpNet::new(GATEWAY6.into(), 64).expect("a /64"),
+        ]);
         stack_cfg.mtu = MTU;
         let to_kernel = Arc::new(Link::default());
         let _ = to_kernel.0.set(kernel.clone() as Arc<dyn IpEngine>);
@@ -306,13 +317,16 @@ impl Door for Netns {
         ctx.metrics
             .refreshed_subsystem::<crate::core::engine::userspace::metrics::NetStackMetrics>()
             .track(&ctx.tenant.name, &ctx.instance, &engine);
-        let tcp = stack.listen_transparent(false).map_err(|e| {
-            ConfigError::key(
-                source,
-                "kind",
-                format!("cannot listen in the namespace: {e}"),
-            )
-        })?;
+        let listen = |ipv6| {
+            stack.listen_transparent(ipv6).map_err(|e| {
+                ConfigError::key(
+                    source,
+                    "kind",
+                    format!("cannot listen in the namespace: {e}"),
+                )
+            })
+        };
+        let (tcp, tcp6) = (listen(false)?, listen(true)?);
         let udp = stack
             .bind_udp(SocketAddr::new(GATEWAY.into(), 53))
             .map_err(|e| {
@@ -336,6 +350,7 @@ impl Door for Netns {
         tracing::info!(tenant = %ctx.tenant.name, instance = %ctx.instance, pid = ?pid, "namespace ready: its only way out is this door");
         Ok(Box::new(NamespaceListener {
             tcp,
+            tcp6,
             kernel,
             stack,
             _dns: stop.drop_guard(),
@@ -353,7 +368,10 @@ impl Door for Netns {
         status.remove("listen_via");
         let pid = *self.pid.lock().unwrap_or_else(|e| e.into_inner());
         status.insert("pid".into(), serde_json::json!(pid));
-        status.insert("address".into(), INSIDE.to_string().into());
+        status.insert(
+            "addresses".into(),
+            serde_json::json!([INSIDE.to_string(), INSIDE6.to_string()]),
+        );
         status.insert("dns".into(), GATEWAY.to_string().into());
         status.insert("names".into(), self.names.len().into());
         status.insert(
