@@ -130,7 +130,7 @@ def scale(base, token, flows, shot):
         t1 = time.time()
         d.execute_script("document.querySelector('#tenants tbody tr:nth-child(2) button').click()")
         wait(lambda: stats(d)["updates"] > before and d.find_element(By.ID, "tenant-name").text != "Tenant acme",
-             5, "another tenant opens")
+             20, "another tenant opens")
         switched = time.time() - t1
         d.save_screenshot(shot)
         bad = errors(d)
