@@ -55,6 +55,13 @@ fn meshgate_run_reaches_a_wireguard_site_by_name_and_nothing_else() {
     let wg = WgGo::new(&site, "10.194.0.2/24", Some(51820));
     let _nginx = nginx_in(&mut site, "0.0.0.0:80", "inside the site\n");
     let _nginx6 = nginx_in(&mut site, "[::]:80", "inside the site\n");
+    // A UDP echo in the site, for datagrams from inside.
+    let mut echo = site.cmd("python3");
+    echo.args([
+        "-c",
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 7007))\nwhile True:\n    d, a = s.recvfrom(2048)\n    s.sendto(d, a)\n",
+    ]);
+    site.spawn(echo);
 
     let key = meshgate::core::keys::PrivateKey::generate();
     let cfg = tempfile::tempdir().unwrap();
@@ -102,6 +109,7 @@ fn meshgate_run_reaches_a_wireguard_site_by_name_and_nothing_else() {
         echo \"site: $out\"; \
         echo \"host: $(curl -s -m 5 -o /dev/null -w '%{http_code}' http://10.232.40.2/)\"; \
         echo \"v6: $(curl -g -s -m 5 'http://[fd00:232::2]/')\"; \
+        python3 -c \"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); s.sendto(b'ping', ('nginx', 7007)); print('udp:', s.recvfrom(100)[0].decode())\"; \
         exit 7";
     let out = host
         .cmd("unshare")
@@ -126,6 +134,13 @@ fn meshgate_run_reaches_a_wireguard_site_by_name_and_nothing_else() {
     assert!(stdout.contains("site: inside the site\n"), "{ctx}");
     assert!(
         log.contains("dst=\"nginx:80\"") && log.contains("dialed=Some(\"10.194.0.2:80\")"),
+        "{ctx}"
+    );
+    // UDP too, by name, through the site's WireGuard, answered from the
+    // address the program sent to (else the socket would not take it).
+    assert!(stdout.contains("udp: ping\n"), "{ctx}");
+    assert!(
+        log.contains("protocol=udp") && log.contains("dst=\"nginx:7007\""),
         "{ctx}"
     );
     // IPv6 leaves the namespace too, where the vnet routes it (the site's

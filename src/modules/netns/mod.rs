@@ -22,8 +22,10 @@
 //! says (`hosts:`, its `dns:` server, the far side of a gateway link) and
 //! policy sees the name. A name the vnet has no route for gets NXDOMAIN;
 //! AAAA queries get no address (synthetic addresses are IPv4), so programs
-//! dial names over IPv4; IPv6 addresses are dialed as they are. Other UDP
-//! does not leave the namespace.
+//! dial names over IPv4; IPv6 addresses are dialed as they are. UDP to
+//! anywhere else takes the one transparent UDP path
+//! ([`OnRamp::serve_transparent_udp`]): a session per (source,
+//! destination), answered from the address the program sent to.
 //!
 //! The helper's process id is in the status: `/proc/PID/ns/net` is the
 //! namespace. Dropping the listener (drain, stop) ends the helper, and the
@@ -50,6 +52,7 @@ use crate::core::net::dns;
 use crate::core::net::listen::StreamListener;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
+use crate::core::spine::onramp::transparent::{SessionRules, TransparentDatagrams};
 use crate::core::spine::onramp::{
     Accepted, ConnectRequest, OnRamp, RouteVia, StreamHandler, Target,
 };
@@ -131,24 +134,39 @@ impl StreamListener for NamespaceListener {
     }
 }
 
-impl Netns {
-    /// Where a connection the namespace made to `dst` goes: a synthetic
-    /// address as its name, another as itself; `None` for the gateway's
-    /// own address and for a synthetic address no name holds.
-    fn target_of(&self, dst: SocketAddr) -> Option<HostPort> {
-        let ip = dst.ip().to_canonical();
-        if ip == IpAddr::V4(GATEWAY) || ip == IpAddr::V6(GATEWAY6) {
-            return None;
-        }
-        let host = if names::is_synthetic(ip) {
-            self.names.name_of(ip)?
-        } else {
-            ip.to_string()
-        };
-        Some(HostPort {
-            host,
-            port: dst.port(),
-        })
+/// Where a connection or datagram the namespace sent to `dst` goes: a
+/// synthetic address as its name, another as itself; `None` for the
+/// gateway's own addresses and for a synthetic address no name holds.
+fn target_of(names: &Names, dst: SocketAddr) -> Option<HostPort> {
+    let ip = dst.ip().to_canonical();
+    if ip == IpAddr::V4(GATEWAY) || ip == IpAddr::V6(GATEWAY6) {
+        return None;
+    }
+    let host = if names::is_synthetic(ip) {
+        names.name_of(ip)?
+    } else {
+        ip.to_string()
+    };
+    Some(HostPort {
+        host,
+        port: dst.port(),
+    })
+}
+
+/// The stack's transparent UDP as the one transparent UDP path takes it.
+struct NamespaceUdp(crate::core::engine::userspace::NetUdpTransparent);
+
+#[async_trait]
+impl TransparentDatagrams for NamespaceUdp {
+    async fn recv(
+        &self,
+        buf: &mut [u8],
+    ) -> std::io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
+        let (n, from, to) = self.0.recv(buf).await?;
+        Ok((n, from, Some(to)))
+    }
+    fn reply_from(&self, orig: SocketAddr) -> std::io::Result<Arc<dyn DatagramSocket>> {
+        Ok(self.0.reply_from(orig))
     }
 }
 
@@ -161,7 +179,8 @@ impl StreamHandler for Netns {
     async fn handle(&self, onramp: &Arc<OnRamp>, client: Stream, conn: Accepted) {
         let cfg = self.live.get();
         let ctx = onramp.ctx();
-        let Some((dst, target)) = conn.dst.and_then(|d| Some((d, self.target_of(d)?))) else {
+        let Some((dst, target)) = conn.dst.and_then(|d| Some((d, target_of(&self.names, d)?)))
+        else {
             ctx.metrics
                 .reject(&ctx.tenant.name, &ctx.instance, RejectReason::NotCaptured);
             if let Some(suppressed) = crate::core::logs::allow("netns.no_target") {
@@ -336,7 +355,29 @@ impl Door for Netns {
                     format!("cannot serve DNS in the namespace: {e}"),
                 )
             })?;
+        let any_udp = stack.transparent_udp().map_err(|e| {
+            ConfigError::key(
+                source,
+                "kind",
+                format!("cannot take UDP in the namespace: {e}"),
+            )
+        })?;
         let stop = CancellationToken::new();
+        let names = self.names.clone();
+        let live = self.live.clone();
+        tokio::spawn(onramp.clone().serve_transparent_udp(
+            Arc::new(NamespaceUdp(any_udp)),
+            move |dst| target_of(&names, dst),
+            move || {
+                let c = live.get();
+                SessionRules {
+                    via: RouteVia::Vnet(c.door.vnet.clone()),
+                    max: c.door.max_connections,
+                    connect_timeout: c.door.connect_timeout,
+                }
+            },
+            stop.clone(),
+        ));
         tokio::spawn(serve_dns(
             udp,
             self.names.clone(),

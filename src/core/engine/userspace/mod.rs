@@ -111,7 +111,7 @@ pub fn inspect_packet(packet: &[u8]) -> (bool, bool) {
     (ok, syn)
 }
 pub use tcp::{NetTcpListener, NetTcpStream};
-pub use udp::NetUdpSocket;
+pub use udp::{NetUdpSocket, NetUdpTransparent};
 
 /// The most addresses one stack can hold (smoltcp's `iface-max-addr-count`).
 pub const MAX_ADDRESSES: usize = 2;
@@ -331,6 +331,12 @@ impl NetStack {
     /// unspecified address of a family; port 0 picks one).
     pub fn bind_udp(&self, local: SocketAddr) -> std::io::Result<NetUdpSocket> {
         udp::bind(self.shared(), self.owner.sink.clone(), local)
+    }
+
+    /// Takes every UDP datagram no bound socket takes, to any address
+    /// ([`NetUdpTransparent`]; one per stack, `AddrInUse` for a second).
+    pub fn transparent_udp(&self) -> std::io::Result<NetUdpTransparent> {
+        udp::transparent(self.shared(), self.owner.sink.clone())
     }
 
     /// The addresses in use (see [`NetStackConfig::addresses`]).

@@ -369,6 +369,41 @@ async fn a_transparent_listener_takes_any_destination_and_knows_it() {
     b.shutdown();
 }
 
+/// Transparent UDP takes datagrams to any address no bound socket takes,
+/// and answers from the address the client sent to.
+#[tokio::test]
+async fn transparent_udp_takes_any_destination_and_answers_from_it() {
+    use crate::core::net::datagram::DatagramSocket;
+    let (a, b) = pair("10.9.0.1/24", "10.9.0.2/24");
+    let client = a.bind_udp(sa("10.9.0.1:0")).unwrap();
+    let own = b.bind_udp(sa("10.9.0.2:53")).unwrap();
+    let any = b.transparent_udp().unwrap();
+    let e = b.transparent_udp().err().unwrap();
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+    let far = sa("203.0.113.9:5000");
+    client.send_to(b"hello", far).await.unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from, to) = within("transparent recv", any.recv(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        (&buf[..n], from, to),
+        (&b"hello"[..], client.local_addr().unwrap(), far)
+    );
+    any.reply_from(far).send_to(b"back", from).await.unwrap();
+    let (n, src) = within("reply", client.recv_from(&mut buf)).await.unwrap();
+    assert_eq!((&buf[..n], src), (&b"back"[..], far));
+    // A bound socket still takes its own port.
+    client.send_to(b"dns", sa("10.9.0.2:53")).await.unwrap();
+    let (n, _) = within("bound recv", own.recv_from(&mut buf)).await.unwrap();
+    assert_eq!(&buf[..n], b"dns");
+    // Dropped: another may take its place.
+    drop(any);
+    assert!(b.transparent_udp().is_ok());
+    a.shutdown();
+    b.shutdown();
+}
+
 #[tokio::test]
 async fn tcp_over_ipv6_from_a_dual_stack_node() {
     let (a, b, _) = wired(

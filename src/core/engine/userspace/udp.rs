@@ -24,11 +24,15 @@ use crate::core::net::datagram::DatagramSocket;
 const SOCKET_QUEUE: usize = 1024;
 
 type Datagram = (Vec<u8>, SocketAddr);
+/// A datagram taken transparently: payload, source, destination.
+type Addressed = (Vec<u8>, SocketAddr, SocketAddr);
 
 /// The bound UDP sockets of one stack.
 #[derive(Default)]
 pub(super) struct UdpTable {
     bound: Mutex<HashMap<(IpAddr, u16), mpsc::Sender<Datagram>>>,
+    /// What no bound socket takes, to any address ([`transparent`]).
+    transparent: Mutex<Option<mpsc::Sender<Addressed>>>,
 }
 
 impl UdpTable {
@@ -70,7 +74,17 @@ impl UdpTable {
         };
         let map = self.bound.lock().expect("udp table poisoned");
         let Some(tx) = map.get(&(dst, port)).or_else(|| map.get(&(any, port))) else {
-            return false;
+            drop(map);
+            let transparent = self.transparent.lock().expect("udp table poisoned");
+            let Some(tx) = transparent.as_ref() else {
+                return false;
+            };
+            let _ = tx.try_send((
+                udp.payload().to_vec(),
+                SocketAddr::new(src, udp.source_port()),
+                SocketAddr::new(dst, port),
+            ));
+            return true;
         };
         // A full queue drops the datagram, as a full socket buffer would.
         let _ = tx.try_send((
@@ -147,12 +161,6 @@ pub(super) fn bind(
 #[async_trait]
 impl DatagramSocket for NetUdpSocket {
     async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<usize> {
-        if self.shared.stop.is_cancelled() {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the virtual network's IP stack is shut down",
-            ));
-        }
         let src = if self.local.ip().is_unspecified() {
             source_for(&self.shared.addresses, to.ip())
         } else {
@@ -164,31 +172,13 @@ impl DatagramSocket for NetUdpSocket {
                 format!("no address of {to}'s family to send from"),
             )
         })?;
-        let builder = match (src, to.ip()) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
-            (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
-            _ => unreachable!("the source has the destination's family"),
-        }
-        .udp(self.local.port(), to.port());
-        let size = builder.size(data.len());
-        if size > self.shared.limits.mtu {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "a {}-byte datagram does not fit the virtual network's MTU ({}); it is not fragmented",
-                    data.len(),
-                    self.shared.limits.mtu
-                ),
-            ));
-        }
-        let mut packet = Vec::with_capacity(size);
-        builder
-            .write(&mut packet, data)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        bump(&self.shared.counters.packets_out);
-        self.sink.send(&packet);
-        self.sink.flush();
-        Ok(data.len())
+        send_from(
+            &self.shared,
+            &*self.sink,
+            SocketAddr::new(src, self.local.port()),
+            to,
+            data,
+        )
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
@@ -211,5 +201,143 @@ impl DatagramSocket for NetUdpSocket {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local)
+    }
+}
+
+/// Builds one UDP packet from `src` to `to` and hands it to the sink.
+fn send_from(
+    shared: &Shared,
+    sink: &dyn PacketSink,
+    src: SocketAddr,
+    to: SocketAddr,
+    data: &[u8],
+) -> io::Result<usize> {
+    if shared.stop.is_cancelled() {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the virtual network's IP stack is shut down",
+        ));
+    }
+    let builder = match (src.ip(), to.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                format!("cannot send from {src} to {to}: not one IP family"),
+            ))
+        }
+    }
+    .udp(src.port(), to.port());
+    let size = builder.size(data.len());
+    if size > shared.limits.mtu {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a {}-byte datagram does not fit the virtual network's MTU ({}); it is not fragmented",
+                data.len(),
+                shared.limits.mtu
+            ),
+        ));
+    }
+    let mut packet = Vec::with_capacity(size);
+    builder
+        .write(&mut packet, data)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    bump(&shared.counters.packets_out);
+    sink.send(&packet);
+    sink.flush();
+    Ok(data.len())
+}
+
+/// Takes every datagram no bound socket takes, to any address: what a
+/// TPROXY socket gives a kernel socket, for a stack that is a namespace's
+/// only way out. One per stack; dropping it stops taking them.
+pub struct NetUdpTransparent {
+    shared: Arc<Shared>,
+    sink: Arc<dyn PacketSink>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Addressed>>,
+}
+
+/// See [`NetStack::transparent_udp`](super::NetStack::transparent_udp).
+pub(super) fn transparent(
+    shared: &Arc<Shared>,
+    sink: Arc<dyn PacketSink>,
+) -> io::Result<NetUdpTransparent> {
+    let mut slot = shared.udp.transparent.lock().expect("udp table poisoned");
+    if slot.as_ref().is_some_and(|tx| !tx.is_closed()) {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "this virtual network already takes UDP transparently",
+        ));
+    }
+    let (tx, rx) = mpsc::channel(SOCKET_QUEUE);
+    *slot = Some(tx);
+    Ok(NetUdpTransparent {
+        shared: shared.clone(),
+        sink,
+        rx: tokio::sync::Mutex::new(rx),
+    })
+}
+
+impl Drop for NetUdpTransparent {
+    fn drop(&mut self) {
+        *self
+            .shared
+            .udp
+            .transparent
+            .lock()
+            .expect("udp table poisoned") = None;
+    }
+}
+
+impl NetUdpTransparent {
+    /// One datagram: its length, source and destination.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, SocketAddr)> {
+        let mut rx = self.rx.lock().await;
+        let stop = self.shared.stop.clone();
+        let (d, from, to) = tokio::select! {
+            _ = stop.cancelled() => None,
+            d = rx.recv() => d,
+        }
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the virtual network's IP stack is shut down",
+            )
+        })?;
+        let n = d.len().min(buf.len());
+        buf[..n].copy_from_slice(&d[..n]);
+        Ok((n, from, to))
+    }
+
+    /// A socket that sends from `from` (any address: the destination a
+    /// client sent to), for answers.
+    pub fn reply_from(&self, from: SocketAddr) -> Arc<dyn DatagramSocket> {
+        Arc::new(NetUdpReply {
+            shared: self.shared.clone(),
+            sink: self.sink.clone(),
+            from,
+        })
+    }
+}
+
+/// Sends from one address; receives nothing (answers only).
+struct NetUdpReply {
+    shared: Arc<Shared>,
+    sink: Arc<dyn PacketSink>,
+    from: SocketAddr,
+}
+
+#[async_trait]
+impl DatagramSocket for NetUdpReply {
+    async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<usize> {
+        send_from(&self.shared, &*self.sink, self.from, to, data)
+    }
+    async fn recv_from(&self, _buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        std::future::pending().await
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.from)
     }
 }

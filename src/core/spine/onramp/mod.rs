@@ -44,6 +44,7 @@ pub mod http;
 mod listen;
 pub mod publish;
 mod stream;
+pub mod transparent;
 
 pub use datagram::{Admitted, DatagramError, Datagrams};
 pub use decide::{Refusal, RouteVia};
