@@ -182,18 +182,7 @@ impl DatagramSocket for NetUdpSocket {
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let mut rx = self.rx.lock().await;
-        let stop = self.shared.stop.clone();
-        let (d, from) = tokio::select! {
-            _ = stop.cancelled() => None,
-            d = rx.recv() => d,
-        }
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the virtual network's IP stack is shut down",
-            )
-        })?;
+        let (d, from) = next(&self.rx, &self.shared).await?;
         let n = d.len().min(buf.len());
         buf[..n].copy_from_slice(&d[..n]);
         Ok((n, from))
@@ -202,6 +191,21 @@ impl DatagramSocket for NetUdpSocket {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local)
     }
+}
+
+/// The next queued datagram, or `ConnectionAborted` once the stack stops.
+async fn next<T>(rx: &tokio::sync::Mutex<mpsc::Receiver<T>>, shared: &Shared) -> io::Result<T> {
+    let mut rx = rx.lock().await;
+    tokio::select! {
+        _ = shared.stop.cancelled() => None,
+        d = rx.recv() => d,
+    }
+    .ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the virtual network's IP stack is shut down",
+        )
+    })
 }
 
 /// Builds one UDP packet from `src` to `to` and hands it to the sink.
@@ -294,18 +298,7 @@ impl Drop for NetUdpTransparent {
 impl NetUdpTransparent {
     /// One datagram: its length, source and destination.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, SocketAddr)> {
-        let mut rx = self.rx.lock().await;
-        let stop = self.shared.stop.clone();
-        let (d, from, to) = tokio::select! {
-            _ = stop.cancelled() => None,
-            d = rx.recv() => d,
-        }
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the virtual network's IP stack is shut down",
-            )
-        })?;
+        let (d, from, to) = next(&self.rx, &self.shared).await?;
         let n = d.len().min(buf.len());
         buf[..n].copy_from_slice(&d[..n]);
         Ok((n, from, to))
