@@ -312,6 +312,21 @@ impl Metrics {
         self.rejected.get_or_create(&l).inc();
     }
 
+    /// Payload bytes moved through one instance so far, both directions.
+    pub fn bytes_moved(&self, tenant: &str, instance: &str) -> u64 {
+        [Direction::upstream, Direction::downstream]
+            .into_iter()
+            .map(|direction| {
+                let l = ByteLabels {
+                    tenant: tenant.into(),
+                    instance: instance.into(),
+                    direction,
+                };
+                self.bytes.get(&l).map(|c| c.get()).unwrap_or(0)
+            })
+            .sum()
+    }
+
     /// Every refusal and failed dial counted so far, by tenant, instance
     /// and reason (both families share their reasons), sorted.
     pub fn refusals(&self) -> Vec<(ReasonLabels, u64)> {

@@ -102,12 +102,17 @@ def live(base, token, socks, backend, shot):
         wait(lambda: NAME not in identities(), 3.0, "the flow leaves the table once it ended")
         gone = time.time() - ended
         wait(lambda: handshake()[0] != first_age, 5, "the handshake age updates")
+        # The tenant's bytes count what its ended flow moved.
+        moved = lambda: d.execute_script(
+            "return [...document.querySelectorAll('#tenants tbody tr')]"
+            ".find(r => r.cells[0].textContent === 'acme').cells[3].textContent")
+        wait(lambda: moved() not in ("0 B", ""), 3, "acme's bytes include the ended flow")
         bad = errors(d)
         if bad:
             fail(f"console errors: {bad}")
         s = stats(d)
         print(json.dumps({"flow_appeared_s": round(appeared, 2), "flow_gone_s": round(gone, 2),
-                          "handshake_age": [first_age, handshake()[0]],
+                          "handshake_age": [first_age, handshake()[0]], "acme_bytes": moved(),
                           "updates": s["updates"], "update_bytes": s["lastBytes"],
                           "screenshot": shot}))
     finally:

@@ -279,7 +279,7 @@ impl Admin {
     }
 
     /// What the dashboard shows: the node; each tenant's instance count,
-    /// live flows and their bytes, refusals by reason; and for `tenant`, its
+    /// bytes moved, live flows and their bytes, refusals by reason; and for `tenant`, its
     /// modules with their details and its newest [`OVERVIEW_FLOWS`] flows.
     pub async fn overview(&self, tenant: Option<&str>) -> serde_json::Value {
         use std::collections::BTreeMap;
@@ -287,6 +287,7 @@ impl Admin {
         struct T {
             instances: usize,
             active_flows: usize,
+            bytes: u64,
             bytes_live: u64,
             refusals: BTreeMap<String, u64>,
             problems: usize,
@@ -297,6 +298,7 @@ impl Admin {
         for s in &status {
             let t = tenants.entry(s.tenant.clone()).or_default();
             t.instances += 1;
+            t.bytes += self.registry.metrics().bytes_moved(&s.tenant, &s.instance);
             if s.last_error.is_some()
                 || !matches!(s.state, crate::core::spine::registry::ModuleState::Running)
             {

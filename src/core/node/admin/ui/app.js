@@ -208,7 +208,7 @@ function renderTenants(tenants) {
       el('td', {}, el('button', { class: 'link', type: 'button', onclick: () => select(t.name) }, t.name)),
       el('td', {}, t.instances + (t.problems ? ' (' + t.problems + ' not running)' : '')),
       el('td', {}, t.active_flows),
-      el('td', {}, bytes(t.bytes_live)),
+      el('td', { title: bytes(t.bytes_live) + ' in live flows' }, bytes(t.bytes)),
       el('td', { class: bad ? 'bad' : '', title: refusals.map(([r, c]) => r + ': ' + c).join('\n') },
         total ? refusals.map(([r, c]) => r + ' ' + c).join(', ') : '0'));
   });
