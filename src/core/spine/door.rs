@@ -210,6 +210,17 @@ fn default_max_connections() -> usize {
 }
 
 impl DoorSettings {
+    /// The rules of the door's transparent UDP sessions: routed in its
+    /// `vnet`, counted against `max_connections`, opened within
+    /// `connect_timeout`.
+    pub fn session_rules(&self) -> crate::core::spine::onramp::transparent::SessionRules {
+        crate::core::spine::onramp::transparent::SessionRules {
+            via: crate::core::spine::onramp::RouteVia::Vnet(self.vnet.clone()),
+            max: self.max_connections,
+            connect_timeout: self.connect_timeout,
+        }
+    }
+
     /// The keys read here.
     pub const KEYS: [&'static str; 6] = [
         "listen",

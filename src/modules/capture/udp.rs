@@ -14,8 +14,8 @@ use super::CaptureConfig;
 use crate::core::addr::HostPort;
 use crate::core::net::datagram::{bind_reply_udp, DatagramSocket, TproxyUdp};
 use crate::core::spine::door::Live;
-use crate::core::spine::onramp::transparent::{SessionRules, TransparentDatagrams};
-use crate::core::spine::onramp::{OnRamp, RouteVia};
+use crate::core::spine::onramp::transparent::TransparentDatagrams;
+use crate::core::spine::onramp::OnRamp;
 
 struct Tproxy(TproxyUdp);
 
@@ -43,14 +43,7 @@ pub(super) async fn serve(
             port: orig.port(),
         })
     };
-    let rules = move || {
-        let c = state.get();
-        SessionRules {
-            via: RouteVia::Vnet(c.door.vnet.clone()),
-            max: c.door.max_connections,
-            connect_timeout: c.door.connect_timeout,
-        }
-    };
+    let rules = move || state.get().door.session_rules();
     onramp
         .serve_transparent_udp(Arc::new(Tproxy(socket)), target_of, rules, cancel)
         .await;

@@ -52,7 +52,7 @@ use crate::core::net::dns;
 use crate::core::net::listen::StreamListener;
 use crate::core::net::proxy::Stream;
 use crate::core::spine::door::{Door, DoorFactory, DoorSettings, Live};
-use crate::core::spine::onramp::transparent::{SessionRules, TransparentDatagrams};
+use crate::core::spine::onramp::transparent::TransparentDatagrams;
 use crate::core::spine::onramp::{
     Accepted, ConnectRequest, OnRamp, RouteVia, StreamHandler, Target,
 };
@@ -368,14 +368,7 @@ impl Door for Netns {
         tokio::spawn(onramp.clone().serve_transparent_udp(
             Arc::new(NamespaceUdp(any_udp)),
             move |dst| target_of(&names, dst),
-            move || {
-                let c = live.get();
-                SessionRules {
-                    via: RouteVia::Vnet(c.door.vnet.clone()),
-                    max: c.door.max_connections,
-                    connect_timeout: c.door.connect_timeout,
-                }
-            },
+            move || live.get().door.session_rules(),
             stop.clone(),
         ));
         tokio::spawn(serve_dns(
