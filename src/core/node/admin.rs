@@ -310,13 +310,14 @@ impl Admin {
             t.active_flows += 1;
             t.bytes_live += f.bytes_up + f.bytes_down;
         }
-        for (labels, n) in self.registry.metrics().refusals() {
+        let refusals = self.registry.metrics().refusals();
+        for (labels, n) in &refusals {
             *tenants
                 .entry(labels.tenant.clone())
                 .or_default()
                 .refusals
                 .entry(labels.reason.clone())
-                .or_default() += n;
+                .or_default() += *n;
         }
         let mut out = serde_json::json!({
             "node": self.node_summary(),
@@ -332,11 +333,8 @@ impl Admin {
             let mut mine: Vec<_> = flows.into_iter().filter(|f| f.ctx.tenant == t).collect();
             let total = mine.len();
             let newest = mine.split_off(total.saturating_sub(OVERVIEW_FLOWS));
-            let refusals: Vec<_> = self
-                .registry
-                .metrics()
-                .refusals()
-                .into_iter()
+            let refusals: Vec<_> = refusals
+                .iter()
                 .filter(|(l, _)| l.tenant == t)
                 .map(|(l, n)| serde_json::json!({"instance": l.instance, "reason": l.reason, "count": n}))
                 .collect();
