@@ -259,6 +259,27 @@ async fn serve() -> ExitCode {
     }
 }
 
+/// A node on `store` set up as `meshgate.yaml` says: the default engine,
+/// each tenant's flow budget, and where audit records go (before any flow
+/// exists).
+fn new_node(
+    store: std::sync::Arc<dyn configstore::ConfigStore>,
+    node_cfg: &NodeConfig,
+) -> Result<node::Node, String> {
+    let node = node::Node::new(store, builtin_factories(), Vec::new());
+    let registry = node.registry();
+    registry.set_default_engine(node_cfg.engine);
+    registry
+        .flows()
+        .set_tenant_max_flows(node_cfg.tenant_max_flows);
+    if let Some(audit) = registry.audit() {
+        audit
+            .set_target(node_cfg.audit.clone())
+            .map_err(|e| format!("meshgate.yaml: key `audit`: {e}"))?;
+    }
+    Ok(node)
+}
+
 /// `meshgate run`: the tenant's modules and a netns door, CMD in its
 /// namespace; CMD's exit status (128 + the signal that killed it).
 async fn run_command(
@@ -280,17 +301,11 @@ async fn run_command(
             Ok(s) => std::sync::Arc::new(s),
             Err(e) => return fail(&[e.to_string()]),
         };
-    let mut node = node::Node::new(store, builtin_factories(), Vec::new());
+    let mut node = match new_node(store, &node_cfg) {
+        Ok(n) => n,
+        Err(e) => return fail(&[e]),
+    };
     let registry = node.registry().clone();
-    registry.set_default_engine(node_cfg.engine);
-    registry
-        .flows()
-        .set_tenant_max_flows(node_cfg.tenant_max_flows);
-    if let Some(audit) = registry.audit() {
-        if let Err(e) = audit.set_target(node_cfg.audit.clone()) {
-            return fail(&[format!("meshgate.yaml: key `audit`: {e}")]);
-        }
-    }
     if let Err(lines) = node.start().await {
         return fail(&lines);
     }
@@ -412,12 +427,11 @@ async fn run(
         tracing::info!(dir = %dir.display(), "config directory chosen by default: no --config-dir or MESHGATE_CONFIG_DIR given");
     }
 
-    let mut node = node::Node::new(store.clone(), builtin_factories(), Vec::new());
+    let mut node = match new_node(store.clone(), &node_cfg) {
+        Ok(n) => n,
+        Err(e) => return fail(&[e]),
+    };
     let registry = node.registry().clone();
-    registry.set_default_engine(node_cfg.engine);
-    registry
-        .flows()
-        .set_tenant_max_flows(node_cfg.tenant_max_flows);
     // Bind the admin API first: a taken admin port is a start-up error, not a
     // surprise after the data plane is live.
     let shutdown = CancellationToken::new();
@@ -448,12 +462,8 @@ async fn run(
         }
     }
 
-    // The audit trail goes where `audit:` says before any flow exists;
-    // SIGHUP reopens its file (logrotate).
+    // SIGHUP reopens the audit file (logrotate).
     if let Some(audit) = registry.audit() {
-        if let Err(e) = audit.set_target(node_cfg.audit.clone()) {
-            return fail(&[format!("meshgate.yaml: key `audit`: {e}")]);
-        }
         if let meshgate::core::spine::audit::AuditTarget::File(path) = &node_cfg.audit {
             tracing::info!(path = %path.display(), "audit records go to a file (SIGHUP reopens it)");
             let mut hup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
