@@ -370,6 +370,29 @@ pub fn sysctl(path: &str, value: &str) -> io::Result<()> {
     std::fs::write(format!("/proc/sys/{path}"), value)
 }
 
+/// Writes `data` to `path` (a `/proc/self` file of a new user namespace);
+/// an `optional` file that cannot be opened is no error. Only system calls,
+/// no allocation: safe between fork and exec.
+fn write_proc(path: &std::ffi::CStr, data: &[u8], optional: bool) -> io::Result<()> {
+    // SAFETY: open, write and close on a NUL-terminated path and a buffer
+    // we hold for the call.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return if optional { Ok(()) } else { Err(e) };
+        }
+        let n = libc::write(fd, data.as_ptr() as *const libc::c_void, data.len());
+        let e = io::Error::last_os_error();
+        libc::close(fd);
+        if n < 0 {
+            Err(e)
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// Between fork and exec, in the child: the control socket onto
 /// [`super::helper::CONTROL_FD`], then a new user and network namespace (the user
 /// mapped to root inside). Only system calls, no allocation.
@@ -386,24 +409,9 @@ fn enter_namespaces(control: RawFd, uid_map: &[u8], gid_map: &[u8]) -> io::Resul
             return Err(io::Error::last_os_error());
         }
         if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) == 0 {
-            let write = |path: &std::ffi::CStr, data: &[u8], optional: bool| {
-                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    let e = io::Error::last_os_error();
-                    return if optional { Ok(()) } else { Err(e) };
-                }
-                let n = libc::write(fd, data.as_ptr() as *const libc::c_void, data.len());
-                let e = io::Error::last_os_error();
-                libc::close(fd);
-                if n < 0 {
-                    Err(e)
-                } else {
-                    Ok(())
-                }
-            };
-            write(c"/proc/self/setgroups", b"deny", true)?;
-            write(c"/proc/self/uid_map", uid_map, false)?;
-            write(c"/proc/self/gid_map", gid_map, false)?;
+            write_proc(c"/proc/self/setgroups", b"deny", true)?;
+            write_proc(c"/proc/self/uid_map", uid_map, false)?;
+            write_proc(c"/proc/self/gid_map", gid_map, false)?;
             return Ok(());
         }
         let e = io::Error::last_os_error();
@@ -496,25 +504,11 @@ fn enter_for_command(e: &Entry) -> io::Result<()> {
             if libc::unshare(libc::CLONE_NEWUSER) != 0 {
                 return Err(last());
             }
-            let write = |path: &std::ffi::CStr, data: &[u8]| {
-                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(last());
-                }
-                let n = libc::write(fd, data.as_ptr() as *const libc::c_void, data.len());
-                let err = last();
-                libc::close(fd);
-                if n < 0 {
-                    Err(err)
-                } else {
-                    Ok(())
-                }
-            };
             // Optional: a namespace whose parent denies setgroups already
             // denies it.
-            let _ = write(c"/proc/self/setgroups", b"deny");
-            write(c"/proc/self/uid_map", &e.uid_map)?;
-            write(c"/proc/self/gid_map", &e.gid_map)?;
+            let _ = write_proc(c"/proc/self/setgroups", b"deny", true);
+            write_proc(c"/proc/self/uid_map", &e.uid_map, false)?;
+            write_proc(c"/proc/self/gid_map", &e.gid_map, false)?;
         }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             return Err(last());
