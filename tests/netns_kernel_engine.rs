@@ -42,14 +42,7 @@ fn config(key: &str, peer_key: &str, admin: &str) -> tempfile::TempDir {
 /// The kernel engine helpers whose parent is `pid`: (pid, uid, net namespace).
 fn helpers_of(pid: u32) -> Vec<(u32, u32, String)> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-        if !String::from_utf8_lossy(&cmdline).contains("--kernel-engine-helper") {
-            continue;
-        }
+    for (p, _) in kernel_engine_helpers() {
         let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
         let field = |name: &str| {
             status

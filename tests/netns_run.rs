@@ -20,14 +20,9 @@ fn write(dir: &Path, rel: &str, text: &str) {
 
 /// Helper processes of a namespace labelled `label` still running.
 fn helpers(label: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let c = String::from_utf8_lossy(&cmdline);
-            c.contains("--kernel-engine-helper") && c.contains(label)
-        })
+    kernel_engine_helpers()
+        .iter()
+        .filter(|(_, cmdline)| cmdline.contains(label))
         .count()
 }
 

@@ -413,3 +413,18 @@ pub fn tun_for_nobody() -> (tempfile::TempDir, String) {
     );
     (dev, line)
 }
+
+/// Running kernel engine helpers (`meshgate-kernel-engine`): pid and
+/// command line.
+pub fn kernel_engine_helpers() -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let c = String::from_utf8_lossy(&cmdline).to_string();
+            c.contains("--kernel-engine-helper").then_some((pid, c))
+        })
+        .collect()
+}
