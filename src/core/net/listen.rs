@@ -55,8 +55,14 @@ pub trait VirtualNetwork: Send + Sync {
 pub struct HostListener(tokio::net::TcpListener);
 
 impl HostListener {
-    /// Wraps a bound, listening socket.
+    /// Wraps a bound, listening socket. `TCP_NODELAY` is set on the
+    /// listener once: Linux copies it to every socket it accepts, so no
+    /// accepted connection needs a `setsockopt` of its own (a relayed
+    /// write is sent as it comes, as each door expects).
     pub fn new(l: tokio::net::TcpListener) -> Self {
+        if let Err(e) = socket2::SockRef::from(&l).set_tcp_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY on a listener refused");
+        }
         HostListener(l)
     }
 }
@@ -65,7 +71,6 @@ impl HostListener {
 impl StreamListener for HostListener {
     async fn accept(&mut self) -> io::Result<(Stream, SocketAddr)> {
         let (s, src) = self.0.accept().await?;
-        let _ = s.set_nodelay(true);
         Ok((Stream::Tcp(s), src))
     }
     fn local_addr(&self) -> SocketAddr {
@@ -234,6 +239,25 @@ pub fn bind_host_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Accepted sockets carry `TCP_NODELAY` from the listener, with no
+    /// `setsockopt` of their own.
+    #[tokio::test]
+    async fn accepted_streams_have_nodelay() {
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = plain.local_addr().unwrap();
+        let mut l = HostListener::new(plain);
+        let (_c, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+        match accepted.unwrap().0 {
+            Stream::Tcp(s) => assert!(s.nodelay().unwrap()),
+            other => panic!("not a TCP stream: {other:?}"),
+        }
+        // The same probe on a listener left alone finds it off.
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = plain.local_addr().unwrap();
+        let (_c, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), plain.accept());
+        assert!(!accepted.unwrap().0.nodelay().unwrap());
+    }
 
     #[tokio::test]
     async fn unspecified_v6_accepts_ipv4_and_ipv6() {

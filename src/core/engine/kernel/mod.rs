@@ -504,9 +504,7 @@ impl IpEngine for KernelEngine {
             })?;
         self.tune(&s);
         let _ = s.set_tcp_nodelay(true);
-        let std: std::net::TcpStream = s.into();
-        let socket = tokio::net::TcpSocket::from_std_stream(std);
-        match tokio::time::timeout(timeout, socket.connect(dst)).await {
+        match tokio::time::timeout(timeout, crate::core::net::dial::connect_socket(s, dst)).await {
             Ok(Ok(s)) => Ok(Stream::Tcp(s)),
             Ok(Err(e)) => Err(DialError::from_io(&dst, e)),
             Err(_) => Err(DialError::Timeout {
