@@ -1086,6 +1086,57 @@ mod tests {
         assert_eq!(outcome.upstream_bytes, 8, "{rig:?}");
     }
 
+    /// Short reads meet a destination that takes no more (its peer reads
+    /// nothing for a while): the bytes it could not take wait and go out
+    /// later, in order, with none lost or repeated.
+    #[tokio::test]
+    async fn short_reads_wait_for_a_slow_reader() {
+        let (mut client, down) = tcp_pair().await;
+        let (up, mut server) = tcp_pair().await;
+        // Small buffers between the proxy and the server fill after a
+        // few kilobytes.
+        socket2::SockRef::from(&up)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&server)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let traffic = recorder.clone();
+        let join = tokio::spawn(async move {
+            join(down.into(), up.into(), &*traffic, &ProxyOptions::default()).await
+        });
+        // 1,000-byte writes a millisecond apart: each read is short.
+        let data = noise(100_000, 7);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in sent.chunks(1000) {
+                client.write_all(chunk).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            client.shutdown().await.unwrap();
+            client
+        });
+        // The server reads nothing until the proxy's writes must have
+        // blocked (the two buffers hold far less than what is sent by then).
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut got = Vec::new();
+        bounded(
+            "reading through the slow reader",
+            server.read_to_end(&mut got),
+        )
+        .await
+        .unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "bytes lost, repeated or reordered");
+        let _client = writer.await.unwrap();
+        server.shutdown().await.unwrap();
+        let outcome = bounded("join end", join).await.unwrap();
+        assert_eq!(outcome.end, JoinEnd::Closed);
+        assert_eq!(outcome.upstream_bytes, data.len() as u64);
+        assert_eq!(recorder.upstream.load(Ordering::Relaxed), data.len() as u64);
+    }
+
     #[tokio::test]
     async fn upstream_reset_is_an_upstream_error() {
         for splice in [true, false] {
