@@ -8,8 +8,10 @@
 #   1. single-stream iperf3 throughput: direct, through a meshgate pipe,
 #      and through haproxy (mode tcp, option splice-auto) if installed;
 #   2. short-connection rate (connect, send 1 byte, read the echo, close):
-#      direct, through a meshgate pipe and through haproxy, with each
-#      proxy's CPU time per 1,000 connections; then HTTP requests that
+#      direct, through a meshgate pipe, through haproxy and through the
+#      floor (a C proxy making only the system calls a proxy must: about
+#      the most any proxy reaches here), with each proxy's CPU time per
+#      1,000 connections; then HTTP requests that
 #      each close their connection (wrk -H 'Connection: close') against
 #      nginx: direct, through a meshgate pipe, through haproxy;
 #   3. meshgate RSS per idle proxied connection at 10,000 connections.
@@ -280,6 +282,7 @@ if ((HAVE_CC)); then
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -396,10 +399,84 @@ static int rate(char **argv) {
     return 0;
 }
 
+/* floor LISTEN UPSTREAM: the least a user-space TCP proxy can do per
+ * connection with the socket API, as a yardstick for the conn-rate rows:
+ * one thread, edge-triggered epoll, no timers, no bookkeeping. accept4,
+ * socket, TCP_NODELAY on the upstream (accepted sockets inherit it from
+ * the listener), connect, one epoll_ctl per socket (close removes it),
+ * recv and send as bytes come, shutdown on the first EOF, close both on
+ * the second. Bytes the destination cannot take at once are retried in a
+ * loop: fine for a 1-byte echo, not a proxy to use. */
+struct side { int fd, eof; struct conn *c; };
+struct conn { struct side s[2]; int dead; struct conn *next; };
+static struct conn *graveyard;
+static void finish(struct conn *c) {
+    close(c->s[0].fd); close(c->s[1].fd);
+    c->dead = 1; c->next = graveyard; graveyard = c;
+}
+static void pump(struct side *from) {
+    struct conn *c = from->c;
+    if (c->dead) return;
+    struct side *to = &c->s[from == &c->s[0]];
+    char buf[16384];
+    for (;;) {
+        ssize_t n = recv(from->fd, buf, sizeof buf, 0);
+        if (n > 0) {
+            for (ssize_t off = 0; off < n;) {
+                ssize_t m = send(to->fd, buf + off, n - off, MSG_NOSIGNAL);
+                if (m < 0 && errno == EAGAIN) continue;
+                if (m < 0) { finish(c); return; }
+                off += m;
+            }
+            if (n < (ssize_t)sizeof buf) return;
+            continue;
+        }
+        if (n == 0) {
+            from->eof = 1;
+            if (to->eof) finish(c); else shutdown(to->fd, SHUT_WR);
+            return;
+        }
+        if (errno != EAGAIN) finish(c);
+        return;
+    }
+}
+static int floor_proxy(char **argv) {
+    struct sockaddr_in la = addr(atoi(argv[0])), ua = addr(atoi(argv[1]));
+    int one = 1, l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    setsockopt(l, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (bind(l, (void *)&la, sizeof la) || listen(l, 4096)) { perror("floor: listen"); return 1; }
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL}, evs[256];
+    epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev);
+    for (;;) {
+        int n = epoll_wait(ep, evs, 256, -1);
+        for (int i = 0; i < n; i++) {
+            struct side *s = evs[i].data.ptr;
+            if (s) { pump(s); continue; }
+            int a;
+            while ((a = accept4(l, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
+                int u = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+                setsockopt(u, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                if (connect(u, (void *)&ua, sizeof ua) && errno != EINPROGRESS) { close(a); close(u); continue; }
+                struct conn *c = calloc(1, sizeof *c);
+                c->s[0] = (struct side){a, 0, c};
+                c->s[1] = (struct side){u, 0, c};
+                for (int k = 0; k < 2; k++) {
+                    struct epoll_event e = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = &c->s[k]};
+                    epoll_ctl(ep, EPOLL_CTL_ADD, c->s[k].fd, &e);
+                }
+            }
+        }
+        while (graveyard) { struct conn *g = graveyard; graveyard = g->next; free(g); }
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc >= 3 && !strcmp(argv[1], "echo")) return echo(argc - 2, argv + 2);
     if (argc == 5 && !strcmp(argv[1], "rate")) return rate(argv + 2);
-    fprintf(stderr, "usage: connbench echo PORT... | rate PORT TOTAL CONC\n");
+    if (argc == 4 && !strcmp(argv[1], "floor")) return floor_proxy(argv + 2);
+    fprintf(stderr, "usage: connbench echo PORT... | rate PORT TOTAL CONC | floor LISTEN UPSTREAM\n");
     return 2;
 }
 C
@@ -437,7 +514,7 @@ if [[ $NOFILE != unlimited ]] && ((NOFILE < 2 * IDLE + 512)); then
 fi
 
 read -r P_ADMIN1 P_ADMIN2 P_IPERF P_PIPE_IPERF P_HAPROXY P_ECHO_DIRECT P_ECHO_UP P_PIPE_ECHO P_HOLD P_PIPE_HOLD \
-    P_HAPROXY_ECHO P_NGINX P_PIPE_NGINX P_HAPROXY_NGINX < <(helper ports 14)
+    P_HAPROXY_ECHO P_NGINX P_PIPE_NGINX P_HAPROXY_NGINX P_FLOOR < <(helper ports 15)
 say "ports: admin $P_ADMIN1/$P_ADMIN2 iperf3 $P_IPERF pipe $P_PIPE_IPERF haproxy $P_HAPROXY" \
     "echo $P_ECHO_DIRECT/$P_ECHO_UP pipe $P_PIPE_ECHO hold $P_HOLD pipe $P_PIPE_HOLD"
 
@@ -565,10 +642,20 @@ EOF
     wait_listen "$P_HAPROXY_ECHO" haproxy2 "$HAPROXY2_PID"
 fi
 
+# The floor: the C proxy in connbench that makes only the system calls a
+# proxy must, with nothing else (no flow record, policy, metrics, timers).
+# What it reaches is about the most any proxy can on this machine.
+FLOOR_PID=""
+if ((HAVE_CC)); then
+    spawn floor "$TMP/connbench" floor "$P_FLOOR" "$P_ECHO_UP"
+    FLOOR_PID=$LAST_PID
+    wait_listen "$P_FLOOR" floor "$FLOOR_PID"
+fi
+
 # Totals over all rounds: connections done, failed, seconds, and the
 # proxy's CPU seconds (user + system) spent on them.
-declare -A R_DONE=([direct]=0 [meshgate]=0 [haproxy]=0) R_ERR=([direct]=0 [meshgate]=0 [haproxy]=0) \
-    R_SECS=([direct]=0 [meshgate]=0 [haproxy]=0) R_CPU=([direct]=0 [meshgate]=0 [haproxy]=0)
+declare -A R_DONE=([direct]=0 [meshgate]=0 [haproxy]=0 [floor]=0) R_ERR=([direct]=0 [meshgate]=0 [haproxy]=0 [floor]=0) \
+    R_SECS=([direct]=0 [meshgate]=0 [haproxy]=0 [floor]=0) R_CPU=([direct]=0 [meshgate]=0 [haproxy]=0 [floor]=0)
 run_rate() { # run_rate NAME PORT [PROXY_PID]
     local name=$1 port=$2 proxy=${3:-} out d e s c0=0
     [[ -z $proxy ]] || c0=$(helper cputime "$proxy")
@@ -585,11 +672,15 @@ for _ in $(seq "$ROUNDS"); do
     run_rate direct "$P_ECHO_DIRECT"
     run_rate meshgate "$P_PIPE_ECHO" "$MG1_PID"
     [[ -z $HAPROXY2_PID ]] || run_rate haproxy "$P_HAPROXY_ECHO" "$HAPROXY2_PID"
+    [[ -z $FLOOR_PID ]] || run_rate floor "$P_FLOOR" "$FLOOR_PID"
 done
+[[ -z $FLOOR_PID ]] || stop "$FLOOR_PID"
 RATE_DIRECT=$(calc "${R_DONE[direct]} / ${R_SECS[direct]}")
 RATE_MESHGATE=$(calc "${R_DONE[meshgate]} / ${R_SECS[meshgate]}")
 RATE_HAPROXY=""
 [[ -z $HAPROXY2_PID ]] || RATE_HAPROXY=$(calc "${R_DONE[haproxy]} / ${R_SECS[haproxy]}")
+RATE_FLOOR=""
+[[ -z $FLOOR_PID ]] || RATE_FLOOR=$(calc "${R_DONE[floor]} / ${R_SECS[floor]}")
 # CPU milliseconds per 1,000 connections (user and system time).
 cpu_per_k() { calc "1000 * 1000 * ${R_CPU[$1]} / max(1, ${R_DONE[$1]})"; }
 
@@ -703,11 +794,18 @@ if [[ -n $RATE_HAPROXY ]]; then
     RATE_HAPROXY_RATIO=$(calc "$RATE_MESHGATE / $RATE_HAPROXY")
     rate_line+=" | haproxy $(fmt "$RATE_HAPROXY" .0f)/s ($(fmt "$(calc "$RATE_HAPROXY / $RATE_DIRECT")" .2f)x direct; meshgate/haproxy $(fmt "$RATE_HAPROXY_RATIO" .2f)x)"
 fi
-if ((R_ERR[direct] + R_ERR[meshgate] + R_ERR[haproxy])); then
-    rate_line+=" [failed: direct ${R_ERR[direct]}, meshgate ${R_ERR[meshgate]}, haproxy ${R_ERR[haproxy]}]"
+if ((R_ERR[direct] + R_ERR[meshgate] + R_ERR[haproxy] + R_ERR[floor])); then
+    rate_line+=" [failed: direct ${R_ERR[direct]}, meshgate ${R_ERR[meshgate]}, haproxy ${R_ERR[haproxy]}, floor ${R_ERR[floor]}]"
 fi
 rate_cpu_line="            proxy CPU per 1,000 connections: meshgate $(fmt "$(cpu_per_k meshgate)" .0f) ms"
 [[ -z $RATE_HAPROXY ]] || rate_cpu_line+=" | haproxy $(fmt "$(cpu_per_k haproxy)" .0f) ms"
+[[ -z $RATE_FLOOR ]] || rate_cpu_line+=" | floor $(fmt "$(cpu_per_k floor)" .0f) ms"
+floor_line="floor       skipped (no C compiler)"
+if [[ -n $RATE_FLOOR ]]; then
+    floor_line="floor       a C proxy making only the system calls: $(fmt "$RATE_FLOOR" .0f)/s ($(fmt "$(calc "$RATE_FLOOR / $RATE_DIRECT")" .2f)x direct"
+    [[ -z $RATE_HAPROXY ]] || floor_line+="; $(fmt "$(calc "$RATE_FLOOR / $RATE_HAPROXY")" .2f)x haproxy"
+    floor_line+="; meshgate/floor $(fmt "$(calc "$RATE_MESHGATE / $RATE_FLOOR")" .2f)x)"
+fi
 wrk_line="http close  skipped (wrk or nginx missing: apt-get install -y wrk nginx)"
 if [[ -n $WRK_DIRECT ]]; then
     wrk_line="http close  direct $(fmt "$WRK_DIRECT" .0f) req/s | meshgate $(fmt "$WRK_MESHGATE" .0f) req/s ($(fmt "$(calc "$WRK_MESHGATE / $WRK_DIRECT")" .2f)x direct)"
@@ -734,6 +832,7 @@ echo "$tput_line"
 echo "$cpu_line"
 echo "$rate_line"
 echo "$rate_cpu_line"
+echo "$floor_line"
 echo "$wrk_line"
 echo "$rss_line"
 echo "$rss_detail"
