@@ -355,3 +355,160 @@ fn silent_clients_past_the_startup_cap_are_refused_at_once() {
         mg.log_text()
     );
 }
+
+/// A TCP connection to `to` from the loopback address `from` (Linux
+/// answers for all of 127.0.0.0/8), so one test plays several clients.
+fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&std::net::SocketAddr::from((from, 0)).into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(2))?;
+    Ok(s.into())
+}
+
+/// Whether the node closed `s` (EOF or reset) within `within`.
+fn closed_by_peer(s: &mut TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn hostile_admin_clients_cannot_keep_the_operator_out() {
+    use std::io::{Read, Write};
+    const TOKEN: &str = "hostile-test-token-0123456789";
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "meshgate.yaml",
+        &format!(
+            "node: test\nadmin: 127.0.0.1:{}\nadmin_token: {TOKEN}\ndrain_timeout: 1s\nlog: info\n",
+            cfg.admin_port
+        ),
+    );
+    let echo = echo_server();
+    let beta = free_port();
+    cfg.pipe("beta", "web", beta, echo);
+    let mg = Meshgate::start(&cfg);
+    let admin = mg.admin;
+    let refused = |reason: &str| {
+        mg.metric(&format!(
+            "meshgate_admin_refused_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    let api = |from: [u8; 4], path: &str, token: Option<&str>| -> Option<u16> {
+        let mut s = connect_from(from, admin).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n{auth}\r\n"
+        )
+        .ok()?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).ok()?;
+        String::from_utf8_lossy(&head[9..12]).parse().ok()
+    };
+    // The operator's call answers first (positive control).
+    assert_eq!(api([127, 0, 0, 1], "/api/v1/node", Some(TOKEN)), Some(200));
+
+    // beta's client keeps going through its pipe the whole time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let victim = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut trips, mut failures) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match open(beta).map(|mut s| echo_roundtrip(&mut s, b"beta")) {
+                    Some(Ok(b)) if b == b"beta" => trips += 1,
+                    _ => failures += 1,
+                }
+            }
+            (trips, failures)
+        })
+    };
+
+    // One address opens 100 connections and says nothing: it holds 64,
+    // the rest are closed at accept.
+    let mut silent: Vec<TcpStream> = (0..100)
+        .filter_map(|_| connect_from([127, 0, 0, 2], admin).ok())
+        .collect();
+    assert_eq!(silent.len(), 100);
+    assert!(
+        wait_until(Duration::from_secs(3), || refused("per_source") >= 36.0),
+        "{}",
+        mg.metrics()
+    );
+    assert_eq!(refused("per_source"), 36.0, "{}", mg.metrics());
+    // Meanwhile the operator, from another address, is served at once,
+    // and a third address without the token gets 401, counted.
+    let t = Instant::now();
+    assert_eq!(api([127, 0, 0, 1], "/api/v1/node", Some(TOKEN)), Some(200));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    for _ in 0..20 {
+        assert_eq!(api([127, 0, 0, 3], "/api/v1/events", None), Some(401));
+    }
+    assert_eq!(refused("unauthorized"), 20.0, "{}", mg.metrics());
+    // Live streams: 32 are served, the 33rd gets 503, counted.
+    let mut streams = Vec::new();
+    for _ in 0..32 {
+        let mut s = connect_from([127, 0, 0, 4], admin).unwrap();
+        write!(
+            s,
+            "GET /api/v1/events HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        streams.push(s);
+    }
+    assert_eq!(
+        api([127, 0, 0, 4], "/api/v1/events", Some(TOKEN)),
+        Some(503)
+    );
+    assert_eq!(refused("streams"), 1.0, "{}", mg.metrics());
+    drop(streams);
+    // The silent ones are closed at the header deadline (5 s), counted,
+    // and their address is served again.
+    let t = Instant::now();
+    let all_closed = silent
+        .iter_mut()
+        .all(|s| closed_by_peer(s, Duration::from_secs(8)));
+    assert!(
+        all_closed,
+        "silent clients still held after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || refused("header_timeout") >= 64.0),
+        "{}",
+        mg.metrics()
+    );
+    assert_eq!(api([127, 0, 0, 2], "/api/v1/node", Some(TOKEN)), Some(200));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (trips, failures) = victim.join().unwrap();
+    eprintln!(
+        "beta: {trips} round trips during the admin flood; silent clients closed after {:?}",
+        t.elapsed()
+    );
+    assert!(trips >= 50, "beta made only {trips} round trips");
+    assert_eq!(failures, 0, "beta: {failures} failed");
+    // Nothing of this is a tenant's refusal.
+    assert!(
+        !mg.metrics()
+            .lines()
+            .any(|l| l.starts_with("meshgate_rejected_total")),
+        "{}",
+        mg.metrics()
+    );
+}

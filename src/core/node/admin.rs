@@ -53,6 +53,77 @@ pub struct Admin {
     metrics_need_token: bool,
     /// Live event streams open now (at most [`MAX_EVENT_STREAMS`]).
     streams: Arc<tokio::sync::Semaphore>,
+    /// What the API turned away, by reason.
+    refusals: Arc<AdminMetrics>,
+}
+
+/// Why the admin API turned a client away:
+/// `meshgate_admin_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRefusal {
+    /// All [`MAX_CONNECTIONS`] are in use: closed at accept.
+    Busy,
+    /// The client's address holds [`MAX_PER_SOURCE`] already: closed at
+    /// accept.
+    PerSource,
+    /// No request head within [`HEADER_READ_TIMEOUT`] (a silent or slow
+    /// client, an idle keep-alive connection): closed.
+    HeaderTimeout,
+    /// A guarded path without the admin token: 401.
+    Unauthorized,
+    /// [`MAX_EVENT_STREAMS`] live streams are open: 503.
+    Streams,
+}
+
+impl AdminRefusal {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRefusal::Busy => "busy",
+            AdminRefusal::PerSource => "per_source",
+            AdminRefusal::HeaderTimeout => "header_timeout",
+            AdminRefusal::Unauthorized => "unauthorized",
+            AdminRefusal::Streams => "streams",
+        }
+    }
+}
+
+/// `reason`: why the admin API turned a client away.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
+/// The admin API's own series (`meshgate_admin_...`).
+pub struct AdminMetrics {
+    refused: prometheus_client::metrics::family::Family<
+        RefusalLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl crate::core::metrics::Subsystem for AdminMetrics {
+    const PREFIX: &'static str = "admin";
+    fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        AdminMetrics {
+            refused: crate::core::metrics::registered(
+                registry,
+                "refused",
+                "Admin API clients turned away, by reason (busy, per_source, header_timeout, unauthorized, streams)",
+            ),
+        }
+    }
+}
+
+impl AdminMetrics {
+    /// Counts one refusal.
+    pub fn count(&self, why: AdminRefusal) {
+        self.refused
+            .get_or_create(&RefusalLabels {
+                reason: why.as_str(),
+            })
+            .inc();
+    }
 }
 
 /// Event streams (`/api/v1/events`) served at once; more get 503.
@@ -238,6 +309,7 @@ impl Admin {
         metrics_need_token: bool,
     ) -> Arc<Self> {
         Arc::new(Self {
+            refusals: registry.metrics().subsystem::<AdminMetrics>(),
             registry,
             node: node.into(),
             started: Instant::now(),
@@ -354,6 +426,7 @@ impl Admin {
     /// [`MAX_EVENT_STREAMS`] at once.
     fn events(self: &Arc<Self>, tenant: Option<String>) -> Resp {
         let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            self.refusals.count(AdminRefusal::Streams);
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many live streams open; try again later",
@@ -394,6 +467,7 @@ impl Admin {
         }
         let path = req.uri().path();
         if !self.authorized(path, &req) {
+            self.refusals.count(AdminRefusal::Unauthorized);
             let mut r = error(
                 StatusCode::UNAUTHORIZED,
                 "this path needs the admin token: Authorization: Bearer TOKEN",
@@ -530,16 +604,55 @@ pub fn spawn_on_own_runtime(
 
 /// Connections the admin API serves at once; more are closed at accept.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Connections one client address may hold at once; more are closed at
+/// accept, so one address cannot take all [`MAX_CONNECTIONS`] and keep the
+/// operator out (a dashboard holds one stream and a few requests; a
+/// scraper one connection).
+pub const MAX_PER_SOURCE: usize = 64;
 /// How long a client may take to send a request's headers (also how long an
 /// idle keep-alive connection is kept).
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Connections each client address holds now, for [`MAX_PER_SOURCE`].
+#[derive(Default)]
+struct PerSource(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection of an address in [`PerSource`]; given back on drop.
+struct SourceSlot(Arc<PerSource>, std::net::IpAddr);
+
+impl PerSource {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(ip).or_default();
+        if *n >= MAX_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut held = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Serves the admin API on `listener` until `shutdown`. Bounded: at most
-/// [`MAX_CONNECTIONS`] at once, headers within [`HEADER_READ_TIMEOUT`], no
-/// request bodies (the API only reads), so slow or hostile clients cost a
-/// bounded amount and never the data plane (which runs elsewhere).
+/// [`MAX_CONNECTIONS`] at once and [`MAX_PER_SOURCE`] from one address,
+/// headers within [`HEADER_READ_TIMEOUT`], no request bodies (the API only
+/// reads), so slow or hostile clients cost a bounded amount and never the
+/// data plane (which runs elsewhere). Every refusal is counted
+/// ([`AdminRefusal`]).
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let sources = Arc::new(PerSource::default());
     let mut refused: u64 = 0;
     loop {
         let (stream, peer) = tokio::select! {
@@ -553,17 +666,29 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
                 }
             },
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            refused += 1;
-            if refused.is_power_of_two() {
-                tracing::warn!(%peer, refused, max = MAX_CONNECTIONS, "admin API busy: connection closed");
+        let taken = match sources.take(peer.ip().to_canonical()) {
+            None => Err(AdminRefusal::PerSource),
+            Some(source) => match slots.clone().try_acquire_owned() {
+                Ok(permit) => Ok((source, permit)),
+                Err(_) => Err(AdminRefusal::Busy),
+            },
+        };
+        let (source, permit) = match taken {
+            Ok(held) => held,
+            Err(why) => {
+                admin.refusals.count(why);
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(%peer, refused, reason = why.as_str(), max = MAX_CONNECTIONS, per_source = MAX_PER_SOURCE, "admin API connection closed at accept");
+                }
+                drop(stream);
+                continue;
             }
-            drop(stream);
-            continue;
         };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (source, permit);
+            let refusals = admin.refusals.clone();
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let admin = admin.clone();
@@ -590,6 +715,9 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {
+                if e.is_timeout() {
+                    refusals.count(AdminRefusal::HeaderTimeout);
+                }
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
         });
