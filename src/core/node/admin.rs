@@ -55,7 +55,20 @@ pub struct Admin {
     streams: Arc<tokio::sync::Semaphore>,
     /// What the API turned away, by reason.
     refusals: Arc<AdminMetrics>,
+    /// The newest overview frame per tenant filter, shared by every live
+    /// stream: one computation per filter a second, however many watch
+    /// (each stream computing its own, 32 streams of the 1,000-tenant
+    /// overview took the admin thread's whole core and fell ten times
+    /// behind).
+    frames: tokio::sync::Mutex<
+        std::collections::HashMap<Option<String>, (tokio::time::Instant, Bytes)>,
+    >,
+    /// Overview frames computed, for the tests.
+    frames_computed: std::sync::atomic::AtomicU64,
 }
+
+/// How old a shared overview frame may be when a stream's tick takes it.
+const FRAME_FRESH: std::time::Duration = std::time::Duration::from_millis(900);
 
 /// Why the admin API turned a client away:
 /// `meshgate_admin_refused_total{reason}`.
@@ -316,6 +329,8 @@ impl Admin {
             token,
             metrics_need_token,
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS)),
+            frames: Default::default(),
+            frames_computed: Default::default(),
         })
     }
 
@@ -421,6 +436,30 @@ impl Admin {
         out
     }
 
+    /// The overview for `tenant` as one server-sent event: the shared
+    /// frame if it is younger than [`FRAME_FRESH`], else computed anew
+    /// (streams that ask meanwhile wait for it rather than compute it
+    /// again). Filters no stream asked for in 5 s are forgotten, and there
+    /// are never more than [`MAX_EVENT_STREAMS`].
+    async fn frame(&self, tenant: Option<&str>) -> Bytes {
+        let mut frames = self.frames.lock().await;
+        let key = tenant.map(str::to_string);
+        if let Some((at, frame)) = frames.get(&key) {
+            if at.elapsed() < FRAME_FRESH {
+                return frame.clone();
+            }
+        }
+        let v = self.overview(tenant).await;
+        self.frames_computed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let frame = Bytes::from(format!("event: overview\ndata: {v}\n\n"));
+        frames.retain(|_, (at, _)| at.elapsed() < std::time::Duration::from_secs(5));
+        if frames.len() < MAX_EVENT_STREAMS || frames.contains_key(&key) {
+            frames.insert(key, (tokio::time::Instant::now(), frame.clone()));
+        }
+        frame
+    }
+
     /// `/api/v1/events`: the overview once a second as server-sent events
     /// (`event: overview`), until the client goes; at most
     /// [`MAX_EVENT_STREAMS`] at once.
@@ -443,9 +482,8 @@ impl Admin {
                     // The client went (hyper dropped the body): let the slot go now.
                     _ = tx.closed() => return,
                 }
-                let v = me.overview(tenant.as_deref()).await;
-                let frame = format!("event: overview\ndata: {v}\n\n");
-                if tx.send(Bytes::from(frame)).await.is_err() {
+                let frame = me.frame(tenant.as_deref()).await;
+                if tx.send(frame).await.is_err() {
                     return;
                 }
             }
@@ -727,6 +765,31 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streams watching the same tenant share one overview a second;
+    /// another filter has its own; a stale one is computed again.
+    #[tokio::test]
+    async fn streams_share_one_overview_a_second() {
+        use std::sync::atomic::Ordering;
+        let registry = Arc::new(Registry::new(
+            Arc::new(configstore::MemStore::new()),
+            Vec::new(),
+            Arc::new(crate::core::metrics::Metrics::new()),
+            Arc::new(crate::core::spine::flow::FlowTable::new(Vec::new())),
+        ));
+        let admin = Admin::new(registry, "n");
+        let first = admin.frame(Some("acme")).await;
+        assert!(first.starts_with(b"event: overview\ndata: {"));
+        for _ in 0..31 {
+            assert_eq!(admin.frame(Some("acme")).await, first);
+        }
+        assert_eq!(admin.frames_computed.load(Ordering::Relaxed), 1);
+        admin.frame(None).await;
+        assert_eq!(admin.frames_computed.load(Ordering::Relaxed), 2);
+        tokio::time::sleep(FRAME_FRESH).await;
+        admin.frame(Some("acme")).await;
+        assert_eq!(admin.frames_computed.load(Ordering::Relaxed), 3);
+    }
 
     #[test]
     fn query_params() {
