@@ -417,6 +417,7 @@ async fn run(
     };
     init_logging(&node_cfg);
     tracing::info!(node = %node_cfg.node, store = %store.describe(), version = env!("CARGO_PKG_VERSION"), "meshgate starting");
+    node::warn_unread(store.as_ref());
     match raise_fd_limit() {
         Some((before, now, hard)) if now < 4096 => tracing::warn!(soft_before = before, soft = now, hard, "few file descriptors allowed (RLIMIT_NOFILE): every connection and socket takes one; raise the hard limit (LimitNOFILE= in systemd)"),
         Some((before, now, hard)) if before < now => tracing::info!(soft_before = before, soft = now, hard, "open files limit (RLIMIT_NOFILE) raised to the hard limit"),

@@ -191,6 +191,51 @@ fn check_shows_the_warnings_the_server_would_log() {
     );
 }
 
+/// A misspelt folder is not silently an empty config: `--check` and the
+/// server both say what they do not read and what is expected.
+#[test]
+fn config_meshgate_does_not_read_is_named() {
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "tenants/acme/web.yaml",
+        &format!(
+            "kind: pipe\nlisten: 127.0.0.1:{}\nremote: 127.0.0.1:9\n",
+            free_port()
+        ),
+    );
+    // The same probe on a config that is all read: no warning.
+    let out = check(cfg.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("not read"), "{err}");
+    cfg.write(
+        "tenant/beta/web.yaml",
+        &format!(
+            "kind: pipe\nlisten: 127.0.0.1:{}\nremote: 127.0.0.1:9\n",
+            free_port()
+        ),
+    );
+    let out = check(cfg.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        stdout.contains("(1 tenants, 1 module instances)"),
+        "{stdout}"
+    );
+    assert!(
+        err.contains(
+            "tenant/: not read: a tenant's documents go in tenants/<tenant>/<instance>.yaml"
+        ),
+        "{err}"
+    );
+    let mg = Meshgate::start(&cfg);
+    assert!(
+        mg.log_text().contains("tenant/: not read"),
+        "{}",
+        mg.log_text()
+    );
+}
+
 #[test]
 fn check_names_file_and_key() {
     for (file, text, expect) in bad_configs() {

@@ -158,10 +158,99 @@ fn config_file_name(path: &Path) -> Option<(String, Format)> {
     Some((stem.to_string(), fmt))
 }
 
+/// Whether `dir` holds a config file (`.yaml`, `.yml`, `.json`, `.toml`)
+/// within `depth` levels: a folder of certificates is not config, a
+/// misspelt `tenant/acme/web.yaml` is.
+fn holds_config(dir: &Path, depth: usize) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let p = e.path();
+        if hidden(&p) {
+            false
+        } else if p.is_dir() {
+            depth > 0 && holds_config(&p, depth - 1)
+        } else {
+            config_file_name(&p).is_some()
+        }
+    })
+}
+
+fn hidden(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'))
+}
+
+impl DirStore {
+    /// What [`ConfigStore::unread`] says of a directory: config files and
+    /// folders of config files where meshgate reads none (at the root
+    /// besides the node document and `tenants/`, directly in `tenants/`,
+    /// in a folder inside a tenant's).
+    fn unread_entries(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let listed = |dir: &Path| -> Vec<PathBuf> {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map(|es| {
+                    es.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| !hidden(p))
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        for p in listed(&self.root) {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if p.is_dir() {
+                if name == "tenants" || !holds_config(&p, 2) {
+                    continue;
+                }
+                out.push(match name {
+                    "placement" | "nodes" => format!(
+                        "{name}/: not read: placement and node documents are read from an etcd store only (--store etcd://...)"
+                    ),
+                    _ => format!(
+                        "{name}/: not read: a tenant's documents go in tenants/<tenant>/<instance>.yaml"
+                    ),
+                });
+            } else if config_file_name(&p).is_some() && !NODE_FILES.contains(&name) {
+                out.push(format!(
+                    "{name}: not read: the node document is meshgate.yaml, a module instance goes in tenants/<tenant>/<instance>.yaml"
+                ));
+            }
+        }
+        for p in listed(&self.tenants_dir()) {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if p.is_dir() {
+                for inner in listed(&p) {
+                    if inner.is_dir() && holds_config(&inner, 1) {
+                        out.push(format!(
+                            "{}/: not read: a folder inside a tenant's; a module instance is a file, tenants/{name}/<instance>.yaml",
+                            self.rel(&inner)
+                        ));
+                    }
+                }
+            } else if config_file_name(&p).is_some() {
+                out.push(format!(
+                    "tenants/{name}: not read: a module instance goes in its tenant's folder, tenants/<tenant>/{name}"
+                ));
+            }
+        }
+        out
+    }
+}
+
 #[async_trait]
 impl ConfigStore for DirStore {
     fn describe(&self) -> String {
         format!("directory {}", self.root.display())
+    }
+
+    fn unread(&self) -> Vec<String> {
+        self.unread_entries()
     }
 
     async fn node(&self) -> Result<Option<Document>, StoreError> {
@@ -389,6 +478,37 @@ mod tests {
         let p = root.join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, text).unwrap();
+    }
+
+    /// Config that meshgate would not read is named, with what is
+    /// expected; what is not config (certificates, notes, hidden folders)
+    /// and what is read are not.
+    #[test]
+    fn names_what_it_does_not_read() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "meshgate.yaml", "node: gw1\n");
+        write(d.path(), "tenants/a/web.yaml", "kind: pipe\n");
+        write(d.path(), "tenants/a/README.md", "notes");
+        write(d.path(), "certs/server.pem", "-----BEGIN");
+        write(d.path(), "README.md", "notes");
+        write(d.path(), ".git/config.yaml", "x: 1\n");
+        let s = DirStore::open(d.path()).unwrap();
+        assert!(s.unread().is_empty(), "{:?}", s.unread());
+        write(d.path(), "tenant/acme/web.yaml", "kind: pipe\n");
+        write(d.path(), "placement/acme.yaml", "replicas: 1\n");
+        write(d.path(), "web.yaml", "kind: pipe\n");
+        write(d.path(), "tenants/db.yaml", "kind: pipe\n");
+        write(d.path(), "tenants/a/more/x.yaml", "kind: pipe\n");
+        assert_eq!(
+            s.unread(),
+            vec![
+                "placement/: not read: placement and node documents are read from an etcd store only (--store etcd://...)",
+                "tenant/: not read: a tenant's documents go in tenants/<tenant>/<instance>.yaml",
+                "web.yaml: not read: the node document is meshgate.yaml, a module instance goes in tenants/<tenant>/<instance>.yaml",
+                "tenants/a/more/: not read: a folder inside a tenant's; a module instance is a file, tenants/a/<instance>.yaml",
+                "tenants/db.yaml: not read: a module instance goes in its tenant's folder, tenants/<tenant>/db.yaml",
+            ]
+        );
     }
 
     #[tokio::test]

@@ -195,6 +195,10 @@ impl<S: ConfigStore> ConfigStore for EnvOverlay<S> {
         }
     }
 
+    fn unread(&self) -> Vec<String> {
+        self.inner.unread()
+    }
+
     async fn node(&self) -> Result<Option<Document>, StoreError> {
         let doc = self.inner.node().await?;
         if self.node.is_empty() {

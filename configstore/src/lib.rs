@@ -185,6 +185,15 @@ pub trait ConfigStore: Send + Sync + 'static {
     /// the node's status key). Default: nothing.
     async fn report(&self, _report: &NodeReport) {}
 
+    /// Entries of the store that meshgate does not read although they look
+    /// like config (a misspelt `tenant/` folder, a document that only
+    /// another store reads), each said as where it is, why it is not read
+    /// and what is expected. The node logs them at start and `--check`
+    /// prints them. Default: none.
+    fn unread(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The node stops: a shared store gives up what this node holds at
     /// once (the etcd store revokes its lease, so the tenants it ran move
     /// without waiting for the lease to expire). Default: nothing.

@@ -221,11 +221,20 @@ pub async fn check_dir(
     check_store(store, factories).await
 }
 
+/// Logs what the store holds and meshgate does not read
+/// ([`ConfigStore::unread`]): at start and in `--check`.
+pub fn warn_unread(store: &dyn ConfigStore) {
+    for what in store.unread() {
+        tracing::warn!(store = %store.describe(), entry = ?what, "not read");
+    }
+}
+
 /// As [`check_dir`], for any store (an etcd prefix).
 pub async fn check_store(
     store: Arc<dyn ConfigStore>,
     factories: Vec<Arc<dyn ModuleFactory>>,
 ) -> Result<CheckSummary, Vec<String>> {
+    warn_unread(store.as_ref());
     let mut errors = Vec::new();
     if let Err(e) = node_config(store.as_ref()).await {
         errors.push(e);

@@ -91,6 +91,10 @@ impl ConfigStore for OneTenant {
     fn describe(&self) -> String {
         format!("{}, tenant {} only", self.inner.describe(), self.tenant)
     }
+    fn unread(&self) -> Vec<String> {
+        self.inner.unread()
+    }
+
     async fn node(&self) -> Result<Option<Document>, StoreError> {
         self.inner.node().await
     }
