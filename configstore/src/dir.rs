@@ -183,12 +183,17 @@ fn hidden(p: &Path) -> bool {
         .is_none_or(|n| n.starts_with('.'))
 }
 
-impl DirStore {
+#[async_trait]
+impl ConfigStore for DirStore {
+    fn describe(&self) -> String {
+        format!("directory {}", self.root.display())
+    }
+
     /// What [`ConfigStore::unread`] says of a directory: config files and
     /// folders of config files where meshgate reads none (at the root
     /// besides the node document and `tenants/`, directly in `tenants/`,
     /// in a folder inside a tenant's).
-    fn unread_entries(&self) -> Vec<String> {
+    fn unread(&self) -> Vec<String> {
         let mut out = Vec::new();
         let listed = |dir: &Path| -> Vec<PathBuf> {
             let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -240,17 +245,6 @@ impl DirStore {
             }
         }
         out
-    }
-}
-
-#[async_trait]
-impl ConfigStore for DirStore {
-    fn describe(&self) -> String {
-        format!("directory {}", self.root.display())
-    }
-
-    fn unread(&self) -> Vec<String> {
-        self.unread_entries()
     }
 
     async fn node(&self) -> Result<Option<Document>, StoreError> {

@@ -58,7 +58,7 @@ pub struct Admin {
     /// The newest overview frame per tenant filter, shared by every live
     /// stream: one computation per filter a second, however many watch
     /// (each stream computing its own, 32 streams of the 1,000-tenant
-    /// overview took the admin thread's whole core and fell ten times
+    /// overview took the admin thread's whole core and fell seven times
     /// behind).
     frames: tokio::sync::Mutex<
         std::collections::HashMap<Option<String>, (tokio::time::Instant, Bytes)>,
